@@ -1,0 +1,3 @@
+from gridserve.cli.main import app
+
+app()

@@ -1,0 +1,140 @@
+"""A local grid: one gateway and N node agents as child processes on this machine."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+DEFAULT_MIX = (
+    "gemma-270m",
+    "emulated:rtx4090",
+    "emulated:h100-sxm",
+    "emulated:t4",
+    "gemma-270m",
+    "emulated:a100-80g",
+    "emulated:rtx3090",
+    "emulated:l40s",
+)
+
+
+class GridError(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalGrid:
+    data_dir: Path
+    port: int
+    api_key: str
+    admin_token: str
+    engines: list[str]
+    heartbeat_interval_s: float = 2.0
+    threads: int = 2
+    extra_node_args: list[str] = field(default_factory=list)
+    extra_gateway_args: list[str] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        logs = self.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = (logs / f"{name}.log").open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "gridserve", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+    def start_gateway(self) -> None:
+        args = ["gateway", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        args += ["--api-key", self.api_key, "--admin-token", self.admin_token]
+        args += ["--heartbeat-interval", str(self.heartbeat_interval_s), *self.extra_gateway_args]
+        self._spawn("gateway", args)
+        self._wait(lambda: self._get("/health") is not None, 60, "gateway did not start")
+
+    def node_port(self, index: int) -> int:
+        return self.port + 1 + index
+
+    def start_node(self, index: int, engine: str, extra: list[str] | None = None) -> str:
+        name = f"node-{index}"
+        args = ["node", "--gateway", self.url, "--engine", engine, "--port", str(self.node_port(index))]
+        args += ["--key", str(self.data_dir / "keys" / f"{name}.key"), "--threads", str(self.threads)]
+        self._spawn(name, [*args, *self.extra_node_args, *(extra or [])])
+        return name
+
+    def start(self, timeout_s: float = 600.0) -> None:
+        self.start_gateway()
+        for i, engine in enumerate(self.engines):
+            self.start_node(i, engine)
+        self.wait_nodes(len(self.engines), timeout_s)
+
+    def wait_nodes(self, count: int, timeout_s: float) -> None:
+        def ready() -> bool:
+            self._check_alive()
+            health = self._get("/health")
+            return bool(health and health["nodes_live"] >= count)
+
+        self._wait(ready, timeout_s, f"{count} node(s) did not register in time")
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = self.data_dir / "logs" / f"{name}.log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+                raise GridError(f"{name} exited with code {proc.returncode}: {' '.join(tail)} (log: {log})")
+
+    def _get(self, path: str, admin: bool = False) -> Any:
+        headers = {"Authorization": f"Bearer {self.admin_token}"} if admin else {}
+        try:
+            resp = httpx.get(self.url + path, headers=headers, timeout=2.0)
+        except httpx.HTTPError:
+            return None
+        return resp.json() if resp.status_code == 200 else None
+
+    def nodes(self) -> list[dict[str, Any]]:
+        found = self._get("/admin/nodes", admin=True)
+        return list(found["nodes"]) if found else []
+
+    def _wait(self, check: Any, timeout_s: float, message: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.2)
+        raise GridError(message)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 8
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> "LocalGrid":
+        return self
+
+    def __exit__(self, *exc: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]) -> None:
+        self.stop()
+
+
+def engine_mix(count: int, engines: list[str]) -> list[str]:
+    pool = engines or list(DEFAULT_MIX)
+    return [pool[i % len(pool)] for i in range(count)]

@@ -1,0 +1,242 @@
+"""`gridserve`: up, demo, gateway, node, nodes."""
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+from rich.live import Live
+
+app = typer.Typer(
+    help="gridserve: LLM inference from a grid of heterogeneous nodes behind one OpenAI endpoint.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+DataDir = Annotated[Path, typer.Option(help="where keys, secrets, logs and the SQLite store live")]
+
+
+def fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code=2)
+
+
+def _secrets(data_dir: Path, api_key: str | None, admin_token: str | None) -> tuple[str, str]:
+    from gridserve.gateway.main import read_or_create_secret
+
+    key = api_key or os.environ.get("GRIDSERVE_API_KEY") or read_or_create_secret(data_dir / "api.key", "gs-")
+    admin = (
+        admin_token
+        or os.environ.get("GRIDSERVE_ADMIN_TOKEN")
+        or read_or_create_secret(data_dir / "admin.token", "gsa-")
+    )
+    return key, admin
+
+
+@app.command()
+def gateway(
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in --data-dir)")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(help="API key clients must send (repeatable)")] = None,
+    admin_token: Annotated[str | None, typer.Option(help="token for the admin API")] = None,
+    data_dir: DataDir = Path(".gridserve"),
+    heartbeat_interval: Annotated[float, typer.Option(help="seconds between node heartbeats")] = 2.0,
+    max_body_bytes: Annotated[int, typer.Option(help="largest accepted request body")] = 1_000_000,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run the gateway: the OpenAI API, node membership, scheduling and the admin API."""
+    from gridserve.gateway.config import GatewayConfig
+    from gridserve.gateway.main import run_gateway
+
+    key, admin = _secrets(data_dir, api_key[0] if api_key else None, admin_token)
+    keys = tuple(api_key) if api_key else (key,)
+    config = GatewayConfig(
+        port=port,
+        host=host,
+        data_dir=data_dir,
+        db_url=db,
+        api_keys=keys,
+        admin_token=admin,
+        heartbeat_interval_s=heartbeat_interval,
+        max_body_bytes=max_body_bytes,
+    )
+    console.print(f"gateway on http://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
+    try:
+        run_gateway(config, log_level=log_level)
+    except Exception as exc:  # one readable line, not a traceback
+        raise fail(f"gateway failed: {exc}") from None
+
+
+@app.command()
+def node(
+    gateway: Annotated[str, typer.Option(help="gateway URL, e.g. http://127.0.0.1:8000")],
+    engine: Annotated[str, typer.Option(help="tiny | gemma-270m | emulated:<hardware> | openai-upstream")],
+    port: Annotated[int, typer.Option(help="port for this node's API")],
+    key: Annotated[Path, typer.Option(help="Ed25519 key file (created with mode 0600 if missing)")] = Path("node.key"),
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    advertise_url: Annotated[str | None, typer.Option(help="URL the gateway should call")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="emulated: catalogue model(s); upstream: served name")] = None,
+    upstream_url: Annotated[str | None, typer.Option(help="openai-upstream: base URL of the server")] = None,
+    upstream_model: Annotated[str | None, typer.Option(help="openai-upstream: model id upstream")] = None,
+    max_context: Annotated[int, typer.Option(help="openai-upstream: context of the upstream model")] = 4096,
+    threads: Annotated[int, typer.Option(help="torch threads for local engines")] = 2,
+    price: Annotated[float, typer.Option(help="USD per million generated tokens")] = 0.0,
+    fixed_ttft_ms: Annotated[float | None, typer.Option(help="emulated: fixed time to first token")] = None,
+    fixed_itl_ms: Annotated[float | None, typer.Option(help="emulated: fixed inter-token latency")] = None,
+    gateway_key: Annotated[str | None, typer.Option(help="pin the gateway's public key (base64)")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run a node agent: an engine behind a signed identity, registered with a gateway."""
+    from gridserve.catalog.hardware import UnknownHardware
+    from gridserve.catalog.models import UnknownModel
+    from gridserve.engines import EngineError
+    from gridserve.engines.registry import EngineOptions
+    from gridserve.node.config import NodeConfig
+    from gridserve.node.main import run_node
+
+    config = NodeConfig(
+        gateway_url=gateway,
+        engine=engine,
+        port=port,
+        host=host,
+        advertise_url=advertise_url,
+        key_file=key,
+        gateway_key=gateway_key,
+        price_per_mtok=price,
+    )
+    options = EngineOptions(
+        threads=threads,
+        models=tuple(model or ()),
+        upstream_url=upstream_url,
+        upstream_model=upstream_model,
+        max_context=max_context,
+        fixed_ttft_ms=fixed_ttft_ms,
+        fixed_itl_ms=fixed_itl_ms,
+    )
+    try:
+        run_node(config, options, log_level=log_level)
+    except (EngineError, UnknownHardware, UnknownModel, OSError) as exc:
+        raise fail(str(exc)) from None
+
+
+@app.command()
+def nodes(
+    gateway: Annotated[str, typer.Option(help="gateway URL")] = "http://127.0.0.1:8000",
+    admin_token: Annotated[str | None, typer.Option(help="admin token (default: from --data-dir)")] = None,
+    data_dir: DataDir = Path(".gridserve"),
+) -> None:
+    """Print the node table of a running gateway."""
+    from gridserve.cli.table import node_table
+
+    token = admin_token or os.environ.get("GRIDSERVE_ADMIN_TOKEN")
+    if token is None and (data_dir / "admin.token").exists():
+        token = (data_dir / "admin.token").read_text().strip()
+    try:
+        resp = httpx.get(f"{gateway.rstrip('/')}/admin/nodes", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    except httpx.HTTPError as exc:
+        raise fail(f"cannot reach {gateway}: {exc}") from None
+    if resp.status_code != 200:
+        raise fail(f"{gateway} answered {resp.status_code}: {resp.text[:200]}")
+    console.print(node_table(resp.json()["nodes"]))
+
+
+def _install_sigterm() -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _prepare(engines: list[str]) -> None:
+    if "gemma-270m" in engines:
+        from gridserve.engines.gemma import ensure_cache
+
+        ensure_cache()
+
+
+@app.command()
+def up(
+    nodes: Annotated[int, typer.Option(help="number of node agents")] = 4,
+    engine: Annotated[list[str] | None, typer.Option(help="engine(s) to cycle through (default: a mix)")] = None,
+    port: Annotated[int, typer.Option(help="gateway port; nodes take the following ports")] = 8000,
+    api_key: Annotated[str | None, typer.Option(help="API key (default: generated, kept in --data-dir)")] = None,
+    admin_token: Annotated[str | None, typer.Option(help="admin token")] = None,
+    data_dir: DataDir = Path(".gridserve"),
+    heartbeat_interval: Annotated[float, typer.Option(help="seconds between heartbeats")] = 2.0,
+) -> None:
+    """Start a gateway and N node agents here; show the live node table; Ctrl-C stops everything."""
+    from gridserve.cli.grid import GridError, LocalGrid, engine_mix
+    from gridserve.cli.table import node_table
+
+    key, admin = _secrets(data_dir, api_key, admin_token)
+    engines = engine_mix(nodes, engine or [])
+    _install_sigterm()
+    grid = LocalGrid(
+        data_dir=data_dir,
+        port=port,
+        api_key=key,
+        admin_token=admin,
+        engines=engines,
+        heartbeat_interval_s=heartbeat_interval,
+    )
+    try:
+        _prepare(engines)
+        with console.status(f"starting gateway and {nodes} node(s): {', '.join(engines)}"):
+            grid.start()
+        console.print(
+            f"[bold green]grid up[/]  endpoint: [bold]{grid.url}/v1[/]  api key: [bold]{key}[/]  admin token: {admin}"
+        )
+        console.print(f"try: curl {grid.url}/v1/models -H 'Authorization: Bearer {key}'   (Ctrl-C stops)")
+        with Live(node_table(grid.nodes()), console=console, refresh_per_second=1) as live:
+            while True:
+                time.sleep(1.0)
+                live.update(node_table(grid.nodes()))
+    except KeyboardInterrupt:
+        console.print("stopping grid ...")
+    except GridError as exc:
+        grid.stop()
+        raise fail(str(exc)) from None
+    finally:
+        grid.stop()
+    console.print("grid stopped")
+
+
+@app.command()
+def demo(
+    nodes: Annotated[int, typer.Option(help="number of node agents")] = 4,
+    engine: Annotated[list[str] | None, typer.Option(help="engine(s) to cycle through (default: a mix)")] = None,
+    port: Annotated[int, typer.Option(help="gateway port")] = 8000,
+    data_dir: DataDir = Path(".gridserve"),
+) -> None:
+    """Start a local grid, stream a few chat answers with the node that served each, then stop."""
+    from gridserve.cli.demo import run_demo
+    from gridserve.cli.grid import GridError, LocalGrid, engine_mix
+
+    key, admin = _secrets(data_dir, None, None)
+    engines = engine_mix(nodes, engine or [])
+    _install_sigterm()
+    grid = LocalGrid(data_dir=data_dir, port=port, api_key=key, admin_token=admin, engines=engines)
+    try:
+        _prepare(engines)
+        with console.status(f"starting gateway and {nodes} node(s): {', '.join(engines)}"):
+            grid.start()
+        console.print(f"[bold green]grid up[/] at {grid.url}/v1 with {nodes} node(s)")
+        failures = run_demo(grid, console)
+    except GridError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        failures = 1
+    finally:
+        grid.stop()
+    console.print("grid stopped" + (f"; {failures} request(s) failed" if failures else ""))
+    sys.exit(1 if failures else 0)

@@ -1,0 +1,70 @@
+"""The engine protocol.
+
+An engine turns a `GenerateRequest` into an async stream of `TokenEvent`s; the last event carries the
+finish reason and the token counts. Greedy (temperature 0) and seeded sampling are deterministic.
+
+Pipeline stages: a local engine is built over a model and a half-open layer range `[start, end)`; the
+full model is the range `[0, layers)`. Only full-range engines are served today.
+"""
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gridserve.types import GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
+
+
+class EngineError(Exception):
+    """The engine failed while generating (a node-side fault)."""
+
+
+class InvalidRequest(EngineError):
+    """The request cannot be run as given (client fault): e.g. the prompt plus max_tokens exceed the context."""
+
+
+@dataclass
+class EngineStats:
+    active: int = 0
+    queued: int = 0
+    tokens_total: int = 0
+    recent_tokens: list[tuple[float, int]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def note_tokens(self, now: float, count: int) -> None:
+        self.tokens_total += count
+        self.recent_tokens.append((now, count))
+        horizon = now - 10.0
+        while self.recent_tokens and self.recent_tokens[0][0] < horizon:
+            self.recent_tokens.pop(0)
+
+    def tokens_per_s(self, now: float) -> float:
+        horizon = now - 10.0
+        return sum(c for t, c in self.recent_tokens if t >= horizon) / 10.0
+
+    def note_error(self, message: str) -> None:
+        self.errors.append(message)
+        del self.errors[:-20]
+
+
+class Engine(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def stats(self) -> EngineStats: ...
+
+    def offers(self) -> tuple[ModelOffer, ...]:
+        """The models this engine serves."""
+        ...
+
+    def advertised_hardware(self) -> HardwareInfo | None:
+        """Hardware to advertise instead of the detected one (emulated engines), else None."""
+        ...
+
+    async def start(self) -> None:
+        """Load weights / connect; called once before serving."""
+        ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]: ...
+
+    async def aclose(self) -> None: ...

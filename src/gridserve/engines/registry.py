@@ -1,0 +1,60 @@
+"""Build an engine from its name: `tiny`, `gemma-270m`, `emulated:<hardware>`, `openai-upstream`."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gridserve.engines.base import Engine, EngineError
+
+ENGINE_NAMES = ("tiny", "gemma-270m", "emulated:<hardware>", "openai-upstream")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    threads: int = 2
+    """torch threads for local engines; outputs are bitwise-reproducible for a fixed thread count."""
+    models: tuple[str, ...] = field(default_factory=tuple)
+    """emulated: catalogue models to serve (default llama-3-8b); upstream: the name to serve under."""
+    upstream_url: str | None = None
+    upstream_model: str | None = None
+    upstream_api_key: str | None = None
+    max_context: int = 4096
+    """openai-upstream only: the context the upstream server was started with."""
+    fixed_ttft_ms: float | None = None
+    fixed_itl_ms: float | None = None
+    cache_dir: Path | None = None
+
+
+def create_engine(name: str, options: EngineOptions) -> Engine:
+    from gridserve.engines.tiny import tiny_engine
+
+    if name == "tiny":
+        return tiny_engine(threads=options.threads)
+    if name == "gemma-270m":
+        from gridserve.engines.gemma import gemma_engine
+
+        return gemma_engine(threads=options.threads, cache=options.cache_dir)
+    if name.startswith("emulated:"):
+        from gridserve.engines.emulated import EmulatedEngine, FixedTimings
+
+        fixed = None
+        if options.fixed_ttft_ms is not None or options.fixed_itl_ms is not None:
+            fixed = FixedTimings(ttft_s=(options.fixed_ttft_ms or 0.0) / 1e3, itl_s=(options.fixed_itl_ms or 0.0) / 1e3)
+        return EmulatedEngine(
+            hardware=name.split(":", 1)[1],
+            models=options.models or ("llama-3-8b",),
+            text_engine=tiny_engine(threads=1),
+            fixed=fixed,
+        )
+    if name == "openai-upstream":
+        from gridserve.engines.upstream import UpstreamEngine
+
+        if not options.upstream_url:
+            raise EngineError("openai-upstream needs --upstream-url")
+        return UpstreamEngine(
+            url=options.upstream_url,
+            served_name=options.models[0] if options.models else None,
+            upstream_model=options.upstream_model,
+            max_context=options.max_context,
+            api_key=options.upstream_api_key,
+        )
+    raise EngineError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")

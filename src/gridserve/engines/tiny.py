@@ -1,0 +1,64 @@
+"""`tiny`: a seeded, randomly initialised Gemma 3 with a byte-level tokenizer, for fast tests.
+
+Token ids: 0 pad, 1 bos, 2 eos, 3 + b for byte b. The model never emits bytes outside printable ASCII,
+newline and eos (a fixed logit mask), so its output is always readable text.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gridserve.engines.torch_engine import LoadedModel, TorchEngine
+from gridserve.types import ChatMessage, ModelOffer
+
+TINY_MODEL = "gridserve-tiny"
+TINY_SEED = 20261123
+TINY_CONTEXT = 4096
+PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
+VOCAB = OFFSET + 256
+
+
+class ByteCodec:
+    eos_ids = frozenset({EOS})
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [BOS, *(OFFSET + b for b in text.encode("utf-8"))]
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        turns = "".join(f"<start_of_turn>{m.role}\n{m.content}<end_of_turn>\n" for m in messages)
+        return self.encode_prompt(turns + "<start_of_turn>model\n")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", errors="replace")
+
+
+def build_tiny_model(seed: int = TINY_SEED) -> LoadedModel:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=TINY_CONTEXT,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+    torch.manual_seed(seed)
+    model: Any = Gemma3ForCausalLM(config)
+    allowed = [EOS, OFFSET + ord("\n"), *(OFFSET + b for b in range(32, 127))]
+    mask = torch.full((VOCAB,), float("-inf"))
+    mask[allowed] = 0.0
+    return LoadedModel(model=model, codec=ByteCodec(), logit_mask=mask)
+
+
+def tiny_engine(threads: int = 1) -> TorchEngine:
+    offer = ModelOffer(name=TINY_MODEL, dtype="float32", max_context=TINY_CONTEXT, weights_digest=f"seed:{TINY_SEED}")
+    return TorchEngine(kind="tiny", offer=offer, loader=build_tiny_model, threads=threads)

@@ -1,0 +1,138 @@
+"""`openai-upstream`: the node fronts an OpenAI-compatible server the operator already runs
+(vLLM, llama.cpp server, Ollama). Chat requests go to /v1/chat/completions, text prompts to /v1/completions,
+both streamed; the node re-publishes the stream as gridserve token events."""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
+from gridserve.types import GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
+
+
+class UpstreamEngine:
+    def __init__(
+        self,
+        *,
+        url: str,
+        served_name: str | None,
+        upstream_model: str | None,
+        max_context: int,
+        api_key: str | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._served_name = served_name
+        self._upstream_model = upstream_model
+        self._max_context = max_context
+        self._api_key = api_key
+        self._session: aiohttp.ClientSession | None = None
+        self._stats = EngineStats()
+
+    @property
+    def kind(self) -> str:
+        return "openai-upstream"
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def offers(self) -> tuple[ModelOffer, ...]:
+        name = self._served_name or self._upstream_model or "upstream"
+        return (
+            ModelOffer(
+                name=name,
+                dtype="unknown",
+                quantization="unknown",
+                max_context=self._max_context,
+                weights_digest=f"upstream:{self._upstream_model}",
+            ),
+        )
+
+    def advertised_hardware(self) -> HardwareInfo | None:
+        return None
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        if self._upstream_model is None:
+            async with self._session.get(f"{self.url}/v1/models", headers=self._headers()) as resp:
+                if resp.status != 200:
+                    raise EngineError(f"upstream {self.url}/v1/models answered {resp.status}")
+                data = await resp.json()
+            models = [m["id"] for m in data.get("data", [])]
+            if not models:
+                raise EngineError(f"upstream {self.url} lists no models")
+            self._upstream_model = models[0]
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _body(self, request: GenerateRequest) -> tuple[str, dict[str, Any]]:
+        sp = request.sampling
+        body: dict[str, Any] = {
+            "model": self._upstream_model,
+            "max_tokens": sp.max_tokens,
+            "temperature": sp.temperature,
+            "top_p": sp.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if sp.seed is not None:
+            body["seed"] = sp.seed
+        if sp.stop:
+            body["stop"] = list(sp.stop)
+        if request.messages is not None:
+            body["messages"] = [m.model_dump() for m in request.messages]
+            return "/v1/chat/completions", body
+        body["prompt"] = request.prompt or ""
+        return "/v1/completions", body
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        if self._session is None:
+            raise EngineError("engine not started")
+        path, body = self._body(request)
+        self._stats.active += 1
+        try:
+            async with self._session.post(self.url + path, json=body, headers=self._headers()) as resp:
+                if resp.status >= 400:
+                    text = (await resp.text())[:500]
+                    error = InvalidRequest if resp.status in (400, 422) else EngineError
+                    raise error(f"upstream answered {resp.status}: {text}")
+                async for event in self._events(resp):
+                    yield event
+        except aiohttp.ClientError as exc:
+            self._stats.note_error(f"upstream: {exc}")
+            raise EngineError(f"upstream {self.url} failed: {exc}") from exc
+        finally:
+            self._stats.active -= 1
+
+    async def _events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[TokenEvent]:
+        finish: str | None = None
+        usage: dict[str, int] = {}
+        produced = 0
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = orjson.loads(data)
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or ():
+                text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                finish = choice.get("finish_reason") or finish
+                if text:
+                    produced += 1
+                    yield TokenEvent(text=text)
+        self._stats.note_tokens(0.0, produced)
+        yield TokenEvent(
+            finish_reason="length" if finish == "length" else "stop",
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", produced)),
+        )

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible front door: membership, scheduling, dispatch, decisions, admin and metrics."""

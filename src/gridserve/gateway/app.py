@@ -1,0 +1,197 @@
+"""Assemble the gateway: store, membership, scheduler, dispatch and the HTTP routes."""
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.decisions import DecisionLog
+from gridserve.gateway.dispatch import Dispatcher
+from gridserve.gateway.errors import APIError, bad_request, unauthorized
+from gridserve.gateway.membership import Membership, UnknownNode
+from gridserve.gateway.metrics import GatewayMetrics
+from gridserve.gateway.middleware import BodyLimit
+from gridserve.gateway.openai_api import ApiContext, complete, list_models
+from gridserve.scheduler import default_profile
+from gridserve.store import Store, StoreWriter
+from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
+
+log = logging.getLogger("gridserve.gateway")
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else ""
+
+
+def _check_key(presented: str, allowed: tuple[str, ...]) -> bool:
+    return any(hmac.compare_digest(presented.encode(), key.encode()) for key in allowed if key)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, store: Store, identity: Identity) -> None:
+        self.config = config
+        self.store = store
+        self.identity = identity
+        self.metrics = GatewayMetrics()
+        self.writer = StoreWriter(store)
+        policy = FreshnessPolicy(max_skew_s=config.max_skew_s, max_lifetime_s=config.max_message_lifetime_s)
+        self.verifier = EnvelopeVerifier(policy, time.time)
+        self.membership = Membership(config, self.verifier, self.writer, self.metrics)
+        self.dispatcher = Dispatcher(config, self.membership, identity, self.metrics)
+        self.decisions = DecisionLog(self.writer, config.decision_cache)
+        self.api = ApiContext(
+            self.membership, self.dispatcher, self.decisions, self.metrics, default_profile(), random.Random()
+        )
+
+    def require_api_key(self, request: Request) -> None:
+        if not _check_key(_bearer(request), self.config.api_keys):
+            raise unauthorized()
+
+    def require_admin(self, request: Request) -> None:
+        if not _check_key(_bearer(request), (self.config.admin_token,)):
+            raise unauthorized("Missing or invalid admin token.")
+
+    async def sweep_forever(self) -> None:
+        interval = self.config.heartbeat_interval_s / 8
+        while True:
+            await asyncio.sleep(interval)
+            self.membership.sweep()
+
+
+def _remote(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def build_gateway_app(gw: Gateway) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gw.dispatcher.start()
+        sweeper = asyncio.create_task(gw.sweep_forever())
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await gw.dispatcher.aclose()
+            gw.writer.close()
+
+    app = FastAPI(title="gridserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _errors(app)
+    _node_routes(app, gw)
+    _openai_routes(app, gw)
+    _admin_routes(app, gw)
+    app.add_middleware(BodyLimit, max_bytes=gw.config.max_body_bytes)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return bad_request(f"Invalid request: {exc.errors()[0].get('msg', 'invalid')}").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code = "not_found" if exc.status_code == 404 else None
+        return APIError(exc.status_code, str(exc.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> Response:
+        log.exception("internal error")
+        return APIError(500, f"Internal error: {type(exc).__name__}", type_="api_error", code="internal").response()
+
+
+def _node_routes(app: FastAPI, gw: Gateway) -> None:
+    def refused(exc: TrustError, request: Request, status: int = 401) -> Response:
+        gw.membership.reject(exc, path=request.url.path, remote=_remote(request))
+        return JSONResponse({"error": {"type": exc.kind, "message": exc.detail}}, status_code=status)
+
+    @app.post("/nodes/register")
+    async def register(request: Request) -> Response:
+        try:
+            capability = gw.membership.register(await request.body())
+        except TrustError as exc:
+            return refused(exc, request)
+        reply = {"gateway_public_key": gw.identity.public_key, "heartbeat_interval_s": gw.config.heartbeat_interval_s}
+        body = sign_envelope(gw.identity, reply, purpose="register-reply", now=time.time())
+        log.debug("registered %s", capability.node_id)
+        return Response(body, media_type="application/json")
+
+    @app.post("/nodes/heartbeat")
+    async def heartbeat(request: Request) -> Response:
+        try:
+            gw.membership.heartbeat(await request.body())
+        except UnknownNode as exc:
+            return refused(exc, request, status=404)
+        except TrustError as exc:
+            return refused(exc, request)
+        return JSONResponse({"ok": True})
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        live = sum(1 for r in gw.membership.nodes.values() if r.state.value in ("up", "suspect"))
+        return {"status": "ok", "nodes_live": live, "gateway_public_key": gw.identity.public_key}
+
+
+def _openai_routes(app: FastAPI, gw: Gateway) -> None:
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        gw.require_api_key(request)
+        return list_models(gw.api)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        gw.require_api_key(request)
+        return await complete(gw.api, request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        gw.require_api_key(request)
+        return await complete(gw.api, request, "text")
+
+
+def _admin_routes(app: FastAPI, gw: Gateway) -> None:
+    @app.get("/v1/decisions/{decision_id}")
+    async def decision(decision_id: str, request: Request) -> dict[str, Any]:
+        gw.require_admin(request)
+        found = gw.decisions.get(decision_id)
+        if found is None:
+            raise APIError(404, f"No decision {decision_id}.", code="not_found")
+        return found
+
+    @app.get("/admin/nodes")
+    async def nodes(request: Request) -> dict[str, Any]:
+        gw.require_admin(request)
+        return {"nodes": [gw.membership.describe(r) for r in gw.membership.nodes.values()]}
+
+    @app.get("/admin/events")
+    async def events(
+        request: Request, kind: str | None = None, node_id: str | None = None, limit: int = 100
+    ) -> dict[str, Any]:
+        gw.require_admin(request)
+        await asyncio.to_thread(gw.writer.flush, 5.0)
+        found = await asyncio.to_thread(gw.store.list_events, kind=kind, node_id=node_id, limit=min(limit, 1000))
+        return {"events": found}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+__all__ = ["Gateway", "build_gateway_app"]

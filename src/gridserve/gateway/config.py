@@ -1,0 +1,37 @@
+"""Gateway settings: one flat, keyword-only dataclass; units in the names."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewayConfig:
+    port: int = 8000
+    host: str = "127.0.0.1"
+    data_dir: Path = Path(".gridserve")
+    db_url: str | None = None
+    """SQLAlchemy URL; default: SQLite file in data_dir (WAL)."""
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+    admin_token: str = ""
+    max_body_bytes: int = 1_000_000
+    """Requests with larger bodies get 413."""
+    heartbeat_interval_s: float = 2.0
+    """Interval nodes are asked to heartbeat at."""
+    suspect_after_intervals: float = 1.5
+    down_after_intervals: float = 2.5
+    """A node whose last heartbeat is older than this many intervals is down (within 3 intervals)."""
+    max_skew_s: float = 30.0
+    """Allowed clock skew on signed node messages (AWS SigV4 allows 300 s)."""
+    max_message_lifetime_s: float = 120.0
+    dispatch_attempts: int = 3
+    """Nodes tried for one request when a node fails before its first token."""
+    connect_timeout_s: float = 3.0
+    decision_cache: int = 10_000
+
+    @property
+    def suspect_after_s(self) -> float:
+        return self.heartbeat_interval_s * self.suspect_after_intervals
+
+    @property
+    def down_after_s(self) -> float:
+        return self.heartbeat_interval_s * self.down_after_intervals

@@ -1,0 +1,52 @@
+"""Errors in OpenAI's format: `{"error": {"message", "type", "param", "code"}}`."""
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> Response:
+        return Response(orjson.dumps(self.body()), status_code=self.status, media_type="application/json")
+
+
+def unauthorized(message: str = "Missing or invalid API key. Send 'Authorization: Bearer <key>'.") -> APIError:
+    return APIError(401, message, code="invalid_api_key")
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404, f"The model '{model}' does not exist or no live node serves it.", code="model_not_found", param="model"
+    )
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code="invalid_request")
+
+
+def no_capacity(message: str) -> APIError:
+    return APIError(503, message, type_="service_unavailable", code="no_eligible_node")
+
+
+def upstream_failed(message: str) -> APIError:
+    return APIError(502, message, type_="api_error", code="node_failed")

@@ -1,0 +1,52 @@
+"""Run a gateway process."""
+
+import asyncio
+import logging
+import secrets
+from pathlib import Path
+
+import uvicorn
+
+from gridserve.gateway.app import Gateway, build_gateway_app
+from gridserve.gateway.config import GatewayConfig
+from gridserve.store import Store, default_sqlite_url
+from gridserve.trust import load_or_create_identity
+
+
+def read_or_create_secret(path: Path, prefix: str) -> str:
+    """A secret kept in the data dir (mode 0600), created on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = prefix + secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(value + "\n")
+    return value
+
+
+def build_gateway(config: GatewayConfig) -> Gateway:
+    store = Store(config.db_url or default_sqlite_url(config.data_dir))
+    store.migrate()
+    identity = load_or_create_identity(config.data_dir / "gateway.key")
+    return Gateway(config, store, identity)
+
+
+def run_gateway(config: GatewayConfig, log_level: str = "warning") -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    gateway = build_gateway(config)
+    app = build_gateway_app(gateway)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=3,
+            backlog=4096,
+        )
+    )
+    try:
+        asyncio.run(server.serve())
+    finally:
+        gateway.store.close()

@@ -1,0 +1,204 @@
+"""Membership: signed registration and heartbeat intake, and the failure detector that marks nodes down."""
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.metrics import GatewayMetrics
+from gridserve.store import StoreWriter
+from gridserve.trust import EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
+from gridserve.types import Capability, HeartbeatPayload, NodeId, NodeState, RegisterPayload, Telemetry
+from gridserve.types.base import from_wire
+from gridserve.types.scheduling import NodeSnapshot
+
+log = logging.getLogger("gridserve.gateway")
+
+
+class UnknownNode(TrustError):
+    kind = "unknown_node"
+
+
+@dataclass
+class NodeRecord:
+    capability: Capability
+    state: NodeState
+    registered_at: float
+    last_heartbeat: float
+    telemetry: Telemetry | None = None
+    outstanding: int = 0
+    last_seq: int = 0
+    transitions: list[tuple[float, str]] = field(default_factory=list)
+
+    def snapshot(self) -> NodeSnapshot:
+        return NodeSnapshot(
+            node_id=self.capability.node_id,
+            state=self.state,
+            capability=self.capability,
+            telemetry=self.telemetry,
+            last_heartbeat=self.last_heartbeat,
+            outstanding=self.outstanding,
+        )
+
+
+class Membership:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        verifier: EnvelopeVerifier,
+        writer: StoreWriter,
+        metrics: GatewayMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.verifier = verifier
+        self.writer = writer
+        self.metrics = metrics
+        self.clock = clock
+        self.nodes: dict[NodeId, NodeRecord] = {}
+
+    # -- intake ---------------------------------------------------------------------------------
+    def reject(self, exc: TrustError, *, path: str, remote: str, node_id: str | None = None) -> None:
+        """Record a refused node message (a security event) and count it."""
+        self.metrics.rejections.labels(reason=exc.kind).inc()
+        log.warning("refused %s from %s: %s (%s)", path, remote, exc.kind, exc.detail)
+        self.writer.submit(
+            self.writer.store.record_event,
+            kind="protocol_rejected",
+            severity="minor",
+            node_id=node_id,
+            detail={"reason": exc.kind, "detail": exc.detail, "path": path, "remote": remote},
+            at=self.clock(),
+        )
+
+    def register(self, body: bytes) -> Capability:
+        envelope = self.verifier.verify(body, purpose="register")
+        try:
+            capability = from_wire(RegisterPayload, envelope.payload).capability
+        except ValidationError as exc:
+            raise Malformed(
+                f"capability document invalid: {exc.error_count()} error(s): {exc.errors()[0]['msg']}"
+            ) from exc
+        if capability.public_key != envelope.keyid or capability.node_id != node_id_for(envelope.keyid):
+            raise WrongSigner("capability names a key or node id other than the signing key's")
+        now = self.clock()
+        previous = self.nodes.get(capability.node_id)
+        record = NodeRecord(capability=capability, state=NodeState.UP, registered_at=now, last_heartbeat=now)
+        if previous is not None:
+            record.outstanding = previous.outstanding
+        self.nodes[capability.node_id] = record
+        self._transition(record, NodeState.UP, "registered")
+        self.writer.submit(
+            self.writer.store.upsert_node,
+            capability.node_id,
+            public_key=capability.public_key,
+            capability=capability.model_dump(mode="json"),
+            state=NodeState.UP.value,
+            at=now,
+        )
+        log.info(
+            "node %s registered (%s, %s)",
+            capability.node_id,
+            capability.engine,
+            ", ".join(m.name for m in capability.models),
+        )
+        return capability
+
+    def heartbeat(self, body: bytes) -> NodeRecord:
+        envelope = self.verifier.verify(body, purpose="heartbeat")
+        node_id = NodeId(node_id_for(envelope.keyid))
+        record = self.nodes.get(node_id)
+        if record is None:
+            raise UnknownNode(f"heartbeat from unregistered node {node_id}")
+        try:
+            beat = from_wire(HeartbeatPayload, envelope.payload)
+        except ValidationError as exc:
+            raise Malformed(f"heartbeat invalid: {exc.errors()[0]['msg']}") from exc
+        if beat.node_id != node_id:
+            raise WrongSigner("heartbeat names another node than its signer")
+        now = self.clock()
+        record.last_heartbeat = now
+        record.telemetry = beat.telemetry
+        record.last_seq = beat.seq
+        if record.state in (NodeState.SUSPECT, NodeState.DOWN):
+            self._transition(record, NodeState.UP, "heartbeat resumed")
+        self.writer.submit(
+            self.writer.store.touch_node, node_id, telemetry=beat.telemetry.model_dump(mode="json"), at=now
+        )
+        return record
+
+    # -- failure detection ------------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Mark nodes suspect, then down, as their heartbeats age."""
+        now = self.clock()
+        for record in self.nodes.values():
+            age = now - record.last_heartbeat
+            if age > self.config.down_after_s and record.state in (NodeState.UP, NodeState.SUSPECT):
+                self._transition(record, NodeState.DOWN, f"no heartbeat for {age:.1f} s")
+            elif age > self.config.suspect_after_s and record.state == NodeState.UP:
+                self._transition(record, NodeState.SUSPECT, f"no heartbeat for {age:.1f} s")
+        for state in NodeState:
+            self.metrics.node_states.labels(state=state.value).set(
+                sum(1 for r in self.nodes.values() if r.state == state)
+            )
+
+    def mark_failed(self, node_id: NodeId, reason: str) -> None:
+        """A dispatch could not reach the node: take it out of rotation until it heartbeats again."""
+        record = self.nodes.get(node_id)
+        if record is not None and record.state in (NodeState.UP, NodeState.SUSPECT):
+            self._transition(record, NodeState.DOWN, reason)
+
+    def _transition(self, record: NodeRecord, state: NodeState, reason: str) -> None:
+        old = record.state
+        record.state = state
+        now = self.clock()
+        record.transitions.append((now, f"{old.value}->{state.value}: {reason}"))
+        del record.transitions[:-20]
+        node_id = record.capability.node_id
+        if old != state:
+            log.info("node %s: %s -> %s (%s)", node_id, old.value, state.value, reason)
+        self.writer.submit(self.writer.store.set_node_state, node_id, state.value, now)
+        self.writer.submit(
+            self.writer.store.record_event,
+            kind="state",
+            severity="minor",
+            node_id=node_id,
+            detail={"from": old.value, "to": state.value, "reason": reason},
+            at=now,
+        )
+
+    # -- views ----------------------------------------------------------------------------------
+    def snapshots(self) -> list[NodeSnapshot]:
+        return [record.snapshot() for record in self.nodes.values()]
+
+    def live_models(self) -> dict[str, list[NodeRecord]]:
+        models: dict[str, list[NodeRecord]] = {}
+        for record in self.nodes.values():
+            if record.state in (NodeState.UP, NodeState.SUSPECT):
+                for offer in record.capability.models:
+                    models.setdefault(offer.name, []).append(record)
+        return models
+
+    def describe(self, record: NodeRecord) -> dict[str, Any]:
+        cap = record.capability
+        return {
+            "node_id": cap.node_id,
+            "state": record.state.value,
+            "endpoint": cap.endpoint,
+            "engine": cap.engine,
+            "emulated": cap.hardware.emulated,
+            "models": [m.model_dump(mode="json") for m in cap.models],
+            "hardware": cap.hardware.model_dump(mode="json"),
+            "runtime": cap.runtime.model_dump(mode="json"),
+            "price_per_mtok": cap.price_per_mtok,
+            "telemetry": record.telemetry.model_dump(mode="json") if record.telemetry else None,
+            "outstanding": record.outstanding,
+            "registered_at": record.registered_at,
+            "last_heartbeat": record.last_heartbeat,
+            "heartbeat_age_s": round(self.clock() - record.last_heartbeat, 3),
+            "transitions": [{"at": t, "what": w} for t, w in record.transitions[-5:]],
+        }

@@ -1,0 +1,212 @@
+"""`/v1/models`, `/v1/chat/completions`, `/v1/completions`."""
+
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from gridserve.gateway.decisions import DecisionLog
+from gridserve.gateway.dispatch import Dispatcher, NodeStream
+from gridserve.gateway.errors import APIError, bad_request, model_not_found, no_capacity
+from gridserve.gateway.membership import Membership
+from gridserve.gateway.metrics import GatewayMetrics
+from gridserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gridserve.gateway.sse import DONE, ChunkFormatter
+from gridserve.scheduler import Profile, schedule
+from gridserve.types import ChatMessage, GenerateRequest, SamplingParams
+from gridserve.types.scheduling import Decision, ScheduleRequest
+
+CHARS_PER_TOKEN = 4
+"""Prompt-length estimate before a node tokenises (English averages ~4 characters per BPE token)."""
+DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
+
+
+@dataclass
+class ApiContext:
+    membership: Membership
+    dispatcher: Dispatcher
+    decisions: DecisionLog
+    metrics: GatewayMetrics
+    profile: Profile
+    rng: random.Random
+
+
+def parse(body: bytes, model: type[SamplingFields]) -> Any:
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise bad_request("Request body must be a JSON object.")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise bad_request(f"Invalid request: {param}: {first['msg']}", param=param) from exc
+
+
+def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateRequest, int]:
+    max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS[kind]
+    sampling = SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop_list()
+    )
+    if isinstance(req, ChatCompletionRequest):
+        messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
+        chars = sum(len(m.content) for m in messages)
+        job = GenerateRequest(request_id=request_id, model=req.model, messages=messages, sampling=sampling)
+    else:
+        assert isinstance(req, CompletionRequest)
+        prompt = req.prompt_text()
+        chars = len(prompt)
+        job = GenerateRequest(request_id=request_id, model=req.model, prompt=prompt, sampling=sampling)
+    return job, chars // CHARS_PER_TOKEN
+
+
+def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int) -> Decision:
+    serving = ctx.membership.live_models().get(job.model)
+    if not serving:
+        raise model_not_found(job.model)
+    context = max(o.max_context for r in serving for o in r.capability.models if o.name == job.model)
+    if job.sampling.max_tokens > context:
+        raise bad_request(
+            f"max_tokens ({job.sampling.max_tokens}) exceeds the context of {job.model} ({context} tokens).",
+            param="max_tokens",
+        )
+    request = ScheduleRequest(
+        request_id=job.request_id, model=job.model, prompt_tokens=prompt_tokens, max_tokens=job.sampling.max_tokens
+    )
+    decision = schedule(request, ctx.membership.snapshots(), ctx.profile, ctx.rng, time.time())
+    if decision.chosen is None:
+        live = {r.capability.node_id for r in serving}
+        reasons = [r for r in decision.rejections if r.node_id in live]
+        if reasons and all("context" in r.reason for r in reasons):
+            raise bad_request(
+                f"prompt plus max_tokens exceed the context of {job.model}: {reasons[0].reason}", param="max_tokens"
+            )
+        raise no_capacity(decision.explanation)
+    return decision
+
+
+async def complete(ctx: ApiContext, request: Request, kind: str) -> Response:
+    model_type = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    req = parse(await request.body(), model_type)
+    request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+    job, prompt_tokens = to_job(req, kind, request_id)
+    decision = decide(ctx, job, prompt_tokens)
+    ctx.decisions.record(decision, status="dispatching")
+    try:
+        stream = await ctx.dispatcher.open(decision, job)
+    except APIError as exc:
+        ctx.decisions.record(decision, status="failed", error=exc.message)
+        raise
+    headers = {"x-gridserve-decision": decision.decision_id, "x-gridserve-node": stream.node_id}
+    ctx.decisions.record(
+        decision,
+        status="streaming",
+        served_by=stream.node_id,
+        attempts=[a.__dict__ for a in stream.attempts],
+        ttft_s=round(stream.first_at - stream.started, 6),
+    )
+    ctx.metrics.ttft.labels(model=job.model).observe(stream.first_at - stream.started)
+    fmt = ChunkFormatter(chat=kind == "chat", response_id=request_id, model=job.model)
+    if req.stream:
+        body = _sse(ctx, decision, stream, fmt, req.include_usage())
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+    whole = await _collect(ctx, decision, stream, fmt)
+    return Response(orjson.dumps(whole), media_type="application/json", headers=headers)
+
+
+async def _drain(ctx: ApiContext, decision: Decision, stream: NodeStream) -> AsyncIterator[dict[str, Any]]:
+    """Node events, with the decision's outcome recorded whatever happens."""
+    status, error = "ok", ""
+    last: dict[str, Any] = {}
+    try:
+        async for event in stream.events():
+            if "error" in event:
+                status, error = "failed", str(event["error"].get("message", ""))
+            last = event
+            yield event
+    except BaseException as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        stream.close()
+        ctx.dispatcher.finished(stream.node_id)
+        completion = int(last.get("completion_tokens", 0))
+        ctx.metrics.tokens.labels(node=stream.node_id).inc(completion)
+        ctx.metrics.requests.labels(endpoint="completions", status=status).inc()
+        ctx.decisions.record(
+            decision,
+            status=status,
+            error=error or None,
+            usage={"prompt_tokens": int(last.get("prompt_tokens", 0)), "completion_tokens": completion},
+            duration_s=round(time.monotonic() - stream.started, 6),
+        )
+
+
+async def _sse(
+    ctx: ApiContext, decision: Decision, stream: NodeStream, fmt: ChunkFormatter, include_usage: bool
+) -> AsyncIterator[bytes]:
+    yield fmt.role()
+    async for event in _drain(ctx, decision, stream):
+        if "error" in event:
+            yield fmt.error(str(event["error"].get("message", "node failed")), "node_failed")
+            return
+        text = event.get("text")
+        if text:
+            yield fmt.text(text)
+        reason = event.get("finish_reason")
+        if reason:
+            yield fmt.finish(reason)
+            if include_usage:
+                yield fmt.usage(int(event.get("prompt_tokens", 0)), int(event.get("completion_tokens", 0)))
+    yield DONE
+
+
+async def _collect(ctx: ApiContext, decision: Decision, stream: NodeStream, fmt: ChunkFormatter) -> dict[str, Any]:
+    parts: list[str] = []
+    final: dict[str, Any] = {}
+    async for event in _drain(ctx, decision, stream):
+        if "error" in event:
+            raise APIError(
+                502,
+                f"node failed mid-generation: {event['error'].get('message', '')}",
+                type_="api_error",
+                code="node_failed",
+            )
+        parts.append(event.get("text", ""))
+        final = event
+    return fmt.whole(
+        "".join(parts),
+        str(final.get("finish_reason") or "stop"),
+        int(final.get("prompt_tokens", 0)),
+        int(final.get("completion_tokens", 0)),
+    )
+
+
+def list_models(ctx: ApiContext) -> dict[str, Any]:
+    data = []
+    for name, records in sorted(ctx.membership.live_models().items()):
+        emulated = all(r.capability.hardware.emulated for r in records)
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": int(min(r.registered_at for r in records)),
+                "owned_by": "gridserve",
+                "nodes": len(records),
+                "emulated": emulated,
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+__all__ = ["ApiContext", "complete", "list_models", "no_capacity"]

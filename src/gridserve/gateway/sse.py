@@ -1,0 +1,80 @@
+"""OpenAI response bodies, streamed (SSE) and whole. Chunks are built from pre-encoded pieces so the
+per-token cost is one JSON string encoding and a few byte joins."""
+
+import time
+from typing import Any
+
+import orjson
+
+DONE = b"data: [DONE]\n\n"
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class ChunkFormatter:
+    def __init__(self, *, chat: bool, response_id: str, model: str, created: int | None = None) -> None:
+        self.chat = chat
+        self.id = response_id
+        self.model = model
+        self.created = created or int(time.time())
+        head = {
+            "id": response_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": self.created,
+            "model": model,
+        }
+        self._head = orjson.dumps(head)[:-1]  # without the closing brace
+        if chat:
+            self._pre = b"data: " + self._head + b',"choices":[{"index":0,"delta":{"content":'
+            self._post = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        else:
+            self._pre = b"data: " + self._head + b',"choices":[{"index":0,"text":'
+            self._post = b',"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def role(self) -> bytes:
+        if not self.chat:
+            return b""
+        return (
+            b"data: " + self._head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
+            b'"logprobs":null,"finish_reason":null}]}\n\n'
+        )
+
+    def text(self, text: str) -> bytes:
+        return self._pre + orjson.dumps(text) + self._post
+
+    def finish(self, reason: str) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+        if self.chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        return b"data: " + self._head + b',"choices":' + orjson.dumps([choice]) + b"}\n\n"
+
+    def usage(self, prompt: int, completion: int) -> bytes:
+        return b"data: " + self._head + b',"choices":[],"usage":' + orjson.dumps(usage(prompt, completion)) + b"}\n\n"
+
+    @staticmethod
+    def error(message: str, code: str) -> bytes:
+        body = {"error": {"message": message, "type": "api_error", "param": None, "code": code}}
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    def whole(self, text: str, reason: str, prompt: int, completion: int) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage(prompt, completion),
+        }

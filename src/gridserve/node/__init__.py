@@ -1,0 +1,1 @@
+"""The node agent an operator runs beside an engine."""

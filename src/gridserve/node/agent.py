@@ -1,0 +1,146 @@
+"""Registration and heartbeats: the node's half of membership."""
+
+import asyncio
+import logging
+import platform
+import time
+from typing import Any
+
+import httpx
+
+import gridserve
+from gridserve.engines import Engine
+from gridserve.node.config import NodeConfig
+from gridserve.node.hardware import Nvml, detect_hardware
+from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
+from gridserve.types import Capability, HeartbeatPayload, NodeId, RegisterReply, RuntimeInfo, Telemetry
+from gridserve.types.base import from_wire
+
+log = logging.getLogger("gridserve.node")
+
+
+def runtime_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str] = {}
+    for name in ("torch", "transformers", "llama-cpp-python"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+class NodeAgent:
+    def __init__(self, config: NodeConfig, identity: Identity, engine: Engine) -> None:
+        self.config = config
+        self.identity = identity
+        self.engine = engine
+        self.nvml = Nvml.open()
+        self.gateway_key: str | None = config.gateway_key
+        self.heartbeat_interval_s = config.heartbeat_interval_s or 2.0
+        self.registered = asyncio.Event()
+        self.verifier = EnvelopeVerifier(FreshnessPolicy(max_skew_s=config.max_skew_s), time.time)
+        self._seq = 0
+        self._client = httpx.AsyncClient(base_url=config.gateway_url.rstrip("/"), timeout=10.0)
+
+    def capability(self) -> Capability:
+        hardware = self.engine.advertised_hardware() or detect_hardware(self.nvml)
+        return Capability(
+            node_id=NodeId(self.identity.node_id),
+            public_key=self.identity.public_key,
+            endpoint=self.config.endpoint,
+            engine=self.engine.kind,
+            models=self.engine.offers(),
+            hardware=hardware,
+            runtime=RuntimeInfo(
+                gridserve=gridserve.__version__,
+                python=platform.python_version(),
+                engine=self.engine.kind,
+                versions=runtime_versions(),
+            ),
+            price_per_mtok=self.config.price_per_mtok,
+        )
+
+    def telemetry(self) -> Telemetry:
+        stats = self.engine.stats
+        gpu = self.nvml.sample()
+        import psutil
+
+        if gpu is None:
+            memory = psutil.virtual_memory()
+            gpu_fields: dict[str, Any] = {
+                "utilization": psutil.cpu_percent(interval=None) / 100.0,
+                "memory_used_bytes": int(memory.used),
+                "memory_total_bytes": int(memory.total),
+            }
+        else:
+            gpu_fields = {
+                "utilization": gpu["utilization"],
+                "memory_used_bytes": int(gpu["memory_used"]),
+                "memory_total_bytes": int(gpu["memory_total"]),
+                "temperature_c": gpu["temperature"],
+                "clock_ratio": gpu["clock_ratio"],
+            }
+        return Telemetry(
+            **gpu_fields,
+            queue_depth=max(0, stats.queued),
+            active_requests=max(0, stats.active),
+            tokens_per_s=stats.tokens_per_s(time.monotonic()),
+            recent_errors=tuple(stats.errors[-5:]),
+        )
+
+    def _signed(self, payload: Any, purpose: str) -> bytes:
+        return sign_envelope(
+            self.identity, payload, purpose=purpose, now=time.time(), lifetime_s=self.config.message_lifetime_s
+        )
+
+    async def register(self) -> None:
+        body = self._signed({"capability": self.capability().model_dump(mode="json")}, "register")
+        resp = await self._client.post("/nodes/register", content=body, headers={"content-type": "application/json"})
+        if resp.status_code != 200:
+            raise RuntimeError(f"registration refused ({resp.status_code}): {resp.text[:300]}")
+        envelope = self.verifier.verify(resp.content, purpose="register-reply", expected_keyid=self.gateway_key)
+        reply = from_wire(RegisterReply, envelope.payload)
+        if reply.gateway_public_key != envelope.keyid:
+            raise TrustError("registration reply names a gateway key other than the one that signed it")
+        self.gateway_key = envelope.keyid
+        if self.config.heartbeat_interval_s is None:
+            self.heartbeat_interval_s = reply.heartbeat_interval_s
+        self.registered.set()
+        log.info("registered as %s with gateway %s", self.identity.node_id, self.config.gateway_url)
+
+    async def heartbeat(self) -> None:
+        self._seq += 1
+        payload = HeartbeatPayload(node_id=NodeId(self.identity.node_id), seq=self._seq, telemetry=self.telemetry())
+        resp = await self._client.post(
+            "/nodes/heartbeat",
+            content=self._signed(payload.model_dump(mode="json"), "heartbeat"),
+            headers={"content-type": "application/json"},
+        )
+        if resp.status_code == 404:
+            log.warning("gateway does not know this node (restarted?); registering again")
+            self.registered.clear()
+            await self.register()
+        elif resp.status_code != 200:
+            log.warning("heartbeat refused (%s): %s", resp.status_code, resp.text[:200])
+
+    async def run(self) -> None:
+        """Register (retrying until the gateway answers), then heartbeat forever."""
+        delay = 0.2
+        while not self.registered.is_set():
+            try:
+                await self.register()
+            except (httpx.HTTPError, RuntimeError, TrustError) as exc:
+                log.warning("registration failed: %s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            try:
+                await self.heartbeat()
+            except (httpx.HTTPError, RuntimeError, TrustError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,27 @@
+"""Node agent settings."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    gateway_url: str
+    engine: str
+    port: int
+    host: str = "127.0.0.1"
+    advertise_url: str | None = None
+    """URL the gateway uses to reach this node (default http://HOST:PORT)."""
+    key_file: Path = Path("node.key")
+    gateway_key: str | None = None
+    """Pin the gateway's public key (base64). Without it the key from the first registration is trusted."""
+    price_per_mtok: float = 0.0
+    """USD per million generated tokens."""
+    heartbeat_interval_s: float | None = None
+    """Override the interval the gateway asks for (seconds)."""
+    message_lifetime_s: float = 30.0
+    max_skew_s: float = 30.0
+
+    @property
+    def endpoint(self) -> str:
+        return self.advertise_url or f"http://{self.host}:{self.port}"

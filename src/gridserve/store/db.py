@@ -1,0 +1,251 @@
+"""Tables and the synchronous :class:`Store` over SQLite or PostgreSQL (SQLAlchemy 2 Core)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import StaticPool
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+_SCHEMA_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_WRITE_OPTION = "gridserve_write"
+
+metadata = sa.MetaData()
+
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("node_id", sa.String(), primary_key=True),
+    sa.Column("public_key", sa.String(), nullable=False),
+    sa.Column("capability", sa.JSON(), nullable=False),
+    sa.Column("state", sa.String(), nullable=False),
+    sa.Column("registered_at", sa.Float(), nullable=False),
+    sa.Column("last_seen", sa.Float(), nullable=False),
+    sa.Column("telemetry", sa.JSON(), nullable=True),
+)
+
+node_events = sa.Table(
+    "node_events",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(), nullable=False),
+    sa.Column("severity", sa.String(), nullable=False),
+    sa.Column("node_id", sa.String(), nullable=True, index=True),
+    sa.Column("detail", sa.JSON(), nullable=False),
+    sa.Column("at", sa.Float(), nullable=False, index=True),
+)
+
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("decision_id", sa.String(), primary_key=True),
+    sa.Column("request_id", sa.String(), nullable=False),
+    sa.Column("model", sa.String(), nullable=False),
+    sa.Column("node_id", sa.String(), nullable=True),
+    sa.Column("status", sa.String(), nullable=False),
+    sa.Column("data", sa.JSON(), nullable=False),
+    sa.Column("created_at", sa.Float(), nullable=False),
+    sa.Column("updated_at", sa.Float(), nullable=False),
+)
+
+
+def default_sqlite_url(data_dir: Path) -> str:
+    """SQLite URL for ``data_dir/gridserve.db``; creates ``data_dir`` if needed."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(data_dir / 'gridserve.db').resolve().as_posix()}"
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" hook issue BEGIN itself (pysqlite's implicit transactions are unreliable).
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    try:
+        for pragma in ("journal_mode=WAL", "foreign_keys=ON", "busy_timeout=5000", "synchronous=NORMAL"):
+            cur.execute(f"PRAGMA {pragma}")
+    finally:
+        cur.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    # Writers take the write lock up front so busy_timeout applies instead of a failed lock upgrade.
+    immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _sqlite_engine(url: sa.URL) -> Engine:
+    if url.database in (None, "", ":memory:"):
+        engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    else:
+        engine = sa.create_engine(url)
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+def _postgres_engine(url: sa.URL, schema: str | None) -> Engine:
+    if schema is None:
+        return sa.create_engine(url, pool_pre_ping=True)
+    if not _SCHEMA_RE.match(schema):
+        raise ValueError(f"invalid schema name: {schema!r}")
+    bootstrap = sa.create_engine(url, poolclass=sa.NullPool)
+    try:
+        with bootstrap.begin() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+    finally:
+        bootstrap.dispose()
+    return sa.create_engine(url, pool_pre_ping=True, connect_args={"options": f"-csearch_path={schema}"})
+
+
+def _upsert(dialect: str, table: sa.Table, values: dict[str, Any], update: list[str]) -> sa.Insert:
+    keys = [c.name for c in table.primary_key.columns]
+    if dialect == "postgresql":
+        pg = pg_insert(table).values(values)
+        return pg.on_conflict_do_update(index_elements=keys, set_={c: pg.excluded[c] for c in update})
+    lite = sqlite_insert(table).values(values)
+    return lite.on_conflict_do_update(index_elements=keys, set_={c: lite.excluded[c] for c in update})
+
+
+class Store:
+    """Synchronous persistence for nodes, node events and scheduling decisions.
+
+    Safe to share between threads (one engine, pooled connections); call it off the event loop,
+    e.g. through :class:`gridserve.store.StoreWriter`.
+    """
+
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        parsed = sa.make_url(url)
+        backend = parsed.get_backend_name()
+        if backend == "sqlite":
+            self._engine = _sqlite_engine(parsed)
+        elif backend == "postgresql":
+            self._engine = _postgres_engine(parsed, schema)
+        else:
+            raise ValueError(f"unsupported database backend: {backend!r}")
+        self._dialect = backend
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._engine.connect() as conn:
+            conn.execution_options(**{_WRITE_OPTION: True})
+            with conn.begin():
+                yield conn
+
+    def migrate(self) -> None:
+        """Bring the schema to the latest Alembic revision (idempotent)."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+        with self._write() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    # -- nodes -----------------------------------------------------------------------------------------
+
+    def upsert_node(self, node_id: str, *, public_key: str, capability: dict[str, Any], state: str, at: float) -> None:
+        """Register a node (or re-register it: registered_at is kept, everything else is replaced)."""
+        values = {
+            "node_id": node_id,
+            "public_key": public_key,
+            "capability": capability,
+            "state": state,
+            "registered_at": at,
+            "last_seen": at,
+        }
+        stmt = _upsert(self._dialect, nodes, values, ["public_key", "capability", "state", "last_seen"])
+        with self._write() as conn:
+            conn.execute(stmt)
+
+    def set_node_state(self, node_id: str, state: str, at: float) -> None:
+        """Change a node's state; a no-op for unknown nodes.
+
+        ``at`` is accepted for symmetry but does not move ``last_seen``: a state change (e.g. to
+        "dead" after missed heartbeats) is not evidence that the node was seen.
+        """
+        del at
+        with self._write() as conn:
+            conn.execute(nodes.update().where(nodes.c.node_id == node_id).values(state=state))
+
+    def touch_node(self, node_id: str, *, telemetry: dict[str, Any], at: float) -> None:
+        """Record a heartbeat: ``last_seen`` and the latest telemetry; a no-op for unknown nodes."""
+        stmt = nodes.update().where(nodes.c.node_id == node_id).values(last_seen=at, telemetry=telemetry)
+        with self._write() as conn:
+            conn.execute(stmt)
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(nodes).order_by(nodes.c.node_id))
+            return [dict(r._mapping) for r in rows]
+
+    def get_node(self, node_id: str) -> dict[str, Any] | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(nodes).where(nodes.c.node_id == node_id)).first()
+            return None if row is None else dict(row._mapping)
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    def record_event(self, *, kind: str, severity: str, node_id: str | None, detail: dict[str, Any], at: float) -> None:
+        values = {"kind": kind, "severity": severity, "node_id": node_id, "detail": detail, "at": at}
+        with self._write() as conn:
+            conn.execute(node_events.insert().values(values))
+
+    def list_events(
+        self, *, kind: str | None = None, node_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Events newest first (by ``at``, then insertion order), optionally filtered."""
+        stmt = sa.select(node_events).order_by(node_events.c.at.desc(), node_events.c.id.desc()).limit(limit)
+        if kind is not None:
+            stmt = stmt.where(node_events.c.kind == kind)
+        if node_id is not None:
+            stmt = stmt.where(node_events.c.node_id == node_id)
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    # -- decisions -------------------------------------------------------------------------------------
+
+    def record_decision(
+        self,
+        decision_id: str,
+        *,
+        request_id: str,
+        model: str,
+        node_id: str | None,
+        status: str,
+        data: dict[str, Any],
+        at: float,
+    ) -> None:
+        """Insert or update a decision by id; ``created_at`` is kept from the first write."""
+        values = {
+            "decision_id": decision_id,
+            "request_id": request_id,
+            "model": model,
+            "node_id": node_id,
+            "status": status,
+            "data": data,
+            "created_at": at,
+            "updated_at": at,
+        }
+        update = ["request_id", "model", "node_id", "status", "data", "updated_at"]
+        with self._write() as conn:
+            conn.execute(_upsert(self._dialect, decisions, values, update))
+
+    def get_decision(self, decision_id: str) -> dict[str, Any] | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(decisions).where(decisions.c.decision_id == decision_id)).first()
+            return None if row is None else dict(row._mapping)
+
+    def close(self) -> None:
+        self._engine.dispose()

@@ -1,0 +1,41 @@
+"""Frozen, strict data models that cross boundaries. No I/O."""
+
+from gridserve.types.base import Strict
+from gridserve.types.node import (
+    Capability,
+    GpuInfo,
+    HardwareInfo,
+    ModelOffer,
+    NodeId,
+    NodeState,
+    RuntimeInfo,
+    Telemetry,
+)
+from gridserve.types.wire import (
+    ChatMessage,
+    GenerateRequest,
+    HeartbeatPayload,
+    RegisterPayload,
+    RegisterReply,
+    SamplingParams,
+    TokenEvent,
+)
+
+__all__ = [
+    "Capability",
+    "ChatMessage",
+    "GenerateRequest",
+    "GpuInfo",
+    "HardwareInfo",
+    "HeartbeatPayload",
+    "ModelOffer",
+    "NodeId",
+    "NodeState",
+    "RegisterPayload",
+    "RegisterReply",
+    "RuntimeInfo",
+    "SamplingParams",
+    "Strict",
+    "Telemetry",
+    "TokenEvent",
+]

@@ -1,0 +1,84 @@
+"""What a node is (capability) and how it is right now (telemetry)."""
+
+from enum import StrEnum
+from typing import NewType
+
+from pydantic import Field
+
+from gridserve.types.base import Strict
+
+NodeId = NewType("NodeId", str)
+
+
+class NodeState(StrEnum):
+    """Membership state as the gateway sees it."""
+
+    UP = "up"
+    SUSPECT = "suspect"
+    DOWN = "down"
+    EJECTED = "ejected"
+    PROBATION = "probation"
+    QUARANTINED = "quarantined"
+    BANNED = "banned"
+
+
+class GpuInfo(Strict):
+    name: str
+    memory_total_bytes: int
+    driver: str = ""
+
+
+class HardwareInfo(Strict):
+    """Detected (or, for emulated nodes, advertised) hardware."""
+
+    accelerator: str = Field(description="catalog key, e.g. 'cpu', 'rtx4090', 'h100-sxm'")
+    emulated: bool = False
+    cpu_model: str = ""
+    cpu_cores: int = 0
+    ram_bytes: int = 0
+    gpus: tuple[GpuInfo, ...] = ()
+    memory_bytes: int = Field(0, description="memory available to the engine for weights + KV cache")
+
+
+class ModelOffer(Strict):
+    """One model a node serves."""
+
+    name: str
+    dtype: str = "float32"
+    quantization: str = "none"
+    max_context: int = 2048
+    weights_digest: str = ""
+
+
+class RuntimeInfo(Strict):
+    gridserve: str
+    python: str
+    engine: str
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+class Capability(Strict):
+    """The signed capability document a node registers with."""
+
+    node_id: NodeId
+    public_key: str
+    endpoint: str
+    engine: str
+    models: tuple[ModelOffer, ...]
+    hardware: HardwareInfo
+    runtime: RuntimeInfo
+    price_per_mtok: float = 0.0
+
+
+class Telemetry(Strict):
+    """How a node is right now; carried by every heartbeat."""
+
+    utilization: float = 0.0
+    memory_used_bytes: int = 0
+    memory_total_bytes: int = 0
+    temperature_c: float | None = None
+    clock_ratio: float | None = None
+    queue_depth: int = 0
+    active_requests: int = 0
+    tokens_per_s: float = 0.0
+    recent_errors: tuple[str, ...] = ()
