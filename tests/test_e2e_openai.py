@@ -17,7 +17,9 @@ def client(tiny_grid: LocalGrid) -> OpenAI:
     return OpenAI(base_url=tiny_grid.url + "/v1", api_key=API_KEY, max_retries=0)
 
 
-def engine_output(*, prompt: str | None = None, messages: list[dict[str, str]] | None = None, **sampling: object) -> str:
+def engine_output(
+    *, prompt: str | None = None, messages: list[dict[str, str]] | None = None, **sampling: object
+) -> str:
     """What the tiny engine itself produces, run directly in this process."""
 
     async def run() -> str:

@@ -18,7 +18,7 @@ class StopMatcher:
         text = self._held + delta
         if not self.stops:
             return text
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = self._first_complete(text)
         if cut >= 0:
             self.stopped = True
             self._held = ""
@@ -26,6 +26,18 @@ class StopMatcher:
         hold = self._partial_tail(text)
         self._held = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold]
+
+    def _first_complete(self, text: str) -> int:
+        """Start of the stop string that completes first in the stream (earliest end), or -1.
+
+        Cutting at the earliest *end* rather than the earliest start makes the result independent of how
+        the text was split into chunks, also when one stop string contains another."""
+        best_end, cut = -1, -1
+        for stop in self.stops:
+            i = text.find(stop)
+            if i >= 0 and (best_end < 0 or (i + len(stop), i) < (best_end, cut)):
+                best_end, cut = i + len(stop), i
+        return cut
 
     def flush(self) -> str:
         held, self._held = self._held, ""

@@ -8,6 +8,9 @@ from gridserve.store import StoreWriter
 from gridserve.types.scheduling import Decision
 
 
+TERMINAL = frozenset({"ok", "failed"})
+
+
 class DecisionLog:
     def __init__(self, writer: StoreWriter, capacity: int) -> None:
         self.writer = writer
@@ -22,6 +25,8 @@ class DecisionLog:
         self._recent.move_to_end(decision.decision_id)
         while len(self._recent) > self.capacity:
             self._recent.popitem(last=False)
+        if status not in TERMINAL:
+            return data  # in-flight states stay in memory; the store gets the outcome, off the hot path
         self.writer.submit(
             self.writer.store.record_decision,
             decision.decision_id,

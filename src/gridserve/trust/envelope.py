@@ -82,7 +82,7 @@ class NonceCache:
     def check_and_add(self, keyid: str, nonce: str, forget_at: float, now: float) -> bool:
         with self._lock:
             if now >= self._next_sweep:
-                self._seen = {k: t for k, t in self._seen.items() if t > now}
+                self._seen = {k: t for k, t in self._seen.items() if t >= now}
                 self._next_sweep = now + 5.0
             key = (keyid, nonce)
             if key in self._seen:

@@ -1,0 +1,56 @@
+"""A node killed with SIGKILL is marked down within three heartbeat intervals; requests go elsewhere."""
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from openai import OpenAI
+from tests.conftest import API_KEY, make_grid
+
+from gridserve.cli.grid import LocalGrid
+from gridserve.engines.tiny import TINY_MODEL
+
+INTERVAL = 1.0
+
+
+def _kill(grid: LocalGrid, index: int) -> dict[str, Any]:
+    endpoint = f"http://127.0.0.1:{grid.node_port(index)}"
+    node = next(n for n in grid.nodes() if n["endpoint"] == endpoint)
+    assert node["state"] == "up"
+    os.kill(grid.procs[f"node-{index}"].pid, signal.SIGKILL)
+    grid.procs[f"node-{index}"].wait()
+    return node
+
+
+def test_kill_9_node_is_marked_down_and_traffic_moves(tmp_path: Path) -> None:
+    grid = make_grid(tmp_path, ["tiny", "tiny", "tiny"], heartbeat_interval_s=INTERVAL, threads=1)
+    try:
+        grid.start(timeout_s=120)
+        client = OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0)
+
+        # 1. The failure detector alone (no traffic) marks a SIGKILLed node down within 3 intervals.
+        victim = _kill(grid, 0)
+        deadline = time.time() + 3 * INTERVAL + 5
+        node = victim
+        while time.time() < deadline and node["state"] != "down":
+            time.sleep(0.1)
+            node = next(n for n in grid.nodes() if n["node_id"] == victim["node_id"])
+        assert node["state"] == "down"
+        down = next(t for t in reversed(node["transitions"]) if "->down" in t["what"])
+        assert "no heartbeat" in down["what"]
+        assert down["at"] - victim["last_heartbeat"] <= 3 * INTERVAL, down
+
+        # 2. Requests right after a second kill succeed: dispatch moves to another node before the first token.
+        second = _kill(grid, 1)
+        served = set()
+        for i in range(8):
+            raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=f"later {i}", max_tokens=2)
+            assert raw.http_response.status_code == 200
+            assert raw.parse().choices[0].finish_reason in ("length", "stop")
+            served.add(raw.headers["x-gridserve-node"])
+        assert served == {next(n["node_id"] for n in grid.nodes() if n["endpoint"].endswith(str(grid.node_port(2))))}
+        assert next(n for n in grid.nodes() if n["node_id"] == second["node_id"])["state"] == "down"
+    finally:
+        grid.stop()

@@ -1,0 +1,76 @@
+"""The real model through the grid: a greedy answer equals the engine run directly."""
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from openai import OpenAI
+from tests.conftest import API_KEY, admin_get, make_grid
+
+from gridserve.cli.grid import LocalGrid
+from gridserve.engines.gemma import GEMMA_MODEL, ensure_cache, gemma_engine
+from gridserve.engines.torch_engine import TorchEngine
+from gridserve.types import ChatMessage, GenerateRequest, SamplingParams
+
+THREADS = 2  # the node and the direct run use the same thread count: fp32 results are then bitwise equal
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
+    ensure_cache()
+    grid = make_grid(tmp_path_factory.mktemp("gemma"), ["gemma-270m"], threads=THREADS)
+    try:
+        grid.start(timeout_s=300)
+        yield grid
+    finally:
+        grid.stop()
+
+
+@pytest.fixture(scope="module")
+def direct() -> TorchEngine:
+    engine = gemma_engine(threads=THREADS)
+    engine.load_sync()
+    return engine
+
+
+def run_direct(engine: TorchEngine, request: GenerateRequest) -> str:
+    async def go() -> str:
+        return "".join([e.text async for e in engine.generate(request)])
+
+    return asyncio.run(go())
+
+
+def test_gemma_chat_greedy_equals_direct_engine(gemma_grid: LocalGrid, direct: TorchEngine) -> None:
+    question = "What is the capital of France?"
+    client = OpenAI(base_url=gemma_grid.url + "/v1", api_key=API_KEY, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=GEMMA_MODEL, messages=[{"role": "user", "content": question}], max_tokens=20, temperature=0)
+    reply = raw.parse()
+    expected = run_direct(direct, GenerateRequest(
+        request_id="d", model=GEMMA_MODEL, messages=(ChatMessage(role="user", content=question),),
+        sampling=SamplingParams(max_tokens=20, temperature=0.0)))
+    assert reply.choices[0].message.content == expected
+    assert len(expected.strip()) > 0
+    decision = admin_get(gemma_grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+    node = next(n for n in gemma_grid.nodes() if n["node_id"] == decision["served_by"])
+    assert node["engine"] == "gemma-270m" and node["emulated"] is False
+    assert node["models"][0]["weights_digest"].startswith("sha256:")
+
+
+def test_gemma_completion_stream_equals_direct_engine(gemma_grid: LocalGrid, direct: TorchEngine) -> None:
+    prompt = "The three primary colours are"
+    client = OpenAI(base_url=gemma_grid.url + "/v1", api_key=API_KEY, max_retries=0)
+    chunks = client.completions.create(model=GEMMA_MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    expected = run_direct(direct, GenerateRequest(request_id="d", model=GEMMA_MODEL, prompt=prompt,
+                                                  sampling=SamplingParams(max_tokens=16, temperature=0.0)))
+    assert text == expected and len(text) > 10
+
+
+def test_cache_is_reused(tmp_path: Path) -> None:
+    cache = ensure_cache()
+    assert (cache / "model.safetensors").exists() and (cache / "gridserve.json").exists()
+    assert ensure_cache() == cache

