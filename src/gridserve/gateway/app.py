@@ -14,15 +14,17 @@ from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp
 
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.decisions import DecisionLog
 from gridserve.gateway.dispatch import Dispatcher
 from gridserve.gateway.errors import APIError, bad_request, unauthorized
+from gridserve.gateway.hotpath import HotPath
 from gridserve.gateway.membership import Membership, UnknownNode
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.gateway.middleware import BodyLimit
-from gridserve.gateway.openai_api import ApiContext, complete, list_models
+from gridserve.gateway.openai_api import ApiContext, list_models
 from gridserve.scheduler import default_profile
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
@@ -68,13 +70,14 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             self.membership.sweep()
+            self.decisions.flush()
 
 
 def _remote(request: Request) -> str:
     return request.client.host if request.client else "?"
 
 
-def build_gateway_app(gw: Gateway) -> FastAPI:
+def build_gateway_app(gw: Gateway) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gw.dispatcher.start()
@@ -86,6 +89,7 @@ def build_gateway_app(gw: Gateway) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await gw.dispatcher.aclose()
+            gw.decisions.flush()
             gw.writer.close()
 
     app = FastAPI(title="gridserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -94,7 +98,7 @@ def build_gateway_app(gw: Gateway) -> FastAPI:
     _openai_routes(app, gw)
     _admin_routes(app, gw)
     app.add_middleware(BodyLimit, max_bytes=gw.config.max_body_bytes)
-    return app
+    return HotPath(app, gw.api, gw.config.api_keys, gw.config.max_body_bytes)
 
 
 def _errors(app: FastAPI) -> None:
@@ -154,16 +158,6 @@ def _openai_routes(app: FastAPI, gw: Gateway) -> None:
     async def models(request: Request) -> dict[str, Any]:
         gw.require_api_key(request)
         return list_models(gw.api)
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        gw.require_api_key(request)
-        return await complete(gw.api, request, "chat")
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        gw.require_api_key(request)
-        return await complete(gw.api, request, "text")
 
 
 def _admin_routes(app: FastAPI, gw: Gateway) -> None:

@@ -1,4 +1,7 @@
-"""The decision log: every served request's decision and outcome, in memory (recent) and in the store."""
+"""The decision log: every served request's decision and outcome, in memory (recent) and in the store.
+
+In-flight states live only in memory; outcomes are written to the store in batches (one statement per
+flush), off the event loop, so persistence costs the hot path almost nothing."""
 
 import time
 from collections import OrderedDict
@@ -7,8 +10,8 @@ from typing import Any
 from gridserve.store import StoreWriter
 from gridserve.types.scheduling import Decision
 
-
 TERMINAL = frozenset({"ok", "failed"})
+BATCH = 256
 
 
 class DecisionLog:
@@ -16,6 +19,7 @@ class DecisionLog:
         self.writer = writer
         self.capacity = capacity
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._pending: list[dict[str, Any]] = []
 
     def record(self, decision: Decision, *, status: str, **outcome: Any) -> dict[str, Any]:
         data = self._recent.get(decision.decision_id) or decision.model_dump(mode="json")
@@ -25,19 +29,27 @@ class DecisionLog:
         self._recent.move_to_end(decision.decision_id)
         while len(self._recent) > self.capacity:
             self._recent.popitem(last=False)
-        if status not in TERMINAL:
-            return data  # in-flight states stay in memory; the store gets the outcome, off the hot path
-        self.writer.submit(
-            self.writer.store.record_decision,
-            decision.decision_id,
-            request_id=decision.request_id,
-            model=decision.model,
-            node_id=data.get("served_by"),
-            status=status,
-            data=dict(data),
-            at=time.time(),
-        )
+        if status in TERMINAL:
+            self._pending.append(
+                {
+                    "decision_id": decision.decision_id,
+                    "request_id": decision.request_id,
+                    "model": decision.model,
+                    "node_id": data.get("served_by"),
+                    "status": status,
+                    "data": dict(data),
+                    "at": time.time(),
+                }
+            )
+            if len(self._pending) >= BATCH:
+                self.flush()
         return data
+
+    def flush(self) -> None:
+        """Hand the pending outcomes to the store writer as one batch."""
+        if self._pending:
+            rows, self._pending = self._pending, []
+            self.writer.submit(self.writer.store.record_decisions, rows)
 
     def get(self, decision_id: str) -> dict[str, Any] | None:
         found = self._recent.get(decision_id)

@@ -44,6 +44,7 @@ def run_gateway(config: GatewayConfig, log_level: str = "warning") -> None:
             access_log=False,
             timeout_graceful_shutdown=3,
             backlog=4096,
+            proxy_headers=False,
         )
     )
     try:

@@ -9,8 +9,6 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
 
 from gridserve.gateway.decisions import DecisionLog
 from gridserve.gateway.dispatch import Dispatcher, NodeStream
@@ -95,9 +93,18 @@ def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int) -> Decisio
     return decision
 
 
-async def complete(ctx: ApiContext, request: Request, kind: str) -> Response:
+@dataclass
+class Reply:
+    """A response before transport: whole JSON (`body`) or an SSE stream (`stream`)."""
+
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+
+async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
     model_type = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    req = parse(await request.body(), model_type)
+    req = parse(body, model_type)
     request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
     job, prompt_tokens = to_job(req, kind, request_id)
     decision = decide(ctx, job, prompt_tokens)
@@ -107,7 +114,7 @@ async def complete(ctx: ApiContext, request: Request, kind: str) -> Response:
     except APIError as exc:
         ctx.decisions.record(decision, status="failed", error=exc.message)
         raise
-    headers = {"x-gridserve-decision": decision.decision_id, "x-gridserve-node": stream.node_id}
+    headers = [(b"x-gridserve-decision", decision.decision_id.encode()), (b"x-gridserve-node", stream.node_id.encode())]
     ctx.decisions.record(
         decision,
         status="streaming",
@@ -118,10 +125,12 @@ async def complete(ctx: ApiContext, request: Request, kind: str) -> Response:
     ctx.metrics.ttft.labels(model=job.model).observe(stream.first_at - stream.started)
     fmt = ChunkFormatter(chat=kind == "chat", response_id=request_id, model=job.model)
     if req.stream:
-        body = _sse(ctx, decision, stream, fmt, req.include_usage())
-        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+        headers.append((b"content-type", b"text/event-stream"))
+        headers.append((b"cache-control", b"no-cache"))
+        return Reply(headers=headers, stream=_sse(ctx, decision, stream, fmt, req.include_usage()))
     whole = await _collect(ctx, decision, stream, fmt)
-    return Response(orjson.dumps(whole), media_type="application/json", headers=headers)
+    headers.append((b"content-type", b"application/json"))
+    return Reply(headers=headers, body=orjson.dumps(whole))
 
 
 async def _drain(ctx: ApiContext, decision: Decision, stream: NodeStream) -> AsyncIterator[dict[str, Any]]:

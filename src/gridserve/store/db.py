@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -83,11 +85,21 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def _json(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # integers beyond 64 bits: the standard library handles them
+        return json.dumps(value)
+
+
+_JSON = {"json_serializer": _json}  # reads keep the standard decoder (exact big integers)
+
+
 def _sqlite_engine(url: sa.URL) -> Engine:
     if url.database in (None, "", ":memory:"):
-        engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+        engine = sa.create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False}, **_JSON)
     else:
-        engine = sa.create_engine(url)
+        engine = sa.create_engine(url, **_JSON)
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_on_begin)
     return engine
@@ -95,7 +107,7 @@ def _sqlite_engine(url: sa.URL) -> Engine:
 
 def _postgres_engine(url: sa.URL, schema: str | None) -> Engine:
     if schema is None:
-        return sa.create_engine(url, pool_pre_ping=True)
+        return sa.create_engine(url, pool_pre_ping=True, **_JSON)
     if not _SCHEMA_RE.match(schema):
         raise ValueError(f"invalid schema name: {schema!r}")
     bootstrap = sa.create_engine(url, poolclass=sa.NullPool)
@@ -104,15 +116,29 @@ def _postgres_engine(url: sa.URL, schema: str | None) -> Engine:
             conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     finally:
         bootstrap.dispose()
-    return sa.create_engine(url, pool_pre_ping=True, connect_args={"options": f"-csearch_path={schema}"})
+    return sa.create_engine(url, pool_pre_ping=True, connect_args={"options": f"-csearch_path={schema}"}, **_JSON)
 
 
-def _upsert(dialect: str, table: sa.Table, values: dict[str, Any], update: list[str]) -> sa.Insert:
+def _upsert(
+    dialect: str, table: sa.Table, values: dict[str, Any] | list[dict[str, Any]], update: list[str]
+) -> sa.Insert:
     keys = [c.name for c in table.primary_key.columns]
     if dialect == "postgresql":
         pg = pg_insert(table).values(values)
         return pg.on_conflict_do_update(index_elements=keys, set_={c: pg.excluded[c] for c in update})
     lite = sqlite_insert(table).values(values)
+    return lite.on_conflict_do_update(index_elements=keys, set_={c: lite.excluded[c] for c in update})
+
+
+_DECISION_UPDATE = ["request_id", "model", "node_id", "status", "data", "updated_at"]
+
+
+def _upsert_template(dialect: str, table: sa.Table, update: list[str]) -> sa.Insert:
+    keys = [c.name for c in table.primary_key.columns]
+    if dialect == "postgresql":
+        pg = pg_insert(table)
+        return pg.on_conflict_do_update(index_elements=keys, set_={c: pg.excluded[c] for c in update})
+    lite = sqlite_insert(table)
     return lite.on_conflict_do_update(index_elements=keys, set_={c: lite.excluded[c] for c in update})
 
 
@@ -133,6 +159,8 @@ class Store:
         else:
             raise ValueError(f"unsupported database backend: {backend!r}")
         self._dialect = backend
+        # One statement, executed with many parameter sets (compiled once, cached by SQLAlchemy).
+        self._decision_upsert = _upsert_template(backend, decisions, _DECISION_UPDATE)
 
     @property
     def engine(self) -> Engine:
@@ -228,19 +256,41 @@ class Store:
         at: float,
     ) -> None:
         """Insert or update a decision by id; ``created_at`` is kept from the first write."""
-        values = {
-            "decision_id": decision_id,
-            "request_id": request_id,
-            "model": model,
-            "node_id": node_id,
-            "status": status,
-            "data": data,
-            "created_at": at,
-            "updated_at": at,
-        }
-        update = ["request_id", "model", "node_id", "status", "data", "updated_at"]
+        self.record_decisions(
+            [
+                {
+                    "decision_id": decision_id,
+                    "request_id": request_id,
+                    "model": model,
+                    "node_id": node_id,
+                    "status": status,
+                    "data": data,
+                    "at": at,
+                }
+            ]
+        )
+
+    def record_decisions(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Upsert many decisions in one statement and transaction (rows: the keyword arguments of
+        :meth:`record_decision` plus ``decision_id``). The last row wins for a repeated id."""
+        if not rows:
+            return
+        latest = {row["decision_id"]: row for row in rows}
+        values = [
+            {
+                "decision_id": r["decision_id"],
+                "request_id": r["request_id"],
+                "model": r["model"],
+                "node_id": r["node_id"],
+                "status": r["status"],
+                "data": r["data"],
+                "created_at": r["at"],
+                "updated_at": r["at"],
+            }
+            for r in latest.values()
+        ]
         with self._write() as conn:
-            conn.execute(_upsert(self._dialect, decisions, values, update))
+            conn.execute(self._decision_upsert, values)
 
     def get_decision(self, decision_id: str) -> dict[str, Any] | None:
         with self._engine.connect() as conn:
