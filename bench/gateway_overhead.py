@@ -10,18 +10,14 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gridserve.cli.grid import LocalGrid  # noqa: E402
-from gridserve.trust import load_or_create_identity, sign_envelope  # noqa: E402
-from tests.conftest import free_port_block  # noqa: E402
+from gridserve.cli.grid import LocalGrid, free_port_block
+from gridserve.trust import load_or_create_identity, sign_envelope
 
 MODEL = "llama-3-8b"
 TOKENS = 32
@@ -34,8 +30,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def direct_once(session: aiohttp.ClientSession, node: dict[str, str], identity: object) -> float:
-    payload = {"request_id": "bench", "model": MODEL, "prompt": "benchmark prompt", "node_id": node["node_id"],
-               "sampling": {"max_tokens": TOKENS, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}}
+    payload = {
+        "request_id": "bench",
+        "model": MODEL,
+        "prompt": "benchmark prompt",
+        "node_id": node["node_id"],
+        "sampling": {"max_tokens": TOKENS, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []},
+    }
     body = sign_envelope(identity, payload, purpose="generate", now=time.time())  # type: ignore[arg-type]
     start = time.perf_counter()
     ttft = 0.0
@@ -89,23 +90,30 @@ async def measure(grid: LocalGrid, identity: object, levels: list[int], rounds: 
                 order = [("direct", direct), ("gateway", via)]
                 for name, sink in order if r % 2 == 0 else order[::-1]:
                     if name == "direct":
-                        ttfts, rps = await run_batch(lambda: direct_once(session, node, identity), concurrency, requests)
+                        once = lambda: direct_once(session, node, identity)  # noqa: E731
                     else:
-                        ttfts, rps = await run_batch(lambda: gateway_once(session, grid.url), concurrency, requests)
+                        once = lambda: gateway_once(session, grid.url)  # noqa: E731
+                    ttfts, rps = await run_batch(once, concurrency, requests)
                     sink["ttft"].extend(ttfts)
                     sink["rps"].append(rps)
             d50, d99 = percentile(direct["ttft"], 0.5) * 1e3, percentile(direct["ttft"], 0.99) * 1e3
             g50, g99 = percentile(via["ttft"], 0.5) * 1e3, percentile(via["ttft"], 0.99) * 1e3
             drps, grps = statistics.median(direct["rps"]), statistics.median(via["rps"])
-            rows.append({
-                "concurrency": concurrency,
-                "direct_ttft_p50_ms": round(d50, 3), "direct_ttft_p99_ms": round(d99, 3),
-                "gateway_ttft_p50_ms": round(g50, 3), "gateway_ttft_p99_ms": round(g99, 3),
-                "added_ttft_p50_ms": round(g50 - d50, 3), "added_ttft_p99_ms": round(g99 - d99, 3),
-                "direct_rps": round(drps, 2), "gateway_rps": round(grps, 2),
-                "gateway_rps_share": round(grps / drps, 3),
-                "requests_per_mode": requests * rounds,
-            })
+            rows.append(
+                {
+                    "concurrency": concurrency,
+                    "direct_ttft_p50_ms": round(d50, 3),
+                    "direct_ttft_p99_ms": round(d99, 3),
+                    "gateway_ttft_p50_ms": round(g50, 3),
+                    "gateway_ttft_p99_ms": round(g99, 3),
+                    "added_ttft_p50_ms": round(g50 - d50, 3),
+                    "added_ttft_p99_ms": round(g99 - d99, 3),
+                    "direct_rps": round(drps, 2),
+                    "gateway_rps": round(grps, 2),
+                    "gateway_rps_share": round(grps / drps, 3),
+                    "requests_per_mode": requests * rounds,
+                }
+            )
     return rows
 
 
@@ -115,10 +123,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 16, 64])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        grid = LocalGrid(data_dir=Path(tmp), port=free_port_block(4), api_key=KEY, admin_token="bench-admin",
-                         engines=["emulated:rtx4090"], threads=1,
-                         extra_node_args=["--fixed-ttft-ms", "20", "--fixed-itl-ms", "10", "--log-level", "warning"],
-                         extra_gateway_args=["--log-level", "warning"])
+        grid = LocalGrid(
+            data_dir=Path(tmp),
+            port=free_port_block(4),
+            api_key=KEY,
+            admin_token="bench-admin",
+            engines=["emulated:rtx4090"],
+            threads=1,
+            extra_node_args=["--fixed-ttft-ms", "20", "--fixed-itl-ms", "10", "--log-level", "warning"],
+            extra_gateway_args=["--log-level", "warning"],
+        )
         try:
             grid.start(timeout_s=120)
             identity = load_or_create_identity(Path(tmp) / "gateway.key")

@@ -12,8 +12,9 @@ from gridserve.cli.grid import LocalGrid
 from gridserve.engines.tiny import TINY_CONTEXT, TINY_MODEL
 
 
-def post(grid: LocalGrid, path: str, body: Any = None, *, content: bytes | None = None,
-         key: str | None = API_KEY) -> httpx.Response:
+def post(
+    grid: LocalGrid, path: str, body: Any = None, *, content: bytes | None = None, key: str | None = API_KEY
+) -> httpx.Response:
     headers = {"content-type": "application/json"}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
@@ -45,12 +46,14 @@ def test_missing_and_wrong_api_key_are_401(tiny_grid: LocalGrid) -> None:
 
 
 def test_unknown_model_is_404(tiny_grid: LocalGrid) -> None:
-    error = assert_openai_error(post(tiny_grid, "/v1/chat/completions", {**CHAT, "model": "gpt-9"}), 404,
-                                "model_not_found")
+    error = assert_openai_error(
+        post(tiny_grid, "/v1/chat/completions", {**CHAT, "model": "gpt-9"}), 404, "model_not_found"
+    )
     assert error["param"] == "model" and "gpt-9" in error["message"]
     with pytest.raises(openai.NotFoundError):
         OpenAI(base_url=tiny_grid.url + "/v1", api_key=API_KEY, max_retries=0).completions.create(
-            model="gpt-9", prompt="x")
+            model="gpt-9", prompt="x"
+        )
 
 
 @pytest.mark.parametrize(
@@ -92,18 +95,21 @@ def test_invalid_completion_prompt_is_400(tiny_grid: LocalGrid) -> None:
 def test_body_over_the_limit_is_413(tiny_grid: LocalGrid) -> None:
     big = {**CHAT, "messages": [{"role": "user", "content": "x" * 30_000}]}
     assert_openai_error(post(tiny_grid, "/v1/chat/completions", big), 413, "request_too_large")
-    chunked = httpx.post(tiny_grid.url + "/v1/chat/completions", content=iter([b"{" + b" " * 25_000, b"}"]),
-                         headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"})
+    chunked = httpx.post(
+        tiny_grid.url + "/v1/chat/completions",
+        content=iter([b"{" + b" " * 25_000, b"}"]),
+        headers={"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"},
+    )
     assert_openai_error(chunked, 413, "request_too_large")
 
 
 def test_max_tokens_beyond_context_is_400(tiny_grid: LocalGrid) -> None:
-    error = assert_openai_error(post(tiny_grid, "/v1/chat/completions", {**CHAT, "max_tokens": TINY_CONTEXT + 1}),
-                                400)
+    error = assert_openai_error(post(tiny_grid, "/v1/chat/completions", {**CHAT, "max_tokens": TINY_CONTEXT + 1}), 400)
     assert error["param"] == "max_tokens" and str(TINY_CONTEXT) in error["message"]
     with pytest.raises(openai.BadRequestError):
         OpenAI(base_url=tiny_grid.url + "/v1", api_key=API_KEY, max_retries=0).completions.create(
-            model=TINY_MODEL, prompt="x", max_tokens=10**6)
+            model=TINY_MODEL, prompt="x", max_tokens=10**6
+        )
 
 
 def test_prompt_plus_max_tokens_beyond_context_is_400(tiny_grid: LocalGrid) -> None:
@@ -118,6 +124,7 @@ def test_unknown_route_is_openai_404(tiny_grid: LocalGrid) -> None:
 
 def test_gateway_still_serves_after_bad_input(tiny_grid: LocalGrid) -> None:
     client = OpenAI(base_url=tiny_grid.url + "/v1", api_key=API_KEY, max_retries=0)
-    reply = client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "user", "content": "ok?"}],
-                                           max_tokens=3, temperature=0)
+    reply = client.chat.completions.create(
+        model=TINY_MODEL, messages=[{"role": "user", "content": "ok?"}], max_tokens=3, temperature=0
+    )
     assert reply.choices[0].finish_reason in ("length", "stop")

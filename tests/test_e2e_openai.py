@@ -26,7 +26,9 @@ def engine_output(
         engine = tiny_engine(threads=1)
         await engine.start()
         request = GenerateRequest(
-            request_id="direct", model=TINY_MODEL, prompt=prompt,
+            request_id="direct",
+            model=TINY_MODEL,
+            prompt=prompt,
             messages=tuple(ChatMessage(**m) for m in messages) if messages else None,
             sampling=SamplingParams(**sampling),  # type: ignore[arg-type]
         )
@@ -54,7 +56,11 @@ def test_chat_non_stream_equals_engine_greedy(client: OpenAI) -> None:
 def test_chat_stream_equals_engine_greedy_with_usage(client: OpenAI) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     stream = client.chat.completions.create(
-        model=TINY_MODEL, messages=messages, max_tokens=20, temperature=0, stream=True,  # type: ignore[arg-type]
+        model=TINY_MODEL,
+        messages=messages,
+        max_tokens=20,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -69,8 +75,9 @@ def test_completions_stream_and_non_stream_agree(client: OpenAI) -> None:
     prompt = "The grid serves"
     whole = client.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=16, temperature=0)
     streamed = "".join(
-        c.choices[0].text for c in client.completions.create(
-            model=TINY_MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True) if c.choices
+        c.choices[0].text
+        for c in client.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True)
+        if c.choices
     )
     expected = engine_output(prompt=prompt, max_tokens=16, temperature=0.0)
     assert whole.choices[0].text == expected == streamed
@@ -93,7 +100,8 @@ def test_stop_sequence_cuts_output(client: OpenAI) -> None:
 
 def test_decision_header_and_lookup_name_the_serving_node(client: OpenAI, tiny_grid: LocalGrid) -> None:
     raw = client.chat.completions.with_raw_response.create(
-        model=TINY_MODEL, messages=[{"role": "user", "content": "which node?"}], max_tokens=4, temperature=0)
+        model=TINY_MODEL, messages=[{"role": "user", "content": "which node?"}], max_tokens=4, temperature=0
+    )
     decision_id = raw.headers["x-gridserve-decision"]
     node_header = raw.headers["x-gridserve-node"]
     decision = admin_get(tiny_grid, f"/v1/decisions/{decision_id}").json()
@@ -114,7 +122,8 @@ def test_decisions_need_the_admin_token(tiny_grid: LocalGrid) -> None:
 
 def test_emulated_node_is_marked_and_serves_catalogue_model(client: OpenAI, tiny_grid: LocalGrid) -> None:
     reply = client.chat.completions.create(
-        model="llama-3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
+        model="llama-3-8b", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0
+    )
     assert reply.choices[0].message.content is not None
     emulated = [n for n in tiny_grid.nodes() if n["emulated"]]
     assert len(emulated) == 1

@@ -47,11 +47,18 @@ def test_gemma_chat_greedy_equals_direct_engine(gemma_grid: LocalGrid, direct: T
     question = "What is the capital of France?"
     client = OpenAI(base_url=gemma_grid.url + "/v1", api_key=API_KEY, max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
-        model=GEMMA_MODEL, messages=[{"role": "user", "content": question}], max_tokens=20, temperature=0)
+        model=GEMMA_MODEL, messages=[{"role": "user", "content": question}], max_tokens=20, temperature=0
+    )
     reply = raw.parse()
-    expected = run_direct(direct, GenerateRequest(
-        request_id="d", model=GEMMA_MODEL, messages=(ChatMessage(role="user", content=question),),
-        sampling=SamplingParams(max_tokens=20, temperature=0.0)))
+    expected = run_direct(
+        direct,
+        GenerateRequest(
+            request_id="d",
+            model=GEMMA_MODEL,
+            messages=(ChatMessage(role="user", content=question),),
+            sampling=SamplingParams(max_tokens=20, temperature=0.0),
+        ),
+    )
     assert reply.choices[0].message.content == expected
     assert len(expected.strip()) > 0
     decision = admin_get(gemma_grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
@@ -65,8 +72,12 @@ def test_gemma_completion_stream_equals_direct_engine(gemma_grid: LocalGrid, dir
     client = OpenAI(base_url=gemma_grid.url + "/v1", api_key=API_KEY, max_retries=0)
     chunks = client.completions.create(model=GEMMA_MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    expected = run_direct(direct, GenerateRequest(request_id="d", model=GEMMA_MODEL, prompt=prompt,
-                                                  sampling=SamplingParams(max_tokens=16, temperature=0.0)))
+    expected = run_direct(
+        direct,
+        GenerateRequest(
+            request_id="d", model=GEMMA_MODEL, prompt=prompt, sampling=SamplingParams(max_tokens=16, temperature=0.0)
+        ),
+    )
     assert text == expected and len(text) > 10
 
 

@@ -15,9 +15,13 @@ from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, Runtim
 
 def capability(identity: Identity) -> dict[str, Any]:
     cap = Capability(
-        node_id=NodeId(identity.node_id), public_key=identity.public_key, endpoint="http://127.0.0.1:9",
-        engine="tiny", models=(ModelOffer(name="attack-test-model"),),
-        hardware=HardwareInfo(accelerator="cpu"), runtime=RuntimeInfo(gridserve="0", python="3.11", engine="tiny"),
+        node_id=NodeId(identity.node_id),
+        public_key=identity.public_key,
+        endpoint="http://127.0.0.1:9",
+        engine="tiny",
+        models=(ModelOffer(name="attack-test-model"),),
+        hardware=HardwareInfo(accelerator="cpu"),
+        runtime=RuntimeInfo(gridserve="0", python="3.11", engine="tiny"),
     )
     return {"capability": cap.model_dump(mode="json")}
 
@@ -39,8 +43,9 @@ def rejections(grid: LocalGrid) -> list[dict[str, Any]]:
 def member(tiny_grid: LocalGrid) -> Identity:
     """A properly registered identity whose messages the attacks tamper with."""
     identity = Identity.generate()
-    resp = send(tiny_grid, "/nodes/register", sign_envelope(identity, capability(identity), purpose="register",
-                                                            now=time.time()))
+    resp = send(
+        tiny_grid, "/nodes/register", sign_envelope(identity, capability(identity), purpose="register", now=time.time())
+    )
     assert resp.status_code == 200, resp.text
     return identity
 
@@ -55,8 +60,9 @@ def expect_rejected(grid: LocalGrid, path: str, body: bytes, reason: str, status
 
 
 def test_valid_heartbeat_is_accepted(tiny_grid: LocalGrid, member: Identity) -> None:
-    resp = send(tiny_grid, "/nodes/heartbeat", sign_envelope(member, heartbeat(member), purpose="heartbeat",
-                                                             now=time.time()))
+    resp = send(
+        tiny_grid, "/nodes/heartbeat", sign_envelope(member, heartbeat(member), purpose="heartbeat", now=time.time())
+    )
     assert resp.status_code == 200
 
 
@@ -115,8 +121,13 @@ def _tiny_node(grid: LocalGrid) -> dict[str, Any]:
 
 
 def _generate_payload(node_id: str) -> dict[str, Any]:
-    return {"request_id": "attack", "model": "gridserve-tiny", "prompt": "hi", "node_id": node_id,
-            "sampling": {"max_tokens": 2, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}}
+    return {
+        "request_id": "attack",
+        "model": "gridserve-tiny",
+        "prompt": "hi",
+        "node_id": node_id,
+        "sampling": {"max_tokens": 2, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []},
+    }
 
 
 def test_generate_not_signed_by_the_gateway_is_rejected_and_recorded(tiny_grid: LocalGrid) -> None:

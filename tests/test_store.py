@@ -25,9 +25,7 @@ SKIP_PG = os.environ.get("GRIDSERVE_SKIP_PG") == "1"
 
 BACKENDS = [
     pytest.param("sqlite", id="sqlite"),
-    pytest.param(
-        "postgresql", id="postgresql", marks=pytest.mark.skipif(SKIP_PG, reason="GRIDSERVE_SKIP_PG=1")
-    ),
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.skipif(SKIP_PG, reason="GRIDSERVE_SKIP_PG=1")),
 ]
 
 
@@ -213,9 +211,7 @@ def test_concurrent_direct_writers(store: Store) -> None:
     def work(t: int) -> None:
         try:
             for i in range(40):
-                store.record_event(
-                    kind="conc", severity="info", node_id=f"t{t}", detail={"i": i}, at=float(i)
-                )
+                store.record_event(kind="conc", severity="info", node_id=f"t{t}", detail={"i": i}, at=float(i))
                 store.list_events(node_id=f"t{t}", limit=1)
         except BaseException as exc:  # collected and asserted below
             errors.append(exc)

@@ -32,9 +32,27 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port_block(1)
     log = (tmp_path_factory.mktemp("llama") / "server.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(_gguf()), "--host", "127.0.0.1", "--port",
-         str(port), "--n_ctx", "2048", "--n_threads", "2", "--model_alias", "gemma-gguf", "--chat_format", "gemma"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(_gguf()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--n_threads",
+            "2",
+            "--model_alias",
+            "gemma-gguf",
+            "--chat_format",
+            "gemma",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -54,8 +72,11 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def upstream_grid(llama_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
-    grid = make_grid(tmp_path_factory.mktemp("upstream"), ["openai-upstream"],
-                     extra_node_args=["--upstream-url", llama_server, "--model", SERVED, "--max-context", "2048"])
+    grid = make_grid(
+        tmp_path_factory.mktemp("upstream"),
+        ["openai-upstream"],
+        extra_node_args=["--upstream-url", llama_server, "--model", SERVED, "--max-context", "2048"],
+    )
     try:
         grid.start(timeout_s=120)
         yield grid
@@ -68,9 +89,14 @@ def test_chat_through_gateway_equals_llama_server(upstream_grid: LocalGrid, llam
     via_grid = OpenAI(base_url=upstream_grid.url + "/v1", api_key=API_KEY, max_retries=0)
     direct = OpenAI(base_url=llama_server + "/v1", api_key="none", max_retries=0)
     raw = via_grid.chat.completions.with_raw_response.create(
-        model=SERVED, messages=messages, max_tokens=24, temperature=0)  # type: ignore[arg-type]
-    expected = direct.chat.completions.create(model="gemma-gguf", messages=messages, max_tokens=24,  # type: ignore[arg-type]
-                                              temperature=0)
+        model=SERVED, messages=messages, max_tokens=24, temperature=0
+    )  # type: ignore[arg-type]
+    expected = direct.chat.completions.create(
+        model="gemma-gguf",
+        messages=messages,
+        max_tokens=24,  # type: ignore[arg-type]
+        temperature=0,
+    )
     answer = raw.parse().choices[0].message.content
     assert answer == expected.choices[0].message.content and answer
     decision = admin_get(upstream_grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
@@ -82,8 +108,9 @@ def test_streamed_completion_equals_llama_server(upstream_grid: LocalGrid, llama
     prompt = "The three primary colours are"
     via_grid = OpenAI(base_url=upstream_grid.url + "/v1", api_key=API_KEY, max_retries=0)
     direct = OpenAI(base_url=llama_server + "/v1", api_key="none", max_retries=0)
-    stream = via_grid.completions.create(model=SERVED, prompt=prompt, max_tokens=16, temperature=0, stream=True,
-                                         stream_options={"include_usage": True})
+    stream = via_grid.completions.create(
+        model=SERVED, prompt=prompt, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     expected = direct.completions.create(model="gemma-gguf", prompt=prompt, max_tokens=16, temperature=0)

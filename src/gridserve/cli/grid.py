@@ -1,7 +1,9 @@
 """A local grid: one gateway and N node agents as child processes on this machine."""
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -138,3 +140,22 @@ class LocalGrid:
 def engine_mix(count: int, engines: list[str]) -> list[str]:
     pool = engines or list(DEFAULT_MIX)
     return [pool[i % len(pool)] for i in range(count)]
+
+
+def free_port_block(size: int) -> int:
+    """A base port with `size` consecutive free ports on 127.0.0.1."""
+    for _ in range(200):
+        base = random.randint(20000, 50000)
+        socks = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", port))
+                socks.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free port block")

@@ -1,5 +1,6 @@
 """`gridserve`: up, demo, gateway, node, nodes."""
 
+import json
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+console = Console() if sys.stdout.isatty() else Console(width=220)  # piped: do not squeeze tables
 err = Console(stderr=True)
 
 DataDir = Annotated[Path, typer.Option(help="where keys, secrets, logs and the SQLite store live")]
@@ -134,6 +135,7 @@ def nodes(
     gateway: Annotated[str, typer.Option(help="gateway URL")] = "http://127.0.0.1:8000",
     admin_token: Annotated[str | None, typer.Option(help="admin token (default: from --data-dir)")] = None,
     data_dir: DataDir = Path(".gridserve"),
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Print the node table of a running gateway."""
     from gridserve.cli.table import node_table
@@ -147,6 +149,9 @@ def nodes(
         raise fail(f"cannot reach {gateway}: {exc}") from None
     if resp.status_code != 200:
         raise fail(f"{gateway} answered {resp.status_code}: {resp.text[:200]}")
+    if json_out:
+        print(json.dumps(resp.json()["nodes"], indent=2))
+        return
     console.print(node_table(resp.json()["nodes"]))
 
 
