@@ -17,9 +17,27 @@ GRIDSERVE = [sys.executable, "-m", "gridserve"]
 def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = free_port_block(4)
     proc = subprocess.Popen(
-        [*GRIDSERVE, "up", "--nodes", "2", "--engine", "tiny", "--port", str(port), "--data-dir", str(tmp_path),
-         "--api-key", "k-cli", "--admin-token", "a-cli", "--heartbeat-interval", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            *GRIDSERVE,
+            "up",
+            "--nodes",
+            "2",
+            "--engine",
+            "tiny",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(tmp_path),
+            "--api-key",
+            "k-cli",
+            "--admin-token",
+            "a-cli",
+            "--heartbeat-interval",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -37,7 +55,9 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert [m.id for m in client.models.list().data] == ["gridserve-tiny"]
         table = subprocess.run(
             [*GRIDSERVE, "nodes", "--gateway", f"http://127.0.0.1:{port}", "--admin-token", "a-cli"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert table.returncode == 0, table.stderr
         assert table.stdout.count("tiny") >= 2 and "up" in table.stdout
@@ -59,20 +79,48 @@ def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
 
 def test_cli_errors_are_one_readable_line(tmp_path: Path) -> None:
     bad_engine = subprocess.run(
-        [*GRIDSERVE, "node", "--gateway", "http://127.0.0.1:9", "--engine", "warp-drive", "--port", "9",
-         "--key", str(tmp_path / "k.key")],
-        capture_output=True, text=True, timeout=120,
+        [
+            *GRIDSERVE,
+            "node",
+            "--gateway",
+            "http://127.0.0.1:9",
+            "--engine",
+            "warp-drive",
+            "--port",
+            "9",
+            "--key",
+            str(tmp_path / "k.key"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad_engine.returncode == 2
     assert "unknown engine 'warp-drive'" in bad_engine.stderr and "Traceback" not in bad_engine.stderr
     bad_hw = subprocess.run(
-        [*GRIDSERVE, "node", "--gateway", "http://127.0.0.1:9", "--engine", "emulated:abacus", "--port", "9",
-         "--key", str(tmp_path / "k.key")],
-        capture_output=True, text=True, timeout=120,
+        [
+            *GRIDSERVE,
+            "node",
+            "--gateway",
+            "http://127.0.0.1:9",
+            "--engine",
+            "emulated:abacus",
+            "--port",
+            "9",
+            "--key",
+            str(tmp_path / "k.key"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad_hw.returncode == 2 and "unknown hardware 'abacus'" in bad_hw.stderr
     assert "Traceback" not in bad_hw.stderr
-    unreachable = subprocess.run([*GRIDSERVE, "nodes", "--gateway", "http://127.0.0.1:9", "--admin-token", "x"],
-                                 capture_output=True, text=True, timeout=60)
+    unreachable = subprocess.run(
+        [*GRIDSERVE, "nodes", "--gateway", "http://127.0.0.1:9", "--admin-token", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
     assert len(unreachable.stderr.strip().splitlines()) == 1

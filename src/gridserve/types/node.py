@@ -40,6 +40,20 @@ class HardwareInfo(Strict):
     memory_bytes: int = Field(0, description="memory available to the engine for weights + KV cache")
 
 
+class LayerRange(Strict):
+    """A contiguous, half-open range of transformer layers `[start, end)`: what one pipeline stage runs."""
+
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+
+    def model_post_init(self, context: object, /) -> None:
+        if self.end <= self.start:
+            raise ValueError(f"empty layer range [{self.start}, {self.end})")
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
 class ModelOffer(Strict):
     """One model a node serves."""
 
@@ -48,6 +62,8 @@ class ModelOffer(Strict):
     quantization: str = "none"
     max_context: int = 2048
     weights_digest: str = ""
+    layers: LayerRange | None = None
+    """The layers this node runs; None means the whole model (pipeline stages are not served yet)."""
 
 
 class RuntimeInfo(Strict):
