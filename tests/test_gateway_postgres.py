@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from openai import OpenAI
+from tests.conftest import API_KEY, admin_get, make_grid
 
 from gridserve.cli.grid import LocalGrid
 from gridserve.engines.tiny import TINY_MODEL
 from gridserve.store import Store
-from tests.conftest import API_KEY, admin_get, make_grid
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
