@@ -1,6 +1,7 @@
 """The official openai SDK against a grid started like `gridserve up` (tiny engine)."""
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -131,11 +132,17 @@ def test_emulated_node_is_marked_and_serves_catalogue_model(client: OpenAI, tiny
     assert emulated[0]["models"][0]["quantization"] == "none" and emulated[0]["models"][0]["dtype"] == "float16"
 
 
-def test_load_spreads_over_nodes(client: OpenAI, tiny_grid: LocalGrid) -> None:
-    served = set()
-    for i in range(8):
-        raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=f"p{i}", max_tokens=2, temperature=0)
-        served.add(raw.headers["x-gridserve-node"])
+def test_concurrent_load_spreads_over_nodes(client: OpenAI, tiny_grid: LocalGrid) -> None:
+    """Requests in flight count against a node (load scorer): concurrent requests use both tiny nodes."""
+
+    def one(i: int) -> str:
+        raw = client.completions.with_raw_response.create(
+            model=TINY_MODEL, prompt=f"p{i}", max_tokens=64, temperature=0
+        )
+        return raw.headers["x-gridserve-node"]
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        served = set(pool.map(one, range(12)))
     assert len(served) == 2
 
 

@@ -19,7 +19,7 @@ from gridserve.engines.base import EngineError, InvalidRequest
 from gridserve.engines.emulated import KV_RESERVE, EmulatedEngine, EmulationError, FixedTimings, placement_for
 from gridserve.engines.tiny import TINY_CONTEXT, TINY_MODEL, tiny_engine
 from gridserve.engines.torch_engine import TorchEngine
-from gridserve.perfmodel import predict
+from gridserve.perfmodel import Load, predict
 from gridserve.types import ChatMessage, GenerateRequest, SamplingParams, TokenEvent
 
 PROMPTS = ("The quick brown fox", "Hello, grid!", "1+1=")
@@ -389,7 +389,7 @@ def test_slower_hardware_predicts_larger_itl(tiny: TorchEngine) -> None:
 def test_prediction_grows_with_load_and_prompt() -> None:
     model, hw = model_spec("llama-3-8b"), hardware_spec("a100-80g")
     base = predict(model, hw, prompt_tokens=128)
-    assert predict(model, hw, prompt_tokens=128, concurrent=8).itl_s > base.itl_s
+    assert predict(model, hw, prompt_tokens=128, load=Load(active=7)).itl_s > base.itl_s
     assert predict(model, hw, prompt_tokens=4096).ttft_s > base.ttft_s
     assert predict(model, hw, prompt_tokens=128, quantization="q4_k_m").itl_s < base.itl_s
     assert base.decode_tokens_per_s == pytest.approx(1 / base.itl_s)

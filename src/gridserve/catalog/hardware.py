@@ -7,6 +7,7 @@ Sources (abbreviated below):
   [nv-l40s]       NVIDIA L40S datasheet
   [secondary]     spec aggregators (TechPowerUp GPU database); marked as secondary in shared/data
   [gpu-bench]     github.com/XiongjieDai/GPU-Benchmarks-on-LLM-Inference README (llama.cpp, Llama 3 8B)
+  [rent]          typical on-demand rental listings 2024-25 (GPU marketplaces; GCP T4 $0.35/h): planning figures
 Decode efficiency = measured tokens/s ÷ (bandwidth / weight bytes), from [gpu-bench] (8B F16 row).
 """
 
@@ -18,7 +19,7 @@ class HardwareSpec:
     key: str
     name: str
     hw_class: str
-    """'datacenter', 'consumer', 'apple' or 'cpu'."""
+    """'datacenter', 'consumer-high', 'consumer', 'apple' or 'cpu' (tiers allow classes: catalog/tiers.py)."""
     arch: str
     bandwidth_gbs: float
     """Memory bandwidth, GB/s (1e9 bytes/s)."""
@@ -31,6 +32,11 @@ class HardwareSpec:
     """Share of the bandwidth bound reached in decode."""
     prefill_efficiency: float = 0.5
     """Share of peak FLOPS reached in prefill (a planning figure; calibrated per node at run time)."""
+    cost_per_hour: float = 0.0
+    """USD per hour to run it: a planning figure from typical 2024-25 rental listings [rent], used to derive
+    a default price; operators override it within bounds."""
+    batch_slots: int = 8
+    """Sequences decoded together before ITL grows steeply (continuous batching); 1 = a serial engine."""
 
 
 _GGUF = frozenset({"none", "q8_0", "q4_k_m", "q5_k_m", "q6_k"})
@@ -54,6 +60,7 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=_FP8,
             quantizations=_GPU_Q | {"fp8"},
             decode_efficiency=0.54,
+            cost_per_hour=2.5,
         ),
         # 2,000 GB/s, 80 GB, 756 TFLOPS [llm-analysis]; 67.8 tok/s = 54% of bound [gpu-bench].
         HardwareSpec(
@@ -67,6 +74,7 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=_FP8,
             quantizations=_GPU_Q | {"fp8"},
             decode_efficiency=0.54,
+            cost_per_hour=2.0,
         ),
         # 2,039 GB/s, 80 GB, 312 TFLOPS [llm-analysis][llm-viewer]; 53.2 tok/s = 42% [gpu-bench].
         HardwareSpec(
@@ -80,6 +88,7 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=_AMPERE,
             quantizations=_GPU_Q,
             decode_efficiency=0.42,
+            cost_per_hour=1.5,
         ),
         # 1,555 GB/s, 40 GB, 312 TFLOPS [llm-viewer]; efficiency as the 80 GB part [gpu-bench].
         HardwareSpec(
@@ -93,6 +102,7 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=_AMPERE,
             quantizations=_GPU_Q,
             decode_efficiency=0.42,
+            cost_per_hour=1.1,
         ),
         # 864 GB/s, 48 GB, 362 TFLOPS dense [nv-l40s]; FP8 on Ada; 43.4 tok/s = 81% [gpu-bench].
         HardwareSpec(
@@ -106,12 +116,13 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=_FP8,
             quantizations=_GPU_Q | {"fp8"},
             decode_efficiency=0.81,
+            cost_per_hour=0.9,
         ),
         # 1,008 GB/s, 24 GB, 165 TFLOPS FP32-accumulate [secondary]; 54.3 tok/s = 87% [gpu-bench].
         HardwareSpec(
             key="rtx4090",
             name="NVIDIA GeForce RTX 4090",
-            hw_class="consumer",
+            hw_class="consumer-high",
             arch="ada",
             bandwidth_gbs=1008,
             memory_gib=24,
@@ -119,12 +130,13 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=_FP8,
             quantizations=_GPU_Q | {"fp8"},
             decode_efficiency=0.87,
+            cost_per_hour=0.4,
         ),
         # 936 GB/s, 24 GB, ~71 TFLOPS (unconfirmed) [secondary]; 46.5 tok/s = 80% [gpu-bench].
         HardwareSpec(
             key="rtx3090",
             name="NVIDIA GeForce RTX 3090",
-            hw_class="consumer",
+            hw_class="consumer-high",
             arch="ampere",
             bandwidth_gbs=936,
             memory_gib=24,
@@ -132,6 +144,7 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=_AMPERE,
             quantizations=_GPU_Q,
             decode_efficiency=0.80,
+            cost_per_hour=0.25,
         ),
         # 600 GB/s, 24 GB, 70 TFLOPS [llm-analysis]; no [gpu-bench] row: consumer-range 0.75 assumed.
         HardwareSpec(
@@ -145,6 +158,7 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=_AMPERE,
             quantizations=_GPU_Q,
             decode_efficiency=0.75,
+            cost_per_hour=0.75,
         ),
         # 320 GB/s, 16 GB, 65 TFLOPS [secondary]; Turing: no BF16, no FP8; 0.75 assumed.
         HardwareSpec(
@@ -158,6 +172,7 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=frozenset({"float32", "float16"}),
             quantizations=_GPU_Q,
             decode_efficiency=0.75,
+            cost_per_hour=0.35,
         ),
         # Apple M2 (base) 100 GB/s unified [secondary]; M2 Ultra 36.3 tok/s = 73% of bound [gpu-bench].
         # ~3.6 TFLOPS FP16 GPU [secondary]. Memory: 24 GB configuration.
@@ -172,6 +187,34 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=_AMPERE,
             quantizations=_GGUF,
             decode_efficiency=0.73,
+            cost_per_hour=0.1,
+        ),
+        # M2 Pro 200 GB/s, M2 Max 400 GB/s unified; ~6.8 / ~13.6 TFLOPS FP16 GPU [secondary].
+        HardwareSpec(
+            key="apple-m2-pro",
+            name="Apple M2 Pro",
+            hw_class="apple",
+            arch="apple",
+            bandwidth_gbs=200,
+            memory_gib=32,
+            fp16_tflops=6.8,
+            dtypes=_AMPERE,
+            quantizations=_GGUF,
+            decode_efficiency=0.73,
+            cost_per_hour=0.15,
+        ),
+        HardwareSpec(
+            key="apple-m2-max",
+            name="Apple M2 Max",
+            hw_class="apple",
+            arch="apple",
+            bandwidth_gbs=400,
+            memory_gib=64,
+            fp16_tflops=13.6,
+            dtypes=_AMPERE,
+            quantizations=_GGUF,
+            decode_efficiency=0.73,
+            cost_per_hour=0.25,
         ),
         # M2 Ultra: 800 GB/s, up to 192 GB unified, ~27 TFLOPS FP16 GPU [secondary]; 73% [gpu-bench].
         HardwareSpec(
@@ -185,6 +228,7 @@ HARDWARE: dict[str, HardwareSpec] = {
             dtypes=_AMPERE,
             quantizations=_GGUF,
             decode_efficiency=0.73,
+            cost_per_hour=0.4,
         ),
         # A generic server CPU socket: DDR5 8-channel ~300 GB/s theoretical is optimistic for one
         # process; 50 GB/s and 1 TFLOPS are planning figures, replaced by per-node calibration.
@@ -200,6 +244,8 @@ HARDWARE: dict[str, HardwareSpec] = {
             quantizations=_GGUF,
             decode_efficiency=0.5,
             prefill_efficiency=0.3,
+            cost_per_hour=0.05,
+            batch_slots=1,
         ),
     )
 }

@@ -53,6 +53,7 @@ def gateway(
     data_dir: DataDir = Path(".gridserve"),
     heartbeat_interval: Annotated[float, typer.Option(help="seconds between node heartbeats")] = 2.0,
     max_body_bytes: Annotated[int, typer.Option(help="largest accepted request body")] = 1_000_000,
+    profile: Annotated[Path | None, typer.Option(help="scheduling profile (YAML)")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run the gateway: the OpenAI API, node membership, scheduling and the admin API."""
@@ -60,6 +61,13 @@ def gateway(
     from gridserve.gateway.main import run_gateway
 
     key, admin = _secrets(data_dir, api_key[0] if api_key else None, admin_token)
+    if profile is not None:
+        from gridserve.scheduler import ProfileError, load_profile
+
+        try:
+            load_profile(profile)
+        except ProfileError as exc:
+            raise fail(f"profile {profile}: {exc}") from None
     keys = tuple(api_key) if api_key else (key,)
     config = GatewayConfig(
         port=port,
@@ -70,6 +78,7 @@ def gateway(
         admin_token=admin,
         heartbeat_interval_s=heartbeat_interval,
         max_body_bytes=max_body_bytes,
+        profile_path=profile,
     )
     console.print(f"gateway on http://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
     try:
@@ -95,6 +104,7 @@ def node(
     fixed_ttft_ms: Annotated[float | None, typer.Option(help="emulated: fixed time to first token")] = None,
     fixed_itl_ms: Annotated[float | None, typer.Option(help="emulated: fixed inter-token latency")] = None,
     gateway_key: Annotated[str | None, typer.Option(help="pin the gateway's public key (base64)")] = None,
+    slowdown: Annotated[float, typer.Option(help="emulated: run N times slower than spec, silently")] = 1.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run a node agent: an engine behind a signed identity, registered with a gateway."""
@@ -123,6 +133,7 @@ def node(
         max_context=max_context,
         fixed_ttft_ms=fixed_ttft_ms,
         fixed_itl_ms=fixed_itl_ms,
+        slowdown=slowdown,
     )
     try:
         run_node(config, options, log_level=log_level)
@@ -245,3 +256,12 @@ def demo(
         grid.stop()
     console.print("grid stopped" + (f"; {failures} request(s) failed" if failures else ""))
     sys.exit(1 if failures else 0)
+
+
+def _register_admin() -> None:
+    from gridserve.cli.admin import register
+
+    register(app, console, fail)
+
+
+_register_admin()

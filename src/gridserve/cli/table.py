@@ -11,6 +11,13 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f}"
 
 
+def _trust(rel: dict[str, Any] | None) -> str:
+    if not rel:
+        return "-"
+    state = rel["state"]
+    return f"{state} {rel['score']:.2f}" if state != "healthy" else f"{rel['score']:.2f}"
+
+
 def node_table(nodes: list[dict[str, Any]], title: str = "gridserve nodes") -> Table:
     table = Table(title=title, expand=False)
     for column in (
@@ -35,6 +42,7 @@ def node_table(nodes: list[dict[str, Any]], title: str = "gridserve nodes") -> T
         table.add_row(
             node["node_id"][:12],
             f"[{STATE_STYLE.get(state, 'white')}]{state}[/]",
+            _trust(node.get("reliability")),
             node["engine"],
             hardware,
             ", ".join(m["name"] for m in node["models"]),

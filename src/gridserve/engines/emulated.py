@@ -6,6 +6,7 @@ The node advertises the emulated hardware with `emulated: true`; models a real e
 """
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 from gridserve.catalog import HardwareSpec, ModelSpec, hardware_spec, model_spec
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
 from gridserve.engines.torch_engine import TorchEngine
-from gridserve.perfmodel import predict
+from gridserve.perfmodel import Load, predict
 from gridserve.types import GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
 
+log = logging.getLogger("gridserve.node")
 _PLACEMENTS = (("float16", "none"), ("float16", "q8_0"), ("float16", "q4_k_m"))
 TEXT_PROMPT_CHARS = 1024
 TEXT_MAX_TOKENS = 2048
@@ -48,6 +50,15 @@ def placement_for(model: ModelSpec, hw: HardwareSpec) -> tuple[str, str]:
     )
 
 
+def _placement_or_smallest(model: ModelSpec, hw: HardwareSpec) -> tuple[str, str]:
+    """An operator may advertise a model the card cannot hold; the scheduler's memory filter must catch it."""
+    try:
+        return placement_for(model, hw)
+    except EmulationError as exc:
+        log.warning("%s; advertising it anyway at the smallest quantization", exc)
+        return _PLACEMENTS[-1]
+
+
 class EmulatedEngine:
     def __init__(
         self,
@@ -56,16 +67,20 @@ class EmulatedEngine:
         models: Sequence[str],
         text_engine: TorchEngine,
         fixed: FixedTimings | None = None,
+        slowdown: float = 1.0,
     ) -> None:
+        """`slowdown` > 1 emulates a node slower than its spec (thermal throttling, a weak host) without saying
+        so in its telemetry: only observed timings reveal it."""
         self.hw = hardware_spec(hardware)
         self._models: dict[str, tuple[ModelSpec, str, str]] = {}
         for name in models:
             spec = model_spec(name)
             if spec.real_engine:
                 raise EmulationError(f"{name} is served by a real engine; an emulated node may not claim it")
-            self._models[name] = (spec, *placement_for(spec, self.hw))
+            self._models[name] = (spec, *_placement_or_smallest(spec, self.hw))
         if not self._models:
             raise EmulationError("an emulated engine needs at least one catalogue model")
+        self._slowdown = slowdown
         self._text = text_engine
         self._fixed = fixed
         self._stats = EngineStats()
@@ -100,6 +115,18 @@ class EmulatedEngine:
 
     async def start(self) -> None:
         await self._text.start()
+
+    def telemetry_override(self) -> dict[str, float | int]:
+        """Telemetry of the emulated device: its memory (resident weights + KV of active requests), busy share."""
+        weights = sum(spec.weight_bytes(dtype, quant) for spec, dtype, quant in self._models.values())
+        spec = next(iter(self._models.values()))[0]
+        kv = self._stats.active * 2048 * spec.kv_bytes_per_token()
+        total = int(self.hw.memory_gib * 2**30)
+        return {
+            "memory_total_bytes": total,
+            "memory_used_bytes": min(total, int(weights + kv)),
+            "utilization": min(1.0, self._stats.active / max(1, self.hw.batch_slots)),
+        }
 
     async def aclose(self) -> None:
         await self._text.aclose()
@@ -138,10 +165,11 @@ class EmulatedEngine:
         if self._fixed is not None:
             return self._fixed.ttft_s, self._fixed.itl_s
         spec, dtype, quant = self._models[model]
+        others = max(0, self._stats.active - 1)
         pred = predict(
-            spec, self.hw, prompt_tokens=prompt_tokens, dtype=dtype, quantization=quant, concurrent=self._stats.active
+            spec, self.hw, prompt_tokens=prompt_tokens, dtype=dtype, quantization=quant, load=Load(active=others)
         )
-        return pred.ttft_s, pred.itl_s
+        return pred.ttft_s * self._slowdown, pred.itl_s * self._slowdown
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         if request.model not in self._models:

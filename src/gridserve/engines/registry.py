@@ -22,6 +22,8 @@ class EngineOptions:
     fixed_ttft_ms: float | None = None
     fixed_itl_ms: float | None = None
     cache_dir: Path | None = None
+    slowdown: float = 1.0
+    """emulated: run this many times slower than the hardware's prediction (silent throttling)."""
 
 
 def create_engine(name: str, options: EngineOptions) -> Engine:
@@ -44,6 +46,7 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
             models=options.models or ("llama-3-8b",),
             text_engine=tiny_engine(threads=1),
             fixed=fixed,
+            slowdown=options.slowdown,
         )
     if name == "openai-upstream":
         from gridserve.engines.upstream import UpstreamEngine

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
+from gridserve.gateway.admin import add_reliability_routes
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.decisions import DecisionLog
 from gridserve.gateway.dispatch import Dispatcher
@@ -25,7 +26,7 @@ from gridserve.gateway.membership import Membership, UnknownNode
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.gateway.middleware import BodyLimit
 from gridserve.gateway.openai_api import ApiContext, list_models
-from gridserve.scheduler import default_profile
+from gridserve.scheduler import default_profile, load_profile
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
 
@@ -53,9 +54,8 @@ class Gateway:
         self.membership = Membership(config, self.verifier, self.writer, self.metrics)
         self.dispatcher = Dispatcher(config, self.membership, identity, self.metrics)
         self.decisions = DecisionLog(self.writer, config.decision_cache)
-        self.api = ApiContext(
-            self.membership, self.dispatcher, self.decisions, self.metrics, default_profile(), random.Random()
-        )
+        profile = load_profile(config.profile_path) if config.profile_path else default_profile()
+        self.api = ApiContext(self.membership, self.dispatcher, self.decisions, self.metrics, profile, random.Random())
 
     def require_api_key(self, request: Request) -> None:
         if not _check_key(_bearer(request), self.config.api_keys):
@@ -97,6 +97,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     _node_routes(app, gw)
     _openai_routes(app, gw)
     _admin_routes(app, gw)
+    add_reliability_routes(app, gw.membership, gw.require_admin)
     app.add_middleware(BodyLimit, max_bytes=gw.config.max_body_bytes)
     return HotPath(app, gw.api, gw.config.api_keys, gw.config.max_body_bytes)
 

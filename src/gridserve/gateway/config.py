@@ -27,6 +27,8 @@ class GatewayConfig:
     """Nodes tried for one request when a node fails before its first token."""
     connect_timeout_s: float = 3.0
     decision_cache: int = 10_000
+    profile_path: Path | None = None
+    """Scheduling profile (YAML); default: the packaged default profile."""
 
     @property
     def suspect_after_s(self) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 from gridserve.store import StoreWriter
 from gridserve.types.scheduling import Decision
 
-TERMINAL = frozenset({"ok", "failed"})
+TERMINAL = frozenset({"ok", "failed", "cancelled"})
 BATCH = 256
 
 
@@ -22,7 +22,7 @@ class DecisionLog:
         self._pending: list[dict[str, Any]] = []
 
     def record(self, decision: Decision, *, status: str, **outcome: Any) -> dict[str, Any]:
-        data = self._recent.get(decision.decision_id) or decision.model_dump(mode="json")
+        data = self._recent.get(decision.decision_id) or decision.as_dict()
         data.update(outcome)
         data["status"] = status
         self._recent[decision.decision_id] = data

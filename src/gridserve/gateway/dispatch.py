@@ -16,6 +16,7 @@ from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.errors import APIError, bad_request, no_capacity, upstream_failed
 from gridserve.gateway.membership import Membership
 from gridserve.gateway.metrics import GatewayMetrics
+from gridserve.reliability import EventKind, NodeEvent
 from gridserve.trust import Identity, sign_envelope
 from gridserve.types import GenerateRequest, NodeId
 from gridserve.types.scheduling import Decision
@@ -87,6 +88,14 @@ class Dispatcher:
                 stream = await self._try(candidate.node_id, job)
             except NodeFailed as exc:
                 attempts.append(Attempt(candidate.node_id, "failed", str(exc)))
+                self.membership.note(
+                    NodeEvent(
+                        node_id=candidate.node_id,
+                        kind=EventKind.JOB_FAILED,
+                        at=time.time(),
+                        detail=f"before first token: {exc}",
+                    )
+                )
                 continue
             stream.attempts = [*attempts, Attempt(candidate.node_id, "served")]
             return stream

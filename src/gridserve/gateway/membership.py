@@ -10,11 +10,13 @@ from pydantic import ValidationError
 
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.metrics import GatewayMetrics
+from gridserve.perfmodel import Calibration
+from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, Transition
+from gridserve.scheduler import NodeSnapshot, NodeStatic
 from gridserve.store import StoreWriter
 from gridserve.trust import EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
 from gridserve.types import Capability, HeartbeatPayload, NodeId, NodeState, RegisterPayload, Telemetry
 from gridserve.types.base import from_wire
-from gridserve.types.scheduling import NodeSnapshot
 
 log = logging.getLogger("gridserve.gateway")
 
@@ -34,7 +36,12 @@ class NodeRecord:
     last_seq: int = 0
     transitions: list[tuple[float, str]] = field(default_factory=list)
 
-    def snapshot(self) -> NodeSnapshot:
+    calibration: Calibration = field(default_factory=Calibration)
+    static: NodeStatic | None = None
+
+    def snapshot(self, book: ReliabilityBook, now: float) -> NodeSnapshot:
+        if self.static is None:
+            self.static = NodeStatic.of(self.capability)
         return NodeSnapshot(
             node_id=self.capability.node_id,
             state=self.state,
@@ -42,6 +49,9 @@ class NodeRecord:
             telemetry=self.telemetry,
             last_heartbeat=self.last_heartbeat,
             outstanding=self.outstanding,
+            reliability=book.summary(self.capability.node_id, now),
+            calibration=self.calibration,
+            static=self.static,
         )
 
 
@@ -60,6 +70,7 @@ class Membership:
         self.metrics = metrics
         self.clock = clock
         self.nodes: dict[NodeId, NodeRecord] = {}
+        self.book = ReliabilityBook()
 
     # -- intake ---------------------------------------------------------------------------------
     def reject(self, exc: TrustError, *, path: str, remote: str, node_id: str | None = None) -> None:
@@ -90,6 +101,8 @@ class Membership:
         record = NodeRecord(capability=capability, state=NodeState.UP, registered_at=now, last_heartbeat=now)
         if previous is not None:
             record.outstanding = previous.outstanding
+            record.calibration = previous.calibration
+        self.book.add_node(capability.node_id, now)
         self.nodes[capability.node_id] = record
         self._transition(record, NodeState.UP, "registered")
         self.writer.submit(
@@ -126,6 +139,7 @@ class Membership:
         record.last_seq = beat.seq
         if record.state in (NodeState.SUSPECT, NodeState.DOWN):
             self._transition(record, NodeState.UP, "heartbeat resumed")
+        self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_KEPT, at=now))
         self.writer.submit(
             self.writer.store.touch_node, node_id, telemetry=beat.telemetry.model_dump(mode="json"), at=now
         )
@@ -137,10 +151,13 @@ class Membership:
         now = self.clock()
         for record in self.nodes.values():
             age = now - record.last_heartbeat
+            node_id = record.capability.node_id
             if age > self.config.down_after_s and record.state in (NodeState.UP, NodeState.SUSPECT):
                 self._transition(record, NodeState.DOWN, f"no heartbeat for {age:.1f} s")
+                self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_MISSED, at=now, detail="down"))
             elif age > self.config.suspect_after_s and record.state == NodeState.UP:
                 self._transition(record, NodeState.SUSPECT, f"no heartbeat for {age:.1f} s")
+                self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_MISSED, at=now, detail="suspect"))
         for state in NodeState:
             self.metrics.node_states.labels(state=state.value).set(
                 sum(1 for r in self.nodes.values() if r.state == state)
@@ -171,9 +188,38 @@ class Membership:
             at=now,
         )
 
+    # -- reliability --------------------------------------------------------------------------------
+    def note(self, event: NodeEvent) -> list[Transition]:
+        """Feed the reliability ledger; persist the event (and any state change it causes)."""
+        transitions = self.book.record(event)
+        if event.kind != EventKind.HEARTBEAT_KEPT:  # kept heartbeats are counted, not stored one by one
+            self.writer.submit(
+                self.writer.store.record_event,
+                kind=event.kind.value,
+                severity=event.severity.value,
+                node_id=event.node_id,
+                detail={"detail": event.detail, "within_slo": event.within_slo},
+                at=event.at,
+            )
+        self.persist_transitions(transitions)
+        return transitions
+
+    def persist_transitions(self, transitions: list[Transition]) -> None:
+        for t in transitions:
+            log.warning("node %s reliability: %s -> %s (%s)", t.node_id, t.old.value, t.new.value, t.reason)
+            self.writer.submit(
+                self.writer.store.record_event,
+                kind="reliability_state",
+                severity="minor",
+                node_id=t.node_id,
+                detail={"from": t.old.value, "to": t.new.value, "reason": t.reason},
+                at=t.at,
+            )
+
     # -- views ----------------------------------------------------------------------------------
     def snapshots(self) -> list[NodeSnapshot]:
-        return [record.snapshot() for record in self.nodes.values()]
+        now = self.clock()
+        return [record.snapshot(self.book, now) for record in self.nodes.values()]
 
     def live_models(self) -> dict[str, list[NodeRecord]]:
         models: dict[str, list[NodeRecord]] = {}
@@ -201,4 +247,16 @@ class Membership:
             "last_heartbeat": record.last_heartbeat,
             "heartbeat_age_s": round(self.clock() - record.last_heartbeat, 3),
             "transitions": [{"at": t, "what": w} for t, w in record.transitions[-5:]],
+            "reliability": _summary_dict(self.book.summary(cap.node_id, self.clock())),
+            "calibration": {
+                "ttft_factor": round(record.calibration.ttft_factor, 4),
+                "itl_factor": round(record.calibration.itl_factor, 4),
+                "samples": record.calibration.samples,
+            },
         }
+
+
+def _summary_dict(summary: Any) -> dict[str, Any]:
+    out = {k: getattr(summary, k) for k in summary.__dataclass_fields__}
+    out["state"] = summary.state.value
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}

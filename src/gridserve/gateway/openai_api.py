@@ -1,5 +1,6 @@
 """`/v1/models`, `/v1/chat/completions`, `/v1/completions`."""
 
+import asyncio
 import random
 import secrets
 import time
@@ -10,14 +11,16 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from gridserve.catalog.tiers import DEFAULT_TIER
 from gridserve.gateway.decisions import DecisionLog
 from gridserve.gateway.dispatch import Dispatcher, NodeStream
 from gridserve.gateway.errors import APIError, bad_request, model_not_found, no_capacity
 from gridserve.gateway.membership import Membership
 from gridserve.gateway.metrics import GatewayMetrics
-from gridserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gridserve.gateway.outcomes import observe_outcome
+from gridserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, GridOptions, SamplingFields
 from gridserve.gateway.sse import DONE, ChunkFormatter
-from gridserve.scheduler import Profile, schedule
+from gridserve.scheduler import Profile, UnknownTier, schedule
 from gridserve.types import ChatMessage, GenerateRequest, SamplingParams
 from gridserve.types.scheduling import Decision, ScheduleRequest
 
@@ -68,7 +71,7 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
     return job, chars // CHARS_PER_TOKEN
 
 
-def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int) -> Decision:
+def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: GridOptions) -> Decision:
     serving = ctx.membership.live_models().get(job.model)
     if not serving:
         raise model_not_found(job.model)
@@ -79,13 +82,24 @@ def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int) -> Decisio
             param="max_tokens",
         )
     request = ScheduleRequest(
-        request_id=job.request_id, model=job.model, prompt_tokens=prompt_tokens, max_tokens=job.sampling.max_tokens
+        request_id=job.request_id,
+        model=job.model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=job.sampling.max_tokens,
+        tier=options.tier or DEFAULT_TIER,
+        max_price_per_mtok=options.max_price_per_mtok,
+        ttft_slo_s=options.ttft_slo_s,
+        tpot_slo_s=options.tpot_slo_s,
+        engines=tuple(options.engines) if options.engines else None,
     )
-    decision = schedule(request, ctx.membership.snapshots(), ctx.profile, ctx.rng, time.time())
+    try:
+        decision = schedule(request, ctx.membership.snapshots(), ctx.profile, ctx.rng, time.time())
+    except UnknownTier as exc:
+        raise bad_request(str(exc), param="gridserve.tier") from exc
     if decision.chosen is None:
         live = {r.capability.node_id for r in serving}
         reasons = [r for r in decision.rejections if r.node_id in live]
-        if reasons and all("context" in r.reason for r in reasons):
+        if reasons and all(r.filter == "context-fit" for r in reasons):
             raise bad_request(
                 f"prompt plus max_tokens exceed the context of {job.model}: {reasons[0].reason}", param="max_tokens"
             )
@@ -107,7 +121,7 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
     req = parse(body, model_type)
     request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
     job, prompt_tokens = to_job(req, kind, request_id)
-    decision = decide(ctx, job, prompt_tokens)
+    decision = decide(ctx, job, prompt_tokens, req.gridserve)
     ctx.decisions.record(decision, status="dispatching")
     try:
         stream = await ctx.dispatcher.open(decision, job)
@@ -115,6 +129,8 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
         ctx.decisions.record(decision, status="failed", error=exc.message)
         raise
     headers = [(b"x-gridserve-decision", decision.decision_id.encode()), (b"x-gridserve-node", stream.node_id.encode())]
+    if req.gridserve.explain:
+        headers.append((b"x-gridserve-explain", decision.explanation.encode("ascii", "replace")))
     ctx.decisions.record(
         decision,
         status="streaming",
@@ -129,6 +145,8 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
         headers.append((b"cache-control", b"no-cache"))
         return Reply(headers=headers, stream=_sse(ctx, decision, stream, fmt, req.include_usage()))
     whole = await _collect(ctx, decision, stream, fmt)
+    if req.gridserve.explain:
+        whole["gridserve"] = summary(decision, stream.node_id)
     headers.append((b"content-type", b"application/json"))
     return Reply(headers=headers, body=orjson.dumps(whole))
 
@@ -143,6 +161,9 @@ async def _drain(ctx: ApiContext, decision: Decision, stream: NodeStream) -> Asy
                 status, error = "failed", str(event["error"].get("message", ""))
             last = event
             yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        status, error = "cancelled", "client disconnected"
+        raise
     except BaseException as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
@@ -152,6 +173,7 @@ async def _drain(ctx: ApiContext, decision: Decision, stream: NodeStream) -> Asy
         completion = int(last.get("completion_tokens", 0))
         ctx.metrics.tokens.labels(node=stream.node_id).inc(completion)
         ctx.metrics.requests.labels(endpoint="completions", status=status).inc()
+        observe_outcome(ctx.membership, decision, stream, status=status, completion_tokens=completion)
         ctx.decisions.record(
             decision,
             status=status,
@@ -199,6 +221,22 @@ async def _collect(ctx: ApiContext, decision: Decision, stream: NodeStream, fmt:
         int(final.get("prompt_tokens", 0)),
         int(final.get("completion_tokens", 0)),
     )
+
+
+def summary(decision: Decision, served_by: str) -> dict[str, Any]:
+    """The inline explanation (request option `gridserve.explain`)."""
+    chosen = decision.candidate(served_by)
+    return {
+        "decision_id": decision.decision_id,
+        "served_by": served_by,
+        "explanation": decision.explanation,
+        "score": chosen.score if chosen else None,
+        "margin": decision.margin,
+        "predicted_ttft_s": chosen.predicted_ttft_s if chosen else None,
+        "price_per_mtok": chosen.price_per_mtok if chosen else None,
+        "eligible": len(decision.candidates),
+        "rejected": len(decision.rejections),
+    }
 
 
 def list_models(ctx: ApiContext) -> dict[str, Any]:

@@ -25,6 +25,18 @@ class Message(OpenAIModel):
         return "".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
 
 
+class GridOptions(BaseModel):
+    """gridserve's own request options, under the body key `gridserve` (OpenAI SDK: `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tier: str | None = None
+    max_price_per_mtok: float | None = Field(None, gt=0)
+    ttft_slo_s: float | None = Field(None, gt=0)
+    tpot_slo_s: float | None = Field(None, gt=0)
+    engines: list[str] | None = None
+    explain: bool = False
+
+
 class SamplingFields(OpenAIModel):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -36,6 +48,7 @@ class SamplingFields(OpenAIModel):
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    gridserve: GridOptions = Field(default_factory=GridOptions)
 
     @field_validator("stop")
     @classmethod

@@ -82,6 +82,9 @@ class NodeAgent:
                 "temperature_c": gpu["temperature"],
                 "clock_ratio": gpu["clock_ratio"],
             }
+        override = getattr(self.engine, "telemetry_override", None)
+        if override is not None:
+            gpu_fields.update(override())
         return Telemetry(
             **gpu_fields,
             queue_depth=max(0, stats.queued),

@@ -1,5 +1,26 @@
 """The scheduling decision: a pure function of request, snapshots, profile, randomness and time."""
 
-from gridserve.scheduler.core import Filter, Picker, Profile, default_profile, schedule
+from gridserve.scheduler.context import UnknownTier
+from gridserve.scheduler.core import schedule
+from gridserve.scheduler.plugins import FILTERS, PICKERS, SCORERS, Filter, Picker, Score, Scorer
+from gridserve.scheduler.profile import Profile, ProfileError, default_profile, load_profile, profile_from_dict
+from gridserve.scheduler.snapshot import NodeSnapshot, NodeStatic
 
-__all__ = ["Filter", "Picker", "Profile", "default_profile", "schedule"]
+__all__ = [
+    "FILTERS",
+    "PICKERS",
+    "SCORERS",
+    "Filter",
+    "NodeSnapshot",
+    "NodeStatic",
+    "Picker",
+    "Profile",
+    "ProfileError",
+    "Score",
+    "Scorer",
+    "UnknownTier",
+    "default_profile",
+    "load_profile",
+    "profile_from_dict",
+    "schedule",
+]

@@ -84,6 +84,9 @@ class Capability(Strict):
     hardware: HardwareInfo
     runtime: RuntimeInfo
     price_per_mtok: float = 0.0
+    """The operator's price (USD per million generated tokens); 0 = the price derived from the hardware."""
+    loadable_models: tuple[str, ...] = ()
+    """Models on disk that the node could load on demand (not resident: slower first token)."""
 
 
 class Telemetry(Strict):

@@ -1,0 +1,93 @@
+"""Per-decision context: the request, its tier, and per-node figures computed once and shared by plugins."""
+
+from dataclasses import dataclass, field
+
+from gridserve.catalog.models import MODELS, ModelSpec
+from gridserve.catalog.tiers import DEFAULT_TIER, TIERS, Tier
+from gridserve.perfmodel import Load, Prediction, derived_price_per_mtok, effective_price_per_mtok, predict
+from gridserve.scheduler.snapshot import NodeSnapshot
+from gridserve.types import ModelOffer
+from gridserve.types.scheduling import ScheduleRequest
+
+
+class UnknownTier(ValueError):
+    pass
+
+
+@dataclass
+class Context:
+    request: ScheduleRequest
+    now: float
+    tier: Tier
+    model: ModelSpec | None
+    _predictions: dict[str, Prediction | None] = field(default_factory=dict)
+    _prices: dict[str, float | None] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, request: ScheduleRequest, now: float) -> "Context":
+        tier = TIERS.get(request.tier or DEFAULT_TIER)
+        if tier is None:
+            raise UnknownTier(f"unknown tier {request.tier!r}; tiers: {', '.join(TIERS)}")
+        return cls(request=request, now=now, tier=tier, model=MODELS.get(request.model))
+
+    @property
+    def ttft_slo_s(self) -> float:
+        return self.request.ttft_slo_s or self.tier.ttft_slo_s
+
+    @property
+    def tpot_slo_s(self) -> float:
+        return self.request.tpot_slo_s or self.tier.tpot_slo_s
+
+    def offer(self, node: NodeSnapshot) -> ModelOffer | None:
+        return node.static.offers.get(self.request.model)
+
+    def resident(self, node: NodeSnapshot) -> bool:
+        return self.request.model in node.static.offers
+
+    def prediction(self, node: NodeSnapshot) -> Prediction | None:
+        """Calibrated TTFT/ITL for this request on this node under its current load (None: no spec to use)."""
+        key = node.node_id
+        if key in self._predictions:
+            return self._predictions[key]
+        offer = self.offer(node)
+        hw = node.static.hw
+        pred = None
+        if self.model is not None and hw is not None:
+            tele = node.telemetry
+            active = max(node.outstanding, tele.active_requests if tele else 0)
+            load = Load(
+                active=active,
+                queued=tele.queue_depth if tele else 0,
+                clock_ratio=tele.clock_ratio if tele else None,
+                temperature_c=tele.temperature_c if tele else None,
+            )
+            pred = predict(
+                self.model,
+                hw,
+                prompt_tokens=self.request.prompt_tokens,
+                dtype=offer.dtype if offer else "float16",
+                quantization=offer.quantization if offer else "none",
+                load=load,
+                calibration=node.calibration,
+                resident=offer is not None,
+            )
+        self._predictions[key] = pred
+        return pred
+
+    def price(self, node: NodeSnapshot) -> float | None:
+        """USD per million generated tokens for this model on this node (operator price within bounds)."""
+        key = node.node_id
+        if key in self._prices:
+            return self._prices[key]
+        offer = self.offer(node)
+        hw = node.static.hw
+        price: float | None = node.capability.price_per_mtok or None
+        if self.model is not None and hw is not None:
+            dtype = offer.dtype if offer else "float16"
+            quant = offer.quantization if offer else "none"
+            derived = derived_price_per_mtok(
+                self.model, hw, dtype if dtype in ("float16", "bfloat16", "float32", "fp8") else "float16", quant
+            )
+            price = effective_price_per_mtok(derived, node.capability.price_per_mtok)
+        self._prices[key] = price
+        return price

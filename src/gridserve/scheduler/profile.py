@@ -1,0 +1,70 @@
+"""Profiles: which filters, which scorers with which weights, and which picker. Configuration, in YAML."""
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gridserve.scheduler import filters as _filters  # noqa: F401  (registers the plugins)
+from gridserve.scheduler import pickers as _pickers  # noqa: F401
+from gridserve.scheduler import scorers as _scorers  # noqa: F401
+from gridserve.scheduler.plugins import FILTERS, PICKERS, SCORERS, Filter, Picker, Scorer, build
+
+
+class ProfileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    filters: tuple[Filter, ...]
+    scorers: tuple[tuple[Scorer, float], ...]
+    picker: Picker
+
+
+def _entry(item: Any, where: str) -> tuple[str, dict[str, Any], float]:
+    if isinstance(item, str):
+        return item, {}, 1.0
+    if not isinstance(item, dict) or "type" not in item:
+        raise ProfileError(f"{where}: each entry needs a 'type'")
+    args = item.get("args") or {}
+    if not isinstance(args, dict):
+        raise ProfileError(f"{where}: 'args' must be a mapping")
+    weight = item.get("weight", 1.0)
+    if not isinstance(weight, int | float) or weight < 0:
+        raise ProfileError(f"{where}: weight must be a non-negative number")
+    return str(item["type"]), args, float(weight)
+
+
+def profile_from_dict(doc: Any) -> Profile:
+    if not isinstance(doc, dict):
+        raise ProfileError("a profile is a mapping with name, filters, scorers and picker")
+    try:
+        filters = tuple(build(FILTERS, "filter", *_entry(f, "filters")[:2]) for f in doc.get("filters") or [])
+        scorers = []
+        for item in doc.get("scorers") or []:
+            type_name, args, weight = _entry(item, "scorers")
+            scorers.append((build(SCORERS, "scorer", type_name, args), weight))
+        picker_type, picker_args, _ = _entry(doc.get("picker") or "max-score", "picker")
+        picker = build(PICKERS, "picker", picker_type, picker_args)
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from exc
+    if not scorers:
+        raise ProfileError("a profile needs at least one scorer")
+    return Profile(name=str(doc.get("name", "custom")), filters=filters, scorers=tuple(scorers), picker=picker)
+
+
+def load_profile(path: Path) -> Profile:
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc}") from exc
+    return profile_from_dict(doc)
+
+
+def default_profile() -> Profile:
+    text = resources.files("gridserve.scheduler").joinpath("profiles/default.yaml").read_text()
+    return profile_from_dict(yaml.safe_load(text))
