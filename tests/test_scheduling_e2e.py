@@ -1,19 +1,19 @@
 """The scheduler end to end on grids of emulated nodes of different hardware classes."""
 
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from openai import OpenAI
+from tests.conftest import ADMIN, API_KEY, admin_get, make_grid
 
 from gridserve.cli.grid import LocalGrid
-from tests.conftest import ADMIN, API_KEY, admin_get, make_grid
 
 
 def node_by_port(grid: LocalGrid, index: int) -> dict[str, Any]:
