@@ -26,6 +26,18 @@ DEFAULT_MIX = (
 )
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if the process that started it dies (even by SIGKILL), so a killed
+    `gridserve up` leaves no orphaned nodes behind."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class GridError(RuntimeError):
     pass
 
@@ -58,6 +70,7 @@ class LocalGrid:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
     def start_gateway(self) -> None:

@@ -71,6 +71,7 @@ class Gateway:
             await asyncio.sleep(interval)
             self.membership.sweep()
             self.decisions.flush()
+            self.membership.flush_events()
 
 
 def _remote(request: Request) -> str:
@@ -90,6 +91,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
                 await sweeper
             await gw.dispatcher.aclose()
             gw.decisions.flush()
+            gw.membership.flush_events()
             gw.writer.close()
 
     app = FastAPI(title="gridserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -180,6 +182,7 @@ def _admin_routes(app: FastAPI, gw: Gateway) -> None:
         request: Request, kind: str | None = None, node_id: str | None = None, limit: int = 100
     ) -> dict[str, Any]:
         gw.require_admin(request)
+        gw.membership.flush_events()
         await asyncio.to_thread(gw.writer.flush, 5.0)
         found = await asyncio.to_thread(gw.store.list_events, kind=kind, node_id=node_id, limit=min(limit, 1000))
         return {"events": found}

@@ -71,6 +71,7 @@ class Membership:
         self.clock = clock
         self.nodes: dict[NodeId, NodeRecord] = {}
         self.book = ReliabilityBook()
+        self._pending_events: list[dict[str, Any]] = []
 
     # -- intake ---------------------------------------------------------------------------------
     def reject(self, exc: TrustError, *, path: str, remote: str, node_id: str | None = None) -> None:
@@ -193,16 +194,23 @@ class Membership:
         """Feed the reliability ledger; persist the event (and any state change it causes)."""
         transitions = self.book.record(event)
         if event.kind != EventKind.HEARTBEAT_KEPT:  # kept heartbeats are counted, not stored one by one
-            self.writer.submit(
-                self.writer.store.record_event,
-                kind=event.kind.value,
-                severity=event.severity.value,
-                node_id=event.node_id,
-                detail={"detail": event.detail, "within_slo": event.within_slo},
-                at=event.at,
+            self._pending_events.append(
+                dict(
+                    kind=event.kind.value,
+                    severity=event.severity.value,
+                    node_id=event.node_id,
+                    detail={"detail": event.detail, "within_slo": event.within_slo},
+                    at=event.at,
+                )
             )
         self.persist_transitions(transitions)
         return transitions
+
+    def flush_events(self) -> None:
+        """Hand buffered ledger events to the store writer as one batch (called by the sweeper and at exit)."""
+        if self._pending_events:
+            rows, self._pending_events = self._pending_events, []
+            self.writer.submit(self.writer.store.record_events, rows)
 
     def persist_transitions(self, transitions: list[Transition]) -> None:
         for t in transitions:

@@ -36,10 +36,10 @@ def observe_outcome(
     candidate = decision.candidate(node_id)
     if record is None or candidate is None or candidate.predicted_ttft_s is None:
         return
-    cal = record.calibration
-    record.calibration = cal.observe(
-        predicted_ttft_s=candidate.predicted_ttft_s / cal.ttft_factor,
+    ttft_factor, itl_factor = candidate.calibration
+    record.calibration = record.calibration.observe(
+        predicted_ttft_s=candidate.predicted_ttft_s / ttft_factor,
         observed_ttft_s=ttft,
-        predicted_itl_s=(candidate.predicted_itl_s or 0.0) / cal.itl_factor,
+        predicted_itl_s=(candidate.predicted_itl_s or 0.0) / itl_factor,
         observed_itl_s=itl,
     )

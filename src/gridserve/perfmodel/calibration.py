@@ -25,6 +25,10 @@ class Calibration:
     ttft_factor: float = 1.0
     itl_factor: float = 1.0
     samples: int = 0
+    """Requests observed."""
+    ttft_samples: int = 0
+    itl_samples: int = 0
+    """Observations folded into each factor (a one-token answer has no ITL)."""
 
     def observe(
         self,
@@ -35,10 +39,12 @@ class Calibration:
         observed_itl_s: float | None,
     ) -> "Calibration":
         """Fold one request's timings in. Predictions are the *uncalibrated* roofline figures."""
-        ttft = self.ttft_factor
+        ttft, ttft_n = self.ttft_factor, self.ttft_samples
         if predicted_ttft_s > 0 and observed_ttft_s > 0:
-            ttft = _fold(ttft, observed_ttft_s / predicted_ttft_s, self.samples)
-        itl = self.itl_factor
+            ttft, ttft_n = _fold(ttft, observed_ttft_s / predicted_ttft_s, ttft_n), ttft_n + 1
+        itl, itl_n = self.itl_factor, self.itl_samples
         if predicted_itl_s and observed_itl_s and predicted_itl_s > 0 and observed_itl_s > 0:
-            itl = _fold(itl, observed_itl_s / predicted_itl_s, self.samples)
-        return Calibration(ttft_factor=ttft, itl_factor=itl, samples=self.samples + 1)
+            itl, itl_n = _fold(itl, observed_itl_s / predicted_itl_s, itl_n), itl_n + 1
+        return Calibration(
+            ttft_factor=ttft, itl_factor=itl, samples=self.samples + 1, ttft_samples=ttft_n, itl_samples=itl_n
+        )

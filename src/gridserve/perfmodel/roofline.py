@@ -56,8 +56,8 @@ class Prediction:
 
 
 def _throttle(load: Load) -> float:
-    if load.clock_ratio is not None and 0.0 < load.clock_ratio < 1.0:
-        return load.clock_ratio
+    if load.clock_ratio is not None and load.clock_ratio > 0.0:  # a clock figure beats the temperature guess
+        return min(1.0, load.clock_ratio)
     if load.temperature_c is not None and load.temperature_c >= THROTTLE_TEMP_C:
         return THROTTLE_FACTOR
     return 1.0

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 
-from gridserve.catalog.models import MODELS, ModelSpec
+from gridserve.catalog.models import DTYPE_BYTES, MODELS, QUANT_BYTES_PER_PARAM, ModelSpec
 from gridserve.catalog.tiers import DEFAULT_TIER, TIERS, Tier
 from gridserve.perfmodel import Load, Prediction, derived_price_per_mtok, effective_price_per_mtok, predict
 from gridserve.scheduler.snapshot import NodeSnapshot
@@ -22,6 +22,7 @@ class Context:
     model: ModelSpec | None
     _predictions: dict[str, Prediction | None] = field(default_factory=dict)
     _prices: dict[str, float | None] = field(default_factory=dict)
+    _unloaded: dict[str, Prediction | None] = field(default_factory=dict)
 
     @classmethod
     def build(cls, request: ScheduleRequest, now: float) -> "Context":
@@ -47,8 +48,18 @@ class Context:
     def prediction(self, node: NodeSnapshot) -> Prediction | None:
         """Calibrated TTFT/ITL for this request on this node under its current load (None: no spec to use)."""
         key = node.node_id
-        if key in self._predictions:
-            return self._predictions[key]
+        if key not in self._predictions:
+            self._predictions[key] = self._predict(node, loaded=True)
+        return self._predictions[key]
+
+    def unloaded_prediction(self, node: NodeSnapshot) -> Prediction | None:
+        """What the node can do at all (calibrated, throttling included, no queue): for capability filters."""
+        key = node.node_id
+        if key not in self._unloaded:
+            self._unloaded[key] = self._predict(node, loaded=False)
+        return self._unloaded[key]
+
+    def _predict(self, node: NodeSnapshot, *, loaded: bool) -> Prediction | None:
         offer = self.offer(node)
         hw = node.static.hw
         pred = None
@@ -56,8 +67,8 @@ class Context:
             tele = node.telemetry
             active = max(node.outstanding, tele.active_requests if tele else 0)
             load = Load(
-                active=active,
-                queued=tele.queue_depth if tele else 0,
+                active=active if loaded else 0,
+                queued=(tele.queue_depth if tele else 0) if loaded else 0,
                 clock_ratio=tele.clock_ratio if tele else None,
                 temperature_c=tele.temperature_c if tele else None,
             )
@@ -65,13 +76,12 @@ class Context:
                 self.model,
                 hw,
                 prompt_tokens=self.request.prompt_tokens,
-                dtype=offer.dtype if offer else "float16",
-                quantization=offer.quantization if offer else "none",
+                dtype=offer.dtype if offer and offer.dtype in DTYPE_BYTES else "float16",
+                quantization=offer.quantization if offer and offer.quantization in QUANT_BYTES_PER_PARAM else "none",
                 load=load,
                 calibration=node.calibration,
                 resident=offer is not None,
             )
-        self._predictions[key] = pred
         return pred
 
     def price(self, node: NodeSnapshot) -> float | None:
@@ -85,6 +95,7 @@ class Context:
         if self.model is not None and hw is not None:
             dtype = offer.dtype if offer else "float16"
             quant = offer.quantization if offer else "none"
+            quant = quant if quant in QUANT_BYTES_PER_PARAM else "none"
             derived = derived_price_per_mtok(
                 self.model, hw, dtype if dtype in ("float16", "bfloat16", "float32", "fp8") else "float16", quant
             )

@@ -55,9 +55,10 @@ def _candidate(ctx: Context, profile: Profile, rank: int, scored: Scored) -> Can
         rank,
         scored.total,
         details,
-        round(pred.ttft_s, 6) if pred else None,
-        round(pred.itl_s, 6) if pred else None,
+        round(pred.ttft_s, 9) if pred else None,
+        round(pred.itl_s, 9) if pred else None,
         round(price, 6) if price is not None else None,
+        (cal.ttft_factor, cal.itl_factor) if (cal := scored.node.calibration) else (1.0, 1.0),
     )
 
 

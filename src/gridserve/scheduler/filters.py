@@ -89,8 +89,9 @@ class DtypeFilter:
 @register(FILTERS, "memory-fit")
 @dataclass
 class MemoryFitFilter:
-    """Weights at the node's precision + KV cache for prompt and max_tokens + a margin must fit in memory;
-    on a node that already holds the weights, the KV cache must fit in the memory its telemetry says is free."""
+    """Weights at the node's precision + KV cache for prompt and max_tokens + a margin must fit in memory.
+    Momentary memory pressure (KV caches of requests in flight) is load, not capability: such a node queues
+    the request, and the load scorer and the queueing prediction account for it."""
 
     margin: float = 0.10
     name: str = "memory-fit"
@@ -112,11 +113,6 @@ class MemoryFitFilter:
                 f"{weights / GIB:.1f} GiB + KV for {tokens} tokens {kv / GIB:.2f} GiB + {self.margin:.0%}), "
                 f"has {have / GIB:.1f} GiB"
             )
-        tele = node.telemetry
-        if offer is not None and tele and tele.memory_total_bytes:
-            free = tele.memory_total_bytes - tele.memory_used_bytes
-            if kv * (1 + self.margin) > free:
-                return f"KV cache for {tokens} tokens needs {kv / GIB:.2f} GiB, {free / GIB:.2f} GiB free"
         return None
 
 
@@ -155,7 +151,7 @@ class ThroughputFloorFilter:
 
     def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
         floor = ctx.tier.min_tokens_per_s
-        pred = ctx.prediction(node)
+        pred = ctx.unloaded_prediction(node)  # capability, not momentary load (load is scored, and queues)
         if floor <= 0 or pred is None:
             return None
         if pred.decode_tokens_per_s < floor:

@@ -1,6 +1,8 @@
 """Plugin protocols and the registry: filters, scorers and pickers are small named objects, found by type."""
 
+import dataclasses
 import random
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -51,6 +53,24 @@ class UnknownPlugin(ValueError):
 
 
 T = TypeVar("T")
+_ACCEPTS: dict[Any, tuple[type, ...]] = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}
+
+
+def _check_args(kind: str, type_name: str, factory: Any, args: dict[str, Any]) -> None:
+    """Profile arguments must have the types the plugin declares (a YAML typo fails at load, not per request)."""
+    if not dataclasses.is_dataclass(factory):
+        return
+    hints = typing.get_type_hints(factory)
+    for key, value in args.items():
+        accepted = _ACCEPTS.get(hints.get(key))
+        if key not in hints or key == "name":
+            raise UnknownPlugin(f"bad arguments for {kind} {type_name!r}: it takes no argument {key!r}")
+        if accepted and ((isinstance(value, bool) and bool not in accepted) or not isinstance(value, accepted)):
+            raise UnknownPlugin(
+                f"bad arguments for {kind} {type_name!r}: {key} must be {hints[key].__name__}, got {value!r}"
+            )
+
+
 FILTERS: dict[str, Callable[..., Filter]] = {}
 SCORERS: dict[str, Callable[..., Scorer]] = {}
 PICKERS: dict[str, Callable[..., Picker]] = {}
@@ -68,6 +88,7 @@ def build(registry: dict[str, Callable[..., T]], kind: str, type_name: str, args
     factory = registry.get(type_name)
     if factory is None:
         raise UnknownPlugin(f"unknown {kind} {type_name!r}; known: {', '.join(sorted(registry))}")
+    _check_args(kind, type_name, factory, args)
     try:
         return factory(**args)
     except TypeError as exc:

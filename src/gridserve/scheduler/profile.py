@@ -1,5 +1,6 @@
 """Profiles: which filters, which scorers with which weights, and which picker. Configuration, in YAML."""
 
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -34,8 +35,8 @@ def _entry(item: Any, where: str) -> tuple[str, dict[str, Any], float]:
     if not isinstance(args, dict):
         raise ProfileError(f"{where}: 'args' must be a mapping")
     weight = item.get("weight", 1.0)
-    if not isinstance(weight, int | float) or weight < 0:
-        raise ProfileError(f"{where}: weight must be a non-negative number")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+        raise ProfileError(f"{where}: weight must be a finite, non-negative number (got {weight!r})")
     return str(item["type"]), args, float(weight)
 
 

@@ -230,6 +230,14 @@ class Store:
         with self._write() as conn:
             conn.execute(node_events.insert().values(values))
 
+    def record_events(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert many events in one transaction (rows: the keyword arguments of :meth:`record_event`)."""
+        if not rows:
+            return
+        values = [{k: r[k] for k in ("kind", "severity", "node_id", "detail", "at")} for r in rows]
+        with self._write() as conn:
+            conn.execute(node_events.insert(), values)
+
     def list_events(
         self, *, kind: str | None = None, node_id: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:

@@ -75,6 +75,9 @@ class Candidate:
     predicted_ttft_s: float | None = None
     predicted_itl_s: float | None = None
     price_per_mtok: float | None = None
+    calibration: tuple[float, float] = (1.0, 1.0)
+    """The node's (TTFT, ITL) calibration factors the prediction used: observed timings are compared with
+    predicted / factor, the uncalibrated roofline of that moment."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
