@@ -275,11 +275,28 @@ def test_emulated_needs_a_model_and_known_names(tiny: TorchEngine) -> None:
         EmulatedEngine(hardware="no-such-gpu", models=["llama-3-8b"], text_engine=tiny)
 
 
-def test_emulated_refuses_a_model_that_cannot_fit(tiny: TorchEngine) -> None:
+def test_emulated_advertises_a_model_that_cannot_fit_for_the_scheduler_to_reject(tiny: TorchEngine) -> None:
+    """An operator may claim a model the card cannot hold; the node advertises it at the smallest quantization
+    and the scheduler's memory filter (not the node) must refuse it."""
+    from gridserve.scheduler.context import Context
+    from gridserve.scheduler.filters import MemoryFitFilter
+    from gridserve.scheduler.snapshot import NodeSnapshot
+    from gridserve.types import Capability, NodeId, NodeState, RuntimeInfo
+    from gridserve.types.scheduling import ScheduleRequest
+
     model, hw = model_spec("llama-3-70b"), hardware_spec("t4")
     assert model.weight_bytes("float16", "q4_k_m") > hw.memory_gib * 2**30  # does not fit at all
     with pytest.raises(EmulationError):
-        EmulatedEngine(hardware="t4", models=["llama-3-70b"], text_engine=tiny)
+        placement_for(model, hw)
+    engine = EmulatedEngine(hardware="t4", models=["llama-3-70b"], text_engine=tiny)
+    (offer,) = engine.offers()
+    assert offer.quantization == "q4_k_m"
+    cap = Capability(node_id=NodeId("n"), public_key="k", endpoint="http://x", engine=engine.kind, models=(offer,),
+                     hardware=engine.advertised_hardware(), runtime=RuntimeInfo(gridserve="0", python="3", engine="e"))
+    node = NodeSnapshot(node_id=NodeId("n"), state=NodeState.UP, capability=cap, last_heartbeat=0.0)
+    ctx = Context.build(ScheduleRequest(request_id="r", model="llama-3-70b", prompt_tokens=10, max_tokens=10), 0.0)
+    reason = MemoryFitFilter().reject(ctx, node)
+    assert reason is not None and "has 16.0 GiB" in reason
 
 
 def test_emulated_advertises_emulated_hardware_and_offers(tiny: TorchEngine) -> None:
