@@ -291,8 +291,15 @@ def test_emulated_advertises_a_model_that_cannot_fit_for_the_scheduler_to_reject
     engine = EmulatedEngine(hardware="t4", models=["llama-3-70b"], text_engine=tiny)
     (offer,) = engine.offers()
     assert offer.quantization == "q4_k_m"
-    cap = Capability(node_id=NodeId("n"), public_key="k", endpoint="http://x", engine=engine.kind, models=(offer,),
-                     hardware=engine.advertised_hardware(), runtime=RuntimeInfo(gridserve="0", python="3", engine="e"))
+    cap = Capability(
+        node_id=NodeId("n"),
+        public_key="k",
+        endpoint="http://x",
+        engine=engine.kind,
+        models=(offer,),
+        hardware=engine.advertised_hardware(),
+        runtime=RuntimeInfo(gridserve="0", python="3", engine="e"),
+    )
     node = NodeSnapshot(node_id=NodeId("n"), state=NodeState.UP, capability=cap, last_heartbeat=0.0)
     ctx = Context.build(ScheduleRequest(request_id="r", model="llama-3-70b", prompt_tokens=10, max_tokens=10), 0.0)
     reason = MemoryFitFilter().reject(ctx, node)

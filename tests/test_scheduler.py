@@ -969,3 +969,30 @@ def test_an_unreadable_profile_raises_profile_error(tmp_path: Path) -> None:
     broken.write_text("scorers: [unclosed\n")
     with pytest.raises(ProfileError, match="cannot read"):
         load_profile(broken)
+
+
+@FAST
+@given(scenario=scenarios(), profile=st.sampled_from(PROFILES), seed=st.integers(0, 2**32 - 1))
+def test_the_vectorised_path_decides_as_the_per_node_plugins_do(
+    scenario: tuple[ScheduleRequest, list[Spec]], profile: Profile, seed: int
+) -> None:
+    """The column path (numpy, used for speed) and the per-node plugin path give the same decision."""
+    req, specs = scenario
+    nodes = grid(specs)
+    fast = _schedule(req, nodes, profile, random.Random(seed), NOW, decision_id="d", vectorized=True)
+    slow = _schedule(req, nodes, profile, random.Random(seed), NOW, decision_id="d", vectorized=False)
+    assert fast.chosen == slow.chosen
+    assert [(v.node_id, v.eligible, v.filter, v.reason) for v in fast.verdicts] == [
+        (v.node_id, v.eligible, v.filter, v.reason) for v in slow.verdicts
+    ]
+    assert [c.node_id for c in fast.candidates] == [c.node_id for c in slow.candidates]
+    for f, s in zip(fast.candidates, slow.candidates, strict=True):
+        assert f.score == pytest.approx(s.score, rel=1e-9, abs=1e-12)
+        assert [(d.scorer, d.unit) for d in f.details] == [(d.scorer, d.unit) for d in s.details]
+        for fd, sd in zip(f.details, s.details, strict=True):
+            assert fd.normalized == pytest.approx(sd.normalized, rel=1e-9, abs=1e-12)
+            assert fd.raw == pytest.approx(sd.raw, rel=1e-6, abs=1e-6)
+        assert f.price_per_mtok == pytest.approx(s.price_per_mtok, rel=1e-6)
+        assert f.predicted_itl_s == pytest.approx(s.predicted_itl_s, rel=1e-6)
+        assert f.predicted_ttft_s == pytest.approx(s.predicted_ttft_s, rel=1e-6)
+    assert fast.explanation == slow.explanation

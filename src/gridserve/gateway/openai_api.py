@@ -234,8 +234,8 @@ def summary(decision: Decision, served_by: str) -> dict[str, Any]:
         "margin": decision.margin,
         "predicted_ttft_s": chosen.predicted_ttft_s if chosen else None,
         "price_per_mtok": chosen.price_per_mtok if chosen else None,
-        "eligible": len(decision.candidates),
-        "rejected": len(decision.rejections),
+        "eligible": decision.eligible_count,
+        "rejected": decision.rejected_count,
     }
 
 

@@ -2,10 +2,26 @@
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from gridserve.catalog.models import DTYPE_BYTES
 from gridserve.scheduler.context import Context
 from gridserve.scheduler.plugins import FILTERS, register
-from gridserve.scheduler.snapshot import NodeSnapshot
+from gridserve.scheduler.snapshot import (
+    C_BLOCKING,
+    C_CLASS,
+    C_HEARTBEAT,
+    C_MEMORY,
+    C_SERVING,
+    CLASS_CODES,
+    M_CONTEXT,
+    M_DTYPE_OK,
+    M_KV_PER_TOKEN,
+    M_LISTED,
+    M_MEM_WEIGHTS,
+    NodeSnapshot,
+)
+from gridserve.scheduler.vector import Columns, Mask
 from gridserve.types import NodeState
 
 GIB = 2**30
@@ -28,6 +44,9 @@ class NodeStateFilter:
             return f"node is {rel.state.value}: {rel.reason}" if rel.reason else f"node is {rel.state.value}"
         return None
 
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        return np.asarray((cols.col(C_SERVING) == 0) | (cols.col(C_BLOCKING) > 0))
+
 
 @register(FILTERS, "telemetry-freshness")
 @dataclass
@@ -41,6 +60,9 @@ class TelemetryFreshnessFilter:
             return f"telemetry is {age:.1f} s old (limit {self.max_age_s:.0f} s)"
         return None
 
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        return np.asarray(ctx.now - cols.col(C_HEARTBEAT) > self.max_age_s)
+
 
 @register(FILTERS, "model-served")
 @dataclass
@@ -52,6 +74,9 @@ class ModelServedFilter:
         if model in node.static.offers or model in node.static.loadable:
             return None
         return f"does not serve {model} (serves {', '.join(sorted(node.static.offers)) or 'nothing'})"
+
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        return np.asarray(cols.mcol(M_LISTED) == 0)
 
 
 @register(FILTERS, "context-fit")
@@ -66,6 +91,10 @@ class ContextFitFilter:
         if limit is not None and need > limit:
             return f"needs {need} tokens of context, serves {limit}"
         return None
+
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        need = ctx.request.prompt_tokens + ctx.request.max_tokens
+        return np.asarray(need > cols.mcol(M_CONTEXT))
 
 
 @register(FILTERS, "dtype-supported")
@@ -84,6 +113,9 @@ class DtypeFilter:
         if offer.quantization not in ("none", "unknown") and offer.quantization not in hw.quantizations:
             return f"{offer.quantization} is not supported on {hw.name} ({hw.arch})"
         return None
+
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        return np.asarray(cols.mcol(M_DTYPE_OK) == 0)
 
 
 @register(FILTERS, "memory-fit")
@@ -115,6 +147,14 @@ class MemoryFitFilter:
             )
         return None
 
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        if ctx.model is None:
+            return np.zeros(len(cols.nodes), dtype=bool)
+        tokens = ctx.request.prompt_tokens + ctx.request.max_tokens
+        need = (cols.mcol(M_MEM_WEIGHTS) + cols.mcol(M_KV_PER_TOKEN) * tokens) * (1 + self.margin)
+        have = cols.col(C_MEMORY)
+        return np.asarray((have > 0) & (need > have))
+
 
 @register(FILTERS, "runtime")
 @dataclass
@@ -130,6 +170,11 @@ class RuntimeFilter:
             return f"engine {engine} not among the allowed {', '.join(allowed)}"
         return None
 
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        if not ctx.request.engines:
+            return np.zeros(len(cols.nodes), dtype=bool)
+        return np.array([self.reject(ctx, node) is not None for node in cols.nodes], dtype=bool)
+
 
 @register(FILTERS, "tier-hardware")
 @dataclass
@@ -142,6 +187,10 @@ class TierHardwareFilter:
                 f"tier {ctx.tier.name} allows {', '.join(sorted(ctx.tier.hw_classes))}; node is {node.static.hw_class}"
             )
         return None
+
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        allowed = np.array([name in ctx.tier.hw_classes for name in CLASS_CODES], dtype=bool)
+        return np.asarray(~allowed[cols.col(C_CLASS).astype(np.int64)])
 
 
 @register(FILTERS, "throughput-floor")
@@ -158,6 +207,14 @@ class ThroughputFloorFilter:
             return f"predicted {pred.decode_tokens_per_s:.1f} tokens/s, tier {ctx.tier.name} needs {floor:.0f}"
         return None
 
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        floor = ctx.tier.min_tokens_per_s
+        if floor <= 0:
+            return np.zeros(len(cols.nodes), dtype=bool)
+        _, itl = cols.prediction(ctx, loaded=False)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.asarray(~np.isnan(itl) & (1.0 / itl < floor))
+
 
 @register(FILTERS, "price-ceiling")
 @dataclass
@@ -170,3 +227,10 @@ class PriceCeilingFilter:
         if ceiling is not None and price is not None and price > ceiling:
             return f"costs ${price:.3f}/Mtok, ceiling ${ceiling:.3f}/Mtok"
         return None
+
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        ceiling = ctx.request.max_price_per_mtok
+        if ceiling is None:
+            return np.zeros(len(cols.nodes), dtype=bool)
+        price = cols.price(ctx)
+        return np.asarray(~np.isnan(price) & (price > ceiling))

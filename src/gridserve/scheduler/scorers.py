@@ -6,12 +6,29 @@ can never lower its rank.
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from gridserve.scheduler.context import Context
 from gridserve.scheduler.plugins import SCORERS, Score, register
-from gridserve.scheduler.snapshot import NodeSnapshot
+from gridserve.scheduler.snapshot import (
+    C_ACTIVE,
+    C_HAS_HW,
+    C_QUEUED,
+    C_REL_PROBATION,
+    C_REL_SCORE,
+    C_SLOTS,
+    M_RESIDENT,
+    NodeSnapshot,
+)
+from gridserve.scheduler.vector import Array, Columns
 
 PRIOR_RELIABILITY = 0.75
 """A node with no record scores as the reliability ledger's prior mean (3 good : 1 bad pseudo-counts)."""
+
+
+def _vinverse(ratio: Array) -> Array:
+    with np.errstate(invalid="ignore"):
+        return np.asarray(1.0 / (1.0 + np.maximum(0.0, ratio)))
 
 
 def _inverse(ratio: float) -> float:
@@ -26,12 +43,22 @@ class LatencyScorer:
 
     name: str = "latency"
 
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        return "no prediction (unknown model or hardware)" if raw == -1.0 else "s predicted end to end"
+
     def score(self, ctx: Context, node: NodeSnapshot) -> Score:
         pred = ctx.prediction(node)
         if pred is None:
             return Score(0.5, -1.0, "no prediction (unknown model or hardware)")
         normalized = 0.5 * _inverse(pred.ttft_s / ctx.ttft_slo_s) + 0.5 * _inverse(pred.itl_s / ctx.tpot_slo_s)
         return Score(normalized, pred.e2e_s(ctx.request.max_tokens), "s predicted end to end")
+
+    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        ttft, itl = cols.prediction(ctx, loaded=True)
+        missing = np.isnan(ttft)
+        norm = 0.5 * _vinverse(ttft / ctx.ttft_slo_s) + 0.5 * _vinverse(itl / ctx.tpot_slo_s)
+        raw = ttft + itl * max(0, ctx.request.max_tokens - 1)
+        return np.where(missing, 0.5, norm), np.where(missing, -1.0, raw)
 
 
 @register(SCORERS, "reliability")
@@ -42,12 +69,25 @@ class ReliabilityScorer:
     probation_factor: float = 0.5
     name: str = "reliability"
 
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        rel = node.reliability
+        if rel is None:
+            return "score (no record: prior)"
+        return f"score ({rel.state.value}, {rel.samples:.0f} jobs)"
+
     def score(self, ctx: Context, node: NodeSnapshot) -> Score:
         rel = node.reliability
         if rel is None:
             return Score(PRIOR_RELIABILITY, PRIOR_RELIABILITY, "score (no record: prior)")
         value = rel.score * (self.probation_factor if rel.state.value == "probation" else 1.0)
         return Score(max(0.0, min(1.0, value)), rel.score, f"score ({rel.state.value}, {rel.samples:.0f} jobs)")
+
+    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        score = cols.col(C_REL_SCORE)
+        missing = np.isnan(score)
+        value = score * np.where(cols.col(C_REL_PROBATION) > 0, self.probation_factor, 1.0)
+        norm = np.where(missing, PRIOR_RELIABILITY, np.clip(value, 0.0, 1.0))
+        return norm, np.where(missing, PRIOR_RELIABILITY, score)
 
 
 @register(SCORERS, "load")
@@ -57,11 +97,19 @@ class LoadScorer:
 
     name: str = "load"
 
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        return "requests in flight or queued"
+
     def score(self, ctx: Context, node: NodeSnapshot) -> Score:
         tele = node.telemetry
         load = max(node.outstanding, tele.active_requests if tele else 0) + (tele.queue_depth if tele else 0)
         slots = node.static.hw.batch_slots if node.static.hw else 1
         return Score(_inverse(load / max(1, slots)), float(load), "requests in flight or queued")
+
+    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        load = cols.col(C_ACTIVE) + cols.col(C_QUEUED)
+        slots = np.where(cols.col(C_HAS_HW) > 0, cols.col(C_SLOTS), 1.0)
+        return _vinverse(load / np.maximum(1.0, slots)), load
 
 
 @register(SCORERS, "price")
@@ -71,11 +119,20 @@ class PriceScorer:
 
     name: str = "price"
 
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        return "$/Mtok (unknown)" if raw == -1.0 else "$/Mtok"
+
     def score(self, ctx: Context, node: NodeSnapshot) -> Score:
         price = ctx.price(node)
         if price is None:
             return Score(0.5, -1.0, "$/Mtok (unknown)")
         return Score(_inverse(price / ctx.tier.reference_price_per_mtok), price, "$/Mtok")
+
+    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        price = cols.price(ctx)
+        missing = np.isnan(price)
+        norm = _vinverse(price / ctx.tier.reference_price_per_mtok)
+        return np.where(missing, 0.5, norm), np.where(missing, -1.0, price)
 
 
 @register(SCORERS, "warm")
@@ -86,6 +143,13 @@ class WarmScorer:
     cold: float = 0.2
     name: str = "warm"
 
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        return "model resident"
+
     def score(self, ctx: Context, node: NodeSnapshot) -> Score:
         resident = ctx.resident(node)
         return Score(1.0 if resident else self.cold, 1.0 if resident else 0.0, "model resident")
+
+    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        resident = cols.mcol(M_RESIDENT) > 0
+        return np.where(resident, 1.0, self.cold), np.where(resident, 1.0, 0.0)

@@ -1,11 +1,57 @@
-"""What the scheduler reads: a node at one instant (capability, telemetry, load, reliability, calibration)."""
+"""What the scheduler reads: a node at one instant (capability, telemetry, load, reliability, calibration).
 
+Each snapshot also carries its numeric `row` (computed once, when the snapshot is made) and its static part
+caches one `model_row` per model: the vectorised scheduler stacks these instead of walking objects."""
+
+import math
+from array import array
 from dataclasses import dataclass, field
 
 from gridserve.catalog.hardware import HARDWARE, HardwareSpec
+from gridserve.catalog.models import DTYPE_BYTES, MODELS, QUANT_BYTES_PER_PARAM
 from gridserve.perfmodel import Calibration
 from gridserve.reliability import ReliabilitySummary
 from gridserve.types import Capability, ModelOffer, NodeId, NodeState, Telemetry
+
+CLASS_CODES = {"datacenter": 0, "consumer-high": 1, "consumer": 2, "apple": 3, "cpu": 4, "unknown": 5}
+SERVING = frozenset({NodeState.UP, NodeState.SUSPECT})
+BLOCKING = frozenset({"ejected", "quarantined", "banned"})
+PRICE_DTYPES = frozenset({"float16", "bfloat16", "float32", "fp8"})
+
+# Column indexes of NodeSnapshot.row
+(
+    C_SERVING,
+    C_BLOCKING,
+    C_HEARTBEAT,
+    C_ACTIVE,
+    C_QUEUED,
+    C_CLOCK,
+    C_TEMP,
+    C_REL_SCORE,
+    C_REL_PROBATION,
+    C_REL_NEW,
+    C_CAL_TTFT,
+    C_CAL_ITL,
+    C_OP_PRICE,
+    C_HAS_HW,
+    C_BANDWIDTH,
+    C_DECODE_EFF,
+    C_TFLOPS,
+    C_PREFILL_EFF,
+    C_SLOTS,
+    C_COST,
+    C_MEMORY,
+    C_CLASS,
+) = range(22)
+N_COLUMNS = 22
+# Column indexes of NodeStatic.model_row
+(M_LISTED, M_RESIDENT, M_CONTEXT, M_PRED_BPP, M_PRICE_BPP, M_MEM_WEIGHTS, M_KV_PER_TOKEN, M_DTYPE_OK) = range(8)
+N_MODEL_COLUMNS = 8
+
+
+def _bytes_per_param(dtype: str, quantization: str) -> float:
+    per = QUANT_BYTES_PER_PARAM.get(quantization)
+    return per if per is not None else DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +63,8 @@ class NodeStatic:
     offers: dict[str, ModelOffer]
     loadable: frozenset[str]
     memory_bytes: int
+    source: Capability | None = None
+    model_rows: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
     def of(cls, capability: Capability) -> "NodeStatic":
@@ -28,7 +76,76 @@ class NodeStatic:
             offers={offer.name: offer for offer in capability.models},
             loadable=frozenset(capability.loadable_models),
             memory_bytes=memory,
+            source=capability,
         )
+
+    def model_row(self, model: str) -> bytes:
+        """Per-model numbers (cached, packed float64): listed, resident, context limit, bytes/param for the
+        prediction and for the price, weight bytes and KV bytes/token for the memory filter, dtype supported."""
+        row = self.model_rows.get(model)
+        if row is None:
+            row = array("d", self._model_row(model)).tobytes()
+            self.model_rows[model] = row
+        return row
+
+    def _model_row(self, model: str) -> tuple[float, ...]:
+        offer = self.offers.get(model)
+        spec = MODELS.get(model)
+        listed = offer is not None or model in self.loadable
+        limit = offer.max_context if offer else (spec.max_context if spec else math.inf)
+        dtype = offer.dtype if offer and offer.dtype in DTYPE_BYTES else "float16"
+        pred_quant = offer.quantization if offer and offer.quantization in QUANT_BYTES_PER_PARAM else "none"
+        price_dtype = offer.dtype if offer and offer.dtype in PRICE_DTYPES else "float16"
+        mem_quant = offer.quantization if offer and offer.quantization != "unknown" else "none"
+        weights = spec.weight_bytes(dtype, mem_quant) if spec else 0.0
+        kv = spec.kv_bytes_per_token(dtype if dtype != "fp8" else "float16") if spec else 0.0
+        dtype_ok = True
+        hw = self.hw
+        if offer is not None and hw is not None:
+            if offer.dtype in DTYPE_BYTES and offer.dtype not in hw.dtypes:
+                dtype_ok = False
+            if offer.quantization not in ("none", "unknown") and offer.quantization not in hw.quantizations:
+                dtype_ok = False
+        return (
+            float(listed),
+            float(offer is not None),
+            float(limit),
+            _bytes_per_param(dtype, pred_quant),
+            _bytes_per_param(price_dtype, pred_quant),
+            weights,
+            kv,
+            float(dtype_ok),
+        )
+
+
+def _row(snap: "NodeSnapshot") -> tuple[float, ...]:
+    tele, rel, cal, static = snap.telemetry, snap.reliability, snap.calibration, snap.static
+    hw = static.hw
+    nan = math.nan
+    return (
+        float(snap.state in SERVING),
+        float(rel is not None and rel.state.value in BLOCKING),
+        snap.last_heartbeat,
+        float(max(snap.outstanding, tele.active_requests if tele else 0)),
+        float(tele.queue_depth if tele else 0),
+        tele.clock_ratio if tele and tele.clock_ratio is not None else nan,
+        tele.temperature_c if tele and tele.temperature_c is not None else nan,
+        rel.score if rel is not None else nan,
+        float(rel is not None and rel.state.value == "probation"),
+        float(rel is None or rel.is_new),
+        cal.ttft_factor if cal else 1.0,
+        cal.itl_factor if cal else 1.0,
+        snap.capability.price_per_mtok,
+        float(hw is not None),
+        hw.bandwidth_gbs if hw else nan,
+        hw.decode_efficiency if hw else nan,
+        hw.fp16_tflops if hw else nan,
+        hw.prefill_efficiency if hw else nan,
+        float(hw.batch_slots) if hw else 1.0,
+        hw.cost_per_hour if hw else nan,
+        float(static.memory_bytes),
+        float(CLASS_CODES.get(static.hw_class, CLASS_CODES["unknown"])),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +161,10 @@ class NodeSnapshot:
     """None: no record yet (scored with the ledger's priors)."""
     calibration: Calibration | None = None
     static: NodeStatic = field(default=None)  # type: ignore[assignment]
+    row: bytes = field(default=b"", compare=False, repr=False)
+    """The numeric columns (C_*), packed float64: stacked with one join per decision."""
 
     def __post_init__(self) -> None:
-        if self.static is None:
+        if self.static is None or self.static.source is not self.capability:
             object.__setattr__(self, "static", NodeStatic.of(self.capability))
+        object.__setattr__(self, "row", array("d", _row(self)).tobytes())

@@ -3,7 +3,8 @@
 These are plain frozen dataclasses rather than pydantic models: a decision over 10,000 nodes builds tens
 of thousands of them, and they reach the wire only through `as_dict()`."""
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from gridserve.types.node import NodeId
@@ -91,21 +92,63 @@ class Candidate:
         }
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
 class Decision:
-    decision_id: str
-    request: ScheduleRequest
-    requirements: dict[str, Any]
-    profile: str
-    created: float
-    chosen: NodeId | None
-    candidates: tuple[Candidate, ...]
-    verdicts: tuple[Verdict, ...]
-    explanation: str
-    margin: float | None = None
-    """Winner's score minus the runner-up's (None with fewer than two candidates)."""
-    picked_by: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    """The scheduler's answer. `candidates` and `verdicts` may be given as callables: a decision over
+    thousands of nodes then builds its per-node records only when someone reads them (an explanation)."""
+
+    def __init__(
+        self,
+        *,
+        decision_id: str,
+        request: ScheduleRequest,
+        requirements: dict[str, Any],
+        profile: str,
+        created: float,
+        chosen: NodeId | None,
+        candidates: tuple[Candidate, ...] | Callable[[], tuple[Candidate, ...]],
+        verdicts: tuple[Verdict, ...] | Callable[[], tuple[Verdict, ...]],
+        explanation: str,
+        margin: float | None = None,
+        picked_by: str = "",
+        eligible: int | None = None,
+        rejected: int | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.decision_id = decision_id
+        self.request = request
+        self.requirements = requirements
+        self.profile = profile
+        self.created = created
+        self.chosen = chosen
+        self._candidates = candidates
+        self._verdicts = verdicts
+        self.explanation = explanation
+        self.margin = margin
+        """Winner's score minus the runner-up's (None with fewer than two candidates)."""
+        self.picked_by = picked_by
+        self.extra = extra or {}
+        self._eligible = eligible
+        self._rejected = rejected
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]:
+        if callable(self._candidates):
+            self._candidates = self._candidates()
+        return self._candidates
+
+    @property
+    def verdicts(self) -> tuple[Verdict, ...]:
+        if callable(self._verdicts):
+            self._verdicts = self._verdicts()
+        return self._verdicts
+
+    @property
+    def eligible_count(self) -> int:
+        return self._eligible if self._eligible is not None else len(self.candidates)
+
+    @property
+    def rejected_count(self) -> int:
+        return self._rejected if self._rejected is not None else len(self.rejections)
 
     @property
     def request_id(self) -> str:
@@ -121,6 +164,11 @@ class Decision:
 
     def candidate(self, node_id: str) -> Candidate | None:
         return next((c for c in self.candidates if c.node_id == node_id), None)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]
 
     def as_dict(self) -> dict[str, Any]:
         return {
