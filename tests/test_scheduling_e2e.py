@@ -188,3 +188,26 @@ def test_quarantined_node_gets_nothing_until_released(tmp_path: Path) -> None:
         assert admin_post(grid, f"/admin/nodes/{target}/quarantine", {}).status_code == 400
     finally:
         grid.stop()
+
+
+def test_quarantine_survives_a_gateway_restart(tmp_path: Path) -> None:
+    """The reliability ledger lives in the store: a restarted gateway replays it, so a quarantined node stays out."""
+    model = ["--model", "llama-3-8b"]
+    grid = start(tmp_path, [("emulated:h100-sxm", model), ("emulated:h100-sxm", model)])
+    try:
+        target = node_by_port(grid, 0)["node_id"]
+        assert admin_post(grid, f"/admin/nodes/{target}/quarantine", {"reason": "audit mismatch"}).status_code == 200
+        gateway = grid.procs["gateway"]
+        gateway.terminate()
+        assert gateway.wait(timeout=20) in (0, -15)  # uvicorn re-raises SIGTERM after a graceful shutdown
+        grid.start_gateway()
+        grid.wait_nodes(2, 60)  # nodes notice (heartbeat answered 404) and register again
+        client = OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0)
+        for i in range(6):
+            raw = client.completions.with_raw_response.create(model="llama-3-8b", prompt=f"r{i}", max_tokens=2)
+            assert raw.headers["x-gridserve-node"] != target
+        decision = admin_get(grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+        verdict = next(v for v in decision["nodes"] if v["node_id"] == target)
+        assert "quarantined" in verdict["reason"] and "audit mismatch" in verdict["reason"]
+    finally:
+        grid.stop()

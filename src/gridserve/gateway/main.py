@@ -9,6 +9,7 @@ import uvicorn
 
 from gridserve.gateway.app import Gateway, build_gateway_app
 from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.ledger_replay import replay
 from gridserve.store import Store, default_sqlite_url
 from gridserve.trust import load_or_create_identity
 
@@ -28,7 +29,10 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     store = Store(config.db_url or default_sqlite_url(config.data_dir))
     store.migrate()
     identity = load_or_create_identity(config.data_dir / "gateway.key")
-    return Gateway(config, store, identity)
+    gateway = Gateway(config, store, identity)
+    applied = replay(store, gateway.membership.book)
+    logging.getLogger("gridserve.gateway").info("reliability ledger: %d stored events replayed", applied)
+    return gateway
 
 
 def run_gateway(config: GatewayConfig, log_level: str = "warning") -> None:

@@ -212,7 +212,8 @@ class Membership:
             rows, self._pending_events = self._pending_events, []
             self.writer.submit(self.writer.store.record_events, rows)
 
-    def persist_transitions(self, transitions: list[Transition]) -> None:
+    def persist_transitions(self, transitions: list[Transition], admin_reason: str | None = None) -> None:
+        """Store state changes; `admin_reason` marks an admin action (replayed as such on restart)."""
         for t in transitions:
             log.warning("node %s reliability: %s -> %s (%s)", t.node_id, t.old.value, t.new.value, t.reason)
             self.writer.submit(
@@ -220,7 +221,7 @@ class Membership:
                 kind="reliability_state",
                 severity="minor",
                 node_id=t.node_id,
-                detail={"from": t.old.value, "to": t.new.value, "reason": t.reason},
+                detail={"from": t.old.value, "to": t.new.value, "reason": t.reason, "admin_reason": admin_reason},
                 at=t.at,
             )
 

@@ -250,6 +250,19 @@ class Store:
         with self._engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(stmt)]
 
+    def events_in_order(self, kinds: Sequence[str], *, limit: int = 200_000) -> list[dict[str, Any]]:
+        """The most recent `limit` events of these kinds, oldest first (for replaying a ledger at start)."""
+        stmt = (
+            sa.select(node_events)
+            .where(node_events.c.kind.in_(list(kinds)))
+            .order_by(node_events.c.at.desc(), node_events.c.id.desc())
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        rows.reverse()
+        return rows
+
     # -- decisions -------------------------------------------------------------------------------------
 
     def record_decision(
