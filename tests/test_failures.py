@@ -39,7 +39,7 @@ def test_kill_9_node_is_marked_down_and_traffic_moves(tmp_path: Path) -> None:
             node = next(n for n in grid.nodes() if n["node_id"] == victim["node_id"])
         assert node["state"] == "down"
         down = next(t for t in reversed(node["transitions"]) if "->down" in t["what"])
-        assert "no heartbeat" in down["what"]
+        assert "no heartbeat" in down["what"]  # the detector: heartbeats late (and, first, a failed probe)
         assert down["at"] - victim["last_heartbeat"] <= 3 * INTERVAL, down
 
         # 2. Kill the node the scheduler prefers; the very next request tries it, fails before the first token
@@ -64,5 +64,45 @@ def test_kill_9_node_is_marked_down_and_traffic_moves(tmp_path: Path) -> None:
             attempts.append([(a["node_id"], a["outcome"]) for a in decision["attempts"]])
         assert [(second["node_id"], "failed"), (survivor, "served")] in attempts
         assert next(n for n in grid.nodes() if n["node_id"] == second["node_id"])["state"] == "down"
+    finally:
+        grid.stop()
+
+
+def test_hung_node_is_down_within_3_s_and_returns_through_probation(tmp_path: Path) -> None:
+    """SIGSTOP (a hung process, sockets open): with default settings it is marked down within 3 seconds;
+    after SIGCONT it serves again on probation, then fully."""
+    grid = make_grid(tmp_path, ["tiny", "tiny"], threads=1)  # default heartbeat interval (2 s)
+    try:
+        grid.start(timeout_s=120)
+        client = OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0)
+        endpoint = f"http://127.0.0.1:{grid.node_port(0)}"
+        victim = next(n for n in grid.nodes() if n["endpoint"] == endpoint)
+        pid = grid.procs["node-0"].pid
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.time()
+        try:
+            state, node = "up", victim
+            while time.time() < stopped_at + 6 and state != "down":
+                time.sleep(0.05)
+                node = next(n for n in grid.nodes() if n["node_id"] == victim["node_id"])
+                state = node["state"]
+            assert state == "down"
+            down = next(t for t in reversed(node["transitions"]) if "->down" in t["what"])
+            assert down["at"] - stopped_at <= 3.0, down
+            for i in range(4):  # meanwhile requests are served by the other node
+                raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=f"h{i}", max_tokens=2)
+                assert raw.headers["x-gridserve-node"] != victim["node_id"]
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        seen: list[str] = []
+        deadline = time.time() + 20
+        while time.time() < deadline and (not seen or seen[-1] != "up"):
+            state = next(n for n in grid.nodes() if n["node_id"] == victim["node_id"])["state"]
+            if not seen or seen[-1] != state:
+                seen.append(state)
+            time.sleep(0.05)
+        assert seen[-1] == "up" and "probation" in seen, seen
+        node = next(n for n in grid.nodes() if n["node_id"] == victim["node_id"])
+        assert node["rtt_ms"] is not None and node["rtt_ms"] < 1000
     finally:
         grid.stop()

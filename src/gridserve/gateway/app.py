@@ -21,6 +21,7 @@ from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.decisions import DecisionLog
 from gridserve.gateway.dispatch import Dispatcher
 from gridserve.gateway.errors import APIError, bad_request, unauthorized
+from gridserve.gateway.health import probe_forever
 from gridserve.gateway.hotpath import HotPath
 from gridserve.gateway.membership import Membership, UnknownNode
 from gridserve.gateway.metrics import GatewayMetrics
@@ -83,12 +84,14 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gw.dispatcher.start()
         sweeper = asyncio.create_task(gw.sweep_forever())
+        prober = asyncio.create_task(probe_forever(gw.membership, gw.dispatcher, gw.config))
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, prober):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await gw.dispatcher.aclose()
             gw.decisions.flush()
             gw.membership.flush_events()
@@ -152,7 +155,7 @@ def _node_routes(app: FastAPI, gw: Gateway) -> None:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        live = sum(1 for r in gw.membership.nodes.values() if r.state.value in ("up", "suspect"))
+        live = sum(1 for r in gw.membership.nodes.values() if r.state.value in ("up", "suspect", "probation"))
         return {"status": "ok", "nodes_live": live, "gateway_public_key": gw.identity.public_key}
 
 

@@ -23,6 +23,13 @@ class GatewayConfig:
     max_skew_s: float = 30.0
     """Allowed clock skew on signed node messages (AWS SigV4 allows 300 s)."""
     max_message_lifetime_s: float = 120.0
+    probe_interval_s: float = 0.5
+    """Active /health probes: how often each node is pinged (round-trip time recorded)."""
+    probe_timeout_s: float = 1.0
+    """A probe slower than this fails. A node whose probe fails and whose last heartbeat is older than one
+    heartbeat interval is down: a hung node (SIGSTOP) is caught within ~1-2.5 s with the defaults."""
+    probation_probes: int = 4
+    """A node that comes back serves on probation (ranked lower) until this many probes in a row pass."""
     dispatch_attempts: int = 3
     """Nodes tried for one request when a node fails before its first token."""
     connect_timeout_s: float = 3.0

@@ -21,6 +21,10 @@ from gridserve.types.base import from_wire
 log = logging.getLogger("gridserve.gateway")
 
 
+LIVE = frozenset({NodeState.UP, NodeState.SUSPECT, NodeState.PROBATION})
+"""States in which a node receives work (probation: ranked lower)."""
+
+
 class UnknownNode(TrustError):
     kind = "unknown_node"
 
@@ -37,6 +41,11 @@ class NodeRecord:
     transitions: list[tuple[float, str]] = field(default_factory=list)
 
     calibration: Calibration = field(default_factory=Calibration)
+    rtt_ms: float | None = None
+    """Smoothed round-trip time of /health probes."""
+    probe_failures: int = 0
+    probe_streak: int = 0
+    last_probe_error: str = ""
     static: NodeStatic | None = None
 
     def snapshot(self, book: ReliabilityBook, now: float) -> NodeSnapshot:
@@ -138,8 +147,11 @@ class Membership:
         record.last_heartbeat = now
         record.telemetry = beat.telemetry
         record.last_seq = beat.seq
-        if record.state in (NodeState.SUSPECT, NodeState.DOWN):
+        if record.state == NodeState.SUSPECT:
             self._transition(record, NodeState.UP, "heartbeat resumed")
+        elif record.state == NodeState.DOWN:
+            record.probe_streak = 0
+            self._transition(record, NodeState.PROBATION, "heartbeat resumed after being down")
         self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_KEPT, at=now))
         self.writer.submit(
             self.writer.store.touch_node, node_id, telemetry=beat.telemetry.model_dump(mode="json"), at=now
@@ -153,7 +165,7 @@ class Membership:
         for record in self.nodes.values():
             age = now - record.last_heartbeat
             node_id = record.capability.node_id
-            if age > self.config.down_after_s and record.state in (NodeState.UP, NodeState.SUSPECT):
+            if age > self.config.down_after_s and record.state in LIVE:
                 self._transition(record, NodeState.DOWN, f"no heartbeat for {age:.1f} s")
                 self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_MISSED, at=now, detail="down"))
             elif age > self.config.suspect_after_s and record.state == NodeState.UP:
@@ -167,8 +179,33 @@ class Membership:
     def mark_failed(self, node_id: NodeId, reason: str) -> None:
         """A dispatch could not reach the node: take it out of rotation until it heartbeats again."""
         record = self.nodes.get(node_id)
-        if record is not None and record.state in (NodeState.UP, NodeState.SUSPECT):
+        if record is not None and record.state in LIVE:
             self._transition(record, NodeState.DOWN, reason)
+
+    def probe_result(self, node_id: NodeId, *, ok: bool, rtt_s: float, error: str = "") -> None:
+        """An active /health probe answered (ok) or not. Down needs a failed probe *and* a late heartbeat, so a
+        busy node is not taken for a dead one; back from down, a node serves on probation first."""
+        record = self.nodes.get(node_id)
+        if record is None:
+            return
+        now = self.clock()
+        age = now - record.last_heartbeat
+        if ok:
+            rtt = rtt_s * 1e3
+            record.rtt_ms = rtt if record.rtt_ms is None else 0.8 * record.rtt_ms + 0.2 * rtt
+            record.probe_failures, record.probe_streak = 0, record.probe_streak + 1
+            if record.state == NodeState.DOWN and age <= self.config.suspect_after_s:
+                record.probe_streak = 0
+                self._transition(record, NodeState.PROBATION, "health probe answered and heartbeats are fresh")
+            elif record.state == NodeState.PROBATION and record.probe_streak >= self.config.probation_probes:
+                self._transition(record, NodeState.UP, f"probation passed ({record.probe_streak} probes in a row)")
+            return
+        record.probe_failures, record.probe_streak, record.last_probe_error = record.probe_failures + 1, 0, error
+        if record.state in LIVE and age > self.config.heartbeat_interval_s:
+            self._transition(record, NodeState.DOWN, f"health probe failed ({error}) and no heartbeat for {age:.1f} s")
+            self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_MISSED, at=now, detail="probe failed"))
+        elif record.state == NodeState.UP:
+            self._transition(record, NodeState.SUSPECT, f"health probe failed ({error})")
 
     def _transition(self, record: NodeRecord, state: NodeState, reason: str) -> None:
         old = record.state
@@ -233,7 +270,7 @@ class Membership:
     def live_models(self) -> dict[str, list[NodeRecord]]:
         models: dict[str, list[NodeRecord]] = {}
         for record in self.nodes.values():
-            if record.state in (NodeState.UP, NodeState.SUSPECT):
+            if record.state in LIVE:
                 for offer in record.capability.models:
                     models.setdefault(offer.name, []).append(record)
         return models
@@ -256,6 +293,8 @@ class Membership:
             "last_heartbeat": record.last_heartbeat,
             "heartbeat_age_s": round(self.clock() - record.last_heartbeat, 3),
             "transitions": [{"at": t, "what": w} for t, w in record.transitions[-5:]],
+            "rtt_ms": None if record.rtt_ms is None else round(record.rtt_ms, 3),
+            "probe_failures": record.probe_failures,
             "reliability": _summary_dict(self.book.summary(cap.node_id, self.clock())),
             "calibration": {
                 "ttft_factor": round(record.calibration.ttft_factor, 4),

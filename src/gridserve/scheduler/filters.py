@@ -25,7 +25,7 @@ from gridserve.scheduler.vector import Columns, Mask
 from gridserve.types import NodeState
 
 GIB = 2**30
-SERVING = frozenset({NodeState.UP, NodeState.SUSPECT})
+SERVING = frozenset({NodeState.UP, NodeState.SUSPECT, NodeState.PROBATION})
 BLOCKING = frozenset({"ejected", "quarantined", "banned"})
 
 

@@ -21,6 +21,7 @@ from gridserve.scheduler.snapshot import (
     NodeSnapshot,
 )
 from gridserve.scheduler.vector import Array, Columns
+from gridserve.types import NodeState
 
 PRIOR_RELIABILITY = 0.75
 """A node with no record scores as the reliability ledger's prior mean (3 good : 1 bad pseudo-counts)."""
@@ -71,23 +72,23 @@ class ReliabilityScorer:
 
     def unit_for(self, node: NodeSnapshot, raw: float) -> str:
         rel = node.reliability
-        if rel is None:
-            return "score (no record: prior)"
-        return f"score ({rel.state.value}, {rel.samples:.0f} jobs)"
+        record = "no record: prior" if rel is None else f"{rel.state.value}, {rel.samples:.0f} jobs"
+        if node.state == NodeState.PROBATION:
+            record += "; membership probation"
+        return f"score ({record})"
 
     def score(self, ctx: Context, node: NodeSnapshot) -> Score:
         rel = node.reliability
-        if rel is None:
-            return Score(PRIOR_RELIABILITY, PRIOR_RELIABILITY, "score (no record: prior)")
-        value = rel.score * (self.probation_factor if rel.state.value == "probation" else 1.0)
-        return Score(max(0.0, min(1.0, value)), rel.score, f"score ({rel.state.value}, {rel.samples:.0f} jobs)")
+        base = PRIOR_RELIABILITY if rel is None else rel.score
+        probation = node.state == NodeState.PROBATION or (rel is not None and rel.state.value == "probation")
+        value = base * (self.probation_factor if probation else 1.0)
+        return Score(max(0.0, min(1.0, value)), base, self.unit_for(node, base))
 
     def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         score = cols.col(C_REL_SCORE)
-        missing = np.isnan(score)
-        value = score * np.where(cols.col(C_REL_PROBATION) > 0, self.probation_factor, 1.0)
-        norm = np.where(missing, PRIOR_RELIABILITY, np.clip(value, 0.0, 1.0))
-        return norm, np.where(missing, PRIOR_RELIABILITY, score)
+        base = np.where(np.isnan(score), PRIOR_RELIABILITY, score)
+        value = base * np.where(cols.col(C_REL_PROBATION) > 0, self.probation_factor, 1.0)
+        return np.clip(value, 0.0, 1.0), base
 
 
 @register(SCORERS, "load")

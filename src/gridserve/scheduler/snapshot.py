@@ -14,7 +14,7 @@ from gridserve.reliability import ReliabilitySummary
 from gridserve.types import Capability, ModelOffer, NodeId, NodeState, Telemetry
 
 CLASS_CODES = {"datacenter": 0, "consumer-high": 1, "consumer": 2, "apple": 3, "cpu": 4, "unknown": 5}
-SERVING = frozenset({NodeState.UP, NodeState.SUSPECT})
+SERVING = frozenset({NodeState.UP, NodeState.SUSPECT, NodeState.PROBATION})
 BLOCKING = frozenset({"ejected", "quarantined", "banned"})
 PRICE_DTYPES = frozenset({"float16", "bfloat16", "float32", "fp8"})
 
@@ -131,7 +131,7 @@ def _row(snap: "NodeSnapshot") -> tuple[float, ...]:
         tele.clock_ratio if tele and tele.clock_ratio is not None else nan,
         tele.temperature_c if tele and tele.temperature_c is not None else nan,
         rel.score if rel is not None else nan,
-        float(rel is not None and rel.state.value == "probation"),
+        float(snap.state == NodeState.PROBATION or (rel is not None and rel.state.value == "probation")),
         float(rel is None or rel.is_new),
         cal.ttft_factor if cal else 1.0,
         cal.itl_factor if cal else 1.0,
