@@ -16,6 +16,7 @@ from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.errors import APIError, bad_request, no_capacity, upstream_failed
 from gridserve.gateway.membership import Membership
 from gridserve.gateway.metrics import GatewayMetrics
+from gridserve.gateway.retry_budget import RetryBudget
 from gridserve.reliability import EventKind, NodeEvent
 from gridserve.trust import Identity, sign_envelope
 from gridserve.types import GenerateRequest, NodeId
@@ -68,6 +69,7 @@ class Dispatcher:
         self.identity = identity
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
+        self.budget = RetryBudget()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
@@ -83,10 +85,14 @@ class Dispatcher:
         attempts: list[Attempt] = []
         for candidate in decision.candidates[: self.config.dispatch_attempts]:
             if attempts:
+                if not self.budget.allow_retry():
+                    attempts.append(Attempt(candidate.node_id, "skipped", "retry budget exhausted"))
+                    break
                 self.metrics.retries.inc()
             try:
                 stream = await self._try(candidate.node_id, job)
             except NodeFailed as exc:
+                self.budget.failure()
                 attempts.append(Attempt(candidate.node_id, "failed", str(exc)))
                 self.membership.note(
                     NodeEvent(
@@ -97,6 +103,7 @@ class Dispatcher:
                     )
                 )
                 continue
+            self.budget.success()
             stream.attempts = [*attempts, Attempt(candidate.node_id, "served")]
             return stream
         if not decision.candidates:
