@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 
 from gridserve.gateway.config import GatewayConfig
-from gridserve.gateway.errors import APIError, bad_request, no_capacity, upstream_failed
+from gridserve.gateway.errors import bad_request, no_capacity, upstream_failed
 from gridserve.gateway.membership import Membership
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.gateway.retry_budget import RetryBudget
@@ -160,4 +160,4 @@ class Dispatcher:
             record.outstanding = max(0, record.outstanding - 1)
 
 
-__all__ = ["APIError", "Attempt", "Dispatcher", "NodeStream"]
+__all__ = ["Attempt", "Dispatcher", "NodeStream"]

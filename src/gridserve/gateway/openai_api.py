@@ -256,4 +256,4 @@ def list_models(ctx: ApiContext) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-__all__ = ["ApiContext", "complete", "list_models", "no_capacity"]
+__all__ = ["ApiContext", "complete", "list_models"]

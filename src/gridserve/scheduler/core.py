@@ -159,7 +159,7 @@ class _Ranked(Sequence[Scored]):
 
 def _vector_decide(
     ctx: Context, profile: Profile, nodes: Sequence[NodeSnapshot], rng: random.Random
-) -> tuple[Columns, npt.NDArray[np.int64], Array, list[Array], list[Array]]:
+) -> tuple[Columns, npt.NDArray[np.int64], Array, list[Array], list[Array], npt.NDArray[np.int64]]:
     cols = Columns.of(ctx, list(nodes))
     n = len(cols.nodes)
     rejected_by = np.full(n, -1, dtype=np.int64)
@@ -178,13 +178,13 @@ def _vector_decide(
         total = total + norm * weight
     ties = np.array([rng.random() for _ in range(len(eligible))])
     order = eligible[np.lexsort((ties, -total[eligible]))] if len(eligible) else eligible
-    return cols, order, total, norms, raws, rejected_by  # type: ignore[return-value]
+    return cols, order, total, norms, raws, rejected_by
 
 
 def _schedule_vector(
     ctx: Context, profile: Profile, snapshots: Sequence[NodeSnapshot], rng: random.Random, decision_id: str, now: float
 ) -> Decision:
-    cols, order, total, norms, raws, rejected_by = _vector_decide(ctx, profile, snapshots, rng)  # type: ignore[misc]
+    cols, order, total, norms, raws, rejected_by = _vector_decide(ctx, profile, snapshots, rng)
     units = [getattr(sc, "unit", sc.name) for sc, _ in profile.scorers]
     ranked = _Ranked(cols, order, total, norms, raws, units)
     picked, picked_by = profile.picker.pick(ctx, ranked, rng) if len(order) else (-1, "")
@@ -254,6 +254,7 @@ def _schedule_vector(
         picked_by=picked_by,
         eligible=len(order),
         rejected=rejected,
+        chosen_candidate=chosen,
     )
 
 
@@ -290,7 +291,8 @@ def schedule(
         explanation=_explain(ranked, chosen, verdicts, picked_by),
         margin=round(margin, 6) if margin is not None else None,
         picked_by=picked_by,
+        chosen_candidate=chosen,
     )
 
 
-__all__ = ["Score", "schedule"]
+__all__ = ["schedule"]

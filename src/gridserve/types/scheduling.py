@@ -113,6 +113,7 @@ class Decision:
         eligible: int | None = None,
         rejected: int | None = None,
         extra: dict[str, Any] | None = None,
+        chosen_candidate: Candidate | None = None,
     ) -> None:
         self.decision_id = decision_id
         self.request = request
@@ -129,6 +130,8 @@ class Decision:
         self.extra = extra or {}
         self._eligible = eligible
         self._rejected = rejected
+        self._chosen_candidate = chosen_candidate
+        """The winner's record, kept so that reading it does not build every candidate of a large grid."""
 
     @property
     def candidates(self) -> tuple[Candidate, ...]:
@@ -163,6 +166,8 @@ class Decision:
         return tuple(v for v in self.verdicts if not v.eligible)
 
     def candidate(self, node_id: str) -> Candidate | None:
+        if self._chosen_candidate is not None and self._chosen_candidate.node_id == node_id:
+            return self._chosen_candidate
         return next((c for c in self.candidates if c.node_id == node_id), None)
 
     def __eq__(self, other: object) -> bool:
