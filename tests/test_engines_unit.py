@@ -54,7 +54,9 @@ async def _collect(engine: Any, request: GenerateRequest) -> list[TokenEvent]:
 
 
 def collect(engine: Any, request: GenerateRequest) -> list[TokenEvent]:
-    return asyncio.run(_collect(engine, request))
+    """The events without the node's timings (which vary run to run)."""
+    timings = {"queue_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
+    return [e.model_copy(update=timings) for e in asyncio.run(_collect(engine, request))]
 
 
 def text_of(events: list[TokenEvent]) -> str:
@@ -417,3 +419,49 @@ def test_prediction_grows_with_load_and_prompt() -> None:
     assert predict(model, hw, prompt_tokens=4096).ttft_s > base.ttft_s
     assert predict(model, hw, prompt_tokens=128, quantization="q4_k_m").itl_s < base.itl_s
     assert base.decode_tokens_per_s == pytest.approx(1 / base.itl_s)
+
+
+def _strip(events: list[TokenEvent]) -> list[TokenEvent]:
+    return [e.model_copy(update={"queue_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}) for e in events]
+
+
+def test_concurrent_requests_interleave_and_keep_their_outputs(tiny: TorchEngine) -> None:
+    requests = [make_request(p, temperature=0.0, max_tokens=24) for p in PROMPTS]
+    requests.append(make_request("seeded", temperature=0.9, seed=3, max_tokens=24))
+    solo = [collect(tiny, r) for r in requests]
+
+    async def together() -> list[list[TokenEvent]]:
+        return list(await asyncio.gather(*(_collect(tiny, r) for r in requests)))
+
+    assert [_strip(events) for events in asyncio.run(together())] == solo
+
+
+def _long_prompt(tiny: TorchEngine, tokens: int) -> str:
+    for i in range(50):
+        prompt = f"a long answer {i}"
+        if collect(tiny, make_request(prompt, temperature=0.0, max_tokens=tokens))[-1].finish_reason == "length":
+            return prompt
+    raise AssertionError("no prompt runs to the limit")
+
+
+def test_a_new_request_is_not_queued_behind_a_running_one(tiny: TorchEngine) -> None:
+    """Token-by-token interleaving: a short request submitted while a long one runs finishes first."""
+    prompt = _long_prompt(tiny, 300)
+
+    async def run() -> tuple[float, float]:
+        async def long() -> float:
+            async for _ in tiny.generate(make_request(prompt, temperature=0.0, max_tokens=300)):
+                pass
+            return time.monotonic()
+
+        async def short() -> float:
+            await asyncio.sleep(0.05)
+            async for _ in tiny.generate(make_request("short", temperature=0.0, max_tokens=3)):
+                pass
+            return time.monotonic()
+
+        ends = await asyncio.gather(long(), short())
+        return ends[0], ends[1]
+
+    long_end, short_end = asyncio.run(run())
+    assert short_end < long_end

@@ -143,7 +143,7 @@ def test_generate_not_signed_by_the_gateway_is_rejected_and_recorded(tiny_grid: 
     errors: list[str] = []
     while time.monotonic() < deadline:
         fresh = next(n for n in tiny_grid.nodes() if n["node_id"] == node["node_id"])
-        errors = list((fresh["telemetry"] or {}).get("recent_errors", []))
+        errors = [e["message"] for e in (fresh["telemetry"] or {}).get("errors", [])]
         if "refused generate: wrong_signer" in errors and "refused generate: unsigned" in errors:
             break
         time.sleep(0.5)

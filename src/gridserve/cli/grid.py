@@ -155,10 +155,20 @@ def engine_mix(count: int, engines: list[str]) -> list[str]:
     return [pool[i % len(pool)] for i in range(count)]
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands out to outgoing connections (Linux; else the IANA range's start)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
+
+
 def free_port_block(size: int) -> int:
-    """A base port with `size` consecutive free ports on 127.0.0.1."""
+    """A base port with `size` consecutive free ports on 127.0.0.1, below the ephemeral range (so an outgoing
+    connection cannot take one of them between this check and the server's bind)."""
+    top = max(12000, _ephemeral_floor()) - size
     for _ in range(200):
-        base = random.randint(20000, 50000)
+        base = random.randint(10000, top)
         socks = []
         try:
             for port in range(base, base + size):

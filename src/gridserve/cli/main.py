@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import httpx
 import typer
@@ -22,6 +22,10 @@ app = typer.Typer(
 )
 console = Console() if sys.stdout.isatty() else Console(width=220)  # piped: do not squeeze tables
 err = Console(stderr=True)
+
+if TYPE_CHECKING:
+    from gridserve.node.faults import Faults
+    from gridserve.observability import LogFormat
 
 DataDir = Annotated[Path, typer.Option(help="where keys, secrets, logs and the SQLite store live")]
 
@@ -43,6 +47,31 @@ def _secrets(data_dir: Path, api_key: str | None, admin_token: str | None) -> tu
     return key, admin
 
 
+LogFormatOption = Annotated[str, typer.Option(help="text or json (one JSON object per line)")]
+
+
+def _log_format(value: str) -> "LogFormat":
+    if value not in ("text", "json"):
+        raise fail(f"--log-format must be text or json, not {value!r}")
+    return "json" if value == "json" else "text"
+
+
+def _faults(allowed: bool, items: list[str]) -> "Faults":
+    from pydantic import ValidationError
+
+    from gridserve.node.faults import Faults, parse_fault_options
+
+    if items and not allowed:
+        raise fail("--fault needs --allow-faults (fault injection is off by default)")
+    try:
+        return Faults(allowed=allowed, initial=parse_fault_options(items) if items else None)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise fail(f"--fault {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
 @app.command()
 def gateway(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
@@ -54,7 +83,10 @@ def gateway(
     heartbeat_interval: Annotated[float, typer.Option(help="seconds between node heartbeats")] = 2.0,
     max_body_bytes: Annotated[int, typer.Option(help="largest accepted request body")] = 1_000_000,
     profile: Annotated[Path | None, typer.Option(help="scheduling profile (YAML)")] = None,
+    hedging: Annotated[bool, typer.Option(help="send late requests to the runner-up too")] = True,
+    standby: Annotated[int, typer.Option(help="warm spare nodes kept per model in demand")] = 1,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    log_format: LogFormatOption = "text",
 ) -> None:
     """Run the gateway: the OpenAI API, node membership, scheduling and the admin API."""
     from gridserve.gateway.config import GatewayConfig
@@ -79,10 +111,12 @@ def gateway(
         heartbeat_interval_s=heartbeat_interval,
         max_body_bytes=max_body_bytes,
         profile_path=profile,
+        hedging=hedging,
+        standby_per_model=standby,
     )
     console.print(f"gateway on http://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
     try:
-        run_gateway(config, log_level=log_level)
+        run_gateway(config, log_level=log_level, log_format=_log_format(log_format))
     except Exception as exc:  # one readable line, not a traceback
         raise fail(f"gateway failed: {exc}") from None
 
@@ -105,7 +139,13 @@ def node(
     fixed_itl_ms: Annotated[float | None, typer.Option(help="emulated: fixed inter-token latency")] = None,
     gateway_key: Annotated[str | None, typer.Option(help="pin the gateway's public key (base64)")] = None,
     slowdown: Annotated[float, typer.Option(help="emulated: run N times slower than spec, silently")] = 1.0,
+    lazy: Annotated[bool, typer.Option(help="tiny/gemma: load the weights only when asked (pre-warming)")] = False,
+    loadable: Annotated[list[str] | None, typer.Option(help="emulated: a model on disk, loaded when asked")] = None,
+    load_gbps: Annotated[float, typer.Option(help="emulated: disk-to-device GB/s when loading")] = 2.0,
+    allow_faults: Annotated[bool, typer.Option(help="accept fault injection (tests and demos only)")] = False,
+    fault: Annotated[list[str] | None, typer.Option(help="inject a fault at start: key=value (repeatable)")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    log_format: LogFormatOption = "text",
 ) -> None:
     """Run a node agent: an engine behind a signed identity, registered with a gateway."""
     from gridserve.catalog.hardware import UnknownHardware
@@ -134,9 +174,13 @@ def node(
         fixed_ttft_ms=fixed_ttft_ms,
         fixed_itl_ms=fixed_itl_ms,
         slowdown=slowdown,
+        lazy=lazy,
+        loadable=tuple(loadable or ()),
+        load_gbps=load_gbps,
     )
+    faults = _faults(allow_faults, fault or [])
     try:
-        run_node(config, options, log_level=log_level)
+        run_node(config, options, faults=faults, log_level=log_level, log_format=_log_format(log_format))
     except (EngineError, UnknownHardware, UnknownModel, OSError) as exc:
         raise fail(str(exc)) from None
 
@@ -259,9 +303,10 @@ def demo(
 
 
 def _register_admin() -> None:
-    from gridserve.cli.admin import register
+    from gridserve.cli import admin, doctor
 
-    register(app, console, fail)
+    admin.register(app, console, fail)
+    doctor.register(app, console, fail)
 
 
 _register_admin()

@@ -7,11 +7,13 @@ Pipeline stages: a local engine is built over a model and a half-open layer rang
 full model is the range `[0, layers)`. Only full-range engines are served today.
 """
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gridserve.types import GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
+from gridserve.types import GenerateRequest, HardwareInfo, ModelOffer, NodeError, TokenEvent
+from gridserve.types.node import ErrorKind
 
 
 class EngineError(Exception):
@@ -28,7 +30,9 @@ class EngineStats:
     queued: int = 0
     tokens_total: int = 0
     recent_tokens: list[tuple[float, int]] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    errors: list[NodeError] = field(default_factory=list)
+    decode_throttle: float = 1.0
+    """Decode runs this many times slower than it could (fault injection: node/faults.py); engines apply it."""
 
     def note_tokens(self, now: float, count: int) -> None:
         self.tokens_total += count
@@ -41,9 +45,23 @@ class EngineStats:
         horizon = now - 10.0
         return sum(c for t, c in self.recent_tokens if t >= horizon) / 10.0
 
-    def note_error(self, message: str) -> None:
-        self.errors.append(message)
+    def note_error(self, message: str, kind: ErrorKind | None = None) -> None:
+        self.errors.append(NodeError(at=time.time(), kind=kind or classify_error(message), message=message[:300]))
         del self.errors[:-20]
+
+
+def classify_error(message: str) -> ErrorKind:
+    """The kind of an engine error from its message (the words PyTorch, CUDA and llama.cpp use)."""
+    low = message.lower()
+    if "out of memory" in low or "oom" in low.split() or "cuda_error_out_of_memory" in low:
+        return "oom"
+    if "cuda" in low or "cublas" in low or "nccl" in low or "xid" in low:
+        return "cuda"
+    if "timeout" in low or "timed out" in low:
+        return "timeout"
+    if "refused" in low:
+        return "refused"
+    return "engine"
 
 
 class Engine(Protocol):
@@ -54,7 +72,15 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     def offers(self) -> tuple[ModelOffer, ...]:
-        """The models this engine serves."""
+        """The models this engine serves (resident)."""
+        ...
+
+    def loadable(self) -> tuple[str, ...]:
+        """Models this engine can load when asked (on disk, not resident: a cold first token)."""
+        ...
+
+    async def load(self, model: str) -> None:
+        """Make `model` resident; InvalidRequest if this engine cannot load it."""
         ...
 
     def advertised_hardware(self) -> HardwareInfo | None:

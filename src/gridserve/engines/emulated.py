@@ -68,23 +68,44 @@ class EmulatedEngine:
         text_engine: TorchEngine,
         fixed: FixedTimings | None = None,
         slowdown: float = 1.0,
+        loadable: Sequence[str] = (),
+        load_gbps: float = 2.0,
     ) -> None:
         """`slowdown` > 1 emulates a node slower than its spec (thermal throttling, a weak host) without saying
-        so in its telemetry: only observed timings reveal it."""
+        so in its telemetry: only observed timings reveal it. `loadable` models are on disk: loading one takes
+        its weight bytes / `load_gbps`."""
         self.hw = hardware_spec(hardware)
-        self._models: dict[str, tuple[ModelSpec, str, str]] = {}
-        for name in models:
-            spec = model_spec(name)
-            if spec.real_engine:
-                raise EmulationError(f"{name} is served by a real engine; an emulated node may not claim it")
-            self._models[name] = (spec, *_placement_or_smallest(spec, self.hw))
-        if not self._models:
+        self._models: dict[str, tuple[ModelSpec, str, str]] = {name: self._placed(name) for name in models}
+        self._loadable = {name: self._placed(name) for name in loadable if name not in self._models}
+        if not self._models and not self._loadable:
             raise EmulationError("an emulated engine needs at least one catalogue model")
+        self._load_gbps = load_gbps
+        self._load_lock = asyncio.Lock()
         self._slowdown = slowdown
         self._text = text_engine
         self._fixed = fixed
         self._stats = EngineStats()
         self._cache: OrderedDict[str, tuple[TokenEvent, ...]] = OrderedDict()
+
+    def _placed(self, name: str) -> tuple[ModelSpec, str, str]:
+        spec = model_spec(name)
+        if spec.real_engine:
+            raise EmulationError(f"{name} is served by a real engine; an emulated node may not claim it")
+        return (spec, *_placement_or_smallest(spec, self.hw))
+
+    def loadable(self) -> tuple[str, ...]:
+        return tuple(self._loadable)
+
+    async def load(self, model: str) -> None:
+        """Read the weights from disk: weight bytes / load bandwidth, then the model is resident."""
+        async with self._load_lock:
+            if model in self._models:
+                return
+            if model not in self._loadable:
+                raise InvalidRequest(f"{model} is not on this node's disk")
+            spec, dtype, quant = self._loadable[model]
+            await asyncio.sleep(spec.weight_bytes(dtype, quant) / (self._load_gbps * 1e9))
+            self._models[model] = self._loadable.pop(model)
 
     @property
     def kind(self) -> str:
@@ -119,8 +140,11 @@ class EmulatedEngine:
     def telemetry_override(self) -> dict[str, float | int]:
         """Telemetry of the emulated device: its memory (resident weights + KV of active requests), busy share."""
         weights = sum(spec.weight_bytes(dtype, quant) for spec, dtype, quant in self._models.values())
-        spec = next(iter(self._models.values()))[0]
-        kv = self._stats.active * 2048 * spec.kv_bytes_per_token()
+        kv = (
+            self._stats.active
+            * 2048
+            * max((spec.kv_bytes_per_token() for spec, _, _ in self._models.values()), default=0)
+        )
         total = int(self.hw.memory_gib * 2**30)
         return {
             "memory_total_bytes": total,
@@ -131,18 +155,23 @@ class EmulatedEngine:
     async def aclose(self) -> None:
         await self._text.aclose()
 
-    async def _text_events(self, request: GenerateRequest) -> tuple[TokenEvent, ...]:
+    async def _text_events(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """The tiny model's events as it makes them (deterministic requests are cached whole)."""
         deterministic = request.sampling.temperature == 0.0 or request.sampling.seed is not None
         key = request.model_copy(update={"request_id": ""}).model_dump_json()
         if deterministic and key in self._cache:
             self._cache.move_to_end(key)
-            return self._cache[key]
-        events = tuple([ev async for ev in self._text.generate(request)])
+            for event in self._cache[key]:
+                yield event
+            return
+        events = []
+        async for event in self._text.generate(request):
+            events.append(event)
+            yield event
         if deterministic:
-            self._cache[key] = events
+            self._cache[key] = tuple(events)
             while len(self._cache) > 512:
                 self._cache.popitem(last=False)
-        return events
 
     def _text_request(self, request: GenerateRequest) -> GenerateRequest:
         """The tiny model's context is short: clip the prompt's head and cap the output it must write."""
@@ -162,6 +191,10 @@ class EmulatedEngine:
         return request.model_copy(update=update)
 
     def _timings(self, model: str, prompt_tokens: int) -> tuple[float, float]:
+        ttft, itl = self._base_timings(model, prompt_tokens)
+        return ttft, itl * self._stats.decode_throttle
+
+    def _base_timings(self, model: str, prompt_tokens: int) -> tuple[float, float]:
         if self._fixed is not None:
             return self._fixed.ttft_s, self._fixed.itl_s
         spec, dtype, quant = self._models[model]
@@ -172,6 +205,8 @@ class EmulatedEngine:
         return pred.ttft_s * self._slowdown, pred.itl_s * self._slowdown
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        if request.model in self._loadable:
+            await self.load(request.model)  # a cold start
         if request.model not in self._models:
             raise InvalidRequest(f"model {request.model!r} is not served here")
         limit = self._models[request.model][0].max_context
@@ -182,13 +217,24 @@ class EmulatedEngine:
         start = time.monotonic()
         self._stats.active += 1
         try:
-            events = await self._text_events(self._text_request(request))
-            ttft, itl = self._timings(request.model, events[-1].prompt_tokens)
-            for i, event in enumerate(events):
-                delay = start + ttft + i * itl - time.monotonic()
+            text_request = self._text_request(request)
+            prompt_tokens = len(self._text.prompt_ids(text_request))
+            ttft, itl = self._timings(request.model, prompt_tokens + len(request.resume))
+            first: float | None = None
+            i = 0
+            async for event in self._text_events(text_request):
+                if first is None:  # the text source may be slower than the emulated TTFT
+                    first = max(start + ttft, time.monotonic())
+                delay = first + i * itl - time.monotonic()
+                i += 1
                 if delay > 0:
                     await asyncio.sleep(delay)
                 self._stats.note_tokens(time.monotonic(), 1)
+                if event.finish_reason is not None:
+                    done, to_first = time.monotonic() - start, first - start
+                    event = event.model_copy(
+                        update={"queue_s": 0.0, "prefill_s": to_first, "decode_s": done - to_first}
+                    )
                 yield event
         finally:
             self._stats.active -= 1

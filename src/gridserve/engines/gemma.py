@@ -154,7 +154,7 @@ def load_gemma(cache: Path | None = None) -> LoadedModel:
     return LoadedModel(model=model, codec=HFCodec(tokenizer))
 
 
-def gemma_engine(threads: int, cache: Path | None = None) -> TorchEngine:
+def gemma_engine(threads: int, cache: Path | None = None, lazy: bool = False) -> TorchEngine:
     """Build the engine; the cache is converted first (so the offer can carry the weights digest)."""
     path = ensure_cache(cache)
     offer = ModelOffer(
@@ -164,4 +164,4 @@ def gemma_engine(threads: int, cache: Path | None = None) -> TorchEngine:
         max_context=GEMMA_CONTEXT,
         weights_digest=weights_digest(path),
     )
-    return TorchEngine(kind="gemma-270m", offer=offer, loader=lambda: load_gemma(path), threads=threads)
+    return TorchEngine(kind="gemma-270m", offer=offer, loader=lambda: load_gemma(path), threads=threads, lazy=lazy)

@@ -24,17 +24,23 @@ class EngineOptions:
     cache_dir: Path | None = None
     slowdown: float = 1.0
     """emulated: run this many times slower than the hardware's prediction (silent throttling)."""
+    lazy: bool = False
+    """tiny / gemma-270m: do not load the weights at start (the model is loadable: pre-warmed on request)."""
+    loadable: tuple[str, ...] = field(default_factory=tuple)
+    """emulated: catalogue models on disk, loaded when the gateway asks (pre-warming)."""
+    load_gbps: float = 2.0
+    """emulated: disk-to-device bandwidth when loading weights, GB/s."""
 
 
 def create_engine(name: str, options: EngineOptions) -> Engine:
     from gridserve.engines.tiny import tiny_engine
 
     if name == "tiny":
-        return tiny_engine(threads=options.threads)
+        return tiny_engine(threads=options.threads, lazy=options.lazy)
     if name == "gemma-270m":
         from gridserve.engines.gemma import gemma_engine
 
-        return gemma_engine(threads=options.threads, cache=options.cache_dir)
+        return gemma_engine(threads=options.threads, cache=options.cache_dir, lazy=options.lazy)
     if name.startswith("emulated:"):
         from gridserve.engines.emulated import EmulatedEngine, FixedTimings
 
@@ -43,10 +49,12 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
             fixed = FixedTimings(ttft_s=(options.fixed_ttft_ms or 0.0) / 1e3, itl_s=(options.fixed_itl_ms or 0.0) / 1e3)
         return EmulatedEngine(
             hardware=name.split(":", 1)[1],
-            models=options.models or ("llama-3-8b",),
+            models=options.models or (() if options.loadable else ("llama-3-8b",)),
             text_engine=tiny_engine(threads=1),
             fixed=fixed,
             slowdown=options.slowdown,
+            loadable=options.loadable,
+            load_gbps=options.load_gbps,
         )
     if name == "openai-upstream":
         from gridserve.engines.upstream import UpstreamEngine

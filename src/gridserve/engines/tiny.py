@@ -59,6 +59,6 @@ def build_tiny_model(seed: int = TINY_SEED) -> LoadedModel:
     return LoadedModel(model=model, codec=ByteCodec(), logit_mask=mask)
 
 
-def tiny_engine(threads: int = 1) -> TorchEngine:
+def tiny_engine(threads: int = 1, lazy: bool = False) -> TorchEngine:
     offer = ModelOffer(name=TINY_MODEL, dtype="float32", max_context=TINY_CONTEXT, weights_digest=f"seed:{TINY_SEED}")
-    return TorchEngine(kind="tiny", offer=offer, loader=build_tiny_model, threads=threads)
+    return TorchEngine(kind="tiny", offer=offer, loader=build_tiny_model, threads=threads, lazy=lazy)

@@ -1,6 +1,7 @@
 """A local transformers engine: one worker thread runs the model; tokens stream to asyncio."""
 
 import asyncio
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -38,15 +39,26 @@ _DONE = object()
 
 
 class TorchEngine:
-    """Serves one causal LM. Requests run one at a time on a dedicated thread (queue depth is reported)."""
+    """Serves one causal LM on a dedicated worker thread. Concurrent requests are interleaved token by token
+    (each with its own KV cache): a new request's prefill runs after at most one decode step of each running
+    one, so TTFT does not wait for other answers to finish. Each request's computation is the same as if it
+    ran alone, so outputs stay bitwise-reproducible for a fixed thread count."""
 
-    def __init__(self, *, kind: str, offer: ModelOffer, loader: Callable[[], LoadedModel], threads: int) -> None:
+    def __init__(
+        self, *, kind: str, offer: ModelOffer, loader: Callable[[], LoadedModel], threads: int, lazy: bool = False
+    ) -> None:
+        """`lazy`: do not load the weights at start; the model is `loadable` until asked for (pre-warming) or
+        first requested (a cold start)."""
+        self._lazy = lazy
+        self._load_lock = asyncio.Lock()
         self._kind = kind
         self._offer = offer
         self._loader = loader
         self._threads = threads
         self._loaded: LoadedModel | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{kind}")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{kind}-load")
+        self._incoming: queue.SimpleQueue[_Generation | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
         self._stats = EngineStats()
 
     @property
@@ -58,14 +70,25 @@ class TorchEngine:
         return self._stats
 
     def offers(self) -> tuple[ModelOffer, ...]:
-        return (self._offer,)
+        return (self._offer,) if self._loaded is not None else ()
+
+    def loadable(self) -> tuple[str, ...]:
+        return () if self._loaded is not None else (self._offer.name,)
 
     def advertised_hardware(self) -> HardwareInfo | None:
         return None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._loaded = await loop.run_in_executor(self._pool, self._load)
+        if not self._lazy:
+            await self.load(self._offer.name)
+
+    async def load(self, model: str) -> None:
+        if model != self._offer.name:
+            raise InvalidRequest(f"this node can load {self._offer.name}, not {model}")
+        async with self._load_lock:
+            if self._loaded is None:
+                loop = asyncio.get_running_loop()
+                self._loaded = await loop.run_in_executor(self._pool, self._load)
 
     def _load(self) -> LoadedModel:
         torch.set_num_threads(self._threads)
@@ -78,6 +101,8 @@ class TorchEngine:
         self._loaded = self._pool.submit(self._load).result()
 
     async def aclose(self) -> None:
+        if self._worker is not None:
+            self._incoming.put(None)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def prompt_ids(self, request: GenerateRequest) -> list[int]:
@@ -92,99 +117,153 @@ class TorchEngine:
         return self._loaded
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        if self._lazy and self._loaded is None:
+            await self.load(request.model)  # a cold start: the gateway prefers warm nodes and pre-warms standbys
         loaded = self._require()
-        ids = self.prompt_ids(request)
+        prompt = self.prompt_ids(request)
         limit = self._offer.max_context
-        if len(ids) + request.sampling.max_tokens > limit:
+        if len(prompt) + request.sampling.max_tokens > limit:
             raise InvalidRequest(
-                f"prompt ({len(ids)} tokens) + max_tokens ({request.sampling.max_tokens}) "
+                f"prompt ({len(prompt)} tokens) + max_tokens ({request.sampling.max_tokens}) "
                 f"exceeds the model's context of {limit} tokens"
             )
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        cancel = threading.Event()
+        events: asyncio.Queue[object] = asyncio.Queue()
 
         def emit(item: object) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(events.put_nowait, item)
 
+        gen = _Generation(loaded, prompt, request, emit, self._stats)
         self._stats.queued += 1
-        future = loop.run_in_executor(self._pool, self._run, loaded, ids, request, emit, cancel)
+        self._ensure_worker()
+        self._incoming.put(gen)
         try:
             while True:
-                item = await queue.get()
+                item = await events.get()
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
                     raise EngineError(str(item)) from item
                 assert isinstance(item, TokenEvent)
                 yield item
-            await future
         finally:
-            cancel.set()
+            gen.cancel.set()
 
-    def _run(
+    def _ensure_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name=f"engine-{self._kind}", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        """Admit new requests, then advance every running one by one step; repeat."""
+        torch.set_num_threads(self._threads)
+        running: list[_Generation] = []
+        with torch.inference_mode():
+            while True:
+                try:
+                    while True:
+                        gen = self._incoming.get(block=not running)
+                        if gen is None:
+                            return
+                        self._stats.queued -= 1
+                        self._stats.active += 1
+                        running.append(gen)
+                except queue.Empty:
+                    pass
+                for gen in list(running):
+                    if gen.advance():
+                        running.remove(gen)
+                        self._stats.active -= 1
+
+
+class _Generation:
+    """One request's decoding, one step at a time: the first step prefills prompt + resumed tokens (failover:
+    the client has their text already, so they only rebuild the detokeniser's and stop matcher's state) and
+    picks a token; each later step runs one decode forward and picks the next."""
+
+    def __init__(
         self,
         loaded: LoadedModel,
-        ids: list[int],
+        prompt: list[int],
         request: GenerateRequest,
         emit: Callable[[object], None],
-        cancel: threading.Event,
+        stats: EngineStats,
     ) -> None:
-        self._stats.queued -= 1
-        self._stats.active += 1
+        self.loaded, self.prompt, self.request, self.emit, self.stats = loaded, prompt, request, emit, stats
+        self.params = request.sampling
+        self.seed = self.params.seed if self.params.seed is not None else fresh_seed()
+        self.decoder = IncrementalDecoder(loaded.codec.decode)
+        self.stops = StopMatcher(self.params.stop)
+        self.cancel = threading.Event()
+        self.submitted = time.monotonic()
+        self.began: float | None = None
+        self.first_at: float | None = None
+        self.out: Any = None
+        self.step = len(request.resume)
+        self.last = 0
+
+    def advance(self) -> bool:
+        """Run one step; True when the generation is over (finished, cancelled or failed)."""
         try:
-            with torch.inference_mode():
-                self._decode_loop(loaded, ids, request, emit, cancel)
+            if self.cancel.is_set():
+                self.emit(_DONE)
+                return True
+            finish = self._step()
         except Exception as exc:
-            self._stats.note_error(f"{type(exc).__name__}: {exc}")
-            emit(exc)
-        finally:
-            self._stats.active -= 1
-            emit(_DONE)
+            self.stats.note_error(f"{type(exc).__name__}: {exc}")
+            self.emit(exc)
+            self.emit(_DONE)
+            return True
+        if finish is None:
+            return False
+        self._final(finish)
+        self.emit(_DONE)
+        return True
 
-    def _decode_loop(
-        self,
-        loaded: LoadedModel,
-        ids: list[int],
-        request: GenerateRequest,
-        emit: Callable[[object], None],
-        cancel: threading.Event,
-    ) -> None:
-        params = request.sampling
-        seed = params.seed if params.seed is not None else fresh_seed()
-        decoder = IncrementalDecoder(loaded.codec.decode)
-        stops = StopMatcher(params.stop)
-        out = loaded.model(input_ids=torch.tensor([ids]), use_cache=True)
-        finish: str = "length"
-        produced = 0
-        for step in range(params.max_tokens):
-            if cancel.is_set():
-                return
-            logits = out.logits[0, -1].float()
-            if loaded.logit_mask is not None:
-                logits = logits + loaded.logit_mask
-            token = pick_token(logits, params, seed, step)
-            produced += 1
-            self._stats.note_tokens(time.monotonic(), 1)
-            if token in loaded.codec.eos_ids:
-                finish = "stop"
-                break
-            text = stops.feed(decoder.push(token))
-            if text:
-                emit(TokenEvent(text=text, token_ids=(token,)))
-            if stops.stopped:
-                finish = "stop"
-                break
-            if step + 1 < params.max_tokens:
-                out = loaded.model(
-                    input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True
-                )
-        tail = "" if stops.stopped else stops.feed(decoder.finish()) + stops.flush()
-        emit(
+    def _step(self) -> str | None:
+        if self.out is None:
+            self.began = time.monotonic()
+            for token in self.request.resume:
+                self.stops.feed(self.decoder.push(token))
+            ids = torch.tensor([[*self.prompt, *self.request.resume]])
+            self.out = self.loaded.model(input_ids=ids, use_cache=True)
+        else:
+            started = time.monotonic()
+            step_ids = torch.tensor([[self.last]])
+            self.out = self.loaded.model(input_ids=step_ids, past_key_values=self.out.past_key_values, use_cache=True)
+            if self.stats.decode_throttle > 1.0:
+                time.sleep((time.monotonic() - started) * (self.stats.decode_throttle - 1.0))
+        return self._pick()
+
+    def _pick(self) -> str | None:
+        logits = self.out.logits[0, -1].float()
+        if self.loaded.logit_mask is not None:
+            logits = logits + self.loaded.logit_mask
+        token = pick_token(logits, self.params, self.seed, self.step)
+        self.step += 1
+        self.last = token
+        self.first_at = self.first_at or time.monotonic()
+        self.stats.note_tokens(time.monotonic(), 1)
+        if token in self.loaded.codec.eos_ids:
+            return "stop"
+        self.emit(TokenEvent(text=self.stops.feed(self.decoder.push(token)), token_ids=(token,)))
+        if self.stops.stopped:
+            return "stop"
+        return "length" if self.step >= self.params.max_tokens else None
+
+    def _final(self, finish: str) -> None:
+        tail = "" if self.stops.stopped else self.stops.feed(self.decoder.finish()) + self.stops.flush()
+        end = time.monotonic()
+        began = self.began or end
+        first_at = self.first_at or end
+        self.emit(
             TokenEvent(
                 text=tail,
                 finish_reason="stop" if finish == "stop" else "length",
-                prompt_tokens=len(ids),
-                completion_tokens=produced,
+                prompt_tokens=len(self.prompt),
+                completion_tokens=self.step,
+                queue_s=round(began - self.submitted, 6),
+                prefill_s=round(first_at - began, 6),
+                decode_s=round(end - first_at, 6),
             )
         )

@@ -50,6 +50,12 @@ class UpstreamEngine:
             ),
         )
 
+    def loadable(self) -> tuple[str, ...]:
+        return ()
+
+    async def load(self, model: str) -> None:
+        raise InvalidRequest("the openai-upstream engine serves what its server has loaded")
+
     def advertised_hardware(self) -> HardwareInfo | None:
         return None
 
@@ -95,6 +101,8 @@ class UpstreamEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         if self._session is None:
             raise EngineError("engine not started")
+        if request.resume:
+            raise InvalidRequest("the openai-upstream engine cannot continue another node's generation")
         path, body = self._body(request)
         self._stats.active += 1
         try:

@@ -47,6 +47,7 @@ def add_reliability_routes(app: FastAPI, membership: Membership, require_admin: 
     @app.get("/admin/incidents")
     async def incidents(request: Request, node_id: str | None = None, limit: int = 100) -> dict[str, Any]:
         require_admin(request)
+        await membership.durable()  # what is shown is committed: it survives a crash of the gateway
         book = membership.book
         return {
             "incidents": [_event(e) for e in book.incidents(node_id, limit=limit)],
@@ -65,6 +66,7 @@ def add_reliability_routes(app: FastAPI, membership: Membership, require_admin: 
             detail=f"reported by admin: {body.reason}",
         )
         changes = membership.note(event)
+        await membership.durable()
         return {"transitions": _transitions(changes), "state": membership.book.state(node_id, time.time()).value}
 
     @app.post("/admin/nodes/{node_id}/quarantine")
@@ -73,6 +75,7 @@ def add_reliability_routes(app: FastAPI, membership: Membership, require_admin: 
         body = await _body(request, ReasonBody)
         changes = membership.book.quarantine(known(node_id), reason=body.reason, now=time.time())
         membership.persist_transitions(changes, admin_reason=body.reason)
+        await membership.durable()
         return {"transitions": _transitions(changes), "state": membership.book.state(node_id, time.time()).value}
 
     @app.post("/admin/nodes/{node_id}/release")
@@ -84,4 +87,5 @@ def add_reliability_routes(app: FastAPI, membership: Membership, require_admin: 
         except CannotRelease as exc:
             raise APIError(409, str(exc), code="banned") from exc
         membership.persist_transitions(changes, admin_reason=body.reason)
+        await membership.durable()
         return {"transitions": _transitions(changes), "state": membership.book.state(node_id, time.time()).value}

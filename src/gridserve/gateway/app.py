@@ -20,6 +20,7 @@ from gridserve.gateway.admin import add_reliability_routes
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.decisions import DecisionLog
 from gridserve.gateway.dispatch import Dispatcher
+from gridserve.gateway.doctor_api import add_doctor_routes
 from gridserve.gateway.errors import APIError, bad_request, unauthorized
 from gridserve.gateway.health import probe_forever
 from gridserve.gateway.hotpath import HotPath
@@ -27,6 +28,8 @@ from gridserve.gateway.membership import Membership, UnknownNode
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.gateway.middleware import BodyLimit
 from gridserve.gateway.openai_api import ApiContext, list_models
+from gridserve.gateway.outcomes import Traces
+from gridserve.gateway.standby import StandbyKeeper
 from gridserve.scheduler import default_profile, load_profile
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
@@ -56,7 +59,18 @@ class Gateway:
         self.dispatcher = Dispatcher(config, self.membership, identity, self.metrics)
         self.decisions = DecisionLog(self.writer, config.decision_cache)
         profile = load_profile(config.profile_path) if config.profile_path else default_profile()
-        self.api = ApiContext(self.membership, self.dispatcher, self.decisions, self.metrics, profile, random.Random())
+        self.traces = Traces()
+        self.standby = StandbyKeeper(config, self.membership, self.dispatcher, profile)
+        self.api = ApiContext(
+            self.membership,
+            self.dispatcher,
+            self.decisions,
+            self.metrics,
+            profile,
+            random.Random(),
+            self.traces,
+            on_request=self.standby.note_request,
+        )
 
     def require_api_key(self, request: Request) -> None:
         if not _check_key(_bearer(request), self.config.api_keys):
@@ -84,11 +98,12 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gw.dispatcher.start()
         sweeper = asyncio.create_task(gw.sweep_forever())
+        keeper = asyncio.create_task(gw.standby.run_forever())
         prober = asyncio.create_task(probe_forever(gw.membership, gw.dispatcher, gw.config))
         try:
             yield
         finally:
-            for task in (sweeper, prober):
+            for task in (sweeper, prober, keeper):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -103,6 +118,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     _openai_routes(app, gw)
     _admin_routes(app, gw)
     add_reliability_routes(app, gw.membership, gw.require_admin)
+    add_doctor_routes(app, gw.membership, gw.traces, gw.require_admin)
     app.add_middleware(BodyLimit, max_bytes=gw.config.max_body_bytes)
     return HotPath(app, gw.api, gw.config.api_keys, gw.config.max_body_bytes)
 
@@ -189,6 +205,11 @@ def _admin_routes(app: FastAPI, gw: Gateway) -> None:
         await asyncio.to_thread(gw.writer.flush, 5.0)
         found = await asyncio.to_thread(gw.store.list_events, kind=kind, node_id=node_id, limit=min(limit, 1000))
         return {"events": found}
+
+    @app.get("/admin/standby")
+    async def standby(request: Request) -> dict[str, Any]:
+        gw.require_admin(request)
+        return gw.standby.status()
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -33,6 +33,29 @@ class GatewayConfig:
     dispatch_attempts: int = 3
     """Nodes tried for one request when a node fails before its first token."""
     connect_timeout_s: float = 3.0
+    retry_budget_tokens: float = 100.0
+    """Retry throttling (gRPC): retries and hedges stop while fewer than half of these tokens are left; each
+    failure costs one, each success returns 0.1."""
+    hedging: bool = True
+    """Send a late request to the runner-up too (requests can opt out with `gridserve.hedge: false`)."""
+    hedge_min_s: float = 0.05
+    """The hedge delay is the node's predicted p95 TTFT, never shorter than this."""
+    first_token_timeout_s: float = 10.0
+    """An attempt without a first token after max(this, 10 x predicted TTFT) is given up."""
+    stall_min_s: float = 1.0
+    stall_itl_multiple: float = 10.0
+    """Mid-stream, no token for max(stall_min_s, stall_itl_multiple x predicted ITL) means the node stalled:
+    the generation moves to another node."""
+    max_failovers: int = 3
+    """Mid-stream failovers allowed per request."""
+    standby_per_model: int = 1
+    """Warm spare nodes kept per model in demand, beyond those its load needs (gateway/standby.py)."""
+    standby_node_concurrency: int = 4
+    """Requests one warm node is counted on to carry when sizing the warm set."""
+    standby_idle_s: float = 600.0
+    """A model not requested for this long is no longer kept warm."""
+    standby_load_timeout_s: float = 120.0
+    standby_interval_s: float = 1.0
     decision_cache: int = 10_000
     profile_path: Path | None = None
     """Scheduling profile (YAML); default: the packaged default profile."""

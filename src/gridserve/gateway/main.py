@@ -10,6 +10,7 @@ import uvicorn
 from gridserve.gateway.app import Gateway, build_gateway_app
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.ledger_replay import replay
+from gridserve.observability import LogFormat, setup_logging
 from gridserve.store import Store, default_sqlite_url
 from gridserve.trust import load_or_create_identity
 
@@ -35,8 +36,8 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     return gateway
 
 
-def run_gateway(config: GatewayConfig, log_level: str = "warning") -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def run_gateway(config: GatewayConfig, log_level: str = "warning", log_format: LogFormat = "text") -> None:
+    setup_logging(log_level, log_format)
     gateway = build_gateway(config)
     app = build_gateway_app(gateway)
     server = uvicorn.Server(

@@ -1,7 +1,9 @@
 """Membership: signed registration and heartbeat intake, and the failure detector that marks nodes down."""
 
+import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +49,14 @@ class NodeRecord:
     probe_streak: int = 0
     last_probe_error: str = ""
     static: NodeStatic | None = None
+    ttft_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    """Observed / predicted (uncalibrated) TTFT of recent requests: their p95 sets the hedge delay."""
+
+    def ttft_ratio_p95(self) -> float | None:
+        if len(self.ttft_ratios) < 8:
+            return None
+        ordered = sorted(self.ttft_ratios)
+        return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
     def snapshot(self, book: ReliabilityBook, now: float) -> NodeSnapshot:
         if self.static is None:
@@ -112,6 +122,7 @@ class Membership:
         if previous is not None:
             record.outstanding = previous.outstanding
             record.calibration = previous.calibration
+            record.ttft_ratios = previous.ttft_ratios
         self.book.add_node(capability.node_id, now)
         self.nodes[capability.node_id] = record
         self._transition(record, NodeState.UP, "registered")
@@ -230,6 +241,8 @@ class Membership:
     def note(self, event: NodeEvent) -> list[Transition]:
         """Feed the reliability ledger; persist the event (and any state change it causes)."""
         transitions = self.book.record(event)
+        if event.kind == EventKind.INCIDENT:
+            self.metrics.incidents.labels(severity=event.severity.value).inc()
         if event.kind != EventKind.HEARTBEAT_KEPT:  # kept heartbeats are counted, not stored one by one
             self._pending_events.append(
                 dict(
@@ -248,6 +261,12 @@ class Membership:
         if self._pending_events:
             rows, self._pending_events = self._pending_events, []
             self.writer.submit(self.writer.store.record_events, rows)
+
+    async def durable(self, timeout_s: float = 10.0) -> None:
+        """Wait until every event noted so far is committed to the store (admin answers wait for this, so an
+        acknowledged action survives a gateway crash)."""
+        self.flush_events()
+        await asyncio.to_thread(self.writer.flush, timeout_s)
 
     def persist_transitions(self, transitions: list[Transition], admin_reason: str | None = None) -> None:
         """Store state changes; `admin_reason` marks an admin action (replayed as such on restart)."""
@@ -271,8 +290,9 @@ class Membership:
         models: dict[str, list[NodeRecord]] = {}
         for record in self.nodes.values():
             if record.state in LIVE:
-                for offer in record.capability.models:
-                    models.setdefault(offer.name, []).append(record)
+                names = {o.name for o in record.capability.models} | set(record.capability.loadable_models)
+                for name in sorted(names):
+                    models.setdefault(name, []).append(record)
         return models
 
     def describe(self, record: NodeRecord) -> dict[str, Any]:
@@ -284,6 +304,7 @@ class Membership:
             "engine": cap.engine,
             "emulated": cap.hardware.emulated,
             "models": [m.model_dump(mode="json") for m in cap.models],
+            "loadable_models": list(cap.loadable_models),
             "hardware": cap.hardware.model_dump(mode="json"),
             "runtime": cap.runtime.model_dump(mode="json"),
             "price_per_mtok": cap.price_per_mtok,

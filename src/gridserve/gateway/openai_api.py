@@ -1,29 +1,33 @@
 """`/v1/models`, `/v1/chat/completions`, `/v1/completions`."""
 
 import asyncio
+import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
+from gridserve.catalog.models import MODELS
 from gridserve.catalog.tiers import DEFAULT_TIER
 from gridserve.gateway.decisions import DecisionLog
-from gridserve.gateway.dispatch import Dispatcher, NodeStream
+from gridserve.gateway.dispatch import Dispatcher
 from gridserve.gateway.errors import APIError, bad_request, model_not_found, no_capacity
-from gridserve.gateway.membership import Membership
+from gridserve.gateway.generation import Generation, GenerationFailed
+from gridserve.gateway.membership import Membership, NodeRecord
 from gridserve.gateway.metrics import GatewayMetrics
-from gridserve.gateway.outcomes import observe_outcome
+from gridserve.gateway.outcomes import Traces, observe_outcome
 from gridserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, GridOptions, SamplingFields
 from gridserve.gateway.sse import DONE, ChunkFormatter
 from gridserve.scheduler import Profile, UnknownTier, schedule
 from gridserve.types import ChatMessage, GenerateRequest, SamplingParams
 from gridserve.types.scheduling import Decision, ScheduleRequest
 
+log = logging.getLogger("gridserve.gateway")
 CHARS_PER_TOKEN = 4
 """Prompt-length estimate before a node tokenises (English averages ~4 characters per BPE token)."""
 DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
@@ -37,6 +41,9 @@ class ApiContext:
     metrics: GatewayMetrics
     profile: Profile
     rng: random.Random
+    traces: Traces
+    on_request: Callable[[str], None] = lambda model: None
+    """Told the model of every accepted request (demand, for pre-warming)."""
 
 
 def parse(body: bytes, model: type[SamplingFields]) -> Any:
@@ -75,7 +82,8 @@ def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: G
     serving = ctx.membership.live_models().get(job.model)
     if not serving:
         raise model_not_found(job.model)
-    context = max(o.max_context for r in serving for o in r.capability.models if o.name == job.model)
+    ctx.on_request(job.model)
+    context = max(_context(r, job.model) for r in serving)
     if job.sampling.max_tokens > context:
         raise bad_request(
             f"max_tokens ({job.sampling.max_tokens}) exceeds the context of {job.model} ({context} tokens).",
@@ -96,6 +104,9 @@ def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: G
         decision = schedule(request, ctx.membership.snapshots(), ctx.profile, ctx.rng, time.time())
     except UnknownTier as exc:
         raise bad_request(str(exc), param="gridserve.tier") from exc
+    ctx.metrics.decisions.labels(outcome="placed" if decision.chosen else "none").inc()
+    for name, count in decision.rejected_by_filter.items():
+        ctx.metrics.filter_rejections.labels(filter=name).inc(count)
     if decision.chosen is None:
         live = {r.capability.node_id for r in serving}
         reasons = [r for r in decision.rejections if r.node_id in live]
@@ -105,6 +116,14 @@ def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: G
             )
         raise no_capacity(decision.explanation)
     return decision
+
+
+def _context(record: NodeRecord, model: str) -> int:
+    offer = next((o for o in record.capability.models if o.name == model), None)
+    if offer is not None:
+        return offer.max_context
+    spec = MODELS.get(model)  # loadable, not resident: the catalogue's context
+    return spec.max_context if spec else 0
 
 
 @dataclass
@@ -123,11 +142,21 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
     job, prompt_tokens = to_job(req, kind, request_id)
     decision = decide(ctx, job, prompt_tokens, req.gridserve)
     ctx.decisions.record(decision, status="dispatching")
+    gen = Generation(ctx.dispatcher, decision, job, hedge=req.gridserve.hedge)
     try:
-        stream = await ctx.dispatcher.open(decision, job)
+        await gen.open()
     except APIError as exc:
         ctx.decisions.record(decision, status="failed", error=exc.message)
+        ctx.metrics.requests.labels(endpoint=kind, status="failed").inc()
         raise
+    stream = gen.stream
+    log.info(
+        "dispatched %s (decision %s) to %s",
+        request_id,
+        decision.decision_id,
+        stream.node_id,
+        extra={"request_id": request_id, "decision_id": decision.decision_id, "node_id": stream.node_id},
+    )
     headers = [(b"x-gridserve-decision", decision.decision_id.encode()), (b"x-gridserve-node", stream.node_id.encode())]
     if req.gridserve.explain:
         headers.append((b"x-gridserve-explain", decision.explanation.encode("ascii", "replace")))
@@ -136,31 +165,34 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
         status="streaming",
         served_by=stream.node_id,
         attempts=[a.__dict__ for a in stream.attempts],
+        hedged=stream.hedged,
+        hedge_delay_s=None if stream.hedge_delay_s is None else round(stream.hedge_delay_s, 6),
         ttft_s=round(stream.first_at - stream.started, 6),
     )
-    ctx.metrics.ttft.labels(model=job.model).observe(stream.first_at - stream.started)
     fmt = ChunkFormatter(chat=kind == "chat", response_id=request_id, model=job.model)
     if req.stream:
         headers.append((b"content-type", b"text/event-stream"))
         headers.append((b"cache-control", b"no-cache"))
-        return Reply(headers=headers, stream=_sse(ctx, decision, stream, fmt, req.include_usage()))
-    whole = await _collect(ctx, decision, stream, fmt)
+        return Reply(headers=headers, stream=_sse(ctx, gen, fmt, req.include_usage(), kind))
+    whole = await _collect(ctx, gen, fmt, kind)
     if req.gridserve.explain:
-        whole["gridserve"] = summary(decision, stream.node_id)
+        whole["gridserve"] = summary(decision, gen.segment.node_id)
     headers.append((b"content-type", b"application/json"))
     return Reply(headers=headers, body=orjson.dumps(whole))
 
 
-async def _drain(ctx: ApiContext, decision: Decision, stream: NodeStream) -> AsyncIterator[dict[str, Any]]:
-    """Node events, with the decision's outcome recorded whatever happens."""
+async def _drain(ctx: ApiContext, gen: Generation, kind: str) -> AsyncIterator[dict[str, Any]]:
+    """The generation's events, with its outcome recorded whatever happens; a generation that cannot go on
+    ends with an `error` event."""
     status, error = "ok", ""
     last: dict[str, Any] = {}
     try:
-        async for event in stream.events():
-            if "error" in event:
-                status, error = "failed", str(event["error"].get("message", ""))
+        async for event in gen.events():
             last = event
             yield event
+    except GenerationFailed as exc:
+        status, error = "failed", str(exc)
+        yield {"error": {"message": error}}
     except (asyncio.CancelledError, GeneratorExit):
         status, error = "cancelled", "client disconnected"
         raise
@@ -168,26 +200,49 @@ async def _drain(ctx: ApiContext, decision: Decision, stream: NodeStream) -> Asy
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        stream.close()
-        ctx.dispatcher.finished(stream.node_id)
-        completion = int(last.get("completion_tokens", 0))
-        ctx.metrics.tokens.labels(node=stream.node_id).inc(completion)
-        ctx.metrics.requests.labels(endpoint="completions", status=status).inc()
-        observe_outcome(ctx.membership, decision, stream, status=status, completion_tokens=completion)
-        ctx.decisions.record(
-            decision,
-            status=status,
-            error=error or None,
-            usage={"prompt_tokens": int(last.get("prompt_tokens", 0)), "completion_tokens": completion},
-            duration_s=round(time.monotonic() - stream.started, 6),
-        )
+        gen.close()
+        _finish(ctx, gen, kind, status=status, error=error, last=last)
+
+
+def _finish(ctx: ApiContext, gen: Generation, kind: str, *, status: str, error: str, last: dict[str, Any]) -> None:
+    decision = gen.decision
+    completion = int(last.get("completion_tokens", len(gen.emitted)))
+    for segment in gen.segments:
+        ctx.metrics.tokens.labels(node=segment.node_id).inc(segment.tokens)
+    ctx.metrics.requests.labels(endpoint=kind, status=status).inc()
+    timing = observe_outcome(ctx.membership, ctx.metrics, ctx.traces, decision, gen, status=status, error=error)
+    ctx.decisions.record(
+        decision,
+        status=status,
+        error=error or None,
+        served_by=gen.segment.node_id,
+        route=[s.as_dict() for s in gen.segments],
+        failovers=gen.failovers,
+        usage={"prompt_tokens": int(last.get("prompt_tokens", 0)), "completion_tokens": completion},
+        duration_s=round(time.monotonic() - gen.first.started, 6),
+        timing=timing,
+    )
+    log.info(
+        "finished %s: %s (%d failovers)",
+        decision.request_id,
+        status,
+        gen.failovers,
+        extra={
+            "request_id": decision.request_id,
+            "decision_id": decision.decision_id,
+            "node_id": gen.segment.node_id,
+            "status": status,
+            "failovers": gen.failovers,
+            "error": error or None,
+        },
+    )
 
 
 async def _sse(
-    ctx: ApiContext, decision: Decision, stream: NodeStream, fmt: ChunkFormatter, include_usage: bool
+    ctx: ApiContext, gen: Generation, fmt: ChunkFormatter, include_usage: bool, kind: str
 ) -> AsyncIterator[bytes]:
     yield fmt.role()
-    async for event in _drain(ctx, decision, stream):
+    async for event in _drain(ctx, gen, kind):
         if "error" in event:
             yield fmt.error(str(event["error"].get("message", "node failed")), "node_failed")
             return
@@ -202,10 +257,10 @@ async def _sse(
     yield DONE
 
 
-async def _collect(ctx: ApiContext, decision: Decision, stream: NodeStream, fmt: ChunkFormatter) -> dict[str, Any]:
+async def _collect(ctx: ApiContext, gen: Generation, fmt: ChunkFormatter, kind: str) -> dict[str, Any]:
     parts: list[str] = []
     final: dict[str, Any] = {}
-    async for event in _drain(ctx, decision, stream):
+    async for event in _drain(ctx, gen, kind):
         if "error" in event:
             raise APIError(
                 502,

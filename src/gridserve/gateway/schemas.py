@@ -35,6 +35,8 @@ class GridOptions(BaseModel):
     tpot_slo_s: float | None = Field(None, gt=0)
     engines: list[str] | None = None
     explain: bool = False
+    hedge: bool = True
+    """Send the request to the runner-up too if the first token is late (the gateway's hedging must be on)."""
 
 
 class SamplingFields(OpenAIModel):

@@ -9,8 +9,9 @@ from typing import Any
 import httpx
 
 import gridserve
-from gridserve.engines import Engine
+from gridserve.engines import Engine, EngineError
 from gridserve.node.config import NodeConfig
+from gridserve.node.faults import Faults
 from gridserve.node.hardware import Nvml, detect_hardware
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
 from gridserve.types import Capability, HeartbeatPayload, NodeId, RegisterReply, RuntimeInfo, Telemetry
@@ -40,6 +41,7 @@ class NodeAgent:
         self.gateway_key: str | None = config.gateway_key
         self.heartbeat_interval_s = config.heartbeat_interval_s or 2.0
         self.registered = asyncio.Event()
+        self.faults = Faults(allowed=False)
         self.verifier = EnvelopeVerifier(FreshnessPolicy(max_skew_s=config.max_skew_s), time.time)
         self._seq = 0
         self._client = httpx.AsyncClient(base_url=config.gateway_url.rstrip("/"), timeout=10.0)
@@ -52,6 +54,7 @@ class NodeAgent:
             endpoint=self.config.endpoint,
             engine=self.engine.kind,
             models=self.engine.offers(),
+            loadable_models=self.engine.loadable(),
             hardware=hardware,
             runtime=RuntimeInfo(
                 gridserve=gridserve.__version__,
@@ -86,11 +89,12 @@ class NodeAgent:
         if override is not None:
             gpu_fields.update(override())
         return Telemetry(
-            **gpu_fields,
+            **self.faults.telemetry(gpu_fields),
+            faults=self.faults.spec.active(),
             queue_depth=max(0, stats.queued),
             active_requests=max(0, stats.active),
             tokens_per_s=stats.tokens_per_s(time.monotonic()),
-            recent_errors=tuple(stats.errors[-5:]),
+            errors=tuple(stats.errors[-10:]),
         )
 
     def _signed(self, payload: Any, purpose: str) -> bytes:
@@ -112,6 +116,17 @@ class NodeAgent:
             self.heartbeat_interval_s = reply.heartbeat_interval_s
         self.registered.set()
         log.info("registered as %s with gateway %s", self.identity.node_id, self.config.gateway_url)
+
+    async def load(self, model: str) -> None:
+        """Load a model the gateway asked for (pre-warming), then register again with the new capability."""
+        try:
+            await self.engine.load(model)
+        except EngineError as exc:
+            self.engine.stats.note_error(f"load {model} failed: {exc}")
+            log.warning("could not load %s: %s", model, exc)
+            return
+        log.info("loaded %s; announcing it", model)
+        await self.register()
 
     async def heartbeat(self) -> None:
         self._seq += 1

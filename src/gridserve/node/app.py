@@ -9,15 +9,19 @@ from collections.abc import AsyncIterator
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from gridserve.engines import Engine, EngineError, InvalidRequest
 from gridserve.node.agent import NodeAgent
+from gridserve.node.faults import Faults, FaultsDisabled, FaultSpec
+from gridserve.node.metrics import NodeMetrics
 from gridserve.trust import TrustError
 from gridserve.types import GenerateRequest, TokenEvent
 from gridserve.types.base import from_wire
 
 log = logging.getLogger("gridserve.node")
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 def _error(status: int, kind: str, message: str) -> JSONResponse:
@@ -28,17 +32,57 @@ def _line(event: TokenEvent) -> bytes:
     return orjson.dumps(event.model_dump(exclude_defaults=True)) + b"\n"
 
 
-async def _stream(first: TokenEvent | None, rest: AsyncIterator[TokenEvent]) -> AsyncIterator[bytes]:
-    if first is not None:
-        yield _line(first)
+class _Observed:
+    """A generation's events, timed into the node's metrics."""
+
+    def __init__(self, metrics: NodeMetrics, model: str) -> None:
+        self.metrics, self.model = metrics, model
+        self.started = time.monotonic()
+        self.last: float | None = None
+        self.status = "cancelled"
+
+    def token(self, event: TokenEvent) -> None:
+        now = time.monotonic()
+        if self.last is None:
+            self.metrics.ttft.labels(model=self.model).observe(now - self.started)
+        elif event.token_ids:
+            self.metrics.itl.labels(model=self.model).observe(now - self.last)
+        self.last = now
+        self.metrics.tokens.labels(model=self.model).inc(len(event.token_ids))
+        if event.finish_reason is not None:
+            self.status = "ok"
+
+    def done(self) -> None:
+        self.metrics.requests.labels(model=self.model, status=self.status).inc()
+        self.metrics.active.dec()
+
+
+async def _stream(
+    first: TokenEvent | None, rest: AsyncIterator[TokenEvent], seen: _Observed, engine: Engine
+) -> AsyncIterator[bytes]:
     try:
+        if first is not None:
+            seen.token(first)
+            yield _line(first)
         async for event in rest:
+            seen.token(event)
             yield _line(event)
     except EngineError as exc:
-        yield orjson.dumps({"error": {"type": "engine_error", "message": str(exc)}}) + b"\n"
+        seen.status = "failed"
+        yield _engine_error(engine, str(exc))
+    finally:
+        seen.done()
 
 
-def build_node_app(agent: NodeAgent, engine: Engine) -> FastAPI:
+def _engine_error(engine: Engine, message: str) -> bytes:
+    return orjson.dumps({"error": {"type": "engine_error", "message": message}}) + b"\n"
+
+
+def build_node_app(agent: NodeAgent, engine: Engine, faults: Faults | None = None) -> FastAPI:
+    faults = faults or Faults(allowed=False)
+    metrics = NodeMetrics()
+    agent.faults = faults
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
@@ -53,9 +97,11 @@ def build_node_app(agent: NodeAgent, engine: Engine) -> FastAPI:
             await engine.aclose()
 
     app = FastAPI(title="gridserve node", lifespan=lifespan, docs_url=None, redoc_url=None)
+    loading: set[asyncio.Task[None]] = set()
 
     @app.get("/health")
     async def health() -> dict[str, object]:
+        await faults.network_delay()
         return {
             "status": "ok",
             "node_id": agent.identity.node_id,
@@ -83,15 +129,99 @@ def build_node_app(agent: NodeAgent, engine: Engine) -> FastAPI:
             return _error(401, exc.kind, exc.detail)
         except ValidationError as exc:
             return _error(400, "invalid_request", str(exc))
-        events = engine.generate(job)
+        await faults.network_delay()
+        injected = faults.take_error()
+        if injected is not None:
+            engine.stats.note_error(injected)
+            metrics.errors.labels(kind=engine.stats.errors[-1].kind).inc()
+            metrics.requests.labels(model=job.model, status="failed").inc()
+            return StreamingResponse(iter([_engine_error(engine, injected)]), media_type="application/x-ndjson")
+        if job.model in engine.loadable():  # a cold start: announce the model once it is loaded
+            task = asyncio.create_task(agent.load(job.model))  # (loads once: the engine holds a lock)
+            loading.add(task)
+            task.add_done_callback(loading.discard)
+        seen = _Observed(metrics, job.model)
+        metrics.active.inc()
+        events = faults.apply(engine.generate(job), engine.stats)
         try:
             first = await anext(events)
         except StopAsyncIteration:
             first = None
         except InvalidRequest as exc:
+            seen.status = "invalid"
+            seen.done()
             return _error(400, "invalid_request", str(exc))
         except EngineError as exc:
+            seen.status = "failed"
+            seen.done()
             return _error(500, "engine_error", str(exc))
-        return StreamingResponse(_stream(first, events), media_type="application/x-ndjson")
+        return StreamingResponse(_stream(first, events, seen, engine), media_type="application/x-ndjson")
 
+    @app.post("/internal/load")
+    async def load(request: Request) -> Response:
+        """Pre-warm: the gateway (signed) asks this node to load a model it has on disk."""
+        if agent.gateway_key is None:
+            return _error(503, "not_registered", "this node has not registered with a gateway yet")
+        try:
+            envelope = agent.verifier.verify(await request.body(), purpose="load", expected_keyid=agent.gateway_key)
+            if envelope.payload.get("node_id") != agent.identity.node_id:
+                raise TrustError("request was signed for another node")
+        except TrustError as exc:
+            engine.stats.note_error(f"refused load: {exc.kind}")
+            return _error(401, exc.kind, exc.detail)
+        model = str(envelope.payload.get("model", ""))
+        if model not in engine.loadable():
+            resident = model in {o.name for o in engine.offers()}
+            return JSONResponse(
+                {"model": model, "status": "resident" if resident else "unknown"}, status_code=200 if resident else 404
+            )
+        task = asyncio.create_task(agent.load(model))
+        loading.add(task)
+        task.add_done_callback(loading.discard)
+        return JSONResponse({"model": model, "status": "loading"}, status_code=202)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.faults.set(len(faults.spec.active()))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _fault_routes(app, faults)
     return app
+
+
+def _fault_routes(app: FastAPI, faults: Faults) -> None:
+    def refuse(request: Request) -> JSONResponse | None:
+        if not faults.allowed:
+            return _error(403, "faults_disabled", str(FaultsDisabled()))
+        host = request.client.host if request.client else ""
+        if host not in LOOPBACK:
+            return _error(403, "forbidden", "fault injection is accepted from this machine only")
+        return None
+
+    @app.get("/faults")
+    async def show(request: Request) -> Response:
+        refused = refuse(request)
+        return refused or JSONResponse({"faults": faults.spec.model_dump(), "active": list(faults.spec.active())})
+
+    @app.post("/faults")
+    async def inject(request: Request) -> Response:
+        refused = refuse(request)
+        if refused:
+            return refused
+        try:
+            spec = FaultSpec.model_validate_json(await request.body())
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            return _error(400, "invalid_request", f"invalid fault: {where}: {first['msg']}")
+        faults.set(spec)
+        log.warning("faults injected: %s", ", ".join(spec.active()) or "none")
+        return JSONResponse({"faults": spec.model_dump(), "active": list(spec.active())})
+
+    @app.delete("/faults")
+    async def clear(request: Request) -> Response:
+        refused = refuse(request)
+        if refused:
+            return refused
+        faults.clear()
+        return JSONResponse({"faults": faults.spec.model_dump(), "active": []})

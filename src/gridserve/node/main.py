@@ -1,7 +1,6 @@
 """Run a node agent: engine + HTTP server + registration/heartbeats."""
 
 import asyncio
-import logging
 
 import uvicorn
 
@@ -9,15 +8,24 @@ from gridserve.engines.registry import EngineOptions, create_engine
 from gridserve.node.agent import NodeAgent
 from gridserve.node.app import build_node_app
 from gridserve.node.config import NodeConfig
+from gridserve.node.faults import Faults
+from gridserve.observability import LogFormat, setup_logging
 from gridserve.trust import load_or_create_identity
 
 
-def run_node(config: NodeConfig, options: EngineOptions, log_level: str = "warning") -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def run_node(
+    config: NodeConfig,
+    options: EngineOptions,
+    *,
+    faults: Faults | None = None,
+    log_level: str = "warning",
+    log_format: LogFormat = "text",
+) -> None:
+    setup_logging(log_level, log_format)
     identity = load_or_create_identity(config.key_file)
     engine = create_engine(config.engine, options)
     agent = NodeAgent(config, identity, engine)
-    app = build_node_app(agent, engine)
+    app = build_node_app(agent, engine, faults)
     server = uvicorn.Server(
         uvicorn.Config(
             app, host=config.host, port=config.port, log_level=log_level, access_log=False, timeout_graceful_shutdown=3

@@ -255,6 +255,9 @@ def _schedule_vector(
         eligible=len(order),
         rejected=rejected,
         chosen_candidate=chosen,
+        rejected_by_filter={
+            profile.filters[int(k)].name: int(c) for k, c in enumerate(np.bincount(rejected_by[rejected_by >= 0])) if c
+        },
     )
 
 

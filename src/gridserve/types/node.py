@@ -1,7 +1,7 @@
 """What a node is (capability) and how it is right now (telemetry)."""
 
 from enum import StrEnum
-from typing import NewType
+from typing import Literal, NewType
 
 from pydantic import Field
 
@@ -89,6 +89,17 @@ class Capability(Strict):
     """Models on disk that the node could load on demand (not resident: slower first token)."""
 
 
+ErrorKind = Literal["oom", "cuda", "timeout", "refused", "engine"]
+
+
+class NodeError(Strict):
+    """One entry of a node's recent error log (sent with heartbeats; read by the latency doctor)."""
+
+    at: float
+    kind: ErrorKind
+    message: str
+
+
 class Telemetry(Strict):
     """How a node is right now; carried by every heartbeat."""
 
@@ -100,4 +111,7 @@ class Telemetry(Strict):
     queue_depth: int = 0
     active_requests: int = 0
     tokens_per_s: float = 0.0
-    recent_errors: tuple[str, ...] = ()
+    errors: tuple[NodeError, ...] = ()
+    """The node's most recent errors, oldest first."""
+    faults: tuple[str, ...] = ()
+    """Faults injected on this node (tests and demos; node/faults.py), shown so nobody mistakes them for real."""

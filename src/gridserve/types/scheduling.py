@@ -114,6 +114,7 @@ class Decision:
         rejected: int | None = None,
         extra: dict[str, Any] | None = None,
         chosen_candidate: Candidate | None = None,
+        rejected_by_filter: dict[str, int] | None = None,
     ) -> None:
         self.decision_id = decision_id
         self.request = request
@@ -132,6 +133,23 @@ class Decision:
         self._rejected = rejected
         self._chosen_candidate = chosen_candidate
         """The winner's record, kept so that reading it does not build every candidate of a large grid."""
+        self._rejected_by_filter = rejected_by_filter
+
+    @property
+    def rejected_by_filter(self) -> dict[str, int]:
+        """How many nodes each filter removed."""
+        if self._rejected_by_filter is None:
+            counts: dict[str, int] = {}
+            for v in self.rejections:
+                counts[v.filter or "?"] = counts.get(v.filter or "?", 0) + 1
+            self._rejected_by_filter = counts
+        return self._rejected_by_filter
+
+    def ranked_for_dispatch(self) -> list[Candidate]:
+        """The chosen candidate first (the picker may explore below rank 0), then the rest by rank."""
+        chosen = self.candidate(self.chosen) if self.chosen is not None else None
+        rest = [c for c in self.candidates if chosen is None or c.node_id != chosen.node_id]
+        return [chosen, *rest] if chosen is not None else rest
 
     @property
     def candidates(self) -> tuple[Candidate, ...]:

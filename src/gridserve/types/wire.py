@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gridserve.types.base import Strict
 from gridserve.types.node import Capability, NodeId, Telemetry
@@ -31,16 +31,35 @@ class GenerateRequest(Strict):
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     sampling: SamplingParams
+    resume: tuple[int, ...] = ()
+    """Failover: completion token ids another node already produced and the client already has. The node
+    continues after them (completion position len(resume)) and sends only what follows; `completion_tokens`
+    on its last event counts them too. Greedy output equals an uninterrupted run; seeded sampling too, since
+    the draw at position k depends only on (seed, k) (engines/sampling.py)."""
+
+    @model_validator(mode="after")
+    def _resume_within_budget(self) -> "GenerateRequest":
+        if len(self.resume) >= self.sampling.max_tokens:
+            raise ValueError("resume must hold fewer tokens than max_tokens")
+        return self
 
 
 class TokenEvent(Strict):
-    """One streamed piece of output; the last event has `finish_reason` and the counts."""
+    """One streamed piece of output. Every generated token is sent in its own event (its text may be empty
+    while a stop string or a multi-byte character is pending), so the gateway knows exactly which tokens the
+    client's text covers. The last event has `finish_reason`, the counts and the node's own timings."""
 
     text: str = ""
     token_ids: tuple[int, ...] = ()
     finish_reason: Literal["stop", "length"] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    queue_s: float = 0.0
+    """Last event: time the request waited on the node before compute started."""
+    prefill_s: float = 0.0
+    """Last event: compute time to the first token."""
+    decode_s: float = 0.0
+    """Last event: compute time after the first token."""
 
 
 class RegisterPayload(Strict):

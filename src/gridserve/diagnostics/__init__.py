@@ -1,0 +1,1 @@
+"""Diagnostics: the latency doctor."""

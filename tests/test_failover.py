@@ -1,0 +1,265 @@
+"""Mid-stream failover, stall detection, hedging and client disconnects, on real processes.
+
+Emulated nodes (fixed TTFT/ITL, text from the tiny model) keep many streams in flight at once, so a node
+can be killed while it is in the middle of several of them.
+"""
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+from tests.conftest import API_KEY, admin_get, make_grid
+
+from gridserve.cli.grid import LocalGrid
+
+MODEL = "llama-3-8b"
+FIXED = ["--fixed-ttft-ms", "40", "--fixed-itl-ms", "40"]
+
+
+def _client(grid: LocalGrid) -> OpenAI:
+    return OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def emulated_grid(tmp_path: Path) -> Iterator[LocalGrid]:
+    grid = make_grid(tmp_path, ["emulated:rtx4090"] * 3, threads=1, extra_node_args=[*FIXED, "--allow-faults"])
+    try:
+        grid.start(timeout_s=120)
+        yield grid
+    finally:
+        grid.stop()
+
+
+class Stream(threading.Thread):
+    """One streamed completion, read chunk by chunk on its own thread."""
+
+    def __init__(self, grid: LocalGrid, prompt: str, max_tokens: int, **sampling: Any) -> None:
+        super().__init__(daemon=True)
+        self.client = _client(grid)
+        self.prompt, self.max_tokens, self.sampling = prompt, max_tokens, sampling
+        self.node = ""
+        self.decision = ""
+        self.chunks: list[tuple[float, str]] = []
+        self.finish: str | None = None
+        self.usage: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            raw = self.client.completions.with_raw_response.create(
+                model=MODEL,
+                prompt=self.prompt,
+                max_tokens=self.max_tokens,
+                stream=True,
+                stream_options={"include_usage": True},
+                **self.sampling,
+            )
+            self.node, self.decision = raw.headers["x-gridserve-node"], raw.headers["x-gridserve-decision"]
+            for chunk in raw.parse():
+                if chunk.usage is not None:
+                    self.usage = chunk.usage
+                for choice in chunk.choices:
+                    if choice.text:
+                        self.chunks.append((time.monotonic(), choice.text))
+                    self.finish = choice.finish_reason or self.finish
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    @property
+    def text(self) -> str:
+        return "".join(t for _, t in self.chunks)
+
+
+def _reference(grid: LocalGrid, prompts: list[str], max_tokens: int, **sampling: Any) -> list[tuple[str, str, int]]:
+    """(text, finish reason, completion tokens) of an uninterrupted run of each prompt."""
+    client = _client(grid)
+    out = []
+    for p in prompts:
+        resp = client.completions.create(model=MODEL, prompt=p, max_tokens=max_tokens, **sampling)
+        assert resp.usage is not None
+        out.append((resp.choices[0].text, str(resp.choices[0].finish_reason), resp.usage.completion_tokens))
+    return out
+
+
+def _proc_of(grid: LocalGrid, node_id: str) -> str:
+    node = next(n for n in grid.nodes() if n["node_id"] == node_id)
+    index = next(i for i in range(len(grid.engines)) if node["endpoint"].endswith(f":{grid.node_port(i)}"))
+    return f"node-{index}"
+
+
+def _wait_streaming(streams: list[Stream], victim: str, count: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sum(1 for s in streams if s.node == victim and len(s.chunks) >= 2) >= count:
+            return
+        time.sleep(0.01)
+    raise AssertionError("streams did not start on the victim")
+
+
+def _start_all(grid: LocalGrid, prompts: list[str], max_tokens: int, **sampling: Any) -> list[Stream]:
+    """Start one stream per prompt; returns once every stream knows the node serving it."""
+    streams = [Stream(grid, p, max_tokens, **sampling) for p in prompts]
+    for s in streams:
+        s.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(s.node for s in streams):
+        time.sleep(0.01)
+    return streams
+
+
+def _kill_9(grid: LocalGrid, node_id: str) -> None:
+    proc = grid.procs[_proc_of(grid, node_id)]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_kill_9_during_32_greedy_streams_every_stream_completes_unchanged(emulated_grid: LocalGrid) -> None:
+    grid = emulated_grid
+    prompts = [f"Stream {i}: the grid keeps serving when" for i in range(32)]
+    reference = _reference(grid, prompts, 40, temperature=0)
+    streams = _start_all(grid, prompts, 40, temperature=0)
+    by_node: dict[str, int] = {}
+    for s in streams:
+        by_node[s.node] = by_node.get(s.node, 0) + 1
+    victim = max(by_node, key=lambda n: by_node[n])
+    _wait_streaming(streams, victim, min(4, by_node[victim]))
+    _kill_9(grid, victim)
+    for s in streams:
+        s.join(timeout=60)
+    assert all(s.error is None for s in streams), [repr(s.error) for s in streams if s.error]
+    for s, ref in zip(streams, reference, strict=True):
+        assert (s.text, s.finish, s.usage.completion_tokens) == ref, s.node == victim  # no token lost or repeated
+    moved = [s for s in streams if s.node == victim]
+    failovers = [admin_get(grid, f"/v1/decisions/{s.decision}").json() for s in moved]
+    resumed = [d for d in failovers if d["failovers"] >= 1]
+    assert len(resumed) >= 4, [d["route"] for d in failovers]
+    for d in resumed:
+        assert d["route"][0]["node_id"] == victim and d["route"][0]["outcome"] == "failed"
+        assert d["route"][-1]["resumed_from"] > 0 and d["status"] == "ok"
+    metrics = httpx.get(grid.url + "/metrics", timeout=10).text
+    assert _metric(metrics, "gridserve_failovers_total") >= len(resumed)
+
+
+def test_seeded_sampling_continues_deterministically_after_a_kill(emulated_grid: LocalGrid) -> None:
+    grid = emulated_grid
+    prompts = [f"Seeded {i}: once upon a time" for i in range(6)]
+    sampling = {"temperature": 0.9, "seed": 1234}
+    reference = _reference(grid, prompts, 40, **sampling)
+    streams = _start_all(grid, prompts, 40, **sampling)
+    victim = streams[0].node
+    _wait_streaming(streams, victim, 1)
+    _kill_9(grid, victim)
+    for s in streams:
+        s.join(timeout=60)
+    assert all(s.error is None for s in streams)
+    assert [(s.text, s.finish, s.usage.completion_tokens) for s in streams] == reference
+    decision = admin_get(grid, f"/v1/decisions/{streams[0].decision}").json()
+    assert decision["failovers"] >= 1
+
+
+def test_sigstop_mid_stream_continues_within_stall_timeout_then_probation(emulated_grid: LocalGrid) -> None:
+    grid = emulated_grid
+    prompts = [f"Hung {i}: a node that stops answering" for i in range(4)]
+    reference = _reference(grid, prompts, 60, temperature=0)
+    streams = _start_all(grid, prompts, 60, temperature=0)
+    victim = streams[0].node
+    _wait_streaming(streams, victim, 1)
+    pid = grid.procs[_proc_of(grid, victim)].pid
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        for s in streams:
+            s.join(timeout=60)
+        assert all(s.error is None for s in streams)
+        assert [(s.text, s.finish, s.usage.completion_tokens) for s in streams] == reference
+        decision = admin_get(grid, f"/v1/decisions/{streams[0].decision}").json()
+        assert decision["failovers"] == 1 and "stalled" in decision["route"][0]["detail"]
+        # the client waited for one stall timeout (1 s with these ITLs) plus the new node's first token
+        on_victim = [s for s in streams if s.node == victim]
+        gaps = [max(b - a for (a, _), (b, _) in zip(s.chunks, s.chunks[1:], strict=False)) for s in on_victim]
+        assert max(gaps) < 2.5, gaps
+        assert all(s.chunks[-1][0] - stopped < 60 * 0.04 + 3.0 for s in on_victim)
+        state = ""
+        while time.monotonic() < stopped + 6 and state != "down":
+            state = next(n for n in grid.nodes() if n["node_id"] == victim)["state"]
+            time.sleep(0.05)
+        assert state == "down"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    seen: list[str] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not seen or seen[-1] != "up"):
+        state = next(n for n in grid.nodes() if n["node_id"] == victim)["state"]
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        time.sleep(0.05)
+    assert seen[-1] == "up" and "probation" in seen, seen
+
+
+def test_client_disconnect_cancels_the_work_on_the_node(emulated_grid: LocalGrid) -> None:
+    grid = emulated_grid
+    body = {"model": MODEL, "prompt": "a long answer", "max_tokens": 1000, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", grid.url + "/v1/completions", headers=headers, json=body) as resp,
+    ):
+        node_id = resp.headers["x-gridserve-node"]
+        endpoint = next(n["endpoint"] for n in grid.nodes() if n["node_id"] == node_id)
+        lines = resp.iter_lines()
+        for _ in range(4):
+            next(lines)
+        assert httpx.get(endpoint + "/health", timeout=5).json()["active"] == 1
+    closed = time.monotonic()
+    active = 1
+    while time.monotonic() < closed + 5 and active:
+        active = httpx.get(endpoint + "/health", timeout=5).json()["active"]
+        time.sleep(0.05)
+    assert active == 0  # without the cancel it would run for 1000 x 40 ms = 40 s
+    node_metrics = httpx.get(endpoint + "/metrics", timeout=5).text
+    assert _metric(node_metrics, 'gridserve_node_requests_total{model="llama-3-8b",status="cancelled"}') == 1
+
+
+def test_hedging_sends_a_late_request_to_the_runner_up(emulated_grid: LocalGrid) -> None:
+    grid = emulated_grid
+    client = _client(grid)
+    for i in range(12):  # calibrate every node's TTFT
+        client.completions.create(model=MODEL, prompt=f"warm {i}", max_tokens=2)
+    first = client.completions.with_raw_response.create(model=MODEL, prompt="who", max_tokens=2)
+    slow = first.headers["x-gridserve-node"]
+    endpoint = next(n["endpoint"] for n in grid.nodes() if n["node_id"] == slow)
+    httpx.post(endpoint + "/faults", json={"delay_ms": 1500}, timeout=5).raise_for_status()
+    hedged = unhedged = None
+    for i in range(10):
+        raw = client.completions.with_raw_response.create(model=MODEL, prompt=f"h{i}", max_tokens=2)
+        decision = admin_get(grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+        if decision["chosen"] == slow and hedged is None:
+            hedged = (decision, raw.headers["x-gridserve-node"])
+        raw2 = client.completions.with_raw_response.create(
+            model=MODEL, prompt=f"n{i}", max_tokens=2, extra_body={"gridserve": {"hedge": False}}
+        )
+        d2 = admin_get(grid, f"/v1/decisions/{raw2.headers['x-gridserve-decision']}").json()
+        if d2["chosen"] == slow and unhedged is None:
+            unhedged = d2
+        if hedged and unhedged:
+            break
+    assert hedged is not None and unhedged is not None, "the slow node was never chosen"
+    decision, served_by = hedged
+    assert decision["hedged"] is True and served_by != slow
+    assert decision["timing"]["ttft_s"] < 1.0  # the runner-up answered; the slow node would take 1.5 s
+    assert unhedged["hedged"] is False and unhedged["timing"]["ttft_s"] >= 1.5
+    assert _metric(httpx.get(grid.url + "/metrics", timeout=10).text, "gridserve_hedges_total") >= 1
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.split()[-1])
+    return 0.0
