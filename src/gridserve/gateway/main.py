@@ -46,6 +46,7 @@ def run_gateway(config: GatewayConfig, log_level: str = "warning", log_format: L
             host=config.host,
             port=config.port,
             log_level=log_level,
+            log_config=None,  # uvicorn's records go through our handler (JSON when asked)
             access_log=False,
             timeout_graceful_shutdown=3,
             backlog=4096,

@@ -28,7 +28,13 @@ def run_node(
     app = build_node_app(agent, engine, faults)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=config.host, port=config.port, log_level=log_level, access_log=False, timeout_graceful_shutdown=3
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=log_level,
+            log_config=None,  # uvicorn's records go through our handler (JSON when asked)
+            access_log=False,
+            timeout_graceful_shutdown=3,
         )
     )
     asyncio.run(server.serve())
