@@ -61,6 +61,7 @@ def _aimed(client: OpenAI, card: str, i: int, tokens: int = 12) -> str | None:
             model=MODEL,
             prompt=f"doctor any {i}",
             max_tokens=tokens,
+            temperature=0,
             stream=True,
             extra_body={"gridserve": {"engines": [f"emulated:{card}"], "hedge": False}},
         )
@@ -73,15 +74,16 @@ def _aimed(client: OpenAI, card: str, i: int, tokens: int = 12) -> str | None:
         return str(exc)
 
 
-def _long_answers(client: OpenAI, count: int) -> list[int]:
-    """Prompt numbers whose 12-token answer (the same text on every emulated node) runs to the limit."""
+def _long_answers(client: OpenAI, card: str, count: int) -> list[int]:
+    """Prompt numbers whose 12-token answer on `card` runs to the limit (emulated nodes share the text model)."""
     found: list[int] = []
     for i in range(100, 160):
         resp = client.completions.create(
             model=MODEL,
             prompt=f"doctor any {i}",
             max_tokens=12,
-            extra_body={"gridserve": {"engines": ["emulated:rtx4090"]}},
+            temperature=0,  # greedy: the same answer when asked again
+            extra_body={"gridserve": {"engines": [f"emulated:{card}"], "hedge": False}},
         )
         if resp.choices[0].finish_reason == "length":
             found.append(i)
@@ -136,11 +138,12 @@ def test_each_injected_fault_is_diagnosed_as_its_cause(fault_grid: LocalGrid) ->
 def test_stall_and_crash_are_node_failures(fault_grid: LocalGrid) -> None:
     grid = fault_grid
     nodes = _nodes(grid)
-    httpx.delete(nodes["l40s"]["endpoint"] + "/faults", timeout=5).raise_for_status()
+    for card in ("l40s", "rtx3090"):
+        httpx.delete(nodes[card]["endpoint"] + "/faults", timeout=5).raise_for_status()
+    client = OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    long = _long_answers(client, "l40s", 3)  # prompts whose answers outlive 3 tokens (the text model may stop early)
     httpx.post(nodes["l40s"]["endpoint"] + "/faults", json={"stall_after_tokens": 3}, timeout=5).raise_for_status()
     httpx.post(nodes["rtx3090"]["endpoint"] + "/faults", json={"crash_after_tokens": 3}, timeout=5).raise_for_status()
-    client = OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-    long = _long_answers(client, 3)  # prompts whose answers outlive the 3 tokens (the text model may stop early)
     stalled = [_aimed(client, "l40s", i) for i in long[:2]]
     crashed = _aimed(client, "rtx3090", long[2])
     assert all(e is not None for e in stalled) and crashed is not None

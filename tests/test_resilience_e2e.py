@@ -94,6 +94,7 @@ def test_node_slowed_5x_loses_its_traffic_within_bounded_requests(tmp_path: Path
                 model=MODEL,
                 prompt=f"share {i}",
                 max_tokens=16,
+                temperature=0,
                 extra_body={"gridserve": {"tier": "interactive", "hedge": False}},
             )
             return raw.headers["x-gridserve-node"]

@@ -73,7 +73,9 @@ def test_a_standby_is_prewarmed_and_more_when_demand_rises(tmp_path: Path) -> No
 
         def stream(i: int) -> None:
             while not stop.is_set():
-                for _ in client.completions.create(model=EMULATED, prompt=f"load {i}", max_tokens=60, stream=True):
+                for _ in client.completions.create(
+                    model=EMULATED, prompt=f"load {i}", max_tokens=60, temperature=0, stream=True
+                ):
                     pass
 
         threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(12)]
