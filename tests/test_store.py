@@ -69,9 +69,9 @@ def test_migrate_twice_is_fine(store: Store) -> None:
     store.upsert_node("n1", public_key="k", capability={}, state="up", at=1.0)
     store.migrate()
     store.migrate()
-    assert _scalar(store, "SELECT version_num FROM alembic_version") == "0001"
+    assert _scalar(store, "SELECT version_num FROM alembic_version") == "0002"
     tables = set(sa.inspect(store.engine).get_table_names())
-    assert {"nodes", "node_events", "decisions", "alembic_version"} <= tables
+    assert {"nodes", "node_events", "decisions", "settlements", "alembic_version"} <= tables
     assert [n["node_id"] for n in store.list_nodes()] == ["n1"]
 
 
@@ -88,7 +88,7 @@ def test_postgres_schema_isolates_tables() -> None:
     try:
         s.migrate()
         sql = f"SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}'"
-        assert _scalar(s, sql) == 4
+        assert _scalar(s, sql) == 5  # nodes, node_events, decisions, settlements, alembic_version
     finally:
         s.close()
         _drop_pg_schema(schema)
@@ -329,3 +329,26 @@ def test_event_detail_round_trips(store: Store, detail: dict[str, Any]) -> None:
     store.record_event(kind=kind, severity="info", node_id="n", detail=detail, at=1.0)
     [event] = store.list_events(kind=kind)
     assert event["detail"] == detail
+
+
+def test_settlement_ledger_totals_and_disputes(store: Store) -> None:
+    row = {
+        "decision_id": "d1",
+        "request_id": "r1",
+        "node_id": "n1",
+        "model": "m",
+        "tokens": 10,
+        "claimed_tokens": 10,
+        "price_per_mtok": 2.0,
+        "amount_usd": 2e-5,
+        "status": "ok",
+        "detail": "",
+        "at": 1.0,
+    }
+    disputed = {**row, "decision_id": "d2", "claimed_tokens": 20, "status": "disputed", "detail": "claims 20"}
+    store.record_settlements([row, disputed, {**row, "node_id": "n2", "tokens": 5, "amount_usd": 1e-5}])
+    report = store.settlement_report()
+    by_node = {t["node_id"]: t for t in report["totals"]}
+    assert by_node["n1"]["requests"] == 2 and by_node["n1"]["tokens"] == 20 and by_node["n1"]["disputed"] == 1
+    assert by_node["n2"]["tokens"] == 5 and by_node["n2"]["disputed"] == 0
+    assert [d["decision_id"] for d in report["disputed"]] == ["d2"]

@@ -38,6 +38,10 @@ class ModelSpec:
         return self.params * (per_param if per_param is not None else DTYPE_BYTES[dtype])
 
 
+TINY_MODEL = "gridserve-tiny"
+TINY_SEED = 20261123
+"""The tiny test model's name and the seed its weights are drawn from (engines/tiny.py)."""
+
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (

@@ -85,6 +85,9 @@ def gateway(
     profile: Annotated[Path | None, typer.Option(help="scheduling profile (YAML)")] = None,
     hedging: Annotated[bool, typer.Option(help="send late requests to the runner-up too")] = True,
     standby: Annotated[int, typer.Option(help="warm spare nodes kept per model in demand")] = 1,
+    allowed_digests: Annotated[
+        Path | None, typer.Option(help="JSON {model: [weights digest, ...]} nodes may serve")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     log_format: LogFormatOption = "text",
 ) -> None:
@@ -100,6 +103,13 @@ def gateway(
             load_profile(profile)
         except ProfileError as exc:
             raise fail(f"profile {profile}: {exc}") from None
+    if allowed_digests is not None:
+        from gridserve.trust.attestation import load_digests
+
+        try:
+            load_digests(allowed_digests)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
     keys = tuple(api_key) if api_key else (key,)
     config = GatewayConfig(
         port=port,
@@ -113,6 +123,7 @@ def gateway(
         profile_path=profile,
         hedging=hedging,
         standby_per_model=standby,
+        allowed_digests_path=allowed_digests,
     )
     console.print(f"gateway on http://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
     try:
@@ -142,6 +153,11 @@ def node(
     lazy: Annotated[bool, typer.Option(help="tiny/gemma: load the weights only when asked (pre-warming)")] = False,
     loadable: Annotated[list[str] | None, typer.Option(help="emulated: a model on disk, loaded when asked")] = None,
     load_gbps: Annotated[float, typer.Option(help="emulated: disk-to-device GB/s when loading")] = 2.0,
+    allow_dishonest: Annotated[bool, typer.Option(help="allow --dishonest modes (tests and demos only)")] = False,
+    dishonest: Annotated[
+        list[str] | None,
+        typer.Option(help="cheat on purpose: inflate_tokens, replay_receipt, spoof_identity, truncate"),
+    ] = None,
     allow_faults: Annotated[bool, typer.Option(help="accept fault injection (tests and demos only)")] = False,
     fault: Annotated[list[str] | None, typer.Option(help="inject a fault at start: key=value (repeatable)")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
@@ -179,8 +195,14 @@ def node(
         load_gbps=load_gbps,
     )
     faults = _faults(allow_faults, fault or [])
+    from gridserve.node.dishonest import Dishonesty, DishonestyRefused
+
     try:
-        run_node(config, options, faults=faults, log_level=log_level, log_format=_log_format(log_format))
+        lies = Dishonesty.of(dishonest or [], allowed=allow_dishonest)
+    except (ValueError, DishonestyRefused) as exc:
+        raise fail(str(exc)) from None
+    try:
+        run_node(config, options, faults=faults, lies=lies, log_level=log_level, log_format=_log_format(log_format))
     except (EngineError, UnknownHardware, UnknownModel, OSError) as exc:
         raise fail(str(exc)) from None
 
@@ -303,10 +325,11 @@ def demo(
 
 
 def _register_admin() -> None:
-    from gridserve.cli import admin, doctor
+    from gridserve.cli import admin, doctor, settle
 
     admin.register(app, console, fail)
     doctor.register(app, console, fail)
+    settle.register(app, console, fail)
 
 
 _register_admin()

@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 
+from gridserve.catalog.models import TINY_MODEL, TINY_SEED
 from gridserve.engines.torch_engine import LoadedModel, TorchEngine
 from gridserve.types import ChatMessage, ModelOffer
 
-TINY_MODEL = "gridserve-tiny"
-TINY_SEED = 20261123
 TINY_CONTEXT = 4096
 PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
 VOCAB = OFFSET + 256

@@ -14,6 +14,7 @@ import torch
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
 from gridserve.engines.sampling import fresh_seed, pick_token
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
+from gridserve.trust.commitments import token_commitment
 from gridserve.types import ChatMessage, GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
 
 
@@ -261,6 +262,7 @@ class _Generation:
                 text=tail,
                 finish_reason="stop" if finish == "stop" else "length",
                 prompt_tokens=len(self.prompt),
+                prompt_digest=token_commitment(self.prompt),
                 completion_tokens=self.step,
                 queue_s=round(began - self.submitted, 6),
                 prefill_s=round(first_at - began, 6),

@@ -29,6 +29,7 @@ from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.gateway.middleware import BodyLimit
 from gridserve.gateway.openai_api import ApiContext, list_models
 from gridserve.gateway.outcomes import Traces
+from gridserve.gateway.receipts import ReceiptChecker
 from gridserve.gateway.standby import StandbyKeeper
 from gridserve.scheduler import default_profile, load_profile
 from gridserve.store import Store, StoreWriter
@@ -69,6 +70,7 @@ class Gateway:
             profile,
             random.Random(),
             self.traces,
+            ReceiptChecker(self.membership, self.writer),
             on_request=self.standby.note_request,
         )
 
@@ -205,6 +207,12 @@ def _admin_routes(app: FastAPI, gw: Gateway) -> None:
         await asyncio.to_thread(gw.writer.flush, 5.0)
         found = await asyncio.to_thread(gw.store.list_events, kind=kind, node_id=node_id, limit=min(limit, 1000))
         return {"events": found}
+
+    @app.get("/admin/settlement")
+    async def settlement(request: Request) -> dict[str, Any]:
+        gw.require_admin(request)
+        await asyncio.to_thread(gw.writer.flush, 5.0)
+        return await asyncio.to_thread(gw.store.settlement_report)
 
     @app.get("/admin/standby")
     async def standby(request: Request) -> dict[str, Any]:

@@ -57,6 +57,8 @@ class GatewayConfig:
     standby_load_timeout_s: float = 120.0
     standby_interval_s: float = 1.0
     decision_cache: int = 10_000
+    allowed_digests_path: Path | None = None
+    """JSON {model: [weights digest, ...]} added to the built-in allowed digests (trust/attestation.py)."""
     profile_path: Path | None = None
     """Scheduling profile (YAML); default: the packaged default profile."""
 

@@ -41,7 +41,11 @@ class Segment:
     started: float
     first_at: float
     last_at: float
+    job: GenerateRequest
+    """The request as sent to this node (with `resume` after a failover)."""
     resumed_from: int = 0
+    ids: list[int] = field(default_factory=list)
+    """The token ids this node sent."""
     tokens: int = 0
     outcome: str = "streaming"
     detail: str = ""
@@ -91,9 +95,9 @@ class Generation:
     # -- running ------------------------------------------------------------------------------------
     async def open(self) -> None:
         """Open on the best node that answers (hedged); raises APIError when none does."""
-        self._begin(await self.d.open(self.decision, self.job, hedge=self.hedge), resumed_from=0)
+        self._begin(await self.d.open(self.decision, self.job, hedge=self.hedge), self.job)
 
-    def _begin(self, stream: NodeStream, *, resumed_from: int) -> None:
+    def _begin(self, stream: NodeStream, job: GenerateRequest) -> None:
         self._stream = stream
         self.segments.append(
             Segment(
@@ -101,7 +105,8 @@ class Generation:
                 started=stream.started,
                 first_at=stream.first_at,
                 last_at=stream.first_at,
-                resumed_from=resumed_from,
+                job=job,
+                resumed_from=len(job.resume),
             )
         )
 
@@ -150,6 +155,7 @@ class Generation:
             self.resumable = False  # an engine that does not name its tokens cannot be continued elsewhere
         self.emitted.extend(ids)
         segment = self.segment
+        segment.ids.extend(ids)
         segment.tokens += len(ids)
         segment.last_at = time.monotonic()
         if event.get("finish_reason"):
@@ -186,7 +192,7 @@ class Generation:
             raise GenerationFailed(f"node failed mid-generation ({detail}); no node took over: {exc.message}") from exc
         self.failovers += 1
         self.d.metrics.failovers.inc()
-        self._begin(stream, resumed_from=done)
+        self._begin(stream, job)
         return None
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, Transit
 from gridserve.scheduler import NodeSnapshot, NodeStatic
 from gridserve.store import StoreWriter
 from gridserve.trust import EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
+from gridserve.trust.attestation import attest, builtin_digests, load_digests, merged
 from gridserve.types import Capability, HeartbeatPayload, NodeId, NodeState, RegisterPayload, Telemetry
 from gridserve.types.base import from_wire
 
@@ -90,6 +91,9 @@ class Membership:
         self.clock = clock
         self.nodes: dict[NodeId, NodeRecord] = {}
         self.book = ReliabilityBook()
+        extra = load_digests(config.allowed_digests_path) if config.allowed_digests_path else {}
+        self.allowed_digests = merged(builtin_digests(), extra)
+        """Model -> weights digests a node may offer it with (trust/attestation.py)."""
         self._pending_events: list[dict[str, Any]] = []
 
     # -- intake ---------------------------------------------------------------------------------
@@ -116,6 +120,9 @@ class Membership:
             ) from exc
         if capability.public_key != envelope.keyid or capability.node_id != node_id_for(envelope.keyid):
             raise WrongSigner("capability names a key or node id other than the signing key's")
+        unattested = attest(capability.models, self.allowed_digests)
+        if unattested:
+            log.warning("node %s serves unattested model(s): %s", capability.node_id, ", ".join(unattested))
         now = self.clock()
         previous = self.nodes.get(capability.node_id)
         record = NodeRecord(capability=capability, state=NodeState.UP, registered_at=now, last_heartbeat=now)

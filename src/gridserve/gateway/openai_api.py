@@ -21,6 +21,7 @@ from gridserve.gateway.generation import Generation, GenerationFailed
 from gridserve.gateway.membership import Membership, NodeRecord
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.gateway.outcomes import Traces, observe_outcome
+from gridserve.gateway.receipts import ReceiptCheck, ReceiptChecker
 from gridserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, GridOptions, SamplingFields
 from gridserve.gateway.sse import DONE, ChunkFormatter
 from gridserve.scheduler import Profile, UnknownTier, schedule
@@ -42,6 +43,7 @@ class ApiContext:
     profile: Profile
     rng: random.Random
     traces: Traces
+    receipts: ReceiptChecker
     on_request: Callable[[str], None] = lambda model: None
     """Told the model of every accepted request (demand, for pre-warming)."""
 
@@ -204,8 +206,33 @@ async def _drain(ctx: ApiContext, gen: Generation, kind: str) -> AsyncIterator[d
         _finish(ctx, gen, kind, status=status, error=error, last=last)
 
 
+def _settle(ctx: ApiContext, gen: Generation) -> list[str]:
+    """Check each finished segment's receipt and append the settlement entries; returns the problems."""
+    problems: list[str] = []
+    decision = gen.decision
+    for segment in gen.segments:
+        candidate = decision.candidate(segment.node_id)
+        price = candidate.price_per_mtok if candidate else None
+        if segment.outcome == "ok":
+            check = ctx.receipts.check(segment.node_id, segment.job, segment.ids, segment.final)
+            problems += [f"{segment.node_id[:12]}: {k}: {e}" for k, e in check.problems]
+        elif segment.tokens:  # the node failed after sending tokens: they are paid, without a receipt
+            check = ReceiptCheck(node_id=segment.node_id, delivered=segment.tokens, receipted=False)
+        else:
+            continue
+        ctx.receipts.settle(
+            decision_id=decision.decision_id,
+            request_id=decision.request_id,
+            model=decision.model,
+            check=check,
+            price_per_mtok=price,
+        )
+    return problems
+
+
 def _finish(ctx: ApiContext, gen: Generation, kind: str, *, status: str, error: str, last: dict[str, Any]) -> None:
     decision = gen.decision
+    problems = _settle(ctx, gen)
     completion = int(last.get("completion_tokens", len(gen.emitted)))
     for segment in gen.segments:
         ctx.metrics.tokens.labels(node=segment.node_id).inc(segment.tokens)
@@ -221,6 +248,7 @@ def _finish(ctx: ApiContext, gen: Generation, kind: str, *, status: str, error: 
         usage={"prompt_tokens": int(last.get("prompt_tokens", 0)), "completion_tokens": completion},
         duration_s=round(time.monotonic() - gen.first.started, 6),
         timing=timing,
+        receipt_problems=problems,
     )
     log.info(
         "finished %s: %s (%d failovers)",

@@ -14,8 +14,10 @@ from pydantic import ValidationError
 
 from gridserve.engines import Engine, EngineError, InvalidRequest
 from gridserve.node.agent import NodeAgent
+from gridserve.node.dishonest import Dishonesty
 from gridserve.node.faults import Faults, FaultsDisabled, FaultSpec
 from gridserve.node.metrics import NodeMetrics
+from gridserve.node.receipts import Receipter
 from gridserve.trust import TrustError
 from gridserve.types import GenerateRequest, TokenEvent
 from gridserve.types.base import from_wire
@@ -26,10 +28,6 @@ LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 def _error(status: int, kind: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
-
-
-def _line(event: TokenEvent) -> bytes:
-    return orjson.dumps(event.model_dump(exclude_defaults=True)) + b"\n"
 
 
 class _Observed:
@@ -58,15 +56,15 @@ class _Observed:
 
 
 async def _stream(
-    first: TokenEvent | None, rest: AsyncIterator[TokenEvent], seen: _Observed, engine: Engine
+    first: TokenEvent | None, rest: AsyncIterator[TokenEvent], seen: _Observed, engine: Engine, receipts: Receipter
 ) -> AsyncIterator[bytes]:
     try:
         if first is not None:
             seen.token(first)
-            yield _line(first)
+            yield receipts.line(first)
         async for event in rest:
             seen.token(event)
-            yield _line(event)
+            yield receipts.line(event)
     except EngineError as exc:
         seen.status = "failed"
         yield _engine_error(engine, str(exc))
@@ -78,8 +76,26 @@ def _engine_error(engine: Engine, message: str) -> bytes:
     return orjson.dumps({"error": {"type": "engine_error", "message": message}}) + b"\n"
 
 
-def build_node_app(agent: NodeAgent, engine: Engine, faults: Faults | None = None) -> FastAPI:
+async def _truncated(events: AsyncIterator[TokenEvent], after: int | None) -> AsyncIterator[TokenEvent]:
+    """Dishonest `truncate`: stop after `after` tokens and claim the length limit was reached."""
+    sent = 0
+    async for event in events:
+        if after is not None and sent >= after and event.finish_reason is None:
+            yield TokenEvent(finish_reason="length", completion_tokens=sent)
+            return
+        sent += len(event.token_ids)
+        yield event
+
+
+def _digest(engine: Engine, model: str) -> str:
+    return next((o.weights_digest for o in engine.offers() if o.name == model), "")
+
+
+def build_node_app(
+    agent: NodeAgent, engine: Engine, faults: Faults | None = None, lies: Dishonesty | None = None
+) -> FastAPI:
     faults = faults or Faults(allowed=False)
+    lies = lies or Dishonesty()
     metrics = NodeMetrics()
     agent.faults = faults
 
@@ -142,7 +158,9 @@ def build_node_app(agent: NodeAgent, engine: Engine, faults: Faults | None = Non
             task.add_done_callback(loading.discard)
         seen = _Observed(metrics, job.model)
         metrics.active.inc()
-        events = faults.apply(engine.generate(job), engine.stats)
+        events = _truncated(
+            faults.apply(engine.generate(job), engine.stats), lies.truncate_after(job.sampling.max_tokens)
+        )
         try:
             first = await anext(events)
         except StopAsyncIteration:
@@ -155,7 +173,8 @@ def build_node_app(agent: NodeAgent, engine: Engine, faults: Faults | None = Non
             seen.status = "failed"
             seen.done()
             return _error(500, "engine_error", str(exc))
-        return StreamingResponse(_stream(first, events, seen, engine), media_type="application/x-ndjson")
+        receipts = Receipter(agent, payload, _digest(engine, job.model), lies)
+        return StreamingResponse(_stream(first, events, seen, engine, receipts), media_type="application/x-ndjson")
 
     @app.post("/internal/load")
     async def load(request: Request) -> Response:

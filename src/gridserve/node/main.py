@@ -8,6 +8,7 @@ from gridserve.engines.registry import EngineOptions, create_engine
 from gridserve.node.agent import NodeAgent
 from gridserve.node.app import build_node_app
 from gridserve.node.config import NodeConfig
+from gridserve.node.dishonest import Dishonesty
 from gridserve.node.faults import Faults
 from gridserve.observability import LogFormat, setup_logging
 from gridserve.trust import load_or_create_identity
@@ -18,6 +19,7 @@ def run_node(
     options: EngineOptions,
     *,
     faults: Faults | None = None,
+    lies: Dishonesty | None = None,
     log_level: str = "warning",
     log_format: LogFormat = "text",
 ) -> None:
@@ -25,7 +27,7 @@ def run_node(
     identity = load_or_create_identity(config.key_file)
     engine = create_engine(config.engine, options)
     agent = NodeAgent(config, identity, engine)
-    app = build_node_app(agent, engine, faults)
+    app = build_node_app(agent, engine, faults, lies)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -61,6 +61,23 @@ decisions = sa.Table(
     sa.Column("updated_at", sa.Float(), nullable=False),
 )
 
+settlements = sa.Table(
+    "settlements",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("decision_id", sa.String(), nullable=False),
+    sa.Column("request_id", sa.String(), nullable=False),
+    sa.Column("node_id", sa.String(), nullable=False, index=True),
+    sa.Column("model", sa.String(), nullable=False),
+    sa.Column("tokens", sa.Integer(), nullable=False),
+    sa.Column("claimed_tokens", sa.Integer(), nullable=True),
+    sa.Column("price_per_mtok", sa.Float(), nullable=False),
+    sa.Column("amount_usd", sa.Float(), nullable=False),
+    sa.Column("status", sa.String(), nullable=False),
+    sa.Column("detail", sa.String(), nullable=False),
+    sa.Column("at", sa.Float(), nullable=False),
+)
+
 
 def default_sqlite_url(data_dir: Path) -> str:
     """SQLite URL for ``data_dir/gridserve.db``; creates ``data_dir`` if needed."""
@@ -317,6 +334,35 @@ class Store:
         with self._engine.connect() as conn:
             row = conn.execute(sa.select(decisions).where(decisions.c.decision_id == decision_id)).first()
             return None if row is None else dict(row._mapping)
+
+    # -- settlement (append-only) ------------------------------------------------------------------------
+
+    def record_settlements(self, rows: Sequence[dict[str, Any]]) -> None:
+        if rows:
+            with self._write() as conn:
+                conn.execute(sa.insert(settlements), list(rows))
+
+    def settlement_report(self, *, disputed_limit: int = 100) -> dict[str, Any]:
+        """Per node and model: requests, tokens, amount, disputed entries; and the latest disputed entries."""
+        s = settlements.c
+        totals = (
+            sa.select(
+                s.node_id,
+                s.model,
+                sa.func.count().label("requests"),
+                sa.func.sum(s.tokens).label("tokens"),
+                sa.func.sum(s.amount_usd).label("amount_usd"),
+                sa.func.sum(sa.case((s.status == "disputed", 1), else_=0)).label("disputed"),
+            )
+            .group_by(s.node_id, s.model)
+            .order_by(s.node_id, s.model)
+        )
+        disputed = sa.select(settlements).where(s.status == "disputed").order_by(s.id.desc()).limit(disputed_limit)
+        with self._engine.connect() as conn:
+            return {
+                "totals": [dict(r._mapping) for r in conn.execute(totals)],
+                "disputed": [dict(r._mapping) for r in conn.execute(disputed)],
+            }
 
     def close(self) -> None:
         self._engine.dispose()

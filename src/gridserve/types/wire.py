@@ -60,6 +60,32 @@ class TokenEvent(Strict):
     """Last event: compute time to the first token."""
     decode_s: float = 0.0
     """Last event: compute time after the first token."""
+    prompt_digest: str = ""
+    """Last event: sha256 of the prompt's token ids as the node tokenised them (committed to in the receipt)."""
+
+
+class Receipt(Strict):
+    """What a node signs for each generation it finishes (purpose "receipt"). The gateway checks it against
+    what it sent and what it received; the settlement ledger compares its token count with its own."""
+
+    request_id: str
+    node_id: NodeId
+    model: str
+    weights_digest: str
+    input_commitment: str
+    """sha256 of the canonical JSON of the request as the node received it (gateway/receipts.py)."""
+    prompt_digest: str
+    output_commitment: str
+    """sha256 of the completion token ids this node sent (after any resumed ones), as little-endian int32."""
+    resumed: int
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    proof: str = ""
+    """Activation proof (later: TOPLOC over the last hidden states); empty when the engine has none."""
 
 
 class RegisterPayload(Strict):

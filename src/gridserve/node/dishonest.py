@@ -1,0 +1,51 @@
+"""Dishonest node modes, to show that the gateway catches them (tests and demos only): refused unless the
+node is started with `--allow-dishonest`.
+
+- `inflate_tokens`: the receipt claims twice the tokens generated (a settlement fraud);
+- `replay_receipt`: every receipt after the first is the first one again (an old receipt replayed);
+- `spoof_identity`: receipts are signed by another key that claims this node's id (forgery);
+- `truncate`: the answer stops after half its tokens but still reports `finish_reason: "length"`.
+"""
+
+from dataclasses import dataclass, field
+
+from gridserve.trust import Identity
+
+MODES = ("inflate_tokens", "replay_receipt", "spoof_identity", "truncate")
+
+
+class DishonestyRefused(Exception):
+    def __init__(self) -> None:
+        super().__init__("dishonest modes are for tests only; start the node with --allow-dishonest to use them")
+
+
+@dataclass
+class Dishonesty:
+    modes: frozenset[str] = frozenset()
+    _first_receipt: bytes | None = None
+    _forger: Identity = field(default_factory=Identity.generate)
+
+    @classmethod
+    def of(cls, modes: list[str], *, allowed: bool) -> "Dishonesty":
+        unknown = sorted(set(modes) - set(MODES))
+        if unknown:
+            raise ValueError(f"unknown dishonest mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+        if modes and not allowed:
+            raise DishonestyRefused()
+        return cls(modes=frozenset(modes))
+
+    def claimed_tokens(self, real: int) -> int:
+        return 2 * real if "inflate_tokens" in self.modes else real
+
+    def signer(self, honest: Identity) -> Identity:
+        return self._forger if "spoof_identity" in self.modes else honest
+
+    def replayed(self, fresh: bytes) -> bytes:
+        if "replay_receipt" not in self.modes:
+            return fresh
+        if self._first_receipt is None:
+            self._first_receipt = fresh
+        return self._first_receipt
+
+    def truncate_after(self, max_tokens: int) -> int | None:
+        return max(1, max_tokens // 2) if "truncate" in self.modes else None
