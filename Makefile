@@ -10,8 +10,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+TOPLOC := toploc==0.1.6
+# toploc's wheel is built against another torch and fails to import: build it against the pinned torch (~3 min once)
+
 $(VENV)/.base: pyproject.toml | $(BIN)/python
 	$(PIP) install -q -e .
+	$(PIP) install -q --no-build-isolation --no-binary toploc $(TOPLOC)
 	touch $@
 
 $(VENV)/.dev: pyproject.toml $(VENV)/.base

@@ -159,3 +159,45 @@ def test_dishonest_modes_are_refused_unless_enabled(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 2 and "--allow-dishonest" in out.stderr
+
+
+VERIFIED_CHEATS = ("wrong_model", "lazy_compute", "alter_output")
+
+
+def test_audits_and_canaries_catch_cheats_the_receipt_cannot_see(tmp_path: Path) -> None:
+    """Other weights, a skipped layer and altered tokens come with consistent receipts; the verifier's
+    re-execution (canaries aimed at each node, and sampled audits of client traffic) catches each."""
+    grid = make_grid(tmp_path, ["tiny"] * 4, threads=1, extra_gateway_args=["--canary-interval", "0"])
+    try:
+        grid.start_gateway()
+        grid.start_node(0, "tiny")
+        for i, mode in enumerate(VERIFIED_CHEATS, start=1):
+            grid.start_node(i, "tiny", ["--allow-dishonest", "--dishonest", mode])
+        grid.wait_nodes(4, 120)
+        by_port = {n["endpoint"].rsplit(":", 1)[1]: n["node_id"] for n in grid.nodes()}
+        honest = by_port[str(grid.node_port(0))]
+        cheats = {mode: by_port[str(grid.node_port(i))] for i, mode in enumerate(VERIFIED_CHEATS, start=1)}
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        for _ in range(3):
+            verdict = httpx.post(grid.url + f"/admin/canary?node_id={honest}", headers=headers, timeout=60).json()
+            assert verdict["ok"] and verdict["proof_checked"], verdict
+        for mode, node_id in cheats.items():
+            verdict = httpx.post(grid.url + f"/admin/canary?node_id={node_id}", headers=headers, timeout=60).json()
+            assert not verdict["ok"] and all(p.startswith("canary:") for p in verdict["problems"]), (mode, verdict)
+            incidents = admin_get(grid, f"/admin/incidents?node_id={node_id}").json()["incidents"]
+            assert incidents and all(i["severity"] == "severe" for i in incidents)
+            assert "canary:" in incidents[0]["detail"], incidents
+            state = next(n for n in grid.nodes() if n["node_id"] == node_id)["reliability"]["state"]
+            assert state == "quarantined", (mode, state)
+        client = _client(grid)
+        for i in range(20):  # client traffic now reaches only the honest node; new nodes are audited at 50%
+            client.completions.create(model=TINY_MODEL, prompt=f"audited {i}", max_tokens=8, temperature=0)
+        deadline = time.monotonic() + 30
+        audits = admin_get(grid, "/admin/audits").json()
+        while time.monotonic() < deadline and audits["audited"] < 3 + 3 + 4:
+            time.sleep(0.3)
+            audits = admin_get(grid, "/admin/audits").json()
+        assert audits["audited"] >= 10 and audits["failed"] == 3, audits
+        assert admin_get(grid, f"/admin/incidents?node_id={honest}").json()["incidents"] == []
+    finally:
+        grid.stop()

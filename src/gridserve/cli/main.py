@@ -1,5 +1,6 @@
 """`gridserve`: up, demo, gateway, node, nodes."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -85,6 +86,8 @@ def gateway(
     profile: Annotated[Path | None, typer.Option(help="scheduling profile (YAML)")] = None,
     hedging: Annotated[bool, typer.Option(help="send late requests to the runner-up too")] = True,
     standby: Annotated[int, typer.Option(help="warm spare nodes kept per model in demand")] = 1,
+    audit_rate: Annotated[float, typer.Option(help="share of trusted nodes' completions re-executed")] = 0.05,
+    canary_interval: Annotated[float, typer.Option(help="mean seconds between canary requests (0: none)")] = 60.0,
     allowed_digests: Annotated[
         Path | None, typer.Option(help="JSON {model: [weights digest, ...]} nodes may serve")
     ] = None,
@@ -123,6 +126,8 @@ def gateway(
         profile_path=profile,
         hedging=hedging,
         standby_per_model=standby,
+        audit_rate=audit_rate,
+        canary_interval_s=canary_interval,
         allowed_digests_path=allowed_digests,
     )
     console.print(f"gateway on http://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
@@ -155,8 +160,7 @@ def node(
     load_gbps: Annotated[float, typer.Option(help="emulated: disk-to-device GB/s when loading")] = 2.0,
     allow_dishonest: Annotated[bool, typer.Option(help="allow --dishonest modes (tests and demos only)")] = False,
     dishonest: Annotated[
-        list[str] | None,
-        typer.Option(help="cheat on purpose: inflate_tokens, replay_receipt, spoof_identity, truncate"),
+        list[str] | None, typer.Option(help="cheat on purpose, for tests (modes: see node/dishonest.py)")
     ] = None,
     allow_faults: Annotated[bool, typer.Option(help="accept fault injection (tests and demos only)")] = False,
     fault: Annotated[list[str] | None, typer.Option(help="inject a fault at start: key=value (repeatable)")] = None,
@@ -195,12 +199,13 @@ def node(
         load_gbps=load_gbps,
     )
     faults = _faults(allow_faults, fault or [])
-    from gridserve.node.dishonest import Dishonesty, DishonestyRefused
+    from gridserve.node.dishonest import ENGINE_MODES, Dishonesty, DishonestyRefused
 
     try:
         lies = Dishonesty.of(dishonest or [], allowed=allow_dishonest)
     except (ValueError, DishonestyRefused) as exc:
         raise fail(str(exc)) from None
+    options = dataclasses.replace(options, cheat=tuple(sorted(lies.modes & ENGINE_MODES)))
     try:
         run_node(config, options, faults=faults, lies=lies, log_level=log_level, log_format=_log_format(log_format))
     except (EngineError, UnknownHardware, UnknownModel, OSError) as exc:

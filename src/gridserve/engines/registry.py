@@ -30,13 +30,16 @@ class EngineOptions:
     """emulated: catalogue models on disk, loaded when the gateway asks (pre-warming)."""
     load_gbps: float = 2.0
     """emulated: disk-to-device bandwidth when loading weights, GB/s."""
+    cheat: tuple[str, ...] = ()
+    """tiny: dishonest modes that change the model while it claims the real weights (`wrong_model`: other
+    weights, `lazy_compute`: skips its last layer); node/dishonest.py checks they are allowed."""
 
 
 def create_engine(name: str, options: EngineOptions) -> Engine:
     from gridserve.engines.tiny import tiny_engine
 
     if name == "tiny":
-        return tiny_engine(threads=options.threads, lazy=options.lazy)
+        return tiny_engine(threads=options.threads, lazy=options.lazy, cheat=options.cheat)
     if name == "gemma-270m":
         from gridserve.engines.gemma import gemma_engine
 

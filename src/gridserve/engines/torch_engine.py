@@ -14,6 +14,7 @@ import torch
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
 from gridserve.engines.sampling import fresh_seed, pick_token
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
+from gridserve.trust import proofs
 from gridserve.trust.commitments import token_commitment
 from gridserve.types import ChatMessage, GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
 
@@ -200,6 +201,8 @@ class _Generation:
         self.began: float | None = None
         self.first_at: float | None = None
         self.out: Any = None
+        self.activations: list[torch.Tensor] = []
+        """Final-layer hidden state behind each picked token (for the activation proof)."""
         self.step = len(request.resume)
         self.last = 0
 
@@ -227,16 +230,19 @@ class _Generation:
             for token in self.request.resume:
                 self.stops.feed(self.decoder.push(token))
             ids = torch.tensor([[*self.prompt, *self.request.resume]])
-            self.out = self.loaded.model(input_ids=ids, use_cache=True)
+            self.out = self.loaded.model(input_ids=ids, use_cache=True, output_hidden_states=True)
         else:
             started = time.monotonic()
             step_ids = torch.tensor([[self.last]])
-            self.out = self.loaded.model(input_ids=step_ids, past_key_values=self.out.past_key_values, use_cache=True)
+            self.out = self.loaded.model(
+                input_ids=step_ids, past_key_values=self.out.past_key_values, use_cache=True, output_hidden_states=True
+            )
             if self.stats.decode_throttle > 1.0:
                 time.sleep((time.monotonic() - started) * (self.stats.decode_throttle - 1.0))
         return self._pick()
 
     def _pick(self) -> str | None:
+        self.activations.append(self.out.hidden_states[-1][0, -1].clone())
         logits = self.out.logits[0, -1].float()
         if self.loaded.logit_mask is not None:
             logits = logits + self.loaded.logit_mask
@@ -263,6 +269,7 @@ class _Generation:
                 finish_reason="stop" if finish == "stop" else "length",
                 prompt_tokens=len(self.prompt),
                 prompt_digest=token_commitment(self.prompt),
+                proof=proofs.build(self.activations, self.request.model),
                 completion_tokens=self.step,
                 queue_s=round(began - self.submitted, 6),
                 prefill_s=round(first_at - began, 6),

@@ -17,6 +17,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
 from gridserve.gateway.admin import add_reliability_routes
+from gridserve.gateway.audit import Auditor, Verifier
+from gridserve.gateway.canary import CanaryRunner
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.decisions import DecisionLog
 from gridserve.gateway.dispatch import Dispatcher
@@ -61,6 +63,9 @@ class Gateway:
         self.decisions = DecisionLog(self.writer, config.decision_cache)
         profile = load_profile(config.profile_path) if config.profile_path else default_profile()
         self.traces = Traces()
+        self.receipts = ReceiptChecker(self.membership, self.writer)
+        self.auditor = Auditor(config, self.membership, self.metrics, Verifier())
+        self.canaries = CanaryRunner(self.dispatcher, self.auditor, self.receipts)
         self.standby = StandbyKeeper(config, self.membership, self.dispatcher, profile)
         self.api = ApiContext(
             self.membership,
@@ -70,7 +75,8 @@ class Gateway:
             profile,
             random.Random(),
             self.traces,
-            ReceiptChecker(self.membership, self.writer),
+            self.receipts,
+            self.auditor,
             on_request=self.standby.note_request,
         )
 
@@ -101,11 +107,16 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
         await gw.dispatcher.start()
         sweeper = asyncio.create_task(gw.sweep_forever())
         keeper = asyncio.create_task(gw.standby.run_forever())
+        canary = (
+            asyncio.create_task(gw.canaries.run_forever(gw.config.canary_interval_s))
+            if gw.config.canary_interval_s > 0
+            else asyncio.create_task(asyncio.sleep(0))
+        )
         prober = asyncio.create_task(probe_forever(gw.membership, gw.dispatcher, gw.config))
         try:
             yield
         finally:
-            for task in (sweeper, prober, keeper):
+            for task in (sweeper, prober, keeper, canary):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -213,6 +224,20 @@ def _admin_routes(app: FastAPI, gw: Gateway) -> None:
         gw.require_admin(request)
         await asyncio.to_thread(gw.writer.flush, 5.0)
         return await asyncio.to_thread(gw.store.settlement_report)
+
+    @app.get("/admin/audits")
+    async def audits(request: Request) -> dict[str, Any]:
+        gw.require_admin(request)
+        return gw.auditor.summary()
+
+    @app.post("/admin/canary")
+    async def canary(request: Request, node_id: str | None = None) -> dict[str, Any]:
+        """Send one canary now (to `node_id`, else a random eligible node) and return its verdict."""
+        gw.require_admin(request)
+        result = await gw.canaries.once(node_id)
+        if result is None:
+            raise APIError(409, "no canary could be sent (no eligible node answered)", code="no_canary")
+        return {**result.__dict__, "ok": result.ok}
 
     @app.get("/admin/standby")
     async def standby(request: Request) -> dict[str, Any]:

@@ -46,6 +46,11 @@ class GatewayConfig:
     stall_itl_multiple: float = 10.0
     """Mid-stream, no token for max(stall_min_s, stall_itl_multiple x predicted ITL) means the node stalled:
     the generation moves to another node."""
+    stall_unpredicted_s: float = 10.0
+    """The stall timeout for a node whose ITL cannot be predicted (a model or card the catalogue lacks)."""
+    stall_unresumable_s: float = 30.0
+    """The stall timeout for a stream no other node could continue (its engine names no token ids): giving up
+    early would only end the client's answer."""
     max_failovers: int = 3
     """Mid-stream failovers allowed per request."""
     standby_per_model: int = 1
@@ -57,6 +62,13 @@ class GatewayConfig:
     standby_load_timeout_s: float = 120.0
     standby_interval_s: float = 1.0
     decision_cache: int = 10_000
+    audit_rate: float = 0.05
+    """Share of an established, fully reliable node's completions re-executed by the verifier."""
+    audit_new_rate: float = 0.5
+    """Audit share for nodes with little history."""
+    audit_floor: float = 0.01
+    canary_interval_s: float = 60.0
+    """Mean seconds between canary requests (0: none)."""
     allowed_digests_path: Path | None = None
     """JSON {model: [weights digest, ...]} added to the built-in allowed digests (trust/attestation.py)."""
     profile_path: Path | None = None

@@ -111,9 +111,11 @@ class Dispatcher:
 
     def stall_timeout(self, candidate: Candidate | None) -> float:
         """No token for this long mid-stream means the node stalled: `stall_itl_multiple` x its predicted ITL,
-        at least `stall_min_s`."""
+        at least `stall_min_s` (`stall_unpredicted_s` without a prediction)."""
         itl = candidate.predicted_itl_s if candidate is not None else None
-        return max(self.config.stall_min_s, self.config.stall_itl_multiple * (itl or 0.0))
+        if itl is None:
+            return self.config.stall_unpredicted_s
+        return max(self.config.stall_min_s, self.config.stall_itl_multiple * itl)
 
     # -- opening a generation -------------------------------------------------------------------------
     async def open(

@@ -135,10 +135,11 @@ class Generation:
 
     async def _guarded(self, stream: NodeStream) -> AsyncIterator[dict[str, Any]]:
         """The stream's events; no event within the stall timeout raises Stalled."""
-        timeout = self.d.stall_timeout(self.decision.candidate(stream.node_id))
+        stall = self.d.stall_timeout(self.decision.candidate(stream.node_id))
         events = stream.events()
         try:
             while True:
+                timeout = stall if self.resumable else max(stall, self.d.config.stall_unresumable_s)
                 try:
                     event = await asyncio.wait_for(anext(events), timeout)
                 except StopAsyncIteration:

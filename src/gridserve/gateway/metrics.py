@@ -55,6 +55,9 @@ class GatewayMetrics:
         self.preloads = Counter(
             "gridserve_preloads_total", "Nodes asked to load a model before it is needed", ["model"], registry=r
         )
+        self.audits = Counter(
+            "gridserve_audits_total", "Completions re-executed by the verifier, by result", ["result"], registry=r
+        )
         self.incidents = Counter(
             "gridserve_incidents_total",
             "Reliability incidents (quarantines, bans) by severity",

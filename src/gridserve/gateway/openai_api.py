@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from gridserve.catalog.models import MODELS
 from gridserve.catalog.tiers import DEFAULT_TIER
+from gridserve.gateway.audit import Auditor
 from gridserve.gateway.decisions import DecisionLog
 from gridserve.gateway.dispatch import Dispatcher
 from gridserve.gateway.errors import APIError, bad_request, model_not_found, no_capacity
@@ -44,6 +45,7 @@ class ApiContext:
     rng: random.Random
     traces: Traces
     receipts: ReceiptChecker
+    auditor: Auditor
     on_request: Callable[[str], None] = lambda model: None
     """Told the model of every accepted request (demand, for pre-warming)."""
 
@@ -216,6 +218,8 @@ def _settle(ctx: ApiContext, gen: Generation) -> list[str]:
         if segment.outcome == "ok":
             check = ctx.receipts.check(segment.node_id, segment.job, segment.ids, segment.final)
             problems += [f"{segment.node_id[:12]}: {k}: {e}" for k, e in check.problems]
+            if check.receipt is not None and check.ok:
+                ctx.auditor.maybe_audit(segment.node_id, segment.job, segment.ids, check.receipt)
         elif segment.tokens:  # the node failed after sending tokens: they are paid, without a receipt
             check = ReceiptCheck(node_id=segment.node_id, delivered=segment.tokens, receipted=False)
         else:

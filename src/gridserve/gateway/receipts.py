@@ -36,6 +36,8 @@ class ReceiptCheck:
     claimed: int | None = None
     receipted: bool = True
     """False for tokens a node sent before it failed: paid from the gateway's count, with no receipt."""
+    receipt: Receipt | None = None
+    """The verified receipt (None when it could not be verified)."""
     problems: list[tuple[str, str]] = field(default_factory=list)
     """(kind, evidence): kind is identity, integrity or settlement."""
 
@@ -54,15 +56,17 @@ class ReceiptChecker:
         result = ReceiptCheck(node_id=node_id, delivered=len(sent_ids))
         receipt = self._verified(node_id, final.get("receipt"), result)
         if receipt is not None:
+            result.receipt = receipt
             self._compare(receipt, job, sent_ids, final, result)
-        for kind, evidence in result.problems:
+        if result.problems:  # one incident per receipt, however many checks failed
             self.membership.note(
                 NodeEvent(
                     node_id=node_id,
                     kind=EventKind.INCIDENT,
                     at=time.time(),
                     severity=Severity.SEVERE,
-                    detail=f"{kind}: {evidence} (request {job.request_id})",
+                    detail="; ".join(f"{kind}: {evidence}" for kind, evidence in result.problems)
+                    + f" (request {job.request_id})",
                 )
             )
         return result

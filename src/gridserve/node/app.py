@@ -76,15 +76,18 @@ def _engine_error(engine: Engine, message: str) -> bytes:
     return orjson.dumps({"error": {"type": "engine_error", "message": message}}) + b"\n"
 
 
-async def _truncated(events: AsyncIterator[TokenEvent], after: int | None) -> AsyncIterator[TokenEvent]:
-    """Dishonest `truncate`: stop after `after` tokens and claim the length limit was reached."""
+async def _dishonest(events: AsyncIterator[TokenEvent], lies: Dishonesty, max_tokens: int) -> AsyncIterator[TokenEvent]:
+    """Dishonest modes that change the stream: `truncate` stops after half the tokens and claims the length
+    limit; `alter_output` replaces every 4th token."""
+    after = lies.truncate_after(max_tokens)
     sent = 0
     async for event in events:
         if after is not None and sent >= after and event.finish_reason is None:
             yield TokenEvent(finish_reason="length", completion_tokens=sent)
             return
+        altered = lies.alter(event, sent)
         sent += len(event.token_ids)
-        yield event
+        yield altered
 
 
 def _digest(engine: Engine, model: str) -> str:
@@ -158,9 +161,7 @@ def build_node_app(
             task.add_done_callback(loading.discard)
         seen = _Observed(metrics, job.model)
         metrics.active.inc()
-        events = _truncated(
-            faults.apply(engine.generate(job), engine.stats), lies.truncate_after(job.sampling.max_tokens)
-        )
+        events = _dishonest(faults.apply(engine.generate(job), engine.stats), lies, job.sampling.max_tokens)
         try:
             first = await anext(events)
         except StopAsyncIteration:

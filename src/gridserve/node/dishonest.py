@@ -4,14 +4,26 @@ node is started with `--allow-dishonest`.
 - `inflate_tokens`: the receipt claims twice the tokens generated (a settlement fraud);
 - `replay_receipt`: every receipt after the first is the first one again (an old receipt replayed);
 - `spoof_identity`: receipts are signed by another key that claims this node's id (forgery);
-- `truncate`: the answer stops after half its tokens but still reports `finish_reason: "length"`.
+- `truncate`: the answer stops after half its tokens but still reports `finish_reason: "length"`;
+- `alter_output`: every 4th token is replaced by another (text "?") and the receipt commits to that;
+- `wrong_model` / `lazy_compute` (tiny engine): other weights / the last layer skipped, the real digest claimed.
 """
 
 from dataclasses import dataclass, field
 
 from gridserve.trust import Identity
+from gridserve.types import TokenEvent
 
-MODES = ("inflate_tokens", "replay_receipt", "spoof_identity", "truncate")
+MODES = (
+    "inflate_tokens",
+    "replay_receipt",
+    "spoof_identity",
+    "truncate",
+    "alter_output",
+    "wrong_model",
+    "lazy_compute",
+)
+ENGINE_MODES = frozenset({"wrong_model", "lazy_compute"})
 
 
 class DishonestyRefused(Exception):
@@ -46,6 +58,12 @@ class Dishonesty:
         if self._first_receipt is None:
             self._first_receipt = fresh
         return self._first_receipt
+
+    def alter(self, event: TokenEvent, index: int) -> TokenEvent:
+        """`alter_output`: token number `index` (0-based) of the answer, replaced if index % 4 == 3."""
+        if "alter_output" not in self.modes or not event.token_ids or index % 4 != 3:
+            return event
+        return event.model_copy(update={"token_ids": (event.token_ids[0] ^ 1,), "text": "?"})
 
     def truncate_after(self, max_tokens: int) -> int | None:
         return max(1, max_tokens // 2) if "truncate" in self.modes else None

@@ -62,6 +62,8 @@ class TokenEvent(Strict):
     """Last event: compute time after the first token."""
     prompt_digest: str = ""
     """Last event: sha256 of the prompt's token ids as the node tokenised them (committed to in the receipt)."""
+    proof: str = ""
+    """Last event: the activation proof over the tokens this node generated (trust/proofs.py)."""
 
 
 class Receipt(Strict):
