@@ -201,3 +201,39 @@ def test_audits_and_canaries_catch_cheats_the_receipt_cannot_see(tmp_path: Path)
         assert admin_get(grid, f"/admin/incidents?node_id={honest}").json()["incidents"] == []
     finally:
         grid.stop()
+
+
+def test_one_key_used_from_two_places_is_an_identity_incident(tmp_path: Path) -> None:
+    grid = make_grid(tmp_path, ["tiny", "tiny"], threads=1, heartbeat_interval_s=0.5)
+    try:
+        grid.start_gateway()
+        grid.start_node(0, "tiny")
+        grid.wait_nodes(1, 120)
+        node_id = grid.nodes()[0]["node_id"]
+        # a second agent with the same key file, somewhere else (another port)
+        grid.procs["node-1"] = grid.procs.pop("node-0")
+        grid.start_node(0, "tiny", ["--port", str(grid.node_port(1))])
+        deadline = time.monotonic() + 30
+        incidents: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not incidents:
+            incidents = admin_get(grid, f"/admin/incidents?node_id={node_id}").json()["incidents"]
+            time.sleep(0.3)
+        assert incidents and "key used from two places" in incidents[0]["detail"]
+        assert next(n for n in grid.nodes() if n["node_id"] == node_id)["reliability"]["state"] == "quarantined"
+    finally:
+        grid.stop()
+
+
+def test_forged_message_claiming_a_node_never_counts_against_it(cheat_grid: LocalGrid) -> None:
+    from gridserve.trust import Identity, sign_envelope
+
+    victim = _node(cheat_grid, "rtx4090")
+    forger = Identity.generate()
+    beat = {"node_id": victim["node_id"], "seq": 10**9, "telemetry": {}}
+    body = sign_envelope(forger, beat, purpose="heartbeat", now=time.time())
+    resp = httpx.post(cheat_grid.url + "/nodes/heartbeat", content=body, timeout=10)
+    assert resp.status_code in (401, 404)
+    events = admin_get(cheat_grid, "/admin/events?kind=protocol_rejected&limit=50").json()["events"]
+    assert events and all(e["node_id"] != victim["node_id"] for e in events)  # recorded against its source
+    assert all(e["detail"]["remote"] for e in events)
+    assert admin_get(cheat_grid, f"/admin/incidents?node_id={victim['node_id']}").json()["incidents"] == []

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.perfmodel import Calibration
-from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, Transition
+from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, ReliabilityState, Severity, Transition
 from gridserve.scheduler import NodeSnapshot, NodeStatic
 from gridserve.store import StoreWriter
 from gridserve.trust import EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
@@ -162,9 +162,21 @@ class Membership:
         if beat.node_id != node_id:
             raise WrongSigner("heartbeat names another node than its signer")
         now = self.clock()
+        excluded = self.book.state(node_id, now) in (ReliabilityState.QUARANTINED, ReliabilityState.BANNED)
+        if beat.seq <= record.last_seq and not excluded:  # one agent counts up; a lower count: a second process
+            self.note(
+                NodeEvent(
+                    node_id=node_id,
+                    kind=EventKind.INCIDENT,
+                    at=now,
+                    severity=Severity.SEVERE,
+                    detail=f"identity: key used from two places at once: heartbeat #{beat.seq} after #{record.last_seq}"
+                    f" (endpoint {record.capability.endpoint})",
+                )
+            )
         record.last_heartbeat = now
         record.telemetry = beat.telemetry
-        record.last_seq = beat.seq
+        record.last_seq = max(record.last_seq, beat.seq)
         if record.state == NodeState.SUSPECT:
             self._transition(record, NodeState.UP, "heartbeat resumed")
         elif record.state == NodeState.DOWN:

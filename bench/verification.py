@@ -1,0 +1,163 @@
+"""Verification: how fast sampled audits catch a cheating node, what they cost, and that honest work passes.
+
+1. Honest completions from the tiny model at 1 and 2 threads (`--honest` of them, half each), every one audited
+   by the verifier (gateway/audit.py: prompt digest, TOPLOC proof, greedy tokens): false positives counted,
+   proof bytes per token, and the verifier's time against the node's generation time.
+2. Cheating completions (other weights, a skipped layer, altered tokens: node/dishonest.py), each audited:
+   the share caught when audited.
+3. Detection: for audit rates p and cheat rates f, `--trials` simulated nodes serve n requests each; every
+   request cheats with probability f (drawing a real cheating completion), else honest (a real honest one),
+   and is audited with probability p, the audit outcome being that completion's real verification result. The
+   measured share of nodes caught within n requests is set against the expected 1 - (1 - p f)^n.
+
+Prints JSON; run: `.venv/bin/python bench/verification.py` (about 3 minutes).
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+from rich.progress import Progress
+
+from gridserve.engines.tiny import tiny_engine
+from gridserve.engines.torch_engine import TorchEngine
+from gridserve.gateway.audit import Verifier
+from gridserve.node.dishonest import Dishonesty
+from gridserve.types import GenerateRequest, NodeId, Receipt, SamplingParams, TokenEvent
+
+MODEL = "gridserve-tiny"
+
+
+def job(i: int) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=f"cmpl-{i}",
+        model=MODEL,
+        prompt=f"bench prompt {i}: tell me about the grid",
+        sampling=SamplingParams(max_tokens=24, temperature=0.0 if i % 2 else 0.8, seed=i),
+    )
+
+
+def receipt(final: TokenEvent, ids: list[int]) -> Receipt:
+    return Receipt(
+        request_id="r",
+        node_id=NodeId("n"),
+        model=MODEL,
+        weights_digest="",
+        input_commitment="",
+        prompt_digest=final.prompt_digest,
+        output_commitment="",
+        resumed=0,
+        prompt_tokens=final.prompt_tokens,
+        completion_tokens=final.completion_tokens,
+        finish_reason=str(final.finish_reason),
+        queue_s=0.0,
+        prefill_s=final.prefill_s,
+        decode_s=final.decode_s,
+        proof=final.proof,
+    )
+
+
+async def generate(engine: TorchEngine, j: GenerateRequest, lies: Dishonesty) -> tuple[list[int], TokenEvent, float]:
+    start = time.perf_counter()
+    ids: list[int] = []
+    final: TokenEvent | None = None
+    async for event in engine.generate(j):
+        event = lies.alter(event, len(ids))
+        ids.extend(event.token_ids)
+        final = event
+    assert final is not None
+    return ids, final, time.perf_counter() - start
+
+
+def run_pool(
+    engine: TorchEngine, lies: Dishonesty, verifier: Verifier, start: int, count: int, progress: Progress, task: Any
+) -> list[dict[str, float]]:
+    out = []
+    for i in range(start, start + count):
+        j = job(i)
+        ids, final, gen_s = asyncio.run(generate(engine, j, lies))
+        t = time.perf_counter()
+        result = verifier.check(j, ids, receipt(final, ids))
+        verify_s = time.perf_counter() - t
+        picks = max(1, final.completion_tokens)
+        out.append(
+            {"ok": float(result.ok), "gen_s": gen_s, "verify_s": verify_s, "proof_bpt": len(final.proof) / picks}
+        )
+        progress.advance(task)
+    return out
+
+
+def detection(honest: list[bool], cheating: list[bool], trials: int, rng: random.Random) -> list[dict[str, Any]]:
+    """`honest`/`cheating`: each real completion's audit verdict (True = passed)."""
+    rows = []
+    for p in (0.01, 0.05, 0.10):
+        for f in (1.0, 0.10, 0.01):
+            for n in (100, 1000):
+                caught = 0
+                for _ in range(trials):
+                    for _ in range(n):
+                        cheats = rng.random() < f
+                        if rng.random() < p and not rng.choice(cheating if cheats else honest):
+                            caught += 1
+                            break
+                rows.append(
+                    {
+                        "audit_rate": p,
+                        "cheat_rate": f,
+                        "requests": n,
+                        "caught_share": round(caught / trials, 3),
+                        "expected_share": round(1 - (1 - p * f) ** n, 3),
+                    }
+                )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--honest", type=int, default=2000, help="honest audited completions (half at 1 thread, half at 2)"
+    )
+    parser.add_argument("--cheating", type=int, default=90, help="cheating completions (a third per mode)")
+    parser.add_argument("--trials", type=int, default=300)
+    args = parser.parse_args()
+    verifier = Verifier(threads=1)
+    honest_rows: list[dict[str, float]] = []
+    cheat_rows: dict[str, list[dict[str, float]]] = {}
+    with Progress() as progress:
+        task = progress.add_task("honest completions, audited", total=args.honest)
+        for threads, half in ((1, args.honest // 2), (2, args.honest - args.honest // 2)):
+            engine = tiny_engine(threads=threads)
+            engine.load_sync()
+            honest_rows += run_pool(engine, Dishonesty(), verifier, len(honest_rows), half, progress, task)
+        task = progress.add_task("cheating completions, audited", total=args.cheating)
+        per_mode = args.cheating // 3
+        for mode in ("wrong_model", "lazy_compute", "alter_output"):
+            cheat = (mode,) if mode != "alter_output" else ()
+            engine = tiny_engine(threads=1, cheat=cheat)
+            engine.load_sync()
+            lies = Dishonesty(modes=frozenset({mode}))
+            cheat_rows[mode] = run_pool(engine, lies, verifier, 10_000, per_mode, progress, task)
+    honest_ok = [bool(r["ok"]) for r in honest_rows]
+    cheat_ok = [bool(r["ok"]) for rows in cheat_rows.values() for r in rows]
+    gen = statistics.median(r["gen_s"] for r in honest_rows)
+    ver = statistics.median(r["verify_s"] for r in honest_rows)
+    report = {
+        "detection": detection(honest_ok, cheat_ok, args.trials, random.Random(0)),
+        "honest_audited": len(honest_rows),
+        "false_positives": honest_ok.count(False),
+        "caught_when_audited": {m: sum(1 for r in rows if not r["ok"]) / len(rows) for m, rows in cheat_rows.items()},
+        "proof_bytes_per_token": round(statistics.mean(r["proof_bpt"] for r in honest_rows), 2),
+        "audit_overhead_pct": round(100 * ver / gen, 1),
+        "audit_overhead_overall_pct_at_5pct_audits": round(5 * ver / gen, 2),
+        "median_generation_ms": round(gen * 1e3, 2),
+        "median_verification_ms": round(ver * 1e3, 2),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
