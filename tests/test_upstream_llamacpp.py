@@ -116,3 +116,16 @@ def test_streamed_completion_equals_llama_server(upstream_grid: LocalGrid, llama
     expected = direct.completions.create(model="gemma-gguf", prompt=prompt, max_tokens=16, temperature=0)
     assert text == expected.choices[0].text and text
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == expected.usage.completion_tokens  # type: ignore[union-attr]
+
+
+def test_an_honest_upstream_node_is_never_accused(upstream_grid: LocalGrid) -> None:
+    """Upstream servers do not name their tokens: receipts are still checked, counts only bounded."""
+    client = OpenAI(base_url=upstream_grid.url + "/v1", api_key=API_KEY, max_retries=0)
+    for i in range(3):
+        client.chat.completions.create(
+            model=SERVED, messages=[{"role": "user", "content": f"Count to {i + 3}."}], max_tokens=12, temperature=0
+        )
+    node = upstream_grid.nodes()[0]
+    assert admin_get(upstream_grid, f"/admin/incidents?node_id={node['node_id']}").json()["incidents"] == []
+    totals = admin_get(upstream_grid, "/admin/settlement").json()["totals"]
+    assert totals and all(t["disputed"] == 0 and t["tokens"] > 0 for t in totals)

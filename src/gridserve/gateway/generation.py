@@ -46,6 +46,9 @@ class Segment:
     resumed_from: int = 0
     ids: list[int] = field(default_factory=list)
     """The token ids this node sent."""
+    unnamed_chunks: int = 0
+    unnamed_chars: int = 0
+    """Text this node sent without naming its tokens (an upstream server): chunks and characters."""
     tokens: int = 0
     outcome: str = "streaming"
     detail: str = ""
@@ -152,10 +155,13 @@ class Generation:
 
     def _account(self, event: dict[str, Any]) -> None:
         ids = event.get("token_ids") or ()
-        if event.get("text") and not ids and not event.get("finish_reason"):
-            self.resumable = False  # an engine that does not name its tokens cannot be continued elsewhere
-        self.emitted.extend(ids)
         segment = self.segment
+        if event.get("text") and not ids:
+            segment.unnamed_chunks += 1
+            segment.unnamed_chars += len(event["text"])
+            if not event.get("finish_reason"):
+                self.resumable = False  # an engine that does not name its tokens cannot be continued elsewhere
+        self.emitted.extend(ids)
         segment.ids.extend(ids)
         segment.tokens += len(ids)
         segment.last_at = time.monotonic()

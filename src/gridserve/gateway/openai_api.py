@@ -216,7 +216,8 @@ def _settle(ctx: ApiContext, gen: Generation) -> list[str]:
         candidate = decision.candidate(segment.node_id)
         price = candidate.price_per_mtok if candidate else None
         if segment.outcome == "ok":
-            check = ctx.receipts.check(segment.node_id, segment.job, segment.ids, segment.final)
+            unnamed = (segment.unnamed_chunks, segment.unnamed_chars) if segment.unnamed_chunks else None
+            check = ctx.receipts.check(segment.node_id, segment.job, segment.ids, segment.final, unnamed)
             problems += [f"{segment.node_id[:12]}: {k}: {e}" for k, e in check.problems]
             if check.receipt is not None and check.ok:
                 ctx.auditor.maybe_audit(segment.node_id, segment.job, segment.ids, check.receipt)

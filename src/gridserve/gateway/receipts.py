@@ -52,12 +52,25 @@ class ReceiptChecker:
         self.writer = writer
         self.verifier = EnvelopeVerifier(FreshnessPolicy(max_skew_s=30.0, max_lifetime_s=120.0), time.time)
 
-    def check(self, node_id: str, job: GenerateRequest, sent_ids: list[int], final: dict[str, Any]) -> ReceiptCheck:
+    def check(
+        self,
+        node_id: str,
+        job: GenerateRequest,
+        sent_ids: list[int],
+        final: dict[str, Any],
+        unnamed: tuple[int, int] | None = None,
+    ) -> ReceiptCheck:
+        """`unnamed`: (text chunks, characters) received from an engine that does not name its tokens (an
+        upstream server): token counts can then only be bounded, not counted."""
         result = ReceiptCheck(node_id=node_id, delivered=len(sent_ids))
         receipt = self._verified(node_id, final.get("receipt"), result)
         if receipt is not None:
             result.receipt = receipt
             self._compare(receipt, job, sent_ids, final, result)
+            if unnamed is not None and not sent_ids:
+                self._bound(receipt, final, unnamed, result)
+            else:
+                self._count(receipt, job, sent_ids, final, result)
         if result.problems:  # one incident per receipt, however many checks failed
             self.membership.note(
                 NodeEvent(
@@ -103,6 +116,10 @@ class ReceiptChecker:
         for name, (got, want) in expected.items():
             if got != want:
                 result.problems.append(("integrity", f"{name} mismatch: receipt says {got!r}, expected {want!r}"))
+
+    def _count(
+        self, r: Receipt, job: GenerateRequest, sent_ids: list[int], final: dict[str, Any], result: ReceiptCheck
+    ) -> None:
         total = len(job.resume) + len(sent_ids)
         if final.get("finish_reason") == "length" and total < job.sampling.max_tokens:
             result.problems.append(
@@ -114,6 +131,18 @@ class ReceiptChecker:
             result.problems.append(
                 ("settlement", f"receipt claims {result.claimed} tokens, the gateway counted {len(sent_ids)}")
             )
+
+    def _bound(self, r: Receipt, final: dict[str, Any], unnamed: tuple[int, int], result: ReceiptCheck) -> None:
+        """Without token ids: at least one token per text chunk, at most one per character (+ end of sequence)."""
+        chunks, chars = unnamed
+        claimed = r.completion_tokens - r.resumed
+        result.claimed = claimed
+        if not chunks <= claimed <= max(chunks, chars) + 1:
+            result.problems.append(
+                ("settlement", f"receipt claims {claimed} tokens for {chunks} text chunks of {chars} characters")
+            )
+            return
+        result.delivered = claimed  # bounded by what was received; the node's count is the best there is
 
     def settle(
         self, *, decision_id: str, request_id: str, model: str, check: ReceiptCheck, price_per_mtok: float | None
