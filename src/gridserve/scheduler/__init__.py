@@ -3,7 +3,14 @@
 from gridserve.scheduler.context import UnknownTier
 from gridserve.scheduler.core import schedule
 from gridserve.scheduler.plugins import FILTERS, PICKERS, SCORERS, Filter, Picker, Score, Scorer
-from gridserve.scheduler.profile import Profile, ProfileError, default_profile, load_profile, profile_from_dict
+from gridserve.scheduler.profile import (
+    Profile,
+    ProfileError,
+    default_profile,
+    load_profile,
+    named_profile,
+    profile_from_dict,
+)
 from gridserve.scheduler.snapshot import NodeSnapshot, NodeStatic
 
 __all__ = [
@@ -21,6 +28,7 @@ __all__ = [
     "UnknownTier",
     "default_profile",
     "load_profile",
+    "named_profile",
     "profile_from_dict",
     "schedule",
 ]

@@ -8,7 +8,8 @@ from typing import Any
 
 import yaml
 
-from gridserve.scheduler import filters as _filters  # noqa: F401  (registers the plugins)
+from gridserve.scheduler import baselines as _baselines  # noqa: F401  (registers the plugins)
+from gridserve.scheduler import filters as _filters  # noqa: F401
 from gridserve.scheduler import pickers as _pickers  # noqa: F401
 from gridserve.scheduler import scorers as _scorers  # noqa: F401
 from gridserve.scheduler.plugins import FILTERS, PICKERS, SCORERS, Filter, Picker, Scorer, build
@@ -66,6 +67,17 @@ def load_profile(path: Path) -> Profile:
     return profile_from_dict(doc)
 
 
+def named_profile(name: str) -> Profile:
+    """A packaged profile: `default` or a baseline (`round-robin`, `random`, `least-loaded`, `capacity-only`,
+    `petals-like`). Each call builds fresh plugins (a round-robin counter is not shared)."""
+    path = resources.files("gridserve.scheduler").joinpath(f"profiles/{name}.yaml")
+    if not path.is_file():
+        known = sorted(
+            p.name.removesuffix(".yaml") for p in resources.files("gridserve.scheduler").joinpath("profiles").iterdir()
+        )
+        raise ProfileError(f"no packaged profile {name!r}; known: {', '.join(known)}")
+    return profile_from_dict(yaml.safe_load(path.read_text()))
+
+
 def default_profile() -> Profile:
-    text = resources.files("gridserve.scheduler").joinpath("profiles/default.yaml").read_text()
-    return profile_from_dict(yaml.safe_load(text))
+    return named_profile("default")

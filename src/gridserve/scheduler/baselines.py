@@ -1,0 +1,102 @@
+"""The routing policies gridserve is compared with (issue: the simulator), as ordinary plugins and profiles:
+
+- `round-robin`: the eligible nodes in turn (a picker with a counter);
+- `random`: uniformly at random among eligible nodes;
+- `least-loaded`: fewest requests in flight (`outstanding` scorer);
+- `capacity-only`: static best fit of model size to VRAM, nothing else (`vram-fit` scorer) — the approach the
+  source documents criticise;
+- `petals-like`: highest advertised throughput (`advertised-throughput`: the card's unloaded decode speed).
+
+Each baseline keeps only the filters a naive router needs not to crash a node (state, model, context, memory).
+"""
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gridserve.scheduler.context import Context
+from gridserve.scheduler.plugins import PICKERS, SCORERS, Score, Scored, register
+from gridserve.scheduler.snapshot import NodeSnapshot
+
+
+@register(SCORERS, "constant")
+@dataclass
+class ConstantScorer:
+    """Every node the same (for pickers that ignore scores)."""
+
+    name: str = "constant"
+
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        return "none"
+
+    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
+        return Score(0.5, 0.0, "none")
+
+
+@register(SCORERS, "outstanding")
+@dataclass
+class OutstandingScorer:
+    """Fewer requests in flight from this gateway is better (least-loaded)."""
+
+    name: str = "outstanding"
+
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        return "requests in flight"
+
+    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
+        return Score(1.0 / (1.0 + node.outstanding), float(node.outstanding), "requests in flight")
+
+
+@register(SCORERS, "vram-fit")
+@dataclass
+class VramFitScorer:
+    """The tightest fit of the model's weights into device memory wins (static capacity matching)."""
+
+    name: str = "vram-fit"
+
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        return "share of device memory the weights fill"
+
+    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
+        spec = ctx.model
+        memory = node.static.memory_bytes
+        if spec is None or memory <= 0:
+            return Score(0.0, 0.0, "share of device memory the weights fill")
+        fill = spec.weight_bytes("float16", "none") / memory
+        return Score(min(1.0, fill), fill, "share of device memory the weights fill")
+
+
+@register(SCORERS, "advertised-throughput")
+@dataclass
+class AdvertisedThroughputScorer:
+    """The card's unloaded decode speed for the model, whatever it is doing now (Petals-style)."""
+
+    name: str = "advertised-throughput"
+
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        return "tokens/s advertised"
+
+    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
+        pred = ctx.unloaded_prediction(node)
+        tps = 1.0 / pred.itl_s if pred is not None and pred.itl_s > 0 else 0.0
+        return Score(tps / (tps + 100.0), tps, "tokens/s advertised")
+
+
+@register(PICKERS, "round-robin")
+@dataclass
+class RoundRobinPicker:
+    """The eligible nodes in turn, in node-id order (a counter per picker)."""
+
+    name: str = "round-robin"
+    counter: list[int] = field(default_factory=lambda: [0])
+
+    def pick(self, ctx: Context, ranked: Sequence[Scored], rng: random.Random) -> tuple[int, str]:
+        order = sorted(range(len(ranked)), key=lambda i: ranked[i].node.node_id)
+        turn = self.counter[0] % len(order)
+        self.counter[0] += 1
+        return order[turn], f"round robin (turn {turn + 1} of {len(order)})"
+
+
+BASELINES = ("round-robin", "random", "least-loaded", "capacity-only", "petals-like")
+
+__all__ = ["BASELINES"]
