@@ -330,11 +330,12 @@ def demo(
 
 
 def _register_admin() -> None:
-    from gridserve.cli import admin, doctor, settle
+    from gridserve.cli import admin, doctor, settle, simulate
 
     admin.register(app, console, fail)
     doctor.register(app, console, fail)
     settle.register(app, console, fail)
+    simulate.register(app, console, fail)
 
 
 _register_admin()

@@ -1,0 +1,169 @@
+"""Comparing policies: each runs the same trace on the same simulated grid at several loads; the report has
+SLO attainment, goodput, latency percentiles, failures and cost per policy, a Markdown summary and plots.
+
+Goodput is the highest request rate among the loads tried at which attainment stays >= 90% (a coarse search
+over the load points given; finer points give a finer answer).
+"""
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from gridserve.scheduler import named_profile
+from gridserve.sim.engine import Outcome, SimConfig, Simulation, grid_capacity_rps
+from gridserve.sim.trace import TraceRequest, scaled
+
+GOODPUT_ATTAINMENT = 0.90
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return None
+    return round(finite[min(len(finite) - 1, int(q * len(finite)))], 6)
+
+
+def metrics(outcomes: Sequence[Outcome], config: SimConfig) -> dict[str, Any]:
+    served = [o for o in outcomes if not o.failed]
+    within = sum(1 for o in served if o.ttft_s <= config.ttft_slo_s and o.tpot_s <= config.tpot_slo_s)
+    tokens = sum(o.output_tokens for o in served)
+    spend = sum(o.output_tokens * o.price_per_mtok for o in served)
+    return {
+        "requests": len(outcomes),
+        "slo_attainment": round(within / max(1, len(outcomes)), 4),
+        "ttft_p50_s": _pct([o.ttft_s for o in served], 0.5),
+        "ttft_p90_s": _pct([o.ttft_s for o in served], 0.9),
+        "ttft_p99_s": _pct([o.ttft_s for o in served], 0.99),
+        "tpot_p50_s": _pct([o.tpot_s for o in served], 0.5),
+        "tpot_p90_s": _pct([o.tpot_s for o in served], 0.9),
+        "tpot_p99_s": _pct([o.tpot_s for o in served], 0.99),
+        "failed": len(outcomes) - len(served),
+        "dishonest_tokens": None,
+        "cost_per_mtok": round(spend / tokens, 4) if tokens else None,
+        "share_by_hardware": {
+            hw: round(sum(1 for o in served if o.accelerator == hw) / max(1, len(served)), 4)
+            for hw in sorted({o.accelerator for o in served})
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Run:
+    policy: str
+    load: float
+    rate_rps: float
+    outcomes: list[Outcome]
+
+
+def compare(
+    trace: list[TraceRequest],
+    config: SimConfig,
+    policies: Sequence[str],
+    loads: Sequence[float],
+    on_run: Callable[[str, float], None] = lambda policy, load: None,
+) -> tuple[list[Run], float]:
+    """Every policy at every load (the trace time-scaled so that `load` x grid capacity arrives per second)."""
+    probe = Simulation(config, named_profile("default"))
+    n = len(trace)
+    capacity = grid_capacity_rps(
+        probe.nodes, probe.model, sum(r.prompt_tokens for r in trace) / n, sum(r.output_tokens for r in trace) / n
+    )
+    trace_rate = n / max(1e-9, trace[-1].at_s)
+    runs = []
+    for policy in policies:
+        for load in loads:
+            sim = Simulation(replace(config), named_profile(policy))
+            rate = load * capacity
+            runs.append(Run(policy, load, rate, sim.run(scaled(trace, rate / trace_rate))))
+            on_run(policy, load)
+    return runs, capacity
+
+
+def report(runs: Sequence[Run], config: SimConfig, load: float, capacity: float) -> list[dict[str, Any]]:
+    entries = []
+    for policy in dict.fromkeys(r.policy for r in runs):
+        mine = sorted((r for r in runs if r.policy == policy), key=lambda r: r.load)
+        at = min(mine, key=lambda r: abs(r.load - load))
+        curve = [(r.load, r.rate_rps, metrics(r.outcomes, config)["slo_attainment"]) for r in mine]
+        good = [rate for _, rate, attained in curve if attained >= GOODPUT_ATTAINMENT]
+        entries.append(
+            {
+                "policy": policy,
+                "load": at.load,
+                "rate_rps": round(at.rate_rps, 3),
+                **metrics(at.outcomes, config),
+                "goodput_rps": round(max(good), 3) if good else 0.0,
+                "attainment_by_load": [
+                    {"load": lo, "rate_rps": round(ra, 3), "slo_attainment": a} for lo, ra, a in curve
+                ],
+            }
+        )
+    return entries
+
+
+def write(entries: list[dict[str, Any]], runs: Sequence[Run], out: Path, header: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({**header, "policies": entries}, indent=2))
+    lines = [
+        f"# Simulation: {header['nodes']} nodes, {header['requests']} requests, load {header['load']}",
+        "",
+        f"Grid capacity {header['capacity_rps']:.1f} req/s; SLO: TTFT <= {header['ttft_slo_s']} s and "
+        f"TPOT <= {header['tpot_slo_s']} s; goodput = highest rate with >= 90% attainment among the loads tried.",
+        "",
+        "| policy | SLO attainment | goodput req/s | TTFT p50 / p99 s | TPOT p50 / p99 s | failed | $/Mtok |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        lines.append(
+            f"| {e['policy']} | {e['slo_attainment']:.3f} | {e['goodput_rps']:.1f} | {e['ttft_p50_s']} / "
+            f"{e['ttft_p99_s']} | {e['tpot_p50_s']} / {e['tpot_p99_s']} | {e['failed']} | {e['cost_per_mtok']} |"
+        )
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _plots(entries, runs, out, header)
+
+
+def _plots(entries: list[dict[str, Any]], runs: Sequence[Run], out: Path, header: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e in entries:
+        curve = e["attainment_by_load"]
+        ax.plot([c["load"] for c in curve], [c["slo_attainment"] for c in curve], marker="o", label=e["policy"])
+    ax.axhline(GOODPUT_ATTAINMENT, color="grey", linestyle=":")
+    ax.set(xlabel="load (share of grid capacity)", ylabel="SLO attainment", title="SLO attainment vs load")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "attainment_vs_load.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e in entries:
+        run = min((r for r in runs if r.policy == e["policy"]), key=lambda r: abs(r.load - header["load"]))
+        ttfts = sorted(o.ttft_s for o in run.outcomes if not o.failed)
+        ax.plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=e["policy"])
+    ax.set(xscale="log", xlabel="TTFT (s)", ylabel="share of requests", title=f"TTFT CDF at load {header['load']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ttft_cdf.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    hws = sorted({hw for e in entries for hw in e["share_by_hardware"]})
+    width = 0.8 / max(1, len(entries))
+    for k, e in enumerate(entries):
+        ax.bar(
+            [i + k * width for i in range(len(hws))],
+            [e["share_by_hardware"].get(h, 0) for h in hws],
+            width,
+            label=e["policy"],
+        )
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(hws))], hws, rotation=30)
+    ax.set(ylabel="share of requests", title="Traffic per hardware class")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "traffic_by_hardware.png", dpi=120)
+    plt.close(fig)
