@@ -66,3 +66,20 @@ def test_baselines_still_respect_capability() -> None:
         profile = named_profile(name)
         decision = schedule(request(model="llama-3-70b"), nodes, profile, random.Random(0), NOW)
         assert decision.chosen == "big", name  # ~40 GB at q4: fits the 80 GB card, not the 24 GB one
+
+
+def test_latency_ewma_prefers_the_lowest_observed_average_and_tries_unobserved_nodes() -> None:
+    import dataclasses
+
+    slow, fast, fresh = (build(Spec("h100-sxm"), n) for n in ("slow", "fast", "fresh"))
+    slow = dataclasses.replace(slow, latency_ewma_s=1.2)
+    fast = dataclasses.replace(fast, latency_ewma_s=0.2)
+    assert chosen("latency-ewma", [slow, fast]) == ["fast"]
+    assert chosen("latency-ewma", [slow, fast, fresh]) == ["fresh"]  # not yet observed: tried first
+
+
+def test_ewma_moves_toward_observations() -> None:
+    from gridserve.scheduler.baselines import ewma
+
+    assert ewma(None, 1.0) == 1.0
+    assert ewma(1.0, 2.0) == pytest.approx(1.3)

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-DEFAULT_POLICIES = "default,round-robin,random,least-loaded,capacity-only,petals-like"
+DEFAULT_POLICIES = "default,round-robin,random,least-loaded,capacity-only,latency-ewma,petals-like"
 
 
 def register(app: typer.Typer, console: Console, fail: Any) -> None:

@@ -50,6 +50,8 @@ class NodeRecord:
     probe_streak: int = 0
     last_probe_error: str = ""
     static: NodeStatic | None = None
+    latency_ewma_s: float | None = None
+    """Moving average of observed TTFT (for the latency-ewma baseline policy)."""
     ttft_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     """Observed / predicted (uncalibrated) TTFT of recent requests: their p95 sets the hedge delay."""
 
@@ -72,6 +74,7 @@ class NodeRecord:
             reliability=book.summary(self.capability.node_id, now),
             calibration=self.calibration,
             static=self.static,
+            latency_ewma_s=self.latency_ewma_s,
         )
 
 
@@ -130,6 +133,7 @@ class Membership:
             record.outstanding = previous.outstanding
             record.calibration = previous.calibration
             record.ttft_ratios = previous.ttft_ratios
+            record.latency_ewma_s = previous.latency_ewma_s
         self.book.add_node(capability.node_id, now)
         self.nodes[capability.node_id] = record
         self._transition(record, NodeState.UP, "registered")

@@ -11,6 +11,7 @@ from gridserve.gateway.generation import Generation, Segment
 from gridserve.gateway.membership import Membership
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.reliability import EventKind, NodeEvent
+from gridserve.scheduler.baselines import ewma
 from gridserve.types.scheduling import Decision
 
 
@@ -131,6 +132,8 @@ def _completed(membership: Membership, decision: Decision, segment: Segment, *, 
         )
     )
     record = membership.nodes.get(node_id)
+    if record is not None:
+        record.latency_ewma_s = ewma(record.latency_ewma_s, ttft)
     candidate = decision.candidate(node_id)
     if record is None or candidate is None or candidate.predicted_ttft_s is None:
         return

@@ -5,7 +5,9 @@
 - `least-loaded`: fewest requests in flight (`outstanding` scorer);
 - `capacity-only`: static best fit of model size to VRAM, nothing else (`vram-fit` scorer) — the approach the
   source documents criticise;
-- `petals-like`: highest advertised throughput (`advertised-throughput`: the card's unloaded decode speed).
+- `petals-like`: highest advertised throughput (`advertised-throughput`: the card's unloaded decode speed);
+- `latency-ewma`: lowest moving-average observed latency, as LiteLLM's latency-based routing (`latency-ewma`
+  scorer; a node not yet observed counts as fastest, so each is tried).
 
 Each baseline keeps only the filters a naive router needs not to crash a node (state, model, context, memory).
 """
@@ -82,6 +84,24 @@ class AdvertisedThroughputScorer:
         return Score(tps / (tps + 100.0), tps, "tokens/s advertised")
 
 
+@register(SCORERS, "latency-ewma")
+@dataclass
+class LatencyEwmaScorer:
+    """Lower moving-average observed time to first token is better; unobserved nodes score best."""
+
+    scale_s: float = 0.5
+    name: str = "latency-ewma"
+
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        return "s, moving average of observed TTFT"
+
+    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
+        ewma = node.latency_ewma_s
+        if ewma is None:
+            return Score(1.0, 0.0, "s, moving average of observed TTFT")
+        return Score(1.0 / (1.0 + ewma / self.scale_s), ewma, "s, moving average of observed TTFT")
+
+
 @register(PICKERS, "round-robin")
 @dataclass
 class RoundRobinPicker:
@@ -97,6 +117,13 @@ class RoundRobinPicker:
         return order[turn], f"round robin (turn {turn + 1} of {len(order)})"
 
 
-BASELINES = ("round-robin", "random", "least-loaded", "capacity-only", "petals-like")
+BASELINES = ("round-robin", "random", "least-loaded", "capacity-only", "latency-ewma", "petals-like")
+LATENCY_EWMA_ALPHA = 0.3
+"""Weight of the newest observation in the moving average (gateway and simulator)."""
 
-__all__ = ["BASELINES"]
+
+def ewma(previous: float | None, observed: float) -> float:
+    return observed if previous is None else previous + LATENCY_EWMA_ALPHA * (observed - previous)
+
+
+__all__ = ["BASELINES", "ewma"]

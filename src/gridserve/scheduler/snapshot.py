@@ -161,6 +161,8 @@ class NodeSnapshot:
     """None: no record yet (scored with the ledger's priors)."""
     calibration: Calibration | None = None
     static: NodeStatic = field(default=None)  # type: ignore[assignment]
+    latency_ewma_s: float | None = None
+    """Moving average of this node's observed time to first token (None: not observed yet)."""
     row: bytes = field(default=b"", compare=False, repr=False)
     """The numeric columns (C_*), packed float64: stacked with one join per decision."""
 

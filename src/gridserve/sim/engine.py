@@ -21,6 +21,7 @@ from gridserve.perfmodel import Calibration, Load, predict
 from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook
 from gridserve.reliability.book import ReliabilitySummary
 from gridserve.scheduler import NodeSnapshot, Profile, schedule
+from gridserve.scheduler.baselines import ewma
 from gridserve.sim.trace import TraceRequest
 from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, NodeState, RuntimeInfo, Telemetry
 from gridserve.types.scheduling import ScheduleRequest
@@ -69,6 +70,7 @@ class SimNode:
     summary: ReliabilitySummary | None = None
     summary_at: float = -math.inf
     telemetry: Telemetry | None = None
+    latency_ewma_s: float | None = None
 
     def snapshot(self, now: float) -> NodeSnapshot:
         if self.telemetry is None or self.telemetry.active_requests != self.active:
@@ -88,6 +90,7 @@ class SimNode:
             outstanding=self.active,
             reliability=self.summary,
             calibration=self.calibration,
+            latency_ewma_s=self.latency_ewma_s,
         )
 
 
@@ -184,6 +187,7 @@ class Simulation:
         within = f.ttft <= self.config.ttft_slo_s and f.tpot <= self.config.tpot_slo_s
         self.book.record(NodeEvent(node_id=f.node_id, kind=EventKind.JOB_COMPLETED, at=f.finish, within_slo=within))
         node.summary_at = -math.inf
+        node.latency_ewma_s = ewma(node.latency_ewma_s, f.ttft)
         node.calibration = node.calibration.observe(
             predicted_ttft_s=f.pred_ttft, observed_ttft_s=f.ttft, predicted_itl_s=f.pred_itl, observed_itl_s=f.tpot
         )
