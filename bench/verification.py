@@ -27,7 +27,8 @@ from gridserve.engines.tiny import tiny_engine
 from gridserve.engines.torch_engine import TorchEngine
 from gridserve.gateway.audit import Verifier
 from gridserve.node.dishonest import Dishonesty
-from gridserve.types import GenerateRequest, NodeId, Receipt, SamplingParams, TokenEvent
+from gridserve.trust.testing import unsigned_receipt
+from gridserve.types import GenerateRequest, SamplingParams, TokenEvent
 
 MODEL = "gridserve-tiny"
 
@@ -38,26 +39,6 @@ def job(i: int) -> GenerateRequest:
         model=MODEL,
         prompt=f"bench prompt {i}: tell me about the grid",
         sampling=SamplingParams(max_tokens=24, temperature=0.0 if i % 2 else 0.8, seed=i),
-    )
-
-
-def receipt(final: TokenEvent, ids: list[int]) -> Receipt:
-    return Receipt(
-        request_id="r",
-        node_id=NodeId("n"),
-        model=MODEL,
-        weights_digest="",
-        input_commitment="",
-        prompt_digest=final.prompt_digest,
-        output_commitment="",
-        resumed=0,
-        prompt_tokens=final.prompt_tokens,
-        completion_tokens=final.completion_tokens,
-        finish_reason=str(final.finish_reason),
-        queue_s=0.0,
-        prefill_s=final.prefill_s,
-        decode_s=final.decode_s,
-        proof=final.proof,
     )
 
 
@@ -81,7 +62,7 @@ def run_pool(
         j = job(i)
         ids, final, gen_s = asyncio.run(generate(engine, j, lies))
         t = time.perf_counter()
-        result = verifier.check(j, ids, receipt(final, ids))
+        result = verifier.check(j, ids, unsigned_receipt(final, MODEL))
         verify_s = time.perf_counter() - t
         picks = max(1, final.completion_tokens)
         out.append(

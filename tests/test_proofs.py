@@ -3,7 +3,6 @@ weights, a skipped layer, lower precision, a changed prompt and altered tokens a
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ from gridserve.engines.tiny import build_tiny_model, tiny_engine
 from gridserve.engines.torch_engine import LoadedModel, TorchEngine
 from gridserve.gateway.audit import Verifier
 from gridserve.trust import proofs
-from gridserve.types import GenerateRequest, NodeId, Receipt, SamplingParams, TokenEvent
+from gridserve.trust.testing import unsigned_receipt
+from gridserve.types import GenerateRequest, SamplingParams, TokenEvent
 
 pytestmark = pytest.mark.skipif(not proofs.AVAILABLE, reason="toploc is not built here (make installs it)")
 MODEL = "gridserve-tiny"
@@ -43,34 +43,13 @@ def job(i: int, temperature: float = 0.0, max_tokens: int = 40) -> GenerateReque
     )
 
 
-def receipt(final: TokenEvent, ids: list[int], **changes: Any) -> Receipt:
-    base = Receipt(
-        request_id="r",
-        node_id=NodeId("n1"),
-        model=MODEL,
-        weights_digest="",
-        input_commitment="",
-        prompt_digest=final.prompt_digest,
-        output_commitment="",
-        resumed=0,
-        prompt_tokens=final.prompt_tokens,
-        completion_tokens=final.completion_tokens,
-        finish_reason=str(final.finish_reason),
-        queue_s=0.0,
-        prefill_s=0.0,
-        decode_s=0.0,
-        proof=final.proof,
-    )
-    return base.model_copy(update=changes)
-
-
 def test_honest_completions_pass_audit_at_any_thread_count(node: TorchEngine) -> None:
     verifier = Verifier(threads=2)
     for i in range(60):
         j = job(i, temperature=0.0 if i % 2 else 0.9)
         ids, final = run(node, j)
         assert final.proof, "the node builds a proof"
-        result = verifier.check(j, ids, receipt(final, ids))
+        result = verifier.check(j, ids, unsigned_receipt(final, MODEL))
         assert result.ok and result.proof_checked, result.problems
 
 
@@ -119,9 +98,9 @@ def test_greedy_audit_catches_altered_tokens_and_a_lying_prompt_digest() -> None
         if len(ids) < 4:
             continue
         bad = [*ids[:3], ids[3] ^ 1, *ids[4:]]
-        result = verifier.check(j, bad, receipt(final, bad))
+        result = verifier.check(j, bad, unsigned_receipt(final, MODEL))
         assert not result.ok and any("greedy token 3" in p or "proof" in p for p in result.problems)
         altered += 1
-        lie = verifier.check(j, ids, receipt(final, ids, prompt_digest="0" * 64))
+        lie = verifier.check(j, ids, unsigned_receipt(final, MODEL, prompt_digest="0" * 64))
         assert any("prompt digest" in p for p in lie.problems)
     assert altered >= 10

@@ -23,18 +23,20 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from gridserve.engines.torch_engine import LoadedModel
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.membership import Membership
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.reliability import EventKind, NodeEvent, Severity
-from gridserve.trust import proofs
+from gridserve.trust.audit_policy import audit_probability
 from gridserve.trust.commitments import token_commitment
 from gridserve.types import ChatMessage, GenerateRequest, Receipt, SamplingParams
+
+if TYPE_CHECKING:  # torch is imported by the first audit (Verifier), not at gateway start
+    import torch
+
+    from gridserve.engines.torch_engine import LoadedModel
 
 log = logging.getLogger("gridserve.gateway")
 TIE_TOLERANCE = 1e-3
@@ -42,7 +44,7 @@ TIE_TOLERANCE = 1e-3
 VERIFIABLE = ("gridserve-tiny", "gemma-3-270m")
 
 
-def _load(model: str) -> LoadedModel:
+def _load(model: str) -> "LoadedModel":
     if model == "gridserve-tiny":
         from gridserve.engines.tiny import build_tiny_model
 
@@ -68,7 +70,7 @@ class AuditResult:
 
 
 class Verifier:
-    """Re-executes requests in this process (one worker thread, models loaded on first use)."""
+    """Re-executes requests in this process (one worker thread; torch and the models load on first use)."""
 
     def __init__(self, threads: int = 1) -> None:
         self.threads = threads
@@ -78,19 +80,25 @@ class Verifier:
     def supports(self, model: str) -> bool:
         return model in VERIFIABLE
 
-    def _model(self, model: str) -> LoadedModel:
+    def _model(self, model: str) -> "LoadedModel":
         if model not in self.models:
+            import torch
+
             torch.set_num_threads(self.threads)
             self.models[model] = _load(model)
         return self.models[model]
 
-    def prompt_ids(self, loaded: LoadedModel, job: GenerateRequest) -> list[int]:
+    def prompt_ids(self, loaded: "LoadedModel", job: GenerateRequest) -> list[int]:
         if job.messages is not None:
             return loaded.codec.encode_chat(job.messages)
         return loaded.codec.encode_prompt(job.prompt or "")
 
     def check(self, job: GenerateRequest, ids: list[int], receipt: Receipt) -> AuditResult:
         """Runs on the verifier thread."""
+        import torch
+
+        from gridserve.trust import proofs
+
         loaded = self._model(job.model)
         prompt = self.prompt_ids(loaded, job)
         problems: list[str] = []
@@ -111,7 +119,11 @@ class Verifier:
             problems += self._greedy(loaded, out.logits[0], start, ids, picks)
         return AuditResult(str(receipt.node_id), job.request_id, tuple(problems), proof_checked)
 
-    def _greedy(self, loaded: LoadedModel, logits: torch.Tensor, start: int, ids: list[int], picks: int) -> list[str]:
+    def _greedy(
+        self, loaded: "LoadedModel", logits: "torch.Tensor", start: int, ids: list[int], picks: int
+    ) -> list[str]:
+        import torch
+
         eos = sorted(loaded.codec.eos_ids)
         for i in range(picks):
             row = logits[start + i].float()
@@ -128,6 +140,8 @@ class Verifier:
 
     def greedy_answer(self, job: GenerateRequest) -> list[int]:
         """The reference answer for a canary (runs on the verifier thread)."""
+        import torch
+
         loaded = self._model(job.model)
         ids = self.prompt_ids(loaded, job)
         out_ids: list[int] = []
@@ -157,10 +171,10 @@ class Auditor:
 
     def rate(self, node_id: str) -> float:
         summary = self.membership.book.summary(node_id, time.time())
-        if summary.is_new:
-            return max(self.config.audit_floor, self.config.audit_new_rate)
-        raised = self.config.audit_rate * (1.0 + 4.0 * (1.0 - summary.score))
-        return min(1.0, max(self.config.audit_floor, raised))
+        config = self.config
+        return audit_probability(
+            summary, rate=config.audit_rate, new_rate=config.audit_new_rate, floor=config.audit_floor
+        )
 
     def maybe_audit(self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt) -> bool:
         if not self.verifier.supports(job.model) or self.rng.random() >= self.rate(node_id):

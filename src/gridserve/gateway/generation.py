@@ -75,7 +75,6 @@ class Generation:
         self.emitted: list[int] = []
         self.resumable = True
         self.failovers = 0
-        self.failover_gaps: list[float] = []
         self._stream: NodeStream | None = None
 
     # -- state --------------------------------------------------------------------------------------
@@ -128,13 +127,11 @@ class Generation:
                 raise NodeFailed("stream ended before its last event")
             except (NodeFailed, aiohttp.ClientError, OSError) as exc:
                 detail = str(exc) if isinstance(exc, NodeFailed) else f"connection lost ({type(exc).__name__})"
-                failed_at = time.monotonic()
                 self._node_failed(detail, lost=not isinstance(exc, NodeFailed), stalled=isinstance(exc, Stalled))
                 final = await self._fail_over(detail)
                 if final is not None:
                     yield final
                     return
-                self.failover_gaps.append(self.segment.first_at - failed_at)
 
     async def _guarded(self, stream: NodeStream) -> AsyncIterator[dict[str, Any]]:
         """The stream's events; no event within the stall timeout raises Stalled."""
