@@ -2,17 +2,28 @@
 writes the report and plots."""
 
 import json
+import math
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from gridserve.scheduler import named_profile
 from gridserve.sim.engine import SimConfig, Simulation
-from gridserve.sim.report import metrics
+from gridserve.sim.report import compare, metrics, report
 from gridserve.sim.trace import TraceError, TraceRequest, load_trace, scaled
+
+CALM = {
+    "churn": False,
+    "thermal_per_hour": 0.0,
+    "dishonest_share": 0.0,
+    "straggler_share": 0.0,
+    "noise_sigma": 0.0,
+}
+"""A grid where nothing happens by chance (hand-checked tests)."""
 
 
 def synthetic_trace(path: Path, n: int = 300, rate: float = 20.0, seed: int = 0) -> Path:
@@ -60,11 +71,8 @@ def test_a_seed_gives_the_same_simulation(tmp_path: Path) -> None:
 def test_default_profile_keeps_more_requests_in_slo_than_round_robin_under_load() -> None:
     """A hand-checkable grid: one fast card and three slow ones; round robin sends 3 of 4 requests to slow
     cards, the default profile prefers the fast one until it is loaded."""
-    config = SimConfig(
-        nodes=4, seed=2, mix={"h100-sxm": 0.25, "t4": 0.75}, straggler_share=0.0, noise_sigma=0.0, ttft_slo_s=0.5
-    )
+    config = SimConfig(nodes=4, seed=2, cards=("h100-sxm", "t4", "t4", "t4"), ttft_slo_s=0.5, **CALM)
     sim = Simulation(config, named_profile("default"))
-    assert sorted(n.hw.key for n in sim.nodes) == ["h100-sxm", "t4", "t4", "t4"]  # (seed 2 draws this grid)
     trace = [TraceRequest(i * 0.5, 1500, 150) for i in range(120)]
     smart = metrics(sim.run(trace), config)
     rr = metrics(Simulation(config, named_profile("round-robin")).run(trace), config)
@@ -122,3 +130,60 @@ def test_simulate_cli_writes_report_summary_and_plots(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "cannot read trace" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_churn_is_survived_by_retries_and_failovers_and_every_answer_is_whole() -> None:
+    """Sessions of ~60 s (heavy-tailed) on a 20-node grid: nodes leave mid-answer; every request still gets
+    its whole answer (retried before the first token, or resumed elsewhere mid-answer), none fails."""
+    config = SimConfig(nodes=20, seed=4, **{**CALM, "churn": True}, uptime_mean_s=60.0, downtime_mean_s=20.0)
+    trace = [TraceRequest(i * 0.25, 800, 200) for i in range(400)]
+    sim = Simulation(config, named_profile("default"))
+    out = sim.run(trace)
+    assert all(not o.failed for o in out)
+    retried = [o for o in out if o.retries]
+    assert len(retried) >= 5
+    assert all(math.isfinite(o.ttft_s) and math.isfinite(o.tpot_s) for o in out)
+    events = {e.kind.value for e in sim.book.events(limit=100_000)}
+    assert {"job_failed", "heartbeat_missed"} <= events
+    calm = Simulation(replace(config, churn=False), named_profile("default")).run(trace)
+    assert sum(o.retries for o in calm) == 0
+
+
+def test_dishonest_nodes_are_quarantined_by_audits_and_their_tokens_counted() -> None:
+    config = SimConfig(nodes=20, seed=5, **{**CALM, "dishonest_share": 0.25})
+    sim = Simulation(config, named_profile("least-loaded"))
+    dishonest = {n.node_id for n in sim.nodes if n.dishonest}
+    assert 2 <= len(dishonest) <= 10
+    out = sim.run([TraceRequest(i * 0.1, 500, 100) for i in range(1500)])
+    m = metrics(out, config)
+    assert m["dishonest_tokens"] == sum(o.dishonest_tokens for o in out) > 0
+    served_late = [o for o in out[-500:] if o.node_id in dishonest]
+    assert served_late == []  # all caught long before the end
+    for node_id in dishonest:
+        assert sim.book.state(node_id, sim.now).value in ("quarantined", "banned")  # banned: a 2nd answer failed
+    # an answer from a dishonest node never counts as within the SLO
+    bad = sum(1 for o in out if o.dishonest_tokens)
+    assert m["slo_attainment"] <= 1 - bad / len(out)
+
+
+def test_thermal_episodes_slow_nodes_and_the_default_profile_routes_around_them() -> None:
+    config = SimConfig(nodes=10, seed=6, cards=("l40s",) * 10, **{**CALM, "thermal_per_hour": 600.0})
+    trace = [TraceRequest(i * 0.2, 1000, 100) for i in range(600)]
+    sim = Simulation(config, named_profile("default"))
+    out = sim.run(trace)
+    hot = Simulation(config, named_profile("round-robin")).run(trace)
+    p90 = metrics(out, config)["ttft_p90_s"]
+    assert p90 is not None and p90 < metrics(hot, config)["ttft_p90_s"]
+
+
+def test_goodput_is_bracketed_then_narrowed_by_bisection(tmp_path: Path) -> None:
+    trace = load_trace(synthetic_trace(tmp_path / "t.jsonl", n=200, rate=10.0))
+    config = SimConfig(nodes=6, seed=1, **CALM)
+    runs, capacity = compare(trace, config, ["least-loaded"], [0.5, 4.0], refine=3)
+    loads = sorted(r.load for r in runs)
+    assert len(loads) == 5 and loads[0] == 0.5 and loads[-1] == 4.0
+    entry = report(runs, config, 0.5, capacity)[0]
+    curve = entry["attainment_by_load"]
+    good = [c for c in curve if c["slo_attainment"] >= 0.9]
+    assert entry["goodput_rps"] == max(c["rate_rps"] for c in good)
+    assert any(0.5 < c["load"] < 4.0 for c in curve)

@@ -25,6 +25,15 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         limit: Annotated[int | None, typer.Option(help="use the first N requests of the trace")] = None,
         seed: Annotated[int, typer.Option(help="randomness (same seed, same result)")] = 0,
         model: Annotated[str, typer.Option(help="catalogue model every node serves")] = "llama-3-8b",
+        churn: Annotated[bool, typer.Option(help="nodes leave and come back (Weibull sessions)")] = True,
+        uptime_mean_s: Annotated[float, typer.Option(help="mean session length")] = 1800.0,
+        downtime_mean_s: Annotated[float, typer.Option(help="mean time away")] = 300.0,
+        dishonest: Annotated[float, typer.Option(help="share of dishonest nodes")] = 0.05,
+        stragglers: Annotated[float, typer.Option(help="share of nodes slower than their spec")] = 0.05,
+        thermal_per_hour: Annotated[float, typer.Option(help="throttling episodes per node per hour")] = 2.0,
+        ttft_slo: Annotated[float, typer.Option(help="TTFT target, seconds")] = 2.0,
+        tpot_slo: Annotated[float, typer.Option(help="time per output token target, seconds")] = 0.1,
+        refine: Annotated[int, typer.Option(help="bisection runs per policy to narrow goodput")] = 3,
     ) -> None:
         """Simulate the grid on a trace with each policy: SLO attainment, goodput, latency, cost; plots."""
         from gridserve.catalog.models import UnknownModel
@@ -41,12 +50,32 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
             points = sorted({float(x) for x in loads.split(",") if x.strip()} | {load})
             if nodes < 1 or load <= 0 or any(p <= 0 for p in points):
                 raise ValueError("nodes and loads must be positive")
-            config = SimConfig(nodes=nodes, seed=seed, model=model)
+            shares = (dishonest, stragglers)
+            if any(not 0 <= x <= 1 for x in shares) or min(uptime_mean_s, downtime_mean_s, ttft_slo, tpot_slo) <= 0:
+                raise ValueError("shares must be in [0, 1]; times and SLOs must be positive")
+            config = SimConfig(
+                nodes=nodes,
+                seed=seed,
+                model=model,
+                churn=churn,
+                uptime_mean_s=uptime_mean_s,
+                downtime_mean_s=downtime_mean_s,
+                dishonest_share=dishonest,
+                straggler_share=stragglers,
+                thermal_per_hour=max(0.0, thermal_per_hour),
+                ttft_slo_s=ttft_slo,
+                tpot_slo_s=tpot_slo,
+            )
         except (TraceError, ProfileError, UnknownModel, ValueError) as exc:
             raise fail(str(exc)) from None
         with Progress(console=console) as progress:
-            task = progress.add_task("simulating", total=len(names) * len(points))
-            runs, capacity = rep.compare(requests, config, names, points, lambda p, lo: progress.advance(task))
+            task = progress.add_task("simulating", total=len(names) * (len(points) + max(0, refine)))
+
+            def advance(policy: str, at: float) -> None:
+                progress.update(task, advance=1, description=f"{policy} at load {at:.2f}")
+
+            runs, capacity = rep.compare(requests, config, names, points, advance, refine=max(0, refine))
+            progress.update(task, completed=len(names) * (len(points) + max(0, refine)))
         entries = rep.report(runs, config, load, capacity)
         header = {
             "trace": str(trace),
@@ -57,10 +86,17 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
             "seed": seed,
             "ttft_slo_s": config.ttft_slo_s,
             "tpot_slo_s": config.tpot_slo_s,
+            "churn": config.churn,
+            "uptime_mean_s": config.uptime_mean_s,
+            "downtime_mean_s": config.downtime_mean_s,
+            "dishonest_share": config.dishonest_share,
+            "straggler_share": config.straggler_share,
+            "thermal_per_hour": config.thermal_per_hour,
         }
         rep.write(entries, runs, out, header)
         table = Table(title=f"{nodes} nodes, load {load} ({capacity * load:.1f} req/s)")
-        for column in ("policy", "SLO attainment", "goodput req/s", "TTFT p99 s", "TPOT p99 s", "failed"):
+        columns = ("policy", "SLO attainment", "goodput req/s", "TTFT p99 s", "TPOT p99 s", "failed", "retried")
+        for column in (*columns, "dishonest tokens"):
             table.add_column(column)
         for e in entries:
             table.add_row(
@@ -70,6 +106,8 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
                 str(e["ttft_p99_s"]),
                 str(e["tpot_p99_s"]),
                 str(e["failed"]),
+                str(e["retried"]),
+                str(e["dishonest_tokens"]),
             )
         console.print(table)
         console.print(f"report: {out / 'report.json'}, {out / 'summary.md'}, plots in {out}")

@@ -16,9 +16,12 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from gridserve.scheduler.context import Context
 from gridserve.scheduler.plugins import PICKERS, SCORERS, Score, Scored, register
-from gridserve.scheduler.snapshot import NodeSnapshot
+from gridserve.scheduler.snapshot import C_LATENCY_EWMA, C_MEMORY, C_OUTSTANDING, NodeSnapshot
+from gridserve.scheduler.vector import Array, Columns
 
 
 @register(SCORERS, "constant")
@@ -34,6 +37,10 @@ class ConstantScorer:
     def score(self, ctx: Context, node: NodeSnapshot) -> Score:
         return Score(0.5, 0.0, "none")
 
+    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        n = len(cols.nodes)
+        return np.full(n, 0.5), np.zeros(n)
+
 
 @register(SCORERS, "outstanding")
 @dataclass
@@ -47,6 +54,10 @@ class OutstandingScorer:
 
     def score(self, ctx: Context, node: NodeSnapshot) -> Score:
         return Score(1.0 / (1.0 + node.outstanding), float(node.outstanding), "requests in flight")
+
+    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        outstanding = cols.col(C_OUTSTANDING)
+        return 1.0 / (1.0 + outstanding), outstanding
 
 
 @register(SCORERS, "vram-fit")
@@ -67,6 +78,14 @@ class VramFitScorer:
         fill = spec.weight_bytes("float16", "none") / memory
         return Score(min(1.0, fill), fill, "share of device memory the weights fill")
 
+    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        memory = cols.col(C_MEMORY)
+        if ctx.model is None:
+            return np.zeros(len(cols.nodes)), np.zeros(len(cols.nodes))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fill = np.where(memory > 0, ctx.model.weight_bytes("float16", "none") / memory, 0.0)
+        return np.minimum(1.0, fill), fill
+
 
 @register(SCORERS, "advertised-throughput")
 @dataclass
@@ -82,6 +101,12 @@ class AdvertisedThroughputScorer:
         pred = ctx.unloaded_prediction(node)
         tps = 1.0 / pred.itl_s if pred is not None and pred.itl_s > 0 else 0.0
         return Score(tps / (tps + 100.0), tps, "tokens/s advertised")
+
+    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        _, itl = cols.prediction(ctx, loaded=False)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tps = np.where(itl > 0, 1.0 / itl, 0.0)  # NaN (no prediction) compares False
+        return tps / (tps + 100.0), tps
 
 
 @register(SCORERS, "latency-ewma")
@@ -101,6 +126,11 @@ class LatencyEwmaScorer:
             return Score(1.0, 0.0, "s, moving average of observed TTFT")
         return Score(1.0 / (1.0 + ewma / self.scale_s), ewma, "s, moving average of observed TTFT")
 
+    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        ewma = cols.col(C_LATENCY_EWMA)
+        seen = ~np.isnan(ewma)
+        return np.where(seen, 1.0 / (1.0 + ewma / self.scale_s), 1.0), np.where(seen, ewma, 0.0)
+
 
 @register(PICKERS, "round-robin")
 @dataclass
@@ -111,7 +141,9 @@ class RoundRobinPicker:
     counter: list[int] = field(default_factory=lambda: [0])
 
     def pick(self, ctx: Context, ranked: Sequence[Scored], rng: random.Random) -> tuple[int, str]:
-        order = sorted(range(len(ranked)), key=lambda i: ranked[i].node.node_id)
+        ids = getattr(ranked, "node_ids", None)  # the vectorised ranking names nodes without building them
+        names = ids() if ids is not None else [scored.node.node_id for scored in ranked]
+        order = sorted(range(len(ranked)), key=names.__getitem__)
         turn = self.counter[0] % len(order)
         self.counter[0] += 1
         return order[turn], f"round robin (turn {turn + 1} of {len(order)})"

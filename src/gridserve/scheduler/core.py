@@ -16,7 +16,8 @@ import numpy.typing as npt
 from gridserve.scheduler.context import Context
 from gridserve.scheduler.plugins import Score, Scored
 from gridserve.scheduler.profile import Profile
-from gridserve.scheduler.snapshot import NodeSnapshot
+from gridserve.scheduler.ranking import Order
+from gridserve.scheduler.snapshot import C_ACTIVE, C_HAS_HW, C_QUEUED, C_REL_NEW, C_SLOTS, NodeSnapshot
 from gridserve.scheduler.vector import Array, Columns
 from gridserve.types.scheduling import Candidate, Decision, ScheduleRequest, ScoreDetail, Verdict
 
@@ -37,12 +38,18 @@ def _filter(ctx: Context, profile: Profile, nodes: Sequence[NodeSnapshot]) -> tu
     return eligible, verdicts
 
 
+def _ties(rng: random.Random, n: int) -> "npt.NDArray[np.float64]":
+    """One random tie-breaker per eligible node, in order (both paths draw the same ones from `rng`)."""
+    return np.random.default_rng(rng.getrandbits(64)).random(n)
+
+
 def _score(ctx: Context, profile: Profile, nodes: Sequence[NodeSnapshot], rng: random.Random) -> list[Scored]:
     scored = []
-    for node in nodes:
+    ties = _ties(rng, len(nodes))
+    for k, node in enumerate(nodes):
         scores = tuple(scorer.score(ctx, node) for scorer, _ in profile.scorers)
         total = sum(s.normalized * w for s, (_, w) in zip(scores, profile.scorers, strict=True))
-        scored.append((total, rng.random(), Scored(node, total, scores)))
+        scored.append((total, float(ties[k]), Scored(node, total, scores)))
     scored.sort(key=lambda item: (-item[0], item[1]))
     return [item[2] for item in scored]
 
@@ -138,7 +145,7 @@ class _Ranked(Sequence[Scored]):
     def __init__(
         self,
         cols: Columns,
-        order: npt.NDArray[np.int64],
+        order: Order,
         total: Array,
         norms: list[Array],
         raws: list[Array],
@@ -149,8 +156,26 @@ class _Ranked(Sequence[Scored]):
     def __len__(self) -> int:
         return len(self.order)
 
+    def node_ids(self) -> list[str]:
+        """The ranked nodes' ids, without building each Scored."""
+        nodes = self.cols.nodes
+        return [nodes[j].node_id for j in self.order.full().tolist()]
+
+    def first_explorable(self, start: int) -> int | None:
+        """Rank of the first node from `start` on with little or no record and a free batch slot (None: none);
+        the column form of pickers.explorable."""
+        c = self.cols
+        busy = c.col(C_ACTIVE) + c.col(C_QUEUED)
+        slots = np.maximum(1.0, np.where(c.col(C_HAS_HW) > 0, c.col(C_SLOTS), 1.0))
+        return self.order.first_where((c.col(C_REL_NEW) > 0) & (busy < slots), start)
+
+    def first_meeting_slo(self, ctx: Context) -> int | None:
+        """Rank of the best node predicted to meet the request's SLO (column form of pickers.meets_slo)."""
+        ttft, itl = self.cols.prediction(ctx, loaded=True)
+        return self.order.first_where((ttft <= ctx.ttft_slo_s) & (itl <= ctx.tpot_slo_s), 0)
+
     def __getitem__(self, i: int) -> Scored:  # type: ignore[override]
-        j = int(self.order[i])
+        j = self.order[i]
         scores = tuple(
             Score(float(n[j]), float(r[j]), u) for n, r, u in zip(self.norms, self.raws, self.units, strict=True)
         )
@@ -159,8 +184,8 @@ class _Ranked(Sequence[Scored]):
 
 def _vector_decide(
     ctx: Context, profile: Profile, nodes: Sequence[NodeSnapshot], rng: random.Random
-) -> tuple[Columns, npt.NDArray[np.int64], Array, list[Array], list[Array], npt.NDArray[np.int64]]:
-    cols = Columns.of(ctx, list(nodes))
+) -> tuple[Columns, Order, Array, list[Array], list[Array], npt.NDArray[np.int64]]:
+    cols = Columns.of(ctx, nodes)
     n = len(cols.nodes)
     rejected_by = np.full(n, -1, dtype=np.int64)
     alive = np.ones(n, dtype=bool)
@@ -174,10 +199,10 @@ def _vector_decide(
     for scorer, weight in profile.scorers:
         norm, raw = scorer.vscore(ctx, cols)  # type: ignore[attr-defined]
         norms.append(norm)
-        raws.append(raw)
+        raws.append(np.array(raw))  # a copy: a raw column may be a view of a table that changes later
         total = total + norm * weight
-    ties = np.array([rng.random() for _ in range(len(eligible))])
-    order = eligible[np.lexsort((ties, -total[eligible]))] if len(eligible) else eligible
+    ties = _ties(rng, len(eligible))
+    order = Order(eligible, total, ties)
     return cols, order, total, norms, raws, rejected_by
 
 
@@ -199,7 +224,7 @@ def _schedule_vector(
         return built[rank]
 
     def _vector_candidate(rank: int) -> Candidate:
-        j = int(order[rank])
+        j = order[rank]
         node = cols.nodes[j]
         details = tuple(
             ScoreDetail(

@@ -6,24 +6,58 @@ from dataclasses import dataclass
 
 from gridserve.scheduler.context import Context
 from gridserve.scheduler.plugins import PICKERS, Scored, register
+from gridserve.scheduler.snapshot import NodeSnapshot
 
 
 @register(PICKERS, "max-score")
 @dataclass
 class MaxScorePicker:
     """The best score wins (ties are broken at random upstream). With probability `exploration`, the best
-    *new* node (little record) is picked instead, so newcomers earn a record: bounded exploration."""
+    *new* node (little record) with a free batch slot is picked instead, so newcomers earn a record: bounded
+    exploration. The free slot bounds it: a newcomer whose first jobs have not finished yet is not sent more
+    (otherwise one slow newcomer would take the whole exploration share of the traffic and build a queue)."""
 
     exploration: float = 0.05
+    slo_first: bool = False
+    """Pick the best node predicted to meet the request's TTFT and TPOT targets; the best overall only when no
+    node is (scores rank; the SLO decides between a node that makes it and one that does not)."""
     name: str = "max-score"
 
     def pick(self, ctx: Context, ranked: Sequence[Scored], rng: random.Random) -> tuple[int, str]:
         if self.exploration > 0 and len(ranked) > 1 and rng.random() < self.exploration:
-            for i, scored in enumerate(ranked):
-                rel = scored.node.reliability
-                if i > 0 and (rel is None or rel.is_new):
-                    return i, f"exploration (p={self.exploration}): newest node with a short record"
+            first = getattr(ranked, "first_explorable", None)  # the vectorised ranking finds it over columns
+            found = first(1) if first is not None else _first_explorable(ranked)
+            if found is not None:
+                return found, f"exploration (p={self.exploration}): newest node with a short record"
+        if self.slo_first:
+            first = getattr(ranked, "first_meeting_slo", None)
+            found = first(ctx) if first is not None else _first_meeting_slo(ctx, ranked)
+            if found is None:
+                return 0, "highest score (no node is predicted to meet the SLO)"
+            return found, "highest score" if found == 0 else "highest score among nodes predicted to meet the SLO"
         return 0, "highest score"
+
+
+def explorable(node: NodeSnapshot) -> bool:
+    """Little or no record, and a batch slot free."""
+    rel = node.reliability
+    tele = node.telemetry
+    busy = max(node.outstanding, tele.active_requests if tele else 0) + (tele.queue_depth if tele else 0)
+    slots = node.static.hw.batch_slots if node.static.hw else 1
+    return (rel is None or rel.is_new) and busy < max(1, slots)
+
+
+def meets_slo(ctx: Context, node: NodeSnapshot) -> bool:
+    pred = ctx.prediction(node)
+    return pred is not None and pred.ttft_s <= ctx.ttft_slo_s and pred.itl_s <= ctx.tpot_slo_s
+
+
+def _first_meeting_slo(ctx: Context, ranked: Sequence[Scored]) -> int | None:
+    return next((i for i, scored in enumerate(ranked) if meets_slo(ctx, scored.node)), None)
+
+
+def _first_explorable(ranked: Sequence[Scored]) -> int | None:
+    return next((i for i, scored in enumerate(ranked) if i > 0 and explorable(scored.node)), None)
 
 
 @register(PICKERS, "random")

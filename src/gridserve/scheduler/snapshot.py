@@ -42,8 +42,10 @@ PRICE_DTYPES = frozenset({"float16", "bfloat16", "float32", "fp8"})
     C_COST,
     C_MEMORY,
     C_CLASS,
-) = range(22)
-N_COLUMNS = 22
+    C_OUTSTANDING,
+    C_LATENCY_EWMA,
+) = range(24)
+N_COLUMNS = 24
 # Column indexes of NodeStatic.model_row
 (M_LISTED, M_RESIDENT, M_CONTEXT, M_PRED_BPP, M_PRICE_BPP, M_MEM_WEIGHTS, M_KV_PER_TOKEN, M_DTYPE_OK) = range(8)
 N_MODEL_COLUMNS = 8
@@ -145,6 +147,8 @@ def _row(snap: "NodeSnapshot") -> tuple[float, ...]:
         hw.cost_per_hour if hw else nan,
         float(static.memory_bytes),
         float(CLASS_CODES.get(static.hw_class, CLASS_CODES["unknown"])),
+        float(snap.outstanding),
+        snap.latency_ewma_s if snap.latency_ewma_s is not None else nan,
     )
 
 

@@ -2,6 +2,7 @@
 code, computed over columns (numpy) for every node at once. `core.schedule` uses it when every plugin of the
 profile has a vector form; tests check that both give the same decision."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from gridserve.scheduler.snapshot import (
     N_MODEL_COLUMNS,
     NodeSnapshot,
 )
+from gridserve.scheduler.table import SnapshotTable
 
 Array = npt.NDArray[np.float64]
 Mask = npt.NDArray[np.bool_]
@@ -47,8 +49,11 @@ class Columns:
     _cache: dict[str, Any]
 
     @classmethod
-    def of(cls, ctx: Context, nodes: list[NodeSnapshot]) -> "Columns":
+    def of(cls, ctx: Context, nodes: "Sequence[NodeSnapshot]") -> "Columns":
         model = ctx.request.model
+        if isinstance(nodes, SnapshotTable):
+            return cls(nodes.snapshots(), nodes.rows(), nodes.model_rows(model), {})
+        nodes = list(nodes)
         n = len(nodes)
         rows = np.frombuffer(b"".join([node.row for node in nodes]), dtype=np.float64).reshape(n, N_COLUMNS)
         mrows = np.frombuffer(b"".join([node.static.model_row(model) for node in nodes]), dtype=np.float64)

@@ -1,152 +1,104 @@
-"""The discrete-event simulation. Production code decides: `scheduler.schedule` (with the policy's profile),
-`reliability.ReliabilityBook` (job outcomes, SLO), `perfmodel.predict` (service times, batching: ITL grows
-with concurrent requests) and `perfmodel.Calibration` (what the gateway learns of each node). The simulator
-only supplies the clock, the randomness, the grid and the load.
+"""The discrete-event simulation. Production code decides: `scheduler.schedule` (with the policy's profile,
+over a SnapshotTable kept incrementally), `reliability.ReliabilityBook` (job outcomes, incidents, ejection and
+quarantine), `perfmodel.predict` (service times, batching: ITL grows with concurrent requests),
+`perfmodel.Calibration` (what the gateway learns of each node) and `trust.audit_policy` (how often a node's
+work is re-executed). The gateway's timing rules (failure detection, hedge delay, stall guard, failovers) come
+from its config. The simulator supplies the clock, the randomness, the grid and the load.
 
-Per node: a card from the mix, the model at the widest precision that fits (as emulated nodes place it), a
-region whose round-trip time is added to TTFT, log-normal noise on TTFT and ITL, and a share of stragglers
-that run `straggler_slowdown` times slower than their spec says (only observation reveals it).
+What happens to a request: it is routed when it arrives. If its node leaves the grid before the first token,
+it is sent again after the hedge delay (2 x predicted TTFT, as the gateway hedges before it has a record); if
+the node leaves mid-answer, it fails over after the stall guard and resumes on another node (prefill over prompt
++ tokens sent); a node that left but is not yet marked down fails what is sent to it. A request nobody can take,
+or that failed over more than the gateway allows, fails. Client TTFT and TPOT include every gap.
 """
 
 import heapq
+import itertools
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from gridserve.catalog import hardware_spec, model_spec
-from gridserve.catalog.hardware import HardwareSpec
-from gridserve.catalog.models import ModelSpec
-from gridserve.engines.emulated import placement_for
-from gridserve.perfmodel import Calibration, Load, predict
+from gridserve.catalog import model_spec
+from gridserve.perfmodel import Load, predict
 from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook
-from gridserve.reliability.book import ReliabilitySummary
-from gridserve.scheduler import NodeSnapshot, Profile, schedule
+from gridserve.reliability.events import Severity
+from gridserve.scheduler import Profile, schedule
 from gridserve.scheduler.baselines import ewma
+from gridserve.scheduler.table import SnapshotTable
+from gridserve.sim.grid import EPOCH, GATEWAY, SimConfig, SimNode, build_nodes
 from gridserve.sim.trace import TraceRequest
-from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, NodeState, RuntimeInfo, Telemetry
+from gridserve.trust.audit_policy import audit_probability
+from gridserve.types import NodeState
 from gridserve.types.scheduling import ScheduleRequest
 
-DECENTRALIZED_MIX = {
-    "rtx4090": 0.30,
-    "rtx3090": 0.20,
-    "a10g": 0.10,
-    "l40s": 0.10,
-    "a100-80g": 0.12,
-    "h100-sxm": 0.06,
-    "t4": 0.12,
-}
-"""Default hardware mix: mostly consumer cards, some data-centre GPUs (a decentralized network)."""
-REGION_RTT_S = {"same-region": 0.005, "near": 0.030, "far": 0.090, "intercontinental": 0.160}
-REGION_SHARE = {"same-region": 0.35, "near": 0.35, "far": 0.2, "intercontinental": 0.1}
-EPOCH = 1_700_000_000.0
-"""Simulated time 0 as a unix time (the scheduler and ledger read absolute times)."""
+WARMUP_CYCLES = 20
+CLIENT_TIMEOUT_S = 600.0
+"""A request without its whole answer this long after it arrived is abandoned (the OpenAI SDK's default)."""
 
-
-@dataclass(frozen=True)
-class SimConfig:
-    nodes: int = 100
-    model: str = "llama-3-8b"
-    seed: int = 0
-    mix: dict[str, float] = field(default_factory=lambda: dict(DECENTRALIZED_MIX))
-    noise_sigma: float = 0.10
-    straggler_share: float = 0.05
-    straggler_slowdown: float = 3.0
-    ttft_slo_s: float = 2.0
-    tpot_slo_s: float = 0.100
-    summary_refresh_s: float = 10.0
-
-
-@dataclass
-class SimNode:
-    node_id: str
-    hw: HardwareSpec
-    dtype: str
-    quant: str
-    capability: Capability
-    rtt_s: float
-    slowdown: float
-    active: int = 0
-    calibration: Calibration = field(default_factory=Calibration)
-    summary: ReliabilitySummary | None = None
-    summary_at: float = -math.inf
-    telemetry: Telemetry | None = None
-    latency_ewma_s: float | None = None
-
-    def snapshot(self, now: float) -> NodeSnapshot:
-        if self.telemetry is None or self.telemetry.active_requests != self.active:
-            total = int(self.hw.memory_gib * 2**30)
-            self.telemetry = Telemetry(
-                utilization=min(1.0, self.active / max(1, self.hw.batch_slots)),
-                memory_used_bytes=int(total * 0.6),
-                memory_total_bytes=total,
-                active_requests=self.active,
-            )
-        return NodeSnapshot(
-            node_id=NodeId(self.node_id),
-            state=NodeState.UP,
-            capability=self.capability,
-            last_heartbeat=now,
-            telemetry=self.telemetry,
-            outstanding=self.active,
-            reliability=self.summary,
-            calibration=self.calibration,
-            latency_ewma_s=self.latency_ewma_s,
-        )
+__all__ = ["EPOCH", "Outcome", "SimConfig", "SimNode", "Simulation", "build_nodes"]
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """One simulated request: served (node, times) or failed (no node could take it)."""
+    """One simulated request as the client saw it."""
 
     at_s: float
     prompt_tokens: int
     output_tokens: int
     node_id: str | None
+    """The node that finished it; None: it failed."""
     accelerator: str
     ttft_s: float
     tpot_s: float
     price_per_mtok: float
+    retries: int = 0
+    """Times it was sent again (node gone before the first token) or failed over mid-answer."""
+    dishonest_tokens: int = 0
+    """Tokens of this answer produced by dishonest nodes."""
 
     @property
     def failed(self) -> bool:
         return self.node_id is None
 
 
-def build_nodes(config: SimConfig, model: ModelSpec, rng: random.Random) -> list[SimNode]:
-    cards = list(config.mix)
-    weights = [config.mix[c] for c in cards]
-    regions = list(REGION_SHARE)
-    nodes = []
-    for i in range(config.nodes):
-        hw = hardware_spec(rng.choices(cards, weights)[0])
-        dtype, quant = placement_for(model, hw)
-        node_id = f"sim{i:05d}-{hw.key}"
-        engine = f"emulated:{hw.key}"
-        capability = Capability(
-            node_id=NodeId(node_id),
-            public_key=f"pk-{node_id}",
-            endpoint=f"http://{node_id}.sim:8000",
-            engine=engine,
-            models=(ModelOffer(name=model.name, dtype=dtype, quantization=quant, max_context=model.max_context),),
-            hardware=HardwareInfo(accelerator=hw.key, emulated=True, memory_bytes=int(hw.memory_gib * 2**30)),
-            runtime=RuntimeInfo(gridserve="sim", python="sim", engine=engine),
-        )
-        region = rng.choices(regions, [REGION_SHARE[r] for r in regions])[0]
-        slow = config.straggler_slowdown if rng.random() < config.straggler_share else 1.0
-        nodes.append(SimNode(node_id, hw, dtype, quant, capability, REGION_RTT_S[region], slow))
-    return nodes
+@dataclass(eq=False)
+class _Job:
+    index: int
+    req: TraceRequest
+    arrival: float
+    sent: int = 0
+    """Tokens the client has."""
+    first_token_at: float | None = None
+    retries: int = 0
+    failovers: int = 0
+    tried: set[str] = field(default_factory=set)
+    dishonest_tokens: int = 0
+    attempt: "_Attempt | None" = None
 
 
-def grid_capacity_rps(nodes: list[SimNode], model: ModelSpec, prompt: float, output: float) -> float:
-    """Requests per second the grid sustains with every node's batch slots full (the load scale's 100%)."""
-    total = 0.0
-    for n in nodes:
-        slots = max(1, n.hw.batch_slots)
-        pred = predict(
-            model, n.hw, prompt_tokens=int(prompt), dtype=n.dtype, quantization=n.quant, load=Load(active=slots - 1)
-        )
-        total += slots / (pred.e2e_s(int(output)) * n.slowdown + n.rtt_s)
-    return total
+@dataclass(eq=False)
+class _Attempt:
+    job: _Job
+    node: SimNode
+    start: float
+    first_at: float
+    itl: float
+    tokens: int
+    pred_ttft: float
+    pred_itl: float
+    price: float
+    alive: bool = True
+
+    @property
+    def finish(self) -> float:
+        return self.first_at + self.itl * max(0, self.tokens - 1)
+
+    def delivered(self, now: float) -> int:
+        if now < self.first_at:
+            return 0
+        return min(self.tokens, 1 + int((now - self.first_at) / self.itl))
 
 
 class Simulation:
@@ -155,83 +107,295 @@ class Simulation:
         self.profile = profile
         self.model = model_spec(config.model)
         self.rng = random.Random(config.seed)
+        self.world = random.Random(config.seed + 1)
+        """Churn and thermal episodes: drawn apart from routing randomness, so every policy meets the same grid."""
         self.nodes = build_nodes(config, self.model, random.Random(config.seed))
-        self.by_id = {n.node_id: n for n in self.nodes}
         self.book = ReliabilityBook()
-        for n in self.nodes:
-            self.book.add_node(n.node_id, EPOCH)
-
-    def _summary(self, node: SimNode, now: float) -> None:
-        if now - node.summary_at >= self.config.summary_refresh_s:
-            node.summary, node.summary_at = self.book.summary(node.node_id, now), now
-
-    def run(self, trace: list[TraceRequest]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        flights: list[tuple[float, int, _Flight]] = []
-        for i, req in enumerate(trace):
-            now = EPOCH + req.at_s
-            while flights and flights[0][0] <= now:
-                self._complete(heapq.heappop(flights)[2])
-            outcome, flight = self._serve(i, req, now)
-            outcomes.append(outcome)
-            if flight is not None:
-                heapq.heappush(flights, (flight.finish, i, flight))
-        while flights:
-            self._complete(heapq.heappop(flights)[2])
-        return outcomes
-
-    def _complete(self, f: "_Flight") -> None:
-        """A request finished: the node frees a slot; the ledger and the calibration learn, as in the gateway."""
-        node = self.by_id[f.node_id]
-        node.active -= 1
-        within = f.ttft <= self.config.ttft_slo_s and f.tpot <= self.config.tpot_slo_s
-        self.book.record(NodeEvent(node_id=f.node_id, kind=EventKind.JOB_COMPLETED, at=f.finish, within_slo=within))
-        node.summary_at = -math.inf
-        node.latency_ewma_s = ewma(node.latency_ewma_s, f.ttft)
-        node.calibration = node.calibration.observe(
-            predicted_ttft_s=f.pred_ttft, observed_ttft_s=f.ttft, predicted_itl_s=f.pred_itl, observed_itl_s=f.tpot
-        )
-
-    def _serve(self, i: int, req: TraceRequest, now: float) -> tuple[Outcome, "_Flight | None"]:
+        self.table = SnapshotTable()
+        self.by_id = {n.node_id: n for n in self.nodes}
+        self.outcomes: list[Outcome | None] = []
+        self.open_jobs = 0
+        self.running: dict[str, set[_Attempt]] = {n.node_id: set() for n in self.nodes}
+        self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = itertools.count()
+        self.now = EPOCH
         for node in self.nodes:
-            self._summary(node, now)
+            node.heartbeat_at = EPOCH
+            self.book.add_node(node.node_id, EPOCH)
+            self._begin(node)
+            self._touch(node)
+
+    # the event queue
+
+    def _at(self, when: float, handler: Callable[..., None], *args: Any) -> None:
+        heapq.heappush(self._events, (when, next(self._seq), handler, args))
+
+    def _until(self, t: float) -> None:
+        while self._events and self._events[0][0] <= t:
+            when, _, handler, args = heapq.heappop(self._events)
+            self.now = when
+            handler(*args)
+
+    def run(self, trace: list[TraceRequest], progress: Callable[[int], None] | None = None) -> list[Outcome]:
+        self._at(EPOCH + self.config.heartbeat_s, self._heartbeat)
+        self.outcomes = [None] * len(trace)
+        for i, req in enumerate(trace):
+            t = EPOCH + req.at_s
+            self._until(t)
+            self.now = t
+            self.open_jobs += 1
+            job = _Job(i, req, t)
+            self._at(t + CLIENT_TIMEOUT_S, self._timeout, job)
+            self._dispatch(job)
+            if progress is not None and i % 1000 == 999:
+                progress(1000)
+        while self.open_jobs and self._events:  # the grid goes on until every request has its answer
+            when, _, handler, args = heapq.heappop(self._events)
+            self.now = when
+            handler(*args)
+        return [o if o is not None else self._failed(trace[i]) for i, o in enumerate(self.outcomes)]
+
+    def _end(self, job: _Job, outcome: Outcome) -> None:
+        self.outcomes[job.index] = outcome
+        job.attempt = None
+        self.open_jobs -= 1
+
+    def _timeout(self, job: _Job) -> None:
+        if self.outcomes[job.index] is not None:
+            return
+        attempt = job.attempt
+        if attempt is not None and attempt.alive:  # the client hangs up: the node's work is cancelled
+            attempt.alive = False
+            self.running[attempt.node.node_id].discard(attempt)
+            attempt.node.active -= 1
+            self._credit(attempt, attempt.delivered(self.now))
+            self._touch(attempt.node)
+        self._end(job, self._failed(job.req, job))
+
+    # the grid
+
+    def _begin(self, node: SimNode) -> None:
+        """Initial state: the grid as it stands after a long history of sessions (a renewal process run from
+        far in the past: a node's current session is length-biased, as in any long-running grid)."""
+        config = self.config
+        if config.churn:
+            t, present = -WARMUP_CYCLES * (config.uptime_mean_s + config.downtime_mean_s), True
+            while True:
+                t += config.uptime(self.world) if present else config.downtime(self.world)
+                if t > 0:
+                    break
+                present = not present
+            if present:
+                self._at(EPOCH + t, self._leave, node)
+            else:
+                node.present, node.state = False, NodeState.DOWN
+                self.book.remove_node(node.node_id)
+                self._at(EPOCH + t, self._join, node)
+        if config.thermal_per_hour > 0:
+            self._at(EPOCH + self.world.expovariate(config.thermal_per_hour / 3600.0), self._thermal, node, True)
+
+    def _touch(self, node: SimNode) -> None:
+        node.touched_at = self.now
+        node.summary = self.book.summary(node.node_id, self.now)
+        self.table.put(node.snapshot())
+
+    def _heartbeat(self) -> None:
+        """Nodes in the grid report; the gateway refreshes what it knows of each (scores decay with time).
+        A busy node's snapshot is already refreshed by its own events; an idle one's every other heartbeat."""
+        stale = self.now - 1.5 * self.config.heartbeat_s
+        for node in self.nodes:
+            if node.present:
+                node.heartbeat_at = self.now
+                if node.touched_at <= stale:
+                    self._touch(node)
+        self._at(self.now + self.config.heartbeat_s, self._heartbeat)
+
+    def _leave(self, node: SimNode) -> None:
+        node.present = False
+        node.session += 1
+        self.book.remove_node(node.node_id)
+        streams = list(self.running[node.node_id])
+        for attempt in streams:
+            self._lost(attempt)
+        # the gateway marks it down when a stream to it breaks (stall guard), else when probes and heartbeats fail
+        detect = GATEWAY.stall_min_s if streams else self.config.detect_s
+        self._at(self.now + detect, self._detect, node, node.session)
+        self._at(self.now + self.config.downtime(self.world), self._join, node)
+        self._touch(node)
+
+    def _detect(self, node: SimNode, session: int) -> None:
+        if not node.present and node.session == session:
+            node.state = NodeState.DOWN
+            self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.HEARTBEAT_MISSED, at=self.now))
+            self._touch(node)
+
+    def _join(self, node: SimNode) -> None:
+        node.present = True
+        node.heartbeat_at = self.now
+        self.book.add_node(node.node_id, self.now)
+        if node.state == NodeState.DOWN:
+            node.state = NodeState.PROBATION
+            self._at(self.now + self.config.probation_s, self._probation_end, node, node.session)
+        self._at(self.now + self.config.uptime(self.world), self._leave, node)
+        self._touch(node)
+
+    def _probation_end(self, node: SimNode, session: int) -> None:
+        if node.present and node.session == session and node.state == NodeState.PROBATION:
+            node.state = NodeState.UP
+            self._touch(node)
+
+    def _thermal(self, node: SimNode, on: bool) -> None:
+        config = self.config
+        node.clock = config.thermal_clock if on else 1.0
+        if on:
+            self._at(self.now + self.world.expovariate(1.0 / config.thermal_mean_s), self._thermal, node, False)
+        else:
+            self._at(self.now + self.world.expovariate(config.thermal_per_hour / 3600.0), self._thermal, node, True)
+        self._touch(node)
+
+    # requests
+
+    def _dispatch(self, job: _Job) -> None:
+        req = job.req
         request = ScheduleRequest(
-            request_id=f"sim-{i}",
+            request_id=f"sim-{job.index}",
             model=self.model.name,
-            prompt_tokens=req.prompt_tokens,
-            max_tokens=req.output_tokens,
+            prompt_tokens=req.prompt_tokens + job.sent,
+            max_tokens=req.output_tokens - job.sent,
             ttft_slo_s=self.config.ttft_slo_s,
             tpot_slo_s=self.config.tpot_slo_s,
         )
-        snapshots = [n.snapshot(now) for n in self.nodes]
-        decision = schedule(request, snapshots, self.profile, self.rng, now, decision_id=f"d{i}")
-        if decision.chosen is None:
-            return Outcome(req.at_s, req.prompt_tokens, req.output_tokens, None, "", math.inf, math.inf, 0.0), None
-        node = self.by_id[decision.chosen]
+        decision = schedule(request, self.table, self.profile, self.rng, self.now, decision_id=f"d{job.index}")
+        chosen = decision.chosen
+        if chosen is not None and chosen in job.tried:  # as the gateway's dispatch: the next one not tried
+            chosen = next((c.node_id for c in decision.ranked_for_dispatch() if c.node_id not in job.tried), None)
+        if chosen is None:
+            self._end(job, self._failed(req, job))
+            return
+        candidate = decision.candidate(chosen)
+        price = candidate.price_per_mtok if candidate is not None and candidate.price_per_mtok else 0.0
+        self._start(job, self.by_id[chosen], price)
+
+    def _start(self, job: _Job, node: SimNode, price: float) -> None:
+        req = job.req
         pred = predict(
             self.model,
             node.hw,
-            prompt_tokens=req.prompt_tokens,
+            prompt_tokens=req.prompt_tokens + job.sent,
             dtype=node.dtype,
             quantization=node.quant,
             load=Load(active=node.active),
         )
-        noise = self.config.noise_sigma
-        ttft = node.rtt_s + pred.ttft_s * node.slowdown * self.rng.lognormvariate(0.0, noise)
-        tpot = pred.itl_s * node.slowdown * self.rng.lognormvariate(0.0, noise)
+        job.tried.add(node.node_id)
+        if not node.present:  # gone, not yet marked down: the gateway cannot reach it, marks it down, goes on
+            self._detect(node, node.session)
+            self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.JOB_FAILED, at=self.now))
+            job.retries += 1
+            self._at(self.now + max(GATEWAY.hedge_min_s, 2.0 * pred.ttft_s), self._retry, job)
+            return
+        noise, speed = self.config.noise_sigma, node.speed()
+        ttft = node.rtt_s + pred.ttft_s * speed * self.rng.lognormvariate(0.0, noise)
+        itl = pred.itl_s * speed * self.rng.lognormvariate(0.0, noise)
+        tokens = req.output_tokens - job.sent
+        attempt = _Attempt(job, node, self.now, self.now + ttft, itl, tokens, pred.ttft_s, pred.itl_s, price)
         node.active += 1
-        chosen = decision.candidate(node.node_id)
-        price = chosen.price_per_mtok if chosen and chosen.price_per_mtok else 0.0
-        outcome = Outcome(req.at_s, req.prompt_tokens, req.output_tokens, node.node_id, node.hw.key, ttft, tpot, price)
-        finish = now + ttft + tpot * max(0, req.output_tokens - 1)
-        return outcome, _Flight(node.node_id, finish, ttft, tpot, pred.ttft_s, pred.itl_s)
+        job.attempt = attempt
+        self.running[node.node_id].add(attempt)
+        self._at(attempt.finish, self._done, attempt)
+        self._touch(node)
 
+    def _retry(self, job: _Job) -> None:
+        if self.outcomes[job.index] is None:
+            self._dispatch(job)
 
-@dataclass(frozen=True)
-class _Flight:
-    node_id: str
-    finish: float
-    ttft: float
-    tpot: float
-    pred_ttft: float
-    pred_itl: float
+    def _lost(self, attempt: _Attempt) -> None:
+        """The attempt's node left: what the client got stays; the rest goes elsewhere."""
+        attempt.alive = False
+        node, job = attempt.node, attempt.job
+        self.running[node.node_id].discard(attempt)
+        node.active -= 1
+        self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.JOB_FAILED, at=self.now))
+        got = min(attempt.delivered(self.now), attempt.tokens - 1)  # its last token would have ended it
+        self._credit(attempt, got)
+        if got == 0:
+            job.retries += 1
+            hedge = max(GATEWAY.hedge_min_s, 2.0 * attempt.pred_ttft)
+            self._at(max(self.now, attempt.start + hedge), self._retry, job)
+            return
+        job.failovers += 1
+        if job.failovers > self.config.max_failovers:
+            self._end(job, self._failed(job.req, job))
+            return
+        stall = max(GATEWAY.stall_min_s, GATEWAY.stall_itl_multiple * attempt.pred_itl)
+        last = attempt.first_at + attempt.itl * (got - 1)
+        self._at(max(self.now, last + stall), self._retry, job)
+
+    def _credit(self, attempt: _Attempt, tokens: int) -> None:
+        job = attempt.job
+        if tokens > 0 and job.first_token_at is None:
+            job.first_token_at = attempt.first_at
+        job.sent += tokens
+        if attempt.node.dishonest:
+            job.dishonest_tokens += tokens
+
+    def _done(self, attempt: _Attempt) -> None:
+        if not attempt.alive:
+            return
+        node, job = attempt.node, attempt.job
+        self.running[node.node_id].discard(attempt)
+        node.active -= 1
+        ttft, now = attempt.first_at - attempt.start, self.now
+        within = ttft <= self.config.ttft_slo_s and attempt.itl <= self.config.tpot_slo_s
+        self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.JOB_COMPLETED, at=now, within_slo=within))
+        node.latency_ewma_s = ewma(node.latency_ewma_s, ttft)
+        node.calibration = node.calibration.observe(
+            predicted_ttft_s=attempt.pred_ttft,
+            observed_ttft_s=ttft,
+            predicted_itl_s=attempt.pred_itl,
+            observed_itl_s=attempt.itl,
+        )
+        self._audit(node)
+        self._credit(attempt, attempt.tokens)
+        self._touch(node)
+        assert job.first_token_at is not None
+        tokens = job.req.output_tokens
+        tpot = (now - job.first_token_at) / (tokens - 1) if tokens > 1 else attempt.itl
+        outcome = Outcome(
+            job.req.at_s,
+            job.req.prompt_tokens,
+            tokens,
+            node.node_id,
+            node.hw.key,
+            job.first_token_at - job.arrival,
+            tpot,
+            attempt.price,
+            job.retries + job.failovers,
+            job.dishonest_tokens,
+        )
+        self._end(job, outcome)
+
+    def _audit(self, node: SimNode) -> None:
+        """Sampled re-execution at the gateway's rate; a dishonest node's answer fails it: quarantine."""
+        config = self.config
+        summary = self.book.summary(node.node_id, self.now)
+        rate = audit_probability(
+            summary, rate=config.audit_rate, new_rate=config.audit_new_rate, floor=config.audit_floor
+        )
+        if self.rng.random() < rate and node.dishonest:
+            self.book.record(
+                NodeEvent(
+                    node_id=node.node_id,
+                    kind=EventKind.INCIDENT,
+                    at=self.now,
+                    severity=Severity.SEVERE,
+                    detail="integrity: audit re-execution disagrees",
+                )
+            )
+
+    @staticmethod
+    def _failed(req: TraceRequest, job: _Job | None = None) -> Outcome:
+        retries = job.retries + job.failovers if job else 0
+        dishonest = job.dishonest_tokens if job else 0
+        return Outcome(
+            req.at_s, req.prompt_tokens, req.output_tokens, None, "", math.inf, math.inf, 0.0, retries, dishonest
+        )

@@ -1,8 +1,9 @@
 """Comparing policies: each runs the same trace on the same simulated grid at several loads; the report has
 SLO attainment, goodput, latency percentiles, failures and cost per policy, a Markdown summary and plots.
 
-Goodput is the highest request rate among the loads tried at which attainment stays >= 90% (a coarse search
-over the load points given; finer points give a finer answer).
+Goodput is the highest request rate at which attainment stays >= 90%: the loads given bracket it, then
+bisection narrows the bracket (`refine` more runs per policy). An answer served (even partly) by a dishonest
+node never counts as within the SLO.
 """
 
 import json
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from gridserve.scheduler import named_profile
-from gridserve.sim.engine import Outcome, SimConfig, Simulation, grid_capacity_rps
+from gridserve.sim.engine import Outcome, SimConfig, Simulation
+from gridserve.sim.grid import grid_capacity_rps
 from gridserve.sim.trace import TraceRequest, scaled
 
 GOODPUT_ATTAINMENT = 0.90
@@ -28,7 +30,11 @@ def _pct(values: Sequence[float], q: float) -> float | None:
 
 def metrics(outcomes: Sequence[Outcome], config: SimConfig) -> dict[str, Any]:
     served = [o for o in outcomes if not o.failed]
-    within = sum(1 for o in served if o.ttft_s <= config.ttft_slo_s and o.tpot_s <= config.tpot_slo_s)
+    within = sum(
+        1
+        for o in served
+        if o.ttft_s <= config.ttft_slo_s and o.tpot_s <= config.tpot_slo_s and not o.dishonest_tokens
+    )
     tokens = sum(o.output_tokens for o in served)
     spend = sum(o.output_tokens * o.price_per_mtok for o in served)
     return {
@@ -41,7 +47,8 @@ def metrics(outcomes: Sequence[Outcome], config: SimConfig) -> dict[str, Any]:
         "tpot_p90_s": _pct([o.tpot_s for o in served], 0.9),
         "tpot_p99_s": _pct([o.tpot_s for o in served], 0.99),
         "failed": len(outcomes) - len(served),
-        "dishonest_tokens": None,
+        "retried": sum(1 for o in outcomes if o.retries),
+        "dishonest_tokens": sum(o.dishonest_tokens for o in outcomes),
         "cost_per_mtok": round(spend / tokens, 4) if tokens else None,
         "share_by_hardware": {
             hw: round(sum(1 for o in served if o.accelerator == hw) / max(1, len(served)), 4)
@@ -64,22 +71,44 @@ def compare(
     policies: Sequence[str],
     loads: Sequence[float],
     on_run: Callable[[str, float], None] = lambda policy, load: None,
+    refine: int = 3,
 ) -> tuple[list[Run], float]:
-    """Every policy at every load (the trace time-scaled so that `load` x grid capacity arrives per second)."""
+    """Every policy at every load (the trace time-scaled so that `load` x grid capacity arrives per second),
+    then `refine` bisection runs per policy around its goodput."""
     probe = Simulation(config, named_profile("default"))
     n = len(trace)
-    capacity = grid_capacity_rps(
-        probe.nodes, probe.model, sum(r.prompt_tokens for r in trace) / n, sum(r.output_tokens for r in trace) / n
-    )
+    prompt = sum(r.prompt_tokens for r in trace) / n
+    output = sum(r.output_tokens for r in trace) / n
+    capacity = grid_capacity_rps(probe.nodes, probe.model, config, prompt, output)
     trace_rate = n / max(1e-9, trace[-1].at_s)
+
+    def run(policy: str, load: float) -> Run:
+        sim = Simulation(replace(config), named_profile(policy))
+        rate = load * capacity
+        result = Run(policy, load, rate, sim.run(scaled(trace, rate / trace_rate)))
+        on_run(policy, load)
+        return result
+
     runs = []
     for policy in policies:
-        for load in loads:
-            sim = Simulation(replace(config), named_profile(policy))
-            rate = load * capacity
-            runs.append(Run(policy, load, rate, sim.run(scaled(trace, rate / trace_rate))))
-            on_run(policy, load)
+        mine = [run(policy, load) for load in loads]
+        for _ in range(refine):
+            bracket = _bracket(mine, config)
+            if bracket is None:
+                break
+            mine.append(run(policy, sum(bracket) / 2))
+        runs += mine
     return runs, capacity
+
+
+def _bracket(runs: Sequence[Run], config: SimConfig) -> tuple[float, float] | None:
+    """The loads between which attainment crosses the goodput threshold: (highest load still >= 90% with no
+    lower-load failure above it, the next load tried), or None when there is nothing to narrow."""
+    curve = sorted((r.load, metrics(r.outcomes, config)["slo_attainment"]) for r in runs)
+    below = next((i for i, (_, a) in enumerate(curve) if a < GOODPUT_ATTAINMENT), None)
+    if below is None or below == 0:
+        return None
+    return curve[below - 1][0], curve[below][0]
 
 
 def report(runs: Sequence[Run], config: SimConfig, load: float, capacity: float) -> list[dict[str, Any]]:
@@ -88,20 +117,30 @@ def report(runs: Sequence[Run], config: SimConfig, load: float, capacity: float)
         mine = sorted((r for r in runs if r.policy == policy), key=lambda r: r.load)
         at = min(mine, key=lambda r: abs(r.load - load))
         curve = [(r.load, r.rate_rps, metrics(r.outcomes, config)["slo_attainment"]) for r in mine]
-        good = [rate for _, rate, attained in curve if attained >= GOODPUT_ATTAINMENT]
+        good = _goodput(curve)
         entries.append(
             {
                 "policy": policy,
                 "load": at.load,
                 "rate_rps": round(at.rate_rps, 3),
                 **metrics(at.outcomes, config),
-                "goodput_rps": round(max(good), 3) if good else 0.0,
+                "goodput_rps": round(good, 3),
                 "attainment_by_load": [
                     {"load": lo, "rate_rps": round(ra, 3), "slo_attainment": a} for lo, ra, a in curve
                 ],
             }
         )
     return entries
+
+
+def _goodput(curve: Sequence[tuple[float, float, float]]) -> float:
+    """The highest rate before attainment first falls below the threshold (0: it never reaches it)."""
+    good = 0.0
+    for _, rate, attained in curve:
+        if attained < GOODPUT_ATTAINMENT:
+            break
+        good = rate
+    return good
 
 
 def write(entries: list[dict[str, Any]], runs: Sequence[Run], out: Path, header: dict[str, Any]) -> None:
@@ -111,15 +150,18 @@ def write(entries: list[dict[str, Any]], runs: Sequence[Run], out: Path, header:
         f"# Simulation: {header['nodes']} nodes, {header['requests']} requests, load {header['load']}",
         "",
         f"Grid capacity {header['capacity_rps']:.1f} req/s; SLO: TTFT <= {header['ttft_slo_s']} s and "
-        f"TPOT <= {header['tpot_slo_s']} s; goodput = highest rate with >= 90% attainment among the loads tried.",
+        f"TPOT <= {header['tpot_slo_s']} s; goodput = highest rate with >= 90% attainment (bisection between the "
+        "loads tried). An answer served by a dishonest node never counts as within the SLO.",
         "",
-        "| policy | SLO attainment | goodput req/s | TTFT p50 / p99 s | TPOT p50 / p99 s | failed | $/Mtok |",
-        "|---|---|---|---|---|---|---|",
+        "| policy | SLO attainment | goodput req/s | TTFT p50 / p99 s | TPOT p50 / p99 s | failed | retried |"
+        " dishonest tokens | $/Mtok |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         lines.append(
             f"| {e['policy']} | {e['slo_attainment']:.3f} | {e['goodput_rps']:.1f} | {e['ttft_p50_s']} / "
-            f"{e['ttft_p99_s']} | {e['tpot_p50_s']} / {e['tpot_p99_s']} | {e['failed']} | {e['cost_per_mtok']} |"
+            f"{e['ttft_p99_s']} | {e['tpot_p50_s']} / {e['tpot_p99_s']} | {e['failed']} | {e['retried']} | "
+            f"{e['dishonest_tokens']} | {e['cost_per_mtok']} |"
         )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _plots(entries, runs, out, header)

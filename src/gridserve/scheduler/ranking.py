@@ -1,0 +1,69 @@
+"""The order of the eligible nodes, best first, as the vectorised path needs it: the head at once (a partial
+selection, O(n)), the full order only when something reads past it (a decision's full candidate list).
+
+Order = descending total score, ties broken by ascending random tie value; identical to sorting all of them.
+"""
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.float64]
+Indexes = npt.NDArray[np.int64]
+
+HEAD = 8
+"""Ranks computed eagerly: the pick, the runner-up, the first failover candidates."""
+
+
+def _sorted(indexes: Indexes, total: Array, ties: Array) -> Indexes:
+    return indexes[np.lexsort((ties[indexes], -total[indexes]))]
+
+
+class Order:
+    def __init__(self, eligible: Indexes, total: Array, ties: Array) -> None:
+        """`eligible`: node indexes; `total`: score per node (all nodes); `ties`: per eligible node, in order."""
+        self.eligible = eligible
+        self.total = total
+        self.ties = np.zeros(len(total))
+        self.ties[eligible] = ties
+        self._full: Indexes | None = None
+        self.head = self._head(min(HEAD, len(eligible)))
+
+    def _head(self, k: int) -> Indexes:
+        n = len(self.eligible)
+        if k == 0:
+            return self.eligible[:0]
+        if n <= 4 * k:
+            self._full = _sorted(self.eligible, self.total, self.ties)
+            return self._full[:k]
+        scores = self.total[self.eligible]
+        threshold = np.partition(scores, n - k)[n - k]  # the k-th best score: every tie at it stays in
+        return _sorted(self.eligible[scores >= threshold], self.total, self.ties)[:k]
+
+    def __len__(self) -> int:
+        return len(self.eligible)
+
+    def full(self) -> Indexes:
+        if self._full is None:
+            self._full = _sorted(self.eligible, self.total, self.ties)
+        return self._full
+
+    def __getitem__(self, rank: int) -> int:
+        return int(self.head[rank]) if rank < len(self.head) else int(self.full()[rank])
+
+    def rank_of(self, j: int) -> int:
+        """How many eligible nodes rank before node j."""
+        t, tie = self.total[j], self.ties[j]
+        scores, ties = self.total[self.eligible], self.ties[self.eligible]
+        return int(np.count_nonzero((scores > t) | ((scores == t) & (ties < tie))))
+
+    def first_where(self, mask: npt.NDArray[np.bool_], start: int) -> int | None:
+        """Rank of the best node at rank >= start for which mask (per node) holds; None if there is none."""
+        for rank in range(start, len(self.head)):
+            if mask[self.head[rank]]:
+                return rank
+        hits = self.eligible[mask[self.eligible]]
+        for j in _sorted(hits, self.total, self.ties).tolist():
+            rank = self.rank_of(j)
+            if rank >= start:
+                return rank
+        return None

@@ -1,0 +1,191 @@
+"""The simulated grid: nodes drawn from a hardware mix, each with a region, a hidden speed (stragglers), an
+honest or dishonest operator, sessions (churn) and thermal episodes; what the gateway would see of each node
+is kept as a NodeSnapshot in a SnapshotTable, replaced only when something about the node changes.
+"""
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from gridserve.catalog import hardware_spec
+from gridserve.catalog.hardware import HardwareSpec
+from gridserve.catalog.models import ModelSpec
+from gridserve.engines.emulated import placement_for
+from gridserve.gateway.config import GatewayConfig
+from gridserve.perfmodel import Calibration, Load, predict
+from gridserve.reliability.book import ReliabilitySummary
+from gridserve.scheduler import NodeSnapshot
+from gridserve.scheduler.snapshot import NodeStatic
+from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, NodeState, RuntimeInfo, Telemetry
+
+DECENTRALIZED_MIX = {
+    "rtx4090": 0.30,
+    "rtx3090": 0.20,
+    "a10g": 0.10,
+    "l40s": 0.10,
+    "a100-80g": 0.12,
+    "h100-sxm": 0.06,
+    "t4": 0.12,
+}
+"""Default hardware mix: mostly consumer cards, some data-centre GPUs (a decentralized network)."""
+REGION_RTT_S = {"same-region": 0.005, "near": 0.030, "far": 0.090, "intercontinental": 0.160}
+REGION_SHARE = {"same-region": 0.35, "near": 0.35, "far": 0.2, "intercontinental": 0.1}
+EPOCH = 1_700_000_000.0
+"""Simulated time 0 as a unix time (the scheduler and ledger read absolute times)."""
+GATEWAY = GatewayConfig()
+"""The gateway's defaults: audit rates, failure detection, stall guard, failovers (the simulator uses them)."""
+THROTTLED_TEMPERATURE_C = 88.0
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    nodes: int = 100
+    model: str = "llama-3-8b"
+    seed: int = 0
+    mix: dict[str, float] = field(default_factory=lambda: dict(DECENTRALIZED_MIX))
+    cards: tuple[str, ...] = ()
+    """Explicit cards, node i gets cards[i % len] (instead of drawing from `mix`)."""
+    rtt_s: float | None = None
+    """Every node's round-trip time (None: drawn by region)."""
+    noise_sigma: float = 0.10
+    """Log-normal noise on each request's TTFT and ITL."""
+    straggler_share: float = 0.05
+    straggler_slowdown: float = 3.0
+    """Stragglers run this many times slower than their card's spec says; only observation reveals it."""
+    ttft_slo_s: float = 2.0
+    tpot_slo_s: float = 0.100
+    churn: bool = True
+    uptime_mean_s: float = 1800.0
+    uptime_shape: float = 0.5
+    """Weibull shape of session lengths (< 1: heavy-tailed, many short sessions and a few very long ones, as
+    volunteer-computing availability studies report)."""
+    downtime_mean_s: float = 300.0
+    """Exponential time away before a node that left comes back (same identity, same record)."""
+    thermal_per_hour: float = 2.0
+    """Thermal-throttling episodes per node per hour (Poisson)."""
+    thermal_mean_s: float = 120.0
+    thermal_clock: float = 0.6
+    """Clock ratio while throttled: the node runs at this share of its speed and reports it in telemetry."""
+    dishonest_share: float = 0.05
+    """Operators whose answers fail verification (wrong model, skipped compute): caught by sampled audits."""
+    heartbeat_s: float = GATEWAY.heartbeat_interval_s
+    """How often nodes report telemetry and the gateway refreshes reliability summaries."""
+    detect_s: float = GATEWAY.heartbeat_interval_s + GATEWAY.probe_interval_s
+    """A node that left with no stream open is marked down this long after it went (a probe fails once its
+    last heartbeat is older than one interval); one with streams open when the first stalls."""
+    probation_s: float = GATEWAY.probe_interval_s * GATEWAY.probation_probes
+    audit_rate: float = GATEWAY.audit_rate
+    audit_new_rate: float = GATEWAY.audit_new_rate
+    audit_floor: float = GATEWAY.audit_floor
+    max_failovers: int = GATEWAY.max_failovers
+
+    @property
+    def availability(self) -> float:
+        """Long-run share of time a node is in the grid."""
+        if not self.churn:
+            return 1.0
+        return self.uptime_mean_s / (self.uptime_mean_s + self.downtime_mean_s)
+
+    def uptime(self, rng: random.Random) -> float:
+        scale = self.uptime_mean_s / math.gamma(1.0 + 1.0 / self.uptime_shape)
+        return rng.weibullvariate(scale, self.uptime_shape)
+
+    def downtime(self, rng: random.Random) -> float:
+        return rng.expovariate(1.0 / self.downtime_mean_s)
+
+
+@dataclass
+class SimNode:
+    node_id: str
+    hw: HardwareSpec
+    dtype: str
+    quant: str
+    capability: Capability
+    rtt_s: float
+    slowdown: float
+    dishonest: bool
+    static: NodeStatic
+    present: bool = True
+    """In the grid now (churn takes it away and brings it back)."""
+    state: NodeState = NodeState.UP
+    """What the gateway believes (a node that left stays UP until the failure detector notices)."""
+    clock: float = 1.0
+    """1.0, or the throttled clock ratio during a thermal episode."""
+    active: int = 0
+    session: int = 0
+    """Counts the node's sessions: events of an earlier session are ignored."""
+    calibration: Calibration = field(default_factory=Calibration)
+    summary: ReliabilitySummary | None = None
+    latency_ewma_s: float | None = None
+    heartbeat_at: float = 0.0
+    touched_at: float = -math.inf
+    """When its snapshot was last rebuilt."""
+
+    def snapshot(self) -> NodeSnapshot:
+        total = int(self.hw.memory_gib * 2**30)
+        throttled = self.clock < 1.0
+        telemetry = Telemetry(
+            utilization=min(1.0, self.active / max(1, self.hw.batch_slots)),
+            memory_used_bytes=int(total * 0.6),
+            memory_total_bytes=total,
+            active_requests=self.active,
+            clock_ratio=self.clock if throttled else None,
+            temperature_c=THROTTLED_TEMPERATURE_C if throttled else None,
+        )
+        return NodeSnapshot(
+            node_id=NodeId(self.node_id),
+            state=self.state,
+            capability=self.capability,
+            last_heartbeat=self.heartbeat_at,
+            telemetry=telemetry,
+            outstanding=self.active,
+            reliability=self.summary,
+            calibration=self.calibration,
+            static=self.static,
+            latency_ewma_s=self.latency_ewma_s,
+        )
+
+    def speed(self) -> float:
+        """Service time multiplier: hidden slowness x thermal throttling."""
+        return self.slowdown / self.clock
+
+
+def build_nodes(config: SimConfig, model: ModelSpec, rng: random.Random) -> list[SimNode]:
+    cards = list(config.mix)
+    weights = [config.mix[c] for c in cards]
+    regions = list(REGION_SHARE)
+    nodes = []
+    for i in range(config.nodes):
+        hw = hardware_spec(config.cards[i % len(config.cards)] if config.cards else rng.choices(cards, weights)[0])
+        dtype, quant = placement_for(model, hw)
+        node_id = f"sim{i:05d}-{hw.key}"
+        engine = f"emulated:{hw.key}"
+        capability = Capability(
+            node_id=NodeId(node_id),
+            public_key=f"pk-{node_id}",
+            endpoint=f"http://{node_id}.sim:8000",
+            engine=engine,
+            models=(ModelOffer(name=model.name, dtype=dtype, quantization=quant, max_context=model.max_context),),
+            hardware=HardwareInfo(accelerator=hw.key, emulated=True, memory_bytes=int(hw.memory_gib * 2**30)),
+            runtime=RuntimeInfo(gridserve="sim", python="sim", engine=engine),
+        )
+        region = rng.choices(regions, [REGION_SHARE[r] for r in regions])[0]
+        slow = config.straggler_slowdown if rng.random() < config.straggler_share else 1.0
+        dishonest = rng.random() < config.dishonest_share
+        static = NodeStatic.of(capability)
+        rtt = REGION_RTT_S[region] if config.rtt_s is None else config.rtt_s
+        nodes.append(SimNode(node_id, hw, dtype, quant, capability, rtt, slow, dishonest, static))
+    return nodes
+
+
+def grid_capacity_rps(nodes: list[SimNode], model: ModelSpec, config: SimConfig, prompt: float, output: float) -> float:
+    """Requests per second the grid sustains with every node's batch slots full, times the share of time nodes
+    are present (churn): the load scale's 100%."""
+    total = 0.0
+    for n in nodes:
+        slots = max(1, n.hw.batch_slots)
+        pred = predict(
+            model, n.hw, prompt_tokens=int(prompt), dtype=n.dtype, quantization=n.quant, load=Load(active=slots - 1)
+        )
+        total += slots / (pred.e2e_s(int(output)) * n.slowdown + n.rtt_s)
+    return total * config.availability
