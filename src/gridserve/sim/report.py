@@ -31,9 +31,7 @@ def _pct(values: Sequence[float], q: float) -> float | None:
 def metrics(outcomes: Sequence[Outcome], config: SimConfig) -> dict[str, Any]:
     served = [o for o in outcomes if not o.failed]
     within = sum(
-        1
-        for o in served
-        if o.ttft_s <= config.ttft_slo_s and o.tpot_s <= config.tpot_slo_s and not o.dishonest_tokens
+        1 for o in served if o.ttft_s <= config.ttft_slo_s and o.tpot_s <= config.tpot_slo_s and not o.dishonest_tokens
     )
     tokens = sum(o.output_tokens for o in served)
     spend = sum(o.output_tokens * o.price_per_mtok for o in served)
