@@ -1019,3 +1019,44 @@ def test_the_vectorised_path_decides_as_the_per_node_plugins_do(
         assert f.predicted_itl_s == pytest.approx(s.predicted_itl_s, rel=1e-6)
         assert f.predicted_ttft_s == pytest.approx(s.predicted_ttft_s, rel=1e-6)
     assert fast.explanation == slow.explanation
+
+
+SLO_FIRST = profile_from_dict(
+    {
+        "name": "slo-first",
+        "filters": ["node-state", "model-served"],
+        "scorers": [{"type": "vram-fit"}],  # static: the smaller card ranks first, whatever its speed or load
+        "picker": {"type": "max-score", "args": {"exploration": 0.0, "slo_first": True}},
+    }
+)
+
+
+@pytest.mark.parametrize("copies", [1, 15])  # 15 of each: 30 nodes take the column path
+def test_slo_first_passes_over_a_better_scored_node_predicted_to_miss_the_slo(copies: int) -> None:
+    t4 = Spec(accelerator="t4", offers=(offer("llama-3-8b", "int8", "int8"),))
+    h100 = Spec(accelerator="h100-sxm")
+    nodes = [build(t4, f"t4-{i}") for i in range(copies)] + [build(h100, f"h100-{i}") for i in range(copies)]
+    req = ScheduleRequest(request_id="r", model="llama-3-8b", prompt_tokens=6000, max_tokens=50, ttft_slo_s=0.5)
+    ctx = Context.build(req, NOW)
+    t4_pred, h100_pred = ctx.prediction(nodes[0]), ctx.prediction(nodes[-1])
+    assert t4_pred is not None and h100_pred is not None
+    assert t4_pred.ttft_s > 0.5 >= h100_pred.ttft_s  # the premise, from the roofline
+    decision = schedule(req, nodes, SLO_FIRST)
+    assert decision.candidates[0].node_id.startswith("t4")
+    assert decision.chosen is not None and decision.chosen.startswith("h100")
+    assert "meet the SLO" in decision.picked_by
+    never = dataclasses.replace(req, ttft_slo_s=0.001)
+    fallback = schedule(never, nodes, SLO_FIRST)
+    assert fallback.chosen == fallback.candidates[0].node_id
+    assert fallback.picked_by == "highest score (no node is predicted to meet the SLO)"
+
+
+def test_slo_first_prefers_a_node_that_can_start_at_once() -> None:
+    slots = HARDWARE["l40s"].batch_slots
+    full = build(Spec(accelerator="l40s", outstanding=slots), "l40s-full")
+    free = build(Spec(accelerator="h100-sxm"), "h100-free")
+    req = ScheduleRequest(request_id="r", model="llama-3-8b", prompt_tokens=500, max_tokens=50, ttft_slo_s=60.0)
+    decision = schedule(req, [full, free], SLO_FIRST)
+    assert decision.candidates[0].node_id == "l40s-full"  # better scored, predicted within the (loose) SLO
+    assert decision.chosen == "h100-free"
+    assert "start it at once" in decision.picked_by

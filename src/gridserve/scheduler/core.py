@@ -18,6 +18,7 @@ from gridserve.scheduler.plugins import Score, Scored
 from gridserve.scheduler.profile import Profile
 from gridserve.scheduler.ranking import Order
 from gridserve.scheduler.snapshot import C_ACTIVE, C_HAS_HW, C_QUEUED, C_REL_NEW, C_SLOTS, NodeSnapshot
+from gridserve.scheduler.table import SnapshotTable
 from gridserve.scheduler.vector import Array, Columns
 from gridserve.types.scheduling import Candidate, Decision, ScheduleRequest, ScoreDetail, Verdict
 
@@ -161,18 +162,23 @@ class _Ranked(Sequence[Scored]):
         nodes = self.cols.nodes
         return [nodes[j].node_id for j in self.order.full().tolist()]
 
+    def _free_slot(self) -> "npt.NDArray[np.bool_]":
+        """Column form of pickers.free_slot."""
+        c = self.cols
+        busy = c.col(C_ACTIVE) + c.col(C_QUEUED)
+        return np.asarray(busy < np.maximum(1.0, np.where(c.col(C_HAS_HW) > 0, c.col(C_SLOTS), 1.0)))
+
     def first_explorable(self, start: int) -> int | None:
         """Rank of the first node from `start` on with little or no record and a free batch slot (None: none);
         the column form of pickers.explorable."""
-        c = self.cols
-        busy = c.col(C_ACTIVE) + c.col(C_QUEUED)
-        slots = np.maximum(1.0, np.where(c.col(C_HAS_HW) > 0, c.col(C_SLOTS), 1.0))
-        return self.order.first_where((c.col(C_REL_NEW) > 0) & (busy < slots), start)
+        return self.order.first_where((self.cols.col(C_REL_NEW) > 0) & self._free_slot(), start)
 
-    def first_meeting_slo(self, ctx: Context) -> int | None:
-        """Rank of the best node predicted to meet the request's SLO (column form of pickers.meets_slo)."""
+    def first_meeting_slo(self, ctx: Context, headroom: float, at_once: bool) -> int | None:
+        """Rank of the best node predicted to meet the request's SLO, with a free slot if `at_once` (column form
+        of pickers.meets_slo and free_slot)."""
         ttft, itl = self.cols.prediction(ctx, loaded=True)
-        return self.order.first_where((ttft <= ctx.ttft_slo_s) & (itl <= ctx.tpot_slo_s), 0)
+        meets = (ttft <= ctx.ttft_slo_s * headroom) & (itl <= ctx.tpot_slo_s * headroom)
+        return self.order.first_where(meets & self._free_slot() if at_once else meets, 0)
 
     def __getitem__(self, i: int) -> Scored:  # type: ignore[override]
         j = self.order[i]
@@ -256,15 +262,17 @@ def _schedule_vector(
             out.append(Verdict(node.node_id, False, filt.name, reason))
         return tuple(out)
 
-    top = [candidate(r) for r in range(min(len(order), 2))]
     chosen = candidate(picked) if picked >= 0 else None
     rejected = int((rejected_by >= 0).sum())
-    margin = top[0].score - top[1].score if len(top) > 1 else None
-    if chosen is None:
-        explanation = _explain([], None, verdicts(), picked_by)
-    else:
+    margin = float(total[order[0]] - total[order[1]]) if len(order) > 1 else None
+
+    def explanation() -> str:
+        if chosen is None:
+            return _explain([], None, verdicts(), picked_by)
+        top = [candidate(r) for r in range(min(len(order), 2))]
         runner = next((c for c in top if c.node_id != chosen.node_id), None)
-        explanation = _why(chosen, runner, picked_by) + f"; {len(order)} eligible, {rejected} rejected"
+        return _why(chosen, runner, picked_by) + f"; {len(order)} eligible, {rejected} rejected"
+
     return Decision(
         decision_id=decision_id,
         request=ctx.request,
@@ -299,6 +307,38 @@ def schedule(
     large grids), else the per-node path; True/False force one (tests compare them)."""
     ctx = Context.build(request, now)
     decision_id = decision_id or "dec_" + secrets.token_hex(10)
+    pool = _sample(snapshots, profile.sample, rng, request.model)
+    decision = _decide(ctx, profile, pool, rng, decision_id, now, vectorized)
+    if pool is snapshots:
+        return decision
+    if decision.chosen is None:  # nothing eligible in the sample: the whole pool decides
+        return _decide(ctx, profile, snapshots, rng, decision_id, now, vectorized)
+    decision.explain_also(f"; over a random sample of {len(pool)} of {len(snapshots)} nodes")
+    decision.extra["sampled"] = {"considered": len(pool), "pool": len(snapshots)}
+    return decision
+
+
+def _sample(snapshots: Sequence[NodeSnapshot], size: int, rng: random.Random, model: str) -> Sequence[NodeSnapshot]:
+    """A uniform random sample of `size` nodes when the pool is larger (power of d choices), else the pool."""
+    n = len(snapshots)
+    if size <= 0 or n <= size:
+        return snapshots
+    picks = np.random.default_rng(rng.getrandbits(64)).choice(n, size=size, replace=False)
+    if isinstance(snapshots, SnapshotTable):
+        return snapshots.sample(picks, model)
+    return [snapshots[int(i)] for i in picks]
+
+
+def _decide(
+    ctx: Context,
+    profile: Profile,
+    snapshots: Sequence[NodeSnapshot],
+    rng: random.Random,
+    decision_id: str,
+    now: float,
+    vectorized: bool | None,
+) -> Decision:
+    request = ctx.request
     if vectorized if vectorized is not None else (len(snapshots) >= VECTOR_MIN_NODES and _vectorizable(profile)):
         return _schedule_vector(ctx, profile, snapshots, rng, decision_id, now)
     eligible, verdicts = _filter(ctx, profile, snapshots)

@@ -19,8 +19,13 @@ class MaxScorePicker:
 
     exploration: float = 0.05
     slo_first: bool = False
-    """Pick the best node predicted to meet the request's TTFT and TPOT targets; the best overall only when no
-    node is (scores rank; the SLO decides between a node that makes it and one that does not)."""
+    """Pick the best node that has a batch slot free and is predicted to meet the request's TTFT and TPOT
+    targets; else the best predicted to meet them (it will queue); else the best overall (scores rank; the SLO
+    decides between a node that makes it and one that does not, and a queue's wait is the least certain part
+    of a prediction)."""
+    slo_headroom: float = 1.0
+    """A node meets the SLO when its predictions are within this share of the targets (predictions are means;
+    the SLO is met or missed in the tail)."""
     name: str = "max-score"
 
     def pick(self, ctx: Context, ranked: Sequence[Scored], rng: random.Random) -> tuple[int, str]:
@@ -30,30 +35,48 @@ class MaxScorePicker:
             if found is not None:
                 return found, f"exploration (p={self.exploration}): newest node with a short record"
         if self.slo_first:
-            first = getattr(ranked, "first_meeting_slo", None)
-            found = first(ctx) if first is not None else _first_meeting_slo(ctx, ranked)
-            if found is None:
-                return 0, "highest score (no node is predicted to meet the SLO)"
-            return found, "highest score" if found == 0 else "highest score among nodes predicted to meet the SLO"
+            first = getattr(ranked, "first_meeting_slo", None)  # the vectorised ranking finds it over columns
+            for at_once in (True, False):
+                found = (
+                    first(ctx, self.slo_headroom, at_once)
+                    if first is not None
+                    else _first_meeting_slo(ctx, ranked, self.slo_headroom, at_once)
+                )
+                if found is not None:
+                    how = "can start it at once and " if at_once else ""
+                    return found, f"highest score among nodes that {how}are predicted to meet the SLO"
+            return 0, "highest score (no node is predicted to meet the SLO)"
         return 0, "highest score"
+
+
+def free_slot(node: NodeSnapshot) -> bool:
+    """Fewer requests in flight or queued than the card has batch slots."""
+    tele = node.telemetry
+    busy = max(node.outstanding, tele.active_requests if tele else 0) + (tele.queue_depth if tele else 0)
+    slots = node.static.hw.batch_slots if node.static.hw else 1
+    return busy < max(1, slots)
 
 
 def explorable(node: NodeSnapshot) -> bool:
     """Little or no record, and a batch slot free."""
     rel = node.reliability
-    tele = node.telemetry
-    busy = max(node.outstanding, tele.active_requests if tele else 0) + (tele.queue_depth if tele else 0)
-    slots = node.static.hw.batch_slots if node.static.hw else 1
-    return (rel is None or rel.is_new) and busy < max(1, slots)
+    return (rel is None or rel.is_new) and free_slot(node)
 
 
-def meets_slo(ctx: Context, node: NodeSnapshot) -> bool:
+def meets_slo(ctx: Context, node: NodeSnapshot, headroom: float = 1.0) -> bool:
     pred = ctx.prediction(node)
-    return pred is not None and pred.ttft_s <= ctx.ttft_slo_s and pred.itl_s <= ctx.tpot_slo_s
+    return pred is not None and pred.ttft_s <= ctx.ttft_slo_s * headroom and pred.itl_s <= ctx.tpot_slo_s * headroom
 
 
-def _first_meeting_slo(ctx: Context, ranked: Sequence[Scored]) -> int | None:
-    return next((i for i, scored in enumerate(ranked) if meets_slo(ctx, scored.node)), None)
+def _first_meeting_slo(ctx: Context, ranked: Sequence[Scored], headroom: float, at_once: bool) -> int | None:
+    return next(
+        (
+            i
+            for i, scored in enumerate(ranked)
+            if meets_slo(ctx, scored.node, headroom) and (not at_once or free_slot(scored.node))
+        ),
+        None,
+    )
 
 
 def _first_explorable(ranked: Sequence[Scored]) -> int | None:

@@ -25,6 +25,9 @@ class Profile:
     filters: tuple[Filter, ...]
     scorers: tuple[tuple[Scorer, float], ...]
     picker: Picker
+    sample: int = 0
+    """Decide over a uniform random sample of this many nodes when the pool is larger (the power of d choices,
+    as large load balancers do); 0: every node. If nothing in the sample is eligible, the whole pool decides."""
 
 
 def _entry(item: Any, where: str) -> tuple[str, dict[str, Any], float]:
@@ -56,7 +59,11 @@ def profile_from_dict(doc: Any) -> Profile:
         raise ProfileError(str(exc)) from exc
     if not scorers:
         raise ProfileError("a profile needs at least one scorer")
-    return Profile(name=str(doc.get("name", "custom")), filters=filters, scorers=tuple(scorers), picker=picker)
+    sample = doc.get("sample", 0)
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+        raise ProfileError(f"sample must be a whole number >= 0 (got {sample!r})")
+    name = str(doc.get("name", "custom"))
+    return Profile(name=name, filters=filters, scorers=tuple(scorers), picker=picker, sample=sample)
 
 
 def load_profile(path: Path) -> Profile:

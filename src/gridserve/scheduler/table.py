@@ -69,6 +69,17 @@ class SnapshotTable(Sequence[NodeSnapshot]):
         self._snaps.pop()
         self._models.clear()
 
+    def sample(self, picks: "npt.NDArray[np.int64]", model: str) -> "SnapshotTable":
+        """A table of the nodes at rows `picks`, with their columns for `model` (copied: later puts to this
+        table do not change it)."""
+        out = SnapshotTable.__new__(SnapshotTable)
+        snaps = self._snaps
+        out._snaps = [snaps[i] for i in picks.tolist()]
+        out._index = {}  # a sample is read, never put to
+        out._rows = self._rows[picks]
+        out._models = {model: self.model_rows(model)[picks]}
+        return out
+
     def snapshots(self) -> list[NodeSnapshot]:
         """A copy of the current snapshots (a decision keeps it; later puts do not change it)."""
         return list(self._snaps)

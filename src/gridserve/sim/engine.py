@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gridserve.catalog import model_spec
-from gridserve.perfmodel import Load, predict
+from gridserve.perfmodel import Load, Prediction, predict
 from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook
 from gridserve.reliability.events import Severity
 from gridserve.scheduler import Profile, schedule
@@ -83,13 +83,17 @@ class _Attempt:
     job: _Job
     node: SimNode
     start: float
-    first_at: float
-    itl: float
+    """When the gateway sent it."""
     tokens: int
     pred_ttft: float
+    """What the scheduler predicted at dispatch (queue included): the calibration learns from it."""
     pred_itl: float
     price: float
+    first_at: float = math.inf
+    """Its first token (inf while it waits for a batch slot)."""
+    itl: float = 0.0
     alive: bool = True
+    running: bool = False
 
     @property
     def finish(self) -> float:
@@ -167,7 +171,8 @@ class Simulation:
         if attempt is not None and attempt.alive:  # the client hangs up: the node's work is cancelled
             attempt.alive = False
             self.running[attempt.node.node_id].discard(attempt)
-            attempt.node.active -= 1
+            if attempt.running:
+                self._free(attempt.node)
             self._credit(attempt, attempt.delivered(self.now))
             self._touch(attempt.node)
         self._end(job, self._failed(job.req, job))
@@ -194,9 +199,11 @@ class Simulation:
         if config.thermal_per_hour > 0:
             self._at(EPOCH + self.world.expovariate(config.thermal_per_hour / 3600.0), self._thermal, node, True)
 
-    def _touch(self, node: SimNode) -> None:
+    def _touch(self, node: SimNode, *, ledger: bool = True) -> None:
+        """Refresh what the gateway holds of the node (`ledger`: its reliability summary too)."""
         node.touched_at = self.now
-        node.summary = self.book.summary(node.node_id, self.now)
+        if ledger:
+            node.summary = self.book.summary(node.node_id, self.now)
         self.table.put(node.snapshot())
 
     def _heartbeat(self) -> None:
@@ -276,16 +283,20 @@ class Simulation:
         price = candidate.price_per_mtok if candidate is not None and candidate.price_per_mtok else 0.0
         self._start(job, self.by_id[chosen], price)
 
-    def _start(self, job: _Job, node: SimNode, price: float) -> None:
-        req = job.req
-        pred = predict(
+    def _predict(self, job: _Job, node: SimNode, load: Load) -> Prediction:
+        return predict(
             self.model,
             node.hw,
-            prompt_tokens=req.prompt_tokens + job.sent,
+            prompt_tokens=job.req.prompt_tokens + job.sent,
             dtype=node.dtype,
             quantization=node.quant,
-            load=Load(active=node.active),
+            load=load,
         )
+
+    def _start(self, job: _Job, node: SimNode, price: float) -> None:
+        """Send the job to the node: it runs at once if a batch slot is free, else waits in the node's queue."""
+        req = job.req
+        pred = self._predict(job, node, Load(active=node.active, queued=len(node.queue)))
         job.tried.add(node.node_id)
         if not node.present:  # gone, not yet marked down: the gateway cannot reach it, marks it down, goes on
             self._detect(node, node.session)
@@ -293,16 +304,35 @@ class Simulation:
             job.retries += 1
             self._at(self.now + max(GATEWAY.hedge_min_s, 2.0 * pred.ttft_s), self._retry, job)
             return
-        noise, speed = self.config.noise_sigma, node.speed()
-        ttft = node.rtt_s + pred.ttft_s * speed * self.rng.lognormvariate(0.0, noise)
-        itl = pred.itl_s * speed * self.rng.lognormvariate(0.0, noise)
         tokens = req.output_tokens - job.sent
-        attempt = _Attempt(job, node, self.now, self.now + ttft, itl, tokens, pred.ttft_s, pred.itl_s, price)
-        node.active += 1
+        attempt = _Attempt(job, node, self.now, tokens, pred.ttft_s, pred.itl_s, price)
         job.attempt = attempt
         self.running[node.node_id].add(attempt)
+        if node.active < max(1, node.hw.batch_slots):
+            self._run(attempt, self.now + node.rtt_s / 2)
+        else:
+            node.queue.append(attempt)
+        self._touch(node, ledger=False)
+
+    def _run(self, attempt: _Attempt, at: float) -> None:
+        """A batch slot takes the attempt at `at`: prefill, then one token per ITL (both set by the requests
+        already running), noise and the node's hidden speed; the client sees tokens half a round trip later."""
+        node = attempt.node
+        pred = self._predict(attempt.job, node, Load(active=node.active))
+        noise, speed = self.config.noise_sigma, node.speed()
+        node.active += 1
+        attempt.running = True
+        attempt.first_at = at + node.rtt_s / 2 + pred.ttft_s * speed * self.rng.lognormvariate(0.0, noise)
+        attempt.itl = pred.itl_s * speed * self.rng.lognormvariate(0.0, noise)
         self._at(attempt.finish, self._done, attempt)
-        self._touch(node)
+
+    def _free(self, node: SimNode) -> None:
+        """A batch slot is free: the next queued attempt takes it."""
+        node.active -= 1
+        while node.queue and node.active < max(1, node.hw.batch_slots):
+            waiting = node.queue.popleft()
+            if waiting.alive:
+                self._run(waiting, self.now)
 
     def _retry(self, job: _Job) -> None:
         if self.outcomes[job.index] is None:
@@ -313,7 +343,8 @@ class Simulation:
         attempt.alive = False
         node, job = attempt.node, attempt.job
         self.running[node.node_id].discard(attempt)
-        node.active -= 1
+        if attempt.running:
+            node.active -= 1
         self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.JOB_FAILED, at=self.now))
         got = min(attempt.delivered(self.now), attempt.tokens - 1)  # its last token would have ended it
         self._credit(attempt, got)
@@ -343,7 +374,7 @@ class Simulation:
             return
         node, job = attempt.node, attempt.job
         self.running[node.node_id].discard(attempt)
-        node.active -= 1
+        self._free(node)
         ttft, now = attempt.first_at - attempt.start, self.now
         within = ttft <= self.config.ttft_slo_s and attempt.itl <= self.config.tpot_slo_s
         self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.JOB_COMPLETED, at=now, within_slo=within))

@@ -3,9 +3,12 @@ honest or dishonest operator, sessions (churn) and thermal episodes; what the ga
 is kept as a NodeSnapshot in a SnapshotTable, replaced only when something about the node changes.
 """
 
+import functools
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from gridserve.catalog import hardware_spec
 from gridserve.catalog.hardware import HardwareSpec
@@ -112,6 +115,9 @@ class SimNode:
     clock: float = 1.0
     """1.0, or the throttled clock ratio during a thermal episode."""
     active: int = 0
+    """Requests in a batch slot (at most the card's batch slots)."""
+    queue: deque[Any] = field(default_factory=deque)
+    """Requests waiting for a slot, first come first served."""
     session: int = 0
     """Counts the node's sessions: events of an earlier session are ignored."""
     calibration: Calibration = field(default_factory=Calibration)
@@ -122,23 +128,15 @@ class SimNode:
     """When its snapshot was last rebuilt."""
 
     def snapshot(self) -> NodeSnapshot:
-        total = int(self.hw.memory_gib * 2**30)
-        throttled = self.clock < 1.0
-        telemetry = Telemetry(
-            utilization=min(1.0, self.active / max(1, self.hw.batch_slots)),
-            memory_used_bytes=int(total * 0.6),
-            memory_total_bytes=total,
-            active_requests=self.active,
-            clock_ratio=self.clock if throttled else None,
-            temperature_c=THROTTLED_TEMPERATURE_C if throttled else None,
-        )
         return NodeSnapshot(
             node_id=NodeId(self.node_id),
             state=self.state,
             capability=self.capability,
             last_heartbeat=self.heartbeat_at,
-            telemetry=telemetry,
-            outstanding=self.active,
+            # the gateway's in-flight count includes the ones queued at the node (its only gateway): they are
+            # not reported again as queue_depth, which the scheduler would add to them
+            telemetry=_telemetry(self.hw, self.active, self.clock),
+            outstanding=self.active + len(self.queue),
             reliability=self.summary,
             calibration=self.calibration,
             static=self.static,
@@ -148,6 +146,21 @@ class SimNode:
     def speed(self) -> float:
         """Service time multiplier: hidden slowness x thermal throttling."""
         return self.slowdown / self.clock
+
+
+@functools.lru_cache(maxsize=65536)
+def _telemetry(hw: HardwareSpec, active: int, clock: float) -> Telemetry:
+    """What a node reports: load, memory, and while throttled its clock and temperature (shared, immutable)."""
+    total = int(hw.memory_gib * 2**30)
+    throttled = clock < 1.0
+    return Telemetry(
+        utilization=min(1.0, active / max(1, hw.batch_slots)),
+        memory_used_bytes=int(total * 0.6),
+        memory_total_bytes=total,
+        active_requests=active,
+        clock_ratio=clock if throttled else None,
+        temperature_c=THROTTLED_TEMPERATURE_C if throttled else None,
+    )
 
 
 def build_nodes(config: SimConfig, model: ModelSpec, rng: random.Random) -> list[SimNode]:

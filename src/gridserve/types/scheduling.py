@@ -107,7 +107,7 @@ class Decision:
         chosen: NodeId | None,
         candidates: tuple[Candidate, ...] | Callable[[], tuple[Candidate, ...]],
         verdicts: tuple[Verdict, ...] | Callable[[], tuple[Verdict, ...]],
-        explanation: str,
+        explanation: str | Callable[[], str],
         margin: float | None = None,
         picked_by: str = "",
         eligible: int | None = None,
@@ -124,7 +124,7 @@ class Decision:
         self.chosen = chosen
         self._candidates = candidates
         self._verdicts = verdicts
-        self.explanation = explanation
+        self._explanation = explanation
         self.margin = margin
         """Winner's score minus the runner-up's (None with fewer than two candidates)."""
         self.picked_by = picked_by
@@ -150,6 +150,22 @@ class Decision:
         chosen = self.candidate(self.chosen) if self.chosen is not None else None
         rest = [c for c in self.candidates if chosen is None or c.node_id != chosen.node_id]
         return [chosen, *rest] if chosen is not None else rest
+
+    @property
+    def explanation(self) -> str:
+        """Why this node, in one line (built when first read: most decisions on a large grid are never explained)."""
+        if callable(self._explanation):
+            self._explanation = self._explanation()
+        return self._explanation
+
+    @explanation.setter
+    def explanation(self, text: str) -> None:
+        self._explanation = text
+
+    def explain_also(self, text: str) -> None:
+        """Append to the explanation without building it now."""
+        before = self._explanation
+        self._explanation = lambda: (before() if callable(before) else before) + text
 
     @property
     def candidates(self) -> tuple[Candidate, ...]:
