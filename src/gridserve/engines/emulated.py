@@ -173,15 +173,17 @@ class EmulatedEngine:
             while len(self._cache) > 512:
                 self._cache.popitem(last=False)
 
-    def _text_request(self, request: GenerateRequest) -> GenerateRequest:
-        """The tiny model's context is short: clip the prompt's head and cap the output it must write."""
-        clip = TEXT_PROMPT_CHARS
+    def _text_request(self, request: GenerateRequest, clip: int | None = TEXT_PROMPT_CHARS) -> GenerateRequest:
+        """The tiny model's context is short: clip the prompt's head and cap the output it must write (`clip`
+        None: the whole prompt, to count its tokens)."""
         update: dict[str, object] = {
             "model": self._text.offers()[0].name,
             "sampling": request.sampling.model_copy(
                 update={"max_tokens": min(request.sampling.max_tokens, TEXT_MAX_TOKENS)}
             ),
         }
+        if clip is None:
+            return request.model_copy(update=update)
         if request.prompt is not None:
             update["prompt"] = request.prompt[-clip:]
         if request.messages is not None:
@@ -218,7 +220,8 @@ class EmulatedEngine:
         self._stats.active += 1
         try:
             text_request = self._text_request(request)
-            prompt_tokens = len(self._text.prompt_ids(text_request))
+            # timings follow the whole prompt (the text source only sees its tail)
+            prompt_tokens = len(self._text.prompt_ids(self._text_request(request, clip=None)))
             ttft, itl = self._timings(request.model, prompt_tokens + len(request.resume))
             first: float | None = None
             i = 0
@@ -233,7 +236,12 @@ class EmulatedEngine:
                 if event.finish_reason is not None:
                     done, to_first = time.monotonic() - start, first - start
                     event = event.model_copy(
-                        update={"queue_s": 0.0, "prefill_s": to_first, "decode_s": done - to_first}
+                        update={
+                            "queue_s": 0.0,
+                            "prefill_s": to_first,
+                            "decode_s": done - to_first,
+                            "prompt_tokens": prompt_tokens,
+                        }
                     )
                 yield event
         finally:

@@ -1,0 +1,140 @@
+"""Faithfulness: replay a trace against a real grid on 127.0.0.1 (gateway + emulated nodes, streaming over
+HTTP), simulate the same requests on the same cards, and compare the client-side TTFT and TPOT distributions.
+
+The real run measures what a client sees: TTFT from sending the request to the first streamed token, TPOT as
+(last token - first token) / (tokens - 1). The simulation replays the same arrival times with the prompt and
+output token counts the real run reported (`usage`), on nodes with the same cards, loopback round trips, and
+nothing left to chance (no churn, throttling, dishonest nodes, stragglers or noise).
+"""
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from gridserve.scheduler import named_profile
+from gridserve.sim.engine import Outcome, Simulation
+from gridserve.sim.grid import SimConfig
+from gridserve.sim.trace import TraceRequest
+
+CALM: dict[str, Any] = {
+    "churn": False,
+    "thermal_per_hour": 0.0,
+    "dishonest_share": 0.0,
+    "straggler_share": 0.0,
+    "noise_sigma": 0.0,
+    "rtt_s": 0.001,
+}
+WORDS = ["grid", "node", "token", "cache", "batch", "prefill", "decode", "route", "score", "queue", "slot", "stream"]
+
+
+@dataclass(frozen=True)
+class Measured:
+    at_s: float
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float
+    tpot_s: float
+
+
+def synthetic(n: int, rate: float, seed: int = 0) -> list[TraceRequest]:
+    """Poisson arrivals; prompts of 500-4000 characters (an emulated node's byte tokenizer counts about one
+    token per character), outputs of 20-200 tokens asked for."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(TraceRequest(t, rng.randint(500, 4000), rng.randint(20, 200)))
+        t += rng.expovariate(rate)
+    return out
+
+
+def prompt_of(chars: int, rng: random.Random) -> str:
+    words: list[str] = []
+    while sum(len(w) + 1 for w in words) < chars:
+        words.append(rng.choice(WORDS))
+    return " ".join(words)[:chars]
+
+
+async def _one(client: httpx.AsyncClient, model: str, req: TraceRequest, start: float, seed: int) -> Measured | None:
+    await asyncio.sleep(max(0.0, start + req.at_s - time.monotonic()))
+    body = {
+        "model": model,
+        "prompt": prompt_of(req.prompt_tokens, random.Random(seed)),
+        "max_tokens": req.output_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "gridserve": {"hedge": False},
+    }
+    sent = time.monotonic()
+    first = last = None
+    usage: dict[str, int] | None = None
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            return None
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                now = time.monotonic()
+                first = now if first is None else first
+                last = now
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    if first is None or last is None or usage is None:
+        return None
+    tokens = int(usage["completion_tokens"])
+    tpot = (last - first) / (tokens - 1) if tokens > 1 else math.nan
+    return Measured(sent - start, int(usage["prompt_tokens"]), tokens, first - sent, tpot)
+
+
+async def _replay(url: str, api_key: str, model: str, trace: Sequence[TraceRequest]) -> list[Measured | None]:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    limits = httpx.Limits(max_connections=len(trace), max_keepalive_connections=32)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as client:
+        start = time.monotonic() + 0.5
+        return list(await asyncio.gather(*(_one(client, model, r, start, i) for i, r in enumerate(trace))))
+
+
+def replay(url: str, api_key: str, model: str, trace: Sequence[TraceRequest]) -> list[Measured]:
+    """Send each request at its arrival time (streaming); the ones that did not complete are left out."""
+    return [m for m in asyncio.run(_replay(url, api_key, model, trace)) if m is not None]
+
+
+def simulate(measured: Sequence[Measured], cards: Sequence[str], model: str, seed: int = 0) -> list[Outcome]:
+    """The same arrivals and token counts on a simulated grid of the same cards."""
+    config = SimConfig(nodes=len(cards), cards=tuple(cards), model=model, seed=seed, **CALM)
+    ordered = sorted(measured, key=lambda m: m.at_s)
+    t0 = ordered[0].at_s
+    trace = [TraceRequest(m.at_s - t0, m.prompt_tokens, m.output_tokens) for m in ordered]
+    return Simulation(config, named_profile("default")).run(trace)
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    finite = sorted(v for v in values if math.isfinite(v))
+    return finite[min(len(finite) - 1, int(q * len(finite)))]
+
+
+def compare(measured: Sequence[Measured], simulated: Sequence[Outcome]) -> dict[str, Any]:
+    """p50 and p90 of TTFT and TPOT, real vs simulated, with the relative difference (sim / real - 1).
+    TPOT only over answers of two tokens or more."""
+    out: dict[str, Any] = {"requests": len(measured)}
+    columns = {
+        "ttft": ([m.ttft_s for m in measured], [o.ttft_s for o in simulated]),
+        "tpot": (
+            [m.tpot_s for m in measured if m.output_tokens > 1],
+            [o.tpot_s for o in simulated if o.output_tokens > 1],
+        ),
+    }
+    for name, (real, sim) in columns.items():
+        for q in (0.5, 0.9):
+            r, s = _quantile(real, q), _quantile(sim, q)
+            out[f"{name}_p{int(q * 100)}"] = {"real_s": round(r, 4), "sim_s": round(s, 4), "diff": round(s / r - 1, 4)}
+    return out
