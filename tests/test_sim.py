@@ -187,3 +187,14 @@ def test_goodput_is_bracketed_then_narrowed_by_bisection(tmp_path: Path) -> None
     good = [c for c in curve if c["slo_attainment"] >= 0.9]
     assert entry["goodput_rps"] == max(c["rate_rps"] for c in good)
     assert any(0.5 < c["load"] < 4.0 for c in curve)
+
+
+def test_goodput_search_goes_below_the_lowest_load_when_that_already_misses(tmp_path: Path) -> None:
+    trace = load_trace(synthetic_trace(tmp_path / "t.jsonl", n=200, rate=10.0))
+    config = SimConfig(nodes=6, seed=1, **CALM)
+    runs, capacity = compare(trace, config, ["least-loaded"], [3.0, 4.0], refine=3)
+    loads = sorted(r.load for r in runs)
+    assert len(loads) == 5 and loads[0] < 3.0  # 3.0 missed: bisection between 0 and 3.0
+    entry = report(runs, config, 3.0, capacity)[0]
+    kept = [c for c in entry["attainment_by_load"] if c["slo_attainment"] >= 0.9]
+    assert kept and entry["goodput_rps"] == max(c["rate_rps"] for c in kept) > 0

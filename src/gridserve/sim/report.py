@@ -100,13 +100,13 @@ def compare(
 
 
 def _bracket(runs: Sequence[Run], config: SimConfig) -> tuple[float, float] | None:
-    """The loads between which attainment crosses the goodput threshold: (highest load still >= 90% with no
-    lower-load failure above it, the next load tried), or None when there is nothing to narrow."""
+    """The loads between which attainment first falls below the goodput threshold: (the last load that kept it,
+    or 0 when even the lowest load tried misses it, the first load that missed it); None when no load missed."""
     curve = sorted((r.load, metrics(r.outcomes, config)["slo_attainment"]) for r in runs)
     below = next((i for i, (_, a) in enumerate(curve) if a < GOODPUT_ATTAINMENT), None)
-    if below is None or below == 0:
+    if below is None:
         return None
-    return curve[below - 1][0], curve[below][0]
+    return (curve[below - 1][0] if below else 0.0), curve[below][0]
 
 
 def report(runs: Sequence[Run], config: SimConfig, load: float, capacity: float) -> list[dict[str, Any]]:
