@@ -123,6 +123,7 @@ def report(runs: Sequence[Run], config: SimConfig, load: float, capacity: float)
                 "rate_rps": round(at.rate_rps, 3),
                 **metrics(at.outcomes, config),
                 "goodput_rps": round(good, 3),
+                "goodput_99_rps": round(_goodput(curve, 0.99), 3),
                 "attainment_by_load": [
                     {"load": lo, "rate_rps": round(ra, 3), "slo_attainment": a} for lo, ra, a in curve
                 ],
@@ -131,11 +132,12 @@ def report(runs: Sequence[Run], config: SimConfig, load: float, capacity: float)
     return entries
 
 
-def _goodput(curve: Sequence[tuple[float, float, float]]) -> float:
-    """The highest rate before attainment first falls below the threshold (0: it never reaches it)."""
+def _goodput(curve: Sequence[tuple[float, float, float]], threshold: float = GOODPUT_ATTAINMENT) -> float:
+    """The highest rate before attainment first falls below the threshold (0: it never reaches it). The
+    bisection narrows the 90% crossing; for other thresholds this is the best among the loads tried."""
     good = 0.0
     for _, rate, attained in curve:
-        if attained < GOODPUT_ATTAINMENT:
+        if attained < threshold:
             break
         good = rate
     return good
@@ -151,13 +153,14 @@ def write(entries: list[dict[str, Any]], runs: Sequence[Run], out: Path, header:
         f"TPOT <= {header['tpot_slo_s']} s; goodput = highest rate with >= 90% attainment (bisection between the "
         "loads tried). An answer served by a dishonest node never counts as within the SLO.",
         "",
-        "| policy | SLO attainment | goodput req/s | TTFT p50 / p99 s | TPOT p50 / p99 s | failed | retried |"
-        " dishonest tokens | $/Mtok |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| policy | SLO attainment | goodput req/s | goodput at 99% req/s | TTFT p50 / p99 s | TPOT p50 / p99 s |"
+        " failed | retried | dishonest tokens | $/Mtok |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         lines.append(
-            f"| {e['policy']} | {e['slo_attainment']:.3f} | {e['goodput_rps']:.1f} | {e['ttft_p50_s']} / "
+            f"| {e['policy']} | {e['slo_attainment']:.3f} | {e['goodput_rps']:.1f} | {e['goodput_99_rps']:.1f} | "
+            f"{e['ttft_p50_s']} / "
             f"{e['ttft_p99_s']} | {e['tpot_p50_s']} / {e['tpot_p99_s']} | {e['failed']} | {e['retried']} | "
             f"{e['dishonest_tokens']} | {e['cost_per_mtok']} |"
         )
