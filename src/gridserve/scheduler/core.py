@@ -7,6 +7,7 @@ the injected rng), and the picker chooses. The decision records all of it.
 
 import random
 import secrets
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,9 +40,21 @@ def _filter(ctx: Context, profile: Profile, nodes: Sequence[NodeSnapshot]) -> tu
     return eligible, verdicts
 
 
+_GENERATORS: "weakref.WeakKeyDictionary[random.Random, np.random.Generator]" = weakref.WeakKeyDictionary()
+
+
+def numpy_rng(rng: random.Random) -> np.random.Generator:
+    """A numpy generator tied to `rng`: seeded from it on first use, then kept (one per rng), so the same rng
+    gives the same draws and no generator is built per decision."""
+    gen = _GENERATORS.get(rng)
+    if gen is None:
+        gen = _GENERATORS[rng] = np.random.default_rng(rng.getrandbits(64))
+    return gen
+
+
 def _ties(rng: random.Random, n: int) -> "npt.NDArray[np.float64]":
     """One random tie-breaker per eligible node, in order (both paths draw the same ones from `rng`)."""
-    return np.random.default_rng(rng.getrandbits(64)).random(n)
+    return numpy_rng(rng).random(n)
 
 
 def _score(ctx: Context, profile: Profile, nodes: Sequence[NodeSnapshot], rng: random.Random) -> list[Scored]:
@@ -323,7 +336,7 @@ def _sample(snapshots: Sequence[NodeSnapshot], size: int, rng: random.Random, mo
     n = len(snapshots)
     if size <= 0 or n <= size:
         return snapshots
-    picks = np.random.default_rng(rng.getrandbits(64)).choice(n, size=size, replace=False)
+    picks = np.unique(numpy_rng(rng).integers(0, n, size=size))  # up to `size` (a repeat is drawn once)
     if isinstance(snapshots, SnapshotTable):
         return snapshots.sample(picks, model)
     return [snapshots[int(i)] for i in picks]

@@ -212,8 +212,7 @@ class ThroughputFloorFilter:
         if floor <= 0:
             return np.zeros(len(cols.nodes), dtype=bool)
         _, itl = cols.prediction(ctx, loaded=False)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.asarray(~np.isnan(itl) & (1.0 / itl < floor))
+        return np.asarray(itl * floor > 1.0)  # 1 / itl < floor; NaN (no prediction) compares False
 
 
 @register(FILTERS, "price-ceiling")

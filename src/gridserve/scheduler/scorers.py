@@ -28,8 +28,8 @@ PRIOR_RELIABILITY = 0.75
 
 
 def _vinverse(ratio: Array) -> Array:
-    with np.errstate(invalid="ignore"):
-        return np.asarray(1.0 / (1.0 + np.maximum(0.0, ratio)))
+    """Column form of _inverse; NaN stays NaN (callers mask it), without a floating-point warning to silence."""
+    return np.asarray(1.0 / (1.0 + np.where(ratio < 0.0, 0.0, ratio)))
 
 
 def _inverse(ratio: float) -> float:

@@ -5,6 +5,7 @@ the stacked columns the vectorised scheduler reads stay current, instead of bein
 thread-safe: one owner (the simulator, or a gateway's event loop) puts and decides.
 """
 
+import operator
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -73,8 +74,11 @@ class SnapshotTable(Sequence[NodeSnapshot]):
         """A table of the nodes at rows `picks`, with their columns for `model` (copied: later puts to this
         table do not change it)."""
         out = SnapshotTable.__new__(SnapshotTable)
-        snaps = self._snaps
-        out._snaps = [snaps[i] for i in picks.tolist()]
+        out._snaps = (
+            list(operator.itemgetter(*picks.tolist())(self._snaps))
+            if len(picks) > 1
+            else [self._snaps[int(i)] for i in picks]
+        )
         out._index = {}  # a sample is read, never put to
         out._rows = self._rows[picks]
         out._models = {model: self.model_rows(model)[picks]}

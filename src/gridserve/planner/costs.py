@@ -1,0 +1,128 @@
+"""What the pipeline planner reads: a model as per-layer costs, candidate nodes as effective speeds and memory,
+and the network between them. All pure data; `stage_time` and `hop_time` are the cost model the planner and
+its baselines share.
+
+Decode of one token through a stage holding layers [start, end): the stage streams its weights and the KV
+cache of those layers for the context once (memory-bound), or computes 2 x params FLOPs per token
+(compute-bound), whichever is slower, times the node's calibrated slowness. A hop between stages carries one
+hidden-state vector per token: half a round trip plus its bytes over the link.
+"""
+
+from dataclasses import dataclass, field
+
+from gridserve.catalog.hardware import HardwareSpec
+from gridserve.catalog.models import DTYPE_BYTES, QUANT_BYTES_PER_PARAM, ModelSpec
+
+LINK_BYTES_PER_S = 1e9 / 8
+"""Default link between nodes: 1 Gbit/s (a home or office uplink; data-centre links are faster)."""
+LOGIT_BYTES = 4
+"""The last stage returns float32 logits for the gateway to sample from."""
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """A model split into layers. The input embedding is charged to the first layer, the output head (logits)
+    to the last."""
+
+    name: str
+    weight_bytes: tuple[float, ...]
+    flops_per_token: tuple[float, ...]
+    kv_bytes_per_token: tuple[float, ...]
+    activation_bytes: float
+    """One hidden-state vector, as sent between stages."""
+    logits_bytes: float
+
+    @property
+    def layers(self) -> int:
+        return len(self.weight_bytes)
+
+    @classmethod
+    def of(cls, spec: ModelSpec, dtype: str = "float16", quantization: str = "none") -> "LayerCosts":
+        per_param = QUANT_BYTES_PER_PARAM.get(quantization)
+        bpp = per_param if per_param is not None else DTYPE_BYTES[dtype]
+        embed = float(spec.vocab * spec.hidden)
+        body = max(0.0, spec.params - embed) / spec.layers
+        weights = [body * bpp] * spec.layers
+        flops = [2.0 * body] * spec.layers
+        weights[0] += embed * bpp
+        weights[-1] += embed * bpp  # the output head (tied or not, its weights are read every token)
+        flops[-1] += 2.0 * embed
+        kv = spec.kv_bytes_per_token(dtype if dtype in DTYPE_BYTES else "float16") / spec.layers
+        act_dtype = dtype if dtype in ("float16", "bfloat16", "float32") else "float16"
+        return cls(
+            name=spec.name,
+            weight_bytes=tuple(weights),
+            flops_per_token=tuple(flops),
+            kv_bytes_per_token=(kv,) * spec.layers,
+            activation_bytes=spec.hidden * DTYPE_BYTES[act_dtype],
+            logits_bytes=float(spec.vocab * LOGIT_BYTES),
+        )
+
+
+@dataclass(frozen=True)
+class PlanNode:
+    node_id: str
+    memory_bytes: float
+    """Free device memory for weights and KV cache."""
+    bytes_per_s: float
+    """Effective memory bandwidth (bandwidth x decode efficiency)."""
+    flops_per_s: float
+    """Effective compute (peak x efficiency)."""
+    slowness: float = 1.0
+    """Calibration: observed / predicted time (>1: slower than its card's spec)."""
+
+    @classmethod
+    def of(
+        cls, node_id: str, hw: HardwareSpec, *, memory_bytes: float | None = None, slowness: float = 1.0
+    ) -> "PlanNode":
+        return cls(
+            node_id=node_id,
+            memory_bytes=memory_bytes if memory_bytes is not None else hw.memory_gib * 2**30 * 0.9,
+            bytes_per_s=hw.bandwidth_gbs * 1e9 * hw.decode_efficiency,
+            flops_per_s=hw.fp16_tflops * 1e12 * hw.prefill_efficiency,
+            slowness=slowness,
+        )
+
+
+@dataclass(frozen=True)
+class Network:
+    rtt_s: dict[frozenset[str], float] = field(default_factory=dict)
+    """Round trip between two nodes (missing pairs: `default_rtt_s`)."""
+    gateway_rtt_s: dict[str, float] = field(default_factory=dict)
+    default_rtt_s: float = 0.020
+    link_bytes_per_s: float = LINK_BYTES_PER_S
+
+    def rtt(self, a: str, b: str) -> float:
+        return self.rtt_s.get(frozenset((a, b)), self.default_rtt_s)
+
+    def to_gateway(self, node: str) -> float:
+        return self.gateway_rtt_s.get(node, self.default_rtt_s)
+
+
+@dataclass(frozen=True)
+class Workload:
+    context_tokens: int = 2048
+    """Tokens of KV cache each session holds (prompt + output) at the planned length."""
+    sessions: int = 1
+    """Concurrent sessions each stage must hold KV cache for."""
+
+
+def stage_time(model: LayerCosts, node: PlanNode, start: int, end: int, work: Workload) -> float:
+    weights = sum(model.weight_bytes[start:end])
+    kv = sum(model.kv_bytes_per_token[start:end]) * work.context_tokens
+    flops = sum(model.flops_per_token[start:end])
+    return max((weights + kv) / node.bytes_per_s, flops / node.flops_per_s) * node.slowness
+
+
+def stage_memory(model: LayerCosts, start: int, end: int, work: Workload) -> float:
+    kv = sum(model.kv_bytes_per_token[start:end]) * work.context_tokens * work.sessions
+    return sum(model.weight_bytes[start:end]) + kv
+
+
+def hop_time(net: Network, a: str, b: str, nbytes: float) -> float:
+    return net.rtt(a, b) / 2 + nbytes / net.link_bytes_per_s
+
+
+def edge_time(net: Network, node: str, nbytes: float) -> float:
+    """Gateway to the first stage (token ids) or the last stage to the gateway (logits)."""
+    return net.to_gateway(node) / 2 + nbytes / net.link_bytes_per_s
