@@ -336,7 +336,8 @@ def _sample(snapshots: Sequence[NodeSnapshot], size: int, rng: random.Random, mo
     n = len(snapshots)
     if size <= 0 or n <= size:
         return snapshots
-    picks = np.unique(numpy_rng(rng).integers(0, n, size=size))  # up to `size` (a repeat is drawn once)
+    drawn = np.sort(numpy_rng(rng).integers(0, n, size=size))
+    picks = drawn[np.concatenate(([True], drawn[1:] != drawn[:-1]))]  # up to `size`: a repeat counts once
     if isinstance(snapshots, SnapshotTable):
         return snapshots.sample(picks, model)
     return [snapshots[int(i)] for i in picks]
