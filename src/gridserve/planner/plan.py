@@ -117,20 +117,32 @@ def best_cuts(
         return None
     combine = _combine(objective)
     inf = math.inf
+    weights = list(itertools.accumulate(model.weight_bytes, initial=0.0))
+    kv = list(itertools.accumulate(model.kv_bytes_per_token, initial=0.0))
+    flops = list(itertools.accumulate(model.flops_per_token, initial=0.0))
+    ctx, sessions = work.context_tokens, work.sessions
+
+    def memory(s: int, j: int) -> float:  # stage_memory over prefix sums
+        return weights[j] - weights[s] + (kv[j] - kv[s]) * ctx * sessions
+
+    def time(node: PlanNode, s: int, j: int) -> float:  # stage_time over prefix sums
+        streamed = weights[j] - weights[s] + (kv[j] - kv[s]) * ctx
+        return max(streamed / node.bytes_per_s, (flops[j] - flops[s]) / node.flops_per_s) * node.slowness
+
     # best[i][j]: best cost with chain[:i+1] holding layers [0, j), chain[i] ending at j (hops to i+1 not yet)
     best = [[inf] * (n + 1) for _ in range(k)]
     back = [[-1] * (n + 1) for _ in range(k)]
     entry = edge_time(net, chain[0].node_id, 4.0)
     for j in range(1, n - k + 2):
-        if stage_memory(model, 0, j, work) <= chain[0].memory_bytes:
-            best[0][j] = combine(entry, stage_time(model, chain[0], 0, j, work))
+        if memory(0, j) <= chain[0].memory_bytes:
+            best[0][j] = combine(entry, time(chain[0], 0, j))
     for i in range(1, k):
         hop = hop_time(net, chain[i - 1].node_id, chain[i].node_id, model.activation_bytes)
         for j in range(i + 1, n - (k - i - 1) + 1):
             for s in range(i, j):
-                if best[i - 1][s] == inf or stage_memory(model, s, j, work) > chain[i].memory_bytes:
+                if best[i - 1][s] == inf or memory(s, j) > chain[i].memory_bytes:
                     continue
-                c = combine(combine(best[i - 1][s], hop), stage_time(model, chain[i], s, j, work))
+                c = combine(combine(best[i - 1][s], hop), time(chain[i], s, j))
                 if c < best[i][j]:
                     best[i][j], back[i][j] = c, s
     if best[k - 1][n] == inf:
