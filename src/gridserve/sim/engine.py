@@ -173,6 +173,8 @@ class Simulation:
             self.running[attempt.node.node_id].discard(attempt)
             if attempt.running:
                 self._free(attempt.node)
+            else:
+                attempt.node.queue.remove(attempt)
             self._credit(attempt, attempt.delivered(self.now))
             self._touch(attempt.node)
         self._end(job, self._failed(job.req, job))
@@ -224,6 +226,7 @@ class Simulation:
         streams = list(self.running[node.node_id])
         for attempt in streams:
             self._lost(attempt)
+        node.queue.clear()
         # the gateway marks it down when a stream to it breaks (stall guard), else when probes and heartbeats fail
         detect = GATEWAY.stall_min_s if streams else self.config.detect_s
         self._at(self.now + detect, self._detect, node, node.session)
