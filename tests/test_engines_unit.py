@@ -465,3 +465,36 @@ def test_a_new_request_is_not_queued_behind_a_running_one(tiny: TorchEngine) -> 
 
     long_end, short_end = asyncio.run(run())
     assert short_end < long_end
+
+
+def test_emulated_fifo_slots_run_at_most_the_batch_and_queue_the_rest_in_order(tiny: TorchEngine) -> None:
+    slots = hardware_spec("t4").batch_slots
+    engine = EmulatedEngine(
+        hardware="t4",
+        models=["llama-3-8b"],
+        text_engine=tiny,
+        fixed=FixedTimings(ttft_s=0.2, itl_s=0.0),
+        fifo_slots=True,
+    )
+    requests = [
+        make_request(f"prompt {i}", model="llama-3-8b", temperature=0.0, max_tokens=2) for i in range(slots + 3)
+    ]
+    peak = {"active": 0, "queued": 0}
+
+    async def one(req: GenerateRequest, delay: float) -> float:
+        await asyncio.sleep(delay)
+        async for event in engine.generate(req):
+            peak["active"] = max(peak["active"], engine.stats.active)
+            peak["queued"] = max(peak["queued"], engine.stats.queued)
+            if event.finish_reason is not None:
+                return event.queue_s
+        raise AssertionError("no final event")
+
+    async def all_of_them() -> list[float]:
+        return await asyncio.gather(*(one(r, 0.005 * i) for i, r in enumerate(requests)))
+
+    waits = asyncio.run(all_of_them())
+    assert peak["active"] == slots and peak["queued"] >= 1
+    assert all(w < 0.1 for w in waits[:slots])  # the first `slots` start at once
+    assert all(w > 0.1 for w in waits[slots:])  # the rest wait for a slot (each holds it ~0.2 s)
+    assert engine.stats.active == 0 and engine.stats.queued == 0

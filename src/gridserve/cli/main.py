@@ -158,6 +158,9 @@ def node(
     lazy: Annotated[bool, typer.Option(help="tiny/gemma: load the weights only when asked (pre-warming)")] = False,
     loadable: Annotated[list[str] | None, typer.Option(help="emulated: a model on disk, loaded when asked")] = None,
     load_gbps: Annotated[float, typer.Option(help="emulated: disk-to-device GB/s when loading")] = 2.0,
+    fifo_slots: Annotated[
+        bool, typer.Option(help="emulated: at most the card's batch slots run; the rest wait in order")
+    ] = False,
     allow_dishonest: Annotated[bool, typer.Option(help="allow --dishonest modes (tests and demos only)")] = False,
     dishonest: Annotated[
         list[str] | None, typer.Option(help="cheat on purpose, for tests (modes: see node/dishonest.py)")
@@ -197,6 +200,7 @@ def node(
         lazy=lazy,
         loadable=tuple(loadable or ()),
         load_gbps=load_gbps,
+        fifo_slots=fifo_slots,
     )
     faults = _faults(allow_faults, fault or [])
     from gridserve.node.dishonest import ENGINE_MODES, Dishonesty, DishonestyRefused

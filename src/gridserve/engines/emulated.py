@@ -70,10 +70,13 @@ class EmulatedEngine:
         slowdown: float = 1.0,
         loadable: Sequence[str] = (),
         load_gbps: float = 2.0,
+        fifo_slots: bool = False,
     ) -> None:
         """`slowdown` > 1 emulates a node slower than its spec (thermal throttling, a weak host) without saying
         so in its telemetry: only observed timings reveal it. `loadable` models are on disk: loading one takes
-        its weight bytes / `load_gbps`."""
+        its weight bytes / `load_gbps`. `fifo_slots`: at most the card's batch slots run at once and later
+        requests wait in arrival order (as a serving engine's batch limit); otherwise every request runs at once
+        and the performance model's queue estimate slows it instead."""
         self.hw = hardware_spec(hardware)
         self._models: dict[str, tuple[ModelSpec, str, str]] = {name: self._placed(name) for name in models}
         self._loadable = {name: self._placed(name) for name in loadable if name not in self._models}
@@ -86,6 +89,7 @@ class EmulatedEngine:
         self._fixed = fixed
         self._stats = EngineStats()
         self._cache: OrderedDict[str, tuple[TokenEvent, ...]] = OrderedDict()
+        self._slots = asyncio.Semaphore(max(1, self.hw.batch_slots)) if fifo_slots else None
 
     def _placed(self, name: str) -> tuple[ModelSpec, str, str]:
         spec = model_spec(name)
@@ -216,6 +220,13 @@ class EmulatedEngine:
             raise InvalidRequest(
                 f"max_tokens ({request.sampling.max_tokens}) exceeds the model's context of {limit} tokens"
             )
+        arrived = time.monotonic()
+        if self._slots is not None:  # wait for a batch slot, first come first served
+            self._stats.queued += 1  # reported as the node's queue depth
+            try:
+                await self._slots.acquire()
+            finally:
+                self._stats.queued -= 1
         start = time.monotonic()
         self._stats.active += 1
         try:
@@ -237,7 +248,7 @@ class EmulatedEngine:
                     done, to_first = time.monotonic() - start, first - start
                     event = event.model_copy(
                         update={
-                            "queue_s": 0.0,
+                            "queue_s": start - arrived,
                             "prefill_s": to_first,
                             "decode_s": done - to_first,
                             "prompt_tokens": prompt_tokens,
@@ -246,3 +257,5 @@ class EmulatedEngine:
                 yield event
         finally:
             self._stats.active -= 1
+            if self._slots is not None:
+                self._slots.release()

@@ -30,6 +30,8 @@ class EngineOptions:
     """emulated: catalogue models on disk, loaded when the gateway asks (pre-warming)."""
     load_gbps: float = 2.0
     """emulated: disk-to-device bandwidth when loading weights, GB/s."""
+    fifo_slots: bool = False
+    """emulated: at most the card's batch slots run at once; later requests wait first come, first served."""
     cheat: tuple[str, ...] = ()
     """tiny: dishonest modes that change the model while it claims the real weights (`wrong_model`: other
     weights, `lazy_compute`: skips its last layer); node/dishonest.py checks they are allowed."""
@@ -58,6 +60,7 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
             slowdown=options.slowdown,
             loadable=options.loadable,
             load_gbps=options.load_gbps,
+            fifo_slots=options.fifo_slots,
         )
     if name == "openai-upstream":
         from gridserve.engines.upstream import UpstreamEngine

@@ -27,6 +27,9 @@ from gridserve.planner.costs import (
 )
 
 OBJECTIVES = ("latency", "throughput")
+FIT_TOLERANCE = 1 + 1e-9
+"""A stage fits when its bytes are within this factor of the node's memory (sums in different orders differ in
+the last bits)."""
 
 
 class PlanError(ValueError):
@@ -94,7 +97,7 @@ def evaluate(
         if end <= start:
             return None
         memory = stage_memory(model, start, end, work)
-        if memory > node.memory_bytes:
+        if memory > node.memory_bytes * FIT_TOLERANCE:
             return None
         last = i == len(chain) - 1
         hop = (
@@ -134,13 +137,13 @@ def best_cuts(
     back = [[-1] * (n + 1) for _ in range(k)]
     entry = edge_time(net, chain[0].node_id, 4.0)
     for j in range(1, n - k + 2):
-        if memory(0, j) <= chain[0].memory_bytes:
+        if memory(0, j) <= chain[0].memory_bytes * FIT_TOLERANCE:
             best[0][j] = combine(entry, time(chain[0], 0, j))
     for i in range(1, k):
         hop = hop_time(net, chain[i - 1].node_id, chain[i].node_id, model.activation_bytes)
         for j in range(i + 1, n - (k - i - 1) + 1):
             for s in range(i, j):
-                if best[i - 1][s] == inf or memory(s, j) > chain[i].memory_bytes:
+                if best[i - 1][s] == inf or memory(s, j) > chain[i].memory_bytes * FIT_TOLERANCE:
                     continue
                 c = combine(combine(best[i - 1][s], hop), time(chain[i], s, j))
                 if c < best[i][j]:
@@ -172,7 +175,9 @@ def plan(
     if objective not in OBJECTIVES:
         raise PlanError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
     net, work = net or Network(), work or Workload()
-    pool = sorted(nodes, key=lambda n: _solo_time(model, n, work))[: max(1, candidates)]
+    fastest = sorted(nodes, key=lambda n: _solo_time(model, n, work))[: max(1, candidates)]
+    roomiest = sorted(nodes, key=lambda n: -n.memory_bytes)[: max(1, candidates) // 2]
+    pool = list(dict.fromkeys([*fastest, *roomiest]))  # fast nodes, and the largest memories to hold the model
     found: list[Plan] = []
     considered = 0
     for size in range(1, min(max_stages, len(pool), model.layers) + 1):

@@ -119,7 +119,8 @@ class Simulation:
         self.by_id = {n.node_id: n for n in self.nodes}
         self.outcomes: list[Outcome | None] = []
         self.open_jobs = 0
-        self.running: dict[str, set[_Attempt]] = {n.node_id: set() for n in self.nodes}
+        self.running: dict[str, dict[_Attempt, None]] = {n.node_id: {} for n in self.nodes}
+        """Attempts sent to each node (running or queued), in the order sent: iteration order is deterministic."""
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
         self.now = EPOCH
@@ -170,7 +171,7 @@ class Simulation:
         attempt = job.attempt
         if attempt is not None and attempt.alive:  # the client hangs up: the node's work is cancelled
             attempt.alive = False
-            self.running[attempt.node.node_id].discard(attempt)
+            self.running[attempt.node.node_id].pop(attempt, None)
             if attempt.running:
                 self._free(attempt.node)
             else:
@@ -234,7 +235,7 @@ class Simulation:
         self._touch(node)
 
     def _detect(self, node: SimNode, session: int) -> None:
-        if not node.present and node.session == session:
+        if not node.present and node.session == session and node.state != NodeState.DOWN:
             node.state = NodeState.DOWN
             self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.HEARTBEAT_MISSED, at=self.now))
             self._touch(node)
@@ -243,7 +244,7 @@ class Simulation:
         node.present = True
         node.heartbeat_at = self.now
         self.book.add_node(node.node_id, self.now)
-        if node.state == NodeState.DOWN:
+        if node.state in (NodeState.DOWN, NodeState.PROBATION):
             node.state = NodeState.PROBATION
             self._at(self.now + self.config.probation_s, self._probation_end, node, node.session)
         self._at(self.now + self.config.uptime(self.world), self._leave, node)
@@ -275,10 +276,10 @@ class Simulation:
             ttft_slo_s=self.config.ttft_slo_s,
             tpot_slo_s=self.config.tpot_slo_s,
         )
-        decision = schedule(request, self.table, self.profile, self.rng, self.now, decision_id=f"d{job.index}")
+        # a retry decides among the nodes not tried yet (as the gateway's dispatch walks its ranking)
+        pool = [s for s in self.table if s.node_id not in job.tried] if job.tried else self.table
+        decision = schedule(request, pool, self.profile, self.rng, self.now, decision_id=f"d{job.index}")
         chosen = decision.chosen
-        if chosen is not None and chosen in job.tried:  # as the gateway's dispatch: the next one not tried
-            chosen = next((c.node_id for c in decision.ranked_for_dispatch() if c.node_id not in job.tried), None)
         if chosen is None:
             self._end(job, self._failed(req, job))
             return
@@ -299,7 +300,9 @@ class Simulation:
     def _start(self, job: _Job, node: SimNode, price: float) -> None:
         """Send the job to the node: it runs at once if a batch slot is free, else waits in the node's queue."""
         req = job.req
-        pred = self._predict(job, node, Load(active=node.active, queued=len(node.queue)))
+        # what the gateway predicts: load and queue, and throttling as the node's telemetry reports it
+        throttled = node.clock if node.clock < 1.0 else None
+        pred = self._predict(job, node, Load(active=node.active, queued=len(node.queue), clock_ratio=throttled))
         job.tried.add(node.node_id)
         if not node.present:  # gone, not yet marked down: the gateway cannot reach it, marks it down, goes on
             self._detect(node, node.session)
@@ -310,7 +313,7 @@ class Simulation:
         tokens = req.output_tokens - job.sent
         attempt = _Attempt(job, node, self.now, tokens, pred.ttft_s, pred.itl_s, price)
         job.attempt = attempt
-        self.running[node.node_id].add(attempt)
+        self.running[node.node_id][attempt] = None
         if node.active < max(1, node.hw.batch_slots):
             self._run(attempt, self.now + node.rtt_s / 2)
         else:
@@ -345,7 +348,7 @@ class Simulation:
         """The attempt's node left: what the client got stays; the rest goes elsewhere."""
         attempt.alive = False
         node, job = attempt.node, attempt.job
-        self.running[node.node_id].discard(attempt)
+        self.running[node.node_id].pop(attempt, None)
         if attempt.running:
             node.active -= 1
         self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.JOB_FAILED, at=self.now))
@@ -376,24 +379,25 @@ class Simulation:
         if not attempt.alive:
             return
         node, job = attempt.node, attempt.job
-        self.running[node.node_id].discard(attempt)
+        self.running[node.node_id].pop(attempt, None)
         self._free(node)
         ttft, now = attempt.first_at - attempt.start, self.now
         within = ttft <= self.config.ttft_slo_s and attempt.itl <= self.config.tpot_slo_s
         self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.JOB_COMPLETED, at=now, within_slo=within))
         node.latency_ewma_s = ewma(node.latency_ewma_s, ttft)
-        node.calibration = node.calibration.observe(
-            predicted_ttft_s=attempt.pred_ttft,
-            observed_ttft_s=ttft,
-            predicted_itl_s=attempt.pred_itl,
-            observed_itl_s=attempt.itl,
-        )
+        if job.sent == 0:  # as the gateway: a resumed attempt's timings do not calibrate
+            node.calibration = node.calibration.observe(
+                predicted_ttft_s=attempt.pred_ttft,
+                observed_ttft_s=ttft,
+                predicted_itl_s=attempt.pred_itl,
+                observed_itl_s=attempt.itl,
+            )
         self._audit(node)
         self._credit(attempt, attempt.tokens)
         self._touch(node)
         assert job.first_token_at is not None
         tokens = job.req.output_tokens
-        tpot = (now - job.first_token_at) / (tokens - 1) if tokens > 1 else attempt.itl
+        tpot = (now - job.first_token_at) / (tokens - 1) if tokens > 1 else 0.0  # one token: no gap to time
         outcome = Outcome(
             job.req.at_s,
             job.req.prompt_tokens,

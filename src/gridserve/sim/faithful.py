@@ -110,10 +110,12 @@ def replay(url: str, api_key: str, model: str, trace: Sequence[TraceRequest]) ->
 
 def simulate(measured: Sequence[Measured], cards: Sequence[str], model: str, seed: int = 0) -> list[Outcome]:
     """The same arrivals and token counts on a simulated grid of the same cards."""
+    if not measured:
+        raise ValueError("nothing measured to simulate")
     config = SimConfig(nodes=len(cards), cards=tuple(cards), model=model, seed=seed, **CALM)
     ordered = sorted(measured, key=lambda m: m.at_s)
     t0 = ordered[0].at_s
-    trace = [TraceRequest(m.at_s - t0, m.prompt_tokens, m.output_tokens) for m in ordered]
+    trace = [TraceRequest(m.at_s - t0, max(1, m.prompt_tokens), max(1, m.output_tokens)) for m in ordered]
     return Simulation(config, named_profile("default")).run(trace)
 
 

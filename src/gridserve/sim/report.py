@@ -73,6 +73,8 @@ def compare(
 ) -> tuple[list[Run], float]:
     """Every policy at every load (the trace time-scaled so that `load` x grid capacity arrives per second),
     then `refine` bisection runs per policy around its goodput."""
+    if not trace:
+        raise ValueError("the trace has no requests")
     probe = Simulation(config, named_profile("default"))
     n = len(trace)
     prompt = sum(r.prompt_tokens for r in trace) / n
