@@ -237,19 +237,23 @@ def test_hedging_sends_a_late_request_to_the_runner_up(emulated_grid: LocalGrid)
     endpoint = next(n["endpoint"] for n in grid.nodes() if n["node_id"] == slow)
     # 700 ms: slow to answer, but under the 1 s health-probe timeout (so the node stays up and keeps being chosen)
     httpx.post(endpoint + "/faults", json={"delay_ms": 700}, timeout=5).raise_for_status()
+    # Hedged requests first, until one is routed to the slow node: a hedged request that the runner-up wins leaves
+    # no TTFT sample on the slow node, so its hedge delay stays at its pre-fault prediction. (An unhedged 0.7 s
+    # answer first would raise that prediction, rightly, above 0.7 s, and the hedge would no longer fire in time.)
     hedged = unhedged = None
     for i in range(30):
         raw = client.completions.with_raw_response.create(model=MODEL, prompt=f"h{i}", max_tokens=2)
         decision = admin_get(grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
-        if decision["chosen"] == slow and hedged is None:
+        if decision["chosen"] == slow:
             hedged = (decision, raw.headers["x-gridserve-node"])
+            break
+    for i in range(30):
         raw2 = client.completions.with_raw_response.create(
             model=MODEL, prompt=f"n{i}", max_tokens=2, extra_body={"gridserve": {"hedge": False}}
         )
         d2 = admin_get(grid, f"/v1/decisions/{raw2.headers['x-gridserve-decision']}").json()
-        if d2["chosen"] == slow and unhedged is None:
+        if d2["chosen"] == slow:
             unhedged = d2
-        if hedged and unhedged:
             break
     assert hedged is not None and unhedged is not None, "the slow node was never chosen"
     decision, served_by = hedged

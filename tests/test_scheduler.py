@@ -48,7 +48,7 @@ from gridserve.scheduler import schedule as _schedule
 from gridserve.scheduler.baselines import BASELINES
 from gridserve.scheduler.context import Context
 from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, NodeState, RuntimeInfo, Telemetry
-from gridserve.types.scheduling import Decision, ScheduleRequest
+from gridserve.types.scheduling import Candidate, Decision, ScheduleRequest
 
 NOW = 1_700_000_000.0
 GIB = 2**30
@@ -686,11 +686,21 @@ def test_full_exploration_picks_the_best_new_node_below_rank_0(
         busy = max(node.outstanding, tele.active_requests if tele else 0) + (tele.queue_depth if tele else 0)
         return busy < max(1, node.static.hw.batch_slots if node.static.hw else 1)
 
-    new = [  # a newcomer with little record and a batch slot free (a busy newcomer is not sent more)
+    def meets_slo(c: Candidate) -> bool:
+        needs = decision.requirements
+        return (
+            c.predicted_ttft_s is not None
+            and c.predicted_itl_s is not None
+            and c.predicted_ttft_s <= float(needs["ttft_slo_s"])
+            and c.predicted_itl_s <= float(needs["tpot_slo_s"])
+        )
+
+    new = [  # a newcomer with little record, a batch slot free (a busy newcomer is not sent more), within the SLO
         c
         for c in decision.candidates[1:]
         if (by_id[c.node_id].reliability is None or by_id[c.node_id].reliability.is_new)  # type: ignore[union-attr]
         and free_slot(by_id[c.node_id])
+        and meets_slo(c)
     ]
     if new:
         assert decision.chosen == new[0].node_id
@@ -902,6 +912,21 @@ def test_exploration_picks_a_new_node_other_than_rank_0() -> None:
     decisions = [schedule(request(), nodes, PROFILE, seed) for seed in range(400)]
     best = sum(d.chosen == d.candidates[0].node_id for d in decisions) / len(decisions)
     assert 0.9 < best < 1.0
+
+
+def test_exploration_never_sends_a_request_to_a_newcomer_predicted_to_miss_its_slo() -> None:
+    """A newcomer that would first load the model (cold start: seconds) is not explored; a warm one is."""
+    veterans = [build(Spec(history=GOOD), f"vet{i}") for i in range(2)]
+    cold = build(Spec(history=NEWCOMER, offers=(), loadable=("llama-3-8b",)), "cold")
+    for nodes in (veterans + [cold], [cold] + veterans):
+        decision = schedule(request(), nodes, ALWAYS_EXPLORE, 3)
+        pred = decision.candidate("cold")
+        assert pred is not None and pred.predicted_ttft_s is not None
+        assert pred.predicted_ttft_s > float(decision.requirements["ttft_slo_s"])
+        assert decision.chosen != "cold" and not decision.picked_by.startswith("exploration")
+    warm = build(Spec(history=NEWCOMER), "warm")
+    decision = schedule(request(), [*veterans, cold, warm], ALWAYS_EXPLORE, 3)
+    assert decision.chosen == "warm" and decision.picked_by.startswith("exploration")
 
 
 # -- profiles -----------------------------------------------------------------------------------------------------

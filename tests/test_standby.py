@@ -87,7 +87,13 @@ def test_a_standby_is_prewarmed_and_more_when_demand_rises(tmp_path: Path) -> No
             stop.set()
             for t in threads:
                 t.join(timeout=30)
-        events = admin_get(grid, "/admin/events?kind=preload&limit=10").json()["events"]
+
+        def preloads() -> list[dict[str, Any]]:  # events are written by the ledger's writer thread, shortly after
+            found: list[dict[str, Any]] = admin_get(grid, "/admin/events?kind=preload&limit=10").json()["events"]
+            return found
+
+        _wait(lambda: len(preloads()) >= 3, 10)
+        events = preloads()
         assert len(events) == 3 and all(e["detail"]["model"] == EMULATED for e in events)
         assert any("target" in e["detail"]["reason"] for e in events)
         metrics = httpx.get(grid.url + "/metrics", timeout=10).text

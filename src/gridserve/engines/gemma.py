@@ -150,8 +150,21 @@ def load_gemma(cache: Path | None = None) -> LoadedModel:
 
     path = ensure_cache(cache)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    own_memory(model)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return LoadedModel(model=model, codec=HFCodec(tokenizer))
+
+
+def own_memory(model: torch.nn.Module) -> None:
+    """Copy every weight out of the memory-mapped checkpoint into freshly allocated (aligned) memory.
+
+    Tensors mapped from a safetensors file sit at whatever offset the file gives them, and the CPU's matrix-
+    vector kernels round differently on unaligned data (a decode step's logits moved by ~1e-5). Owning the
+    memory makes the numbers depend on the weights and thread count only: the same whether the model is
+    loaded whole or as pipeline stages (engines/stage.py)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
 
 
 def gemma_engine(threads: int, cache: Path | None = None, lazy: bool = False) -> TorchEngine:

@@ -181,16 +181,21 @@ class _Ranked(Sequence[Scored]):
         busy = c.col(C_ACTIVE) + c.col(C_QUEUED)
         return np.asarray(busy < np.maximum(1.0, np.where(c.col(C_HAS_HW) > 0, c.col(C_SLOTS), 1.0)))
 
-    def first_explorable(self, start: int) -> int | None:
-        """Rank of the first node from `start` on with little or no record and a free batch slot (None: none);
-        the column form of pickers.explorable."""
-        return self.order.first_where((self.cols.col(C_REL_NEW) > 0) & self._free_slot(), start)
+    def _meets_slo(self, ctx: Context, headroom: float) -> "npt.NDArray[np.bool_]":
+        """Column form of pickers.meets_slo."""
+        ttft, itl = self.cols.prediction(ctx, loaded=True)
+        return np.asarray((ttft <= ctx.ttft_slo_s * headroom) & (itl <= ctx.tpot_slo_s * headroom))
+
+    def first_explorable(self, ctx: Context, headroom: float, start: int) -> int | None:
+        """Rank of the first node from `start` on with little or no record, a free batch slot and predicted to
+        meet the SLO (None: none); the column form of pickers.explorable."""
+        new = self.cols.col(C_REL_NEW) > 0
+        return self.order.first_where(new & self._free_slot() & self._meets_slo(ctx, headroom), start)
 
     def first_meeting_slo(self, ctx: Context, headroom: float, at_once: bool) -> int | None:
         """Rank of the best node predicted to meet the request's SLO, with a free slot if `at_once` (column form
         of pickers.meets_slo and free_slot)."""
-        ttft, itl = self.cols.prediction(ctx, loaded=True)
-        meets = (ttft <= ctx.ttft_slo_s * headroom) & (itl <= ctx.tpot_slo_s * headroom)
+        meets = self._meets_slo(ctx, headroom)
         return self.order.first_where(meets & self._free_slot() if at_once else meets, 0)
 
     def __getitem__(self, i: int) -> Scored:  # type: ignore[override]

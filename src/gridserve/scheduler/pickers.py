@@ -13,9 +13,11 @@ from gridserve.scheduler.snapshot import NodeSnapshot
 @dataclass
 class MaxScorePicker:
     """The best score wins (ties are broken at random upstream). With probability `exploration`, the best
-    *new* node (little record) with a free batch slot is picked instead, so newcomers earn a record: bounded
-    exploration. The free slot bounds it: a newcomer whose first jobs have not finished yet is not sent more
-    (otherwise one slow newcomer would take the whole exploration share of the traffic and build a queue)."""
+    *new* node (little record) with a free batch slot that is predicted to meet the request's SLO is picked
+    instead, so newcomers earn a record: bounded exploration. The free slot bounds it: a newcomer whose first
+    jobs have not finished yet is not sent more (otherwise one slow newcomer would take the whole exploration
+    share of the traffic and build a queue). The SLO bounds it too: a request is never the price of a
+    newcomer's record (a cold node that would first load the model, or a slow one, is not explored)."""
 
     exploration: float = 0.05
     slo_first: bool = False
@@ -31,7 +33,11 @@ class MaxScorePicker:
     def pick(self, ctx: Context, ranked: Sequence[Scored], rng: random.Random) -> tuple[int, str]:
         if self.exploration > 0 and len(ranked) > 1 and rng.random() < self.exploration:
             first = getattr(ranked, "first_explorable", None)  # the vectorised ranking finds it over columns
-            found = first(1) if first is not None else _first_explorable(ranked)
+            found = (
+                first(ctx, self.slo_headroom, 1)
+                if first is not None
+                else _first_explorable(ctx, ranked, self.slo_headroom)
+            )
             if found is not None:
                 return found, f"exploration (p={self.exploration}): newest node with a short record"
         if self.slo_first:
@@ -57,10 +63,10 @@ def free_slot(node: NodeSnapshot) -> bool:
     return busy < max(1, slots)
 
 
-def explorable(node: NodeSnapshot) -> bool:
-    """Little or no record, and a batch slot free."""
+def explorable(ctx: Context, node: NodeSnapshot, headroom: float = 1.0) -> bool:
+    """Little or no record, a batch slot free, and predicted to meet the request's SLO."""
     rel = node.reliability
-    return (rel is None or rel.is_new) and free_slot(node)
+    return (rel is None or rel.is_new) and free_slot(node) and meets_slo(ctx, node, headroom)
 
 
 def meets_slo(ctx: Context, node: NodeSnapshot, headroom: float = 1.0) -> bool:
@@ -79,8 +85,8 @@ def _first_meeting_slo(ctx: Context, ranked: Sequence[Scored], headroom: float, 
     )
 
 
-def _first_explorable(ranked: Sequence[Scored]) -> int | None:
-    return next((i for i, scored in enumerate(ranked) if i > 0 and explorable(scored.node)), None)
+def _first_explorable(ctx: Context, ranked: Sequence[Scored], headroom: float) -> int | None:
+    return next((i for i, scored in enumerate(ranked) if i > 0 and explorable(ctx, scored.node, headroom)), None)
 
 
 @register(PICKERS, "random")
