@@ -918,7 +918,7 @@ def test_exploration_never_sends_a_request_to_a_newcomer_predicted_to_miss_its_s
     """A newcomer that would first load the model (cold start: seconds) is not explored; a warm one is."""
     veterans = [build(Spec(history=GOOD), f"vet{i}") for i in range(2)]
     cold = build(Spec(history=NEWCOMER, offers=(), loadable=("llama-3-8b",)), "cold")
-    for nodes in (veterans + [cold], [cold] + veterans):
+    for nodes in ([*veterans, cold], [cold, *veterans]):
         decision = schedule(request(), nodes, ALWAYS_EXPLORE, 3)
         pred = decision.candidate("cold")
         assert pred is not None and pred.predicted_ttft_s is not None
