@@ -56,15 +56,20 @@ def row(name: str, cards: list[str], model: LayerCosts, rtt_s: float) -> dict[st
     }
 
 
+def rows(model_name: str = "llama-3-70b", quantization: str = "q4_k_m", rtt_s: float = 0.004) -> list[dict[str, Any]]:
+    """One row per node set (bench/pipeline.py reports these too)."""
+    model = LayerCosts.of(model_spec(model_name), "float16", quantization)
+    return [row(name, cards, model, rtt_s) for name, cards in NODE_SETS.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama-3-70b")
     parser.add_argument("--quantization", default="q4_k_m")
     parser.add_argument("--rtt-ms", type=float, default=4.0, help="round trip between any two nodes")
     args = parser.parse_args()
-    model = LayerCosts.of(model_spec(args.model), "float16", args.quantization)
-    rows = [row(name, cards, model, args.rtt_ms / 1e3) for name, cards in NODE_SETS.items()]
-    json.dump({"model": args.model, "quantization": args.quantization, "planner": rows}, sys.stdout, indent=2)
+    found = rows(args.model, args.quantization, args.rtt_ms / 1e3)
+    json.dump({"model": args.model, "quantization": args.quantization, "planner": found}, sys.stdout, indent=2)
     print()
 
 

@@ -114,7 +114,7 @@ def test_gemma_stages_from_the_checkpoint_equal_the_whole_model_bitwise(cuts: li
     prompt = loaded.codec.encode_prompt("The three primary colours are")
     whole = whole_run(loaded.model.eval(), prompt, 16)
     bounds = [0, *cuts, 18]
-    stages = [load_stage(str(default_cache_dir()), StageSpan(a, b, 18)) for a, b in itertools.pairwise(bounds)]
+    stages = [load_stage(str(default_cache_dir()), a, b) for a, b in itertools.pairwise(bounds)]
     staged = staged_run(stages, prompt, 16)
     assert all(torch.equal(a, b) for a, b in zip(whole, staged, strict=True))
     assert loaded.codec.decode([int(x.argmax()) for x in staged]) == loaded.codec.decode(

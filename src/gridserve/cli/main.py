@@ -137,6 +137,15 @@ def gateway(
         raise fail(f"gateway failed: {exc}") from None
 
 
+def _layers(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    start, sep, end = text.partition(":")
+    if not sep or not start.strip().isdigit() or not end.strip().isdigit() or int(end) <= int(start):
+        raise fail(f"--layers {text!r}: expected START:END with START < END, e.g. 0:9")
+    return int(start), int(end)
+
+
 @app.command()
 def node(
     gateway: Annotated[str, typer.Option(help="gateway URL, e.g. http://127.0.0.1:8000")],
@@ -161,6 +170,9 @@ def node(
     fifo_slots: Annotated[
         bool, typer.Option(help="emulated: at most the card's batch slots run; the rest wait in order")
     ] = False,
+    layers: Annotated[
+        str | None, typer.Option(help="tiny/gemma: run layers START:END only, as a pipeline stage (e.g. 0:9)")
+    ] = None,
     allow_dishonest: Annotated[bool, typer.Option(help="allow --dishonest modes (tests and demos only)")] = False,
     dishonest: Annotated[
         list[str] | None, typer.Option(help="cheat on purpose, for tests (modes: see node/dishonest.py)")
@@ -201,6 +213,7 @@ def node(
         loadable=tuple(loadable or ()),
         load_gbps=load_gbps,
         fifo_slots=fifo_slots,
+        layers=_layers(layers),
     )
     faults = _faults(allow_faults, fault or [])
     from gridserve.node.dishonest import ENGINE_MODES, Dishonesty, DishonestyRefused

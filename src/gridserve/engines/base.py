@@ -64,6 +64,21 @@ def classify_error(message: str) -> ErrorKind:
     return "engine"
 
 
+class LocalEngine:
+    """What the local (torch) engines share: their kind and their stats."""
+
+    _kind: str
+    _stats: EngineStats
+
+    @property
+    def kind(self) -> str:
+        return self._kind
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+
 class Engine(Protocol):
     @property
     def kind(self) -> str: ...

@@ -167,14 +167,24 @@ def own_memory(model: torch.nn.Module) -> None:
             param.data = param.data.clone()
 
 
-def gemma_engine(threads: int, cache: Path | None = None, lazy: bool = False) -> TorchEngine:
-    """Build the engine; the cache is converted first (so the offer can carry the weights digest)."""
-    path = ensure_cache(cache)
-    offer = ModelOffer(
+def gemma_offer(path: Path) -> ModelOffer:
+    return ModelOffer(
         name=GEMMA_MODEL,
         dtype="float32",
         quantization="none",  # de-quantised from Q4_K_M to float32 at conversion
         max_context=GEMMA_CONTEXT,
         weights_digest=weights_digest(path),
     )
+
+
+def gemma_config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path))
+
+
+def gemma_engine(threads: int, cache: Path | None = None, lazy: bool = False) -> TorchEngine:
+    """Build the engine; the cache is converted first (so the offer can carry the weights digest)."""
+    path = ensure_cache(cache)
+    offer = gemma_offer(path)
     return TorchEngine(kind="gemma-270m", offer=offer, loader=lambda: load_gemma(path), threads=threads, lazy=lazy)

@@ -2,8 +2,12 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gridserve.engines.base import Engine, EngineError
+
+if TYPE_CHECKING:
+    from gridserve.engines.stage import StageSpan
 
 ENGINE_NAMES = ("tiny", "gemma-270m", "emulated:<hardware>", "openai-upstream")
 
@@ -32,6 +36,8 @@ class EngineOptions:
     """emulated: disk-to-device bandwidth when loading weights, GB/s."""
     fifo_slots: bool = False
     """emulated: at most the card's batch slots run at once; later requests wait first come, first served."""
+    layers: tuple[int, int] | None = None
+    """tiny / gemma-270m: run only layers [start, end) as a pipeline stage (engines/stage_engine.py)."""
     cheat: tuple[str, ...] = ()
     """tiny: dishonest modes that change the model while it claims the real weights (`wrong_model`: other
     weights, `lazy_compute`: skips its last layer); node/dishonest.py checks they are allowed."""
@@ -40,6 +46,8 @@ class EngineOptions:
 def create_engine(name: str, options: EngineOptions) -> Engine:
     from gridserve.engines.tiny import tiny_engine
 
+    if options.layers is not None:
+        return _stage_engine(name, options, *options.layers)
     if name == "tiny":
         return tiny_engine(threads=options.threads, lazy=options.lazy, cheat=options.cheat)
     if name == "gemma-270m":
@@ -75,3 +83,43 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
             api_key=options.upstream_api_key,
         )
     raise EngineError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
+
+
+def _stage_engine(name: str, options: EngineOptions, start: int, end: int) -> Engine:
+    from gridserve.engines.stage import load_stage, stage_from_model
+    from gridserve.engines.stage_engine import StageEngine
+
+    if name == "tiny":
+        from gridserve.engines.tiny import build_tiny_model, tiny_offer
+
+        model = build_tiny_model().model
+        span = _span(start, end, model.config.num_hidden_layers)
+        return StageEngine(
+            kind="tiny",
+            offer=tiny_offer(),
+            span=span,
+            loader=lambda: stage_from_model(model, start, end),
+            threads=options.threads,
+        )
+    if name == "gemma-270m":
+        from gridserve.engines.gemma import ensure_cache, gemma_config, gemma_offer
+
+        path = ensure_cache(options.cache_dir)
+        span = _span(start, end, gemma_config(path).num_hidden_layers)
+        return StageEngine(
+            kind="gemma-270m",
+            offer=gemma_offer(path),
+            span=span,
+            loader=lambda: load_stage(str(path), start, end),
+            threads=options.threads,
+        )
+    raise EngineError(f"--layers needs a local model engine (tiny or gemma-270m), not {name!r}")
+
+
+def _span(start: int, end: int, n_layers: int) -> "StageSpan":
+    from gridserve.engines.stage import StageSpan
+
+    try:
+        return StageSpan(start, end, n_layers)
+    except ValueError as exc:
+        raise EngineError(f"--layers: {exc}") from None

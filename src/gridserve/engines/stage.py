@@ -119,22 +119,24 @@ class StageModule(torch.nn.Module):
         return logits
 
 
+def stage_from_model(model: Any, start: int, end: int) -> StageModule:
+    """Layers `[start, end)` of a loaded `Gemma3ForCausalLM` (weights copied)."""
+    config = model.config
+    stage = StageModule(config, StageSpan(start, end, config.num_hidden_layers))
+    state = model.state_dict()
+    stage.load_weights(state.__getitem__, state.keys())
+    stage.eval()
+    return stage
+
+
 def stages_from_model(model: Any, cuts: list[int]) -> list[StageModule]:
     """Split a loaded `Gemma3ForCausalLM` at `cuts` (e.g. [9] for two stages of an 18-layer model)."""
-    config = model.config
-    bounds = [0, *cuts, config.num_hidden_layers]
-    state = model.state_dict()
-    stages = []
-    for start, end in itertools.pairwise(bounds):
-        stage = StageModule(config, StageSpan(start, end, config.num_hidden_layers))
-        stage.load_weights(state.__getitem__, state.keys())
-        stage.eval()
-        stages.append(stage)
-    return stages
+    bounds = [0, *cuts, model.config.num_hidden_layers]
+    return [stage_from_model(model, start, end) for start, end in itertools.pairwise(bounds)]
 
 
-def load_stage(model_dir: str, span: StageSpan) -> StageModule:
-    """Build a stage from a safetensors checkpoint directory, reading only the stage's own tensors."""
+def load_stage(model_dir: str, start: int, end: int) -> StageModule:
+    """Build layers `[start, end)` from a safetensors checkpoint directory, reading only the stage's tensors."""
     from pathlib import Path
 
     from safetensors import safe_open
@@ -142,7 +144,7 @@ def load_stage(model_dir: str, span: StageSpan) -> StageModule:
 
     config = AutoConfig.from_pretrained(model_dir)
     config = getattr(config, "text_config", config)
-    stage = StageModule(config, StageSpan(span.start, span.end, config.num_hidden_layers))
+    stage = StageModule(config, StageSpan(start, end, config.num_hidden_layers))
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no safetensors files in {model_dir}")

@@ -58,10 +58,14 @@ def build_tiny_model(seed: int = TINY_SEED) -> LoadedModel:
     return LoadedModel(model=model, codec=ByteCodec(), logit_mask=mask)
 
 
+def tiny_offer() -> ModelOffer:
+    return ModelOffer(name=TINY_MODEL, dtype="float32", max_context=TINY_CONTEXT, weights_digest=f"seed:{TINY_SEED}")
+
+
 def tiny_engine(threads: int = 1, lazy: bool = False, cheat: tuple[str, ...] = ()) -> TorchEngine:
     """`cheat` (tests of the verifier): `wrong_model` loads other weights, `lazy_compute` skips the last layer;
     either way the offer still names the real weights."""
-    offer = ModelOffer(name=TINY_MODEL, dtype="float32", max_context=TINY_CONTEXT, weights_digest=f"seed:{TINY_SEED}")
+    offer = tiny_offer()
 
     def loader() -> LoadedModel:
         loaded = build_tiny_model(TINY_SEED + 1 if "wrong_model" in cheat else TINY_SEED)

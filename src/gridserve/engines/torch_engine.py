@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
+from gridserve.engines.base import EngineError, EngineStats, InvalidRequest, LocalEngine
 from gridserve.engines.sampling import fresh_seed, pick_token
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
 from gridserve.trust import proofs
@@ -40,7 +40,7 @@ class LoadedModel:
 _DONE = object()
 
 
-class TorchEngine:
+class TorchEngine(LocalEngine):
     """Serves one causal LM on a dedicated worker thread. Concurrent requests are interleaved token by token
     (each with its own KV cache): a new request's prefill runs after at most one decode step of each running
     one, so TTFT does not wait for other answers to finish. Each request's computation is the same as if it
@@ -62,14 +62,6 @@ class TorchEngine:
         self._incoming: queue.SimpleQueue[_Generation | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._stats = EngineStats()
-
-    @property
-    def kind(self) -> str:
-        return self._kind
-
-    @property
-    def stats(self) -> EngineStats:
-        return self._stats
 
     def offers(self) -> tuple[ModelOffer, ...]:
         return (self._offer,) if self._loaded is not None else ()

@@ -31,6 +31,7 @@ from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.gateway.middleware import BodyLimit
 from gridserve.gateway.openai_api import ApiContext, list_models
 from gridserve.gateway.outcomes import Traces
+from gridserve.gateway.pipeline_api import Pipelines
 from gridserve.gateway.receipts import ReceiptChecker
 from gridserve.gateway.standby import StandbyKeeper
 from gridserve.scheduler import default_profile, load_profile
@@ -78,6 +79,7 @@ class Gateway:
             self.receipts,
             self.auditor,
             on_request=self.standby.note_request,
+            pipelines=Pipelines(self.membership, self.dispatcher),
         )
 
     def require_api_key(self, request: Request) -> None:
@@ -196,6 +198,14 @@ def _openai_routes(app: FastAPI, gw: Gateway) -> None:
 
 
 def _admin_routes(app: FastAPI, gw: Gateway) -> None:
+    @app.get("/admin/pipelines")
+    async def pipelines(request: Request) -> dict[str, Any]:
+        """Models served over stage chains, and the recent pipeline runs (chain, per-stage timings, re-plans)."""
+        gw.require_admin(request)
+        assert gw.api.pipelines is not None
+        found = gw.api.pipelines
+        return {"models": found.models(), "runs": list(found.recent)}
+
     @app.get("/v1/decisions/{decision_id}")
     async def decision(decision_id: str, request: Request) -> dict[str, Any]:
         gw.require_admin(request)

@@ -30,7 +30,7 @@ class CanaryRunner:
             for r in membership.nodes.values()
             if r.state in LIVE
             for o in r.capability.models
-            if self.auditor.verifier.supports(o.name)
+            if o.layers is None and self.auditor.verifier.supports(o.name)  # (stages: no whole-request canary)
         ]
 
     async def once(self, node_id: str | None = None) -> AuditResult | None:

@@ -313,7 +313,8 @@ class Membership:
         models: dict[str, list[NodeRecord]] = {}
         for record in self.nodes.values():
             if record.state in LIVE:
-                names = {o.name for o in record.capability.models} | set(record.capability.loadable_models)
+                whole = {o.name for o in record.capability.models if o.layers is None}  # stages: gateway/pipeline.py
+                names = whole | set(record.capability.loadable_models)
                 for name in sorted(names):
                     models.setdefault(name, []).append(record)
         return models
@@ -322,6 +323,7 @@ class Membership:
         cap = record.capability
         return {
             "node_id": cap.node_id,
+            "public_key": cap.public_key,
             "state": record.state.value,
             "endpoint": cap.endpoint,
             "engine": cap.engine,

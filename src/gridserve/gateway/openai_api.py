@@ -22,11 +22,12 @@ from gridserve.gateway.generation import Generation, GenerationFailed
 from gridserve.gateway.membership import Membership, NodeRecord
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.gateway.outcomes import Traces, observe_outcome
+from gridserve.gateway.pipeline_api import Pipelines, pipeline_sse, pipeline_whole
 from gridserve.gateway.receipts import ReceiptCheck, ReceiptChecker
 from gridserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, GridOptions, SamplingFields
 from gridserve.gateway.sse import DONE, ChunkFormatter
 from gridserve.scheduler import Profile, UnknownTier, schedule
-from gridserve.types import ChatMessage, GenerateRequest, SamplingParams
+from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams
 from gridserve.types.scheduling import Decision, ScheduleRequest
 
 log = logging.getLogger("gridserve.gateway")
@@ -48,6 +49,8 @@ class ApiContext:
     auditor: Auditor
     on_request: Callable[[str], None] = lambda model: None
     """Told the model of every accepted request (demand, for pre-warming)."""
+    pipelines: Pipelines | None = None
+    """Models no live node holds whole, served over chains of stage nodes."""
 
 
 def parse(body: bytes, model: type[SamplingFields]) -> Any:
@@ -144,6 +147,8 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
     req = parse(body, model_type)
     request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
     job, prompt_tokens = to_job(req, kind, request_id)
+    if ctx.pipelines is not None and ctx.pipelines.serves(job.model):
+        return await _pipelined(ctx.pipelines, req, job, kind)
     decision = decide(ctx, job, prompt_tokens, req.gridserve)
     ctx.decisions.record(decision, status="dispatching")
     gen = Generation(ctx.dispatcher, decision, job, hedge=req.gridserve.hedge)
@@ -183,6 +188,18 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
         whole["gridserve"] = summary(decision, gen.segment.node_id)
     headers.append((b"content-type", b"application/json"))
     return Reply(headers=headers, body=orjson.dumps(whole))
+
+
+async def _pipelined(pipelines: Pipelines, req: SamplingFields, job: GenerateRequest, kind: str) -> Reply:
+    run = await pipelines.start(job)
+    nodes = ",".join(r.node_id for r in run.session.chain)
+    headers = [(b"x-gridserve-pipeline", run.session.session.encode()), (b"x-gridserve-node", nodes.encode())]
+    fmt = ChunkFormatter(chat=kind == "chat", response_id=job.request_id, model=job.model)
+    if req.stream:
+        headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        return Reply(headers=headers, stream=pipeline_sse(run, fmt, req.include_usage()))
+    body = await pipeline_whole(run, fmt)
+    return Reply(headers=[*headers, (b"content-type", b"application/json")], body=body)
 
 
 async def _drain(ctx: ApiContext, gen: Generation, kind: str) -> AsyncIterator[dict[str, Any]]:
@@ -339,6 +356,22 @@ def list_models(ctx: ApiContext) -> dict[str, Any]:
                 "owned_by": "gridserve",
                 "nodes": len(records),
                 "emulated": emulated,
+            }
+        )
+    pipelines = ctx.pipelines
+    for name in pipelines.models() if pipelines is not None else []:
+        stages = pipelines.routes(name) if pipelines is not None else []
+        nodes = ctx.membership.nodes
+        created = min((nodes[NodeId(r.node_id)].registered_at for r in stages if r.node_id in nodes), default=0.0)
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": int(created),
+                "owned_by": "gridserve",
+                "nodes": len(stages),
+                "emulated": False,
+                "pipeline": True,
             }
         )
     return {"object": "list", "data": data}

@@ -83,7 +83,7 @@ class StandbyKeeper:
 
     def _plan_model(self, model: str, times: deque[float], now: float) -> ModelPlan:
         live = [r for r in self.membership.nodes.values() if r.state in LIVE]
-        warm = [r for r in live if any(o.name == model for o in r.capability.models)]
+        warm = [r for r in live if any(o.name == model and o.layers is None for o in r.capability.models)]
         for key, asked in list(self.loading.items()):
             done = any(r.capability.node_id == key[0] for r in warm) and key[1] == model
             if done or now - asked > self.config.standby_load_timeout_s:

@@ -13,11 +13,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from gridserve.engines import Engine, EngineError, InvalidRequest
+from gridserve.engines.stage_engine import StageEngine
 from gridserve.node.agent import NodeAgent
 from gridserve.node.dishonest import Dishonesty
 from gridserve.node.faults import Faults, FaultsDisabled, FaultSpec
 from gridserve.node.metrics import NodeMetrics
 from gridserve.node.receipts import Receipter
+from gridserve.node.stage_link import add_stage_routes
 from gridserve.trust import TrustError
 from gridserve.types import GenerateRequest, TokenEvent
 from gridserve.types.base import from_wire
@@ -206,6 +208,8 @@ def build_node_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _fault_routes(app, faults)
+    if isinstance(engine, StageEngine):
+        add_stage_routes(app, agent, engine)
     return app
 
 

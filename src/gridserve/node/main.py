@@ -37,6 +37,7 @@ def run_node(
             log_config=None,  # uvicorn's records go through our handler (JSON when asked)
             access_log=False,
             timeout_graceful_shutdown=3,
+            ws_max_size=64 * 1024 * 1024,  # pipeline frames: a long prompt's hidden states in one step
         )
     )
     asyncio.run(server.serve())

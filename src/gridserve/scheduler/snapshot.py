@@ -75,7 +75,7 @@ class NodeStatic:
         return cls(
             hw=hw,
             hw_class=hw.hw_class if hw else "unknown",
-            offers={offer.name: offer for offer in capability.models},
+            offers={offer.name: offer for offer in capability.models if offer.layers is None},  # not stages
             loadable=frozenset(capability.loadable_models),
             memory_bytes=memory,
             source=capability,

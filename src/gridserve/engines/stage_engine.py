@@ -1,0 +1,141 @@
+"""A node's pipeline-stage engine: one layer range of a model, a KV cache per session, steps run in order.
+
+The node serves it over a long-lived, gateway-signed connection (node/stage_link.py); the gateway drives
+every step (gateway/pipeline.py). A stage is not a whole model: `generate` refuses, and its offer names its
+layers, so the scheduler never routes a whole request to it.
+"""
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from gridserve.engines.base import EngineError, EngineStats, InvalidRequest, LocalEngine
+from gridserve.engines.stage import StageModule, StageSpan
+from gridserve.types import GenerateRequest, HardwareInfo, LayerRange, ModelOffer, TokenEvent
+
+
+@dataclass(frozen=True)
+class StepResult:
+    array: npt.NDArray[Any] | None
+    """Hidden states `[1, n, hidden]`, or the last position's logits `[1, vocab]` on the last stage (None for
+    a replayed step: its output is already downstream)."""
+    compute_s: float
+
+
+class StageEngine(LocalEngine):
+    """Runs `[start, end)` of `offer.name` on a dedicated thread (fixed torch thread count: reproducible)."""
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        offer: ModelOffer,
+        span: StageSpan,
+        loader: Callable[[], StageModule],
+        threads: int,
+        max_sessions: int = 64,
+    ) -> None:
+        self._kind = kind
+        self.span = span
+        self._offer = offer.model_copy(update={"layers": LayerRange(start=span.start, end=span.end)})
+        self._loader = loader
+        self._threads = threads
+        self._module: StageModule | None = None
+        self._caches: OrderedDict[str, Any] = OrderedDict()
+        self._max_sessions = max_sessions
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage-{kind}", initializer=self._init)
+        self._stats = EngineStats()
+
+    def _init(self) -> None:
+        torch.set_num_threads(self._threads)
+
+    @property
+    def n_layers(self) -> int:
+        return self.span.n_layers
+
+    def offers(self) -> tuple[ModelOffer, ...]:
+        return (self._offer,) if self._module is not None else ()
+
+    def loadable(self) -> tuple[str, ...]:
+        return ()
+
+    async def load(self, model: str) -> None:
+        raise InvalidRequest(f"this node runs layers {self.span} of {self._offer.name}; it loads nothing else")
+
+    def advertised_hardware(self) -> HardwareInfo | None:
+        return None
+
+    async def start(self) -> None:
+        self._module = await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+
+    def _load(self) -> StageModule:
+        module = self._loader()
+        module.eval()
+        return module
+
+    async def aclose(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        raise InvalidRequest(
+            f"this node runs layers {self.span} of {self._offer.name} (a pipeline stage), not whole requests"
+        )
+
+    # -- sessions ---------------------------------------------------------------------------------------
+    @property
+    def sessions(self) -> int:
+        return len(self._caches)
+
+    def open(self, session: str) -> None:
+        """A fresh KV cache for `session` (the least recently used one is dropped past `max_sessions`)."""
+        module = self._require()
+        self._caches[session] = module.new_cache()
+        while len(self._caches) > self._max_sessions:
+            self._caches.popitem(last=False)
+        self._stats.active = len(self._caches)
+
+    def close(self, session: str) -> None:
+        self._caches.pop(session, None)
+        self._stats.active = len(self._caches)
+
+    async def step(self, session: str, inputs: npt.NDArray[Any], *, replay: bool = False) -> StepResult:
+        """Run the stage on `inputs` (token ids `[1, n]` on the first stage, else hidden states)."""
+        if session not in self._caches:
+            raise InvalidRequest(f"no open session {session!r} on this stage")
+        expected = 2 if self.span.first else 3
+        if inputs.ndim != expected or inputs.shape[0] != 1 or inputs.shape[1] < 1:
+            raise InvalidRequest(f"stage {self.span} takes a [1, n{'' if self.span.first else ', hidden'}] tensor")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._run, session, inputs, replay)
+
+    def _run(self, session: str, inputs: npt.NDArray[Any], replay: bool) -> StepResult:
+        module = self._require()
+        cache = self._caches.get(session)
+        if cache is None:
+            raise InvalidRequest(f"session {session!r} was closed")
+        started = time.perf_counter()
+        with torch.inference_mode():
+            tensor = torch.from_numpy(np.array(inputs))  # a writable copy of the frame's buffer
+            if self.span.first:
+                tensor = tensor.long()
+            try:
+                out = module(tensor, cache)
+            except (RuntimeError, IndexError) as exc:
+                self._stats.note_error(f"stage forward: {exc}")
+                raise EngineError(f"stage forward failed: {exc}") from exc
+            array = None if replay else (out[0, -1:] if self.span.last else out).numpy()
+        self._stats.note_tokens(time.monotonic(), int(inputs.shape[1]))
+        return StepResult(array, time.perf_counter() - started)
+
+    def _require(self) -> StageModule:
+        if self._module is None:
+            raise EngineError("stage not loaded yet")
+        return self._module

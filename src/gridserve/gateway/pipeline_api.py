@@ -1,0 +1,233 @@
+"""Serving a model over a pipeline of stage nodes through the OpenAI API.
+
+A request for a model that no live node holds whole, but that a chain of live stage nodes covers, is run
+over that chain (gateway/pipeline.py): the gateway tokenises, drives each step, picks tokens and streams
+the text like any other answer. Each run's chain, per-stage timings and re-plans are kept for
+`GET /admin/pipelines` and the doctor.
+"""
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gridserve.catalog.models import MODELS
+from gridserve.engines.text import IncrementalDecoder, StopMatcher
+from gridserve.gateway.dispatch import Dispatcher
+from gridserve.gateway.errors import APIError, bad_request
+from gridserve.gateway.membership import LIVE, Membership
+from gridserve.gateway.pipeline import (
+    LinkPool,
+    ModelHead,
+    NoChain,
+    PipelineSession,
+    StageFailed,
+    StageRoute,
+    generate_tokens,
+    load_head,
+    plan_chain,
+)
+from gridserve.gateway.sse import DONE, ChunkFormatter
+from gridserve.types import GenerateRequest
+
+log = logging.getLogger("gridserve.gateway")
+
+
+@dataclass
+class Run:
+    """What the API reply needs of a started pipeline generation."""
+
+    session: PipelineSession
+    events: AsyncIterator[dict[str, Any]]
+
+
+class Pipelines:
+    def __init__(self, membership: Membership, dispatcher: Dispatcher, keep: int = 100) -> None:
+        self.membership, self.dispatcher = membership, dispatcher
+        self.heads: dict[str, ModelHead] = {}
+        self.pool: LinkPool | None = None
+        self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
+
+    def routes(self, model: str) -> list[StageRoute]:
+        spec = MODELS.get(model)
+        found = []
+        for record in self.membership.nodes.values():
+            if record.state not in LIVE:
+                continue
+            for offer in record.capability.models:
+                if offer.name != model or offer.layers is None:
+                    continue
+                cap = record.capability
+                n_layers = spec.layers if spec else offer.layers.end
+                rtt = (record.rtt_ms or 0.0) / 1e3
+                found.append(
+                    StageRoute(
+                        cap.node_id,
+                        cap.endpoint,
+                        cap.public_key,
+                        offer.layers.start,
+                        offer.layers.end,
+                        n_layers,
+                        cost=1.0 + rtt,
+                    )
+                )
+        return found
+
+    def serves(self, model: str) -> bool:
+        """A chain of live stage nodes covers the model (and no live node holds it whole)."""
+        if model in self.membership.live_models():
+            return False
+        routes = self.routes(model)
+        if not routes:
+            return False
+        try:
+            plan_chain(routes, routes[0].n_layers)
+        except NoChain:
+            return False
+        return True
+
+    def models(self) -> list[str]:
+        names = {o.name for r in self.membership.nodes.values() for o in r.capability.models if o.layers is not None}
+        return sorted(n for n in names if self.serves(n))
+
+    async def head(self, model: str) -> ModelHead:
+        if model not in self.heads:
+            self.heads[model] = await asyncio.to_thread(load_head, model)
+        return self.heads[model]
+
+    async def start(self, job: GenerateRequest) -> Run:
+        """Plan the chain and open the session on every stage; APIError if that cannot be done."""
+        head = await self.head(job.model)
+        prompt = (
+            head.codec.encode_chat(job.messages)
+            if job.messages is not None
+            else head.codec.encode_prompt(job.prompt or "")
+        )
+        spec = MODELS.get(job.model)
+        if spec is not None and len(prompt) + job.sampling.max_tokens > spec.max_context:
+            raise bad_request(
+                f"prompt ({len(prompt)} tokens) + max_tokens exceed the context of {job.model} "
+                f"({spec.max_context} tokens)",
+                param="max_tokens",
+            )
+        if self.pool is None:
+            assert self.dispatcher.session is not None
+            self.pool = LinkPool(self.dispatcher.identity, self.dispatcher.session)
+        routes = self.routes(job.model)
+        try:
+            chain = plan_chain(routes, routes[0].n_layers if routes else 0)
+            session = PipelineSession(self.pool, chain, lambda: self.routes(job.model))
+            await session.open()
+        except (NoChain, StageFailed) as exc:
+            raise APIError(503, f"no pipeline for {job.model}: {exc}", type_="api_error", code="no_capacity") from exc
+        return Run(session, self._events(session, head, prompt, job))
+
+    async def _events(
+        self, session: PipelineSession, head: ModelHead, prompt: list[int], job: GenerateRequest
+    ) -> AsyncIterator[dict[str, Any]]:
+        decoder = IncrementalDecoder(head.codec.decode)
+        stops = StopMatcher(job.sampling.stop)
+        started = time.monotonic()
+        first_at: float | None = None
+        count, reason, status, error = 0, "length", "ok", ""
+        try:
+            tokens = generate_tokens(
+                session, prompt, job.sampling, eos_ids=head.codec.eos_ids, logit_mask=head.logit_mask
+            )
+            async for token, _ in tokens:
+                first_at = first_at or time.monotonic()
+                count += 1
+                if token in head.codec.eos_ids:
+                    reason = "stop"
+                    break
+                text = stops.feed(decoder.push(token))
+                yield {"text": text, "token_ids": [token]}
+                if stops.stopped:
+                    reason = "stop"
+                    break
+            tail = "" if stops.stopped else stops.feed(decoder.finish()) + stops.flush()
+            yield {"text": tail, "finish_reason": reason, "prompt_tokens": len(prompt), "completion_tokens": count}
+        except (StageFailed, NoChain) as exc:
+            status, error = "failed", str(exc)
+            yield {"error": {"message": f"pipeline failed: {exc}"}}
+        except (asyncio.CancelledError, GeneratorExit):
+            status, error = "cancelled", "client disconnected"
+            raise
+        finally:
+            await session.close()
+            self._remember(session, job, started, first_at, count, status, error)
+
+    def _remember(
+        self,
+        session: PipelineSession,
+        job: GenerateRequest,
+        started: float,
+        first_at: float | None,
+        count: int,
+        status: str,
+        error: str,
+    ) -> None:
+        end = time.monotonic()
+        entry = {
+            "session": session.session,
+            "request_id": job.request_id,
+            "model": job.model,
+            "status": status,
+            "error": error or None,
+            "chain": [{"node_id": r.node_id, "layers": [r.start, r.end]} for r in session.chain],
+            "stages": [t.as_dict() for t in session.timings.values()],
+            "replans": [r.__dict__ for r in session.replans],
+            "completion_tokens": count,
+            "ttft_s": round(first_at - started, 6) if first_at else None,
+            "tokens_per_s": round((count - 1) / (end - first_at), 3)
+            if first_at and count > 1 and end > first_at
+            else None,
+            "finished_at": time.time(),
+        }
+        self.recent.append(entry)
+        log.info(
+            "pipeline %s for %s: %s, %d tokens over %d stages, %d re-plans",
+            session.session,
+            job.request_id,
+            status,
+            count,
+            len(session.chain),
+            len(session.replans),
+        )
+
+
+async def pipeline_sse(run: Run, fmt: ChunkFormatter, include_usage: bool) -> AsyncIterator[bytes]:
+    yield fmt.role()
+    async for event in run.events:
+        if "error" in event:
+            yield fmt.error(str(event["error"]["message"]), "node_failed")
+            return
+        if event.get("text"):
+            yield fmt.text(event["text"])
+        if event.get("finish_reason"):
+            yield fmt.finish(event["finish_reason"])
+            if include_usage:
+                yield fmt.usage(int(event["prompt_tokens"]), int(event["completion_tokens"]))
+    yield DONE
+
+
+async def pipeline_whole(run: Run, fmt: ChunkFormatter) -> bytes:
+    parts: list[str] = []
+    final: dict[str, Any] = {}
+    async for event in run.events:
+        if "error" in event:
+            raise APIError(502, str(event["error"]["message"]), type_="api_error", code="node_failed")
+        parts.append(event.get("text", ""))
+        final = event
+    whole = fmt.whole(
+        "".join(parts),
+        str(final.get("finish_reason") or "stop"),
+        int(final.get("prompt_tokens", 0)),
+        int(final.get("completion_tokens", 0)),
+    )
+    return orjson.dumps(whole)

@@ -1,0 +1,127 @@
+"""Pipelines across node processes on 127.0.0.1: stage nodes, the gateway driving them, re-planning."""
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import BadRequestError, OpenAI
+from tests.conftest import API_KEY, admin_get, make_grid
+
+from gridserve.catalog.models import TINY_MODEL
+from gridserve.cli.grid import LocalGrid
+from gridserve.engines.tiny import tiny_engine
+from gridserve.types import GenerateRequest, SamplingParams
+
+THREADS = 1
+
+
+def direct_text(prompt: str, max_tokens: int) -> str:
+    engine = tiny_engine(threads=THREADS)
+    engine.load_sync()
+    job = GenerateRequest(
+        request_id="direct",
+        model=TINY_MODEL,
+        prompt=prompt,
+        sampling=SamplingParams(max_tokens=max_tokens, temperature=0),
+    )
+
+    async def go() -> str:
+        return "".join([e.text async for e in engine.generate(job)])
+
+    return asyncio.run(go())
+
+
+def _client(grid: LocalGrid) -> OpenAI:
+    return OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def _wait(check: object, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path: Path) -> Iterator[LocalGrid]:
+    """A gateway and three tiny stage nodes: layers [0, 1) once, [1, 2) twice (a spare for re-planning)."""
+    grid = make_grid(tmp_path, ["tiny"] * 3, threads=THREADS)
+    try:
+        grid.start_gateway()
+        for index, layers in enumerate(("0:1", "1:2", "1:2")):
+            grid.start_node(index, "tiny", ["--layers", layers])
+        grid.wait_nodes(3, 120)
+        yield grid
+    finally:
+        grid.stop()
+
+
+def test_a_two_stage_pipeline_answers_like_one_node(tiny_pipeline: LocalGrid) -> None:
+    grid = tiny_pipeline
+    client = _client(grid)
+    models = admin_get(grid, "/admin/pipelines").json()["models"]
+    assert models == [TINY_MODEL]
+    listed = {m.id: m for m in client.models.list()}
+    assert TINY_MODEL in listed and listed[TINY_MODEL].model_extra["pipeline"] is True  # type: ignore[index]
+    with pytest.raises(BadRequestError, match="context"):
+        client.completions.create(model=TINY_MODEL, prompt="x", max_tokens=5000)
+    prompt = "pipelines split the layers"
+    raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=prompt, max_tokens=40, temperature=0)
+    answer = raw.parse()
+    assert answer.choices[0].text == direct_text(prompt, 40)
+    assert answer.usage is not None and answer.usage.completion_tokens == 40
+    assert len(raw.headers["x-gridserve-node"].split(",")) == 2
+    # streaming gives the same text
+    chunks = client.completions.create(model=TINY_MODEL, prompt=prompt, max_tokens=40, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == answer.choices[0].text
+    runs = admin_get(grid, "/admin/pipelines").json()["runs"]
+    assert len(runs) == 2 and all(r["status"] == "ok" for r in runs)
+    stages = runs[-1]["stages"]
+    assert [s["layers"] for s in stages] == [[0, 1], [1, 2]]
+    assert all(s["steps"] == 40 and s["compute_s"] > 0 and s["sent_bytes"] > 0 for s in stages)
+
+
+def test_a_stage_node_killed_mid_generation_is_replanned_and_the_text_is_the_same(tiny_pipeline: LocalGrid) -> None:
+    grid = tiny_pipeline
+    client = _client(grid)
+    prompt = "kill a stage"
+    expected = direct_text(prompt, 300)
+    nodes = {n["node_id"]: n for n in admin_get(grid, "/admin/nodes").json()["nodes"]}
+    pieces: list[str] = []
+    first_chain: list[str] = []
+
+    def consume() -> None:
+        raw = client.completions.with_raw_response.create(
+            model=TINY_MODEL, prompt=prompt, max_tokens=300, temperature=0, stream=True
+        )
+        first_chain.extend(raw.headers["x-gridserve-node"].split(","))
+        for chunk in raw.parse():
+            if chunk.choices:
+                pieces.append(chunk.choices[0].text)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    _wait(lambda: len(pieces) > 20, 30)
+    victim = first_chain[1]  # the stage running layers [1, 2)
+    port = int(nodes[victim]["endpoint"].rsplit(":", 1)[1])
+    index = port - grid.port - 1
+    proc = grid.procs[f"node-{index}"]
+    os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=120)
+    assert not reader.is_alive()
+    assert "".join(pieces) == expected
+    run = admin_get(grid, "/admin/pipelines").json()["runs"][-1]
+    assert run["status"] == "ok" and run["completion_tokens"] == 300
+    (replan,) = run["replans"]
+    assert replan["failed"] == victim and replan["replaced_by"] != [victim]
+    assert replan["replayed_steps"] >= 20  # the new stage's cache was rebuilt from the session's inputs
+    assert [c["layers"] for c in run["chain"]] == [[0, 1], [1, 2]] and run["chain"][1]["node_id"] != victim
+    assert httpx.get(grid.url + "/health", timeout=5).status_code == 200
