@@ -153,12 +153,12 @@ class NodeAgent:
                 log.warning("registration failed: %s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        while True:
-            await asyncio.sleep(self.heartbeat_interval_s)
+        while True:  # the first heartbeat right away: the gateway has telemetry from the start
             try:
                 await self.heartbeat()
             except (httpx.HTTPError, RuntimeError, TrustError) as exc:
                 log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.heartbeat_interval_s)
 
     async def aclose(self) -> None:
         await self._client.aclose()
