@@ -87,6 +87,12 @@ def test_a_two_stage_pipeline_answers_like_one_node(tiny_pipeline: LocalGrid) ->
     stages = runs[-1]["stages"]
     assert [s["layers"] for s in stages] == [[0, 1], [1, 2]]
     assert all(s["steps"] == 40 and s["compute_s"] > 0 and s["sent_bytes"] > 0 for s in stages)
+    # the doctor reads the same per-stage timings and says where each token's time went
+    doctor = admin_get(grid, "/admin/doctor").json()["pipelines"]
+    assert [d["session"] for d in doctor] == [r["session"] for r in runs]
+    diagnosis = doctor[-1]["diagnosis"]
+    assert diagnosis["cause"] in ("healthy", "pipeline_overhead", "compute_saturation")
+    assert any(line.startswith("per token:") for line in diagnosis["evidence"])
 
 
 def test_a_stage_node_killed_mid_generation_is_replanned_and_the_text_is_the_same(tiny_pipeline: LocalGrid) -> None:

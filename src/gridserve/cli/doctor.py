@@ -65,3 +65,12 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
             for line in d["evidence"]:
                 console.print(f"  - {line}", highlight=False)
             console.print(f"  next: {d['next_check']}", highlight=False)
+        for run in report.get("pipelines", []):
+            d = run["diagnosis"]
+            colour = COLOURS.get(d["cause"], "magenta")
+            chain = " -> ".join(f"{c['node_id'][:8]}[{c['layers'][0]}:{c['layers'][1]})" for c in run["chain"])
+            console.print(f"\n[bold]pipeline {run['session']}[/] {chain}: [{colour}]{d['summary']}[/]")
+            for line in d["evidence"]:
+                console.print(f"  - {line}", highlight=False)
+            if d["next_check"]:
+                console.print(f"  next: {d['next_check']}", highlight=False)

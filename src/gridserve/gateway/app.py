@@ -133,7 +133,8 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     _openai_routes(app, gw)
     _admin_routes(app, gw)
     add_reliability_routes(app, gw.membership, gw.require_admin)
-    add_doctor_routes(app, gw.membership, gw.traces, gw.require_admin)
+    pipelines = gw.api.pipelines
+    add_doctor_routes(app, gw.membership, gw.traces, gw.require_admin, lambda: pipelines.recent if pipelines else [])
     app.add_middleware(BodyLimit, max_bytes=gw.config.max_body_bytes)
     return HotPath(app, gw.api, gw.config.api_keys, gw.config.max_body_bytes)
 

@@ -1,6 +1,7 @@
 """`GET /admin/doctor`: the latency doctor's report, built from what the gateway knows of each node."""
 
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -116,7 +117,29 @@ def report(membership: Membership, traces: Traces, *, node_id: str | None, windo
     return {"generated_at": time.time(), "window_s": window_s, "nodes": out}
 
 
-def add_doctor_routes(app: FastAPI, membership: Membership, traces: Traces, require_admin: Any) -> None:
+def pipeline_report(runs: Iterable[dict[str, Any]], since: float) -> list[dict[str, Any]]:
+    """The recent pipeline runs' diagnoses: where each token's time went, stage by stage."""
+    return [
+        {
+            "session": run["session"],
+            "model": run["model"],
+            "chain": run["chain"],
+            "stages": run["stages"],
+            "replans": run["replans"],
+            "diagnosis": run["diagnosis"],
+        }
+        for run in runs
+        if run.get("finished_at", 0.0) >= since
+    ][-RECENT:]
+
+
+def add_doctor_routes(
+    app: FastAPI,
+    membership: Membership,
+    traces: Traces,
+    require_admin: Any,
+    pipeline_runs: Callable[[], Iterable[dict[str, Any]]] = list,
+) -> None:
     @app.get("/admin/doctor")
     async def doctor(request: Request, node_id: str | None = None, window_s: float = 120.0) -> dict[str, Any]:
         require_admin(request)
@@ -124,4 +147,8 @@ def add_doctor_routes(app: FastAPI, membership: Membership, traces: Traces, requ
             raise bad_request("window_s must be in (0, 86400]", param="window_s")
         if node_id is not None and node_id not in membership.nodes:
             raise APIError(404, f"No node {node_id}.", code="not_found")
-        return report(membership, traces, node_id=node_id, window_s=window_s)
+        found = report(membership, traces, node_id=node_id, window_s=window_s)
+        runs = pipeline_report(pipeline_runs(), time.time() - window_s)
+        if node_id is not None:
+            runs = [r for r in runs if any(c["node_id"] == node_id for c in r["chain"])]
+        return {**found, "pipelines": runs}

@@ -239,6 +239,8 @@ class PipelineSession:
     timings: dict[str, StageTiming] = field(default_factory=dict)
     replans: list[Replan] = field(default_factory=list)
     steps: int = 0
+    forward_s: float = 0.0
+    """The gateway's wall time over all steps (every stage in turn, re-plans included)."""
 
     async def open(self) -> None:
         index = 0
@@ -256,6 +258,7 @@ class PipelineSession:
 
     async def forward(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
         """Run the chain on `ids` (the prompt, or the last token) and return the last position's logits."""
+        started = time.perf_counter()
         x: npt.NDArray[Any] = np.asarray([list(ids)], dtype=np.int64)
         index = 0
         while index < len(self.chain):
@@ -270,6 +273,7 @@ class PipelineSession:
             x = out.array
             index += 1
         self.steps += 1
+        self.forward_s += time.perf_counter() - started
         return x.reshape(-1).astype(np.float32, copy=False)
 
     async def _call(self, route: StageRoute, frame: Frame) -> Frame:

@@ -16,11 +16,13 @@ from typing import Any
 
 import orjson
 
-from gridserve.catalog.models import MODELS
+from gridserve.catalog.hardware import HARDWARE
+from gridserve.catalog.models import DTYPE_BYTES, MODELS
+from gridserve.diagnostics.pipeline_doctor import diagnose_run
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
 from gridserve.gateway.dispatch import Dispatcher
 from gridserve.gateway.errors import APIError, bad_request
-from gridserve.gateway.membership import LIVE, Membership
+from gridserve.gateway.membership import LIVE, Membership, NodeRecord
 from gridserve.gateway.pipeline import (
     LinkPool,
     ModelHead,
@@ -33,7 +35,8 @@ from gridserve.gateway.pipeline import (
     plan_chain,
 )
 from gridserve.gateway.sse import DONE, ChunkFormatter
-from gridserve.types import GenerateRequest
+from gridserve.planner.costs import LayerCosts, PlanNode, Workload, stage_time
+from gridserve.types import GenerateRequest, ModelOffer
 
 log = logging.getLogger("gridserve.gateway")
 
@@ -52,8 +55,11 @@ class Pipelines:
         self.heads: dict[str, ModelHead] = {}
         self.pool: LinkPool | None = None
         self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        self.layer_s: dict[str, float] = {}
+        """Node -> measured stage compute, seconds per layer per step (moving average)."""
 
     def routes(self, model: str) -> list[StageRoute]:
+        """Live stage nodes of `model`, each costed as the seconds it adds to a decode step."""
         spec = MODELS.get(model)
         found = []
         for record in self.membership.nodes.values():
@@ -64,19 +70,38 @@ class Pipelines:
                     continue
                 cap = record.capability
                 n_layers = spec.layers if spec else offer.layers.end
-                rtt = (record.rtt_ms or 0.0) / 1e3
+                start, end = offer.layers.start, offer.layers.end
                 found.append(
                     StageRoute(
-                        cap.node_id,
-                        cap.endpoint,
-                        cap.public_key,
-                        offer.layers.start,
-                        offer.layers.end,
-                        n_layers,
-                        cost=1.0 + rtt,
+                        cap.node_id, cap.endpoint, cap.public_key, start, end, n_layers, self._cost(record, offer)
                     )
                 )
         return found
+
+    def _cost(self, record: NodeRecord, offer: ModelOffer) -> float:
+        """Round trip from the gateway plus the stage's compute per step: measured on this node (seconds per
+        layer per step, moving average of its pipeline runs) when known, else the planner's roofline for its
+        card (planner/costs.py)."""
+        assert offer.layers is not None
+        layers = offer.layers.end - offer.layers.start
+        rtt = (record.rtt_ms or 1.0) / 1e3
+        measured = self.layer_s.get(record.capability.node_id)
+        if measured is not None:
+            return rtt + measured * layers
+        spec, hw = MODELS.get(offer.name), HARDWARE.get(record.capability.hardware.accelerator)
+        if spec is None or hw is None:
+            return rtt + 0.01 * layers
+        costs = LayerCosts.of(spec, offer.dtype if offer.dtype in DTYPE_BYTES else "float16", offer.quantization)
+        node = PlanNode.of(record.capability.node_id, hw)
+        return rtt + stage_time(costs, node, offer.layers.start, offer.layers.end, Workload(context_tokens=512))
+
+    def learn(self, session: PipelineSession) -> None:
+        """Each stage's measured compute per layer per step, into its moving average."""
+        for t in session.timings.values():
+            if t.steps:
+                sample = t.compute_s / t.steps / max(1, t.end - t.start)
+                old = self.layer_s.get(t.node_id)
+                self.layer_s[t.node_id] = sample if old is None else 0.8 * old + 0.2 * sample
 
     def serves(self, model: str) -> bool:
         """A chain of live stage nodes covers the model (and no live node holds it whole)."""
@@ -173,7 +198,7 @@ class Pipelines:
         error: str,
     ) -> None:
         end = time.monotonic()
-        entry = {
+        entry: dict[str, Any] = {
             "session": session.session,
             "request_id": job.request_id,
             "model": job.model,
@@ -183,12 +208,16 @@ class Pipelines:
             "stages": [t.as_dict() for t in session.timings.values()],
             "replans": [r.__dict__ for r in session.replans],
             "completion_tokens": count,
+            "steps": session.steps,
+            "forward_s": round(session.forward_s, 6),
             "ttft_s": round(first_at - started, 6) if first_at else None,
             "tokens_per_s": round((count - 1) / (end - first_at), 3)
             if first_at and count > 1 and end > first_at
             else None,
             "finished_at": time.time(),
         }
+        entry["diagnosis"] = diagnose_run(entry).as_dict()
+        self.learn(session)
         self.recent.append(entry)
         log.info(
             "pipeline %s for %s: %s, %d tokens over %d stages, %d re-plans",
