@@ -2,6 +2,8 @@
 node's tokens, and logits bitwise equal to the whole model's at the same thread count."""
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 
 import aiohttp
@@ -18,7 +20,7 @@ from gridserve.trust import load_or_create_identity
 from gridserve.types import GenerateRequest, SamplingParams
 
 THREADS = 2
-SPANS = ("0:9", "9:18", "0:6", "6:12", "12:18")
+SPANS = ("0:9", "9:18", "0:6", "6:12", "12:18", "9:18")  # the second [9, 18) is a spare for re-planning
 PROMPT = "The three primary colours are"
 
 pytestmark = pytest.mark.slow
@@ -56,9 +58,8 @@ def routes(grid: LocalGrid) -> dict[str, StageRoute]:
     for node in admin_get(grid, "/admin/nodes").json()["nodes"]:
         layers = next(m["layers"] for m in node["models"] if m["name"] == GEMMA_MODEL)
         key = f"{layers['start']}:{layers['end']}"
-        found[key] = StageRoute(
-            node["node_id"], node["endpoint"], node["public_key"], layers["start"], layers["end"], 18
-        )
+        route = StageRoute(node["node_id"], node["endpoint"], node["public_key"], layers["start"], layers["end"], 18)
+        found.setdefault(key, route)
     return found
 
 
@@ -101,3 +102,36 @@ def test_gemma_pipeline_through_the_api_equals_the_single_node_engine(gemma_stag
     assert answer.choices[0].text == asyncio.run(direct())
     run = admin_get(gemma_stages, "/admin/pipelines").json()["runs"][-1]
     assert run["status"] == "ok" and len(run["chain"]) in (2, 3)
+
+
+def test_gemma_stage_killed_mid_generation_keeps_the_text(gemma_stages: LocalGrid) -> None:
+    """(Last in this module: it kills one of the fixture's nodes.)"""
+    prompt = "Write a long story about a lighthouse keeper."
+    engine = gemma_engine(threads=THREADS)
+    engine.load_sync()
+    job = GenerateRequest(
+        request_id="d", model=GEMMA_MODEL, prompt=prompt, sampling=SamplingParams(max_tokens=48, temperature=0)
+    )
+
+    async def direct() -> str:
+        return "".join([e.text async for e in engine.generate(job)])
+
+    expected = asyncio.run(direct())
+    client = OpenAI(base_url=gemma_stages.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    raw = client.completions.with_raw_response.create(
+        model=GEMMA_MODEL, prompt=prompt, max_tokens=48, temperature=0, stream=True
+    )
+    chain = raw.headers["x-gridserve-node"].split(",")
+    nodes = {n["node_id"]: n for n in admin_get(gemma_stages, "/admin/nodes").json()["nodes"]}
+    victim = next(n for n in chain if nodes[n]["models"][0]["layers"]["start"] == 9)
+    pieces: list[str] = []
+    for chunk in raw.parse():
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+        if len(pieces) == 8:  # mid-answer: kill the node running layers [9, 18)
+            index = int(nodes[victim]["endpoint"].rsplit(":", 1)[1]) - gemma_stages.port - 1
+            os.killpg(gemma_stages.procs[f"node-{index}"].pid, signal.SIGKILL)
+    assert "".join(pieces) == expected
+    run = admin_get(gemma_stages, "/admin/pipelines").json()["runs"][-1]
+    assert run["status"] == "ok" and [r["failed"] for r in run["replans"]] == [victim]
+    assert run["replans"][0]["replayed_steps"] >= 8
