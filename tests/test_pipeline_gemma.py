@@ -53,6 +53,19 @@ def whole_model_logits(prompt: list[int], steps: int) -> list[np.ndarray]:
     return logits
 
 
+def single_node_text(prompt: str, max_tokens: int) -> str:
+    """The greedy answer of the whole-model engine, run directly at the same thread count."""
+    engine = gemma_engine(threads=THREADS)
+    engine.load_sync()
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0)
+    job = GenerateRequest(request_id="d", model=GEMMA_MODEL, prompt=prompt, sampling=sampling)
+
+    async def run() -> str:
+        return "".join([e.text async for e in engine.generate(job)])
+
+    return asyncio.run(run())
+
+
 def routes(grid: LocalGrid) -> dict[str, StageRoute]:
     found = {}
     for node in admin_get(grid, "/admin/nodes").json()["nodes"]:
@@ -90,16 +103,7 @@ def test_gemma_pipeline_logits_are_bitwise_the_whole_models(gemma_stages: LocalG
 def test_gemma_pipeline_through_the_api_equals_the_single_node_engine(gemma_stages: LocalGrid) -> None:
     client = OpenAI(base_url=gemma_stages.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
     answer = client.completions.create(model=GEMMA_MODEL, prompt=PROMPT, max_tokens=24, temperature=0)
-    engine = gemma_engine(threads=THREADS)
-    engine.load_sync()
-    job = GenerateRequest(
-        request_id="d", model=GEMMA_MODEL, prompt=PROMPT, sampling=SamplingParams(max_tokens=24, temperature=0)
-    )
-
-    async def direct() -> str:
-        return "".join([e.text async for e in engine.generate(job)])
-
-    assert answer.choices[0].text == asyncio.run(direct())
+    assert answer.choices[0].text == single_node_text(PROMPT, 24)
     run = admin_get(gemma_stages, "/admin/pipelines").json()["runs"][-1]
     assert run["status"] == "ok" and len(run["chain"]) in (2, 3)
 
@@ -107,16 +111,7 @@ def test_gemma_pipeline_through_the_api_equals_the_single_node_engine(gemma_stag
 def test_gemma_stage_killed_mid_generation_keeps_the_text(gemma_stages: LocalGrid) -> None:
     """(Last in this module: it kills one of the fixture's nodes.)"""
     prompt = "Write a long story about a lighthouse keeper."
-    engine = gemma_engine(threads=THREADS)
-    engine.load_sync()
-    job = GenerateRequest(
-        request_id="d", model=GEMMA_MODEL, prompt=prompt, sampling=SamplingParams(max_tokens=48, temperature=0)
-    )
-
-    async def direct() -> str:
-        return "".join([e.text async for e in engine.generate(job)])
-
-    expected = asyncio.run(direct())
+    expected = single_node_text(prompt, 48)
     client = OpenAI(base_url=gemma_stages.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
     raw = client.completions.with_raw_response.create(
         model=GEMMA_MODEL, prompt=prompt, max_tokens=48, temperature=0, stream=True
