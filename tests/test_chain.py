@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gridserve.gateway.pipeline import NoChain, StageRoute, plan_chain
+from gridserve.planner.chain import NoChain, StageRoute, plan_chain
 
 
 @st.composite

@@ -15,7 +15,8 @@ from tests.conftest import API_KEY, admin_get, make_grid
 
 from gridserve.cli.grid import LocalGrid
 from gridserve.engines.gemma import GEMMA_MODEL, ensure_cache, gemma_engine, load_gemma
-from gridserve.gateway.pipeline import LinkPool, PipelineSession, StageRoute, generate_tokens
+from gridserve.gateway.pipeline import LinkPool, PipelineSession, generate_tokens
+from gridserve.planner.chain import StageRoute
 from gridserve.trust import load_or_create_identity
 from gridserve.types import GenerateRequest, SamplingParams
 

@@ -57,10 +57,6 @@ class StageEngine(LocalEngine):
     def _init(self) -> None:
         torch.set_num_threads(self._threads)
 
-    @property
-    def n_layers(self) -> int:
-        return self.span.n_layers
-
     def offers(self) -> tuple[ModelOffer, ...]:
         return (self._offer,) if self._module is not None else ()
 
@@ -90,10 +86,6 @@ class StageEngine(LocalEngine):
         )
 
     # -- sessions ---------------------------------------------------------------------------------------
-    @property
-    def sessions(self) -> int:
-        return len(self._caches)
-
     def open(self, session: str) -> None:
         """A fresh KV cache for `session` (the least recently used one is dropped past `max_sessions`)."""
         module = self._require()

@@ -360,7 +360,8 @@ def list_models(ctx: ApiContext) -> dict[str, Any]:
         )
     pipelines = ctx.pipelines
     for name in pipelines.models() if pipelines is not None else []:
-        stages = pipelines.routes(name) if pipelines is not None else []
+        assert pipelines is not None
+        stages = pipelines.routes(name)
         nodes = ctx.membership.nodes
         created = min((nodes[NodeId(r.node_id)].registered_at for r in stages if r.node_id in nodes), default=0.0)
         data.append(

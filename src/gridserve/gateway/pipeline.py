@@ -22,6 +22,7 @@ import aiohttp
 import numpy as np
 import numpy.typing as npt
 
+from gridserve.planner.chain import NoChain, StageRoute, plan_chain
 from gridserve.trust import TrustError
 from gridserve.trust.frames import Frame, FrameReader, encode
 from gridserve.trust.identity import Identity
@@ -39,53 +40,6 @@ class StageFailed(Exception):
     def __init__(self, node_id: str, detail: str) -> None:
         super().__init__(f"stage {node_id[:12]}: {detail}")
         self.node_id = node_id
-
-
-class NoChain(Exception):
-    """No chain of live stage nodes covers the model's layers."""
-
-
-@dataclass(frozen=True)
-class StageRoute:
-    """A live node that runs layers `[start, end)` of a model."""
-
-    node_id: str
-    endpoint: str
-    public_key: str
-    start: int
-    end: int
-    n_layers: int
-    cost: float = 1.0
-    """Lower is better (a chain minimises the sum): e.g. the predicted step time plus the hop's RTT."""
-
-
-def plan_chain(
-    routes: Sequence[StageRoute],
-    n_layers: int,
-    *,
-    start: int = 0,
-    end: int | None = None,
-    avoid: frozenset[str] = frozenset(),
-) -> list[StageRoute]:
-    """The cheapest chain of routes covering `[start, end)` exactly (stages meet at their boundaries): a
-    shortest path over layer boundaries; ties go to fewer stages. Raises NoChain."""
-    end = n_layers if end is None else end
-    best: dict[int, tuple[float, int, list[StageRoute]]] = {start: (0.0, 0, [])}
-    usable = sorted(
-        (r for r in routes if r.node_id not in avoid and start <= r.start < r.end <= end), key=lambda r: r.start
-    )
-    for route in usable:  # boundaries only grow along a chain: one pass in start order is a DAG relaxation
-        here = best.get(route.start)
-        if here is None:
-            continue
-        cost, hops, chain = here
-        candidate = (cost + route.cost, hops + 1, [*chain, route])
-        there = best.get(route.end)
-        if there is None or candidate[:2] < there[:2]:
-            best[route.end] = candidate
-    if end not in best:
-        raise NoChain(f"no chain of live stage nodes covers layers [{start}, {end})")
-    return best[end][2]
 
 
 @dataclass
@@ -168,17 +122,26 @@ class LinkPool:
         self.identity, self.http = identity, http
         self.links: dict[str, StageLink] = {}
 
-    def link(self, route: StageRoute) -> StageLink:
+    async def link(self, route: StageRoute) -> StageLink:
+        """The node's link; a new one only if the node now has another address, key or layer range (a route's
+        cost changes with every RTT probe: that keeps the connection)."""
         found = self.links.get(route.node_id)
-        if found is None or found.route != route:
-            found = StageLink(self.identity, route, self.http)
-            self.links[route.node_id] = found
+        if found is not None and _same_node(found.route, route):
+            return found
+        if found is not None:
+            await found.aclose()
+        found = StageLink(self.identity, route, self.http)
+        self.links[route.node_id] = found
         return found
 
     async def aclose(self) -> None:
         for link in self.links.values():
             await link.aclose()
         self.links.clear()
+
+
+def _same_node(a: StageRoute, b: StageRoute) -> bool:
+    return (a.endpoint, a.public_key, a.start, a.end) == (b.endpoint, b.public_key, b.start, b.end)
 
 
 @dataclass
@@ -277,7 +240,7 @@ class PipelineSession:
         return x.reshape(-1).astype(np.float32, copy=False)
 
     async def _call(self, route: StageRoute, frame: Frame) -> Frame:
-        link = self.pool.link(route)
+        link = await self.pool.link(route)
         reply, ex = await link.exchange(
             frame, self.wire_dtype if frame.array is not None and route.start > 0 else None, self.step_timeout_s
         )

@@ -23,18 +23,9 @@ from gridserve.engines.text import IncrementalDecoder, StopMatcher
 from gridserve.gateway.dispatch import Dispatcher
 from gridserve.gateway.errors import APIError, bad_request
 from gridserve.gateway.membership import LIVE, Membership, NodeRecord
-from gridserve.gateway.pipeline import (
-    LinkPool,
-    ModelHead,
-    NoChain,
-    PipelineSession,
-    StageFailed,
-    StageRoute,
-    generate_tokens,
-    load_head,
-    plan_chain,
-)
+from gridserve.gateway.pipeline import LinkPool, ModelHead, PipelineSession, StageFailed, generate_tokens, load_head
 from gridserve.gateway.sse import DONE, ChunkFormatter
+from gridserve.planner.chain import NoChain, StageRoute, plan_chain
 from gridserve.planner.costs import LayerCosts, PlanNode, Workload, stage_time
 from gridserve.types import GenerateRequest, ModelOffer
 
@@ -55,6 +46,7 @@ class Pipelines:
         self.heads: dict[str, ModelHead] = {}
         self.pool: LinkPool | None = None
         self.recent: deque[dict[str, Any]] = deque(maxlen=keep)
+        self.layer_costs: dict[tuple[str, str, str], LayerCosts] = {}
         self.layer_s: dict[str, float] = {}
         """Node -> measured stage compute, seconds per layer per step (moving average)."""
 
@@ -91,7 +83,9 @@ class Pipelines:
         spec, hw = MODELS.get(offer.name), HARDWARE.get(record.capability.hardware.accelerator)
         if spec is None or hw is None:
             return rtt + 0.01 * layers
-        costs = LayerCosts.of(spec, offer.dtype if offer.dtype in DTYPE_BYTES else "float16", offer.quantization)
+        dtype = offer.dtype if offer.dtype in DTYPE_BYTES else "float16"
+        key = (offer.name, dtype, offer.quantization)
+        costs = self.layer_costs.get(key) or self.layer_costs.setdefault(key, LayerCosts.of(spec, *key[1:]))
         node = PlanNode.of(record.capability.node_id, hw)
         return rtt + stage_time(costs, node, offer.layers.start, offer.layers.end, Workload(context_tokens=512))
 
@@ -105,10 +99,8 @@ class Pipelines:
 
     def serves(self, model: str) -> bool:
         """A chain of live stage nodes covers the model (and no live node holds it whole)."""
-        if model in self.membership.live_models():
-            return False
-        routes = self.routes(model)
-        if not routes:
+        routes = self.routes(model)  # (first: on a grid without stage nodes this is all a request pays)
+        if not routes or model in self.membership.live_models():
             return False
         try:
             plan_chain(routes, routes[0].n_layers)

@@ -18,7 +18,6 @@ from gridserve.trust import TrustError
 from gridserve.trust.frames import Frame, FrameReader, encode
 
 log = logging.getLogger("gridserve.node")
-MAX_FRAME = 64 * 1024 * 1024
 
 
 class _Conn:
