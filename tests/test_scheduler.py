@@ -430,7 +430,7 @@ def test_a_node_that_fails_a_filter_is_never_chosen(
         chosen = next(n for n in nodes if n.node_id == decision.chosen)
         ctx = Context.build(req, NOW)
         assert all(f.reject(ctx, chosen) is None for f in profile.filters)
-        assert chosen.state in (NodeState.UP, NodeState.SUSPECT)
+        assert chosen.state in (NodeState.UP, NodeState.SUSPECT, NodeState.PROBATION)  # probation serves, ranked lower
         assert chosen.reliability is None or chosen.reliability.state not in BLOCKING
 
 

@@ -1,10 +1,11 @@
 """Per-decision context: the request, its tier, and per-node figures computed once and shared by plugins."""
 
+import math
 from dataclasses import dataclass, field
 
 from gridserve.catalog.models import DTYPE_BYTES, MODELS, QUANT_BYTES_PER_PARAM, ModelSpec
 from gridserve.catalog.tiers import DEFAULT_TIER, TIERS, Tier
-from gridserve.perfmodel import Load, Prediction, derived_price_per_mtok, effective_price_per_mtok, predict
+from gridserve.perfmodel import Load, Prediction, predict
 from gridserve.scheduler.snapshot import NodeSnapshot
 from gridserve.types import ModelOffer
 from gridserve.types.scheduling import ScheduleRequest
@@ -86,19 +87,5 @@ class Context:
 
     def price(self, node: NodeSnapshot) -> float | None:
         """USD per million generated tokens for this model on this node (operator price within bounds)."""
-        key = node.node_id
-        if key in self._prices:
-            return self._prices[key]
-        offer = self.offer(node)
-        hw = node.static.hw
-        price: float | None = node.capability.price_per_mtok or None
-        if self.model is not None and hw is not None:
-            dtype = offer.dtype if offer else "float16"
-            quant = offer.quantization if offer else "none"
-            quant = quant if quant in QUANT_BYTES_PER_PARAM else "none"
-            derived = derived_price_per_mtok(
-                self.model, hw, dtype if dtype in ("float16", "bfloat16", "float32", "fp8") else "float16", quant
-            )
-            price = effective_price_per_mtok(derived, node.capability.price_per_mtok)
-        self._prices[key] = price
-        return price
+        price = node.static.price_per_mtok(self.request.model)
+        return None if math.isnan(price) else price

@@ -211,13 +211,12 @@ def _vector_decide(
 ) -> tuple[Columns, Order, Array, list[Array], list[Array], npt.NDArray[np.int64]]:
     cols = Columns.of(ctx, nodes)
     n = len(cols.nodes)
-    rejected_by = np.full(n, -1, dtype=np.int64)
-    alive = np.ones(n, dtype=bool)
+    hits = np.zeros((max(1, len(profile.filters)), n), dtype=bool)  # one row per filter: whom it rejects
     for index, filt in enumerate(profile.filters):
-        hit = filt.mask(ctx, cols) & alive  # type: ignore[attr-defined]
-        rejected_by[hit] = index
-        alive &= ~hit
-    eligible = np.flatnonzero(alive)
+        hits[index] = filt.mask(ctx, cols)  # type: ignore[attr-defined]
+    rejected = hits.any(axis=0)
+    rejected_by = np.where(rejected, hits.argmax(axis=0), -1)  # the first filter that rejects names the reason
+    eligible = np.flatnonzero(~rejected)
     total = np.zeros(n)
     norms, raws = [], []
     for scorer, weight in profile.scorers:
@@ -280,13 +279,14 @@ def _schedule_vector(
             out.append(Verdict(node.node_id, False, filt.name, reason))
         return tuple(out)
 
-    chosen = candidate(picked) if picked >= 0 else None
+    chosen_id = cols.nodes[order[picked]].node_id if picked >= 0 else None
     rejected = int((rejected_by >= 0).sum())
     margin = float(total[order[0]] - total[order[1]]) if len(order) > 1 else None
 
     def explanation() -> str:
-        if chosen is None:
+        if picked < 0:
             return _explain([], None, verdicts(), picked_by)
+        chosen = candidate(picked)
         top = [candidate(r) for r in range(min(len(order), 2))]
         runner = next((c for c in top if c.node_id != chosen.node_id), None)
         return _why(chosen, runner, picked_by) + f"; {len(order)} eligible, {rejected} rejected"
@@ -297,7 +297,7 @@ def _schedule_vector(
         requirements=requirements(ctx),
         profile=profile.name,
         created=now,
-        chosen=chosen.node_id if chosen else None,
+        chosen=chosen_id,
         candidates=lambda: tuple(candidate(r) for r in range(len(order))),
         verdicts=verdicts,
         explanation=explanation,
@@ -305,7 +305,7 @@ def _schedule_vector(
         picked_by=picked_by,
         eligible=len(order),
         rejected=rejected,
-        chosen_candidate=chosen,
+        chosen_candidate=(lambda: candidate(picked)) if picked >= 0 else None,
         rejected_by_filter={
             profile.filters[int(k)].name: int(c) for k, c in enumerate(np.bincount(rejected_by[rejected_by >= 0])) if c
         },

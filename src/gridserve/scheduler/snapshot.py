@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from gridserve.catalog.hardware import HARDWARE, HardwareSpec
 from gridserve.catalog.models import DTYPE_BYTES, MODELS, QUANT_BYTES_PER_PARAM
-from gridserve.perfmodel import Calibration
+from gridserve.perfmodel import Calibration, derived_price_per_mtok, effective_price_per_mtok
+from gridserve.perfmodel.roofline import LOAD_BANDWIDTH_GBS, base_itl_s
 from gridserve.reliability import ReliabilitySummary
 from gridserve.types import Capability, ModelOffer, NodeId, NodeState, Telemetry
 
@@ -47,8 +48,19 @@ PRICE_DTYPES = frozenset({"float16", "bfloat16", "float32", "fp8"})
 ) = range(24)
 N_COLUMNS = 24
 # Column indexes of NodeStatic.model_row
-(M_LISTED, M_RESIDENT, M_CONTEXT, M_PRED_BPP, M_PRICE_BPP, M_MEM_WEIGHTS, M_KV_PER_TOKEN, M_DTYPE_OK) = range(8)
-N_MODEL_COLUMNS = 8
+(
+    M_LISTED,
+    M_RESIDENT,
+    M_CONTEXT,
+    M_PRED_BPP,
+    M_MEM_WEIGHTS,
+    M_KV_PER_TOKEN,
+    M_DTYPE_OK,
+    M_BASE_ITL,
+    M_LOAD_S,
+    M_PRICE,
+) = range(10)
+N_MODEL_COLUMNS = 10
 
 
 def _bytes_per_param(dtype: str, quantization: str) -> float:
@@ -97,7 +109,6 @@ class NodeStatic:
         limit = offer.max_context if offer else (spec.max_context if spec else math.inf)
         dtype = offer.dtype if offer and offer.dtype in DTYPE_BYTES else "float16"
         pred_quant = offer.quantization if offer and offer.quantization in QUANT_BYTES_PER_PARAM else "none"
-        price_dtype = offer.dtype if offer and offer.dtype in PRICE_DTYPES else "float16"
         mem_quant = offer.quantization if offer and offer.quantization != "unknown" else "none"
         weights = spec.weight_bytes(dtype, mem_quant) if spec else 0.0
         kv = spec.kv_bytes_per_token(dtype if dtype != "fp8" else "float16") if spec else 0.0
@@ -108,16 +119,37 @@ class NodeStatic:
                 dtype_ok = False
             if offer.quantization not in ("none", "unknown") and offer.quantization not in hw.quantizations:
                 dtype_ok = False
+        nan = math.nan
+        base_itl, load_s = nan, nan
+        if spec is not None and hw is not None:  # as perfmodel.predict computes them for this offer
+            base_itl = base_itl_s(spec, hw, dtype, pred_quant)
+            load_s = 0.0 if offer is not None else spec.weight_bytes(dtype, pred_quant) / (LOAD_BANDWIDTH_GBS * 1e9)
         return (
             float(listed),
             float(offer is not None),
             float(limit),
             _bytes_per_param(dtype, pred_quant),
-            _bytes_per_param(price_dtype, pred_quant),
             weights,
             kv,
             float(dtype_ok),
+            base_itl,
+            load_s,
+            self.price_per_mtok(model),
         )
+
+    def price_per_mtok(self, model: str) -> float:
+        """USD per million generated tokens of `model` on this node: derived from the hardware's running cost and
+        throughput, the operator's price clamped to a band around it (NaN: unknown)."""
+        spec, offer = MODELS.get(model), self.offers.get(model)
+        operator = self.source.price_per_mtok if self.source is not None else 0.0
+        hw = self.hw
+        if spec is None or hw is None:
+            return operator or math.nan
+        dtype = offer.dtype if offer else "float16"
+        quant = offer.quantization if offer else "none"
+        quant = quant if quant in QUANT_BYTES_PER_PARAM else "none"
+        derived = derived_price_per_mtok(spec, hw, dtype if dtype in PRICE_DTYPES else "float16", quant)
+        return effective_price_per_mtok(derived, operator)
 
 
 def _row(snap: "NodeSnapshot") -> tuple[float, ...]:

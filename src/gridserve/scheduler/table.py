@@ -80,8 +80,8 @@ class SnapshotTable(Sequence[NodeSnapshot]):
             else [self._snaps[int(i)] for i in picks]
         )
         out._index = {}  # a sample is read, never put to
-        out._rows = self._rows[picks]
-        out._models = {model: self.model_rows(model)[picks]}
+        out._rows = self._rows.take(picks, axis=0)
+        out._models = {model: self.model_rows(model).take(picks, axis=0)}
         return out
 
     def snapshots(self) -> list[NodeSnapshot]:

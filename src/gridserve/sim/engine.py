@@ -12,11 +12,14 @@ the node leaves mid-answer, it fails over after the stall guard and resumes on a
 or that failed over more than the gateway allows, fails. Client TTFT and TPOT include every gap.
 """
 
+import contextlib
+import gc
 import heapq
 import itertools
 import math
 import random
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +41,22 @@ CLIENT_TIMEOUT_S = 600.0
 """A request without its whole answer this long after it arrived is abandoned (the OpenAI SDK's default)."""
 
 __all__ = ["EPOCH", "Outcome", "SimConfig", "SimNode", "Simulation", "build_nodes"]
+
+
+@contextlib.contextmanager
+def _few_collections() -> Iterator[None]:
+    """A run allocates millions of short-lived objects beside the grid's long-lived ones: the grid is moved out of
+    the cyclic collector's reach (gc.freeze) and the young generation collected less often (nothing a run makes
+    is cyclic garbage in bulk), so collections stop rescanning the grid. Restored afterwards."""
+    threshold = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,10 @@ class Simulation:
         """Attempts sent to each node (running or queued), in the order sent: iteration order is deterministic."""
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = itertools.count()
+        self._deadlines: deque[tuple[float, int]] = deque()
+        """(client deadline, job index) in arrival order: every request has the same timeout, so deadlines come
+        in order and need no heap (a million of them would keep every finished job alive in it)."""
+        self._open: dict[int, _Job] = {}
         self.now = EPOCH
         for node in self.nodes:
             node.heartbeat_at = EPOCH
@@ -136,12 +159,33 @@ class Simulation:
         heapq.heappush(self._events, (when, next(self._seq), handler, args))
 
     def _until(self, t: float) -> None:
-        while self._events and self._events[0][0] <= t:
-            when, _, handler, args = heapq.heappop(self._events)
-            self.now = when
-            handler(*args)
+        while self._step(t):
+            pass
+
+    def _step(self, limit: float) -> bool:
+        """Handle the earliest event or client deadline at or before `limit`; False if there is none."""
+        events, deadlines = self._events, self._deadlines
+        while deadlines and deadlines[0][1] not in self._open:  # answered in time: nothing to do
+            deadlines.popleft()
+        event_at = events[0][0] if events else math.inf
+        deadline = deadlines[0][0] if deadlines else math.inf
+        if min(event_at, deadline) > limit:
+            return False
+        if deadline < event_at:
+            _, index = deadlines.popleft()
+            self.now = deadline
+            self._timeout(self._open[index])
+            return True
+        when, _, handler, args = heapq.heappop(events)
+        self.now = when
+        handler(*args)
+        return True
 
     def run(self, trace: list[TraceRequest], progress: Callable[[int], None] | None = None) -> list[Outcome]:
+        with _few_collections():
+            return self._run_trace(trace, progress)
+
+    def _run_trace(self, trace: list[TraceRequest], progress: Callable[[int], None] | None) -> list[Outcome]:
         self._at(EPOCH + self.config.heartbeat_s, self._heartbeat)
         self.outcomes = [None] * len(trace)
         for i, req in enumerate(trace):
@@ -150,20 +194,20 @@ class Simulation:
             self.now = t
             self.open_jobs += 1
             job = _Job(i, req, t)
-            self._at(t + CLIENT_TIMEOUT_S, self._timeout, job)
+            self._open[i] = job
+            self._deadlines.append((t + CLIENT_TIMEOUT_S, i))
             self._dispatch(job)
             if progress is not None and i % 1000 == 999:
                 progress(1000)
-        while self.open_jobs and self._events:  # the grid goes on until every request has its answer
-            when, _, handler, args = heapq.heappop(self._events)
-            self.now = when
-            handler(*args)
+        while self.open_jobs and self._step(math.inf):  # the grid goes on until every request has its answer
+            pass
         return [o if o is not None else self._failed(trace[i]) for i, o in enumerate(self.outcomes)]
 
     def _end(self, job: _Job, outcome: Outcome) -> None:
         self.outcomes[job.index] = outcome
         job.attempt = None
         self.open_jobs -= 1
+        self._open.pop(job.index, None)
 
     def _timeout(self, job: _Job) -> None:
         if self.outcomes[job.index] is not None:
@@ -283,9 +327,8 @@ class Simulation:
         if chosen is None:
             self._end(job, self._failed(req, job))
             return
-        candidate = decision.candidate(chosen)
-        price = candidate.price_per_mtok if candidate is not None and candidate.price_per_mtok else 0.0
-        self._start(job, self.by_id[chosen], price)
+        node = self.by_id[chosen]
+        self._start(job, node, node.price_per_mtok)
 
     def _predict(self, job: _Job, node: SimNode, load: Load) -> Prediction:
         return predict(

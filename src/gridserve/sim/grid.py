@@ -126,6 +126,8 @@ class SimNode:
     heartbeat_at: float = 0.0
     touched_at: float = -math.inf
     """When its snapshot was last rebuilt."""
+    price_per_mtok: float = 0.0
+    """What a million tokens of the simulated model cost on it (the scheduler's price)."""
 
     def snapshot(self) -> NodeSnapshot:
         return NodeSnapshot(
@@ -187,7 +189,10 @@ def build_nodes(config: SimConfig, model: ModelSpec, rng: random.Random) -> list
         dishonest = rng.random() < config.dishonest_share
         static = NodeStatic.of(capability)
         rtt = REGION_RTT_S[region] if config.rtt_s is None else config.rtt_s
-        nodes.append(SimNode(node_id, hw, dtype, quant, capability, rtt, slow, dishonest, static))
+        node = SimNode(node_id, hw, dtype, quant, capability, rtt, slow, dishonest, static)
+        price = static.price_per_mtok(model.name)
+        node.price_per_mtok = 0.0 if math.isnan(price) else price
+        nodes.append(node)
     return nodes
 
 

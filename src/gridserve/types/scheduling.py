@@ -113,7 +113,7 @@ class Decision:
         eligible: int | None = None,
         rejected: int | None = None,
         extra: dict[str, Any] | None = None,
-        chosen_candidate: Candidate | None = None,
+        chosen_candidate: Candidate | Callable[[], Candidate | None] | None = None,
         rejected_by_filter: dict[str, int] | None = None,
     ) -> None:
         self.decision_id = decision_id
@@ -132,7 +132,8 @@ class Decision:
         self._eligible = eligible
         self._rejected = rejected
         self._chosen_candidate = chosen_candidate
-        """The winner's record, kept so that reading it does not build every candidate of a large grid."""
+        """The winner's record (or how to build it when first read), kept so that reading it does not build every
+        candidate of a large grid."""
         self._rejected_by_filter = rejected_by_filter
 
     @property
@@ -200,6 +201,8 @@ class Decision:
         return tuple(v for v in self.verdicts if not v.eligible)
 
     def candidate(self, node_id: str) -> Candidate | None:
+        if callable(self._chosen_candidate):
+            self._chosen_candidate = self._chosen_candidate()
         if self._chosen_candidate is not None and self._chosen_candidate.node_id == node_id:
             return self._chosen_candidate
         return next((c for c in self.candidates if c.node_id == node_id), None)
