@@ -40,6 +40,7 @@ from gridserve.scheduler import (
     Profile,
     ProfileError,
     default_profile,
+    fused,
     load_profile,
     named_profile,
     profile_from_dict,
@@ -1044,6 +1045,38 @@ def test_the_vectorised_path_decides_as_the_per_node_plugins_do(
         assert f.predicted_itl_s == pytest.approx(s.predicted_itl_s, rel=1e-6)
         assert f.predicted_ttft_s == pytest.approx(s.predicted_ttft_s, rel=1e-6)
     assert fast.explanation == slow.explanation
+
+
+@contextlib.contextmanager
+def fused_kernel(on: bool) -> Any:
+    before = fused.ready()
+    fused.enable(on)
+    try:
+        yield
+    finally:
+        fused.enable(before)
+
+
+@FAST
+@given(scenario=scenarios(), profile=st.sampled_from(PROFILES), seed=st.integers(0, 2**32 - 1))
+def test_the_fused_kernel_decides_exactly_as_the_column_path(
+    scenario: tuple[ScheduleRequest, list[Spec]], profile: Profile, seed: int
+) -> None:
+    """The compiled kernel (fused.py) does the column path's arithmetic in the same order: same bits."""
+    req, specs = scenario
+    nodes = grid(specs)
+    with fused_kernel(False):
+        column = _schedule(req, nodes, profile, random.Random(seed), NOW, decision_id="d", vectorized=True)
+    with fused_kernel(True):
+        assert (fused.plan(profile, Context.build(req, NOW)) is None) == (
+            req.engines is not None or req.model not in MODELS
+        )
+        kernel = _schedule(req, nodes, profile, random.Random(seed), NOW, decision_id="d", vectorized=True)
+    assert (kernel.chosen, kernel.picked_by, kernel.margin) == (column.chosen, column.picked_by, column.margin)
+    assert kernel.candidates == column.candidates  # scores, raw figures, predictions and prices, bit for bit
+    assert kernel.verdicts == column.verdicts
+    assert kernel.rejected_by_filter == column.rejected_by_filter
+    assert kernel.explanation == column.explanation
 
 
 SLO_FIRST = profile_from_dict(

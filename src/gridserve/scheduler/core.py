@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gridserve.scheduler import fused
 from gridserve.scheduler.context import Context
 from gridserve.scheduler.plugins import Score, Scored
 from gridserve.scheduler.profile import Profile
@@ -150,7 +151,7 @@ def _unit(scorer: Any, ctx: Context, node: NodeSnapshot, raw: float) -> str:
 
 
 def _vectorizable(profile: Profile) -> bool:
-    return all(hasattr(f, "mask") for f in profile.filters) and all(hasattr(sc, "vscore") for sc, _ in profile.scorers)
+    return profile.vectorizable
 
 
 class _Ranked(Sequence[Scored]):
@@ -210,6 +211,9 @@ def _vector_decide(
     ctx: Context, profile: Profile, nodes: Sequence[NodeSnapshot], rng: random.Random
 ) -> tuple[Columns, Order, Array, list[Array], list[Array], npt.NDArray[np.int64]]:
     cols = Columns.of(ctx, nodes)
+    the_plan = fused.plan(profile, ctx)
+    if the_plan is not None:
+        return _fused_decide(ctx, cols, the_plan, rng)
     n = len(cols.nodes)
     hits = np.zeros((max(1, len(profile.filters)), n), dtype=bool)  # one row per filter: whom it rejects
     for index, filt in enumerate(profile.filters):
@@ -227,6 +231,17 @@ def _vector_decide(
     ties = _ties(rng, len(eligible))
     order = Order(eligible, total, ties)
     return cols, order, total, norms, raws, rejected_by
+
+
+def _fused_decide(
+    ctx: Context, cols: Columns, the_plan: fused.Plan, rng: random.Random
+) -> tuple[Columns, Order, Array, list[Array], list[Array], npt.NDArray[np.int64]]:
+    """The same as the plugin loop above, in one compiled pass (fused.py)."""
+    out = fused.run(the_plan, ctx, cols.rows, cols.model)
+    cols.set_prediction(out.ttft, out.itl)
+    eligible = np.flatnonzero(out.rejected_by < 0)
+    order = Order(eligible, out.total, _ties(rng, len(eligible)))
+    return cols, order, out.total, list(out.norms), list(out.raws), out.rejected_by
 
 
 def _schedule_vector(
@@ -306,7 +321,7 @@ def _schedule_vector(
         eligible=len(order),
         rejected=rejected,
         chosen_candidate=(lambda: candidate(picked)) if picked >= 0 else None,
-        rejected_by_filter={
+        rejected_by_filter=lambda: {
             profile.filters[int(k)].name: int(c) for k, c in enumerate(np.bincount(rejected_by[rejected_by >= 0])) if c
         },
     )
@@ -359,6 +374,7 @@ def _decide(
 ) -> Decision:
     request = ctx.request
     if vectorized if vectorized is not None else (len(snapshots) >= VECTOR_MIN_NODES and _vectorizable(profile)):
+        fused.warm_soon()
         return _schedule_vector(ctx, profile, snapshots, rng, decision_id, now)
     eligible, verdicts = _filter(ctx, profile, snapshots)
     ranked_scored = _score(ctx, profile, eligible, rng)

@@ -29,7 +29,7 @@ PRIOR_RELIABILITY = 0.75
 
 def _vinverse(ratio: Array) -> Array:
     """Column form of _inverse; NaN stays NaN (callers mask it), without a floating-point warning to silence."""
-    return np.asarray(1.0 / (1.0 + np.where(ratio < 0.0, 0.0, ratio)))
+    return np.asarray(1.0 / (1.0 + np.maximum(ratio, 0.0)))  # np.maximum keeps NaN
 
 
 def _inverse(ratio: float) -> float:

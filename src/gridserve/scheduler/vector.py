@@ -77,6 +77,10 @@ class Columns:
         """(TTFT, ITL) per node, as perfmodel.predict computes them (NaN where there is no prediction)."""
         return self.cached(f"pred{loaded}", lambda: _predict(self, ctx, loaded))  # type: ignore[no-any-return]
 
+    def set_prediction(self, ttft: Array, itl: Array) -> None:
+        """Predictions computed elsewhere (the fused kernel) for the request under the nodes' load."""
+        self._cache["predTrue"] = (ttft, itl)
+
     def price(self, ctx: Context) -> Array:
         """USD per Mtok (NaN = unknown), as Context.price computes it."""
         return self.cached("price", lambda: _price(self, ctx))  # type: ignore[no-any-return]

@@ -25,9 +25,9 @@ from typing import Any
 
 from gridserve.catalog import model_spec
 from gridserve.perfmodel import Load, Prediction, predict
-from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook
+from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, ReliabilitySummary
 from gridserve.reliability.events import Severity
-from gridserve.scheduler import Profile, schedule
+from gridserve.scheduler import Profile, fused, schedule
 from gridserve.scheduler.baselines import ewma
 from gridserve.scheduler.table import SnapshotTable
 from gridserve.sim.grid import EPOCH, GATEWAY, SimConfig, SimNode, build_nodes
@@ -182,6 +182,7 @@ class Simulation:
         return True
 
     def run(self, trace: list[TraceRequest], progress: Callable[[int], None] | None = None) -> list[Outcome]:
+        fused.warm()  # the compiled decision kernel, before the clock starts
         with _few_collections():
             return self._run_trace(trace, progress)
 
@@ -246,11 +247,12 @@ class Simulation:
         if config.thermal_per_hour > 0:
             self._at(EPOCH + self.world.expovariate(config.thermal_per_hour / 3600.0), self._thermal, node, True)
 
-    def _touch(self, node: SimNode, *, ledger: bool = True) -> None:
-        """Refresh what the gateway holds of the node (`ledger`: its reliability summary too)."""
+    def _touch(self, node: SimNode, *, ledger: bool = True, summary: ReliabilitySummary | None = None) -> None:
+        """Refresh what the gateway holds of the node (`ledger`: its reliability summary too, `summary` if the
+        caller has it already)."""
         node.touched_at = self.now
         if ledger:
-            node.summary = self.book.summary(node.node_id, self.now)
+            node.summary = summary or self.book.summary(node.node_id, self.now)
         self.table.put(node.snapshot())
 
     def _heartbeat(self) -> None:
@@ -435,9 +437,9 @@ class Simulation:
                 predicted_itl_s=attempt.pred_itl,
                 observed_itl_s=attempt.itl,
             )
-        self._audit(node)
+        summary = self._audit(node)
         self._credit(attempt, attempt.tokens)
-        self._touch(node)
+        self._touch(node, summary=summary)
         assert job.first_token_at is not None
         tokens = job.req.output_tokens
         tpot = (now - job.first_token_at) / (tokens - 1) if tokens > 1 else 0.0  # one token: no gap to time
@@ -455,8 +457,9 @@ class Simulation:
         )
         self._end(job, outcome)
 
-    def _audit(self, node: SimNode) -> None:
-        """Sampled re-execution at the gateway's rate; a dishonest node's answer fails it: quarantine."""
+    def _audit(self, node: SimNode) -> ReliabilitySummary | None:
+        """Sampled re-execution at the gateway's rate; a dishonest node's answer fails it: quarantine. Returns the
+        node's summary when nothing changed it (None: it changed)."""
         config = self.config
         summary = self.book.summary(node.node_id, self.now)
         rate = audit_probability(
@@ -472,6 +475,8 @@ class Simulation:
                     detail="integrity: audit re-execution disagrees",
                 )
             )
+            return None
+        return summary
 
     @staticmethod
     def _failed(req: TraceRequest, job: _Job | None = None) -> Outcome:

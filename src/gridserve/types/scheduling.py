@@ -114,7 +114,7 @@ class Decision:
         rejected: int | None = None,
         extra: dict[str, Any] | None = None,
         chosen_candidate: Candidate | Callable[[], Candidate | None] | None = None,
-        rejected_by_filter: dict[str, int] | None = None,
+        rejected_by_filter: dict[str, int] | Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.decision_id = decision_id
         self.request = request
@@ -139,6 +139,8 @@ class Decision:
     @property
     def rejected_by_filter(self) -> dict[str, int]:
         """How many nodes each filter removed."""
+        if callable(self._rejected_by_filter):
+            self._rejected_by_filter = self._rejected_by_filter()
         if self._rejected_by_filter is None:
             counts: dict[str, int] = {}
             for v in self.rejections:

@@ -1,0 +1,171 @@
+"""The compiled kernel behind `fused.py` (numba, cached on disk). Same arithmetic, same order, as the column
+forms in vector.py, filters.py and scorers.py: the tests compare all three paths."""
+
+# mypy: ignore-errors
+# numba is untyped; this module is plain arithmetic over arrays, checked by the tests against the typed paths.
+
+import math
+
+import numba
+
+from gridserve.perfmodel.roofline import (
+    BATCH_ITL_GROWTH,
+    PREFILL_FIXED_S,
+    THROTTLE_FACTOR,
+    THROTTLE_TEMP_C,
+    TYPICAL_OUTPUT_TOKENS,
+)
+from gridserve.scheduler.scorers import PRIOR_RELIABILITY
+from gridserve.scheduler.snapshot import (
+    C_ACTIVE,
+    C_BLOCKING,
+    C_CAL_ITL,
+    C_CAL_TTFT,
+    C_CLASS,
+    C_CLOCK,
+    C_HAS_HW,
+    C_HEARTBEAT,
+    C_MEMORY,
+    C_PREFILL_EFF,
+    C_QUEUED,
+    C_REL_PROBATION,
+    C_REL_SCORE,
+    C_SERVING,
+    C_SLOTS,
+    C_TEMP,
+    C_TFLOPS,
+    M_BASE_ITL,
+    M_CONTEXT,
+    M_DTYPE_OK,
+    M_KV_PER_TOKEN,
+    M_LISTED,
+    M_LOAD_S,
+    M_MEM_WEIGHTS,
+    M_PRICE,
+    M_RESIDENT,
+)
+
+# scalars: now, tokens (prompt + max), prefill work (2 x params x prompt), ttft slo, tpot slo, decode tokens after
+# the first, tier floor tokens/s, price ceiling (NaN: none), tier reference price
+NOW, TOKENS, WORK, TTFT_SLO, TPOT_SLO, AFTER_FIRST, FLOOR, CEILING, REF_PRICE = range(9)
+
+
+@numba.njit(cache=True, inline="always", error_model="numpy")
+def _inverse(ratio):
+    if ratio < 0.0:  # NaN stays NaN
+        ratio = 0.0
+    return 1.0 / (1.0 + ratio)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def decide(
+    rows,
+    mrows,
+    scalars,
+    allowed,
+    filter_codes,
+    filter_params,
+    scorer_codes,
+    scorer_weights,
+    scorer_params,
+    rejected_by,
+    norms,
+    raws,
+    total,
+    ttft_out,
+    itl_out,
+):
+    n = rows.shape[0]
+    for j in range(n):
+        row = rows[j]
+        m = mrows[j]
+        # the performance model (vector._base, vector._predict)
+        ok = row[C_HAS_HW] > 0
+        clock = row[C_CLOCK]
+        if clock > 0:
+            speed = min(1.0, clock)
+        elif row[C_TEMP] >= THROTTLE_TEMP_C:
+            speed = THROTTLE_FACTOR
+        else:
+            speed = 1.0
+        itl0 = m[M_BASE_ITL] / speed
+        prefill = scalars[WORK] / (row[C_TFLOPS] * 1e12 * row[C_PREFILL_EFF] * speed)
+        slots = max(1.0, row[C_SLOTS])
+        active = row[C_ACTIVE]
+        running = active + 1
+        if running <= slots:
+            itl = itl0 * (1.0 + BATCH_ITL_GROWTH * active)
+        else:
+            itl = itl0 * ((1.0 + BATCH_ITL_GROWTH * (slots - 1)) * running / slots)
+        ttft = (PREFILL_FIXED_S + prefill + itl) * row[C_CAL_TTFT]
+        itl = itl * row[C_CAL_ITL]
+        waiting = row[C_QUEUED] + max(0.0, active + 1 - slots)
+        ttft = ttft + waiting * (ttft + itl * TYPICAL_OUTPUT_TOKENS) / slots
+        ttft = ttft + m[M_LOAD_S]
+        if not ok:
+            ttft, itl = math.nan, math.nan
+        ttft_out[j] = ttft
+        itl_out[j] = itl
+        # filters: the first that rejects names the reason
+        rejected_by[j] = -1
+        for f in range(len(filter_codes)):
+            code = filter_codes[f]
+            if code == 0:
+                hit = row[C_SERVING] == 0 or row[C_BLOCKING] > 0
+            elif code == 1:
+                hit = scalars[NOW] - row[C_HEARTBEAT] > filter_params[f]
+            elif code == 2:
+                hit = m[M_LISTED] == 0
+            elif code == 3:
+                hit = scalars[TOKENS] > m[M_CONTEXT]
+            elif code == 4:
+                hit = False  # engine restrictions take the column path
+            elif code == 5:
+                hit = m[M_DTYPE_OK] == 0
+            elif code == 6:
+                hit = not allowed[int(row[C_CLASS])]
+            elif code == 7:
+                need = (m[M_MEM_WEIGHTS] + m[M_KV_PER_TOKEN] * scalars[TOKENS]) * (1 + filter_params[f])
+                hit = row[C_MEMORY] > 0 and need > row[C_MEMORY]
+            elif code == 8:
+                floor = scalars[FLOOR]
+                hit = floor > 0 and ok and (itl0 * row[C_CAL_ITL]) * floor > 1.0
+            else:
+                price = m[M_PRICE]
+                hit = not math.isnan(scalars[CEILING]) and not math.isnan(price) and price > scalars[CEILING]
+            if hit:
+                rejected_by[j] = f
+                break
+        # scorers, summed in the profile's order
+        t = 0.0
+        for s in range(len(scorer_codes)):
+            code = scorer_codes[s]
+            if code == 0:
+                score = row[C_REL_SCORE]
+                base = PRIOR_RELIABILITY if math.isnan(score) else score
+                value = base * (scorer_params[s] if row[C_REL_PROBATION] > 0 else 1.0)
+                norm, raw = min(max(value, 0.0), 1.0), base
+            elif code == 1:
+                if math.isnan(ttft):
+                    norm, raw = 0.5, -1.0
+                else:
+                    norm = 0.5 * _inverse(ttft / scalars[TTFT_SLO]) + 0.5 * _inverse(itl / scalars[TPOT_SLO])
+                    raw = ttft + itl * scalars[AFTER_FIRST]
+            elif code == 2:
+                load = row[C_ACTIVE] + row[C_QUEUED]
+                card = row[C_SLOTS] if row[C_HAS_HW] > 0 else 1.0
+                norm, raw = _inverse(load / max(1.0, card)), load
+            elif code == 3:
+                price = m[M_PRICE]
+                if math.isnan(price):
+                    norm, raw = 0.5, -1.0
+                else:
+                    norm, raw = _inverse(price / scalars[REF_PRICE]), price
+            else:
+                resident = m[M_RESIDENT] > 0
+                norm = 1.0 if resident else scorer_params[s]
+                raw = 1.0 if resident else 0.0
+            norms[s, j] = norm
+            raws[s, j] = raw
+            t = t + norm * scorer_weights[s]
+        total[j] = t
