@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import BadRequestError, OpenAI
-from tests.conftest import API_KEY, admin_get, make_grid
+from tests.conftest import ADMIN, API_KEY, admin_get, make_grid
 
 from gridserve.catalog.models import TINY_MODEL
 from gridserve.cli.grid import LocalGrid
@@ -131,3 +131,57 @@ def test_a_stage_node_killed_mid_generation_is_replanned_and_the_text_is_the_sam
     assert replan["replayed_steps"] >= 20  # the new stage's cache was rebuilt from the session's inputs
     assert [c["layers"] for c in run["chain"]] == [[0, 1], [1, 2]] and run["chain"][1]["node_id"] != victim
     assert httpx.get(grid.url + "/health", timeout=5).status_code == 200
+
+
+def _admin_post(grid: LocalGrid, path: str, body: dict[str, object]) -> httpx.Response:
+    return httpx.post(grid.url + path, json=body, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
+
+
+def _node_at(grid: LocalGrid, index: int) -> str:
+    return str(next(n for n in grid.nodes() if n["endpoint"].endswith(f":{grid.node_port(index)}"))["node_id"])
+
+
+def test_the_scheduler_weighs_the_pipeline_against_whole_nodes(tmp_path: Path) -> None:
+    """A whole-model node and a chain of stage nodes: the pipeline is one candidate in the decision (predicted
+    latency, price, reliability of its weakest stage); the node wins while healthy, the pipeline once the node is
+    quarantined, and a quarantined stage takes the pipeline out."""
+    grid = make_grid(tmp_path, ["tiny"] * 3, threads=THREADS)
+    try:
+        grid.start_gateway()
+        grid.start_node(0, "tiny")
+        for index, layers in ((1, "0:1"), (2, "1:2")):
+            grid.start_node(index, "tiny", ["--layers", layers])
+        grid.wait_nodes(3, 120)
+        whole, first_stage = _node_at(grid, 0), _node_at(grid, 1)
+        client = _client(grid)
+        pipeline = f"pipeline:{TINY_MODEL}"
+        prompt = "one candidate among nodes"
+
+        raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        assert raw.headers["x-gridserve-node"] == whole and "x-gridserve-pipeline" not in raw.headers
+        decision = admin_get(grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+        ranked = {c["node_id"]: c for c in decision["candidates"]}
+        assert set(ranked) == {whole, pipeline}  # stage nodes are not candidates on their own
+        chain = ranked[pipeline]
+        assert chain["predicted_itl_s"] > ranked[whole]["predicted_itl_s"]  # two hops cost more than none
+        assert chain["price_per_mtok"] > ranked[whole]["price_per_mtok"]  # two cards run for one token
+        assert {d["scorer"] for d in chain["scores"]} == {"reliability", "latency", "load", "price", "warm"}
+
+        assert _admin_post(grid, f"/admin/nodes/{whole}/quarantine", {"reason": "test"}).status_code == 200
+        raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        assert "x-gridserve-pipeline" in raw.headers
+        assert raw.parse().choices[0].text == direct_text(prompt, 12)
+        decision = admin_get(grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+        assert decision["chosen"] == pipeline and decision["status"] in ("streaming", "ok")
+        verdict = next(v for v in decision["nodes"] if v["node_id"] == whole)
+        assert verdict["filter"] == "node-state" and "quarantined" in verdict["reason"]
+        _wait(lambda: admin_get(grid, f"/v1/decisions/{decision['decision_id']}").json()["status"] == "ok", 10)
+
+        assert _admin_post(grid, f"/admin/nodes/{whole}/release", {"reason": "test"}).status_code == 200
+        assert _admin_post(grid, f"/admin/nodes/{first_stage}/quarantine", {"reason": "test"}).status_code == 200
+        raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=prompt, max_tokens=4, temperature=0)
+        assert raw.headers["x-gridserve-node"] == whole
+        decision = admin_get(grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+        assert pipeline not in {v["node_id"] for v in decision["nodes"]}  # no chain covers the model any more
+    finally:
+        grid.stop()

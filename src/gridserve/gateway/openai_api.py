@@ -23,6 +23,7 @@ from gridserve.gateway.membership import Membership, NodeRecord
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.gateway.outcomes import Traces, observe_outcome
 from gridserve.gateway.pipeline_api import Pipelines, pipeline_sse, pipeline_whole
+from gridserve.gateway.pipeline_candidate import is_pipeline
 from gridserve.gateway.receipts import ReceiptCheck, ReceiptChecker
 from gridserve.gateway.schemas import ChatCompletionRequest, CompletionRequest, GridOptions, SamplingFields
 from gridserve.gateway.sse import DONE, ChunkFormatter
@@ -86,11 +87,16 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
 
 
 def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: GridOptions) -> Decision:
-    serving = ctx.membership.live_models().get(job.model)
-    if not serving:
+    """Schedule the request over the live nodes and, where stage nodes cover the model, its best pipeline (one
+    candidate among the nodes: gateway/pipeline_candidate.py)."""
+    serving = ctx.membership.live_models().get(job.model, [])
+    now = time.time()
+    pipeline = ctx.pipelines.candidate(job.model, now) if ctx.pipelines is not None else None
+    if not serving and pipeline is None:
         raise model_not_found(job.model)
     ctx.on_request(job.model)
-    context = max(_context(r, job.model) for r in serving)
+    contexts = [_context(r, job.model) for r in serving]
+    context = max(contexts + ([pipeline.capability.models[0].max_context] if pipeline is not None else []))
     if job.sampling.max_tokens > context:
         raise bad_request(
             f"max_tokens ({job.sampling.max_tokens}) exceeds the context of {job.model} ({context} tokens).",
@@ -108,14 +114,17 @@ def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: G
         engines=tuple(options.engines) if options.engines else None,
     )
     try:
-        decision = schedule(request, ctx.membership.snapshots(), ctx.profile, ctx.rng, time.time())
+        snapshots = ctx.membership.snapshots()
+        if pipeline is not None:
+            snapshots.append(pipeline)
+        decision = schedule(request, snapshots, ctx.profile, ctx.rng, now)
     except UnknownTier as exc:
         raise bad_request(str(exc), param="gridserve.tier") from exc
     ctx.metrics.decisions.labels(outcome="placed" if decision.chosen else "none").inc()
     for name, count in decision.rejected_by_filter.items():
         ctx.metrics.filter_rejections.labels(filter=name).inc(count)
     if decision.chosen is None:
-        live = {r.capability.node_id for r in serving}
+        live = {r.capability.node_id for r in serving} | ({pipeline.node_id} if pipeline is not None else set())
         reasons = [r for r in decision.rejections if r.node_id in live]
         if reasons and all(r.filter == "context-fit" for r in reasons):
             raise bad_request(
@@ -147,10 +156,10 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
     req = parse(body, model_type)
     request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
     job, prompt_tokens = to_job(req, kind, request_id)
-    if ctx.pipelines is not None and ctx.pipelines.serves(job.model):
-        return await _pipelined(ctx.pipelines, req, job, kind)
     decision = decide(ctx, job, prompt_tokens, req.gridserve)
     ctx.decisions.record(decision, status="dispatching")
+    if is_pipeline(decision.chosen):
+        return await _pipelined(ctx, decision, req, job, kind)
     gen = Generation(ctx.dispatcher, decision, job, hedge=req.gridserve.hedge)
     try:
         await gen.open()
@@ -190,10 +199,31 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
     return Reply(headers=headers, body=orjson.dumps(whole))
 
 
-async def _pipelined(pipelines: Pipelines, req: SamplingFields, job: GenerateRequest, kind: str) -> Reply:
-    run = await pipelines.start(job)
+async def _pipelined(
+    ctx: ApiContext, decision: Decision, req: SamplingFields, job: GenerateRequest, kind: str
+) -> Reply:
+    """The scheduler chose the pipeline candidate: run the request over its chain of stage nodes."""
+    assert ctx.pipelines is not None
+
+    def ended(status: str, error: str) -> None:
+        ctx.decisions.record(decision, status=status, error=error or None)
+        ctx.metrics.requests.labels(endpoint=kind, status=status).inc()
+
+    try:
+        run = await ctx.pipelines.start(job, ended)
+    except APIError as exc:
+        ctx.decisions.record(decision, status="failed", error=exc.message)
+        ctx.metrics.requests.labels(endpoint=kind, status="failed").inc()
+        raise
     nodes = ",".join(r.node_id for r in run.session.chain)
-    headers = [(b"x-gridserve-pipeline", run.session.session.encode()), (b"x-gridserve-node", nodes.encode())]
+    ctx.decisions.record(decision, status="streaming", served_by=decision.chosen, chain=nodes)
+    headers = [
+        (b"x-gridserve-decision", decision.decision_id.encode()),
+        (b"x-gridserve-pipeline", run.session.session.encode()),
+        (b"x-gridserve-node", nodes.encode()),
+    ]
+    if req.gridserve.explain:
+        headers.append((b"x-gridserve-explain", decision.explanation.encode("ascii", "replace")))
     fmt = ChunkFormatter(chat=kind == "chat", response_id=job.request_id, model=job.model)
     if req.stream:
         headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +24,17 @@ from gridserve.gateway.dispatch import Dispatcher
 from gridserve.gateway.errors import APIError, bad_request
 from gridserve.gateway.membership import LIVE, Membership, NodeRecord
 from gridserve.gateway.pipeline import LinkPool, ModelHead, PipelineSession, StageFailed, generate_tokens, load_head
+from gridserve.gateway.pipeline_candidate import pipeline_snapshot
 from gridserve.gateway.sse import DONE, ChunkFormatter
 from gridserve.planner.chain import NoChain, StageRoute, plan_chain
 from gridserve.planner.costs import LayerCosts, PlanNode, Workload, stage_time
-from gridserve.types import GenerateRequest, ModelOffer
+from gridserve.reliability.state import ReliabilityState
+from gridserve.scheduler import NodeSnapshot
+from gridserve.types import GenerateRequest, ModelOffer, NodeId
 
 log = logging.getLogger("gridserve.gateway")
+BLOCKED = frozenset({ReliabilityState.EJECTED, ReliabilityState.QUARANTINED, ReliabilityState.BANNED})
+"""A stage node in one of these states is left out of every chain."""
 
 
 @dataclass
@@ -49,13 +54,16 @@ class Pipelines:
         self.layer_costs: dict[tuple[str, str, str], LayerCosts] = {}
         self.layer_s: dict[str, float] = {}
         """Node -> measured stage compute, seconds per layer per step (moving average)."""
+        self.running: dict[str, int] = {}
+        """Model -> pipeline runs in flight (the virtual node's load)."""
 
     def routes(self, model: str) -> list[StageRoute]:
         """Live stage nodes of `model`, each costed as the seconds it adds to a decode step."""
         spec = MODELS.get(model)
         found = []
+        now = time.time()
         for record in self.membership.nodes.values():
-            if record.state not in LIVE:
+            if record.state not in LIVE or self.membership.book.state(record.capability.node_id, now) in BLOCKED:
                 continue
             for offer in record.capability.models:
                 if offer.name != model or offer.layers is None:
@@ -97,6 +105,19 @@ class Pipelines:
                 old = self.layer_s.get(t.node_id)
                 self.layer_s[t.node_id] = sample if old is None else 0.8 * old + 0.2 * sample
 
+    def candidate(self, model: str, now: float) -> NodeSnapshot | None:
+        """The best chain for `model` as one virtual node for the scheduler (None: no chain covers it)."""
+        spec = MODELS.get(model)
+        routes = self.routes(model)
+        if spec is None or not routes:
+            return None
+        try:
+            chain = plan_chain(routes, routes[0].n_layers)
+        except NoChain:
+            return None
+        records = [self.membership.nodes[NodeId(r.node_id)] for r in chain]
+        return pipeline_snapshot(spec, chain, records, self.membership.book, now, self.running.get(model, 0))
+
     def serves(self, model: str) -> bool:
         """A chain of live stage nodes covers the model (and no live node holds it whole)."""
         routes = self.routes(model)  # (first: on a grid without stage nodes this is all a request pays)
@@ -117,8 +138,9 @@ class Pipelines:
             self.heads[model] = await asyncio.to_thread(load_head, model)
         return self.heads[model]
 
-    async def start(self, job: GenerateRequest) -> Run:
-        """Plan the chain and open the session on every stage; APIError if that cannot be done."""
+    async def start(self, job: GenerateRequest, on_end: Callable[[str, str], None] | None = None) -> Run:
+        """Plan the chain and open the session on every stage; APIError if that cannot be done. `on_end(status,
+        error)` is called when the run ends ("ok", "failed" or "cancelled")."""
         head = await self.head(job.model)
         prompt = (
             head.codec.encode_chat(job.messages)
@@ -142,10 +164,16 @@ class Pipelines:
             await session.open()
         except (NoChain, StageFailed) as exc:
             raise APIError(503, f"no pipeline for {job.model}: {exc}", type_="api_error", code="no_capacity") from exc
-        return Run(session, self._events(session, head, prompt, job))
+        self.running[job.model] = self.running.get(job.model, 0) + 1
+        return Run(session, self._events(session, head, prompt, job, on_end))
 
     async def _events(
-        self, session: PipelineSession, head: ModelHead, prompt: list[int], job: GenerateRequest
+        self,
+        session: PipelineSession,
+        head: ModelHead,
+        prompt: list[int],
+        job: GenerateRequest,
+        on_end: Callable[[str, str], None] | None,
     ) -> AsyncIterator[dict[str, Any]]:
         decoder = IncrementalDecoder(head.codec.decode)
         stops = StopMatcher(job.sampling.stop)
@@ -176,8 +204,11 @@ class Pipelines:
             status, error = "cancelled", "client disconnected"
             raise
         finally:
+            self.running[job.model] = max(0, self.running.get(job.model, 0) - 1)
             await session.close()
             self._remember(session, job, started, first_at, count, status, error)
+            if on_end is not None:
+                on_end(status, error)
 
     def _remember(
         self,

@@ -129,10 +129,12 @@ class Simulation:
         self.config = config
         self.profile = profile
         self.model = model_spec(config.model)
-        self.rng = random.Random(config.seed)
-        self.world = random.Random(config.seed + 1)
+        # three independent streams from one seed (string seeds are hashed: no stream repeats another's draws,
+        # nor those of a neighbouring seed)
+        self.rng = random.Random(f"{config.seed}:routing")
+        self.world = random.Random(f"{config.seed}:world")
         """Churn and thermal episodes: drawn apart from routing randomness, so every policy meets the same grid."""
-        self.nodes = build_nodes(config, self.model, random.Random(config.seed))
+        self.nodes = build_nodes(config, self.model, random.Random(f"{config.seed}:grid"))
         self.book = ReliabilityBook()
         self.table = SnapshotTable()
         self.by_id = {n.node_id: n for n in self.nodes}
