@@ -1,5 +1,6 @@
 """`gridserve up` starts a grid and stops it cleanly on SIGTERM; `gridserve nodes`; readable CLI errors."""
 
+import itertools
 import signal
 import subprocess
 import sys
@@ -124,3 +125,37 @@ def test_cli_errors_are_one_readable_line(tmp_path: Path) -> None:
     )
     assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
     assert len(unreachable.stderr.strip().splitlines()) == 1
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {"COLUMNS": "200", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([*GRIDSERVE, "plan", *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_plan_splits_a_model_over_catalogue_cards_and_beats_the_baselines() -> None:
+    import json
+
+    done = _plan("llama-3-70b", "--cards", "rtx3090,rtx4090,t4,rtx4090", "--quantization", "q4_k_m", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    stages = report["stages"]
+    cuts = [tuple(int(x) for x in s["layers"].split(":")) for s in stages]
+    assert cuts[0][0] == 0 and cuts[-1][1] == 80  # llama-3-70b has 80 layers: all of them, once, in order
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(cuts))
+    assert all(s["memory_gib"] <= s["node_memory_gib"] for s in stages)
+    baselines = [ms for ms in report["baselines_ms_per_token"].values() if ms is not None]
+    assert baselines and all(report["ms_per_token"] <= ms for ms in baselines)
+    text = _plan("llama-3-70b", "--cards", "rtx3090,rtx4090,t4,rtx4090", "--quantization", "q4_k_m")
+    assert text.returncode == 0 and "gridserve node --layers" in text.stdout
+
+
+def test_plan_errors_are_one_readable_line() -> None:
+    for args, expected in (
+        (("nope", "--cards", "t4"), "unknown model"),
+        (("llama-3-70b", "--cards", "t4,zzz"), "unknown hardware"),
+        (("llama-3-70b", "--cards", "t4"), "no chain"),
+        (("llama-3-70b",), "either --cards or --gateway"),
+    ):
+        done = _plan(*args)
+        assert done.returncode == 2 and expected in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

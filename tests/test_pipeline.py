@@ -1,8 +1,11 @@
 """Pipelines across node processes on 127.0.0.1: stage nodes, the gateway driving them, re-planning."""
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ from gridserve.engines.tiny import tiny_engine
 from gridserve.types import GenerateRequest, SamplingParams
 
 THREADS = 1
+PLAN = [sys.executable, "-m", "gridserve", "plan"]
 
 
 def direct_text(prompt: str, max_tokens: int) -> str:
@@ -156,6 +160,17 @@ def test_the_scheduler_weighs_the_pipeline_against_whole_nodes(tmp_path: Path) -
         client = _client(grid)
         pipeline = f"pipeline:{TINY_MODEL}"
         prompt = "one candidate among nodes"
+
+        planned = subprocess.run(  # the planner over the grid's registered nodes (their cards, memory, RTTs)
+            [*PLAN, TINY_MODEL, "--gateway", grid.url, "--admin-token", ADMIN, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert planned.returncode == 0, planned.stderr
+        stages = json.loads(planned.stdout)["stages"]
+        assert stages[0]["layers"].startswith("0:") and stages[-1]["layers"].endswith(":2")
+        assert {s["node"] for s in stages} <= {n["node_id"] for n in grid.nodes()}
 
         raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=prompt, max_tokens=12, temperature=0)
         assert raw.headers["x-gridserve-node"] == whole and "x-gridserve-pipeline" not in raw.headers

@@ -351,10 +351,11 @@ def demo(
 
 
 def _register_admin() -> None:
-    from gridserve.cli import admin, doctor, settle, simulate
+    from gridserve.cli import admin, doctor, plan, settle, simulate
 
     admin.register(app, console, fail)
     doctor.register(app, console, fail)
+    plan.register(app, console, fail)
     settle.register(app, console, fail)
     simulate.register(app, console, fail)
 
