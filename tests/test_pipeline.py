@@ -200,3 +200,31 @@ def test_the_scheduler_weighs_the_pipeline_against_whole_nodes(tmp_path: Path) -
         assert pipeline not in {v["node_id"] for v in decision["nodes"]}  # no chain covers the model any more
     finally:
         grid.stop()
+
+
+def test_auto_stage_nodes_get_their_layers_from_the_planner(tmp_path: Path) -> None:
+    """Nodes started with `--layers auto`, each with room for one of the tiny model's two layers: the first
+    request has the gateway plan the split, assign each node its range, and answer over the chain."""
+    grid = make_grid(tmp_path, ["tiny"] * 3, threads=THREADS)
+    try:
+        grid.start_gateway()
+        for index in range(3):
+            grid.start_node(index, "tiny", ["--layers", "auto", "--memory-gib", "0.0006"])
+        grid.wait_nodes(3, 120)
+        client = _client(grid)
+        assert TINY_MODEL in {m.id for m in client.models.list()}
+        assert admin_get(grid, "/admin/pipelines").json()["placements"] == []
+        prompt = "the planner places the layers"
+        raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=prompt, max_tokens=20, temperature=0)
+        assert raw.parse().choices[0].text == direct_text(prompt, 20)
+        placements = admin_get(grid, "/admin/pipelines").json()["placements"]
+        assert [p["status"] for p in placements] == ["placed"]
+        stages = placements[0]["stages"]
+        assert [s["layers"] for s in stages] == [[0, 1], [1, 2]]  # no node has room for both layers
+        assert raw.headers["x-gridserve-node"].split(",") == [s["node_id"] for s in stages]
+        assert "planner" in placements[0]["explanation"]
+        again = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=prompt, max_tokens=5)
+        assert "x-gridserve-pipeline" in again.headers
+        assert len(admin_get(grid, "/admin/pipelines").json()["placements"]) == 1  # placed once
+    finally:
+        grid.stop()

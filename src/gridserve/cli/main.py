@@ -138,11 +138,11 @@ def gateway(
 
 
 def _layers(text: str | None) -> tuple[int, int] | None:
-    if text is None:
+    if text is None or text == "auto":
         return None
     start, sep, end = text.partition(":")
     if not sep or not start.strip().isdigit() or not end.strip().isdigit() or int(end) <= int(start):
-        raise fail(f"--layers {text!r}: expected START:END with START < END, e.g. 0:9")
+        raise fail(f"--layers {text!r}: expected START:END with START < END (e.g. 0:9), or auto")
     return int(start), int(end)
 
 
@@ -160,6 +160,9 @@ def node(
     max_context: Annotated[int, typer.Option(help="openai-upstream: context of the upstream model")] = 4096,
     threads: Annotated[int, typer.Option(help="torch threads for local engines")] = 2,
     price: Annotated[float, typer.Option(help="USD per million generated tokens")] = 0.0,
+    memory_gib: Annotated[
+        float | None, typer.Option(help="memory the engine may use for weights + KV cache (default: detected)")
+    ] = None,
     fixed_ttft_ms: Annotated[float | None, typer.Option(help="emulated: fixed time to first token")] = None,
     fixed_itl_ms: Annotated[float | None, typer.Option(help="emulated: fixed inter-token latency")] = None,
     gateway_key: Annotated[str | None, typer.Option(help="pin the gateway's public key (base64)")] = None,
@@ -171,7 +174,11 @@ def node(
         bool, typer.Option(help="emulated: at most the card's batch slots run; the rest wait in order")
     ] = False,
     layers: Annotated[
-        str | None, typer.Option(help="tiny/gemma: run layers START:END only, as a pipeline stage (e.g. 0:9)")
+        str | None,
+        typer.Option(
+            help="tiny/gemma: run layers START:END only, as a pipeline stage (e.g. 0:9); auto: the gateway's "
+            "planner assigns the range"
+        ),
     ] = None,
     allow_dishonest: Annotated[bool, typer.Option(help="allow --dishonest modes (tests and demos only)")] = False,
     dishonest: Annotated[
@@ -203,7 +210,10 @@ def node(
         key_file=key,
         gateway_key=gateway_key,
         price_per_mtok=price,
+        memory_bytes=int(memory_gib * 2**30) if memory_gib is not None else None,
     )
+    if memory_gib is not None and memory_gib <= 0:
+        raise fail(f"--memory-gib must be positive (got {memory_gib})")
     options = EngineOptions(
         threads=threads,
         models=tuple(model or ()),
@@ -218,6 +228,7 @@ def node(
         load_gbps=load_gbps,
         fifo_slots=fifo_slots,
         layers=_layers(layers),
+        stage_auto=layers == "auto",
     )
     faults = _faults(allow_faults, fault or [])
     from gridserve.node.dishonest import ENGINE_MODES, Dishonesty, DishonestyRefused

@@ -38,6 +38,8 @@ class EngineOptions:
     """emulated: at most the card's batch slots run at once; later requests wait first come, first served."""
     layers: tuple[int, int] | None = None
     """tiny / gemma-270m: run only layers [start, end) as a pipeline stage (engines/stage_engine.py)."""
+    stage_auto: bool = False
+    """tiny / gemma-270m: a pipeline stage whose layer range the gateway's planner assigns (`--layers auto`)."""
     cheat: tuple[str, ...] = ()
     """tiny: dishonest modes that change the model while it claims the real weights (`wrong_model`: other
     weights, `lazy_compute`: skips its last layer); node/dishonest.py checks they are allowed."""
@@ -46,8 +48,8 @@ class EngineOptions:
 def create_engine(name: str, options: EngineOptions) -> Engine:
     from gridserve.engines.tiny import tiny_engine
 
-    if options.layers is not None:
-        return _stage_engine(name, options, *options.layers)
+    if options.layers is not None or options.stage_auto:
+        return _stage_engine(name, options, options.layers)
     if name == "tiny":
         return tiny_engine(threads=options.threads, lazy=options.lazy, cheat=options.cheat)
     if name == "gemma-270m":
@@ -85,7 +87,9 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
     raise EngineError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
 
 
-def _stage_engine(name: str, options: EngineOptions, start: int, end: int) -> Engine:
+def _stage_engine(name: str, options: EngineOptions, layers: tuple[int, int] | None) -> Engine:
+    """A pipeline stage: layers [start, end), or (`layers` None: `--layers auto`) whatever range the gateway
+    assigns."""
     from gridserve.engines.stage import load_stage, stage_from_model
     from gridserve.engines.stage_engine import StageEngine
 
@@ -93,24 +97,26 @@ def _stage_engine(name: str, options: EngineOptions, start: int, end: int) -> En
         from gridserve.engines.tiny import build_tiny_model, tiny_offer
 
         model = build_tiny_model().model
-        span = _span(start, end, model.config.num_hidden_layers)
+        n_layers = model.config.num_hidden_layers
         return StageEngine(
             kind="tiny",
             offer=tiny_offer(),
-            span=span,
-            loader=lambda: stage_from_model(model, start, end),
+            span=_span(*layers, n_layers) if layers is not None else None,
+            n_layers=n_layers,
+            loader=lambda start, end: stage_from_model(model, start, end),
             threads=options.threads,
         )
     if name == "gemma-270m":
         from gridserve.engines.gemma import ensure_cache, gemma_config, gemma_offer
 
         path = ensure_cache(options.cache_dir)
-        span = _span(start, end, gemma_config(path).num_hidden_layers)
+        n_layers = gemma_config(path).num_hidden_layers
         return StageEngine(
             kind="gemma-270m",
             offer=gemma_offer(path),
-            span=span,
-            loader=lambda: load_stage(str(path), start, end),
+            span=_span(*layers, n_layers) if layers is not None else None,
+            n_layers=n_layers,
+            loader=lambda start, end: load_stage(str(path), start, end),
             threads=options.threads,
         )
     raise EngineError(f"--layers needs a local model engine (tiny or gemma-270m), not {name!r}")

@@ -31,21 +31,29 @@ class StepResult:
 
 
 class StageEngine(LocalEngine):
-    """Runs `[start, end)` of `offer.name` on a dedicated thread (fixed torch thread count: reproducible)."""
+    """Runs `[start, end)` of `offer.name` on a dedicated thread (fixed torch thread count: reproducible).
+
+    Started without a span (`gridserve node --layers auto`), the node offers to run any range of the model and
+    the gateway assigns one from its plan (`assign`); a later assignment replaces the span."""
 
     def __init__(
         self,
         *,
         kind: str,
         offer: ModelOffer,
-        span: StageSpan,
-        loader: Callable[[], StageModule],
+        span: StageSpan | None,
+        n_layers: int,
+        loader: Callable[[int, int], StageModule],
         threads: int,
         max_sessions: int = 64,
     ) -> None:
         self._kind = kind
-        self.span = span
-        self._offer = offer.model_copy(update={"layers": LayerRange(start=span.start, end=span.end)})
+        self._span = span
+        self.n_layers = n_layers
+        self.assignable = span is None
+        """Started with `--layers auto`: the gateway's planner chooses (and may change) the span."""
+        self._base_offer = offer
+        self._offer = offer
         self._loader = loader
         self._threads = threads
         self._module: StageModule | None = None
@@ -53,27 +61,59 @@ class StageEngine(LocalEngine):
         self._max_sessions = max_sessions
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage-{kind}", initializer=self._init)
         self._stats = EngineStats()
+        self._assigning = asyncio.Lock()
 
     def _init(self) -> None:
         torch.set_num_threads(self._threads)
 
+    @property
+    def span(self) -> StageSpan:
+        if self._span is None:
+            raise EngineError("no layers assigned to this stage yet")
+        return self._span
+
+    @property
+    def model(self) -> str:
+        return self._base_offer.name
+
     def offers(self) -> tuple[ModelOffer, ...]:
         return (self._offer,) if self._module is not None else ()
+
+    def stage_models(self) -> tuple[str, ...]:
+        """Models of which the gateway may assign this node any layer range."""
+        return (self._base_offer.name,) if self.assignable else ()
 
     def loadable(self) -> tuple[str, ...]:
         return ()
 
     async def load(self, model: str) -> None:
-        raise InvalidRequest(f"this node runs layers {self.span} of {self._offer.name}; it loads nothing else")
+        raise InvalidRequest(f"this node runs a layer range of {self._base_offer.name}; it loads nothing else")
 
     def advertised_hardware(self) -> HardwareInfo | None:
         return None
 
     async def start(self) -> None:
-        self._module = await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+        if self._span is not None:
+            await self.assign(self._span.start, self._span.end)
 
-    def _load(self) -> StageModule:
-        module = self._loader()
+    async def assign(self, start: int, end: int) -> None:
+        """Load layers `[start, end)` (InvalidRequest for a range the model does not have); sessions of the
+        previous span are dropped."""
+        try:
+            span = StageSpan(start, end, self.n_layers)
+        except ValueError as exc:
+            raise InvalidRequest(f"layers [{start}, {end}): {exc}") from None
+        async with self._assigning:
+            if self._module is not None and self._span == span:
+                return
+            module = await asyncio.get_running_loop().run_in_executor(self._pool, self._load, start, end)
+            self._caches.clear()
+            self._stats.active = 0
+            self._module, self._span = module, span
+            self._offer = self._base_offer.model_copy(update={"layers": LayerRange(start=start, end=end)})
+
+    def _load(self, start: int, end: int) -> StageModule:
+        module = self._loader(start, end)
         module.eval()
         return module
 
@@ -82,7 +122,7 @@ class StageEngine(LocalEngine):
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         raise InvalidRequest(
-            f"this node runs layers {self.span} of {self._offer.name} (a pipeline stage), not whole requests"
+            f"this node runs a layer range of {self._base_offer.name} (a pipeline stage), not whole requests"
         )
 
     # -- sessions ---------------------------------------------------------------------------------------

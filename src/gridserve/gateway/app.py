@@ -205,7 +205,7 @@ def _admin_routes(app: FastAPI, gw: Gateway) -> None:
         gw.require_admin(request)
         assert gw.api.pipelines is not None
         found = gw.api.pipelines
-        return {"models": found.models(), "runs": list(found.recent)}
+        return {"models": found.models(), "runs": list(found.recent), "placements": list(found.placement.recent)}
 
     @app.get("/v1/decisions/{decision_id}")
     async def decision(decision_id: str, request: Request) -> dict[str, Any]:

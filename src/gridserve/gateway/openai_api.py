@@ -156,6 +156,8 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
     req = parse(body, model_type)
     request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
     job, prompt_tokens = to_job(req, kind, request_id)
+    if ctx.pipelines is not None and ctx.pipelines.placement.needed(job.model):  # `--layers auto` nodes only
+        await ctx.pipelines.placement.place(job.model)
     decision = decide(ctx, job, prompt_tokens, req.gridserve)
     ctx.decisions.record(decision, status="dispatching")
     if is_pipeline(decision.chosen):

@@ -25,6 +25,7 @@ from gridserve.gateway.errors import APIError, bad_request
 from gridserve.gateway.membership import LIVE, Membership, NodeRecord
 from gridserve.gateway.pipeline import LinkPool, ModelHead, PipelineSession, StageFailed, generate_tokens, load_head
 from gridserve.gateway.pipeline_candidate import pipeline_snapshot
+from gridserve.gateway.placement import Placement
 from gridserve.gateway.sse import DONE, ChunkFormatter
 from gridserve.planner.chain import NoChain, StageRoute, plan_chain
 from gridserve.planner.costs import LayerCosts, PlanNode, Workload, stage_time
@@ -56,6 +57,7 @@ class Pipelines:
         """Node -> measured stage compute, seconds per layer per step (moving average)."""
         self.running: dict[str, int] = {}
         """Model -> pipeline runs in flight (the virtual node's load)."""
+        self.placement = Placement(membership, dispatcher, lambda model: self.candidate(model, time.time()) is not None)
 
     def routes(self, model: str) -> list[StageRoute]:
         """Live stage nodes of `model`, each costed as the seconds it adds to a decode step."""
@@ -130,8 +132,11 @@ class Pipelines:
         return True
 
     def models(self) -> list[str]:
-        names = {o.name for r in self.membership.nodes.values() for o in r.capability.models if o.layers is not None}
-        return sorted(n for n in names if self.serves(n))
+        """Models served over pipelines only: covered by a chain, or placeable on `--layers auto` nodes."""
+        records = self.membership.nodes.values()
+        names = {o.name for r in records for o in r.capability.models if o.layers is not None}
+        names |= {m for r in records for m in r.capability.stage_models}
+        return sorted(n for n in names if self.serves(n) or self.placement.needed(n))
 
     async def head(self, model: str) -> ModelHead:
         if model not in self.heads:

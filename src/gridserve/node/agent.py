@@ -48,6 +48,8 @@ class NodeAgent:
 
     def capability(self) -> Capability:
         hardware = self.engine.advertised_hardware() or detect_hardware(self.nvml)
+        if self.config.memory_bytes is not None:  # the operator's share of the card for this node
+            hardware = hardware.model_copy(update={"memory_bytes": self.config.memory_bytes})
         return Capability(
             node_id=NodeId(self.identity.node_id),
             public_key=self.identity.public_key,
@@ -55,6 +57,7 @@ class NodeAgent:
             engine=self.engine.kind,
             models=self.engine.offers(),
             loadable_models=self.engine.loadable(),
+            stage_models=tuple(getattr(self.engine, "stage_models", tuple)()),  # StageEngine with --layers auto
             hardware=hardware,
             runtime=RuntimeInfo(
                 gridserve=gridserve.__version__,
@@ -126,6 +129,20 @@ class NodeAgent:
             log.warning("could not load %s: %s", model, exc)
             return
         log.info("loaded %s; announcing it", model)
+        await self.register()
+
+    async def assign_layers(self, start: int, end: int) -> None:
+        """Load the layer range the gateway's plan gives this stage node, then register again with it."""
+        assign = getattr(self.engine, "assign", None)
+        if assign is None:
+            return
+        try:
+            await assign(start, end)
+        except EngineError as exc:
+            self.engine.stats.note_error(f"assigning layers [{start}, {end}) failed: {exc}")
+            log.warning("could not load layers [%d, %d): %s", start, end, exc)
+            return
+        log.info("running layers [%d, %d) as assigned; announcing it", start, end)
         await self.register()
 
     async def heartbeat(self) -> None:

@@ -5,6 +5,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -192,6 +193,9 @@ def build_node_app(
             engine.stats.note_error(f"refused load: {exc.kind}")
             return _error(401, exc.kind, exc.detail)
         model = str(envelope.payload.get("model", ""))
+        layers = envelope.payload.get("layers")
+        if layers is not None:
+            return _assign(model, layers)
         if model not in engine.loadable():
             resident = model in {o.name for o in engine.offers()}
             return JSONResponse(
@@ -201,6 +205,17 @@ def build_node_app(
         loading.add(task)
         task.add_done_callback(loading.discard)
         return JSONResponse({"model": model, "status": "loading"}, status_code=202)
+
+    def _assign(model: str, layers: Any) -> Response:
+        """The gateway's planner assigns this stage node a layer range of `model`."""
+        if model not in getattr(engine, "stage_models", tuple)():
+            return _error(404, "not_a_stage", f"this node does not take layer assignments for {model!r}")
+        if not (isinstance(layers, list) and len(layers) == 2 and all(type(x) is int for x in layers)):
+            return _error(400, "bad_layers", "layers must be [start, end]")
+        task = asyncio.create_task(agent.assign_layers(layers[0], layers[1]))
+        loading.add(task)
+        task.add_done_callback(loading.discard)
+        return JSONResponse({"model": model, "layers": layers, "status": "loading"}, status_code=202)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -17,6 +17,8 @@ class NodeConfig:
     """Pin the gateway's public key (base64). Without it the key from the first registration is trusted."""
     price_per_mtok: float = 0.0
     """USD per million generated tokens."""
+    memory_bytes: int | None = None
+    """Memory the engine may use for weights + KV cache, as advertised (None: what is detected)."""
     heartbeat_interval_s: float | None = None
     """Override the interval the gateway asks for (seconds)."""
     message_lifetime_s: float = 30.0

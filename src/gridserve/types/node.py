@@ -87,6 +87,8 @@ class Capability(Strict):
     """The operator's price (USD per million generated tokens); 0 = the price derived from the hardware."""
     loadable_models: tuple[str, ...] = ()
     """Models on disk that the node could load on demand (not resident: slower first token)."""
+    stage_models: tuple[str, ...] = ()
+    """Models of which the node runs whatever layer range the gateway's planner assigns it (`--layers auto`)."""
 
 
 ErrorKind = Literal["oom", "cuda", "timeout", "refused", "engine"]
