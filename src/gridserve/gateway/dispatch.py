@@ -137,6 +137,25 @@ class Dispatcher:
         race = _Race(self, job, iter(candidates), hedge=hedge and self.config.hedging, throttled=throttled)
         return await race.run()
 
+    async def ask_to_load(self, node_id: str, payload: dict[str, Any], timeout_s: float = 5.0) -> bool | None:
+        """POST a gateway-signed load request to the node's /internal/load (a model to pre-warm, or a layer
+        range to run): True if the node took it, False if it refused, None if it could not be reached."""
+        record = self.membership.nodes.get(NodeId(node_id))
+        if record is None or self.session is None:
+            return None
+        body = sign_envelope(self.identity, {"node_id": node_id, **payload}, purpose="load", now=time.time())
+        try:
+            async with self.session.post(
+                record.capability.endpoint + "/internal/load",
+                data=body,
+                headers={"content-type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as resp:
+                return resp.status in (200, 202)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning("load request %s to %s failed: %s", payload, node_id, type(exc).__name__)
+            return None
+
     def live(self, node_id: str) -> bool:
         record = self.membership.nodes.get(NodeId(node_id))
         return record is not None and record.state in LIVE

@@ -15,8 +15,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from gridserve.catalog.hardware import HARDWARE
 from gridserve.catalog.models import MODELS
 from gridserve.gateway.dispatch import Dispatcher
@@ -24,7 +22,6 @@ from gridserve.gateway.errors import APIError
 from gridserve.gateway.membership import LIVE, Membership, NodeRecord
 from gridserve.gateway.pipeline_candidate import UNKNOWN_CARD
 from gridserve.planner import LayerCosts, Network, Plan, PlanError, PlanNode, plan
-from gridserve.trust import sign_envelope
 
 log = logging.getLogger("gridserve.gateway")
 USABLE_MEMORY = 0.9
@@ -110,19 +107,5 @@ class Placement:
             raise APIError(503, f"cannot place {model}: {exc}", type_="api_error", code="no_capacity") from exc
 
     async def _assign(self, record: NodeRecord, model: str, start: int, end: int) -> bool:
-        session = self.dispatcher.session
-        assert session is not None
-        node_id = record.capability.node_id
-        payload = {"node_id": node_id, "model": model, "layers": [start, end]}
-        body = sign_envelope(self.dispatcher.identity, payload, purpose="load", now=time.time())
-        try:
-            async with session.post(
-                record.capability.endpoint + "/internal/load",
-                data=body,
-                headers={"content-type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=10),
-            ) as resp:
-                return resp.status in (200, 202)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.warning("assigning layers of %s to %s failed: %s", model, node_id, type(exc).__name__)
-            return False
+        took = await self.dispatcher.ask_to_load(record.capability.node_id, {"model": model, "layers": [start, end]})
+        return bool(took)

@@ -22,14 +22,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from gridserve.catalog.tiers import DEFAULT_TIER
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch import Dispatcher
-from gridserve.gateway.membership import LIVE, Membership, NodeRecord
+from gridserve.gateway.membership import LIVE, Membership
 from gridserve.scheduler import Profile, schedule
-from gridserve.trust import sign_envelope
 from gridserve.types.scheduling import ScheduleRequest
 
 log = logging.getLogger("gridserve.gateway")
@@ -135,23 +132,8 @@ class StandbyKeeper:
                     plan.loading.append(node_id)
 
     async def _ask(self, node_id: str, plan: ModelPlan) -> bool:
-        record: NodeRecord | None = self.membership.nodes.get(node_id)  # type: ignore[call-overload]
-        session = self.dispatcher.session
-        if record is None or session is None:
-            return False
-        body = sign_envelope(
-            self.dispatcher.identity, {"node_id": node_id, "model": plan.model}, purpose="load", now=time.time()
-        )
-        try:
-            async with session.post(
-                record.capability.endpoint + "/internal/load",
-                data=body,
-                headers={"content-type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=5),
-            ) as resp:
-                ok = resp.status in (200, 202)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.warning("pre-load of %s on %s failed: %s", plan.model, node_id, type(exc).__name__)
+        ok = await self.dispatcher.ask_to_load(node_id, {"model": plan.model})
+        if ok is None:  # not reached
             return False
         reason = (
             f"{len(plan.warm)} warm + {len(plan.loading)} loading < target {plan.target} "
