@@ -18,8 +18,15 @@ $(VENV)/.base: pyproject.toml | $(BIN)/python
 	$(PIP) install -q --no-build-isolation --no-binary toploc $(TOPLOC)
 	touch $@
 
+LLAMACPP := llama-cpp-python[server]==0.3.36
+# llama.cpp's default build targets the build machine's CPU (-march=native): AMX and AVX-512 where it has them,
+# which fault under some hypervisors (a general protection fault in libggml-cpu on the first decode). Build for
+# AVX2, without pip's wheel cache: the cache ignores CMAKE_ARGS and would hand back a native wheel built earlier.
+LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
 $(VENV)/.dev: pyproject.toml $(VENV)/.base
-	$(PIP) install -q -e '.[dev,llamacpp]'
+	$(PIP) install -q -e '.[dev]'
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PIP) install -q --no-cache-dir '$(LLAMACPP)'
 	touch $@
 
 demo: $(VENV)/.base

@@ -163,7 +163,7 @@ def test_dishonest_nodes_are_quarantined_by_audits_and_their_tokens_counted() ->
         assert sim.book.state(node_id, sim.now).value in ("quarantined", "banned")  # banned: a 2nd answer failed
     # an answer from a dishonest node never counts as within the SLO
     bad = sum(1 for o in out if o.dishonest_tokens)
-    assert m["slo_attainment"] <= 1 - bad / len(out)
+    assert m["slo_attainment"] <= round(1 - bad / len(out), 4)  # the metric is rounded to 4 places
 
 
 def test_thermal_episodes_slow_nodes_and_the_default_profile_routes_around_them() -> None:

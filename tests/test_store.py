@@ -352,3 +352,19 @@ def test_settlement_ledger_totals_and_disputes(store: Store) -> None:
     assert by_node["n1"]["requests"] == 2 and by_node["n1"]["tokens"] == 20 and by_node["n1"]["disputed"] == 1
     assert by_node["n2"]["tokens"] == 5 and by_node["n2"]["disputed"] == 0
     assert [d["decision_id"] for d in report["disputed"]] == ["d2"]
+
+
+def test_heartbeats_are_written_as_one_batch(store: Store) -> None:
+    for name in ("n1", "n2"):
+        store.upsert_node(name, public_key="pk-" + name, capability={}, state="ready", at=1.0)
+    store.touch_nodes(
+        [
+            {"node_id": "n1", "telemetry": {"util": 1}, "at": 5.0},
+            {"node_id": "n2", "telemetry": {"util": 2}, "at": 6.0},
+            {"node_id": "ghost", "telemetry": {}, "at": 7.0},
+        ]
+    )
+    n1, n2 = store.get_node("n1"), store.get_node("n2")
+    assert n1 is not None and n1["last_seen"] == 5.0 and n1["telemetry"] == {"util": 1}
+    assert n2 is not None and n2["last_seen"] == 6.0 and n2["telemetry"] == {"util": 2}
+    assert store.get_node("ghost") is None

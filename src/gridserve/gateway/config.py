@@ -28,6 +28,9 @@ class GatewayConfig:
     probe_timeout_s: float = 1.0
     """A probe slower than this fails. A node whose probe fails and whose last heartbeat is older than one
     heartbeat interval is down: a hung node (SIGSTOP) is caught within ~1-2.5 s with the defaults."""
+    probes_per_round: int = 256
+    """At most this many probes per period: nodes with requests in flight or not UP first, then idle UP nodes in
+    turn (a grid of thousands is not pinged every half second; its idle nodes' heartbeats speak for them)."""
     probation_probes: int = 4
     """A node that comes back serves on probation (ranked lower) until this many probes in a row pass."""
     dispatch_attempts: int = 3

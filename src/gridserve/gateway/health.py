@@ -1,14 +1,17 @@
 """Active health checks: every node's `/health` is probed on a short period; the round-trip time is recorded
-and a failed probe (with a late heartbeat) marks a hung or dead node down quickly (Membership.probe_result)."""
+and a failed probe (with a late heartbeat) marks a hung or dead node down quickly (Membership.probe_result).
+On a grid larger than `probes_per_round`, busy and unsettled nodes are probed every period and idle ones in
+turn."""
 
 import asyncio
 import time
+from collections.abc import Mapping
 
 import aiohttp
 
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch import Dispatcher
-from gridserve.gateway.membership import Membership
+from gridserve.gateway.membership import Membership, NodeRecord
 from gridserve.types import NodeId, NodeState
 
 
@@ -32,16 +35,28 @@ async def _probe_node(
     membership.probe_result(node_id, ok=ok, rtt_s=rtt, error=error)
 
 
+def probe_targets(records: Mapping[NodeId, NodeRecord], budget: int, turn: int) -> tuple[list[NodeId], int]:
+    """The nodes to probe this period and the next turn: every node when the grid fits the budget; else the
+    nodes that matter now (requests in flight, not UP) and idle UP nodes in rotation from `turn`."""
+    nodes = [(node_id, r) for node_id, r in records.items() if r.state != NodeState.BANNED]
+    if len(nodes) <= budget:
+        return [node_id for node_id, _ in nodes], 0
+    urgent = [node_id for node_id, r in nodes if r.outstanding > 0 or r.state != NodeState.UP]
+    idle = [node_id for node_id, r in nodes if not (r.outstanding > 0 or r.state != NodeState.UP)]
+    take = min(len(idle), max(0, budget - len(urgent)))
+    start = turn % len(idle) if idle else 0
+    rotated = (idle[start:] + idle[:start])[:take]
+    return urgent + rotated, start + take
+
+
 async def probe_forever(membership: Membership, dispatcher: Dispatcher, config: GatewayConfig) -> None:
     session = dispatcher.session
     if session is None:
         raise RuntimeError("start the dispatcher before the prober")
+    turn = 0
     while True:
-        targets = [
-            (node_id, record.capability.endpoint + "/health")
-            for node_id, record in membership.nodes.items()
-            if record.state != NodeState.BANNED
-        ]
+        chosen, turn = probe_targets(membership.nodes, config.probes_per_round, turn)
+        targets = [(node_id, membership.nodes[node_id].capability.endpoint + "/health") for node_id in chosen]
         await asyncio.gather(
             *(_probe_node(membership, session, node_id, url, config.probe_timeout_s) for node_id, url in targets)
         )

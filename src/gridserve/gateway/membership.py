@@ -98,6 +98,8 @@ class Membership:
         self.allowed_digests = merged(builtin_digests(), extra)
         """Model -> weights digests a node may offer it with (trust/attestation.py)."""
         self._pending_events: list[dict[str, Any]] = []
+        self._pending_beats: dict[str, dict[str, Any]] = {}
+        """Latest heartbeat per node since the last flush: rolled up into one write (not a row per beat)."""
 
     # -- intake ---------------------------------------------------------------------------------
     def reject(self, exc: TrustError, *, path: str, remote: str, node_id: str | None = None) -> None:
@@ -187,9 +189,7 @@ class Membership:
             record.probe_streak = 0
             self._transition(record, NodeState.PROBATION, "heartbeat resumed after being down")
         self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_KEPT, at=now))
-        self.writer.submit(
-            self.writer.store.touch_node, node_id, telemetry=beat.telemetry.model_dump(mode="json"), at=now
-        )
+        self._pending_beats[node_id] = {"node_id": node_id, "telemetry": beat.telemetry, "at": now}
         return record
 
     # -- failure detection ------------------------------------------------------------------------
@@ -280,10 +280,16 @@ class Membership:
         return transitions
 
     def flush_events(self) -> None:
-        """Hand buffered ledger events to the store writer as one batch (called by the sweeper and at exit)."""
+        """Hand buffered ledger events and the latest heartbeat of each node to the store writer as batches
+        (called by the sweeper, several times per heartbeat interval, and at exit)."""
         if self._pending_events:
             rows, self._pending_events = self._pending_events, []
             self.writer.submit(self.writer.store.record_events, rows)
+        if self._pending_beats:
+            beats, self._pending_beats = list(self._pending_beats.values()), {}
+            for beat in beats:  # serialised here, once per node and flush, not per heartbeat
+                beat["telemetry"] = beat["telemetry"].model_dump(mode="json")
+            self.writer.submit(self.writer.store.touch_nodes, beats)
 
     async def durable(self, timeout_s: float = 10.0) -> None:
         """Wait until every event noted so far is committed to the store (admin answers wait for this, so an

@@ -230,6 +230,20 @@ class Store:
         with self._write() as conn:
             conn.execute(stmt)
 
+    def touch_nodes(self, beats: list[dict[str, Any]]) -> None:
+        """Record many heartbeats in one transaction: each `{"node_id", "telemetry", "at"}` (the latest per node;
+        unknown nodes are skipped)."""
+        if not beats:
+            return
+        stmt = (
+            nodes.update()
+            .where(nodes.c.node_id == sa.bindparam("b_node_id"))
+            .values(last_seen=sa.bindparam("b_at"), telemetry=sa.bindparam("b_telemetry"))
+        )
+        rows = [{"b_node_id": b["node_id"], "b_at": b["at"], "b_telemetry": b["telemetry"]} for b in beats]
+        with self._write() as conn:
+            conn.execute(stmt, rows)
+
     def list_nodes(self) -> list[dict[str, Any]]:
         with self._engine.connect() as conn:
             rows = conn.execute(sa.select(nodes).order_by(nodes.c.node_id))
