@@ -49,6 +49,11 @@ def probe_targets(records: Mapping[NodeId, NodeRecord], budget: int, turn: int) 
     return urgent + rotated, start + take
 
 
+PACE_ABOVE = 32
+"""Rounds with more probes than this are spread over the period (a burst of hundreds of requests at once
+stalls the gateway's event loop, and with it every heartbeat and token it handles meanwhile)."""
+
+
 async def probe_forever(membership: Membership, dispatcher: Dispatcher, config: GatewayConfig) -> None:
     session = dispatcher.session
     if session is None:
@@ -56,8 +61,16 @@ async def probe_forever(membership: Membership, dispatcher: Dispatcher, config: 
     turn = 0
     while True:
         chosen, turn = probe_targets(membership.nodes, config.probes_per_round, turn)
-        targets = [(node_id, membership.nodes[node_id].capability.endpoint + "/health") for node_id in chosen]
-        await asyncio.gather(
-            *(_probe_node(membership, session, node_id, url, config.probe_timeout_s) for node_id, url in targets)
-        )
-        await asyncio.sleep(config.probe_interval_s)
+        gap = config.probe_interval_s / len(chosen) if len(chosen) > PACE_ABOVE else 0.0
+        tasks = []
+        for node_id in chosen:
+            record = membership.nodes.get(node_id)
+            if record is None:  # left meanwhile
+                continue
+            url = record.capability.endpoint + "/health"
+            tasks.append(asyncio.create_task(_probe_node(membership, session, node_id, url, config.probe_timeout_s)))
+            if gap:
+                await asyncio.sleep(gap)
+        await asyncio.gather(*tasks)
+        if not gap:
+            await asyncio.sleep(config.probe_interval_s)
