@@ -136,7 +136,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     pipelines = gw.api.pipelines
     add_doctor_routes(app, gw.membership, gw.traces, gw.require_admin, lambda: pipelines.recent if pipelines else [])
     app.add_middleware(BodyLimit, max_bytes=gw.config.max_body_bytes)
-    return HotPath(app, gw.api, gw.config.api_keys, gw.config.max_body_bytes)
+    return HotPath(app, gw.api, gw.config.api_keys, gw.config.max_body_bytes, gw.membership)
 
 
 def _errors(app: FastAPI) -> None:

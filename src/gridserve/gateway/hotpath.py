@@ -1,4 +1,5 @@
-"""The per-token path as raw ASGI: `POST /v1/chat/completions` and `POST /v1/completions`.
+"""The per-token path as raw ASGI: `POST /v1/chat/completions` and `POST /v1/completions`; and the per-node
+path: `POST /nodes/heartbeat` (thousands per second on a large grid).
 
 Everything else goes to the FastAPI app. Skipping the middleware stack and StreamingResponse saves
 several wrapped `send` calls per token (DESIGN.md: raw ASGI + aiohttp keeps ~100% of direct throughput).
@@ -9,13 +10,17 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 
+import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gridserve.gateway.errors import APIError, unauthorized
+from gridserve.gateway.membership import Membership, UnknownNode
 from gridserve.gateway.openai_api import ApiContext, Reply, complete
+from gridserve.trust import TrustError
 
 log = logging.getLogger("gridserve.gateway")
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
+HEARTBEAT = "/nodes/heartbeat"
 
 
 class TooLarge(Exception):
@@ -23,14 +28,26 @@ class TooLarge(Exception):
 
 
 class HotPath:
-    def __init__(self, app: ASGIApp, api: ApiContext, api_keys: tuple[str, ...], max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api: ApiContext,
+        api_keys: tuple[str, ...],
+        max_body_bytes: int,
+        membership: Membership | None = None,
+    ) -> None:
         self.app = app
         self.api = api
+        self.membership = membership
         self.keys = tuple(k.encode() for k in api_keys if k)
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path == HEARTBEAT and scope["method"] == "POST" and self.membership is not None:
+            await self._heartbeat(self.membership, scope, receive, send)
+            return
+        kind = ROUTES.get(path)
         if kind is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -61,6 +78,25 @@ class HotPath:
         else:
             await _stream(reply, receive, send)
 
+    async def _heartbeat(self, membership: Membership, scope: Scope, receive: Receive, send: Send) -> None:
+        """A node's signed heartbeat (the same checks and answers as every node message)."""
+        try:
+            body = await self._read_body(scope, receive)
+            membership.heartbeat(body)
+        except TooLarge:
+            await _send_error(send, APIError(413, "heartbeat too large", code="request_too_large"))
+            return
+        except APIError as exc:
+            await _send_error(send, exc)
+            return
+        except TrustError as exc:
+            client = scope.get("client")
+            membership.reject(exc, path=HEARTBEAT, remote=client[0] if client else "?")
+            status = 404 if isinstance(exc, UnknownNode) else 401
+            await _send_json(send, status, orjson.dumps({"error": {"type": exc.kind, "message": exc.detail}}))
+            return
+        await _send_json(send, 200, b'{"ok":true}')
+
     def _authorize(self, scope: Scope) -> None:
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
@@ -86,6 +122,12 @@ class HotPath:
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
+
+
+async def _send_json(send: Send, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _send_error(send: Send, exc: APIError) -> None:
