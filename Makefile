@@ -24,7 +24,15 @@ LLAMACPP := llama-cpp-python[server]==0.3.36
 # AVX2, without pip's wheel cache: the cache ignores CMAKE_ARGS and would hand back a native wheel built earlier.
 LLAMACPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-$(VENV)/.dev: pyproject.toml $(VENV)/.base
+# The dashboard test drives Debian's Chromium with playwright (no browser download): install it when missing.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "the dashboard test needs Chromium at $(CHROMIUM)"; exit 1; }
+	SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.base | $(CHROMIUM)
 	$(PIP) install -q -e '.[dev]'
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(PIP) install -q --no-cache-dir '$(LLAMACPP)'
 	touch $@

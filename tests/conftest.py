@@ -2,16 +2,39 @@
 
 __all__ = ["free_port_block"]
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from gridserve.cli.grid import LocalGrid, free_port_block
 
 API_KEY = "test-key"
 ADMIN = "test-admin"
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema in the local `test` database, dropped afterwards."""
+    name = "gs_test_" + uuid.uuid4().hex[:12]
+    engine = sa.create_engine(PG, poolclass=sa.NullPool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{name}"')
+    try:
+        yield name
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{name}" CASCADE')
+        engine.dispose()
+
+
+def pg_url(schema: str) -> str:
+    """The `--db` URL of the local PostgreSQL with `schema` first on the search path."""
+    return f"{PG}?options=-csearch_path%3D{schema}"
 
 
 def make_grid(tmp: Path, engines: list[str], **kwargs: object) -> LocalGrid:

@@ -1,37 +1,18 @@
 """The gateway on PostgreSQL: same behaviour as on the embedded SQLite store; decisions land in PostgreSQL."""
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-import sqlalchemy as sa
 from openai import OpenAI
-from tests.conftest import API_KEY, admin_get, make_grid
+from tests.conftest import API_KEY, PG, admin_get, make_grid, pg_url
 
 from gridserve.cli.grid import LocalGrid
 from gridserve.engines.tiny import TINY_MODEL
 from gridserve.store import Store
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
-
-@pytest.fixture
-def schema() -> Iterator[str]:
-    name = "gs_gw_" + uuid.uuid4().hex[:12]
-    engine = sa.create_engine(PG)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(f'CREATE SCHEMA "{name}"')
-    try:
-        yield name
-    finally:
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA "{name}" CASCADE')
-        engine.dispose()
-
-
-def test_gateway_runs_on_postgres(tmp_path: Path, schema: str) -> None:
-    url = f"{PG}?options=-csearch_path%3D{schema}"
+def test_gateway_runs_on_postgres(tmp_path: Path, pg_schema: str) -> None:
+    schema = pg_schema
+    url = pg_url(schema)
     grid: LocalGrid = make_grid(tmp_path, ["tiny"], extra_gateway_args=["--db", url], threads=1)
     try:
         grid.start(timeout_s=120)

@@ -53,6 +53,8 @@ class LocalGrid:
     threads: int = 2
     extra_node_args: list[str] = field(default_factory=list)
     extra_gateway_args: list[str] = field(default_factory=list)
+    node_gateways: str | None = None
+    """What nodes get as --gateway (default: this grid's gateway); several gateways comma-separated."""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -85,7 +87,8 @@ class LocalGrid:
 
     def start_node(self, index: int, engine: str, extra: list[str] | None = None) -> str:
         name = f"node-{index}"
-        args = ["node", "--gateway", self.url, "--engine", engine, "--port", str(self.node_port(index))]
+        gateway = self.node_gateways or self.url
+        args = ["node", "--gateway", gateway, "--engine", engine, "--port", str(self.node_port(index))]
         args += ["--key", str(self.data_dir / "keys" / f"{name}.key"), "--threads", str(self.threads)]
         self._spawn(name, [*args, *self.extra_node_args, *(extra or [])])
         return name

@@ -77,7 +77,15 @@ def _faults(allowed: bool, items: list[str]) -> "Faults":
 def gateway(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: SQLite in --data-dir)")] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(help="SQLAlchemy URL (default: SQLite in --data-dir); gateways on one PostgreSQL share state"),
+    ] = None,
+    key_file: Annotated[
+        Path | None,
+        typer.Option("--key", help="gateway signing key, shared by a grid's gateways (default: in --data-dir)"),
+    ] = None,
+    gateway_id: Annotated[str | None, typer.Option(help="this gateway's name on a shared database")] = None,
     api_key: Annotated[list[str] | None, typer.Option(help="API key clients must send (repeatable)")] = None,
     admin_token: Annotated[str | None, typer.Option(help="token for the admin API")] = None,
     data_dir: DataDir = Path(".gridserve"),
@@ -119,6 +127,8 @@ def gateway(
         host=host,
         data_dir=data_dir,
         db_url=db,
+        key_file=key_file,
+        gateway_id=gateway_id or "",
         api_keys=keys,
         admin_token=admin,
         heartbeat_interval_s=heartbeat_interval,
@@ -148,7 +158,10 @@ def _layers(text: str | None) -> tuple[int, int] | None:
 
 @app.command()
 def node(
-    gateway: Annotated[str, typer.Option(help="gateway URL, e.g. http://127.0.0.1:8000")],
+    gateway: Annotated[
+        str,
+        typer.Option(help="gateway URL, e.g. http://127.0.0.1:8000; several, comma-separated: the next on failure"),
+    ],
     engine: Annotated[str, typer.Option(help="tiny | gemma-270m | emulated:<hardware> | openai-upstream")],
     port: Annotated[int, typer.Option(help="port for this node's API")],
     key: Annotated[Path, typer.Option(help="Ed25519 key file (created with mode 0600 if missing)")] = Path("node.key"),

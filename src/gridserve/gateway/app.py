@@ -7,9 +7,9 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -19,7 +19,9 @@ from starlette.types import ASGIApp
 from gridserve.gateway.admin import add_reliability_routes
 from gridserve.gateway.audit import Auditor, Verifier
 from gridserve.gateway.canary import CanaryRunner
+from gridserve.gateway.cluster import ClusterSync
 from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.dashboard import add_dashboard_routes
 from gridserve.gateway.decisions import DecisionLog
 from gridserve.gateway.dispatch import Dispatcher
 from gridserve.gateway.doctor_api import add_doctor_routes
@@ -30,6 +32,7 @@ from gridserve.gateway.membership import Membership, UnknownNode
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.gateway.middleware import BodyLimit
 from gridserve.gateway.openai_api import ApiContext, list_models
+from gridserve.gateway.openapi_doc import install_openapi
 from gridserve.gateway.outcomes import Traces
 from gridserve.gateway.pipeline_api import Pipelines
 from gridserve.gateway.receipts import ReceiptChecker
@@ -51,7 +54,7 @@ def _check_key(presented: str, allowed: tuple[str, ...]) -> bool:
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig, store: Store, identity: Identity) -> None:
+    def __init__(self, config: GatewayConfig, store: Store, identity: Identity, *, event_cursor: int = 0) -> None:
         self.config = config
         self.store = store
         self.identity = identity
@@ -81,6 +84,18 @@ class Gateway:
             on_request=self.standby.note_request,
             pipelines=Pipelines(self.membership, self.dispatcher),
         )
+        self.cluster = (
+            ClusterSync(
+                self.membership,
+                store,
+                gateway_id=config.name,
+                interval_s=config.cluster_sync_interval_s,
+                event_cursor=event_cursor,
+            )
+            if store.dialect == "postgresql"
+            else None
+        )
+        """Several gateways on one PostgreSQL database keep each other's nodes and ledger (None on SQLite)."""
 
     def require_api_key(self, request: Request) -> None:
         if not _check_key(_bearer(request), self.config.api_keys):
@@ -115,10 +130,11 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
             else asyncio.create_task(asyncio.sleep(0))
         )
         prober = asyncio.create_task(probe_forever(gw.membership, gw.dispatcher, gw.config))
+        sync = asyncio.create_task(gw.cluster.run_forever() if gw.cluster else asyncio.sleep(0))
         try:
             yield
         finally:
-            for task in (sweeper, prober, keeper, canary):
+            for task in (sweeper, prober, keeper, canary, sync):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -135,6 +151,8 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     add_reliability_routes(app, gw.membership, gw.require_admin)
     pipelines = gw.api.pipelines
     add_doctor_routes(app, gw.membership, gw.traces, gw.require_admin, lambda: pipelines.recent if pipelines else [])
+    add_dashboard_routes(app, gw)
+    install_openapi(app)
     app.add_middleware(BodyLimit, max_bytes=gw.config.max_body_bytes)
     return HotPath(app, gw.api, gw.config.api_keys, gw.config.max_body_bytes, gw.membership)
 
@@ -188,7 +206,12 @@ def _node_routes(app: FastAPI, gw: Gateway) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         live = sum(1 for r in gw.membership.nodes.values() if r.state.value in ("up", "suspect", "probation"))
-        return {"status": "ok", "nodes_live": live, "gateway_public_key": gw.identity.public_key}
+        return {
+            "status": "ok",
+            "nodes_live": live,
+            "gateway_public_key": gw.identity.public_key,
+            "gateway_id": gw.config.name,
+        }
 
 
 def _openai_routes(app: FastAPI, gw: Gateway) -> None:
@@ -222,7 +245,7 @@ def _admin_routes(app: FastAPI, gw: Gateway) -> None:
 
     @app.get("/admin/events")
     async def events(
-        request: Request, kind: str | None = None, node_id: str | None = None, limit: int = 100
+        request: Request, kind: str | None = None, node_id: str | None = None, limit: Annotated[int, Query(ge=0)] = 100
     ) -> dict[str, Any]:
         gw.require_admin(request)
         gw.membership.flush_events()
@@ -249,6 +272,14 @@ def _admin_routes(app: FastAPI, gw: Gateway) -> None:
         if result is None:
             raise APIError(409, "no canary could be sent (no eligible node answered)", code="no_canary")
         return {**result.__dict__, "ok": result.ok}
+
+    @app.get("/admin/cluster")
+    async def cluster(request: Request) -> dict[str, Any]:
+        """This gateway's id and, on a shared PostgreSQL database, how it keeps up with the other gateways."""
+        gw.require_admin(request)
+        if gw.cluster is None:
+            return {"gateway_id": gw.config.name, "backend": gw.store.dialect, "shared": False}
+        return {**gw.cluster.status(), "shared": True}
 
     @app.get("/admin/standby")
     async def standby(request: Request) -> dict[str, Any]:

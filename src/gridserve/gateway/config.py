@@ -10,7 +10,16 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     data_dir: Path = Path(".gridserve")
     db_url: str | None = None
-    """SQLAlchemy URL; default: SQLite file in data_dir (WAL)."""
+    """SQLAlchemy URL; default: SQLite file in data_dir (WAL). Gateways on one PostgreSQL database share one state
+    (gateway/cluster.py)."""
+    gateway_id: str = ""
+    """This gateway's name among those sharing a database (default: host:port)."""
+    key_file: Path | None = None
+    """The gateway's signing key (default: data_dir/gateway.key). Gateways of one grid share one key: a node that
+    registered with one accepts work from all."""
+    cluster_sync_interval_s: float = 0.5
+    """Gateways on a shared PostgreSQL database read each other's writes at least this often (and at once when
+    notified)."""
     api_keys: tuple[str, ...] = field(default_factory=tuple)
     admin_token: str = ""
     max_body_bytes: int = 1_000_000
@@ -76,6 +85,10 @@ class GatewayConfig:
     """JSON {model: [weights digest, ...]} added to the built-in allowed digests (trust/attestation.py)."""
     profile_path: Path | None = None
     """Scheduling profile (YAML); default: the packaged default profile."""
+
+    @property
+    def name(self) -> str:
+        return self.gateway_id or f"{self.host}:{self.port}"
 
     @property
     def suspect_after_s(self) -> float:

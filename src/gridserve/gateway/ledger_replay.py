@@ -12,7 +12,8 @@ log = logging.getLogger("gridserve.gateway")
 STATE = "reliability_state"
 
 
-def _event(row: dict[str, Any]) -> NodeEvent:
+def stored_event(row: dict[str, Any]) -> NodeEvent:
+    """The ledger event a stored `node_events` row records."""
     detail = row.get("detail") or {}
     return NodeEvent(
         node_id=str(row["node_id"]),
@@ -24,17 +25,21 @@ def _event(row: dict[str, Any]) -> NodeEvent:
     )
 
 
-def _admin_action(book: ReliabilityBook, row: dict[str, Any]) -> None:
+def admin_action(book: ReliabilityBook, row: dict[str, Any]) -> bool:
+    """Apply a stored admin quarantine or release to `book`; False if the row records no admin action."""
     detail = row.get("detail") or {}
     reason = detail.get("admin_reason")
     if reason is None:
-        return  # other state changes follow from the events themselves
+        return False  # other state changes follow from the events themselves
     node_id, at = str(row["node_id"]), float(row["at"])
     if detail.get("to") == "quarantined":
         book.quarantine(node_id, reason=str(reason), now=at)
-    elif detail.get("to") == "probation":
+        return True
+    if detail.get("to") == "probation":
         with contextlib.suppress(CannotRelease):  # a ban that came later in the ledger wins
             book.release(node_id, reason=str(reason), now=at)
+        return True
+    return False
 
 
 def replay(store: Store, book: ReliabilityBook) -> int:
@@ -46,9 +51,9 @@ def replay(store: Store, book: ReliabilityBook) -> int:
             continue
         try:
             if row["kind"] == STATE:
-                _admin_action(book, row)
+                admin_action(book, row)
             else:
-                book.record(_event(row))
+                book.record(stored_event(row))
             applied += 1
         except (ReliabilityError, ValueError) as exc:
             log.warning("ledger replay skipped an event: %s", exc)

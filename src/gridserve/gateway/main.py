@@ -1,6 +1,5 @@
 """Run a gateway process."""
 
-import asyncio
 import logging
 import secrets
 from pathlib import Path
@@ -27,10 +26,11 @@ def read_or_create_secret(path: Path, prefix: str) -> str:
 
 
 def build_gateway(config: GatewayConfig) -> Gateway:
-    store = Store(config.db_url or default_sqlite_url(config.data_dir))
+    store = Store(config.db_url or default_sqlite_url(config.data_dir), origin=config.name)
     store.migrate()
-    identity = load_or_create_identity(config.data_dir / "gateway.key")
-    gateway = Gateway(config, store, identity)
+    identity = load_or_create_identity(config.key_file or config.data_dir / "gateway.key")
+    cursor = store.last_event_id()  # before the replay: an event committed meanwhile is applied by the sync
+    gateway = Gateway(config, store, identity, event_cursor=cursor)
     applied = replay(store, gateway.membership.book)
     logging.getLogger("gridserve.gateway").info("reliability ledger: %d stored events replayed", applied)
     return gateway
@@ -51,9 +51,11 @@ def run_gateway(config: GatewayConfig, log_level: str = "warning", log_format: L
             timeout_graceful_shutdown=3,
             backlog=4096,
             proxy_headers=False,
+            loop="auto",  # uvloop and httptools where installed (uvicorn[standard])
+            http="auto",
         )
     )
     try:
-        asyncio.run(server.serve())
+        server.run()  # not asyncio.run(server.serve()): that ignores `loop` and runs on asyncio's default loop
     finally:
         gateway.store.close()

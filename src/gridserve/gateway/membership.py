@@ -54,6 +54,10 @@ class NodeRecord:
     """Moving average of observed TTFT (for the latency-ewma baseline policy)."""
     ttft_ratios: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     """Observed / predicted (uncalibrated) TTFT of recent requests: their p95 sets the hedge delay."""
+    capability_at: float = 0.0
+    """When this capability was registered (by this gateway or, on a shared database, another)."""
+    via: str | None = None
+    """The other gateway this node registered with (None: this one)."""
 
     def ttft_ratio_p95(self) -> float | None:
         if len(self.ttft_ratios) < 8:
@@ -129,15 +133,7 @@ class Membership:
         if unattested:
             log.warning("node %s serves unattested model(s): %s", capability.node_id, ", ".join(unattested))
         now = self.clock()
-        previous = self.nodes.get(capability.node_id)
-        record = NodeRecord(capability=capability, state=NodeState.UP, registered_at=now, last_heartbeat=now)
-        if previous is not None:
-            record.outstanding = previous.outstanding
-            record.calibration = previous.calibration
-            record.ttft_ratios = previous.ttft_ratios
-            record.latency_ewma_s = previous.latency_ewma_s
-        self.book.add_node(capability.node_id, now)
-        self.nodes[capability.node_id] = record
+        record = self._install(capability, registered_at=now, capability_at=now, last_seen=now, via=None)
         self._transition(record, NodeState.UP, "registered")
         self.writer.submit(
             self.writer.store.upsert_node,
@@ -154,6 +150,64 @@ class Membership:
             ", ".join(m.name for m in capability.models),
         )
         return capability
+
+    def _install(
+        self, capability: Capability, *, registered_at: float, capability_at: float, last_seen: float, via: str | None
+    ) -> NodeRecord:
+        """A new record for a (re)registered node; what this gateway learned of it before is kept."""
+        previous = self.nodes.get(capability.node_id)
+        record = NodeRecord(
+            capability=capability,
+            state=NodeState.UP,
+            registered_at=registered_at,
+            last_heartbeat=last_seen,
+            capability_at=capability_at,
+            via=via,
+        )
+        if previous is not None:
+            record.outstanding = previous.outstanding
+            record.calibration = previous.calibration
+            record.ttft_ratios = previous.ttft_ratios
+            record.latency_ewma_s = previous.latency_ewma_s
+            record.rtt_ms = previous.rtt_ms
+        self.book.add_node(capability.node_id, registered_at)
+        self.nodes[capability.node_id] = record
+        return record
+
+    def adopt(
+        self, capability: Capability, *, registered_at: float, capability_at: float, last_seen: float, via: str
+    ) -> NodeRecord:
+        """A node that registered with another gateway on the same database (its signed registration was checked
+        there; this gateway probes it and judges its liveness itself)."""
+        unattested = attest(capability.models, self.allowed_digests)
+        if unattested:
+            log.warning("node %s serves unattested model(s): %s", capability.node_id, ", ".join(unattested))
+        fresh = self.clock() - last_seen <= self.config.suspect_after_s
+        record = self._install(
+            capability, registered_at=registered_at, capability_at=capability_at, last_seen=last_seen, via=via
+        )
+        record.state = NodeState.DOWN
+        if fresh:
+            self._transition(record, NodeState.UP, f"registered through gateway {via}")
+        log.info("node %s adopted from gateway %s (%s)", capability.node_id, via, capability.engine)
+        return record
+
+    def heard_elsewhere(self, record: NodeRecord, *, last_seen: float, telemetry: Telemetry | None) -> bool:
+        """Another gateway took a heartbeat from this node (as stored in the shared database): the same effect
+        on liveness as one taken here. False if it is not newer than what this gateway knows."""
+        if last_seen <= record.last_heartbeat:
+            return False
+        record.last_heartbeat = last_seen
+        if telemetry is not None:
+            record.telemetry = telemetry
+        if self.clock() - last_seen > self.config.suspect_after_s:
+            return True  # an old row (another gateway's late flush): no proof of life
+        if record.state == NodeState.SUSPECT:
+            self._transition(record, NodeState.UP, "heartbeat resumed (through another gateway)")
+        elif record.state == NodeState.DOWN:
+            record.probe_streak = 0
+            self._transition(record, NodeState.PROBATION, "heartbeat resumed after being down (another gateway)")
+        return True
 
     def heartbeat(self, body: bytes) -> NodeRecord:
         envelope = self.verifier.verify(body, purpose="heartbeat")
@@ -190,25 +244,29 @@ class Membership:
             self._transition(record, NodeState.PROBATION, "heartbeat resumed after being down")
         self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_KEPT, at=now))
         self._pending_beats[node_id] = {"node_id": node_id, "telemetry": beat.telemetry, "at": now}
+        record.via = None
         return record
 
     # -- failure detection ------------------------------------------------------------------------
     def sweep(self) -> None:
-        """Mark nodes suspect, then down, as their heartbeats age."""
+        """Mark nodes suspect, then down, as their heartbeats age; count nodes per state (one pass)."""
         now = self.clock()
+        suspect_after, down_after = self.config.suspect_after_s, self.config.down_after_s
+        younger = min(suspect_after, down_after)  # a heartbeat this recent changes nothing: one comparison
+        counts = dict.fromkeys(NodeState, 0)
         for record in self.nodes.values():
             age = now - record.last_heartbeat
-            node_id = record.capability.node_id
-            if age > self.config.down_after_s and record.state in LIVE:
-                self._transition(record, NodeState.DOWN, f"no heartbeat for {age:.1f} s")
-                self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_MISSED, at=now, detail="down"))
-            elif age > self.config.suspect_after_s and record.state == NodeState.UP:
-                self._transition(record, NodeState.SUSPECT, f"no heartbeat for {age:.1f} s")
-                self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_MISSED, at=now, detail="suspect"))
-        for state in NodeState:
-            self.metrics.node_states.labels(state=state.value).set(
-                sum(1 for r in self.nodes.values() if r.state == state)
-            )
+            if age > younger:
+                node_id = record.capability.node_id
+                if age > down_after and record.state in LIVE:
+                    self._transition(record, NodeState.DOWN, f"no heartbeat for {age:.1f} s")
+                    self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_MISSED, at=now, detail="down"))
+                elif age > suspect_after and record.state == NodeState.UP:
+                    self._transition(record, NodeState.SUSPECT, f"no heartbeat for {age:.1f} s")
+                    self.note(NodeEvent(node_id=node_id, kind=EventKind.HEARTBEAT_MISSED, at=now, detail="suspect"))
+            counts[record.state] += 1
+        for state, count in counts.items():
+            self.metrics.node_states.labels(state=state.value).set(count)
 
     def mark_failed(self, node_id: NodeId, reason: str) -> None:
         """A dispatch could not reach the node: take it out of rotation until it heartbeats again."""
@@ -344,6 +402,7 @@ class Membership:
             "registered_at": record.registered_at,
             "last_heartbeat": record.last_heartbeat,
             "heartbeat_age_s": round(self.clock() - record.last_heartbeat, 3),
+            "via_gateway": record.via,
             "transitions": [{"at": t, "what": w} for t, w in record.transitions[-5:]],
             "rtt_ms": None if record.rtt_ms is None else round(record.rtt_ms, 3),
             "probe_failures": record.probe_failures,

@@ -239,6 +239,7 @@ async def _drain(ctx: ApiContext, gen: Generation, kind: str) -> AsyncIterator[d
     ends with an `error` event."""
     status, error = "ok", ""
     last: dict[str, Any] = {}
+    entries: list[dict[str, Any]] = []
     try:
         async for event in gen.events():
             last = event
@@ -254,14 +255,19 @@ async def _drain(ctx: ApiContext, gen: Generation, kind: str) -> AsyncIterator[d
         raise
     finally:
         gen.close()
-        _finish(ctx, gen, kind, status=status, error=error, last=last)
+        entries = _finish(ctx, gen, kind, status=status, error=error, last=last)
+        if status != "ok":  # no answer to hold back: stored in the background
+            ctx.receipts.write(entries)
+            entries = []
+    await ctx.receipts.commit(entries)  # the answer ends only once its tokens are settled
 
 
-def _settle(ctx: ApiContext, gen: Generation) -> list[str]:
-    """Check each finished segment's receipt and append the settlement entries; returns the problems."""
+def _settle(ctx: ApiContext, gen: Generation) -> tuple[list[str], list[dict[str, Any]]]:
+    """Check each finished segment's receipt; returns the problems and the settlement entries (to store)."""
     problems: list[str] = []
+    entries: list[dict[str, Any]] = []
     decision = gen.decision
-    for segment in gen.segments:
+    for index, segment in enumerate(gen.segments):
         candidate = decision.candidate(segment.node_id)
         price = candidate.price_per_mtok if candidate else None
         if segment.outcome == "ok":
@@ -274,19 +280,24 @@ def _settle(ctx: ApiContext, gen: Generation) -> list[str]:
             check = ReceiptCheck(node_id=segment.node_id, delivered=segment.tokens, receipted=False)
         else:
             continue
-        ctx.receipts.settle(
+        entry = ctx.receipts.entry(
             decision_id=decision.decision_id,
             request_id=decision.request_id,
             model=decision.model,
             check=check,
             price_per_mtok=price,
+            segment=index,
         )
-    return problems
+        entries.append(entry)
+    return problems, entries
 
 
-def _finish(ctx: ApiContext, gen: Generation, kind: str, *, status: str, error: str, last: dict[str, Any]) -> None:
+def _finish(
+    ctx: ApiContext, gen: Generation, kind: str, *, status: str, error: str, last: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Record the request's outcome (ledger, calibration, metrics, decision); returns its settlement entries."""
     decision = gen.decision
-    problems = _settle(ctx, gen)
+    problems, entries = _settle(ctx, gen)
     completion = int(last.get("completion_tokens", len(gen.emitted)))
     for segment in gen.segments:
         ctx.metrics.tokens.labels(node=segment.node_id).inc(segment.tokens)
@@ -318,6 +329,7 @@ def _finish(ctx: ApiContext, gen: Generation, kind: str, *, status: str, error: 
             "error": error or None,
         },
     )
+    return entries
 
 
 async def _sse(

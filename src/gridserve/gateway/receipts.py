@@ -14,6 +14,8 @@ The gateway settles what it counted itself, at the price decided for the request
 kept in the ledger with the node's claim next to it.
 """
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,8 @@ from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, TrustError
 from gridserve.trust.commitments import input_commitment, token_commitment
 from gridserve.types import GenerateRequest, NodeId, Receipt
 from gridserve.types.base import from_wire
+
+log = logging.getLogger("gridserve.gateway")
 
 
 @dataclass
@@ -144,17 +148,21 @@ class ReceiptChecker:
             return
         result.delivered = claimed  # bounded by what was received; the node's count is the best there is
 
-    def settle(
-        self, *, decision_id: str, request_id: str, model: str, check: ReceiptCheck, price_per_mtok: float | None
-    ) -> None:
-        """Append the ledger entry: the gateway's own count at the decided price; disputed if the receipt
-        disagrees."""
+    def entry(
+        self,
+        *,
+        decision_id: str,
+        request_id: str,
+        model: str,
+        check: ReceiptCheck,
+        price_per_mtok: float | None,
+        segment: int = 0,
+    ) -> dict[str, Any]:
+        """The ledger entry: the gateway's own count at the decided price; disputed if the receipt disagrees.
+        One entry per (decision, segment): stored once however often the write is tried."""
         price = price_per_mtok or 0.0
         disputes = [f"{k}: {e}" for k, e in check.problems]
-        self.writer.submit(
-            self.writer.store.record_settlements,
-            [
-                {
+        return {
                     "decision_id": decision_id,
                     "request_id": request_id,
                     "node_id": check.node_id,
@@ -166,9 +174,25 @@ class ReceiptChecker:
                     "status": "disputed" if disputes else ("ok" if check.receipted else "unreceipted"),
                     "detail": "; ".join(disputes),
                     "at": time.time(),
+                    "entry_key": f"{decision_id}/{segment}",
                 }
-            ],
-        )
+
+    def write(self, entries: list[dict[str, Any]]) -> None:
+        """Append entries through the store writer (off the event loop, in the background)."""
+        if entries:
+            self.writer.submit(self.writer.store.record_settlements, entries)
+
+    async def commit(self, entries: list[dict[str, Any]]) -> None:
+        """Append entries and wait until they are stored: an answer is delivered only once it is settled, so a
+        gateway that dies cannot leave a delivered answer unpaid. On a database error the entries go to the
+        store writer, which retries (the entry key keeps a retried write from counting twice)."""
+        if not entries:
+            return
+        try:
+            await asyncio.to_thread(self.writer.store.record_settlements, entries)
+        except Exception as exc:
+            log.warning("settlement write failed (%s); queued for retry", exc)
+            self.write(entries)
 
 
 __all__ = ["ReceiptCheck", "ReceiptChecker"]

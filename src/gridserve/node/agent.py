@@ -32,6 +32,18 @@ def runtime_versions() -> dict[str, str]:
     return found
 
 
+class GatewayUnavailable(RuntimeError):
+    """The gateway answered with a server error: another gateway of the grid may do better."""
+
+
+def gateway_urls(value: str) -> list[str]:
+    """`--gateway` as a comma-separated list of the grid's gateway URLs."""
+    urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("no gateway URL given")
+    return urls
+
+
 class NodeAgent:
     def __init__(self, config: NodeConfig, identity: Identity, engine: Engine) -> None:
         self.config = config
@@ -44,7 +56,21 @@ class NodeAgent:
         self.faults = Faults(allowed=False)
         self.verifier = EnvelopeVerifier(FreshnessPolicy(max_skew_s=config.max_skew_s), time.time)
         self._seq = 0
-        self._client = httpx.AsyncClient(base_url=config.gateway_url.rstrip("/"), timeout=10.0)
+        self.gateways = gateway_urls(config.gateway_url)
+        """The grid's gateways (they share one database and one key); heartbeats go to one, the next on failure."""
+        self._current = 0
+        self._client = httpx.AsyncClient(timeout=10.0)
+
+    @property
+    def gateway_url(self) -> str:
+        return self.gateways[self._current]
+
+    def next_gateway(self, why: str) -> None:
+        """Move to the next gateway of the list (registering there comes next)."""
+        if len(self.gateways) > 1:
+            old = self.gateway_url
+            self._current = (self._current + 1) % len(self.gateways)
+            log.warning("gateway %s unusable (%s); moving to %s", old, why, self.gateway_url)
 
     def capability(self) -> Capability:
         hardware = self.engine.advertised_hardware() or detect_hardware(self.nvml)
@@ -107,7 +133,9 @@ class NodeAgent:
 
     async def register(self) -> None:
         body = self._signed({"capability": self.capability().model_dump(mode="json")}, "register")
-        resp = await self._client.post("/nodes/register", content=body, headers={"content-type": "application/json"})
+        resp = await self._client.post(
+            self.gateway_url + "/nodes/register", content=body, headers={"content-type": "application/json"}
+        )
         if resp.status_code != 200:
             raise RuntimeError(f"registration refused ({resp.status_code}): {resp.text[:300]}")
         envelope = self.verifier.verify(resp.content, purpose="register-reply", expected_keyid=self.gateway_key)
@@ -118,7 +146,7 @@ class NodeAgent:
         if self.config.heartbeat_interval_s is None:
             self.heartbeat_interval_s = reply.heartbeat_interval_s
         self.registered.set()
-        log.info("registered as %s with gateway %s", self.identity.node_id, self.config.gateway_url)
+        log.info("registered as %s with gateway %s", self.identity.node_id, self.gateway_url)
 
     async def load(self, model: str) -> None:
         """Load a model the gateway asked for (pre-warming), then register again with the new capability."""
@@ -149,7 +177,7 @@ class NodeAgent:
         self._seq += 1
         payload = HeartbeatPayload(node_id=NodeId(self.identity.node_id), seq=self._seq, telemetry=self.telemetry())
         resp = await self._client.post(
-            "/nodes/heartbeat",
+            self.gateway_url + "/nodes/heartbeat",
             content=self._signed(payload.model_dump(mode="json"), "heartbeat"),
             headers={"content-type": "application/json"},
         )
@@ -157,25 +185,39 @@ class NodeAgent:
             log.warning("gateway does not know this node (restarted?); registering again")
             self.registered.clear()
             await self.register()
+        elif resp.status_code >= 500 and len(self.gateways) > 1:
+            raise GatewayUnavailable(f"heartbeat answered {resp.status_code}")
         elif resp.status_code != 200:
             log.warning("heartbeat refused (%s): %s", resp.status_code, resp.text[:200])
 
     async def run(self) -> None:
         """Register (retrying until the gateway answers), then heartbeat forever."""
+        await self._register_somewhere()
+        while True:  # the first heartbeat right away: the gateway has telemetry from the start
+            try:
+                await self.heartbeat()
+            except (httpx.TransportError, GatewayUnavailable) as exc:
+                log.warning("heartbeat to %s failed: %s", self.gateway_url, exc)
+                if len(self.gateways) > 1:  # the gateway is gone: join another one at once
+                    self.next_gateway(str(exc) or type(exc).__name__)
+                    self.registered.clear()
+                    await self._register_somewhere()
+                    continue
+            except (httpx.HTTPError, RuntimeError, TrustError) as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.heartbeat_interval_s)
+
+    async def _register_somewhere(self) -> None:
+        """Register with the current gateway, moving along the list on failure, until one accepts."""
         delay = 0.2
         while not self.registered.is_set():
             try:
                 await self.register()
             except (httpx.HTTPError, RuntimeError, TrustError) as exc:
-                log.warning("registration failed: %s; retrying in %.1f s", exc, delay)
+                log.warning("registration with %s failed: %s; retrying in %.1f s", self.gateway_url, exc, delay)
+                self.next_gateway(str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        while True:  # the first heartbeat right away: the gateway has telemetry from the start
-            try:
-                await self.heartbeat()
-            except (httpx.HTTPError, RuntimeError, TrustError) as exc:
-                log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(self.heartbeat_interval_s)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -35,6 +35,11 @@ nodes = sa.Table(
     sa.Column("registered_at", sa.Float(), nullable=False),
     sa.Column("last_seen", sa.Float(), nullable=False),
     sa.Column("telemetry", sa.JSON(), nullable=True),
+    # when the capability was last (re)registered: other gateways re-read it when this moves
+    sa.Column("capability_at", sa.Float(), nullable=True),
+    # the gateway the node registered with (the one taking its heartbeats)
+    sa.Column("gateway", sa.String(), nullable=True),
+    sa.Index("ix_nodes_last_seen", "last_seen"),
 )
 
 node_events = sa.Table(
@@ -46,6 +51,8 @@ node_events = sa.Table(
     sa.Column("node_id", sa.String(), nullable=True, index=True),
     sa.Column("detail", sa.JSON(), nullable=False),
     sa.Column("at", sa.Float(), nullable=False, index=True),
+    # the gateway that wrote the event (several gateways on one database tail each other's)
+    sa.Column("origin", sa.String(), nullable=True),
 )
 
 decisions = sa.Table(
@@ -76,7 +83,13 @@ settlements = sa.Table(
     sa.Column("status", sa.String(), nullable=False),
     sa.Column("detail", sa.String(), nullable=False),
     sa.Column("at", sa.Float(), nullable=False),
+    # decision id and segment: an entry written twice (a retried commit) is counted once
+    sa.Column("entry_key", sa.String(), nullable=True),
+    sa.Index("ux_settlements_entry_key", "entry_key", unique=True),
 )
+
+NOTIFY_CHANNEL = "gridserve_events"
+"""PostgreSQL channel on which a commit of node events is announced (payload: the writing gateway's id)."""
 
 
 def default_sqlite_url(data_dir: Path) -> str:
@@ -166,7 +179,10 @@ class Store:
     e.g. through :class:`gridserve.store.StoreWriter`.
     """
 
-    def __init__(self, url: str, *, schema: str | None = None) -> None:
+    def __init__(self, url: str, *, schema: str | None = None, origin: str | None = None) -> None:
+        """`origin`: this gateway's id, written with every event it records (several gateways on one database
+        read each other's events by it)."""
+        self.origin = origin
         parsed = sa.make_url(url)
         backend = parsed.get_backend_name()
         if backend == "sqlite":
@@ -182,6 +198,15 @@ class Store:
     @property
     def engine(self) -> Engine:
         return self._engine
+
+    @property
+    def dialect(self) -> str:
+        return self._dialect
+
+    def _announce(self, conn: Connection) -> None:
+        """PostgreSQL: tell the other gateways (LISTEN) that events were committed; sent at commit."""
+        if self._dialect == "postgresql":
+            conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, self.origin or "")))
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
@@ -209,8 +234,11 @@ class Store:
             "state": state,
             "registered_at": at,
             "last_seen": at,
+            "capability_at": at,
+            "gateway": self.origin,
         }
-        stmt = _upsert(self._dialect, nodes, values, ["public_key", "capability", "state", "last_seen"])
+        update = ["public_key", "capability", "state", "last_seen", "capability_at", "gateway"]
+        stmt = _upsert(self._dialect, nodes, values, update)
         with self._write() as conn:
             conn.execute(stmt)
 
@@ -244,6 +272,23 @@ class Store:
         with self._write() as conn:
             conn.execute(stmt, rows)
 
+    def nodes_seen_since(self, since: float) -> list[dict[str, Any]]:
+        """Nodes heard from (registered or heartbeating, through any gateway) after `since`: id, key, state,
+        last_seen, telemetry, capability_at, gateway; without the capability document (see `capabilities`)."""
+        n = nodes.c
+        cols = [n.node_id, n.public_key, n.state, n.last_seen, n.telemetry, n.capability_at, n.gateway]
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.select(*cols).where(n.last_seen > since))]
+
+    def capabilities(self, node_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The stored capability documents of these nodes, with `capability_at` and `registered_at`."""
+        if not node_ids:
+            return {}
+        n = nodes.c
+        stmt = sa.select(n.node_id, n.capability, n.capability_at, n.registered_at).where(n.node_id.in_(node_ids))
+        with self._engine.connect() as conn:
+            return {r.node_id: dict(r._mapping) for r in conn.execute(stmt)}
+
     def list_nodes(self) -> list[dict[str, Any]]:
         with self._engine.connect() as conn:
             rows = conn.execute(sa.select(nodes).order_by(nodes.c.node_id))
@@ -257,17 +302,30 @@ class Store:
     # -- events ----------------------------------------------------------------------------------------
 
     def record_event(self, *, kind: str, severity: str, node_id: str | None, detail: dict[str, Any], at: float) -> None:
-        values = {"kind": kind, "severity": severity, "node_id": node_id, "detail": detail, "at": at}
-        with self._write() as conn:
-            conn.execute(node_events.insert().values(values))
+        self.record_events([{"kind": kind, "severity": severity, "node_id": node_id, "detail": detail, "at": at}])
 
     def record_events(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert many events in one transaction (rows: the keyword arguments of :meth:`record_event`)."""
         if not rows:
             return
-        values = [{k: r[k] for k in ("kind", "severity", "node_id", "detail", "at")} for r in rows]
+        keys = ("kind", "severity", "node_id", "detail", "at")
+        values = [{**{k: r[k] for k in keys}, "origin": self.origin} for r in rows]
         with self._write() as conn:
             conn.execute(node_events.insert(), values)
+            self._announce(conn)
+
+    def events_after(self, after_id: int, *, exclude_origin: str | None, limit: int = 5000) -> list[dict[str, Any]]:
+        """Events with id > `after_id` written by other gateways than `exclude_origin`, in id order."""
+        e = node_events.c
+        stmt = sa.select(node_events).where(e.id > after_id).order_by(e.id).limit(limit)
+        if exclude_origin is not None:
+            stmt = stmt.where(sa.or_(e.origin.is_(None), e.origin != exclude_origin))
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def last_event_id(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(node_events.c.id), 0))).scalar_one())
 
     def list_events(
         self, *, kind: str | None = None, node_id: str | None = None, limit: int = 100
@@ -352,9 +410,13 @@ class Store:
     # -- settlement (append-only) ------------------------------------------------------------------------
 
     def record_settlements(self, rows: Sequence[dict[str, Any]]) -> None:
-        if rows:
-            with self._write() as conn:
-                conn.execute(sa.insert(settlements), list(rows))
+        """Append entries; one whose `entry_key` is already stored is skipped (a retried write counts once)."""
+        if not rows:
+            return
+        values = [{"entry_key": None, **r} for r in rows]
+        insert = pg_insert(settlements) if self._dialect == "postgresql" else sqlite_insert(settlements)
+        with self._write() as conn:
+            conn.execute(insert.on_conflict_do_nothing(index_elements=["entry_key"]), values)
 
     def settlement_report(self, *, disputed_limit: int = 100) -> dict[str, Any]:
         """Per node and model: requests, tokens, amount, disputed entries; and the latest disputed entries."""

@@ -5,14 +5,20 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
+
+from sqlalchemy.exc import OperationalError
 
 from gridserve.store.db import Store
 
 _log = logging.getLogger("gridserve.store")
 
 _Job = tuple[Callable[..., None], tuple[Any, ...], dict[str, Any]]
+RETRY_DELAYS_S = (0.2, 1.0, 3.0)
+"""A write that fails on the connection (database restarted, network blip) is tried again after these pauses;
+settlement entries carry a unique key, so a write that committed before its connection broke counts once."""
 
 
 class StoreWriter:
@@ -62,13 +68,27 @@ class StoreWriter:
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            fn, args, kwargs = job
+    @staticmethod
+    def _execute(job: _Job) -> None:
+        fn, args, kwargs = job
+        name = getattr(fn, "__qualname__", repr(fn))
+        for delay in (*RETRY_DELAYS_S, None):
             try:
                 fn(*args, **kwargs)
+                return
+            except OperationalError as exc:
+                if delay is None:
+                    _log.error("store write %s failed after %d tries: %s", name, len(RETRY_DELAYS_S) + 1, exc)
+                    return
+                _log.warning("store write %s failed (%s); retrying in %.1f s", name, type(exc).__name__, delay)
+                time.sleep(delay)
             except Exception:
-                _log.exception("store write %s failed", getattr(fn, "__qualname__", repr(fn)))
+                _log.exception("store write %s failed", name)
+                return
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            self._execute(job)
             with self._cond:
                 self._done += 1
                 self._cond.notify_all()

@@ -1,13 +1,28 @@
 """What a node is (capability) and how it is right now (telemetry)."""
 
 from enum import StrEnum
-from typing import Literal, NewType
+from typing import Annotated, Literal, NewType
 
 from pydantic import Field
 
 from gridserve.types.base import Strict
 
 NodeId = NewType("NodeId", str)
+
+# Bounds on what a node may send: a signed message is still untrusted input.
+MAX_NAME = 256
+"""Longest id, key, name, version or digest (real ones are tens of characters)."""
+MAX_URL = 2048
+"""Longest endpoint URL."""
+MAX_MESSAGE = 1000
+"""Longest error message (nodes cut theirs at 300: engines/base.py)."""
+MAX_ITEMS = 1024
+"""Most entries in a list (models, GPUs, errors, faults)."""
+Name = Annotated[str, Field(max_length=MAX_NAME)]
+Count = Annotated[int, Field(ge=0)]
+"""Bytes, cores, requests: never negative."""
+Rate = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+"""Tokens per second, USD per million tokens: finite, never negative."""
 
 
 class NodeState(StrEnum):
@@ -23,21 +38,21 @@ class NodeState(StrEnum):
 
 
 class GpuInfo(Strict):
-    name: str
-    memory_total_bytes: int
-    driver: str = ""
+    name: Name
+    memory_total_bytes: Count
+    driver: Name = ""
 
 
 class HardwareInfo(Strict):
     """Detected (or, for emulated nodes, advertised) hardware."""
 
-    accelerator: str = Field(description="catalog key, e.g. 'cpu', 'rtx4090', 'h100-sxm'")
+    accelerator: Name = Field(description="catalog key, e.g. 'cpu', 'rtx4090', 'h100-sxm'")
     emulated: bool = False
-    cpu_model: str = ""
-    cpu_cores: int = 0
-    ram_bytes: int = 0
-    gpus: tuple[GpuInfo, ...] = ()
-    memory_bytes: int = Field(0, description="memory available to the engine for weights + KV cache")
+    cpu_model: Name = ""
+    cpu_cores: Count = 0
+    ram_bytes: Count = 0
+    gpus: tuple[GpuInfo, ...] = Field((), max_length=MAX_ITEMS)
+    memory_bytes: Count = Field(0, description="memory available to the engine for weights + KV cache")
 
 
 class LayerRange(Strict):
@@ -57,37 +72,37 @@ class LayerRange(Strict):
 class ModelOffer(Strict):
     """One model a node serves."""
 
-    name: str
-    dtype: str = "float32"
-    quantization: str = "none"
-    max_context: int = 2048
-    weights_digest: str = ""
+    name: Name
+    dtype: Name = "float32"
+    quantization: Name = "none"
+    max_context: int = Field(2048, ge=1)
+    weights_digest: Name = ""
     layers: LayerRange | None = None
     """The layers this node runs; None means the whole model (pipeline stages are not served yet)."""
 
 
 class RuntimeInfo(Strict):
-    gridserve: str
-    python: str
-    engine: str
-    versions: dict[str, str] = Field(default_factory=dict)
+    gridserve: Name
+    python: Name
+    engine: Name
+    versions: dict[Name, Name] = Field(default_factory=dict, max_length=MAX_ITEMS)
 
 
 class Capability(Strict):
     """The signed capability document a node registers with."""
 
-    node_id: NodeId
-    public_key: str
-    endpoint: str
-    engine: str
-    models: tuple[ModelOffer, ...]
+    node_id: NodeId = Field(max_length=MAX_NAME)
+    public_key: Name
+    endpoint: str = Field(max_length=MAX_URL)
+    engine: Name
+    models: tuple[ModelOffer, ...] = Field(max_length=MAX_ITEMS)
     hardware: HardwareInfo
     runtime: RuntimeInfo
-    price_per_mtok: float = 0.0
+    price_per_mtok: Rate = 0.0
     """The operator's price (USD per million generated tokens); 0 = the price derived from the hardware."""
-    loadable_models: tuple[str, ...] = ()
+    loadable_models: tuple[Name, ...] = Field((), max_length=MAX_ITEMS)
     """Models on disk that the node could load on demand (not resident: slower first token)."""
-    stage_models: tuple[str, ...] = ()
+    stage_models: tuple[Name, ...] = Field((), max_length=MAX_ITEMS)
     """Models of which the node runs whatever layer range the gateway's planner assigns it (`--layers auto`)."""
 
 
@@ -97,23 +112,23 @@ ErrorKind = Literal["oom", "cuda", "timeout", "refused", "engine"]
 class NodeError(Strict):
     """One entry of a node's recent error log (sent with heartbeats; read by the latency doctor)."""
 
-    at: float
+    at: float = Field(allow_inf_nan=False)
     kind: ErrorKind
-    message: str
+    message: str = Field(max_length=MAX_MESSAGE)
 
 
 class Telemetry(Strict):
     """How a node is right now; carried by every heartbeat."""
 
-    utilization: float = 0.0
-    memory_used_bytes: int = 0
-    memory_total_bytes: int = 0
-    temperature_c: float | None = None
-    clock_ratio: float | None = None
-    queue_depth: int = 0
-    active_requests: int = 0
-    tokens_per_s: float = 0.0
-    errors: tuple[NodeError, ...] = ()
+    utilization: float = Field(0.0, ge=0.0, le=1.0)
+    memory_used_bytes: Count = 0
+    memory_total_bytes: Count = 0
+    temperature_c: float | None = Field(None, ge=-273.15, allow_inf_nan=False)
+    clock_ratio: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    queue_depth: Count = 0
+    active_requests: Count = 0
+    tokens_per_s: Rate = 0.0
+    errors: tuple[NodeError, ...] = Field((), max_length=MAX_ITEMS)
     """The node's most recent errors, oldest first."""
-    faults: tuple[str, ...] = ()
+    faults: tuple[Name, ...] = Field((), max_length=MAX_ITEMS)
     """Faults injected on this node (tests and demos; node/faults.py), shown so nobody mistakes them for real."""

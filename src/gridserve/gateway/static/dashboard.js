@@ -1,0 +1,413 @@
+// gridserve operator dashboard: vanilla JS, no dependencies. Every string from the gateway (node ids, reasons,
+// evidence: node-supplied, untrusted) reaches the page through textContent or setAttribute, never as HTML.
+"use strict";
+
+const TOKEN_KEY = "gridserve-admin-token";
+const POLL_MS = 2000;
+const WINDOW_S = 600;
+const BUCKET_S = 10;
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+let token = null;
+let timer = null;
+
+class AuthError extends Error {}
+
+// ---- DOM helpers -------------------------------------------------------------------------------------------
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (value !== null && value !== undefined) node.setAttribute(key, String(value));
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function svg(tag, attrs) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+  return node;
+}
+
+function byTestId(id) {
+  return document.querySelector(`[data-testid="${id}"]`);
+}
+
+function showError(id, message) {
+  const node = byTestId(id);
+  node.textContent = message || "";
+  node.hidden = !message;
+}
+
+// ---- formatting ------------------------------------------------------------------------------------------
+
+const short = (id) => (id ? String(id).slice(0, 12) : "");
+const num = (v, digits = 2) => (typeof v === "number" && Number.isFinite(v) ? v.toFixed(digits) : "–");
+const ms = (s) => (typeof s === "number" ? `${(s * 1000).toFixed(s >= 0.1 ? 0 : 1)} ms` : "–");
+const pct = (v) => (typeof v === "number" ? `${(v * 100).toFixed(0)}%` : "–");
+const gib = (b) => (b / 2 ** 30).toFixed(1);
+const clock = (t) => (typeof t === "number" ? new Date(t * 1000).toLocaleTimeString() : "–");
+
+function nodeCell(id) {
+  return el("td", { class: "mono", title: id, "data-testid": "node-id" }, short(id));
+}
+
+// ---- the admin API --------------------------------------------------------------------------------------
+
+async function api(path) {
+  const resp = await fetch(path, { headers: { Authorization: `Bearer ${token}` }, cache: "no-store" });
+  let body = null;
+  try {
+    body = await resp.json();
+  } catch (_) {
+    body = null;
+  }
+  const message = body && body.error ? body.error.message : `HTTP ${resp.status}`;
+  if (resp.status === 401) throw new AuthError(message);
+  if (!resp.ok) throw new Error(`${resp.status}: ${message}`);
+  return body;
+}
+
+// ---- nodes ------------------------------------------------------------------------------------------------
+
+function memoryText(tel) {
+  if (!tel || !tel.memory_total_bytes) return "–";
+  return `${gib(tel.memory_used_bytes)} / ${gib(tel.memory_total_bytes)} GiB`;
+}
+
+function thermalText(tel) {
+  if (!tel) return "–";
+  const temp = typeof tel.temperature_c === "number" ? `${tel.temperature_c.toFixed(0)} °C` : "–";
+  const ratio = typeof tel.clock_ratio === "number" ? tel.clock_ratio : null;
+  const throttled = ratio !== null && ratio < 0.8;
+  return `${temp} / ${ratio === null ? "–" : pct(ratio)}${throttled ? " throttled" : ""}`;
+}
+
+function hardwareText(node) {
+  const hw = node.hardware || {};
+  const gpus = (hw.gpus || []).map((g) => g.name).join(", ");
+  return gpus ? `${hw.accelerator} (${gpus})` : hw.accelerator || "–";
+}
+
+function nodeRow(node) {
+  const tel = node.telemetry;
+  const rel = node.reliability || {};
+  const models = (node.models || []).map((m) => m.name).join(", ");
+  return el(
+    "tr",
+    { "data-testid": "node-row", "data-node-id": node.node_id },
+    nodeCell(node.node_id),
+    el("td", {}, node.engine),
+    el("td", { "data-testid": "node-hardware" }, hardwareText(node)),
+    el("td", { "data-testid": "node-emulated" }, node.emulated ? "emulated" : "real"),
+    el("td", {}, models),
+    el("td", { "data-testid": "node-state", class: `state-${node.state}` }, node.state),
+    el("td", { "data-testid": "node-reliability", class: `state-${rel.state}`, title: rel.reason || "" }, rel.state),
+    el("td", { "data-testid": "node-score" }, num(rel.score, 3)),
+    el("td", {}, tel ? pct(tel.utilization) : "–"),
+    el("td", {}, memoryText(tel)),
+    el("td", {}, thermalText(tel)),
+    el("td", {}, tel ? `${tel.queue_depth} queued, ${tel.active_requests} active` : "–"),
+    el("td", {}, node.outstanding),
+    el("td", {}, `${num(node.heartbeat_age_s, 1)} s`),
+    el("td", {}, node.rtt_ms === null ? "–" : `${num(node.rtt_ms, 1)} ms`),
+  );
+}
+
+async function refreshNodes() {
+  const found = await api("/admin/nodes");
+  byTestId("nodes-body").replaceChildren(...found.nodes.map(nodeRow));
+  byTestId("nodes-count").textContent = `${found.nodes.length}`;
+}
+
+// ---- traffic charts (inline SVG) ----------------------------------------------------------------------------
+
+const CHART = { width: 320, height: 120, left: 52, right: 8, top: 10, bottom: 18 };
+
+function chart(kind, title, buckets, lines, format) {
+  const { width, height, left, right, top, bottom } = CHART;
+  const values = lines.flatMap((line) => buckets.map((b) => b[line.key])).filter((v) => typeof v === "number");
+  const max = Math.max(...values, 0) || 1;
+  const x = (i) => left + ((width - left - right) * i) / Math.max(1, buckets.length - 1);
+  const y = (v) => top + (height - top - bottom) * (1 - v / max);
+  const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "chart", "data-testid": `chart-${kind}` });
+  const heading = el("div", { class: "chart-title" }, title);
+  root.append(svg("line", { x1: left, y1: y(0), x2: width - right, y2: y(0), class: "axis" }));
+  root.append(svg("line", { x1: left, y1: top, x2: left, y2: y(0), class: "axis" }));
+  const label = (text, attrs) => {
+    const node = svg("text", attrs);
+    node.textContent = text;
+    root.append(node);
+  };
+  label(format(max), { x: left - 4, y: top + 8, class: "tick", "text-anchor": "end" });
+  label(format(0), { x: left - 4, y: y(0), class: "tick", "text-anchor": "end" });
+  label(clock(buckets[0] && buckets[0].t), { x: left, y: height - 4, class: "tick" });
+  label("now", { x: width - right, y: height - 4, class: "tick", "text-anchor": "end" });
+  for (const line of lines) {
+    let d = "";
+    let pen = false;
+    buckets.forEach((b, i) => {
+      const v = b[line.key];
+      if (typeof v !== "number") {
+        pen = false;
+        return;
+      }
+      d += `${pen ? "L" : "M"}${x(i).toFixed(1)},${y(v).toFixed(1)} `;
+      pen = true;
+      const point = svg("circle", {
+        cx: x(i).toFixed(1), cy: y(v).toFixed(1), r: 2, class: `point ${line.cls}`,
+        "data-testid": "point", "data-metric": line.key, "data-value": v,
+      });
+      const tip = svg("title", {});
+      tip.textContent = `${line.key} ${format(v)} at ${clock(b.t)} (${b.requests} requests, ${b.errors} errors)`;
+      point.append(tip);
+      root.append(point);
+    });
+    if (d) root.insertBefore(svg("path", { d: d.trim(), class: `line ${line.cls}` }), root.firstChild);
+  }
+  buckets.forEach((b, i) => {
+    if (b.errors > 0) root.append(svg("circle", { cx: x(i), cy: top, r: 3, class: "error-mark", "data-testid": "error-mark" }));
+  });
+  return el("div", { class: "chart-box" }, heading, root);
+}
+
+function seriesPanel(s) {
+  const title = `${s.model} · ${s.hardware} (${s.hw_class}) · ${s.requests} requests`;
+  return el(
+    "div",
+    { class: "series", "data-testid": "series", "data-model": s.model, "data-hardware": s.hardware },
+    el("h3", {}, title),
+    el(
+      "div",
+      { class: "charts" },
+      chart("rate", "request rate (req/s)", s.buckets, [{ key: "rate", cls: "p50" }], (v) => v.toFixed(2)),
+      chart("ttft", "TTFT p50 / p95", s.buckets, [{ key: "ttft_p50_s", cls: "p50" }, { key: "ttft_p95_s", cls: "p95" }], ms),
+      chart("itl", "ITL p50 / p95", s.buckets, [{ key: "itl_p50_s", cls: "p50" }, { key: "itl_p95_s", cls: "p95" }], ms),
+    ),
+  );
+}
+
+async function refreshTraffic() {
+  const found = await api(`/admin/series?window_s=${WINDOW_S}&bucket_s=${BUCKET_S}`);
+  const panels = found.series.map(seriesPanel);
+  byTestId("traffic").replaceChildren(...(panels.length ? panels : [el("p", { class: "empty" }, "no requests in the window")]));
+  byTestId("traffic-window").textContent = `last ${found.window_s / 60} min, ${found.bucket_s} s buckets`;
+}
+
+// ---- incidents --------------------------------------------------------------------------------------------
+
+async function refreshIncidents() {
+  const found = await api("/admin/incidents?limit=100");
+  const rows = [
+    ...found.incidents.map((e) => ({ at: e.at, node: e.node_id, what: `incident (${e.severity})`, detail: e.detail, kind: "incident" })),
+    ...found.transitions.map((t) => ({ at: t.at, node: t.node_id, what: `${t.old} → ${t.new}`, detail: t.reason, kind: "transition" })),
+  ].sort((a, b) => b.at - a.at);
+  const body = byTestId("incidents-body");
+  if (!rows.length) {
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 4, class: "empty" }, "no incidents")));
+    return;
+  }
+  body.replaceChildren(
+    ...rows.map((r) =>
+      el(
+        "tr",
+        { "data-testid": "incident-row", "data-node-id": r.node, "data-kind": r.kind },
+        el("td", {}, clock(r.at)),
+        nodeCell(r.node),
+        el("td", { "data-testid": "incident-what" }, r.what),
+        el("td", { "data-testid": "incident-detail" }, r.detail),
+      ),
+    ),
+  );
+}
+
+// ---- doctor -----------------------------------------------------------------------------------------------
+
+async function refreshDoctor() {
+  const found = await api("/admin/doctor?window_s=120");
+  byTestId("doctor-body").replaceChildren(
+    ...found.nodes.map((n) =>
+      el(
+        "tr",
+        { "data-testid": "doctor-row", "data-node-id": n.node_id },
+        nodeCell(n.node_id),
+        el("td", {}, n.model),
+        el("td", {}, n.state),
+        el("td", { "data-testid": "doctor-verdict", class: `cause-${n.diagnosis.cause}` }, n.diagnosis.cause),
+        el("td", {}, n.diagnosis.summary),
+        el("td", {}, el("ul", {}, ...n.diagnosis.evidence.map((e) => el("li", {}, e)))),
+        el("td", {}, n.diagnosis.next_check),
+        el("td", {}, n.latency.requests),
+        el("td", {}, ms(n.latency.ttft_p50_s)),
+        el("td", {}, ms(n.latency.itl_p50_s)),
+      ),
+    ),
+  );
+}
+
+// ---- decision explorer ----------------------------------------------------------------------------------
+
+function table(testid, headers, rows) {
+  return el(
+    "table",
+    { "data-testid": testid },
+    el("thead", {}, el("tr", {}, ...headers.map((h) => el("th", {}, h)))),
+    el("tbody", {}, ...rows),
+  );
+}
+
+function show(value) {
+  if (value === null || value === undefined) return "–";
+  return typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
+function summaryList(d) {
+  const items = [
+    ["decision", d.decision_id, "decision-id"],
+    ["model", d.model, null],
+    ["profile", d.profile, null],
+    ["winner", d.chosen, "decision-winner"],
+    ["served by", d.served_by, "decision-served-by"],
+    ["margin", typeof d.margin === "number" ? d.margin.toFixed(4) : "–", "decision-margin"],
+    ["picked by", d.picked_by, null],
+    ["status", d.status, "decision-status"],
+    ["route", d.route, null],
+    ["failovers", d.failovers, null],
+    ["explanation", d.explanation, "decision-explanation"],
+  ];
+  return el(
+    "dl",
+    { class: "summary" },
+    ...items.flatMap(([key, value, testid]) => [el("dt", {}, key), el("dd", { "data-testid": testid, class: "mono" }, show(value))]),
+  );
+}
+
+function scoreList(scores) {
+  return el(
+    "ul",
+    { class: "scores" },
+    ...scores.map((s) =>
+      el("li", {}, `${s.scorer}: ${num(s.raw, 4)} ${s.unit} → ${num(s.normalized, 3)} × ${num(s.weight, 2)} = ${num(s.contribution, 3)}`),
+    ),
+  );
+}
+
+function renderDecision(d) {
+  const requirements = Object.entries(d.requirements || {}).map(([k, v]) => el("tr", {}, el("td", {}, k), el("td", {}, show(v))));
+  const candidates = (d.candidates || []).map((c) =>
+    el(
+      "tr",
+      { "data-testid": "decision-candidate", "data-node-id": c.node_id, class: c.node_id === d.chosen ? "winner" : null },
+      el("td", {}, c.rank),
+      el("td", { class: "mono", title: c.node_id }, c.node_id),
+      el("td", {}, num(c.score, 4)),
+      el("td", {}, `${ms(c.predicted_ttft_s)} / ${ms(c.predicted_itl_s)}`),
+      el("td", {}, num(c.price_per_mtok, 3)),
+      el("td", {}, scoreList(c.scores || [])),
+    ),
+  );
+  const verdicts = (d.nodes || []).map((v) =>
+    el(
+      "tr",
+      { "data-testid": "decision-verdict", "data-node-id": v.node_id, class: v.eligible ? "eligible" : "rejected" },
+      el("td", { class: "mono", title: v.node_id }, v.node_id),
+      el("td", { "data-testid": "verdict" }, v.eligible ? "eligible" : "rejected"),
+      el("td", {}, v.filter),
+      el("td", { "data-testid": "verdict-reason" }, v.reason),
+    ),
+  );
+  byTestId("decision-result").replaceChildren(
+    summaryList(d),
+    el("h3", {}, "requirements"),
+    table("decision-requirements", ["requirement", "value"], requirements),
+    el("h3", {}, "eligible nodes, best first"),
+    table("decision-candidates", ["rank", "node", "score", "predicted TTFT / ITL", "price $/Mtok", "signals"], candidates),
+    el("h3", {}, "every node's verdict"),
+    table("decision-verdicts", ["node", "verdict", "filter", "reason"], verdicts),
+  );
+}
+
+async function explain(event) {
+  event.preventDefault();
+  const id = document.getElementById("decision-id").value.trim();
+  showError("decision-error", "");
+  byTestId("decision-result").replaceChildren();
+  if (!id) return showError("decision-error", "Paste a decision id first.");
+  try {
+    renderDecision(await api(`/v1/decisions/${encodeURIComponent(id)}`));
+  } catch (err) {
+    if (err instanceof AuthError) return signOut(`The admin token was refused: ${err.message}`);
+    showError("decision-error", err.message);
+  }
+}
+
+// ---- polling, sign-in -----------------------------------------------------------------------------------
+
+const SECTIONS = [
+  ["nodes-error", refreshNodes],
+  ["traffic-error", refreshTraffic],
+  ["incidents-error", refreshIncidents],
+  ["doctor-error", refreshDoctor],
+];
+
+async function refreshAll() {
+  const results = await Promise.allSettled(SECTIONS.map(([, fn]) => fn()));
+  let refused = null;
+  results.forEach((r, i) => {
+    const failed = r.status === "rejected" ? r.reason : null;
+    if (failed instanceof AuthError) refused = failed;
+    showError(SECTIONS[i][0], failed ? `could not refresh: ${failed.message}` : "");
+  });
+  if (refused) throw refused;
+  byTestId("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
+}
+
+async function poll() {
+  try {
+    await refreshAll();
+    timer = setTimeout(poll, POLL_MS);
+  } catch (err) {
+    signOut(`The admin token was refused: ${err.message}`);
+  }
+}
+
+function signOut(message) {
+  clearTimeout(timer);
+  token = null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  document.getElementById("main").hidden = true;
+  document.getElementById("signout").hidden = true;
+  document.getElementById("login").hidden = false;
+  byTestId("status").textContent = "";
+  showError("login-error", message);
+}
+
+async function signIn(candidate) {
+  token = candidate;
+  try {
+    await api("/admin/nodes");
+  } catch (err) {
+    return signOut(err instanceof AuthError ? `The admin token was refused: ${err.message}` : `Gateway error: ${err.message}`);
+  }
+  sessionStorage.setItem(TOKEN_KEY, candidate);
+  showError("login-error", "");
+  document.getElementById("login").hidden = true;
+  document.getElementById("main").hidden = false;
+  document.getElementById("signout").hidden = false;
+  poll();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("login-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    signIn(document.getElementById("token").value.trim());
+  });
+  document.getElementById("decision-form").addEventListener("submit", explain);
+  document.getElementById("signout").addEventListener("click", () => signOut(""));
+  const saved = sessionStorage.getItem(TOKEN_KEY);
+  if (saved) signIn(saved);
+});
