@@ -2,6 +2,7 @@
 
 __all__ = ["free_port_block"]
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,12 @@ PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 @pytest.fixture
 def pg_schema() -> Iterator[str]:
     """A fresh PostgreSQL schema in the local `test` database, dropped afterwards."""
+    with fresh_pg_schema() as name:
+        yield name
+
+
+@contextlib.contextmanager
+def fresh_pg_schema() -> Iterator[str]:
     name = "gs_test_" + uuid.uuid4().hex[:12]
     engine = sa.create_engine(PG, poolclass=sa.NullPool)
     with engine.begin() as conn:

@@ -73,10 +73,8 @@ def test_the_tail_gives_up_on_a_rolled_back_id() -> None:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
     """Two stores on one database, as two gateways have them."""
-    if request.param == "sqlite":
-        url = default_sqlite_url(tmp_path)
-    else:
-        url = pg_url(request.getfixturevalue("pg_schema"))
+    on_sqlite = request.param == "sqlite"
+    url = default_sqlite_url(tmp_path) if on_sqlite else pg_url(request.getfixturevalue("pg_schema"))
     a, b = Store(url, origin="gw-a"), Store(url, origin="gw-b")
     a.migrate()
     b.migrate()

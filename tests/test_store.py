@@ -69,7 +69,7 @@ def test_migrate_twice_is_fine(store: Store) -> None:
     store.upsert_node("n1", public_key="k", capability={}, state="up", at=1.0)
     store.migrate()
     store.migrate()
-    assert _scalar(store, "SELECT version_num FROM alembic_version") == "0002"
+    assert _scalar(store, "SELECT version_num FROM alembic_version") == "0003"
     tables = set(sa.inspect(store.engine).get_table_names())
     assert {"nodes", "node_events", "decisions", "settlements", "alembic_version"} <= tables
     assert [n["node_id"] for n in store.list_nodes()] == ["n1"]
@@ -146,6 +146,8 @@ def test_node_round_trip(store: Store) -> None:
         "registered_at": 11.0,
         "last_seen": 13.5,
         "telemetry": {"util": 3, "temps": [40, 41]},
+        "capability_at": 11.0,
+        "gateway": None,
     }
     listed = store.list_nodes()
     assert [n["node_id"] for n in listed] == ["n1", "n2"]
@@ -194,7 +196,7 @@ def test_events_filtered_ordered_and_limited(store: Store) -> None:
     assert store.list_events(kind="nope") == []
 
     newest = store.list_events(limit=1)[0]
-    assert set(newest) == {"id", "kind", "severity", "node_id", "detail", "at"}
+    assert set(newest) == {"id", "kind", "severity", "node_id", "detail", "at", "origin"}
     assert newest["detail"] == {"at": 5.0, "n": "a"}
     assert newest["kind"] == "fault" and newest["node_id"] == "a" and newest["severity"] == "info"
 

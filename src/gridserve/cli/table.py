@@ -23,6 +23,7 @@ def node_table(nodes: list[dict[str, Any]], title: str = "gridserve nodes") -> T
     for column in (
         "node",
         "state",
+        "trust",
         "engine",
         "hardware",
         "models",

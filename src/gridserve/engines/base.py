@@ -8,6 +8,7 @@ full model is the range `[0, layers)`. Only full-range engines are served today.
 """
 
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -24,26 +25,41 @@ class InvalidRequest(EngineError):
     """The request cannot be run as given (client fault): e.g. the prompt plus max_tokens exceed the context."""
 
 
+RATE_WINDOW_S = 10.0
+"""`tokens_per_s` is the rate over this many seconds."""
+RATE_RESOLUTION_S = 0.01
+"""Tokens noted within this long of the previous entry join it: at most window / resolution entries are kept."""
+
+
 @dataclass
 class EngineStats:
     active: int = 0
     queued: int = 0
     tokens_total: int = 0
-    recent_tokens: list[tuple[float, int]] = field(default_factory=list)
+    recent_tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    """(monotonic time, tokens) of the last RATE_WINDOW_S, oldest first."""
     errors: list[NodeError] = field(default_factory=list)
     decode_throttle: float = 1.0
     """Decode runs this many times slower than it could (fault injection: node/faults.py); engines apply it."""
 
     def note_tokens(self, now: float, count: int) -> None:
+        """`count` tokens made at `now` (time.monotonic())."""
         self.tokens_total += count
-        self.recent_tokens.append((now, count))
-        horizon = now - 10.0
+        recent = self.recent_tokens
+        if recent and now - recent[-1][0] < RATE_RESOLUTION_S:
+            recent[-1] = (recent[-1][0], recent[-1][1] + count)
+        else:
+            recent.append((now, count))
+        self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        horizon = now - RATE_WINDOW_S
         while self.recent_tokens and self.recent_tokens[0][0] < horizon:
-            self.recent_tokens.pop(0)
+            self.recent_tokens.popleft()
 
     def tokens_per_s(self, now: float) -> float:
-        horizon = now - 10.0
-        return sum(c for t, c in self.recent_tokens if t >= horizon) / 10.0
+        self._prune(now)
+        return sum(c for _, c in self.recent_tokens) / RATE_WINDOW_S
 
     def note_error(self, message: str, kind: ErrorKind | None = None) -> None:
         self.errors.append(NodeError(at=time.time(), kind=kind or classify_error(message), message=message[:300]))

@@ -2,6 +2,7 @@
 (vLLM, llama.cpp server, Ollama). Chat requests go to /v1/chat/completions, text prompts to /v1/completions,
 both streamed; the node re-publishes the stream as gridserve token events."""
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -137,8 +138,8 @@ class UpstreamEngine:
                 finish = choice.get("finish_reason") or finish
                 if text:
                     produced += 1
+                    self._stats.note_tokens(time.monotonic(), 1)
                     yield TokenEvent(text=text)
-        self._stats.note_tokens(0.0, produced)
         yield TokenEvent(
             finish_reason="length" if finish == "length" else "stop",
             prompt_tokens=int(usage.get("prompt_tokens", 0)),

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,8 @@ class SyncStats:
     last_error: str = ""
     peers: dict[str, float] = field(default_factory=dict)
     """Other gateways' ids -> when their writes were last seen."""
+    lags_s: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    """Recent replication lags: when another gateway's event was applied here, minus its time there."""
 
 
 class ClusterSync:
@@ -202,6 +205,7 @@ class ClusterSync:
                 self.stats.peers[str(origin)] = self.clock()
             try:
                 self._apply_event(row)
+                self.stats.lags_s.append(max(0.0, self.clock() - float(row["at"])))
             except (ReliabilityError, ValueError) as exc:
                 log.warning("cluster sync skipped event %s: %s", event_id, exc)
         self.tail.advance(self.clock())
@@ -266,9 +270,22 @@ class ClusterSync:
             "node_updates": s.nodes_updated,
             "notifications": s.notifications,
             "event_cursor": self.tail.low,
+            "replication_lag_ms": _lag_summary(list(s.lags_s)),
             "peers": {p: round(now - at, 3) for p, at in sorted(s.peers.items())},
             "last_error": s.last_error or None,
         }
+
+
+def _lag_summary(lags: list[float]) -> dict[str, float] | None:
+    """p50 / p99 / max of recent replication lags, in ms (None before any event from another gateway)."""
+    if not lags:
+        return None
+    ordered = sorted(lags)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 1)
+
+    return {"p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1] * 1e3, 1), "events": len(ordered)}
 
 
 def _telemetry(value: Any) -> Telemetry | None:

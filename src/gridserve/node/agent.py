@@ -113,6 +113,7 @@ class NodeAgent:
                 "memory_total_bytes": int(gpu["memory_total"]),
                 "temperature_c": gpu["temperature"],
                 "clock_ratio": gpu["clock_ratio"],
+                "clock_reasons": gpu["clock_reasons"],
             }
         override = getattr(self.engine, "telemetry_override", None)
         if override is not None:

@@ -125,6 +125,9 @@ class Telemetry(Strict):
     memory_total_bytes: Count = 0
     temperature_c: float | None = Field(None, ge=-273.15, allow_inf_nan=False)
     clock_ratio: float | None = Field(None, ge=0.0, allow_inf_nan=False)
+    """SM clock over its maximum while a thermal or power reason slows it, else 1.0 (idle is not slow)."""
+    clock_reasons: tuple[Name, ...] = Field((), max_length=MAX_ITEMS)
+    """NVML's current clock event reasons (e.g. GpuIdle, SwThermalSlowdown, SwPowerCap); empty if unknown."""
     queue_depth: Count = 0
     active_requests: Count = 0
     tokens_per_s: Rate = 0.0
