@@ -13,6 +13,10 @@ import torch
 
 from gridserve.types import SamplingParams
 
+GREEDY_BELOW = 1e-6
+"""Temperatures under this pick the argmax, the limit of sampling as the temperature goes to 0 (dividing the
+logits by a temperature near 0 overflows float32, and the probabilities become NaN)."""
+
 
 def mix(seed: int, step: int) -> int:
     digest = hashlib.sha256(f"{seed}:{step}".encode()).digest()
@@ -25,7 +29,7 @@ def fresh_seed() -> int:
 
 def pick_token(logits: torch.Tensor, params: SamplingParams, seed: int, step: int) -> int:
     """`logits`: 1-D over the vocabulary (float32)."""
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:

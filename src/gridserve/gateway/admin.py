@@ -2,16 +2,19 @@
 
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gridserve.gateway.errors import APIError, bad_request
 from gridserve.gateway.membership import Membership
 from gridserve.reliability import CannotRelease, EventKind, NodeEvent, Severity, Transition
 from gridserve.types import NodeId
+
+MAX_LIMIT = 10_000
+"""Most incidents (and transitions) one answer lists."""
 
 
 class ReasonBody(BaseModel):
@@ -45,7 +48,9 @@ def add_reliability_routes(app: FastAPI, membership: Membership, require_admin: 
         return NodeId(node_id)
 
     @app.get("/admin/incidents")
-    async def incidents(request: Request, node_id: str | None = None, limit: int = 100) -> dict[str, Any]:
+    async def incidents(
+        request: Request, node_id: str | None = None, limit: Annotated[int, Query(ge=0, le=MAX_LIMIT)] = 100
+    ) -> dict[str, Any]:
         require_admin(request)
         await membership.durable()  # what is shown is committed: it survives a crash of the gateway
         book = membership.book

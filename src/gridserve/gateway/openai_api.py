@@ -35,6 +35,10 @@ log = logging.getLogger("gridserve.gateway")
 CHARS_PER_TOKEN = 4
 """Prompt-length estimate before a node tokenises (English averages ~4 characters per BPE token)."""
 DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
+OPTION_FILTERS = {"price-ceiling": "gridserve.max_price_per_mtok", "runtime": "gridserve.engines"}
+"""Filters that apply a request's own options (rejected by these alone: a 400 naming the option, not a 503)."""
+TIER_FILTERS = {"tier-hardware": "gridserve.tier", "throughput-floor": "gridserve.tier"}
+"""The same, when the request names its tier."""
 
 
 @dataclass
@@ -129,6 +133,11 @@ def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: G
         if reasons and all(r.filter == "context-fit" for r in reasons):
             raise bad_request(
                 f"prompt plus max_tokens exceed the context of {job.model}: {reasons[0].reason}", param="max_tokens"
+            )
+        params = {**OPTION_FILTERS, **(TIER_FILTERS if options.tier else {})}
+        if reasons and all(r.filter in params for r in reasons):  # the request's own options exclude every node
+            raise bad_request(
+                f"no live node meets the request's options: {decision.explanation}", param=params[reasons[0].filter]
             )
         raise no_capacity(decision.explanation)
     return decision

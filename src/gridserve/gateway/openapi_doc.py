@@ -16,6 +16,7 @@ An operation missing from the tables (a route added later) still gets its securi
 its path: `/admin/...` needs the admin token.
 """
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+import gridserve
 from gridserve.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gridserve.reliability import ReliabilityState
 from gridserve.types import HeartbeatPayload, NodeState, RegisterPayload, RegisterReply
 
 REF = "#/components/schemas/{model}"
@@ -261,7 +264,7 @@ class IncidentLog(Doc):
 
 class NodeAction(Doc):
     transitions: list[dict[str, Any]]
-    state: Literal["healthy", "ejected", "probation", "quarantined", "banned"]
+    state: ReliabilityState
 
 
 class DoctorReport(Doc):
@@ -308,7 +311,6 @@ class Op:
     """The 200 body (application/json)."""
     body: type[BaseModel] | None = None
     """The request body, for routes that read it themselves."""
-    summary: str = ""
 
 
 COMPLETION_ERRORS = (400, 401, 404, 413, 502, 503)
@@ -385,6 +387,19 @@ SECURITY_SCHEMES = {
     Auth.API_KEY.value: {"type": "http", "scheme": "bearer", "description": "An API key (`--api-key`)."},
     Auth.ADMIN.value: {"type": "http", "scheme": "bearer", "description": "The admin token (`--admin-token`)."},
 }
+SSE_EVENT = {
+    "type": "object",
+    "description": "One server-sent event (`stream: true`); OpenAPI 3.1 reads `schema` of an event stream per event.",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": 'A JSON chunk (`chat.completion.chunk` or `text_completion`), an `{"error": ...}` object '
+            "if the generation fails mid-stream, or `[DONE]` last.",
+        },
+        "event": {"type": "string"},
+    },
+}
 DECISION_HEADERS = {
     "x-gridserve-decision": {"required": True, "schema": {"type": "string"}, "description": "GET /v1/decisions/{id}"},
     "x-gridserve-node": {"required": True, "schema": {"type": "string"}, "description": "the node(s) that served"},
@@ -451,7 +466,7 @@ def _complete(method: str, path: str, operation: dict[str, Any]) -> None:
 
 
 def _hot_path_operation(method: str, path: str, summary: str) -> dict[str, Any]:
-    answer = {"text/event-stream": {"schema": {"type": "string"}}}  # the JSON answer: from OPS, as for any route
+    answer = {"text/event-stream": {"schema": SSE_EVENT}}  # the JSON answer: from OPS, as for any route
     return {
         "summary": summary,
         "description": "Served by the gateway's raw-ASGI hot path (gateway/hotpath.py); documented here.",
@@ -480,7 +495,7 @@ def complete_document(doc: dict[str, Any], served: frozenset[str] = frozenset())
         paths.setdefault(path, {})[method] = _hot_path_operation(method, path, summary)
     for path, page in PAGES.items():
         if path in served:
-            paths.setdefault(path, {})["get"] = dict(page)
+            paths.setdefault(path, {})["get"] = copy.deepcopy(page)
     for path, item in paths.items():
         for method, operation in item.items():
             _complete(method, path, operation)
@@ -498,7 +513,9 @@ def install_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if not built:
-            doc = get_openapi(title=app.title, version=app.version, routes=app.routes, description=DESCRIPTION)
+            doc = get_openapi(
+                title=app.title, version=gridserve.__version__, routes=app.routes, description=DESCRIPTION
+            )
             served = frozenset(str(getattr(route, "path", "")) for route in app.routes)
             built.update(complete_document(doc, served))
         return built

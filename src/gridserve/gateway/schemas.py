@@ -1,8 +1,17 @@
 """OpenAI-facing request schemas: lenient (unknown fields allowed), as OpenAI-compatible servers are."""
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+
+MAX_STOPS = 4
+
+
+def _string_or_list(max_items: int, *, min_items: int = 0, nullable: bool = False) -> WithJsonSchema:
+    """The documented schema of a `str | list[str]` field whose list length a validator checks (so that the OpenAPI
+    document states the bound; validation and its error messages stay the validator's)."""
+    items = {"type": "array", "items": {"type": "string"}, "minItems": min_items, "maxItems": max_items}
+    return WithJsonSchema({"anyOf": [{"type": "string"}, items, *([{"type": "null"}] if nullable else [])]})
 
 
 class OpenAIModel(BaseModel):
@@ -46,7 +55,7 @@ class SamplingFields(OpenAIModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Annotated[str | list[str] | None, _string_or_list(MAX_STOPS, nullable=True)] = None
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -55,8 +64,8 @@ class SamplingFields(OpenAIModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if isinstance(value, list) and len(value) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences")
         return value
 
     def stop_list(self) -> tuple[str, ...]:
@@ -73,7 +82,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: Annotated[str | list[str], _string_or_list(1, min_items=1)]
 
     @field_validator("prompt")
     @classmethod
