@@ -73,7 +73,8 @@ class GatewayConfig:
     """A model not requested for this long is no longer kept warm."""
     standby_load_timeout_s: float = 120.0
     standby_interval_s: float = 1.0
-    decision_cache: int = 10_000
+    decision_cache: int = 1_000
+    """Finished decisions kept in memory for `GET /v1/decisions/{id}` (older ones are read from the store)."""
     audit_rate: float = 0.05
     """Share of an established, fully reliable node's completions re-executed by the verifier."""
     audit_new_rate: float = 0.5

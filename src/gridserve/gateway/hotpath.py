@@ -6,9 +6,11 @@ several wrapped `send` calls per token (DESIGN.md: raw ASGI + aiohttp keeps ~100
 """
 
 import asyncio
+import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -54,7 +56,10 @@ class HotPath:
         try:
             self._authorize(scope)
             body = await self._read_body(scope, receive)
-            reply = await complete(self.api, body, kind)
+            reply = await _unless_disconnected(complete(self.api, body, kind), receive)
+            if reply is None:
+                log.info("client disconnected before the first token; request cancelled")
+                return
         except APIError as exc:
             await _send_error(send, exc)
             return
@@ -122,6 +127,28 @@ class HotPath:
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
+
+
+async def _unless_disconnected(work: Coroutine[Any, Any, Reply], receive: Receive) -> Reply | None:
+    """Run `work` (scheduling, dispatch, waiting for the first token) unless the client disconnects first: then
+    cancel it, which cancels the request on the node, retries and hedges included, and return None."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher) if not task.done() else (watcher,):
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # the client is gone: nobody to tell
+                await pending
+    if task.cancelled():
+        return None
+    return task.result()
 
 
 async def _send_json(send: Send, status: int, body: bytes) -> None:

@@ -33,6 +33,33 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
 
 
+class CallerGone(Exception):
+    """The gateway closed the request before the first event."""
+
+
+async def _first_unless_gone(events: AsyncIterator[Any], request: Request, poll_s: float = 0.25) -> Any:
+    """The first event, or `CallerGone` (and the generator closed) if the caller disconnects meanwhile: a gateway
+    that gave up on a slow first token (or whose client left) must not leave the work running here, taking the
+    batch slots of the requests that still wait."""
+    first = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({first}, timeout=poll_s)
+            if done:
+                return first.result()
+            if await request.is_disconnected():
+                raise CallerGone
+    except BaseException:
+        first.cancel()
+        with contextlib.suppress(BaseException):
+            await first
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+        raise
+
+
 class _Observed:
     """A generation's events, timed into the node's metrics."""
 
@@ -166,7 +193,10 @@ def build_node_app(
         metrics.active.inc()
         events = _dishonest(faults.apply(engine.generate(job), engine.stats), lies, job.sampling.max_tokens)
         try:
-            first = await anext(events)
+            first = await _first_unless_gone(events, request)
+        except CallerGone:
+            seen.done()  # counted as cancelled; the engine's work stopped with the generator
+            return _error(499, "client_closed_request", "the gateway closed the request before its first token")
         except StopAsyncIteration:
             first = None
         except InvalidRequest as exc:
