@@ -3,6 +3,7 @@
 __all__ = ["free_port_block"]
 
 import contextlib
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from gridserve.cli.grid import LocalGrid, free_port_block
+from gridserve.cli.grid import PORT_SHARE_ENV, LocalGrid, free_port_block
+
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):  # `make test` runs two workers: split the ports
+    os.environ[PORT_SHARE_ENV] = f"{os.environ['PYTEST_XDIST_WORKER'][2:]}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
 
 API_KEY = "test-key"
 ADMIN = "test-admin"

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from openai import OpenAI
 
-from gridserve.cli.grid import free_port_block
+from gridserve.cli.grid import PORT_SHARE_ENV, free_port_block
 
 GRIDSERVE = [sys.executable, "-m", "gridserve"]
 
@@ -159,3 +160,13 @@ def test_plan_errors_are_one_readable_line() -> None:
         done = _plan(*args)
         assert done.returncode == 2 and expected in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_port_blocks_of_parallel_workers_never_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    spans = []
+    for worker in range(3):
+        monkeypatch.setenv(PORT_SHARE_ENV, f"{worker}/3")
+        bases = [free_port_block(8) for _ in range(50)]
+        spans.append((min(bases), max(bases) + 8))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), spans

@@ -7,6 +7,7 @@ import signal
 from collections.abc import Iterator
 
 import aiohttp
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -110,7 +111,19 @@ def test_gemma_pipeline_through_the_api_equals_the_single_node_engine(gemma_stag
 
 
 def test_gemma_stage_killed_mid_generation_keeps_the_text(gemma_stages: LocalGrid) -> None:
-    """(Last in this module: it kills one of the fixture's nodes.)"""
+    """(Last in this module: it kills one of the fixture's nodes, and quarantines another.)
+
+    Only [9, 18) has a spare, so the chain must be 0:9 + 9:18: the 3-stage chain's first stage is quarantined
+    first (which chain is cheaper otherwise depends on the step times the gateway learned under the machine's load).
+    """
+    for node in admin_get(gemma_stages, "/admin/nodes").json()["nodes"]:
+        if node["models"][0]["layers"]["start"] == 0 and node["models"][0]["layers"]["end"] == 6:
+            quarantined = httpx.post(
+                f"{gemma_stages.url}/admin/nodes/{node['node_id']}/quarantine",
+                headers={"Authorization": f"Bearer {gemma_stages.admin_token}"},
+                json={"reason": "test: force the 2-stage chain"},
+            )
+            assert quarantined.status_code == 200, quarantined.text
     prompt = "Write a long story about a lighthouse keeper."
     expected = single_node_text(prompt, 48)
     client = OpenAI(base_url=gemma_stages.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)

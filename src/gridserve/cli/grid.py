@@ -166,12 +166,27 @@ def _ephemeral_floor() -> int:
         return 49152
 
 
+PORT_SHARE_ENV = "GRIDSERVE_PORT_SHARE"
+"""`K/N`: use only the K-th of N equal slices of the range (parallel test workers never pick the same ports)."""
+
+
+def _port_range(size: int) -> tuple[int, int]:
+    low, top = 10000, max(12000, _ephemeral_floor()) - size
+    share = os.environ.get(PORT_SHARE_ENV, "")
+    index, _, count = share.partition("/")
+    if index.isdigit() and count.isdigit() and 0 <= int(index) < int(count):
+        width = (top - low) // int(count)
+        low += int(index) * width
+        top = low + width - size
+    return low, max(low, top)
+
+
 def free_port_block(size: int) -> int:
     """A base port with `size` consecutive free ports on 127.0.0.1, below the ephemeral range (so an outgoing
     connection cannot take one of them between this check and the server's bind)."""
-    top = max(12000, _ephemeral_floor()) - size
+    low, top = _port_range(size)
     for _ in range(200):
-        base = random.randint(10000, top)
+        base = random.randint(low, top)
         socks = []
         try:
             for port in range(base, base + size):
