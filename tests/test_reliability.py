@@ -598,7 +598,7 @@ def test_incidents_are_never_evicted() -> None:
     book.record(big)
     later = CFG.ledger_events_per_node + 500
     for i in range(later):
-        book.record(ev("n", EventKind.HEARTBEAT_KEPT, T0 + 2 + i))
+        book.record(done("n", T0 + 2 + i))
     assert book.incidents("n") == [big, minor]
     assert book.incidents() == [big, minor]
     everything = book.events("n", limit=10 * later)
@@ -620,3 +620,17 @@ def test_transitions_newest_first_and_filtered_by_node() -> None:
     assert [t.new for t in book.transitions("a")] == [STATES.EJECTED]
     assert len(book.transitions(limit=2)) == 2
     assert all(t.reason for t in book.transitions())
+
+
+def test_kept_heartbeats_count_in_scores_but_never_evict_job_outcomes() -> None:
+    book, bare = ReliabilityBook(), ReliabilityBook()
+    outcome = done("n", T0)
+    book.record(outcome)
+    bare.record(outcome)
+    beats = 3 * CFG.ledger_events_per_node
+    for i in range(beats):
+        book.record(ev("n", EventKind.HEARTBEAT_KEPT, T0 + 1 + i / 100))
+    now = T0 + 1 + beats / 100
+    assert book.events("n", limit=10 * beats) == [outcome], "the job outcome stays; heartbeats are not listed"
+    assert book.summary("n", now).availability > bare.summary("n", now).availability, "heartbeats still count"
+    assert book.summary("n", now).samples == pytest.approx(bare.summary("n", now).samples)

@@ -26,6 +26,7 @@ from gridserve.gateway.decisions import DecisionLog
 from gridserve.gateway.dispatch import Dispatcher
 from gridserve.gateway.doctor_api import add_doctor_routes
 from gridserve.gateway.errors import APIError, bad_request, unauthorized
+from gridserve.gateway.gcwatch import GcWatch
 from gridserve.gateway.health import probe_forever
 from gridserve.gateway.hotpath import HotPath
 from gridserve.gateway.membership import Membership, UnknownNode
@@ -122,6 +123,8 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gw.dispatcher.start()
+        gc_watch = GcWatch(gw.metrics.gc_pause)
+        gc_watch.install()
         sweeper = asyncio.create_task(gw.sweep_forever())
         keeper = asyncio.create_task(gw.standby.run_forever())
         canary = (
@@ -142,6 +145,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
             gw.decisions.flush()
             gw.membership.flush_events()
             gw.writer.close()
+            gc_watch.remove()
 
     app = FastAPI(title="gridserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     _errors(app)

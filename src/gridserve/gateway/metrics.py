@@ -2,6 +2,7 @@
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from gridserve.gateway.gcwatch import GC_BUCKETS
 from gridserve.observability import ITL_BUCKETS, LATENCY_BUCKETS
 
 
@@ -28,6 +29,13 @@ class GatewayMetrics:
             ["model", "node"],
             registry=r,
             buckets=ITL_BUCKETS,
+        )
+        self.gc_pause = Histogram(
+            "gridserve_gc_pause_seconds",
+            "Pauses of the cyclic garbage collector (the event loop stops meanwhile), by generation",
+            ["generation"],
+            registry=r,
+            buckets=GC_BUCKETS,
         )
         self.tokens = Counter("gridserve_completion_tokens_total", "Generated tokens by node", ["node"], registry=r)
         self.decisions = Counter(

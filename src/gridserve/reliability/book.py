@@ -70,7 +70,9 @@ class _Node:
     status: NodeStatus
     counts: DecayedCounts
     ledger: deque[tuple[int, NodeEvent]]
-    """Routine (non-incident) events, bounded; oldest evicted first."""
+    """Routine (non-incident) events, bounded; oldest evicted first. Kept heartbeats only count (scores): a node
+    heartbeats every few seconds, so they would evict its job outcomes, and a 10,000-node grid would hold millions
+    of them (the cyclic GC's full passes over them stalled heartbeat ingestion for hundreds of ms)."""
     incidents: list[tuple[int, NodeEvent]]
     """Every incident, never evicted."""
     transitions: list[tuple[int, Transition]]
@@ -120,6 +122,9 @@ class ReliabilityBook:
         if event.node_id not in self._nodes:
             self.add_node(event.node_id, event.at)
         node = self._nodes[event.node_id]
+        if event.kind is EventKind.HEARTBEAT_KEPT:  # counted, not kept: see `_Node.ledger`
+            node.counts.add(event)
+            return self._log(node, expire(node.status, event.at, self._config))
         entry = (next(self._seq), event)
         (node.incidents if event.kind is EventKind.INCIDENT else node.ledger).append(entry)
         node.counts.add(event)
@@ -170,7 +175,8 @@ class ReliabilityBook:
     ) -> list[NodeEvent]:
         """Recorded events, newest (most recently recorded) first; of one node or of all, optionally by kind.
 
-        Routine events are the last `ledger_events_per_node` per node; incidents are all kept.
+        Routine events are the last `ledger_events_per_node` per node (kept heartbeats are only counted, never
+        listed); incidents are all kept.
         """
         want_incidents = kinds is None or EventKind.INCIDENT in kinds
 

@@ -71,7 +71,9 @@ class DecayedCounts:
             return
         if event.at >= self.updated_at:
             factor = decay(event.at - self.updated_at, self.half_life_s)
-            self.counts = [count * factor for count in self.counts]
+            counts = self.counts  # in place: a new list per event would be one more object for the GC per heartbeat
+            for i, count in enumerate(counts):
+                counts[i] = count * factor
             self.updated_at = event.at
             weight = 1.0
         else:

@@ -1,5 +1,6 @@
 """Ed25519 identities. A node id is derived from its public key, so it cannot be chosen freely."""
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -8,7 +9,12 @@ from pathlib import Path
 from nacl.encoding import Base64Encoder
 from nacl.signing import SigningKey, VerifyKey
 
+KEY_CACHE_SIZE = 1 << 16
+"""Keys remembered by `node_id_for` and `verify_key` (LRU): above a 10,000-node grid's, so a heartbeat finds its
+node's key decoded already. Both results are pure functions of the key; a flood of unknown keys only evicts."""
 
+
+@functools.lru_cache(maxsize=KEY_CACHE_SIZE)
 def node_id_for(public_key_b64: str) -> str:
     """The id of the key: 'n' + first 20 bytes of sha256(raw public key), hex."""
     raw = Base64Encoder.decode(public_key_b64.encode())
@@ -35,7 +41,9 @@ class Identity:
         return cls(SigningKey.generate())
 
 
+@functools.lru_cache(maxsize=KEY_CACHE_SIZE)
 def verify_key(public_key_b64: str) -> VerifyKey:
+    """The key (immutable, so cached); raises for anything but base64 of 32 bytes (errors are not cached)."""
     return VerifyKey(public_key_b64.encode(), encoder=Base64Encoder)
 
 
