@@ -13,6 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from gridserve.cli.grid import PORT_SHARE_ENV, LocalGrid, free_port_block
+from gridserve.gateway.membership import NodeRecord
+from gridserve.types import Capability, HardwareInfo, NodeId, NodeState, RuntimeInfo
 
 if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):  # `make test` runs two workers: split the ports
     os.environ[PORT_SHARE_ENV] = f"{os.environ['PYTEST_XDIST_WORKER'][2:]}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
@@ -77,3 +79,19 @@ def tiny_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
 
 def admin_get(grid: LocalGrid, path: str) -> httpx.Response:
     return httpx.get(grid.url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
+
+
+def bare_record(i: int, state: NodeState, *, last_heartbeat: float = 0.0, outstanding: int = 0) -> NodeRecord:
+    """A membership record of node `n{i}` with no models (unit tests of sweeps and probe rounds)."""
+    cap = Capability(
+        node_id=NodeId(f"n{i}"),
+        public_key="pk",
+        endpoint=f"http://n{i}",
+        engine="emulated",
+        models=(),
+        hardware=HardwareInfo(accelerator="t4"),
+        runtime=RuntimeInfo(gridserve="t", python="t", engine="t"),
+    )
+    return NodeRecord(
+        capability=cap, state=state, registered_at=0.0, last_heartbeat=last_heartbeat, outstanding=outstanding
+    )

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.conftest import bare_record
 
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.membership import Membership, NodeRecord
@@ -27,7 +28,7 @@ from gridserve.trust import (
 )
 from gridserve.trust.envelope import NonceCache
 from gridserve.trust.identity import verify_key
-from gridserve.types import Capability, HardwareInfo, NodeId, NodeState, RuntimeInfo
+from gridserve.types import NodeState
 
 T0 = 1_700_000_000.0
 POLICY = FreshnessPolicy()
@@ -139,16 +140,7 @@ def test_cached_keys_change_no_verdict() -> None:
 
 
 def _record(i: int, state: NodeState, last: float) -> NodeRecord:
-    cap = Capability(
-        node_id=NodeId(f"n{i}"),
-        public_key="pk",
-        endpoint=f"http://n{i}",
-        engine="emulated",
-        models=(),
-        hardware=HardwareInfo(accelerator="t4"),
-        runtime=RuntimeInfo(gridserve="t", python="t", engine="t"),
-    )
-    return NodeRecord(capability=cap, state=state, registered_at=T0 - 1000, last_heartbeat=last)
+    return bare_record(i, state, last_heartbeat=last)
 
 
 def _membership(tmp_path: Path, clock: Clock) -> Membership:

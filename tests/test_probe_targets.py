@@ -3,25 +3,17 @@ busy and unsettled nodes every period and the idle ones in turn."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.conftest import bare_record
 
 from gridserve.gateway.health import probe_targets
 from gridserve.gateway.membership import NodeRecord
-from gridserve.types import Capability, HardwareInfo, NodeId, NodeState, RuntimeInfo
+from gridserve.types import NodeId, NodeState
 
 STATES = [NodeState.UP, NodeState.UP, NodeState.UP, NodeState.SUSPECT, NodeState.DOWN, NodeState.PROBATION]
 
 
 def record(i: int, state: NodeState, outstanding: int) -> NodeRecord:
-    cap = Capability(
-        node_id=NodeId(f"n{i}"),
-        public_key="pk",
-        endpoint=f"http://n{i}",
-        engine="emulated",
-        models=(),
-        hardware=HardwareInfo(accelerator="t4"),
-        runtime=RuntimeInfo(gridserve="t", python="t", engine="t"),
-    )
-    return NodeRecord(capability=cap, state=state, registered_at=0.0, last_heartbeat=0.0, outstanding=outstanding)
+    return bare_record(i, state, outstanding=outstanding)
 
 
 @settings(max_examples=60, deadline=None)

@@ -37,7 +37,7 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     return gateway
 
 
-GC_THRESHOLDS = (5_000, 50, 100)
+GC_THRESHOLDS = (5_000, 50, 10)
 """The cyclic collector's thresholds (Python's default: 700, 10, 10). A heartbeat leaves a few objects that live
 until the node's next one (its telemetry), so at 10,000 nodes the default thresholds ran a full collection every
 3 s, each walking the whole grid's state: ~240 ms pauses, the heartbeat p99. Almost everything here is freed by
