@@ -3,6 +3,7 @@ exactly, cached keys change no verdict, and the failure detector's sweep counts 
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from tests.conftest import bare_record
 
 from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.gcwatch import GcWatch
 from gridserve.gateway.membership import Membership, NodeRecord
 from gridserve.gateway.metrics import GatewayMetrics
 from gridserve.store import Store, StoreWriter
@@ -188,10 +190,6 @@ def test_sweep_ages_nodes_and_counts_every_state(tmp_path: Path) -> None:
 
 
 def test_gc_pauses_are_observed_by_generation_until_removed() -> None:
-    import gc
-
-    from gridserve.gateway.gcwatch import GcWatch
-
     metrics = GatewayMetrics()
     watch = GcWatch(metrics.gc_pause)
 

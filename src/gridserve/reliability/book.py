@@ -122,11 +122,8 @@ class ReliabilityBook:
         if event.node_id not in self._nodes:
             self.add_node(event.node_id, event.at)
         node = self._nodes[event.node_id]
-        if event.kind is EventKind.HEARTBEAT_KEPT:  # counted, not kept: see `_Node.ledger`
-            node.counts.add(event)
-            return self._log(node, expire(node.status, event.at, self._config))
-        entry = (next(self._seq), event)
-        (node.incidents if event.kind is EventKind.INCIDENT else node.ledger).append(entry)
+        if event.kind is not EventKind.HEARTBEAT_KEPT:  # kept heartbeats are counted, not listed: `_Node.ledger`
+            (node.incidents if event.kind is EventKind.INCIDENT else node.ledger).append((next(self._seq), event))
         node.counts.add(event)
         changes = expire(node.status, event.at, self._config)
         changes += on_event(node.status, event, self._config, lambda: self._may_eject(event.node_id, event.at))
