@@ -55,6 +55,10 @@ typecheck: $(VENV)/.dev
 test: lint typecheck
 	$(BIN)/pytest -q -ra -n 2 --dist loadfile
 
+# Unit tests only: no processes, no sockets (tests/unit/, under a minute).
+unit: $(VENV)/.dev
+	$(BIN)/pytest -q -ra tests/unit
+
 bench: $(VENV)/.dev
 	$(BIN)/python bench/gateway_overhead.py
 

@@ -1,7 +1,7 @@
 """Verification: how fast sampled audits catch a cheating node, what they cost, and that honest work passes.
 
 1. Honest completions from the tiny model at 1 and 2 threads (`--honest` of them, half each), every one audited
-   by the verifier (gateway/audit.py: prompt digest, TOPLOC proof, greedy tokens): false positives counted,
+   by the verifier (gateway/integrity/audit.py: prompt digest, TOPLOC proof, greedy tokens): false positives counted,
    proof bytes per token, and the verifier's time against the node's generation time.
 2. Cheating completions (other weights, a skipped layer, altered tokens: node/dishonest.py), each audited:
    the share caught when audited.
@@ -25,7 +25,7 @@ from rich.progress import Progress
 
 from gridserve.engines.tiny import tiny_engine
 from gridserve.engines.torch_engine import TorchEngine
-from gridserve.gateway.audit import Verifier
+from gridserve.gateway.integrity.audit import Verifier
 from gridserve.node.dishonest import Dishonesty
 from gridserve.trust.testing import unsigned_receipt
 from gridserve.types import GenerateRequest, SamplingParams, TokenEvent

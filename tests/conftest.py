@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from gridserve.cli.grid import PORT_SHARE_ENV, LocalGrid, free_port_block
-from gridserve.gateway.membership import NodeRecord
+from gridserve.gateway.registry.membership import NodeRecord
 from gridserve.types import Capability, HardwareInfo, NodeId, NodeState, RuntimeInfo
 
 if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):  # `make test` runs two workers: split the ports

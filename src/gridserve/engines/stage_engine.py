@@ -1,7 +1,7 @@
 """A node's pipeline-stage engine: one layer range of a model, a KV cache per session, steps run in order.
 
 The node serves it over a long-lived, gateway-signed connection (node/stage_link.py); the gateway drives
-every step (gateway/pipeline.py). A stage is not a whole model: `generate` refuses, and its offer names its
+every step (gateway/pipeline/session.py). A stage is not a whole model: `generate` refuses, and its offer names its
 layers, so the scheduler never routes a whole request to it.
 """
 

@@ -16,28 +16,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
-from gridserve.gateway.admin import add_reliability_routes
-from gridserve.gateway.audit import Auditor, Verifier
-from gridserve.gateway.canary import CanaryRunner
-from gridserve.gateway.cluster import ClusterSync
+from gridserve.gateway.api.admin import add_reliability_routes
+from gridserve.gateway.integrity.audit import Auditor, Verifier
+from gridserve.gateway.integrity.canary import CanaryRunner
+from gridserve.gateway.registry.cluster import ClusterSync
 from gridserve.gateway.config import GatewayConfig
-from gridserve.gateway.dashboard import add_dashboard_routes
-from gridserve.gateway.decisions import DecisionLog
-from gridserve.gateway.dispatch import Dispatcher
-from gridserve.gateway.doctor_api import add_doctor_routes
-from gridserve.gateway.errors import APIError, bad_request, unauthorized
-from gridserve.gateway.gcwatch import GcWatch
-from gridserve.gateway.health import probe_forever
-from gridserve.gateway.hotpath import HotPath
-from gridserve.gateway.membership import Membership, UnknownNode
-from gridserve.gateway.metrics import GatewayMetrics
-from gridserve.gateway.middleware import BodyLimit
-from gridserve.gateway.openai_api import ApiContext, list_models
-from gridserve.gateway.openapi_doc import install_openapi
-from gridserve.gateway.outcomes import Traces
-from gridserve.gateway.pipeline_api import Pipelines
-from gridserve.gateway.receipts import ReceiptChecker
-from gridserve.gateway.standby import StandbyKeeper
+from gridserve.gateway.api.dashboard import add_dashboard_routes
+from gridserve.gateway.ops.decisions import DecisionLog
+from gridserve.gateway.dispatch.dispatcher import Dispatcher
+from gridserve.gateway.api.doctor_api import add_doctor_routes
+from gridserve.gateway.api.errors import APIError, bad_request, unauthorized
+from gridserve.gateway.ops.gcwatch import GcWatch
+from gridserve.gateway.registry.health import probe_forever
+from gridserve.gateway.api.hotpath import HotPath
+from gridserve.gateway.registry.membership import Membership, UnknownNode
+from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.api.middleware import BodyLimit
+from gridserve.gateway.api.openai_api import ApiContext, list_models
+from gridserve.gateway.api.openapi_doc import install_openapi
+from gridserve.gateway.ops.outcomes import Traces
+from gridserve.gateway.pipeline.serving import Pipelines
+from gridserve.gateway.integrity.receipts import ReceiptChecker
+from gridserve.gateway.dispatch.standby import StandbyKeeper
 from gridserve.scheduler import default_profile, load_profile
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope

@@ -11,7 +11,7 @@ class GatewayConfig:
     data_dir: Path = Path(".gridserve")
     db_url: str | None = None
     """SQLAlchemy URL; default: SQLite file in data_dir (WAL). Gateways on one PostgreSQL database share one state
-    (gateway/cluster.py)."""
+    (gateway/registry/cluster.py)."""
     gateway_id: str = ""
     """This gateway's name among those sharing a database (default: host:port)."""
     key_file: Path | None = None
@@ -66,7 +66,7 @@ class GatewayConfig:
     max_failovers: int = 3
     """Mid-stream failovers allowed per request."""
     standby_per_model: int = 1
-    """Warm spare nodes kept per model in demand, beyond those its load needs (gateway/standby.py)."""
+    """Warm spare nodes kept per model in demand, beyond those its load needs (gateway/dispatch/standby.py)."""
     standby_node_concurrency: int = 4
     """Requests one warm node is counted on to carry when sizing the warm set."""
     standby_idle_s: float = 600.0

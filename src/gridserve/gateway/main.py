@@ -9,7 +9,7 @@ import uvicorn
 
 from gridserve.gateway.app import Gateway, build_gateway_app
 from gridserve.gateway.config import GatewayConfig
-from gridserve.gateway.ledger_replay import replay
+from gridserve.gateway.registry.ledger_replay import replay
 from gridserve.observability import LogFormat, setup_logging
 from gridserve.store import Store, default_sqlite_url
 from gridserve.trust import load_or_create_identity

@@ -6,7 +6,7 @@ The node keeps, for each token it picks, the final-layer hidden state at the pos
 output and checks each chunk (`toploc.verify_proofs_base64`): exponents must match and mantissa errors stay
 small, which honest floating-point differences (thread count, prefill vs incremental decode) do, and a
 different model, prompt or precision does not. Thresholds are per model, calibrated on honest and dishonest
-runs (tests/test_proofs.py); the proof alone is not trusted: the output commitment and the greedy token
+runs (tests/unit/test_proofs.py); the proof alone is not trusted: the output commitment and the greedy token
 check cover what it misses.
 
 `toploc` must be built against the pinned torch (`make` does it); without it, proofs are empty and audits
@@ -39,7 +39,7 @@ class ProofParams:
 
 DEFAULT = ProofParams(topk=128, chunk=32, max_exp_mismatches=12, max_mant_err_mean=10.0, max_mant_err_median=8.0)
 PARAMS: dict[str, ProofParams] = {
-    # calibrated (tests/test_proofs.py): honest re-execution at other thread counts gives 0 / 0.0 here, the same
+    # calibrated (tests/unit/test_proofs.py): honest re-execution at other thread counts gives 0 / 0.0 here, the same
     # model in bfloat16 >= 0.35 mean mantissa error in its worst chunk, another prompt token >= 1.3
     "gridserve-tiny": ProofParams(
         topk=32, chunk=32, max_exp_mismatches=1, max_mant_err_mean=0.2, max_mant_err_median=0.2

@@ -75,7 +75,7 @@ class Receipt(Strict):
     model: str
     weights_digest: str
     input_commitment: str
-    """sha256 of the canonical JSON of the request as the node received it (gateway/receipts.py)."""
+    """sha256 of the canonical JSON of the request as the node received it (gateway/integrity/receipts.py)."""
     prompt_digest: str
     output_commitment: str
     """sha256 of the completion token ids this node sent (after any resumed ones), as little-endian int32."""

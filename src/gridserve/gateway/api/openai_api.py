@@ -1,0 +1,434 @@
+"""`/v1/models`, `/v1/chat/completions`, `/v1/completions`."""
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from gridserve.catalog.models import MODELS
+from gridserve.catalog.tiers import DEFAULT_TIER
+from gridserve.gateway.integrity.audit import Auditor
+from gridserve.gateway.ops.decisions import DecisionLog
+from gridserve.gateway.dispatch.dispatcher import Dispatcher
+from gridserve.gateway.api.errors import APIError, bad_request, model_not_found, no_capacity
+from gridserve.gateway.dispatch.generation import Generation, GenerationFailed
+from gridserve.gateway.registry.membership import Membership, NodeRecord
+from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.ops.outcomes import Traces, observe_outcome
+from gridserve.gateway.pipeline.serving import Pipelines, pipeline_sse, pipeline_whole
+from gridserve.gateway.pipeline.candidate import is_pipeline
+from gridserve.gateway.integrity.receipts import ReceiptCheck, ReceiptChecker
+from gridserve.gateway.api.schemas import ChatCompletionRequest, CompletionRequest, GridOptions, SamplingFields
+from gridserve.gateway.api.sse import DONE, ChunkFormatter
+from gridserve.scheduler import Profile, UnknownTier, schedule
+from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams
+from gridserve.types.scheduling import Decision, ScheduleRequest
+
+log = logging.getLogger("gridserve.gateway")
+CHARS_PER_TOKEN = 4
+"""Prompt-length estimate before a node tokenises (English averages ~4 characters per BPE token)."""
+DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
+OPTION_FILTERS = {"price-ceiling": "gridserve.max_price_per_mtok", "runtime": "gridserve.engines"}
+"""Filters that apply a request's own options (rejected by these alone: a 400 naming the option, not a 503)."""
+TIER_FILTERS = {"tier-hardware": "gridserve.tier", "throughput-floor": "gridserve.tier"}
+"""The same, when the request names its tier."""
+
+
+@dataclass
+class ApiContext:
+    membership: Membership
+    dispatcher: Dispatcher
+    decisions: DecisionLog
+    metrics: GatewayMetrics
+    profile: Profile
+    rng: random.Random
+    traces: Traces
+    receipts: ReceiptChecker
+    auditor: Auditor
+    on_request: Callable[[str], None] = lambda model: None
+    """Told the model of every accepted request (demand, for pre-warming)."""
+    pipelines: Pipelines | None = None
+    """Models no live node holds whole, served over chains of stage nodes."""
+
+
+def parse(body: bytes, model: type[SamplingFields]) -> Any:
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise bad_request("Request body must be a JSON object.")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise bad_request(f"Invalid request: {param}: {first['msg']}", param=param) from exc
+
+
+def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateRequest, int]:
+    max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS[kind]
+    sampling = SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop_list()
+    )
+    if isinstance(req, ChatCompletionRequest):
+        messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
+        chars = sum(len(m.content) for m in messages)
+        job = GenerateRequest(request_id=request_id, model=req.model, messages=messages, sampling=sampling)
+    else:
+        assert isinstance(req, CompletionRequest)
+        prompt = req.prompt_text()
+        chars = len(prompt)
+        job = GenerateRequest(request_id=request_id, model=req.model, prompt=prompt, sampling=sampling)
+    return job, chars // CHARS_PER_TOKEN
+
+
+def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: GridOptions) -> Decision:
+    """Schedule the request over the live nodes and, where stage nodes cover the model, its best pipeline (one
+    candidate among the nodes: gateway/pipeline/candidate.py)."""
+    serving = ctx.membership.live_models().get(job.model, [])
+    now = time.time()
+    pipeline = ctx.pipelines.candidate(job.model, now) if ctx.pipelines is not None else None
+    if not serving and pipeline is None:
+        raise model_not_found(job.model)
+    ctx.on_request(job.model)
+    contexts = [_context(r, job.model) for r in serving]
+    context = max(contexts + ([pipeline.capability.models[0].max_context] if pipeline is not None else []))
+    if job.sampling.max_tokens > context:
+        raise bad_request(
+            f"max_tokens ({job.sampling.max_tokens}) exceeds the context of {job.model} ({context} tokens).",
+            param="max_tokens",
+        )
+    request = ScheduleRequest(
+        request_id=job.request_id,
+        model=job.model,
+        prompt_tokens=prompt_tokens,
+        max_tokens=job.sampling.max_tokens,
+        tier=options.tier or DEFAULT_TIER,
+        max_price_per_mtok=options.max_price_per_mtok,
+        ttft_slo_s=options.ttft_slo_s,
+        tpot_slo_s=options.tpot_slo_s,
+        engines=tuple(options.engines) if options.engines else None,
+    )
+    try:
+        snapshots = ctx.membership.snapshots()
+        if pipeline is not None:
+            snapshots.append(pipeline)
+        decision = schedule(request, snapshots, ctx.profile, ctx.rng, now)
+    except UnknownTier as exc:
+        raise bad_request(str(exc), param="gridserve.tier") from exc
+    ctx.metrics.decisions.labels(outcome="placed" if decision.chosen else "none").inc()
+    for name, count in decision.rejected_by_filter.items():
+        ctx.metrics.filter_rejections.labels(filter=name).inc(count)
+    if decision.chosen is None:
+        live = {r.capability.node_id for r in serving} | ({pipeline.node_id} if pipeline is not None else set())
+        reasons = [r for r in decision.rejections if r.node_id in live]
+        if reasons and all(r.filter == "context-fit" for r in reasons):
+            raise bad_request(
+                f"prompt plus max_tokens exceed the context of {job.model}: {reasons[0].reason}", param="max_tokens"
+            )
+        params = {**OPTION_FILTERS, **(TIER_FILTERS if options.tier else {})}
+        if reasons and all(r.filter in params for r in reasons):  # the request's own options exclude every node
+            raise bad_request(
+                f"no live node meets the request's options: {decision.explanation}", param=params[reasons[0].filter]
+            )
+        raise no_capacity(decision.explanation)
+    return decision
+
+
+def _context(record: NodeRecord, model: str) -> int:
+    offer = next((o for o in record.capability.models if o.name == model), None)
+    if offer is not None:
+        return offer.max_context
+    spec = MODELS.get(model)  # loadable, not resident: the catalogue's context
+    return spec.max_context if spec else 0
+
+
+@dataclass
+class Reply:
+    """A response before transport: whole JSON (`body`) or an SSE stream (`stream`)."""
+
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+
+async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
+    model_type = ChatCompletionRequest if kind == "chat" else CompletionRequest
+    req = parse(body, model_type)
+    request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+    job, prompt_tokens = to_job(req, kind, request_id)
+    if ctx.pipelines is not None and ctx.pipelines.placement.needed(job.model):  # `--layers auto` nodes only
+        await ctx.pipelines.placement.place(job.model)
+    decision = decide(ctx, job, prompt_tokens, req.gridserve)
+    ctx.decisions.record(decision, status="dispatching")
+    if is_pipeline(decision.chosen):
+        return await _pipelined(ctx, decision, req, job, kind)
+    gen = Generation(ctx.dispatcher, decision, job, hedge=req.gridserve.hedge)
+    try:
+        await gen.open()
+    except APIError as exc:
+        ctx.decisions.record(decision, status="failed", error=exc.message)
+        ctx.metrics.requests.labels(endpoint=kind, status="failed").inc()
+        raise
+    stream = gen.stream
+    log.info(
+        "dispatched %s (decision %s) to %s",
+        request_id,
+        decision.decision_id,
+        stream.node_id,
+        extra={"request_id": request_id, "decision_id": decision.decision_id, "node_id": stream.node_id},
+    )
+    headers = [(b"x-gridserve-decision", decision.decision_id.encode()), (b"x-gridserve-node", stream.node_id.encode())]
+    if req.gridserve.explain:
+        headers.append((b"x-gridserve-explain", decision.explanation.encode("ascii", "replace")))
+    ctx.decisions.record(
+        decision,
+        status="streaming",
+        served_by=stream.node_id,
+        attempts=[a.__dict__ for a in stream.attempts],
+        hedged=stream.hedged,
+        hedge_delay_s=None if stream.hedge_delay_s is None else round(stream.hedge_delay_s, 6),
+        ttft_s=round(stream.first_at - stream.started, 6),
+    )
+    fmt = ChunkFormatter(chat=kind == "chat", response_id=request_id, model=job.model)
+    if req.stream:
+        headers.append((b"content-type", b"text/event-stream"))
+        headers.append((b"cache-control", b"no-cache"))
+        return Reply(headers=headers, stream=_sse(ctx, gen, fmt, req.include_usage(), kind))
+    whole = await _collect(ctx, gen, fmt, kind)
+    if req.gridserve.explain:
+        whole["gridserve"] = summary(decision, gen.segment.node_id)
+    headers.append((b"content-type", b"application/json"))
+    return Reply(headers=headers, body=orjson.dumps(whole))
+
+
+async def _pipelined(
+    ctx: ApiContext, decision: Decision, req: SamplingFields, job: GenerateRequest, kind: str
+) -> Reply:
+    """The scheduler chose the pipeline candidate: run the request over its chain of stage nodes."""
+    assert ctx.pipelines is not None
+
+    def ended(status: str, error: str) -> None:
+        ctx.decisions.record(decision, status=status, error=error or None)
+        ctx.metrics.requests.labels(endpoint=kind, status=status).inc()
+
+    try:
+        run = await ctx.pipelines.start(job, ended)
+    except APIError as exc:
+        ctx.decisions.record(decision, status="failed", error=exc.message)
+        ctx.metrics.requests.labels(endpoint=kind, status="failed").inc()
+        raise
+    nodes = ",".join(r.node_id for r in run.session.chain)
+    ctx.decisions.record(decision, status="streaming", served_by=decision.chosen, chain=nodes)
+    headers = [
+        (b"x-gridserve-decision", decision.decision_id.encode()),
+        (b"x-gridserve-pipeline", run.session.session.encode()),
+        (b"x-gridserve-node", nodes.encode()),
+    ]
+    if req.gridserve.explain:
+        headers.append((b"x-gridserve-explain", decision.explanation.encode("ascii", "replace")))
+    fmt = ChunkFormatter(chat=kind == "chat", response_id=job.request_id, model=job.model)
+    if req.stream:
+        headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        return Reply(headers=headers, stream=pipeline_sse(run, fmt, req.include_usage()))
+    body = await pipeline_whole(run, fmt)
+    return Reply(headers=[*headers, (b"content-type", b"application/json")], body=body)
+
+
+async def _drain(ctx: ApiContext, gen: Generation, kind: str) -> AsyncIterator[dict[str, Any]]:
+    """The generation's events, with its outcome recorded whatever happens; a generation that cannot go on
+    ends with an `error` event."""
+    status, error = "ok", ""
+    last: dict[str, Any] = {}
+    entries: list[dict[str, Any]] = []
+    try:
+        async for event in gen.events():
+            last = event
+            yield event
+    except GenerationFailed as exc:
+        status, error = "failed", str(exc)
+        yield {"error": {"message": error}}
+    except (asyncio.CancelledError, GeneratorExit):
+        status, error = "cancelled", "client disconnected"
+        raise
+    except BaseException as exc:
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        gen.close()
+        entries = _finish(ctx, gen, kind, status=status, error=error, last=last)
+        if status != "ok":  # no answer to hold back: stored in the background
+            ctx.receipts.write(entries)
+            entries = []
+    await ctx.receipts.commit(entries)  # the answer ends only once its tokens are settled
+
+
+def _settle(ctx: ApiContext, gen: Generation) -> tuple[list[str], list[dict[str, Any]]]:
+    """Check each finished segment's receipt; returns the problems and the settlement entries (to store)."""
+    problems: list[str] = []
+    entries: list[dict[str, Any]] = []
+    decision = gen.decision
+    for index, segment in enumerate(gen.segments):
+        candidate = decision.candidate(segment.node_id)
+        price = candidate.price_per_mtok if candidate else None
+        if segment.outcome == "ok":
+            unnamed = (segment.unnamed_chunks, segment.unnamed_chars) if segment.unnamed_chunks else None
+            check = ctx.receipts.check(segment.node_id, segment.job, segment.ids, segment.final, unnamed)
+            problems += [f"{segment.node_id[:12]}: {k}: {e}" for k, e in check.problems]
+            if check.receipt is not None and check.ok:
+                ctx.auditor.maybe_audit(segment.node_id, segment.job, segment.ids, check.receipt)
+        elif segment.tokens:  # the node failed after sending tokens: they are paid, without a receipt
+            check = ReceiptCheck(node_id=segment.node_id, delivered=segment.tokens, receipted=False)
+        else:
+            continue
+        entry = ctx.receipts.entry(
+            decision_id=decision.decision_id,
+            request_id=decision.request_id,
+            model=decision.model,
+            check=check,
+            price_per_mtok=price,
+            segment=index,
+        )
+        entries.append(entry)
+    return problems, entries
+
+
+def _finish(
+    ctx: ApiContext, gen: Generation, kind: str, *, status: str, error: str, last: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Record the request's outcome (ledger, calibration, metrics, decision); returns its settlement entries."""
+    decision = gen.decision
+    problems, entries = _settle(ctx, gen)
+    completion = int(last.get("completion_tokens", len(gen.emitted)))
+    for segment in gen.segments:
+        ctx.metrics.tokens.labels(node=segment.node_id).inc(segment.tokens)
+    ctx.metrics.requests.labels(endpoint=kind, status=status).inc()
+    timing = observe_outcome(ctx.membership, ctx.metrics, ctx.traces, decision, gen, status=status, error=error)
+    ctx.decisions.record(
+        decision,
+        status=status,
+        error=error or None,
+        served_by=gen.segment.node_id,
+        route=[s.as_dict() for s in gen.segments],
+        failovers=gen.failovers,
+        usage={"prompt_tokens": int(last.get("prompt_tokens", 0)), "completion_tokens": completion},
+        duration_s=round(time.monotonic() - gen.first.started, 6),
+        timing=timing,
+        receipt_problems=problems,
+    )
+    log.info(
+        "finished %s: %s (%d failovers)",
+        decision.request_id,
+        status,
+        gen.failovers,
+        extra={
+            "request_id": decision.request_id,
+            "decision_id": decision.decision_id,
+            "node_id": gen.segment.node_id,
+            "status": status,
+            "failovers": gen.failovers,
+            "error": error or None,
+        },
+    )
+    return entries
+
+
+async def _sse(
+    ctx: ApiContext, gen: Generation, fmt: ChunkFormatter, include_usage: bool, kind: str
+) -> AsyncIterator[bytes]:
+    yield fmt.role()
+    async for event in _drain(ctx, gen, kind):
+        if "error" in event:
+            yield fmt.error(str(event["error"].get("message", "node failed")), "node_failed")
+            return
+        text = event.get("text")
+        if text:
+            yield fmt.text(text)
+        reason = event.get("finish_reason")
+        if reason:
+            yield fmt.finish(reason)
+            if include_usage:
+                yield fmt.usage(int(event.get("prompt_tokens", 0)), int(event.get("completion_tokens", 0)))
+    yield DONE
+
+
+async def _collect(ctx: ApiContext, gen: Generation, fmt: ChunkFormatter, kind: str) -> dict[str, Any]:
+    parts: list[str] = []
+    final: dict[str, Any] = {}
+    async for event in _drain(ctx, gen, kind):
+        if "error" in event:
+            raise APIError(
+                502,
+                f"node failed mid-generation: {event['error'].get('message', '')}",
+                type_="api_error",
+                code="node_failed",
+            )
+        parts.append(event.get("text", ""))
+        final = event
+    return fmt.whole(
+        "".join(parts),
+        str(final.get("finish_reason") or "stop"),
+        int(final.get("prompt_tokens", 0)),
+        int(final.get("completion_tokens", 0)),
+    )
+
+
+def summary(decision: Decision, served_by: str) -> dict[str, Any]:
+    """The inline explanation (request option `gridserve.explain`)."""
+    chosen = decision.candidate(served_by)
+    return {
+        "decision_id": decision.decision_id,
+        "served_by": served_by,
+        "explanation": decision.explanation,
+        "score": chosen.score if chosen else None,
+        "margin": decision.margin,
+        "predicted_ttft_s": chosen.predicted_ttft_s if chosen else None,
+        "price_per_mtok": chosen.price_per_mtok if chosen else None,
+        "eligible": decision.eligible_count,
+        "rejected": decision.rejected_count,
+    }
+
+
+def list_models(ctx: ApiContext) -> dict[str, Any]:
+    data = []
+    for name, records in sorted(ctx.membership.live_models().items()):
+        emulated = all(r.capability.hardware.emulated for r in records)
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": int(min(r.registered_at for r in records)),
+                "owned_by": "gridserve",
+                "nodes": len(records),
+                "emulated": emulated,
+            }
+        )
+    pipelines = ctx.pipelines
+    for name in pipelines.models() if pipelines is not None else []:
+        assert pipelines is not None
+        stages = pipelines.routes(name)
+        nodes = ctx.membership.nodes
+        created = min((nodes[NodeId(r.node_id)].registered_at for r in stages if r.node_id in nodes), default=0.0)
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": int(created),
+                "owned_by": "gridserve",
+                "nodes": len(stages),
+                "emulated": False,
+                "pipeline": True,
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+__all__ = ["ApiContext", "complete", "list_models"]

@@ -1,0 +1,527 @@
+"""The gateway's OpenAPI document (`GET /openapi.json`), complete and truthful.
+
+FastAPI documents the routes it serves, but it cannot see everything the gateway answers:
+
+- the raw-ASGI `HotPath` (gateway/api/hotpath.py) serves `POST /v1/chat/completions` and `POST /v1/completions`
+  before FastAPI: their operations are added here, for documentation only (nothing here handles a request);
+- routes that read their body themselves (`/nodes/*`: signed envelopes; the admin node actions);
+- the bearer schemes: an API key for the OpenAI routes, the admin token for the admin routes;
+- the error answers: OpenAI's format (gateway/api/errors.py, the 413 of gateway/api/middleware.py) with the statuses
+  each operation can give, and the node protocol's refusals (`{"error": {"type", "message"}}`);
+- request validation answers 400 (app.py's handler), not FastAPI's 422;
+- the shapes of the `dict` answers, and the media types of `/metrics` and of streamed completions.
+
+`install_openapi(app)` makes `app.openapi()` build FastAPI's document and complete it from the tables here.
+An operation missing from the tables (a route added later) still gets its security and error answers from
+its path: `/admin/...` needs the admin token.
+"""
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Literal
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
+
+import gridserve
+from gridserve.gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gridserve.reliability import ReliabilityState
+from gridserve.types import HeartbeatPayload, NodeState, RegisterPayload, RegisterReply
+
+REF = "#/components/schemas/{model}"
+DESCRIPTION = (
+    "OpenAI-compatible inference over a grid of GPU nodes (API key), the admin API (admin token), and the node"
+    " protocol (Ed25519-signed envelopes)."
+)
+
+
+class Auth(StrEnum):
+    NONE = "none"
+    API_KEY = "apiKey"
+    ADMIN = "adminToken"
+
+
+# -- documentation models (never validate anything: they describe what the gateway sends) -------------------
+
+
+class Doc(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(Doc):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(Doc):
+    """OpenAI's error format."""
+
+    error: ErrorDetail
+
+
+class RefusalDetail(Doc):
+    type: str = Field(
+        description="why: malformed, unsigned, bad_signature, wrong_signer, expired, ... (trust/errors.py)"
+    )
+    message: str
+
+
+class Refusal(Doc):
+    """A refused node message."""
+
+    error: RefusalDetail
+
+
+class SignatureParams(BaseModel):
+    """Covers the canonical JSON of the payload and every parameter but `signature` (trust/envelope.py)."""
+
+    keyid: str = Field(description="the signer's Ed25519 public key, base64")
+    alg: Literal["ed25519"]
+    purpose: str
+    created: float = Field(description="unix seconds")
+    expires: float = Field(description="unix seconds; at most the verifier's max lifetime after `created`")
+    nonce: str
+    signature: str = Field(description="base64")
+
+
+class RegisterEnvelope(BaseModel):
+    """A registration, signed by the node's key (purpose `register`)."""
+
+    payload: RegisterPayload
+    sig: SignatureParams
+
+
+class HeartbeatEnvelope(BaseModel):
+    """A heartbeat, signed by the node's key (purpose `heartbeat`)."""
+
+    payload: HeartbeatPayload
+    sig: SignatureParams
+
+
+class RegisterReplyEnvelope(Doc):
+    """The gateway's reply, signed by the gateway's key (purpose `register-reply`)."""
+
+    payload: RegisterReply
+    sig: SignatureParams
+
+
+class HeartbeatAck(Doc):
+    ok: Literal[True]
+
+
+class Health(Doc):
+    status: Literal["ok"]
+    nodes_live: int
+    gateway_public_key: str
+
+
+class ModelCard(Doc):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    nodes: int
+    emulated: bool
+    pipeline: bool = False
+
+
+class ModelList(Doc):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Usage(Doc):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Explanation(Doc):
+    """Request option `gridserve.explain`: why this node."""
+
+    decision_id: str
+    served_by: str
+    explanation: str
+
+
+class AssistantMessage(Doc):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(Doc):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: str
+
+
+class ChatCompletion(Doc):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    gridserve: Explanation | None = None
+
+
+class TextChoice(Doc):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str
+
+
+class TextCompletion(Doc):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    gridserve: Explanation | None = None
+
+
+class NodeView(Doc):
+    node_id: str
+    state: NodeState
+    endpoint: str
+    engine: str
+    models: list[dict[str, Any]]
+    hardware: dict[str, Any]
+    telemetry: dict[str, Any] | None
+
+
+class NodeList(Doc):
+    nodes: list[NodeView]
+
+
+class StoredEvent(Doc):
+    id: int
+    kind: str
+    severity: str
+    node_id: str | None
+    detail: Any
+    at: float
+
+
+class EventList(Doc):
+    events: list[StoredEvent]
+
+
+class Settlement(Doc):
+    totals: list[dict[str, Any]]
+    disputed: list[dict[str, Any]]
+
+
+class AuditSummary(Doc):
+    audited: int
+    failed: int
+    proof_checked: int
+    recent: list[dict[str, Any]]
+
+
+class CanaryVerdict(Doc):
+    node_id: str
+    request_id: str
+    problems: list[str]
+    proof_checked: bool
+    ok: bool
+
+
+class StandbyStatus(Doc):
+    standby_per_model: int
+    node_concurrency: int
+    models: list[dict[str, Any]]
+
+
+class PipelineOverview(Doc):
+    models: list[Any]
+    runs: list[dict[str, Any]]
+    placements: list[Any]
+
+
+class DecisionRecord(Doc):
+    decision_id: str
+    request_id: str
+    model: str
+    status: str
+    explanation: str
+
+
+class IncidentLog(Doc):
+    incidents: list[dict[str, Any]]
+    transitions: list[dict[str, Any]]
+
+
+class NodeAction(Doc):
+    transitions: list[dict[str, Any]]
+    state: ReliabilityState
+
+
+class DoctorReport(Doc):
+    generated_at: float
+    window_s: float
+    nodes: list[dict[str, Any]]
+    pipelines: list[dict[str, Any]]
+
+
+class SeriesReport(Doc):
+    generated_at: float
+    window_s: float
+    bucket_s: float
+    series: list[dict[str, Any]]
+
+
+class ClusterStatus(Doc):
+    gateway_id: str
+    backend: str
+    shared: bool
+
+
+class AdminReason(BaseModel):
+    """Why (recorded with the action)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class AdminIncident(AdminReason):
+    severity: Literal["minor", "severe"] = "minor"
+
+
+# -- the operations -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """What FastAPI cannot tell about one operation."""
+
+    auth: Auth
+    errors: tuple[int, ...]
+    answer: type[BaseModel] | None = None
+    """The 200 body (application/json)."""
+    body: type[BaseModel] | None = None
+    """The request body, for routes that read it themselves."""
+
+
+COMPLETION_ERRORS = (400, 401, 404, 413, 502, 503)
+NODE_ACTION_ERRORS = (400, 401, 404, 413)
+OPS: dict[tuple[str, str], Op] = {
+    ("post", "/v1/chat/completions"): Op(Auth.API_KEY, COMPLETION_ERRORS, ChatCompletion, ChatCompletionRequest),
+    ("post", "/v1/completions"): Op(Auth.API_KEY, COMPLETION_ERRORS, TextCompletion, CompletionRequest),
+    ("get", "/v1/models"): Op(Auth.API_KEY, (401,), ModelList),
+    ("get", "/health"): Op(Auth.NONE, (), Health),
+    ("get", "/metrics"): Op(Auth.NONE, ()),
+    ("post", "/nodes/register"): Op(Auth.NONE, (401, 413), RegisterReplyEnvelope, RegisterEnvelope),
+    ("post", "/nodes/heartbeat"): Op(Auth.NONE, (401, 404, 413), HeartbeatAck, HeartbeatEnvelope),
+    ("get", "/v1/decisions/{decision_id}"): Op(Auth.ADMIN, (401, 404), DecisionRecord),
+    ("get", "/admin/nodes"): Op(Auth.ADMIN, (401,), NodeList),
+    ("get", "/admin/events"): Op(Auth.ADMIN, (400, 401), EventList),
+    ("get", "/admin/settlement"): Op(Auth.ADMIN, (401,), Settlement),
+    ("get", "/admin/audits"): Op(Auth.ADMIN, (401,), AuditSummary),
+    ("post", "/admin/canary"): Op(Auth.ADMIN, (401, 409, 413), CanaryVerdict),
+    ("get", "/admin/standby"): Op(Auth.ADMIN, (401,), StandbyStatus),
+    ("get", "/admin/pipelines"): Op(Auth.ADMIN, (401,), PipelineOverview),
+    ("get", "/admin/incidents"): Op(Auth.ADMIN, (400, 401), IncidentLog),
+    ("get", "/admin/doctor"): Op(Auth.ADMIN, (400, 401, 404), DoctorReport),
+    ("get", "/admin/series"): Op(Auth.ADMIN, (400, 401), SeriesReport),
+    ("get", "/admin/cluster"): Op(Auth.ADMIN, (401,), ClusterStatus),
+    ("get", "/dashboard"): Op(Auth.NONE, ()),
+    ("get", "/dashboard/{name}"): Op(Auth.NONE, (404,)),
+    ("post", "/admin/nodes/{node_id}/incident"): Op(Auth.ADMIN, NODE_ACTION_ERRORS, NodeAction, AdminIncident),
+    ("post", "/admin/nodes/{node_id}/quarantine"): Op(Auth.ADMIN, NODE_ACTION_ERRORS, NodeAction, AdminReason),
+    ("post", "/admin/nodes/{node_id}/release"): Op(Auth.ADMIN, (*NODE_ACTION_ERRORS, 409), NodeAction, AdminReason),
+}
+HOT_PATH = {
+    ("post", "/v1/chat/completions"): "Chat completion (OpenAI-compatible); `stream: true` answers server-sent events.",
+    ("post", "/v1/completions"): "Text completion (OpenAI-compatible); `stream: true` answers server-sent events.",
+}
+"""Served by gateway/api/hotpath.py, never by a FastAPI route: documented from here."""
+PAGES: dict[str, dict[str, Any]] = {
+    "/dashboard": {
+        "operationId": "dashboard_page",
+        "summary": "The operator dashboard (a static page; it asks for the admin token and calls the admin API).",
+        "responses": {"200": {"description": "OK", "content": {"text/html": {"schema": {"type": "string"}}}}},
+    },
+    "/dashboard/{name}": {
+        "operationId": "dashboard_asset",
+        "summary": "A dashboard asset (script or style sheet).",
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {
+            "200": {
+                "description": "OK",
+                "content": {
+                    "text/javascript": {"schema": {"type": "string"}},
+                    "text/css": {"schema": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+"""Pages FastAPI leaves out of its document (`include_in_schema=False`): documented from here when served."""
+PARAM_BOUNDS: dict[tuple[str, str], dict[str, Any]] = {
+    ("/admin/doctor", "window_s"): {"exclusiveMinimum": 0, "maximum": 86_400},
+    ("/admin/series", "window_s"): {"exclusiveMinimum": 0, "maximum": 86_400},
+    ("/admin/series", "bucket_s"): {"exclusiveMinimum": 0, "maximum": 86_400},
+}
+"""Query bounds a route checks itself (400 outside them)."""
+ERROR_WORDS = {
+    400: "Invalid request (body, parameter or JSON).",
+    401: "Missing or invalid credentials, or (node routes) a message that fails a trust check.",
+    404: "Not found (model, node, decision), or (heartbeat) a node that has not registered.",
+    409: "Conflict (no canary could be sent; a banned node cannot be released).",
+    413: "Request body over the gateway's limit (--max-body-bytes).",
+    502: "The node failed.",
+    503: "No node can serve the request now.",
+}
+SECURITY_SCHEMES = {
+    Auth.API_KEY.value: {"type": "http", "scheme": "bearer", "description": "An API key (`--api-key`)."},
+    Auth.ADMIN.value: {"type": "http", "scheme": "bearer", "description": "The admin token (`--admin-token`)."},
+}
+SSE_EVENT = {
+    "type": "object",
+    "description": "One server-sent event (`stream: true`); OpenAPI 3.1 reads `schema` of an event stream per event.",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": 'A JSON chunk (`chat.completion.chunk` or `text_completion`), an `{"error": ...}` object '
+            "if the generation fails mid-stream, or `[DONE]` last.",
+        },
+        "event": {"type": "string"},
+    },
+}
+DECISION_HEADERS = {
+    "x-gridserve-decision": {"required": True, "schema": {"type": "string"}, "description": "GET /v1/decisions/{id}"},
+    "x-gridserve-node": {"required": True, "schema": {"type": "string"}, "description": "the node(s) that served"},
+}
+
+
+def _component_schemas() -> dict[str, Any]:
+    requests = {op.body for op in OPS.values() if op.body is not None}
+    answers = {ErrorResponse, Refusal} | {op.answer for op in OPS.values() if op.answer is not None}
+    pairs: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = []
+    pairs += [(model, "validation") for model in sorted(requests, key=lambda m: m.__name__)]
+    pairs += [(model, "serialization") for model in sorted(answers, key=lambda m: m.__name__)]
+    _, top = models_json_schema(pairs, ref_template=REF)
+    return dict(top.get("$defs", {}))
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _auth_of(method: str, path: str) -> Auth:
+    op = OPS.get((method, path))
+    if op is not None:
+        return op.auth
+    return Auth.ADMIN if path.startswith("/admin/") else Auth.NONE
+
+
+def _errors_of(method: str, path: str, operation: dict[str, Any]) -> tuple[int, ...]:
+    op = OPS.get((method, path))
+    if op is not None:
+        return op.errors
+    found = {401} if _auth_of(method, path) is not Auth.NONE else set()
+    if operation.get("parameters") or operation.get("requestBody"):
+        found.add(400)
+    if method in ("post", "put", "patch"):
+        found.add(413)
+    return tuple(sorted(found))
+
+
+def _error_response(status: int, path: str) -> dict[str, Any]:
+    model = Refusal if path.startswith("/nodes/") and status != 413 else ErrorResponse
+    return {"description": ERROR_WORDS.get(status, "Error."), "content": _json(_ref(model))}
+
+
+def _complete(method: str, path: str, operation: dict[str, Any]) -> None:
+    op = OPS.get((method, path))
+    responses: dict[str, Any] = operation.setdefault("responses", {})
+    responses.pop("422", None)  # app.py answers validation errors with 400 in OpenAI's format
+    auth = _auth_of(method, path)
+    operation["security"] = [{auth.value: []}] if auth is not Auth.NONE else []
+    for status in _errors_of(method, path, operation):
+        responses[str(status)] = _error_response(status, path)
+    if op is not None and op.body is not None:
+        operation["requestBody"] = {"required": True, "content": _json(_ref(op.body))}
+    if op is not None and op.answer is not None:  # the JSON answer; other media types (a stream) stay
+        ok = responses.setdefault("200", {"description": "OK"})
+        ok["content"] = {**ok.get("content", {}), **_json(_ref(op.answer))}
+    for param in operation.get("parameters", []):
+        param["schema"].update(PARAM_BOUNDS.get((path, param["name"]), {}))
+
+
+def _hot_path_operation(method: str, path: str, summary: str) -> dict[str, Any]:
+    answer = {"text/event-stream": {"schema": SSE_EVENT}}  # the JSON answer: from OPS, as for any route
+    return {
+        "summary": summary,
+        "description": "Served by the gateway's raw-ASGI hot path (gateway/api/hotpath.py); documented here.",
+        "operationId": path.strip("/").replace("/", "_") + "_" + method,
+        "responses": {"200": {"description": "OK", "headers": DECISION_HEADERS, "content": answer}},
+    }
+
+
+def _drop_unused(components: dict[str, Any], doc: dict[str, Any]) -> None:
+    """Remove component schemas nothing refers to (FastAPI's 422 models, once the 422s are gone)."""
+    schemas: dict[str, Any] = components.get("schemas", {})
+    while True:
+        text = json.dumps(doc)
+        unused = [name for name in schemas if f'"{REF.format(model=name)}"' not in text]
+        if not unused:
+            return
+        for name in unused:
+            del schemas[name]
+
+
+def complete_document(doc: dict[str, Any], served: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Add the hot-path operations (and the pages in `served` that FastAPI leaves out), security, error answers
+    and answer shapes to FastAPI's document."""
+    paths: dict[str, dict[str, Any]] = doc.setdefault("paths", {})
+    for (method, path), summary in HOT_PATH.items():
+        paths.setdefault(path, {})[method] = _hot_path_operation(method, path, summary)
+    for path, page in PAGES.items():
+        if path in served:
+            paths.setdefault(path, {})["get"] = copy.deepcopy(page)
+    for path, item in paths.items():
+        for method, operation in item.items():
+            _complete(method, path, operation)
+    paths["/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    components = doc.setdefault("components", {})
+    components.setdefault("schemas", {}).update(_component_schemas())
+    components["securitySchemes"] = SECURITY_SCHEMES
+    _drop_unused(components, doc)
+    return doc
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Make `app.openapi()` (served at `/openapi.json`) return the completed document, built once."""
+    built: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        if not built:
+            doc = get_openapi(
+                title=app.title, version=gridserve.__version__, routes=app.routes, description=DESCRIPTION
+            )
+            served = frozenset(str(getattr(route, "path", "")) for route in app.routes)
+            built.update(complete_document(doc, served))
+        return built
+
+    setter: Callable[[], dict[str, Any]] = openapi
+    app.openapi = setter  # type: ignore[method-assign]
+
+
+__all__ = ["complete_document", "install_openapi"]

@@ -1,0 +1,1 @@
+"""Getting a request onto a node: ranked attempts, hedging, retries, mid-stream failover, warm standby."""

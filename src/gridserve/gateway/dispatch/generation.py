@@ -1,0 +1,208 @@
+"""One request's generation across nodes: hedged open, a stall guard per token, and mid-stream failover.
+
+When the serving node dies (its connection breaks), reports an engine error, or stalls (no token within
+the stall timeout derived from its predicted ITL), the generation continues on the next-ranked live node
+from the prompt plus the completion tokens the client already has (`GenerateRequest.resume`). Every node
+event carries the ids of the tokens behind its text, so the gateway knows exactly where the client's text
+ends; the new node replays those tokens through its detokeniser and stop matcher without sending them and
+continues at completion position len(resume). The client sees one uninterrupted stream: with greedy
+decoding the text equals an uninterrupted run, and seeded sampling continues deterministically because the
+draw at each position depends only on (seed, position) (engines/sampling.py).
+"""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed, NodeStream
+from gridserve.gateway.api.errors import APIError
+from gridserve.reliability import EventKind
+from gridserve.types import GenerateRequest, NodeId
+from gridserve.types.scheduling import Decision
+
+
+class Stalled(NodeFailed):
+    pass
+
+
+class GenerationFailed(Exception):
+    """The generation cannot go on: no node could take it over (the message says why)."""
+
+
+@dataclass
+class Segment:
+    """The part of a generation one node produced."""
+
+    node_id: NodeId
+    started: float
+    first_at: float
+    last_at: float
+    job: GenerateRequest
+    """The request as sent to this node (with `resume` after a failover)."""
+    resumed_from: int = 0
+    ids: list[int] = field(default_factory=list)
+    """The token ids this node sent."""
+    unnamed_chunks: int = 0
+    unnamed_chars: int = 0
+    """Text this node sent without naming its tokens (an upstream server): chunks and characters."""
+    tokens: int = 0
+    outcome: str = "streaming"
+    detail: str = ""
+    final: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "resumed_from": self.resumed_from,
+            "tokens": self.tokens,
+            "outcome": self.outcome,
+            "detail": self.detail,
+            "ttft_s": round(self.first_at - self.started, 6),
+        }
+
+
+class Generation:
+    def __init__(self, dispatcher: Dispatcher, decision: Decision, job: GenerateRequest, *, hedge: bool) -> None:
+        self.d = dispatcher
+        self.decision = decision
+        self.job = job
+        self.hedge = hedge
+        self.segments: list[Segment] = []
+        self.emitted: list[int] = []
+        self.resumable = True
+        self.failovers = 0
+        self._stream: NodeStream | None = None
+
+    # -- state --------------------------------------------------------------------------------------
+    @property
+    def stream(self) -> NodeStream:
+        assert self._stream is not None, "open() first"
+        return self._stream
+
+    @property
+    def segment(self) -> Segment:
+        return self.segments[-1]
+
+    @property
+    def first(self) -> Segment:
+        return self.segments[0]
+
+    def tried(self) -> frozenset[str]:
+        return frozenset(s.node_id for s in self.segments)
+
+    # -- running ------------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open on the best node that answers (hedged); raises APIError when none does."""
+        self._begin(await self.d.open(self.decision, self.job, hedge=self.hedge), self.job)
+
+    def _begin(self, stream: NodeStream, job: GenerateRequest) -> None:
+        self._stream = stream
+        self.segments.append(
+            Segment(
+                node_id=stream.node_id,
+                started=stream.started,
+                first_at=stream.first_at,
+                last_at=stream.first_at,
+                job=job,
+                resumed_from=len(job.resume),
+            )
+        )
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Node events with failover folded in: token events, then one final event (or GenerationFailed)."""
+        while True:
+            try:
+                async for event in self._guarded(self.stream):
+                    if "error" in event:
+                        raise NodeFailed(f"engine error: {event['error'].get('message', '')}")
+                    self._account(event)
+                    yield event
+                    if event.get("finish_reason"):
+                        self._close_segment("ok")
+                        return
+                raise NodeFailed("stream ended before its last event")
+            except (NodeFailed, aiohttp.ClientError, OSError) as exc:
+                detail = str(exc) if isinstance(exc, NodeFailed) else f"connection lost ({type(exc).__name__})"
+                self._node_failed(detail, lost=not isinstance(exc, NodeFailed), stalled=isinstance(exc, Stalled))
+                final = await self._fail_over(detail)
+                if final is not None:
+                    yield final
+                    return
+
+    async def _guarded(self, stream: NodeStream) -> AsyncIterator[dict[str, Any]]:
+        """The stream's events; no event within the stall timeout raises Stalled."""
+        stall = self.d.stall_timeout(self.decision.candidate(stream.node_id))
+        events = stream.events()
+        try:
+            while True:
+                timeout = stall if self.resumable else max(stall, self.d.config.stall_unresumable_s)
+                try:
+                    event = await asyncio.wait_for(anext(events), timeout)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError as exc:
+                    raise Stalled(f"stalled: no token for {timeout:.2f} s") from exc
+                yield event
+        finally:
+            await events.aclose()
+
+    def _account(self, event: dict[str, Any]) -> None:
+        ids = event.get("token_ids") or ()
+        segment = self.segment
+        if event.get("text") and not ids:
+            segment.unnamed_chunks += 1
+            segment.unnamed_chars += len(event["text"])
+            if not event.get("finish_reason"):
+                self.resumable = False  # an engine that does not name its tokens cannot be continued elsewhere
+        self.emitted.extend(ids)
+        segment.ids.extend(ids)
+        segment.tokens += len(ids)
+        segment.last_at = time.monotonic()
+        if event.get("finish_reason"):
+            segment.final = event
+
+    def _close_segment(self, outcome: str, detail: str = "") -> None:
+        segment = self.segment
+        if segment.outcome == "streaming":
+            segment.outcome, segment.detail = outcome, detail
+            self.stream.close()
+            self.d.finished(segment.node_id)
+
+    def _node_failed(self, detail: str, *, lost: bool, stalled: bool) -> None:
+        node_id = self.segment.node_id
+        self._close_segment("failed", detail)
+        kind = EventKind.JOB_STALLED if stalled else EventKind.JOB_FAILED
+        self.d.node_failed(node_id, f"mid-stream after {len(self.emitted)} tokens: {detail}", kind)
+        if lost:
+            self.d.membership.mark_failed(node_id, f"stream broke: {detail}")
+
+    async def _fail_over(self, detail: str) -> dict[str, Any] | None:
+        """Continue on another node; returns a final event instead when nothing is left to generate."""
+        done = len(self.emitted)
+        if done >= self.job.sampling.max_tokens:  # every token arrived; only the closing event was lost
+            return {"finish_reason": "length", "prompt_tokens": 0, "completion_tokens": done}
+        if not self.resumable:
+            raise GenerationFailed(f"node failed mid-generation ({detail}); its engine cannot be continued elsewhere")
+        if self.failovers >= self.d.config.max_failovers:
+            raise GenerationFailed(f"node failed mid-generation ({detail}) after {self.failovers} failovers")
+        job = self.job.model_copy(update={"resume": tuple(self.emitted)})
+        try:
+            stream = await self.d.open(self.decision, job, exclude=self.tried(), hedge=False, throttled=False)
+        except APIError as exc:
+            raise GenerationFailed(f"node failed mid-generation ({detail}); no node took over: {exc.message}") from exc
+        self.failovers += 1
+        self.d.metrics.failovers.inc()
+        self._begin(stream, job)
+        return None
+
+    def close(self) -> None:
+        """The client went away (or an error ended the generation): release the node's work."""
+        if self.segments:
+            self._close_segment("cancelled")
+
+
+__all__ = ["Generation", "GenerationFailed", "Segment"]

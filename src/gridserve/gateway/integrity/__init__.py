@@ -1,0 +1,1 @@
+"""Checking untrusted work: receipts and settlement, sampled re-execution audits, canaries."""

@@ -1,0 +1,241 @@
+"""Sampled verification: the gateway re-executes a sample of completions itself and checks the node's work.
+
+A verifier (an engine in the gateway's own process, loaded on first use, for the models it can run: the
+tiny model and Gemma 3 270M) runs one prefill over prompt + output and checks:
+
+1. the prompt as the verifier tokenises it has the digest the node committed to;
+2. the activation proof (trust/proofs.py) against the verifier's own hidden states;
+3. for greedy requests, every token: the verifier's argmax must be the node's token, unless the two logits
+   are within `TIE_TOLERANCE` (honest float differences may flip a near tie).
+
+Any failure is a severe integrity incident with the evidence. The audit rate is per node: `audit_new_rate` for
+nodes with little history, otherwise `audit_rate` raised for low reliability (x (1 + 4 (1 - score))), never
+below `audit_floor`. Audits run off the request path, one at a time on a worker thread.
+
+Canaries (`CanaryRunner`): now and then a node gets a greedy request built like any client's, whose answer the
+verifier knows; a different answer is an integrity incident.
+"""
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.registry.membership import Membership
+from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.reliability import EventKind, NodeEvent, Severity
+from gridserve.trust.audit_policy import audit_probability
+from gridserve.trust.commitments import token_commitment
+from gridserve.types import ChatMessage, GenerateRequest, Receipt, SamplingParams
+
+if TYPE_CHECKING:  # torch is imported by the first audit (Verifier), not at gateway start
+    import torch
+
+    from gridserve.engines.torch_engine import LoadedModel
+
+log = logging.getLogger("gridserve.gateway")
+TIE_TOLERANCE = 1e-3
+"""Relative logit gap below which a different greedy token is an honest near tie, not a wrong answer."""
+VERIFIABLE = ("gridserve-tiny", "gemma-3-270m")
+
+
+def _load(model: str) -> "LoadedModel":
+    if model == "gridserve-tiny":
+        from gridserve.engines.tiny import build_tiny_model
+
+        loaded = build_tiny_model()
+    else:
+        from gridserve.engines.gemma import load_gemma
+
+        loaded = load_gemma()
+    loaded.model.eval()
+    return loaded
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    node_id: str
+    request_id: str
+    problems: tuple[str, ...]
+    proof_checked: bool
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Verifier:
+    """Re-executes requests in this process (one worker thread; torch and the models load on first use)."""
+
+    def __init__(self, threads: int = 1) -> None:
+        self.threads = threads
+        self.models: dict[str, LoadedModel] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
+
+    def supports(self, model: str) -> bool:
+        return model in VERIFIABLE
+
+    def _model(self, model: str) -> "LoadedModel":
+        if model not in self.models:
+            import torch
+
+            torch.set_num_threads(self.threads)
+            self.models[model] = _load(model)
+        return self.models[model]
+
+    def prompt_ids(self, loaded: "LoadedModel", job: GenerateRequest) -> list[int]:
+        if job.messages is not None:
+            return loaded.codec.encode_chat(job.messages)
+        return loaded.codec.encode_prompt(job.prompt or "")
+
+    def check(self, job: GenerateRequest, ids: list[int], receipt: Receipt) -> AuditResult:
+        """Runs on the verifier thread."""
+        import torch
+
+        from gridserve.trust import proofs
+
+        loaded = self._model(job.model)
+        prompt = self.prompt_ids(loaded, job)
+        problems: list[str] = []
+        if token_commitment(prompt) != receipt.prompt_digest:
+            problems.append("audit: prompt digest differs from the verifier's tokenisation of the request")
+        picks = receipt.completion_tokens - receipt.resumed
+        with torch.inference_mode():
+            out = loaded.model(input_ids=torch.tensor([[*prompt, *job.resume, *ids]]), output_hidden_states=True)
+        start = len(prompt) + len(job.resume) - 1
+        hidden = out.hidden_states[-1][0]
+        picks = max(0, min(picks, hidden.shape[0] - start))
+        proof_checked = bool(receipt.proof) and proofs.AVAILABLE
+        if proof_checked:
+            verdict = proofs.verify([hidden[start + i] for i in range(picks)], receipt.proof, job.model)
+            if not verdict.ok:
+                problems.append(f"audit: activation proof fails ({verdict.evidence()})")
+        if job.sampling.temperature == 0.0:
+            problems += self._greedy(loaded, out.logits[0], start, ids, picks)
+        return AuditResult(str(receipt.node_id), job.request_id, tuple(problems), proof_checked)
+
+    def _greedy(
+        self, loaded: "LoadedModel", logits: "torch.Tensor", start: int, ids: list[int], picks: int
+    ) -> list[str]:
+        import torch
+
+        eos = sorted(loaded.codec.eos_ids)
+        for i in range(picks):
+            row = logits[start + i].float()
+            if loaded.logit_mask is not None:
+                row = row + loaded.logit_mask
+            token = ids[i] if i < len(ids) else (eos[0] if eos else -1)
+            best = int(torch.argmax(row).item())
+            if best == token or token < 0:
+                continue
+            gap = float(row[best] - row[token])
+            if gap > TIE_TOLERANCE * max(1.0, abs(float(row[best]))):
+                return [f"audit: greedy token {i} is {token}, the model gives {best} (logit gap {gap:.4f})"]
+        return []
+
+    def greedy_answer(self, job: GenerateRequest) -> list[int]:
+        """The reference answer for a canary (runs on the verifier thread)."""
+        import torch
+
+        loaded = self._model(job.model)
+        ids = self.prompt_ids(loaded, job)
+        out_ids: list[int] = []
+        with torch.inference_mode():
+            for _ in range(job.sampling.max_tokens):
+                logits = loaded.model(input_ids=torch.tensor([[*ids, *out_ids]])).logits[0, -1].float()
+                if loaded.logit_mask is not None:
+                    logits = logits + loaded.logit_mask
+                token = int(torch.argmax(logits).item())
+                if token in loaded.codec.eos_ids:
+                    break
+                out_ids.append(token)
+        return out_ids
+
+
+class Auditor:
+    def __init__(
+        self, config: GatewayConfig, membership: Membership, metrics: GatewayMetrics, verifier: Verifier
+    ) -> None:
+        self.config = config
+        self.membership = membership
+        self.metrics = metrics
+        self.verifier = verifier
+        self.rng = random.Random()
+        self.pending: set[asyncio.Task[None]] = set()
+        self.results: list[AuditResult] = []
+
+    def rate(self, node_id: str) -> float:
+        summary = self.membership.book.summary(node_id, time.time())
+        config = self.config
+        return audit_probability(
+            summary, rate=config.audit_rate, new_rate=config.audit_new_rate, floor=config.audit_floor
+        )
+
+    def maybe_audit(self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt) -> bool:
+        if not self.verifier.supports(job.model) or self.rng.random() >= self.rate(node_id):
+            return False
+        task = asyncio.create_task(self._audit(node_id, job, list(ids), receipt))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+        return True
+
+    async def _audit(self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self.verifier.pool, self.verifier.check, job, ids, receipt)
+        except Exception:  # a verifier bug must not accuse a node: logged, counted, no incident
+            log.exception("audit of %s on %s could not run", job.request_id, node_id)
+            self.metrics.audits.labels(result="error").inc()
+            return
+        self.record(result)
+
+    def record(self, result: AuditResult) -> None:
+        self.results.append(result)
+        del self.results[:-1000]
+        self.metrics.audits.labels(result="pass" if result.ok else "fail").inc()
+        if result.problems:  # one incident per audit, however many checks failed
+            self.membership.note(
+                NodeEvent(
+                    node_id=result.node_id,
+                    kind=EventKind.INCIDENT,
+                    at=time.time(),
+                    severity=Severity.SEVERE,
+                    detail=f"integrity: {'; '.join(result.problems)} (request {result.request_id})",
+                )
+            )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "audited": len(self.results),
+            "failed": sum(1 for r in self.results if not r.ok),
+            "proof_checked": sum(1 for r in self.results if r.proof_checked),
+            "recent": [r.__dict__ for r in self.results[-20:]],
+        }
+
+
+CANARY_PROMPTS = (
+    "Write one sentence about the sea.",
+    "What is the capital of France?",
+    "List three colours.",
+    "Explain what a GPU is in one line.",
+    "Say hello in Spanish.",
+    "Give me a short tip for sleeping better.",
+)
+
+
+def canary_job(model: str, rng: random.Random) -> GenerateRequest:
+    """A greedy chat request like a client's (same id format, ordinary prompt and length)."""
+    return GenerateRequest(
+        request_id="chatcmpl-" + secrets.token_hex(12),
+        model=model,
+        messages=(ChatMessage(role="user", content=rng.choice(CANARY_PROMPTS)),),
+        sampling=SamplingParams(max_tokens=rng.choice((12, 16, 24)), temperature=0.0),
+    )
+
+
+__all__ = ["AuditResult", "Auditor", "Verifier", "canary_job"]

@@ -1,0 +1,1 @@
+"""Models split layer-wise over stage nodes: sessions, planning a chain, serving it through the API."""

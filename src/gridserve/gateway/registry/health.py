@@ -1,0 +1,76 @@
+"""Active health checks: every node's `/health` is probed on a short period; the round-trip time is recorded
+and a failed probe (with a late heartbeat) marks a hung or dead node down quickly (Membership.probe_result).
+On a grid larger than `probes_per_round`, busy and unsettled nodes are probed every period and idle ones in
+turn."""
+
+import asyncio
+import time
+from collections.abc import Mapping
+
+import aiohttp
+
+from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.dispatch.dispatcher import Dispatcher
+from gridserve.gateway.registry.membership import Membership, NodeRecord
+from gridserve.types import NodeId, NodeState
+
+
+async def probe(session: aiohttp.ClientSession, url: str, timeout_s: float) -> tuple[bool, float, str]:
+    started = time.monotonic()
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            await resp.read()
+            ok = resp.status == 200
+            return ok, time.monotonic() - started, "" if ok else f"HTTP {resp.status}"
+    except TimeoutError:
+        return False, time.monotonic() - started, f"no answer in {timeout_s:.1f} s"
+    except (aiohttp.ClientError, OSError) as exc:
+        return False, time.monotonic() - started, type(exc).__name__
+
+
+async def _probe_node(
+    membership: Membership, session: aiohttp.ClientSession, node_id: NodeId, url: str, timeout_s: float
+) -> None:
+    ok, rtt, error = await probe(session, url, timeout_s)
+    membership.probe_result(node_id, ok=ok, rtt_s=rtt, error=error)
+
+
+def probe_targets(records: Mapping[NodeId, NodeRecord], budget: int, turn: int) -> tuple[list[NodeId], int]:
+    """The nodes to probe this period and the next turn: every node when the grid fits the budget; else the
+    nodes that matter now (requests in flight, not UP) and idle UP nodes in rotation from `turn`."""
+    nodes = [(node_id, r) for node_id, r in records.items() if r.state != NodeState.BANNED]
+    if len(nodes) <= budget:
+        return [node_id for node_id, _ in nodes], 0
+    urgent = [node_id for node_id, r in nodes if r.outstanding > 0 or r.state != NodeState.UP]
+    idle = [node_id for node_id, r in nodes if not (r.outstanding > 0 or r.state != NodeState.UP)]
+    take = min(len(idle), max(0, budget - len(urgent)))
+    start = turn % len(idle) if idle else 0
+    rotated = (idle[start:] + idle[:start])[:take]
+    return urgent + rotated, start + take
+
+
+PACE_ABOVE = 32
+"""Rounds with more probes than this are spread over the period (a burst of hundreds of requests at once
+stalls the gateway's event loop, and with it every heartbeat and token it handles meanwhile)."""
+
+
+async def probe_forever(membership: Membership, dispatcher: Dispatcher, config: GatewayConfig) -> None:
+    session = dispatcher.session
+    if session is None:
+        raise RuntimeError("start the dispatcher before the prober")
+    turn = 0
+    while True:
+        chosen, turn = probe_targets(membership.nodes, config.probes_per_round, turn)
+        gap = config.probe_interval_s / len(chosen) if len(chosen) > PACE_ABOVE else 0.0
+        tasks = []
+        for node_id in chosen:
+            record = membership.nodes.get(node_id)
+            if record is None:  # left meanwhile
+                continue
+            url = record.capability.endpoint + "/health"
+            tasks.append(asyncio.create_task(_probe_node(membership, session, node_id, url, config.probe_timeout_s)))
+            if gap:
+                await asyncio.sleep(gap)
+        await asyncio.gather(*tasks)
+        if not gap:
+            await asyncio.sleep(config.probe_interval_s)

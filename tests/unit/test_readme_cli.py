@@ -1,0 +1,57 @@
+"""The README's command examples use options the CLI has; a node advertised to other machines listens on them."""
+
+import re
+from pathlib import Path
+
+import typer.main
+
+from gridserve.cli.main import app
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
+
+
+def _options() -> dict[str, set[str]]:
+    group = typer.main.get_command(app)
+    commands = getattr(group, "commands", {})
+    return {
+        name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} | {"--help"}
+        for name, cmd in commands.items()
+    }
+
+
+def _example_commands() -> list[tuple[str, str]]:
+    """(subcommand, the rest of its line) for every `gridserve SUB ...` in the README's code blocks."""
+    out: list[tuple[str, str]] = []
+    fence: str | None = None
+    shell: list[str] = []
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            fence = line[3:].strip() if fence is None else None
+            continue
+        if fence in ("bash", "sh"):
+            shell.append(line)
+    for line in "\n".join(shell).replace("\\\n", " ").splitlines():
+        code = re.split(r"\s#\s", line)[0]  # drop trailing comments
+        out += re.findall(r"\bgridserve ([a-z][a-z-]*)([^|;&]*)", code)
+    return out
+
+
+def test_readme_examples_use_existing_commands_and_options() -> None:
+    options = _options()
+    examples = _example_commands()
+    assert len(examples) >= 10
+    problems = [
+        f"gridserve {sub}: {flag}" if sub in options else f"no command {sub}"
+        for sub, rest in examples
+        for flag in (FLAG.findall(rest) if sub in options else [None])
+        if sub not in options or flag not in options[sub]
+    ]
+    assert problems == []
+
+
+def test_readme_nodes_advertised_to_other_machines_bind_a_public_address() -> None:
+    remote_url = re.compile(r"--advertise-url http://(?!127\.|localhost)")
+    remote = [rest for sub, rest in _example_commands() if sub == "node" and remote_url.search(rest)]
+    assert len(remote) >= 2
+    assert all(re.search(r"--host 0\.0\.0\.0\b", rest) for rest in remote), remote
