@@ -29,10 +29,10 @@ from tests.conftest import ADMIN, API_KEY, make_grid
 
 from gridserve.cli.grid import LocalGrid
 from gridserve.engines.tiny import TINY_MODEL
-from gridserve.gateway.app import Gateway, build_gateway_app
-from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.api.hotpath import HEARTBEAT, HotPath
 from gridserve.gateway.api.hotpath import ROUTES as hot_routes
+from gridserve.gateway.app import Gateway, build_gateway_app
+from gridserve.gateway.config import GatewayConfig
 from gridserve.store import Store
 from gridserve.trust import Identity
 

@@ -25,8 +25,8 @@ from tests.conftest import admin_get, make_grid
 
 from gridserve.cli.grid import LocalGrid
 from gridserve.gateway.config import GatewayConfig
-from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import (
     BadSignature,

@@ -15,8 +15,8 @@ from tests.conftest import bare_record
 
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.ops.gcwatch import GcWatch
-from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import (
     BadSignature,

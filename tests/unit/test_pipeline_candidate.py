@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from gridserve.catalog import HARDWARE, MODELS
 from gridserve.catalog.tiers import TIERS
-from gridserve.gateway.registry.membership import NodeRecord
 from gridserve.gateway.pipeline.candidate import is_pipeline, pipeline_id, pipeline_snapshot
+from gridserve.gateway.registry.membership import NodeRecord
 from gridserve.perfmodel import derived_price_per_mtok
 from gridserve.planner.chain import StageRoute
 from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook

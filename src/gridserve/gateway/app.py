@@ -17,27 +17,35 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp
 
 from gridserve.gateway.api.admin import add_reliability_routes
-from gridserve.gateway.integrity.audit import Auditor, Verifier
-from gridserve.gateway.integrity.canary import CanaryRunner
-from gridserve.gateway.registry.cluster import ClusterSync
-from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.api.dashboard import add_dashboard_routes
-from gridserve.gateway.ops.decisions import DecisionLog
-from gridserve.gateway.dispatch.dispatcher import Dispatcher
 from gridserve.gateway.api.doctor_api import add_doctor_routes
 from gridserve.gateway.api.errors import APIError, bad_request, unauthorized
-from gridserve.gateway.ops.gcwatch import GcWatch
-from gridserve.gateway.registry.health import probe_forever
 from gridserve.gateway.api.hotpath import HotPath
-from gridserve.gateway.registry.membership import Membership, UnknownNode
-from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.api.middleware import BodyLimit
 from gridserve.gateway.api.openai_api import ApiContext, list_models
 from gridserve.gateway.api.openapi_doc import install_openapi
+from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.dispatch.dispatcher import Dispatcher
+from gridserve.gateway.dispatch.standby import StandbyKeeper
+from gridserve.gateway.integrity.audit import Auditor, Verifier
+from gridserve.gateway.integrity.canary import CanaryRunner
+from gridserve.gateway.integrity.receipts import ReceiptChecker
+from gridserve.gateway.lifecycle import (
+    DecisionLogSubscriber,
+    LedgerSubscriber,
+    Lifecycle,
+    MetricsSubscriber,
+    Settlement,
+    Subscriber,
+)
+from gridserve.gateway.ops.decisions import DecisionLog
+from gridserve.gateway.ops.gcwatch import GcWatch
+from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.ops.outcomes import Traces
 from gridserve.gateway.pipeline.serving import Pipelines
-from gridserve.gateway.integrity.receipts import ReceiptChecker
-from gridserve.gateway.dispatch.standby import StandbyKeeper
+from gridserve.gateway.registry.cluster import ClusterSync
+from gridserve.gateway.registry.health import probe_forever
+from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.scheduler import default_profile, load_profile
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
@@ -55,6 +63,15 @@ def _check_key(presented: str, allowed: tuple[str, ...]) -> bool:
 
 
 class Gateway:
+    def _lifecycle(self) -> Lifecycle:
+        """Every request's consequences, one subscriber each (gateway/lifecycle/)."""
+        subscribers: list[Subscriber] = [
+            DecisionLogSubscriber(self.decisions),
+            MetricsSubscriber(self.metrics),
+            LedgerSubscriber(self.membership, self.traces),
+        ]
+        return Lifecycle(Settlement(self.receipts, self.auditor), self.receipts, subscribers)
+
     def __init__(self, config: GatewayConfig, store: Store, identity: Identity, *, event_cursor: int = 0) -> None:
         self.config = config
         self.store = store
@@ -82,6 +99,7 @@ class Gateway:
             self.traces,
             self.receipts,
             self.auditor,
+            self._lifecycle(),
             on_request=self.standby.note_request,
             pipelines=Pipelines(self.membership, self.dispatcher),
         )

@@ -11,8 +11,8 @@ from gridserve.catalog.hardware import UnknownHardware
 from gridserve.catalog.models import UnknownModel
 from gridserve.diagnostics.doctor import NodeView, RequestTiming, diagnose
 from gridserve.gateway.api.errors import APIError, bad_request
-from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.gateway.ops.outcomes import RequestTrace, Traces
+from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.perfmodel import predict
 from gridserve.reliability import JOB_FAILURES
 

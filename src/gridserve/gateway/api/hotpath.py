@@ -16,8 +16,8 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gridserve.gateway.api.errors import APIError, unauthorized
-from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.gateway.api.openai_api import ApiContext, Reply, complete
+from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.trust import TrustError
 
 log = logging.getLogger("gridserve.gateway")

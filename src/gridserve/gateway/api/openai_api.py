@@ -1,11 +1,12 @@
 """`/v1/models`, `/v1/chat/completions`, `/v1/completions`."""
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,19 +15,20 @@ from pydantic import ValidationError
 
 from gridserve.catalog.models import MODELS
 from gridserve.catalog.tiers import DEFAULT_TIER
-from gridserve.gateway.integrity.audit import Auditor
-from gridserve.gateway.ops.decisions import DecisionLog
-from gridserve.gateway.dispatch.dispatcher import Dispatcher
 from gridserve.gateway.api.errors import APIError, bad_request, model_not_found, no_capacity
-from gridserve.gateway.dispatch.generation import Generation, GenerationFailed
-from gridserve.gateway.registry.membership import Membership, NodeRecord
-from gridserve.gateway.ops.metrics import GatewayMetrics
-from gridserve.gateway.ops.outcomes import Traces, observe_outcome
-from gridserve.gateway.pipeline.serving import Pipelines, pipeline_sse, pipeline_whole
-from gridserve.gateway.pipeline.candidate import is_pipeline
-from gridserve.gateway.integrity.receipts import ReceiptCheck, ReceiptChecker
 from gridserve.gateway.api.schemas import ChatCompletionRequest, CompletionRequest, GridOptions, SamplingFields
 from gridserve.gateway.api.sse import DONE, ChunkFormatter
+from gridserve.gateway.dispatch.dispatcher import Dispatcher
+from gridserve.gateway.dispatch.generation import Generation, GenerationFailed
+from gridserve.gateway.integrity.audit import Auditor
+from gridserve.gateway.integrity.receipts import ReceiptChecker
+from gridserve.gateway.lifecycle import Finished, Lifecycle, Scope, from_generation, from_pipeline
+from gridserve.gateway.ops.decisions import DecisionLog
+from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.ops.outcomes import Traces
+from gridserve.gateway.pipeline.candidate import is_pipeline
+from gridserve.gateway.pipeline.serving import Pipelines, Run
+from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.scheduler import Profile, UnknownTier, schedule
 from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams
 from gridserve.types.scheduling import Decision, ScheduleRequest
@@ -52,6 +54,7 @@ class ApiContext:
     traces: Traces
     receipts: ReceiptChecker
     auditor: Auditor
+    lifecycle: Lifecycle
     on_request: Callable[[str], None] = lambda model: None
     """Told the model of every accepted request (demand, for pre-warming)."""
     pipelines: Pipelines | None = None
@@ -167,16 +170,16 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
     job, prompt_tokens = to_job(req, kind, request_id)
     if ctx.pipelines is not None and ctx.pipelines.placement.needed(job.model):  # `--layers auto` nodes only
         await ctx.pipelines.placement.place(job.model)
+    scope = ctx.lifecycle.begin(kind)
     decision = decide(ctx, job, prompt_tokens, req.gridserve)
-    ctx.decisions.record(decision, status="dispatching")
+    ctx.lifecycle.decided(scope, decision)
     if is_pipeline(decision.chosen):
-        return await _pipelined(ctx, decision, req, job, kind)
+        return await _pipelined(ctx, scope, decision, req, job, kind)
     gen = Generation(ctx.dispatcher, decision, job, hedge=req.gridserve.hedge)
     try:
         await gen.open()
     except APIError as exc:
-        ctx.decisions.record(decision, status="failed", error=exc.message)
-        ctx.metrics.requests.labels(endpoint=kind, status="failed").inc()
+        ctx.lifecycle.not_opened(scope, decision, exc.message)
         raise
     stream = gen.stream
     log.info(
@@ -187,70 +190,131 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
         extra={"request_id": request_id, "decision_id": decision.decision_id, "node_id": stream.node_id},
     )
     headers = [(b"x-gridserve-decision", decision.decision_id.encode()), (b"x-gridserve-node", stream.node_id.encode())]
-    if req.gridserve.explain:
-        headers.append((b"x-gridserve-explain", decision.explanation.encode("ascii", "replace")))
-    ctx.decisions.record(
+    ctx.lifecycle.opened(
+        scope,
         decision,
-        status="streaming",
-        served_by=stream.node_id,
+        stream.node_id,
         attempts=[a.__dict__ for a in stream.attempts],
         hedged=stream.hedged,
         hedge_delay_s=None if stream.hedge_delay_s is None else round(stream.hedge_delay_s, 6),
         ttft_s=round(stream.first_at - stream.started, 6),
     )
-    fmt = ChunkFormatter(chat=kind == "chat", response_id=request_id, model=job.model)
-    if req.stream:
-        headers.append((b"content-type", b"text/event-stream"))
-        headers.append((b"cache-control", b"no-cache"))
-        return Reply(headers=headers, stream=_sse(ctx, gen, fmt, req.include_usage(), kind))
-    whole = await _collect(ctx, gen, fmt, kind)
-    if req.gridserve.explain:
-        whole["gridserve"] = summary(decision, gen.segment.node_id)
-    headers.append((b"content-type", b"application/json"))
-    return Reply(headers=headers, body=orjson.dumps(whole))
+    source = _WholeModel(ctx, scope, gen, kind)
+    return await _reply(ctx, req, decision, headers, source, kind)
 
 
 async def _pipelined(
-    ctx: ApiContext, decision: Decision, req: SamplingFields, job: GenerateRequest, kind: str
+    ctx: ApiContext, scope: Scope, decision: Decision, req: SamplingFields, job: GenerateRequest, kind: str
 ) -> Reply:
     """The scheduler chose the pipeline candidate: run the request over its chain of stage nodes."""
     assert ctx.pipelines is not None
-
-    def ended(status: str, error: str) -> None:
-        ctx.decisions.record(decision, status=status, error=error or None)
-        ctx.metrics.requests.labels(endpoint=kind, status=status).inc()
-
     try:
-        run = await ctx.pipelines.start(job, ended)
+        run = await ctx.pipelines.start(job)
     except APIError as exc:
-        ctx.decisions.record(decision, status="failed", error=exc.message)
-        ctx.metrics.requests.labels(endpoint=kind, status="failed").inc()
+        ctx.lifecycle.not_opened(scope, decision, exc.message)
         raise
+    run.on_stage_failed = lambda node_id, why: ctx.lifecycle.failover(scope, node_id, why)
     nodes = ",".join(r.node_id for r in run.session.chain)
-    ctx.decisions.record(decision, status="streaming", served_by=decision.chosen, chain=nodes)
+    ctx.lifecycle.opened(scope, decision, decision.chosen or "", chain=nodes)
     headers = [
         (b"x-gridserve-decision", decision.decision_id.encode()),
         (b"x-gridserve-pipeline", run.session.session.encode()),
         (b"x-gridserve-node", nodes.encode()),
     ]
+    return await _reply(ctx, req, decision, headers, _Pipeline(ctx, scope, run, decision, kind), kind)
+
+
+class _Source:
+    """One serving path's events, and how the request ended as the lifecycle records it."""
+
+    scope: Scope
+
+    def events(self) -> AsyncIterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release the work (the client left, or the answer ended)."""
+
+    def finished(self, status: str, error: str, last: dict[str, Any]) -> Finished:
+        raise NotImplementedError
+
+    def served_by(self) -> str:
+        raise NotImplementedError
+
+
+class _WholeModel(_Source):
+    def __init__(self, ctx: ApiContext, scope: Scope, gen: Generation, kind: str) -> None:
+        self.ctx, self.scope, self.gen, self.kind = ctx, scope, gen, kind
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        segments = 1
+        async for event in self.gen.events():
+            if len(self.gen.segments) > segments:  # the generation moved to another node mid-answer
+                for failed in self.gen.segments[segments - 1 : -1]:
+                    self.ctx.lifecycle.failover(self.scope, failed.node_id, failed.detail)
+                segments = len(self.gen.segments)
+            yield event
+
+    async def close(self) -> None:
+        self.gen.close()
+
+    def finished(self, status: str, error: str, last: dict[str, Any]) -> Finished:
+        return from_generation(self.gen, self.kind, status=status, error=error, last=last)
+
+    def served_by(self) -> str:
+        return self.gen.segment.node_id
+
+
+class _Pipeline(_Source):
+    def __init__(self, ctx: ApiContext, scope: Scope, run: Run, decision: Decision, kind: str) -> None:
+        self.ctx, self.scope, self.run, self.decision, self.kind = ctx, scope, run, decision, kind
+
+    def events(self) -> AsyncIterator[dict[str, Any]]:
+        return self.run.events
+
+    async def close(self) -> None:
+        aclose = getattr(self.run.events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def finished(self, status: str, error: str, last: dict[str, Any]) -> Finished:
+        return from_pipeline(self.run, self.decision, self.kind, status=status, error=error)
+
+    def served_by(self) -> str:
+        return self.decision.chosen or ""
+
+
+async def _reply(
+    ctx: ApiContext,
+    req: SamplingFields,
+    decision: Decision,
+    headers: list[tuple[bytes, bytes]],
+    source: _Source,
+    kind: str,
+) -> Reply:
     if req.gridserve.explain:
         headers.append((b"x-gridserve-explain", decision.explanation.encode("ascii", "replace")))
-    fmt = ChunkFormatter(chat=kind == "chat", response_id=job.request_id, model=job.model)
+    fmt = ChunkFormatter(chat=kind == "chat", response_id=decision.request_id, model=decision.model)
     if req.stream:
-        headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-        return Reply(headers=headers, stream=pipeline_sse(run, fmt, req.include_usage()))
-    body = await pipeline_whole(run, fmt)
-    return Reply(headers=[*headers, (b"content-type", b"application/json")], body=body)
+        headers.append((b"content-type", b"text/event-stream"))
+        headers.append((b"cache-control", b"no-cache"))
+        return Reply(headers=headers, stream=_sse(ctx, source, fmt, req.include_usage()))
+    whole = await _collect(ctx, source, fmt)
+    if req.gridserve.explain:
+        whole["gridserve"] = summary(decision, source.served_by())
+    headers.append((b"content-type", b"application/json"))
+    return Reply(headers=headers, body=orjson.dumps(whole))
 
 
-async def _drain(ctx: ApiContext, gen: Generation, kind: str) -> AsyncIterator[dict[str, Any]]:
-    """The generation's events, with its outcome recorded whatever happens; a generation that cannot go on
-    ends with an `error` event."""
+async def _drain(ctx: ApiContext, source: _Source) -> AsyncIterator[dict[str, Any]]:
+    """The path's events, with the request's end recorded by the lifecycle whatever happens; a generation that
+    cannot go on ends with an `error` event."""
     status, error = "ok", ""
     last: dict[str, Any] = {}
-    entries: list[dict[str, Any]] = []
     try:
-        async for event in gen.events():
+        async for event in source.events():
+            if "error" in event:
+                status, error = "failed", str(event["error"].get("message", "node failed"))
             last = event
             yield event
     except GenerationFailed as exc:
@@ -263,89 +327,24 @@ async def _drain(ctx: ApiContext, gen: Generation, kind: str) -> AsyncIterator[d
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        gen.close()
-        entries = _finish(ctx, gen, kind, status=status, error=error, last=last)
+        if status != "ok":
+            await _quietly(source.close())
+        end = source.finished(status, error, last)
+        settled = ctx.lifecycle.finished(source.scope, end)
         if status != "ok":  # no answer to hold back: stored in the background
-            ctx.receipts.write(entries)
-            entries = []
-    await ctx.receipts.commit(entries)  # the answer ends only once its tokens are settled
+            await ctx.lifecycle.commit(end, settled)
+    await source.close()
+    await ctx.lifecycle.commit(end, settled)  # the answer ends only once its tokens are settled
 
 
-def _settle(ctx: ApiContext, gen: Generation) -> tuple[list[str], list[dict[str, Any]]]:
-    """Check each finished segment's receipt; returns the problems and the settlement entries (to store)."""
-    problems: list[str] = []
-    entries: list[dict[str, Any]] = []
-    decision = gen.decision
-    for index, segment in enumerate(gen.segments):
-        candidate = decision.candidate(segment.node_id)
-        price = candidate.price_per_mtok if candidate else None
-        if segment.outcome == "ok":
-            unnamed = (segment.unnamed_chunks, segment.unnamed_chars) if segment.unnamed_chunks else None
-            check = ctx.receipts.check(segment.node_id, segment.job, segment.ids, segment.final, unnamed)
-            problems += [f"{segment.node_id[:12]}: {k}: {e}" for k, e in check.problems]
-            if check.receipt is not None and check.ok:
-                ctx.auditor.maybe_audit(segment.node_id, segment.job, segment.ids, check.receipt)
-        elif segment.tokens:  # the node failed after sending tokens: they are paid, without a receipt
-            check = ReceiptCheck(node_id=segment.node_id, delivered=segment.tokens, receipted=False)
-        else:
-            continue
-        entry = ctx.receipts.entry(
-            decision_id=decision.decision_id,
-            request_id=decision.request_id,
-            model=decision.model,
-            check=check,
-            price_per_mtok=price,
-            segment=index,
-        )
-        entries.append(entry)
-    return problems, entries
+async def _quietly(awaitable: Awaitable[None]) -> None:
+    with contextlib.suppress(Exception):
+        await awaitable
 
 
-def _finish(
-    ctx: ApiContext, gen: Generation, kind: str, *, status: str, error: str, last: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Record the request's outcome (ledger, calibration, metrics, decision); returns its settlement entries."""
-    decision = gen.decision
-    problems, entries = _settle(ctx, gen)
-    completion = int(last.get("completion_tokens", len(gen.emitted)))
-    for segment in gen.segments:
-        ctx.metrics.tokens.labels(node=segment.node_id).inc(segment.tokens)
-    ctx.metrics.requests.labels(endpoint=kind, status=status).inc()
-    timing = observe_outcome(ctx.membership, ctx.metrics, ctx.traces, decision, gen, status=status, error=error)
-    ctx.decisions.record(
-        decision,
-        status=status,
-        error=error or None,
-        served_by=gen.segment.node_id,
-        route=[s.as_dict() for s in gen.segments],
-        failovers=gen.failovers,
-        usage={"prompt_tokens": int(last.get("prompt_tokens", 0)), "completion_tokens": completion},
-        duration_s=round(time.monotonic() - gen.first.started, 6),
-        timing=timing,
-        receipt_problems=problems,
-    )
-    log.info(
-        "finished %s: %s (%d failovers)",
-        decision.request_id,
-        status,
-        gen.failovers,
-        extra={
-            "request_id": decision.request_id,
-            "decision_id": decision.decision_id,
-            "node_id": gen.segment.node_id,
-            "status": status,
-            "failovers": gen.failovers,
-            "error": error or None,
-        },
-    )
-    return entries
-
-
-async def _sse(
-    ctx: ApiContext, gen: Generation, fmt: ChunkFormatter, include_usage: bool, kind: str
-) -> AsyncIterator[bytes]:
+async def _sse(ctx: ApiContext, source: _Source, fmt: ChunkFormatter, include_usage: bool) -> AsyncIterator[bytes]:
     yield fmt.role()
-    async for event in _drain(ctx, gen, kind):
+    async for event in _drain(ctx, source):
         if "error" in event:
             yield fmt.error(str(event["error"].get("message", "node failed")), "node_failed")
             return
@@ -360,10 +359,10 @@ async def _sse(
     yield DONE
 
 
-async def _collect(ctx: ApiContext, gen: Generation, fmt: ChunkFormatter, kind: str) -> dict[str, Any]:
+async def _collect(ctx: ApiContext, source: _Source, fmt: ChunkFormatter) -> dict[str, Any]:
     parts: list[str] = []
     final: dict[str, Any] = {}
-    async for event in _drain(ctx, gen, kind):
+    async for event in _drain(ctx, source):
         if "error" in event:
             raise APIError(
                 502,

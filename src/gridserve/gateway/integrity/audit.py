@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gridserve.gateway.config import GatewayConfig
-from gridserve.gateway.registry.membership import Membership
 from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.registry.membership import Membership
 from gridserve.reliability import EventKind, NodeEvent, Severity
 from gridserve.trust.audit_policy import audit_probability
 from gridserve.trust.commitments import token_commitment

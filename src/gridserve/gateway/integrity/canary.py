@@ -6,10 +6,10 @@ import asyncio
 import logging
 import random
 
-from gridserve.gateway.integrity.audit import Auditor, AuditResult, canary_job
 from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed
-from gridserve.gateway.registry.membership import LIVE
+from gridserve.gateway.integrity.audit import Auditor, AuditResult, canary_job
 from gridserve.gateway.integrity.receipts import ReceiptChecker
+from gridserve.gateway.registry.membership import LIVE
 
 log = logging.getLogger("gridserve.gateway")
 

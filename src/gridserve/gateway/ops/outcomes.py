@@ -1,17 +1,11 @@
-"""What a finished request teaches the gateway: a job outcome for the reliability ledger (inside its SLO or
-not), a calibration sample for the performance model, latency metrics, and a trace for the latency doctor
-(the request's time split into network, queue, prefill and decode)."""
+"""The latency doctor's view of finished requests: a trace each (the request's time split into network, queue,
+prefill and decode), kept in a ring. Written by the request lifecycle (gateway/lifecycle/subscribers.py)."""
 
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from gridserve.gateway.dispatch.generation import Generation, Segment
-from gridserve.gateway.registry.membership import Membership
-from gridserve.gateway.ops.metrics import GatewayMetrics
-from gridserve.reliability import EventKind, NodeEvent
-from gridserve.types.scheduling import Decision
+from gridserve.gateway.dispatch.generation import Segment
 
 
 @dataclass(frozen=True)
@@ -66,82 +60,3 @@ def segment_split(segment: Segment) -> dict[str, float | None]:
         "prefill_s": prefill,
         "decode_s": segment.last_at - segment.first_at,
     }
-
-
-def observe_outcome(
-    membership: Membership,
-    metrics: GatewayMetrics,
-    traces: Traces,
-    decision: Decision,
-    gen: Generation,
-    *,
-    status: str,
-    error: str = "",
-) -> dict[str, Any]:
-    """Record the generation's outcome; returns the timing split for the decision log."""
-    if not gen.segments:
-        return {}
-    last, first = gen.segment, gen.first
-    ttft = first.first_at - first.started
-    seg_ttft = last.first_at - last.started
-    itl = (last.last_at - last.first_at) / (last.tokens - 1) if last.tokens > 1 else None
-    model = decision.model
-    metrics.ttft.labels(model=model, node=first.node_id).observe(ttft)
-    if itl is not None:
-        metrics.itl.labels(model=model, node=last.node_id).observe(itl)
-    split = segment_split(last)
-    candidate = decision.candidate(last.node_id)
-    traces.add(
-        RequestTrace(
-            at=time.time(),
-            decision_id=decision.decision_id,
-            request_id=decision.request_id,
-            model=model,
-            node_id=last.node_id,
-            status=status,
-            ttft_s=seg_ttft,
-            itl_s=itl,
-            predicted_ttft_s=candidate.predicted_ttft_s if candidate else None,
-            predicted_itl_s=candidate.predicted_itl_s if candidate else None,
-            failovers=gen.failovers,
-            hedged=gen.stream.hedged,
-            error=error,
-            **split,
-        )
-    )
-    if status == "ok":
-        _completed(membership, decision, last, ttft=seg_ttft, itl=itl)
-    return {k: (None if v is None else round(v, 6)) for k, v in split.items()} | {
-        "ttft_s": round(ttft, 6),
-        "itl_s": None if itl is None else round(itl, 6),
-    }
-
-
-def _completed(membership: Membership, decision: Decision, segment: Segment, *, ttft: float, itl: float | None) -> None:
-    node_id = segment.node_id
-    needs = decision.requirements
-    within = ttft <= float(needs["ttft_slo_s"]) and (itl is None or itl <= float(needs["tpot_slo_s"]))
-    membership.note(
-        NodeEvent(
-            node_id=node_id,
-            kind=EventKind.JOB_COMPLETED,
-            at=time.time(),
-            within_slo=within,
-            detail=f"ttft {ttft:.3f} s, itl {itl or 0:.4f} s",
-        )
-    )
-    candidate = decision.candidate(node_id)
-    raw_ttft: float | None = None
-    raw_itl = 0.0
-    if candidate is not None and candidate.predicted_ttft_s is not None:
-        ttft_factor, itl_factor = candidate.calibration
-        raw_ttft = candidate.predicted_ttft_s / ttft_factor
-        raw_itl = (candidate.predicted_itl_s or 0.0) / itl_factor
-    membership.observed_timing(
-        node_id,
-        ttft_s=ttft,
-        raw_predicted_ttft_s=raw_ttft,
-        fresh_ttft_s=segment.first_at - segment.started if segment.resumed_from == 0 else None,
-        raw_predicted_itl_s=raw_itl,
-        itl_s=itl,
-    )

@@ -17,10 +17,10 @@ from typing import Any
 
 from gridserve.catalog.hardware import HARDWARE
 from gridserve.catalog.models import MODELS
-from gridserve.gateway.dispatch.dispatcher import Dispatcher
 from gridserve.gateway.api.errors import APIError
-from gridserve.gateway.registry.membership import LIVE, Membership, NodeRecord
+from gridserve.gateway.dispatch.dispatcher import Dispatcher
 from gridserve.gateway.pipeline.candidate import UNKNOWN_CARD
+from gridserve.gateway.registry.membership import LIVE, Membership, NodeRecord
 from gridserve.planner import LayerCosts, Network, Plan, PlanError, PlanNode, plan
 
 log = logging.getLogger("gridserve.gateway")

@@ -11,24 +11,29 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
 
 from gridserve.catalog.hardware import HARDWARE
 from gridserve.catalog.models import DTYPE_BYTES, MODELS
 from gridserve.diagnostics.pipeline_doctor import diagnose_run
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
+from gridserve.gateway.api.errors import bad_request, no_capacity
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
-from gridserve.gateway.api.errors import APIError, bad_request
-from gridserve.gateway.registry.membership import LIVE, Membership, NodeRecord
-from gridserve.gateway.pipeline.session import LinkPool, ModelHead, PipelineSession, StageFailed, generate_tokens, load_head
 from gridserve.gateway.pipeline.candidate import pipeline_snapshot
 from gridserve.gateway.pipeline.placement import Placement
-from gridserve.gateway.api.sse import DONE, ChunkFormatter
+from gridserve.gateway.pipeline.session import (
+    LinkPool,
+    ModelHead,
+    PipelineSession,
+    StageFailed,
+    generate_tokens,
+    load_head,
+)
+from gridserve.gateway.registry.membership import LIVE, Membership, NodeRecord
 from gridserve.planner.chain import NoChain, StageRoute, plan_chain
 from gridserve.planner.costs import LayerCosts, PlanNode, Workload, stage_time
+from gridserve.reliability import EventKind, NodeEvent
 from gridserve.reliability.state import ReliabilityState
 from gridserve.scheduler import NodeSnapshot
 from gridserve.types import GenerateRequest, ModelOffer, NodeId
@@ -39,11 +44,29 @@ BLOCKED = frozenset({ReliabilityState.EJECTED, ReliabilityState.QUARANTINED, Rel
 
 
 @dataclass
+class RunResult:
+    """How a pipeline generation went, filled in as it runs (read by the request lifecycle when it ends)."""
+
+    started: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
+    status: str = "streaming"
+    error: str = ""
+    failed: list[tuple[str, int, str]] = field(default_factory=list)
+    """(stage node, step, why) of every stage that failed during the run, re-planned around or not."""
+
+
+@dataclass
 class Run:
     """What the API reply needs of a started pipeline generation."""
 
     session: PipelineSession
-    events: AsyncIterator[dict[str, Any]]
+    result: RunResult
+    events: AsyncIterator[dict[str, Any]] = field(init=False)
+    on_stage_failed: Callable[[str, str], None] | None = None
+    """Told each stage node that fails mid-run and why (the request lifecycle's failover hook)."""
 
 
 class Pipelines:
@@ -143,9 +166,9 @@ class Pipelines:
             self.heads[model] = await asyncio.to_thread(load_head, model)
         return self.heads[model]
 
-    async def start(self, job: GenerateRequest, on_end: Callable[[str, str], None] | None = None) -> Run:
-        """Plan the chain and open the session on every stage; APIError if that cannot be done. `on_end(status,
-        error)` is called when the run ends ("ok", "failed" or "cancelled")."""
+    async def start(self, job: GenerateRequest) -> Run:
+        """Plan the chain and open the session on every stage; APIError if that cannot be done. The run's
+        `result` says how it went once its events end."""
         head = await self.head(job.model)
         prompt = (
             head.codec.encode_chat(job.messages)
@@ -168,30 +191,46 @@ class Pipelines:
             session = PipelineSession(self.pool, chain, lambda: self.routes(job.model))
             await session.open()
         except (NoChain, StageFailed) as exc:
-            raise APIError(503, f"no pipeline for {job.model}: {exc}", type_="api_error", code="no_capacity") from exc
+            if isinstance(exc, StageFailed):
+                self._stage_failed(exc.node_id, f"pipeline stage failed while opening: {exc}")
+            raise no_capacity(f"no pipeline for {job.model}: {exc}") from exc
         self.running[job.model] = self.running.get(job.model, 0) + 1
-        return Run(session, self._events(session, head, prompt, job, on_end))
+        run = Run(session, RunResult(started=time.monotonic(), prompt_tokens=len(prompt)))
+        run.events = self._events(run, head, prompt, job)
+        return run
+
+    def _stage_failed(self, node_id: str, detail: str) -> None:
+        """A stage node failed its part: a failed job in its ledger, as for any node that fails a request."""
+        self.membership.note(NodeEvent(node_id=node_id, kind=EventKind.JOB_FAILED, at=time.time(), detail=detail))
+
+    def _replanned(self, run: Run, seen: int) -> int:
+        """Record the stages re-planned around since the last look; returns how many re-plans are seen now."""
+        for replan in run.session.replans[seen:]:
+            why = f"pipeline stage failed at step {replan.at_step}; re-planned onto {', '.join(replan.replaced_by)}"
+            run.result.failed.append((replan.failed, replan.at_step, why))
+            self._stage_failed(replan.failed, why)
+            if run.on_stage_failed is not None:
+                run.on_stage_failed(replan.failed, why)
+        return len(run.session.replans)
 
     async def _events(
-        self,
-        session: PipelineSession,
-        head: ModelHead,
-        prompt: list[int],
-        job: GenerateRequest,
-        on_end: Callable[[str, str], None] | None,
+        self, run: Run, head: ModelHead, prompt: list[int], job: GenerateRequest
     ) -> AsyncIterator[dict[str, Any]]:
+        session, result = run.session, run.result
         decoder = IncrementalDecoder(head.codec.decode)
         stops = StopMatcher(job.sampling.stop)
-        started = time.monotonic()
-        first_at: float | None = None
-        count, reason, status, error = 0, "length", "ok", ""
+        count, reason, seen = 0, "length", 0
+        result.status = "ok"
         try:
             tokens = generate_tokens(
                 session, prompt, job.sampling, eos_ids=head.codec.eos_ids, logit_mask=head.logit_mask
             )
             async for token, _ in tokens:
-                first_at = first_at or time.monotonic()
+                result.first_at = result.first_at or time.monotonic()
+                result.last_at = time.monotonic()
                 count += 1
+                result.completion_tokens = count
+                seen = self._replanned(run, seen)
                 if token in head.codec.eos_ids:
                     reason = "stop"
                     break
@@ -203,28 +242,24 @@ class Pipelines:
             tail = "" if stops.stopped else stops.feed(decoder.finish()) + stops.flush()
             yield {"text": tail, "finish_reason": reason, "prompt_tokens": len(prompt), "completion_tokens": count}
         except (StageFailed, NoChain) as exc:
-            status, error = "failed", str(exc)
+            result.status, result.error = "failed", str(exc)
+            self._replanned(run, seen)
+            if isinstance(exc, StageFailed):
+                why = f"pipeline stage failed at step {session.steps}, no re-plan: {exc}"
+                result.failed.append((exc.node_id, session.steps, why))
+                self._stage_failed(exc.node_id, why)
             yield {"error": {"message": f"pipeline failed: {exc}"}}
         except (asyncio.CancelledError, GeneratorExit):
-            status, error = "cancelled", "client disconnected"
+            result.status, result.error = "cancelled", "client disconnected"
             raise
         finally:
             self.running[job.model] = max(0, self.running.get(job.model, 0) - 1)
             await session.close()
-            self._remember(session, job, started, first_at, count, status, error)
-            if on_end is not None:
-                on_end(status, error)
+            self._remember(session, job, result)
 
-    def _remember(
-        self,
-        session: PipelineSession,
-        job: GenerateRequest,
-        started: float,
-        first_at: float | None,
-        count: int,
-        status: str,
-        error: str,
-    ) -> None:
+    def _remember(self, session: PipelineSession, job: GenerateRequest, result: RunResult) -> None:
+        started, first_at, count = result.started, result.first_at, result.completion_tokens
+        status, error = result.status, result.error
         end = time.monotonic()
         entry: dict[str, Any] = {
             "session": session.session,
@@ -256,35 +291,3 @@ class Pipelines:
             len(session.chain),
             len(session.replans),
         )
-
-
-async def pipeline_sse(run: Run, fmt: ChunkFormatter, include_usage: bool) -> AsyncIterator[bytes]:
-    yield fmt.role()
-    async for event in run.events:
-        if "error" in event:
-            yield fmt.error(str(event["error"]["message"]), "node_failed")
-            return
-        if event.get("text"):
-            yield fmt.text(event["text"])
-        if event.get("finish_reason"):
-            yield fmt.finish(event["finish_reason"])
-            if include_usage:
-                yield fmt.usage(int(event["prompt_tokens"]), int(event["completion_tokens"]))
-    yield DONE
-
-
-async def pipeline_whole(run: Run, fmt: ChunkFormatter) -> bytes:
-    parts: list[str] = []
-    final: dict[str, Any] = {}
-    async for event in run.events:
-        if "error" in event:
-            raise APIError(502, str(event["error"]["message"]), type_="api_error", code="node_failed")
-        parts.append(event.get("text", ""))
-        final = event
-    whole = fmt.whole(
-        "".join(parts),
-        str(final.get("finish_reason") or "stop"),
-        int(final.get("prompt_tokens", 0)),
-        int(final.get("completion_tokens", 0)),
-    )
-    return orjson.dumps(whole)

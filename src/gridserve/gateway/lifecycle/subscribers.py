@@ -1,0 +1,240 @@
+"""The lifecycle's subscribers: each owns one consequence of a request, the same for every serving path.
+
+- `DecisionLogSubscriber`: the decision log (`GET /v1/decisions/{id}`) from dispatch to outcome;
+- `MetricsSubscriber`: request, token and latency metrics;
+- `LedgerSubscriber`: the reliability ledger (a completed job, inside its SLO or not), the node's calibration
+  and the latency doctor's trace;
+- `Settlement`: receipts checked, audits sampled and settlement entries made (run first: the decision log
+  records the problems it finds, and the answer ends only once its entries are stored).
+"""
+
+import time
+from typing import Any
+
+from gridserve.gateway.integrity.audit import Auditor
+from gridserve.gateway.integrity.receipts import ReceiptCheck, ReceiptChecker
+from gridserve.gateway.lifecycle.record import Finished, NodeWork, Settled
+from gridserve.gateway.ops.decisions import DecisionLog
+from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.ops.outcomes import RequestTrace, Traces
+from gridserve.gateway.registry.membership import Membership
+from gridserve.reliability import EventKind, NodeEvent
+from gridserve.types.scheduling import Decision
+
+
+class Scope:
+    """One request from arrival to end: when it arrived and what each subscriber keeps for it meanwhile."""
+
+    __slots__ = ("arrived", "arrived_ns", "decided_at", "endpoint", "state")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.arrived = time.monotonic()
+        self.arrived_ns = time.time_ns()
+        self.decided_at: float | None = None
+        self.state: dict[str, Any] = {}
+        """Per-subscriber state (a tracing span, say), keyed by the subscriber's name."""
+
+
+class Subscriber:
+    """A consequence of requests. Every hook is optional; none may raise into the request's path."""
+
+    def decided(self, scope: Scope, decision: Decision) -> None:
+        """The scheduler chose (or found nothing; the request then ends in `not_opened`)."""
+
+    def not_opened(self, scope: Scope, decision: Decision | None, error: str) -> None:
+        """No node (or chain) took the request: it ends with an error before any token."""
+
+    def opened(self, scope: Scope, decision: Decision, served_by: str, fields: dict[str, Any]) -> None:
+        """The first token came from `served_by` (a node, or a pipeline's id)."""
+
+    def failover(self, scope: Scope, node_id: str, detail: str) -> None:
+        """The node (or stage) serving the request failed mid-answer and another took over."""
+
+    def finished(self, scope: Scope, end: Finished, settled: Settled) -> None:
+        """The request ended: ok, failed or cancelled."""
+
+
+class DecisionLogSubscriber(Subscriber):
+    def __init__(self, decisions: DecisionLog) -> None:
+        self.decisions = decisions
+
+    def decided(self, scope: Scope, decision: Decision) -> None:
+        self.decisions.record(decision, status="dispatching")
+
+    def not_opened(self, scope: Scope, decision: Decision | None, error: str) -> None:
+        if decision is not None:
+            self.decisions.record(decision, status="failed", error=error)
+
+    def opened(self, scope: Scope, decision: Decision, served_by: str, fields: dict[str, Any]) -> None:
+        self.decisions.record(decision, status="streaming", served_by=served_by, **fields)
+
+    def finished(self, scope: Scope, end: Finished, settled: Settled) -> None:
+        self.decisions.record(
+            end.decision,
+            status=end.status,
+            error=end.error or None,
+            served_by=end.served_by,
+            failovers=end.failovers,
+            usage={"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens},
+            duration_s=round(end.duration_s, 6),
+            timing=end.timing.as_dict(),
+            receipt_problems=list(settled.problems),
+            settled=[{"node_id": e["node_id"], "tokens": e["tokens"], "status": e["status"]} for e in settled.entries],
+            **end.log_fields,
+        )
+
+
+class MetricsSubscriber(Subscriber):
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+
+    def not_opened(self, scope: Scope, decision: Decision | None, error: str) -> None:
+        self.metrics.requests.labels(endpoint=scope.endpoint, status="failed").inc()
+
+    def failover(self, scope: Scope, node_id: str, detail: str) -> None:
+        self.metrics.failovers.inc()
+
+    def finished(self, scope: Scope, end: Finished, settled: Settled) -> None:
+        m = self.metrics
+        m.requests.labels(endpoint=end.endpoint, status=end.status).inc()
+        for work in end.work:
+            m.tokens.labels(node=work.node_id).inc(work.tokens)
+        if end.timing.ttft_s is None:
+            return
+        first = end.served_by if end.pipeline or not end.work else end.work[0].node_id
+        m.ttft.labels(model=end.decision.model, node=first).observe(end.timing.ttft_s)
+        if end.timing.itl_s is not None:
+            m.itl.labels(model=end.decision.model, node=end.served_by).observe(end.timing.itl_s)
+
+
+class LedgerSubscriber(Subscriber):
+    """Completed jobs into the reliability ledger (failures are noted when they happen, by the path that saw
+    them), observed timings into the node's calibration, and the doctor's trace."""
+
+    def __init__(self, membership: Membership, traces: Traces) -> None:
+        self.membership = membership
+        self.traces = traces
+
+    def finished(self, scope: Scope, end: Finished, settled: Settled) -> None:
+        if end.timing.ttft_s is None:
+            return
+        self._trace(end)
+        if end.status != "ok":
+            return
+        needs = end.decision.requirements
+        ttft, itl = end.timing.finishing_ttft_s, end.timing.itl_s
+        within = ttft <= float(needs["ttft_slo_s"]) and (itl is None or itl <= float(needs["tpot_slo_s"]))
+        detail = f"ttft {ttft:.3f} s, itl {itl or 0:.4f} s"
+        finishing = end.finishing
+        done = [w for w in end.work if w.outcome == "ok"] if finishing is None else [finishing]
+        for work in done:
+            stage = f" (pipeline stage [{work.layers[0]}, {work.layers[1]}))" if work.layers else ""
+            self.membership.note(
+                NodeEvent(
+                    node_id=work.node_id,
+                    kind=EventKind.JOB_COMPLETED,
+                    at=time.time(),
+                    within_slo=within,
+                    detail=detail + stage,
+                )
+            )
+        if finishing is not None:
+            self._calibrate(end, finishing)
+
+    def _calibrate(self, end: Finished, work: NodeWork) -> None:
+        candidate = end.decision.candidate(work.node_id)
+        raw_ttft: float | None = None
+        raw_itl = 0.0
+        if candidate is not None and candidate.predicted_ttft_s is not None:
+            ttft_factor, itl_factor = candidate.calibration
+            raw_ttft = candidate.predicted_ttft_s / ttft_factor
+            raw_itl = (candidate.predicted_itl_s or 0.0) / itl_factor
+        self.membership.observed_timing(
+            work.node_id,
+            ttft_s=end.timing.finishing_ttft_s,
+            raw_predicted_ttft_s=raw_ttft,
+            fresh_ttft_s=end.timing.fresh_ttft_s,
+            raw_predicted_itl_s=raw_itl,
+            itl_s=end.timing.itl_s,
+        )
+
+    def _trace(self, end: Finished) -> None:
+        split = end.timing.split
+        candidate = end.decision.candidate(end.served_by)
+        self.traces.add(
+            RequestTrace(
+                at=time.time(),
+                decision_id=end.decision.decision_id,
+                request_id=end.decision.request_id,
+                model=end.decision.model,
+                node_id=end.served_by,
+                status=end.status,
+                ttft_s=end.timing.finishing_ttft_s,
+                itl_s=end.timing.itl_s,
+                network_s=split.get("network_s"),
+                queue_s=split.get("queue_s"),
+                prefill_s=split.get("prefill_s"),
+                decode_s=split.get("decode_s"),
+                predicted_ttft_s=candidate.predicted_ttft_s if candidate else None,
+                predicted_itl_s=candidate.predicted_itl_s if candidate else None,
+                failovers=end.failovers,
+                hedged=end.hedged,
+                error=end.error,
+            )
+        )
+
+
+class Settlement:
+    """Each node's work checked against its receipt (whole-model segments; severe incidents for what fails),
+    sampled for audit, and turned into settlement entries: one per (decision, node's part)."""
+
+    def __init__(self, receipts: ReceiptChecker, auditor: Auditor) -> None:
+        self.receipts = receipts
+        self.auditor = auditor
+
+    def settle(self, end: Finished) -> Settled:
+        problems: list[str] = []
+        entries: list[dict[str, Any]] = []
+        for index, work in enumerate(end.work):
+            check = self._check(end, work, problems)
+            if check is None:
+                continue
+            entry = self.receipts.entry(
+                decision_id=end.decision.decision_id,
+                request_id=end.decision.request_id,
+                model=end.decision.model,
+                check=check,
+                price_per_mtok=work.price_per_mtok,
+                segment=index,
+            )
+            if work.layers is not None and not entry["detail"]:
+                entry["detail"] = f"pipeline stage [{work.layers[0]}, {work.layers[1]}): tokens counted by the gateway"
+            entries.append(entry)
+        return Settled(tuple(problems), tuple(entries))
+
+    def _check(self, end: Finished, work: NodeWork, problems: list[str]) -> ReceiptCheck | None:
+        receipt = work.receipt
+        if receipt is not None:
+            check = self.receipts.check(work.node_id, receipt.job, list(receipt.ids), receipt.final, receipt.unnamed)
+            problems += [f"{work.node_id[:12]}: {k}: {e}" for k, e in check.problems]
+            if check.receipt is not None and check.ok:
+                self.auditor.maybe_audit(work.node_id, receipt.job, list(receipt.ids), check.receipt)
+            return check
+        if not work.tokens:
+            return None
+        # A node that failed after sending tokens, or a pipeline stage (the gateway drives every step and counts
+        # each token itself): paid from the gateway's count. A stage in the final chain of a finished answer is
+        # settled as served; anything else has no receipt behind it.
+        served = work.layers is not None and work.outcome == "ok" and end.status == "ok"
+        return ReceiptCheck(node_id=work.node_id, delivered=work.tokens, receipted=served)
+
+
+__all__ = [
+    "DecisionLogSubscriber",
+    "LedgerSubscriber",
+    "MetricsSubscriber",
+    "Scope",
+    "Settlement",
+    "Subscriber",
+]
