@@ -55,9 +55,9 @@ typecheck: $(VENV)/.dev
 test: lint typecheck
 	$(BIN)/pytest -q -ra -n 2 --dist loadfile
 
-# Unit tests only: no processes, no sockets (tests/unit/, under a minute).
+# Unit tests only: no processes, no sockets (tests/unit/), in two workers.
 unit: $(VENV)/.dev
-	$(BIN)/pytest -q -ra tests/unit
+	$(BIN)/pytest -q -ra -n 2 tests/unit
 
 bench: $(VENV)/.dev
 	$(BIN)/python bench/gateway_overhead.py

@@ -1,14 +1,29 @@
-"""Scheduler latency: one `schedule()` decision with the default profile over 10 to 10,000 candidate nodes.
+"""Scheduler latency: one decision with the default profile over 10 to 10,000 candidate nodes, on the path the
+gateway takes, beside the paths it took before.
 
 The grid is a realistic mix: catalogue hardware (consumer cards, data-centre GPUs, Apple silicon, CPUs), most
 nodes serving the requested model at the placement an emulated node would advertise, some down, stale,
-quarantined, banned, ejected or new; reliability summaries read from one ReliabilityBook fed with each node's
-history; telemetry (clock ratio, temperature, memory, queue) and calibration on every node. Snapshots are built
-once, outside the timed region, as the gateway keeps them. Each repetition times one decision (fresh rng) with
-time.perf_counter; p50/p99 are over repetitions (then again with the garbage collector off, `*_gc_off`).
+quarantined, banned, ejected or new; reliability from one ReliabilityBook fed with each node's history;
+telemetry (clock ratio, temperature, memory, queue), calibration and requests in flight on every node. The grid is
+built as the gateway builds it: events applied to its node registry (gateway/registry/registry.py: registered,
+heartbeat, jobs observed, requests started, state changes), which keeps the scheduler's snapshot table as they
+arrive. Each repetition times one decision (fresh rng) with time.perf_counter; p50/p99 are over repetitions:
+
+- `p50_ms`, `p99_ms`: the gateway's path: `schedule()` over the registry's table (`membership.snapshots()`: a view
+  of the table; snapshot objects are built only for the nodes the decision reads); then again with the garbage
+  collector off (`*_gc_off`);
+- `rebuild_p50_ms`, `rebuild_p99_ms`: the gateway's path before the registry kept the table: a snapshot of every
+  node built per decision (`NodeRecord.snapshot`), then `schedule()` over the list;
+- `prebuilt_p50_ms`, `prebuilt_p99_ms`: `schedule()` over a list of snapshots built once, outside the timed region
+  (what this benchmark timed before: the scheduler alone, a path no gateway took);
+- `same_choice`: the share of repetitions in which the table path and the rebuild path chose the same node (the
+  table's reliability columns are as of each node's latest event, the rebuild's as of the decision).
+
+Decisions are made as the gateway makes them: by one `Scheduler` for the profile, its compiled kernel warmed before
+timing (`--no-kernel`: the column path, numpy plugin by plugin; `kernel` in each row says which).
 
 Prints a JSON list of rows; run: `.venv/bin/python bench/scheduler.py [--nodes 10 100 1000 10000] [--reps N]`.
-`--profile 25` also prints (to stderr) the top functions of the timed decisions under cProfile.
+`--profile 25` also prints (to stderr) the top functions of the timed table-path decisions under cProfile.
 Targets (issue): p99 under 1 ms at 100 nodes, under 20 ms at 10,000. The default profile decides over a sample
 of 256 nodes on larger pools; `--sample 0` times scoring every node.
 """
@@ -29,9 +44,11 @@ import time
 from typing import Any
 
 from gridserve.catalog import HARDWARE, MODELS
-from gridserve.perfmodel import Calibration
+from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.registry.events import HeartbeatSeen, JobObserved, Registered, RequestStarted, StateChanged
+from gridserve.gateway.registry.registry import NodeRegistry
 from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, Severity
-from gridserve.scheduler import NodeSnapshot, default_profile, schedule
+from gridserve.scheduler import NodeSnapshot, Profile, Scheduler, default_profile
 from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, NodeState, RuntimeInfo, Telemetry
 from gridserve.types.scheduling import ScheduleRequest
 
@@ -98,11 +115,12 @@ def feed_history(book: ReliabilityBook, node_id: str, rng: random.Random) -> Non
         book.record(NodeEvent(node_id=node_id, kind=EventKind.PROTOCOL_ERROR, at=NOW - 50, detail="bad signature"))
 
 
-def build_grid(n: int, seed: int = 1) -> list[NodeSnapshot]:
+def build_grid(n: int, seed: int = 1) -> NodeRegistry:
+    """The grid as a gateway's registry holds it, built by the events a gateway would have seen."""
     rng = random.Random(seed)
     book = ReliabilityBook()
+    registry = NodeRegistry(GatewayConfig(), book)
     keys, weights = zip(*HARDWARE_MIX.items(), strict=True)
-    snapshots = []
     for i in range(n):
         accelerator = rng.choices(keys, weights)[0]
         hw = HARDWARE[accelerator]
@@ -150,25 +168,21 @@ def build_grid(n: int, seed: int = 1) -> list[NodeSnapshot]:
             active_requests=active,
             tokens_per_s=rng.uniform(0, 100),
         )
-        book.add_node(node_id, NOW - 3600)
+        joined = NOW - 3600
+        registry.apply(Registered(capability, at=joined, registered_at=joined, capability_at=joined, last_seen=joined))
         feed_history(book, node_id, rng)
+        ttft, itl = rng.uniform(0.8, 1.6), rng.uniform(0.9, 1.4)
+        for _ in range(20):  # observed timings: the calibration
+            registry.apply(JobObserved(node_id, 0.2 * ttft, 0.2, 0.2 * ttft, 0.02, 0.02 * itl))
+        seen = NOW - (rng.uniform(10, 60) if rng.random() < 0.03 else rng.uniform(0, 5))
+        registry.apply(HeartbeatSeen(node_id, at=seen, seq=1, telemetry=telemetry))
+        for _ in range(max(0, active + rng.randint(-1, 1))):
+            registry.apply(RequestStarted(node_id))
         roll = rng.random()
-        state = NodeState.DOWN if roll < 0.05 else NodeState.SUSPECT if roll < 0.08 else NodeState.UP
-        snapshots.append(
-            NodeSnapshot(
-                node_id=node_id,
-                state=state,
-                capability=capability,
-                last_heartbeat=NOW - (rng.uniform(10, 60) if rng.random() < 0.03 else rng.uniform(0, 5)),
-                telemetry=telemetry,
-                outstanding=max(0, active + rng.randint(-1, 1)),
-                reliability=book.summary(node_id, NOW),
-                calibration=Calibration(
-                    ttft_factor=rng.uniform(0.8, 1.6), itl_factor=rng.uniform(0.9, 1.4), samples=20
-                ),
-            )
-        )
-    return snapshots
+        if roll < 0.08:
+            state = NodeState.DOWN if roll < 0.05 else NodeState.SUSPECT
+            registry.apply(StateChanged(node_id, at=seen, state=state, reason="bench", if_live=False))
+    return registry
 
 
 def default_reps(n: int) -> int:
@@ -181,44 +195,72 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def run(n: int, reps: int, profiler: cProfile.Profile | None, sample: int | None = None) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    snapshots = build_grid(n)
-    build_s = time.perf_counter() - t0
-    profile = default_profile()
-    if sample is not None:
-        profile = dataclasses.replace(profile, sample=sample)
-    req = ScheduleRequest(request_id="bench", model=MODEL, prompt_tokens=512, max_tokens=256, tier="standard")
-    for i in range(min(3, reps)):  # warm-up: imports, caches
-        schedule(req, snapshots, profile, random.Random(-1 - i), NOW, decision_id="warm")
-    gc.collect()
-    times, decision = [], None
+def timed(decide: Any, reps: int, profiler: cProfile.Profile | None = None) -> tuple[list[float], list[str | None]]:
+    """Milliseconds per decision over `reps` repetitions (rng seeded with the repetition), and each choice."""
+    times, chosen = [], []
     for i in range(reps):
         rng = random.Random(i)
         if profiler is not None:
             profiler.enable()
         start = time.perf_counter()
-        decision = schedule(req, snapshots, profile, rng, NOW, decision_id="bench")
+        decision = decide(rng)
         elapsed = time.perf_counter() - start
         if profiler is not None:
             profiler.disable()
         times.append(elapsed * 1e3)
-    assert decision is not None
+        chosen.append(decision.chosen)
+    return times, chosen
+
+
+def summary(prefix: str, times: list[float]) -> dict[str, float]:
+    return {f"{prefix}p50_ms": round(statistics.median(times), 3), f"{prefix}p99_ms": round(percentile(times, 0.99), 3)}
+
+
+def run(
+    n: int, reps: int, profiler: cProfile.Profile | None, sample: int | None = None, kernel: bool = True
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    registry = build_grid(n)
+    build_s = time.perf_counter() - t0
+    profile: Profile = default_profile()
+    if sample is not None:
+        profile = dataclasses.replace(profile, sample=sample)
+    scheduler = Scheduler(profile, compiled=kernel)  # as the gateway holds one (kernel: warmed before traffic)
+    schedule = scheduler.schedule
+    req = ScheduleRequest(request_id="bench", model=MODEL, prompt_tokens=512, max_tokens=256, tier="standard")
+    records, book = list(registry.nodes.values()), registry.book
+
+    def from_table(rng: random.Random) -> Any:  # the gateway now: membership.snapshots() is a view of the table
+        return schedule(req, registry.table.view(), rng, NOW, decision_id="bench")
+
+    def rebuilt(rng: random.Random) -> Any:  # the gateway before: a snapshot of every node per decision
+        return schedule(req, [r.snapshot(book, NOW) for r in records], rng, NOW, decision_id="bench")
+
+    prebuilt_list: list[NodeSnapshot] = registry.table.snapshots()
+
+    def prebuilt(rng: random.Random) -> Any:  # the scheduler alone (what this benchmark timed before)
+        return schedule(req, prebuilt_list, rng, NOW, decision_id="bench")
+
+    for i in range(min(3, reps)):  # warm-up: imports, caches
+        for decide in (from_table, rebuilt, prebuilt):
+            decide(random.Random(-1 - i))
+    gc.collect()
+    times, chosen = timed(from_table, reps, profiler)
+    rebuild_times, rebuild_chosen = timed(rebuilt, reps)
+    prebuilt_times, _ = timed(prebuilt, reps)
     gc.disable()  # the same decisions with the collector off: how much of the time is garbage collection
     try:
-        no_gc = []
-        for i in range(reps):
-            start = time.perf_counter()
-            schedule(req, snapshots, profile, random.Random(i), NOW, decision_id="bench")
-            no_gc.append((time.perf_counter() - start) * 1e3)
+        no_gc, _ = timed(from_table, reps)
     finally:
         gc.enable()
+    decision = from_table(random.Random(0))
     rejected: dict[str, int] = {}
     for v in decision.rejections:
         rejected[v.filter] = rejected.get(v.filter, 0) + 1
     return {
         "nodes": n,
         "sample": profile.sample,
+        "kernel": scheduler.compiled,
         "p50_ms": round(statistics.median(times), 3),
         "p99_ms": round(percentile(times, 0.99), 3),
         "mean_ms": round(statistics.fmean(times), 3),
@@ -226,6 +268,9 @@ def run(n: int, reps: int, profiler: cProfile.Profile | None, sample: int | None
         "max_ms": round(max(times), 3),
         "p50_ms_gc_off": round(statistics.median(no_gc), 3),
         "p99_ms_gc_off": round(percentile(no_gc, 0.99), 3),
+        **summary("rebuild_", rebuild_times),
+        **summary("prebuilt_", prebuilt_times),
+        "same_choice": round(sum(a == b for a, b in zip(chosen, rebuild_chosen, strict=True)) / reps, 3),
         "samples": reps,
         "eligible": len(decision.candidates),
         "rejected": dict(sorted(rejected.items(), key=lambda kv: -kv[1])),
@@ -246,11 +291,12 @@ def main() -> None:
         default=None,
         help="nodes sampled per decision on larger pools (0: all; default: profile's)",
     )
+    parser.add_argument("--no-kernel", action="store_true", help="decide on the column path (no compiled kernel)")
     args = parser.parse_args()
     rows = []
     for n in args.nodes:
         profiler = cProfile.Profile() if args.profile else None
-        rows.append(run(n, args.reps or default_reps(n), profiler, args.sample))
+        rows.append(run(n, args.reps or default_reps(n), profiler, args.sample, kernel=not args.no_kernel))
         if profiler is not None:
             for key in ("cumulative", "tottime"):
                 out = io.StringIO()

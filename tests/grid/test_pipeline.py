@@ -10,15 +10,27 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
+import aiohttp
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from openai import BadRequestError, OpenAI
-from tests.conftest import ADMIN, API_KEY, admin_get, make_grid
+from tests.conftest import ADMIN, API_KEY, admin_get, free_port_block, make_grid
 
 from gridserve.catalog.models import TINY_MODEL
 from gridserve.cli.grid import LocalGrid
+from gridserve.engines.stage_engine import StageEngine
 from gridserve.engines.tiny import tiny_engine
+from gridserve.gateway.pipeline.session import LinkPool
+from gridserve.node.agent import NodeAgent
+from gridserve.node.stage_link import add_stage_routes
+from gridserve.planner.chain import StageRoute
+from gridserve.trust import Identity
+from gridserve.trust.frames import Frame
 from gridserve.types import GenerateRequest, SamplingParams
 
 THREADS = 1
@@ -230,3 +242,56 @@ def test_auto_stage_nodes_get_their_layers_from_the_planner(tmp_path: Path) -> N
         assert len(admin_get(grid, "/admin/pipelines").json()["placements"]) == 1  # placed once
     finally:
         grid.stop()
+
+
+class _AckingStage:
+    """What the node's stage route asks of its engine, for `open` and `close` frames only."""
+
+    def __init__(self) -> None:
+        self.span = SimpleNamespace(start=0, end=1, n_layers=2)
+        self.stats = SimpleNamespace(note_error=lambda _: None)
+        self.sessions: set[str] = set()
+
+    def open(self, session: str) -> None:
+        self.sessions.add(session)
+
+    def close(self, session: str) -> None:
+        self.sessions.discard(session)
+
+
+def test_an_idle_stage_link_answers_the_nodes_keepalive_pings() -> None:
+    """A node's server pings each stage connection and closes one whose pings go unanswered (uvicorn: every 20 s,
+    20 s to answer). The gateway's link to a healthy node, idle between two requests, must still be open for the
+    second one: here the node pings every 0.2 s and waits 0.2 s, and the link stays idle 1.5 s."""
+    node, gateway = Identity.generate(), Identity.generate()
+    engine = _AckingStage()
+    app = FastAPI()
+    add_stage_routes(
+        app, cast(NodeAgent, SimpleNamespace(identity=node, gateway_key=gateway.public_key)), cast(StageEngine, engine)
+    )
+    port = free_port_block(1)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", ws_ping_interval=0.2, ws_ping_timeout=0.2)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _wait(lambda: server.started, 10)
+    route = StageRoute(node.node_id, f"http://127.0.0.1:{port}", node.public_key, 0, 1, 2)
+
+    async def drive() -> None:
+        async with aiohttp.ClientSession() as http:
+            pool = LinkPool(gateway, http)
+            link = await pool.link(route)
+            await link.exchange(Frame("open", "first"), None, 5.0)
+            connection = link.ws
+            await asyncio.sleep(1.5)  # several ping intervals and timeouts
+            reply, _ = await link.exchange(Frame("open", "second"), None, 5.0)
+            assert reply.kind == "ack" and link.ws is connection  # the same connection: it was kept open
+            await pool.aclose()
+
+    try:
+        asyncio.run(drive())
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert engine.sessions == {"first", "second"}

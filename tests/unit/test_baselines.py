@@ -4,7 +4,7 @@ import random
 from collections import Counter
 
 import pytest
-from tests.test_scheduler import NOW, Spec, build, grid, request
+from tests.unit.test_scheduler import NOW, Spec, build, grid, request
 
 from gridserve.scheduler import ProfileError, named_profile, schedule
 from gridserve.scheduler.baselines import BASELINES

@@ -1,5 +1,6 @@
 """Heartbeat ingestion at grid scale (bench/ingest.py measures it): the nonce cache forgets incrementally yet
-exactly, cached keys change no verdict, and the failure detector's sweep counts states in one pass."""
+exactly, cached keys change no verdict, and the failure detector's sweep ages nodes and counts every state.
+(What a heartbeat leaves for the garbage collector: tests/unit/test_registry.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from tests.conftest import bare_record
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.ops.gcwatch import GcWatch
 from gridserve.gateway.ops.metrics import GatewayMetrics
-from gridserve.gateway.registry.membership import Membership, NodeRecord
+from gridserve.gateway.registry.events import Registered, StateChanged
+from gridserve.gateway.registry.membership import Membership
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import (
     BadSignature,
@@ -141,10 +143,6 @@ def test_cached_keys_change_no_verdict() -> None:
 # --- sweep ---------------------------------------------------------------------------------------------------
 
 
-def _record(i: int, state: NodeState, last: float) -> NodeRecord:
-    return bare_record(i, state, last_heartbeat=last)
-
-
 def _membership(tmp_path: Path, clock: Clock) -> Membership:
     store = Store(f"sqlite:///{tmp_path / 'gs.db'}")
     store.migrate()
@@ -166,9 +164,13 @@ def test_sweep_ages_nodes_and_counts_every_state(tmp_path: Path) -> None:
     config = membership.config
     ages = [0.0, config.suspect_after_s + 0.5, config.down_after_s + 0.5]
     states = list(NodeState)
-    for i in range(70):
-        record = _record(i, states[i % len(states)], T0 - ages[i % len(ages)])
-        membership.nodes[record.capability.node_id] = record
+    for i in range(70):  # registered `age` ago, then put in a state by the registry's own events
+        at = T0 - ages[i % len(ages)]
+        capability = bare_record(i, NodeState.UP).capability
+        membership.apply(Registered(capability, at=at, registered_at=at, capability_at=at, last_seen=at))
+        membership.apply(
+            StateChanged(capability.node_id, at=at, state=states[i % len(states)], reason="t", if_live=False)
+        )
     before = {k: (r.state, T0 - r.last_heartbeat) for k, r in membership.nodes.items()}
     membership.sweep()
     for node_id, (state, age) in before.items():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 from gridserve.catalog import HARDWARE, MODELS
 from gridserve.catalog.hardware import HardwareSpec
 from gridserve.catalog.models import ModelSpec
-from gridserve.perfmodel import Calibration, Load, derived_price_per_mtok, effective_price_per_mtok, predict
+from gridserve.perfmodel import Calibration, Load, derived_price_per_mtok, effective_price_per_mtok, predict, roofline
 from gridserve.perfmodel.pricing import MAX_OVERRIDE, MIN_OVERRIDE
 from gridserve.perfmodel.roofline import PREFILL_FIXED_S, THROTTLE_FACTOR, THROTTLE_TEMP_C
 
@@ -164,6 +166,69 @@ def test_loading_a_model_that_is_not_resident_delays_the_first_token() -> None:
     assert cold.load_s == pytest.approx(model.weight_bytes() / 2e9)
     assert cold.ttft_s == pytest.approx(warm.ttft_s + cold.load_s)
     assert cold.itl_s == warm.itl_s
+
+
+loads = st.builds(
+    Load,
+    active=st.integers(0, 64),
+    queued=st.integers(0, 40),
+    clock_ratio=st.one_of(st.none(), st.floats(0.05, 1.2)),
+    temperature_c=st.one_of(st.none(), st.floats(20.0, 110.0)),
+)
+calibrations = st.builds(Calibration, ttft_factor=st.floats(0.05, 50.0), itl_factor=st.floats(0.05, 50.0))
+
+
+@SETTINGS
+@given(
+    model=models,
+    prompt=prompts,
+    rows=st.lists(st.tuples(hardware, placements, loads, calibrations, st.booleans()), min_size=1, max_size=12),
+)
+def test_a_single_prediction_is_the_one_row_case_of_the_columns(
+    model: ModelSpec,
+    prompt: int,
+    rows: list[tuple[HardwareSpec, tuple[str, str], Load, Calibration, bool]],
+) -> None:
+    """The roofline is written once over columns: over many nodes at once (numpy, the scheduler) each row is
+    bit for bit what `predict` gives for that node alone (plain floats)."""
+
+    def column(values: list[float]) -> npt.NDArray[np.float64]:
+        return np.array(values, dtype=np.float64)
+
+    nan = float("nan")
+    speed = roofline.throttle(
+        column([ld.clock_ratio if ld.clock_ratio is not None else nan for _, _, ld, _, _ in rows]),
+        column([ld.temperature_c if ld.temperature_c is not None else nan for _, _, ld, _, _ in rows]),
+    )
+    itl, prefill = roofline.unloaded(
+        roofline.prefill_work(model, prompt),
+        column([roofline.base_itl_s(model, hw, *placement) for hw, placement, _, _, _ in rows]),
+        column([roofline.prefill_flops(hw) for hw, _, _, _, _ in rows]),
+        speed,
+    )
+    ttft, itl, queue = roofline.under_load(
+        itl,
+        prefill,
+        column([max(1, hw.batch_slots) for hw, _, _, _, _ in rows]),
+        column([ld.active for _, _, ld, _, _ in rows]),
+        column([ld.queued for _, _, ld, _, _ in rows]),
+        column([cal.ttft_factor for _, _, _, cal, _ in rows]),
+        column([cal.itl_factor for _, _, _, cal, _ in rows]),
+        column([0.0 if resident else roofline.load_weights_s(model, *p) for _, p, _, _, resident in rows]),
+    )
+    for j, (hw, (dtype, quant), load, cal, resident) in enumerate(rows):
+        one = predict(
+            model,
+            hw,
+            prompt_tokens=prompt,
+            dtype=dtype,
+            quantization=quant,
+            load=load,
+            calibration=cal,
+            resident=resident,
+        )
+        assert (one.ttft_s, one.itl_s, one.queue_s) == (ttft[j], itl[j], queue[j])  # type: ignore[index]
+        assert one.throttle == speed[j]  # type: ignore[index]
 
 
 # -- calibration ------------------------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ def test_a_table_kept_by_puts_and_removes_decides_as_a_fresh_snapshot_list() -> 
             request_id=f"r{step}", model=config.model, prompt_tokens=rng.randint(10, 3000), max_tokens=200
         )
         fresh = list(table)
-        a = schedule(request, table, default_profile(), random.Random(step), NOW, decision_id="d", vectorized=True)
-        b = schedule(request, fresh, default_profile(), random.Random(step), NOW, decision_id="d", vectorized=True)
+        a = schedule(request, table, default_profile(), random.Random(step), NOW, decision_id="d")
+        b = schedule(request, fresh, default_profile(), random.Random(step), NOW, decision_id="d")
         assert a.chosen == b.chosen
         assert [c.node_id for c in a.candidates] == [c.node_id for c in b.candidates]
         assert [c.score for c in a.candidates] == [c.score for c in b.candidates]

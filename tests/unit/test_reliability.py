@@ -634,3 +634,52 @@ def test_kept_heartbeats_count_in_scores_but_never_evict_job_outcomes() -> None:
     assert book.events("n", limit=10 * beats) == [outcome], "the job outcome stays; heartbeats are not listed"
     assert book.summary("n", now).availability > bare.summary("n", now).availability, "heartbeats still count"
     assert book.summary("n", now).samples == pytest.approx(bare.summary("n", now).samples)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(["done", "fail", "severe", "canary", "quarantine"]), st.floats(0.0, 400.0)),
+        max_size=25,
+    ),
+    read_after=st.floats(0.0, 4000.0),
+)
+def test_the_packed_summary_is_the_summary(steps: list[tuple[str, float]], read_after: float) -> None:
+    """`summary_row` (what the gateway's registry keeps per node) equals `summary(...).packed()`, and unpacks to
+    the summary, in every state (ejections ending included) and for a node never seen."""
+    book, at = ReliabilityBook(), T0
+    for node in ("a", "b", "c"):
+        book.add_node(node, T0)
+    for what, dt in steps:
+        at += dt
+        if what == "done":
+            book.record(done("a", at))
+        elif what == "fail":
+            book.record(fail("a", at))
+        elif what == "severe":
+            book.record(severe("a", at, "forged receipt"))
+        elif what == "canary":
+            book.record(canary("a", at))
+        else:
+            book.quarantine("a", reason="by hand", now=at)
+    now = at + read_after
+    for node in ("a", "b", "never-seen"):
+        row = book.summary_row(node, now)
+        summary = book.summary(node, now)
+        assert row == summary.packed()
+        assert ReliabilitySummary.unpacked(row) == summary
+
+
+def test_ejections_ended_lists_exactly_the_ejections_past_their_end() -> None:
+    book = ReliabilityBook()
+    for node in "abcdefghijklmnopqrst":  # 20 nodes: two may be ejected at once
+        book.add_node(node, T0)
+    eject(book, "a", T0)
+    eject(book, "b", T0 + 10)
+    a_until, b_until = (book.summary(n, T0 + 20).ejected_until for n in "ab")
+    assert a_until is not None and b_until is not None and a_until < b_until
+    assert book.ejections_ended(a_until - 0.001) == []
+    assert book.ejections_ended(a_until) == ["a"]
+    assert sorted(book.ejections_ended(b_until)) == ["a", "b"]
+    book.state("a", a_until)  # a read moves it to probation: no longer listed
+    assert book.ejections_ended(b_until) == ["b"]

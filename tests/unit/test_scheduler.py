@@ -39,6 +39,7 @@ from gridserve.scheduler import (
     NodeSnapshot,
     Profile,
     ProfileError,
+    Scheduler,
     default_profile,
     fused,
     load_profile,
@@ -1017,44 +1018,61 @@ def test_an_unreadable_profile_raises_profile_error(tmp_path: Path) -> None:
         load_profile(broken)
 
 
+def one_row_decision(req: ScheduleRequest, node: NodeSnapshot, profile: Profile) -> Decision:
+    """The node alone in the pool: a single-node check is the one-row case of the columns."""
+    fresh = named_profile("round-robin") if profile.name == "round-robin" else profile  # its picker counts turns
+    return _schedule(req, [node], fresh, random.Random(0), NOW, decision_id="d")
+
+
 @FAST
 @given(scenario=scenarios(), profile=st.sampled_from(PROFILES + BASELINE_PROFILES), seed=st.integers(0, 2**32 - 1))
-def test_the_vectorised_path_decides_as_the_per_node_plugins_do(
+def test_each_node_is_judged_in_the_pool_as_it_is_alone(
     scenario: tuple[ScheduleRequest, list[Spec]], profile: Profile, seed: int
 ) -> None:
-    """The column path (numpy, used for speed) and the per-node plugin path give the same decision."""
+    """Filters and scorers are written once over columns: a node's verdict, scores, prediction and price over
+    the whole pool are those of the same node as a one-row pool (no row leaks into another), the reason is the
+    filters' single-node `reject`, and the prediction is perfmodel.predict's over plain floats."""
     req, specs = scenario
     nodes = grid(specs)
-    if profile.name == "round-robin":  # its picker keeps a counter: each path starts from a fresh one
+    if profile.name == "round-robin":  # its picker keeps a counter: start from a fresh one
         profile = named_profile("round-robin")
-    fresh = named_profile("round-robin") if profile.name == "round-robin" else profile
-    fast = _schedule(req, nodes, profile, random.Random(seed), NOW, decision_id="d", vectorized=True)
-    slow = _schedule(req, nodes, fresh, random.Random(seed), NOW, decision_id="d", vectorized=False)
-    assert fast.chosen == slow.chosen
-    assert [(v.node_id, v.eligible, v.filter, v.reason) for v in fast.verdicts] == [
-        (v.node_id, v.eligible, v.filter, v.reason) for v in slow.verdicts
-    ]
-    assert [c.node_id for c in fast.candidates] == [c.node_id for c in slow.candidates]
-    for f, s in zip(fast.candidates, slow.candidates, strict=True):
-        assert f.score == pytest.approx(s.score, rel=1e-9, abs=1e-12)
-        assert [(d.scorer, d.unit) for d in f.details] == [(d.scorer, d.unit) for d in s.details]
-        for fd, sd in zip(f.details, s.details, strict=True):
-            assert fd.normalized == pytest.approx(sd.normalized, rel=1e-9, abs=1e-12)
-            assert fd.raw == pytest.approx(sd.raw, rel=1e-6, abs=1e-6)
-        assert f.price_per_mtok == pytest.approx(s.price_per_mtok, rel=1e-6)
-        assert f.predicted_itl_s == pytest.approx(s.predicted_itl_s, rel=1e-6)
-        assert f.predicted_ttft_s == pytest.approx(s.predicted_ttft_s, rel=1e-6)
-    assert fast.explanation == slow.explanation
+    decision = _schedule(req, nodes, profile, random.Random(seed), NOW, decision_id="d")
+    by_id = {c.node_id: c for c in decision.candidates}
+    ctx = Context.build(req, NOW)
+    for node, v in zip(nodes, decision.verdicts, strict=True):
+        alone = one_row_decision(req, node, profile)
+        (single,) = alone.verdicts
+        assert (v.node_id, v.eligible, v.filter, v.reason) == (
+            single.node_id,
+            single.eligible,
+            single.filter,
+            single.reason,
+        )
+        rejections = [f.reject(ctx, node) for f in profile.filters]
+        assert v.reason == next((r for r in rejections if r is not None), "")
+        if not v.eligible:
+            continue
+        (one,) = alone.candidates
+        pooled = by_id[node.node_id]
+        assert (pooled.score, pooled.details) == (one.score, one.details)
+        assert (pooled.predicted_ttft_s, pooled.predicted_itl_s, pooled.price_per_mtok) == (
+            one.predicted_ttft_s,
+            one.predicted_itl_s,
+            one.price_per_mtok,
+        )
+        pred = ctx.prediction(node)  # perfmodel.predict: the roofline over plain floats
+        assert one.predicted_ttft_s == (round(pred.ttft_s, 9) if pred else None)
+        assert one.predicted_itl_s == (round(pred.itl_s, 9) if pred else None)
 
 
-@contextlib.contextmanager
-def fused_kernel(on: bool) -> Any:
-    before = fused.ready()
-    fused.enable(on)
-    try:
-        yield
-    finally:
-        fused.enable(before)
+COMPILED: dict[str, Scheduler] = {}
+
+
+def compiled(profile: Profile) -> Scheduler:
+    """A Scheduler with the fused kernel compiled (numba's disk cache: a load after the first run)."""
+    if profile.name not in COMPILED:
+        COMPILED[profile.name] = Scheduler(profile, compiled=True)
+    return COMPILED[profile.name]
 
 
 @FAST
@@ -1065,13 +1083,13 @@ def test_the_fused_kernel_decides_exactly_as_the_column_path(
     """The compiled kernel (fused.py) does the column path's arithmetic in the same order: same bits."""
     req, specs = scenario
     nodes = grid(specs)
-    with fused_kernel(False):
-        column = _schedule(req, nodes, profile, random.Random(seed), NOW, decision_id="d", vectorized=True)
-    with fused_kernel(True):
-        assert (fused.plan(profile, Context.build(req, NOW)) is None) == (
-            req.engines is not None or req.model not in MODELS
-        )
-        kernel = _schedule(req, nodes, profile, random.Random(seed), NOW, decision_id="d", vectorized=True)
+    column = Scheduler(profile).schedule(req, nodes, random.Random(seed), NOW, decision_id="d")
+    scheduler = compiled(profile)
+    assert scheduler.compiled
+    assert (fused.plan_of(profile) is None or not fused.applies(Context.build(req, NOW))) == (
+        req.engines is not None or req.model not in MODELS
+    )
+    kernel = scheduler.schedule(req, nodes, random.Random(seed), NOW, decision_id="d")
     assert (kernel.chosen, kernel.picked_by, kernel.margin) == (column.chosen, column.picked_by, column.margin)
     assert kernel.candidates == column.candidates  # scores, raw figures, predictions and prices, bit for bit
     assert kernel.verdicts == column.verdicts

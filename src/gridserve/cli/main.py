@@ -99,6 +99,10 @@ def gateway(
     allowed_digests: Annotated[
         Path | None, typer.Option(help="JSON {model: [weights digest, ...]} nodes may serve")
     ] = None,
+    otlp_endpoint: Annotated[
+        str | None,
+        typer.Option(help="send request traces to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318/v1/traces"),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     log_format: LogFormatOption = "text",
 ) -> None:
@@ -139,6 +143,7 @@ def gateway(
         audit_rate=audit_rate,
         canary_interval_s=canary_interval,
         allowed_digests_path=allowed_digests,
+        otlp_endpoint=otlp_endpoint,
     )
     console.print(f"gateway on http://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
     try:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
@@ -38,6 +39,7 @@ from gridserve.gateway.lifecycle import (
     Settlement,
     Subscriber,
 )
+from gridserve.gateway.lifecycle.tracing import TracingSubscriber, otlp_provider
 from gridserve.gateway.ops.decisions import DecisionLog
 from gridserve.gateway.ops.gcwatch import GcWatch
 from gridserve.gateway.ops.metrics import GatewayMetrics
@@ -46,7 +48,7 @@ from gridserve.gateway.pipeline.serving import Pipelines
 from gridserve.gateway.registry.cluster import ClusterSync
 from gridserve.gateway.registry.health import probe_forever
 from gridserve.gateway.registry.membership import Membership, UnknownNode
-from gridserve.scheduler import default_profile, load_profile
+from gridserve.scheduler import Scheduler, default_profile, load_profile
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
 
@@ -70,6 +72,8 @@ class Gateway:
             MetricsSubscriber(self.metrics),
             LedgerSubscriber(self.membership, self.traces),
         ]
+        if self.tracing is not None:
+            subscribers.append(TracingSubscriber(self.tracing.get_tracer("gridserve.gateway")))
         return Lifecycle(Settlement(self.receipts, self.auditor), self.receipts, subscribers)
 
     def __init__(self, config: GatewayConfig, store: Store, identity: Identity, *, event_cursor: int = 0) -> None:
@@ -85,6 +89,8 @@ class Gateway:
         self.decisions = DecisionLog(self.writer, config.decision_cache)
         profile = load_profile(config.profile_path) if config.profile_path else default_profile()
         self.traces = Traces()
+        self.tracing: TracerProvider | None = otlp_provider(config.otlp_endpoint) if config.otlp_endpoint else None
+        """Request traces to an OTLP collector (None: off)."""
         self.receipts = ReceiptChecker(self.membership, self.writer)
         self.auditor = Auditor(config, self.membership, self.metrics, Verifier())
         self.canaries = CanaryRunner(self.dispatcher, self.auditor, self.receipts)
@@ -94,7 +100,7 @@ class Gateway:
             self.dispatcher,
             self.decisions,
             self.metrics,
-            profile,
+            Scheduler(profile),
             random.Random(),
             self.traces,
             self.receipts,
@@ -164,6 +170,8 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
             gw.membership.flush_events()
             gw.writer.close()
             gc_watch.remove()
+            if gw.tracing is not None:  # spans still batched go out before the gateway stops
+                await asyncio.to_thread(gw.tracing.shutdown)
 
     app = FastAPI(title="gridserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     _errors(app)

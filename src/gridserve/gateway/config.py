@@ -1,7 +1,18 @@
-"""Gateway settings: one flat, keyword-only dataclass; units in the names."""
+"""Gateway settings: one flat, keyword-only dataclass; units in the names.
+
+The dispatch, failure-detection and audit numbers are flat fields here (the CLI sets them one by one) whose
+defaults come from `gridserve.policy`, the neutral home the simulator reads too; `dispatch`, `health` and
+`audit` hand them back as policy values."""
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+
+from gridserve.policy import AuditRates, DispatchPolicy, HealthTiming
+
+_DISPATCH = DispatchPolicy()
+_HEALTH = HealthTiming()
+_AUDIT = AuditRates()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,46 +35,46 @@ class GatewayConfig:
     admin_token: str = ""
     max_body_bytes: int = 1_000_000
     """Requests with larger bodies get 413."""
-    heartbeat_interval_s: float = 2.0
+    heartbeat_interval_s: float = _HEALTH.heartbeat_interval_s
     """Interval nodes are asked to heartbeat at."""
-    suspect_after_intervals: float = 1.5
-    down_after_intervals: float = 2.5
+    suspect_after_intervals: float = _HEALTH.suspect_after_intervals
+    down_after_intervals: float = _HEALTH.down_after_intervals
     """A node whose last heartbeat is older than this many intervals is down (within 3 intervals)."""
     max_skew_s: float = 30.0
     """Allowed clock skew on signed node messages (AWS SigV4 allows 300 s)."""
     max_message_lifetime_s: float = 120.0
-    probe_interval_s: float = 0.5
+    probe_interval_s: float = _HEALTH.probe_interval_s
     """Active /health probes: how often each node is pinged (round-trip time recorded)."""
-    probe_timeout_s: float = 1.0
+    probe_timeout_s: float = _HEALTH.probe_timeout_s
     """A probe slower than this fails. A node whose probe fails and whose last heartbeat is older than one
     heartbeat interval is down: a hung node (SIGSTOP) is caught within ~1-2.5 s with the defaults."""
     probes_per_round: int = 256
     """At most this many probes per period: nodes with requests in flight or not UP first, then idle UP nodes in
     turn (a grid of thousands is not pinged every half second; its idle nodes' heartbeats speak for them)."""
-    probation_probes: int = 4
+    probation_probes: int = _HEALTH.probation_probes
     """A node that comes back serves on probation (ranked lower) until this many probes in a row pass."""
-    dispatch_attempts: int = 3
+    dispatch_attempts: int = _DISPATCH.dispatch_attempts
     """Nodes tried for one request when a node fails before its first token."""
     connect_timeout_s: float = 3.0
-    retry_budget_tokens: float = 100.0
+    retry_budget_tokens: float = _DISPATCH.retry_budget_tokens
     """Retry throttling (gRPC): retries and hedges stop while fewer than half of these tokens are left; each
     failure costs one, each success returns 0.1."""
-    hedging: bool = True
+    hedging: bool = _DISPATCH.hedging
     """Send a late request to the runner-up too (requests can opt out with `gridserve.hedge: false`)."""
-    hedge_min_s: float = 0.05
+    hedge_min_s: float = _DISPATCH.hedge_min_s
     """The hedge delay is the node's predicted p95 TTFT, never shorter than this."""
-    first_token_timeout_s: float = 10.0
+    first_token_timeout_s: float = _DISPATCH.first_token_timeout_s
     """An attempt without a first token after max(this, 10 x predicted TTFT) is given up."""
-    stall_min_s: float = 1.0
-    stall_itl_multiple: float = 10.0
+    stall_min_s: float = _DISPATCH.stall_min_s
+    stall_itl_multiple: float = _DISPATCH.stall_itl_multiple
     """Mid-stream, no token for max(stall_min_s, stall_itl_multiple x predicted ITL) means the node stalled:
     the generation moves to another node."""
-    stall_unpredicted_s: float = 10.0
+    stall_unpredicted_s: float = _DISPATCH.stall_unpredicted_s
     """The stall timeout for a node whose ITL cannot be predicted (a model or card the catalogue lacks)."""
-    stall_unresumable_s: float = 30.0
+    stall_unresumable_s: float = _DISPATCH.stall_unresumable_s
     """The stall timeout for a stream no other node could continue (its engine names no token ids): giving up
     early would only end the client's answer."""
-    max_failovers: int = 3
+    max_failovers: int = _DISPATCH.max_failovers
     """Mid-stream failovers allowed per request."""
     standby_per_model: int = 1
     """Warm spare nodes kept per model in demand, beyond those its load needs (gateway/dispatch/standby.py)."""
@@ -75,17 +86,19 @@ class GatewayConfig:
     standby_interval_s: float = 1.0
     decision_cache: int = 1_000
     """Finished decisions kept in memory for `GET /v1/decisions/{id}` (older ones are read from the store)."""
-    audit_rate: float = 0.05
+    audit_rate: float = _AUDIT.rate
     """Share of an established, fully reliable node's completions re-executed by the verifier."""
-    audit_new_rate: float = 0.5
+    audit_new_rate: float = _AUDIT.new_rate
     """Audit share for nodes with little history."""
-    audit_floor: float = 0.01
+    audit_floor: float = _AUDIT.floor
     canary_interval_s: float = 60.0
     """Mean seconds between canary requests (0: none)."""
     allowed_digests_path: Path | None = None
     """JSON {model: [weights digest, ...]} added to the built-in allowed digests (trust/attestation.py)."""
     profile_path: Path | None = None
     """Scheduling profile (YAML); default: the packaged default profile."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP collector for request traces (e.g. http://127.0.0.1:4318/v1/traces); None: no tracing."""
 
     @property
     def name(self) -> str:
@@ -98,3 +111,34 @@ class GatewayConfig:
     @property
     def down_after_s(self) -> float:
         return self.heartbeat_interval_s * self.down_after_intervals
+
+    @cached_property
+    def dispatch(self) -> DispatchPolicy:
+        """The dispatch fields as the policy the dispatcher runs (built once: the config is frozen)."""
+        return DispatchPolicy(
+            dispatch_attempts=self.dispatch_attempts,
+            retry_budget_tokens=self.retry_budget_tokens,
+            hedging=self.hedging,
+            hedge_min_s=self.hedge_min_s,
+            first_token_timeout_s=self.first_token_timeout_s,
+            stall_min_s=self.stall_min_s,
+            stall_itl_multiple=self.stall_itl_multiple,
+            stall_unpredicted_s=self.stall_unpredicted_s,
+            stall_unresumable_s=self.stall_unresumable_s,
+            max_failovers=self.max_failovers,
+        )
+
+    @property
+    def health(self) -> HealthTiming:
+        return HealthTiming(
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            suspect_after_intervals=self.suspect_after_intervals,
+            down_after_intervals=self.down_after_intervals,
+            probe_interval_s=self.probe_interval_s,
+            probe_timeout_s=self.probe_timeout_s,
+            probation_probes=self.probation_probes,
+        )
+
+    @property
+    def audit(self) -> AuditRates:
+        return AuditRates(rate=self.audit_rate, new_rate=self.audit_new_rate, floor=self.audit_floor)

@@ -45,6 +45,14 @@ reference counting; the collector is for the rare cycle: young collections stay 
 generations are collected far less often (pauses by generation: gridserve_gc_pause_seconds; bench/ingest.py)."""
 
 
+KEEP_ALIVE_S = 75
+"""How long an idle client connection stays open (uvicorn's default: 5 s). Longer than clients keep idle connections
+for reuse: httpx and the OpenAI SDK 5 s, aiohttp 15 s, a proxy or load balancer in front 60 s. With both at 5 s, a
+client reused a connection the gateway was closing that very moment: the request went out on a closed socket and
+came back as a reset (httpx.ReadError), which a client does not retry for a POST. The side that closes first must
+be the client: it knows when it reuses the connection. (Nginx's default is 75 s, for the same reason.)"""
+
+
 def run_gateway(config: GatewayConfig, log_level: str = "warning", log_format: LogFormat = "text") -> None:
     setup_logging(log_level, log_format)
     gateway = build_gateway(config)
@@ -58,6 +66,7 @@ def run_gateway(config: GatewayConfig, log_level: str = "warning", log_format: L
             log_config=None,  # uvicorn's records go through our handler (JSON when asked)
             access_log=False,
             timeout_graceful_shutdown=3,
+            timeout_keep_alive=KEEP_ALIVE_S,
             backlog=4096,
             proxy_headers=False,
             loop="auto",  # uvloop and httptools where installed (uvicorn[standard])

@@ -178,6 +178,9 @@ def build_node_app(
             return _error(401, exc.kind, exc.detail)
         except ValidationError as exc:
             return _error(400, "invalid_request", str(exc))
+        traceparent = request.headers.get("traceparent")  # W3C trace context of the gateway's dispatch span
+        if traceparent and log.isEnabledFor(logging.DEBUG):
+            log.debug("generate %s in trace %s", job.request_id, traceparent, extra={"traceparent": traceparent})
         await faults.network_delay()
         injected = faults.take_error()
         if injected is not None:

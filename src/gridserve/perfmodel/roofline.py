@@ -1,4 +1,4 @@
-"""The roofline prediction for one (model, hardware) pair under a given load.
+"""The roofline prediction for (model, hardware) under a given load, written once over columns.
 
 - decode: ITL = weight bytes / (bandwidth x decode efficiency), efficiency from published llama.cpp
   measurements (catalog/hardware.py: 0.75-0.87 on consumer GPUs, 0.42-0.54 data-centre);
@@ -8,9 +8,18 @@
 - batching: ITL grows by BATCH_ITL_GROWTH per extra sequence up to the hardware's batch slots, and linearly
   beyond them; requests beyond the slots queue for a share of a job's service time;
 - calibration: the node's observed/predicted ratios scale the result (perfmodel/calibration.py).
+
+The formula (`throttle`, `unloaded`, `under_load`) takes numpy columns (one row per node: the scheduler predicts
+for a whole pool at once) or plain floats (one node: `predict`, the simulator, the doctor), and the scheduler's
+compiled kernel compiles these same functions (`where`, `minimum` and `maximum` are its only non-arithmetic
+steps; `scheduler/_fused_kernel.py` gives numba their one-value meaning). One formula, one order of operations:
+every path gets the same bits. A missing figure is NaN in a column (no clock ratio, no temperature).
 """
 
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 from gridserve.catalog.hardware import HardwareSpec
 from gridserve.catalog.models import ModelSpec
@@ -27,6 +36,81 @@ TYPICAL_OUTPUT_TOKENS = 128
 """Output length assumed for a queued job when estimating how long it occupies a slot."""
 LOAD_BANDWIDTH_GBS = 2.0
 """Disk-to-device bandwidth for loading weights that are on disk but not resident (NVMe-class)."""
+
+Array = npt.NDArray[np.float64]
+Num = float | Array
+"""One node's figure or a column of them (one row per node)."""
+Cond = bool | npt.NDArray[np.bool_]
+
+
+# -- the three non-arithmetic steps: elementwise on columns, plain on floats (and in the compiled kernel) --------
+
+
+def where(cond: Cond, a: Num, b: Num) -> Num:
+    """`a` where `cond` holds, else `b` (both are computed: as numpy does)."""
+    if isinstance(cond, np.ndarray):
+        return np.where(cond, a, b)
+    return a if cond else b
+
+
+def minimum(a: Num, b: Num) -> Num:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.minimum(a, b)
+    return min(a, b)
+
+
+def maximum(a: Num, b: Num) -> Num:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return np.maximum(a, b)
+    return max(a, b)
+
+
+# -- the formula ----------------------------------------------------------------------------------------------------
+
+
+def throttle(clock_ratio: Num, temperature_c: Num) -> Num:
+    """Speed factor in (0, 1]: a clock figure beats the temperature guess; NaN is no figure."""
+    return where(
+        clock_ratio > 0.0,
+        minimum(1.0, clock_ratio),
+        where(temperature_c >= THROTTLE_TEMP_C, THROTTLE_FACTOR, 1.0),
+    )
+
+
+def unloaded(work: float, base_itl: Num, flops: Num, speed: Num) -> tuple[Num, Num]:
+    """(ITL, prefill seconds) of one sequence alone on the node, throttled.
+
+    `work`: 2 x params x prompt tokens; `base_itl`: `base_itl_s`; `flops`: FP16 FLOPS x prefill efficiency."""
+    return base_itl / speed, work / (flops * speed)
+
+
+def under_load(
+    itl: Num,
+    prefill: Num,
+    slots: Num,
+    active: Num,
+    queued: Num,
+    ttft_factor: Num,
+    itl_factor: Num,
+    load_s: Num,
+) -> tuple[Num, Num, Num]:
+    """(TTFT, ITL, queue seconds) of a new request joining `active` requests in flight and `queued` waiting, on a
+    node with `slots` batch slots (>= 1), calibrated; TTFT includes the queue and `load_s` (loading weights that
+    are not resident). `itl` and `prefill` come from `unloaded`; active = queued = 0 is the node at rest."""
+    running = active + 1
+    itl = where(
+        running <= slots,
+        itl * (1.0 + BATCH_ITL_GROWTH * active),
+        itl * ((1.0 + BATCH_ITL_GROWTH * (slots - 1)) * running / slots),
+    )
+    ttft = (PREFILL_FIXED_S + prefill + itl) * ttft_factor
+    itl = itl * itl_factor
+    waiting = queued + maximum(0.0, active + 1 - slots)
+    queue = waiting * (ttft + itl * TYPICAL_OUTPUT_TOKENS) / slots  # 0 when nothing waits
+    return ttft + queue + load_s, itl, queue
+
+
+# -- one node ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -55,16 +139,29 @@ class Prediction:
         return self.ttft_s + self.itl_s * max(0, output_tokens - 1)
 
 
-def _throttle(load: Load) -> float:
-    if load.clock_ratio is not None and load.clock_ratio > 0.0:  # a clock figure beats the temperature guess
-        return min(1.0, load.clock_ratio)
-    if load.temperature_c is not None and load.temperature_c >= THROTTLE_TEMP_C:
-        return THROTTLE_FACTOR
-    return 1.0
+def decode_bytes_per_s(hw: HardwareSpec) -> float:
+    """The bandwidth decode streams weights at: peak x measured decode efficiency."""
+    return hw.bandwidth_gbs * 1e9 * hw.decode_efficiency
+
+
+def prefill_flops(hw: HardwareSpec) -> float:
+    """The FLOPS prefill runs at: FP16 peak x measured prefill efficiency."""
+    return hw.fp16_tflops * 1e12 * hw.prefill_efficiency
 
 
 def base_itl_s(model: ModelSpec, hw: HardwareSpec, dtype: str, quantization: str) -> float:
-    return model.weight_bytes(dtype, quantization) / (hw.bandwidth_gbs * 1e9 * hw.decode_efficiency)
+    """Decode time per token of one sequence at full clocks: the weights streamed once."""
+    return model.weight_bytes(dtype, quantization) / decode_bytes_per_s(hw)
+
+
+def prefill_work(model: ModelSpec, prompt_tokens: int) -> float:
+    """FLOPs to prefill a prompt: 2 per parameter per token (at least one token)."""
+    return 2.0 * model.params * max(1, prompt_tokens)
+
+
+def load_weights_s(model: ModelSpec, dtype: str, quantization: str) -> float:
+    """Seconds to load weights that are on disk but not resident."""
+    return model.weight_bytes(dtype, quantization) / (LOAD_BANDWIDTH_GBS * 1e9)
 
 
 def predict(
@@ -78,20 +175,27 @@ def predict(
     calibration: Calibration | None = None,
     resident: bool = True,
 ) -> Prediction:
+    """One node's prediction: the column formula over a single row (plain floats)."""
     load = load or Load()
     cal = calibration or Calibration()
-    speed = _throttle(load)
-    itl = base_itl_s(model, hw, dtype, quantization) / speed
-    running = load.active + 1
-    slots = max(1, hw.batch_slots)
-    if running <= slots:
-        itl *= 1.0 + BATCH_ITL_GROWTH * (running - 1)
-    else:
-        itl *= (1.0 + BATCH_ITL_GROWTH * (slots - 1)) * running / slots
-    prefill = 2.0 * model.params * max(1, prompt_tokens) / (hw.fp16_tflops * 1e12 * hw.prefill_efficiency * speed)
-    ttft = (PREFILL_FIXED_S + prefill + itl) * cal.ttft_factor
-    itl *= cal.itl_factor
-    waiting = load.queued + max(0, load.active + 1 - slots)
-    queue = waiting * (ttft + itl * TYPICAL_OUTPUT_TOKENS) / slots if waiting else 0.0
-    loading = 0.0 if resident else model.weight_bytes(dtype, quantization) / (LOAD_BANDWIDTH_GBS * 1e9)
-    return Prediction(ttft_s=ttft + queue + loading, itl_s=itl, queue_s=queue, load_s=loading, throttle=speed)
+    nan = float("nan")
+    speed = float(
+        throttle(
+            load.clock_ratio if load.clock_ratio is not None else nan,
+            load.temperature_c if load.temperature_c is not None else nan,
+        )
+    )
+    work = prefill_work(model, prompt_tokens)
+    itl, prefill = unloaded(work, base_itl_s(model, hw, dtype, quantization), prefill_flops(hw), speed)
+    loading = 0.0 if resident else load_weights_s(model, dtype, quantization)
+    ttft, itl, queue = under_load(
+        itl,
+        prefill,
+        float(max(1, hw.batch_slots)),
+        float(load.active),
+        float(load.queued),
+        cal.ttft_factor,
+        cal.itl_factor,
+        loading,
+    )
+    return Prediction(ttft_s=float(ttft), itl_s=float(itl), queue_s=float(queue), load_s=loading, throttle=speed)

@@ -1,4 +1,5 @@
-"""Choosing a chain of stage nodes that covers a model's layers (pure: the gateway runs it, gateway/pipeline/session.py).
+"""Choosing a chain of stage nodes that covers a model's layers (pure: the gateway runs it in
+gateway/pipeline/session.py).
 
 Stage nodes hold fixed layer ranges; a chain is a sequence of them meeting at their boundaries. The cheapest
 one is a shortest path over layer boundaries, each route costing what it adds to a decode step.

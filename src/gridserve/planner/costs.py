@@ -4,7 +4,8 @@ its baselines share.
 
 Decode of one token through a stage holding layers [start, end): the stage streams its weights and the KV
 cache of those layers for the context once (memory-bound), or computes 2 x params FLOPs per token
-(compute-bound), whichever is slower, times the node's calibrated slowness. A hop between stages carries one
+(compute-bound), whichever is slower, times the node's calibrated slowness: perfmodel's roofline per layer
+range, at the bandwidth and FLOPS it uses (`decode_bytes_per_s`, `prefill_flops`). A hop between stages carries one
 hidden-state vector per token: half a round trip plus its bytes over the link.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 from gridserve.catalog.hardware import HardwareSpec
 from gridserve.catalog.models import DTYPE_BYTES, QUANT_BYTES_PER_PARAM, ModelSpec
+from gridserve.perfmodel.roofline import decode_bytes_per_s, prefill_flops
 
 LINK_BYTES_PER_S = 1e9 / 8
 """Default link between nodes: 1 Gbit/s (a home or office uplink; data-centre links are faster)."""
@@ -78,8 +80,8 @@ class PlanNode:
         return cls(
             node_id=node_id,
             memory_bytes=memory_bytes if memory_bytes is not None else hw.memory_gib * 2**30 * 0.9,
-            bytes_per_s=hw.bandwidth_gbs * 1e9 * hw.decode_efficiency,
-            flops_per_s=hw.fp16_tflops * 1e12 * hw.prefill_efficiency,
+            bytes_per_s=decode_bytes_per_s(hw),
+            flops_per_s=prefill_flops(hw),
             slowness=slowness,
         )
 

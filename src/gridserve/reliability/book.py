@@ -55,6 +55,34 @@ class ReliabilitySummary:
     reason: str
     """Why the node is in its state, naming the evidence; "" when HEALTHY."""
 
+    def packed(self) -> "SummaryRow":
+        """The summary as a tuple of atoms: once the cyclic collector has seen it, it tracks it no more (the gateway
+        keeps one per node between heartbeats; a dataclass would be one more object per node for every full
+        collection to walk)."""
+        return (
+            self.state.value,
+            self.availability,
+            self.completion,
+            self.latency,
+            self.clean,
+            self.score,
+            self.samples,
+            self.is_new,
+            self.ejected_until,
+            self.ejections,
+            self.reason,
+        )
+
+    @classmethod
+    def unpacked(cls, row: "SummaryRow") -> "ReliabilitySummary":
+        """The summary `packed` gave (equal to it). Its fields are set directly: a decision builds one per node it
+        reads, and the frozen dataclass's own __init__ costs several times as much."""
+        summary = object.__new__(cls)
+        fields = summary.__dict__
+        fields.update(zip(_SUMMARY_FIELDS, row, strict=True))
+        fields["state"] = ReliabilityState(row[0])
+        return summary
+
     def signals(self) -> dict[str, float]:
         """The four signals by name, for a decision's explanation."""
         return {
@@ -63,6 +91,11 @@ class ReliabilitySummary:
             "latency": self.latency,
             "clean": self.clean,
         }
+
+
+SummaryRow = tuple[str, float, float, float, float, float, float, bool, float | None, int, str]
+"""ReliabilitySummary.packed(): its fields in order, the state as its value."""
+_SUMMARY_FIELDS = tuple(ReliabilitySummary.__dataclass_fields__)
 
 
 @dataclass(slots=True)
@@ -166,6 +199,39 @@ class ReliabilityBook:
             return self._summarise(self._prior, NodeStatus(node_id=node_id))
         self._log(node, expire(node.status, now, self._config))
         return self._summarise(scores(node.counts, now, self._config), node.status)
+
+    def ejections_ended(self, now: float) -> list[str]:
+        """Nodes whose ejection has ended by `now` though no read or event has moved them to PROBATION yet: whoever
+        keeps summaries between events (the gateway's registry) refreshes these. O(ejected nodes)."""
+        ended = []
+        for node_id in self._ejected:
+            until = self._nodes[node_id].status.ejected_until
+            if until is not None and until <= now:
+                ended.append(node_id)
+        return ended
+
+    def summary_row(self, node_id: str, now: float) -> SummaryRow:
+        """`summary(node_id, now).packed()`, without building the summary (the gateway's registry reads one per
+        heartbeat)."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            s, status = self._prior, NodeStatus(node_id=node_id)
+        else:
+            self._log(node, expire(node.status, now, self._config))
+            s, status = scores(node.counts, now, self._config), node.status
+        return (
+            status.state.value,
+            s.availability,
+            s.completion,
+            s.latency,
+            s.clean,
+            0.0 if status.state in EXCLUDED else s.score,
+            s.samples,
+            s.samples < self._config.exploration_samples,
+            status.ejected_until,
+            status.ejections,
+            status.reason,
+        )
 
     def events(
         self, node_id: str | None = None, *, kinds: set[EventKind] | None = None, limit: int = 100

@@ -34,6 +34,8 @@ class ReliabilityState(StrEnum):
 
 EXCLUDED = frozenset({ReliabilityState.QUARANTINED, ReliabilityState.BANNED})
 """States whose combined score is 0: the node must not be chosen, whatever its record."""
+BLOCKED = frozenset({ReliabilityState.EJECTED, *EXCLUDED})
+"""States in which a node serves nothing (the scheduler's node-state filter and every chain of stages)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,8 @@
-"""The scheduling decision: a pure function of request, snapshots, profile, randomness and time."""
+"""The scheduling decision: a function of request, snapshots, profile, randomness and time (`Scheduler`)."""
 
 from gridserve.scheduler.context import UnknownTier
-from gridserve.scheduler.core import schedule
-from gridserve.scheduler.plugins import FILTERS, PICKERS, SCORERS, Filter, Picker, Score, Scorer
+from gridserve.scheduler.core import KERNEL_POOL, Scheduler, schedule
+from gridserve.scheduler.plugins import FILTERS, PICKERS, SCORERS, Filter, Picker, Scorer
 from gridserve.scheduler.profile import (
     Profile,
     ProfileError,
@@ -15,6 +15,7 @@ from gridserve.scheduler.snapshot import NodeSnapshot, NodeStatic
 
 __all__ = [
     "FILTERS",
+    "KERNEL_POOL",
     "PICKERS",
     "SCORERS",
     "Filter",
@@ -23,7 +24,7 @@ __all__ = [
     "Picker",
     "Profile",
     "ProfileError",
-    "Score",
+    "Scheduler",
     "Scorer",
     "UnknownTier",
     "default_profile",

@@ -1,5 +1,9 @@
-"""The compiled kernel behind `fused.py` (numba, cached on disk). Same arithmetic, same order, as the column
-forms in vector.py, filters.py and scorers.py: the tests compare all three paths."""
+"""The compiled kernel behind `fused.py` (numba, cached on disk): the column path's filters and scorers (vector.py,
+filters.py, scorers.py) in the same arithmetic and order, and the roofline of perfmodel/roofline.py itself,
+compiled from its own functions: the tests compare the paths bit for bit.
+
+numba caches the kernel by this file's timestamp only: after changing perfmodel/roofline.py, or a constant the
+kernel reads, delete the cache (`__pycache__/_fused_kernel.*.nb*`) or touch this file."""
 
 # mypy: ignore-errors
 # numba is untyped; this module is plain arithmetic over arrays, checked by the tests against the typed paths.
@@ -7,14 +11,9 @@ forms in vector.py, filters.py and scorers.py: the tests compare all three paths
 import math
 
 import numba
+from numba.extending import overload, register_jitable
 
-from gridserve.perfmodel.roofline import (
-    BATCH_ITL_GROWTH,
-    PREFILL_FIXED_S,
-    THROTTLE_FACTOR,
-    THROTTLE_TEMP_C,
-    TYPICAL_OUTPUT_TOKENS,
-)
+from gridserve.perfmodel import roofline
 from gridserve.scheduler.scorers import PRIOR_RELIABILITY
 from gridserve.scheduler.snapshot import (
     C_ACTIVE,
@@ -44,6 +43,32 @@ from gridserve.scheduler.snapshot import (
     M_PRICE,
     M_RESIDENT,
 )
+
+
+@overload(roofline.where)
+def _where(cond, a, b):
+    """One value: the branch (the roofline's `where` is elementwise on columns)."""
+
+    def one(cond, a, b):
+        if cond:
+            return a
+        return b
+
+    return one
+
+
+@overload(roofline.minimum)
+def _minimum(a, b):
+    return lambda a, b: min(a, b)
+
+
+@overload(roofline.maximum)
+def _maximum(a, b):
+    return lambda a, b: max(a, b)
+
+
+for _formula in (roofline.throttle, roofline.unloaded, roofline.under_load):
+    register_jitable(_formula)  # compiled from the roofline's own source (LLVM inlines them)
 
 # scalars: now, tokens (prompt + max), prefill work (2 x params x prompt), ttft slo, tpot slo, decode tokens after
 # the first, tier floor tokens/s, price ceiling (NaN: none), tier reference price
@@ -79,29 +104,16 @@ def decide(
     for j in range(n):
         row = rows[j]
         m = mrows[j]
-        # the performance model (vector._base, vector._predict)
+        # the performance model (perfmodel.roofline, as vector._predict reads the columns)
         ok = row[C_HAS_HW] > 0
-        clock = row[C_CLOCK]
-        if clock > 0:
-            speed = min(1.0, clock)
-        elif row[C_TEMP] >= THROTTLE_TEMP_C:
-            speed = THROTTLE_FACTOR
-        else:
-            speed = 1.0
-        itl0 = m[M_BASE_ITL] / speed
-        prefill = scalars[WORK] / (row[C_TFLOPS] * 1e12 * row[C_PREFILL_EFF] * speed)
+        speed = roofline.throttle(row[C_CLOCK], row[C_TEMP])
+        itl0, prefill = roofline.unloaded(
+            scalars[WORK], m[M_BASE_ITL], row[C_TFLOPS] * 1e12 * row[C_PREFILL_EFF], speed
+        )
         slots = max(1.0, row[C_SLOTS])
-        active = row[C_ACTIVE]
-        running = active + 1
-        if running <= slots:
-            itl = itl0 * (1.0 + BATCH_ITL_GROWTH * active)
-        else:
-            itl = itl0 * ((1.0 + BATCH_ITL_GROWTH * (slots - 1)) * running / slots)
-        ttft = (PREFILL_FIXED_S + prefill + itl) * row[C_CAL_TTFT]
-        itl = itl * row[C_CAL_ITL]
-        waiting = row[C_QUEUED] + max(0.0, active + 1 - slots)
-        ttft = ttft + waiting * (ttft + itl * TYPICAL_OUTPUT_TOKENS) / slots
-        ttft = ttft + m[M_LOAD_S]
+        ttft, itl, _ = roofline.under_load(
+            itl0, prefill, slots, row[C_ACTIVE], row[C_QUEUED], row[C_CAL_TTFT], row[C_CAL_ITL], m[M_LOAD_S]
+        )
         if not ok:
             ttft, itl = math.nan, math.nan
         ttft_out[j] = ttft
@@ -129,7 +141,13 @@ def decide(
                 hit = row[C_MEMORY] > 0 and need > row[C_MEMORY]
             elif code == 8:
                 floor = scalars[FLOOR]
-                hit = floor > 0 and ok and (itl0 * row[C_CAL_ITL]) * floor > 1.0
+                if floor > 0 and ok:  # capability: the node at rest
+                    rest = roofline.under_load(
+                        itl0, prefill, slots, 0.0, 0.0, row[C_CAL_TTFT], row[C_CAL_ITL], m[M_LOAD_S]
+                    )
+                    hit = rest[1] * floor > 1.0
+                else:
+                    hit = False
             else:
                 price = m[M_PRICE]
                 hit = not math.isnan(scalars[CEILING]) and not math.isnan(price) and price > scalars[CEILING]

@@ -13,13 +13,13 @@ Each baseline keeps only the filters a naive router needs not to crash a node (s
 """
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from gridserve.scheduler.context import Context
-from gridserve.scheduler.plugins import PICKERS, SCORERS, Score, Scored, register
+from gridserve.scheduler.plugins import PICKERS, SCORERS, register
+from gridserve.scheduler.ranking import Ranked
 from gridserve.scheduler.snapshot import C_LATENCY_EWMA, C_MEMORY, C_OUTSTANDING, NodeSnapshot
 from gridserve.scheduler.vector import Array, Columns
 
@@ -34,10 +34,7 @@ class ConstantScorer:
     def unit_for(self, node: NodeSnapshot, raw: float) -> str:
         return "none"
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
-        return Score(0.5, 0.0, "none")
-
-    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         n = len(cols.nodes)
         return np.full(n, 0.5), np.zeros(n)
 
@@ -52,10 +49,7 @@ class OutstandingScorer:
     def unit_for(self, node: NodeSnapshot, raw: float) -> str:
         return "requests in flight"
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
-        return Score(1.0 / (1.0 + node.outstanding), float(node.outstanding), "requests in flight")
-
-    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         outstanding = cols.col(C_OUTSTANDING)
         return 1.0 / (1.0 + outstanding), outstanding
 
@@ -70,15 +64,7 @@ class VramFitScorer:
     def unit_for(self, node: NodeSnapshot, raw: float) -> str:
         return "share of device memory the weights fill"
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
-        spec = ctx.model
-        memory = node.static.memory_bytes
-        if spec is None or memory <= 0:
-            return Score(0.0, 0.0, "share of device memory the weights fill")
-        fill = spec.weight_bytes("float16", "none") / memory
-        return Score(min(1.0, fill), fill, "share of device memory the weights fill")
-
-    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         memory = cols.col(C_MEMORY)
         if ctx.model is None:
             return np.zeros(len(cols.nodes)), np.zeros(len(cols.nodes))
@@ -97,12 +83,7 @@ class AdvertisedThroughputScorer:
     def unit_for(self, node: NodeSnapshot, raw: float) -> str:
         return "tokens/s advertised"
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
-        pred = ctx.unloaded_prediction(node)
-        tps = 1.0 / pred.itl_s if pred is not None and pred.itl_s > 0 else 0.0
-        return Score(tps / (tps + 100.0), tps, "tokens/s advertised")
-
-    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         _, itl = cols.prediction(ctx, loaded=False)
         with np.errstate(divide="ignore", invalid="ignore"):
             tps = np.where(itl > 0, 1.0 / itl, 0.0)  # NaN (no prediction) compares False
@@ -120,13 +101,7 @@ class LatencyEwmaScorer:
     def unit_for(self, node: NodeSnapshot, raw: float) -> str:
         return "s, moving average of observed TTFT"
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
-        ewma = node.latency_ewma_s
-        if ewma is None:
-            return Score(1.0, 0.0, "s, moving average of observed TTFT")
-        return Score(1.0 / (1.0 + ewma / self.scale_s), ewma, "s, moving average of observed TTFT")
-
-    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         ewma = cols.col(C_LATENCY_EWMA)
         seen = ~np.isnan(ewma)
         return np.where(seen, 1.0 / (1.0 + ewma / self.scale_s), 1.0), np.where(seen, ewma, 0.0)
@@ -140,9 +115,8 @@ class RoundRobinPicker:
     name: str = "round-robin"
     counter: list[int] = field(default_factory=lambda: [0])
 
-    def pick(self, ctx: Context, ranked: Sequence[Scored], rng: random.Random) -> tuple[int, str]:
-        ids = getattr(ranked, "node_ids", None)  # the vectorised ranking names nodes without building them
-        names = ids() if ids is not None else [scored.node.node_id for scored in ranked]
+    def pick(self, ctx: Context, ranked: Ranked, rng: random.Random) -> tuple[int, str]:
+        names = ranked.node_ids()
         order = sorted(range(len(ranked)), key=names.__getitem__)
         turn = self.counter[0] % len(order)
         self.counter[0] += 1

@@ -22,8 +22,6 @@ class Context:
     tier: Tier
     model: ModelSpec | None
     _predictions: dict[str, Prediction | None] = field(default_factory=dict)
-    _prices: dict[str, float | None] = field(default_factory=dict)
-    _unloaded: dict[str, Prediction | None] = field(default_factory=dict)
 
     @classmethod
     def build(cls, request: ScheduleRequest, now: float) -> "Context":
@@ -43,24 +41,15 @@ class Context:
     def offer(self, node: NodeSnapshot) -> ModelOffer | None:
         return node.static.offers.get(self.request.model)
 
-    def resident(self, node: NodeSnapshot) -> bool:
-        return self.request.model in node.static.offers
-
     def prediction(self, node: NodeSnapshot) -> Prediction | None:
-        """Calibrated TTFT/ITL for this request on this node under its current load (None: no spec to use)."""
+        """Calibrated TTFT/ITL for this request on this one node under its current load (None: no spec to use);
+        the roofline's single-row case, as the scheduler's columns predict it for every node of a pool."""
         key = node.node_id
         if key not in self._predictions:
-            self._predictions[key] = self._predict(node, loaded=True)
+            self._predictions[key] = self._predict(node)
         return self._predictions[key]
 
-    def unloaded_prediction(self, node: NodeSnapshot) -> Prediction | None:
-        """What the node can do at all (calibrated, throttling included, no queue): for capability filters."""
-        key = node.node_id
-        if key not in self._unloaded:
-            self._unloaded[key] = self._predict(node, loaded=False)
-        return self._unloaded[key]
-
-    def _predict(self, node: NodeSnapshot, *, loaded: bool) -> Prediction | None:
+    def _predict(self, node: NodeSnapshot) -> Prediction | None:
         offer = self.offer(node)
         hw = node.static.hw
         pred = None
@@ -68,8 +57,8 @@ class Context:
             tele = node.telemetry
             active = max(node.outstanding, tele.active_requests if tele else 0)
             load = Load(
-                active=active if loaded else 0,
-                queued=(tele.queue_depth if tele else 0) if loaded else 0,
+                active=active,
+                queued=tele.queue_depth if tele else 0,
                 clock_ratio=tele.clock_ratio if tele else None,
                 temperature_c=tele.temperature_c if tele else None,
             )

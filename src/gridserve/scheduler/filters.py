@@ -1,4 +1,7 @@
-"""Filters: each removes nodes that *cannot* run the request, with a reason that carries the numbers."""
+"""Filters: each removes nodes that *cannot* run the request, with a reason that carries the numbers.
+
+Each is written once, over the decision's columns: `mask` rejects, `reason` explains one rejected row from the
+same columns (names and labels from the row's snapshot). `OneRow.reject` checks a single node."""
 
 from dataclasses import dataclass
 
@@ -6,7 +9,7 @@ import numpy as np
 
 from gridserve.catalog.models import DTYPE_BYTES
 from gridserve.scheduler.context import Context
-from gridserve.scheduler.plugins import FILTERS, register
+from gridserve.scheduler.plugins import FILTERS, OneRow, register
 from gridserve.scheduler.snapshot import (
     C_BLOCKING,
     C_CLASS,
@@ -19,108 +22,99 @@ from gridserve.scheduler.snapshot import (
     M_KV_PER_TOKEN,
     M_LISTED,
     M_MEM_WEIGHTS,
-    NodeSnapshot,
 )
-from gridserve.scheduler.vector import Columns, Mask
-from gridserve.types import NodeState
+from gridserve.scheduler.vector import Array, Columns, Mask
 
 GIB = 2**30
-SERVING = frozenset({NodeState.UP, NodeState.SUSPECT, NodeState.PROBATION})
-BLOCKING = frozenset({"ejected", "quarantined", "banned"})
+
+
+def _none(cols: Columns) -> Mask:
+    return np.zeros(len(cols), dtype=bool)
 
 
 @register(FILTERS, "node-state")
 @dataclass
-class NodeStateFilter:
+class NodeStateFilter(OneRow):
     """Down nodes (membership) and ejected, quarantined or banned nodes (reliability) are excluded."""
 
     name: str = "node-state"
 
-    def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        if node.state not in SERVING:
-            return f"node is {node.state.value}"
-        rel = node.reliability
-        if rel is not None and rel.state.value in BLOCKING:
-            return f"node is {rel.state.value}: {rel.reason}" if rel.reason else f"node is {rel.state.value}"
-        return None
-
     def mask(self, ctx: Context, cols: Columns) -> Mask:
         return np.asarray((cols.col(C_SERVING) == 0) | (cols.col(C_BLOCKING) > 0))
+
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        node = cols.nodes[j]
+        rel = node.reliability
+        if cols.col(C_SERVING)[j] == 0 or rel is None:
+            return f"node is {node.state.value}"
+        return f"node is {rel.state.value}: {rel.reason}" if rel.reason else f"node is {rel.state.value}"
 
 
 @register(FILTERS, "telemetry-freshness")
 @dataclass
-class TelemetryFreshnessFilter:
+class TelemetryFreshnessFilter(OneRow):
     max_age_s: float = 10.0
     name: str = "telemetry-freshness"
-
-    def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        age = ctx.now - node.last_heartbeat
-        if age > self.max_age_s:
-            return f"telemetry is {age:.1f} s old (limit {self.max_age_s:.0f} s)"
-        return None
 
     def mask(self, ctx: Context, cols: Columns) -> Mask:
         return np.asarray(ctx.now - cols.col(C_HEARTBEAT) > self.max_age_s)
 
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        age = ctx.now - float(cols.col(C_HEARTBEAT)[j])
+        return f"telemetry is {age:.1f} s old (limit {self.max_age_s:.0f} s)"
+
 
 @register(FILTERS, "model-served")
 @dataclass
-class ModelServedFilter:
+class ModelServedFilter(OneRow):
     name: str = "model-served"
-
-    def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        model = ctx.request.model
-        if model in node.static.offers or model in node.static.loadable:
-            return None
-        return f"does not serve {model} (serves {', '.join(sorted(node.static.offers)) or 'nothing'})"
 
     def mask(self, ctx: Context, cols: Columns) -> Mask:
         return np.asarray(cols.mcol(M_LISTED) == 0)
 
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        serves = ", ".join(sorted(cols.nodes[j].static.offers)) or "nothing"
+        return f"does not serve {ctx.request.model} (serves {serves})"
+
 
 @register(FILTERS, "context-fit")
 @dataclass
-class ContextFitFilter:
+class ContextFitFilter(OneRow):
     name: str = "context-fit"
 
-    def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        offer = ctx.offer(node)
-        limit = offer.max_context if offer else (ctx.model.max_context if ctx.model else None)
-        need = ctx.request.prompt_tokens + ctx.request.max_tokens
-        if limit is not None and need > limit:
-            return f"needs {need} tokens of context, serves {limit}"
-        return None
-
     def mask(self, ctx: Context, cols: Columns) -> Mask:
-        need = ctx.request.prompt_tokens + ctx.request.max_tokens
-        return np.asarray(need > cols.mcol(M_CONTEXT))
+        return np.asarray(_context_needed(ctx) > cols.mcol(M_CONTEXT))
+
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        return f"needs {_context_needed(ctx)} tokens of context, serves {int(cols.mcol(M_CONTEXT)[j])}"
+
+
+def _context_needed(ctx: Context) -> int:
+    return ctx.request.prompt_tokens + ctx.request.max_tokens
 
 
 @register(FILTERS, "dtype-supported")
 @dataclass
-class DtypeFilter:
+class DtypeFilter(OneRow):
     """The node's precision and quantization must be ones its hardware runs (e.g. FP8 needs Ada or Hopper)."""
 
     name: str = "dtype-supported"
 
-    def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        offer, hw = ctx.offer(node), node.static.hw
-        if offer is None or hw is None:
-            return None
-        if offer.dtype in DTYPE_BYTES and offer.dtype not in hw.dtypes:
-            return f"{offer.dtype} is not supported on {hw.name} ({hw.arch}: {', '.join(sorted(hw.dtypes))})"
-        if offer.quantization not in ("none", "unknown") and offer.quantization not in hw.quantizations:
-            return f"{offer.quantization} is not supported on {hw.name} ({hw.arch})"
-        return None
-
     def mask(self, ctx: Context, cols: Columns) -> Mask:
         return np.asarray(cols.mcol(M_DTYPE_OK) == 0)
+
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        node = cols.nodes[j]
+        offer, hw = ctx.offer(node), node.static.hw
+        assert offer is not None and hw is not None  # M_DTYPE_OK is 0 only for an offer on known hardware
+        if offer.dtype in DTYPE_BYTES and offer.dtype not in hw.dtypes:
+            return f"{offer.dtype} is not supported on {hw.name} ({hw.arch}: {', '.join(sorted(hw.dtypes))})"
+        return f"{offer.quantization} is not supported on {hw.name} ({hw.arch})"
 
 
 @register(FILTERS, "memory-fit")
 @dataclass
-class MemoryFitFilter:
+class MemoryFitFilter(OneRow):
     """Weights at the node's precision + KV cache for prompt and max_tokens + a margin must fit in memory.
     Momentary memory pressure (KV caches of requests in flight) is load, not capability: such a node queues
     the request, and the load scorer and the queueing prediction account for it."""
@@ -128,108 +122,98 @@ class MemoryFitFilter:
     margin: float = 0.10
     name: str = "memory-fit"
 
-    def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        if ctx.model is None:
-            return None
-        offer = ctx.offer(node)
-        dtype = offer.dtype if offer and offer.dtype in DTYPE_BYTES else "float16"
-        quant = offer.quantization if offer and offer.quantization != "unknown" else "none"
-        tokens = ctx.request.prompt_tokens + ctx.request.max_tokens
-        kv = ctx.model.kv_bytes_per_token(dtype if dtype != "fp8" else "float16") * tokens
-        weights = ctx.model.weight_bytes(dtype, quant)
-        have = node.static.memory_bytes
-        need = (weights + kv) * (1 + self.margin)
-        if have and need > have:
-            return (
-                f"needs {need / GIB:.1f} GiB ({ctx.model.name} {quant if quant != 'none' else dtype} weights "
-                f"{weights / GIB:.1f} GiB + KV for {tokens} tokens {kv / GIB:.2f} GiB + {self.margin:.0%}), "
-                f"has {have / GIB:.1f} GiB"
-            )
-        return None
+    def _need(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        """(KV bytes, total bytes needed) per node."""
+        kv = cols.mcol(M_KV_PER_TOKEN) * _context_needed(ctx)
+        return kv, (cols.mcol(M_MEM_WEIGHTS) + kv) * (1 + self.margin)
 
     def mask(self, ctx: Context, cols: Columns) -> Mask:
         if ctx.model is None:
-            return np.zeros(len(cols.nodes), dtype=bool)
-        tokens = ctx.request.prompt_tokens + ctx.request.max_tokens
-        need = (cols.mcol(M_MEM_WEIGHTS) + cols.mcol(M_KV_PER_TOKEN) * tokens) * (1 + self.margin)
+            return _none(cols)
+        _, need = self._need(ctx, cols)
         have = cols.col(C_MEMORY)
         return np.asarray((have > 0) & (need > have))
+
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        assert ctx.model is not None  # the mask rejects nothing without a model spec
+        offer = ctx.offer(cols.nodes[j])
+        dtype = offer.dtype if offer and offer.dtype in DTYPE_BYTES else "float16"
+        quant = offer.quantization if offer and offer.quantization != "unknown" else "none"
+        kv, need = self._need(ctx, cols)
+        weights, have = cols.mcol(M_MEM_WEIGHTS)[j], cols.col(C_MEMORY)[j]
+        return (
+            f"needs {need[j] / GIB:.1f} GiB ({ctx.model.name} {quant if quant != 'none' else dtype} weights "
+            f"{weights / GIB:.1f} GiB + KV for {_context_needed(ctx)} tokens {kv[j] / GIB:.2f} GiB + "
+            f"{self.margin:.0%}), has {have / GIB:.1f} GiB"
+        )
 
 
 @register(FILTERS, "runtime")
 @dataclass
-class RuntimeFilter:
+class RuntimeFilter(OneRow):
     """The request may restrict engines (e.g. only nodes fronting vLLM via openai-upstream)."""
 
     name: str = "runtime"
 
-    def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        allowed = ctx.request.engines
-        engine = node.capability.engine
-        if allowed and engine not in allowed and engine.split(":")[0] not in allowed:
-            return f"engine {engine} not among the allowed {', '.join(allowed)}"
-        return None
-
     def mask(self, ctx: Context, cols: Columns) -> Mask:
-        if not ctx.request.engines:
-            return np.zeros(len(cols.nodes), dtype=bool)
-        return np.array([self.reject(ctx, node) is not None for node in cols.nodes], dtype=bool)
+        allowed = ctx.request.engines
+        if not allowed:
+            return _none(cols)
+        engines = [node.capability.engine for node in cols.nodes]  # strings: no column holds them
+        return np.array([e not in allowed and e.split(":")[0] not in allowed for e in engines], dtype=bool)
+
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        allowed = ctx.request.engines or ()
+        return f"engine {cols.nodes[j].capability.engine} not among the allowed {', '.join(allowed)}"
 
 
 @register(FILTERS, "tier-hardware")
 @dataclass
-class TierHardwareFilter:
+class TierHardwareFilter(OneRow):
     name: str = "tier-hardware"
-
-    def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        if node.static.hw_class not in ctx.tier.hw_classes:
-            return (
-                f"tier {ctx.tier.name} allows {', '.join(sorted(ctx.tier.hw_classes))}; node is {node.static.hw_class}"
-            )
-        return None
 
     def mask(self, ctx: Context, cols: Columns) -> Mask:
         allowed = np.array([name in ctx.tier.hw_classes for name in CLASS_CODES], dtype=bool)
         return np.asarray(~allowed[cols.col(C_CLASS).astype(np.int64)])
 
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        allows = ", ".join(sorted(ctx.tier.hw_classes))
+        return f"tier {ctx.tier.name} allows {allows}; node is {cols.nodes[j].static.hw_class}"
+
 
 @register(FILTERS, "throughput-floor")
 @dataclass
-class ThroughputFloorFilter:
-    name: str = "throughput-floor"
+class ThroughputFloorFilter(OneRow):
+    """The tier's minimum decode speed, predicted for the node at rest: capability, not momentary load (load is
+    scored, and queues)."""
 
-    def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        floor = ctx.tier.min_tokens_per_s
-        pred = ctx.unloaded_prediction(node)  # capability, not momentary load (load is scored, and queues)
-        if floor <= 0 or pred is None:
-            return None
-        if pred.decode_tokens_per_s < floor:
-            return f"predicted {pred.decode_tokens_per_s:.1f} tokens/s, tier {ctx.tier.name} needs {floor:.0f}"
-        return None
+    name: str = "throughput-floor"
 
     def mask(self, ctx: Context, cols: Columns) -> Mask:
         floor = ctx.tier.min_tokens_per_s
         if floor <= 0:
-            return np.zeros(len(cols.nodes), dtype=bool)
+            return _none(cols)
         _, itl = cols.prediction(ctx, loaded=False)
         return np.asarray(itl * floor > 1.0)  # 1 / itl < floor; NaN (no prediction) compares False
+
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        _, itl = cols.prediction(ctx, loaded=False)
+        floor = ctx.tier.min_tokens_per_s
+        return f"predicted {1.0 / itl[j]:.1f} tokens/s, tier {ctx.tier.name} needs {floor:.0f}"
 
 
 @register(FILTERS, "price-ceiling")
 @dataclass
-class PriceCeilingFilter:
+class PriceCeilingFilter(OneRow):
     name: str = "price-ceiling"
-
-    def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        ceiling = ctx.request.max_price_per_mtok
-        price = ctx.price(node)
-        if ceiling is not None and price is not None and price > ceiling:
-            return f"costs ${price:.3f}/Mtok, ceiling ${ceiling:.3f}/Mtok"
-        return None
 
     def mask(self, ctx: Context, cols: Columns) -> Mask:
         ceiling = ctx.request.max_price_per_mtok
         if ceiling is None:
-            return np.zeros(len(cols.nodes), dtype=bool)
+            return _none(cols)
         price = cols.price(ctx)
         return np.asarray(~np.isnan(price) & (price > ceiling))
+
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        ceiling = ctx.request.max_price_per_mtok or 0.0
+        return f"costs ${cols.price(ctx)[j]:.3f}/Mtok, ceiling ${ceiling:.3f}/Mtok"

@@ -1,19 +1,22 @@
 """The decision's column work in one compiled pass (numba): every filter, the performance model and every scorer
 of a profile built from the stock plugins, for all nodes, without a numpy call per plugin and column.
 
-The column path (`vector.py`, one numpy expression per plugin) costs ~0.5 us of interpreter overhead per array
-operation, ~100 us per decision whatever the pool's size; this kernel does the same arithmetic, in the same
-order (IEEE, no fast-math), in a few microseconds. Tests check it decides exactly as the column path and the
-per-node plugins do. A profile with a plugin the kernel does not know, or a request restricting engines, takes
-the column path.
+Why it stays: at the default sample size (256 nodes) the column path (`vector.py`, one numpy expression per
+plugin, ~0.5 us of interpreter overhead per array operation) spends about half of a decision's time in those
+calls; this kernel does the same arithmetic, in the same order (IEEE, no fast-math), in a few microseconds
+(bench/scheduler.py, with and without `--no-kernel`). Tests check it decides bit for bit as the column path.
 
-The kernel is compiled once (cached on disk by numba). `warm()` compiles it; until it has, `plan` answers None
-so nobody waits for the compiler on a request: the simulator warms it before a run; `schedule` starts a
-background compile the first time a pool is large enough for the column path.
+The kernel knows the stock plugins by hand-numbered codes (`_FILTERS`, `_SCORERS`); a profile with any other
+plugin, or a request restricting engines, takes the column path, so a new plugin works without touching this
+file (generating the kernel from the plugins' own declarations is left for later). The roofline inside it is
+`perfmodel.roofline`'s, compiled (see `_fused_kernel.py`).
+
+Nothing here holds state: a `Scheduler` owns its plan and its compiled kernel (`compile_kernel`, which numba
+caches on disk so that later processes load it).
 """
 
 import math
-import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,8 @@ from gridserve.scheduler.profile import Profile
 from gridserve.scheduler.snapshot import CLASS_CODES, N_COLUMNS, N_MODEL_COLUMNS
 
 Array = npt.NDArray[np.float64]
+Kernel = Callable[..., None]
+"""The compiled `_fused_kernel.decide`."""
 
 _FILTERS: dict[type, int] = {
     F.NodeStateFilter: 0,
@@ -76,12 +81,8 @@ def _scorer_param(scorer: Any) -> float:
     return 0.0
 
 
-_PLANS: dict[int, tuple[Profile, Plan | None]] = {}
-_ready = threading.Event()
-_warming = threading.Lock()
-
-
-def _plan_of(profile: Profile) -> Plan | None:
+def plan_of(profile: Profile) -> Plan | None:
+    """The kernel's plan for this profile (None: a plugin the kernel does not know; the column path decides)."""
     if any(type(f) not in _FILTERS for f in profile.filters) or any(
         type(sc) not in _SCORERS for sc, _ in profile.scorers
     ):
@@ -95,14 +96,9 @@ def _plan_of(profile: Profile) -> Plan | None:
     )
 
 
-def plan(profile: Profile, ctx: Context) -> Plan | None:
-    """The kernel's plan for this profile and request (None: the column path decides)."""
-    if not _ready.is_set() or ctx.model is None or ctx.request.engines:
-        return None
-    entry = _PLANS.get(id(profile))
-    if entry is None or entry[0] is not profile:
-        entry = _PLANS[id(profile)] = (profile, _plan_of(profile))  # the profile is kept: its id stays its own
-    return entry[1]
+def applies(ctx: Context) -> bool:
+    """The kernel decides this request: a catalogue model (it predicts) and no engine restriction (strings)."""
+    return ctx.model is not None and not ctx.request.engines
 
 
 @dataclass
@@ -117,7 +113,7 @@ class Result:
     itl: Array
 
 
-def run(the_plan: Plan, ctx: Context, rows: Array, model_rows: Array) -> Result:
+def run(kernel: Kernel, the_plan: Plan, ctx: Context, rows: Array, model_rows: Array) -> Result:
     assert ctx.model is not None
     req = ctx.request
     allowed = np.array([name in ctx.tier.hw_classes for name in CLASS_CODES], dtype=np.bool_)
@@ -139,7 +135,7 @@ def run(the_plan: Plan, ctx: Context, rows: Array, model_rows: Array) -> Result:
     rejected_by = np.empty(n, dtype=np.int64)
     norms, raws = np.empty((k, n)), np.empty((k, n))
     total, ttft, itl = np.empty(n), np.empty(n), np.empty(n)
-    _kernel()(
+    kernel(
         np.ascontiguousarray(rows),
         np.ascontiguousarray(model_rows),
         scalars,
@@ -159,66 +155,26 @@ def run(the_plan: Plan, ctx: Context, rows: Array, model_rows: Array) -> Result:
     return Result(rejected_by, norms, raws, total, ttft, itl)
 
 
-_COMPILED: list[Any] = []
+def compile_kernel() -> Kernel:
+    """Import numba and compile the kernel (or load it from numba's disk cache), ready for `run`. Seconds the
+    first time on a machine; call it before traffic (`Scheduler.warm`), never on a request."""
+    from gridserve.scheduler._fused_kernel import decide  # numba: imported only by those who compile
 
-
-def _kernel() -> Any:
-    if not _COMPILED:
-        from gridserve.scheduler._fused_kernel import decide  # numba: imported (and compiled) on first use
-
-        _COMPILED.append(decide)
-    return _COMPILED[0]
-
-
-def warm(background: bool = False) -> None:
-    """Compile the kernel (numba caches it on disk: later processes load it) and enable the fused path."""
-
-    def compile_now() -> None:
-        with _warming:
-            if _ready.is_set():
-                return
-            _kernel()(
-                np.zeros((1, N_COLUMNS)),
-                np.zeros((1, N_MODEL_COLUMNS)),
-                np.zeros(9),
-                np.zeros(len(CLASS_CODES), dtype=np.bool_),
-                np.zeros(1, dtype=np.int64),
-                np.zeros(1),
-                np.zeros(1, dtype=np.int64),
-                np.zeros(1),
-                np.zeros(1),
-                np.empty(1, dtype=np.int64),
-                np.empty((1, 1)),
-                np.empty((1, 1)),
-                np.empty(1),
-                np.empty(1),
-                np.empty(1),
-            )
-            _ready.set()
-
-    if background:
-        threading.Thread(target=compile_now, name="fused-kernel-warm", daemon=True).start()
-    else:
-        compile_now()
-
-
-def warm_soon() -> None:
-    """Compile in the background, once (a large pool's first decisions take the column path meanwhile)."""
-    if not _ready.is_set() and not _started:
-        _started.append(True)
-        warm(background=True)
-
-
-_started: list[bool] = []
-
-
-def ready() -> bool:
-    return _ready.is_set()
-
-
-def enable(on: bool) -> None:
-    """Tests: force the column path (off) or the kernel (on; compiles it if needed)."""
-    if on:
-        warm()
-    else:
-        _ready.clear()
+    decide(
+        np.zeros((1, N_COLUMNS)),
+        np.zeros((1, N_MODEL_COLUMNS)),
+        np.zeros(9),
+        np.zeros(len(CLASS_CODES), dtype=np.bool_),
+        np.zeros(1, dtype=np.int64),
+        np.zeros(1),
+        np.zeros(1, dtype=np.int64),
+        np.zeros(1),
+        np.zeros(1),
+        np.empty(1, dtype=np.int64),
+        np.empty((1, 1)),
+        np.empty((1, 1)),
+        np.empty(1),
+        np.empty(1),
+        np.empty(1),
+    )
+    return decide

@@ -1,12 +1,11 @@
-"""Pickers: choose among the ranked eligible nodes."""
+"""Pickers: choose among the ranked eligible nodes (what they ask of them is answered over columns: ranking.py)."""
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gridserve.scheduler.context import Context
-from gridserve.scheduler.plugins import PICKERS, Scored, register
-from gridserve.scheduler.snapshot import NodeSnapshot
+from gridserve.scheduler.plugins import PICKERS, register
+from gridserve.scheduler.ranking import Ranked
 
 
 @register(PICKERS, "max-score")
@@ -30,24 +29,14 @@ class MaxScorePicker:
     the SLO is met or missed in the tail)."""
     name: str = "max-score"
 
-    def pick(self, ctx: Context, ranked: Sequence[Scored], rng: random.Random) -> tuple[int, str]:
+    def pick(self, ctx: Context, ranked: Ranked, rng: random.Random) -> tuple[int, str]:
         if self.exploration > 0 and len(ranked) > 1 and rng.random() < self.exploration:
-            first = getattr(ranked, "first_explorable", None)  # the vectorised ranking finds it over columns
-            found = (
-                first(ctx, self.slo_headroom, 1)
-                if first is not None
-                else _first_explorable(ctx, ranked, self.slo_headroom)
-            )
+            found = ranked.first_explorable(ctx, self.slo_headroom, 1)
             if found is not None:
                 return found, f"exploration (p={self.exploration}): newest node with a short record"
         if self.slo_first:
-            first = getattr(ranked, "first_meeting_slo", None)  # the vectorised ranking finds it over columns
             for at_once in (True, False):
-                found = (
-                    first(ctx, self.slo_headroom, at_once)
-                    if first is not None
-                    else _first_meeting_slo(ctx, ranked, self.slo_headroom, at_once)
-                )
+                found = ranked.first_meeting_slo(ctx, self.slo_headroom, at_once)
                 if found is not None:
                     how = "can start it at once and " if at_once else ""
                     return found, f"highest score among nodes that {how}are predicted to meet the SLO"
@@ -55,44 +44,10 @@ class MaxScorePicker:
         return 0, "highest score"
 
 
-def free_slot(node: NodeSnapshot) -> bool:
-    """Fewer requests in flight or queued than the card has batch slots."""
-    tele = node.telemetry
-    busy = max(node.outstanding, tele.active_requests if tele else 0) + (tele.queue_depth if tele else 0)
-    slots = node.static.hw.batch_slots if node.static.hw else 1
-    return busy < max(1, slots)
-
-
-def explorable(ctx: Context, node: NodeSnapshot, headroom: float = 1.0) -> bool:
-    """Little or no record, a batch slot free, and predicted to meet the request's SLO."""
-    rel = node.reliability
-    return (rel is None or rel.is_new) and free_slot(node) and meets_slo(ctx, node, headroom)
-
-
-def meets_slo(ctx: Context, node: NodeSnapshot, headroom: float = 1.0) -> bool:
-    pred = ctx.prediction(node)
-    return pred is not None and pred.ttft_s <= ctx.ttft_slo_s * headroom and pred.itl_s <= ctx.tpot_slo_s * headroom
-
-
-def _first_meeting_slo(ctx: Context, ranked: Sequence[Scored], headroom: float, at_once: bool) -> int | None:
-    return next(
-        (
-            i
-            for i, scored in enumerate(ranked)
-            if meets_slo(ctx, scored.node, headroom) and (not at_once or free_slot(scored.node))
-        ),
-        None,
-    )
-
-
-def _first_explorable(ctx: Context, ranked: Sequence[Scored], headroom: float) -> int | None:
-    return next((i for i, scored in enumerate(ranked) if i > 0 and explorable(ctx, scored.node, headroom)), None)
-
-
 @register(PICKERS, "random")
 @dataclass
 class RandomPicker:
     name: str = "random"
 
-    def pick(self, ctx: Context, ranked: Sequence[Scored], rng: random.Random) -> tuple[int, str]:
+    def pick(self, ctx: Context, ranked: Ranked, rng: random.Random) -> tuple[int, str]:
         return rng.randrange(len(ranked)), "uniformly at random among eligible nodes"

@@ -1,50 +1,64 @@
-"""Plugin protocols and the registry: filters, scorers and pickers are small named objects, found by type."""
+"""Plugin protocols and the registry: filters, scorers and pickers are small named objects, found by type.
+
+A filter or a scorer is written once, over the decision's columns (`vector.Columns`: one row per node): a
+filter's `mask` says which nodes it rejects and its `reason` says why for one of them, from the same columns; a
+scorer's `score` gives every node's normalised score and the raw figure behind it. A single node is the one-row
+case (`OneRow.reject`). Adding a filter is one class in one file, registered with `@register(FILTERS, name)`.
+"""
 
 import dataclasses
 import random
 import typing
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from gridserve.scheduler.context import Context
+from gridserve.scheduler.ranking import Ranked
 from gridserve.scheduler.snapshot import NodeSnapshot
+from gridserve.scheduler.vector import Array, Columns, Mask
 
 
 class Filter(Protocol):
     name: str
 
+    def mask(self, ctx: Context, cols: Columns) -> Mask:
+        """True for every node the filter rejects: it cannot run the request at all."""
+        ...
+
+    def reason(self, ctx: Context, cols: Columns, j: int) -> str:
+        """Why node `j` (a row the mask rejects) cannot run the request, with the numbers the mask used."""
+        ...
+
     def reject(self, ctx: Context, node: NodeSnapshot) -> str | None:
-        """Why the node cannot run the request (with numbers), or None when it can."""
+        """One node: why it cannot run the request, or None when it can."""
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Score:
-    normalized: float
-    """In [0, 1]; higher is better."""
-    raw: float
-    unit: str
+class OneRow:
+    """The single-node check every filter gets: the filter over a pool of one row."""
+
+    def reject(self: Filter, ctx: Context, node: NodeSnapshot) -> str | None:
+        cols = Columns.of(ctx, [node])
+        return self.reason(ctx, cols, 0) if bool(self.mask(ctx, cols)[0]) else None
 
 
 class Scorer(Protocol):
     name: str
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score: ...
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+        """(normalised score in [0, 1], higher is better; the raw figure it came from) per node."""
+        ...
 
-
-@dataclass(frozen=True, slots=True)
-class Scored:
-    node: NodeSnapshot
-    total: float
-    scores: tuple[Score, ...]
+    def unit_for(self, node: NodeSnapshot, raw: float) -> str:
+        """What a raw figure means, for the decision's explanation."""
+        ...
 
 
 class Picker(Protocol):
     name: str
 
-    def pick(self, ctx: Context, ranked: Sequence[Scored], rng: random.Random) -> tuple[int, str]:
-        """Index into `ranked` (best first) of the node to use, and a note on how it was picked."""
+    def pick(self, ctx: Context, ranked: Ranked, rng: random.Random) -> tuple[int, str]:
+        """Rank (index into `ranked`, best first) of the node to use, and a note on how it was picked."""
         ...
 
 

@@ -1,7 +1,7 @@
 """Profiles: which filters, which scorers with which weights, and which picker. Configuration, in YAML."""
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,6 @@ class Profile:
     sample: int = 0
     """Decide over a uniform random sample of this many nodes when the pool is larger (the power of d choices,
     as large load balancers do); 0: every node. If nothing in the sample is eligible, the whole pool decides."""
-    vectorizable: bool = field(init=False, compare=False, repr=False)
-    """Every filter and scorer has a column form (the scheduler's fast path)."""
-
-    def __post_init__(self) -> None:
-        columns = all(hasattr(f, "mask") for f in self.filters) and all(hasattr(sc, "vscore") for sc, _ in self.scorers)
-        object.__setattr__(self, "vectorizable", columns)
 
 
 def _entry(item: Any, where: str) -> tuple[str, dict[str, Any], float]:

@@ -1,11 +1,15 @@
-"""The order of the eligible nodes, best first, as the vectorised path needs it: the head at once (a partial
-selection, O(n)), the full order only when something reads past it (a decision's full candidate list).
+"""The order of the eligible nodes, best first: the head at once (a partial selection, O(n)), the full order only
+when something reads past it (a decision's full candidate list); and the ranking as pickers read it.
 
 Order = descending total score, ties broken by ascending random tie value; identical to sorting all of them.
 """
 
 import numpy as np
 import numpy.typing as npt
+
+from gridserve.scheduler.context import Context
+from gridserve.scheduler.snapshot import C_ACTIVE, C_HAS_HW, C_QUEUED, C_REL_NEW, C_SLOTS
+from gridserve.scheduler.vector import Columns
 
 Array = npt.NDArray[np.float64]
 Indexes = npt.NDArray[np.int64]
@@ -67,3 +71,41 @@ class Order:
             if rank >= start:
                 return rank
         return None
+
+
+class Ranked:
+    """The ranked eligible nodes as a picker sees them: their order, and the questions pickers ask of them
+    answered over the decision's columns (no per-node objects are built)."""
+
+    def __init__(self, cols: Columns, order: Order) -> None:
+        self.cols, self.order = cols, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def node_ids(self) -> list[str]:
+        """The ranked nodes' ids, best first."""
+        nodes = self.cols.nodes
+        return [nodes[j].node_id for j in self.order.full().tolist()]
+
+    def _free_slot(self) -> "npt.NDArray[np.bool_]":
+        """Fewer requests in flight or queued than the card has batch slots."""
+        c = self.cols
+        busy = c.col(C_ACTIVE) + c.col(C_QUEUED)
+        return np.asarray(busy < np.maximum(1.0, np.where(c.col(C_HAS_HW) > 0, c.col(C_SLOTS), 1.0)))
+
+    def _meets_slo(self, ctx: Context, headroom: float) -> "npt.NDArray[np.bool_]":
+        """Predicted (under the node's load) within `headroom` x the request's TTFT and TPOT targets."""
+        ttft, itl = self.cols.prediction(ctx, loaded=True)
+        return np.asarray((ttft <= ctx.ttft_slo_s * headroom) & (itl <= ctx.tpot_slo_s * headroom))
+
+    def first_explorable(self, ctx: Context, headroom: float, start: int) -> int | None:
+        """Rank of the first node from `start` on with little or no record, a free batch slot and predicted to
+        meet the SLO (None: none)."""
+        new = self.cols.col(C_REL_NEW) > 0
+        return self.order.first_where(new & self._free_slot() & self._meets_slo(ctx, headroom), start)
+
+    def first_meeting_slo(self, ctx: Context, headroom: float, at_once: bool) -> int | None:
+        """Rank of the best node predicted to meet the request's SLO, with a free slot if `at_once`."""
+        meets = self._meets_slo(ctx, headroom)
+        return self.order.first_where(meets & self._free_slot() if at_once else meets, 0)

@@ -1,4 +1,5 @@
-"""Scorers: each maps one signal to [0, 1] (higher is better) and keeps the raw figure it came from.
+"""Scorers: each maps one signal to [0, 1] (higher is better) and keeps the raw figure it came from, for every
+node at once (the decision's columns).
 
 All are absolute (a node's score does not depend on the other nodes), so improving a node on every signal
 can never lower its rank.
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gridserve.scheduler.context import Context
-from gridserve.scheduler.plugins import SCORERS, Score, register
+from gridserve.scheduler.plugins import SCORERS, register
 from gridserve.scheduler.snapshot import (
     C_ACTIVE,
     C_HAS_HW,
@@ -27,14 +28,10 @@ PRIOR_RELIABILITY = 0.75
 """A node with no record scores as the reliability ledger's prior mean (3 good : 1 bad pseudo-counts)."""
 
 
-def _vinverse(ratio: Array) -> Array:
-    """Column form of _inverse; NaN stays NaN (callers mask it), without a floating-point warning to silence."""
+def inverse(ratio: Array) -> Array:
+    """1 at ratio 0, 0.5 at ratio 1 (exactly on target), towards 0 as the ratio grows; NaN stays NaN (callers
+    mask it), without a floating-point warning to silence."""
     return np.asarray(1.0 / (1.0 + np.maximum(ratio, 0.0)))  # np.maximum keeps NaN
-
-
-def _inverse(ratio: float) -> float:
-    """1 at ratio 0, 0.5 at ratio 1 (exactly on target), towards 0 as the ratio grows."""
-    return 1.0 / (1.0 + max(0.0, ratio))
 
 
 @register(SCORERS, "latency")
@@ -47,17 +44,10 @@ class LatencyScorer:
     def unit_for(self, node: NodeSnapshot, raw: float) -> str:
         return "no prediction (unknown model or hardware)" if raw == -1.0 else "s predicted end to end"
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
-        pred = ctx.prediction(node)
-        if pred is None:
-            return Score(0.5, -1.0, "no prediction (unknown model or hardware)")
-        normalized = 0.5 * _inverse(pred.ttft_s / ctx.ttft_slo_s) + 0.5 * _inverse(pred.itl_s / ctx.tpot_slo_s)
-        return Score(normalized, pred.e2e_s(ctx.request.max_tokens), "s predicted end to end")
-
-    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         ttft, itl = cols.prediction(ctx, loaded=True)
         missing = np.isnan(ttft)
-        norm = 0.5 * _vinverse(ttft / ctx.ttft_slo_s) + 0.5 * _vinverse(itl / ctx.tpot_slo_s)
+        norm = 0.5 * inverse(ttft / ctx.ttft_slo_s) + 0.5 * inverse(itl / ctx.tpot_slo_s)
         raw = ttft + itl * max(0, ctx.request.max_tokens - 1)
         return np.where(missing, 0.5, norm), np.where(missing, -1.0, raw)
 
@@ -77,14 +67,7 @@ class ReliabilityScorer:
             record += "; membership probation"
         return f"score ({record})"
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
-        rel = node.reliability
-        base = PRIOR_RELIABILITY if rel is None else rel.score
-        probation = node.state == NodeState.PROBATION or (rel is not None and rel.state.value == "probation")
-        value = base * (self.probation_factor if probation else 1.0)
-        return Score(max(0.0, min(1.0, value)), base, self.unit_for(node, base))
-
-    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         score = cols.col(C_REL_SCORE)
         base = np.where(np.isnan(score), PRIOR_RELIABILITY, score)
         value = base * np.where(cols.col(C_REL_PROBATION) > 0, self.probation_factor, 1.0)
@@ -101,16 +84,10 @@ class LoadScorer:
     def unit_for(self, node: NodeSnapshot, raw: float) -> str:
         return "requests in flight or queued"
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
-        tele = node.telemetry
-        load = max(node.outstanding, tele.active_requests if tele else 0) + (tele.queue_depth if tele else 0)
-        slots = node.static.hw.batch_slots if node.static.hw else 1
-        return Score(_inverse(load / max(1, slots)), float(load), "requests in flight or queued")
-
-    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         load = cols.col(C_ACTIVE) + cols.col(C_QUEUED)
         slots = np.where(cols.col(C_HAS_HW) > 0, cols.col(C_SLOTS), 1.0)
-        return _vinverse(load / np.maximum(1.0, slots)), load
+        return inverse(load / np.maximum(1.0, slots)), load
 
 
 @register(SCORERS, "price")
@@ -123,16 +100,10 @@ class PriceScorer:
     def unit_for(self, node: NodeSnapshot, raw: float) -> str:
         return "$/Mtok (unknown)" if raw == -1.0 else "$/Mtok"
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
-        price = ctx.price(node)
-        if price is None:
-            return Score(0.5, -1.0, "$/Mtok (unknown)")
-        return Score(_inverse(price / ctx.tier.reference_price_per_mtok), price, "$/Mtok")
-
-    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         price = cols.price(ctx)
         missing = np.isnan(price)
-        norm = _vinverse(price / ctx.tier.reference_price_per_mtok)
+        norm = inverse(price / ctx.tier.reference_price_per_mtok)
         return np.where(missing, 0.5, norm), np.where(missing, -1.0, price)
 
 
@@ -147,10 +118,6 @@ class WarmScorer:
     def unit_for(self, node: NodeSnapshot, raw: float) -> str:
         return "model resident"
 
-    def score(self, ctx: Context, node: NodeSnapshot) -> Score:
-        resident = ctx.resident(node)
-        return Score(1.0 if resident else self.cold, 1.0 if resident else 0.0, "model resident")
-
-    def vscore(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
+    def score(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
         resident = cols.mcol(M_RESIDENT) > 0
         return np.where(resident, 1.0, self.cold), np.where(resident, 1.0, 0.0)

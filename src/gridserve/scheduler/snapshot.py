@@ -5,18 +5,20 @@ caches one `model_row` per model: the vectorised scheduler stacks these instead 
 
 import math
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from gridserve.catalog.hardware import HARDWARE, HardwareSpec
 from gridserve.catalog.models import DTYPE_BYTES, MODELS, QUANT_BYTES_PER_PARAM
 from gridserve.perfmodel import Calibration, derived_price_per_mtok, effective_price_per_mtok
 from gridserve.perfmodel.roofline import LOAD_BANDWIDTH_GBS, base_itl_s
-from gridserve.reliability import ReliabilitySummary
+from gridserve.reliability import BLOCKED, ReliabilitySummary
 from gridserve.types import Capability, ModelOffer, NodeId, NodeState, Telemetry
 
 CLASS_CODES = {"datacenter": 0, "consumer-high": 1, "consumer": 2, "apple": 3, "cpu": 4, "unknown": 5}
 SERVING = frozenset({NodeState.UP, NodeState.SUSPECT, NodeState.PROBATION})
-BLOCKING = frozenset({"ejected", "quarantined", "banned"})
+"""Membership states in which a node receives work (probation: ranked lower). The gateway's registry uses this set."""
+BLOCKING = frozenset(state.value for state in BLOCKED)
+"""Reliability states (their values) in which a node serves nothing."""
 PRICE_DTYPES = frozenset({"float16", "bfloat16", "float32", "fp8"})
 
 # Column indexes of NodeSnapshot.row
@@ -153,23 +155,58 @@ class NodeStatic:
 
 
 def _row(snap: "NodeSnapshot") -> tuple[float, ...]:
-    tele, rel, cal, static = snap.telemetry, snap.reliability, snap.calibration, snap.static
+    tele, rel = snap.telemetry, snap.reliability
+    return row_values(
+        state=snap.state,
+        last_heartbeat=snap.last_heartbeat,
+        outstanding=snap.outstanding,
+        active=tele.active_requests if tele else 0,
+        queued=tele.queue_depth if tele else 0,
+        clock_ratio=tele.clock_ratio if tele else None,
+        temperature_c=tele.temperature_c if tele else None,
+        reliability=(rel.state.value, rel.score, rel.is_new) if rel is not None else None,
+        calibration=snap.calibration,
+        price_per_mtok=snap.capability.price_per_mtok,
+        static=snap.static,
+        latency_ewma_s=snap.latency_ewma_s,
+    )
+
+
+def row_values(
+    *,
+    state: NodeState,
+    last_heartbeat: float,
+    outstanding: int,
+    active: int,
+    queued: int,
+    clock_ratio: float | None,
+    temperature_c: float | None,
+    reliability: tuple[str, float, bool] | None,
+    calibration: Calibration | None,
+    price_per_mtok: float,
+    static: NodeStatic,
+    latency_ewma_s: float | None,
+) -> tuple[float, ...]:
+    """A node's C_* columns from plain values: what a snapshot of it would carry as its `row`, for a keeper of
+    rows (the gateway's registry) that does not build a snapshot per change. `reliability`: (state value, score,
+    is_new) of its summary, None without one."""
     hw = static.hw
     nan = math.nan
+    rel_state = reliability[0] if reliability is not None else None
     return (
-        float(snap.state in SERVING),
-        float(rel is not None and rel.state.value in BLOCKING),
-        snap.last_heartbeat,
-        float(max(snap.outstanding, tele.active_requests if tele else 0)),
-        float(tele.queue_depth if tele else 0),
-        tele.clock_ratio if tele and tele.clock_ratio is not None else nan,
-        tele.temperature_c if tele and tele.temperature_c is not None else nan,
-        rel.score if rel is not None else nan,
-        float(snap.state == NodeState.PROBATION or (rel is not None and rel.state.value == "probation")),
-        float(rel is None or rel.is_new),
-        cal.ttft_factor if cal else 1.0,
-        cal.itl_factor if cal else 1.0,
-        snap.capability.price_per_mtok,
+        float(state in SERVING),
+        float(rel_state in BLOCKING),
+        last_heartbeat,
+        float(max(outstanding, active)),
+        float(queued),
+        clock_ratio if clock_ratio is not None else nan,
+        temperature_c if temperature_c is not None else nan,
+        reliability[1] if reliability is not None else nan,
+        float(state == NodeState.PROBATION or rel_state == "probation"),
+        float(reliability is None or reliability[2]),
+        calibration.ttft_factor if calibration else 1.0,
+        calibration.itl_factor if calibration else 1.0,
+        price_per_mtok,
         float(hw is not None),
         hw.bandwidth_gbs if hw else nan,
         hw.decode_efficiency if hw else nan,
@@ -179,8 +216,8 @@ def _row(snap: "NodeSnapshot") -> tuple[float, ...]:
         hw.cost_per_hour if hw else nan,
         float(static.memory_bytes),
         float(CLASS_CODES.get(static.hw_class, CLASS_CODES["unknown"])),
-        float(snap.outstanding),
-        snap.latency_ewma_s if snap.latency_ewma_s is not None else nan,
+        float(outstanding),
+        latency_ewma_s if latency_ewma_s is not None else nan,
     )
 
 
@@ -199,10 +236,13 @@ class NodeSnapshot:
     static: NodeStatic = field(default=None)  # type: ignore[assignment]
     latency_ewma_s: float | None = None
     """Moving average of this node's observed time to first token (None: not observed yet)."""
-    row: bytes = field(default=b"", compare=False, repr=False)
+    row: bytes = field(default=b"", init=False, compare=False, repr=False)
     """The numeric columns (C_*), packed float64: stacked with one join per decision."""
+    known_row: InitVar[bytes] = b""
+    """The row, when the caller holds it already (a table that keeps rows: `row_values` of these same fields);
+    else computed. Not a field: `dataclasses.replace` computes the row of the replaced snapshot afresh."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, known_row: bytes) -> None:
         if self.static is None or self.static.source is not self.capability:
             object.__setattr__(self, "static", NodeStatic.of(self.capability))
-        object.__setattr__(self, "row", array("d", _row(self)).tobytes())
+        object.__setattr__(self, "row", known_row or array("d", _row(self)).tobytes())

@@ -1,10 +1,11 @@
-"""The vectorised evaluation of a decision: the same filters, predictions and scores as the per-node plugin
-code, computed over columns (numpy) for every node at once. `core.schedule` uses it when every plugin of the
-profile has a vector form; tests check that both give the same decision."""
+"""The columns a decision is computed over: one row per node (its snapshot's `row`, C_*) and one per-model row
+(`NodeStatic.model_row`, M_*), and the per-decision figures every plugin shares (the roofline prediction, the
+price), computed once per decision over all rows. Filters and scorers are written over these columns; a single
+node is the one-row case."""
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -33,28 +34,33 @@ from gridserve.scheduler.table import SnapshotTable
 
 Array = npt.NDArray[np.float64]
 Mask = npt.NDArray[np.bool_]
+T = TypeVar("T")
 
 
 @dataclass
 class Columns:
-    nodes: list[NodeSnapshot]
+    nodes: Sequence[NodeSnapshot]
     rows: Array
     """One row per node: NodeSnapshot.row."""
     model: Array
     """One row per node: NodeStatic.model_row(request model)."""
-    _cache: dict[str, Any]
+    _cache: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def of(cls, ctx: Context, nodes: "Sequence[NodeSnapshot]") -> "Columns":
+        """The pool's columns for this request's model: copies (a decision read later, when it is explained, must
+        see what it was made from, not a table that changed since)."""
         model = ctx.request.model
         if isinstance(nodes, SnapshotTable):
-            return cls(nodes.snapshots(), nodes.rows(), nodes.model_rows(model), {})
+            return cls(nodes.snapshots(), np.array(nodes.rows()), np.array(nodes.model_rows(model)))
         nodes = list(nodes)
         n = len(nodes)
         rows = np.frombuffer(b"".join([node.row for node in nodes]), dtype=np.float64).reshape(n, N_COLUMNS)
         mrows = np.frombuffer(b"".join([node.static.model_row(model) for node in nodes]), dtype=np.float64)
-        mrows = mrows.reshape(n, N_MODEL_COLUMNS)
-        return cls(nodes, rows, mrows, {})
+        return cls(nodes, rows, mrows.reshape(n, N_MODEL_COLUMNS))
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def col(self, index: int) -> Array:
         return self.rows[:, index]
@@ -62,67 +68,50 @@ class Columns:
     def mcol(self, index: int) -> Array:
         return self.model[:, index]
 
-    def cached(self, key: str, make: Any) -> Any:
+    def cached(self, key: str, make: Callable[[], T]) -> T:
+        """A per-decision figure, computed by the first plugin that needs it."""
         if key not in self._cache:
             self._cache[key] = make()
-        return self._cache[key]
+        return self._cache[key]  # type: ignore[return-value]
 
     def predictable(self, ctx: Context) -> Mask:
         """Nodes for which a prediction exists (model in the catalogue, hardware known)."""
         if ctx.model is None:
-            return np.zeros(len(self.nodes), dtype=bool)
+            return np.zeros(len(self), dtype=bool)
         return np.asarray(self.col(C_HAS_HW) > 0)
 
     def prediction(self, ctx: Context, *, loaded: bool) -> tuple[Array, Array]:
-        """(TTFT, ITL) per node, as perfmodel.predict computes them (NaN where there is no prediction)."""
-        return self.cached(f"pred{loaded}", lambda: _predict(self, ctx, loaded))  # type: ignore[no-any-return]
+        """(TTFT, ITL) per node by the roofline (perfmodel.roofline), under the node's load or at rest (NaN where
+        there is no prediction)."""
+        return self.cached(f"pred{loaded}", lambda: _predict(self, ctx, loaded))
 
     def set_prediction(self, ttft: Array, itl: Array) -> None:
-        """Predictions computed elsewhere (the fused kernel) for the request under the nodes' load."""
+        """Predictions under load computed elsewhere (the fused kernel, by the same formula)."""
         self._cache["predTrue"] = (ttft, itl)
 
     def price(self, ctx: Context) -> Array:
         """USD per Mtok (NaN = unknown), as Context.price computes it."""
-        return self.cached("price", lambda: _price(self, ctx))  # type: ignore[no-any-return]
+        return self.cached("price", lambda: self.mcol(M_PRICE))
 
 
-def _base(c: Columns, ctx: Context) -> tuple[Mask, Array, Array, Array]:
-    """The load-independent part: predictable mask, throttled ITL, prefill, batch slots."""
+def _unloaded(c: Columns, ctx: Context) -> tuple[Array, Array]:
+    """The load-independent part, shared by both predictions: throttled ITL and prefill."""
     assert ctx.model is not None
-    clock = c.col(C_CLOCK)
-    speed = np.where(clock > 0, np.minimum(1.0, clock), 1.0)  # NaN compares False
-    hot = c.col(C_TEMP) >= roofline.THROTTLE_TEMP_C
-    if hot.any():  # a hot card that reports no clock ratio runs at the throttle factor
-        speed = np.where(hot & ~(clock > 0), roofline.THROTTLE_FACTOR, speed)
-    itl = c.mcol(M_BASE_ITL) / speed
-    prompt = max(1, ctx.request.prompt_tokens)
-    prefill = 2.0 * ctx.model.params * prompt / (c.col(C_TFLOPS) * 1e12 * c.col(C_PREFILL_EFF) * speed)
-    return c.predictable(ctx), itl, prefill, np.maximum(1.0, c.col(C_SLOTS))
+    speed = roofline.throttle(c.col(C_CLOCK), c.col(C_TEMP))
+    work = roofline.prefill_work(ctx.model, ctx.request.prompt_tokens)
+    itl, prefill = roofline.unloaded(work, c.mcol(M_BASE_ITL), c.col(C_TFLOPS) * 1e12 * c.col(C_PREFILL_EFF), speed)
+    return np.asarray(itl), np.asarray(prefill)
 
 
 def _predict(c: Columns, ctx: Context, loaded: bool) -> tuple[Array, Array]:
-    n = len(c.nodes)
-    if ctx.model is None or not c.predictable(ctx).any():
+    n = len(c)
+    ok = c.predictable(ctx)
+    if not ok.any():
         return np.full(n, np.nan), np.full(n, np.nan)
-    ok, itl, prefill, slots = c.cached("base", lambda: _base(c, ctx))
-    growth = roofline.BATCH_ITL_GROWTH
-    if loaded:
-        active = c.col(C_ACTIVE)
-        running = active + 1
-        itl = np.where(
-            running <= slots,
-            itl * (1.0 + growth * active),
-            itl * ((1.0 + growth * (slots - 1)) * running / slots),
-        )
-    ttft = (roofline.PREFILL_FIXED_S + prefill + itl) * c.col(C_CAL_TTFT)
-    itl = itl * c.col(C_CAL_ITL)
-    if loaded:
-        waiting = c.col(C_QUEUED) + np.maximum(0.0, active + 1 - slots)
-        queue = waiting * (ttft + itl * roofline.TYPICAL_OUTPUT_TOKENS) / slots  # 0 when nothing waits
-        ttft = ttft + queue
-    ttft = ttft + c.mcol(M_LOAD_S)
+    alone, prefill = c.cached("unloaded", lambda: _unloaded(c, ctx))
+    slots = np.maximum(1.0, c.col(C_SLOTS))
+    active, queued = (c.col(C_ACTIVE), c.col(C_QUEUED)) if loaded else (0.0, 0.0)
+    ttft, itl, _ = roofline.under_load(
+        alone, prefill, slots, active, queued, c.col(C_CAL_TTFT), c.col(C_CAL_ITL), c.mcol(M_LOAD_S)
+    )
     return np.where(ok, ttft, np.nan), np.where(ok, itl, np.nan)
-
-
-def _price(c: Columns, ctx: Context) -> Array:
-    return np.array(c.mcol(M_PRICE))  # a copy: the column may be a view of a table that changes later

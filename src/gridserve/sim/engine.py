@@ -1,15 +1,17 @@
-"""The discrete-event simulation. Production code decides: `scheduler.schedule` (with the policy's profile,
+"""The discrete-event simulation. Production code decides: `scheduler.Scheduler` (with the policy's profile,
 over a SnapshotTable kept incrementally), `reliability.ReliabilityBook` (job outcomes, incidents, ejection and
 quarantine), `perfmodel.predict` (service times, batching: ITL grows with concurrent requests),
 `perfmodel.Calibration` (what the gateway learns of each node) and `trust.audit_policy` (how often a node's
-work is re-executed). The gateway's timing rules (failure detection, hedge delay, stall guard, failovers) come
-from its config. The simulator supplies the clock, the randomness, the grid and the load.
+work is re-executed). The gateway's timing rules (failure detection, hedge delay, stall guard, failovers) are
+`gridserve.policy`'s, the same functions the gateway calls. The simulator supplies the clock, the randomness,
+the grid and the load.
 
 What happens to a request: it is routed when it arrives. If its node leaves the grid before the first token,
-it is sent again after the hedge delay (2 x predicted TTFT, as the gateway hedges before it has a record); if
-the node leaves mid-answer, it fails over after the stall guard and resumes on another node (prefill over prompt
-+ tokens sent); a node that left but is not yet marked down fails what is sent to it. A request nobody can take,
-or that failed over more than the gateway allows, fails. Client TTFT and TPOT include every gap.
+it is sent again after the hedge delay (the policy's, for a node with no observed TTFT ratios: the simulator
+keeps none, so 2 x predicted TTFT); if the node leaves mid-answer, it fails over after the stall guard and
+resumes on another node (prefill over prompt + tokens sent); a node that left but is not yet marked down fails
+what is sent to it. A request nobody can take, or that failed over more than the gateway allows, fails. Client
+TTFT and TPOT include every gap.
 """
 
 import contextlib
@@ -27,10 +29,10 @@ from gridserve.catalog import model_spec
 from gridserve.perfmodel import Load, Prediction, predict
 from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, ReliabilitySummary
 from gridserve.reliability.events import Severity
-from gridserve.scheduler import Profile, fused, schedule
+from gridserve.scheduler import Profile, Scheduler
 from gridserve.scheduler.baselines import ewma
 from gridserve.scheduler.table import SnapshotTable
-from gridserve.sim.grid import EPOCH, GATEWAY, SimConfig, SimNode, build_nodes
+from gridserve.sim.grid import EPOCH, SimConfig, SimNode, build_nodes
 from gridserve.sim.trace import TraceRequest
 from gridserve.trust.audit_policy import audit_probability
 from gridserve.types import NodeState
@@ -128,6 +130,7 @@ class Simulation:
     def __init__(self, config: SimConfig, profile: Profile) -> None:
         self.config = config
         self.profile = profile
+        self.scheduler = Scheduler(profile)
         self.model = model_spec(config.model)
         # three independent streams from one seed (string seeds are hashed: no stream repeats another's draws,
         # nor those of a neighbouring seed)
@@ -184,7 +187,7 @@ class Simulation:
         return True
 
     def run(self, trace: list[TraceRequest], progress: Callable[[int], None] | None = None) -> list[Outcome]:
-        fused.warm()  # the compiled decision kernel, before the clock starts
+        self.scheduler.warm()  # the compiled decision kernel, before the clock starts
         with _few_collections():
             return self._run_trace(trace, progress)
 
@@ -277,7 +280,7 @@ class Simulation:
             self._lost(attempt)
         node.queue.clear()
         # the gateway marks it down when a stream to it breaks (stall guard), else when probes and heartbeats fail
-        detect = GATEWAY.stall_min_s if streams else self.config.detect_s
+        detect = self.config.dispatch.stall_min_s if streams else self.config.detect_s
         self._at(self.now + detect, self._detect, node, node.session)
         self._at(self.now + self.config.downtime(self.world), self._join, node)
         self._touch(node)
@@ -326,7 +329,7 @@ class Simulation:
         )
         # a retry decides among the nodes not tried yet (as the gateway's dispatch walks its ranking)
         pool = [s for s in self.table if s.node_id not in job.tried] if job.tried else self.table
-        decision = schedule(request, pool, self.profile, self.rng, self.now, decision_id=f"d{job.index}")
+        decision = self.scheduler.schedule(request, pool, self.rng, self.now, decision_id=f"d{job.index}")
         chosen = decision.chosen
         if chosen is None:
             self._end(job, self._failed(req, job))
@@ -355,7 +358,7 @@ class Simulation:
             self._detect(node, node.session)
             self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.JOB_FAILED, at=self.now))
             job.retries += 1
-            self._at(self.now + max(GATEWAY.hedge_min_s, 2.0 * pred.ttft_s), self._retry, job)
+            self._at(self.now + self.hedge_delay(pred.ttft_s), self._retry, job)
             return
         tokens = req.output_tokens - job.sent
         attempt = _Attempt(job, node, self.now, tokens, pred.ttft_s, pred.itl_s, price)
@@ -403,16 +406,23 @@ class Simulation:
         self._credit(attempt, got)
         if got == 0:
             job.retries += 1
-            hedge = max(GATEWAY.hedge_min_s, 2.0 * attempt.pred_ttft)
-            self._at(max(self.now, attempt.start + hedge), self._retry, job)
+            self._at(max(self.now, attempt.start + self.hedge_delay(attempt.pred_ttft)), self._retry, job)
             return
         job.failovers += 1
-        if job.failovers > self.config.max_failovers:
+        if not self.config.dispatch.may_fail_over(job.failovers - 1):  # (this failover is counted: a retry)
             self._end(job, self._failed(job.req, job))
             return
-        stall = max(GATEWAY.stall_min_s, GATEWAY.stall_itl_multiple * attempt.pred_itl)
         last = attempt.first_at + attempt.itl * (got - 1)
-        self._at(max(self.now, last + stall), self._retry, job)
+        self._at(max(self.now, last + self.stall_timeout(attempt.pred_itl)), self._retry, job)
+
+    def hedge_delay(self, predicted_ttft_s: float) -> float:
+        """When the gateway sends a request again whose node gave no first token: the policy's hedge delay for
+        the TTFT it predicted, on a node without observed TTFT ratios (the simulated gateway keeps none)."""
+        return self.config.dispatch.hedge_delay(predicted_ttft_s, 1.0, None)
+
+    def stall_timeout(self, predicted_itl_s: float) -> float:
+        """How long after a node's last token the gateway declares the stream stalled and fails over."""
+        return self.config.dispatch.stall_timeout(predicted_itl_s)
 
     def _credit(self, attempt: _Attempt, tokens: int) -> None:
         job = attempt.job

@@ -14,8 +14,8 @@ from gridserve.catalog import hardware_spec
 from gridserve.catalog.hardware import HardwareSpec
 from gridserve.catalog.models import ModelSpec
 from gridserve.engines.emulated import placement_for
-from gridserve.gateway.config import GatewayConfig
 from gridserve.perfmodel import Calibration, Load, predict
+from gridserve.policy import AuditRates, DispatchPolicy, HealthTiming
 from gridserve.reliability.book import ReliabilitySummary
 from gridserve.scheduler import NodeSnapshot
 from gridserve.scheduler.snapshot import NodeStatic
@@ -35,8 +35,10 @@ REGION_RTT_S = {"same-region": 0.005, "near": 0.030, "far": 0.090, "intercontine
 REGION_SHARE = {"same-region": 0.35, "near": 0.35, "far": 0.2, "intercontinental": 0.1}
 EPOCH = 1_700_000_000.0
 """Simulated time 0 as a unix time (the scheduler and ledger read absolute times)."""
-GATEWAY = GatewayConfig()
-"""The gateway's defaults: audit rates, failure detection, stall guard, failovers (the simulator uses them)."""
+HEALTH = HealthTiming()
+"""The gateway's default failure detection (gridserve/policy/health.py)."""
+AUDIT = AuditRates()
+"""The gateway's default audit rates (gridserve/policy/audit.py)."""
 THROTTLED_TEMPERATURE_C = 88.0
 
 
@@ -71,16 +73,17 @@ class SimConfig:
     """Clock ratio while throttled: the node runs at this share of its speed and reports it in telemetry."""
     dishonest_share: float = 0.05
     """Operators whose answers fail verification (wrong model, skipped compute): caught by sampled audits."""
-    heartbeat_s: float = GATEWAY.heartbeat_interval_s
+    heartbeat_s: float = HEALTH.heartbeat_interval_s
     """How often nodes report telemetry and the gateway refreshes reliability summaries."""
-    detect_s: float = GATEWAY.heartbeat_interval_s + GATEWAY.probe_interval_s
+    detect_s: float = HEALTH.quiet_detect_s
     """A node that left with no stream open is marked down this long after it went (a probe fails once its
     last heartbeat is older than one interval); one with streams open when the first stalls."""
-    probation_s: float = GATEWAY.probe_interval_s * GATEWAY.probation_probes
-    audit_rate: float = GATEWAY.audit_rate
-    audit_new_rate: float = GATEWAY.audit_new_rate
-    audit_floor: float = GATEWAY.audit_floor
-    max_failovers: int = GATEWAY.max_failovers
+    probation_s: float = HEALTH.probation_s
+    audit_rate: float = AUDIT.rate
+    audit_new_rate: float = AUDIT.new_rate
+    audit_floor: float = AUDIT.floor
+    dispatch: DispatchPolicy = field(default_factory=DispatchPolicy)
+    """The gateway's dispatch policy: hedge delay, stall guard, failovers (gridserve/policy/dispatch.py)."""
 
     @property
     def availability(self) -> float:

@@ -3,9 +3,11 @@
 These are plain frozen dataclasses rather than pydantic models: a decision over 10,000 nodes builds tens
 of thousands of them, and they reach the wire only through `as_dict()`."""
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import FrozenInstanceError, dataclass
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any, Protocol
 
 from gridserve.types.node import NodeId
 
@@ -92,9 +94,80 @@ class Candidate:
         }
 
 
+class Evidence(Protocol):
+    """Where a decision's per-node records come from when first read: the scheduler's columns (a decision over
+    thousands of nodes is rarely explained, so its candidates, verdicts and explanation are built on demand)."""
+
+    def candidates(self) -> tuple[Candidate, ...]:
+        """Every eligible node, best first."""
+        ...
+
+    def chosen_candidate(self) -> Candidate | None:
+        """The winner's record alone (reading it must not build every candidate of a large grid)."""
+        ...
+
+    def verdicts(self) -> tuple[Verdict, ...]:
+        """Every node's filter outcome, in pool order."""
+        ...
+
+    def rejected_by_filter(self) -> dict[str, int]:
+        """How many nodes each filter removed."""
+        ...
+
+    def explanation(self) -> str:
+        """Why this node, in one line."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Evidence given as values: a decision built by hand (tests, tools), or one small enough to build at once."""
+
+    candidates_: tuple[Candidate, ...] = ()
+    verdicts_: tuple[Verdict, ...] = ()
+    explanation_: str = ""
+    chosen: NodeId | None = None
+
+    def candidates(self) -> tuple[Candidate, ...]:
+        return self.candidates_
+
+    def chosen_candidate(self) -> Candidate | None:
+        return next((c for c in self.candidates_ if c.node_id == self.chosen), None)
+
+    def verdicts(self) -> tuple[Verdict, ...]:
+        return self.verdicts_
+
+    def rejected_by_filter(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for v in self.verdicts_:
+            if not v.eligible:
+                counts[v.filter or "?"] = counts.get(v.filter or "?", 0) + 1
+        return counts
+
+    def explanation(self) -> str:
+        return self.explanation_
+
+
 class Decision:
-    """The scheduler's answer. `candidates` and `verdicts` may be given as callables: a decision over
-    thousands of nodes then builds its per-node records only when someone reads them (an explanation)."""
+    """The scheduler's answer: frozen once made. The per-node parts (candidates, verdicts, the explanation) are
+    cached properties computed from `evidence` on first read, so a decision over a large grid costs only what
+    its reader asks for, and no field is ever a value-or-thunk or assigned after the decision is returned."""
+
+    decision_id: str
+    request: ScheduleRequest
+    requirements: dict[str, Any]
+    """What the request needs, as the scheduler read it (model, tier, SLOs, limits). Read-only."""
+    profile: str
+    created: float
+    chosen: NodeId | None
+    margin: float | None
+    """Winner's score minus the runner-up's (None with fewer than two candidates)."""
+    picked_by: str
+    eligible_count: int
+    rejected_count: int
+    sampled: tuple[int, int] | None
+    """(nodes considered, pool size) when the decision was made over a random sample of the pool."""
+    evidence: Evidence
 
     def __init__(
         self,
@@ -105,90 +178,75 @@ class Decision:
         profile: str,
         created: float,
         chosen: NodeId | None,
-        candidates: tuple[Candidate, ...] | Callable[[], tuple[Candidate, ...]],
-        verdicts: tuple[Verdict, ...] | Callable[[], tuple[Verdict, ...]],
-        explanation: str | Callable[[], str],
+        candidates: tuple[Candidate, ...] = (),
+        verdicts: tuple[Verdict, ...] = (),
+        explanation: str = "",
         margin: float | None = None,
         picked_by: str = "",
         eligible: int | None = None,
         rejected: int | None = None,
-        extra: dict[str, Any] | None = None,
-        chosen_candidate: Candidate | Callable[[], Candidate | None] | None = None,
-        rejected_by_filter: dict[str, int] | Callable[[], dict[str, int]] | None = None,
+        sampled: tuple[int, int] | None = None,
+        evidence: Evidence | None = None,
     ) -> None:
-        self.decision_id = decision_id
-        self.request = request
-        self.requirements = requirements
-        self.profile = profile
-        self.created = created
-        self.chosen = chosen
-        self._candidates = candidates
-        self._verdicts = verdicts
-        self._explanation = explanation
-        self.margin = margin
-        """Winner's score minus the runner-up's (None with fewer than two candidates)."""
-        self.picked_by = picked_by
-        self.extra = extra or {}
-        self._eligible = eligible
-        self._rejected = rejected
-        self._chosen_candidate = chosen_candidate
-        """The winner's record (or how to build it when first read), kept so that reading it does not build every
-        candidate of a large grid."""
-        self._rejected_by_filter = rejected_by_filter
+        """Either `evidence` (with the `eligible` and `rejected` counts), or the parts as values."""
+        if evidence is None:
+            evidence = Settled(candidates, verdicts, explanation, chosen)
+            eligible = len(candidates) if eligible is None else eligible
+            rejected = sum(not v.eligible for v in verdicts) if rejected is None else rejected
+        elif eligible is None or rejected is None:
+            raise TypeError("a decision made from evidence needs its eligible and rejected counts")
+        fields = {
+            "decision_id": decision_id,
+            "request": request,
+            "requirements": requirements,
+            "profile": profile,
+            "created": created,
+            "chosen": chosen,
+            "margin": margin,
+            "picked_by": picked_by,
+            "eligible_count": eligible,
+            "rejected_count": rejected,
+            "sampled": sampled,
+            "evidence": evidence,
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
-    @property
-    def rejected_by_filter(self) -> dict[str, int]:
-        """How many nodes each filter removed."""
-        if callable(self._rejected_by_filter):
-            self._rejected_by_filter = self._rejected_by_filter()
-        if self._rejected_by_filter is None:
-            counts: dict[str, int] = {}
-            for v in self.rejections:
-                counts[v.filter or "?"] = counts.get(v.filter or "?", 0) + 1
-            self._rejected_by_filter = counts
-        return self._rejected_by_filter
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}: a Decision is frozen")
 
-    def ranked_for_dispatch(self) -> list[Candidate]:
-        """The chosen candidate first (the picker may explore below rank 0), then the rest by rank."""
-        chosen = self.candidate(self.chosen) if self.chosen is not None else None
-        rest = [c for c in self.candidates if chosen is None or c.node_id != chosen.node_id]
-        return [chosen, *rest] if chosen is not None else rest
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}: a Decision is frozen")
 
-    @property
+    @cached_property
     def explanation(self) -> str:
-        """Why this node, in one line (built when first read: most decisions on a large grid are never explained)."""
-        if callable(self._explanation):
-            self._explanation = self._explanation()
-        return self._explanation
+        """Why this node, in one line."""
+        text = self.evidence.explanation()
+        if self.sampled is not None:
+            text += f"; over a random sample of {self.sampled[0]} of {self.sampled[1]} nodes"
+        return text
 
-    @explanation.setter
-    def explanation(self, text: str) -> None:
-        self._explanation = text
-
-    def explain_also(self, text: str) -> None:
-        """Append to the explanation without building it now."""
-        before = self._explanation
-        self._explanation = lambda: (before() if callable(before) else before) + text
-
-    @property
+    @cached_property
     def candidates(self) -> tuple[Candidate, ...]:
-        if callable(self._candidates):
-            self._candidates = self._candidates()
-        return self._candidates
+        return self.evidence.candidates()
 
-    @property
+    @cached_property
     def verdicts(self) -> tuple[Verdict, ...]:
-        if callable(self._verdicts):
-            self._verdicts = self._verdicts()
-        return self._verdicts
+        return self.evidence.verdicts()
+
+    @cached_property
+    def rejected_by_filter(self) -> Mapping[str, int]:
+        """How many nodes each filter removed."""
+        return MappingProxyType(self.evidence.rejected_by_filter())
+
+    @cached_property
+    def chosen_candidate(self) -> Candidate | None:
+        """The winner's record, without building every candidate."""
+        return self.evidence.chosen_candidate() if self.chosen is not None else None
 
     @property
-    def eligible_count(self) -> int:
-        return self._eligible if self._eligible is not None else len(self.candidates)
-
-    @property
-    def rejected_count(self) -> int:
-        return self._rejected if self._rejected is not None else len(self.rejections)
+    def rejections(self) -> tuple[Verdict, ...]:
+        return tuple(v for v in self.verdicts if not v.eligible)
 
     @property
     def request_id(self) -> str:
@@ -198,24 +256,28 @@ class Decision:
     def model(self) -> str:
         return self.request.model
 
-    @property
-    def rejections(self) -> tuple[Verdict, ...]:
-        return tuple(v for v in self.verdicts if not v.eligible)
-
     def candidate(self, node_id: str) -> Candidate | None:
-        if callable(self._chosen_candidate):
-            self._chosen_candidate = self._chosen_candidate()
-        if self._chosen_candidate is not None and self._chosen_candidate.node_id == node_id:
-            return self._chosen_candidate
+        chosen = self.chosen_candidate
+        if chosen is not None and chosen.node_id == node_id:
+            return chosen
         return next((c for c in self.candidates if c.node_id == node_id), None)
+
+    def ranked_for_dispatch(self) -> list[Candidate]:
+        """The chosen candidate first (the picker may explore below rank 0), then the rest by rank."""
+        chosen = self.candidate(self.chosen) if self.chosen is not None else None
+        rest = [c for c in self.candidates if chosen is None or c.node_id != chosen.node_id]
+        return [chosen, *rest] if chosen is not None else rest
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Decision) and self.as_dict() == other.as_dict()
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __repr__(self) -> str:
+        return f"Decision({self.decision_id!r}, chosen={self.chosen!r}, profile={self.profile!r})"
+
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "decision_id": self.decision_id,
             "request_id": self.request_id,
             "model": self.model,
@@ -229,5 +291,7 @@ class Decision:
             "candidates": [c.as_dict() for c in self.candidates],
             "rejections": [v.as_dict() for v in self.verdicts if not v.eligible],
             "nodes": [v.as_dict() for v in self.verdicts],
-            **self.extra,
         }
+        if self.sampled is not None:
+            out["sampled"] = {"considered": self.sampled[0], "pool": self.sampled[1]}
+        return out

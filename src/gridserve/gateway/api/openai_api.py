@@ -29,7 +29,7 @@ from gridserve.gateway.ops.outcomes import Traces
 from gridserve.gateway.pipeline.candidate import is_pipeline
 from gridserve.gateway.pipeline.serving import Pipelines, Run
 from gridserve.gateway.registry.membership import Membership, NodeRecord
-from gridserve.scheduler import Profile, UnknownTier, schedule
+from gridserve.scheduler import KERNEL_POOL, Scheduler, UnknownTier
 from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams
 from gridserve.types.scheduling import Decision, ScheduleRequest
 
@@ -49,7 +49,8 @@ class ApiContext:
     dispatcher: Dispatcher
     decisions: DecisionLog
     metrics: GatewayMetrics
-    profile: Profile
+    scheduler: Scheduler
+    """The profile's decisions (it owns the compiled kernel and the numpy generator tied to `rng`)."""
     rng: random.Random
     traces: Traces
     receipts: ReceiptChecker
@@ -124,7 +125,9 @@ def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: G
         snapshots = ctx.membership.snapshots()
         if pipeline is not None:
             snapshots.append(pipeline)
-        decision = schedule(request, snapshots, ctx.profile, ctx.rng, now)
+        if len(snapshots) >= KERNEL_POOL:
+            ctx.scheduler.warm(background=True)  # once: the compiled kernel, for grids large enough to want it
+        decision = ctx.scheduler.schedule(request, snapshots, ctx.rng, now)
     except UnknownTier as exc:
         raise bad_request(str(exc), param="gridserve.tier") from exc
     ctx.metrics.decisions.labels(outcome="placed" if decision.chosen else "none").inc()

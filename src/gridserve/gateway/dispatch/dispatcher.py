@@ -9,7 +9,8 @@
   bounded per request by `max_failovers` instead (gateway/dispatch/generation.py).
 - An attempt waits at most the first-token timeout, and is abandoned as soon as its node is marked down.
 
-The per-token path uses aiohttp (its stream reader costs a fraction of httpx's per chunk; see DESIGN.md).
+The timings are the dispatch policy's (gridserve/policy/dispatch.py, which the simulator runs too). Nodes are
+reached only through a NodeTransport (gateway/transport/), and only its error tree is caught here.
 """
 
 import asyncio
@@ -21,21 +22,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
 
-from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.api.errors import APIError, bad_request, no_capacity, upstream_failed
-from gridserve.gateway.registry.membership import LIVE, Membership
-from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.retry_budget import RetryBudget
-from gridserve.reliability import EventKind, NodeEvent
-from gridserve.trust import Identity, sign_envelope
+from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.registry.membership import LIVE, Membership
+from gridserve.gateway.transport import (
+    AiohttpTransport,
+    EventStream,
+    Malformed,
+    NodeEvent,
+    NodeTransport,
+    Refused,
+    TransportError,
+)
+from gridserve.reliability import EventKind
+from gridserve.reliability import NodeEvent as LedgerEvent
+from gridserve.trust import Identity
 from gridserve.types import GenerateRequest, NodeId
 from gridserve.types.scheduling import Candidate, Decision
 
 log = logging.getLogger("gridserve.gateway")
-WATCH_S = 0.1
-"""How often a waiting attempt checks whether its node has been marked down."""
 
 
 @dataclass
@@ -47,25 +55,25 @@ class Attempt:
 
 @dataclass
 class NodeStream:
-    """An open generation on one node; `first` is its first event, already received."""
+    """An open generation on one node; `first` is its first event, already received, `source` the rest."""
 
     node_id: NodeId
-    first: dict[str, Any]
-    response: aiohttp.ClientResponse
+    first: NodeEvent
+    source: EventStream
     started: float
     first_at: float
     attempts: list[Attempt] = field(default_factory=list)
     hedged: bool = False
     hedge_delay_s: float | None = None
 
-    async def events(self) -> AsyncGenerator[dict[str, Any]]:
+    async def events(self) -> AsyncGenerator[NodeEvent]:
+        """Every event from the first (no stall guard: Generation adds one). Raises the transport's errors."""
         yield self.first
-        async for line in self.response.content:
-            if line.strip():
-                yield orjson.loads(line)
+        while (event := await self.source.next()) is not None:
+            yield event
 
     def close(self) -> None:
-        self.response.close()
+        self.source.close()
 
 
 class NodeFailed(Exception):
@@ -78,44 +86,52 @@ class NotResumable(NodeFailed):
 
 class Dispatcher:
     def __init__(
-        self, config: GatewayConfig, membership: Membership, identity: Identity, metrics: GatewayMetrics
+        self,
+        config: GatewayConfig,
+        membership: Membership,
+        identity: Identity,
+        metrics: GatewayMetrics,
+        transport: NodeTransport | None = None,
     ) -> None:
         self.config = config
+        self.policy = config.dispatch
         self.membership = membership
         self.identity = identity
         self.metrics = metrics
-        self.session: aiohttp.ClientSession | None = None
-        self.budget = RetryBudget(max_tokens=config.retry_budget_tokens, tokens=config.retry_budget_tokens)
+        self.transport: NodeTransport = transport or AiohttpTransport(
+            identity, connect_timeout_s=config.connect_timeout_s
+        )
+        self.budget = RetryBudget(
+            max_tokens=self.policy.retry_budget_tokens,
+            token_ratio=self.policy.retry_token_ratio,
+            tokens=self.policy.retry_budget_tokens,
+        )
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        """The HTTP pool under the aiohttp transport (the pipeline's stage links still borrow it)."""
+        return self.transport.session if isinstance(self.transport, AiohttpTransport) else None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout_s)
-        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        await self.transport.start()
 
     async def aclose(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        await self.transport.aclose()
 
-    # -- timeouts derived from predictions ------------------------------------------------------------
+    # -- timeouts derived from predictions (the policy's rules, with what this gateway observed) ----------
     def hedge_delay(self, candidate: Candidate) -> float:
-        """The node's predicted p95 TTFT: the roofline prediction times the p95 of its observed/predicted ratios
-        (twice the calibrated prediction until 8 requests are observed), within [hedge_min_s, first-token timeout]."""
-        predicted = candidate.predicted_ttft_s or 0.0
+        """The node's predicted p95 TTFT (DispatchPolicy.hedge_delay), from the p95 of the observed/predicted
+        TTFT ratios the membership holds for it."""
         record = self.membership.nodes.get(candidate.node_id)
         p95 = record.ttft_ratio_p95() if record is not None else None
-        delay = predicted / candidate.calibration[0] * p95 if p95 is not None else 2.0 * predicted
-        return min(max(delay, self.config.hedge_min_s), self.first_token_timeout(candidate))
+        return self.policy.hedge_delay(candidate.predicted_ttft_s, candidate.calibration[0], p95)
 
     def first_token_timeout(self, candidate: Candidate) -> float:
-        return max(self.config.first_token_timeout_s, 10.0 * (candidate.predicted_ttft_s or 0.0))
+        return self.policy.first_token_timeout(candidate.predicted_ttft_s)
 
-    def stall_timeout(self, candidate: Candidate | None) -> float:
-        """No token for this long mid-stream means the node stalled: `stall_itl_multiple` x its predicted ITL,
-        at least `stall_min_s` (`stall_unpredicted_s` without a prediction)."""
+    def stall_timeout(self, candidate: Candidate | None, *, resumable: bool = True) -> float:
         itl = candidate.predicted_itl_s if candidate is not None else None
-        if itl is None:
-            return self.config.stall_unpredicted_s
-        return max(self.config.stall_min_s, self.config.stall_itl_multiple * itl)
+        return self.policy.stall_timeout(itl, resumable=resumable)
 
     # -- opening a generation -------------------------------------------------------------------------
     async def open(
@@ -129,93 +145,92 @@ class Dispatcher:
     ) -> NodeStream:
         """Open the stream on the best node that answers; raises APIError when none does."""
         candidates = [c for c in decision.ranked_for_dispatch() if c.node_id not in exclude and self.live(c.node_id)]
-        candidates = candidates[: self.config.dispatch_attempts]
+        candidates = candidates[: self.policy.dispatch_attempts]
         if not candidates:
             if not decision.candidates:
                 raise no_capacity(decision.explanation)
             raise upstream_failed("no other node can take this request")
-        race = _Race(self, job, iter(candidates), hedge=hedge and self.config.hedging, throttled=throttled)
+        race = _Race(self, job, iter(candidates), hedge=hedge and self.policy.hedging, throttled=throttled)
         return await race.run()
 
     async def ask_to_load(self, node_id: str, payload: dict[str, Any], timeout_s: float = 5.0) -> bool | None:
-        """POST a gateway-signed load request to the node's /internal/load (a model to pre-warm, or a layer
-        range to run): True if the node took it, False if it refused, None if it could not be reached."""
+        """Ask the node (gateway-signed) to load a model to pre-warm, or a layer range to run: True if the node
+        took it, False if it refused, None if it could not be reached."""
         record = self.membership.nodes.get(NodeId(node_id))
-        if record is None or self.session is None:
+        if record is None:
             return None
-        body = sign_envelope(self.identity, {"node_id": node_id, **payload}, purpose="load", now=time.time())
         try:
-            async with self.session.post(
-                record.capability.endpoint + "/internal/load",
-                data=body,
-                headers={"content-type": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=timeout_s),
-            ) as resp:
-                return resp.status in (200, 202)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.warning("load request %s to %s failed: %s", payload, node_id, type(exc).__name__)
+            await self.transport.load(NodeId(node_id), record.capability.endpoint, payload, timeout_s)
+        except Refused:
+            return False
+        except TransportError as exc:
+            log.warning("load request %s to %s failed: %s", payload, node_id, exc.why)
             return None
+        return True
 
     def live(self, node_id: str) -> bool:
         record = self.membership.nodes.get(NodeId(node_id))
         return record is not None and record.state in LIVE
 
     async def attempt(self, node_id: NodeId, job: GenerateRequest) -> NodeStream:
+        """Open the generation on one node and wait for its first event; the node counts the attempt as
+        outstanding until `finished` (or until this raises)."""
         record = self.membership.nodes.get(node_id)
-        if record is None or self.session is None:
+        if record is None:
             raise NodeFailed("node left the grid")
-        payload = {**job.model_dump(mode="json"), "node_id": node_id}
-        body = sign_envelope(self.identity, payload, purpose="generate", now=time.time())
         started = time.monotonic()
         self.membership.request_started(node_id)
         try:
-            response = await self.session.post(
-                record.capability.endpoint + "/internal/generate",
-                data=body,
-                headers={"content-type": "application/json"},
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            self.membership.request_ended(node_id)
-            self.membership.mark_failed(node_id, f"dispatch failed: {type(exc).__name__}")
-            raise NodeFailed(f"unreachable ({type(exc).__name__})") from exc
+            source = await self._open(node_id, record.capability.endpoint, job)
+            try:
+                first = await _first_event(source)
+            except BaseException:
+                source.close()
+                raise
         except BaseException:
             self.membership.request_ended(node_id)
             raise
-        try:
-            return await self._first_event(node_id, job, response, started)
-        except BaseException:
-            self.membership.request_ended(node_id)
-            response.close()
-            raise
+        return NodeStream(node_id=node_id, first=first, source=source, started=started, first_at=time.monotonic())
 
-    async def _first_event(
-        self, node_id: NodeId, job: GenerateRequest, response: aiohttp.ClientResponse, started: float
-    ) -> NodeStream:
-        if response.status == 400:
-            error = (await response.json()).get("error", {})
-            message = str(error.get("message", "rejected by node"))
-            if job.resume:
-                raise NotResumable(message)
-            raise bad_request(message)
-        if response.status != 200:
-            text = (await response.text())[:300]
-            raise NodeFailed(f"answered {response.status}: {text}")
+    async def _open(self, node_id: NodeId, endpoint: str, job: GenerateRequest) -> EventStream:
         try:
-            line = await response.content.readline()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise NodeFailed(f"stream broke before the first token ({type(exc).__name__})") from exc
-        if not line:
-            raise NodeFailed("stream ended before the first token")
-        first = orjson.loads(line)
-        if "error" in first:
-            raise NodeFailed(f"engine error: {first['error'].get('message', '')}")
-        return NodeStream(node_id=node_id, first=first, response=response, started=started, first_at=time.monotonic())
+            return await self.transport.generate(node_id, endpoint, job)
+        except Refused as exc:
+            if exc.status == 400:  # the node refused the request itself, not for want of health
+                message = exc.message or "rejected by node"
+                if job.resume:
+                    raise NotResumable(message) from exc
+                raise bad_request(message) from exc
+            raise NodeFailed(f"answered {exc.status}: {exc.body}") from exc
+        except TransportError as exc:
+            self.membership.mark_failed(node_id, f"dispatch failed: {exc.why}")
+            raise NodeFailed(f"unreachable ({exc.why})") from exc
 
     def finished(self, node_id: NodeId) -> None:
         self.membership.request_ended(node_id)
 
     def node_failed(self, node_id: NodeId, detail: str, kind: EventKind = EventKind.JOB_FAILED) -> None:
-        self.membership.note(NodeEvent(node_id=node_id, kind=kind, at=time.time(), detail=detail))
+        self.membership.note(LedgerEvent(node_id=node_id, kind=kind, at=time.time(), detail=detail))
+
+
+async def _first_event(source: EventStream) -> NodeEvent:
+    try:
+        first = await source.next()
+    except Malformed as exc:
+        raise NodeFailed(f"malformed first event ({exc.why})") from exc
+    except TransportError as exc:
+        raise NodeFailed(f"stream broke before the first token ({exc.why})") from exc
+    if first is None:
+        raise NodeFailed("stream ended before the first token")
+    if "error" in first:
+        raise NodeFailed(f"engine error: {error_message(first)}")
+    return first
+
+
+def error_message(event: NodeEvent) -> str:
+    """The message of a node's `{"error": {...}}` event (whatever shape the error took)."""
+    error = event.get("error")
+    return str(error.get("message", "")) if isinstance(error, dict) else str(error)
 
 
 class _Race:
@@ -273,7 +288,7 @@ class _Race:
 
     async def _step(self, hedge_at: float | None) -> NodeStream | None:
         now = time.monotonic()
-        wake = min([WATCH_S + now, *(deadline for _, deadline in self.running.values())])
+        wake = min([self.d.policy.watch_s + now, *(deadline for _, deadline in self.running.values())])
         if hedge_at is not None:
             wake = min(wake, hedge_at)
         done, _ = await asyncio.wait(self.running, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED)
@@ -322,4 +337,4 @@ class _Race:
         self.running.clear()
 
 
-__all__ = ["Attempt", "Dispatcher", "NodeFailed", "NodeStream"]
+__all__ = ["Attempt", "Dispatcher", "NodeFailed", "NodeStream", "NotResumable", "error_message"]

@@ -10,23 +10,18 @@ decoding the text equals an uninterrupted run, and seeded sampling continues det
 draw at each position depends only on (seed, position) (engines/sampling.py).
 """
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
-from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed, NodeStream
 from gridserve.gateway.api.errors import APIError
+from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed, NodeStream, error_message
+from gridserve.gateway.dispatch.stall import Stalled, next_within
+from gridserve.gateway.transport import Malformed, NodeEvent, TransportError
 from gridserve.reliability import EventKind
 from gridserve.types import GenerateRequest, NodeId
 from gridserve.types.scheduling import Decision
-
-
-class Stalled(NodeFailed):
-    pass
 
 
 class GenerationFailed(Exception):
@@ -118,37 +113,33 @@ class Generation:
             try:
                 async for event in self._guarded(self.stream):
                     if "error" in event:
-                        raise NodeFailed(f"engine error: {event['error'].get('message', '')}")
+                        raise NodeFailed(f"engine error: {error_message(event)}")
                     self._account(event)
                     yield event
                     if event.get("finish_reason"):
                         self._close_segment("ok")
                         return
                 raise NodeFailed("stream ended before its last event")
-            except (NodeFailed, aiohttp.ClientError, OSError) as exc:
-                detail = str(exc) if isinstance(exc, NodeFailed) else f"connection lost ({type(exc).__name__})"
-                self._node_failed(detail, lost=not isinstance(exc, NodeFailed), stalled=isinstance(exc, Stalled))
+            except (NodeFailed, TransportError) as exc:
+                detail, lost = _failure(exc)
+                self._node_failed(detail, lost=lost, stalled=isinstance(exc, Stalled))
                 final = await self._fail_over(detail)
                 if final is not None:
                     yield final
                     return
 
-    async def _guarded(self, stream: NodeStream) -> AsyncIterator[dict[str, Any]]:
-        """The stream's events; no event within the stall timeout raises Stalled."""
-        stall = self.d.stall_timeout(self.decision.candidate(stream.node_id))
-        events = stream.events()
-        try:
-            while True:
-                timeout = stall if self.resumable else max(stall, self.d.config.stall_unresumable_s)
-                try:
-                    event = await asyncio.wait_for(anext(events), timeout)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError as exc:
-                    raise Stalled(f"stalled: no token for {timeout:.2f} s") from exc
-                yield event
-        finally:
-            await events.aclose()
+    async def _guarded(self, stream: NodeStream) -> AsyncIterator[NodeEvent]:
+        """The stream's events; no event within the stall timeout (of the gateway's running time) raises Stalled.
+        The timeout is read per event: a stream found unresumable gets the longer one from then on."""
+        candidate = self.decision.candidate(stream.node_id)
+        itl = candidate.predicted_itl_s if candidate is not None else None
+        policy = self.d.policy
+        yield stream.first
+        while True:
+            event = await next_within(stream.source, policy.stall_timeout(itl, resumable=self.resumable))
+            if event is None:
+                return
+            yield event
 
     def _account(self, event: dict[str, Any]) -> None:
         ids = event.get("token_ids") or ()
@@ -187,7 +178,7 @@ class Generation:
             return {"finish_reason": "length", "prompt_tokens": 0, "completion_tokens": done}
         if not self.resumable:
             raise GenerationFailed(f"node failed mid-generation ({detail}); its engine cannot be continued elsewhere")
-        if self.failovers >= self.d.config.max_failovers:
+        if not self.d.policy.may_fail_over(self.failovers):
             raise GenerationFailed(f"node failed mid-generation ({detail}) after {self.failovers} failovers")
         job = self.job.model_copy(update={"resume": tuple(self.emitted)})
         try:
@@ -205,4 +196,14 @@ class Generation:
             self._close_segment("cancelled")
 
 
-__all__ = ["Generation", "GenerationFailed", "Segment"]
+def _failure(exc: NodeFailed | TransportError) -> tuple[str, bool]:
+    """What went wrong, for the ledger and the client, and whether the connection to the node was lost (the node
+    is then taken out of rotation until it heartbeats again)."""
+    if isinstance(exc, NodeFailed):
+        return str(exc), False
+    if isinstance(exc, Malformed):
+        return f"malformed event ({exc.why})", False
+    return f"connection lost ({exc.why})", True
+
+
+__all__ = ["Generation", "GenerationFailed", "Segment", "Stalled"]

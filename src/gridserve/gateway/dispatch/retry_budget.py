@@ -1,6 +1,6 @@
 """A retry budget, as gRPC's retry throttling: a token bucket that failures drain and successes refill.
 
-Each failed attempt costs 1 token, each success adds `token_ratio`; retries (and, later, hedges) are allowed
+Each failed attempt costs 1 token, each success adds `token_ratio`; retries and hedges are allowed
 only while the bucket holds more than half of `max_tokens`. A failing grid therefore stops multiplying its
 own load: with the defaults (10 tokens, 0.1 per success) retries stop after ~5 net failures and resume after
 ~10 successes per missing token.

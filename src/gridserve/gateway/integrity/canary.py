@@ -10,6 +10,7 @@ from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed
 from gridserve.gateway.integrity.audit import Auditor, AuditResult, canary_job
 from gridserve.gateway.integrity.receipts import ReceiptChecker
 from gridserve.gateway.registry.membership import LIVE
+from gridserve.gateway.transport import TransportError
 
 log = logging.getLogger("gridserve.gateway")
 
@@ -52,7 +53,7 @@ class CanaryRunner:
                 if event.get("finish_reason"):
                     final = event
                     break
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, TransportError) as exc:
             log.info("canary to %s broke: %s", node, type(exc).__name__)
             return None
         finally:

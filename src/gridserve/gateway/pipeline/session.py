@@ -14,9 +14,9 @@ import contextlib
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import numpy as np
@@ -31,7 +31,13 @@ from gridserve.types import SamplingParams
 if TYPE_CHECKING:  # torch is imported on first use: the gateway starts without it
     from gridserve.engines.torch_engine import TextCodec
 
+_T = TypeVar("_T")
+
 MAX_FRAME = 64 * 1024 * 1024
+CONNECT_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 1.0
+"""How long closing a link waits for the node's close reply: a link is closed when its stage failed, and a hung
+node must not hold up the re-plan."""
 
 
 class StageFailed(Exception):
@@ -40,6 +46,22 @@ class StageFailed(Exception):
     def __init__(self, node_id: str, detail: str) -> None:
         super().__init__(f"stage {node_id[:12]}: {detail}")
         self.node_id = node_id
+
+
+class LinkBroken(ConnectionError):
+    """The link's connection ended, or a reply did not answer the frame sent (the stream is out of step)."""
+
+
+LINK_ERRORS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientError,  # ClientConnectionResetError (a write on a closing transport), ServerDisconnectedError,
+    # WSServerHandshakeError, ClientConnectorError (refused), ClientOSError
+    OSError,  # ConnectionResetError, BrokenPipeError, ConnectionRefusedError, LinkBroken; TimeoutError (a reply
+    # or the handshake not in time; asyncio.TimeoutError is TimeoutError)
+    RuntimeError,  # aiohttp: a closed client session, a write after the writer was closed
+    TrustError,  # a reply that fails its signature, freshness or sequence checks
+)
+"""Everything a dead or dying stage connection raises, at any point of an exchange (connect, hello, send, receive).
+`StageLink.exchange` turns each into `StageFailed`: the one error the session re-plans around."""
 
 
 @dataclass
@@ -51,7 +73,13 @@ class Exchange:
 
 
 class StageLink:
-    """One long-lived, signed WebSocket to a stage node; one exchange at a time."""
+    """One long-lived, signed WebSocket to a stage node; one exchange at a time.
+
+    A reader task stays on the connection for its whole life, so the link answers the node's keep-alive pings
+    while it is idle (aiohttp answers a ping only inside `receive()`; uvicorn closes a connection whose pings go
+    unanswered for 20 s, and a link idle between two requests would then fail the next one on a healthy node) and
+    learns at once that the node closed it or died. It is also the one place where the connection's errors become
+    `StageFailed` (`LINK_ERRORS`)."""
 
     def __init__(self, identity: Identity, route: StageRoute, http: aiohttp.ClientSession) -> None:
         self.identity, self.route, self.http = identity, route, http
@@ -59,60 +87,106 @@ class StageLink:
         self.reader = FrameReader(me=identity.public_key, sender=route.public_key)
         self.seq = 0
         self.lock = asyncio.Lock()
+        self._replies: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        self._listener: asyncio.Task[None] | None = None
 
     @property
     def open(self) -> bool:
-        return self.ws is not None and not self.ws.closed
+        """Connected, and the connection has not ended (as far as the reader task has seen)."""
+        listening = self._listener is not None and not self._listener.done()
+        return self.ws is not None and not self.ws.closed and listening
 
-    async def connect(self, timeout_s: float = 10.0) -> None:
-        url = self.route.endpoint.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/internal/stage"
-        try:
-            self.ws = await self.http.ws_connect(
-                url,
-                max_msg_size=MAX_FRAME,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=timeout_s),
-                heartbeat=None,
-            )
-            self.reader = FrameReader(me=self.identity.public_key, sender=self.route.public_key)
-            hello, _, _ = await self._send_recv(Frame("hello"), None, timeout_s)
-        except (aiohttp.ClientError, OSError, TimeoutError, TrustError) as exc:
-            raise StageFailed(self.route.node_id, f"cannot connect ({type(exc).__name__}: {exc})") from exc
-        if (hello.meta.get("start"), hello.meta.get("end")) != (self.route.start, self.route.end):
-            raise StageFailed(
-                self.route.node_id, f"runs layers {hello.meta}, not [{self.route.start}, {self.route.end})"
-            )
+    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Open the connection and say hello; StageFailed if that cannot be done."""
+        async with self.lock:
+            await self._guarded(self._connect(timeout_s), "cannot connect")
 
     async def exchange(self, frame: Frame, wire_dtype: str | None, timeout_s: float) -> tuple[Frame, Exchange]:
+        """Send `frame`, wait for the node's answer; StageFailed if the node cannot give it (the link is then
+        closed: the next exchange connects again)."""
         async with self.lock:
             if not self.open:
-                await self.connect()
+                await self._guarded(self._connect(CONNECT_TIMEOUT_S), "cannot connect")
             started = time.perf_counter()
-            try:
-                reply, sent, received = await self._send_recv(frame, wire_dtype, timeout_s)
-            except (aiohttp.ClientError, OSError, TimeoutError, TrustError, ConnectionError) as exc:
-                await self.aclose()
-                raise StageFailed(self.route.node_id, f"{type(exc).__name__}: {exc}") from exc
+            reply, sent, received = await self._guarded(self._send_recv(frame, wire_dtype, timeout_s), "")
             elapsed = time.perf_counter() - started
         if reply.kind == "error":
             raise StageFailed(self.route.node_id, f"{reply.meta.get('type')}: {reply.meta.get('message')}")
         compute = float(reply.meta.get("compute_s", 0.0))
         return reply, Exchange(sent, received, elapsed, compute)
 
+    async def _guarded(self, step: Awaitable[_T], what: str) -> _T:
+        """The boundary: any of `LINK_ERRORS` closes the link and becomes StageFailed. Anything else (a
+        cancelled request among them) closes the link too and goes on: an answer may still be on its way, and
+        no later exchange may take it for its own."""
+        try:
+            return await step
+        except LINK_ERRORS as exc:
+            await self.aclose()
+            detail = f"{type(exc).__name__}: {exc}"
+            raise StageFailed(self.route.node_id, f"{what} ({detail})" if what else detail) from exc
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _connect(self, timeout_s: float) -> None:
+        await self.aclose()
+        url = self.route.endpoint.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/internal/stage"
+        self.ws = await asyncio.wait_for(
+            self.http.ws_connect(
+                url,
+                max_msg_size=MAX_FRAME,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S),
+                heartbeat=None,
+            ),
+            timeout_s,
+        )
+        self.reader = FrameReader(me=self.identity.public_key, sender=self.route.public_key)
+        self._replies = asyncio.Queue()
+        self._listener = asyncio.create_task(_listen(self.ws, self._replies), name=f"stage-link-{self.route.node_id}")
+        hello, _, _ = await self._send_recv(Frame("hello"), None, timeout_s)
+        if (hello.meta.get("start"), hello.meta.get("end")) != (self.route.start, self.route.end):
+            raise StageFailed(
+                self.route.node_id, f"runs layers {hello.meta}, not [{self.route.start}, {self.route.end})"
+            )
+
     async def _send_recv(self, frame: Frame, wire_dtype: str | None, timeout_s: float) -> tuple[Frame, int, int]:
-        assert self.ws is not None
+        if self.ws is None:
+            raise LinkBroken("stage connection closed")
         self.seq += 1
         data = encode(self.identity, frame, to=self.route.public_key, seq=self.seq, wire_dtype=wire_dtype)
         await self.ws.send_bytes(data)
-        msg = await asyncio.wait_for(self.ws.receive(), timeout_s)
-        if msg.type != aiohttp.WSMsgType.BINARY:
-            raise ConnectionError(f"stage connection closed ({msg.type.name}: {msg.extra or ''})")
-        reply, _ = self.reader.decode(msg.data)
-        return reply, len(data), len(msg.data)
+        answer = await asyncio.wait_for(self._replies.get(), timeout_s)
+        if isinstance(answer, BaseException):
+            raise answer
+        reply, _ = self.reader.decode(answer)
+        if (reply.session, reply.step) != (frame.session, frame.step):
+            raise LinkBroken(f"a reply for {reply.session}/{reply.step} to {frame.kind} {frame.session}/{frame.step}")
+        return reply, len(data), len(answer)
 
     async def aclose(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-        self.ws = None
+        """Close the connection (the link connects again on its next exchange)."""
+        ws, listener = self.ws, self._listener
+        self.ws, self._listener = None, None  # first: a second cancellation leaves the link closed all the same
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        if ws is not None:
+            await ws.close()
+
+
+async def _listen(ws: aiohttp.ClientWebSocketResponse, replies: "asyncio.Queue[bytes | BaseException]") -> None:
+    """The link's reader: replies go to the queue; the end of the connection goes there as an error."""
+    try:
+        while True:
+            msg = await ws.receive()  # answers the node's pings on the way (aiohttp's autoping)
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                replies.put_nowait(LinkBroken(f"stage connection closed ({msg.type.name}: {msg.extra or ''})"))
+                return
+            replies.put_nowait(msg.data)
+    except Exception as exc:  # e.g. the pong written on a transport the node has closed: the exchange raises it
+        replies.put_nowait(exc)
 
 
 class LinkPool:
@@ -164,6 +238,13 @@ class StageTiming:
         self.sent_bytes += ex.sent_bytes
         self.received_bytes += ex.received_bytes
 
+    def merge(self, other: "StageTiming") -> None:
+        self.steps += other.steps
+        self.compute_s += other.compute_s
+        self.round_trip_s += other.round_trip_s
+        self.sent_bytes += other.sent_bytes
+        self.received_bytes += other.received_bytes
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id,
@@ -201,6 +282,9 @@ class PipelineSession:
     """Layer boundary -> every input that crossed it this session, in order (replayed after a re-plan)."""
     timings: dict[str, StageTiming] = field(default_factory=dict)
     replans: list[Replan] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)
+    """Nodes whose stage failed this session: no later re-plan picks them (the registry may list a dead node
+    for a few heartbeats more)."""
     steps: int = 0
     forward_s: float = 0.0
     """The gateway's wall time over all steps (every stage in turn, re-plans included)."""
@@ -239,41 +323,64 @@ class PipelineSession:
         self.forward_s += time.perf_counter() - started
         return x.reshape(-1).astype(np.float32, copy=False)
 
-    async def _call(self, route: StageRoute, frame: Frame) -> Frame:
+    async def _call(self, route: StageRoute, frame: Frame, timings: dict[str, StageTiming] | None = None) -> Frame:
         link = await self.pool.link(route)
         reply, ex = await link.exchange(
             frame, self.wire_dtype if frame.array is not None and route.start > 0 else None, self.step_timeout_s
         )
         if frame.kind in ("step", "replay"):
-            timing = self.timings.setdefault(route.node_id, StageTiming(route.node_id, route.start, route.end))
-            timing.add(ex)
+            into = self.timings if timings is None else timings
+            into.setdefault(route.node_id, StageTiming(route.node_id, route.start, route.end)).add(ex)
         return reply
 
     async def _replan(self, index: int, exc: StageFailed) -> int:
         """Replace chain[index] by other live stage nodes covering the same layers, open the session on them
-        and rebuild their caches; returns how many stages replaced it."""
+        and rebuild their caches; returns how many stages replaced it. A replacement that fails while it is
+        rebuilt failed as a stage too: the span is planned again without it, until it is rebuilt or no chain
+        is left (NoChain). Each failed node is one Replan."""
         started = time.perf_counter()
         dead = self.chain[index]
-        avoid = frozenset({exc.node_id, *(r.node_id for r in self.chain)})
-        sub = plan_chain(self.routes(), dead.n_layers, start=dead.start, end=dead.end, avoid=avoid)
+        lost = [dead.node_id]
+        self.failed.add(exc.node_id)
+        while True:
+            self.failed.update(lost)
+            avoid = frozenset({*self.failed, *(r.node_id for r in self.chain)})
+            sub = plan_chain(self.routes(), dead.n_layers, start=dead.start, end=dead.end, avoid=avoid)
+            try:
+                inputs, timings = await self._rebuild(dead.start, sub)
+                break
+            except StageFailed as again:
+                lost.append(again.node_id)
+        for boundary, seen in inputs.items():  # boundaries inside the old span: for a later re-plan
+            self.inputs.setdefault(boundary, []).extend(seen)
+        for node, timing in timings.items():
+            self.timings.setdefault(node, StageTiming(node, timing.start, timing.end)).merge(timing)
+        self.chain[index : index + 1] = sub
+        replayed, seconds = len(self.inputs.get(dead.start, [])), time.perf_counter() - started
+        self.replans.extend(Replan(self.steps, node, [r.node_id for r in sub], replayed, seconds) for node in lost)
+        return len(sub)
+
+    async def _rebuild(
+        self, start: int, sub: list[StageRoute]
+    ) -> tuple[dict[int, list[npt.NDArray[Any]]], dict[str, StageTiming]]:
+        """Open the session on `sub` and replay every input that crossed `start` through it (same inputs, same
+        shapes, same order: the same cache, bit for bit). Returns the inputs that crossed the boundaries inside
+        the span and the stages' timings, for the caller to keep once the whole rebuild has succeeded."""
+        inputs: dict[int, list[npt.NDArray[Any]]] = {}
+        timings: dict[str, StageTiming] = {}
         for route in sub:
             await self._call(route, Frame("open", self.session))
-        history = self.inputs.get(dead.start, [])
-        for past in history:  # same inputs, same shapes, same order: the same cache, bit for bit
+        for past in self.inputs.get(start, []):
             x = past
             for i, route in enumerate(sub):
                 last = i == len(sub) - 1
-                if i > 0:  # a boundary inside the old span: record its inputs for a later re-plan
-                    self.inputs.setdefault(route.start, []).append(x)
-                out = await self._call(route, Frame("replay" if last else "step", self.session, 0, array=x))
+                if i > 0:
+                    inputs.setdefault(route.start, []).append(x)
+                out = await self._call(route, Frame("replay" if last else "step", self.session, 0, array=x), timings)
                 if not last:
                     assert out.array is not None
                     x = out.array
-        self.chain[index : index + 1] = sub
-        self.replans.append(
-            Replan(self.steps, dead.node_id, [r.node_id for r in sub], len(history), time.perf_counter() - started)
-        )
-        return len(sub)
+        return inputs, timings
 
 
 async def generate_tokens(

@@ -31,7 +31,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gridserve.gateway.registry.ledger_replay import STATE, admin_action, stored_event
+from gridserve.gateway.registry.events import Noted
+from gridserve.gateway.registry.ledger_replay import STATE, admin_event, stored_event
 from gridserve.gateway.registry.membership import Membership
 from gridserve.reliability import EventKind, ReliabilityError
 from gridserve.store import Store
@@ -211,14 +212,16 @@ class ClusterSync:
         self.tail.advance(self.clock())
 
     def _apply_event(self, row: dict[str, Any]) -> None:
-        book = self.membership.book
+        """Another gateway's stored event, applied as the registry event it records (as at a restart's replay)."""
         if row["kind"] == STATE:
-            if admin_action(book, row):
+            admin = admin_event(row)
+            if admin is not None:
+                self.membership.apply(admin)
                 self.stats.events_applied += 1
             return
         if row["kind"] not in LEDGER_KINDS:
             return  # the gateway's own records (state, protocol_rejected): not ledger entries
-        transitions = book.record(stored_event(row))
+        transitions = self.membership.apply(Noted(stored_event(row), stored=True)).transitions
         self.stats.events_applied += 1
         for t in transitions:
             log.warning("node %s reliability (from gateway %s): %s -> %s", t.node_id, row.get("origin"), t.old, t.new)

@@ -7,31 +7,31 @@ import asyncio
 import time
 from collections.abc import Mapping
 
-import aiohttp
-
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
 from gridserve.gateway.registry.membership import Membership, NodeRecord
+from gridserve.gateway.transport import NodeTransport, Refused, Timeout, TransportError
 from gridserve.types import NodeId, NodeState
 
 
-async def probe(session: aiohttp.ClientSession, url: str, timeout_s: float) -> tuple[bool, float, str]:
+async def probe(transport: NodeTransport, node_id: NodeId, endpoint: str, timeout_s: float) -> tuple[bool, float, str]:
+    """One /health round trip: (healthy, seconds it took, why not)."""
     started = time.monotonic()
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            await resp.read()
-            ok = resp.status == 200
-            return ok, time.monotonic() - started, "" if ok else f"HTTP {resp.status}"
-    except TimeoutError:
+        await transport.probe(node_id, endpoint, timeout_s)
+    except Refused as exc:
+        return False, time.monotonic() - started, f"HTTP {exc.status}"
+    except Timeout:
         return False, time.monotonic() - started, f"no answer in {timeout_s:.1f} s"
-    except (aiohttp.ClientError, OSError) as exc:
-        return False, time.monotonic() - started, type(exc).__name__
+    except TransportError as exc:
+        return False, time.monotonic() - started, exc.why
+    return True, time.monotonic() - started, ""
 
 
 async def _probe_node(
-    membership: Membership, session: aiohttp.ClientSession, node_id: NodeId, url: str, timeout_s: float
+    membership: Membership, transport: NodeTransport, node_id: NodeId, endpoint: str, timeout_s: float
 ) -> None:
-    ok, rtt, error = await probe(session, url, timeout_s)
+    ok, rtt, error = await probe(transport, node_id, endpoint, timeout_s)
     membership.probe_result(node_id, ok=ok, rtt_s=rtt, error=error)
 
 
@@ -55,9 +55,8 @@ stalls the gateway's event loop, and with it every heartbeat and token it handle
 
 
 async def probe_forever(membership: Membership, dispatcher: Dispatcher, config: GatewayConfig) -> None:
-    session = dispatcher.session
-    if session is None:
-        raise RuntimeError("start the dispatcher before the prober")
+    """Probe rounds until cancelled, through the dispatcher's transport (start the dispatcher first)."""
+    transport = dispatcher.transport
     turn = 0
     while True:
         chosen, turn = probe_targets(membership.nodes, config.probes_per_round, turn)
@@ -67,8 +66,10 @@ async def probe_forever(membership: Membership, dispatcher: Dispatcher, config: 
             record = membership.nodes.get(node_id)
             if record is None:  # left meanwhile
                 continue
-            url = record.capability.endpoint + "/health"
-            tasks.append(asyncio.create_task(_probe_node(membership, session, node_id, url, config.probe_timeout_s)))
+            endpoint = record.capability.endpoint
+            tasks.append(
+                asyncio.create_task(_probe_node(membership, transport, node_id, endpoint, config.probe_timeout_s))
+            )
             if gap:
                 await asyncio.sleep(gap)
         await asyncio.gather(*tasks)

@@ -1,15 +1,27 @@
 """Rebuild the reliability book from the ledger in the store when a gateway starts, so that a quarantine or a
-ban (and every node's record) survives a restart: a node cannot shed an incident by waiting for one."""
+ban (and every node's record) survives a restart: a node cannot shed an incident by waiting for one.
 
-import contextlib
+Stored rows become the same registry events live traffic and other gateways' rows do (`Noted`, `AdminAction`,
+marked `stored`: not written again), applied by the same `apply`."""
+
 import logging
-from typing import Any
+from typing import Any, Protocol
 
-from gridserve.reliability import CannotRelease, EventKind, NodeEvent, ReliabilityBook, ReliabilityError, Severity
+from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.registry.events import AdminAction, Event, Noted
+from gridserve.gateway.registry.registry import Effects, NodeRegistry
+from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, ReliabilityError, Severity
 from gridserve.store import Store
+from gridserve.types import NodeId
 
 log = logging.getLogger("gridserve.gateway")
 STATE = "reliability_state"
+
+
+class Applies(Protocol):
+    """A registry, or the membership in front of it."""
+
+    def apply(self, event: Event) -> Effects: ...
 
 
 def stored_event(row: dict[str, Any]) -> NodeEvent:
@@ -25,35 +37,41 @@ def stored_event(row: dict[str, Any]) -> NodeEvent:
     )
 
 
-def admin_action(book: ReliabilityBook, row: dict[str, Any]) -> bool:
-    """Apply a stored admin quarantine or release to `book`; False if the row records no admin action."""
+def admin_event(row: dict[str, Any]) -> AdminAction | None:
+    """The admin quarantine or release a stored reliability-state row records; None if it records none (other
+    state changes follow from the events themselves)."""
     detail = row.get("detail") or {}
     reason = detail.get("admin_reason")
     if reason is None:
-        return False  # other state changes follow from the events themselves
-    node_id, at = str(row["node_id"]), float(row["at"])
+        return None
+    node_id, at = NodeId(str(row["node_id"])), float(row["at"])
     if detail.get("to") == "quarantined":
-        book.quarantine(node_id, reason=str(reason), now=at)
-        return True
+        return AdminAction(node_id, at=at, action="quarantine", reason=str(reason), stored=True)
     if detail.get("to") == "probation":
-        with contextlib.suppress(CannotRelease):  # a ban that came later in the ledger wins
-            book.release(node_id, reason=str(reason), now=at)
-        return True
-    return False
+        return AdminAction(node_id, at=at, action="release", reason=str(reason), stored=True)
+    return None
 
 
-def replay(store: Store, book: ReliabilityBook) -> int:
-    """Feed the stored events (oldest first) into `book`; returns how many were applied."""
+def row_event(row: dict[str, Any]) -> Event | None:
+    """The registry event a stored ledger row records (None: a state row that records no admin action)."""
+    if row["kind"] == STATE:
+        return admin_event(row)
+    return Noted(stored_event(row), stored=True)
+
+
+def replay(store: Store, target: Applies | ReliabilityBook) -> int:
+    """Apply the stored events (oldest first) to `target` (a registry or the membership; a bare book is given a
+    registry of its own); returns how many were applied."""
+    applier = NodeRegistry(GatewayConfig(), target) if isinstance(target, ReliabilityBook) else target
     kinds = [k.value for k in EventKind if k != EventKind.HEARTBEAT_KEPT] + [STATE]
     applied = 0
     for row in store.events_in_order(kinds):
         if row.get("node_id") is None:
             continue
         try:
-            if row["kind"] == STATE:
-                admin_action(book, row)
-            else:
-                book.record(stored_event(row))
+            event = row_event(row)
+            if event is not None:
+                applier.apply(event)
             applied += 1
         except (ReliabilityError, ValueError) as exc:
             log.warning("ledger replay skipped an event: %s", exc)

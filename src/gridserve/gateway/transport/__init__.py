@@ -1,0 +1,27 @@
+"""The gateway's only way to a node: the NodeTransport protocol, its error tree, the aiohttp implementation and a
+scripted fake for tests."""
+
+from gridserve.gateway.transport.base import EventStream, NodeEvent, NodeTransport, StageChannel
+from gridserve.gateway.transport.errors import (
+    BrokenStream,
+    Malformed,
+    Refused,
+    Timeout,
+    TransportError,
+    Unreachable,
+)
+from gridserve.gateway.transport.http import AiohttpTransport
+
+__all__ = [
+    "AiohttpTransport",
+    "BrokenStream",
+    "EventStream",
+    "Malformed",
+    "NodeEvent",
+    "NodeTransport",
+    "Refused",
+    "StageChannel",
+    "Timeout",
+    "TransportError",
+    "Unreachable",
+]

@@ -1,0 +1,75 @@
+"""What the gateway asks of a node, as one protocol: open a generation, ask for a load, probe its health, and
+link to it as a pipeline stage. The gateway's dispatch and health checks speak only this protocol and catch only
+the error tree of `errors.py`; `http.AiohttpTransport` carries it over HTTP, `fake.FakeTransport` plays scripted
+nodes for millisecond tests.
+"""
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from gridserve.types import GenerateRequest, NodeId
+
+NodeEvent = dict[str, Any]
+"""One line of a node's generation stream, decoded: a token event (`text`, `token_ids`), the last event
+(`finish_reason`, counts, timings, receipt) or `{"error": {...}}` (types/wire.py TokenEvent documents the fields)."""
+
+
+class EventStream(Protocol):
+    """A generation under way on one node."""
+
+    async def next(self) -> NodeEvent | None:
+        """The next event; None once the node ended the stream. Raises BrokenStream or Malformed."""
+        ...
+
+    def close(self) -> None:
+        """Stop reading and release the connection: the node sees the gateway go and stops the work."""
+        ...
+
+
+class StageChannel(Protocol):
+    """A long-lived, ordered channel of binary frames to a pipeline stage node (the frames are signed and
+    checked by the pipeline, trust/frames.py; the channel only carries them)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def receive(self, timeout_s: float) -> bytes:
+        """The next frame; raises Timeout after `timeout_s`, BrokenStream when the node closed the channel."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class NodeTransport(Protocol):
+    """Everything the gateway asks of a node. Every method raises only TransportError subclasses (besides
+    cancellation); a method that returns has succeeded."""
+
+    async def start(self) -> None:
+        """Open the connection pool (in the serving event loop)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+    async def generate(self, node_id: NodeId, endpoint: str, job: GenerateRequest) -> EventStream:
+        """Open a gateway-signed generation on the node; returns once the node's reply began. Raises Refused
+        (the node answered an error status), Unreachable or Timeout."""
+        ...
+
+    async def load(self, node_id: NodeId, endpoint: str, payload: Mapping[str, Any], timeout_s: float) -> None:
+        """Ask the node (gateway-signed) to load a model or a layer range; returns when it took the request.
+        Raises Refused when it declined, Unreachable or Timeout when it could not be asked."""
+        ...
+
+    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float) -> None:
+        """One health check; returns when the node answered healthy within `timeout_s`. Raises Refused, Timeout
+        or Unreachable otherwise."""
+        ...
+
+    async def stage_link(self, node_id: NodeId, endpoint: str, timeout_s: float) -> StageChannel:
+        """Open a channel to the node's pipeline-stage endpoint."""
+        ...
+
+
+__all__ = ["EventStream", "NodeEvent", "NodeTransport", "StageChannel"]

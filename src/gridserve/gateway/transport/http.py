@@ -1,0 +1,181 @@
+"""The node transport over HTTP with aiohttp (its stream reader costs a fraction of httpx's per chunk).
+
+Requests to a node are signed with the gateway's key (trust/envelope.py); a generation is an NDJSON stream,
+one event per line. Every call into aiohttp happens inside the error boundary of `errors.py`, so nothing but
+the transport's own error tree leaves this module.
+"""
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import aiohttp
+import orjson
+from opentelemetry import propagate
+
+from gridserve.gateway.transport.base import NodeEvent
+from gridserve.gateway.transport.errors import (
+    BrokenStream,
+    Malformed,
+    Refused,
+    TransportError,
+    Unreachable,
+    map_errors,
+    translate,
+)
+from gridserve.trust import Identity, sign_envelope
+from gridserve.types import GenerateRequest, NodeId
+
+JSON_HEADERS = {"content-type": "application/json"}
+MAX_STAGE_FRAME = 64 * 1024 * 1024
+"""Largest frame a stage link carries (a long prompt's hidden states in float32)."""
+REFUSAL_CHARS = 300
+"""How much of an error reply is kept for messages."""
+
+
+class LineSource(Protocol):
+    """What a stream is read from: aiohttp's response body (or asyncio's StreamReader in tests)."""
+
+    async def readline(self) -> bytes: ...
+
+
+class HttpEventStream:
+    """A node's NDJSON generation stream. Blank lines are skipped; a line that is not a JSON object is Malformed;
+    a connection that breaks mid-stream is a BrokenStream."""
+
+    __slots__ = ("_close", "_content")
+
+    def __init__(self, content: LineSource, close: Callable[[], None]) -> None:
+        self._content = content
+        self._close = close
+
+    async def next(self) -> NodeEvent | None:
+        try:
+            line = await self._content.readline()
+            while line.isspace():
+                line = await self._content.readline()
+            if not line:
+                return None
+            event = orjson.loads(line)
+        except Exception as exc:  # (the happy path pays nothing for this: zero-cost try)
+            mapped = translate(exc, "read")
+            if mapped is None:
+                raise
+            raise mapped from exc
+        if type(event) is not dict:
+            raise Malformed(f"not an event: {line[:80]!r}")
+        return event
+
+    def close(self) -> None:
+        self._close()
+
+
+class HttpStageChannel:
+    """A WebSocket to a stage node's `/internal/stage`."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    async def send(self, data: bytes) -> None:
+        with map_errors("read"):
+            await self.ws.send_bytes(data)
+
+    async def receive(self, timeout_s: float) -> bytes:
+        with map_errors("read"):
+            msg = await asyncio.wait_for(self.ws.receive(), timeout_s)
+        if msg.type != aiohttp.WSMsgType.BINARY:
+            raise BrokenStream(f"stage connection closed ({msg.type.name}: {msg.extra or ''})")
+        data: bytes = msg.data
+        return data
+
+    async def aclose(self) -> None:
+        with map_errors("read"):
+            await self.ws.close()
+
+
+class AiohttpTransport:
+    """The gateway's connection pool to its nodes (no per-host limit: one node may stream hundreds of answers)."""
+
+    def __init__(self, identity: Identity, *, connect_timeout_s: float = 3.0) -> None:
+        self.identity = identity
+        self.connect_timeout_s = connect_timeout_s
+        self.session: aiohttp.ClientSession | None = None
+        """The pool (None until started); the pipeline's stage links still borrow it."""
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+
+    async def aclose(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def _pool(self) -> aiohttp.ClientSession:
+        if self.session is None or self.session.closed:
+            raise Unreachable("the transport is not started")
+        return self.session
+
+    async def generate(self, node_id: NodeId, endpoint: str, job: GenerateRequest) -> HttpEventStream:
+        payload = {**job.model_dump(mode="json"), "node_id": node_id}
+        body = sign_envelope(self.identity, payload, purpose="generate", now=time.time())
+        headers = dict(JSON_HEADERS)
+        propagate.inject(headers)  # W3C traceparent of the request's dispatch span, when tracing is on
+        with map_errors("open"):
+            response = await self._pool().post(endpoint + "/internal/generate", data=body, headers=headers)
+        if response.status != 200:
+            try:
+                raise await _refusal(response)
+            finally:
+                response.close()
+        return HttpEventStream(response.content, response.close)
+
+    async def load(self, node_id: NodeId, endpoint: str, payload: Mapping[str, Any], timeout_s: float) -> None:
+        body = sign_envelope(self.identity, {"node_id": node_id, **payload}, purpose="load", now=time.time())
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        with map_errors("open"):
+            async with self._pool().post(
+                endpoint + "/internal/load", data=body, headers=JSON_HEADERS, timeout=timeout
+            ) as resp:
+                if resp.status not in (200, 202):
+                    raise Refused(resp.status, resp.reason or "declined")
+
+    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float) -> None:
+        with map_errors("open"):
+            async with self._pool().get(endpoint + "/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise Refused(resp.status, resp.reason or "unhealthy")
+
+    async def stage_link(self, node_id: NodeId, endpoint: str, timeout_s: float) -> HttpStageChannel:
+        url = endpoint.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/internal/stage"
+        with map_errors("open"):
+            ws = await self._pool().ws_connect(
+                url,
+                max_msg_size=MAX_STAGE_FRAME,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=timeout_s),
+                heartbeat=None,
+            )
+        return HttpStageChannel(ws)
+
+
+async def _refusal(response: aiohttp.ClientResponse) -> Refused:
+    """The node's error reply as Refused: its own `error.message` when the body is the node's JSON error."""
+    with map_errors("read"):
+        text = await response.text(errors="replace")
+    body = text[:REFUSAL_CHARS]
+    try:
+        reply = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return Refused(response.status, body, body=body)
+    error = reply.get("error") if isinstance(reply, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return Refused(response.status, str(message) if message is not None else body, body=body)
+
+
+__all__ = ["AiohttpTransport", "HttpEventStream", "HttpStageChannel", "LineSource", "TransportError"]
