@@ -13,6 +13,11 @@ from gridserve.node.faults import Faults
 from gridserve.observability import LogFormat, setup_logging
 from gridserve.trust import load_or_create_identity
 
+KEEP_ALIVE_S = 75
+"""How long an idle connection from the gateway stays open (uvicorn's default: 5 s). The gateway's pool keeps idle
+connections to a node 30 s; a node closing at 5 s raced the gateway reusing one (ServerDisconnectedError before
+the first token, a retry on another node for nothing). The client must be the side that closes first."""
+
 
 def run_node(
     config: NodeConfig,
@@ -37,6 +42,7 @@ def run_node(
             log_config=None,  # uvicorn's records go through our handler (JSON when asked)
             access_log=False,
             timeout_graceful_shutdown=3,
+            timeout_keep_alive=KEEP_ALIVE_S,  # longer than the gateway keeps idle connections to nodes (30 s)
             ws_max_size=64 * 1024 * 1024,  # pipeline frames: a long prompt's hidden states in one step
         )
     )

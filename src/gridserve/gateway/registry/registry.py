@@ -9,7 +9,8 @@ I/O and reads no clock (events carry their time).
 The snapshot table (`table`) is kept as events arrive: each event that touches a node replaces that node's row
 (its reliability columns as of the event), and a decision reads the table instead of building a snapshot of every
 node (`NodeRecord.snapshot` is the from-scratch form; tests/unit/test_registry.py holds the two equal). Snapshot
-objects are built only for the nodes a decision reads.
+objects are built only for the nodes a decision considers (its sample on a large grid), from the row, and not
+kept: what the registry holds per node between events is plain values the cyclic collector does not walk.
 """
 
 import contextlib
