@@ -141,5 +141,11 @@ def async_failover_client(
     return httpx.AsyncClient(transport=AsyncFailoverTransport(urls, cooldown_s=cooldown_s), timeout=timeout_s)
 
 
-__all__ = ["AsyncFailoverTransport", "FailoverTransport", "NoGateway", "Rotation", "async_failover_client",
-           "failover_client"]
+__all__ = [
+    "AsyncFailoverTransport",
+    "FailoverTransport",
+    "NoGateway",
+    "Rotation",
+    "async_failover_client",
+    "failover_client",
+]

@@ -137,9 +137,7 @@ def test_quarantine_through_one_gateway_is_in_force_on_the_other_within_a_second
         for node_id in victims:
             start = time.monotonic()
             assert admin(other, "POST", f"/admin/nodes/{node_id}/release", json={"reason": "ok"}).status_code == 200
-            lag = seconds_until(
-                lambda n=node_id, g=quarantined_on: reliability(pair, g, n) == "probation", 3.0, start
-            )
+            lag = seconds_until(lambda n=node_id, g=quarantined_on: reliability(pair, g, n) == "probation", 3.0, start)
             print(f"release reached the other gateway in {lag * 1e3:.1f} ms")
             assert lag < 1.0, f"release of {node_id} took {lag:.3f} s to reach {quarantined_on.url}"
     for grid in (pair.a, pair.b):

@@ -17,7 +17,7 @@ from gridserve.gateway.dispatch.generation import Generation, GenerationFailed
 from gridserve.gateway.transport import BrokenStream, Malformed
 from gridserve.gateway.transport.fake import Delay, Emit, Fail, Finish, Stall, Step, Tokens
 from gridserve.store import StoreWriter
-from gridserve.types import NodeState
+from gridserve.types import NodeId, NodeState
 
 STALL_S = CONFIG.stall_min_s
 
@@ -133,6 +133,36 @@ def test_an_unresumable_stream_that_stalls_fails_without_failover(grid: Grid) ->
     with pytest.raises(GenerationFailed, match="cannot be continued elsewhere"):
         generate(grid)
     assert time.monotonic() - started >= CONFIG.stall_unresumable_s and not grid.fake.calls_to("n2")
+
+
+def test_a_lone_node_slower_than_the_stall_timeout_keeps_its_stream(writer: StoreWriter) -> None:
+    """With no other live node to take over, a pause past the stall timeout is a slow node, not a reason to end
+    the client's answer: the stream waits the unresumable stall timeout (a lone CPU node under load)."""
+    grid = Grid(writer, nodes=2)
+    grid.membership.mark_failed(NodeId("n2"), "test: down")
+    pause = (STALL_S + CONFIG.stall_unresumable_s) / 2
+    grid.fake.script("n1", Tokens(2), Delay(pause), Tokens(2), Finish())
+    gen, events = generate(grid)
+    assert text(events) == whole(4) and gen.failovers == 0 and gen.resumable
+    assert not grid.fake.calls_to("n2") and grid.count("gridserve_failovers_total") == 0
+
+
+def test_a_lone_node_that_stays_silent_fails_after_the_unresumable_stall_timeout(writer: StoreWriter) -> None:
+    grid = Grid(writer, nodes=1)
+    grid.fake.script("n1", Tokens(1), Stall())
+    started = time.monotonic()
+    with pytest.raises(GenerationFailed, match=r"stalled: no token for 0\.20 s\); no node took over"):
+        generate(grid)
+    assert time.monotonic() - started >= CONFIG.stall_unresumable_s
+
+
+def test_a_stall_with_a_live_runner_up_still_fails_over_at_the_short_timeout(grid: Grid) -> None:
+    grid.fake.script("n1", Tokens(1), Stall())
+    grid.fake.script("n2", Tokens(1), Finish())
+    started = time.monotonic()
+    gen, events = generate(grid)
+    assert text(events) == whole(2) and gen.failovers == 1
+    assert time.monotonic() - started < CONFIG.stall_unresumable_s
 
 
 def test_a_node_without_a_predicted_itl_gets_the_unpredicted_stall_timeout(grid: Grid) -> None:

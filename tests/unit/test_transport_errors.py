@@ -24,7 +24,7 @@ from gridserve.gateway.transport import (
 from gridserve.gateway.transport.errors import Phase, map_errors
 from gridserve.gateway.transport.http import HttpEventStream
 from gridserve.store import StoreWriter
-from gridserve.types import NodeId
+from gridserve.types import NodeId, TokenEvent
 
 
 def _connector_error() -> aiohttp.ClientConnectorError:
@@ -114,6 +114,12 @@ def _read_all(data: bytes) -> list[object]:
 def test_the_stream_reader_yields_each_line_as_an_event_and_skips_blank_lines() -> None:
     data = b'{"text": "a", "token_ids": [1]}\n\n  \n{"finish_reason": "stop"}\n'
     assert _read_all(data) == [{"text": "a", "token_ids": [1]}, {"finish_reason": "stop"}]
+
+
+def test_the_stream_reader_reads_back_the_lines_a_node_writes() -> None:
+    sent = [TokenEvent(text="a", token_ids=(1,)).wire(), TokenEvent(finish_reason="stop", completion_tokens=1).wire()]
+    sent[1]["receipt"] = "{envelope}"
+    assert _read_all(b"".join(orjson.dumps(e) + b"\n" for e in sent)) == sent
 
 
 @pytest.mark.parametrize("line", [b'{"text": "a", "tok\n', b"[1, 2]\n", b'"text"\n'], ids=["garbled", "list", "string"])

@@ -22,7 +22,7 @@ from gridserve.node.metrics import NodeMetrics
 from gridserve.node.receipts import Receipter
 from gridserve.node.stage_link import add_stage_routes
 from gridserve.trust import TrustError
-from gridserve.types import GenerateRequest, TokenEvent
+from gridserve.types import GenerateRequest, StreamError, StreamEvent, TokenEvent
 from gridserve.types.base import from_wire
 
 log = logging.getLogger("gridserve.node")
@@ -103,7 +103,8 @@ async def _stream(
 
 
 def _engine_error(engine: Engine, message: str) -> bytes:
-    return orjson.dumps({"error": {"type": "engine_error", "message": message}}) + b"\n"
+    line = StreamEvent(error=StreamError(type="engine_error", message=message))
+    return orjson.dumps(line) + b"\n"
 
 
 async def _dishonest(events: AsyncIterator[TokenEvent], lies: Dishonesty, max_tokens: int) -> AsyncIterator[TokenEvent]:

@@ -24,7 +24,7 @@ class Receipter:
     def line(self, event: TokenEvent) -> bytes:
         """The event's NDJSON line; the last one carries the signed receipt."""
         self.ids.extend(event.token_ids)
-        body = event.model_dump(exclude_defaults=True, exclude={"proof"})  # (the receipt carries the proof)
+        body = event.wire()
         if event.finish_reason is not None:
             body["receipt"] = self.sign(event).decode()
         return orjson.dumps(body) + b"\n"

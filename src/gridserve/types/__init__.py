@@ -21,6 +21,8 @@ from gridserve.types.wire import (
     RegisterPayload,
     RegisterReply,
     SamplingParams,
+    StreamError,
+    StreamEvent,
     TokenEvent,
 )
 
@@ -41,6 +43,8 @@ __all__ = [
     "RegisterReply",
     "RuntimeInfo",
     "SamplingParams",
+    "StreamError",
+    "StreamEvent",
     "Strict",
     "Telemetry",
     "TokenEvent",

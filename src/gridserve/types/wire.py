@@ -1,6 +1,6 @@
 """Messages between gateway and node."""
 
-from typing import Literal
+from typing import Literal, TypedDict
 
 from pydantic import Field, model_validator
 
@@ -64,6 +64,55 @@ class TokenEvent(Strict):
     """Last event: sha256 of the prompt's token ids as the node tokenised them (committed to in the receipt)."""
     proof: str = ""
     """Last event: the activation proof over the tokens this node generated (trust/proofs.py)."""
+
+    def wire(self) -> "StreamEvent":
+        """This event as a stream line carries it: text and token ids when there are any, and on the last event
+        the finish reason, counts and timings (the proof goes inside the receipt, which the node adds)."""
+        line: StreamEvent = {}
+        if self.text:
+            line["text"] = self.text
+        if self.token_ids:
+            line["token_ids"] = list(self.token_ids)
+        if self.finish_reason is not None:
+            line["finish_reason"] = self.finish_reason
+            line["prompt_tokens"] = self.prompt_tokens
+            line["completion_tokens"] = self.completion_tokens
+            line["queue_s"] = self.queue_s
+            line["prefill_s"] = self.prefill_s
+            line["decode_s"] = self.decode_s
+            if self.prompt_digest:
+                line["prompt_digest"] = self.prompt_digest
+        return line
+
+
+class StreamError(TypedDict, total=False):
+    """The body of an error line: the engine failed mid-generation."""
+
+    type: str
+    message: str
+
+
+class StreamEvent(TypedDict, total=False):
+    """One line of a node's generation stream, as the node writes it and the gateway decodes it (NDJSON).
+
+    A plain dict at run time (orjson decodes a line straight into it), typed for every reader: the gateway's
+    dispatch and failover, the pipeline (which writes the same events for the client), receipts, canaries and
+    the API's chunk formatter. A token event has `text` and `token_ids`; the last event has `finish_reason`,
+    the counts, the node's timings and its signed `receipt`; an error line has only `error`. The fields are
+    TokenEvent's (which documents them) without `proof`, which travels inside the receipt."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    prompt_digest: str
+    receipt: str
+    """Last event: the node's receipt, a signed envelope (JSON text)."""
+    error: StreamError
 
 
 class Receipt(Strict):

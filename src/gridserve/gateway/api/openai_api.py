@@ -30,7 +30,7 @@ from gridserve.gateway.pipeline.candidate import is_pipeline
 from gridserve.gateway.pipeline.serving import Pipelines, Run
 from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.scheduler import KERNEL_POOL, Scheduler, UnknownTier
-from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams
+from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams, StreamEvent
 from gridserve.types.scheduling import Decision, ScheduleRequest
 
 log = logging.getLogger("gridserve.gateway")
@@ -232,13 +232,13 @@ class _Source:
 
     scope: Scope
 
-    def events(self) -> AsyncIterator[dict[str, Any]]:
+    def events(self) -> AsyncIterator[StreamEvent]:
         raise NotImplementedError
 
     async def close(self) -> None:
         """Release the work (the client left, or the answer ended)."""
 
-    def finished(self, status: str, error: str, last: dict[str, Any]) -> Finished:
+    def finished(self, status: str, error: str, last: StreamEvent) -> Finished:
         raise NotImplementedError
 
     def served_by(self) -> str:
@@ -249,7 +249,7 @@ class _WholeModel(_Source):
     def __init__(self, ctx: ApiContext, scope: Scope, gen: Generation, kind: str) -> None:
         self.ctx, self.scope, self.gen, self.kind = ctx, scope, gen, kind
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    async def events(self) -> AsyncIterator[StreamEvent]:
         segments = 1
         async for event in self.gen.events():
             if len(self.gen.segments) > segments:  # the generation moved to another node mid-answer
@@ -261,7 +261,7 @@ class _WholeModel(_Source):
     async def close(self) -> None:
         self.gen.close()
 
-    def finished(self, status: str, error: str, last: dict[str, Any]) -> Finished:
+    def finished(self, status: str, error: str, last: StreamEvent) -> Finished:
         return from_generation(self.gen, self.kind, status=status, error=error, last=last)
 
     def served_by(self) -> str:
@@ -272,7 +272,7 @@ class _Pipeline(_Source):
     def __init__(self, ctx: ApiContext, scope: Scope, run: Run, decision: Decision, kind: str) -> None:
         self.ctx, self.scope, self.run, self.decision, self.kind = ctx, scope, run, decision, kind
 
-    def events(self) -> AsyncIterator[dict[str, Any]]:
+    def events(self) -> AsyncIterator[StreamEvent]:
         return self.run.events
 
     async def close(self) -> None:
@@ -280,7 +280,7 @@ class _Pipeline(_Source):
         if aclose is not None:
             await aclose()
 
-    def finished(self, status: str, error: str, last: dict[str, Any]) -> Finished:
+    def finished(self, status: str, error: str, last: StreamEvent) -> Finished:
         return from_pipeline(self.run, self.decision, self.kind, status=status, error=error)
 
     def served_by(self) -> str:
@@ -309,11 +309,11 @@ async def _reply(
     return Reply(headers=headers, body=orjson.dumps(whole))
 
 
-async def _drain(ctx: ApiContext, source: _Source) -> AsyncIterator[dict[str, Any]]:
+async def _drain(ctx: ApiContext, source: _Source) -> AsyncIterator[StreamEvent]:
     """The path's events, with the request's end recorded by the lifecycle whatever happens; a generation that
     cannot go on ends with an `error` event."""
     status, error = "ok", ""
-    last: dict[str, Any] = {}
+    last: StreamEvent = {}
     try:
         async for event in source.events():
             if "error" in event:
@@ -364,7 +364,7 @@ async def _sse(ctx: ApiContext, source: _Source, fmt: ChunkFormatter, include_us
 
 async def _collect(ctx: ApiContext, source: _Source, fmt: ChunkFormatter) -> dict[str, Any]:
     parts: list[str] = []
-    final: dict[str, Any] = {}
+    final: StreamEvent = {}
     async for event in _drain(ctx, source):
         if "error" in event:
             raise APIError(

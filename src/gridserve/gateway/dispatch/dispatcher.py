@@ -32,7 +32,6 @@ from gridserve.gateway.transport import (
     AiohttpTransport,
     EventStream,
     Malformed,
-    NodeEvent,
     NodeTransport,
     Refused,
     TransportError,
@@ -40,7 +39,7 @@ from gridserve.gateway.transport import (
 from gridserve.reliability import EventKind
 from gridserve.reliability import NodeEvent as LedgerEvent
 from gridserve.trust import Identity
-from gridserve.types import GenerateRequest, NodeId
+from gridserve.types import GenerateRequest, NodeId, StreamEvent
 from gridserve.types.scheduling import Candidate, Decision
 
 log = logging.getLogger("gridserve.gateway")
@@ -58,7 +57,7 @@ class NodeStream:
     """An open generation on one node; `first` is its first event, already received, `source` the rest."""
 
     node_id: NodeId
-    first: NodeEvent
+    first: StreamEvent
     source: EventStream
     started: float
     first_at: float
@@ -66,7 +65,7 @@ class NodeStream:
     hedged: bool = False
     hedge_delay_s: float | None = None
 
-    async def events(self) -> AsyncGenerator[NodeEvent]:
+    async def events(self) -> AsyncGenerator[StreamEvent]:
         """Every event from the first (no stall guard: Generation adds one). Raises the transport's errors."""
         yield self.first
         while (event := await self.source.next()) is not None:
@@ -168,6 +167,10 @@ class Dispatcher:
             return None
         return True
 
+    def can_take_over(self, decision: Decision, exclude: frozenset[str]) -> bool:
+        """Whether a live node outside `exclude` is left among the decision's candidates (a failover target)."""
+        return any(c.node_id not in exclude and self.live(c.node_id) for c in decision.ranked_for_dispatch())
+
     def live(self, node_id: str) -> bool:
         record = self.membership.nodes.get(NodeId(node_id))
         return record is not None and record.state in LIVE
@@ -213,7 +216,7 @@ class Dispatcher:
         self.membership.note(LedgerEvent(node_id=node_id, kind=kind, at=time.time(), detail=detail))
 
 
-async def _first_event(source: EventStream) -> NodeEvent:
+async def _first_event(source: EventStream) -> StreamEvent:
     try:
         first = await source.next()
     except Malformed as exc:
@@ -227,7 +230,7 @@ async def _first_event(source: EventStream) -> NodeEvent:
     return first
 
 
-def error_message(event: NodeEvent) -> str:
+def error_message(event: StreamEvent) -> str:
     """The message of a node's `{"error": {...}}` event (whatever shape the error took)."""
     error = event.get("error")
     return str(error.get("message", "")) if isinstance(error, dict) else str(error)

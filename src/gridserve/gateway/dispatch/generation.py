@@ -18,9 +18,9 @@ from typing import Any
 from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed, NodeStream, error_message
 from gridserve.gateway.dispatch.stall import Stalled, next_within
-from gridserve.gateway.transport import Malformed, NodeEvent, TransportError
+from gridserve.gateway.transport import Malformed, TransportError
 from gridserve.reliability import EventKind
-from gridserve.types import GenerateRequest, NodeId
+from gridserve.types import GenerateRequest, NodeId, StreamEvent
 from gridserve.types.scheduling import Decision
 
 
@@ -47,7 +47,7 @@ class Segment:
     tokens: int = 0
     outcome: str = "streaming"
     detail: str = ""
-    final: dict[str, Any] = field(default_factory=dict)
+    final: StreamEvent = field(default_factory=lambda: StreamEvent())
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -107,7 +107,7 @@ class Generation:
             )
         )
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    async def events(self) -> AsyncIterator[StreamEvent]:
         """Node events with failover folded in: token events, then one final event (or GenerationFailed)."""
         while True:
             try:
@@ -128,20 +128,28 @@ class Generation:
                     yield final
                     return
 
-    async def _guarded(self, stream: NodeStream) -> AsyncIterator[NodeEvent]:
+    async def _guarded(self, stream: NodeStream) -> AsyncIterator[StreamEvent]:
         """The stream's events; no event within the stall timeout (of the gateway's running time) raises Stalled.
         The timeout is read per event: a stream found unresumable gets the longer one from then on."""
         candidate = self.decision.candidate(stream.node_id)
         itl = candidate.predicted_itl_s if candidate is not None else None
         policy = self.d.policy
+
+        def patience(waited_s: float) -> float:
+            """A stream no live node could take over waits the unresumable stall timeout: failing it early would
+            only end the client's answer (a lone node slowed by its machine is not a dead one)."""
+            if self.d.can_take_over(self.decision, self.tried()):
+                return 0.0
+            return policy.stall_timeout(itl, resumable=False) - waited_s
+
         yield stream.first
         while True:
-            event = await next_within(stream.source, policy.stall_timeout(itl, resumable=self.resumable))
+            event = await next_within(stream.source, policy.stall_timeout(itl, resumable=self.resumable), patience)
             if event is None:
                 return
             yield event
 
-    def _account(self, event: dict[str, Any]) -> None:
+    def _account(self, event: StreamEvent) -> None:
         ids = event.get("token_ids") or ()
         segment = self.segment
         if event.get("text") and not ids:
@@ -171,7 +179,7 @@ class Generation:
         if lost:
             self.d.membership.mark_failed(node_id, f"stream broke: {detail}")
 
-    async def _fail_over(self, detail: str) -> dict[str, Any] | None:
+    async def _fail_over(self, detail: str) -> StreamEvent | None:
         """Continue on another node; returns a final event instead when nothing is left to generate."""
         done = len(self.emitted)
         if done >= self.job.sampling.max_tokens:  # every token arrived; only the closing event was lost

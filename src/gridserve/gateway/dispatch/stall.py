@@ -7,12 +7,17 @@ sitting in the socket buffer unread. So a timer that fired late by more than `LA
 the wait: the read gets as long again as the loop was late (at most one more stall timeout in all), and only a
 wait that ends on time with nothing read is a stall. The read itself is never cancelled while the wait goes
 on, so no partly read line is lost.
+
+A wait that ran out on time may still be granted `patience`: more time, asked for once. The generation uses it
+for a stream no other node could take over, where declaring a stall early would only end the client's answer.
 """
 
 import asyncio
+from collections.abc import Callable
 
 from gridserve.gateway.dispatch.dispatcher import NodeFailed
-from gridserve.gateway.transport import EventStream, NodeEvent
+from gridserve.gateway.transport import EventStream
+from gridserve.types import StreamEvent
 
 LATE_TOLERANCE_S = 0.01
 """A stall timer that fires later than this after its deadline means the loop was starved meanwhile."""
@@ -22,9 +27,12 @@ class Stalled(NodeFailed):
     """No event from the node within the stall timeout while the gateway was running."""
 
 
-async def next_within(stream: EventStream, timeout_s: float) -> NodeEvent | None:
+async def next_within(
+    stream: EventStream, timeout_s: float, patience: Callable[[float], float] | None = None
+) -> StreamEvent | None:
     """The stream's next event (None: it ended); raises Stalled when none came within `timeout_s` of the
-    gateway's running time, and the stream's own errors as they are."""
+    gateway's running time, and the stream's own errors as they are. `patience(waited_s)`, called once when the
+    wait ran out, may grant that many more seconds (0: the stream stalled)."""
     loop = asyncio.get_running_loop()
     read = loop.create_task(stream.next())
     deadline = loop.time() + timeout_s
@@ -36,7 +44,11 @@ async def next_within(stream: EventStream, timeout_s: float) -> NodeEvent | None
                 return read.result()
             late = loop.time() - deadline
             if late <= LATE_TOLERANCE_S or grace <= 0.0:
-                raise Stalled(f"stalled: no token for {timeout_s:.2f} s")
+                more = patience(timeout_s) if patience is not None else 0.0
+                if more <= 0.0:
+                    raise Stalled(f"stalled: no token for {timeout_s:.2f} s")
+                patience, timeout_s, deadline = None, timeout_s + more, loop.time() + more
+                continue
             extra = min(late, grace)
             grace -= extra
             deadline = loop.time() + extra
@@ -46,7 +58,7 @@ async def next_within(stream: EventStream, timeout_s: float) -> NodeEvent | None
 
 
 async def _done_or_due(
-    loop: asyncio.AbstractEventLoop, read: "asyncio.Task[NodeEvent | None]", deadline: float
+    loop: asyncio.AbstractEventLoop, read: "asyncio.Task[StreamEvent | None]", deadline: float
 ) -> None:
     """Wait until the read is done or the deadline passed, without cancelling the read (asyncio.wait_for would)."""
     waiter: asyncio.Future[None] = loop.create_future()

@@ -11,6 +11,7 @@ from gridserve.gateway.integrity.audit import Auditor, AuditResult, canary_job
 from gridserve.gateway.integrity.receipts import ReceiptChecker
 from gridserve.gateway.registry.membership import LIVE
 from gridserve.gateway.transport import TransportError
+from gridserve.types import StreamEvent
 
 log = logging.getLogger("gridserve.gateway")
 
@@ -46,7 +47,7 @@ class CanaryRunner:
             log.info("canary to %s not answered: %s", node, exc)
             return None
         ids: list[int] = []
-        final: dict[str, object] = {}
+        final: StreamEvent = {}
         try:
             async for event in stream.events():
                 ids.extend(event.get("token_ids") or ())

@@ -27,7 +27,7 @@ from gridserve.reliability import EventKind, NodeEvent, Severity
 from gridserve.store import StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, TrustError
 from gridserve.trust.commitments import input_commitment, token_commitment
-from gridserve.types import GenerateRequest, NodeId, Receipt
+from gridserve.types import GenerateRequest, NodeId, Receipt, StreamEvent
 from gridserve.types.base import from_wire
 
 log = logging.getLogger("gridserve.gateway")
@@ -61,7 +61,7 @@ class ReceiptChecker:
         node_id: str,
         job: GenerateRequest,
         sent_ids: list[int],
-        final: dict[str, Any],
+        final: StreamEvent,
         unnamed: tuple[int, int] | None = None,
     ) -> ReceiptCheck:
         """`unnamed`: (text chunks, characters) received from an engine that does not name its tokens (an
@@ -105,7 +105,7 @@ class ReceiptChecker:
         return None
 
     def _compare(
-        self, r: Receipt, job: GenerateRequest, sent_ids: list[int], final: dict[str, Any], result: ReceiptCheck
+        self, r: Receipt, job: GenerateRequest, sent_ids: list[int], final: StreamEvent, result: ReceiptCheck
     ) -> None:
         record = self.membership.nodes[NodeId(result.node_id)]
         digest = next((o.weights_digest for o in record.capability.models if o.name == job.model), None)
@@ -122,7 +122,7 @@ class ReceiptChecker:
                 result.problems.append(("integrity", f"{name} mismatch: receipt says {got!r}, expected {want!r}"))
 
     def _count(
-        self, r: Receipt, job: GenerateRequest, sent_ids: list[int], final: dict[str, Any], result: ReceiptCheck
+        self, r: Receipt, job: GenerateRequest, sent_ids: list[int], final: StreamEvent, result: ReceiptCheck
     ) -> None:
         total = len(job.resume) + len(sent_ids)
         if final.get("finish_reason") == "length" and total < job.sampling.max_tokens:
@@ -136,7 +136,7 @@ class ReceiptChecker:
                 ("settlement", f"receipt claims {result.claimed} tokens, the gateway counted {len(sent_ids)}")
             )
 
-    def _bound(self, r: Receipt, final: dict[str, Any], unnamed: tuple[int, int], result: ReceiptCheck) -> None:
+    def _bound(self, r: Receipt, final: StreamEvent, unnamed: tuple[int, int], result: ReceiptCheck) -> None:
         """Without token ids: at least one token per text chunk, at most one per character (+ end of sequence)."""
         chunks, chars = unnamed
         claimed = r.completion_tokens - r.resumed
@@ -163,19 +163,19 @@ class ReceiptChecker:
         price = price_per_mtok or 0.0
         disputes = [f"{k}: {e}" for k, e in check.problems]
         return {
-                    "decision_id": decision_id,
-                    "request_id": request_id,
-                    "node_id": check.node_id,
-                    "model": model,
-                    "tokens": check.delivered,
-                    "claimed_tokens": check.claimed,
-                    "price_per_mtok": price,
-                    "amount_usd": check.delivered * price / 1e6,
-                    "status": "disputed" if disputes else ("ok" if check.receipted else "unreceipted"),
-                    "detail": "; ".join(disputes),
-                    "at": time.time(),
-                    "entry_key": f"{decision_id}/{segment}",
-                }
+            "decision_id": decision_id,
+            "request_id": request_id,
+            "node_id": check.node_id,
+            "model": model,
+            "tokens": check.delivered,
+            "claimed_tokens": check.claimed,
+            "price_per_mtok": price,
+            "amount_usd": check.delivered * price / 1e6,
+            "status": "disputed" if disputes else ("ok" if check.receipted else "unreceipted"),
+            "detail": "; ".join(disputes),
+            "at": time.time(),
+            "entry_key": f"{decision_id}/{segment}",
+        }
 
     def write(self, entries: list[dict[str, Any]]) -> None:
         """Append entries through the store writer (off the event loop, in the background)."""

@@ -1,17 +1,16 @@
 """`Finished` from each serving path: a whole-model generation (its segments) or a pipeline run (its stages)."""
 
 import time
-from typing import Any
 
 from gridserve.gateway.dispatch.generation import Generation
 from gridserve.gateway.lifecycle.record import Finished, NodeWork, ReceiptInput, Timing
 from gridserve.gateway.ops.outcomes import segment_split
 from gridserve.gateway.pipeline.serving import Run
-from gridserve.types import NodeId
+from gridserve.types import NodeId, StreamEvent
 from gridserve.types.scheduling import Decision
 
 
-def from_generation(gen: Generation, endpoint: str, *, status: str, error: str, last: dict[str, Any]) -> Finished:
+def from_generation(gen: Generation, endpoint: str, *, status: str, error: str, last: StreamEvent) -> Finished:
     decision = gen.decision
     work = []
     for segment in gen.segments:

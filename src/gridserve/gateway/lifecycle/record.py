@@ -8,7 +8,7 @@ settlement and audits, tracing. A subscriber never needs to know which path serv
 from dataclasses import dataclass, field
 from typing import Any
 
-from gridserve.types import GenerateRequest, NodeId
+from gridserve.types import GenerateRequest, NodeId, StreamEvent
 from gridserve.types.scheduling import Decision
 
 
@@ -18,7 +18,7 @@ class ReceiptInput:
 
     job: GenerateRequest
     ids: tuple[int, ...]
-    final: dict[str, Any]
+    final: StreamEvent
     unnamed: tuple[int, int] | None
     """(chunks, characters) of text the node sent without naming its tokens (an upstream server)."""
 

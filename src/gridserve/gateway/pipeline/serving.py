@@ -36,7 +36,7 @@ from gridserve.planner.costs import LayerCosts, PlanNode, Workload, stage_time
 from gridserve.reliability import EventKind, NodeEvent
 from gridserve.reliability.state import ReliabilityState
 from gridserve.scheduler import NodeSnapshot
-from gridserve.types import GenerateRequest, ModelOffer, NodeId
+from gridserve.types import GenerateRequest, ModelOffer, NodeId, StreamEvent
 
 log = logging.getLogger("gridserve.gateway")
 BLOCKED = frozenset({ReliabilityState.EJECTED, ReliabilityState.QUARANTINED, ReliabilityState.BANNED})
@@ -64,7 +64,7 @@ class Run:
 
     session: PipelineSession
     result: RunResult
-    events: AsyncIterator[dict[str, Any]] = field(init=False)
+    events: AsyncIterator[StreamEvent] = field(init=False)
     on_stage_failed: Callable[[str, str], None] | None = None
     """Told each stage node that fails mid-run and why (the request lifecycle's failover hook)."""
 
@@ -215,7 +215,7 @@ class Pipelines:
 
     async def _events(
         self, run: Run, head: ModelHead, prompt: list[int], job: GenerateRequest
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[StreamEvent]:
         session, result = run.session, run.result
         decoder = IncrementalDecoder(head.codec.decode)
         stops = StopMatcher(job.sampling.stop)

@@ -1,7 +1,7 @@
 """The gateway's only way to a node: the NodeTransport protocol, its error tree, the aiohttp implementation and a
 scripted fake for tests."""
 
-from gridserve.gateway.transport.base import EventStream, NodeEvent, NodeTransport, StageChannel
+from gridserve.gateway.transport.base import EventStream, NodeTransport, StageChannel
 from gridserve.gateway.transport.errors import (
     BrokenStream,
     Malformed,
@@ -17,7 +17,6 @@ __all__ = [
     "BrokenStream",
     "EventStream",
     "Malformed",
-    "NodeEvent",
     "NodeTransport",
     "Refused",
     "StageChannel",

@@ -7,17 +7,13 @@ nodes for millisecond tests.
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from gridserve.types import GenerateRequest, NodeId
-
-NodeEvent = dict[str, Any]
-"""One line of a node's generation stream, decoded: a token event (`text`, `token_ids`), the last event
-(`finish_reason`, counts, timings, receipt) or `{"error": {...}}` (types/wire.py TokenEvent documents the fields)."""
+from gridserve.types import GenerateRequest, NodeId, StreamEvent
 
 
 class EventStream(Protocol):
     """A generation under way on one node."""
 
-    async def next(self) -> NodeEvent | None:
+    async def next(self) -> StreamEvent | None:
         """The next event; None once the node ended the stream. Raises BrokenStream or Malformed."""
         ...
 
@@ -72,4 +68,4 @@ class NodeTransport(Protocol):
         ...
 
 
-__all__ = ["EventStream", "NodeEvent", "NodeTransport", "StageChannel"]
+__all__ = ["EventStream", "NodeTransport", "StageChannel"]

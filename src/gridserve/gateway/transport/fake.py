@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gridserve.gateway.transport.base import NodeEvent, StageChannel
+from gridserve.gateway.transport.base import StageChannel
 from gridserve.gateway.transport.errors import Refused, TransportError, Unreachable
-from gridserve.types import GenerateRequest, NodeId
+from gridserve.types import GenerateRequest, NodeId, StreamEvent
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Delay:
 class Emit:
     """The node sends one event as given (an engine error: `Emit({"error": {"message": "..."}})`)."""
 
-    event: NodeEvent
+    event: StreamEvent
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class FakeCall:
     job: GenerateRequest
     opened_at: float
     """When the gateway opened it (the event loop's clock)."""
-    sent: list[NodeEvent] = field(default_factory=list)
+    sent: list[StreamEvent] = field(default_factory=list)
     closed: bool = False
     """The gateway closed the stream, or gave up on it before the reply began."""
 
@@ -130,11 +130,11 @@ class FakeStream:
                 return
         self.buffer.put_nowait(_END)
 
-    def _send(self, event: NodeEvent) -> None:
+    def _send(self, event: StreamEvent) -> None:
         self.call.sent.append(event)
         self.buffer.put_nowait(event)
 
-    async def next(self) -> NodeEvent | None:
+    async def next(self) -> StreamEvent | None:
         item = await self.buffer.get()
         if item is _END:
             self.buffer.put_nowait(_END)  # ended streams stay ended
@@ -142,7 +142,7 @@ class FakeStream:
         if isinstance(item, TransportError):
             self.buffer.put_nowait(item)
             raise item
-        event: NodeEvent = item
+        event: StreamEvent = item
         return event
 
     def close(self) -> None:

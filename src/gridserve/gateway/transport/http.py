@@ -8,13 +8,12 @@ the transport's own error tree leaves this module.
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aiohttp
 import orjson
 from opentelemetry import propagate
 
-from gridserve.gateway.transport.base import NodeEvent
 from gridserve.gateway.transport.errors import (
     BrokenStream,
     Malformed,
@@ -25,7 +24,7 @@ from gridserve.gateway.transport.errors import (
     translate,
 )
 from gridserve.trust import Identity, sign_envelope
-from gridserve.types import GenerateRequest, NodeId
+from gridserve.types import GenerateRequest, NodeId, StreamEvent
 
 JSON_HEADERS = {"content-type": "application/json"}
 MAX_STAGE_FRAME = 64 * 1024 * 1024
@@ -50,7 +49,7 @@ class HttpEventStream:
         self._content = content
         self._close = close
 
-    async def next(self) -> NodeEvent | None:
+    async def next(self) -> StreamEvent | None:
         try:
             line = await self._content.readline()
             while line.isspace():
@@ -65,7 +64,7 @@ class HttpEventStream:
             raise mapped from exc
         if type(event) is not dict:
             raise Malformed(f"not an event: {line[:80]!r}")
-        return event
+        return cast(StreamEvent, event)  # (a JSON object; what matters in it is checked against the signed receipt)
 
     def close(self) -> None:
         self._close()
