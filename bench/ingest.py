@@ -12,7 +12,11 @@ seconds are measured:
 - loadgen_cpu_cores: the same for this process (signing, HTTP, answering the gateway's /health probes): it
   shares the machine with the gateway, so it speaks HTTP/1.1 through bare asyncio protocols on uvloop;
 - lag_p99_ms: how late this load generator sent heartbeats against their schedule (if it cannot keep up, the
-  offered rate is lower than nominal: reported, not hidden).
+  offered rate is lower than nominal: reported, not hidden);
+- loadgen_gc_max_pause_ms: the longest garbage collection in this process during the window. The generator holds
+  10,000 identities and node tasks: with Python's default thresholds its own full collections (~100 ms) landed in
+  the measured latencies, so it collects as the gateway does (gateway/main.py GC_THRESHOLDS) and freezes what it
+  built before the window.
 
 Prints JSON: {"runs": [{"nodes", "heartbeats_per_s", "ingest_p99_ms", "gateway_cpu_cores", ...}]}.
 Run: `.venv/bin/python bench/ingest.py [--nodes 1000,10000] [--duration 30] [--join-rate 50]`.
@@ -21,6 +25,7 @@ Run: `.venv/bin/python bench/ingest.py [--nodes 1000,10000] [--duration 30] [--j
 import argparse
 import asyncio
 import collections
+import gc
 import json
 import math
 import statistics
@@ -39,6 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.progress import Progress
 
 from gridserve.cli.grid import LocalGrid, free_port_block
+from gridserve.gateway.main import GC_THRESHOLDS
 from gridserve.trust import Identity, sign_envelope
 
 CARDS = ("rtx4090", "rtx3090", "a10g", "l40s", "a100-80g", "t4")
@@ -267,12 +273,28 @@ class Window:
     """CPU seconds spent in the window by each process `meter` reads."""
     gc: dict[str, Any] = field(default_factory=dict)
     """The gateway's garbage-collector pauses in the window (gc_report)."""
+    own_gc_pauses: list[float] = field(default_factory=list)
+    """This process's collections in the window, seconds each."""
+
+    def watch_own_gc(self) -> Callable[[], None]:
+        """Record this process's collection pauses that start inside the window; returns the undo."""
+        started = [0.0]
+
+        def timer(phase: str, _info: dict[str, int]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            elif self.holds(time.monotonic()):
+                self.own_gc_pauses.append(time.perf_counter() - started[0])
+
+        gc.callbacks.append(timer)
+        return lambda: gc.callbacks.remove(timer)
 
     def holds(self, due: float) -> bool:
         return self.start <= due < self.end
 
 
 async def simulate(
+    window: Window,
     port: int,
     idents: list[Identity],
     health_port: int,
@@ -281,7 +303,7 @@ async def simulate(
     join_rate: float,
     meter: Callable[[], tuple[float, ...]],
     progress: Progress,
-) -> Window:
+) -> None:
     """Nodes join at `join_rate` a second, then each heartbeats every `interval` s at its own phase until the
     window ends, as a node agent does from the moment it has joined. (Registering all nodes before any heartbeat
     leaves the early ones silent for the minute 10,000 registrations take: down before their first beat, so the
@@ -290,7 +312,6 @@ async def simulate(
     one's fate.
     `meter()` (CPU seconds so far, per process) is read at the window's start and end."""
     n = len(idents)
-    window = Window()
     client, joining = LeanClient(port, limit=256), LeanClient(port, limit=32)  # joins do not queue behind beats
     registering = progress.add_task(f"registering {n:,} nodes", total=n)
     gate = asyncio.Semaphore(32)
@@ -355,6 +376,7 @@ async def simulate(
         registered.result()  # a refused registration: raise it
     window.start = time.monotonic() + interval
     window.end = window.start + duration
+    gc.freeze()  # the identities and node tasks built so far live to the end: out of the collector's way
     await asyncio.sleep(window.start - time.monotonic())
     before, gc_before = meter(), await asyncio.to_thread(gc_pauses, port)
     await asyncio.sleep(window.end - time.monotonic())
@@ -362,7 +384,6 @@ async def simulate(
     window.gc = gc_report(gc_before, await asyncio.to_thread(gc_pauses, port))
     await registered
     await asyncio.gather(*list(pending))
-    return window
 
 
 async def one_run(nodes: int, interval: float, duration: float, join_rate: float, progress: Progress) -> dict[str, Any]:
@@ -380,7 +401,13 @@ async def one_run(nodes: int, interval: float, duration: float, join_rate: float
             def meter() -> tuple[float, float]:
                 return sum(gateway.cpu_times()[:2]), sum(me.cpu_times()[:2])
 
-            window = await simulate(port, idents, port + 1, interval, duration, join_rate, meter, progress)
+            window = Window()
+            unwatch = window.watch_own_gc()
+            try:
+                await simulate(window, port, idents, port + 1, interval, duration, join_rate, meter, progress)
+            finally:
+                unwatch()
+                gc.unfreeze()
         finally:
             server.close()
             grid.stop()
@@ -397,6 +424,7 @@ async def one_run(nodes: int, interval: float, duration: float, join_rate: float
         "gateway_cpu_cores": round(cpu / wall, 3),
         "loadgen_cpu_cores": round(own / wall, 3),
         "lag_p99_ms": round(percentile(lags, 0.99) * 1e3, 2) if lags else None,
+        "loadgen_gc_max_pause_ms": round(max(window.own_gc_pauses, default=0.0) * 1e3, 2),
         "errors": sum(window.errors.values()),
         "errors_by_kind": dict(window.errors),
         "first_error": window.first_error,
@@ -412,6 +440,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of heartbeats per grid size")
     parser.add_argument("--join-rate", type=float, default=50.0, help="nodes registering per second")
     args = parser.parse_args()
+    gc.set_threshold(*GC_THRESHOLDS)
     runs = []
     with Progress(transient=True) as progress:
         for n in (int(x) for x in args.nodes.split(",")):

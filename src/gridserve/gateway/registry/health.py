@@ -38,11 +38,17 @@ async def _probe_node(
 def probe_targets(records: Mapping[NodeId, NodeRecord], budget: int, turn: int) -> tuple[list[NodeId], int]:
     """The nodes to probe this period and the next turn: every node when the grid fits the budget; else the
     nodes that matter now (requests in flight, not UP) and idle UP nodes in rotation from `turn`."""
-    nodes = [(node_id, r) for node_id, r in records.items() if r.state != NodeState.BANNED]
-    if len(nodes) <= budget:
-        return [node_id for node_id, _ in nodes], 0
-    urgent = [node_id for node_id, r in nodes if r.outstanding > 0 or r.state != NodeState.UP]
-    idle = [node_id for node_id, r in nodes if not (r.outstanding > 0 or r.state != NodeState.UP)]
+    urgent: list[NodeId] = []
+    idle: list[NodeId] = []
+    up, banned = NodeState.UP, NodeState.BANNED
+    for node_id, r in records.items():  # one pass: every 0.5 s over the whole grid, on the event loop
+        state = r.state
+        if state is up and r.outstanding <= 0:
+            idle.append(node_id)
+        elif state is not banned:
+            urgent.append(node_id)
+    if len(urgent) + len(idle) <= budget:
+        return [node_id for node_id, r in records.items() if r.state is not banned], 0
     take = min(len(idle), max(0, budget - len(urgent)))
     start = turn % len(idle) if idle else 0
     rotated = (idle[start:] + idle[:start])[:take]
@@ -61,17 +67,20 @@ async def probe_forever(membership: Membership, dispatcher: Dispatcher, config: 
     while True:
         chosen, turn = probe_targets(membership.nodes, config.probes_per_round, turn)
         gap = config.probe_interval_s / len(chosen) if len(chosen) > PACE_ABOVE else 0.0
-        tasks = []
-        for node_id in chosen:
-            record = membership.nodes.get(node_id)
-            if record is None:  # left meanwhile
-                continue
-            endpoint = record.capability.endpoint
-            tasks.append(
-                asyncio.create_task(_probe_node(membership, transport, node_id, endpoint, config.probe_timeout_s))
-            )
-            if gap:
-                await asyncio.sleep(gap)
-        await asyncio.gather(*tasks)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for node_id in chosen:
+                record = membership.nodes.get(node_id)
+                if record is None:  # left meanwhile
+                    continue
+                endpoint = record.capability.endpoint
+                probe_one = _probe_node(membership, transport, node_id, endpoint, config.probe_timeout_s)
+                tasks.append(asyncio.create_task(probe_one))
+                if gap:
+                    await asyncio.sleep(gap)
+            await asyncio.gather(*tasks)
+        finally:  # stopped mid-round (the gateway shuts down): no probe may outlive the transport and the store
+            for task in tasks:
+                task.cancel()
         if not gap:
             await asyncio.sleep(config.probe_interval_s)

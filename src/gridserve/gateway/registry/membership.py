@@ -168,16 +168,8 @@ class Membership:
         return self.apply(event).applied
 
     def heartbeat(self, body: bytes) -> NodeRecord:
-        """A node's signed heartbeat, checked and applied."""
-        return self.accept_heartbeat(self.verify_heartbeat(body))
-
-    def verify_heartbeat(self, body: bytes) -> Envelope:
-        """Signature, freshness and replay checks of a heartbeat: the costly part (an Ed25519 verification, during
-        which the GIL is released), safe to run on another thread than the event loop's (the gateway does)."""
-        return self.verifier.verify(body, purpose="heartbeat")
-
-    def accept_heartbeat(self, envelope: Envelope) -> NodeRecord:
-        """A verified heartbeat: its payload checked and applied (on the event loop: the registry's thread)."""
+        """A node's signed heartbeat: signature, freshness and replay checked, its payload checked and applied."""
+        envelope = self.verifier.verify(body, purpose="heartbeat")
         node_id = NodeId(node_id_for(envelope.keyid))
         record = self.nodes.get(node_id)
         if record is None:
