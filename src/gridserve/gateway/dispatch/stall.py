@@ -5,8 +5,8 @@ for a while (a long synchronous step, a garbage collection, the process not sche
 timer fires late, and uvloop runs due timers *before* it polls the sockets: the node's next line may be
 sitting in the socket buffer unread. So a timer that fired late by more than `LATE_TOLERANCE_S` does not end
 the wait: the read gets as long again as the loop was late (at most one more stall timeout in all), and only a
-wait that ends on time with nothing read is a stall. The read itself is never cancelled while the wait goes
-on, so no partly read line is lost.
+wait that ends on time with nothing read is a stall. The read is never cancelled while the wait goes on, so no
+partly read line is lost; a stall cancels it, and the stream is given up.
 
 A wait that ran out on time may still be granted `patience`: more time, asked for once. The generation uses it
 for a stream no other node could take over, where declaring a stall early would only end the client's answer.
@@ -32,48 +32,60 @@ async def next_within(
 ) -> StreamEvent | None:
     """The stream's next event (None: it ended); raises Stalled when none came within `timeout_s` of the
     gateway's running time, and the stream's own errors as they are. `patience(waited_s)`, called once when the
-    wait ran out, may grant that many more seconds (0: the stream stalled)."""
-    loop = asyncio.get_running_loop()
-    read = loop.create_task(stream.next())
-    deadline = loop.time() + timeout_s
-    grace = timeout_s
+    wait ran out, may grant that many more seconds (0: the stream stalled).
+
+    Per token this costs one timer, not a task: the read runs in the caller's task, and only a wait that ends in a
+    stall cancels it (the stream is given up then anyway)."""
+    task = asyncio.current_task()
+    assert task is not None, "next_within runs in a task"
+    watch = _Watch(asyncio.get_running_loop(), task, timeout_s, patience)
     try:
-        while True:
-            await _done_or_due(loop, read, deadline)
-            if read.done():
-                return read.result()
-            late = loop.time() - deadline
-            if late <= LATE_TOLERANCE_S or grace <= 0.0:
-                more = patience(timeout_s) if patience is not None else 0.0
-                if more <= 0.0:
-                    raise Stalled(f"stalled: no token for {timeout_s:.2f} s")
-                patience, timeout_s, deadline = None, timeout_s + more, loop.time() + more
-                continue
-            extra = min(late, grace)
-            grace -= extra
-            deadline = loop.time() + extra
+        return await stream.next()
+    except asyncio.CancelledError:
+        if watch.stalled and task.uncancel() == 0:  # our own cancellation, and nobody else's meanwhile
+            raise Stalled(f"stalled: no token for {watch.timeout_s:.2f} s") from None
+        raise
     finally:
-        if not read.done():
-            read.cancel()
+        watch.handle.cancel()
 
 
-async def _done_or_due(
-    loop: asyncio.AbstractEventLoop, read: "asyncio.Task[StreamEvent | None]", deadline: float
-) -> None:
-    """Wait until the read is done or the deadline passed, without cancelling the read (asyncio.wait_for would)."""
-    waiter: asyncio.Future[None] = loop.create_future()
+class _Watch:
+    """The stall timer of one read: on time with nothing read, it cancels the reading task; fired late (the loop
+    was starved), it waits as long again as it was late, at most one more timeout in all."""
 
-    def wake(_: object = None) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
+    __slots__ = ("deadline", "grace", "handle", "loop", "patience", "stalled", "task", "timeout_s")
 
-    read.add_done_callback(wake)
-    timer = loop.call_at(deadline, wake)
-    try:
-        await waiter
-    finally:
-        timer.cancel()
-        read.remove_done_callback(wake)
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        task: "asyncio.Task[object]",
+        timeout_s: float,
+        patience: Callable[[float], float] | None,
+    ) -> None:
+        self.loop, self.task, self.timeout_s, self.patience = loop, task, timeout_s, patience
+        self.grace = timeout_s
+        self.stalled = False
+        self.deadline = loop.time() + timeout_s
+        self.handle = loop.call_at(self.deadline, self._due)
+
+    def _arm(self, after_s: float) -> None:
+        self.deadline = self.loop.time() + after_s
+        self.handle = self.loop.call_at(self.deadline, self._due)
+
+    def _due(self) -> None:
+        late = self.loop.time() - self.deadline
+        if late > LATE_TOLERANCE_S and self.grace > 0.0:
+            extra = min(late, self.grace)
+            self.grace -= extra
+            self._arm(extra)
+            return
+        more = self.patience(self.timeout_s) if self.patience is not None else 0.0
+        if more > 0.0:
+            self.patience, self.timeout_s = None, self.timeout_s + more
+            self._arm(more)
+            return
+        self.stalled = True
+        self.task.cancel()
 
 
 __all__ = ["LATE_TOLERANCE_S", "Stalled", "next_within"]
