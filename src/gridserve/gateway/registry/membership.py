@@ -38,7 +38,6 @@ from gridserve.scheduler.table import TableView
 from gridserve.store import StoreWriter
 from gridserve.trust import EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
 from gridserve.trust.attestation import attest, builtin_digests, load_digests, merged
-from gridserve.trust.envelope import Envelope
 from gridserve.types import Capability, HeartbeatPayload, NodeId, NodeState, RegisterPayload, Telemetry
 from gridserve.types.base import from_wire
 
