@@ -153,6 +153,28 @@ def test_an_attempt_whose_node_is_marked_down_meanwhile_is_abandoned_at_once(gri
     assert grid.fake.calls[0].closed
 
 
+def test_an_attempt_whose_node_is_quarantined_meanwhile_is_abandoned_at_once(grid: Grid) -> None:
+    """Out of rotation is one predicate (can_serve): a quarantine stops the wait as a lost heartbeat does."""
+    grid.fake.script("n1", Stall())
+    grid.fake.script("n2", Tokens(1), Finish())
+
+    async def go() -> NodeStream:
+        asyncio.get_running_loop().call_later(0.01, grid.membership.quarantine, NodeId("n1"), "admin: wrong output")
+        return await grid.dispatcher.open(grid.decision(), job(), hedge=False)
+
+    stream = asyncio.run(go())
+    assert grid.state("n1") == NodeState.UP  # alive, but not to be given work
+    assert stream.node_id == "n2" and "out of rotation" in stream.attempts[0].detail
+    assert grid.fake.calls[0].closed
+
+
+def test_a_quarantined_node_is_not_tried_at_all(grid: Grid) -> None:
+    grid.membership.quarantine(NodeId("n1"), "admin: wrong output")
+    grid.fake.script("n2", Tokens(1), Finish())
+    stream = open_stream(grid, hedge=False)
+    assert stream.node_id == "n2" and not grid.fake.calls_to("n1")
+
+
 def test_a_cancelled_open_closes_every_attempt_in_flight(grid: Grid) -> None:
     grid.fake.script("n1", Delay(1.0), Tokens(1))  # no reply yet
     grid.fake.script("n2", Stall())  # replied, no token yet

@@ -1,5 +1,7 @@
 """Profiles: which filters, which scorers with which weights, and which picker. Configuration, in YAML."""
 
+import copy
+import functools
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -77,13 +79,20 @@ def load_profile(path: Path) -> Profile:
 def named_profile(name: str) -> Profile:
     """A packaged profile: `default` or a baseline (`round-robin`, `random`, `least-loaded`, `capacity-only`,
     `petals-like`). Each call builds fresh plugins (a round-robin counter is not shared)."""
+    return profile_from_dict(copy.deepcopy(_packaged_doc(name)))
+
+
+@functools.cache
+def _packaged_doc(name: str) -> Any:
+    """A packaged profile's document, parsed once (PyYAML takes ~10 ms a parse; the plugins are still built anew
+    from a copy on every call)."""
     path = resources.files("gridserve.scheduler").joinpath(f"profiles/{name}.yaml")
     if not path.is_file():
         known = sorted(
             p.name.removesuffix(".yaml") for p in resources.files("gridserve.scheduler").joinpath("profiles").iterdir()
         )
         raise ProfileError(f"no packaged profile {name!r}; known: {', '.join(known)}")
-    return profile_from_dict(yaml.safe_load(path.read_text()))
+    return yaml.safe_load(path.read_text())
 
 
 def default_profile() -> Profile:

@@ -78,8 +78,7 @@ def add_reliability_routes(app: FastAPI, membership: Membership, require_admin: 
     async def quarantine(node_id: str, request: Request) -> dict[str, Any]:
         require_admin(request)
         body = await _body(request, ReasonBody)
-        changes = membership.book.quarantine(known(node_id), reason=body.reason, now=time.time())
-        membership.persist_transitions(changes, admin_reason=body.reason)
+        changes = membership.quarantine(known(node_id), body.reason)  # through the registry, as replay does
         await membership.durable()
         return {"transitions": _transitions(changes), "state": membership.book.state(node_id, time.time()).value}
 
@@ -88,9 +87,8 @@ def add_reliability_routes(app: FastAPI, membership: Membership, require_admin: 
         require_admin(request)
         body = await _body(request, ReasonBody)
         try:
-            changes = membership.book.release(known(node_id), reason=body.reason, now=time.time())
+            changes = membership.release(known(node_id), body.reason)
         except CannotRelease as exc:
             raise APIError(409, str(exc), code="banned") from exc
-        membership.persist_transitions(changes, admin_reason=body.reason)
         await membership.durable()
         return {"transitions": _transitions(changes), "state": membership.book.state(node_id, time.time()).value}

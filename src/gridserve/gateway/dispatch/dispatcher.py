@@ -27,7 +27,7 @@ from gridserve.gateway.api.errors import APIError, bad_request, no_capacity, ups
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.retry_budget import RetryBudget
 from gridserve.gateway.ops.metrics import GatewayMetrics
-from gridserve.gateway.registry.membership import LIVE, Membership
+from gridserve.gateway.registry.membership import Membership
 from gridserve.gateway.transport import (
     AiohttpTransport,
     EventStream,
@@ -172,8 +172,9 @@ class Dispatcher:
         return any(c.node_id not in exclude and self.live(c.node_id) for c in decision.ranked_for_dispatch())
 
     def live(self, node_id: str) -> bool:
-        record = self.membership.nodes.get(NodeId(node_id))
-        return record is not None and record.state in LIVE
+        """Whether the node may be given work now: live and not ejected, quarantined or banned (one predicate,
+        registry/record.py can_serve)."""
+        return self.membership.can_serve(node_id)
 
     async def attempt(self, node_id: NodeId, job: GenerateRequest) -> NodeStream:
         """Open the generation on one node and wait for its first event; the node counts the attempt as
@@ -311,7 +312,7 @@ class _Race:
         for task, (candidate, deadline) in list(self.running.items()):
             why, kind = "", EventKind.JOB_FAILED
             if not self.d.live(candidate.node_id):
-                why = "node marked down while waiting for the first token"
+                why = "node marked down or taken out of rotation while waiting for the first token"
             elif now >= deadline:
                 why, kind = f"no first token in {self.d.first_token_timeout(candidate):.1f} s", EventKind.JOB_TIMED_OUT
             if why:

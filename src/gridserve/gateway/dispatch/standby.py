@@ -25,7 +25,7 @@ from typing import Any
 from gridserve.catalog.tiers import DEFAULT_TIER
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
-from gridserve.gateway.registry.membership import LIVE, Membership
+from gridserve.gateway.registry.membership import Membership
 from gridserve.scheduler import Profile, schedule
 from gridserve.types.scheduling import ScheduleRequest
 
@@ -79,7 +79,7 @@ class StandbyKeeper:
         return plans
 
     def _plan_model(self, model: str, times: deque[float], now: float) -> ModelPlan:
-        live = [r for r in self.membership.nodes.values() if r.state in LIVE]
+        live = [r for r in self.membership.nodes.values() if self.membership.can_serve(r.capability.node_id)]
         warm = [r for r in live if any(o.name == model and o.layers is None for o in r.capability.models)]
         for key, asked in list(self.loading.items()):
             done = any(r.capability.node_id == key[0] for r in warm) and key[1] == model
@@ -110,7 +110,7 @@ class StandbyKeeper:
         able = {
             r.capability.node_id
             for r in self.membership.nodes.values()
-            if r.state in LIVE and plan.model in r.capability.loadable_models
+            if plan.model in r.capability.loadable_models and self.membership.can_serve(r.capability.node_id)
         } - set(plan.loading)
         if not able:
             return []

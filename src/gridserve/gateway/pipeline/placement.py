@@ -20,7 +20,7 @@ from gridserve.catalog.models import MODELS
 from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
 from gridserve.gateway.pipeline.candidate import UNKNOWN_CARD
-from gridserve.gateway.registry.membership import LIVE, Membership, NodeRecord
+from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.planner import LayerCosts, Network, Plan, PlanError, PlanNode, plan
 
 log = logging.getLogger("gridserve.gateway")
@@ -43,8 +43,13 @@ class Placement:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def stage_nodes(self, model: str) -> list[NodeRecord]:
-        """Live nodes that take layer assignments for `model`."""
-        return [r for r in self.membership.nodes.values() if r.state in LIVE and model in r.capability.stage_models]
+        """Nodes that may serve (membership.can_serve) and take layer assignments for `model`."""
+        can_serve = self.membership.can_serve
+        return [
+            r
+            for r in self.membership.nodes.values()
+            if model in r.capability.stage_models and can_serve(r.capability.node_id)
+        ]
 
     def needed(self, model: str) -> bool:
         """Nodes could run `model` split, but nothing serves it yet: no whole node, no chain."""

@@ -30,17 +30,14 @@ from gridserve.gateway.pipeline.session import (
     generate_tokens,
     load_head,
 )
-from gridserve.gateway.registry.membership import LIVE, Membership, NodeRecord
+from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.planner.chain import NoChain, StageRoute, plan_chain
 from gridserve.planner.costs import LayerCosts, PlanNode, Workload, stage_time
 from gridserve.reliability import EventKind, NodeEvent
-from gridserve.reliability.state import ReliabilityState
 from gridserve.scheduler import NodeSnapshot
 from gridserve.types import GenerateRequest, ModelOffer, NodeId, StreamEvent
 
 log = logging.getLogger("gridserve.gateway")
-BLOCKED = frozenset({ReliabilityState.EJECTED, ReliabilityState.QUARANTINED, ReliabilityState.BANNED})
-"""A stage node in one of these states is left out of every chain."""
 
 
 @dataclass
@@ -86,9 +83,8 @@ class Pipelines:
         """Live stage nodes of `model`, each costed as the seconds it adds to a decode step."""
         spec = MODELS.get(model)
         found = []
-        now = time.time()
         for record in self.membership.nodes.values():
-            if record.state not in LIVE or self.membership.book.state(record.capability.node_id, now) in BLOCKED:
+            if not self.membership.can_serve(record.capability.node_id):
                 continue
             for offer in record.capability.models:
                 if offer.name != model or offer.layers is None:

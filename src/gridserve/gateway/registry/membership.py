@@ -262,13 +262,6 @@ class Membership:
         self.flush_events()
         await asyncio.to_thread(self.writer.flush, timeout_s)
 
-    def persist_transitions(self, transitions: list[Transition], admin_reason: str | None = None) -> None:
-        """Store reliability state changes; `admin_reason` marks an admin action (replayed as such on restart).
-        A caller that changed the book itself (not through `apply`) calls this: the nodes' rows are read again."""
-        for t in transitions:
-            self.registry.refresh(t.node_id, max(t.at, self.clock()))
-        self._store_transitions(transitions, admin_reason)
-
     # -- what applying did -------------------------------------------------------------------------------------------
     def _persist(self, effects: Effects) -> None:
         for change in effects.states:
