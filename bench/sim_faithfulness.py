@@ -38,7 +38,9 @@ def run(scenario: dict[str, Any], requests: int) -> dict[str, Any]:
         )
         try:
             grid.start(timeout_s=120)
-            real = faithful.replay(grid.url, "bench", MODEL, faithful.synthetic(requests, scenario["rate"]))
+            real = faithful.replay(
+                grid.url, "bench", MODEL, faithful.synthetic(requests, scenario["rate"]), admin_token="bench-admin"
+            )
         finally:
             grid.stop()
     return {**scenario, **faithful.compare(real, faithful.simulate(real, cards, MODEL))}

@@ -17,7 +17,7 @@ from gridserve.scheduler import default_profile
 from gridserve.sim.engine import EPOCH, SimConfig, Simulation, _Attempt, _Job
 from gridserve.sim.trace import TraceRequest
 from gridserve.store import StoreWriter
-from gridserve.types import NodeId
+from gridserve.types import NodeId, NodeState
 from gridserve.types.scheduling import Candidate
 
 POLICY = DispatchPolicy()
@@ -84,6 +84,8 @@ def test_the_stall_timeout(itl: float | None) -> None:
     else:
         assert stall == max(POLICY.stall_min_s, POLICY.stall_itl_multiple * itl)
     assert POLICY.stall_timeout(itl, resumable=False) == max(stall, POLICY.stall_unresumable_s)
+    assert POLICY.stall_timeout(itl, takeover=False) == max(stall, POLICY.stall_unresumable_s)
+    assert POLICY.stall_timeout(itl, resumable=True, takeover=True) == stall
 
 
 def test_failovers_are_allowed_up_to_max_failovers() -> None:
@@ -145,7 +147,7 @@ def test_the_gateway_hedges_on_the_ratios_it_observed(writer: StoreWriter) -> No
 def _lost_attempt(sim: Simulation, *, pred_ttft: float, pred_itl: float, sent_tokens: int) -> tuple[_Job, float]:
     """A job whose node leaves after `sent_tokens` tokens reached the client; returns it and when its node left."""
     node = sim.nodes[0]
-    job = _Job(0, TraceRequest(0.0, 100, 50), EPOCH)
+    job = _Job(0, TraceRequest(0.0, 100, 50), EPOCH, tried={node.node_id})  # as _start leaves it
     attempt = _Attempt(job, node, EPOCH, 50, pred_ttft, pred_itl, 0.0)
     if sent_tokens:
         attempt.first_at, attempt.itl = EPOCH + 0.1, 0.02
@@ -158,7 +160,16 @@ def _lost_attempt(sim: Simulation, *, pred_ttft: float, pred_itl: float, sent_to
 
 
 def _retry_at(sim: Simulation) -> float:
-    (when,) = [when for when, _, handler, _ in sim._events if handler == sim._retry]
+    """When the simulated gateway sends the job again (running its stall timer's handler if that is due first)."""
+    (event,) = sim._events
+    when, _, handler, args = event
+    if handler == sim._stall_due:
+        sim._events.clear()
+        sim.now = when
+        handler(*args)
+        (when,) = [when for when, _, handler, _ in sim._events if handler == sim._retry] or [sim.now]
+    else:
+        assert handler == sim._retry
     return when
 
 
@@ -173,6 +184,25 @@ def test_the_simulator_fails_over_after_the_policys_stall_timeout() -> None:
     job, _ = _lost_attempt(sim, pred_ttft=0.3, pred_itl=0.2, sent_tokens=5)
     last_token = EPOCH + 0.1 + 0.02 * 4
     assert job.failovers == 1 and math.isclose(_retry_at(sim), last_token + POLICY.stall_timeout(0.2))
+
+
+@pytest.mark.parametrize("itl", [0.02, 0.2, 5.0])
+def test_a_stream_no_live_node_could_take_over_waits_the_longer_stall_timeout_in_both(
+    writer: StoreWriter, itl: float
+) -> None:
+    """The gateway's patience and the simulator's stall handler apply the same rule: when the only other node is
+    down when the stall timer runs out, the stream waits the policy's unresumable timeout after its last token."""
+    sim = _simulation()
+    sim.nodes[1].state = NodeState.DOWN
+    _lost_attempt(sim, pred_ttft=0.3, pred_itl=itl, sent_tokens=5)
+    last_token = EPOCH + 0.1 + 0.02 * 4
+    assert math.isclose(_retry_at(sim), last_token + POLICY.stall_timeout(itl, takeover=False))
+    grid = Grid(writer, nodes=1, config=GatewayConfig())
+    candidate = Candidate(
+        node_id=NodeId("n1"), rank=0, score=1.0, details=(), predicted_ttft_s=0.3, predicted_itl_s=itl
+    )
+    assert grid.dispatcher.stall_timeout(candidate, takeover=False) == POLICY.stall_timeout(itl, takeover=False)
+    assert POLICY.stall_timeout(itl, takeover=False) >= POLICY.stall_unresumable_s
 
 
 def test_the_simulator_stops_failing_over_at_the_policys_max_failovers() -> None:

@@ -6,6 +6,7 @@ The node advertises the emulated hardware with `emulated: true`; models a real e
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -177,6 +178,31 @@ class EmulatedEngine:
             while len(self._cache) > 512:
                 self._cache.popitem(last=False)
 
+    async def _prefetched(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """The text source's events, made ahead of the emulated timings: the tiny model writes while the emulated
+        prefill runs and between emulated tokens, so the text source (real CPU work) delays the emulated schedule
+        only when it is slower in all than the schedule itself, not whenever one of its steps is (a busy host)."""
+        made: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
+
+        async def write() -> None:
+            try:
+                async for event in self._text_events(request):
+                    made.put_nowait(event)
+            except Exception as exc:  # handed to the reader, which raises it where the engine's caller sees it
+                made.put_nowait(exc)
+            made.put_nowait(None)
+
+        writer = asyncio.create_task(write())
+        try:
+            while (item := await made.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
     def _text_request(self, request: GenerateRequest, clip: int | None = TEXT_PROMPT_CHARS) -> GenerateRequest:
         """The tiny model's context is short: clip the prompt's head and cap the output it must write (`clip`
         None: the whole prompt, to count its tokens)."""
@@ -236,7 +262,7 @@ class EmulatedEngine:
             ttft, itl = self._timings(request.model, prompt_tokens + len(request.resume))
             first: float | None = None
             i = 0
-            async for event in self._text_events(text_request):
+            async for event in self._prefetched(text_request):
                 if first is None:  # the text source may be slower than the emulated TTFT
                     first = max(start + ttft, time.monotonic())
                 delay = first + i * itl - time.monotonic()

@@ -60,15 +60,19 @@ class DispatchPolicy:
             delay = self.hedge_unobserved_multiple * predicted
         return min(max(delay, self.hedge_min_s), self.first_token_timeout(predicted_ttft_s))
 
-    def stall_timeout(self, predicted_itl_s: float | None, *, resumable: bool = True) -> float:
+    def stall_timeout(self, predicted_itl_s: float | None, *, resumable: bool = True, takeover: bool = True) -> float:
         """No token for this long mid-stream means the node stalled: `stall_itl_multiple` x its predicted ITL,
-        at least `stall_min_s` (`stall_unpredicted_s` without a prediction); a stream no other node could
-        continue waits at least `stall_unresumable_s`."""
+        at least `stall_min_s` (`stall_unpredicted_s` without a prediction).
+
+        A stream no other node could continue waits at least `stall_unresumable_s`: its engine names no token ids
+        (`resumable` False), or no live node is left to take it over (`takeover` False, asked when the shorter
+        timeout runs out). Giving up early would only end the client's answer: a lone node slowed by its machine
+        is not a dead one."""
         if predicted_itl_s is None:
             stall = self.stall_unpredicted_s
         else:
             stall = max(self.stall_min_s, self.stall_itl_multiple * predicted_itl_s)
-        return stall if resumable else max(stall, self.stall_unresumable_s)
+        return stall if resumable and takeover else max(stall, self.stall_unresumable_s)
 
     def may_fail_over(self, failovers_done: int) -> bool:
         """Whether a generation that already moved `failovers_done` times may move once more."""

@@ -413,7 +413,23 @@ class Simulation:
             self._end(job, self._failed(job.req, job))
             return
         last = attempt.first_at + attempt.itl * (got - 1)
-        self._at(max(self.now, last + self.stall_timeout(attempt.pred_itl)), self._retry, job)
+        self._at(
+            max(self.now, last + self.stall_timeout(attempt.pred_itl)), self._stall_due, job, attempt.pred_itl, last
+        )
+
+    def _stall_due(self, job: _Job, predicted_itl_s: float, last_token_at: float) -> None:
+        """The gateway's stall timer ran out: it fails over when a live node it has not tried could take the
+        stream; otherwise it waits the policy's longer timeout first (as the gateway's own patience)."""
+        if self._can_take_over(job):
+            self._retry(job)
+            return
+        waited = last_token_at + self.config.dispatch.stall_timeout(predicted_itl_s, takeover=False)
+        self._at(max(self.now, waited), self._retry, job)
+
+    def _can_take_over(self, job: _Job) -> bool:
+        """Whether the gateway sees a live node it has not tried for this job (it cannot see a departed node
+        that it has not yet marked down is gone)."""
+        return any(n.node_id not in job.tried and n.state != NodeState.DOWN for n in self.nodes)
 
     def hedge_delay(self, predicted_ttft_s: float) -> float:
         """When the gateway sends a request again whose node gave no first token: the policy's hedge delay for

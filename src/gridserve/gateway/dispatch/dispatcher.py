@@ -128,9 +128,10 @@ class Dispatcher:
     def first_token_timeout(self, candidate: Candidate) -> float:
         return self.policy.first_token_timeout(candidate.predicted_ttft_s)
 
-    def stall_timeout(self, candidate: Candidate | None, *, resumable: bool = True) -> float:
+    def stall_timeout(self, candidate: Candidate | None, *, resumable: bool = True, takeover: bool = True) -> float:
+        """The policy's stall timeout for the node's predicted ITL (None: unpredicted)."""
         itl = candidate.predicted_itl_s if candidate is not None else None
-        return self.policy.stall_timeout(itl, resumable=resumable)
+        return self.policy.stall_timeout(itl, resumable=resumable, takeover=takeover)
 
     # -- opening a generation -------------------------------------------------------------------------
     async def open(

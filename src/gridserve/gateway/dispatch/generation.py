@@ -132,19 +132,17 @@ class Generation:
         """The stream's events; no event within the stall timeout (of the gateway's running time) raises Stalled.
         The timeout is read per event: a stream found unresumable gets the longer one from then on."""
         candidate = self.decision.candidate(stream.node_id)
-        itl = candidate.predicted_itl_s if candidate is not None else None
-        policy = self.d.policy
 
         def patience(waited_s: float) -> float:
-            """A stream no live node could take over waits the unresumable stall timeout: failing it early would
-            only end the client's answer (a lone node slowed by its machine is not a dead one)."""
-            if self.d.can_take_over(self.decision, self.tried()):
-                return 0.0
-            return policy.stall_timeout(itl, resumable=False) - waited_s
+            """More time when no live node could take the stream over (the policy's rule; the simulator's too)."""
+            takeover = self.d.can_take_over(self.decision, self.tried())
+            return self.d.stall_timeout(candidate, resumable=self.resumable, takeover=takeover) - waited_s
 
         yield stream.first
         while True:
-            event = await next_within(stream.source, policy.stall_timeout(itl, resumable=self.resumable), patience)
+            event = await next_within(
+                stream.source, self.d.stall_timeout(candidate, resumable=self.resumable), patience
+            )
             if event is None:
                 return
             yield event
