@@ -14,7 +14,6 @@ The gateway settles what it counted itself, at the price decided for the request
 kept in the ledger with the node's claim next to it.
 """
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pydantic import ValidationError
 from gridserve.gateway.registry.membership import Membership
 from gridserve.reliability import EventKind, NodeEvent, Severity
 from gridserve.store import StoreWriter
+from gridserve.store.group_commit import GroupCommit
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, TrustError
 from gridserve.trust.commitments import input_commitment, token_commitment
 from gridserve.types import GenerateRequest, NodeId, Receipt, StreamEvent
@@ -54,6 +54,8 @@ class ReceiptChecker:
     def __init__(self, membership: Membership, writer: StoreWriter) -> None:
         self.membership = membership
         self.writer = writer
+        self.settlements: GroupCommit[dict[str, Any]] = GroupCommit(writer.store.record_settlements)
+        """Answers that finish together are settled in one transaction (store/group_commit.py)."""
         self.verifier = EnvelopeVerifier(FreshnessPolicy(max_skew_s=30.0, max_lifetime_s=120.0), time.time)
 
     def check(
@@ -189,7 +191,7 @@ class ReceiptChecker:
         if not entries:
             return
         try:
-            await asyncio.to_thread(self.writer.store.record_settlements, entries)
+            await self.settlements.commit(entries)
         except Exception as exc:
             log.warning("settlement write failed (%s); queued for retry", exc)
             self.write(entries)
