@@ -6,7 +6,7 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import OpenAI
-from tests.conftest import API_KEY, make_grid
+from tests.conftest import API_KEY, admin_get, make_grid
 
 from gridserve.engines.tiny import TINY_MODEL
 
@@ -37,12 +37,18 @@ def test_json_logs_and_metrics(tmp_path: Path) -> None:
 
 def test_metrics_count_decisions_and_rejections_per_filter(tiny_grid) -> None:  # type: ignore[no-untyped-def]
     client = OpenAI(base_url=tiny_grid.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-    client.completions.create(model=TINY_MODEL, prompt="count me", max_tokens=2)
+    raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt="count me", max_tokens=2)
+    decision = admin_get(tiny_grid, "/v1/decisions/" + raw.headers["x-gridserve-decision"]).json()
     text = httpx.get(tiny_grid.url + "/metrics", timeout=10).text
     values = {line.split(" ")[0]: float(line.split()[-1]) for line in text.splitlines() if not line.startswith("#")}
     assert values['gridserve_decisions_total{outcome="placed"}'] >= 1
-    # the emulated node of the shared grid does not serve the tiny model: the model filter removes it
-    assert values['gridserve_filter_rejections_total{filter="model-served"}'] >= 1
+    # the emulated node of the shared grid does not serve the tiny model: the model filter removes it, unless the
+    # node-state filter (which comes first) already had (a node slow to answer its probes on a busy machine)
+    (emulated_id,) = [n["node_id"] for n in tiny_grid.nodes() if n["emulated"]]
+    emulated = [r for r in decision["rejections"] if r["node_id"] == emulated_id]
+    assert [r["filter"] for r in emulated] in (["model-served"], ["node-state"]), decision["rejections"]
+    for rejection in decision["rejections"]:  # every filter that rejected a node in this decision is counted
+        assert values[f'gridserve_filter_rejections_total{{filter="{rejection["filter"]}"}}'] >= 1
     assert any(k.startswith("gridserve_ttft_seconds_bucket{") and 'model="gridserve-tiny"' in k for k in values)
     assert any(k.startswith("gridserve_itl_seconds_count{") for k in values)
     assert 'gridserve_nodes{state="up"}' in values

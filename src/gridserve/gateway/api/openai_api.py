@@ -248,15 +248,10 @@ class _Source:
 class _WholeModel(_Source):
     def __init__(self, ctx: ApiContext, scope: Scope, gen: Generation, kind: str) -> None:
         self.ctx, self.scope, self.gen, self.kind = ctx, scope, gen, kind
+        gen.on_failover = lambda failed: ctx.lifecycle.failover(scope, failed.node_id, failed.detail)
 
-    async def events(self) -> AsyncIterator[StreamEvent]:
-        segments = 1
-        async for event in self.gen.events():
-            if len(self.gen.segments) > segments:  # the generation moved to another node mid-answer
-                for failed in self.gen.segments[segments - 1 : -1]:
-                    self.ctx.lifecycle.failover(self.scope, failed.node_id, failed.detail)
-                segments = len(self.gen.segments)
-            yield event
+    def events(self) -> AsyncIterator[StreamEvent]:
+        return self.gen.events()
 
     async def close(self) -> None:
         self.gen.close()

@@ -11,7 +11,7 @@ draw at each position depends only on (seed, position) (engines/sampling.py).
 """
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +70,8 @@ class Generation:
         self.emitted: list[int] = []
         self.resumable = True
         self.failovers = 0
+        self.on_failover: Callable[[Segment], None] | None = None
+        """Told of each segment whose node failed once another node has taken the generation over."""
         self._stream: NodeStream | None = None
 
     # -- state --------------------------------------------------------------------------------------
@@ -108,10 +110,18 @@ class Generation:
         )
 
     async def events(self) -> AsyncIterator[StreamEvent]:
-        """Node events with failover folded in: token events, then one final event (or GenerationFailed)."""
+        """Node events with failover folded in: token events, then one final event (or GenerationFailed).
+
+        No event within the stall timeout (of the gateway's running time) raises Stalled; the timeout is read per
+        event, so a stream found unresumable gets the longer one from then on. The per-token path is this one
+        loop (no generator per layer): at 64 streams each layer cost about 1% of the gateway's CPU."""
         while True:
+            stream = self.stream
+            short, long = self._stall_timeouts(stream.node_id)
+            patience = self._patience(stream.node_id)
+            event: StreamEvent | None = stream.first
             try:
-                async for event in self._guarded(self.stream):
+                while event is not None:
                     if "error" in event:
                         raise NodeFailed(f"engine error: {error_message(event)}")
                     self._account(event)
@@ -119,6 +129,7 @@ class Generation:
                     if event.get("finish_reason"):
                         self._close_segment("ok")
                         return
+                    event = await next_within(stream.source, short if self.resumable else long, patience)
                 raise NodeFailed("stream ended before its last event")
             except (NodeFailed, TransportError) as exc:
                 detail, lost = _failure(exc)
@@ -127,25 +138,23 @@ class Generation:
                 if final is not None:
                     yield final
                     return
+                if self.on_failover is not None:
+                    self.on_failover(self.segments[-2])
 
-    async def _guarded(self, stream: NodeStream) -> AsyncIterator[StreamEvent]:
-        """The stream's events; no event within the stall timeout (of the gateway's running time) raises Stalled.
-        The timeout is read per event: a stream found unresumable gets the longer one from then on."""
-        candidate = self.decision.candidate(stream.node_id)
+    def _stall_timeouts(self, node_id: NodeId) -> tuple[float, float]:
+        """The node's stall timeouts while its stream is resumable, and once it is not."""
+        candidate = self.decision.candidate(node_id)
+        return self.d.stall_timeout(candidate), self.d.stall_timeout(candidate, resumable=False)
+
+    def _patience(self, node_id: NodeId) -> Callable[[float], float]:
+        candidate = self.decision.candidate(node_id)
 
         def patience(waited_s: float) -> float:
             """More time when no live node could take the stream over (the policy's rule; the simulator's too)."""
             takeover = self.d.can_take_over(self.decision, self.tried())
             return self.d.stall_timeout(candidate, resumable=self.resumable, takeover=takeover) - waited_s
 
-        yield stream.first
-        while True:
-            event = await next_within(
-                stream.source, self.d.stall_timeout(candidate, resumable=self.resumable), patience
-            )
-            if event is None:
-                return
-            yield event
+        return patience
 
     def _account(self, event: StreamEvent) -> None:
         ids = event.get("token_ids") or ()
