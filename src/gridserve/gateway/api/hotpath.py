@@ -6,11 +6,9 @@ several wrapped `send` calls per token (DESIGN.md: raw ASGI + aiohttp keeps ~100
 """
 
 import asyncio
-import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -56,10 +54,6 @@ class HotPath:
         try:
             self._authorize(scope)
             body = await self._read_body(scope, receive)
-            reply = await _unless_disconnected(complete(self.api, body, kind), receive)
-            if reply is None:
-                log.info("client disconnected before the first token; request cancelled")
-                return
         except APIError as exc:
             await _send_error(send, exc)
             return
@@ -71,17 +65,36 @@ class HotPath:
                 ),
             )
             return
+        with _DisconnectWatch(receive) as client:
+            await self._answer(body, kind, send, client)
+
+    async def _answer(self, body: bytes, kind: str, send: Send, client: "_DisconnectWatch") -> None:
+        """Schedule, dispatch and stream in this task; a client that disconnects cancels it, which cancels the
+        request on the node, retries and hedges included."""
+        try:
+            client.arm()
+            reply = await complete(self.api, body, kind)
+        except asyncio.CancelledError:
+            if not client.gone():
+                raise
+            log.info("client disconnected before the first token; request cancelled")
+            return
+        except APIError as exc:
+            await _send_error(send, exc)
+            return
         except Exception as exc:
             log.exception("internal error")
             await _send_error(
                 send, APIError(500, f"Internal error: {type(exc).__name__}", type_="api_error", code="internal")
             )
             return
+        finally:
+            client.disarm()
         await send({"type": "http.response.start", "status": 200, "headers": reply.headers})
         if reply.stream is None:
             await send({"type": "http.response.body", "body": reply.body})
         else:
-            await _stream(reply, receive, send)
+            await _stream(reply, send, client)
 
     async def _heartbeat(self, membership: Membership, scope: Scope, receive: Receive, send: Send) -> None:
         """A node's signed heartbeat (the same checks and answers as every node message), verified and applied on
@@ -132,26 +145,51 @@ class HotPath:
                 return b"".join(parts)
 
 
-async def _unless_disconnected(work: Coroutine[Any, Any, Reply], receive: Receive) -> Reply | None:
-    """Run `work` (scheduling, dispatch, waiting for the first token) unless the client disconnects first: then
-    cancel it, which cancels the request on the node, retries and hedges included, and return None."""
-    task = asyncio.ensure_future(work)
+class _DisconnectWatch:
+    """One task per request waits for the client's `http.disconnect`; while the request is armed (scheduling and
+    dispatch up to the first token, then the stream) that cancels the request's task, and the cancellation lands
+    at the await the task is suspended on, inside the armed part. Leaving the block stops the watch."""
 
-    async def gone() -> None:
-        while (await receive())["type"] != "http.disconnect":
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        task = asyncio.current_task()
+        assert task is not None, "a request runs in a task"
+        self._task = task
+        self._armed = self._fired = self._cancelled = False
+        self._watcher: asyncio.Task[None] | None = None
+
+    def __enter__(self) -> "_DisconnectWatch":
+        self._watcher = asyncio.ensure_future(self._watch())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._watcher is not None
+        self._watcher.cancel()
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
             pass
+        self._fired = True
+        if self._armed:
+            self._cancelled = True
+            self._task.cancel()
 
-    watcher = asyncio.ensure_future(gone())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for pending in (task, watcher) if not task.done() else (watcher,):
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # the client is gone: nobody to tell
-                await pending
-    if task.cancelled():
-        return None
-    return task.result()
+    def arm(self) -> None:
+        """From here a disconnect cancels the request's task (at once if the client has already gone)."""
+        if self._fired:
+            raise asyncio.CancelledError
+        self._armed = True
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    def gone(self) -> bool:
+        """Whether the client disconnected: True takes back the cancellation it caused, so the task goes on to
+        end the request quietly."""
+        if self._cancelled:
+            self._cancelled = False
+            self._task.uncancel()
+        return self._fired
 
 
 async def _send_json(send: Send, status: int, body: bytes) -> None:
@@ -172,35 +210,23 @@ async def _send_error(send: Send, exc: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _stream(reply: Reply, receive: Receive, send: Send) -> None:
+async def _stream(reply: Reply, send: Send, client: _DisconnectWatch) -> None:
     """Send SSE chunks; a client disconnect cancels the stream (and with it the work on the node)."""
     assert reply.stream is not None
     chunks: AsyncIterator[bytes] = reply.stream
-    current = asyncio.current_task()
-    finished = False
-
-    async def watch() -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not finished and current is not None:
-                    current.cancel()
-                return
-
-    watcher = asyncio.create_task(watch())
     try:
+        client.arm()
         async for chunk in chunks:
             if chunk:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        finished = True
+        client.disarm()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
-        if not watcher.done():
+        if not client.gone():
             raise
         log.info("client disconnected; generation cancelled")
     finally:
-        finished = True
-        watcher.cancel()
+        client.disarm()
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
