@@ -165,6 +165,8 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if gw.api.pipelines is not None:
+                await gw.api.pipelines.aclose()
             await gw.dispatcher.aclose()
             gw.decisions.flush()
             gw.membership.flush_events()

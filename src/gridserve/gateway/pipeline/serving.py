@@ -195,6 +195,11 @@ class Pipelines:
         run.events = self._events(run, head, prompt, job)
         return run
 
+    async def aclose(self) -> None:
+        """Close the links to stage nodes (at shutdown, before the connection pool they borrow is closed)."""
+        if self.pool is not None:
+            await self.pool.aclose()
+
     def _stage_failed(self, node_id: str, detail: str) -> None:
         """A stage node failed its part: a failed job in its ledger, as for any node that fails a request."""
         self.membership.note(NodeEvent(node_id=node_id, kind=EventKind.JOB_FAILED, at=time.time(), detail=detail))
