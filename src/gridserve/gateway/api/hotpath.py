@@ -73,7 +73,10 @@ class HotPath:
         request on the node, retries and hedges included."""
         try:
             client.arm()
-            reply = await complete(self.api, body, kind)
+            try:
+                reply = await complete(self.api, body, kind)
+            finally:
+                client.disarm()  # the error answers below are sent disarmed: a disconnect then cancels nothing
         except asyncio.CancelledError:
             if not client.gone():
                 raise
@@ -88,8 +91,6 @@ class HotPath:
                 send, APIError(500, f"Internal error: {type(exc).__name__}", type_="api_error", code="internal")
             )
             return
-        finally:
-            client.disarm()
         await send({"type": "http.response.start", "status": 200, "headers": reply.headers})
         if reply.stream is None:
             await send({"type": "http.response.body", "body": reply.body})
