@@ -153,6 +153,49 @@ def test_an_attempt_whose_node_is_marked_down_meanwhile_is_abandoned_at_once(gri
     assert grid.fake.calls[0].closed
 
 
+def test_a_lone_node_marked_down_while_it_computes_is_waited_for(grid: Grid) -> None:
+    """No other node could answer: a node marked down only for missing its probes (a CPU node busy with a long
+    prefill) keeps its attempt up to the first-token timeout, and its answer is served (it was a 502)."""
+    grid.fake.script("n1", Delay(0.06), Tokens(1), Finish())
+
+    async def go() -> NodeStream:
+        asyncio.get_running_loop().call_later(0.01, grid.membership.mark_failed, NodeId("n1"), "probe timed out")
+        return await grid.dispatcher.open(grid.decision("n1"), job(), hedge=False)
+
+    stream = asyncio.run(go())
+    assert grid.state("n1") == NodeState.DOWN
+    assert stream.node_id == "n1" and [a.outcome for a in stream.attempts] == ["served"]
+
+
+def test_a_lone_node_that_never_answers_is_still_given_up_at_the_first_token_timeout(grid: Grid) -> None:
+    grid.fake.script("n1", Stall())
+
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        loop.call_later(0.01, grid.membership.mark_failed, NodeId("n1"), "probe timed out")
+        with pytest.raises(APIError, match=r"no first token in 0\.1 s"):
+            await grid.dispatcher.open(grid.decision("n1"), job(), hedge=False)
+        return loop.time() - started
+
+    assert CONFIG.first_token_timeout_s <= asyncio.run(go()) < CONFIG.first_token_timeout_s + 0.1
+
+
+def test_a_lone_node_quarantined_meanwhile_is_abandoned_at_once(grid: Grid) -> None:
+    """Waiting on is for a node that is only late: one the gateway no longer trusts is given up at once."""
+    grid.fake.script("n1", Stall())
+
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        loop.call_later(0.01, grid.membership.quarantine, NodeId("n1"), "admin: wrong output")
+        with pytest.raises(APIError, match="out of rotation"):
+            await grid.dispatcher.open(grid.decision("n1"), job(), hedge=False)
+        return loop.time() - started
+
+    assert asyncio.run(go()) < 0.01 + 4 * WATCH_S + 0.02 < CONFIG.first_token_timeout_s
+
+
 def test_an_attempt_whose_node_is_quarantined_meanwhile_is_abandoned_at_once(grid: Grid) -> None:
     """Out of rotation is one predicate (can_serve): a quarantine stops the wait as a lost heartbeat does."""
     grid.fake.script("n1", Stall())

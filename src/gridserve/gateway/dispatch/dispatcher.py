@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,7 +150,7 @@ class Dispatcher:
             if not decision.candidates:
                 raise no_capacity(decision.explanation)
             raise upstream_failed("no other node can take this request")
-        race = _Race(self, job, iter(candidates), hedge=hedge and self.policy.hedging, throttled=throttled)
+        race = _Race(self, job, candidates, hedge=hedge and self.policy.hedging, throttled=throttled)
         return await race.run()
 
     async def ask_to_load(self, node_id: str, payload: dict[str, Any], timeout_s: float = 5.0) -> bool | None:
@@ -243,11 +243,12 @@ class _Race:
     (a hedge); the first to deliver a token wins and the rest are cancelled."""
 
     def __init__(
-        self, dispatcher: Dispatcher, job: GenerateRequest, queue: Iterator[Candidate], *, hedge: bool, throttled: bool
+        self, dispatcher: Dispatcher, job: GenerateRequest, candidates: list[Candidate], *, hedge: bool, throttled: bool
     ) -> None:
         self.d = dispatcher
         self.job = job
-        self.queue = queue
+        self.candidates = candidates
+        self.queue = iter(candidates)
         self.hedge = hedge
         self.throttled = throttled
         self.attempts: list[Attempt] = []
@@ -312,7 +313,7 @@ class _Race:
         """Attempts on nodes marked down, or past their first-token timeout, are given up."""
         for task, (candidate, deadline) in list(self.running.items()):
             why, kind = "", EventKind.JOB_FAILED
-            if not self.d.live(candidate.node_id):
+            if not self.d.live(candidate.node_id) and not self._lone_and_only_late(candidate):
                 why = "node marked down or taken out of rotation while waiting for the first token"
             elif now >= deadline:
                 why, kind = f"no first token in {self.d.first_token_timeout(candidate):.1f} s", EventKind.JOB_TIMED_OUT
@@ -320,6 +321,19 @@ class _Race:
                 task.cancel()
                 del self.running[task]
                 self._failed(candidate, why, counts=True, kind=kind)
+
+    def _lone_and_only_late(self, candidate: Candidate) -> bool:
+        """A node marked down only for not answering in time (not ejected, quarantined or banned), with no other
+        node left to answer: its attempt waits on, up to the first-token timeout. Giving it up would only fail the
+        request: a lone node slowed by its machine (a CPU node computing a long prefill misses its probes) is not a
+        dead one, and a dead one breaks its connection. The same rule as mid-stream (DispatchPolicy.stall_timeout,
+        takeover=False)."""
+        if not self.d.membership.trusted(candidate.node_id):
+            return False
+        if any(other.node_id != candidate.node_id for other, _ in self.running.values()):
+            return False
+        tried = {a.node_id for a in self.attempts} | {c.node_id for c, _ in self.running.values()}
+        return not any(c.node_id not in tried and self.d.live(c.node_id) for c in self.candidates)
 
     def _failed(
         self, candidate: Candidate, detail: str, *, counts: bool, kind: EventKind = EventKind.JOB_FAILED

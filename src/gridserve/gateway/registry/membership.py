@@ -202,6 +202,10 @@ class Membership:
         """Whether the node may be given work now: live, and not ejected, quarantined or banned."""
         return self.registry.can_serve(node_id, self.clock())
 
+    def trusted(self, node_id: str) -> bool:
+        """Whether the node is known and not ejected, quarantined or banned (it may still be down)."""
+        return self.registry.trusted(node_id, self.clock())
+
     # -- work in flight and what finished work taught ----------------------------------------------------------------
     def request_started(self, node_id: NodeId) -> bool:
         """An attempt was sent to the node (False: it is not on the grid)."""

@@ -44,6 +44,7 @@ from gridserve.gateway.registry.record import (
     unpack_telemetry,
 )
 from gridserve.reliability import (
+    BLOCKED,
     CannotRelease,
     EventKind,
     NodeEvent,
@@ -144,6 +145,11 @@ class NodeRegistry:
         """Whether the node may be given work now (record.can_serve: live, and not blocked by its reliability)."""
         record = self._nodes.get(NodeId(node_id))
         return record is not None and can_serve(record.state, self.book.state(node_id, now))
+
+    def trusted(self, node_id: str, now: float) -> bool:
+        """Whether the node is known and not blocked by its reliability (ejected, quarantined, banned): out of
+        rotation, if it is, only because it did not answer in time."""
+        return NodeId(node_id) in self._nodes and self.book.state(node_id, now) not in BLOCKED
 
     def state_counts(self) -> dict[NodeState, int]:
         """Nodes per membership state (O(1): kept as states change)."""
