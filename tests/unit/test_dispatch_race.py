@@ -5,7 +5,7 @@ first-token timeout or as soon as its node is marked down; a cancelled open leav
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from tests.unit.dispatch_support import CONFIG, PREDICTED_TTFT_S, WATCH_S, Grid, job, store_writer
@@ -167,33 +167,32 @@ def test_a_lone_node_marked_down_while_it_computes_is_waited_for(grid: Grid) -> 
     assert stream.node_id == "n1" and [a.outcome for a in stream.attempts] == ["served"]
 
 
-def test_a_lone_node_that_never_answers_is_still_given_up_at_the_first_token_timeout(grid: Grid) -> None:
+def _lone_attempt_after(grid: Grid, event: Callable[[], object], fails_with: str) -> float:
+    """Open on n1 alone (a stalled node), `event` happening 10 ms in; the seconds until the open failed."""
     grid.fake.script("n1", Stall())
 
     async def go() -> float:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        loop.call_later(0.01, grid.membership.mark_failed, NodeId("n1"), "probe timed out")
-        with pytest.raises(APIError, match=r"no first token in 0\.1 s"):
+        loop.call_later(0.01, event)
+        with pytest.raises(APIError, match=fails_with):
             await grid.dispatcher.open(grid.decision("n1"), job(), hedge=False)
         return loop.time() - started
 
-    assert CONFIG.first_token_timeout_s <= asyncio.run(go()) < CONFIG.first_token_timeout_s + 0.1
+    return asyncio.run(go())
+
+
+def test_a_lone_node_that_never_answers_is_still_given_up_at_the_first_token_timeout(grid: Grid) -> None:
+    down = lambda: grid.membership.mark_failed(NodeId("n1"), "probe timed out")  # noqa: E731
+    waited = _lone_attempt_after(grid, down, r"no first token in 0\.1 s")
+    assert CONFIG.first_token_timeout_s <= waited < CONFIG.first_token_timeout_s + 0.1
 
 
 def test_a_lone_node_quarantined_meanwhile_is_abandoned_at_once(grid: Grid) -> None:
     """Waiting on is for a node that is only late: one the gateway no longer trusts is given up at once."""
-    grid.fake.script("n1", Stall())
-
-    async def go() -> float:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        loop.call_later(0.01, grid.membership.quarantine, NodeId("n1"), "admin: wrong output")
-        with pytest.raises(APIError, match="out of rotation"):
-            await grid.dispatcher.open(grid.decision("n1"), job(), hedge=False)
-        return loop.time() - started
-
-    assert asyncio.run(go()) < 0.01 + 4 * WATCH_S + 0.02 < CONFIG.first_token_timeout_s
+    quarantined = lambda: grid.membership.quarantine(NodeId("n1"), "admin: wrong output")  # noqa: E731
+    waited = _lone_attempt_after(grid, quarantined, "out of rotation")
+    assert waited < 0.01 + 4 * WATCH_S + 0.02 < CONFIG.first_token_timeout_s
 
 
 def test_an_attempt_whose_node_is_quarantined_meanwhile_is_abandoned_at_once(grid: Grid) -> None:
