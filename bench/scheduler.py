@@ -19,6 +19,13 @@ arrive. Each repetition times one decision (fresh rng) with time.perf_counter; p
 - `same_choice`: the share of repetitions in which the table path and the rebuild path chose the same node (the
   table's reliability columns are as of each node's latest event, the rebuild's as of the decision).
 
+- `prefix_p50_ms`, `prefix_p99_ms`: the gateway's path with the prefix index live: the prompt's blocks hashed and
+  looked up (`PrefixAffinity.lookup`, a ~3,000-token chat whose system prompt and history other requests sent to
+  some nodes before), then `schedule()` with the hits (the column path: the kernel leaves hits to the columns);
+  `lookup_p50_ms` is the lookup alone. The index holds `--prefix-prompts` earlier prompts (~100 blocks each)
+  spread over the nodes; `index_bytes_per_holding` is its memory (tracemalloc, while filling it) per (block,
+  node) it holds.
+
 Decisions are made as the gateway makes them: by one `Scheduler` for the profile, its compiled kernel warmed before
 timing (`--no-kernel`: the column path, numpy plugin by plugin; `kernel` in each row says which).
 
@@ -41,15 +48,29 @@ import random
 import statistics
 import sys
 import time
+import tracemalloc
 from typing import Any
 
 from gridserve.catalog import HARDWARE, MODELS
 from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.dispatch.prefixes import PrefixAffinity
+from gridserve.gateway.lifecycle import Scope
 from gridserve.gateway.registry.events import HeartbeatSeen, JobObserved, Registered, RequestStarted, StateChanged
 from gridserve.gateway.registry.registry import NodeRegistry
 from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, Severity
 from gridserve.scheduler import NodeSnapshot, Profile, Scheduler, default_profile
-from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, NodeState, RuntimeInfo, Telemetry
+from gridserve.types import (
+    Capability,
+    ChatMessage,
+    GenerateRequest,
+    HardwareInfo,
+    ModelOffer,
+    NodeId,
+    NodeState,
+    RuntimeInfo,
+    SamplingParams,
+    Telemetry,
+)
 from gridserve.types.scheduling import ScheduleRequest
 
 NOW = 1_700_000_000.0
@@ -216,8 +237,67 @@ def summary(prefix: str, times: list[float]) -> dict[str, float]:
     return {f"{prefix}p50_ms": round(statistics.median(times), 3), f"{prefix}p99_ms": round(percentile(times, 0.99), 3)}
 
 
+def filled_affinity(node_ids: list[str], prompts: int, rng: random.Random) -> tuple[PrefixAffinity, list[str], float]:
+    """A prefix affinity that sent `prompts` chats (one of 200 system prompts, then their own turns) to random
+    nodes; the system prompts; bytes per holding it took."""
+    affinity = PrefixAffinity()
+    systems = [f"System {i}: " + "you are a careful assistant for a grid of nodes. " * 60 for i in range(200)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(prompts):
+        scope = Scope("chat")
+        job = _chat(rng.choice(systems), f"user {i} asks " + "about the cache " * rng.randint(20, 200))
+        affinity.lookup(scope, job, 3000)
+        affinity.prefilled(scope, rng.choice(node_ids))
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return affinity, systems, used / max(1, affinity.index.stats().holdings)
+
+
+def _chat(system: str, user: str) -> GenerateRequest:
+    messages = (ChatMessage(role="system", content=system), ChatMessage(role="user", content=user))
+    return GenerateRequest(request_id="bench", model=MODEL, messages=messages, sampling=SamplingParams(max_tokens=256))
+
+
+def prefix_run(registry: NodeRegistry, scheduler: Scheduler, reps: int, prompts: int) -> dict[str, Any]:
+    rng = random.Random(7)
+    node_ids = [r.capability.node_id for r in registry.nodes.values()]
+    affinity, systems, per_holding = filled_affinity(node_ids, prompts, rng)
+    lookups: list[float] = []
+
+    def decide(rng: random.Random) -> Any:
+        job = _chat(rng.choice(systems), "a new question " * 40)
+        start = time.perf_counter()
+        cached = affinity.lookup(Scope("chat"), job, 3000)
+        lookups.append((time.perf_counter() - start) * 1e3)
+        req = ScheduleRequest(
+            request_id="bench", model=MODEL, prompt_tokens=3000, max_tokens=256, tier="standard", cached_tokens=cached
+        )
+        return scheduler.schedule(req, registry.table.view(), rng, NOW, decision_id="bench")
+
+    for i in range(min(3, reps)):
+        decide(random.Random(-1 - i))
+    gc.collect()
+    lookups.clear()
+    times, _ = timed(decide, reps)
+    stats = affinity.index.stats()
+    return {
+        **summary("prefix_", times),
+        "lookup_p50_ms": round(statistics.median(lookups), 3),
+        "index_prompts": prompts,
+        "index_blocks": stats.blocks,
+        "index_holdings": stats.holdings,
+        "index_bytes_per_holding": round(per_holding, 1),
+    }
+
+
 def run(
-    n: int, reps: int, profiler: cProfile.Profile | None, sample: int | None = None, kernel: bool = True
+    n: int,
+    reps: int,
+    profiler: cProfile.Profile | None,
+    sample: int | None = None,
+    kernel: bool = True,
+    prefix_prompts: int = 20_000,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     registry = build_grid(n)
@@ -274,6 +354,7 @@ def run(
         "samples": reps,
         "eligible": len(decision.candidates),
         "rejected": dict(sorted(rejected.items(), key=lambda kv: -kv[1])),
+        **(prefix_run(registry, scheduler, reps, prefix_prompts) if prefix_prompts else {}),
         "us_per_node_p50": round(statistics.median(times) * 1e3 / n, 2),
         "build_s": round(build_s, 2),
         "python": platform.python_version(),
@@ -292,11 +373,13 @@ def main() -> None:
         help="nodes sampled per decision on larger pools (0: all; default: profile's)",
     )
     parser.add_argument("--no-kernel", action="store_true", help="decide on the column path (no compiled kernel)")
+    parser.add_argument("--prefix-prompts", type=int, default=20_000, help="earlier prompts in the index (0: none)")
     args = parser.parse_args()
     rows = []
     for n in args.nodes:
         profiler = cProfile.Profile() if args.profile else None
-        rows.append(run(n, args.reps or default_reps(n), profiler, args.sample, kernel=not args.no_kernel))
+        reps = args.reps or default_reps(n)
+        rows.append(run(n, reps, profiler, args.sample, kernel=not args.no_kernel, prefix_prompts=args.prefix_prompts))
         if profiler is not None:
             for key in ("cumulative", "tottime"):
                 out = io.StringIO()

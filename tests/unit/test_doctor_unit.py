@@ -116,3 +116,32 @@ def test_error_kinds() -> None:
     assert classify_error("upstream timed out") == "timeout"
     assert classify_error("refused generate: wrong_signer") == "refused"
     assert classify_error("ValueError: bad shape") == "engine"
+
+
+def reused(reported: float, expected: float) -> RequestTiming:
+    t = timing()
+    return RequestTiming(
+        t.ttft_s,
+        t.itl_s,
+        t.network_s,
+        t.queue_s,
+        t.prefill_s,
+        t.decode_s,
+        cached_share=reported,
+        expected_cached_share=expected,
+    )
+
+
+def test_a_node_reusing_far_less_than_the_index_expects_is_a_prefix_cache_mismatch() -> None:
+    short = [reused(0.1, 0.8) for _ in range(10)] + [timing() for _ in range(5)]
+    d = diagnose(view(requests=short), PEERS)
+    assert d.cause is Cause.PREFIX_CACHE
+    assert "over 10 requests with prefix reuse it reported 10% of prompt tokens cached" in d.evidence[0]
+    assert "expected 80%" in d.evidence[0] and "--prefix-cache-mb" in d.next_check
+    # reuse claimed that the gateway never sent is a mismatch too
+    assert diagnose(view(requests=[reused(0.9, 0.0) for _ in range(10)]), PEERS).cause is Cause.PREFIX_CACHE
+
+
+def test_prefix_reuse_as_expected_or_too_few_samples_is_healthy() -> None:
+    assert diagnose(view(requests=[reused(0.7, 0.8) for _ in range(20)]), PEERS).cause is Cause.HEALTHY
+    assert diagnose(view(requests=[reused(0.0, 0.9) for _ in range(7)]), PEERS).cause is Cause.HEALTHY

@@ -54,8 +54,9 @@ async def _collect(engine: Any, request: GenerateRequest) -> list[TokenEvent]:
 
 
 def collect(engine: Any, request: GenerateRequest) -> list[TokenEvent]:
-    """The events without the node's timings (which vary run to run)."""
-    timings = {"queue_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0}
+    """The events without the node's timings (which vary run to run) and its prefix-cache count (which depends on
+    the requests before: a repeated prompt reuses its blocks, and must give the same events otherwise)."""
+    timings = {"queue_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "cached_tokens": 0}
     return [e.model_copy(update=timings) for e in asyncio.run(_collect(engine, request))]
 
 

@@ -37,6 +37,11 @@ class ModelSpec:
         per_param = QUANT_BYTES_PER_PARAM.get(quantization)
         return self.params * (per_param if per_param is not None else DTYPE_BYTES[dtype])
 
+    def kv_room_tokens(self, memory_bytes: float, dtype: str = "float16", quantization: str = "none") -> int:
+        """Tokens of KV cache a device of `memory_bytes` holds beside the weights at this precision (0: none)."""
+        free = memory_bytes - self.weight_bytes(dtype, quantization)
+        return max(0, int(free / self.kv_bytes_per_token()))
+
 
 TINY_MODEL = "gridserve-tiny"
 TINY_SEED = 20261123
@@ -113,6 +118,67 @@ MODELS: dict[str, ModelSpec] = {
             head_dim=128,
             vocab=32000,
             max_context=32768,
+        ),
+        # Long-context models (prompts of today's agent and chat traffic run to 100k tokens and more).
+        # meta-llama/Llama-3.1-8B config.json: 32 layers, hidden 4096, 32 heads, 8 KV heads (head_dim 128),
+        # vocab 128256, max_position_embeddings 131072 (rope_scaling llama3, factor 8 over 8192).
+        ModelSpec(
+            name="llama-3.1-8b",
+            params=8.03e9,
+            layers=32,
+            hidden=4096,
+            kv_heads=8,
+            head_dim=128,
+            vocab=128256,
+            max_context=131072,
+        ),
+        # meta-llama/Llama-3.1-70B config.json: 80 layers, hidden 8192, 64 heads, 8 KV heads (head_dim 128),
+        # vocab 128256, max_position_embeddings 131072.
+        ModelSpec(
+            name="llama-3.1-70b",
+            params=70.6e9,
+            layers=80,
+            hidden=8192,
+            kv_heads=8,
+            head_dim=128,
+            vocab=128256,
+            max_context=131072,
+        ),
+        # Qwen/Qwen2.5-72B-Instruct config.json: 80 layers, hidden 8192, 64 heads, 8 KV heads (head_dim 128),
+        # vocab 152064; served at 32768 tokens as configured (its card's YaRN factor 4 reaches 131072: below).
+        ModelSpec(
+            name="qwen2.5-72b",
+            params=72.7e9,
+            layers=80,
+            hidden=8192,
+            kv_heads=8,
+            head_dim=128,
+            vocab=152064,
+            max_context=32768,
+        ),
+        # Qwen/Qwen2.5-7B-Instruct with the YaRN rope_scaling its model card gives for long texts (factor 4.0 over
+        # original_max_position_embeddings 32768): 131072 tokens; architecture as qwen2.5-7b above.
+        ModelSpec(
+            name="qwen2.5-7b-128k",
+            params=7.62e9,
+            layers=28,
+            hidden=3584,
+            kv_heads=4,
+            head_dim=128,
+            vocab=152064,
+            max_context=131072,
+        ),
+        # Qwen/Qwen2.5-7B-Instruct-1M config.json: 28 layers, hidden 3584, 28 heads, 4 KV heads (head_dim 128),
+        # vocab 152064, max_position_embeddings 1010000 (dual chunk attention over 262144-token chunks).
+        ModelSpec(
+            name="qwen2.5-7b-1m",
+            params=7.62e9,
+            layers=28,
+            hidden=3584,
+            kv_heads=4,
+            head_dim=128,
+            vocab=152064,
+            max_context=1010000,
         ),
     )
 }

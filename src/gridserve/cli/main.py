@@ -93,6 +93,9 @@ def gateway(
     max_body_bytes: Annotated[int, typer.Option(help="largest accepted request body")] = 1_000_000,
     profile: Annotated[Path | None, typer.Option(help="scheduling profile (YAML)")] = None,
     hedging: Annotated[bool, typer.Option(help="send late requests to the runner-up too")] = True,
+    prefix_routing: Annotated[
+        bool, typer.Option(help="prefer nodes that probably hold the prompt's prefix in their KV cache")
+    ] = True,
     standby: Annotated[int, typer.Option(help="warm spare nodes kept per model in demand")] = 1,
     audit_rate: Annotated[float, typer.Option(help="share of trusted nodes' completions re-executed")] = 0.05,
     canary_interval: Annotated[float, typer.Option(help="mean seconds between canary requests (0: none)")] = 60.0,
@@ -139,6 +142,7 @@ def gateway(
         max_body_bytes=max_body_bytes,
         profile_path=profile,
         hedging=hedging,
+        prefix_routing=prefix_routing,
         standby_per_model=standby,
         audit_rate=audit_rate,
         canary_interval_s=canary_interval,
@@ -177,6 +181,9 @@ def node(
     upstream_model: Annotated[str | None, typer.Option(help="openai-upstream: model id upstream")] = None,
     max_context: Annotated[int, typer.Option(help="openai-upstream: context of the upstream model")] = 4096,
     threads: Annotated[int, typer.Option(help="torch threads for local engines")] = 2,
+    prefix_cache_mb: Annotated[
+        int, typer.Option(help="tiny/gemma: MiB for the KV cache of recent prompts, reused by prompts that start alike")
+    ] = 512,  # engines/base.py DEFAULT_PREFIX_CACHE_MB (not imported here: the CLI starts without the engines)
     price: Annotated[float, typer.Option(help="USD per million generated tokens")] = 0.0,
     memory_gib: Annotated[
         float | None, typer.Option(help="memory the engine may use for weights + KV cache (default: detected)")
@@ -232,6 +239,8 @@ def node(
     )
     if memory_gib is not None and memory_gib <= 0:
         raise fail(f"--memory-gib must be positive (got {memory_gib})")
+    if prefix_cache_mb < 0:
+        raise fail(f"--prefix-cache-mb must be 0 (no prefix cache) or more (got {prefix_cache_mb})")
     options = EngineOptions(
         threads=threads,
         models=tuple(model or ()),
@@ -247,6 +256,7 @@ def node(
         fifo_slots=fifo_slots,
         layers=_layers(layers),
         stage_auto=layers == "auto",
+        prefix_cache_mb=prefix_cache_mb,
     )
     faults = _faults(allow_faults, fault or [])
     from gridserve.node.dishonest import ENGINE_MODES, Dishonesty, DishonestyRefused

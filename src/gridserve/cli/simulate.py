@@ -8,7 +8,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-DEFAULT_POLICIES = "default,round-robin,random,least-loaded,capacity-only,latency-ewma,petals-like"
+DEFAULT_POLICIES = (
+    "default,round-robin,random,least-loaded,capacity-only,latency-ewma,petals-like,prefix-load,cache-aware,kv-overlap"
+)
 
 
 def register(app: typer.Typer, console: Console, fail: Any) -> None:
@@ -24,7 +26,10 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         policies: Annotated[str, typer.Option(help="comma-separated profiles")] = DEFAULT_POLICIES,
         limit: Annotated[int | None, typer.Option(help="use the first N requests of the trace")] = None,
         seed: Annotated[int, typer.Option(help="randomness (same seed, same result)")] = 0,
-        model: Annotated[str, typer.Option(help="catalogue model every node serves")] = "llama-3-8b",
+        model: Annotated[
+            str | None,
+            typer.Option(help="catalogue model every node serves (default: one whose context holds the trace)"),
+        ] = None,
         churn: Annotated[bool, typer.Option(help="nodes leave and come back (Weibull sessions)")] = True,
         uptime_mean_s: Annotated[float, typer.Option(help="mean session length")] = 1800.0,
         downtime_mean_s: Annotated[float, typer.Option(help="mean time away")] = 300.0,
@@ -40,10 +45,22 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         from gridserve.scheduler import ProfileError, named_profile
         from gridserve.sim import report as rep
         from gridserve.sim.engine import SimConfig
-        from gridserve.sim.trace import TraceError, load_trace
+        from gridserve.sim.grid import DECENTRALIZED_MIX, model_for_trace
+        from gridserve.sim.trace import TraceError, load_trace, prefix_ceiling
 
         try:
             requests = load_trace(trace, limit)
+            if model is None:
+                model, unservable = model_for_trace(requests, DECENTRALIZED_MIX)
+                longest = max(r.prompt_tokens + r.output_tokens for r in requests)
+                console.print(
+                    f"model {model}: longest request {longest:,} tokens; "
+                    + (
+                        f"{unservable} requests exceed every catalogue model's context (they fail)"
+                        if unservable
+                        else "every request fits its context"
+                    )
+                )
             names = [p.strip() for p in policies.split(",") if p.strip()]
             for name in names:
                 named_profile(name)
@@ -86,6 +103,8 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
             "seed": seed,
             "ttft_slo_s": config.ttft_slo_s,
             "tpot_slo_s": config.tpot_slo_s,
+            "model": config.model,
+            "prefix_ceiling": round(prefix_ceiling(requests)[1], 4) if any(r.blocks for r in requests) else None,
             "churn": config.churn,
             "uptime_mean_s": config.uptime_mean_s,
             "downtime_mean_s": config.downtime_mean_s,
@@ -95,7 +114,17 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         }
         rep.write(entries, runs, out, header)
         table = Table(title=f"{nodes} nodes, load {load} ({capacity * load:.1f} req/s)")
-        columns = ("policy", "SLO attainment", "goodput req/s", "TTFT p99 s", "TPOT p99 s", "failed", "retried")
+        columns = (
+            "policy",
+            "SLO attainment",
+            "goodput req/s",
+            "goodput 99% req/s",
+            "cache hit",
+            "TTFT p99 s",
+            "TPOT p99 s",
+            "failed",
+            "retried",
+        )
         for column in (*columns, "dishonest tokens"):
             table.add_column(column)
         for e in entries:
@@ -103,6 +132,8 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
                 e["policy"],
                 f"{e['slo_attainment']:.3f}",
                 f"{e['goodput_rps']:.1f}",
+                f"{e['goodput_99_rps']:.1f}",
+                f"{e['cache_hit_rate']:.3f}",
                 str(e["ttft_p99_s"]),
                 str(e["tpot_p99_s"]),
                 str(e["failed"]),

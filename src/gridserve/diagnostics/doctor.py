@@ -15,7 +15,10 @@ with. The rules, in order (the first that matches is the verdict; every matching
 5. compute saturation: ITL >= 2x the baseline (peers' median, else the uncalibrated roofline);
 6. network lag / discovery delay: TTFT >= 2x baseline with normal ITL, and the network share of TTFT is
    high or the probe RTT is >= 3x the peers' (>= 20 ms); or heartbeats arrive late;
-7. healthy.
+7. prefix cache mismatch: over requests where the gateway's prefix index expected reuse or the node reported
+   some, the share of prompt tokens the node says it took from its cache is >= 25 points off what the index
+   expected (a cache smaller than advertised or evicting early; or reuse claimed that the gateway never sent);
+8. healthy.
 """
 
 import statistics
@@ -33,6 +36,10 @@ IDLE_UTILISATION = 0.5
 RTT_FACTOR, RTT_FLOOR_MS = 3.0, 20.0
 NETWORK_SHARE = 0.5
 FAILURE_SHARE = 0.2
+REUSE_GAP = 0.25
+"""Reported and expected shares of the prompt taken from the prefix cache this far apart are a mismatch."""
+REUSE_SAMPLES = 8
+"""Requests with expected or reported reuse before the prefix-cache rule judges."""
 
 
 class Cause(StrEnum):
@@ -42,6 +49,7 @@ class Cause(StrEnum):
     PIPELINE_OVERHEAD = "pipeline_overhead"
     COMPUTE_SATURATION = "compute_saturation"
     NETWORK = "network"
+    PREFIX_CACHE = "prefix_cache_mismatch"
     HEALTHY = "healthy"
 
 
@@ -58,6 +66,8 @@ NEXT_CHECK = {
     "between them, or use fewer stages",
     Cause.NETWORK: "from the gateway host: `mtr {host}` (or ping) and compare with the probe RTT; check the "
     "node's uplink, VPN or relay",
+    Cause.PREFIX_CACHE: "on the node: its `--prefix-cache-mb` and the cache figures it logs; compare "
+    "`usage.prompt_tokens_details.cached_tokens` of a repeated long prompt sent to it twice",
     Cause.HEALTHY: "nothing to fix; run `gridserve doctor` again while the latency is high",
 }
 
@@ -70,6 +80,10 @@ class RequestTiming:
     queue_s: float | None
     prefill_s: float | None
     decode_s: float | None
+    cached_share: float | None = None
+    """Share of the prompt the node said it took from its prefix cache (None: not known)."""
+    expected_cached_share: float | None = None
+    """Share of the prompt the gateway's prefix index expected it to hold."""
 
 
 @dataclass
@@ -230,6 +244,25 @@ class _Exam:
                     f"ITL normal {_ms(self.itl)}",
                 )
 
+    def prefix_cache(self) -> None:
+        pairs = [
+            (r.cached_share, r.expected_cached_share)
+            for r in self.v.requests
+            if r.cached_share is not None
+            and r.expected_cached_share is not None
+            and (r.cached_share > 0 or r.expected_cached_share > 0)
+        ]
+        if len(pairs) < REUSE_SAMPLES:
+            return
+        reported = statistics.fmean(p[0] for p in pairs)
+        expected = statistics.fmean(p[1] for p in pairs)
+        if abs(reported - expected) >= REUSE_GAP:
+            self.add(
+                Cause.PREFIX_CACHE,
+                f"over {len(pairs)} requests with prefix reuse it reported {reported:.0%} of prompt tokens cached; "
+                f"the gateway's prefix index expected {expected:.0%}",
+            )
+
     def verdict(self) -> Diagnosis:
         order = list(Cause)
         for cause in order[:-1]:
@@ -261,6 +294,7 @@ SUMMARY = {
     Cause.COMPUTE_SATURATION: "compute saturation: tokens come much slower than on comparable nodes",
     Cause.PIPELINE_OVERHEAD: "pipeline overhead: stages wait on each other (low utilisation, high latency)",
     Cause.NETWORK: "network lag or discovery delay: slow first token, normal decode",
+    Cause.PREFIX_CACHE: "prefix cache mismatch: the node reuses far other shares of prompts than it was sent",
     Cause.HEALTHY: "healthy",
 }
 
@@ -273,6 +307,7 @@ def diagnose(view: NodeView, peers: Sequence[NodeView]) -> Diagnosis:
     exam.saturation()
     exam.pipeline()
     exam.network()
+    exam.prefix_cache()
     return exam.verdict()
 
 

@@ -25,6 +25,9 @@ class InvalidRequest(EngineError):
     """The request cannot be run as given (client fault): e.g. the prompt plus max_tokens exceed the context."""
 
 
+DEFAULT_PREFIX_CACHE_MB = 512
+"""The local engines' prefix cache budget by default (`gridserve node --prefix-cache-mb`; engines/prefix_cache.py)."""
+
 RATE_WINDOW_S = 10.0
 """`tokens_per_s` is the rate over this many seconds."""
 RATE_RESOLUTION_S = 0.01

@@ -2,6 +2,11 @@
 
 TTFT and ITL come from `perfmodel` (bandwidth-bound decode, compute-bound prefill, from the catalogue's
 cited spec figures), or are fixed by the operator for benchmarks. The text comes from the tiny model.
+
+A prefix cache is emulated as a serving engine's would be (vLLM's automatic prefix caching): the KV room the card
+has beyond the weights holds the blocks of recent prompts (`PREFIX_BLOCK_TOKENS` tokens of the prompt's token ids,
+chain-hashed), least recently used out; a prompt's prefill is timed on the tokens not already held, and its last
+event reports the rest as `cached_tokens`.
 The node advertises the emulated hardware with `emulated: true`; models a real engine serves are refused.
 """
 
@@ -17,6 +22,7 @@ from gridserve.catalog import HardwareSpec, ModelSpec, hardware_spec, model_spec
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
 from gridserve.engines.torch_engine import TorchEngine
 from gridserve.perfmodel import Load, predict
+from gridserve.prefix import PrefixIndex
 from gridserve.types import GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
 
 log = logging.getLogger("gridserve.node")
@@ -29,8 +35,32 @@ KV_RESERVE = 0.1
 """Share of device memory kept free for KV cache and activations when choosing a quantization."""
 
 
+PREFIX_BLOCK_TOKENS = 32
+"""Tokens per emulated prefix-cache block."""
+
+
 class EmulationError(EngineError):
     pass
+
+
+class EmulatedPrefixCache:
+    """Which prompt blocks the emulated card's KV cache holds: one node's share of a PrefixIndex."""
+
+    def __init__(self, capacity_tokens: int) -> None:
+        self.capacity_tokens = capacity_tokens
+        self._index = PrefixIndex(default_capacity=capacity_tokens // PREFIX_BLOCK_TOKENS)
+
+    def reuse(self, model: str, ids: Sequence[int]) -> int:
+        """Prompt tokens of `ids` already held (whole blocks, at most all but the last token); the prompt's blocks
+        are then held, most recently used."""
+        blocks: list[int] = []
+        h = hash(model)
+        for start in range(0, len(ids) - PREFIX_BLOCK_TOKENS + 1, PREFIX_BLOCK_TOKENS):
+            h = hash((h, tuple(ids[start : start + PREFIX_BLOCK_TOKENS])))
+            blocks.append(h)
+        held = self._index.match(blocks).get("", 0)
+        self._index.insert("", blocks)
+        return max(0, min(held * PREFIX_BLOCK_TOKENS, len(ids) - 1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,12 +102,14 @@ class EmulatedEngine:
         loadable: Sequence[str] = (),
         load_gbps: float = 2.0,
         fifo_slots: bool = False,
+        prefix_cache: bool = True,
     ) -> None:
         """`slowdown` > 1 emulates a node slower than its spec (thermal throttling, a weak host) without saying
         so in its telemetry: only observed timings reveal it. `loadable` models are on disk: loading one takes
         its weight bytes / `load_gbps`. `fifo_slots`: at most the card's batch slots run at once and later
         requests wait in arrival order (as a serving engine's batch limit); otherwise every request runs at once
-        and the performance model's queue estimate slows it instead."""
+        and the performance model's queue estimate slows it instead. `prefix_cache`: emulate one in the card's KV
+        room (see the module's docstring)."""
         self.hw = hardware_spec(hardware)
         self._models: dict[str, tuple[ModelSpec, str, str]] = {name: self._placed(name) for name in models}
         self._loadable = {name: self._placed(name) for name in loadable if name not in self._models}
@@ -91,6 +123,18 @@ class EmulatedEngine:
         self._stats = EngineStats()
         self._cache: OrderedDict[str, tuple[TokenEvent, ...]] = OrderedDict()
         self._slots = asyncio.Semaphore(max(1, self.hw.batch_slots)) if fifo_slots else None
+        self._prefix = EmulatedPrefixCache(self._kv_room_tokens()) if prefix_cache else None
+
+    def _kv_room_tokens(self) -> int:
+        """Tokens of KV the card holds beyond its resident weights (the largest model's KV bytes a token)."""
+        placed = list(self._models.values()) + list(self._loadable.values())
+        weights = sum(spec.weight_bytes(dtype, quant) for spec, dtype, quant in self._models.values())
+        per_token = max(spec.kv_bytes_per_token() for spec, _, _ in placed)
+        return max(0, int((self.hw.memory_gib * 2**30 - weights) / per_token))
+
+    def prefix_cache_tokens(self) -> int:
+        """Prompt tokens the emulated prefix cache holds (advertised in the capability)."""
+        return self._prefix.capacity_tokens if self._prefix is not None else 0
 
     def _placed(self, name: str) -> tuple[ModelSpec, str, str]:
         spec = model_spec(name)
@@ -258,8 +302,10 @@ class EmulatedEngine:
         try:
             text_request = self._text_request(request)
             # timings follow the whole prompt (the text source only sees its tail)
-            prompt_tokens = len(self._text.prompt_ids(self._text_request(request, clip=None)))
-            ttft, itl = self._timings(request.model, prompt_tokens + len(request.resume))
+            ids = self._text.prompt_ids(self._text_request(request, clip=None))
+            prompt_tokens = len(ids)
+            cached = self._prefix.reuse(request.model, ids) if self._prefix is not None else 0
+            ttft, itl = self._timings(request.model, prompt_tokens - cached + len(request.resume))
             first: float | None = None
             i = 0
             async for event in self._prefetched(text_request):
@@ -278,6 +324,7 @@ class EmulatedEngine:
                             "prefill_s": to_first,
                             "decode_s": done - to_first,
                             "prompt_tokens": prompt_tokens,
+                            "cached_tokens": cached,
                         }
                     )
                 yield event

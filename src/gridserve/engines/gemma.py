@@ -15,6 +15,7 @@ from typing import Any
 import platformdirs
 import torch
 
+from gridserve.engines.base import DEFAULT_PREFIX_CACHE_MB
 from gridserve.engines.torch_engine import LoadedModel, TorchEngine
 from gridserve.types import ChatMessage, ModelOffer
 
@@ -183,8 +184,18 @@ def gemma_config(path: Path) -> Any:
     return AutoConfig.from_pretrained(str(path))
 
 
-def gemma_engine(threads: int, cache: Path | None = None, lazy: bool = False) -> TorchEngine:
-    """Build the engine; the cache is converted first (so the offer can carry the weights digest)."""
+def gemma_engine(
+    threads: int, cache: Path | None = None, lazy: bool = False, prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB
+) -> TorchEngine:
+    """Build the engine; the cache is converted first (so the offer can carry the weights digest).
+    `prefix_cache_mb`: the budget of the KV cache of recent prompts (0: none; engines/prefix_cache.py)."""
     path = ensure_cache(cache)
     offer = gemma_offer(path)
-    return TorchEngine(kind="gemma-270m", offer=offer, loader=lambda: load_gemma(path), threads=threads, lazy=lazy)
+    return TorchEngine(
+        kind="gemma-270m",
+        offer=offer,
+        loader=lambda: load_gemma(path),
+        threads=threads,
+        lazy=lazy,
+        prefix_cache_bytes=prefix_cache_mb * 2**20,
+    )

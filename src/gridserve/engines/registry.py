@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gridserve.engines.base import Engine, EngineError
+from gridserve.engines.base import DEFAULT_PREFIX_CACHE_MB, Engine, EngineError
 
 if TYPE_CHECKING:
     from gridserve.engines.stage import StageSpan
@@ -40,6 +40,9 @@ class EngineOptions:
     """tiny / gemma-270m: run only layers [start, end) as a pipeline stage (engines/stage_engine.py)."""
     stage_auto: bool = False
     """tiny / gemma-270m: a pipeline stage whose layer range the gateway's planner assigns (`--layers auto`)."""
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB
+    """tiny / gemma-270m: memory for the KV cache of recent prompts, reused by prompts that start the same way
+    (engines/prefix_cache.py); 0: none."""
     cheat: tuple[str, ...] = ()
     """tiny: dishonest modes that change the model while it claims the real weights (`wrong_model`: other
     weights, `lazy_compute`: skips its last layer); node/dishonest.py checks they are allowed."""
@@ -51,11 +54,15 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
     if options.layers is not None or options.stage_auto:
         return _stage_engine(name, options, options.layers)
     if name == "tiny":
-        return tiny_engine(threads=options.threads, lazy=options.lazy, cheat=options.cheat)
+        return tiny_engine(
+            threads=options.threads, lazy=options.lazy, cheat=options.cheat, prefix_cache_mb=options.prefix_cache_mb
+        )
     if name == "gemma-270m":
         from gridserve.engines.gemma import gemma_engine
 
-        return gemma_engine(threads=options.threads, cache=options.cache_dir, lazy=options.lazy)
+        return gemma_engine(
+            threads=options.threads, cache=options.cache_dir, lazy=options.lazy, prefix_cache_mb=options.prefix_cache_mb
+        )
     if name.startswith("emulated:"):
         from gridserve.engines.emulated import EmulatedEngine, FixedTimings
 
@@ -71,6 +78,7 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
             loadable=options.loadable,
             load_gbps=options.load_gbps,
             fifo_slots=options.fifo_slots,
+            prefix_cache=options.prefix_cache_mb > 0,
         )
     if name == "openai-upstream":
         from gridserve.engines.upstream import UpstreamEngine

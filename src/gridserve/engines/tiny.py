@@ -10,10 +10,13 @@ from typing import Any
 import torch
 
 from gridserve.catalog.models import TINY_MODEL, TINY_SEED
+from gridserve.engines.base import DEFAULT_PREFIX_CACHE_MB
 from gridserve.engines.torch_engine import LoadedModel, TorchEngine
 from gridserve.types import ChatMessage, ModelOffer
 
 TINY_CONTEXT = 4096
+TINY_PREFIX_BLOCK = 32
+"""Prefix-cache block (and prefill chunk) of the tiny model: its 64-token sliding window holds at most 63."""
 PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
 VOCAB = OFFSET + 256
 
@@ -62,9 +65,11 @@ def tiny_offer() -> ModelOffer:
     return ModelOffer(name=TINY_MODEL, dtype="float32", max_context=TINY_CONTEXT, weights_digest=f"seed:{TINY_SEED}")
 
 
-def tiny_engine(threads: int = 1, lazy: bool = False, cheat: tuple[str, ...] = ()) -> TorchEngine:
+def tiny_engine(
+    threads: int = 1, lazy: bool = False, cheat: tuple[str, ...] = (), prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB
+) -> TorchEngine:
     """`cheat` (tests of the verifier): `wrong_model` loads other weights, `lazy_compute` skips the last layer;
-    either way the offer still names the real weights."""
+    either way the offer still names the real weights. `prefix_cache_mb`: the prefix cache's budget (0: none)."""
     offer = tiny_offer()
 
     def loader() -> LoadedModel:
@@ -73,4 +78,12 @@ def tiny_engine(threads: int = 1, lazy: bool = False, cheat: tuple[str, ...] = (
             loaded.model.model.layers = loaded.model.model.layers[:-1]
         return loaded
 
-    return TorchEngine(kind="tiny", offer=offer, loader=loader, threads=threads, lazy=lazy)
+    return TorchEngine(
+        kind="tiny",
+        offer=offer,
+        loader=loader,
+        threads=threads,
+        lazy=lazy,
+        prefix_cache_bytes=prefix_cache_mb * 2**20,
+        prefix_block=TINY_PREFIX_BLOCK,
+    )

@@ -1,4 +1,7 @@
-"""A local transformers engine: one worker thread runs the model; tokens stream to asyncio."""
+"""A local transformers engine: one worker thread runs the model; tokens stream to asyncio.
+
+Prefill runs in chunks of the prefix cache's block size, reusing the longest cached run of a prompt's leading
+blocks (engines/prefix_cache.py, which explains why a cache hit gives the same output, bit for bit)."""
 
 import asyncio
 import queue
@@ -12,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest, LocalEngine
+from gridserve.engines.prefix_cache import BLOCK_TOKENS, DEFAULT_PREFIX_CACHE_MB, PrefixCache, block_keys
 from gridserve.engines.sampling import fresh_seed, pick_token
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
 from gridserve.trust import proofs
@@ -38,6 +42,8 @@ class LoadedModel:
 
 
 _DONE = object()
+WORKER_JOIN_S = 30.0
+"""How long `aclose` waits for the worker to finish its step (a long prompt's prefill) and stop."""
 
 
 class TorchEngine(LocalEngine):
@@ -47,10 +53,19 @@ class TorchEngine(LocalEngine):
     ran alone, so outputs stay bitwise-reproducible for a fixed thread count."""
 
     def __init__(
-        self, *, kind: str, offer: ModelOffer, loader: Callable[[], LoadedModel], threads: int, lazy: bool = False
+        self,
+        *,
+        kind: str,
+        offer: ModelOffer,
+        loader: Callable[[], LoadedModel],
+        threads: int,
+        lazy: bool = False,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_MB * 2**20,
+        prefix_block: int = BLOCK_TOKENS,
     ) -> None:
         """`lazy`: do not load the weights at start; the model is `loadable` until asked for (pre-warming) or
-        first requested (a cold start)."""
+        first requested (a cold start). `prefix_cache_bytes`: the prefix cache's budget (0: none); prefill runs in
+        chunks of `prefix_block` tokens either way."""
         self._lazy = lazy
         self._load_lock = asyncio.Lock()
         self._kind = kind
@@ -58,6 +73,10 @@ class TorchEngine(LocalEngine):
         self._loader = loader
         self._threads = threads
         self._loaded: LoadedModel | None = None
+        self._prefix_budget = prefix_cache_bytes
+        self._prefix_block = prefix_block
+        self._prefix: PrefixCache | None = None
+        """Created with the model; used on the worker thread only."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{kind}-load")
         self._incoming: queue.SimpleQueue[_Generation | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
@@ -72,6 +91,14 @@ class TorchEngine(LocalEngine):
     def advertised_hardware(self) -> HardwareInfo | None:
         return None
 
+    def prefix_cache_tokens(self) -> int | None:
+        """Prompt tokens the prefix cache can hold (advertised in the capability); None until the model is loaded."""
+        return self._prefix.capacity_tokens() if self._prefix is not None else None
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self._prefix
+
     async def start(self) -> None:
         if not self._lazy:
             await self.load(self._offer.name)
@@ -82,21 +109,24 @@ class TorchEngine(LocalEngine):
         async with self._load_lock:
             if self._loaded is None:
                 loop = asyncio.get_running_loop()
-                self._loaded = await loop.run_in_executor(self._pool, self._load)
+                self._prefix, self._loaded = await loop.run_in_executor(self._pool, self._load)
 
-    def _load(self) -> LoadedModel:
+    def _load(self) -> tuple[PrefixCache, LoadedModel]:
         torch.set_num_threads(self._threads)
         loaded = self._loader()
         loaded.model.eval()
-        return loaded
+        return PrefixCache.for_model(loaded.model, self._prefix_budget, self._prefix_block), loaded
 
     def load_sync(self) -> None:
         """Load in the calling thread (for direct, non-served use)."""
-        self._loaded = self._pool.submit(self._load).result()
+        self._prefix, self._loaded = self._pool.submit(self._load).result()
 
     async def aclose(self) -> None:
+        """Stop the worker (after the step it is in) and wait for it: a process that exits while the worker thread
+        is still inside torch aborts ("terminate called without an active exception")."""
         if self._worker is not None:
             self._incoming.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._worker.join, WORKER_JOIN_S)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def prompt_ids(self, request: GenerateRequest) -> list[int]:
@@ -127,7 +157,8 @@ class TorchEngine(LocalEngine):
         def emit(item: object) -> None:
             loop.call_soon_threadsafe(events.put_nowait, item)
 
-        gen = _Generation(loaded, prompt, request, emit, self._stats)
+        assert self._prefix is not None  # set with the model
+        gen = _Generation(loaded, self._prefix, prompt, request, emit, self._stats)
         self._stats.queued += 1
         self._ensure_worker()
         self._incoming.put(gen)
@@ -172,18 +203,23 @@ class TorchEngine(LocalEngine):
 
 class _Generation:
     """One request's decoding, one step at a time: the first step prefills prompt + resumed tokens (failover:
-    the client has their text already, so they only rebuild the detokeniser's and stop matcher's state) and
-    picks a token; each later step runs one decode forward and picks the next."""
+    the client has their text already, so they only rebuild the detokeniser's and stop matcher's state), in
+    block-aligned chunks after the longest cached prefix, and picks a token; each later step runs one decode
+    forward and picks the next."""
 
     def __init__(
         self,
         loaded: LoadedModel,
+        prefix: PrefixCache,
         prompt: list[int],
         request: GenerateRequest,
         emit: Callable[[object], None],
         stats: EngineStats,
     ) -> None:
-        self.loaded, self.prompt, self.request, self.emit, self.stats = loaded, prompt, request, emit, stats
+        self.loaded, self.prefix, self.prompt, self.request = loaded, prefix, prompt, request
+        self.emit, self.stats = emit, stats
+        self.cached = 0
+        """Prompt tokens whose keys and values came from the prefix cache."""
         self.params = request.sampling
         self.seed = self.params.seed if self.params.seed is not None else fresh_seed()
         self.decoder = IncrementalDecoder(loaded.codec.decode)
@@ -221,8 +257,7 @@ class _Generation:
             self.began = time.monotonic()
             for token in self.request.resume:
                 self.stops.feed(self.decoder.push(token))
-            ids = torch.tensor([[*self.prompt, *self.request.resume]])
-            self.out = self.loaded.model(input_ids=ids, use_cache=True, output_hidden_states=True)
+            self.out = self._prefill([*self.prompt, *self.request.resume])
         else:
             started = time.monotonic()
             step_ids = torch.tensor([[self.last]])
@@ -232,6 +267,36 @@ class _Generation:
             if self.stats.decode_throttle > 1.0:
                 time.sleep((time.monotonic() - started) * (self.stats.decode_throttle - 1.0))
         return self._pick()
+
+    def _prefill(self, ids: list[int]) -> Any:
+        """Prefill `ids` chunk by chunk (each a block, the last one possibly shorter) after the blocks the prefix
+        cache holds, storing each whole block computed; the output of the last chunk (logits of its last position
+        only, and the hidden states)."""
+        if not ids:
+            raise EngineError("empty prompt")
+        model, prefix = self.loaded.model, self.prefix
+        size = prefix.block
+        keys = block_keys(ids, size) if prefix.enabled else []
+        reused = prefix.lookup(keys, len(ids))
+        cache = prefix.restore(model, keys[:reused])
+        self.cached = min(reused * size, len(self.prompt))
+        protect = frozenset(keys)
+        decoder = model.get_decoder()
+        out: Any = None
+        storing = prefix.enabled
+        for start in range(reused * size, len(ids), size):
+            chunk = torch.tensor([ids[start : start + size]])
+            if start + size < len(ids):  # the decoder alone: no logits wanted here
+                decoder(input_ids=chunk, past_key_values=cache, use_cache=True)
+            else:
+                out = model(
+                    input_ids=chunk, past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1
+                )
+            if storing and start + size <= len(ids):
+                # False: the budget is full of this prompt's own earlier blocks (kept; a later block needs them)
+                storing = prefix.store(keys[start // size], cache, protect)
+        prefix.touch(keys)
+        return out
 
     def _pick(self) -> str | None:
         self.activations.append(self.out.hidden_states[-1][0, -1].clone())
@@ -260,6 +325,7 @@ class _Generation:
                 text=tail,
                 finish_reason="stop" if finish == "stop" else "length",
                 prompt_tokens=len(self.prompt),
+                cached_tokens=self.cached,
                 prompt_digest=token_commitment(self.prompt),
                 proof=proofs.build(self.activations, self.request.model),
                 completion_tokens=self.step,

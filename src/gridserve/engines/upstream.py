@@ -1,6 +1,12 @@
 """`openai-upstream`: the node fronts an OpenAI-compatible server the operator already runs
 (vLLM, llama.cpp server, Ollama). Chat requests go to /v1/chat/completions, text prompts to /v1/completions,
-both streamed; the node re-publishes the stream as gridserve token events."""
+both streamed; the node re-publishes the stream as gridserve token events.
+
+Prefix caching is the upstream's own: requests ask for it (`cache_prompt: true`: llama.cpp's server keeps and
+reuses the prompt's KV cache; servers that do not know the field ignore it), and the cached prompt tokens the server
+reports are passed on in `cached_tokens`: OpenAI's `usage.prompt_tokens_details.cached_tokens` (vLLM with
+`--enable-prompt-tokens-details`) or llama.cpp's `timings.cache_n`. llama-cpp-python's
+server (0.3.x) reuses the longest common prefix with the previous prompt by itself but reports no count: 0 then."""
 
 import time
 from collections.abc import AsyncIterator
@@ -88,6 +94,7 @@ class UpstreamEngine:
             "top_p": sp.top_p,
             "stream": True,
             "stream_options": {"include_usage": True},
+            "cache_prompt": True,
         }
         if sp.seed is not None:
             body["seed"] = sp.seed
@@ -122,7 +129,8 @@ class UpstreamEngine:
 
     async def _events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[TokenEvent]:
         finish: str | None = None
-        usage: dict[str, int] = {}
+        usage: dict[str, Any] = {}
+        cached: int | None = None
         produced = 0
         async for raw in resp.content:
             line = raw.strip()
@@ -133,6 +141,7 @@ class UpstreamEngine:
                 break
             chunk = orjson.loads(data)
             usage = chunk.get("usage") or usage
+            cached = _cached_tokens(chunk, cached)
             for choice in chunk.get("choices") or ():
                 text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                 finish = choice.get("finish_reason") or finish
@@ -140,8 +149,21 @@ class UpstreamEngine:
                     produced += 1
                     self._stats.note_tokens(time.monotonic(), 1)
                     yield TokenEvent(text=text)
+        prompt = int(usage.get("prompt_tokens", 0))
         yield TokenEvent(
             finish_reason="length" if finish == "length" else "stop",
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            prompt_tokens=prompt,
             completion_tokens=int(usage.get("completion_tokens", produced)),
+            cached_tokens=min(cached or 0, prompt) if prompt else cached or 0,
         )
+
+
+def _cached_tokens(chunk: dict[str, Any], known: int | None) -> int | None:
+    """The cached prompt tokens a stream chunk reports (OpenAI's usage details, else llama.cpp's timings), else
+    `known`."""
+    details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    if value is None:
+        timings = chunk.get("timings")
+        value = timings.get("cache_n") if isinstance(timings, dict) else None
+    return max(0, int(value)) if isinstance(value, int | float) and not isinstance(value, bool) else known

@@ -27,6 +27,7 @@ from gridserve.gateway.api.openai_api import ApiContext, list_models
 from gridserve.gateway.api.openapi_doc import install_openapi
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
+from gridserve.gateway.dispatch.prefixes import PrefixAffinity
 from gridserve.gateway.dispatch.standby import StandbyKeeper
 from gridserve.gateway.integrity.audit import Auditor, Verifier
 from gridserve.gateway.integrity.canary import CanaryRunner
@@ -68,6 +69,7 @@ class Gateway:
     def _lifecycle(self) -> Lifecycle:
         """Every request's consequences, one subscriber each (gateway/lifecycle/)."""
         subscribers: list[Subscriber] = [
+            self.prefixes,
             DecisionLogSubscriber(self.decisions),
             MetricsSubscriber(self.metrics),
             LedgerSubscriber(self.membership, self.traces),
@@ -95,6 +97,9 @@ class Gateway:
         self.auditor = Auditor(config, self.membership, self.metrics, Verifier())
         self.canaries = CanaryRunner(self.dispatcher, self.auditor, self.receipts)
         self.standby = StandbyKeeper(config, self.membership, self.dispatcher, profile)
+        self.prefixes = PrefixAffinity(enabled=config.prefix_routing)
+        self.membership.on_registered.append(self.prefixes.registered)
+        self.membership.on_down.append(self.prefixes.lost)
         self.api = ApiContext(
             self.membership,
             self.dispatcher,
@@ -108,6 +113,7 @@ class Gateway:
             self._lifecycle(),
             on_request=self.standby.note_request,
             pipelines=Pipelines(self.membership, self.dispatcher),
+            prefixes=self.prefixes,
         )
         self.cluster = (
             ClusterSync(

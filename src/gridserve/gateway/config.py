@@ -59,6 +59,8 @@ class GatewayConfig:
     retry_budget_tokens: float = _DISPATCH.retry_budget_tokens
     """Retry throttling (gRPC): retries and hedges stop while fewer than half of these tokens are left; each
     failure costs one, each success returns 0.1."""
+    prefix_routing: bool = True
+    """Route to the nodes that probably hold a prompt's prefix in their KV cache (gateway/dispatch/prefixes.py)."""
     hedging: bool = _DISPATCH.hedging
     """Send a late request to the runner-up too (requests can opt out with `gridserve.hedge: false`)."""
     hedge_min_s: float = _DISPATCH.hedge_min_s

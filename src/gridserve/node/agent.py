@@ -84,6 +84,7 @@ class NodeAgent:
             models=self.engine.offers(),
             loadable_models=self.engine.loadable(),
             stage_models=tuple(getattr(self.engine, "stage_models", tuple)()),  # StageEngine with --layers auto
+            prefix_cache_tokens=getattr(self.engine, "prefix_cache_tokens", lambda: None)(),  # TorchEngine
             hardware=hardware,
             runtime=RuntimeInfo(
                 gridserve=gridserve.__version__,

@@ -41,6 +41,7 @@ class Receipter:
             output_commitment=token_commitment(self.ids),
             resumed=resumed,
             prompt_tokens=final.prompt_tokens,
+            cached_tokens=final.cached_tokens,
             completion_tokens=self.lies.claimed_tokens(final.completion_tokens),
             finish_reason=str(final.finish_reason),
             queue_s=final.queue_s,

@@ -77,7 +77,7 @@ def throttle(clock_ratio: Num, temperature_c: Num) -> Num:
     )
 
 
-def unloaded(work: float, base_itl: Num, flops: Num, speed: Num) -> tuple[Num, Num]:
+def unloaded(work: Num, base_itl: Num, flops: Num, speed: Num) -> tuple[Num, Num]:
     """(ITL, prefill seconds) of one sequence alone on the node, throttled.
 
     `work`: 2 x params x prompt tokens; `base_itl`: `base_itl_s`; `flops`: FP16 FLOPS x prefill efficiency."""
@@ -154,9 +154,10 @@ def base_itl_s(model: ModelSpec, hw: HardwareSpec, dtype: str, quantization: str
     return model.weight_bytes(dtype, quantization) / decode_bytes_per_s(hw)
 
 
-def prefill_work(model: ModelSpec, prompt_tokens: int) -> float:
-    """FLOPs to prefill a prompt: 2 per parameter per token (at least one token)."""
-    return 2.0 * model.params * max(1, prompt_tokens)
+def prefill_work(model: ModelSpec, prompt_tokens: Num) -> Num:
+    """FLOPs to prefill a prompt (or the part of it not in the node's prefix cache): 2 per parameter per token
+    (at least one token: the last is always computed)."""
+    return 2.0 * model.params * maximum(1, prompt_tokens)
 
 
 def load_weights_s(model: ModelSpec, dtype: str, quantization: str) -> float:
@@ -185,7 +186,7 @@ def predict(
             load.temperature_c if load.temperature_c is not None else nan,
         )
     )
-    work = prefill_work(model, prompt_tokens)
+    work = float(prefill_work(model, prompt_tokens))
     itl, prefill = unloaded(work, base_itl_s(model, hw, dtype, quantization), prefill_flops(hw), speed)
     loading = 0.0 if resident else load_weights_s(model, dtype, quantization)
     ttft, itl, queue = under_load(

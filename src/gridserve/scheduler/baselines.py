@@ -7,7 +7,9 @@
   source documents criticise;
 - `petals-like`: highest advertised throughput (`advertised-throughput`: the card's unloaded decode speed);
 - `latency-ewma`: lowest moving-average observed latency, as LiteLLM's latency-based routing (`latency-ewma`
-  scorer; a node not yet observed counts as fastest, so each is tried).
+  scorer; a node not yet observed counts as fastest, so each is tried);
+- `prefix-load`, `cache-aware`, `kv-overlap`: llm-d's, SGLang's and Dynamo's prefix-cache-aware routers
+  (scheduler/prefix_baselines.py).
 
 Each baseline keeps only the filters a naive router needs not to crash a node (state, model, context, memory).
 """
@@ -123,7 +125,18 @@ class RoundRobinPicker:
         return order[turn], f"round robin (turn {turn + 1} of {len(order)})"
 
 
-BASELINES = ("round-robin", "random", "least-loaded", "capacity-only", "latency-ewma", "petals-like")
+BASELINES = (
+    "round-robin",
+    "random",
+    "least-loaded",
+    "capacity-only",
+    "latency-ewma",
+    "petals-like",
+    "prefix-load",
+    "cache-aware",
+    "kv-overlap",
+)
+"""Every packaged baseline profile; the last three route on the prefix index (scheduler/prefix_baselines.py)."""
 LATENCY_EWMA_ALPHA = 0.3
 """Weight of the newest observation in the moving average (gateway and simulator)."""
 

@@ -65,7 +65,7 @@ class Context:
             pred = predict(
                 self.model,
                 hw,
-                prompt_tokens=self.request.prompt_tokens,
+                prompt_tokens=self.request.prompt_tokens - self.request.reused_by(node.node_id),
                 dtype=offer.dtype if offer and offer.dtype in DTYPE_BYTES else "float16",
                 quantization=offer.quantization if offer and offer.quantization in QUANT_BYTES_PER_PARAM else "none",
                 load=load,

@@ -98,7 +98,7 @@ class Scheduler:
         ctx = Context.build(request, now)
         decision_id = decision_id or "dec_" + secrets.token_hex(10)
         gen = self.numpy_rng(rng)
-        pool = _sample(snapshots, self.profile.sample, gen, request.model)
+        pool = _sample(snapshots, self.profile.sample, gen, request)
         if pool is not snapshots:
             decision = self._decide(ctx, pool, rng, gen, decision_id, (len(pool), len(snapshots)))
             if decision.chosen is not None:
@@ -174,17 +174,30 @@ def schedule(
 
 
 def _sample(
-    snapshots: Sequence[NodeSnapshot], size: int, gen: np.random.Generator, model: str
+    snapshots: Sequence[NodeSnapshot], size: int, gen: np.random.Generator, request: ScheduleRequest
 ) -> Sequence[NodeSnapshot]:
-    """A uniform random sample of `size` nodes when the pool is larger (power of d choices), else the pool."""
+    """A uniform random sample of `size` nodes when the pool is larger (power of d choices), else the pool; the
+    nodes that probably hold the prompt's prefix (`request.cached_tokens`) always join it."""
     n = len(snapshots)
     if size <= 0 or n <= size:
         return snapshots
-    drawn = np.sort(gen.integers(0, n, size=size))
+    drawn = gen.integers(0, n, size=size)
+    if request.cached_tokens:
+        drawn = np.concatenate((drawn, _positions(snapshots, [node for node, _ in request.cached_tokens])))
+    drawn = np.sort(drawn)
     picks = drawn[np.concatenate(([True], drawn[1:] != drawn[:-1]))]  # up to `size`: a repeat counts once
     if isinstance(snapshots, SnapshotTable):
-        return snapshots.sample(picks, model)
+        return snapshots.sample(picks, request.model)
     return [snapshots[int(i)] for i in picks]
+
+
+def _positions(snapshots: Sequence[NodeSnapshot], node_ids: list[str]) -> "npt.NDArray[np.int64]":
+    if isinstance(snapshots, SnapshotTable):
+        found = snapshots.positions(node_ids)
+    else:
+        wanted = set(node_ids)
+        found = [i for i, s in enumerate(snapshots) if s.node_id in wanted]
+    return np.array(found, dtype=np.int64)
 
 
 __all__ = ["KERNEL_POOL", "Scheduler", "schedule"]

@@ -12,6 +12,7 @@ import numpy.typing as npt
 from gridserve.scheduler.context import Context
 from gridserve.scheduler.profile import Profile
 from gridserve.scheduler.ranking import Order
+from gridserve.scheduler.snapshot import C_CAL_TTFT
 from gridserve.scheduler.vector import Array, Columns
 from gridserve.types.scheduling import Candidate, ScoreDetail, Verdict
 
@@ -99,6 +100,8 @@ class ColumnEvidence:
             for (sc, w), norm, raw in zip(self.profile.scorers, self.norms, self.raws, strict=True)
         )
         cal = node.calibration
+        reused = int(self.cols.reused(ctx)[j])
+        per_token = self._prefill_per_token(j)
         return Candidate(
             node.node_id,
             rank,
@@ -108,7 +111,18 @@ class ColumnEvidence:
             _rounded(itl[j], 9),
             _rounded(price[j], 6),
             (cal.ttft_factor, cal.itl_factor) if cal else (1.0, 1.0),
+            reused,
+            _rounded(per_token * reused * float(self.cols.col(C_CAL_TTFT)[j]), 6) if reused else None,
+            _rounded(per_token, 12),
         )
+
+    def _prefill_per_token(self, j: int) -> float:
+        """Uncalibrated prefill seconds a prompt token on node `j` (prefill is linear in the tokens computed)."""
+        ctx = self.ctx
+        if ctx.model is None or not self.cols.predictable(ctx)[j]:
+            return float("nan")
+        _, prefill = self.cols.unloaded(ctx)
+        return float(prefill[j]) / max(1, ctx.request.prompt_tokens - int(self.cols.reused(ctx)[j]))
 
     def candidates(self) -> tuple[Candidate, ...]:
         return tuple(self.candidate(r) for r in range(len(self.order)))
@@ -138,4 +152,14 @@ class ColumnEvidence:
         top = [self.candidate(r) for r in range(min(len(self.order), 2))]
         runner = next((c for c in top if c.node_id != chosen.node_id), None)
         rejected = int((self.rejected_by >= 0).sum())
-        return why(chosen, runner, self.picked_by) + f"; {len(self.order)} eligible, {rejected} rejected"
+        text = why(chosen, runner, self.picked_by) + f"; {len(self.order)} eligible, {rejected} rejected"
+        return text + self._reuse(chosen)
+
+    def _reuse(self, chosen: Candidate) -> str:
+        if not chosen.cached_tokens:
+            return ""
+        text = f"; reuses {chosen.cached_tokens:,} of {self.ctx.request.prompt_tokens:,} prompt tokens"
+        if chosen.prefill_saved_s is not None:
+            hw = self.cols.nodes[self.order[self.picked]].static.hw
+            text += f" (saves ~{chosen.prefill_saved_s:.2g} s of prefill on {hw.name if hw else 'its hardware'})"
+        return text

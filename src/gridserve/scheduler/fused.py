@@ -97,8 +97,9 @@ def plan_of(profile: Profile) -> Plan | None:
 
 
 def applies(ctx: Context) -> bool:
-    """The kernel decides this request: a catalogue model (it predicts) and no engine restriction (strings)."""
-    return ctx.model is not None and not ctx.request.engines
+    """The kernel decides this request: a catalogue model (it predicts), no engine restriction (strings) and no
+    prefix-cache hit (the kernel predicts one prefill for every node; the columns take each node's own)."""
+    return ctx.model is not None and not ctx.request.engines and not ctx.request.cached_tokens
 
 
 @dataclass

@@ -13,6 +13,7 @@ import yaml
 from gridserve.scheduler import baselines as _baselines  # noqa: F401  (registers the plugins)
 from gridserve.scheduler import filters as _filters  # noqa: F401
 from gridserve.scheduler import pickers as _pickers  # noqa: F401
+from gridserve.scheduler import prefix_baselines as _prefix_baselines  # noqa: F401
 from gridserve.scheduler import scorers as _scorers  # noqa: F401
 from gridserve.scheduler.plugins import FILTERS, PICKERS, SCORERS, Filter, Picker, Scorer, build
 
@@ -78,7 +79,8 @@ def load_profile(path: Path) -> Profile:
 
 def named_profile(name: str) -> Profile:
     """A packaged profile: `default` or a baseline (`round-robin`, `random`, `least-loaded`, `capacity-only`,
-    `petals-like`). Each call builds fresh plugins (a round-robin counter is not shared)."""
+    `petals-like`, `latency-ewma`, `prefix-load`, `cache-aware`, `kv-overlap`). Each call builds fresh plugins (a
+    round-robin counter is not shared)."""
     return profile_from_dict(copy.deepcopy(_packaged_doc(name)))
 
 

@@ -14,7 +14,7 @@ not thread-safe: one owner (the simulator, or a gateway's event loop) puts and d
 """
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +62,11 @@ class SnapshotTable(Sequence[NodeSnapshot]):
     def get(self, node_id: str) -> NodeSnapshot | None:
         i = self._index.get(node_id)
         return None if i is None else self[i]
+
+    def positions(self, node_ids: "Iterable[str]") -> list[int]:
+        """The rows of those of `node_ids` that are in the table."""
+        index = self._index
+        return [i for i in (index.get(n) for n in node_ids) if i is not None]
 
     def put(self, snap: NodeSnapshot) -> None:
         """Add a node or replace its snapshot (its row, and its per-model rows if its capability changed)."""
@@ -200,6 +205,11 @@ class TableView(SnapshotTable):
     def get(self, node_id: str) -> NodeSnapshot | None:
         found = self._base.get(node_id)
         return found if found is not None else next((s for s in self._extra if s.node_id == node_id), None)
+
+    def positions(self, node_ids: "Iterable[str]") -> list[int]:
+        wanted = set(node_ids)
+        n = len(self._base)
+        return self._base.positions(wanted) + [n + i for i, s in enumerate(self._extra) if s.node_id in wanted]
 
     def put(self, snap: NodeSnapshot) -> None:
         raise TypeError("a table view is read-only: append, or put to its table")

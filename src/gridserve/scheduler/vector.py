@@ -89,16 +89,33 @@ class Columns:
         """Predictions under load computed elsewhere (the fused kernel, by the same formula)."""
         self._cache["predTrue"] = (ttft, itl)
 
+    def unloaded(self, ctx: Context) -> tuple[Array, Array]:
+        """(ITL, prefill seconds) per node at rest, throttled, uncalibrated (the model must be predictable)."""
+        return self.cached("unloaded", lambda: _unloaded(self, ctx))
+
+    def reused(self, ctx: Context) -> Array:
+        """Prompt tokens each node probably holds in its prefix cache (`ScheduleRequest.cached_tokens`)."""
+        return self.cached("reused", lambda: _reused(self, ctx))
+
     def price(self, ctx: Context) -> Array:
         """USD per Mtok (NaN = unknown), as Context.price computes it."""
         return self.cached("price", lambda: self.mcol(M_PRICE))
 
 
+def _reused(c: Columns, ctx: Context) -> Array:
+    hits = dict(ctx.request.cached_tokens)
+    if not hits:
+        return np.zeros(len(c))
+    return np.array([hits.get(node.node_id, 0) for node in c.nodes], dtype=np.float64)
+
+
 def _unloaded(c: Columns, ctx: Context) -> tuple[Array, Array]:
-    """The load-independent part, shared by both predictions: throttled ITL and prefill."""
+    """The load-independent part, shared by both predictions: throttled ITL and prefill (of the prompt tokens
+    each node does not hold in its prefix cache)."""
     assert ctx.model is not None
     speed = roofline.throttle(c.col(C_CLOCK), c.col(C_TEMP))
-    work = roofline.prefill_work(ctx.model, ctx.request.prompt_tokens)
+    prompt = ctx.request.prompt_tokens
+    work = roofline.prefill_work(ctx.model, prompt - c.reused(ctx) if ctx.request.cached_tokens else prompt)
     itl, prefill = roofline.unloaded(work, c.mcol(M_BASE_ITL), c.col(C_TFLOPS) * 1e12 * c.col(C_PREFILL_EFF), speed)
     return np.asarray(itl), np.asarray(prefill)
 
@@ -108,7 +125,7 @@ def _predict(c: Columns, ctx: Context, loaded: bool) -> tuple[Array, Array]:
     ok = c.predictable(ctx)
     if not ok.any():
         return np.full(n, np.nan), np.full(n, np.nan)
-    alone, prefill = c.cached("unloaded", lambda: _unloaded(c, ctx))
+    alone, prefill = c.unloaded(ctx)
     slots = np.maximum(1.0, c.col(C_SLOTS))
     active, queued = (c.col(C_ACTIVE), c.col(C_QUEUED)) if loaded else (0.0, 0.0)
     ttft, itl, _ = roofline.under_load(

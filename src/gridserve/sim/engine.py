@@ -12,6 +12,13 @@ keeps none, so 2 x predicted TTFT); if the node leaves mid-answer, it fails over
 resumes on another node (prefill over prompt + tokens sent); a node that left but is not yet marked down fails
 what is sent to it. A request nobody can take, or that failed over more than the gateway allows, fails. Client
 TTFT and TPOT include every gap.
+
+Prefix caches (traces with block ids): each node holds the prompt blocks it prefilled (sim/cache.py, LRU within
+its KV memory), and a prefill computes only the prompt past the longest prefix it holds; a node that leaves
+loses them. The simulated gateway keeps a `PrefixIndex` as the gateway does (gateway/dispatch/prefixes.py): a
+prompt's blocks go to the node that opened its answer (its first token), a node marked down or registering again
+is dropped, each node's capacity is its KV room; every decision gets the index's `cached_tokens`, whatever the
+policy. The index guesses; the node's cache decides the prefill.
 """
 
 import contextlib
@@ -27,13 +34,14 @@ from typing import Any
 
 from gridserve.catalog import model_spec
 from gridserve.perfmodel import Load, Prediction, predict
+from gridserve.prefix import PrefixIndex
 from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, ReliabilitySummary
 from gridserve.reliability.events import Severity
 from gridserve.scheduler import Profile, Scheduler
 from gridserve.scheduler.baselines import ewma
 from gridserve.scheduler.table import SnapshotTable
 from gridserve.sim.grid import EPOCH, SimConfig, SimNode, build_nodes
-from gridserve.sim.trace import TraceRequest
+from gridserve.sim.trace import TraceRequest, cached_limit
 from gridserve.trust.audit_policy import audit_probability
 from gridserve.types import NodeState
 from gridserve.types.scheduling import ScheduleRequest
@@ -78,6 +86,8 @@ class Outcome:
     """Times it was sent again (node gone before the first token) or failed over mid-answer."""
     dishonest_tokens: int = 0
     """Tokens of this answer produced by dishonest nodes."""
+    cached_tokens: int = 0
+    """Prompt tokens the node that finished it found in its prefix cache (not prefilled again)."""
 
     @property
     def failed(self) -> bool:
@@ -115,6 +125,10 @@ class _Attempt:
     itl: float = 0.0
     alive: bool = True
     running: bool = False
+    cached: int = 0
+    """Prompt tokens the node held in its prefix cache when the attempt took a batch slot."""
+    kv: int = 0
+    """KV tokens it holds on the node while it runs."""
 
     @property
     def finish(self) -> float:
@@ -141,6 +155,10 @@ class Simulation:
         self.book = ReliabilityBook()
         self.table = SnapshotTable()
         self.by_id = {n.node_id: n for n in self.nodes}
+        self.index = PrefixIndex()
+        """The gateway's prefix index (what it sent where), not the nodes' caches."""
+        for node in self.nodes:
+            self.index.set_capacity(node.node_id, node.cache.capacity)
         self.outcomes: list[Outcome | None] = []
         self.open_jobs = 0
         self.running: dict[str, dict[_Attempt, None]] = {n.node_id: {} for n in self.nodes}
@@ -223,6 +241,7 @@ class Simulation:
             attempt.alive = False
             self.running[attempt.node.node_id].pop(attempt, None)
             if attempt.running:
+                self._release(attempt)
                 self._free(attempt.node)
             else:
                 attempt.node.queue.remove(attempt)
@@ -279,6 +298,8 @@ class Simulation:
         for attempt in streams:
             self._lost(attempt)
         node.queue.clear()
+        node.cache.clear()  # its KV memory goes with it
+        node.kv_tokens = 0
         # the gateway marks it down when a stream to it breaks (stall guard), else when probes and heartbeats fail
         detect = self.config.dispatch.stall_min_s if streams else self.config.detect_s
         self._at(self.now + detect, self._detect, node, node.session)
@@ -288,12 +309,15 @@ class Simulation:
     def _detect(self, node: SimNode, session: int) -> None:
         if not node.present and node.session == session and node.state != NodeState.DOWN:
             node.state = NodeState.DOWN
+            self.index.drop(node.node_id)  # the gateway forgets what a node marked down held
             self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.HEARTBEAT_MISSED, at=self.now))
             self._touch(node)
 
     def _join(self, node: SimNode) -> None:
         node.present = True
         node.heartbeat_at = self.now
+        self.index.drop(node.node_id)  # it registers again: the gateway's index of it starts empty
+        self.index.set_capacity(node.node_id, node.cache.capacity)
         self.book.add_node(node.node_id, self.now)
         if node.state in (NodeState.DOWN, NodeState.PROBATION):
             node.state = NodeState.PROBATION
@@ -319,13 +343,15 @@ class Simulation:
 
     def _dispatch(self, job: _Job) -> None:
         req = job.req
+        prompt = req.prompt_tokens + job.sent
         request = ScheduleRequest(
             request_id=f"sim-{job.index}",
             model=self.model.name,
-            prompt_tokens=req.prompt_tokens + job.sent,
+            prompt_tokens=prompt,
             max_tokens=req.output_tokens - job.sent,
             ttft_slo_s=self.config.ttft_slo_s,
             tpot_slo_s=self.config.tpot_slo_s,
+            cached_tokens=self._lookup(req.blocks, prompt),
         )
         # a retry decides among the nodes not tried yet (as the gateway's dispatch walks its ranking)
         pool = [s for s in self.table if s.node_id not in job.tried] if job.tried else self.table
@@ -335,24 +361,32 @@ class Simulation:
             self._end(job, self._failed(req, job))
             return
         node = self.by_id[chosen]
-        self._start(job, node, node.price_per_mtok)
+        self._start(job, node, node.price_per_mtok, request.reused_by(chosen))
 
-    def _predict(self, job: _Job, node: SimNode, load: Load) -> Prediction:
+    def _lookup(self, blocks: tuple[int, ...], prompt: int) -> tuple[tuple[str, int], ...]:
+        """The gateway's prefix lookup: (node, prompt tokens it probably holds), as ScheduleRequest.cached_tokens."""
+        if not blocks or prompt <= 1:
+            return ()
+        return tuple((node, cached_limit(prompt, n)) for node, n in self.index.match(blocks).items())
+
+    def _predict(self, job: _Job, node: SimNode, load: Load, cached: int = 0) -> Prediction:
         return predict(
             self.model,
             node.hw,
-            prompt_tokens=job.req.prompt_tokens + job.sent,
+            prompt_tokens=job.req.prompt_tokens + job.sent - cached,
             dtype=node.dtype,
             quantization=node.quant,
             load=load,
         )
 
-    def _start(self, job: _Job, node: SimNode, price: float) -> None:
-        """Send the job to the node: it runs at once if a batch slot is free, else waits in the node's queue."""
+    def _start(self, job: _Job, node: SimNode, price: float, cached: int = 0) -> None:
+        """Send the job to the node: it runs at once if a batch slot is free, else waits in the node's queue.
+        `cached`: prompt tokens the gateway's index expects the node to hold."""
         req = job.req
-        # what the gateway predicts: load and queue, and throttling as the node's telemetry reports it
+        # what the gateway predicts: load and queue, throttling as the node's telemetry reports it, the prefix hit
         throttled = node.clock if node.clock < 1.0 else None
-        pred = self._predict(job, node, Load(active=node.active, queued=len(node.queue), clock_ratio=throttled))
+        load = Load(active=node.active, queued=len(node.queue), clock_ratio=throttled)
+        pred = self._predict(job, node, load, cached)
         job.tried.add(node.node_id)
         if not node.present:  # gone, not yet marked down: the gateway cannot reach it, marks it down, goes on
             self._detect(node, node.session)
@@ -373,14 +407,34 @@ class Simulation:
     def _run(self, attempt: _Attempt, at: float) -> None:
         """A batch slot takes the attempt at `at`: prefill, then one token per ITL (both set by the requests
         already running), noise and the node's hidden speed; the client sees tokens half a round trip later."""
-        node = attempt.node
-        pred = self._predict(attempt.job, node, Load(active=node.active))
+        node, job = attempt.node, attempt.job
+        prompt = job.req.prompt_tokens + job.sent
+        blocks = job.req.blocks
+        attempt.cached = cached_limit(prompt, node.cache.match(blocks)) if blocks else 0  # what it really holds
+        pred = self._predict(job, node, Load(active=node.active), attempt.cached)
         noise, speed = self.config.noise_sigma, node.speed()
         node.active += 1
         attempt.running = True
+        attempt.kv = prompt + attempt.tokens
+        node.kv_tokens += attempt.kv
         attempt.first_at = at + node.rtt_s / 2 + pred.ttft_s * speed * self.rng.lognormvariate(0.0, noise)
         attempt.itl = pred.itl_s * speed * self.rng.lognormvariate(0.0, noise)
+        if blocks:
+            self._at(attempt.first_at, self._prefilled, attempt)
         self._at(attempt.finish, self._done, attempt)
+
+    def _prefilled(self, attempt: _Attempt) -> None:
+        """The prompt is prefilled and its first token out: the node's cache holds its blocks, and the gateway,
+        seeing the answer open on that node, puts them in its index there."""
+        if attempt.alive and attempt.node.present:
+            blocks = attempt.job.req.blocks
+            attempt.node.cache.insert(blocks)
+            self.index.insert(attempt.node.node_id, blocks)
+
+    def _release(self, attempt: _Attempt) -> None:
+        """A running attempt leaves its batch slot: its KV is no longer in use (its prompt stays cached)."""
+        attempt.node.kv_tokens -= attempt.kv
+        attempt.kv = 0
 
     def _free(self, node: SimNode) -> None:
         """A batch slot is free: the next queued attempt takes it."""
@@ -401,6 +455,7 @@ class Simulation:
         self.running[node.node_id].pop(attempt, None)
         if attempt.running:
             node.active -= 1
+            self._release(attempt)
         self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.JOB_FAILED, at=self.now))
         got = min(attempt.delivered(self.now), attempt.tokens - 1)  # its last token would have ended it
         self._credit(attempt, got)
@@ -453,6 +508,7 @@ class Simulation:
             return
         node, job = attempt.node, attempt.job
         self.running[node.node_id].pop(attempt, None)
+        self._release(attempt)
         self._free(node)
         ttft, now = attempt.first_at - attempt.start, self.now
         within = ttft <= self.config.ttft_slo_s and attempt.itl <= self.config.tpot_slo_s
@@ -482,6 +538,7 @@ class Simulation:
             attempt.price,
             job.retries + job.failovers,
             job.dishonest_tokens,
+            min(attempt.cached, job.req.prompt_tokens),
         )
         self._end(job, outcome)
 

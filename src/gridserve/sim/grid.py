@@ -7,18 +7,21 @@ import functools
 import math
 import random
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gridserve.catalog import hardware_spec
 from gridserve.catalog.hardware import HardwareSpec
-from gridserve.catalog.models import ModelSpec
-from gridserve.engines.emulated import placement_for
+from gridserve.catalog.models import MODELS, ModelSpec
+from gridserve.engines.emulated import EmulationError, placement_for
 from gridserve.perfmodel import Calibration, Load, predict
 from gridserve.policy import AuditRates, DispatchPolicy, HealthTiming
 from gridserve.reliability.book import ReliabilitySummary
 from gridserve.scheduler import NodeSnapshot
 from gridserve.scheduler.snapshot import NodeStatic
+from gridserve.sim.cache import BlockCache
+from gridserve.sim.trace import TOKENS_PER_BLOCK, TraceRequest
 from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, NodeState, RuntimeInfo, Telemetry
 
 DECENTRALIZED_MIX = {
@@ -131,6 +134,13 @@ class SimNode:
     """When its snapshot was last rebuilt."""
     price_per_mtok: float = 0.0
     """What a million tokens of the simulated model cost on it (the scheduler's price)."""
+    cache: BlockCache = field(default_factory=lambda: BlockCache(0))
+    """Its prefix cache: the prompt blocks its KV memory holds (emptied when it leaves)."""
+    weight_bytes: float = 0.0
+    """The model's weights at the node's precision."""
+    kv_bytes_per_token: float = 0.0
+    kv_tokens: int = 0
+    """KV cache held by the requests in its batch (prompt and answer): what its telemetry reports in use."""
 
     def snapshot(self) -> NodeSnapshot:
         return NodeSnapshot(
@@ -140,7 +150,7 @@ class SimNode:
             last_heartbeat=self.heartbeat_at,
             # the gateway's in-flight count includes the ones queued at the node (its only gateway): they are
             # not reported again as queue_depth, which the scheduler would add to them
-            telemetry=_telemetry(self.hw, self.active, self.clock),
+            telemetry=_telemetry(self.hw, self.active, self.clock, self._memory_used()),
             outstanding=self.active + len(self.queue),
             reliability=self.summary,
             calibration=self.calibration,
@@ -148,19 +158,25 @@ class SimNode:
             latency_ewma_s=self.latency_ewma_s,
         )
 
+    def _memory_used(self) -> int:
+        """Weights plus the KV of the sequences in its batch, in whole blocks (telemetry is shared per value)."""
+        blocks = -(-self.kv_tokens // TOKENS_PER_BLOCK)
+        return int(self.weight_bytes + blocks * TOKENS_PER_BLOCK * self.kv_bytes_per_token)
+
     def speed(self) -> float:
         """Service time multiplier: hidden slowness x thermal throttling."""
         return self.slowdown / self.clock
 
 
 @functools.lru_cache(maxsize=65536)
-def _telemetry(hw: HardwareSpec, active: int, clock: float) -> Telemetry:
-    """What a node reports: load, memory, and while throttled its clock and temperature (shared, immutable)."""
+def _telemetry(hw: HardwareSpec, active: int, clock: float, used: int) -> Telemetry:
+    """What a node reports: load, memory (weights and the KV cache its batch holds, as a serving engine's KV
+    usage), and while throttled its clock and temperature (shared, immutable)."""
     total = int(hw.memory_gib * 2**30)
     throttled = clock < 1.0
     return Telemetry(
         utilization=min(1.0, active / max(1, hw.batch_slots)),
-        memory_used_bytes=int(total * 0.6),
+        memory_used_bytes=min(total, used),
         memory_total_bytes=total,
         active_requests=active,
         clock_ratio=clock if throttled else None,
@@ -193,10 +209,44 @@ def build_nodes(config: SimConfig, model: ModelSpec, rng: random.Random) -> list
         static = NodeStatic.of(capability)
         rtt = REGION_RTT_S[region] if config.rtt_s is None else config.rtt_s
         node = SimNode(node_id, hw, dtype, quant, capability, rtt, slow, dishonest, static)
+        node.cache = BlockCache(cache_blocks(model, hw, dtype, quant))
+        node.weight_bytes = model.weight_bytes(dtype, quant)
+        node.kv_bytes_per_token = model.kv_bytes_per_token()
         price = static.price_per_mtok(model.name)
         node.price_per_mtok = 0.0 if math.isnan(price) else price
         nodes.append(node)
     return nodes
+
+
+def model_for_trace(trace: Sequence[TraceRequest], mix: dict[str, float]) -> tuple[str, int]:
+    """The model a simulation of `trace` serves by default, and how many of its requests no model's context holds:
+    llama-3-8b when it holds every request (the simulator's long-standing default), else the smallest catalogue
+    model (emulated, every card of `mix` can hold it) whose context holds the longest request (prompt + output),
+    else the one with the longest context."""
+    longest = max((r.prompt_tokens + r.output_tokens for r in trace), default=0)
+
+    def fits_mix(spec: ModelSpec) -> bool:
+        try:
+            for card in mix:
+                placement_for(spec, hardware_spec(card))
+        except EmulationError:
+            return False
+        return True
+
+    usable = [m for m in MODELS.values() if not m.real_engine and fits_mix(m)]
+    if MODELS["llama-3-8b"].max_context >= longest:
+        return "llama-3-8b", 0
+    holding = [m for m in usable if m.max_context >= longest]
+    if holding:
+        return min(holding, key=lambda m: (m.params, m.max_context, m.name)).name, 0
+    best = max(usable, key=lambda m: (m.max_context, -m.params))
+    return best.name, sum(1 for r in trace if r.prompt_tokens + r.output_tokens > best.max_context)
+
+
+def cache_blocks(model: ModelSpec, hw: HardwareSpec, dtype: str, quant: str) -> int:
+    """Prompt blocks a card's prefix cache holds: its memory less the model's weights at its precision, over the
+    KV bytes a token takes (as the gateway sizes its index of the node: gateway/dispatch/prefixes.py)."""
+    return model.kv_room_tokens(hw.memory_gib * 2**30, dtype, quant) // TOKENS_PER_BLOCK
 
 
 def grid_capacity_rps(nodes: list[SimNode], model: ModelSpec, config: SimConfig, prompt: float, output: float) -> float:

@@ -3,7 +3,8 @@ SLO attainment, goodput, latency percentiles, failures and cost per policy, a Ma
 
 Goodput is the highest request rate at which attainment stays >= 90%: the loads given bracket it, then
 bisection narrows the bracket (`refine` more runs per policy). An answer served (even partly) by a dishonest
-node never counts as within the SLO.
+node never counts as within the SLO. `cache_hit_rate` is the share of the served requests' prompt tokens that the
+node serving each found in its prefix cache (the simulated nodes' ground truth, not the gateway's index).
 """
 
 import json
@@ -34,6 +35,7 @@ def metrics(outcomes: Sequence[Outcome], config: SimConfig) -> dict[str, Any]:
         1 for o in served if o.ttft_s <= config.ttft_slo_s and o.tpot_s <= config.tpot_slo_s and not o.dishonest_tokens
     )
     tokens = sum(o.output_tokens for o in served)
+    prompt = sum(o.prompt_tokens for o in served)
     spend = sum(o.output_tokens * o.price_per_mtok for o in served)
     return {
         "requests": len(outcomes),
@@ -44,6 +46,7 @@ def metrics(outcomes: Sequence[Outcome], config: SimConfig) -> dict[str, Any]:
         "tpot_p50_s": _pct([o.tpot_s for o in served], 0.5),
         "tpot_p90_s": _pct([o.tpot_s for o in served], 0.9),
         "tpot_p99_s": _pct([o.tpot_s for o in served], 0.99),
+        "cache_hit_rate": round(sum(o.cached_tokens for o in served) / prompt, 4) if prompt else 0.0,
         "failed": len(outcomes) - len(served),
         "retried": sum(1 for o in outcomes if o.retries),
         "dishonest_tokens": sum(o.dishonest_tokens for o in outcomes),
@@ -116,7 +119,8 @@ def report(runs: Sequence[Run], config: SimConfig, load: float, capacity: float)
     for policy in dict.fromkeys(r.policy for r in runs):
         mine = sorted((r for r in runs if r.policy == policy), key=lambda r: r.load)
         at = min(mine, key=lambda r: abs(r.load - load))
-        curve = [(r.load, r.rate_rps, metrics(r.outcomes, config)["slo_attainment"]) for r in mine]
+        measured = [metrics(r.outcomes, config) for r in mine]
+        curve = [(r.load, r.rate_rps, m["slo_attainment"]) for r, m in zip(mine, measured, strict=True)]
         good = _goodput(curve)
         entries.append(
             {
@@ -127,7 +131,8 @@ def report(runs: Sequence[Run], config: SimConfig, load: float, capacity: float)
                 "goodput_rps": round(good, 3),
                 "goodput_99_rps": round(_goodput(curve, 0.99), 3),
                 "attainment_by_load": [
-                    {"load": lo, "rate_rps": round(ra, 3), "slo_attainment": a} for lo, ra, a in curve
+                    {"load": lo, "rate_rps": round(ra, 3), "slo_attainment": a, "cache_hit_rate": m["cache_hit_rate"]}
+                    for (lo, ra, a), m in zip(curve, measured, strict=True)
                 ],
             }
         )
@@ -153,17 +158,24 @@ def write(entries: list[dict[str, Any]], runs: Sequence[Run], out: Path, header:
         "",
         f"Grid capacity {header['capacity_rps']:.1f} req/s; SLO: TTFT <= {header['ttft_slo_s']} s and "
         f"TPOT <= {header['tpot_slo_s']} s; goodput = highest rate with >= 90% attainment (bisection between the "
-        "loads tried). An answer served by a dishonest node never counts as within the SLO.",
+        "loads tried). An answer served by a dishonest node never counts as within the SLO. Cache hit rate: prompt "
+        "tokens the serving node found in its prefix cache, of all prompt tokens served (at the load shown)"
+        + (
+            f"; the trace's ceiling (every earlier prefix cached, no churn) is {header['prefix_ceiling']:.1%}."
+            if header.get("prefix_ceiling") is not None
+            else "."
+        ),
         "",
         "| policy | SLO attainment | goodput req/s | goodput at 99% req/s | TTFT p50 / p99 s | TPOT p50 / p99 s |"
-        " failed | retried | dishonest tokens | $/Mtok |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " cache hit rate | failed | retried | dishonest tokens | $/Mtok |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         lines.append(
             f"| {e['policy']} | {e['slo_attainment']:.3f} | {e['goodput_rps']:.1f} | {e['goodput_99_rps']:.1f} | "
             f"{e['ttft_p50_s']} / "
-            f"{e['ttft_p99_s']} | {e['tpot_p50_s']} / {e['tpot_p99_s']} | {e['failed']} | {e['retried']} | "
+            f"{e['ttft_p99_s']} | {e['tpot_p50_s']} / {e['tpot_p99_s']} | {e['cache_hit_rate']:.3f} | "
+            f"{e['failed']} | {e['retried']} | "
             f"{e['dishonest_tokens']} | {e['cost_per_mtok']} |"
         )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
@@ -195,6 +207,17 @@ def _plots(entries: list[dict[str, Any]], runs: Sequence[Run], out: Path, header
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "ttft_cdf.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e in entries:
+        curve = e["attainment_by_load"]
+        ax.plot([c["load"] for c in curve], [c["cache_hit_rate"] for c in curve], marker="o", label=e["policy"])
+    if header.get("prefix_ceiling") is not None:
+        ax.axhline(header["prefix_ceiling"], color="grey", linestyle=":", label="trace ceiling")
+    ax.set(xlabel="load (share of grid capacity)", ylabel="cache hit rate", title="Prefix-cache hit rate vs load")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "cache_hit_rate.png", dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     hws = sorted({hw for e in entries for hw in e["share_by_hardware"]})

@@ -18,6 +18,7 @@ def unsigned_receipt(final: TokenEvent, model: str, **changes: Any) -> Receipt:
         output_commitment="",
         resumed=0,
         prompt_tokens=final.prompt_tokens,
+        cached_tokens=final.cached_tokens,
         completion_tokens=final.completion_tokens,
         finish_reason=str(final.finish_reason),
         queue_s=final.queue_s,

@@ -104,6 +104,9 @@ class Capability(Strict):
     """Models on disk that the node could load on demand (not resident: slower first token)."""
     stage_models: tuple[Name, ...] = Field((), max_length=MAX_ITEMS)
     """Models of which the node runs whatever layer range the gateway's planner assigns it (`--layers auto`)."""
+    prefix_cache_tokens: Count | None = None
+    """Prompt tokens the node's prefix cache holds (KV of recent prompts, reused by prompts that start the same way;
+    0: no prefix cache); None: not said (an upstream server's own cache, or a node that predates the field)."""
 
 
 ErrorKind = Literal["oom", "cuda", "timeout", "refused", "engine"]

@@ -26,6 +26,14 @@ class ScheduleRequest:
     tpot_slo_s: float | None = None
     engines: tuple[str, ...] | None = None
     """Allowed engine kinds (runtime constraint), e.g. ('openai-upstream',); None = any."""
+    cached_tokens: tuple[tuple[str, int], ...] = ()
+    """(node id, prompt tokens it probably holds in its prefix cache), from the caller's prefix index; a node not
+    named holds none of this prompt. Prefill is predicted on the rest, and a sampled decision always includes
+    these nodes."""
+
+    def reused_by(self, node_id: str) -> int:
+        """Prompt tokens `node_id` probably holds (0 when not named)."""
+        return next((n for node, n in self.cached_tokens if node == node_id), 0)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -81,9 +89,15 @@ class Candidate:
     calibration: tuple[float, float] = (1.0, 1.0)
     """The node's (TTFT, ITL) calibration factors the prediction used: observed timings are compared with
     predicted / factor, the uncalibrated roofline of that moment."""
+    cached_tokens: int = 0
+    """Prompt tokens the node probably holds in its prefix cache (its prediction prefills only the rest)."""
+    prefill_saved_s: float | None = None
+    """Predicted prefill time those cached tokens save on this node's hardware."""
+    prefill_s_per_token: float | None = None
+    """Uncalibrated prefill seconds a prompt token on this node (its roofline: prefill is linear in tokens)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "node_id": self.node_id,
             "rank": self.rank,
             "score": round(self.score, 6),
@@ -92,6 +106,10 @@ class Candidate:
             "price_per_mtok": self.price_per_mtok,
             "scores": [d.as_dict() for d in self.details],
         }
+        if self.cached_tokens:
+            out["cached_tokens"] = self.cached_tokens
+            out["prefill_saved_s"] = self.prefill_saved_s
+        return out
 
 
 class Evidence(Protocol):

@@ -54,6 +54,9 @@ class TokenEvent(Strict):
     finish_reason: Literal["stop", "length"] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Last event: prompt tokens whose KV cache the node reused from an earlier request (its prefix cache) instead
+    of computing them; at most `prompt_tokens`."""
     queue_s: float = 0.0
     """Last event: time the request waited on the node before compute started."""
     prefill_s: float = 0.0
@@ -67,7 +70,8 @@ class TokenEvent(Strict):
 
     def wire(self) -> "StreamEvent":
         """This event as a stream line carries it: text and token ids when there are any, and on the last event
-        the finish reason, counts and timings (the proof goes inside the receipt, which the node adds)."""
+        the finish reason, counts and timings (the proof goes inside the receipt, which the node adds). Like the
+        prompt digest, `cached_tokens` is left out when it is 0 (its default)."""
         line: StreamEvent = {}
         if self.text:
             line["text"] = self.text
@@ -77,6 +81,8 @@ class TokenEvent(Strict):
             line["finish_reason"] = self.finish_reason
             line["prompt_tokens"] = self.prompt_tokens
             line["completion_tokens"] = self.completion_tokens
+            if self.cached_tokens:
+                line["cached_tokens"] = self.cached_tokens
             line["queue_s"] = self.queue_s
             line["prefill_s"] = self.prefill_s
             line["decode_s"] = self.decode_s
@@ -106,6 +112,7 @@ class StreamEvent(TypedDict, total=False):
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
     queue_s: float
     prefill_s: float
     decode_s: float
@@ -137,6 +144,8 @@ class Receipt(Strict):
     decode_s: float
     proof: str = ""
     """Activation proof (later: TOPLOC over the last hidden states); empty when the engine has none."""
+    cached_tokens: int = 0
+    """Prompt tokens the node took from its prefix cache (as in the final event); 0 from nodes that predate it."""
 
 
 class RegisterPayload(Strict):

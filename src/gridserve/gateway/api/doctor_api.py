@@ -34,7 +34,16 @@ def _roofline(record: NodeRecord, model: str) -> tuple[float | None, float | Non
 
 
 def _timing(t: RequestTrace) -> RequestTiming:
-    return RequestTiming(t.ttft_s, t.itl_s, t.network_s, t.queue_s, t.prefill_s, t.decode_s)
+    return RequestTiming(
+        t.ttft_s,
+        t.itl_s,
+        t.network_s,
+        t.queue_s,
+        t.prefill_s,
+        t.decode_s,
+        cached_share=t.cached_tokens / t.prompt_tokens if t.prompt_tokens else None,
+        expected_cached_share=t.expected_cached_tokens / t.prompt_estimate if t.prompt_estimate else None,
+    )
 
 
 def node_view(membership: Membership, traces: Traces, record: NodeRecord, since: float) -> NodeView:

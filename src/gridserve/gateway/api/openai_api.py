@@ -20,6 +20,7 @@ from gridserve.gateway.api.schemas import ChatCompletionRequest, CompletionReque
 from gridserve.gateway.api.sse import DONE, ChunkFormatter
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
 from gridserve.gateway.dispatch.generation import Generation, GenerationFailed
+from gridserve.gateway.dispatch.prefixes import PrefixAffinity
 from gridserve.gateway.integrity.audit import Auditor
 from gridserve.gateway.integrity.receipts import ReceiptChecker
 from gridserve.gateway.lifecycle import Finished, Lifecycle, Scope, from_generation, from_pipeline
@@ -29,13 +30,12 @@ from gridserve.gateway.ops.outcomes import Traces
 from gridserve.gateway.pipeline.candidate import is_pipeline
 from gridserve.gateway.pipeline.serving import Pipelines, Run
 from gridserve.gateway.registry.membership import Membership, NodeRecord
+from gridserve.prefix.blocks import CHARS_PER_TOKEN
 from gridserve.scheduler import KERNEL_POOL, Scheduler, UnknownTier
 from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams, StreamEvent
 from gridserve.types.scheduling import Decision, ScheduleRequest
 
 log = logging.getLogger("gridserve.gateway")
-CHARS_PER_TOKEN = 4
-"""Prompt-length estimate before a node tokenises (English averages ~4 characters per BPE token)."""
 DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
 OPTION_FILTERS = {"price-ceiling": "gridserve.max_price_per_mtok", "runtime": "gridserve.engines"}
 """Filters that apply a request's own options (rejected by these alone: a 400 naming the option, not a 503)."""
@@ -60,6 +60,8 @@ class ApiContext:
     """Told the model of every accepted request (demand, for pre-warming)."""
     pipelines: Pipelines | None = None
     """Models no live node holds whole, served over chains of stage nodes."""
+    prefixes: PrefixAffinity | None = None
+    """Which nodes probably hold a prompt's prefix in their KV cache (None: prefix-blind routing)."""
 
 
 def parse(body: bytes, model: type[SamplingFields]) -> Any:
@@ -94,7 +96,13 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
     return job, chars // CHARS_PER_TOKEN
 
 
-def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: GridOptions) -> Decision:
+def decide(
+    ctx: ApiContext,
+    job: GenerateRequest,
+    prompt_tokens: int,
+    options: GridOptions,
+    cached: tuple[tuple[str, int], ...] = (),
+) -> Decision:
     """Schedule the request over the live nodes and, where stage nodes cover the model, its best pipeline (one
     candidate among the nodes: gateway/pipeline/candidate.py)."""
     serving = ctx.membership.live_models().get(job.model, [])
@@ -120,6 +128,7 @@ def decide(ctx: ApiContext, job: GenerateRequest, prompt_tokens: int, options: G
         ttft_slo_s=options.ttft_slo_s,
         tpot_slo_s=options.tpot_slo_s,
         engines=tuple(options.engines) if options.engines else None,
+        cached_tokens=cached,
     )
     try:
         snapshots = ctx.membership.snapshots()
@@ -174,7 +183,8 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
     if ctx.pipelines is not None and ctx.pipelines.placement.needed(job.model):  # `--layers auto` nodes only
         await ctx.pipelines.placement.place(job.model)
     scope = ctx.lifecycle.begin(kind)
-    decision = decide(ctx, job, prompt_tokens, req.gridserve)
+    cached = ctx.prefixes.lookup(scope, job, prompt_tokens) if ctx.prefixes is not None else ()
+    decision = decide(ctx, job, prompt_tokens, req.gridserve, cached)
     ctx.lifecycle.decided(scope, decision)
     if is_pipeline(decision.chosen):
         return await _pipelined(ctx, scope, decision, req, job, kind)
@@ -353,7 +363,11 @@ async def _sse(ctx: ApiContext, source: _Source, fmt: ChunkFormatter, include_us
         if reason:
             yield fmt.finish(reason)
             if include_usage:
-                yield fmt.usage(int(event.get("prompt_tokens", 0)), int(event.get("completion_tokens", 0)))
+                yield fmt.usage(
+                    int(event.get("prompt_tokens", 0)),
+                    int(event.get("completion_tokens", 0)),
+                    int(event.get("cached_tokens", 0)),
+                )
     yield DONE
 
 
@@ -375,6 +389,7 @@ async def _collect(ctx: ApiContext, source: _Source, fmt: ChunkFormatter) -> dic
         str(final.get("finish_reason") or "stop"),
         int(final.get("prompt_tokens", 0)),
         int(final.get("completion_tokens", 0)),
+        int(final.get("cached_tokens", 0)),
     )
 
 

@@ -137,10 +137,16 @@ class ModelList(Doc):
     data: list[ModelCard]
 
 
+class PromptTokensDetails(Doc):
+    cached_tokens: int
+    """Prompt tokens the node reused from its prefix cache (KV cache of an earlier prompt) instead of computing."""
+
+
 class Usage(Doc):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Explanation(Doc):

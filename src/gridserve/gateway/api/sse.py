@@ -9,8 +9,15 @@ import orjson
 DONE = b"data: [DONE]\n\n"
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached`: prompt tokens the node took from its prefix cache (the node's own count,
+    kept within the prompt), as OpenAI reports its prompt caching."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": max(0, min(cached, prompt))},
+    }
 
 
 class ChunkFormatter:
@@ -52,15 +59,16 @@ class ChunkFormatter:
             choice["text"] = ""
         return b"data: " + self._head + b',"choices":' + orjson.dumps([choice]) + b"}\n\n"
 
-    def usage(self, prompt: int, completion: int) -> bytes:
-        return b"data: " + self._head + b',"choices":[],"usage":' + orjson.dumps(usage(prompt, completion)) + b"}\n\n"
+    def usage(self, prompt: int, completion: int, cached: int = 0) -> bytes:
+        body = orjson.dumps(usage(prompt, completion, cached))
+        return b"data: " + self._head + b',"choices":[],"usage":' + body + b"}\n\n"
 
     @staticmethod
     def error(message: str, code: str) -> bytes:
         body = {"error": {"message": message, "type": "api_error", "param": None, "code": code}}
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
-    def whole(self, text: str, reason: str, prompt: int, completion: int) -> dict[str, Any]:
+    def whole(self, text: str, reason: str, prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
         if self.chat:
             choice: dict[str, Any] = {
                 "index": 0,
@@ -76,5 +84,5 @@ class ChunkFormatter:
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "usage": usage(prompt, completion),
+            "usage": usage(prompt, completion, cached),
         }

@@ -50,6 +50,7 @@ def from_generation(gen: Generation, endpoint: str, *, status: str, error: str, 
         ),
         failovers=gen.failovers,
         hedged=gen.stream.hedged,
+        cached_tokens=int(last.get("cached_tokens", 0)),
         log_fields={"route": [s.as_dict() for s in gen.segments]},
     )
 

@@ -87,6 +87,8 @@ class Finished:
     failovers: int = 0
     hedged: bool = False
     pipeline: bool = False
+    cached_tokens: int = 0
+    """Prompt tokens the finishing node says it took from its prefix cache (in its own tokens)."""
     log_fields: dict[str, Any] = field(default_factory=dict)
     """Path-specific fields for the decision log (route, chain, re-plans)."""
 

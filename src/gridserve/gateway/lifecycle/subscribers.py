@@ -19,7 +19,7 @@ from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.ops.outcomes import RequestTrace, Traces
 from gridserve.gateway.registry.membership import Membership
 from gridserve.reliability import EventKind, NodeEvent
-from gridserve.types.scheduling import Decision
+from gridserve.types.scheduling import Candidate, Decision
 
 
 class Scope:
@@ -148,7 +148,7 @@ class LedgerSubscriber(Subscriber):
         raw_itl = 0.0
         if candidate is not None and candidate.predicted_ttft_s is not None:
             ttft_factor, itl_factor = candidate.calibration
-            raw_ttft = candidate.predicted_ttft_s / ttft_factor
+            raw_ttft = candidate.predicted_ttft_s / ttft_factor + _reuse_error_s(end, candidate)
             raw_itl = (candidate.predicted_itl_s or 0.0) / itl_factor
         self.membership.observed_timing(
             work.node_id,
@@ -181,8 +181,23 @@ class LedgerSubscriber(Subscriber):
                 failovers=end.failovers,
                 hedged=end.hedged,
                 error=end.error,
+                prompt_tokens=end.prompt_tokens,
+                cached_tokens=end.cached_tokens,
+                prompt_estimate=end.decision.request.prompt_tokens,
+                expected_cached_tokens=candidate.cached_tokens if candidate else 0,
             )
         )
+
+
+def _reuse_error_s(end: Finished, candidate: Candidate) -> float:
+    """Prefill seconds the prediction got wrong by expecting another reuse than the node reports: the prediction
+    is judged on the prefill the node actually ran, so that a wrong guess of the prefix index does not end up in the
+    node's calibration. The node counts its own tokens; the gateway estimates: compared as shares of the prompt."""
+    if candidate.prefill_s_per_token is None or end.prompt_tokens <= 0:
+        return 0.0
+    estimate = end.decision.request.prompt_tokens
+    reported = round(min(1.0, end.cached_tokens / end.prompt_tokens) * estimate)
+    return (candidate.cached_tokens - reported) * candidate.prefill_s_per_token
 
 
 class Settlement:

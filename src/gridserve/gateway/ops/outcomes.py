@@ -29,6 +29,14 @@ class RequestTrace:
     failovers: int
     hedged: bool
     error: str = ""
+    prompt_tokens: int = 0
+    """As the node counted them."""
+    cached_tokens: int = 0
+    """Prompt tokens the node said it took from its prefix cache (its own count)."""
+    prompt_estimate: int = 0
+    """The gateway's estimate of the prompt's tokens (what its prefix index counts in)."""
+    expected_cached_tokens: int = 0
+    """Prompt tokens the gateway's prefix index expected the node to hold (of `prompt_estimate`)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}

@@ -74,6 +74,10 @@ class Membership:
         self._pending_events: list[dict[str, Any]] = []
         self._pending_beats: dict[str, tuple[float, TelemetryRow]] = {}
         """Latest heartbeat per node since the last flush: rolled up into one write (not a row per beat)."""
+        self.on_registered: list[Callable[[Capability], None]] = []
+        """Told of every (re)registration, here or adopted from another gateway (a restarted node starts empty)."""
+        self.on_down: list[Callable[[NodeId], None]] = []
+        """Told when a node is marked down."""
 
     @property
     def nodes(self) -> Mapping[NodeId, NodeRecord]:
@@ -90,7 +94,17 @@ class Membership:
         effects = self.registry.apply(event)
         if effects.applied:
             self._persist(effects)
+            self._tell(event, effects)
         return effects
+
+    def _tell(self, event: Event, effects: Effects) -> None:
+        if isinstance(event, Registered):
+            for registered in self.on_registered:
+                registered(event.capability)
+        for change in effects.states:
+            if change.new == NodeState.DOWN and change.old != NodeState.DOWN:
+                for down in self.on_down:
+                    down(change.node_id)
 
     # -- intake ---------------------------------------------------------------------------------------------------
     def reject(self, exc: TrustError, *, path: str, remote: str, node_id: str | None = None) -> None:

@@ -84,7 +84,8 @@ class NodeRecord:
     registered_at: float
     last_heartbeat: float
     telemetry_row: TelemetryRow | None = None
-    """The latest telemetry, packed (`telemetry` rebuilds it)."""
+    """The latest telemetry, packed (`telemetry` rebuilds it); its active count less the requests seen ending here
+    since it came (a heartbeat is seconds old)."""
     outstanding: int = 0
     last_seq: int = 0
     transitions: tuple[tuple[float, str], ...] = ()

@@ -326,7 +326,12 @@ class NodeRegistry:
         record = self._nodes.get(e.node_id)
         if record is None:
             return UNCHANGED
-        assign(record, outstanding=max(0, record.outstanding - 1))
+        # The node's last heartbeat counted this request as active, and says so until the next one (seconds): a node
+        # that just answered would look busy. Its reported count drops with each request seen ending here.
+        tele = record.telemetry_row
+        if tele is not None and tele[_ACTIVE] > 0:
+            tele = (*tele[:_ACTIVE], tele[_ACTIVE] - 1, *tele[_ACTIVE + 1 :])
+        assign(record, outstanding=max(0, record.outstanding - 1), telemetry_row=tele)
         self._load_changed(record)
         return Effects()
 
