@@ -67,7 +67,8 @@ def test_each_request_is_one_trace_at_the_collector_and_the_node_gets_its_tracep
         raw = client.chat.completions.with_raw_response.create(
             model=TINY_MODEL, messages=[{"role": "user", "content": "trace me"}], max_tokens=8
         )
-        request_id = raw.parse().id
+        answer = raw.parse()
+        request_id = answer.id
     finally:
         grid.stop()  # the gateway sends the spans it still holds as it stops
     deadline = time.monotonic() + 10
@@ -88,7 +89,8 @@ def test_each_request_is_one_trace_at_the_collector_and_the_node_gets_its_tracep
     attributes = {a.key: a.value for a in root.attributes}
     assert attributes["gridserve.request_id"].string_value == request_id
     assert attributes["gridserve.status"].string_value == "ok"
-    assert attributes["gen_ai.usage.output_tokens"].int_value == 8
+    assert answer.usage is not None and answer.usage.completion_tokens >= 1
+    assert attributes["gen_ai.usage.output_tokens"].int_value == answer.usage.completion_tokens
     assert [e.name for e in root.events] == ["first_token"]
     service = {a.key: a.value.string_value for a in spans[0][0].attributes}["service.name"]
     assert service == "gridserve-gateway"

@@ -9,6 +9,12 @@ from gridserve.engines.base import DEFAULT_PREFIX_CACHE_MB, Engine, EngineError
 if TYPE_CHECKING:
     from gridserve.engines.stage import StageSpan
 
+EMULATED_TEXT_CHUNK = 8192
+"""An emulated card's text source prefills its (clipped) prompt in one pass and keeps no prefix cache: its worker
+thread serves every stream of the node, and a prompt cut into 32-token chunks held the others' tokens back long
+enough to slow the emulated schedule (the card's own prefix cache is emulated in its timings). Every emulated node
+uses the same chunk, so their texts agree, as audits need."""
+
 ENGINE_NAMES = ("tiny", "gemma-270m", "emulated:<hardware>", "openai-upstream")
 
 
@@ -72,7 +78,7 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
         return EmulatedEngine(
             hardware=name.split(":", 1)[1],
             models=options.models or (() if options.loadable else ("llama-3-8b",)),
-            text_engine=tiny_engine(threads=1),
+            text_engine=tiny_engine(threads=1, prefix_cache_mb=0, prefix_block=EMULATED_TEXT_CHUNK),
             fixed=fixed,
             slowdown=options.slowdown,
             loadable=options.loadable,

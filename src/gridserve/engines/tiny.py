@@ -66,10 +66,15 @@ def tiny_offer() -> ModelOffer:
 
 
 def tiny_engine(
-    threads: int = 1, lazy: bool = False, cheat: tuple[str, ...] = (), prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB
+    threads: int = 1,
+    lazy: bool = False,
+    cheat: tuple[str, ...] = (),
+    prefix_cache_mb: int = DEFAULT_PREFIX_CACHE_MB,
+    prefix_block: int = TINY_PREFIX_BLOCK,
 ) -> TorchEngine:
     """`cheat` (tests of the verifier): `wrong_model` loads other weights, `lazy_compute` skips the last layer;
-    either way the offer still names the real weights. `prefix_cache_mb`: the prefix cache's budget (0: none)."""
+    either way the offer still names the real weights. `prefix_cache_mb`: the prefix cache's budget (0: none);
+    `prefix_block`: the prefill's chunk (and the cache's block) in tokens."""
     offer = tiny_offer()
 
     def loader() -> LoadedModel:
@@ -85,5 +90,5 @@ def tiny_engine(
         threads=threads,
         lazy=lazy,
         prefix_cache_bytes=prefix_cache_mb * 2**20,
-        prefix_block=TINY_PREFIX_BLOCK,
+        prefix_block=prefix_block,
     )
