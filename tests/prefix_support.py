@@ -8,8 +8,8 @@ from gridserve.types import GenerateRequest
 
 
 def stepped(engine: TorchEngine, prompt: list[int], request: GenerateRequest) -> tuple[_Generation, list[torch.Tensor]]:
-    """Greedy decoding of `prompt` on the engine's model and prefix cache, one forward pass (prefill, then one decode
-    step each) and one pick at a time: the generation, and the logits behind every token."""
+    """Greedy decoding of `prompt` on the engine's model and prefix cache, one forward pass (a chunk of the prompt,
+    or a decode step) at a time: the generation, and the logits behind every picked token."""
     failures: list[BaseException] = []
     gen = _Generation(
         engine._require(),
@@ -23,7 +23,9 @@ def stepped(engine: TorchEngine, prompt: list[int], request: GenerateRequest) ->
     with torch.inference_mode():
         done = False
         while not done:
-            done = gen.advance()
-            logits.append(gen.out.logits[0, -1].clone())
+            picked = gen.step
+            done = gen.advance()  # a chunk of the prompt, or one decode step, and a pick when there is one
+            if gen.step != picked:
+                logits.append(gen.out.logits[0, -1].clone())
     assert not failures, failures
     return gen, logits

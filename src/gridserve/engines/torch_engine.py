@@ -7,7 +7,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -229,6 +229,8 @@ class _Generation:
         self.began: float | None = None
         self.first_at: float | None = None
         self.out: Any = None
+        self._chunks: Iterator[Any] | None = None
+        """The prompt's prefill, one chunk a step (`_prefill`)."""
         self.activations: list[torch.Tensor] = []
         """Final-layer hidden state behind each picked token (for the activation proof)."""
         self.step = len(request.resume)
@@ -254,10 +256,14 @@ class _Generation:
 
     def _step(self) -> str | None:
         if self.out is None:
-            self.began = time.monotonic()
-            for token in self.request.resume:
-                self.stops.feed(self.decoder.push(token))
-            self.out = self._prefill([*self.prompt, *self.request.resume])
+            if self._chunks is None:
+                self.began = time.monotonic()
+                for token in self.request.resume:
+                    self.stops.feed(self.decoder.push(token))
+                self._chunks = self._prefill([*self.prompt, *self.request.resume])
+            self.out = next(self._chunks)
+            if self.out is None:  # one chunk of the prompt done: the worker runs the other streams' steps now
+                return None
         else:
             started = time.monotonic()
             step_ids = torch.tensor([[self.last]])
@@ -268,10 +274,12 @@ class _Generation:
                 time.sleep((time.monotonic() - started) * (self.stats.decode_throttle - 1.0))
         return self._pick()
 
-    def _prefill(self, ids: list[int]) -> Any:
+    def _prefill(self, ids: list[int]) -> Iterator[Any]:
         """Prefill `ids` chunk by chunk (each a block, the last one possibly shorter) after the blocks the prefix
-        cache holds, storing each whole block computed; the output of the last chunk (logits of its last position
-        only, and the hidden states)."""
+        cache holds, storing each whole block computed. Yields None after each chunk but the last, then the last
+        chunk's output (logits of its last position only, and the hidden states): one chunk a step, so that a long
+        prompt does not hold back the tokens of the node's other streams for its whole prefill (on a CPU node a
+        thousand-token prompt takes seconds, and a stream without a token for a second is taken for stalled)."""
         if not ids:
             raise EngineError("empty prompt")
         model, prefix = self.loaded.model, self.prefix
@@ -286,7 +294,8 @@ class _Generation:
         storing = prefix.enabled
         for start in range(reused * size, len(ids), size):
             chunk = torch.tensor([ids[start : start + size]])
-            if start + size < len(ids):  # the decoder alone: no logits wanted here
+            last = start + size >= len(ids)
+            if not last:  # the decoder alone: no logits wanted here
                 decoder(input_ids=chunk, past_key_values=cache, use_cache=True)
             else:
                 out = model(
@@ -295,8 +304,9 @@ class _Generation:
             if storing and start + size <= len(ids):
                 # False: the budget is full of this prompt's own earlier blocks (kept; a later block needs them)
                 storing = prefix.store(keys[start // size], cache, protect)
-        prefix.touch(keys)
-        return out
+            if last:
+                prefix.touch(keys)
+            yield out
 
     def _pick(self) -> str | None:
         self.activations.append(self.out.hidden_states[-1][0, -1].clone())
