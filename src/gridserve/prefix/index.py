@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 Holders = int | tuple[int, ...]
+DEFAULT_CAPACITY_BLOCKS = 4096
+"""Blocks a node holds until its capacity is set."""
 _ABSENT = object()
 
 
@@ -34,7 +36,7 @@ class IndexStats:
 
 
 class PrefixIndex:
-    def __init__(self, default_capacity: int = 4096) -> None:
+    def __init__(self, default_capacity: int = DEFAULT_CAPACITY_BLOCKS) -> None:
         """`default_capacity`: blocks a node holds until `set_capacity` says otherwise."""
         self._slots: dict[str, int] = {}
         self._names: list[str | None] = []

@@ -18,6 +18,7 @@ from gridserve.gateway.lifecycle.subscribers import Scope, Subscriber
 from gridserve.gateway.pipeline.candidate import is_pipeline
 from gridserve.prefix import CHAT_BLOCK_CHARS, PrefixIndex
 from gridserve.prefix.blocks import CHARS_PER_TOKEN, render, text_blocks
+from gridserve.prefix.index import DEFAULT_CAPACITY_BLOCKS
 from gridserve.scheduler.snapshot import NodeStatic
 from gridserve.types import Capability, GenerateRequest
 from gridserve.types.scheduling import Decision
@@ -87,12 +88,11 @@ def capacity_blocks(capability: Capability) -> int:
         if spec is None or not static.memory_bytes:
             continue
         dtype = offer.dtype if offer.dtype in DTYPE_BYTES else "float16"
-        free = static.memory_bytes - spec.weight_bytes(dtype, offer.quantization)
-        room = min(room, max(0.0, free) / spec.kv_bytes_per_token())
+        room = min(room, spec.kv_room_tokens(static.memory_bytes, dtype, offer.quantization))
     if capability.prefix_cache_tokens is not None:
         room = min(room, capability.prefix_cache_tokens)
     if math.isinf(room):
-        return PrefixIndex().default_capacity
+        return DEFAULT_CAPACITY_BLOCKS
     return int(room / TOKENS_PER_BLOCK)
 
 
