@@ -42,7 +42,8 @@ def test_later_turns_go_where_the_conversation_was_prefilled(tmp_path: Path) -> 
         hits = {c["node_id"]: c.get("cached_tokens", 0) for c in now["candidates"]}
         assert hits[before["served_by"]] > 1_500, hits  # it holds at least the system prompt and earlier turns
         if "exploration" not in now["picked_by"]:
-            assert now["chosen"] == before["served_by"], now["explanation"]
+            # a node that holds the conversation: the last turn's, or one an earlier turn (or a hedge) prefilled too
+            assert hits.get(now["chosen"], 0) > 1_500, now["explanation"]
             assert "reuses" in now["explanation"] and "of prefill on" in now["explanation"], now["explanation"]
 
 
