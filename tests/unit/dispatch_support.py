@@ -23,6 +23,7 @@ CONFIG = GatewayConfig(
     stall_min_s=0.05,
     stall_unpredicted_s=0.05,
     stall_unresumable_s=0.2,
+    stall_busy_max_s=0.4,
     max_failovers=3,
 )
 """Every dispatch timing in tens of milliseconds; with PREDICTED_TTFT_S the hedge delay is hedge_min_s (30 ms),

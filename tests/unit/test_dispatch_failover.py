@@ -15,7 +15,7 @@ from tests.unit.dispatch_support import CONFIG, Grid, job, store_writer
 from gridserve.gateway.dispatch import stall
 from gridserve.gateway.dispatch.generation import Generation, GenerationFailed
 from gridserve.gateway.transport import BrokenStream, Malformed
-from gridserve.gateway.transport.fake import Delay, Emit, Fail, Finish, Stall, Step, Tokens
+from gridserve.gateway.transport.fake import Busy, Delay, Emit, Fail, Finish, Stall, Step, Tokens
 from gridserve.store import StoreWriter
 from gridserve.types import NodeId, NodeState
 
@@ -86,6 +86,35 @@ def test_an_engine_error_or_a_garbled_line_fails_over_without_marking_the_node_d
     grid.fake.script("n2", Tokens(2), Finish())
     gen, events = generate(grid)
     assert text(events) == whole(4) and gen.failovers == 1 and grid.state("n1") == NodeState.UP
+
+
+def test_a_node_busy_with_other_streams_keeps_its_stream_past_the_stall_timeout(grid: Grid) -> None:
+    """Busy lines (the node's engine stepping other streams, such as another prompt's prefill on a CPU node) say
+    the node is alive: a pause of several stall timeouts with them is not a stall, and no busy line reaches
+    the client."""
+    pause = 4 * STALL_S
+    grid.fake.script("n1", Tokens(2), Busy(pause, every_s=STALL_S / 4), Tokens(2), Finish())
+    grid.fake.script("n2", Tokens(2), Finish())
+    gen, events = generate(grid)
+    assert text(events) == whole(4) and gen.failovers == 0 and not grid.fake.calls_to("n2")
+    assert not any("busy" in e for e in events)
+
+
+def test_the_same_pause_without_busy_lines_is_a_stall(grid: Grid) -> None:
+    grid.fake.script("n1", Tokens(2), Delay(4 * STALL_S), Tokens(2), Finish())
+    grid.fake.script("n2", Tokens(2), Finish())
+    gen, events = generate(grid)
+    assert text(events) == whole(4) and gen.failovers == 1 and gen.segments[0].detail.startswith("stalled")
+
+
+def test_a_node_that_claims_to_be_busy_forever_stalls_after_stall_busy_max_s(grid: Grid) -> None:
+    grid.fake.script("n1", Tokens(2), Busy(100 * CONFIG.stall_busy_max_s, every_s=STALL_S / 4))
+    grid.fake.script("n2", Tokens(2), Finish())
+    started = time.monotonic()
+    gen, events = generate(grid)
+    waited = time.monotonic() - started
+    assert text(events) == whole(4) and gen.failovers == 1
+    assert CONFIG.stall_busy_max_s <= waited < 10 * CONFIG.stall_busy_max_s
 
 
 def test_a_stream_that_ends_without_its_last_event_fails_over(grid: Grid) -> None:

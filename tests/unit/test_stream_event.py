@@ -5,8 +5,10 @@ from gridserve.types import StreamEvent, TokenEvent
 
 
 def test_stream_event_names_every_token_event_field_but_the_proof() -> None:
-    """A field added to TokenEvent must be added to the wire type too (or the gateway reads it untyped)."""
-    assert set(TokenEvent.model_fields) - {"proof"} == set(StreamEvent.__annotations__) - {"receipt", "error"}
+    """A field added to TokenEvent must be added to the wire type too (or the gateway reads it untyped). The
+    lines that are not token events (the receipt, an error line, a busy line) are the wire type's own."""
+    lines_of_their_own = {"receipt", "error", "busy"}
+    assert set(TokenEvent.model_fields) - {"proof"} == set(StreamEvent.__annotations__) - lines_of_their_own
 
 
 def test_a_token_event_carries_only_its_text_and_ids() -> None:

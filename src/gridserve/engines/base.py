@@ -44,6 +44,10 @@ class EngineStats:
     errors: list[NodeError] = field(default_factory=list)
     decode_throttle: float = 1.0
     """Decode runs this many times slower than it could (fault injection: node/faults.py); engines apply it."""
+    steps: int | None = None
+    """Compute steps the engine has run (a prefill chunk or a decode step of any stream), for an engine that
+    steps its streams itself (None: one that cannot tell, such as an upstream server). A stream waiting on
+    other streams' steps is busy, not stalled: the node says so on the stream (node/app.py)."""
 
     def note_tokens(self, now: float, count: int) -> None:
         """`count` tokens made at `now` (time.monotonic())."""

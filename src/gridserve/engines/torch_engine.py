@@ -80,7 +80,7 @@ class TorchEngine(LocalEngine):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{kind}-load")
         self._incoming: queue.SimpleQueue[_Generation | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
-        self._stats = EngineStats()
+        self._stats = EngineStats(steps=0)
 
     def offers(self) -> tuple[ModelOffer, ...]:
         return (self._offer,) if self._loaded is not None else ()
@@ -196,7 +196,9 @@ class TorchEngine(LocalEngine):
                 except queue.Empty:
                     pass
                 for gen in list(running):
-                    if gen.advance():
+                    done = gen.advance()
+                    self._stats.steps = (self._stats.steps or 0) + 1
+                    if done:
                         running.remove(gen)
                         self._stats.active -= 1
 

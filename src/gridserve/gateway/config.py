@@ -76,6 +76,8 @@ class GatewayConfig:
     stall_unresumable_s: float = _DISPATCH.stall_unresumable_s
     """The stall timeout for a stream no other node could continue (its engine names no token ids): giving up
     early would only end the client's answer."""
+    stall_busy_max_s: float = _DISPATCH.stall_busy_max_s
+    """How long a node that says it is busy with other streams' work may go without a token (DispatchPolicy)."""
     max_failovers: int = _DISPATCH.max_failovers
     """Mid-stream failovers allowed per request."""
     standby_per_model: int = 1
@@ -127,6 +129,7 @@ class GatewayConfig:
             stall_itl_multiple=self.stall_itl_multiple,
             stall_unpredicted_s=self.stall_unpredicted_s,
             stall_unresumable_s=self.stall_unresumable_s,
+            stall_busy_max_s=self.stall_busy_max_s,
             max_failovers=self.max_failovers,
         )
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from gridserve.engines import Engine, EngineError, InvalidRequest
+from gridserve.engines import Engine, EngineError, EngineStats, InvalidRequest
 from gridserve.engines.stage_engine import StageEngine
 from gridserve.node.agent import NodeAgent
 from gridserve.node.dishonest import Dishonesty
@@ -85,6 +85,42 @@ class _Observed:
         self.metrics.active.dec()
 
 
+BUSY_EVERY_S = 0.25
+"""A stream that has had no event for this long, while the engine ran other streams' steps, gets a busy line."""
+
+
+async def _busy_between(events: AsyncIterator[TokenEvent], stats: EngineStats) -> AsyncIterator[TokenEvent | int]:
+    """The events, with the engine's step count in between each BUSY_EVERY_S without one while the engine made
+    progress on other work (a long prefill of another prompt on a CPU node): the gateway then knows the node is
+    busy, not hung (docs/protocol.md). An engine that counts no steps gets the events as they are."""
+    if stats.steps is None:
+        async for event in events:
+            yield event
+        return
+    step = stats.steps
+    pending = asyncio.ensure_future(anext(events))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=BUSY_EVERY_S)
+            if not done:
+                if stats.steps != step:
+                    step = stats.steps
+                    yield step
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            yield event
+            step = stats.steps
+            pending = asyncio.ensure_future(anext(events))
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+
 async def _stream(
     first: TokenEvent | None, rest: AsyncIterator[TokenEvent], seen: _Observed, engine: Engine, receipts: Receipter
 ) -> AsyncIterator[bytes]:
@@ -92,7 +128,10 @@ async def _stream(
         if first is not None:
             seen.token(first)
             yield receipts.line(first)
-        async for event in rest:
+        async for event in _busy_between(rest, engine.stats):
+            if isinstance(event, int):
+                yield b'{"busy":%d}\n' % event
+                continue
             seen.token(event)
             yield receipts.line(event)
     except EngineError as exc:

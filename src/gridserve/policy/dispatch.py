@@ -29,6 +29,10 @@ class DispatchPolicy:
     stall_itl_multiple: float = 10.0
     """Mid-stream, no token for max(stall_min_s, stall_itl_multiple x predicted ITL) means the node stalled:
     the generation moves to another node."""
+    stall_busy_max_s: float = 30.0
+    """A node that says its engine is busy with other streams' steps (a `busy` line: another prompt's prefill on a
+    CPU node) is not stalled while it keeps saying so, for up to this long without a token; then the stall rule
+    applies again (a node cannot hold a stream forever by claiming to be busy)."""
     stall_unpredicted_s: float = 10.0
     """The stall timeout for a node whose ITL cannot be predicted (a model or card the catalogue lacks)."""
     stall_unresumable_s: float = 30.0

@@ -16,27 +16,45 @@ class MaxScorePicker:
     instead, so newcomers earn a record: bounded exploration. The free slot bounds it: a newcomer whose first
     jobs have not finished yet is not sent more (otherwise one slow newcomer would take the whole exploration
     share of the traffic and build a queue). The SLO bounds it too: a request is never the price of a
-    newcomer's record (a cold node that would first load the model, or a slow one, is not explored)."""
+    newcomer's record (a cold node that would first load the model, or a slow one, is not explored); nor is a
+    prefix-cache hit (a request some eligible node probably holds part of is not explored)."""
 
     exploration: float = 0.05
     slo_first: bool = False
-    """Pick the best node that has a batch slot free and is predicted to meet the request's TTFT and TPOT
-    targets; else the best predicted to meet them (it will queue); else the best overall (scores rank; the SLO
-    decides between a node that makes it and one that does not, and a queue's wait is the least certain part
-    of a prediction)."""
+    """Pick the best node that has a batch slot free (or holds part of the prompt in its prefix cache) and is
+    predicted to meet the request's TTFT and TPOT targets; else the best predicted to meet them (it will queue);
+    else the best overall (scores rank; the SLO decides between a node that makes it and one that does not, and
+    a queue's wait is the least certain part of a prediction, except where a cached prefix makes the wait
+    worth it: the prefill skipped there is grid work saved)."""
     slo_headroom: float = 1.0
     """A node meets the SLO when its predictions are within this share of the targets (predictions are means;
     the SLO is met or missed in the tail)."""
+    prefix_margin: float = 0.0
+    """With slo_first: a node that holds more of the prompt in its prefix cache than the pick, is predicted to
+    answer sooner and meets the SLO wins if its score is within this much of the pick's (the prefill it skips is
+    grid work saved; load and reliability still decide beyond the margin)."""
     name: str = "max-score"
 
     def pick(self, ctx: Context, ranked: Ranked, rng: random.Random) -> tuple[int, str]:
-        if self.exploration > 0 and len(ranked) > 1 and rng.random() < self.exploration:
+        if (
+            self.exploration > 0
+            and len(ranked) > 1
+            and rng.random() < self.exploration
+            and not ranked.holds_prefix(ctx)
+        ):
             found = ranked.first_explorable(ctx, self.slo_headroom, 1)
             if found is not None:
                 return found, f"exploration (p={self.exploration}): newest node with a short record"
         if self.slo_first:
             for at_once in (True, False):
                 found = ranked.first_meeting_slo(ctx, self.slo_headroom, at_once)
+                if found is not None and self.prefix_margin > 0 and ctx.request.cached_tokens:
+                    hit = ranked.better_hit(ctx, self.slo_headroom, found, self.prefix_margin)
+                    if hit is not None:
+                        return hit, (
+                            f"holds more of the prompt, is predicted to answer sooner and scores within "
+                            f"{self.prefix_margin} of the best node that meets the SLO"
+                        )
                 if found is not None:
                     how = "can start it at once and " if at_once else ""
                     return found, f"highest score among nodes that {how}are predicted to meet the SLO"

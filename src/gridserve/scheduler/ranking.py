@@ -94,6 +94,29 @@ class Ranked:
         busy = c.col(C_ACTIVE) + c.col(C_QUEUED)
         return np.asarray(busy < np.maximum(1.0, np.where(c.col(C_HAS_HW) > 0, c.col(C_SLOTS), 1.0)))
 
+    def _holds_prefix(self, ctx: Context) -> "npt.NDArray[np.bool_]":
+        """Nodes that probably hold part of the prompt in their prefix cache (`ScheduleRequest.cached_tokens`)."""
+        return np.asarray(self.cols.reused(ctx) > 0)
+
+    def holds_prefix(self, ctx: Context) -> bool:
+        """Whether some eligible node probably holds part of the prompt."""
+        return bool(ctx.request.cached_tokens) and bool(self._holds_prefix(ctx)[self.order.eligible].any())
+
+    def better_hit(self, ctx: Context, headroom: float, rank: int, margin: float) -> int | None:
+        """Rank of the best node that holds more of the prompt than the node at `rank`, is predicted to answer
+        sooner (lower TTFT), meets the SLO, has a free slot or a hit, and scores within `margin` of it (None:
+        none)."""
+        j = self.order[rank]
+        reused = self.cols.reused(ctx)
+        ttft, _ = self.cols.prediction(ctx, loaded=True)
+        mask = (
+            (reused > reused[j])
+            & (ttft < ttft[j])
+            & (self.order.total >= self.order.total[j] - margin)
+            & self._meets_slo(ctx, headroom)
+        )
+        return self.order.first_where(np.asarray(mask), 0)
+
     def _meets_slo(self, ctx: Context, headroom: float) -> "npt.NDArray[np.bool_]":
         """Predicted (under the node's load) within `headroom` x the request's TTFT and TPOT targets."""
         ttft, itl = self.cols.prediction(ctx, loaded=True)
@@ -106,6 +129,13 @@ class Ranked:
         return self.order.first_where(new & self._free_slot() & self._meets_slo(ctx, headroom), start)
 
     def first_meeting_slo(self, ctx: Context, headroom: float, at_once: bool) -> int | None:
-        """Rank of the best node predicted to meet the request's SLO, with a free slot if `at_once`."""
+        """Rank of the best node predicted to meet the request's SLO; if `at_once`, only among nodes with a free
+        slot or holding part of the prompt in their prefix cache (their queue wait is in the prediction, and the
+        prefill they skip is work the grid need not do again)."""
         meets = self._meets_slo(ctx, headroom)
-        return self.order.first_where(meets & self._free_slot() if at_once else meets, 0)
+        if not at_once:
+            return self.order.first_where(meets, 0)
+        ready = self._free_slot()
+        if ctx.request.cached_tokens:
+            ready = ready | self._holds_prefix(ctx)
+        return self.order.first_where(meets & ready, 0)

@@ -120,6 +120,10 @@ class StreamEvent(TypedDict, total=False):
     receipt: str
     """Last event: the node's receipt, a signed envelope (JSON text)."""
     error: StreamError
+    busy: int
+    """A busy line (it has nothing else): no token yet, but the node's engine has run this many steps in all,
+    some since the stream's last line (another prompt's prefill on a CPU node). The transport reads it as a sign of
+    life and never hands it on (gateway/dispatch/stall.py)."""
 
 
 class Receipt(Strict):

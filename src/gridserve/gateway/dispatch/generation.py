@@ -129,7 +129,9 @@ class Generation:
                     if event.get("finish_reason"):
                         self._close_segment("ok")
                         return
-                    event = await next_within(stream.source, short if self.resumable else long, patience)
+                    event = await next_within(
+                        stream.source, short if self.resumable else long, patience, self.d.policy.stall_busy_max_s
+                    )
                 raise NodeFailed("stream ended before its last event")
             except (NodeFailed, TransportError) as exc:
                 detail, lost = _failure(exc)

@@ -10,6 +10,11 @@ partly read line is lost; a stall cancels it, and the stream is given up.
 
 A wait that ran out on time may still be granted `patience`: more time, asked for once. The generation uses it
 for a stream no other node could take over, where declaring a stall early would only end the client's answer.
+
+A node whose engine runs other streams' steps while this one waits (a long prefill of another prompt on a CPU
+node) says so with busy lines (docs/protocol.md). A wait that ran out with a busy line in it goes on until the
+timeout has passed since the last one, up to `busy_max_s` in all: a busy node is not a dead one, and a node that
+claims to be busy forever is still stalled in the end.
 """
 
 import asyncio
@@ -28,17 +33,21 @@ class Stalled(NodeFailed):
 
 
 async def next_within(
-    stream: EventStream, timeout_s: float, patience: Callable[[float], float] | None = None
+    stream: EventStream,
+    timeout_s: float,
+    patience: Callable[[float], float] | None = None,
+    busy_max_s: float = 0.0,
 ) -> StreamEvent | None:
     """The stream's next event (None: it ended); raises Stalled when none came within `timeout_s` of the
     gateway's running time, and the stream's own errors as they are. `patience(waited_s)`, called once when the
-    wait ran out, may grant that many more seconds (0: the stream stalled).
+    wait ran out, may grant that many more seconds (0: the stream stalled). While the node sends busy lines the
+    wait lasts up to `busy_max_s`.
 
     Per token this costs one timer, not a task: the read runs in the caller's task, and only a wait that ends in a
     stall cancels it (the stream is given up then anyway)."""
     task = asyncio.current_task()
     assert task is not None, "next_within runs in a task"
-    watch = _Watch(asyncio.get_running_loop(), task, timeout_s, patience)
+    watch = _Watch(asyncio.get_running_loop(), task, timeout_s, patience, _Busy(stream, busy_max_s))
     try:
         return await stream.next()
     except asyncio.CancelledError:
@@ -49,11 +58,29 @@ async def next_within(
         watch.handle.cancel()
 
 
+class _Busy:
+    """How long a wait may go on because the node says it is busy: until `timeout` after its last busy line,
+    never past `max_s` after the wait began."""
+
+    __slots__ = ("max_s", "stream")
+
+    def __init__(self, stream: EventStream, max_s: float) -> None:
+        self.stream, self.max_s = stream, max_s
+
+    def until(self, began: float, timeout_s: float) -> float:
+        """The new deadline (loop time) for a wait that began at `began`; 0.0 when no busy line came in it."""
+        busy_at = self.stream.busy_at
+        if busy_at <= began or self.max_s <= 0.0:
+            return 0.0
+        return min(busy_at + timeout_s, began + self.max_s)
+
+
 class _Watch:
     """The stall timer of one read: on time with nothing read, it cancels the reading task; fired late (the loop
-    was starved), it waits as long again as it was late, at most one more timeout in all."""
+    was starved), it waits as long again as it was late, at most one more timeout in all; with busy lines from the
+    node, it waits on (`_Busy`)."""
 
-    __slots__ = ("deadline", "grace", "handle", "loop", "patience", "stalled", "task", "timeout_s")
+    __slots__ = ("began", "busy", "deadline", "grace", "handle", "loop", "patience", "stalled", "task", "timeout_s")
 
     def __init__(
         self,
@@ -61,11 +88,13 @@ class _Watch:
         task: "asyncio.Task[object]",
         timeout_s: float,
         patience: Callable[[float], float] | None,
+        busy: _Busy,
     ) -> None:
-        self.loop, self.task, self.timeout_s, self.patience = loop, task, timeout_s, patience
+        self.loop, self.task, self.timeout_s, self.patience, self.busy = loop, task, timeout_s, patience, busy
         self.grace = timeout_s
         self.stalled = False
-        self.deadline = loop.time() + timeout_s
+        self.began = loop.time()
+        self.deadline = self.began + timeout_s
         self.handle = loop.call_at(self.deadline, self._due)
 
     def _arm(self, after_s: float) -> None:
@@ -78,6 +107,11 @@ class _Watch:
             extra = min(late, self.grace)
             self.grace -= extra
             self._arm(extra)
+            return
+        until = self.busy.until(self.began, self.timeout_s)
+        if until > self.loop.time():
+            self.deadline = until
+            self.handle = self.loop.call_at(until, self._due)
             return
         more = self.patience(self.timeout_s) if self.patience is not None else 0.0
         if more > 0.0:

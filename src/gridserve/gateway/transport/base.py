@@ -14,7 +14,14 @@ class EventStream(Protocol):
     """A generation under way on one node."""
 
     async def next(self) -> StreamEvent | None:
-        """The next event; None once the node ended the stream. Raises BrokenStream or Malformed."""
+        """The next event; None once the node ended the stream. Raises BrokenStream or Malformed. Busy lines
+        are not events: they only move `busy_at`."""
+        ...
+
+    @property
+    def busy_at(self) -> float:
+        """When (the event loop's time) the node last said it is busy with other streams' work while this one
+        waits (a `busy` line); 0.0 if never."""
         ...
 
     def close(self) -> None:

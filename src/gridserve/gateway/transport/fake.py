@@ -50,6 +50,14 @@ class Tokens:
 
 
 @dataclass(frozen=True)
+class Busy:
+    """The node's engine works on other streams for `seconds`: a busy line every `every_s`, no token."""
+
+    seconds: float
+    every_s: float = 0.1
+
+
+@dataclass(frozen=True)
 class Finish:
     """The last event: finish reason and counts (completion tokens = the position reached)."""
 
@@ -77,7 +85,7 @@ class Refuse:
     message: str = "refused"
 
 
-Step = Delay | Emit | Tokens | Finish | Stall | Fail | Refuse
+Step = Delay | Emit | Tokens | Busy | Finish | Stall | Fail | Refuse
 
 
 @dataclass
@@ -106,6 +114,7 @@ class FakeStream:
     def __init__(self, call: FakeCall, steps: Sequence[Step], position: int) -> None:
         self.call = call
         self.buffer: asyncio.Queue[Any] = asyncio.Queue()
+        self.busy_at = 0.0
         self.node = asyncio.get_running_loop().create_task(self._play(steps, position))
 
     async def _play(self, steps: Sequence[Step], position: int) -> None:
@@ -120,6 +129,10 @@ class FakeStream:
                         await asyncio.sleep(step.every_s)
                     self._send({"text": f"<{position}>", "token_ids": [position]})
                     position += 1
+            elif isinstance(step, Busy):
+                for i in range(max(1, round(step.seconds / step.every_s))):
+                    await asyncio.sleep(step.every_s)
+                    self._send({"busy": i + 1})
             elif isinstance(step, Finish):
                 prompt = len(self.call.job.prompt or "")
                 self._send({"finish_reason": step.reason, "prompt_tokens": prompt, "completion_tokens": position})
@@ -136,6 +149,9 @@ class FakeStream:
 
     async def next(self) -> StreamEvent | None:
         item = await self.buffer.get()
+        while isinstance(item, dict) and "busy" in item:
+            self.busy_at = asyncio.get_running_loop().time()
+            item = await self.buffer.get()
         if item is _END:
             self.buffer.put_nowait(_END)  # ended streams stay ended
             return None
@@ -226,6 +242,7 @@ async def _before_reply(steps: Sequence[Step]) -> Sequence[Step]:
 
 
 __all__ = [
+    "Busy",
     "Delay",
     "Emit",
     "Fail",

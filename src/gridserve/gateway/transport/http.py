@@ -43,13 +43,21 @@ class HttpEventStream:
     """A node's NDJSON generation stream. Blank lines are skipped; a line that is not a JSON object is Malformed;
     a connection that breaks mid-stream is a BrokenStream."""
 
-    __slots__ = ("_close", "_content")
+    __slots__ = ("_close", "_content", "busy_at")
 
     def __init__(self, content: LineSource, close: Callable[[], None]) -> None:
         self._content = content
         self._close = close
+        self.busy_at = 0.0
 
     async def next(self) -> StreamEvent | None:
+        while True:
+            event = await self._line()
+            if event is None or "busy" not in event:
+                return event
+            self.busy_at = asyncio.get_running_loop().time()
+
+    async def _line(self) -> StreamEvent | None:
         try:
             line = await self._content.readline()
             while line.isspace():
