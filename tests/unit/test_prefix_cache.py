@@ -417,6 +417,8 @@ def test_upstream_cached_count_from_openai_details_or_llama_cpp_timings() -> Non
         _upstream_final({**done, "usage": {**usage, "prompt_tokens_details": {"cached_tokens": 99}}}).cached_tokens
         == 70
     )
+    # a server that does not count the prompt: no cached count either (the receipt check bounds one by the other)
+    assert _upstream_final({**done, "timings": {"cache_n": 32}}).cached_tokens == 0
 
 
 def test_the_node_option_defaults_to_the_engines_budget() -> None:

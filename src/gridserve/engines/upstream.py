@@ -154,7 +154,7 @@ class UpstreamEngine:
             finish_reason="length" if finish == "length" else "stop",
             prompt_tokens=prompt,
             completion_tokens=int(usage.get("completion_tokens", produced)),
-            cached_tokens=min(cached or 0, prompt) if prompt else cached or 0,
+            cached_tokens=min(cached or 0, prompt),  # without a prompt count, none (a receipt bounds one by the other)
         )
 
 

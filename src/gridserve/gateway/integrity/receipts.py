@@ -5,8 +5,9 @@ Each check that fails is a severe incident with its evidence (which check, what 
 - identity: the receipt is not signed by the node's registered key (forged), or its nonce was seen before
   (a replayed receipt); recorded against the node the gateway called, the source of the message;
 - integrity: the receipt is for another request, model or weights digest; its input commitment is not the
-  hash of the request sent; its output commitment is not the hash of the tokens received; or the answer
-  claims the length limit with fewer tokens than asked (truncated);
+  hash of the request sent; its output commitment is not the hash of the tokens received; its prefix-cache
+  count is not the stream's, or exceeds the prompt; or the answer claims the length limit with fewer tokens
+  than asked (truncated);
 - settlement: the tokens claimed are not the tokens the gateway counted (an end-of-sequence token, never
   sent, may be counted once).
 
@@ -122,6 +123,20 @@ class ReceiptChecker:
         for name, (got, want) in expected.items():
             if got != want:
                 result.problems.append(("integrity", f"{name} mismatch: receipt says {got!r}, expected {want!r}"))
+        self._cached(r, final, result)
+
+    @staticmethod
+    def _cached(r: Receipt, final: StreamEvent, result: ReceiptCheck) -> None:
+        """The prefix-cache count the client is told (usage) is the one signed, and no more than the prompt."""
+        said = final.get("cached_tokens", 0)
+        if said != r.cached_tokens:
+            result.problems.append(
+                ("integrity", f"cached tokens mismatch: the stream says {said!r}, the receipt {r.cached_tokens}")
+            )
+        if not 0 <= r.cached_tokens <= r.prompt_tokens:
+            result.problems.append(
+                ("integrity", f"receipt claims {r.cached_tokens} cached of {r.prompt_tokens} prompt tokens")
+            )
 
     def _count(
         self, r: Receipt, job: GenerateRequest, sent_ids: list[int], final: StreamEvent, result: ReceiptCheck
