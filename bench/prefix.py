@@ -88,14 +88,16 @@ def one_turn(client: OpenAI, engine_model: str, messages: list[dict[str, str]], 
     }
 
 
-def expected_share(grid: LocalGrid, decision_id: str, node: str) -> float:
-    """The share of the prompt the gateway's prefix index expected `node` to hold."""
+def expected_share(grid: LocalGrid, decision_id: str, node: str) -> tuple[float, str]:
+    """The share of the prompt the gateway's prefix index expected `node` to hold, and the decision's
+    explanation."""
     record = httpx.get(
         f"{grid.url}/v1/decisions/{decision_id}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
     ).json()
     candidate = next((c for c in record["candidates"] if c["node_id"] == node), None)
     estimate = record["requirements"]["prompt_tokens_estimate"]
-    return (candidate or {}).get("cached_tokens", 0) / estimate if estimate else 0.0
+    share = (candidate or {}).get("cached_tokens", 0) / estimate if estimate else 0.0
+    return share, str(record.get("explanation", ""))
 
 
 def run_mode(args: argparse.Namespace, routing: bool) -> dict[str, Any]:
@@ -135,12 +137,13 @@ def chat(grid: LocalGrid, args: argparse.Namespace, model: str, i: int, system: 
         messages.append({"role": "user", "content": f"Question {turn + 1}: tell me one more thing."})
         result = one_turn(client, model, messages, args.max_tokens)
         messages.append({"role": "assistant", "content": result["text"]})
-        share = expected_share(grid, result["decision"], result["node"])
-        result.update(chat=i, turn=turn + 1, expected_cached=round(share * result["prompt_tokens"]))
+        share, why = expected_share(grid, result["decision"], result["node"])
+        result.update(chat=i, turn=turn + 1, expected_cached=round(share * result["prompt_tokens"]), why=why)
         out.append(result)
         print(
             f"{mode}: chat {i} turn {turn + 1}: ttft {result['ttft_s'] * 1e3:.0f} ms on {result['node'][:10]},"
-            f" cached {result['cached_tokens']}/{result['prompt_tokens']} (index expected {result['expected_cached']})",
+            f" cached {result['cached_tokens']}/{result['prompt_tokens']} (index expected {result['expected_cached']})"
+            f"\n    {why}",
             file=sys.stderr,
         )
     return out

@@ -152,3 +152,16 @@ def test_within_the_margin_a_node_holding_more_that_answers_sooner_wins() -> Non
         Spec(accelerator="rtx4090", offers=(offer(MODEL),), price=0.5, state=NodeState.PROBATION), "n-dear"
     )
     assert schedule(req, [cheap, on_probation], SLO_FIRST).chosen == cheap.node_id
+
+
+def test_when_no_node_meets_the_slo_the_margin_still_prefers_the_hit_that_answers_sooner() -> None:
+    cheap = build(Spec(accelerator="rtx4090", offers=(offer(MODEL),), price=PRICE), "n-cheap")
+    dear = build(Spec(accelerator="rtx4090", offers=(offer(MODEL),), price=0.5), "n-dear")
+    req = request(MODEL, PROMPT, 64, cached_tokens=((dear.node_id, 500),), ttft_slo_s=0.01)
+    assert schedule(req, [cheap, dear], NO_MARGIN).chosen == cheap.node_id
+    decision = schedule(req, [cheap, dear], SLO_FIRST)
+    assert decision.chosen == dear.node_id
+    assert (
+        "holds more of the prompt" in decision.explanation
+        and "none is predicted to meet the SLO" in decision.explanation
+    )

@@ -31,8 +31,8 @@ class MaxScorePicker:
     the SLO is met or missed in the tail)."""
     prefix_margin: float = 0.0
     """With slo_first: a node that holds more of the prompt in its prefix cache than the pick, is predicted to
-    answer sooner and meets the SLO wins if its score is within this much of the pick's (the prefill it skips is
-    grid work saved; load and reliability still decide beyond the margin)."""
+    answer sooner and meets the SLO (or none does) wins if its score is within this much of the pick's (the
+    prefill it skips is grid work saved; load and reliability still decide beyond the margin)."""
     name: str = "max-score"
 
     def pick(self, ctx: Context, ranked: Ranked, rng: random.Random) -> tuple[int, str]:
@@ -48,18 +48,32 @@ class MaxScorePicker:
         if self.slo_first:
             for at_once in (True, False):
                 found = ranked.first_meeting_slo(ctx, self.slo_headroom, at_once)
-                if found is not None and self.prefix_margin > 0 and ctx.request.cached_tokens:
-                    hit = ranked.better_hit(ctx, self.slo_headroom, found, self.prefix_margin)
-                    if hit is not None:
-                        return hit, (
-                            f"holds more of the prompt, is predicted to answer sooner and scores within "
-                            f"{self.prefix_margin} of the best node that meets the SLO"
-                        )
                 if found is not None:
                     how = "can start it at once and " if at_once else ""
-                    return found, f"highest score among nodes that {how}are predicted to meet the SLO"
-            return 0, "highest score (no node is predicted to meet the SLO)"
+                    return self._prefer_hit(ctx, ranked, found, True) or (
+                        found,
+                        f"highest score among nodes that {how}are predicted to meet the SLO",
+                    )
+            return self._prefer_hit(ctx, ranked, 0, False) or (
+                0,
+                "highest score (no node is predicted to meet the SLO)",
+            )
         return 0, "highest score"
+
+    def _prefer_hit(self, ctx: Context, ranked: Ranked, found: int, slo: bool) -> tuple[int, str] | None:
+        """The node that holds more of the prompt than the pick at rank `found`, answers sooner (and meets the SLO
+        if `slo`) and scores within `prefix_margin` of it; None: keep the pick."""
+        if self.prefix_margin <= 0 or not ctx.request.cached_tokens:
+            return None
+        hit = ranked.better_hit(ctx, self.slo_headroom if slo else None, found, self.prefix_margin)
+        if hit is None:
+            return None
+        meeting = "the best node that meets the SLO" if slo else "the best node (none is predicted to meet the SLO)"
+        return (
+            hit,
+            f"holds more of the prompt, is predicted to answer sooner and scores within {self.prefix_margin} "
+            f"of {meeting}",
+        )
 
 
 @register(PICKERS, "random")

@@ -102,19 +102,16 @@ class Ranked:
         """Whether some eligible node probably holds part of the prompt."""
         return bool(ctx.request.cached_tokens) and bool(self._holds_prefix(ctx)[self.order.eligible].any())
 
-    def better_hit(self, ctx: Context, headroom: float, rank: int, margin: float) -> int | None:
+    def better_hit(self, ctx: Context, headroom: float | None, rank: int, margin: float) -> int | None:
         """Rank of the best node that holds more of the prompt than the node at `rank`, is predicted to answer
-        sooner (lower TTFT), meets the SLO, has a free slot or a hit, and scores within `margin` of it (None:
-        none)."""
+        sooner (lower TTFT), meets the SLO within `headroom` (None: whether or not) and scores within `margin` of
+        it (None: no such node)."""
         j = self.order[rank]
         reused = self.cols.reused(ctx)
         ttft, _ = self.cols.prediction(ctx, loaded=True)
-        mask = (
-            (reused > reused[j])
-            & (ttft < ttft[j])
-            & (self.order.total >= self.order.total[j] - margin)
-            & self._meets_slo(ctx, headroom)
-        )
+        mask = (reused > reused[j]) & (ttft < ttft[j]) & (self.order.total >= self.order.total[j] - margin)
+        if headroom is not None:
+            mask &= self._meets_slo(ctx, headroom)
         return self.order.first_where(np.asarray(mask), 0)
 
     def _meets_slo(self, ctx: Context, headroom: float) -> "npt.NDArray[np.bool_]":
