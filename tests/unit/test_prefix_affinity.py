@@ -73,6 +73,21 @@ def test_down_or_registering_again_empties_a_node_and_a_failover_fills_the_new_o
     assert set(dict(affinity.lookup(Scope("chat"), job, tokens(job)))) == {"n-b"}
 
 
+def test_the_expected_reuse_is_whole_blocks_of_the_nodes_own_cache() -> None:
+    """A node that reuses whole blocks of 128 tokens is never expected to reuse a part of one."""
+    affinity = PrefixAffinity()
+    for node_id, block in (("n-128", 128), ("n-unsaid", None)):
+        snap = build(Spec(accelerator="rtx4090"), node_id)
+        assert snap.capability is not None
+        affinity.registered(snap.capability.model_copy(update={"prefix_block_tokens": block}))
+    job = chat("Tell me about the grid. " * 20)
+    serve(affinity, job, "n-128")
+    serve(affinity, job, "n-unsaid")
+    found = dict(affinity.lookup(Scope("chat"), job, tokens(job)))
+    assert found["n-unsaid"] % 128 != 0  # the gateway's own estimate: ~32-token text blocks
+    assert found["n-128"] == found["n-unsaid"] - found["n-unsaid"] % 128 > 0
+
+
 def test_capacity_is_the_cards_kv_room_for_its_models() -> None:
     snap = build(Spec(accelerator="rtx4090"), "n-a")  # llama-3-8b at float16 on 24 GiB
     assert snap.capability is not None

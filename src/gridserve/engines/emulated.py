@@ -136,6 +136,10 @@ class EmulatedEngine:
         """Prompt tokens the emulated prefix cache holds (advertised in the capability)."""
         return self._prefix.capacity_tokens if self._prefix is not None else 0
 
+    def prefix_block_tokens(self) -> int:
+        """The emulated prefix cache's block in tokens (advertised in the capability)."""
+        return PREFIX_BLOCK_TOKENS
+
     def _placed(self, name: str) -> tuple[ModelSpec, str, str]:
         spec = model_spec(name)
         if spec.real_engine:

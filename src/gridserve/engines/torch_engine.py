@@ -95,6 +95,10 @@ class TorchEngine(LocalEngine):
         """Prompt tokens the prefix cache can hold (advertised in the capability); None until the model is loaded."""
         return self._prefix.capacity_tokens() if self._prefix is not None else None
 
+    def prefix_block_tokens(self) -> int | None:
+        """The prefix cache's block in tokens (advertised in the capability); None without a cache."""
+        return self._prefix.block if self._prefix is not None and self._prefix.enabled else None
+
     @property
     def prefix_cache(self) -> PrefixCache | None:
         return self._prefix

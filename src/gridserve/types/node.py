@@ -107,6 +107,9 @@ class Capability(Strict):
     prefix_cache_tokens: Count | None = None
     """Prompt tokens the node's prefix cache holds (KV of recent prompts, reused by prompts that start the same way;
     0: no prefix cache); None: not said (an upstream server's own cache, or a node that predates the field)."""
+    prefix_block_tokens: Count | None = None
+    """The prefix cache's block: it reuses whole blocks of this many prompt tokens (the gateway rounds what it
+    expects a node to reuse down to them); None: not said."""
 
 
 ErrorKind = Literal["oom", "cuda", "timeout", "refused", "engine"]

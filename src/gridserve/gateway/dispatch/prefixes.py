@@ -33,6 +33,8 @@ class PrefixAffinity(Subscriber):
         self.enabled = enabled
         self.block_chars = block_chars
         self.index = PrefixIndex()
+        self.block_tokens: dict[str, int] = {}
+        """Nodes whose prefix cache reuses whole blocks of this many tokens (their capability says so)."""
 
     # -- before the decision --------------------------------------------------------------------------------------
 
@@ -44,9 +46,17 @@ class PrefixAffinity(Subscriber):
         blocks = text_blocks(render(job.prompt, job.messages), self.block_chars)
         scope.state[_STATE] = blocks
         limit = max(0, prompt_tokens - 1)  # the last prompt token is always computed
-        return tuple(
-            (node, min(limit, int(n * TOKENS_PER_BLOCK))) for node, n in self.index.match(blocks).items() if limit
-        )
+        if not limit:
+            return ()
+        found = []
+        for node, n in self.index.match(blocks).items():
+            tokens = min(limit, int(n * TOKENS_PER_BLOCK))
+            block = self.block_tokens.get(node)
+            if block:
+                tokens -= tokens % block  # the node reuses whole blocks only
+            if tokens:
+                found.append((node, tokens))
+        return tuple(found)
 
     # -- membership -----------------------------------------------------------------------------------------------
 
@@ -54,6 +64,10 @@ class PrefixAffinity(Subscriber):
         """A node (re)registered: its cache starts empty, sized for the models it serves."""
         self.index.drop(capability.node_id)
         self.index.set_capacity(capability.node_id, capacity_blocks(capability))
+        if capability.prefix_block_tokens:
+            self.block_tokens[capability.node_id] = capability.prefix_block_tokens
+        else:
+            self.block_tokens.pop(capability.node_id, None)
 
     def lost(self, node_id: str) -> None:
         """The node went down: whatever it held may be gone."""
