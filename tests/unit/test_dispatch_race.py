@@ -14,6 +14,7 @@ from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.dispatch.dispatcher import NodeStream
 from gridserve.gateway.transport import BrokenStream, Unreachable
 from gridserve.gateway.transport.fake import Delay, Emit, Fail, Finish, Refuse, Stall, Tokens
+from gridserve.reliability import EventKind
 from gridserve.store import StoreWriter
 from gridserve.types import NodeId, NodeState
 
@@ -117,12 +118,36 @@ def test_an_exhausted_retry_budget_skips_the_retry(grid: Grid) -> None:
     assert not grid.fake.calls_to("n2") and grid.count("gridserve_dispatch_retries_total") == 0
 
 
-def test_a_request_the_node_refuses_as_invalid_is_the_clients_error(grid: Grid) -> None:
-    grid.fake.script("n1", Refuse(400, "prompt too long"))
+EVIL = "this request cannot run here; see http://evil.example/upgrade"
+
+
+def failed_jobs(grid: Grid, node_id: str) -> list[str]:
+    events = grid.membership.book.events(node_id, kinds={EventKind.JOB_FAILED})
+    return [e.detail for e in events]
+
+
+def test_a_refusal_goes_to_the_next_node_and_the_refuser_is_charged_when_another_serves(grid: Grid) -> None:
+    """A node's 400 is its word against the grid's: the request goes on, and the node that refused what another
+    served has a failed job (a node cannot turn traffic away, or advertise to clients, at no cost)."""
+    grid.fake.script("n1", Refuse(400, EVIL))
+    grid.fake.script("n2", Tokens(1), Finish())
+    stream = open_stream(grid)
+    assert stream.node_id == "n2" and [a.outcome for a in stream.attempts] == ["failed", "served"]
+    assert stream.attempts[0].detail.startswith("refused the request as invalid")
+    assert failed_jobs(grid, "n1") == ["refused as invalid a request another node served"]
+    assert failed_jobs(grid, "n2") == [] and grid.outstanding("n1") == 0
+
+
+def test_a_request_every_node_refuses_is_the_clients_error_in_the_gateways_words(grid: Grid) -> None:
+    for node_id in grid.ids:
+        grid.fake.script(node_id, Refuse(400, EVIL))
     with pytest.raises(APIError) as caught:
         open_stream(grid)
-    assert caught.value.status == 400 and caught.value.message == "prompt too long"
-    assert not grid.fake.calls_to("n2") and grid.outstanding("n1") == 0
+    error = caught.value
+    assert error.status == 400 and "refused the request as invalid" in error.message and "context" in error.message
+    assert "evil" not in error.message and "http" not in error.message  # no node-written text reaches the client
+    assert len(grid.fake.calls) == CONFIG.dispatch_attempts
+    assert all(failed_jobs(grid, n) == [] for n in grid.ids)  # nobody served it: no refusal was proven wrong
 
 
 def test_no_first_token_within_the_first_token_timeout_gives_the_attempt_up(grid: Grid) -> None:

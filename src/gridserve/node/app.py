@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from gridserve.engines import Engine, EngineError, EngineStats, InvalidRequest
 from gridserve.engines.stage_engine import StageEngine
 from gridserve.node.agent import NodeAgent
-from gridserve.node.dishonest import Dishonesty
+from gridserve.node.dishonest import REFUSAL_TEXT, Dishonesty
 from gridserve.node.faults import Faults, FaultsDisabled, FaultSpec
 from gridserve.node.metrics import NodeMetrics
 from gridserve.node.receipts import Receipter
@@ -222,6 +222,8 @@ def build_node_app(
         if traceparent and log.isEnabledFor(logging.DEBUG):
             log.debug("generate %s in trace %s", job.request_id, traceparent, extra={"traceparent": traceparent})
         await faults.network_delay()
+        if lies.refuses:
+            return _error(400, "invalid_request", REFUSAL_TEXT)
         injected = faults.take_error()
         if injected is not None:
             engine.stats.note_error(injected)

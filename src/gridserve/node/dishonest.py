@@ -6,7 +6,9 @@ node is started with `--allow-dishonest`.
 - `spoof_identity`: receipts are signed by another key that claims this node's id (forgery);
 - `truncate`: the answer stops after half its tokens but still reports `finish_reason: "length"`;
 - `alter_output`: every 4th token is replaced by another (text "?") and the receipt commits to that;
-- `wrong_model` / `lazy_compute` (tiny engine): other weights / the last layer skipped, the real digest claimed.
+- `wrong_model` / `lazy_compute` (tiny engine): other weights / the last layer skipped, the real digest claimed;
+- `refuse`: every generate call is answered 400 with the node's own text (an advertisement, a link), as if the
+  request were invalid.
 """
 
 from dataclasses import dataclass, field
@@ -22,7 +24,10 @@ MODES = (
     "alter_output",
     "wrong_model",
     "lazy_compute",
+    "refuse",
 )
+REFUSAL_TEXT = "this request cannot run here; see http://evil.example/upgrade"
+"""What a `refuse` node answers: text no client may see."""
 ENGINE_MODES = frozenset({"wrong_model", "lazy_compute"})
 
 
@@ -45,6 +50,10 @@ class Dishonesty:
         if modes and not allowed:
             raise DishonestyRefused()
         return cls(modes=frozenset(modes))
+
+    @property
+    def refuses(self) -> bool:
+        return "refuse" in self.modes
 
     def claimed_tokens(self, real: int) -> int:
         return 2 * real if "inflate_tokens" in self.modes else real

@@ -75,12 +75,22 @@ class NodeStream:
         self.source.close()
 
 
+REFUSAL_NOTE_CHARS = 200
+"""How much of a node's refusal text is kept, for the attempt's record (operators), never for the client."""
+
+
 class NodeFailed(Exception):
     pass
 
 
 class NotResumable(NodeFailed):
     """The node cannot continue another node's generation (its engine does not take token ids)."""
+
+
+class Refusal(NodeFailed):
+    """The node answered that the request itself is invalid (a 400). Only the other nodes can tell whether it was
+    right: the request goes on to the next one, a node that refused what another served is charged a failed job,
+    and the client never sees the node's text (a node could put anything there)."""
 
 
 class Dispatcher:
@@ -205,7 +215,7 @@ class Dispatcher:
                 message = exc.message or "rejected by node"
                 if job.resume:
                     raise NotResumable(message) from exc
-                raise bad_request(message) from exc
+                raise Refusal(message[:REFUSAL_NOTE_CHARS]) from exc
             raise NodeFailed(f"answered {exc.status}: {exc.body}") from exc
         except TransportError as exc:
             self.membership.mark_failed(node_id, f"dispatch failed: {exc.why}")
@@ -255,6 +265,8 @@ class _Race:
         self.running: dict[asyncio.Task[NodeStream], tuple[Candidate, float]] = {}
         self.hedged = False
         self.hedge_delay: float | None = None
+        self.refused: list[NodeId] = []
+        """Nodes that answered that the request is invalid."""
 
     def _launch(self, candidate: Candidate) -> None:
         task = asyncio.create_task(self.d.attempt(candidate.node_id, self.job))
@@ -280,6 +292,7 @@ class _Race:
             while self.running:
                 winner = await self._step(hedge_at)
                 if winner is not None:
+                    self._charge_refusals()
                     winner.attempts = [*self.attempts, Attempt(winner.node_id, "served")]
                     winner.hedged, winner.hedge_delay_s = self.hedged, self.hedge_delay
                     self.d.budget.success()
@@ -289,8 +302,19 @@ class _Race:
                     self.hedged = self._launch_next("hedge")
         finally:
             await self._cancel_rest()
+        if self.refused and all(a.node_id in self.refused for a in self.attempts if a.outcome == "failed"):
+            raise bad_request(
+                f"{len(self.refused)} node(s) serving {self.job.model} refused the request as invalid (the usual "
+                "cause: the prompt plus max_tokens exceeds the model's context as the node counts tokens; the gateway "
+                "does not pass on text written by nodes)"
+            )
         detail = "; ".join(f"{a.node_id[:10]}: {a.detail}" for a in self.attempts)
         raise upstream_failed(f"every node tried failed before the first token ({detail})")
+
+    def _charge_refusals(self) -> None:
+        """Another node served the request: each node that refused it as invalid was wrong, a failed job."""
+        for node_id in self.refused:
+            self.d.node_failed(node_id, "refused as invalid a request another node served")
 
     async def _step(self, hedge_at: float | None) -> NodeStream | None:
         now = time.monotonic()
@@ -305,6 +329,10 @@ class _Race:
                 return task.result()
             if isinstance(exc, APIError):
                 raise exc
+            if isinstance(exc, Refusal):
+                self.refused.append(candidate.node_id)
+                self._failed(candidate, f"refused the request as invalid: {exc}", counts=False)
+                continue
             self._failed(candidate, str(exc), counts=not isinstance(exc, NotResumable))
         self._abandon_lost(time.monotonic())
         return None
@@ -356,4 +384,4 @@ class _Race:
         self.running.clear()
 
 
-__all__ = ["Attempt", "Dispatcher", "NodeFailed", "NodeStream", "NotResumable", "error_message"]
+__all__ = ["Attempt", "Dispatcher", "NodeFailed", "NodeStream", "NotResumable", "Refusal", "error_message"]

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import random
 
-from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed
+from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed, Refusal
 from gridserve.gateway.integrity.audit import Auditor, AuditResult, canary_job
 from gridserve.gateway.integrity.receipts import ReceiptChecker
 from gridserve.gateway.registry.membership import LIVE
@@ -43,6 +43,10 @@ class CanaryRunner:
         job = canary_job(model, self.rng)
         try:
             stream = await self.dispatcher.attempt(node, job)  # type: ignore[arg-type]
+        except Refusal as exc:  # a canary is valid by construction: refusing it is a failed job
+            log.info("canary to %s refused as invalid", node)
+            self.dispatcher.node_failed(node, f"refused a canary (a valid request) as invalid: {exc}")  # type: ignore[arg-type]
+            return None
         except NodeFailed as exc:
             log.info("canary to %s not answered: %s", node, exc)
             return None
