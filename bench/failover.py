@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+from rich.console import Console
 from rich.progress import Progress
 
 from gridserve.cli.grid import LocalGrid, free_port_block
@@ -191,7 +192,7 @@ async def main() -> None:
     parser.add_argument("--straggler-share", type=float, default=0.03, help="below 5%%: its p95 stays normal")
     args = parser.parse_args()
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp, Progress() as progress:
+    with tempfile.TemporaryDirectory() as tmp, Progress(console=Console(stderr=True)) as progress:
         grid = grid_of(Path(tmp) / "failover", 3)
         grid.start(timeout_s=120)
         try:

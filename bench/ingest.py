@@ -41,6 +41,7 @@ from typing import Any, cast
 import psutil
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
 from rich.progress import Progress
 
 from gridserve.cli.grid import LocalGrid, free_port_block
@@ -442,7 +443,7 @@ def main() -> None:
     args = parser.parse_args()
     gc.set_threshold(*GC_THRESHOLDS)
     runs = []
-    with Progress(transient=True) as progress:
+    with Progress(transient=True, console=Console(stderr=True)) as progress:
         for n in (int(x) for x in args.nodes.split(",")):
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the generator's CPU: see LeanClient
                 runs.append(runner.run(one_run(n, args.interval, args.duration, args.join_rate, progress)))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rich.console import Console
 from rich.progress import Progress
 
 from gridserve.cli.grid import LocalGrid, free_port_block
@@ -103,7 +104,7 @@ def main() -> None:
     grids: dict[int, LocalGrid] = {}
     rates: dict[int, list[float]] = {n: [] for n in SPLITS}
     texts: dict[int, set[str]] = {n: set() for n in SPLITS}
-    with tempfile.TemporaryDirectory() as tmp, Progress(transient=True) as progress:
+    with tempfile.TemporaryDirectory() as tmp, Progress(transient=True, console=Console(stderr=True)) as progress:
         try:
             task = progress.add_task("starting grids", total=len(SPLITS))
             for n, split in SPLITS.items():

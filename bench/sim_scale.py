@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.progress import Progress
 
 from gridserve.scheduler import named_profile
@@ -100,7 +101,7 @@ def main() -> None:
     parser.add_argument("--small-runs", type=int, default=3, help="runs of the conversation trace on 100 nodes")
     args = parser.parse_args()
     trace, source = conversation_trace()
-    with Progress(transient=True) as progress:
+    with Progress(transient=True, console=Console(stderr=True)) as progress:
         small = [one_run(trace, 100, seed, progress) for seed in range(args.small_runs)]
         big = one_run(repeated(trace, args.requests), args.nodes, 0, progress) if args.requests else None
     result = {

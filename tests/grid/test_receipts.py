@@ -161,19 +161,21 @@ def test_dishonest_modes_are_refused_unless_enabled(tmp_path: Path) -> None:
     assert out.returncode == 2 and "--allow-dishonest" in out.stderr
 
 
-VERIFIED_CHEATS = ("wrong_model", "lazy_compute", "alter_output")
+VERIFIED_CHEATS = ("wrong_model", "lazy_compute", "alter_output", "omit_proof")
 
 
 def test_audits_and_canaries_catch_cheats_the_receipt_cannot_see(tmp_path: Path) -> None:
-    """Other weights, a skipped layer and altered tokens come with consistent receipts; the verifier's
-    re-execution (canaries aimed at each node, and sampled audits of client traffic) catches each."""
-    grid = make_grid(tmp_path, ["tiny"] * 4, threads=1, extra_gateway_args=["--canary-interval", "0"])
+    """Other weights, a skipped layer, altered tokens and a missing proof come with consistent receipts; the
+    verifier's re-execution (canaries aimed at each node, and sampled audits of client traffic) catches each."""
+    grid = make_grid(
+        tmp_path, ["tiny"] * (1 + len(VERIFIED_CHEATS)), threads=1, extra_gateway_args=["--canary-interval", "0"]
+    )
     try:
         grid.start_gateway()
         grid.start_node(0, "tiny")
         for i, mode in enumerate(VERIFIED_CHEATS, start=1):
             grid.start_node(i, "tiny", ["--allow-dishonest", "--dishonest", mode])
-        grid.wait_nodes(4, 120)
+        grid.wait_nodes(1 + len(VERIFIED_CHEATS), 120)
         by_port = {n["endpoint"].rsplit(":", 1)[1]: n["node_id"] for n in grid.nodes()}
         honest = by_port[str(grid.node_port(0))]
         cheats = {mode: by_port[str(grid.node_port(i))] for i, mode in enumerate(VERIFIED_CHEATS, start=1)}
@@ -194,10 +196,10 @@ def test_audits_and_canaries_catch_cheats_the_receipt_cannot_see(tmp_path: Path)
             client.completions.create(model=TINY_MODEL, prompt=f"audited {i}", max_tokens=8, temperature=0)
         deadline = time.monotonic() + 30
         audits = admin_get(grid, "/admin/audits").json()
-        while time.monotonic() < deadline and audits["audited"] < 3 + 3 + 4:
+        while time.monotonic() < deadline and audits["audited"] < 3 + len(VERIFIED_CHEATS) + 4:
             time.sleep(0.3)
             audits = admin_get(grid, "/admin/audits").json()
-        assert audits["audited"] >= 10 and audits["failed"] == 3, audits
+        assert audits["audited"] >= 3 + len(VERIFIED_CHEATS) + 4 and audits["failed"] == len(VERIFIED_CHEATS), audits
         assert admin_get(grid, f"/admin/incidents?node_id={honest}").json()["incidents"] == []
     finally:
         grid.stop()

@@ -8,7 +8,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gridserve.engines.sampling import fresh_seed, mix, pick_token
+from gridserve.engines.sampling import SAMPLE_TOLERANCE, draw_miss, fresh_seed, mix, pick_token
 from gridserve.types import SamplingParams
 
 seeds = st.integers(0, 2**63 - 1)
@@ -167,3 +167,53 @@ def test_fresh_seed_is_random_and_63_bit() -> None:
     drawn = [fresh_seed() for _ in range(50)]
     assert len(set(drawn)) == 50
     assert all(0 <= s < 2**63 for s in drawn)
+
+
+@given(
+    logits=distinct_logits(min_size=3),
+    seed=seeds,
+    step=steps,
+    temperature=st.floats(0.1, 2.0),
+    top_p=st.sampled_from([1.0, 0.95, 0.7, 0.3]),
+)
+@settings(max_examples=300)
+def test_the_verifier_finds_every_honest_draw_inside_its_interval(
+    logits: torch.Tensor, seed: int, step: int, temperature: float, top_p: float
+) -> None:
+    p = params(temperature=temperature, top_p=top_p)
+    token = pick_token(logits, p, seed, step)
+    assert draw_miss(logits, p, seed, step, token) <= 1e-9
+
+
+@given(logits=distinct_logits(min_size=3), seed=seeds, step=steps, temperature=st.floats(0.3, 2.0))
+@settings(max_examples=200)
+def test_honest_float_noise_stays_within_the_tolerance(
+    logits: torch.Tensor, seed: int, step: int, temperature: float
+) -> None:
+    """The verifier's logits differ from the node's by float noise (~1e-5 here, more than fp32 runs differ by)."""
+    p = params(temperature=temperature)
+    token = pick_token(logits, p, seed, step)
+    noisy = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed % 1000)) * 1e-5
+    assert draw_miss(noisy, p, seed, step, token) <= SAMPLE_TOLERANCE
+
+
+def test_a_token_swapped_for_another_is_caught_almost_always() -> None:
+    """A node that answers another token than the seed draws (here: its neighbour in the vocabulary) misses the
+    draw by more than the tolerance unless the draw sits within the tolerance of the two tokens' shared edge: with
+    20 tokens of 2-9% each, that is ~2% of draws."""
+    logits = torch.linspace(-1.0, 1.0, 20)
+    p = params(temperature=1.0)
+    caught = 0
+    for seed in range(500):
+        token = pick_token(logits, p, seed, 0)
+        swapped = token ^ 1
+        caught += draw_miss(logits, p, seed, 0, swapped) > SAMPLE_TOLERANCE
+    assert caught >= 475, caught
+
+
+def test_a_draw_does_not_depend_on_the_vocabulary_beyond_the_token() -> None:
+    """Appending never-sampled (-inf) tokens after the vocabulary changes no draw (masked padding rows)."""
+    logits = torch.tensor([0.5, 1.5, -0.2, 0.9])
+    padded = torch.cat([logits, torch.full((6,), float("-inf"))])
+    p = params(temperature=0.8)
+    assert [pick_token(logits, p, s, 1) for s in range(100)] == [pick_token(padded, p, s, 1) for s in range(100)]

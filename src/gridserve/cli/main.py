@@ -99,6 +99,9 @@ def gateway(
     standby: Annotated[int, typer.Option(help="warm spare nodes kept per model in demand")] = 1,
     audit_rate: Annotated[float, typer.Option(help="share of trusted nodes' completions re-executed")] = 0.05,
     canary_interval: Annotated[float, typer.Option(help="mean seconds between canary requests (0: none)")] = 60.0,
+    canary_timeout: Annotated[
+        float, typer.Option(min=0.5, help="seconds a canary may take before it is a failed canary")
+    ] = 20.0,
     allowed_digests: Annotated[
         Path | None, typer.Option(help="JSON {model: [weights digest, ...]} nodes may serve")
     ] = None,
@@ -146,6 +149,7 @@ def gateway(
         standby_per_model=standby,
         audit_rate=audit_rate,
         canary_interval_s=canary_interval,
+        canary_timeout_s=canary_timeout,
         allowed_digests_path=allowed_digests,
         otlp_endpoint=otlp_endpoint,
     )

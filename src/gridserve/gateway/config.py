@@ -97,6 +97,8 @@ class GatewayConfig:
     audit_floor: float = _AUDIT.floor
     canary_interval_s: float = 60.0
     """Mean seconds between canary requests (0: none)."""
+    canary_timeout_s: float = 20.0
+    """A canary not answered in full within this is a failed canary (and `POST /admin/canary` returns by then)."""
     allowed_digests_path: Path | None = None
     """JSON {model: [weights digest, ...]} added to the built-in allowed digests (trust/attestation.py)."""
     profile_path: Path | None = None

@@ -25,6 +25,7 @@ MODES = (
     "wrong_model",
     "lazy_compute",
     "refuse",
+    "omit_proof",
 )
 REFUSAL_TEXT = "this request cannot run here; see http://evil.example/upgrade"
 """What a `refuse` node answers: text no client may see."""
@@ -69,7 +70,10 @@ class Dishonesty:
         return self._first_receipt
 
     def alter(self, event: TokenEvent, index: int) -> TokenEvent:
-        """`alter_output`: token number `index` (0-based) of the answer, replaced if index % 4 == 3."""
+        """`alter_output`: token number `index` (0-based) of the answer, replaced if index % 4 == 3;
+        `omit_proof`: the last event without its activation proof."""
+        if "omit_proof" in self.modes and event.proof:
+            event = event.model_copy(update={"proof": ""})
         if "alter_output" not in self.modes or not event.token_ids or index % 4 != 3:
             return event
         return event.model_copy(update={"token_ids": (event.token_ids[0] ^ 1,), "text": "?"})

@@ -7,15 +7,24 @@ from pydantic import Field, model_validator
 from gridserve.types.base import Strict
 from gridserve.types.node import Capability, NodeId, Telemetry
 
+GREEDY_BELOW = 1e-6
+"""Temperatures under this pick the argmax, the limit of sampling as the temperature goes to 0 (dividing the
+logits by a temperature near 0 overflows float32, and the probabilities become NaN)."""
+
 
 class SamplingParams(Strict):
-    """Sampling parameters. temperature == 0 means greedy. With a seed, sampling is deterministic."""
+    """Sampling parameters. temperature below GREEDY_BELOW means greedy. With a seed, sampling is deterministic
+    (the gateway fixes one for every sampled request it sends: gateway/api/openai_api.py)."""
 
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 class ChatMessage(Strict):

@@ -84,6 +84,10 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
     sampling = SamplingParams(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop_list()
     )
+    if sampling.seed is None and not sampling.greedy:
+        # the gateway's own draw: the answer is as random to the client as without one, and a verifier can
+        # re-execute it token by token (gateway/integrity/audit.py); nodes cannot tell it from a client's seed
+        sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
     if isinstance(req, ChatCompletionRequest):
         messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
         chars = sum(len(m.content) for m in messages)

@@ -5,15 +5,19 @@ tiny model and Gemma 3 270M) runs one prefill over prompt + output and checks:
 
 1. the prompt as the verifier tokenises it has the digest the node committed to;
 2. the activation proof (trust/proofs.py) against the verifier's own hidden states;
-3. for greedy requests, every token: the verifier's argmax must be the node's token, unless the two logits
-   are within `TIE_TOLERANCE` (honest float differences may flip a near tie).
+3. every token: for greedy requests the verifier's argmax must be the node's token, unless the two logits are
+   within `TIE_TOLERANCE` (honest float differences may flip a near tie); for sampled ones (the gateway fixes a
+   seed for every one: gateway/api/openai_api.py) the token must be the seed's draw from the verifier's own
+   distribution within `SAMPLE_TOLERANCE` of the mass (engines/sampling.py).
+
+A torch engine sends an activation proof with every answer: a missing one fails the audit.
 
 Any failure is a severe integrity incident with the evidence. The audit rate is per node: `audit_new_rate` for
 nodes with little history, otherwise `audit_rate` raised for low reliability (x (1 + 4 (1 - score))), never
 below `audit_floor`. Audits run off the request path, one at a time on a worker thread.
 
-Canaries (`CanaryRunner`): now and then a node gets a greedy request built like any client's, whose answer the
-verifier knows; a different answer is an integrity incident.
+Canaries (`CanaryRunner`): now and then a node gets a request built like any client's (sampling settings drawn
+from recent traffic), checked the same way; a wrong answer is an integrity incident.
 """
 
 import asyncio
@@ -21,6 +25,7 @@ import logging
 import random
 import secrets
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -63,6 +68,8 @@ class AuditResult:
     request_id: str
     problems: tuple[str, ...]
     proof_checked: bool
+    largest_draw_miss: float = 0.0
+    """Sampled answers: the largest share of mass by which a token missed its seeded draw (0: all inside)."""
 
     @property
     def ok(self) -> bool:
@@ -115,9 +122,45 @@ class Verifier:
             verdict = proofs.verify([hidden[start + i] for i in range(picks)], receipt.proof, job.model)
             if not verdict.ok:
                 problems.append(f"audit: activation proof fails ({verdict.evidence()})")
-        if job.sampling.temperature == 0.0:
+        elif proofs.AVAILABLE and picks:
+            problems.append("audit: no activation proof (the engine gives one with every answer)")
+        largest = 0.0
+        if job.sampling.greedy:
             problems += self._greedy(loaded, out.logits[0], start, ids, picks)
-        return AuditResult(str(receipt.node_id), job.request_id, tuple(problems), proof_checked)
+        elif job.sampling.seed is not None:
+            found, largest = self._sampled(loaded, out.logits[0], start, ids, picks, job)
+            problems += found
+        else:
+            problems.append("audit: a sampled answer without a seed cannot be checked (the gateway fixes one)")
+        return AuditResult(str(receipt.node_id), job.request_id, tuple(problems), proof_checked, largest)
+
+    def _sampled(
+        self,
+        loaded: "LoadedModel",
+        logits: "torch.Tensor",
+        start: int,
+        ids: list[int],
+        picks: int,
+        job: GenerateRequest,
+    ) -> tuple[list[str], float]:
+        """Each token must be the one the request's seed draws from the verifier's own distribution, within
+        SAMPLE_TOLERANCE of the mass; the position after an answer that ended on end-of-sequence must draw one.
+        Also returns the largest miss among the tokens checked (bench/verification.py calibrates on it)."""
+        from gridserve.engines.sampling import SAMPLE_TOLERANCE, draw_miss
+
+        seed = job.sampling.seed
+        assert seed is not None
+        largest = 0.0
+        for i in range(picks):
+            row = logits[start + i].float()
+            if loaded.logit_mask is not None:
+                row = row + loaded.logit_mask
+            tokens = [ids[i]] if i < len(ids) else sorted(loaded.codec.eos_ids)
+            miss = min((draw_miss(row, job.sampling, seed, len(job.resume) + i, t) for t in tokens), default=0.0)
+            largest = max(largest, miss)
+            if miss > SAMPLE_TOLERANCE:
+                return [f"audit: sampled token {i} is {tokens[0]}, not the seed's draw (misses it by {miss:.4f})"], miss
+        return [], largest
 
     def _greedy(
         self, loaded: "LoadedModel", logits: "torch.Tensor", start: int, ids: list[int], picks: int
@@ -168,6 +211,7 @@ class Auditor:
         self.rng = random.Random()
         self.pending: set[asyncio.Task[None]] = set()
         self.results: list[AuditResult] = []
+        self.mix = TrafficMix()
 
     def rate(self, node_id: str) -> float:
         summary = self.membership.book.summary(node_id, time.time())
@@ -177,6 +221,7 @@ class Auditor:
         )
 
     def maybe_audit(self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt) -> bool:
+        self.mix.note(job)
         if not self.verifier.supports(job.model) or self.rng.random() >= self.rate(node_id):
             return False
         task = asyncio.create_task(self._audit(node_id, job, list(ids), receipt))
@@ -226,16 +271,39 @@ CANARY_PROMPTS = (
     "Say hello in Spanish.",
     "Give me a short tip for sleeping better.",
 )
+DEFAULT_MIX = ((0.0, 1.0), (1.0, 1.0))
+"""(temperature, top_p) a canary draws from before any client traffic is seen: greedy, or OpenAI's default."""
 
 
-def canary_job(model: str, rng: random.Random) -> GenerateRequest:
-    """A greedy chat request like a client's (same id format, ordinary prompt and length)."""
+class TrafficMix:
+    """The sampling settings of recent client requests, per model: a canary takes one of them, so a node cannot
+    tell canaries by their settings (a greedy-only canary lets a node answer greedy requests and no others)."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self.keep = keep
+        self.seen: dict[str, deque[tuple[float, float]]] = {}
+
+    def note(self, job: GenerateRequest) -> None:
+        settings = self.seen.setdefault(job.model, deque(maxlen=self.keep))
+        settings.append((job.sampling.temperature, job.sampling.top_p))
+
+    def draw(self, model: str, rng: random.Random) -> tuple[float, float]:
+        return rng.choice(self.seen.get(model) or DEFAULT_MIX)
+
+
+def canary_job(model: str, rng: random.Random, mix: TrafficMix | None = None) -> GenerateRequest:
+    """A chat request like a client's (same id format, an ordinary prompt and length, sampling settings drawn
+    from recent traffic, and a seed whenever it samples, as the gateway gives every sampled request)."""
+    temperature, top_p = (mix or TrafficMix()).draw(model, rng)
+    sampling = SamplingParams(max_tokens=rng.choice((12, 16, 24)), temperature=temperature, top_p=top_p)
+    if not sampling.greedy:
+        sampling = sampling.model_copy(update={"seed": rng.getrandbits(63)})
     return GenerateRequest(
         request_id="chatcmpl-" + secrets.token_hex(12),
         model=model,
         messages=(ChatMessage(role="user", content=rng.choice(CANARY_PROMPTS)),),
-        sampling=SamplingParams(max_tokens=rng.choice((12, 16, 24)), temperature=0.0),
+        sampling=sampling,
     )
 
 
-__all__ = ["AuditResult", "Auditor", "Verifier", "canary_job"]
+__all__ = ["AuditResult", "Auditor", "TrafficMix", "Verifier", "canary_job"]

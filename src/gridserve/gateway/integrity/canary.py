@@ -1,6 +1,8 @@
-"""Canaries: now and then a node gets a greedy request built like any client's (same id format, an ordinary
-prompt and length, sent through the same dispatch path); the verifier, which knows the model, checks the
-answer token by token and the activation proof. A wrong answer is an integrity incident."""
+"""Canaries: now and then a node gets a request built like any client's (same id format, an ordinary prompt and
+length, the sampling settings of recent client traffic with a seed like every sampled request, sent through the
+same dispatch path); the verifier, which knows the model, checks the answer token by token and the activation
+proof. A wrong answer is an integrity incident; a refused canary, or one not answered in full within
+`canary_timeout_s`, is a failed job."""
 
 import asyncio
 import logging
@@ -11,7 +13,7 @@ from gridserve.gateway.integrity.audit import Auditor, AuditResult, canary_job
 from gridserve.gateway.integrity.receipts import ReceiptChecker
 from gridserve.gateway.registry.membership import LIVE
 from gridserve.gateway.transport import TransportError
-from gridserve.types import StreamEvent
+from gridserve.types import GenerateRequest, StreamEvent
 
 log = logging.getLogger("gridserve.gateway")
 
@@ -36,20 +38,27 @@ class CanaryRunner:
         ]
 
     async def once(self, node_id: str | None = None) -> AuditResult | None:
+        """One canary to `node_id` (else a random eligible node) and its verdict; None when no node could take
+        one. Bounded: a canary not answered in full within `canary_timeout_s` is a failed canary."""
         targets = [t for t in self.targets() if node_id is None or t[0] == node_id]
         if not targets:
             return None
         node, model = self.rng.choice(targets)
-        job = canary_job(model, self.rng)
+        job = canary_job(model, self.rng, self.auditor.mix)
+        limit = self.auditor.config.canary_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                return await self._run(node, job)
+        except TimeoutError:
+            return self._failed(node, job, f"no full answer to a canary within {limit:g} s")
+
+    async def _run(self, node: str, job: GenerateRequest) -> AuditResult | None:
         try:
             stream = await self.dispatcher.attempt(node, job)  # type: ignore[arg-type]
         except Refusal as exc:  # a canary is valid by construction: refusing it is a failed job
-            log.info("canary to %s refused as invalid", node)
-            self.dispatcher.node_failed(node, f"refused a canary (a valid request) as invalid: {exc}")  # type: ignore[arg-type]
-            return None
+            return self._failed(node, job, f"refused a canary (a valid request) as invalid: {exc}")
         except NodeFailed as exc:
-            log.info("canary to %s not answered: %s", node, exc)
-            return None
+            return self._failed(node, job, f"did not answer a canary: {exc}")
         ids: list[int] = []
         final: StreamEvent = {}
         try:
@@ -58,15 +67,13 @@ class CanaryRunner:
                 if event.get("finish_reason"):
                     final = event
                     break
-        except (TimeoutError, OSError, TransportError) as exc:
-            log.info("canary to %s broke: %s", node, type(exc).__name__)
-            return None
+        except (OSError, TransportError) as exc:
+            return self._failed(node, job, f"a canary's stream broke: {exc}")
         finally:
             stream.close()
             self.dispatcher.finished(stream.node_id)
         self.sent += 1
-        check = self.receipts.check(node, job, ids, final)
-        receipt = check.receipt
+        receipt = self.receipts.check(node, job, ids, final).receipt
         if receipt is None:
             return None
         loop = asyncio.get_running_loop()
@@ -80,6 +87,14 @@ class CanaryRunner:
         )
         self.auditor.record(result)
         return result
+
+    def _failed(self, node: str, job: GenerateRequest, why: str) -> AuditResult:
+        """A refused, unanswered or broken canary: a failed job on the node's record (not an integrity incident: the
+        answer was never seen), and a failed verdict for whoever asked."""
+        log.info("canary to %s failed: %s", node, why)
+        self.dispatcher.node_failed(node, why)  # type: ignore[arg-type]
+        self.auditor.metrics.audits.labels(result="fail").inc()
+        return AuditResult(node, job.request_id, (f"canary: {why}",), proof_checked=False)
 
     async def run_forever(self, interval_s: float) -> None:
         while True:
