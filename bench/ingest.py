@@ -387,11 +387,22 @@ async def simulate(
     await asyncio.gather(*list(pending))
 
 
+UNLIMITED_JOINS = ["--registration-rate", "100000", "--registration-burst", "100000"]
+UNLIMITED_JOINS += ["--registration-rate-total", "100000"]
+"""Every simulated node joins from 127.0.0.1: the per-address limit would hold them to 1 a second."""
+
+
 async def one_run(nodes: int, interval: float, duration: float, join_rate: float, progress: Progress) -> dict[str, Any]:
     port = free_port_block(2)
     with tempfile.TemporaryDirectory() as tmp:
         grid = LocalGrid(
-            data_dir=Path(tmp), port=port, api_key="k", admin_token="a", engines=[], heartbeat_interval_s=interval
+            data_dir=Path(tmp),
+            port=port,
+            api_key="k",
+            admin_token="a",
+            engines=[],
+            heartbeat_interval_s=interval,
+            extra_gateway_args=UNLIMITED_JOINS,
         )
         grid.start_gateway()
         server = await health_server(port + 1)

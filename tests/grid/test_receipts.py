@@ -205,6 +205,16 @@ def test_audits_and_canaries_catch_cheats_the_receipt_cannot_see(tmp_path: Path)
         grid.stop()
 
 
+def _wait_serving(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer in {timeout_s} s")
+
+
 def test_one_key_used_from_two_places_is_an_identity_incident(tmp_path: Path) -> None:
     grid = make_grid(tmp_path, ["tiny", "tiny"], threads=1, heartbeat_interval_s=0.5)
     try:
@@ -215,7 +225,8 @@ def test_one_key_used_from_two_places_is_an_identity_incident(tmp_path: Path) ->
         # a second agent with the same key file, somewhere else (another port)
         grid.procs["node-1"] = grid.procs.pop("node-0")
         grid.start_node(0, "tiny", ["--port", str(grid.node_port(1))])
-        deadline = time.monotonic() + 30
+        _wait_serving(f"http://127.0.0.1:{grid.node_port(1)}/health", 120)  # (its start is not what is measured)
+        deadline = time.monotonic() + 30  # then two agents heartbeat with one key: seen within a few beats
         incidents: list[dict[str, Any]] = []
         while time.monotonic() < deadline and not incidents:
             incidents = admin_get(grid, f"/admin/incidents?node_id={node_id}").json()["incidents"]

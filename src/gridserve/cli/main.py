@@ -102,6 +102,13 @@ def gateway(
     canary_timeout: Annotated[
         float, typer.Option(min=0.5, help="seconds a canary may take before it is a failed canary")
     ] = 20.0,
+    registration_rate: Annotated[
+        float, typer.Option(min=0.01, help="registrations a second one address may make, after its burst")
+    ] = 1.0,
+    registration_burst: Annotated[int, typer.Option(min=1, help="registrations one address may make at once")] = 20,
+    registration_rate_total: Annotated[
+        float, typer.Option(min=0.01, help="registrations a second from all addresses (bursts of 10x)")
+    ] = 20.0,
     allowed_digests: Annotated[
         Path | None, typer.Option(help="JSON {model: [weights digest, ...]} nodes may serve")
     ] = None,
@@ -150,6 +157,9 @@ def gateway(
         audit_rate=audit_rate,
         canary_interval_s=canary_interval,
         canary_timeout_s=canary_timeout,
+        registration_rate=registration_rate,
+        registration_burst=registration_burst,
+        registration_rate_total=registration_rate_total,
         allowed_digests_path=allowed_digests,
         otlp_endpoint=otlp_endpoint,
     )

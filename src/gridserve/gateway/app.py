@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -46,12 +47,15 @@ from gridserve.gateway.ops.gcwatch import GcWatch
 from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.ops.outcomes import Traces
 from gridserve.gateway.pipeline.serving import Pipelines
+from gridserve.gateway.registry.admission import Admission
 from gridserve.gateway.registry.cluster import ClusterSync
 from gridserve.gateway.registry.health import probe_forever
 from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.scheduler import Scheduler, default_profile, load_profile
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
+from gridserve.trust.errors import Malformed, RateLimited
+from gridserve.types.node import MAX_CAPABILITY_BYTES
 
 log = logging.getLogger("gridserve.gateway")
 
@@ -87,6 +91,11 @@ class Gateway:
         policy = FreshnessPolicy(max_skew_s=config.max_skew_s, max_lifetime_s=config.max_message_lifetime_s)
         self.verifier = EnvelopeVerifier(policy, time.time)
         self.membership = Membership(config, self.verifier, self.writer, self.metrics)
+        self.admission = Admission(
+            registration_rate=config.registration_rate,
+            registration_burst=config.registration_burst,
+            registration_rate_total=config.registration_rate_total,
+        )
         self.dispatcher = Dispatcher(config, self.membership, identity, self.metrics)
         self.decisions = DecisionLog(self.writer, config.decision_cache)
         profile = load_profile(config.profile_path) if config.profile_path else default_profile()
@@ -218,12 +227,21 @@ def _errors(app: FastAPI) -> None:
 def _node_routes(app: FastAPI, gw: Gateway) -> None:
     def refused(exc: TrustError, request: Request, status: int = 401) -> Response:
         gw.membership.reject(exc, path=request.url.path, remote=_remote(request))
-        return JSONResponse({"error": {"type": exc.kind, "message": exc.detail}}, status_code=status)
+        headers = {"retry-after": str(math.ceil(exc.retry_after_s))} if isinstance(exc, RateLimited) else None
+        return JSONResponse({"error": {"type": exc.kind, "message": exc.detail}}, status_code=status, headers=headers)
 
     @app.post("/nodes/register")
     async def register(request: Request) -> Response:
+        wait = gw.admission.registration(_remote(request), time.monotonic())
+        if wait:
+            limit = RateLimited(f"too many registrations right now; retry in {wait:.1f} s", retry_after_s=wait)
+            return refused(limit, request, status=429)
+        body = await request.body()
+        if len(body) > MAX_CAPABILITY_BYTES:
+            too_large = Malformed(f"registration of {len(body)} bytes exceeds {MAX_CAPABILITY_BYTES}")
+            return refused(too_large, request, status=413)
         try:
-            capability = gw.membership.register(await request.body())
+            capability = gw.membership.register(body)
         except TrustError as exc:
             return refused(exc, request)
         reply = {"gateway_public_key": gw.identity.public_key, "heartbeat_interval_s": gw.config.heartbeat_interval_s}

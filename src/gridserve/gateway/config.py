@@ -97,6 +97,14 @@ class GatewayConfig:
     audit_floor: float = _AUDIT.floor
     canary_interval_s: float = 60.0
     """Mean seconds between canary requests (0: none)."""
+    registration_rate: float = 1.0
+    """Registrations a second one source address may make, after a burst of `registration_burst`
+    (gateway/registry/admission.py)."""
+    registration_burst: int = 20
+    registration_rate_total: float = 20.0
+    """Registrations a second from all addresses together, after a burst of ten times that."""
+    rejections_recorded_per_s: float = 5.0
+    """Refused node messages written to the store and log a second (bursts of ten times that); the rest counted."""
     canary_timeout_s: float = 20.0
     """A canary not answered in full within this is a failed canary (and `POST /admin/canary` returns by then)."""
     allowed_digests_path: Path | None = None

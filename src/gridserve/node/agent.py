@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import platform
+import random
 import time
 from typing import Any
 
@@ -30,6 +31,22 @@ def runtime_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+class RegistrationLimited(RuntimeError):
+    """The gateway refused the registration for now (429): too many from this address or in all."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"too many registrations right now (429); retrying in {wait_s:.0f} s")
+        self.wait_s = wait_s
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds from a Retry-After header (1 when missing or not a number; at most 60)."""
+    try:
+        return min(60.0, max(0.0, float(value or "1")))
+    except ValueError:
+        return 1.0
 
 
 class GatewayUnavailable(RuntimeError):
@@ -139,6 +156,8 @@ class NodeAgent:
         resp = await self._client.post(
             self.gateway_url + "/nodes/register", content=body, headers={"content-type": "application/json"}
         )
+        if resp.status_code == 429:
+            raise RegistrationLimited(_retry_after(resp.headers.get("retry-after")))
         if resp.status_code != 200:
             raise RuntimeError(f"registration refused ({resp.status_code}): {resp.text[:300]}")
         envelope = self.verifier.verify(resp.content, purpose="register-reply", expected_keyid=self.gateway_key)
@@ -216,6 +235,9 @@ class NodeAgent:
         while not self.registered.is_set():
             try:
                 await self.register()
+            except RegistrationLimited as exc:  # the gateway is there, admitting joins at its rate: wait our turn
+                log.warning("registration with %s: %s", self.gateway_url, exc)
+                await asyncio.sleep(exc.wait_s + random.uniform(0.0, 1.0))
             except (httpx.HTTPError, RuntimeError, TrustError) as exc:
                 log.warning("registration with %s failed: %s; retrying in %.1f s", self.gateway_url, exc, delay)
                 self.next_gateway(str(exc) or type(exc).__name__)

@@ -101,6 +101,10 @@ class NonceCache:
         return len(self._seen)
 
 
+SIG_FIELD_CHARS = {"keyid": 64, "purpose": 40, "nonce": 64, "signature": 128}
+"""The longest each signature parameter may be (an Ed25519 key and signature in base64 are 44 and 88 characters)."""
+
+
 def _params(doc: Any) -> tuple[Any, dict[str, Any]]:
     if not isinstance(doc, dict) or "payload" not in doc:
         raise Malformed("body is not a signed envelope (need 'payload' and 'sig')")
@@ -118,6 +122,9 @@ def _params(doc: Any) -> tuple[Any, dict[str, Any]]:
         raise Malformed(f"unsupported alg {str(sig['alg'])[:40]!r}; only {ALG}")
     if not isinstance(sig["purpose"], str) or not isinstance(sig["nonce"], str):
         raise Malformed("purpose and nonce must be strings")
+    too_long = [k for k, most in SIG_FIELD_CHARS.items() if isinstance(sig[k], str) and len(sig[k]) > most]
+    if too_long:  # (kept in the nonce cache, quoted in refusals: bounded before anything else reads them)
+        raise Malformed(f"signature parameter(s) too long: {', '.join(too_long)}")
     if not all(isinstance(sig[k], int | float) and not isinstance(sig[k], bool) for k in ("created", "expires")):
         raise Malformed("created and expires must be numbers (unix seconds)")
     return doc["payload"], dict(sig)
@@ -139,7 +146,7 @@ class EnvelopeVerifier:
         payload, sig = _params(doc)
         signature = sig.pop("signature")
         if sig["purpose"] != purpose:
-            raise WrongSigner(f"signed for {sig['purpose']!r}, not {purpose!r}")
+            raise WrongSigner(f"signed for {sig['purpose'][:40]!r}, not {purpose!r}")
         if expected_keyid is not None and sig["keyid"] != expected_keyid:
             raise WrongSigner("signed by a key that is not allowed to send this message")
         if not isinstance(sig["keyid"], str) or not isinstance(signature, str):

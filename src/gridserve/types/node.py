@@ -16,8 +16,14 @@ MAX_URL = 2048
 """Longest endpoint URL."""
 MAX_MESSAGE = 1000
 """Longest error message (nodes cut theirs at 300: engines/base.py)."""
-MAX_ITEMS = 1024
-"""Most entries in a list (models, GPUs, errors, faults)."""
+MAX_ITEMS = 64
+"""Most entries in a list (GPUs, errors, faults, versions)."""
+MAX_MODELS = 64
+"""Most models a node may offer, list as loadable or serve stages of (a real node: a handful). With MAX_NAME this
+bounds a capability document at tens of kB, so no node can make a request path (`/v1/models`, snapshots,
+explanations) do work in proportion to a list it chose."""
+MAX_CAPABILITY_BYTES = 64 * 1024
+"""Largest signed registration the gateway reads (refused with 413 before its signature is checked)."""
 Name = Annotated[str, Field(max_length=MAX_NAME)]
 Count = Annotated[int, Field(ge=0)]
 """Bytes, cores, requests: never negative."""
@@ -95,14 +101,14 @@ class Capability(Strict):
     public_key: Name
     endpoint: str = Field(max_length=MAX_URL)
     engine: Name
-    models: tuple[ModelOffer, ...] = Field(max_length=MAX_ITEMS)
+    models: tuple[ModelOffer, ...] = Field(max_length=MAX_MODELS)
     hardware: HardwareInfo
     runtime: RuntimeInfo
     price_per_mtok: Rate = 0.0
     """The operator's price (USD per million generated tokens); 0 = the price derived from the hardware."""
-    loadable_models: tuple[Name, ...] = Field((), max_length=MAX_ITEMS)
+    loadable_models: tuple[Name, ...] = Field((), max_length=MAX_MODELS)
     """Models on disk that the node could load on demand (not resident: slower first token)."""
-    stage_models: tuple[Name, ...] = Field((), max_length=MAX_ITEMS)
+    stage_models: tuple[Name, ...] = Field((), max_length=MAX_MODELS)
     """Models of which the node runs whatever layer range the gateway's planner assigns it (`--layers auto`)."""
     prefix_cache_tokens: Count | None = None
     """Prompt tokens the node's prefix cache holds (KV of recent prompts, reused by prompts that start the same way;

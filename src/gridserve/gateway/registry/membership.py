@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.ops.gcwatch import FREEZER, Freezer
 from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.registry.admission import RefusalRecorder
 from gridserve.gateway.registry.events import (
     AdminAction,
     Event,
@@ -66,6 +67,7 @@ class Membership:
         self.metrics = metrics
         self.clock = clock
         self.registry = NodeRegistry(config)
+        self.refusals = RefusalRecorder(config.rejections_recorded_per_s)
         self.freezer = freezer
         """Moves what registrations built out of the collector's reach (on where the gateway's GC watch runs)."""
         extra = load_digests(config.allowed_digests_path) if config.allowed_digests_path else {}
@@ -108,15 +110,23 @@ class Membership:
 
     # -- intake ---------------------------------------------------------------------------------------------------
     def reject(self, exc: TrustError, *, path: str, remote: str, node_id: str | None = None) -> None:
-        """Record a refused node message (a security event) and count it."""
+        """Count a refused node message (a security event) and, within the rate at which refusals are written down
+        (gateway/registry/admission.py), record it with how many went unrecorded before it. The detail is bounded
+        (TrustError) and never holds the message itself."""
         self.metrics.rejections.labels(reason=exc.kind).inc()
+        unrecorded = self.refusals.admit(time.monotonic())
+        if unrecorded is None:
+            return
         log.warning("refused %s from %s: %s (%s)", path, remote, exc.kind, exc.detail)
+        detail: dict[str, Any] = {"reason": exc.kind, "detail": exc.detail, "path": path[:200], "remote": remote}
+        if unrecorded:
+            detail["unrecorded_before"] = unrecorded
         self.writer.submit(
             self.writer.store.record_event,
             kind="protocol_rejected",
             severity="minor",
             node_id=node_id,
-            detail={"reason": exc.kind, "detail": exc.detail, "path": path, "remote": remote},
+            detail=detail,
             at=self.clock(),
         )
 
