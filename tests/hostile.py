@@ -37,22 +37,25 @@ class HostileNode:
         signature = self.key.sign(canonical({"payload": payload, "params": params})).signature
         return canonical({"payload": payload, "sig": {**params, "signature": base64.b64encode(signature).decode()}})
 
-    def capability(self, endpoint: str, models: list[str], **extra: Any) -> dict[str, Any]:
+    def capability(self, endpoint: str, models: list[str], digest: str = "", **extra: Any) -> dict[str, Any]:
+        """`models` offered with `digest` (default: each model's emulated digest, `emulated:<name>`)."""
         return {
             "capability": {
                 "node_id": self.node_id,
                 "public_key": self.public_key,
                 "endpoint": endpoint,
                 "engine": "hostile",
-                "models": [{"name": m} for m in models],
+                "models": [{"name": m, "weights_digest": digest or f"emulated:{m}"} for m in models],
                 "hardware": {"accelerator": "cpu"},
                 "runtime": {"gridserve": "0", "python": "3.11", "engine": "hostile"},
                 **extra,
             }
         }
 
-    def register(self, gateway: str, models: list[str], endpoint: str = "http://127.0.0.1:9") -> httpx.Response:
-        body = self.envelope(self.capability(endpoint, models), "register")
+    def register(
+        self, gateway: str, models: list[str], endpoint: str = "http://127.0.0.1:9", **extra: Any
+    ) -> httpx.Response:
+        body = self.envelope(self.capability(endpoint, models, **extra), "register")
         return post(gateway, "/nodes/register", body)
 
 

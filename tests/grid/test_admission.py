@@ -32,7 +32,7 @@ def _rejections(grid: LocalGrid) -> list[dict[str, object]]:
 
 def test_a_registration_flood_from_one_address_is_held_to_its_bucket(gateway: LocalGrid) -> None:
     started = time.monotonic()
-    answers = [HostileNode().register(gateway.url, ["attack-test-model"]) for _ in range(100)]
+    answers = [HostileNode().register(gateway.url, ["llama-3-8b"]) for _ in range(100)]
     took = time.monotonic() - started
     accepted = [a for a in answers if a.status_code == 200]
     limited = [a for a in answers if a.status_code == 429]

@@ -55,7 +55,8 @@ from gridserve.types import (
 )
 
 NOW = 1_800_000_000.0
-CONFIG = GatewayConfig()
+CONFIG = GatewayConfig(allow_emulated=True, allow_unlisted_models=True)
+"""(The wire's bounds and types are under test here, not the grid's namespace: test_namespace.py.)"""
 UNIT = settings(
     max_examples=150,
     derandomize=True,
@@ -133,7 +134,7 @@ count = st.integers(0, 2**40)
 share = st.floats(0.0, 1.0)
 seeds = st.binary(min_size=32, max_size=32)
 
-ATTESTED = builtin_digests()
+ATTESTED = builtin_digests(emulated=True)
 """Models whose weights digest the gateway checks (any other digest is refused: an `UnattestedWeights`)."""
 
 

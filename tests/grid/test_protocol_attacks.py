@@ -19,7 +19,7 @@ def capability(identity: Identity) -> dict[str, Any]:
         public_key=identity.public_key,
         endpoint="http://127.0.0.1:9",
         engine="tiny",
-        models=(ModelOffer(name="attack-test-model"),),
+        models=(ModelOffer(name="llama-3-8b", weights_digest="emulated:llama-3-8b"),),
         hardware=HardwareInfo(accelerator="cpu"),
         runtime=RuntimeInfo(gridserve="0", python="3.11", engine="tiny"),
     )

@@ -1,5 +1,6 @@
 """The openai-upstream engine in front of a real llama.cpp server serving the Gemma GGUF."""
 
+import json
 import os
 import subprocess
 import sys
@@ -72,10 +73,14 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def upstream_grid(llama_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
+    data = tmp_path_factory.mktemp("upstream")
+    allowed = data / "allowed-digests.json"  # the grid operator lists the upstream's model under its served name
+    allowed.write_text(json.dumps({SERVED: ["upstream:gemma-gguf"]}))
     grid = make_grid(
-        tmp_path_factory.mktemp("upstream"),
+        data,
         ["openai-upstream"],
         extra_node_args=["--upstream-url", llama_server, "--model", SERVED, "--max-context", "2048"],
+        extra_gateway_args=["--allowed-digests", str(allowed)],
     )
     try:
         grid.start(timeout_s=120)

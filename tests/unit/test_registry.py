@@ -61,7 +61,7 @@ from gridserve.types.node import NodeError
 from gridserve.types.scheduling import ScheduleRequest
 
 T0 = 1_700_000_000.0
-CONFIG = GatewayConfig(heartbeat_interval_s=2.0)
+CONFIG = GatewayConfig(heartbeat_interval_s=2.0, allow_emulated=True)
 NODES = [NodeId(f"node{i}") for i in range(4)]
 CARDS = ("rtx4090", "a100-80g", "t4", "apple-m2-max")
 SRC = Path(__file__).resolve().parents[2] / "src" / "gridserve"

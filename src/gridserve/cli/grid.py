@@ -55,6 +55,9 @@ class LocalGrid:
     extra_gateway_args: list[str] = field(default_factory=list)
     node_gateways: str | None = None
     """What nodes get as --gateway (default: this grid's gateway); several gateways comma-separated."""
+    allow_emulated: bool = True
+    """Start the gateway with --allow-emulated: a local grid is for tests and demos, and emulated cards are its
+    usual nodes (False: a gateway that refuses them, as a production one does)."""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -79,6 +82,7 @@ class LocalGrid:
         args = ["gateway", "--port", str(self.port), "--data-dir", str(self.data_dir)]
         args += ["--api-key", self.api_key, "--admin-token", self.admin_token]
         args += ["--heartbeat-interval", str(self.heartbeat_interval_s), *self.extra_gateway_args]
+        args += ["--allow-emulated"] if self.allow_emulated else []
         self._spawn("gateway", args)
         self._wait(lambda: self._get("/health") is not None, 60, "gateway did not start")
 

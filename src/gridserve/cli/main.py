@@ -102,6 +102,12 @@ def gateway(
     canary_timeout: Annotated[
         float, typer.Option(min=0.5, help="seconds a canary may take before it is a failed canary")
     ] = 20.0,
+    allow_emulated: Annotated[
+        bool, typer.Option(help="accept emulated nodes (timings, no weights): for tests and demos only")
+    ] = False,
+    allow_unlisted_models: Annotated[
+        bool, typer.Option(help="accept models not in the allowed digests (a private grid of trusted nodes)")
+    ] = False,
     registration_rate: Annotated[
         float, typer.Option(min=0.01, help="registrations a second one address may make, after its burst")
     ] = 1.0,
@@ -157,6 +163,8 @@ def gateway(
         audit_rate=audit_rate,
         canary_interval_s=canary_interval,
         canary_timeout_s=canary_timeout,
+        allow_emulated=allow_emulated,
+        allow_unlisted_models=allow_unlisted_models,
         registration_rate=registration_rate,
         registration_burst=registration_burst,
         registration_rate_total=registration_rate_total,

@@ -97,6 +97,10 @@ class GatewayConfig:
     audit_floor: float = _AUDIT.floor
     canary_interval_s: float = 60.0
     """Mean seconds between canary requests (0: none)."""
+    allow_emulated: bool = False
+    """Accept nodes offering emulated models (`emulated:<model>` digests: timings, no weights): tests and demos."""
+    allow_unlisted_models: bool = False
+    """Accept models with no entry in the allowed digests (a private grid of trusted nodes); else refused."""
     registration_rate: float = 1.0
     """Registrations a second one source address may make, after a burst of `registration_burst`
     (gateway/registry/admission.py)."""

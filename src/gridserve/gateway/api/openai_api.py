@@ -416,7 +416,11 @@ def summary(decision: Decision, served_by: str) -> dict[str, Any]:
 def list_models(ctx: ApiContext) -> dict[str, Any]:
     data = []
     for name, records in sorted(ctx.membership.live_models().items()):
-        emulated = all(r.capability.hardware.emulated for r in records)
+        # labelled by the attested digest (a gateway accepts `emulated:` digests only with --allow-emulated),
+        # not by what a node says of its hardware
+        emulated = all(
+            o.weights_digest.startswith("emulated:") for r in records for o in r.capability.models if o.name == name
+        )
         data.append(
             {
                 "id": name,

@@ -38,7 +38,7 @@ from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, Transit
 from gridserve.scheduler.table import TableView
 from gridserve.store import StoreWriter
 from gridserve.trust import EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
-from gridserve.trust.attestation import attest, builtin_digests, load_digests, merged
+from gridserve.trust.attestation import attest, builtin_digests, check_names, load_digests, merged
 from gridserve.types import Capability, HeartbeatPayload, NodeId, NodeState, RegisterPayload, Telemetry
 from gridserve.types.base import from_wire
 
@@ -71,7 +71,7 @@ class Membership:
         self.freezer = freezer
         """Moves what registrations built out of the collector's reach (on where the gateway's GC watch runs)."""
         extra = load_digests(config.allowed_digests_path) if config.allowed_digests_path else {}
-        self.allowed_digests = merged(builtin_digests(), extra)
+        self.allowed_digests = merged(builtin_digests(emulated=config.allow_emulated), extra)
         """Model -> weights digests a node may offer it with (trust/attestation.py)."""
         self._pending_events: list[dict[str, Any]] = []
         self._pending_beats: dict[str, tuple[float, TelemetryRow]] = {}
@@ -180,7 +180,10 @@ class Membership:
         return self.nodes[capability.node_id]
 
     def _attest(self, capability: Capability) -> None:
-        unattested = attest(capability.models, self.allowed_digests)
+        unlisted_ok = self.config.allow_unlisted_models
+        unattested = attest(capability.models, self.allowed_digests, unlisted_ok=unlisted_ok)
+        names = (*capability.loadable_models, *capability.stage_models)
+        check_names(names, self.allowed_digests, unlisted_ok=unlisted_ok)
         if unattested:
             log.warning("node %s serves unattested model(s): %s", capability.node_id, ", ".join(unattested))
 
