@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
 import psutil
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
@@ -47,6 +48,7 @@ from rich.progress import Progress
 from gridserve.cli.grid import LocalGrid, free_port_block
 from gridserve.gateway.main import GC_THRESHOLDS
 from gridserve.trust import Identity, sign_envelope
+from gridserve.trust.challenge import answer as challenge_answer
 
 CARDS = ("rtx4090", "rtx3090", "a10g", "l40s", "a100-80g", "t4")
 
@@ -118,13 +120,12 @@ def telemetry(i: int, k: int) -> dict[str, Any]:
     }
 
 
-_OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 15\r\n\r\n{"status":"ok"}'
-
-
 class _Health(asyncio.Protocol):
-    """Answers every request (the gateway's GET /health probes, no bodies) with 200 {"status":"ok"}."""
+    """Answers each request (the gateway's `GET /n{i}/health?challenge=C` probes, no bodies) as node i: 200 with
+    its node id and its signature of the challenge (trust/challenge.py), as a real node does."""
 
-    def __init__(self) -> None:
+    def __init__(self, identities: list[Identity]) -> None:
+        self.identities = identities
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
 
@@ -133,16 +134,33 @@ class _Health(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        requests = self.buffer.count(b"\r\n\r\n")
+        *requests, self.buffer = self.buffer.split(b"\r\n\r\n")
         if requests and self.transport is not None:
-            self.buffer = self.buffer[self.buffer.rfind(b"\r\n\r\n") + 4 :]
-            self.transport.write(_OK * requests)
+            self.transport.write(b"".join(self._answer(r) for r in requests))
+
+    def _answer(self, request: bytes) -> bytes:
+        target = request.split(b" ", 2)[1].decode() if request.count(b" ") >= 2 else ""
+        path, _, query = target.partition("?")
+        index = int(path.split("/")[1][1:]) if path.startswith("/n") else -1
+        challenge = query.removeprefix("challenge=")
+        identity = self.identities[index] if 0 <= index < len(self.identities) else None
+        body = orjson.dumps(
+            {
+                "status": "ok",
+                "node_id": identity.node_id if identity else "",
+                "challenge_signature": challenge_answer(identity, challenge) if identity and challenge else "",
+            }
+        )
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+        return head + body
 
 
-async def health_server(port: int) -> asyncio.Server:
+async def health_server(port: int, identities: list[Identity]) -> asyncio.Server:
     """All simulated nodes' /health on one port: a bare protocol, so answering the gateway's probes costs this
-    process (which also generates the load) next to nothing."""
-    return await asyncio.get_running_loop().create_server(_Health, "127.0.0.1", port, backlog=4096)
+    process (which also generates the load) one signature a probe (the gateway probes at most 256 nodes a round,
+    every 0.5 s)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _Health(identities), "127.0.0.1", port, backlog=4096)
 
 
 class _Connection(asyncio.Protocol):
@@ -405,9 +423,9 @@ async def one_run(nodes: int, interval: float, duration: float, join_rate: float
             extra_gateway_args=UNLIMITED_JOINS,
         )
         grid.start_gateway()
-        server = await health_server(port + 1)
+        idents = [Identity.generate() for _ in range(nodes)]
+        server = await health_server(port + 1, idents)
         try:
-            idents = [Identity.generate() for _ in range(nodes)]
             gateway, me = psutil.Process(grid.procs["gateway"].pid), psutil.Process()
 
             def meter() -> tuple[float, float]:

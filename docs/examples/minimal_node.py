@@ -21,6 +21,7 @@ import secrets
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -296,8 +297,17 @@ def serve(node: MinimalNode, host: str, port: int) -> ThreadingHTTPServer:
             self.wfile.write(data)
 
         def do_GET(self) -> None:
-            if self.path == "/health":
-                health = {"status": "ok", "node_id": node.node_id, "registered": node.gateway_key is not None}
+            path, _, query = self.path.partition("?")
+            if path == "/health":  # sign the probe's challenge: the gateway checks it against our registered key
+                challenge = urllib.parse.parse_qs(query).get("challenge", [""])[0][:64]
+                signed = canonical({"challenge": challenge, "node_id": node.node_id, "purpose": "probe"}).encode()
+                signature = base64.b64encode(node.key.sign(signed).signature).decode() if challenge else ""
+                health = {
+                    "status": "ok",
+                    "node_id": node.node_id,
+                    "registered": node.gateway_key is not None,
+                    "challenge_signature": signature,
+                }
                 self._send(200, [json.dumps(health).encode()], "application/json")
             else:
                 self._send(404, [b'{"error":{"type":"not_found","message":"no such path"}}'], "application/json")

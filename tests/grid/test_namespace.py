@@ -3,12 +3,14 @@
 grid does not list, nor an emulated one, nor list unlisted names as loadable; `/v1/models` shows only what the
 operator listed and a real node serves."""
 
+import itertools
+import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from tests.conftest import API_KEY, make_grid
-from tests.hostile import HostileNode
+from tests.conftest import API_KEY, admin_get, make_grid
+from tests.hostile import HostileNode, post
 
 from gridserve.cli.grid import LocalGrid
 from gridserve.engines.tiny import TINY_MODEL
@@ -49,3 +51,28 @@ def test_unlisted_names_as_loadable_or_stage_models_are_refused(production: Loca
         assert resp.status_code == 401 and resp.json()["error"]["type"] == "unlisted_model", (field, resp.text)
     assert [m["id"] for m in _models(production)] == [TINY_MODEL]
     assert all(m["emulated"] is False for m in _models(production))
+
+
+def test_an_identity_claiming_another_nodes_endpoint_fails_its_probes_and_is_quarantined(production: LocalGrid) -> None:
+    """One endpoint, one identity: the honest node signs each probe's challenge with its own key, so a fresh key
+    registered with its address (and heartbeating, to look alive) is caught at the first probe."""
+    honest = production.nodes()[0]
+    hostile = HostileNode()
+    resp = hostile.register(production.url, [TINY_MODEL], endpoint=honest["endpoint"], digest="seed:20261123")
+    assert resp.status_code == 200, resp.text
+    deadline = time.monotonic() + 20
+    state = ""
+    for seq in itertools.count(1):
+        beat = {"node_id": hostile.node_id, "seq": seq, "telemetry": {}}
+        post(production.url, "/nodes/heartbeat", hostile.envelope(beat, "heartbeat"))
+        record = next(n for n in production.nodes() if n["node_id"] == hostile.node_id)
+        state = record["reliability"]["state"]
+        if state == "quarantined" or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert state == "quarantined", record
+    incidents = admin_get(production, f"/admin/incidents?node_id={hostile.node_id}").json()["incidents"]
+    assert "answers health probes for another identity" in incidents[0]["detail"], incidents
+    assert admin_get(production, f"/admin/incidents?node_id={honest['node_id']}").json()["incidents"] == []
+    mine = next(n for n in production.nodes() if n["node_id"] == honest["node_id"])
+    assert mine["state"] == "up" and mine["reliability"]["state"] == "healthy", mine

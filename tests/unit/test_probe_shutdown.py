@@ -22,9 +22,10 @@ class SlowHealth(FakeTransport):
         super().__init__()
         self.answer = asyncio.Event()
 
-    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float) -> None:
+    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float, challenge: str) -> bytes:
         self.probes.append(node_id)
         await self.answer.wait()
+        return b""
 
 
 @pytest.fixture(scope="module")

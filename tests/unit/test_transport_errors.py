@@ -24,6 +24,7 @@ from gridserve.gateway.transport import (
 from gridserve.gateway.transport.errors import Phase, map_errors
 from gridserve.gateway.transport.http import HttpEventStream
 from gridserve.store import StoreWriter
+from gridserve.trust import Identity
 from gridserve.types import NodeId, TokenEvent
 
 
@@ -165,8 +166,20 @@ def test_a_probe_reports_health_and_why_not(writer: StoreWriter, failure: Transp
     grid = Grid(writer, nodes=1)
     if failure is not None:
         grid.fake.health["n1"] = failure
-    ok, rtt, error = asyncio.run(probe(grid.fake, NodeId("n1"), "http://n1.test", 1.0))
+    key = Identity.generate()
+    ok, rtt, error, foreign = asyncio.run(probe(grid.fake, NodeId("n1"), "http://n1.test", 1.0, key.public_key))
     assert (ok, error) == (failure is None, reported) and 0.0 <= rtt < 0.1 and grid.fake.probes == ["n1"]
+    assert ("does not sign" in foreign) if ok else foreign == ""  # (the fake holds no key for n1: it signs nothing)
+
+
+def test_a_probe_answered_with_the_nodes_own_key_is_its_own(writer: StoreWriter) -> None:
+    grid, key = Grid(writer, nodes=1), Identity.generate()
+    grid.fake.identities[key.node_id] = key
+    ok, _, error, foreign = asyncio.run(probe(grid.fake, NodeId(key.node_id), "http://n.test", 1.0, key.public_key))
+    assert (ok, error, foreign) == (True, "", "")
+    other = Identity.generate()  # the same endpoint's answer, checked against a key that registered it wrongly
+    ok, _, _, foreign = asyncio.run(probe(grid.fake, NodeId(key.node_id), "http://n.test", 1.0, other.public_key))
+    assert ok and "not signed by this node's key" in foreign
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from gridserve.node.metrics import NodeMetrics
 from gridserve.node.receipts import Receipter
 from gridserve.node.stage_link import add_stage_routes
 from gridserve.trust import TrustError
+from gridserve.trust.challenge import answer as challenge_answer
 from gridserve.types import GenerateRequest, StreamError, StreamEvent, TokenEvent
 from gridserve.types.base import from_wire
 
@@ -189,11 +190,13 @@ def build_node_app(
     loading: set[asyncio.Task[None]] = set()
 
     @app.get("/health")
-    async def health() -> dict[str, object]:
+    async def health(challenge: str = "") -> dict[str, object]:
+        """`challenge`: the gateway's probe nonce, signed with this node's key (trust/challenge.py)."""
         await faults.network_delay()
         return {
             "status": "ok",
             "node_id": agent.identity.node_id,
+            "challenge_signature": challenge_answer(agent.identity, challenge) if challenge else "",
             "registered": agent.registered.is_set(),
             "engine": engine.kind,
             "models": [o.name for o in engine.offers()],

@@ -1,5 +1,7 @@
 """Active health checks: every node's `/health` is probed on a short period; the round-trip time is recorded
 and a failed probe (with a late heartbeat) marks a hung or dead node down quickly (Membership.probe_result).
+Every probe carries a fresh challenge the node signs (trust/challenge.py): an endpoint that answers for another
+key is an identity incident for the node that claimed it, which is quarantined.
 On a grid larger than `probes_per_round`, busy and unsettled nodes are probed every period and idle ones in
 turn."""
 
@@ -11,27 +13,36 @@ from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
 from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.gateway.transport import NodeTransport, Refused, Timeout, TransportError
+from gridserve.trust.challenge import check as check_challenge
+from gridserve.trust.challenge import fresh_challenge
 from gridserve.types import NodeId, NodeState
 
 
-async def probe(transport: NodeTransport, node_id: NodeId, endpoint: str, timeout_s: float) -> tuple[bool, float, str]:
-    """One /health round trip: (healthy, seconds it took, why not)."""
+async def probe(
+    transport: NodeTransport, node_id: NodeId, endpoint: str, timeout_s: float, public_key: str
+) -> tuple[bool, float, str, str]:
+    """One /health round trip with a fresh challenge: (answered healthy, seconds it took, why not, why the answer
+    is not this node's: "" when it is)."""
+    challenge = fresh_challenge()
     started = time.monotonic()
     try:
-        await transport.probe(node_id, endpoint, timeout_s)
+        body = await transport.probe(node_id, endpoint, timeout_s, challenge)
     except Refused as exc:
-        return False, time.monotonic() - started, f"HTTP {exc.status}"
+        return False, time.monotonic() - started, f"HTTP {exc.status}", ""
     except Timeout:
-        return False, time.monotonic() - started, f"no answer in {timeout_s:.1f} s"
+        return False, time.monotonic() - started, f"no answer in {timeout_s:.1f} s", ""
     except TransportError as exc:
-        return False, time.monotonic() - started, exc.why
-    return True, time.monotonic() - started, ""
+        return False, time.monotonic() - started, exc.why, ""
+    return True, time.monotonic() - started, "", check_challenge(public_key, node_id, challenge, body)
 
 
-async def _probe_node(
-    membership: Membership, transport: NodeTransport, node_id: NodeId, endpoint: str, timeout_s: float
-) -> None:
-    ok, rtt, error = await probe(transport, node_id, endpoint, timeout_s)
+async def _probe_node(membership: Membership, transport: NodeTransport, record: NodeRecord, timeout_s: float) -> None:
+    capability = record.capability
+    node_id = capability.node_id
+    ok, rtt, error, foreign = await probe(transport, node_id, capability.endpoint, timeout_s, capability.public_key)
+    if foreign:
+        membership.answered_for_another(node_id, foreign)
+        ok, error = False, f"not this node's answer: {foreign}"
     membership.probe_result(node_id, ok=ok, rtt_s=rtt, error=error)
 
 
@@ -73,8 +84,7 @@ async def probe_forever(membership: Membership, dispatcher: Dispatcher, config: 
                 record = membership.nodes.get(node_id)
                 if record is None:  # left meanwhile
                     continue
-                endpoint = record.capability.endpoint
-                probe_one = _probe_node(membership, transport, node_id, endpoint, config.probe_timeout_s)
+                probe_one = _probe_node(membership, transport, record, config.probe_timeout_s)
                 tasks.append(asyncio.create_task(probe_one))
                 if gap:
                     await asyncio.sleep(gap)

@@ -34,7 +34,7 @@ from gridserve.gateway.registry.events import (
 )
 from gridserve.gateway.registry.record import LIVE, NodeRecord, TelemetryRow, pack_telemetry, telemetry_json
 from gridserve.gateway.registry.registry import Effects, NodeRegistry
-from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, Transition
+from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, Severity, Transition
 from gridserve.scheduler.table import TableView
 from gridserve.store import StoreWriter
 from gridserve.trust import EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
@@ -256,6 +256,18 @@ class Membership:
         `fresh_ttft_s` is the TTFT of a segment that did not resume another node's work (None otherwise)."""
         observed = JobObserved(node_id, ttft_s, raw_predicted_ttft_s, fresh_ttft_s, raw_predicted_itl_s, itl_s)
         self.registry.apply(observed)
+
+    def answered_for_another(self, node_id: NodeId, why: str) -> None:
+        """The node's endpoint answered a probe's challenge as another identity (or as none): the identity claims
+        an address that is not its own. A severe identity incident (it is quarantined), once while trusted."""
+        if not self.trusted(node_id):
+            return
+        detail = f"identity: its endpoint answers health probes for another identity ({why})"
+        self.note(
+            NodeEvent(
+                node_id=node_id, kind=EventKind.INCIDENT, at=self.clock(), severity=Severity.SEVERE, detail=detail
+            )
+        )
 
     def probe_result(self, node_id: NodeId, *, ok: bool, rtt_s: float, error: str = "") -> None:
         """An active /health probe answered (ok) or not."""

@@ -65,9 +65,9 @@ class NodeTransport(Protocol):
         Raises Refused when it declined, Unreachable or Timeout when it could not be asked."""
         ...
 
-    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float) -> None:
-        """One health check; returns when the node answered healthy within `timeout_s`. Raises Refused, Timeout
-        or Unreachable otherwise."""
+    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float, challenge: str) -> bytes:
+        """One health check carrying `challenge`; returns the body when the node answered healthy within
+        `timeout_s` (trust/challenge.py checks it). Raises Refused, Timeout or Unreachable otherwise."""
         ...
 
     async def stage_link(self, node_id: NodeId, endpoint: str, timeout_s: float) -> StageChannel:

@@ -22,8 +22,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from gridserve.gateway.transport.base import StageChannel
 from gridserve.gateway.transport.errors import Refused, TransportError, Unreachable
+from gridserve.trust import Identity
+from gridserve.trust.challenge import answer as challenge_answer
 from gridserve.types import GenerateRequest, NodeId, StreamEvent
 
 
@@ -176,6 +180,8 @@ class FakeTransport:
         self.health: dict[str, TransportError] = {}
         """Nodes whose probes fail, and how."""
         self.probes: list[NodeId] = []
+        self.identities: dict[str, Identity] = {}
+        """Nodes whose probes sign the challenge (with this key); the others answer unsigned, as a stranger."""
         self.loads: list[tuple[NodeId, dict[str, Any]]] = []
         self.load_answers: dict[str, TransportError] = {}
         """Nodes whose load requests fail, and how (Refused: the node declined)."""
@@ -217,11 +223,14 @@ class FakeTransport:
         if error is not None:
             raise error
 
-    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float) -> None:
+    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float, challenge: str) -> bytes:
         self.probes.append(node_id)
         error = self.health.get(node_id)
         if error is not None:
             raise error
+        identity = self.identities.get(node_id)
+        signature = challenge_answer(identity, challenge) if identity is not None else ""
+        return orjson.dumps({"status": "ok", "node_id": node_id, "challenge_signature": signature})
 
     async def stage_link(self, node_id: NodeId, endpoint: str, timeout_s: float) -> StageChannel:
         raise Unreachable("the fake transport has no stage links")

@@ -152,12 +152,14 @@ class AiohttpTransport:
                 if resp.status not in (200, 202):
                     raise Refused(resp.status, resp.reason or "declined")
 
-    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float) -> None:
+    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float, challenge: str) -> bytes:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
         with map_errors("open"):
-            async with self._pool().get(endpoint + "/health", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                await resp.read()
+            async with self._pool().get(endpoint + "/health", params={"challenge": challenge}, timeout=timeout) as resp:
+                body = await resp.content.read(MAX_PROBE_BYTES)
                 if resp.status != 200:
                     raise Refused(resp.status, resp.reason or "unhealthy")
+                return body
 
     async def stage_link(self, node_id: NodeId, endpoint: str, timeout_s: float) -> HttpStageChannel:
         url = endpoint.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/internal/stage"
@@ -169,6 +171,10 @@ class AiohttpTransport:
                 heartbeat=None,
             )
         return HttpStageChannel(ws)
+
+
+MAX_PROBE_BYTES = 64 * 1024
+"""The most of a /health answer read (a node's is a few hundred bytes)."""
 
 
 async def _refusal(response: aiohttp.ClientResponse) -> Refused:
