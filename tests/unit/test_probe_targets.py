@@ -39,3 +39,15 @@ def test_busy_nodes_every_period_idle_nodes_all_in_turn(nodes: list[tuple[NodeSt
         seen |= set(chosen)
     if len(urgent) < budget or len(records) <= budget:
         assert seen == set(records)  # every idle node is reached in turn
+
+
+@given(silent=st.lists(st.floats(0.0, 600.0), min_size=1, max_size=50), budget=st.integers(1, 64))
+def test_nodes_down_and_silent_past_the_retirement_are_not_probed(silent: list[float], budget: int) -> None:
+    now, retire = 10_000.0, 120.0
+    records = {
+        NodeId(f"n{i}"): bare_record(i, NodeState.DOWN, last_heartbeat=now - quiet) for i, quiet in enumerate(silent)
+    }
+    records[NodeId(f"n{len(silent)}")] = bare_record(len(silent), NodeState.UP, last_heartbeat=now - 500)
+    chosen, _ = probe_targets(records, budget, 0, now, retire)
+    expected = {NodeId(f"n{i}") for i, quiet in enumerate(silent) if quiet <= retire}
+    assert expected <= set(chosen) and not {NodeId(f"n{i}") for i, q in enumerate(silent) if q > retire} & set(chosen)

@@ -48,6 +48,8 @@ class GatewayConfig:
     probe_timeout_s: float = _HEALTH.probe_timeout_s
     """A probe slower than this fails. A node whose probe fails and whose last heartbeat is older than one
     heartbeat interval is down: a hung node (SIGSTOP) is caught within ~1-2.5 s with the defaults."""
+    retire_silent_s: float = 120.0
+    """A node down and without a heartbeat for this long is no longer probed (until it heartbeats again)."""
     probes_per_round: int = 256
     """At most this many probes per period: nodes with requests in flight or not UP first, then idle UP nodes in
     turn (a grid of thousands is not pinged every half second; its idle nodes' heartbeats speak for them)."""

@@ -6,6 +6,7 @@ On a grid larger than `probes_per_round`, busy and unsettled nodes are probed ev
 turn."""
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
 
@@ -46,20 +47,29 @@ async def _probe_node(membership: Membership, transport: NodeTransport, record: 
     membership.probe_result(node_id, ok=ok, rtt_s=rtt, error=error)
 
 
-def probe_targets(records: Mapping[NodeId, NodeRecord], budget: int, turn: int) -> tuple[list[NodeId], int]:
+def probe_targets(
+    records: Mapping[NodeId, NodeRecord],
+    budget: int,
+    turn: int,
+    now: float = 0.0,
+    retire_silent_s: float = math.inf,
+) -> tuple[list[NodeId], int]:
     """The nodes to probe this period and the next turn: every node when the grid fits the budget; else the
-    nodes that matter now (requests in flight, not UP) and idle UP nodes in rotation from `turn`."""
+    nodes that matter now (requests in flight, not UP) and idle UP nodes in rotation from `turn`. Never banned
+    nodes, nor retired ones: down with no heartbeat for `retire_silent_s` (gone; probing them for ever costs a
+    connection each, twice a second: a node that comes back heartbeats, and is probed again from then)."""
     urgent: list[NodeId] = []
     idle: list[NodeId] = []
-    up, banned = NodeState.UP, NodeState.BANNED
+    up, banned, down = NodeState.UP, NodeState.BANNED, NodeState.DOWN
+    silent_since = now - retire_silent_s
     for node_id, r in records.items():  # one pass: every 0.5 s over the whole grid, on the event loop
         state = r.state
         if state is up and r.outstanding <= 0:
             idle.append(node_id)
-        elif state is not banned:
+        elif state is not banned and not (state is down and r.last_heartbeat < silent_since):
             urgent.append(node_id)
     if len(urgent) + len(idle) <= budget:
-        return [node_id for node_id, r in records.items() if r.state is not banned], 0
+        return [*urgent, *idle], 0
     take = min(len(idle), max(0, budget - len(urgent)))
     start = turn % len(idle) if idle else 0
     rotated = (idle[start:] + idle[:start])[:take]
@@ -76,7 +86,9 @@ async def probe_forever(membership: Membership, dispatcher: Dispatcher, config: 
     transport = dispatcher.transport
     turn = 0
     while True:
-        chosen, turn = probe_targets(membership.nodes, config.probes_per_round, turn)
+        chosen, turn = probe_targets(
+            membership.nodes, config.probes_per_round, turn, time.time(), config.retire_silent_s
+        )
         gap = config.probe_interval_s / len(chosen) if len(chosen) > PACE_ABOVE else 0.0
         tasks: list[asyncio.Task[None]] = []
         try:
