@@ -108,6 +108,9 @@ def gateway(
     allow_unlisted_models: Annotated[
         bool, typer.Option(help="accept models not in the allowed digests (a private grid of trusted nodes)")
     ] = False,
+    retire_silent: Annotated[
+        float, typer.Option(min=1.0, help="seconds a down node may stay silent before it is no longer probed")
+    ] = 120.0,
     registration_rate: Annotated[
         float, typer.Option(min=0.01, help="registrations a second one address may make, after its burst")
     ] = 1.0,
@@ -165,6 +168,7 @@ def gateway(
         canary_timeout_s=canary_timeout,
         allow_emulated=allow_emulated,
         allow_unlisted_models=allow_unlisted_models,
+        retire_silent_s=retire_silent,
         registration_rate=registration_rate,
         registration_burst=registration_burst,
         registration_rate_total=registration_rate_total,
