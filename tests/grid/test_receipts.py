@@ -184,7 +184,10 @@ def test_audits_and_canaries_catch_cheats_the_receipt_cannot_see(tmp_path: Path)
             verdict = httpx.post(grid.url + f"/admin/canary?node_id={honest}", headers=headers, timeout=60).json()
             assert verdict["ok"] and verdict["proof_checked"], verdict
         for mode, node_id in cheats.items():
-            verdict = httpx.post(grid.url + f"/admin/canary?node_id={node_id}", headers=headers, timeout=60).json()
+            for _ in range(6):  # canaries sample like traffic: `alter_output` leaves an answer under 4 tokens alone
+                verdict = httpx.post(grid.url + f"/admin/canary?node_id={node_id}", headers=headers, timeout=60).json()
+                if not verdict["ok"]:
+                    break
             assert not verdict["ok"] and all(p.startswith("canary:") for p in verdict["problems"]), (mode, verdict)
             incidents = admin_get(grid, f"/admin/incidents?node_id={node_id}").json()["incidents"]
             assert incidents and all(i["severity"] == "severe" for i in incidents)

@@ -39,7 +39,8 @@ class CanaryRunner:
 
     async def once(self, node_id: str | None = None) -> AuditResult | None:
         """One canary to `node_id` (else a random eligible node) and its verdict; None when no node could take
-        one. Bounded: a canary not answered in full within `canary_timeout_s` is a failed canary."""
+        one. The node's part is bounded: a canary not answered in full within `canary_timeout_s` is a failed
+        canary (the verifier's re-execution, which may first load the model, is not the node's time)."""
         targets = [t for t in self.targets() if node_id is None or t[0] == node_id]
         if not targets:
             return None
@@ -48,11 +49,15 @@ class CanaryRunner:
         limit = self.auditor.config.canary_timeout_s
         try:
             async with asyncio.timeout(limit):
-                return await self._run(node, job)
+                answered = await self._answer(node, job)
         except TimeoutError:
             return self._failed(node, job, f"no full answer to a canary within {limit:g} s")
+        if isinstance(answered, AuditResult):
+            return answered
+        return await self._verify(node, job, *answered)
 
-    async def _run(self, node: str, job: GenerateRequest) -> AuditResult | None:
+    async def _answer(self, node: str, job: GenerateRequest) -> tuple[list[int], StreamEvent] | AuditResult:
+        """The node's answer (token ids and last event), or the failed verdict of a refused or broken canary."""
         try:
             stream = await self.dispatcher.attempt(node, job)  # type: ignore[arg-type]
         except Refusal as exc:  # a canary is valid by construction: refusing it is a failed job
@@ -72,6 +77,9 @@ class CanaryRunner:
         finally:
             stream.close()
             self.dispatcher.finished(stream.node_id)
+        return ids, final
+
+    async def _verify(self, node: str, job: GenerateRequest, ids: list[int], final: StreamEvent) -> AuditResult | None:
         self.sent += 1
         receipt = self.receipts.check(node, job, ids, final).receipt
         if receipt is None:
