@@ -243,37 +243,64 @@ def test_client_disconnect_cancels_the_work_on_the_node(emulated_grid: LocalGrid
 def test_hedging_sends_a_late_request_to_the_runner_up(emulated_grid: LocalGrid) -> None:
     grid = emulated_grid
     client = _client(grid)
+    endpoints = {n["node_id"]: n["endpoint"] for n in grid.nodes()}
     for i in range(12):  # calibrate every node's TTFT
         client.completions.create(model=MODEL, prompt=f"warm {i}", max_tokens=2)
-    first = client.completions.with_raw_response.create(model=MODEL, prompt="who", max_tokens=2)
-    slow = first.headers["x-gridserve-node"]
-    endpoint = next(n["endpoint"] for n in grid.nodes() if n["node_id"] == slow)
-    # 700 ms: slow to answer, but under the 1 s health-probe timeout (so the node stays up and keeps being chosen)
-    httpx.post(endpoint + "/faults", json={"delay_ms": 700}, timeout=5).raise_for_status()
-    # Hedged requests first, until one is routed to the slow node: a hedged request that the runner-up wins leaves
-    # no TTFT sample on the slow node, so its hedge delay stays at its pre-fault prediction. (An unhedged 0.7 s
-    # answer first would raise that prediction, rightly, above 0.7 s, and the hedge would no longer fire in time.)
+
+    def slow_down_the_pick(tag: str) -> str:
+        """Make the node the next request will probably go to slow: no faults, one request to see which node the
+        scheduler picks now, then 700 ms on that one (slow to answer, under the 1 s health-probe timeout). The pick
+        of three identical nodes moves as their records grow (each served job raises a node's reliability), so the
+        slow node is the current pick, not one chosen once."""
+        for endpoint in endpoints.values():
+            httpx.delete(endpoint + "/faults", timeout=5).raise_for_status()
+        raw = client.completions.with_raw_response.create(
+            model=MODEL, prompt=f"which {tag}", max_tokens=2, extra_body={"gridserve": {"hedge": False}}
+        )
+        pick = raw.headers["x-gridserve-node"]
+        httpx.post(endpoints[pick] + "/faults", json={"delay_ms": 700}, timeout=5).raise_for_status()
+        return pick
+
+    # Hedged first: a hedged request that the runner-up wins leaves no TTFT sample on the slow node, so its hedge
+    # delay stays at its pre-fault prediction. (An unhedged 0.7 s answer first would raise that prediction, rightly,
+    # above 0.7 s, and the hedge would no longer fire in time.)
     hedged = unhedged = None
-    for i in range(30):
+    seen: list[str] = []  # how each decision went, for the failure message
+    for i in range(10):
+        slow = slow_down_the_pick(f"h{i}")
         raw = client.completions.with_raw_response.create(model=MODEL, prompt=f"h{i}", max_tokens=2)
         decision = admin_get(grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+        seen.append(_ranking(decision, slow))
         if decision["chosen"] == slow:
-            hedged = (decision, raw.headers["x-gridserve-node"])
+            hedged = (decision, raw.headers["x-gridserve-node"], slow)
             break
-    for i in range(30):
+    assert hedged is not None, "hedged: the slow node was never chosen:\n" + "\n".join(seen)
+    seen.clear()
+    for i in range(10):
+        slow = slow_down_the_pick(f"n{i}")
         raw2 = client.completions.with_raw_response.create(
             model=MODEL, prompt=f"n{i}", max_tokens=2, extra_body={"gridserve": {"hedge": False}}
         )
         d2 = admin_get(grid, f"/v1/decisions/{raw2.headers['x-gridserve-decision']}").json()
+        seen.append(_ranking(d2, slow))
         if d2["chosen"] == slow:
             unhedged = d2
             break
-    assert hedged is not None and unhedged is not None, "the slow node was never chosen"
-    decision, served_by = hedged
+    assert unhedged is not None, "unhedged: the slow node was never chosen:\n" + "\n".join(seen)
+    decision, served_by, slow = hedged
     assert decision["hedged"] is True and served_by != slow
     assert decision["timing"]["ttft_s"] < 0.5  # the runner-up answered; the slow node would take 0.7 s
     assert unhedged["hedged"] is False and unhedged["timing"]["ttft_s"] >= 0.7
     assert _metric(httpx.get(grid.url + "/metrics", timeout=10).text, "gridserve_hedges_total") >= 1
+
+
+def _ranking(decision: dict[str, Any], slow: str) -> str:
+    """One line: the pick, how, and each candidate's score and scorer values (the slow node starred)."""
+    parts = []
+    for c in decision["candidates"]:
+        raws = ", ".join(f"{s['scorer']}={s['raw']:.3g}" for s in c["scores"])
+        parts.append(f"{'*' if c['node_id'] == slow else ''}{c['node_id'][:8]} {c['score']:.3f} ({raws})")
+    return f"{decision['chosen'][:8]} by {decision['picked_by']}: " + " | ".join(parts)
 
 
 def _metric(text: str, name: str) -> float:

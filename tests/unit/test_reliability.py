@@ -198,9 +198,11 @@ def expected_signals(events: list[NodeEvent], now: float, cfg: ReliabilityConfig
                 (good if e.within_slo else bad)["latency"] += w
         elif e.kind in JOB_FAILURES:
             bad["completion"] += w
-        elif e.kind is EventKind.PROTOCOL_ERROR or (e.kind is EventKind.INCIDENT and e.severity is Severity.MINOR):
+        elif e.kind in (EventKind.PROTOCOL_ERROR, EventKind.SIGNALS_MATCHED) or (
+            e.kind is EventKind.INCIDENT and e.severity is Severity.MINOR
+        ):
             bad["clean"] += w
-        elif e.kind is EventKind.CANARY_PASSED:
+        elif e.kind in (EventKind.CANARY_PASSED, EventKind.AUDIT_PASSED):
             good["clean"] += w
     return {k: (good[k] + cfg.prior_good) / (good[k] + bad[k] + cfg.prior_good + cfg.prior_bad) for k in SIGNALS}
 

@@ -94,19 +94,21 @@ _KINDS: dict[str, tuple[EventKind, dict[str, Any]]] = {
     "minor": (EventKind.INCIDENT, {"detail": "slow canary"}),
     "severe": (EventKind.INCIDENT, {"severity": Severity.SEVERE, "detail": "model digest mismatch"}),
     "canary": (EventKind.CANARY_PASSED, {}),
+    "audit": (EventKind.AUDIT_PASSED, {}),
 }
 LABELS = (*_KINDS, "admin-quarantine", "admin-release")
 
 GOOD: History = (("hb", 40), ("ok", 80))
 ESTABLISHED: History = (("hb", 10), ("ok", 30))
 NEWCOMER: History = (("hb", 3), ("ok", 2))
+VETTED: History = (("hb", 10), ("ok", 30), ("audit", 3))
 FLAKY: History = (("hb", 20), ("ok", 10), ("fail", 2), ("ok", 5), ("slow", 5), ("miss", 3), ("proto", 1), ("minor", 1))
 EJECTED: History = (("hb", 5), ("ok", 10), ("fail", 5))
 QUARANTINED: History = (("hb", 10), ("ok", 50), ("severe", 1))
 BANNED: History = (("ok", 20), ("severe", 1), ("canary", 3), ("severe", 1))
 ADMIN_QUARANTINED: History = (("ok", 20), ("admin-quarantine", 1))
 RELEASED: History = (("ok", 20), ("admin-quarantine", 1), ("admin-release", 1))
-PRESETS = (GOOD, ESTABLISHED, NEWCOMER, FLAKY, EJECTED, QUARANTINED, BANNED, ADMIN_QUARANTINED, RELEASED)
+PRESETS = (GOOD, ESTABLISHED, VETTED, NEWCOMER, FLAKY, EJECTED, QUARANTINED, BANNED, ADMIN_QUARANTINED, RELEASED)
 
 
 def feed(book: ReliabilityBook, node_id: str, history: History, *, end: float) -> None:
@@ -697,19 +699,28 @@ def test_full_exploration_picks_the_best_new_node_below_rank_0(
             and c.predicted_itl_s <= float(needs["tpot_slo_s"])
         )
 
+    def vetted(c: Candidate) -> bool:
+        rel = by_id[c.node_id].reliability
+        return rel is not None and rel.vetted
+
+    # Unvetted identities are held back (picked only by exploration) while some eligible node is vetted.
+    held = any(vetted(c) for c in decision.candidates) and not all(vetted(c) for c in decision.candidates)
+
+    def new_or_held(c: Candidate) -> bool:
+        rel = by_id[c.node_id].reliability
+        return rel is None or rel.is_new or (held and not vetted(c))
+
     new = [  # a newcomer with little record, a batch slot free (a busy newcomer is not sent more), within the SLO
-        c
-        for c in decision.candidates[1:]
-        if (by_id[c.node_id].reliability is None or by_id[c.node_id].reliability.is_new)  # type: ignore[union-attr]
-        and free_slot(by_id[c.node_id])
-        and meets_slo(c)
+        c for c in decision.candidates[1:] if new_or_held(c) and free_slot(by_id[c.node_id]) and meets_slo(c)
     ]
     if new:
         assert decision.chosen == new[0].node_id
         assert decision.picked_by.startswith("exploration")
     elif decision.candidates:
-        assert decision.chosen == decision.candidates[0].node_id
-        assert decision.picked_by == "highest score"
+        allowed = [c for c in decision.candidates if not held or vetted(c)]
+        assert decision.chosen == allowed[0].node_id
+        assert decision.picked_by.startswith("highest score")
+        assert ("held back" in decision.picked_by) == held
 
 
 # -- filters, one by one ----------------------------------------------------------------------------------------------

@@ -111,6 +111,12 @@ def gateway(
     retire_silent: Annotated[
         float, typer.Option(min=1.0, help="seconds a down node may stay silent before it is no longer probed")
     ] = 120.0,
+    vetting_checks: Annotated[
+        int, typer.Option(min=0, help="audits or canaries a new identity passes before it is routed like any node")
+    ] = 3,
+    whitewash_checks: Annotated[
+        int, typer.Option(min=0, help="more checks owed by a new identity from where a quarantined one was")
+    ] = 6,
     registration_rate: Annotated[
         float, typer.Option(min=0.01, help="registrations a second one address may make, after its burst")
     ] = 1.0,
@@ -121,6 +127,9 @@ def gateway(
     allowed_digests: Annotated[
         Path | None, typer.Option(help="JSON {model: [weights digest, ...]} nodes may serve")
     ] = None,
+    join_tokens: Annotated[
+        bool, typer.Option(help="admit only nodes holding a join token (gridserve tokens create)")
+    ] = False,
     otlp_endpoint: Annotated[
         str | None,
         typer.Option(help="send request traces to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318/v1/traces"),
@@ -169,10 +178,13 @@ def gateway(
         allow_emulated=allow_emulated,
         allow_unlisted_models=allow_unlisted_models,
         retire_silent_s=retire_silent,
+        vetting_checks=vetting_checks,
+        whitewash_checks=whitewash_checks,
         registration_rate=registration_rate,
         registration_burst=registration_burst,
         registration_rate_total=registration_rate_total,
         allowed_digests_path=allowed_digests,
+        join_tokens_required=join_tokens,
         otlp_endpoint=otlp_endpoint,
     )
     console.print(f"gateway on http://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
@@ -217,6 +229,10 @@ def node(
     fixed_ttft_ms: Annotated[float | None, typer.Option(help="emulated: fixed time to first token")] = None,
     fixed_itl_ms: Annotated[float | None, typer.Option(help="emulated: fixed inter-token latency")] = None,
     gateway_key: Annotated[str | None, typer.Option(help="pin the gateway's public key (base64)")] = None,
+    join_token: Annotated[
+        str | None,
+        typer.Option(envvar="GRIDSERVE_JOIN_TOKEN", help="join token from the grid's admin (gridserve tokens create)"),
+    ] = None,
     slowdown: Annotated[float, typer.Option(help="emulated: run N times slower than spec, silently")] = 1.0,
     lazy: Annotated[bool, typer.Option(help="tiny/gemma: load the weights only when asked (pre-warming)")] = False,
     loadable: Annotated[list[str] | None, typer.Option(help="emulated: a model on disk, loaded when asked")] = None,
@@ -249,6 +265,7 @@ def node(
     from gridserve.catalog.models import UnknownModel
     from gridserve.engines import EngineError
     from gridserve.engines.registry import EngineOptions
+    from gridserve.node.agent import JoinTokenRefused
     from gridserve.node.config import NodeConfig
     from gridserve.node.main import run_node
 
@@ -260,6 +277,7 @@ def node(
         advertise_url=advertise_url,
         key_file=key,
         gateway_key=gateway_key,
+        join_token=join_token,
         price_per_mtok=price,
         memory_bytes=int(memory_gib * 2**30) if memory_gib is not None else None,
     )
@@ -294,7 +312,7 @@ def node(
     options = dataclasses.replace(options, cheat=tuple(sorted(lies.modes & ENGINE_MODES)))
     try:
         run_node(config, options, faults=faults, lies=lies, log_level=log_level, log_format=_log_format(log_format))
-    except (EngineError, UnknownHardware, UnknownModel, OSError) as exc:
+    except (EngineError, UnknownHardware, UnknownModel, OSError, JoinTokenRefused) as exc:
         raise fail(str(exc)) from None
 
 
@@ -416,13 +434,14 @@ def demo(
 
 
 def _register_admin() -> None:
-    from gridserve.cli import admin, doctor, plan, settle, simulate
+    from gridserve.cli import admin, doctor, plan, settle, simulate, tokens
 
     admin.register(app, console, fail)
     doctor.register(app, console, fail)
     plan.register(app, console, fail)
     settle.register(app, console, fail)
     simulate.register(app, console, fail)
+    tokens.register(app, console, fail)
 
 
 _register_admin()

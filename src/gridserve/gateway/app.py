@@ -26,6 +26,7 @@ from gridserve.gateway.api.hotpath import HotPath
 from gridserve.gateway.api.middleware import BodyLimit
 from gridserve.gateway.api.openai_api import ApiContext, list_models
 from gridserve.gateway.api.openapi_doc import install_openapi
+from gridserve.gateway.api.tokens_api import add_token_routes
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
 from gridserve.gateway.dispatch.prefixes import PrefixAffinity
@@ -51,6 +52,7 @@ from gridserve.gateway.registry.admission import Admission
 from gridserve.gateway.registry.cluster import ClusterSync
 from gridserve.gateway.registry.health import probe_forever
 from gridserve.gateway.registry.membership import Membership, UnknownNode
+from gridserve.gateway.registry.tokens import JOIN_TOKEN_HEADER, JoinTokens
 from gridserve.scheduler import Scheduler, default_profile, load_profile
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
@@ -91,6 +93,8 @@ class Gateway:
         policy = FreshnessPolicy(max_skew_s=config.max_skew_s, max_lifetime_s=config.max_message_lifetime_s)
         self.verifier = EnvelopeVerifier(policy, time.time)
         self.membership = Membership(config, self.verifier, self.writer, self.metrics)
+        self.join_tokens = JoinTokens(store, EnvelopeVerifier(policy, time.time))
+        """Checked at registration with `--join-tokens` (config.join_tokens_required); managed by the admin API."""
         self.admission = Admission(
             registration_rate=config.registration_rate,
             registration_burst=config.registration_burst,
@@ -196,6 +200,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     _openai_routes(app, gw)
     _admin_routes(app, gw)
     add_reliability_routes(app, gw.membership, gw.require_admin)
+    add_token_routes(app, gw.join_tokens, gw.require_admin)
     pipelines = gw.api.pipelines
     add_doctor_routes(app, gw.membership, gw.traces, gw.require_admin, lambda: pipelines.recent if pipelines else [])
     add_dashboard_routes(app, gw)
@@ -241,7 +246,9 @@ def _node_routes(app: FastAPI, gw: Gateway) -> None:
             too_large = Malformed(f"registration of {len(body)} bytes exceeds {MAX_CAPABILITY_BYTES}")
             return refused(too_large, request, status=413)
         try:
-            capability = gw.membership.register(body)
+            if gw.config.join_tokens_required:  # refused before the node is accepted (gateway/registry/tokens.py)
+                await gw.join_tokens.admit(request.headers.get(JOIN_TOKEN_HEADER), body)
+            capability = gw.membership.register(body, _remote(request))
         except TrustError as exc:
             return refused(exc, request)
         reply = {"gateway_public_key": gw.identity.public_key, "heartbeat_interval_s": gw.config.heartbeat_interval_s}

@@ -9,6 +9,7 @@ from functools import cached_property
 from pathlib import Path
 
 from gridserve.policy import AuditRates, DispatchPolicy, HealthTiming
+from gridserve.reliability import ReliabilityConfig
 
 _DISPATCH = DispatchPolicy()
 _HEALTH = HealthTiming()
@@ -99,10 +100,17 @@ class GatewayConfig:
     audit_floor: float = _AUDIT.floor
     canary_interval_s: float = 60.0
     """Mean seconds between canary requests (0: none)."""
+    vetting_checks: int = 3
+    """Audits or canaries a new identity passes before it is routed like any node (ReliabilityConfig)."""
+    whitewash_checks: int = 6
+    """Checks owed on top by a new identity from where a quarantined one was (gateway/registry/whitewash.py)."""
     allow_emulated: bool = False
     """Accept nodes offering emulated models (`emulated:<model>` digests: timings, no weights): tests and demos."""
     allow_unlisted_models: bool = False
     """Accept models with no entry in the allowed digests (a private grid of trusted nodes); else refused."""
+    join_tokens_required: bool = False
+    """Admit only nodes that register with a join token the admin created (gateway/registry/tokens.py); else
+    any node that signs its registration may join."""
     registration_rate: float = 1.0
     """Registrations a second one source address may make, after a burst of `registration_burst`
     (gateway/registry/admission.py)."""
@@ -119,6 +127,10 @@ class GatewayConfig:
     """Scheduling profile (YAML); default: the packaged default profile."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP collector for request traces (e.g. http://127.0.0.1:4318/v1/traces); None: no tracing."""
+
+    @property
+    def reliability(self) -> ReliabilityConfig:
+        return ReliabilityConfig(vetting_checks=self.vetting_checks, whitewash_checks=self.whitewash_checks)
 
     @property
     def name(self) -> str:

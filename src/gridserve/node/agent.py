@@ -1,6 +1,7 @@
 """Registration and heartbeats: the node's half of membership."""
 
 import asyncio
+import contextlib
 import logging
 import platform
 import random
@@ -49,6 +50,24 @@ def _retry_after(value: str | None) -> float:
         return 1.0
 
 
+JOIN_TOKEN_HEADER = "X-Gridserve-Join-Token"
+"""Carries `NodeConfig.join_token` with every registration (outside the signed document)."""
+
+
+class JoinTokenRefused(Exception):
+    """The gateway admits only nodes holding a join token, and refused this node's (none, unknown, expired,
+    revoked, or used up by other nodes): retrying cannot help, the node stops."""
+
+
+def _refusal(resp: httpx.Response) -> tuple[str, str]:
+    """(type, message) of a refused node message's answer (`{"error": {"type", "message"}}`); ("", text) if not."""
+    try:
+        error = resp.json()["error"]
+        return str(error["type"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        return "", resp.text[:300]
+
+
 class GatewayUnavailable(RuntimeError):
     """The gateway answered with a server error: another gateway of the grid may do better."""
 
@@ -70,6 +89,9 @@ class NodeAgent:
         self.gateway_key: str | None = config.gateway_key
         self.heartbeat_interval_s = config.heartbeat_interval_s or 2.0
         self.registered = asyncio.Event()
+        self.refused: JoinTokenRefused | None = None
+        """Why the gateway will not admit this node (its join token): the node stops (node/main.py)."""
+        self.stopped = asyncio.Event()
         self.faults = Faults(allowed=False)
         self.verifier = EnvelopeVerifier(FreshnessPolicy(max_skew_s=config.max_skew_s), time.time)
         self._seq = 0
@@ -153,11 +175,17 @@ class NodeAgent:
 
     async def register(self) -> None:
         body = self._signed({"capability": self.capability().model_dump(mode="json")}, "register")
-        resp = await self._client.post(
-            self.gateway_url + "/nodes/register", content=body, headers={"content-type": "application/json"}
-        )
+        headers = {"content-type": "application/json"}
+        if self.config.join_token:
+            headers[JOIN_TOKEN_HEADER] = self.config.join_token
+        resp = await self._client.post(self.gateway_url + "/nodes/register", content=body, headers=headers)
         if resp.status_code == 429:
             raise RegistrationLimited(_retry_after(resp.headers.get("retry-after")))
+        kind, message = _refusal(resp) if resp.status_code == 401 else ("", "")
+        if kind == "join_token":
+            self.refused = JoinTokenRefused(f"gateway {self.gateway_url} refused this node: {message}")
+            self.stopped.set()
+            raise self.refused
         if resp.status_code != 200:
             raise RuntimeError(f"registration refused ({resp.status_code}): {resp.text[:300]}")
         envelope = self.verifier.verify(resp.content, purpose="register-reply", expected_keyid=self.gateway_key)
@@ -213,7 +241,12 @@ class NodeAgent:
             log.warning("heartbeat refused (%s): %s", resp.status_code, resp.text[:200])
 
     async def run(self) -> None:
-        """Register (retrying until the gateway answers), then heartbeat forever."""
+        """Register (retrying until the gateway answers), then heartbeat forever; or stop when the gateway will not
+        admit this node's join token (`refused`)."""
+        with contextlib.suppress(JoinTokenRefused):
+            await self._run()
+
+    async def _run(self) -> None:
         await self._register_somewhere()
         while True:  # the first heartbeat right away: the gateway has telemetry from the start
             try:

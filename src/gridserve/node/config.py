@@ -15,6 +15,9 @@ class NodeConfig:
     key_file: Path = Path("node.key")
     gateway_key: str | None = None
     """Pin the gateway's public key (base64). Without it the key from the first registration is trusted."""
+    join_token: str | None = None
+    """Sent with every registration (header X-Gridserve-Join-Token): a gateway started with --join-tokens admits
+    only nodes holding one its admin created."""
     price_per_mtok: float = 0.0
     """USD per million generated tokens."""
     memory_bytes: int | None = None

@@ -46,4 +46,20 @@ def run_node(
             ws_max_size=64 * 1024 * 1024,  # pipeline frames: a long prompt's hidden states in one step
         )
     )
-    asyncio.run(server.serve())
+    asyncio.run(_serve(server, agent))
+    if agent.refused is not None:
+        raise agent.refused
+
+
+async def _serve(server: uvicorn.Server, agent: NodeAgent) -> None:
+    """Serve until stopped, or until the gateway refuses this node's join token."""
+
+    async def stop_when_refused() -> None:
+        await agent.stopped.wait()
+        server.should_exit = True
+
+    watch = asyncio.create_task(stop_when_refused())
+    try:
+        await server.serve()
+    finally:
+        watch.cancel()

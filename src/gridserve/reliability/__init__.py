@@ -10,11 +10,12 @@ from gridserve.reliability.book import ReliabilityBook, ReliabilitySummary
 from gridserve.reliability.config import DEFAULT_CONFIG, ReliabilityConfig
 from gridserve.reliability.errors import CannotRelease, InvalidConfig, InvalidEvent, ReliabilityError, UnknownNode
 from gridserve.reliability.events import JOB_FAILURES, EventKind, NodeEvent, Severity
-from gridserve.reliability.state import BLOCKED, ReliabilityState, Transition
+from gridserve.reliability.state import BLOCKED, EXCLUDED, ReliabilityState, Transition
 
 __all__ = [
     "BLOCKED",
     "DEFAULT_CONFIG",
+    "EXCLUDED",
     "JOB_FAILURES",
     "CannotRelease",
     "EventKind",

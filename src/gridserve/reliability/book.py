@@ -48,6 +48,9 @@ class ReliabilitySummary:
     """Decayed number of job outcomes observed."""
     is_new: bool
     """samples < exploration_samples: too little evidence to rank on (the scheduler may explore it)."""
+    vetted: bool
+    """Passed `vetting_checks` audits or canaries (plus any it owes): an established identity. Until then the
+    scheduler sends it only its exploration share wherever an established node is eligible."""
     ejected_until: float | None
     """Unix time the current ejection ends; None unless EJECTED."""
     ejections: int
@@ -68,6 +71,7 @@ class ReliabilitySummary:
             self.score,
             self.samples,
             self.is_new,
+            self.vetted,
             self.ejected_until,
             self.ejections,
             self.reason,
@@ -93,7 +97,7 @@ class ReliabilitySummary:
         }
 
 
-SummaryRow = tuple[str, float, float, float, float, float, float, bool, float | None, int, str]
+SummaryRow = tuple[str, float, float, float, float, float, float, bool, bool, float | None, int, str]
 """ReliabilitySummary.packed(): its fields in order, the state as its value."""
 _SUMMARY_FIELDS = tuple(ReliabilitySummary.__dataclass_fields__)
 
@@ -137,6 +141,10 @@ class ReliabilityBook:
     def nodes(self) -> list[str]:
         """The ids of the nodes in the pool, in the order they joined."""
         return list(self._pool)
+
+    def knows(self, node_id: str) -> bool:
+        """Whether the node has a record (it joined, or an event about it was recorded), in the pool or not."""
+        return node_id in self._nodes
 
     def add_node(self, node_id: str, now: float) -> None:
         """Put a node in the pool (idempotent). A node seen before keeps its record."""
@@ -228,6 +236,7 @@ class ReliabilityBook:
             0.0 if status.state in EXCLUDED else s.score,
             s.samples,
             s.samples < self._config.exploration_samples,
+            status.vetted(self._config),
             status.ejected_until,
             status.ejections,
             status.reason,
@@ -309,6 +318,7 @@ class ReliabilityBook:
             score=0.0 if status.state in EXCLUDED else s.score,
             samples=s.samples,
             is_new=s.samples < self._config.exploration_samples,
+            vetted=status.vetted(self._config),
             ejected_until=status.ejected_until,
             ejections=status.ejections,
             reason=status.reason,

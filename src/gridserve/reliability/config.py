@@ -39,6 +39,16 @@ class ReliabilityConfig:
     exploration_samples: int = 20
     """Below this many decayed job outcomes a node counts as new (jobs). Project choice: with the default prior,
     ~20 outcomes bring the posterior standard deviation of a 0.75 success rate under 0.09."""
+    vetting_checks: int = 3
+    """Verification checks (audits or canaries) a new identity passes before it is established: until then it serves
+    only the scheduler's exploration share of a model's requests wherever an established node is eligible (issue
+    17: a Sybil's fresh keys earn traffic only by passing checks). Project choice: at the default new-node audit
+    rate, three checks take a few dozen requests; a node that alters half its answers passes three by chance 12.5%
+    of the time. 0: every identity is established at once (no vetting)."""
+    whitewash_checks: int = 6
+    """Checks owed on top of `vetting_checks` by a new identity that registers from where a quarantined one was
+    (its address, endpoint or engine fingerprint: gateway/registry/whitewash.py). Project choice: three times the
+    vetting, so a fresh key from the same place starts further back, not from zero."""
     weight_availability: float = 0.20
     """Weight of availability (heartbeats kept) in the combined score. Project choice: heartbeats only predict."""
     weight_completion: float = 0.40
@@ -76,8 +86,13 @@ class ReliabilityConfig:
         for name, count in counts.items():
             if count < 1:
                 raise InvalidConfig(name, f"must be >= 1, got {count!r}")
-        if self.exploration_samples < 0:
-            raise InvalidConfig("exploration_samples", f"must be >= 0, got {self.exploration_samples!r}")
+        for name, count in {
+            "exploration_samples": self.exploration_samples,
+            "vetting_checks": self.vetting_checks,
+            "whitewash_checks": self.whitewash_checks,
+        }.items():
+            if count < 0:
+                raise InvalidConfig(name, f"must be >= 0, got {count!r}")
 
     @staticmethod
     def _check_non_negative(values: dict[str, float]) -> None:

@@ -26,6 +26,15 @@ class EventKind(StrEnum):
     INCIDENT = "incident"
     """Carries a Severity. SEVERE: model-integrity failure, identity spoofing, settlement mismatch."""
     CANARY_PASSED = "canary_passed"
+    AUDIT_PASSED = "audit_passed"
+    """A served answer re-executed by the verifier and found right."""
+    SIGNALS_MATCHED = "signals_matched"
+    """A new identity registered from where a quarantined one was (address, endpoint or engine fingerprint): it
+    owes `ReliabilityConfig.whitewash_checks` more checks before it is established, and counts as a minor incident."""
+
+
+CHECKS_PASSED = frozenset({EventKind.CANARY_PASSED, EventKind.AUDIT_PASSED})
+"""The kinds that count toward vetting a new identity (`ReliabilityConfig.vetting_checks`)."""
 
 
 JOB_FAILURES = frozenset({EventKind.JOB_FAILED, EventKind.JOB_TIMED_OUT, EventKind.JOB_STALLED})

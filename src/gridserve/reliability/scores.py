@@ -39,6 +39,8 @@ _EVIDENCE: dict[EventKind, tuple[int, ...]] = {
     EventKind.PROTOCOL_ERROR: (_CLEAN_BAD,),
     EventKind.INCIDENT: (_CLEAN_BAD,),
     EventKind.CANARY_PASSED: (_CLEAN_GOOD,),
+    EventKind.AUDIT_PASSED: (_CLEAN_GOOD,),
+    EventKind.SIGNALS_MATCHED: (_CLEAN_BAD,),
 }
 
 

@@ -19,7 +19,7 @@ from enum import StrEnum
 
 from gridserve.reliability.config import ReliabilityConfig
 from gridserve.reliability.errors import CannotRelease
-from gridserve.reliability.events import JOB_FAILURES, EventKind, NodeEvent
+from gridserve.reliability.events import CHECKS_PASSED, JOB_FAILURES, EventKind, NodeEvent
 
 
 class ReliabilityState(StrEnum):
@@ -63,6 +63,16 @@ class NodeStatus:
     canaries_passed: int = 0
     severe_incidents: int = 0
     first_severe: str = ""
+    checks_passed: int = 0
+    """Audits and canaries passed since the identity appeared or its last severe incident (never reset by a
+    state change otherwise): what vets a new identity."""
+    checks_owed: int = 0
+    """Checks owed beyond `vetting_checks` before the identity is established: a fresh key that shares an
+    address, endpoint or engine fingerprint with a quarantined identity starts further back (SIGNALS_MATCHED)."""
+
+    def vetted(self, config: ReliabilityConfig) -> bool:
+        """Whether the identity is established: it has passed its vetting checks (and any it owes)."""
+        return self.checks_passed >= config.vetting_checks + self.checks_owed
 
     def move(self, new: ReliabilityState, at: float, reason: str) -> Transition:
         """Enter `new`, resetting the per-state counters, and say so."""
@@ -93,7 +103,12 @@ def on_event(
 ) -> list[Transition]:
     """Apply one event (after `expire`). `may_eject` says whether the pool allows one more ejection now."""
     if event.is_severe:
+        status.checks_passed = 0  # vetting starts over: an identity caught once must pass its checks again
         return _severe(status, event)
+    if event.kind in CHECKS_PASSED:
+        status.checks_passed += 1
+    elif event.kind is EventKind.SIGNALS_MATCHED:
+        status.checks_owed = max(status.checks_owed, config.whitewash_checks)
     if status.state is ReliabilityState.QUARANTINED:
         return _canary(status, event, config) if event.kind is EventKind.CANARY_PASSED else []
     if status.state in (ReliabilityState.BANNED, ReliabilityState.EJECTED):
@@ -102,7 +117,9 @@ def on_event(
         return _failure(status, event, config, may_eject)
     if event.kind is EventKind.JOB_COMPLETED:
         status.failure_run = 0
-    if status.state is ReliabilityState.PROBATION and event.kind in (EventKind.JOB_COMPLETED, EventKind.CANARY_PASSED):
+    if status.state is ReliabilityState.PROBATION and (
+        event.kind is EventKind.JOB_COMPLETED or event.kind in CHECKS_PASSED
+    ):
         status.probation_successes += 1
         if status.probation_successes >= config.probation_successes:
             reason = f"{status.probation_successes} successes in probation (last: {event.describe()})"

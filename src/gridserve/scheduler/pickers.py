@@ -17,7 +17,12 @@ class MaxScorePicker:
     jobs have not finished yet is not sent more (otherwise one slow newcomer would take the whole exploration
     share of the traffic and build a queue). The SLO bounds it too: a request is never the price of a
     newcomer's record (a cold node that would first load the model, or a slow one, is not explored); nor is a
-    prefix-cache hit (a request some eligible node probably holds part of is not explored)."""
+    prefix-cache hit (a request some eligible node probably holds part of is not explored).
+
+    Newcomers are held back: an identity that has not passed its vetting checks (`ReliabilityConfig.vetting_checks`
+    audits or canaries) is picked only by exploration wherever an established node is eligible, so all of a
+    model's newcomers together get at most `exploration` of its requests however many keys a Sybil makes (issue
+    17); where no established node is eligible, newcomers are ranked like any node."""
 
     exploration: float = 0.05
     slo_first: bool = False
@@ -44,7 +49,7 @@ class MaxScorePicker:
         ):
             found = ranked.first_explorable(ctx, self.slo_headroom, 1)
             if found is not None:
-                return found, f"exploration (p={self.exploration}): newest node with a short record"
+                return found, f"exploration (p={self.exploration}): the best node with a short record or not yet vetted"
         if self.slo_first:
             for at_once in (True, False):
                 found = ranked.first_meeting_slo(ctx, self.slo_headroom, at_once)
@@ -52,13 +57,14 @@ class MaxScorePicker:
                     how = "can start it at once and " if at_once else ""
                     return self._prefer_hit(ctx, ranked, found, True) or (
                         found,
-                        f"highest score among nodes that {how}are predicted to meet the SLO",
+                        f"highest score among nodes that {how}are predicted to meet the SLO" + _held(ranked),
                     )
-            return self._prefer_hit(ctx, ranked, 0, False) or (
-                0,
-                "highest score (no node is predicted to meet the SLO)",
+            best = ranked.first_allowed()
+            return self._prefer_hit(ctx, ranked, best, False) or (
+                best,
+                "highest score (no node is predicted to meet the SLO)" + _held(ranked),
             )
-        return 0, "highest score"
+        return ranked.first_allowed(), "highest score" + _held(ranked)
 
     def _prefer_hit(self, ctx: Context, ranked: Ranked, found: int, slo: bool) -> tuple[int, str] | None:
         """The node that holds more of the prompt than the pick at rank `found`, answers sooner (and meets the SLO
@@ -74,6 +80,12 @@ class MaxScorePicker:
             f"holds more of the prompt, is predicted to answer sooner and scores within {self.prefix_margin} "
             f"of {meeting}",
         )
+
+
+def _held(ranked: Ranked) -> str:
+    if not ranked.held_back:
+        return ""
+    return f" ({ranked.held_back} unvetted newcomer(s) held back to the exploration share)"
 
 
 @register(PICKERS, "random")

@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from gridserve.scheduler.context import Context
-from gridserve.scheduler.snapshot import C_ACTIVE, C_HAS_HW, C_QUEUED, C_REL_NEW, C_SLOTS
+from gridserve.scheduler.snapshot import C_ACTIVE, C_HAS_HW, C_QUEUED, C_REL_NEW, C_REL_VETTED, C_SLOTS
 from gridserve.scheduler.vector import Columns
 
 Array = npt.NDArray[np.float64]
@@ -79,6 +79,13 @@ class Ranked:
 
     def __init__(self, cols: Columns, order: Order) -> None:
         self.cols, self.order = cols, order
+        vetted = np.asarray(cols.col(C_REL_VETTED) > 0)
+        among = vetted[order.eligible]
+        self.held_back = int(np.count_nonzero(~among)) if among.any() else 0
+        """Eligible newcomers (identities not yet vetted) held back to the exploration share: those unvetted while
+        some eligible node is established; 0 when none is (newcomers are then all there is)."""
+        self.allowed: npt.NDArray[np.bool_] = vetted if self.held_back else np.ones(len(cols), dtype=bool)
+        """Per node: whether a pick outside exploration may choose it (established nodes, or all)."""
 
     def __len__(self) -> int:
         return len(self.order)
@@ -110,6 +117,7 @@ class Ranked:
         reused = self.cols.reused(ctx)
         ttft, _ = self.cols.prediction(ctx, loaded=True)
         mask = (reused > reused[j]) & (ttft < ttft[j]) & (self.order.total >= self.order.total[j] - margin)
+        mask &= self.allowed
         if headroom is not None:
             mask &= self._meets_slo(ctx, headroom)
         return self.order.first_where(np.asarray(mask), 0)
@@ -120,16 +128,21 @@ class Ranked:
         return np.asarray((ttft <= ctx.ttft_slo_s * headroom) & (itl <= ctx.tpot_slo_s * headroom))
 
     def first_explorable(self, ctx: Context, headroom: float, start: int) -> int | None:
-        """Rank of the first node from `start` on with little or no record, a free batch slot and predicted to
-        meet the SLO (None: none)."""
-        new = self.cols.col(C_REL_NEW) > 0
+        """Rank of the first node from `start` on with little or no record (or a newcomer held back), a free batch
+        slot and predicted to meet the SLO (None: none)."""
+        new = (self.cols.col(C_REL_NEW) > 0) | ~self.allowed
         return self.order.first_where(new & self._free_slot() & self._meets_slo(ctx, headroom), start)
+
+    def first_allowed(self) -> int:
+        """Rank of the best node a pick outside exploration may choose (0 unless newcomers are held back)."""
+        found = self.order.first_where(self.allowed, 0) if self.held_back else 0
+        return 0 if found is None else found
 
     def first_meeting_slo(self, ctx: Context, headroom: float, at_once: bool) -> int | None:
         """Rank of the best node predicted to meet the request's SLO; if `at_once`, only among nodes with a free
         slot or holding part of the prompt in their prefix cache (their queue wait is in the prediction, and the
         prefill they skip is work the grid need not do again)."""
-        meets = self._meets_slo(ctx, headroom)
+        meets = self._meets_slo(ctx, headroom) & self.allowed
         if not at_once:
             return self.order.first_where(meets, 0)
         ready = self._free_slot()

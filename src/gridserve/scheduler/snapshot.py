@@ -47,8 +47,9 @@ PRICE_DTYPES = frozenset({"float16", "bfloat16", "float32", "fp8"})
     C_CLASS,
     C_OUTSTANDING,
     C_LATENCY_EWMA,
-) = range(24)
-N_COLUMNS = 24
+    C_REL_VETTED,
+) = range(25)
+N_COLUMNS = 25
 # Column indexes of NodeStatic.model_row
 (
     M_LISTED,
@@ -164,7 +165,7 @@ def _row(snap: "NodeSnapshot") -> tuple[float, ...]:
         queued=tele.queue_depth if tele else 0,
         clock_ratio=tele.clock_ratio if tele else None,
         temperature_c=tele.temperature_c if tele else None,
-        reliability=(rel.state.value, rel.score, rel.is_new) if rel is not None else None,
+        reliability=(rel.state.value, rel.score, rel.is_new, rel.vetted) if rel is not None else None,
         calibration=snap.calibration,
         price_per_mtok=snap.capability.price_per_mtok,
         static=snap.static,
@@ -181,7 +182,7 @@ def row_values(
     queued: int,
     clock_ratio: float | None,
     temperature_c: float | None,
-    reliability: tuple[str, float, bool] | None,
+    reliability: tuple[str, float, bool, bool] | None,
     calibration: Calibration | None,
     price_per_mtok: float,
     static: NodeStatic,
@@ -189,7 +190,7 @@ def row_values(
 ) -> tuple[float, ...]:
     """A node's C_* columns from plain values: what a snapshot of it would carry as its `row`, for a keeper of
     rows (the gateway's registry) that does not build a snapshot per change. `reliability`: (state value, score,
-    is_new) of its summary, None without one."""
+    is_new, vetted) of its summary, None without one (a node without a summary is not vetted: no record yet)."""
     hw = static.hw
     nan = math.nan
     rel_state = reliability[0] if reliability is not None else None
@@ -218,6 +219,7 @@ def row_values(
         float(CLASS_CODES.get(static.hw_class, CLASS_CODES["unknown"])),
         float(outstanding),
         latency_ewma_s if latency_ewma_s is not None else nan,
+        float(reliability is not None and reliability[3]),
     )
 
 

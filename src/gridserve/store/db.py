@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,21 @@ settlements = sa.Table(
     # decision id and segment: an entry written twice (a retried commit) is counted once
     sa.Column("entry_key", sa.String(), nullable=True),
     sa.Index("ux_settlements_entry_key", "entry_key", unique=True),
+)
+
+join_tokens = sa.Table(
+    "join_tokens",
+    metadata,
+    sa.Column("token_id", sa.String(), primary_key=True),
+    sa.Column("label", sa.String(), nullable=False),
+    # SHA-256 of the token, hex: the token itself is shown once, at creation, and never stored
+    sa.Column("digest", sa.String(), nullable=False),
+    sa.Column("created_at", sa.Float(), nullable=False),
+    sa.Column("expires_at", sa.Float(), nullable=True),
+    # how many distinct node identities the token may admit, and those it admitted (a JSON list of node ids)
+    sa.Column("uses", sa.Integer(), nullable=False),
+    sa.Column("node_ids", sa.JSON(), nullable=False),
+    sa.Column("revoked_at", sa.Float(), nullable=True),
 )
 
 NOTIFY_CHANNEL = "gridserve_events"
@@ -444,6 +459,36 @@ class Store:
                 "totals": [dict(r._mapping) for r in conn.execute(totals)],
                 "disputed": [dict(r._mapping) for r in conn.execute(disputed)],
             }
+
+    # -- join tokens (gateway/registry/tokens.py) ------------------------------------------------------------
+
+    def insert_join_token(self, row: dict[str, Any]) -> None:
+        """Store a new join token (the columns of `join_tokens`)."""
+        with self._write() as conn:
+            conn.execute(join_tokens.insert().values(row))
+
+    def list_join_tokens(self) -> list[dict[str, Any]]:
+        """Every join token, oldest first."""
+        stmt = sa.select(join_tokens).order_by(join_tokens.c.created_at, join_tokens.c.token_id)
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def change_join_token(
+        self, token_id: str, change: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any] | None:
+        """Read the token's row, locked against other writers, and set the values `change(row)` returns (none: an
+        empty dict), in one transaction: an exception from `change` leaves the row as it was. Returns the row after
+        the change, or None if there is no such token."""
+        stmt = sa.select(join_tokens).where(join_tokens.c.token_id == token_id).with_for_update()
+        with self._write() as conn:
+            found = conn.execute(stmt).first()
+            if found is None:
+                return None
+            row = dict(found._mapping)
+            values = change(row)
+            if values:
+                conn.execute(join_tokens.update().where(join_tokens.c.token_id == token_id).values(values))
+            return {**row, **values}
 
     def close(self) -> None:
         self._engine.dispose()

@@ -30,6 +30,7 @@ from pydantic.json_schema import models_json_schema
 
 import gridserve
 from gridserve.gateway.api.schemas import ChatCompletionRequest, CompletionRequest
+from gridserve.gateway.api.tokens_api import TokenRequest
 from gridserve.reliability import ReliabilityState
 from gridserve.types import HeartbeatPayload, NodeState, RegisterPayload, RegisterReply
 
@@ -293,6 +294,28 @@ class ClusterStatus(Doc):
     shared: bool
 
 
+class JoinToken(Doc):
+    """A join token as listed: never the token itself (the gateway keeps its SHA-256 digest only)."""
+
+    id: str
+    label: str
+    created_at: float
+    expires_at: float | None
+    uses: int
+    uses_left: int
+    node_ids: list[str] = Field(description="the node identities it admitted")
+    status: Literal["active", "used", "expired", "revoked"]
+    revoked_at: float | None
+
+
+class NewJoinToken(JoinToken):
+    token: str = Field(description="the token (`gsj_<id>.<secret>`), shown this once")
+
+
+class JoinTokenList(Doc):
+    tokens: list[JoinToken]
+
+
 class AdminReason(BaseModel):
     """Why (recorded with the action)."""
 
@@ -341,6 +364,9 @@ OPS: dict[tuple[str, str], Op] = {
     ("get", "/admin/doctor"): Op(Auth.ADMIN, (400, 401, 404), DoctorReport),
     ("get", "/admin/series"): Op(Auth.ADMIN, (400, 401), SeriesReport),
     ("get", "/admin/cluster"): Op(Auth.ADMIN, (401,), ClusterStatus),
+    ("post", "/admin/tokens"): Op(Auth.ADMIN, (400, 401, 413), NewJoinToken, TokenRequest),
+    ("get", "/admin/tokens"): Op(Auth.ADMIN, (401,), JoinTokenList),
+    ("delete", "/admin/tokens/{token_id}"): Op(Auth.ADMIN, (401, 404), JoinToken),
     ("get", "/dashboard"): Op(Auth.NONE, ()),
     ("get", "/dashboard/{name}"): Op(Auth.NONE, (404,)),
     ("post", "/admin/nodes/{node_id}/incident"): Op(Auth.ADMIN, NODE_ACTION_ERRORS, NodeAction, AdminIncident),
@@ -382,8 +408,9 @@ PARAM_BOUNDS: dict[tuple[str, str], dict[str, Any]] = {
 """Query bounds a route checks itself (400 outside them)."""
 ERROR_WORDS = {
     400: "Invalid request (body, parameter or JSON).",
-    401: "Missing or invalid credentials, or (node routes) a message that fails a trust check.",
-    404: "Not found (model, node, decision), or (heartbeat) a node that has not registered.",
+    401: "Missing or invalid credentials, or (node routes) a message that fails a trust check, or a registration"
+    " without a valid join token (`X-Gridserve-Join-Token`) on a gateway that requires one (`join_token`).",
+    404: "Not found (model, node, decision, join token), or (heartbeat) a node that has not registered.",
     409: "Conflict (no canary could be sent: no eligible node; a banned node cannot be released).",
     413: "Request body over the gateway's limit (--max-body-bytes; a registration: 64 KiB).",
     429: "Too many registrations from this address or in all right now; retry after `Retry-After` seconds.",

@@ -239,11 +239,16 @@ class Auditor:
             return
         self.record(result)
 
-    def record(self, result: AuditResult) -> None:
+    def record(self, result: AuditResult, passed: EventKind = EventKind.AUDIT_PASSED) -> None:
+        """Count the verdict; a pass goes on the node's record as `passed` (what vets a new identity), a failure as
+        one severe integrity incident, however many checks failed."""
         self.results.append(result)
         del self.results[:-1000]
         self.metrics.audits.labels(result="pass" if result.ok else "fail").inc()
-        if result.problems:  # one incident per audit, however many checks failed
+        if result.ok:
+            detail = f"request {result.request_id}" + (" (proof checked)" if result.proof_checked else "")
+            self.membership.note(NodeEvent(node_id=result.node_id, kind=passed, at=time.time(), detail=detail))
+        if result.problems:
             self.membership.note(
                 NodeEvent(
                     node_id=result.node_id,

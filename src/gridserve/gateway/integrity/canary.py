@@ -13,6 +13,7 @@ from gridserve.gateway.integrity.audit import Auditor, AuditResult, canary_job
 from gridserve.gateway.integrity.receipts import ReceiptChecker
 from gridserve.gateway.registry.membership import LIVE
 from gridserve.gateway.transport import TransportError
+from gridserve.reliability import EventKind
 from gridserve.types import GenerateRequest, StreamEvent
 
 log = logging.getLogger("gridserve.gateway")
@@ -93,7 +94,7 @@ class CanaryRunner:
             tuple(p.replace("audit:", "canary:") for p in result.problems),
             result.proof_checked,
         )
-        self.auditor.record(result)
+        self.auditor.record(result, EventKind.CANARY_PASSED)
         return result
 
     def _failed(self, node: str, job: GenerateRequest, why: str) -> AuditResult:

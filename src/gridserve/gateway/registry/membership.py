@@ -34,7 +34,8 @@ from gridserve.gateway.registry.events import (
 )
 from gridserve.gateway.registry.record import LIVE, NodeRecord, TelemetryRow, pack_telemetry, telemetry_json
 from gridserve.gateway.registry.registry import Effects, NodeRegistry
-from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, Severity, Transition
+from gridserve.gateway.registry.whitewash import Marks, Signals, signals_of
+from gridserve.reliability import EXCLUDED, EventKind, NodeEvent, ReliabilityBook, Severity, Transition
 from gridserve.scheduler.table import TableView
 from gridserve.store import StoreWriter
 from gridserve.trust import EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
@@ -66,7 +67,9 @@ class Membership:
         self.writer = writer
         self.metrics = metrics
         self.clock = clock
-        self.registry = NodeRegistry(config)
+        self.registry = NodeRegistry(config, ReliabilityBook(config.reliability))
+        self.marks = Marks()
+        """Where quarantined identities came from (gateway/registry/whitewash.py)."""
         self.refusals = RefusalRecorder(config.rejections_recorded_per_s)
         self.freezer = freezer
         """Moves what registrations built out of the collector's reach (on where the gateway's GC watch runs)."""
@@ -100,6 +103,9 @@ class Membership:
         return effects
 
     def _tell(self, event: Event, effects: Effects) -> None:
+        for transition in effects.transitions:
+            if transition.new in EXCLUDED:
+                self.marks.fell(transition.node_id, transition.at)
         if isinstance(event, Registered):
             for registered in self.on_registered:
                 registered(event.capability)
@@ -130,7 +136,8 @@ class Membership:
             at=self.clock(),
         )
 
-    def register(self, body: bytes) -> Capability:
+    def register(self, body: bytes, remote: str = "") -> Capability:
+        """A node's signed registration (`remote`: the address it came from)."""
         envelope = self.verifier.verify(body, purpose="register")
         try:
             capability = from_wire(RegisterPayload, envelope.payload).capability
@@ -142,7 +149,9 @@ class Membership:
             raise WrongSigner("capability names a key or node id other than the signing key's")
         self._attest(capability)
         now = self.clock()
+        fresh = not self.book.knows(capability.node_id)
         self.apply(Registered(capability, at=now, registered_at=now, capability_at=now, last_seen=now))
+        self._whitewash(capability.node_id, signals_of(capability, remote), fresh, now)
         self.freezer.grew()
         self.writer.submit(
             self.writer.store.upsert_node,
@@ -159,6 +168,15 @@ class Membership:
             ", ".join(m.name for m in capability.models),
         )
         return capability
+
+    def _whitewash(self, node_id: NodeId, signals: Signals, fresh: bool, now: float) -> None:
+        """A new identity from where a quarantined one was owes more checks (SIGNALS_MATCHED)."""
+        self.marks.registered(node_id, signals)
+        matches = self.marks.matches(node_id, signals, now) if fresh else []
+        if matches:
+            detail = "registered with the " + "; ".join(m.describe() for m in matches)
+            log.warning("new node %s %s: it owes more checks before it is established", node_id, detail)
+            self.note(NodeEvent(node_id=node_id, kind=EventKind.SIGNALS_MATCHED, at=now, detail=detail))
 
     def adopt(
         self, capability: Capability, *, registered_at: float, capability_at: float, last_seen: float, via: str

@@ -425,7 +425,7 @@ class NodeRegistry:
             queued=tele[_QUEUED] if tele is not None else 0,
             clock_ratio=tele[_CLOCK] if tele is not None else None,
             temperature_c=tele[_TEMP] if tele is not None else None,
-            reliability=(rel[0], rel[5], rel[7]),
+            reliability=(rel[0], rel[5], rel[7], rel[8]),
             calibration=record.calibration,
             price_per_mtok=record.capability.price_per_mtok,
             static=record.static,
