@@ -105,6 +105,17 @@ async def chats(url: str, count: int) -> tuple[list[float], list[str]]:
     return latencies, served
 
 
+def list_models_ms(url: str, times: int = 5) -> float:
+    """Median time of `GET /v1/models` with every registered identity's offers behind it."""
+    took = []
+    with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        for _ in range(times):
+            started = time.perf_counter()
+            client.get("/v1/models").raise_for_status()
+            took.append((time.perf_counter() - started) * 1e3)
+    return round(statistics.median(took), 1)
+
+
 def rss_mb(grid: LocalGrid) -> float:
     return round(psutil.Process(grid.procs["gateway"].pid).memory_info().rss / 2**20, 1)
 
@@ -140,6 +151,7 @@ def one_mode(mode: str, args: argparse.Namespace, progress: Progress, task: Any)
             addresses = [f"127.0.0.{2 + i}" for i in range(args.addresses)]
             many_addresses, during_many = asyncio.run(during(grid.url, many, addresses, args))
             rss_after = rss_mb(grid)
+            models_ms = list_models_ms(grid.url)
             after, served = asyncio.run(chats(grid.url, args.chats))
             progress.advance(task)
             registered = len(grid.nodes())
@@ -157,6 +169,7 @@ def one_mode(mode: str, args: argparse.Namespace, progress: Progress, task: Any)
             "after": round(statistics.median(after), 1),
         },
         "gateway_rss_mb": {"before": rss_before, "after": rss_after},
+        "list_models_ms_median_after_floods": models_ms,
         "chats_after_served_by_flood_identities": f"{sybil_served}/{len(served)}",
         "chats_after_failed": sum(1 for s in served if s.isdigit()),
     }

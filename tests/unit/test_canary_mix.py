@@ -4,21 +4,22 @@ carries a seed, as every sampled request the gateway sends does."""
 
 import random
 
-from gridserve.gateway.integrity.audit import DEFAULT_MIX, TrafficMix, canary_job
+from gridserve.gateway.integrity.audit import CANARY_MAX_TOKENS, DEFAULT_MIX, TrafficMix, canary_job
+from gridserve.gateway.integrity.canary_prompts import prompt_count
 from gridserve.types import GenerateRequest, SamplingParams
 
 MODEL = "gridserve-tiny"
 
 
-def client_job(temperature: float, top_p: float, model: str = MODEL) -> GenerateRequest:
-    sampling = SamplingParams(max_tokens=8, temperature=temperature, top_p=top_p, seed=1)
+def client_job(temperature: float, top_p: float, model: str = MODEL, max_tokens: int = 8) -> GenerateRequest:
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=1)
     return GenerateRequest(request_id="cmpl-x", model=model, prompt="hello", sampling=sampling)
 
 
 def test_before_any_traffic_canaries_are_greedy_or_sample_at_the_default() -> None:
     rng = random.Random(3)
     jobs = [canary_job(MODEL, rng, TrafficMix()) for _ in range(200)]
-    settings = {(j.sampling.temperature, j.sampling.top_p) for j in jobs}
+    settings = {(j.sampling.temperature, j.sampling.top_p, j.sampling.max_tokens) for j in jobs}
     assert settings == set(DEFAULT_MIX)
     assert all((j.sampling.seed is None) == j.sampling.greedy for j in jobs)
 
@@ -45,3 +46,18 @@ def test_only_the_latest_requests_count() -> None:
         mix.note(client_job(0.8, 1.0))
     rng = random.Random(0)
     assert {canary_job(MODEL, rng, mix).sampling.temperature for _ in range(50)} == {0.8}
+
+
+def test_canaries_take_the_lengths_of_recent_traffic_capped() -> None:
+    mix = TrafficMix()
+    for length in (5, 40, 4000):
+        mix.note(client_job(0.0, 1.0, max_tokens=length))
+    rng = random.Random(2)
+    assert {canary_job(MODEL, rng, mix).sampling.max_tokens for _ in range(100)} == {5, 40, CANARY_MAX_TOKENS}
+
+
+def test_canary_prompts_vary_like_requests_do() -> None:
+    rng = random.Random(4)
+    prompts = [canary_job(MODEL, rng).messages[0].content for _ in range(1000)]  # type: ignore[index]
+    assert prompt_count() > 7000
+    assert len(set(prompts)) > 900, "a thousand canaries, hardly a repeat: no short list to recognise"

@@ -166,3 +166,26 @@ def _capability(identity: Identity, endpoint: str, accelerator: str = "rtx4090")
 def _registration(identity: Identity, endpoint: str, accelerator: str = "rtx4090") -> bytes:
     payload = {"capability": _capability(identity, endpoint, accelerator).model_dump(mode="json")}
     return sign_envelope(identity, payload, purpose="register", now=time.time())
+
+
+def test_canaries_go_to_unvetted_nodes_more_often() -> None:
+    """Half the canaries go to a node not yet vetted (when there is one): held back from client traffic, it is
+    vetted by canaries sooner."""
+    from types import SimpleNamespace
+
+    from gridserve.gateway.integrity.canary import CanaryRunner
+
+    book = ReliabilityBook()
+    for node in ("old1", "old2", "old3"):
+        passed(book, node, 3)
+    runner = CanaryRunner(SimpleNamespace(membership=SimpleNamespace(book=book)), None, None)  # type: ignore[arg-type]
+    runner.rng = random.Random(7)
+    targets = [("old1", "m"), ("old2", "m"), ("old3", "m"), ("new", "m")]
+    picks = [runner.rng.choice(runner._unvetted(targets) or targets)[0] for _ in range(2000)]
+    assert 0.55 < picks.count("new") / len(picks) < 0.70  # 0.5 + 0.5 x 1/4 = 0.625
+    vetted_only = targets[:3]
+    assert {runner.rng.choice(runner._unvetted(vetted_only) or vetted_only)[0] for _ in range(100)} == {
+        "old1",
+        "old2",
+        "old3",
+    }

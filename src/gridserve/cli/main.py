@@ -98,6 +98,12 @@ def gateway(
     ] = True,
     standby: Annotated[int, typer.Option(help="warm spare nodes kept per model in demand")] = 1,
     audit_rate: Annotated[float, typer.Option(help="share of trusted nodes' completions re-executed")] = 0.05,
+    redundancy: Annotated[
+        bool, typer.Option(help="check audited answers the gateway cannot re-execute against other nodes' answers")
+    ] = True,
+    redundancy_strikes: Annotated[
+        int, typer.Option(min=1, help="consecutive 2-1 splits against a node that quarantine it (redundancy)")
+    ] = 8,
     canary_interval: Annotated[float, typer.Option(help="mean seconds between canary requests (0: none)")] = 60.0,
     canary_timeout: Annotated[
         float, typer.Option(min=0.5, help="seconds a canary may take before it is a failed canary")
@@ -173,6 +179,8 @@ def gateway(
         prefix_routing=prefix_routing,
         standby_per_model=standby,
         audit_rate=audit_rate,
+        redundancy=redundancy,
+        redundancy_strikes=redundancy_strikes,
         canary_interval_s=canary_interval,
         canary_timeout_s=canary_timeout,
         allow_emulated=allow_emulated,

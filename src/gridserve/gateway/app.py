@@ -34,6 +34,7 @@ from gridserve.gateway.dispatch.standby import StandbyKeeper
 from gridserve.gateway.integrity.audit import Auditor, Verifier
 from gridserve.gateway.integrity.canary import CanaryRunner
 from gridserve.gateway.integrity.receipts import ReceiptChecker
+from gridserve.gateway.integrity.redundancy import RedundancyChecker
 from gridserve.gateway.lifecycle import (
     DecisionLogSubscriber,
     LedgerSubscriber,
@@ -107,7 +108,8 @@ class Gateway:
         self.tracing: TracerProvider | None = otlp_provider(config.otlp_endpoint) if config.otlp_endpoint else None
         """Request traces to an OTLP collector (None: off)."""
         self.receipts = ReceiptChecker(self.membership, self.writer)
-        self.auditor = Auditor(config, self.membership, self.metrics, Verifier())
+        redundancy = RedundancyChecker(config, self.dispatcher, self.metrics) if config.redundancy else None
+        self.auditor = Auditor(config, self.membership, self.metrics, Verifier(), redundancy)
         self.canaries = CanaryRunner(self.dispatcher, self.auditor, self.receipts)
         self.standby = StandbyKeeper(config, self.membership, self.dispatcher, profile)
         self.prefixes = PrefixAffinity(enabled=config.prefix_routing)

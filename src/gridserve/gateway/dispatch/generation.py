@@ -44,6 +44,8 @@ class Segment:
     unnamed_chunks: int = 0
     unnamed_chars: int = 0
     """Text this node sent without naming its tokens (an upstream server): chunks and characters."""
+    unnamed_text: list[str] = field(default_factory=list)
+    """That text (compared by redundancy checks: gateway/integrity/redundancy.py)."""
     tokens: int = 0
     outcome: str = "streaming"
     detail: str = ""
@@ -164,6 +166,7 @@ class Generation:
         if event.get("text") and not ids:
             segment.unnamed_chunks += 1
             segment.unnamed_chars += len(event["text"])
+            segment.unnamed_text.append(event["text"])
             if not event.get("finish_reason"):
                 self.resumable = False  # an engine that does not name its tokens cannot be continued elsewhere
         self.emitted.extend(ids)

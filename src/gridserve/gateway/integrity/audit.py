@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.integrity.canary_prompts import canary_prompt
 from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.registry.membership import Membership
 from gridserve.reliability import EventKind, NodeEvent, Severity
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # torch is imported by the first audit (Verifier), not at gat
     import torch
 
     from gridserve.engines.torch_engine import LoadedModel
+    from gridserve.gateway.integrity.redundancy import RedundancyChecker
 
 log = logging.getLogger("gridserve.gateway")
 TIE_TOLERANCE = 1e-3
@@ -202,9 +204,16 @@ class Verifier:
 
 class Auditor:
     def __init__(
-        self, config: GatewayConfig, membership: Membership, metrics: GatewayMetrics, verifier: Verifier
+        self,
+        config: GatewayConfig,
+        membership: Membership,
+        metrics: GatewayMetrics,
+        verifier: Verifier,
+        redundancy: "RedundancyChecker | None" = None,
     ) -> None:
         self.config = config
+        self.redundancy = redundancy
+        """Checks answers of models the verifier cannot run against other nodes' (None: not checked)."""
         self.membership = membership
         self.metrics = metrics
         self.verifier = verifier
@@ -220,14 +229,25 @@ class Auditor:
             summary, rate=config.audit_rate, new_rate=config.audit_new_rate, floor=config.audit_floor
         )
 
-    def maybe_audit(self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt) -> bool:
+    def maybe_audit(self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt, text: str = "") -> bool:
+        """`text`: the answer's text (compared by redundancy where the engine does not name its tokens)."""
         self.mix.note(job)
-        if not self.verifier.supports(job.model) or self.rng.random() >= self.rate(node_id):
+        if not self.verifier.supports(job.model):
+            return self._redundant(node_id, job, ids, text)
+        if self.rng.random() >= self.rate(node_id):
             return False
         task = asyncio.create_task(self._audit(node_id, job, list(ids), receipt))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
         return True
+
+    def _redundant(self, node_id: str, job: GenerateRequest, ids: list[int], text: str) -> bool:
+        """A model the verifier cannot run: audited (at the same rate) by asking other nodes (redundancy.py)."""
+        if self.redundancy is None or self.rng.random() >= self.rate(node_id):
+            return False
+        from gridserve.gateway.integrity.redundancy import Answer
+
+        return self.redundancy.check(node_id, job, Answer(tuple(ids), text))
 
     async def _audit(self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt) -> None:
         loop = asyncio.get_running_loop()
@@ -265,48 +285,47 @@ class Auditor:
             "failed": sum(1 for r in self.results if not r.ok),
             "proof_checked": sum(1 for r in self.results if r.proof_checked),
             "recent": [r.__dict__ for r in self.results[-20:]],
+            "redundancy": self.redundancy.summary() if self.redundancy is not None else None,
         }
 
 
-CANARY_PROMPTS = (
-    "Write one sentence about the sea.",
-    "What is the capital of France?",
-    "List three colours.",
-    "Explain what a GPU is in one line.",
-    "Say hello in Spanish.",
-    "Give me a short tip for sleeping better.",
-)
-DEFAULT_MIX = ((0.0, 1.0), (1.0, 1.0))
-"""(temperature, top_p) a canary draws from before any client traffic is seen: greedy, or OpenAI's default."""
+DEFAULT_MIX = ((0.0, 1.0, 16), (1.0, 1.0, 16), (0.0, 1.0, 24), (1.0, 1.0, 12))
+"""(temperature, top_p, max_tokens) a canary draws from before any client traffic is seen: greedy, or OpenAI's
+default sampling."""
+CANARY_MAX_TOKENS = 64
+"""A canary asks for at most this many tokens, whatever the traffic's (the verifier re-executes every one)."""
 
 
 class TrafficMix:
-    """The sampling settings of recent client requests, per model: a canary takes one of them, so a node cannot
-    tell canaries by their settings (a greedy-only canary lets a node answer greedy requests and no others)."""
+    """The sampling settings and lengths of recent client requests, per model: a canary takes one of them, so a
+    node cannot tell canaries by their settings (a greedy-only canary lets a node answer greedy requests and no
+    others) or by a length of their own."""
 
     def __init__(self, keep: int = 256) -> None:
         self.keep = keep
-        self.seen: dict[str, deque[tuple[float, float]]] = {}
+        self.seen: dict[str, deque[tuple[float, float, int]]] = {}
 
     def note(self, job: GenerateRequest) -> None:
         settings = self.seen.setdefault(job.model, deque(maxlen=self.keep))
-        settings.append((job.sampling.temperature, job.sampling.top_p))
+        sampling = job.sampling
+        settings.append((sampling.temperature, sampling.top_p, min(sampling.max_tokens, CANARY_MAX_TOKENS)))
 
-    def draw(self, model: str, rng: random.Random) -> tuple[float, float]:
+    def draw(self, model: str, rng: random.Random) -> tuple[float, float, int]:
         return rng.choice(self.seen.get(model) or DEFAULT_MIX)
 
 
 def canary_job(model: str, rng: random.Random, mix: TrafficMix | None = None) -> GenerateRequest:
-    """A chat request like a client's (same id format, an ordinary prompt and length, sampling settings drawn
-    from recent traffic, and a seed whenever it samples, as the gateway gives every sampled request)."""
-    temperature, top_p = (mix or TrafficMix()).draw(model, rng)
-    sampling = SamplingParams(max_tokens=rng.choice((12, 16, 24)), temperature=temperature, top_p=top_p)
+    """A chat request like a client's (same id format, a prompt from the grammar of ordinary requests, sampling
+    settings and length drawn from recent traffic, and a seed whenever it samples, as the gateway gives every
+    sampled request)."""
+    temperature, top_p, max_tokens = (mix or TrafficMix()).draw(model, rng)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
     if not sampling.greedy:
         sampling = sampling.model_copy(update={"seed": rng.getrandbits(63)})
     return GenerateRequest(
         request_id="chatcmpl-" + secrets.token_hex(12),
         model=model,
-        messages=(ChatMessage(role="user", content=rng.choice(CANARY_PROMPTS)),),
+        messages=(ChatMessage(role="user", content=canary_prompt(rng)),),
         sampling=sampling,
     )
 

@@ -18,7 +18,8 @@ def from_generation(gen: Generation, endpoint: str, *, status: str, error: str, 
         receipt = None
         if segment.outcome == "ok":
             unnamed = (segment.unnamed_chunks, segment.unnamed_chars) if segment.unnamed_chunks else None
-            receipt = ReceiptInput(segment.job, tuple(segment.ids), segment.final, unnamed)
+            text = "".join(segment.unnamed_text)
+            receipt = ReceiptInput(segment.job, tuple(segment.ids), segment.final, unnamed, text)
         work.append(
             NodeWork(
                 node_id=segment.node_id,

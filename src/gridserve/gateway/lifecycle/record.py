@@ -21,6 +21,8 @@ class ReceiptInput:
     final: StreamEvent
     unnamed: tuple[int, int] | None
     """(chunks, characters) of text the node sent without naming its tokens (an upstream server)."""
+    text: str = ""
+    """That text (an answer without token ids is compared by its text: gateway/integrity/redundancy.py)."""
 
 
 @dataclass(frozen=True)

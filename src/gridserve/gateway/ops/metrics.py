@@ -66,6 +66,13 @@ class GatewayMetrics:
         self.audits = Counter(
             "gridserve_audits_total", "Completions re-executed by the verifier, by result", ["result"], registry=r
         )
+        self.redundancy = Counter(
+            "gridserve_redundancy_checks_total",
+            "Answers of models the verifier cannot run, checked against other nodes' (gateway/integrity/redundancy.py)"
+            ", by result: agree, disagree_resolved, disagree_unresolved, error, no_peer",
+            ["result"],
+            registry=r,
+        )
         self.incidents = Counter(
             "gridserve_incidents_total",
             "Reliability incidents (quarantines, bans) by severity",

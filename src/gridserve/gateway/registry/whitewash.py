@@ -78,6 +78,10 @@ class Marks:
         while len(self._seen) > self.keep:
             self._seen.popitem(last=False)
 
+    def signals(self, node_id: str) -> Signals | None:
+        """Where the identity last registered from (None: not remembered)."""
+        return self._seen.get(node_id)
+
     def fell(self, node_id: str, at: float) -> None:
         """The identity was quarantined or banned: mark its signals."""
         signals = self._seen.get(node_id)
