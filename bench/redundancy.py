@@ -7,11 +7,11 @@ seed, as the gateway sends every sampled request; 12-40 tokens) goes to both thr
 `openai-upstream` engine (engines/upstream.py: what a node sends its upstream). The two servers see the jobs in
 different orders, so their prompt caches differ as two operators' would (llama-cpp-python reuses the KV of the
 prefix shared with the previous prompt: the same prompt is then computed in other batch shapes). Each pair of
-answers is compared with `divergence` (the checker's own rule): a disagreement of two honest answers is a false
-positive. Also counted: identical answers, and agreements only because one stopped earlier.
+answers is compared with `divergence` (the checker's own rule): `disagreements` of two honest answers are what a
+one-split rule would punish. Also counted: identical answers, and agreements only because one stopped earlier.
 
 `strikes` bounds what the checker's rule (a severe incident after `redundancy_strikes` consecutive minority
-verdicts) would have done to these honest servers.
+verdicts) would have done to these honest servers; `false_quarantines` is that bound at the gateway's default.
 
 Prints JSON; run: `.venv/bin/python bench/redundancy.py --jobs 300` (about 6 minutes on 2 busy cores).
 """
@@ -35,6 +35,7 @@ from rich.progress import Progress
 
 from gridserve.cli.grid import free_port_block
 from gridserve.engines.upstream import UpstreamEngine
+from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.integrity.redundancy import Answer, divergence
 from gridserve.types import ChatMessage, GenerateRequest, SamplingParams
 
@@ -182,7 +183,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads_per_server": args.threads,
         "order": args.order,
         "comparisons": args.jobs,
-        "false_positives": disagreements,
+        "disagreements": disagreements,
+        "false_quarantines": result["strikes"]["runs_reaching_default"],
         **result,
         "second_answer_s": {
             "mean": round(statistics.fmean(seconds), 3),
@@ -195,9 +197,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def strikes(disagreed: list[bool]) -> dict[str, Any]:
-    """In the order the second server answered: the longest run of consecutive disagreements, and for K = 1..6 the
-    runs that reach K (what `redundancy_strikes` = K consecutive minority verdicts would have turned into a
-    severe incident, even if every disagreement had put this server in the minority: an upper bound)."""
+    """In the order the second server answered: the longest run of consecutive disagreements, and for K = 1..8 the
+    runs that reach K (what `redundancy_strikes` = K consecutive minority verdicts would have turned into a severe
+    incident, even if every disagreement had put this server in the minority: an upper bound);
+    `runs_reaching_default`: those at the gateway's default K, the false quarantines."""
     runs: list[int] = []
     current = 0
     for bad in [*disagreed, False]:
@@ -206,9 +209,12 @@ def strikes(disagreed: list[bool]) -> dict[str, Any]:
         elif current:
             runs.append(current)
             current = 0
+    default = GatewayConfig().redundancy_strikes
     return {
         "longest_run": max(runs, default=0),
-        "runs_reaching": {str(k): sum(1 for r in runs if r >= k) for k in range(1, 7)},
+        "runs_reaching": {str(k): sum(1 for r in runs if r >= k) for k in range(1, 9)},
+        "default_strikes": default,
+        "runs_reaching_default": sum(1 for r in runs if r >= default),
     }
 
 

@@ -52,14 +52,19 @@ def test_kill_9_node_is_marked_down_and_traffic_moves(tmp_path: Path) -> None:
         #    and moves to the other node, invisibly to the client. The round-robin profile sends one of any two
         #    consecutive requests to each node, so the dead one is tried whatever its score would be (with the
         #    default profile the first answer's timing can rank it below the other node, and nothing tries it).
-        second = _kill(grid, 1)
+        #    The requests go out right after the kill, nothing in between (the detector notices a dead node within
+        #    about one heartbeat interval; a request sent later finds it down already and never tries it).
         survivor = next(n["node_id"] for n in grid.nodes() if n["endpoint"].endswith(f":{grid.node_port(2)}"))
-        attempts = []
+        second = _kill(grid, 1)
+        decisions = []
         for i in range(4):
             raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=f"after {i}", max_tokens=2)
             assert raw.parse().choices[0].finish_reason in ("length", "stop")
             assert raw.headers["x-gridserve-node"] == survivor
-            decision = admin_get(grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+            decisions.append(raw.headers["x-gridserve-decision"])
+        attempts = []
+        for decision_id in decisions:
+            decision = admin_get(grid, f"/v1/decisions/{decision_id}").json()
             attempts.append([(a["node_id"], a["outcome"]) for a in decision["attempts"]])
         assert [(second["node_id"], "failed"), (survivor, "served")] in attempts
         assert next(n for n in grid.nodes() if n["node_id"] == second["node_id"])["state"] == "down"
