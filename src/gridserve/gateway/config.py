@@ -102,9 +102,9 @@ class GatewayConfig:
     """Check audited answers of models the verifier cannot run by asking other nodes (integrity/redundancy.py)."""
     redundancy_strikes: int = 8
     """Consecutive minority verdicts (2-1 splits against the node) that make a severe incident; each one before is
-    a minor incident. Honest llama.cpp servers with other prompt-cache histories disagreed on 34 of 300 answers,
-    never more than 2 in a row (bench/redundancy.py): one split is no proof. At that rate (0.113) an honest node
-    is in the minority 8 times in a row with probability 0.113^8 = 2.7e-8 per check."""
+    a minor incident. Honest llama.cpp servers with other prompt-cache histories disagreed on 27 to 40 of 300
+    answers in three runs, never more than 3 in a row (bench/redundancy.py): one split is no proof. At 0.133 an
+    honest node is in the minority 8 times in a row with probability 0.133^8 = 1e-7 per check."""
     canary_interval_s: float = 60.0
     """Mean seconds between canary requests (0: none)."""
     vetting_checks: int = 3
