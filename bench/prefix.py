@@ -110,7 +110,10 @@ def run_mode(args: argparse.Namespace, routing: bool) -> dict[str, Any]:
             admin_token=ADMIN,
             engines=[args.engine] * args.nodes,
             threads=args.threads,
-            extra_gateway_args=[] if routing else ["--no-prefix-routing"],
+            # Every node established from the start (--vetting-checks 0): this measures routing among a grid's
+            # established nodes; on a fresh grid the first node vetted would hold the others back until they pass
+            # their checks (docs/operators.md, "A new node earns its traffic"), whatever they hold in cache.
+            extra_gateway_args=["--vetting-checks", "0", *([] if routing else ["--no-prefix-routing"])],
         )
         try:
             print(f"{mode}: starting {args.nodes} x {args.engine} ...", file=sys.stderr)
