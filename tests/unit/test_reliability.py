@@ -202,7 +202,7 @@ def expected_signals(events: list[NodeEvent], now: float, cfg: ReliabilityConfig
             e.kind is EventKind.INCIDENT and e.severity is Severity.MINOR
         ):
             bad["clean"] += w
-        elif e.kind in (EventKind.CANARY_PASSED, EventKind.AUDIT_PASSED):
+        elif e.kind is EventKind.CANARY_PASSED:  # (an audit passed vets a node but moves no score)
             good["clean"] += w
     return {k: (good[k] + cfg.prior_good) / (good[k] + bad[k] + cfg.prior_good + cfg.prior_bad) for k in SIGNALS}
 

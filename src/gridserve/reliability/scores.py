@@ -39,7 +39,8 @@ _EVIDENCE: dict[EventKind, tuple[int, ...]] = {
     EventKind.PROTOCOL_ERROR: (_CLEAN_BAD,),
     EventKind.INCIDENT: (_CLEAN_BAD,),
     EventKind.CANARY_PASSED: (_CLEAN_GOOD,),
-    EventKind.AUDIT_PASSED: (_CLEAN_GOOD,),
+    EventKind.AUDIT_PASSED: (),  # vetting counts it; no score: which answers are audited is chance, and the job
+    # itself is already a completed job (a score for being audited would favour the nodes audited most)
     EventKind.SIGNALS_MATCHED: (_CLEAN_BAD,),
 }
 
