@@ -37,7 +37,9 @@ def test_json_logs_and_metrics(tmp_path: Path) -> None:
 
 def test_metrics_count_decisions_and_rejections_per_filter(tiny_grid) -> None:  # type: ignore[no-untyped-def]
     client = OpenAI(base_url=tiny_grid.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
-    raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt="count me", max_tokens=2)
+    # greedy, 8 tokens: an answer of one token has no inter-token latency to count (a sampled answer, with the seed
+    # the gateway draws, ended at its first token now and then, and the ITL assertion below failed)
+    raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt="count me", max_tokens=8, temperature=0)
     decision = admin_get(tiny_grid, "/v1/decisions/" + raw.headers["x-gridserve-decision"]).json()
     text = httpx.get(tiny_grid.url + "/metrics", timeout=10).text
     values = {line.split(" ")[0]: float(line.split()[-1]) for line in text.splitlines() if not line.startswith("#")}
@@ -50,5 +52,6 @@ def test_metrics_count_decisions_and_rejections_per_filter(tiny_grid) -> None:  
     for rejection in decision["rejections"]:  # every filter that rejected a node in this decision is counted
         assert values[f'gridserve_filter_rejections_total{{filter="{rejection["filter"]}"}}'] >= 1
     assert any(k.startswith("gridserve_ttft_seconds_bucket{") and 'model="gridserve-tiny"' in k for k in values)
+    assert raw.parse().usage.completion_tokens >= 2  # (else no ITL: the test would prove nothing about it)
     assert any(k.startswith("gridserve_itl_seconds_count{") for k in values)
     assert 'gridserve_nodes{state="up"}' in values
