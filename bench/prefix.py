@@ -88,16 +88,35 @@ def one_turn(client: OpenAI, engine_model: str, messages: list[dict[str, str]], 
     }
 
 
-def expected_share(grid: LocalGrid, decision_id: str, node: str) -> tuple[float, str]:
-    """The share of the prompt the gateway's prefix index expected `node` to hold, and the decision's
-    explanation."""
-    record = httpx.get(
-        f"{grid.url}/v1/decisions/{decision_id}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
-    ).json()
+def decision_record(grid: LocalGrid, decision_id: str) -> dict[str, Any]:
+    return dict(
+        httpx.get(
+            f"{grid.url}/v1/decisions/{decision_id}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
+        ).json()
+    )
+
+
+def expected_share(record: dict[str, Any], node: str) -> float:
+    """The share of the prompt the gateway's prefix index expected `node` to hold."""
     candidate = next((c for c in record["candidates"] if c["node_id"] == node), None)
     estimate = record["requirements"]["prompt_tokens_estimate"]
-    share = (candidate or {}).get("cached_tokens", 0) / estimate if estimate else 0.0
-    return share, str(record.get("explanation", ""))
+    return float((candidate or {}).get("cached_tokens", 0) / estimate) if estimate else 0.0
+
+
+def candidate_brief(record: dict[str, Any], node: str) -> dict[str, Any] | None:
+    """One candidate's total score, its per-scorer contributions (raw figure in brackets), its predicted TTFT
+    and what the index expected it to hold: enough to see why a turn left (or kept) the node with its prefix."""
+    c = next((c for c in record["candidates"] if c["node_id"] == node), None)
+    if c is None:
+        return None
+    return {
+        "node": node[:10],
+        "score": c["score"],
+        "predicted_ttft_s": c["predicted_ttft_s"],
+        "cached_tokens": c.get("cached_tokens", 0),
+        "prefill_saved_s": c.get("prefill_saved_s"),
+        "scores": {d["scorer"]: f"{d['contribution']:.4f} ({d['raw']:.3g})" for d in c["scores"]},
+    }
 
 
 def run_mode(args: argparse.Namespace, routing: bool) -> dict[str, Any]:
@@ -140,8 +159,16 @@ def chat(grid: LocalGrid, args: argparse.Namespace, model: str, i: int, system: 
         messages.append({"role": "user", "content": f"Question {turn + 1}: tell me one more thing."})
         result = one_turn(client, model, messages, args.max_tokens)
         messages.append({"role": "assistant", "content": result["text"]})
-        share, why = expected_share(grid, result["decision"], result["node"])
+        record = decision_record(grid, result["decision"])
+        share, why = expected_share(record, result["node"]), str(record.get("explanation", ""))
+        previous = out[-1]["node"] if out else None
         result.update(chat=i, turn=turn + 1, expected_cached=round(share * result["prompt_tokens"]), why=why)
+        if previous is not None and previous != result["node"]:
+            result["moved"] = {
+                "picked_by": record.get("picked_by"),
+                "chosen": candidate_brief(record, result["node"]),
+                "previous": candidate_brief(record, previous),
+            }
         out.append(result)
         print(
             f"{mode}: chat {i} turn {turn + 1}: ttft {result['ttft_s'] * 1e3:.0f} ms on {result['node'][:10]},"
@@ -177,6 +204,11 @@ def summarize(mode: str, turns: list[dict[str, Any]]) -> dict[str, Any]:
             sum(t["cached_tokens"] for t in turns) / max(1, sum(t["prompt_tokens"] for t in turns)), 4
         ),
         "mean_ttft_s": statistics.fmean(all_ttft) if all_ttft else None,
+        "moved_turns": [
+            {"chat": t["chat"], "turn": t["turn"], "ttft_s": round(t["ttft_s"], 3), **t["moved"]}
+            for t in later
+            if "moved" in t
+        ],
     }
 
 

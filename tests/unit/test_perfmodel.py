@@ -348,3 +348,30 @@ def test_operator_price_is_clamped_to_half_to_twice_derived(derived: float, oper
     else:
         assert price == MAX_OVERRIDE * derived
     assert (MIN_OVERRIDE, MAX_OVERRIDE) == (0.5, 2.0)
+
+
+def test_the_queue_is_priced_at_the_nodes_own_answer_length() -> None:
+    """A job ahead holds its slot for its answer: a node whose answers are 8 tokens long waits ~8 ITLs behind each
+    one, not the 128 assumed before anything is observed."""
+    model, cpu = MODELS["gridserve-tiny"], HARDWARE["cpu"]
+    cal = Calibration()
+    for _ in range(20):
+        cal = cal.observe(
+            predicted_ttft_s=0.1, observed_ttft_s=0.1, predicted_itl_s=0.01, observed_itl_s=0.01, output_tokens=8
+        )
+    assert cal.output_tokens == pytest.approx(8.0) and cal.ttft_factor == pytest.approx(1.0)
+    prior = predict(model, cpu, prompt_tokens=16, load=Load(active=1))
+    learned = predict(model, cpu, prompt_tokens=16, load=Load(active=1), calibration=cal)
+    # one job ahead on one slot: its TTFT and its answer, priced at the node's own figures
+    service = learned.ttft_s - learned.queue_s
+    assert learned.queue_s == pytest.approx(service + learned.itl_s * 8)
+    assert prior.queue_s == pytest.approx(service + learned.itl_s * 128)
+    # a length that changes is tracked (a moving average after the warm-up), and a request without one is skipped
+    for _ in range(30):
+        cal = cal.observe(
+            predicted_ttft_s=0.1, observed_ttft_s=0.1, predicted_itl_s=None, observed_itl_s=None, output_tokens=200
+        )
+    assert 190 < cal.output_tokens <= 200
+    assert cal.observe(
+        predicted_ttft_s=0.1, observed_ttft_s=0.1, predicted_itl_s=None, observed_itl_s=None
+    ).output_tokens == pytest.approx(cal.output_tokens)

@@ -270,7 +270,16 @@ def event_sequences(draw: st.DrawFn, frozen_time: bool) -> list[Event]:
         elif kind == 4:
             event = RequestEnded(node)
         elif kind == 5:
-            event = JobObserved(node, 0.2, 0.1, draw(st.none() | st.just(0.2)), 0.01, draw(st.none() | st.just(0.02)))
+            event = JobObserved(
+                node,
+                0.2,
+                0.1,
+                draw(st.none() | st.just(0.2)),
+                0.01,
+                draw(st.none() | st.just(0.02)),
+                draw(st.none() | st.just((0.05, 0.08))),
+                draw(st.none() | st.integers(1, 300)),
+            )
         elif kind in (6, 7):
             job = draw(st.sampled_from([EventKind.JOB_COMPLETED, EventKind.JOB_FAILED, EventKind.JOB_TIMED_OUT]))
             event = Noted(
@@ -575,3 +584,21 @@ def test_a_snapshot_replaced_from_a_table_row_gets_its_own_row() -> None:
     busier = dataclasses.replace(built, outstanding=7)
     assert built.row == NodeRecord(built.capability, NodeState.UP, T0, T0).snapshot(registry.book, T0).row
     assert busier.row != built.row and busier.row == dataclasses.replace(busier).row
+
+
+def test_calibration_judges_the_nodes_own_service_time_not_the_queue_it_was_predicted_to_wait() -> None:
+    """A node predicted to answer in 10 s, 9 of them queued behind a job whose length was guessed, that answers in
+    1.5 s of which it reports 0.5 s queued, served as fast as predicted: its factor stays 1 (judged on whole TTFTs
+    it would become 0.15, and every later prediction of its prefill 7x too fast). Its answers' length is learned."""
+
+    def calibrated(service: tuple[float, float] | None) -> tuple[float, float]:
+        registry = NodeRegistry(CONFIG)
+        registry.apply(registered("n-a", T0, "cpu"))
+        for _ in range(12):
+            registry.apply(JobObserved(NodeId("n-a"), 1.5, 10.0, 1.5, 0.01, 0.01, service, 8))
+        cal = registry.table.snapshots()[0].calibration
+        assert cal is not None
+        return cal.ttft_factor, cal.output_tokens
+
+    assert calibrated((1.0, 1.0)) == (pytest.approx(1.0), pytest.approx(8.0))
+    assert calibrated(None) == (pytest.approx(0.15), pytest.approx(8.0))

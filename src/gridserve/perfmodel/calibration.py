@@ -10,14 +10,20 @@ from dataclasses import dataclass
 
 WARMUP = 10
 ALPHA = 0.2
+TYPICAL_OUTPUT_TOKENS = 128.0
+"""Output length assumed for a job ahead in a node's queue until the node's own answers are observed."""
 MIN_FACTOR, MAX_FACTOR = 0.05, 50.0
 """Ratios are clamped: one wild sample (a GC pause, a clock jump) cannot poison the model."""
 
 
 def _fold(current: float, ratio: float, samples: int) -> float:
-    ratio = min(MAX_FACTOR, max(MIN_FACTOR, ratio))
+    return _average(current, min(MAX_FACTOR, max(MIN_FACTOR, ratio)), samples)
+
+
+def _average(current: float, value: float, samples: int) -> float:
+    """The exact mean of the first WARMUP values (the prior goes at the first), then a moving average."""
     weight = 1.0 / (samples + 1) if samples < WARMUP else ALPHA
-    return current + weight * (ratio - current)
+    return current + weight * (value - current)
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,10 @@ class Calibration:
     ttft_samples: int = 0
     itl_samples: int = 0
     """Observations folded into each factor (a one-token answer has no ITL)."""
+    output_tokens: float = TYPICAL_OUTPUT_TOKENS
+    """The node's typical answer length (tokens): how long a job ahead of a new one holds a batch slot. Learned
+    from its answers, as the factors are: a queue priced at a fixed length misjudges a node whose traffic is
+    short answers (or long ones) many times over."""
 
     def observe(
         self,
@@ -37,6 +47,7 @@ class Calibration:
         observed_ttft_s: float,
         predicted_itl_s: float | None,
         observed_itl_s: float | None,
+        output_tokens: int | None = None,
     ) -> "Calibration":
         """Fold one request's timings in. Predictions are the *uncalibrated* roofline figures."""
         ttft, ttft_n = self.ttft_factor, self.ttft_samples
@@ -45,6 +56,14 @@ class Calibration:
         itl, itl_n = self.itl_factor, self.itl_samples
         if predicted_itl_s and observed_itl_s and predicted_itl_s > 0 and observed_itl_s > 0:
             itl, itl_n = _fold(itl, observed_itl_s / predicted_itl_s, itl_n), itl_n + 1
+        out = self.output_tokens
+        if output_tokens is not None and output_tokens > 0:
+            out = _average(out, float(output_tokens), self.samples)
         return Calibration(
-            ttft_factor=ttft, itl_factor=itl, samples=self.samples + 1, ttft_samples=ttft_n, itl_samples=itl_n
+            ttft_factor=ttft,
+            itl_factor=itl,
+            samples=self.samples + 1,
+            ttft_samples=ttft_n,
+            itl_samples=itl_n,
+            output_tokens=out,
         )

@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from gridserve.catalog.hardware import HardwareSpec
 from gridserve.catalog.models import ModelSpec
-from gridserve.perfmodel.calibration import Calibration
+from gridserve.perfmodel.calibration import TYPICAL_OUTPUT_TOKENS, Calibration
 
 PREFILL_FIXED_S = 0.004
 """Per-request launch overhead (tokenisation, scheduling, kernel launches): a planning figure."""
@@ -32,8 +32,6 @@ BATCH_ITL_GROWTH = 0.02
 THROTTLE_TEMP_C = 87.0
 """NVIDIA GPUs begin thermal slowdown in the mid/high 80s C (nvidia-smi -q 'GPU Slowdown Temp')."""
 THROTTLE_FACTOR = 0.8
-TYPICAL_OUTPUT_TOKENS = 128
-"""Output length assumed for a queued job when estimating how long it occupies a slot."""
 LOAD_BANDWIDTH_GBS = 2.0
 """Disk-to-device bandwidth for loading weights that are on disk but not resident (NVMe-class)."""
 
@@ -93,10 +91,12 @@ def under_load(
     ttft_factor: Num,
     itl_factor: Num,
     load_s: Num,
+    output_tokens: Num = TYPICAL_OUTPUT_TOKENS,
 ) -> tuple[Num, Num, Num]:
     """(TTFT, ITL, queue seconds) of a new request joining `active` requests in flight and `queued` waiting, on a
     node with `slots` batch slots (>= 1), calibrated; TTFT includes the queue and `load_s` (loading weights that
-    are not resident). `itl` and `prefill` come from `unloaded`; active = queued = 0 is the node at rest."""
+    are not resident). `itl` and `prefill` come from `unloaded`; active = queued = 0 is the node at rest. Each job
+    ahead holds its slot for a TTFT and `output_tokens` (the node's typical answer, `Calibration.output_tokens`)."""
     running = active + 1
     itl = where(
         running <= slots,
@@ -106,7 +106,7 @@ def under_load(
     ttft = (PREFILL_FIXED_S + prefill + itl) * ttft_factor
     itl = itl * itl_factor
     waiting = queued + maximum(0.0, active + 1 - slots)
-    queue = waiting * (ttft + itl * TYPICAL_OUTPUT_TOKENS) / slots  # 0 when nothing waits
+    queue = waiting * (ttft + itl * output_tokens) / slots  # 0 when nothing waits
     return ttft + queue + load_s, itl, queue
 
 
@@ -198,5 +198,6 @@ def predict(
         cal.ttft_factor,
         cal.itl_factor,
         loading,
+        cal.output_tokens,
     )
     return Prediction(ttft_s=float(ttft), itl_s=float(itl), queue_s=float(queue), load_s=loading, throttle=speed)

@@ -19,6 +19,7 @@ from gridserve.scheduler.snapshot import (
     C_ACTIVE,
     C_BLOCKING,
     C_CAL_ITL,
+    C_CAL_OUT,
     C_CAL_TTFT,
     C_CLASS,
     C_CLOCK,
@@ -112,7 +113,15 @@ def decide(
         )
         slots = max(1.0, row[C_SLOTS])
         ttft, itl, _ = roofline.under_load(
-            itl0, prefill, slots, row[C_ACTIVE], row[C_QUEUED], row[C_CAL_TTFT], row[C_CAL_ITL], m[M_LOAD_S]
+            itl0,
+            prefill,
+            slots,
+            row[C_ACTIVE],
+            row[C_QUEUED],
+            row[C_CAL_TTFT],
+            row[C_CAL_ITL],
+            m[M_LOAD_S],
+            row[C_CAL_OUT],
         )
         if not ok:
             ttft, itl = math.nan, math.nan
@@ -143,7 +152,7 @@ def decide(
                 floor = scalars[FLOOR]
                 if floor > 0 and ok:  # capability: the node at rest
                     rest = roofline.under_load(
-                        itl0, prefill, slots, 0.0, 0.0, row[C_CAL_TTFT], row[C_CAL_ITL], m[M_LOAD_S]
+                        itl0, prefill, slots, 0.0, 0.0, row[C_CAL_TTFT], row[C_CAL_ITL], m[M_LOAD_S], row[C_CAL_OUT]
                     )
                     hit = rest[1] * floor > 1.0
                 else:

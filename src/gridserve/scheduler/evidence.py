@@ -12,7 +12,7 @@ import numpy.typing as npt
 from gridserve.scheduler.context import Context
 from gridserve.scheduler.profile import Profile
 from gridserve.scheduler.ranking import Order
-from gridserve.scheduler.snapshot import C_CAL_TTFT
+from gridserve.scheduler.snapshot import C_CAL_TTFT, M_LOAD_S
 from gridserve.scheduler.vector import Array, Columns
 from gridserve.types.scheduling import Candidate, ScoreDetail, Verdict
 
@@ -114,6 +114,8 @@ class ColumnEvidence:
             reused,
             _rounded(per_token * reused * float(self.cols.col(C_CAL_TTFT)[j]), 6) if reused else None,
             _rounded(per_token, 12),
+            _rounded(self.cols.queue(ctx)[j], 9),
+            float(self.cols.mcol(M_LOAD_S)[j]) if self.cols.predictable(ctx)[j] else 0.0,
         )
 
     def _prefill_per_token(self, j: int) -> float:

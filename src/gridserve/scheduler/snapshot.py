@@ -10,6 +10,7 @@ from dataclasses import InitVar, dataclass, field
 from gridserve.catalog.hardware import HARDWARE, HardwareSpec
 from gridserve.catalog.models import DTYPE_BYTES, MODELS, QUANT_BYTES_PER_PARAM
 from gridserve.perfmodel import Calibration, derived_price_per_mtok, effective_price_per_mtok
+from gridserve.perfmodel.calibration import TYPICAL_OUTPUT_TOKENS
 from gridserve.perfmodel.roofline import LOAD_BANDWIDTH_GBS, base_itl_s
 from gridserve.reliability import BLOCKED, ReliabilitySummary
 from gridserve.types import Capability, ModelOffer, NodeId, NodeState, Telemetry
@@ -48,8 +49,9 @@ PRICE_DTYPES = frozenset({"float16", "bfloat16", "float32", "fp8"})
     C_OUTSTANDING,
     C_LATENCY_EWMA,
     C_REL_VETTED,
-) = range(25)
-N_COLUMNS = 25
+    C_CAL_OUT,
+) = range(26)
+N_COLUMNS = 26
 # Column indexes of NodeStatic.model_row
 (
     M_LISTED,
@@ -220,6 +222,7 @@ def row_values(
         float(outstanding),
         latency_ewma_s if latency_ewma_s is not None else nan,
         float(reliability is not None and reliability[3]),
+        calibration.output_tokens if calibration else TYPICAL_OUTPUT_TOKENS,
     )
 
 

@@ -15,6 +15,7 @@ from gridserve.scheduler.context import Context
 from gridserve.scheduler.snapshot import (
     C_ACTIVE,
     C_CAL_ITL,
+    C_CAL_OUT,
     C_CAL_TTFT,
     C_CLOCK,
     C_HAS_HW,
@@ -85,6 +86,11 @@ class Columns:
         there is no prediction)."""
         return self.cached(f"pred{loaded}", lambda: _predict(self, ctx, loaded))
 
+    def queue(self, ctx: Context) -> Array:
+        """Predicted seconds each node's new request waits for a batch slot (part of its predicted TTFT; NaN where
+        there is no prediction): what calibration leaves out, as it judges the node on its own service time."""
+        return self.cached("queue", lambda: _predict_all(self, ctx, True)[2])
+
     def set_prediction(self, ttft: Array, itl: Array) -> None:
         """Predictions under load computed elsewhere (the fused kernel, by the same formula)."""
         self._cache["predTrue"] = (ttft, itl)
@@ -121,14 +127,27 @@ def _unloaded(c: Columns, ctx: Context) -> tuple[Array, Array]:
 
 
 def _predict(c: Columns, ctx: Context, loaded: bool) -> tuple[Array, Array]:
+    ttft, itl, _ = _predict_all(c, ctx, loaded)
+    return ttft, itl
+
+
+def _predict_all(c: Columns, ctx: Context, loaded: bool) -> tuple[Array, Array, Array]:
     n = len(c)
     ok = c.predictable(ctx)
     if not ok.any():
-        return np.full(n, np.nan), np.full(n, np.nan)
+        return np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
     alone, prefill = c.unloaded(ctx)
     slots = np.maximum(1.0, c.col(C_SLOTS))
     active, queued = (c.col(C_ACTIVE), c.col(C_QUEUED)) if loaded else (0.0, 0.0)
-    ttft, itl, _ = roofline.under_load(
-        alone, prefill, slots, active, queued, c.col(C_CAL_TTFT), c.col(C_CAL_ITL), c.mcol(M_LOAD_S)
+    ttft, itl, queue = roofline.under_load(
+        alone,
+        prefill,
+        slots,
+        active,
+        queued,
+        c.col(C_CAL_TTFT),
+        c.col(C_CAL_ITL),
+        c.mcol(M_LOAD_S),
+        c.col(C_CAL_OUT),
     )
-    return np.where(ok, ttft, np.nan), np.where(ok, itl, np.nan)
+    return np.where(ok, ttft, np.nan), np.where(ok, itl, np.nan), np.where(ok, queue, np.nan)

@@ -117,9 +117,13 @@ class _Attempt:
     """When the gateway sent it."""
     tokens: int
     pred_ttft: float
-    """What the scheduler predicted at dispatch (queue included): the calibration learns from it."""
+    """What the scheduler predicted at dispatch (queue included)."""
     pred_itl: float
     price: float
+    pred_queue: float = 0.0
+    """The part of `pred_ttft` predicted to be spent waiting for a batch slot: calibration leaves it out."""
+    slot_at: float = math.inf
+    """When it took a batch slot at the node."""
     first_at: float = math.inf
     """Its first token (inf while it waits for a batch slot)."""
     itl: float = 0.0
@@ -395,7 +399,7 @@ class Simulation:
             self._at(self.now + self.hedge_delay(pred.ttft_s), self._retry, job)
             return
         tokens = req.output_tokens - job.sent
-        attempt = _Attempt(job, node, self.now, tokens, pred.ttft_s, pred.itl_s, price)
+        attempt = _Attempt(job, node, self.now, tokens, pred.ttft_s, pred.itl_s, price, pred.queue_s + pred.load_s)
         job.attempt = attempt
         self.running[node.node_id][attempt] = None
         if node.active < max(1, node.hw.batch_slots):
@@ -415,6 +419,7 @@ class Simulation:
         noise, speed = self.config.noise_sigma, node.speed()
         node.active += 1
         attempt.running = True
+        attempt.slot_at = at
         attempt.kv = prompt + attempt.tokens
         node.kv_tokens += attempt.kv
         attempt.first_at = at + node.rtt_s / 2 + pred.ttft_s * speed * self.rng.lognormvariate(0.0, noise)
@@ -515,11 +520,15 @@ class Simulation:
         self.book.record(NodeEvent(node_id=node.node_id, kind=EventKind.JOB_COMPLETED, at=now, within_slo=within))
         node.latency_ewma_s = ewma(node.latency_ewma_s, ttft)
         if job.sent == 0:  # as the gateway: a resumed attempt's timings do not calibrate
+            # as the gateway: the node's own service time, less the queue wait it reports, against the prediction
+            # less its predicted queue wait (a queue prediction's error is not the node's speed)
+            waited = max(0.0, attempt.slot_at - attempt.start - node.rtt_s / 2)
             node.calibration = node.calibration.observe(
-                predicted_ttft_s=attempt.pred_ttft,
-                observed_ttft_s=ttft,
+                predicted_ttft_s=max(0.0, attempt.pred_ttft - attempt.pred_queue),
+                observed_ttft_s=ttft - waited,
                 predicted_itl_s=attempt.pred_itl,
                 observed_itl_s=attempt.itl,
+                output_tokens=attempt.tokens,
             )
         summary = self._audit(node)
         self._credit(attempt, attempt.tokens)

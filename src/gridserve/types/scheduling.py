@@ -95,6 +95,19 @@ class Candidate:
     """Predicted prefill time those cached tokens save on this node's hardware."""
     prefill_s_per_token: float | None = None
     """Uncalibrated prefill seconds a prompt token on this node (its roofline: prefill is linear in tokens)."""
+    predicted_queue_s: float | None = None
+    """The part of `predicted_ttft_s` spent waiting for a batch slot behind the node's other requests."""
+    predicted_load_s: float = 0.0
+    """The part of `predicted_ttft_s` spent loading weights that are not resident."""
+
+    @property
+    def raw_service_ttft_s(self) -> float | None:
+        """The uncalibrated TTFT the node itself is answerable for: the prediction less the queue wait and the
+        weights' load, divided by the calibration it used (None: no prediction)."""
+        if self.predicted_ttft_s is None:
+            return None
+        service = self.predicted_ttft_s - (self.predicted_queue_s or 0.0) - self.predicted_load_s
+        return max(0.0, service) / self.calibration[0]
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -106,6 +119,8 @@ class Candidate:
             "price_per_mtok": self.price_per_mtok,
             "scores": [d.as_dict() for d in self.details],
         }
+        if self.predicted_queue_s:
+            out["predicted_queue_s"] = self.predicted_queue_s
         if self.cached_tokens:
             out["cached_tokens"] = self.cached_tokens
             out["prefill_saved_s"] = self.prefill_saved_s

@@ -145,10 +145,14 @@ class LedgerSubscriber(Subscriber):
     def _calibrate(self, end: Finished, work: NodeWork) -> None:
         candidate = end.decision.candidate(work.node_id)
         raw_ttft: float | None = None
+        raw_service: float | None = None
         raw_itl = 0.0
         if candidate is not None and candidate.predicted_ttft_s is not None:
             ttft_factor, itl_factor = candidate.calibration
-            raw_ttft = candidate.predicted_ttft_s / ttft_factor + _reuse_error_s(end, candidate)
+            error = _reuse_error_s(end, candidate)
+            raw_ttft = candidate.predicted_ttft_s / ttft_factor + error
+            service = candidate.raw_service_ttft_s
+            raw_service = None if service is None else service + error
             raw_itl = (candidate.predicted_itl_s or 0.0) / itl_factor
         self.membership.observed_timing(
             work.node_id,
@@ -157,6 +161,8 @@ class LedgerSubscriber(Subscriber):
             fresh_ttft_s=end.timing.fresh_ttft_s,
             raw_predicted_itl_s=raw_itl,
             itl_s=end.timing.itl_s,
+            service=_service(end, raw_service),
+            completion_tokens=end.completion_tokens,
         )
 
     def _trace(self, end: Finished) -> None:
@@ -187,6 +193,18 @@ class LedgerSubscriber(Subscriber):
                 expected_cached_tokens=candidate.cached_tokens if candidate else 0,
             )
         )
+
+
+def _service(end: Finished, raw_predicted: float | None) -> tuple[float, float] | None:
+    """(uncalibrated predicted, observed) TTFT of the node's own service: the fresh segment's TTFT less the wait
+    for a batch slot the node reports, against the prediction less its predicted queue wait and weights' load. None
+    where the node reports no queue wait (calibration then compares whole TTFTs) or the segment resumed another's
+    work. A queue prediction is an estimate of other requests' lengths; folding its error into the node's factor
+    would make the node's own speed misjudged by however busy it was when sampled."""
+    fresh, queue = end.timing.fresh_ttft_s, end.timing.split.get("queue_s")
+    if raw_predicted is None or fresh is None or queue is None:
+        return None
+    return raw_predicted, max(0.0, fresh - queue)
 
 
 def _reuse_error_s(end: Finished, candidate: Candidate) -> float:

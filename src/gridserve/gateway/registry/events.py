@@ -79,6 +79,11 @@ class JobObserved:
     fresh_ttft_s: float | None
     raw_predicted_itl_s: float
     itl_s: float | None
+    service: tuple[float, float] | None = None
+    completion_tokens: int | None = None
+    """The answer's length: the node's typical length prices the queue behind it (`Calibration.output_tokens`)."""
+    """(uncalibrated predicted, observed) TTFT without the wait for a batch slot, where the node reports that wait:
+    the calibration's pair then (the queue prediction's error is not the node's speed)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -269,10 +269,15 @@ class Membership:
         fresh_ttft_s: float | None,
         raw_predicted_itl_s: float,
         itl_s: float | None,
+        service: tuple[float, float] | None = None,
+        completion_tokens: int | None = None,
     ) -> None:
         """A completed request's timings: the latency average, the TTFT ratio (hedge delay) and the calibration.
-        `fresh_ttft_s` is the TTFT of a segment that did not resume another node's work (None otherwise)."""
-        observed = JobObserved(node_id, ttft_s, raw_predicted_ttft_s, fresh_ttft_s, raw_predicted_itl_s, itl_s)
+        `fresh_ttft_s` is the TTFT of a segment that did not resume another node's work (None otherwise);
+        `service`, (uncalibrated predicted, observed) TTFT without the queue wait, calibrates where given."""
+        observed = JobObserved(
+            node_id, ttft_s, raw_predicted_ttft_s, fresh_ttft_s, raw_predicted_itl_s, itl_s, service, completion_tokens
+        )
         self.registry.apply(observed)
 
     def answered_for_another(self, node_id: NodeId, why: str) -> None:

@@ -345,11 +345,13 @@ class NodeRegistry:
             if e.fresh_ttft_s is not None and e.raw_predicted_ttft_s > 0:
                 ratios = (*record.ttft_ratios, e.fresh_ttft_s / e.raw_predicted_ttft_s)[-TTFT_RATIOS_KEPT:]
                 assign(record, ttft_ratios=ratios)
+            predicted, observed = (e.raw_predicted_ttft_s, e.fresh_ttft_s) if e.service is None else e.service
             calibration = record.calibration.observe(
-                predicted_ttft_s=e.raw_predicted_ttft_s if e.fresh_ttft_s is not None else 0.0,
-                observed_ttft_s=e.fresh_ttft_s or 0.0,
+                predicted_ttft_s=predicted if observed is not None else 0.0,
+                observed_ttft_s=observed or 0.0,
                 predicted_itl_s=e.raw_predicted_itl_s,
                 observed_itl_s=e.itl_s,
+                output_tokens=e.completion_tokens,
             )
             assign(record, calibration=calibration)
         self._refresh(record, None)
