@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gridserve.trust import tls
+
 GatewayOpt = Annotated[str, typer.Option(help="gateway URL")]
 TokenOpt = Annotated[str | None, typer.Option(help="admin token (default: $GRIDSERVE_ADMIN_TOKEN or --data-dir)")]
 DataDirOpt = Annotated[Path, typer.Option(help="data dir holding admin.token")]
@@ -29,7 +31,7 @@ def admin_call(
             method, gateway.rstrip("/") + path, json=body, timeout=10, headers={"Authorization": f"Bearer {token}"}
         )
     except httpx.HTTPError as exc:
-        raise AdminError(f"cannot reach {gateway}: {exc}") from exc
+        raise AdminError(f"cannot reach {gateway}: {tls.describe(exc)}") from exc
     if resp.status_code != 200:
         try:
             message = resp.json()["error"]["message"]

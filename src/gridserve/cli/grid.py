@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from gridserve.trust import tls
+
 DEFAULT_MIX = (
     "gemma-270m",
     "emulated:rtx4090",
@@ -58,11 +60,16 @@ class LocalGrid:
     allow_emulated: bool = True
     """Start the gateway with --allow-emulated: a local grid is for tests and demos, and emulated cards are its
     usual nodes (False: a gateway that refuses them, as a production one does)."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    """The gateway serves HTTPS with this certificate and key (it must name 127.0.0.1)."""
+    ca_file: Path | None = None
+    """The CA nodes and this grid's own calls verify the gateway against (with tls_cert)."""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_cert else 'http'}://127.0.0.1:{self.port}"
 
     def _spawn(self, name: str, args: list[str]) -> None:
         logs = self.data_dir / "logs"
@@ -83,8 +90,15 @@ class LocalGrid:
         args += ["--api-key", self.api_key, "--admin-token", self.admin_token]
         args += ["--heartbeat-interval", str(self.heartbeat_interval_s), *self.extra_gateway_args]
         args += ["--allow-emulated"] if self.allow_emulated else []
+        if self.tls_cert is not None and self.tls_key is not None:
+            args += ["--tls-cert", str(self.tls_cert), "--tls-key", str(self.tls_key)]
         self._spawn("gateway", args)
-        self._wait(lambda: self._get("/health") is not None, 60, "gateway did not start")
+
+        def up() -> bool:
+            self._check_alive()  # a gateway that exited says why at once, not after the wait
+            return self._get("/health") is not None
+
+        self._wait(up, 60, "gateway did not start")
 
     def node_port(self, index: int) -> int:
         return self.port + 1 + index
@@ -94,6 +108,7 @@ class LocalGrid:
         gateway = self.node_gateways or self.url
         args = ["node", "--gateway", gateway, "--engine", engine, "--port", str(self.node_port(index))]
         args += ["--key", str(self.data_dir / "keys" / f"{name}.key"), "--threads", str(self.threads)]
+        args += ["--ca-file", str(self.ca_file)] if self.ca_file is not None else []
         self._spawn(name, [*args, *self.extra_node_args, *(extra or [])])
         return name
 
@@ -121,7 +136,7 @@ class LocalGrid:
     def _get(self, path: str, admin: bool = False) -> Any:
         headers = {"Authorization": f"Bearer {self.admin_token}"} if admin else {}
         try:
-            resp = httpx.get(self.url + path, headers=headers, timeout=2.0)
+            resp = httpx.get(self.url + path, headers=headers, timeout=2.0, verify=tls.client_verify(self.ca_file))
         except httpx.HTTPError:
             return None
         return resp.json() if resp.status_code == 200 else None

@@ -32,7 +32,7 @@ DataDir = Annotated[Path, typer.Option(help="where keys, secrets, logs and the S
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, however long
     return typer.Exit(code=2)
 
 
@@ -71,6 +71,30 @@ def _faults(allowed: bool, items: list[str]) -> "Faults":
         raise fail(f"--fault {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
     except ValueError as exc:
         raise fail(str(exc)) from None
+
+
+@app.callback()
+def _everywhere(
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="GRIDSERVE_CA_FILE",
+            help="verify https:// gateways against this CA certificate (a private grid's CA), in every command",
+        ),
+    ] = None,
+) -> None:
+    """gridserve: LLM inference from a grid of heterogeneous nodes behind one OpenAI endpoint."""
+    if ca_file is None:
+        return
+    from gridserve.trust import tls
+
+    try:
+        tls.client_verify(ca_file)
+    except tls.TlsConfigError as exc:
+        raise fail(str(exc)) from None
+    # every HTTP client this command makes (httpx, and the OpenAI SDK over it) verifies against it
+    os.environ["SSL_CERT_FILE"] = str(ca_file)
+    os.environ[tls.CA_FILE_ENV] = str(ca_file)
 
 
 @app.command()
@@ -140,12 +164,22 @@ def gateway(
         str | None,
         typer.Option(help="send request traces to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318/v1/traces"),
     ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="serve HTTPS with this certificate (PEM; its chain after it)")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="the private key of --tls-cert (PEM)")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     log_format: LogFormatOption = "text",
 ) -> None:
     """Run the gateway: the OpenAI API, node membership, scheduling and the admin API."""
     from gridserve.gateway.config import GatewayConfig
     from gridserve.gateway.main import run_gateway
+    from gridserve.trust import tls
+
+    try:
+        tls.server_files(tls_cert, tls_key)
+    except tls.TlsConfigError as exc:
+        raise fail(str(exc)) from None
 
     key, admin = _secrets(data_dir, api_key[0] if api_key else None, admin_token)
     if profile is not None:
@@ -194,8 +228,10 @@ def gateway(
         allowed_digests_path=allowed_digests,
         join_tokens_required=join_tokens,
         otlp_endpoint=otlp_endpoint,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
-    console.print(f"gateway on http://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
+    console.print(f"gateway on {config.scheme}://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
     try:
         run_gateway(config, log_level=log_level, log_format=_log_format(log_format))
     except Exception as exc:  # one readable line, not a traceback
@@ -241,6 +277,12 @@ def node(
         str | None,
         typer.Option(envvar="GRIDSERVE_JOIN_TOKEN", help="join token from the grid's admin (gridserve tokens create)"),
     ] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="GRIDSERVE_CA_FILE", help="verify an https:// gateway against this CA certificate (private grids)"
+        ),
+    ] = None,
     slowdown: Annotated[float, typer.Option(help="emulated: run N times slower than spec, silently")] = 1.0,
     lazy: Annotated[bool, typer.Option(help="tiny/gemma: load the weights only when asked (pre-warming)")] = False,
     loadable: Annotated[list[str] | None, typer.Option(help="emulated: a model on disk, loaded when asked")] = None,
@@ -273,9 +315,15 @@ def node(
     from gridserve.catalog.models import UnknownModel
     from gridserve.engines import EngineError
     from gridserve.engines.registry import EngineOptions
-    from gridserve.node.agent import JoinTokenRefused
+    from gridserve.node.agent import CannotJoin
     from gridserve.node.config import NodeConfig
     from gridserve.node.main import run_node
+    from gridserve.trust import tls
+
+    try:
+        tls.client_verify(ca_file)
+    except tls.TlsConfigError as exc:
+        raise fail(str(exc)) from None
 
     config = NodeConfig(
         gateway_url=gateway,
@@ -286,6 +334,7 @@ def node(
         key_file=key,
         gateway_key=gateway_key,
         join_token=join_token,
+        ca_file=ca_file,
         price_per_mtok=price,
         memory_bytes=int(memory_gib * 2**30) if memory_gib is not None else None,
     )
@@ -320,7 +369,7 @@ def node(
     options = dataclasses.replace(options, cheat=tuple(sorted(lies.modes & ENGINE_MODES)))
     try:
         run_node(config, options, faults=faults, lies=lies, log_level=log_level, log_format=_log_format(log_format))
-    except (EngineError, UnknownHardware, UnknownModel, OSError, JoinTokenRefused) as exc:
+    except (EngineError, UnknownHardware, UnknownModel, OSError, CannotJoin) as exc:
         raise fail(str(exc)) from None
 
 
@@ -340,7 +389,9 @@ def nodes(
     try:
         resp = httpx.get(f"{gateway.rstrip('/')}/admin/nodes", headers={"Authorization": f"Bearer {token}"}, timeout=5)
     except httpx.HTTPError as exc:
-        raise fail(f"cannot reach {gateway}: {exc}") from None
+        from gridserve.trust.tls import describe
+
+        raise fail(f"cannot reach {gateway}: {describe(exc)}") from None
     if resp.status_code != 200:
         raise fail(f"{gateway} answered {resp.status_code}: {resp.text[:200]}")
     if json_out:

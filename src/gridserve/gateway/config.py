@@ -134,6 +134,13 @@ class GatewayConfig:
     """Scheduling profile (YAML); default: the packaged default profile."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP collector for request traces (e.g. http://127.0.0.1:4318/v1/traces); None: no tracing."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    """Serve HTTPS with this certificate (PEM, the chain after it) and its private key; None: plain HTTP."""
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
 
     @property
     def reliability(self) -> ReliabilityConfig:

@@ -71,6 +71,8 @@ def run_gateway(config: GatewayConfig, log_level: str = "warning", log_format: L
             proxy_headers=False,
             loop="auto",  # uvloop and httptools where installed (uvicorn[standard])
             http="auto",
+            ssl_certfile=config.tls_cert,
+            ssl_keyfile=config.tls_key,
         )
     )
     gc.collect()

@@ -6,7 +6,7 @@ import logging
 import platform
 import random
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 
@@ -15,9 +15,10 @@ from gridserve.engines import Engine, EngineError
 from gridserve.node.config import NodeConfig
 from gridserve.node.faults import Faults
 from gridserve.node.hardware import Nvml, detect_hardware
-from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
+from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope, tls
 from gridserve.types import Capability, HeartbeatPayload, NodeId, RegisterReply, RuntimeInfo, Telemetry
 from gridserve.types.base import from_wire
+from gridserve.types.node import JOIN_TOKEN_HEADER
 
 log = logging.getLogger("gridserve.node")
 
@@ -50,11 +51,15 @@ def _retry_after(value: str | None) -> float:
         return 1.0
 
 
-JOIN_TOKEN_HEADER = "X-Gridserve-Join-Token"
-"""Carries `NodeConfig.join_token` with every registration (outside the signed document)."""
+class CannotJoin(Exception):
+    """The node cannot join this grid as it is configured: retrying will not help, so it stops with this line."""
 
 
-class JoinTokenRefused(Exception):
+class GatewayUntrusted(CannotJoin):
+    """The gateway's TLS certificate does not verify (or it does not speak TLS where https:// was given)."""
+
+
+class JoinTokenRefused(CannotJoin):
     """The gateway admits only nodes holding a join token, and refused this node's (none, unknown, expired,
     revoked, or used up by other nodes): retrying cannot help, the node stops."""
 
@@ -89,8 +94,8 @@ class NodeAgent:
         self.gateway_key: str | None = config.gateway_key
         self.heartbeat_interval_s = config.heartbeat_interval_s or 2.0
         self.registered = asyncio.Event()
-        self.refused: JoinTokenRefused | None = None
-        """Why the gateway will not admit this node (its join token): the node stops (node/main.py)."""
+        self.refused: CannotJoin | None = None
+        """Why this node cannot join (its join token, the gateway's certificate): the node stops (node/main.py)."""
         self.stopped = asyncio.Event()
         self.faults = Faults(allowed=False)
         self.verifier = EnvelopeVerifier(FreshnessPolicy(max_skew_s=config.max_skew_s), time.time)
@@ -98,7 +103,7 @@ class NodeAgent:
         self.gateways = gateway_urls(config.gateway_url)
         """The grid's gateways (they share one database and one key); heartbeats go to one, the next on failure."""
         self._current = 0
-        self._client = httpx.AsyncClient(timeout=10.0)
+        self._client = httpx.AsyncClient(timeout=10.0, verify=tls.client_verify(config.ca_file))
 
     @property
     def gateway_url(self) -> str:
@@ -178,14 +183,18 @@ class NodeAgent:
         headers = {"content-type": "application/json"}
         if self.config.join_token:
             headers[JOIN_TOKEN_HEADER] = self.config.join_token
-        resp = await self._client.post(self.gateway_url + "/nodes/register", content=body, headers=headers)
+        try:
+            resp = await self._client.post(self.gateway_url + "/nodes/register", content=body, headers=headers)
+        except httpx.ConnectError as exc:
+            why = tls.untrusted(exc)
+            if why is None:
+                raise
+            self._cannot_join(GatewayUntrusted(f"gateway {self.gateway_url}: {why}"))
         if resp.status_code == 429:
             raise RegistrationLimited(_retry_after(resp.headers.get("retry-after")))
         kind, message = _refusal(resp) if resp.status_code == 401 else ("", "")
         if kind == "join_token":
-            self.refused = JoinTokenRefused(f"gateway {self.gateway_url} refused this node: {message}")
-            self.stopped.set()
-            raise self.refused
+            self._cannot_join(JoinTokenRefused(f"gateway {self.gateway_url} refused this node: {message}"))
         if resp.status_code != 200:
             raise RuntimeError(f"registration refused ({resp.status_code}): {resp.text[:300]}")
         envelope = self.verifier.verify(resp.content, purpose="register-reply", expected_keyid=self.gateway_key)
@@ -240,10 +249,15 @@ class NodeAgent:
         elif resp.status_code != 200:
             log.warning("heartbeat refused (%s): %s", resp.status_code, resp.text[:200])
 
+    def _cannot_join(self, why: CannotJoin) -> NoReturn:
+        self.refused = why
+        self.stopped.set()
+        raise why
+
     async def run(self) -> None:
-        """Register (retrying until the gateway answers), then heartbeat forever; or stop when the gateway will not
-        admit this node's join token (`refused`)."""
-        with contextlib.suppress(JoinTokenRefused):
+        """Register (retrying until the gateway answers), then heartbeat forever; or stop when this node cannot
+        join as configured (`refused`: its join token, the gateway's certificate)."""
+        with contextlib.suppress(CannotJoin):
             await self._run()
 
     async def _run(self) -> None:

@@ -18,6 +18,9 @@ class NodeConfig:
     join_token: str | None = None
     """Sent with every registration (header X-Gridserve-Join-Token): a gateway started with --join-tokens admits
     only nodes holding one its admin created."""
+    ca_file: Path | None = None
+    """Verify an https:// gateway against this CA certificate (a private grid's CA) instead of the system's trust
+    store (trust/tls.py)."""
     price_per_mtok: float = 0.0
     """USD per million generated tokens."""
     memory_bytes: int | None = None

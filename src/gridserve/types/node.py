@@ -24,6 +24,8 @@ bounds a capability document at tens of kB, so no node can make a request path (
 explanations) do work in proportion to a list it chose."""
 MAX_CAPABILITY_BYTES = 64 * 1024
 """Largest signed registration the gateway reads (refused with 413 before its signature is checked)."""
+JOIN_TOKEN_HEADER = "x-gridserve-join-token"
+"""The header a node's registration carries its join token in (HTTP header names are case-insensitive)."""
 Name = Annotated[str, Field(max_length=MAX_NAME)]
 Count = Annotated[int, Field(ge=0)]
 """Bytes, cores, requests: never negative."""

@@ -26,9 +26,8 @@ from typing import Any
 
 from gridserve.store import Store
 from gridserve.trust import EnvelopeVerifier, TrustError, node_id_for
+from gridserve.types.node import JOIN_TOKEN_HEADER
 
-JOIN_TOKEN_HEADER = "x-gridserve-join-token"
-"""The registration request header that carries the token (HTTP headers are case-insensitive)."""
 PREFIX = "gsj_"
 MAX_USES = 10_000
 """Most node identities one token may admit."""

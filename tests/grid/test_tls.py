@@ -1,0 +1,129 @@
+"""HTTPS end to end on real processes: a gateway started with --tls-cert/--tls-key serves the OpenAI API over TLS;
+a node verifies it against the grid's CA (--ca-file) and registers; the official SDK verifies it too. Certificates
+come from a CA made on the fly (trustme); verification is never turned off. A node or CLI given another CA is
+refused with one line that says what to do; a client that trusts only the system store cannot connect."""
+
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import trustme
+from tests.conftest import ADMIN, API_KEY, make_grid
+
+from gridserve.cli.grid import LocalGrid
+
+ENGINE = "emulated:rtx4090"
+MODEL = "llama-3-8b"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[LocalGrid]:
+    """A gateway serving HTTPS with a certificate for 127.0.0.1 from the grid's CA, and one node that trusts it."""
+    tmp = Path(tmp_path_factory.mktemp("tls"))
+    cert, key, ca_file = tmp / "tls-cert.pem", tmp / "tls-key.pem", tmp / "ca.pem"
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    issued.private_key_pem.write_to_path(str(key))
+    with cert.open("wb") as out:
+        for blob in issued.cert_chain_pems:
+            out.write(blob.bytes())
+    ca.cert_pem.write_to_path(str(ca_file))
+    found = make_grid(
+        tmp,
+        [ENGINE, ENGINE],
+        threads=1,
+        extra_node_args=["--fixed-ttft-ms", "20", "--fixed-itl-ms", "5"],
+        tls_cert=cert,
+        tls_key=key,
+        ca_file=ca_file,
+    )
+    try:
+        found.start_gateway()
+        found.start_node(0, ENGINE)
+        found.wait_nodes(1, 60)
+        yield found
+    finally:
+        found.stop()
+
+
+def trusting(ca_file: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca_file))
+
+
+def test_the_openai_sdk_chats_and_streams_over_https(grid: LocalGrid) -> None:
+    assert grid.url.startswith("https://") and grid.ca_file is not None
+    with httpx.Client(verify=trusting(grid.ca_file)) as http:
+        client = openai.OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, http_client=http, max_retries=0)
+        reply = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=6
+        )
+        assert reply.choices[0].message.content and reply.usage is not None and reply.usage.completion_tokens > 0
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=6, stream=True
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+        assert text
+    # the node registered over HTTPS, and the gateway sent it the work
+    (node,) = grid.nodes()
+    assert node["state"] == "up"
+
+
+def test_a_client_that_does_not_trust_the_ca_cannot_connect(grid: LocalGrid) -> None:
+    client = openai.OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0)  # the system's trust store
+    with pytest.raises(openai.APIConnectionError) as caught:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    chain: BaseException | None = caught.value
+    reasons = []
+    while chain is not None:
+        reasons.append(repr(chain))
+        chain = chain.__cause__ or chain.__context__
+    assert any("CERTIFICATE_VERIFY_FAILED" in r for r in reasons), reasons
+
+
+def test_a_node_given_another_ca_stops_with_one_line(grid: LocalGrid, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    name = grid.start_node(1, ENGINE, ["--ca-file", str(other)])
+    proc = grid.procs.pop(name)
+    try:
+        assert proc.wait(timeout=40) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (grid.data_dir / "logs" / f"{name}.log").read_text(errors="replace")
+    assert "Traceback" not in log, log
+    last = " ".join(log[log.rindex("error: ") :].split())
+    assert last.startswith(f"error: gateway {grid.url}: its TLS certificate does not verify"), last
+    assert "--ca-file" in last, last
+    assert len(grid.nodes()) == 1  # it never registered
+
+
+def test_the_cli_verifies_against_the_ca_it_is_given(grid: LocalGrid, tmp_path: Path) -> None:
+    assert grid.ca_file is not None
+    command = [sys.executable, "-m", "gridserve"]
+    nodes = ["nodes", "--gateway", grid.url, "--admin-token", ADMIN, "--json"]
+    done = subprocess.run(
+        [*command, "--ca-file", str(grid.ca_file), *nodes], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"node_id"' in done.stdout
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    done = subprocess.run(
+        [*command, "--ca-file", str(other), *nodes], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
+    assert "its TLS certificate does not verify" in done.stderr and "--ca-file" in done.stderr, done.stderr
+    missing = subprocess.run(
+        [*command, "--ca-file", str(tmp_path / "nope.pem"), *nodes], capture_output=True, text=True, timeout=30
+    )
+    assert missing.returncode == 2 and "no such file" in missing.stderr, missing.stderr
