@@ -375,3 +375,18 @@ def test_the_queue_is_priced_at_the_nodes_own_answer_length() -> None:
     assert cal.observe(
         predicted_ttft_s=0.1, observed_ttft_s=0.1, predicted_itl_s=None, observed_itl_s=None
     ).output_tokens == pytest.approx(cal.output_tokens)
+
+
+def test_an_interleaving_engine_has_no_queue_and_shares_its_steps() -> None:
+    """gridserve's own engines run every request at once, token by token in turn: a new request waits for no other
+    to finish (no queue term), and every request's tokens come `running` times slower; a batched engine with one
+    slot makes it wait behind the others' answers instead."""
+    model, cpu = MODELS["gemma-3-270m"], HARDWARE["cpu"]
+    alone = predict(model, cpu, prompt_tokens=512, load=Load(interleaved=True))
+    assert alone == predict(model, cpu, prompt_tokens=512)  # at rest, the two engines are the same
+    shared = predict(model, cpu, prompt_tokens=512, load=Load(active=3, interleaved=True))
+    assert shared.queue_s == 0.0 and shared.itl_s == pytest.approx(4 * alone.itl_s)
+    prefill = alone.ttft_s - alone.itl_s  # fixed + prefill (calibration 1)
+    assert shared.ttft_s == pytest.approx(prefill + shared.itl_s)  # one turn of each running request, then its own
+    batched = predict(model, cpu, prompt_tokens=512, load=Load(active=3))
+    assert batched.queue_s > 3 * alone.ttft_s and batched.ttft_s > shared.ttft_s

@@ -175,6 +175,7 @@ class Spec:
     calibration: tuple[float, float] | None = None
     advertise_memory: bool = True
     latency_ewma_s: float | None = None
+    interleaved: bool = False
 
 
 def offer(model: str, dtype: str = "float16", quantization: str = "none", max_context: int | None = None) -> Offer:
@@ -205,6 +206,7 @@ def build(spec: Spec, node_id: str) -> NodeSnapshot:
         runtime=RuntimeInfo(gridserve="0.1.0", python="3.11.9", engine=engine),
         price_per_mtok=spec.price,
         loadable_models=spec.loadable,
+        interleaved=spec.interleaved,
     )
     telemetry = None
     if spec.telemetry is not None:
@@ -342,6 +344,7 @@ def specs_for(draw: st.DrawFn, model: str) -> Spec:
         calibration=draw(st.one_of(st.none(), st.tuples(st.floats(0.2, 5.0), st.floats(0.2, 5.0)))),
         advertise_memory=draw(st.booleans()),
         latency_ewma_s=draw(st.one_of(st.none(), st.floats(0.001, 20.0))),
+        interleaved=draw(st.booleans()),
     )
 
 

@@ -95,6 +95,10 @@ class TorchEngine(LocalEngine):
         """Prompt tokens the prefix cache can hold (advertised in the capability); None until the model is loaded."""
         return self._prefix.capacity_tokens() if self._prefix is not None else None
 
+    interleaved = True
+    """Requests take turns token by token (no batch slots, no queue): advertised in the capability, so the
+    gateway predicts no wait behind other requests, and decode slowed by each one running."""
+
     def prefix_block_tokens(self) -> int | None:
         """The prefix cache's block in tokens (advertised in the capability); None without a cache."""
         return self._prefix.block if self._prefix is not None and self._prefix.enabled else None

@@ -130,6 +130,7 @@ class NodeAgent:
             stage_models=tuple(getattr(self.engine, "stage_models", tuple)()),  # StageEngine with --layers auto
             prefix_cache_tokens=getattr(self.engine, "prefix_cache_tokens", lambda: None)(),  # TorchEngine
             prefix_block_tokens=getattr(self.engine, "prefix_block_tokens", lambda: None)(),
+            interleaved=bool(getattr(self.engine, "interleaved", False)),  # TorchEngine
             hardware=hardware,
             runtime=RuntimeInfo(
                 gridserve=gridserve.__version__,

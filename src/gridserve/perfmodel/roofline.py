@@ -92,20 +92,27 @@ def under_load(
     itl_factor: Num,
     load_s: Num,
     output_tokens: Num = TYPICAL_OUTPUT_TOKENS,
+    interleaved: Num = 0.0,
 ) -> tuple[Num, Num, Num]:
     """(TTFT, ITL, queue seconds) of a new request joining `active` requests in flight and `queued` waiting, on a
     node with `slots` batch slots (>= 1), calibrated; TTFT includes the queue and `load_s` (loading weights that
     are not resident). `itl` and `prefill` come from `unloaded`; active = queued = 0 is the node at rest. Each job
-    ahead holds its slot for a TTFT and `output_tokens` (the node's typical answer, `Calibration.output_tokens`)."""
+    ahead holds its slot for a TTFT and `output_tokens` (the node's typical answer, `Calibration.output_tokens`).
+    An `interleaved` node (> 0: an engine that runs every request at once, token by token in turn) has no slots
+    to wait for: a new request starts at once and every request's tokens come `running` times slower."""
     running = active + 1
     itl = where(
-        running <= slots,
-        itl * (1.0 + BATCH_ITL_GROWTH * active),
-        itl * ((1.0 + BATCH_ITL_GROWTH * (slots - 1)) * running / slots),
+        interleaved > 0.0,
+        itl * running,
+        where(
+            running <= slots,
+            itl * (1.0 + BATCH_ITL_GROWTH * active),
+            itl * ((1.0 + BATCH_ITL_GROWTH * (slots - 1)) * running / slots),
+        ),
     )
     ttft = (PREFILL_FIXED_S + prefill + itl) * ttft_factor
     itl = itl * itl_factor
-    waiting = queued + maximum(0.0, active + 1 - slots)
+    waiting = queued + where(interleaved > 0.0, 0.0, maximum(0.0, active + 1 - slots))
     queue = waiting * (ttft + itl * output_tokens) / slots  # 0 when nothing waits
     return ttft + queue + load_s, itl, queue
 
@@ -121,6 +128,8 @@ class Load:
     queued: int = 0
     clock_ratio: float | None = None
     temperature_c: float | None = None
+    interleaved: bool = False
+    """The engine runs requests token by token in turn, without batch slots (`Capability.interleaved`)."""
 
 
 @dataclass(frozen=True)
@@ -199,5 +208,6 @@ def predict(
         cal.itl_factor,
         loading,
         cal.output_tokens,
+        1.0 if load.interleaved else 0.0,
     )
     return Prediction(ttft_s=float(ttft), itl_s=float(itl), queue_s=float(queue), load_s=loading, throttle=speed)

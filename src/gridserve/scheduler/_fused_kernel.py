@@ -25,6 +25,7 @@ from gridserve.scheduler.snapshot import (
     C_CLOCK,
     C_HAS_HW,
     C_HEARTBEAT,
+    C_INTERLEAVED,
     C_MEMORY,
     C_PREFILL_EFF,
     C_QUEUED,
@@ -122,6 +123,7 @@ def decide(
             row[C_CAL_ITL],
             m[M_LOAD_S],
             row[C_CAL_OUT],
+            row[C_INTERLEAVED],
         )
         if not ok:
             ttft, itl = math.nan, math.nan
@@ -152,7 +154,16 @@ def decide(
                 floor = scalars[FLOOR]
                 if floor > 0 and ok:  # capability: the node at rest
                     rest = roofline.under_load(
-                        itl0, prefill, slots, 0.0, 0.0, row[C_CAL_TTFT], row[C_CAL_ITL], m[M_LOAD_S], row[C_CAL_OUT]
+                        itl0,
+                        prefill,
+                        slots,
+                        0.0,
+                        0.0,
+                        row[C_CAL_TTFT],
+                        row[C_CAL_ITL],
+                        m[M_LOAD_S],
+                        row[C_CAL_OUT],
+                        row[C_INTERLEAVED],
                     )
                     hit = rest[1] * floor > 1.0
                 else:

@@ -61,6 +61,7 @@ class Context:
                 queued=tele.queue_depth if tele else 0,
                 clock_ratio=tele.clock_ratio if tele else None,
                 temperature_c=tele.temperature_c if tele else None,
+                interleaved=node.static.interleaved,
             )
             pred = predict(
                 self.model,

@@ -50,8 +50,9 @@ PRICE_DTYPES = frozenset({"float16", "bfloat16", "float32", "fp8"})
     C_LATENCY_EWMA,
     C_REL_VETTED,
     C_CAL_OUT,
-) = range(26)
-N_COLUMNS = 26
+    C_INTERLEAVED,
+) = range(27)
+N_COLUMNS = 27
 # Column indexes of NodeStatic.model_row
 (
     M_LISTED,
@@ -82,6 +83,8 @@ class NodeStatic:
     offers: dict[str, ModelOffer]
     loadable: frozenset[str]
     memory_bytes: int
+    interleaved: bool = False
+    """Its engine runs requests token by token in turn (`Capability.interleaved`): no queue behind batch slots."""
     source: Capability | None = None
     model_rows: dict[str, bytes] = field(default_factory=dict)
 
@@ -95,6 +98,7 @@ class NodeStatic:
             offers={offer.name: offer for offer in capability.models if offer.layers is None},  # not stages
             loadable=frozenset(capability.loadable_models),
             memory_bytes=memory,
+            interleaved=capability.interleaved,
             source=capability,
         )
 
@@ -223,6 +227,7 @@ def row_values(
         latency_ewma_s if latency_ewma_s is not None else nan,
         float(reliability is not None and reliability[3]),
         calibration.output_tokens if calibration else TYPICAL_OUTPUT_TOKENS,
+        float(static.interleaved),
     )
 
 

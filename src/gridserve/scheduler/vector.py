@@ -19,6 +19,7 @@ from gridserve.scheduler.snapshot import (
     C_CAL_TTFT,
     C_CLOCK,
     C_HAS_HW,
+    C_INTERLEAVED,
     C_PREFILL_EFF,
     C_QUEUED,
     C_SLOTS,
@@ -149,5 +150,6 @@ def _predict_all(c: Columns, ctx: Context, loaded: bool) -> tuple[Array, Array, 
         c.col(C_CAL_ITL),
         c.mcol(M_LOAD_S),
         c.col(C_CAL_OUT),
+        c.col(C_INTERLEAVED),
     )
     return np.where(ok, ttft, np.nan), np.where(ok, itl, np.nan), np.where(ok, queue, np.nan)

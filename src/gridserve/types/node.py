@@ -118,6 +118,10 @@ class Capability(Strict):
     prefix_block_tokens: Count | None = None
     """The prefix cache's block: it reuses whole blocks of this many prompt tokens (the gateway rounds what it
     expects a node to reuse down to them); None: not said."""
+    interleaved: bool = False
+    """The engine runs every request it is given at once, taking turns token by token (gridserve's own engines):
+    a new request waits for no other to finish, and each runs slower the more run. False: batch slots, and
+    requests beyond them wait in a queue (vLLM, llama.cpp server: what the hardware catalogue says)."""
 
 
 ErrorKind = Literal["oom", "cuda", "timeout", "refused", "engine"]
