@@ -14,7 +14,7 @@ TOPLOC := toploc==0.1.6
 # toploc's wheel is built against another torch and fails to import: build it against the pinned torch (~3 min once)
 
 $(VENV)/.base: pyproject.toml | $(BIN)/python
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[all]'
 	$(PIP) install -q --no-build-isolation --no-binary toploc $(TOPLOC)
 	touch $@
 

@@ -122,8 +122,9 @@ def candidate_brief(record: dict[str, Any], node: str) -> dict[str, Any] | None:
 def run_mode(args: argparse.Namespace, routing: bool) -> dict[str, Any]:
     mode = "prefix routing on" if routing else "prefix routing off"
     with tempfile.TemporaryDirectory(prefix="bench-prefix-") as tmp:
+        data = Path(tmp) if args.keep is None else args.keep / ("on" if routing else "off")
         grid = LocalGrid(
-            data_dir=Path(tmp),
+            data_dir=data,
             port=free_port_block(args.nodes + 4),
             api_key=KEY,
             admin_token=ADMIN,
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stagger-s", type=float, default=0.5, help="between the users' first turns")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each grid's logs and store under this folder")
     args = parser.parse_args()
     on = run_mode(args, routing=True)
     off = run_mode(args, routing=False)

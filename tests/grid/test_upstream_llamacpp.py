@@ -71,9 +71,8 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(timeout=20)
 
 
-@pytest.fixture(scope="module")
-def upstream_grid(llama_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
-    data = tmp_path_factory.mktemp("upstream")
+def grid_in_front_of(llama_server: str, data: Path, **kwargs: object) -> Iterator[LocalGrid]:
+    """A gateway and one openai-upstream node in front of the llama.cpp server (`kwargs`: more LocalGrid fields)."""
     allowed = data / "allowed-digests.json"  # the grid operator lists the upstream's model under its served name
     allowed.write_text(json.dumps({SERVED: ["upstream:gemma-gguf"]}))
     grid = make_grid(
@@ -81,12 +80,18 @@ def upstream_grid(llama_server: str, tmp_path_factory: pytest.TempPathFactory) -
         ["openai-upstream"],
         extra_node_args=["--upstream-url", llama_server, "--model", SERVED, "--max-context", "2048"],
         extra_gateway_args=["--allowed-digests", str(allowed)],
+        **kwargs,
     )
     try:
         grid.start(timeout_s=120)
         yield grid
     finally:
         grid.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream_grid(llama_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
+    yield from grid_in_front_of(llama_server, tmp_path_factory.mktemp("upstream"))
 
 
 def _same_cache_state(direct: OpenAI) -> None:

@@ -83,8 +83,9 @@ class Grid:
         """A counter of the gateway's /metrics, e.g. "gridserve_hedges_total"."""
         return self.membership.metrics.registry.get_sample_value(metric) or 0.0
 
-    def decision(self, *ranked: str, itl: float | None = PREDICTED_ITL_S) -> Decision:
-        """The scheduler's ranking: `ranked` best first (default: every node in order)."""
+    def decision(self, *ranked: str, itl: float | None = PREDICTED_ITL_S, step_s: float | None = None) -> Decision:
+        """The scheduler's ranking: `ranked` best first (default: every node in order); `step_s`: the nodes are
+        interleaved, with this longest step between a stream's tokens (Candidate.step_s)."""
         names = ranked or tuple(self.ids)
         candidates = tuple(
             Candidate(
@@ -94,6 +95,7 @@ class Grid:
                 details=(),
                 predicted_ttft_s=PREDICTED_TTFT_S,
                 predicted_itl_s=itl,
+                step_s=step_s,
             )
             for i, n in enumerate(names)
         )

@@ -32,9 +32,11 @@ def grid(writer: StoreWriter) -> Grid:
     return Grid(writer, nodes=4)
 
 
-def generate(grid: Grid, *, max_tokens: int = 16, itl: float | None = 0.001) -> tuple[Generation, list[dict[str, Any]]]:
+def generate(
+    grid: Grid, *, max_tokens: int = 16, itl: float | None = 0.001, step_s: float | None = None
+) -> tuple[Generation, list[dict[str, Any]]]:
     """Run one generation to its end; returns it and the events the client got."""
-    gen = Generation(grid.dispatcher, grid.decision(itl=itl), job(max_tokens), hedge=False)
+    gen = Generation(grid.dispatcher, grid.decision(itl=itl, step_s=step_s), job(max_tokens), hedge=False)
 
     async def go() -> list[dict[str, Any]]:
         await gen.open()
@@ -104,6 +106,21 @@ def test_the_same_pause_without_busy_lines_is_a_stall(grid: Grid) -> None:
     grid.fake.script("n1", Tokens(2), Delay(4 * STALL_S), Tokens(2), Finish())
     grid.fake.script("n2", Tokens(2), Finish())
     gen, events = generate(grid)
+    assert text(events) == whole(4) and gen.failovers == 1 and gen.segments[0].detail.startswith("stalled")
+
+
+def test_an_interleaved_node_may_take_its_longest_step_between_two_tokens(grid: Grid) -> None:
+    """On an interleaved node (gridserve's own engines) another prompt's prefill chunk runs between two of a stream's
+    tokens, as one step with no busy line until it ends: the stall timeout allows for that step (10 x
+    Candidate.step_s), so the pause that is a stall on a batched node is not one here; a pause past it still is."""
+    step = 2 * STALL_S  # stall timeout 10 x step = 20 x STALL_S
+    grid.fake.script("n1", Tokens(2), Delay(4 * STALL_S), Tokens(2), Finish())
+    grid.fake.script("n2", Tokens(2), Finish())
+    gen, events = generate(grid, step_s=step)
+    assert text(events) == whole(4) and gen.failovers == 0 and not grid.fake.calls_to("n2")
+    grid.fake.script("n1", Tokens(2), Delay(30 * STALL_S), Tokens(2), Finish())
+    grid.fake.script("n2", Tokens(2), Finish())
+    gen, events = generate(grid, step_s=step)
     assert text(events) == whole(4) and gen.failovers == 1 and gen.segments[0].detail.startswith("stalled")
 
 

@@ -1150,3 +1150,21 @@ def test_slo_first_prefers_a_node_that_can_start_at_once() -> None:
     assert decision.candidates[0].node_id == "l40s-full"  # better scored, predicted within the (loose) SLO
     assert decision.chosen == "h100-free"
     assert "start it at once" in decision.picked_by
+
+
+def test_an_interleaved_node_says_its_longest_step_between_two_tokens() -> None:
+    """Candidate.step_s (what the stall timeout allows for on an interleaved node): one chunk of another prompt's
+    prefill, its advertised prefix block at this node's calibrated prefill rate, and a decode step; batched nodes
+    have none."""
+    gemma = (offer("gemma-3-270m", "float32"),)
+    req = ScheduleRequest(request_id="r", model="gemma-3-270m", prompt_tokens=600, max_tokens=8)
+    nodes = [
+        build(Spec(accelerator="cpu", offers=gemma, interleaved=True, calibration=(3.0, 2.0)), "own"),
+        build(Spec(accelerator="cpu", offers=gemma), "batched"),
+    ]
+    decision = _schedule(req, nodes, named_profile("default"), random.Random(0), NOW, decision_id="d")
+    own, batched = decision.candidate("own"), decision.candidate("batched")
+    assert own is not None and batched is not None and batched.step_s is None
+    assert own.prefill_s_per_token is not None and own.predicted_itl_s is not None and own.step_s is not None
+    assert own.step_s == pytest.approx(128 * own.prefill_s_per_token * 3.0 + own.predicted_itl_s)
+    assert own.step_s > 10 * own.predicted_itl_s / 2  # a prefill chunk, many decode steps long on a CPU

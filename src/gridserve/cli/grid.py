@@ -65,19 +65,21 @@ class LocalGrid:
     """The gateway serves HTTPS with this certificate and key (it must name 127.0.0.1)."""
     ca_file: Path | None = None
     """The CA nodes and this grid's own calls verify the gateway against (with tls_cert)."""
+    node_module: str = "gridserve"
+    """Nodes run as `python -m MODULE node ...`: tests run them as a light install would (tests/light_node.py)."""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return f"{'https' if self.tls_cert else 'http'}://127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], module: str = "gridserve") -> None:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log = (logs / f"{name}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "gridserve", *args],
+            [sys.executable, "-m", module, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -109,7 +111,7 @@ class LocalGrid:
         args = ["node", "--gateway", gateway, "--engine", engine, "--port", str(self.node_port(index))]
         args += ["--key", str(self.data_dir / "keys" / f"{name}.key"), "--threads", str(self.threads)]
         args += ["--ca-file", str(self.ca_file)] if self.ca_file is not None else []
-        self._spawn(name, [*args, *self.extra_node_args, *(extra or [])])
+        self._spawn(name, [*args, *self.extra_node_args, *(extra or [])], self.node_module)
         return name
 
     def start(self, timeout_s: float = 600.0) -> None:

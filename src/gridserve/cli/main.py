@@ -14,6 +14,7 @@ import httpx
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 
 app = typer.Typer(
     help="gridserve: LLM inference from a grid of heterogeneous nodes behind one OpenAI endpoint.",
@@ -32,7 +33,8 @@ DataDir = Annotated[Path, typer.Option(help="where keys, secrets, logs and the S
 
 
 def fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, however long
+    # one line, however long; the message's own brackets are text ("pip install 'gridserve[gemma]'"), not markup
+    err.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 

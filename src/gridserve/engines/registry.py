@@ -55,6 +55,26 @@ class EngineOptions:
 
 
 def create_engine(name: str, options: EngineOptions) -> Engine:
+    """The engine `name` with `options`. The built-in engines need torch and transformers (the `gemma` extra): a
+    light install (`pip install 'gridserve[node]'`, for a node in front of an upstream server) is told so."""
+    try:
+        return _create(name, options)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in TORCH_STACK:
+            raise
+        raise EngineError(
+            f"engine {name} needs {exc.name}, which this install lacks: install the built-in engines with "
+            "pip install 'gridserve[gemma]' (or use --engine openai-upstream in front of vLLM or llama.cpp)"
+        ) from None
+
+
+TORCH_STACK = frozenset({"torch", "transformers", "accelerate", "gguf", "safetensors", "toploc"})
+"""What the built-in engines import that a light node install (the `node` extra) does not have."""
+
+
+def _create(name: str, options: EngineOptions) -> Engine:
+    if name == "openai-upstream" and options.layers is None and not options.stage_auto:
+        return _upstream(options)  # the light node: nothing of torch imported
     from gridserve.engines.tiny import tiny_engine
 
     if options.layers is not None or options.stage_auto:
@@ -86,19 +106,21 @@ def create_engine(name: str, options: EngineOptions) -> Engine:
             fifo_slots=options.fifo_slots,
             prefix_cache=options.prefix_cache_mb > 0,
         )
-    if name == "openai-upstream":
-        from gridserve.engines.upstream import UpstreamEngine
-
-        if not options.upstream_url:
-            raise EngineError("openai-upstream needs --upstream-url")
-        return UpstreamEngine(
-            url=options.upstream_url,
-            served_name=options.models[0] if options.models else None,
-            upstream_model=options.upstream_model,
-            max_context=options.max_context,
-            api_key=options.upstream_api_key,
-        )
     raise EngineError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
+
+
+def _upstream(options: EngineOptions) -> Engine:
+    from gridserve.engines.upstream import UpstreamEngine
+
+    if not options.upstream_url:
+        raise EngineError("openai-upstream needs --upstream-url")
+    return UpstreamEngine(
+        url=options.upstream_url,
+        served_name=options.models[0] if options.models else None,
+        upstream_model=options.upstream_model,
+        max_context=options.max_context,
+        api_key=options.upstream_api_key,
+    )
 
 
 def _stage_engine(name: str, options: EngineOptions, layers: tuple[int, int] | None) -> Engine:

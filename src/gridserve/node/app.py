@@ -3,9 +3,10 @@
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from fastapi import FastAPI, Request
@@ -14,7 +15,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from gridserve.engines import Engine, EngineError, EngineStats, InvalidRequest
-from gridserve.engines.stage_engine import StageEngine
 from gridserve.node.agent import NodeAgent
 from gridserve.node.dishonest import REFUSAL_TEXT, Dishonesty
 from gridserve.node.faults import Faults, FaultsDisabled, FaultSpec
@@ -25,6 +25,9 @@ from gridserve.trust import TrustError
 from gridserve.trust.challenge import answer as challenge_answer
 from gridserve.types import GenerateRequest, StreamError, StreamEvent, TokenEvent
 from gridserve.types.base import from_wire
+
+if TYPE_CHECKING:
+    from gridserve.engines.stage_engine import StageEngine
 
 log = logging.getLogger("gridserve.node")
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -301,9 +304,19 @@ def build_node_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _fault_routes(app, faults)
-    if isinstance(engine, StageEngine):
-        add_stage_routes(app, agent, engine)
+    stage = _stage_engine(engine)
+    if stage is not None:
+        add_stage_routes(app, agent, stage)
     return app
+
+
+def _stage_engine(engine: Engine) -> "StageEngine | None":
+    """The engine as a pipeline stage, or None; without importing torch for a node that runs no stage (a light
+    node in front of an upstream server has no torch installed: its module is loaded only if one was made)."""
+    module = sys.modules.get("gridserve.engines.stage_engine")
+    if module is None or not isinstance(engine, module.StageEngine):
+        return None
+    return cast("StageEngine", engine)
 
 
 def _fault_routes(app: FastAPI, faults: Faults) -> None:

@@ -8,14 +8,17 @@ per-stage timings (and the doctor) read.
 """
 
 import logging
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 
 from gridserve.engines.base import EngineError, InvalidRequest
-from gridserve.engines.stage_engine import StageEngine
 from gridserve.node.agent import NodeAgent
 from gridserve.trust import TrustError
 from gridserve.trust.frames import Frame, FrameReader, encode
+
+if TYPE_CHECKING:  # torch: imported only where a stage engine was made
+    from gridserve.engines.stage_engine import StageEngine
 
 log = logging.getLogger("gridserve.node")
 
@@ -31,7 +34,7 @@ class _Conn:
         await self.ws.send_bytes(encode(self.agent.identity, frame, to=self.gateway_key, seq=self.seq))
 
 
-def add_stage_routes(app: FastAPI, agent: NodeAgent, engine: StageEngine) -> None:
+def add_stage_routes(app: FastAPI, agent: NodeAgent, engine: "StageEngine") -> None:
     @app.websocket("/internal/stage")
     async def stage(ws: WebSocket) -> None:
         await ws.accept()
@@ -62,7 +65,7 @@ def add_stage_routes(app: FastAPI, agent: NodeAgent, engine: StageEngine) -> Non
             await ws.close(code=1008, reason=exc.kind)
 
 
-async def _serve(conn: _Conn, engine: StageEngine, data: bytes) -> None:
+async def _serve(conn: _Conn, engine: "StageEngine", data: bytes) -> None:
     frame, _ = conn.reader.decode(data)  # TrustError ends the connection
     try:
         if frame.kind == "open":

@@ -16,6 +16,10 @@ from gridserve.scheduler.snapshot import C_CAL_TTFT, M_LOAD_S
 from gridserve.scheduler.vector import Array, Columns
 from gridserve.types.scheduling import Candidate, ScoreDetail, Verdict
 
+DEFAULT_PREFILL_CHUNK = 128
+"""Prompt tokens an interleaved engine prefills in one step when it does not say (gridserve's engines: its prefix
+cache block, advertised as `Capability.prefix_block_tokens`)."""
+
 
 def requirements(ctx: Context) -> dict[str, Any]:
     """What the request needs, as the scheduler reads it (recorded in the decision)."""
@@ -116,7 +120,17 @@ class ColumnEvidence:
             _rounded(per_token, 12),
             _rounded(self.cols.queue(ctx)[j], 9),
             float(self.cols.mcol(M_LOAD_S)[j]) if self.cols.predictable(ctx)[j] else 0.0,
+            self._step_s(j, per_token, float(itl[j])),
         )
+
+    def _step_s(self, j: int, per_token: float, itl: float) -> float | None:
+        """An interleaved node's longest wait between a stream's tokens: a prefill chunk of another prompt, at this
+        node's calibrated prefill rate, and a decode step (None: a batched node, or no prediction)."""
+        node = self.cols.nodes[j]
+        if not node.static.interleaved or np.isnan(per_token) or np.isnan(itl):
+            return None
+        chunk = node.capability.prefix_block_tokens or DEFAULT_PREFILL_CHUNK
+        return round(chunk * per_token * float(self.cols.col(C_CAL_TTFT)[j]) + itl, 9)
 
     def _prefill_per_token(self, j: int) -> float:
         """Uncalibrated prefill seconds a prompt token on node `j` (prefill is linear in the tokens computed)."""

@@ -99,6 +99,10 @@ class Candidate:
     """The part of `predicted_ttft_s` spent waiting for a batch slot behind the node's other requests."""
     predicted_load_s: float = 0.0
     """The part of `predicted_ttft_s` spent loading weights that are not resident."""
+    step_s: float | None = None
+    """On an interleaved node (`Capability.interleaved`): the longest a stream may wait between two of its tokens
+    while the node works, one chunk of another prompt's prefill (its advertised prefix block) and its own decode
+    step; the stall timeout allows for it (a token late behind a prefill is not a stalled node). None: batched."""
 
     @property
     def raw_service_ttft_s(self) -> float | None:

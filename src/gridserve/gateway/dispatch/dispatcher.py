@@ -139,8 +139,11 @@ class Dispatcher:
         return self.policy.first_token_timeout(candidate.predicted_ttft_s)
 
     def stall_timeout(self, candidate: Candidate | None, *, resumable: bool = True, takeover: bool = True) -> float:
-        """The policy's stall timeout for the node's predicted ITL (None: unpredicted)."""
+        """The policy's stall timeout for the node's predicted ITL (None: unpredicted); on an interleaved node, for
+        its longest step between two tokens if that is longer (another prompt's prefill chunk)."""
         itl = candidate.predicted_itl_s if candidate is not None else None
+        if itl is not None and candidate is not None and candidate.step_s is not None:
+            itl = max(itl, candidate.step_s)
         return self.policy.stall_timeout(itl, resumable=resumable, takeover=takeover)
 
     # -- opening a generation -------------------------------------------------------------------------
