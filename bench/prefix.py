@@ -8,7 +8,8 @@ prefix-blind gateway spreads the turns by load and its other signals, a prefix-a
 chat's history is cached.
 Every chat has its own long system prompt; each turn adds a question and the answer (greedy, `--max-tokens`).
 
-Per mode: client TTFT (time to the first streamed content) p50 and p99 over all turns and over turns >= 2; the
+Per mode: client TTFT (time to the first streamed content) p50 and p99 over all turns and over turns >= 2, and
+each answer's whole time (e2e: the scheduler weighs it, since a node shared by more streams decodes each slower); the
 prompt tokens nodes reported cached (`usage.prompt_tokens_details.cached_tokens`) against those the gateway's
 prefix index expected (its decision record, as a share of the prompt in the node's own tokens); and which node
 served each turn. JSON on stdout, progress on stderr.
@@ -79,6 +80,7 @@ def one_turn(client: OpenAI, engine_model: str, messages: list[dict[str, str]], 
     assert usage is not None, "no usage chunk"
     details = usage.prompt_tokens_details
     return {
+        "e2e_s": time.perf_counter() - start,
         "ttft_s": ttft if ttft is not None else time.perf_counter() - start,
         "text": text,
         "prompt_tokens": usage.prompt_tokens,
@@ -196,6 +198,8 @@ def summarize(mode: str, turns: list[dict[str, Any]]) -> dict[str, Any]:
         "ttft_p99_s": percentile(all_ttft, 0.99),
         "later_turns_ttft_p50_s": percentile(later_ttft, 0.5),
         "later_turns_ttft_p99_s": percentile(later_ttft, 0.99),
+        "e2e_p50_s": percentile([t["e2e_s"] for t in turns], 0.5),
+        "e2e_p99_s": percentile([t["e2e_s"] for t in turns], 0.99),
         "later_turns_on_previous_node": f"{same_node}/{len(later)}",
         "requests_per_node": sorted(Counter(t["node"] for t in turns).values(), reverse=True),
         "prompt_tokens": sum(t["prompt_tokens"] for t in turns),
