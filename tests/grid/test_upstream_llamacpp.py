@@ -46,7 +46,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "--n_ctx",
             "2048",
             "--n_threads",
-            "2",
+            "1",  # one core: the other test worker's real-time tests (test_sim_faithful) keep the other
             "--model_alias",
             "gemma-gguf",
             "--chat_format",
