@@ -85,12 +85,16 @@ class Columns:
     def prediction(self, ctx: Context, *, loaded: bool) -> tuple[Array, Array]:
         """(TTFT, ITL) per node by the roofline (perfmodel.roofline), under the node's load or at rest (NaN where
         there is no prediction)."""
-        return self.cached(f"pred{loaded}", lambda: _predict(self, ctx, loaded))
+        return self.cached(f"pred{loaded}", lambda: self._roofline(ctx, loaded)[:2])
 
     def queue(self, ctx: Context) -> Array:
         """Predicted seconds each node's new request waits for a batch slot (part of its predicted TTFT; NaN where
         there is no prediction): what calibration leaves out, as it judges the node on its own service time."""
-        return self.cached("queue", lambda: _predict_all(self, ctx, True)[2])
+        return self._roofline(ctx, True)[2]
+
+    def _roofline(self, ctx: Context, loaded: bool) -> tuple[Array, Array, Array]:
+        """(TTFT, ITL, queue) per node, computed once per decision for both `prediction` and `queue`."""
+        return self.cached(f"roofline{loaded}", lambda: _predict(self, ctx, loaded))
 
     def set_prediction(self, ttft: Array, itl: Array) -> None:
         """Predictions under load computed elsewhere (the fused kernel, by the same formula)."""
@@ -127,12 +131,7 @@ def _unloaded(c: Columns, ctx: Context) -> tuple[Array, Array]:
     return np.asarray(itl), np.asarray(prefill)
 
 
-def _predict(c: Columns, ctx: Context, loaded: bool) -> tuple[Array, Array]:
-    ttft, itl, _ = _predict_all(c, ctx, loaded)
-    return ttft, itl
-
-
-def _predict_all(c: Columns, ctx: Context, loaded: bool) -> tuple[Array, Array, Array]:
+def _predict(c: Columns, ctx: Context, loaded: bool) -> tuple[Array, Array, Array]:
     n = len(c)
     ok = c.predictable(ctx)
     if not ok.any():
