@@ -114,6 +114,30 @@ def _start_all(grid: LocalGrid, prompts: list[str], max_tokens: int, **sampling:
     return streams
 
 
+def greedy_streams_under_way(
+    grid: LocalGrid, count: int, streaming_on_victim: int
+) -> tuple[list[tuple[str, str, int]], list[Stream], str]:
+    """`count` greedy streams started (and their uninterrupted reference run first), and the node serving the most
+    of them once at least `streaming_on_victim` of its streams are under way: (reference, streams, that node)."""
+    prompts = [f"Stream {i}: the grid keeps serving when" for i in range(count)]
+    reference = _reference(grid, prompts, 40, temperature=0)
+    streams = _start_all(grid, prompts, 40, temperature=0)
+    by_node: dict[str, int] = {}
+    for s in streams:
+        by_node[s.node] = by_node.get(s.node, 0) + 1
+    victim = max(by_node, key=lambda n: by_node[n])
+    _wait_streaming(streams, victim, min(streaming_on_victim, by_node[victim]))
+    return reference, streams, victim
+
+
+def all_completed_unchanged(streams: list[Stream], reference: list[tuple[str, str, int]], victim: str) -> None:
+    for s in streams:
+        s.join(timeout=60)
+    assert all(s.error is None for s in streams), [repr(s.error) for s in streams if s.error]
+    for s, ref in zip(streams, reference, strict=True):
+        assert (s.text, s.finish, s.usage.completion_tokens) == ref, s.node == victim  # no token lost or repeated
+
+
 def _kill_9(grid: LocalGrid, node_id: str) -> None:
     proc = grid.procs[_proc_of(grid, node_id)]
     os.kill(proc.pid, signal.SIGKILL)
@@ -122,20 +146,9 @@ def _kill_9(grid: LocalGrid, node_id: str) -> None:
 
 def test_kill_9_during_32_greedy_streams_every_stream_completes_unchanged(emulated_grid: LocalGrid) -> None:
     grid = emulated_grid
-    prompts = [f"Stream {i}: the grid keeps serving when" for i in range(32)]
-    reference = _reference(grid, prompts, 40, temperature=0)
-    streams = _start_all(grid, prompts, 40, temperature=0)
-    by_node: dict[str, int] = {}
-    for s in streams:
-        by_node[s.node] = by_node.get(s.node, 0) + 1
-    victim = max(by_node, key=lambda n: by_node[n])
-    _wait_streaming(streams, victim, min(4, by_node[victim]))
+    reference, streams, victim = greedy_streams_under_way(grid, 32, streaming_on_victim=4)
     _kill_9(grid, victim)
-    for s in streams:
-        s.join(timeout=60)
-    assert all(s.error is None for s in streams), [repr(s.error) for s in streams if s.error]
-    for s, ref in zip(streams, reference, strict=True):
-        assert (s.text, s.finish, s.usage.completion_tokens) == ref, s.node == victim  # no token lost or repeated
+    all_completed_unchanged(streams, reference, victim)
     moved = [s for s in streams if s.node == victim]
     failovers = [admin_get(grid, f"/v1/decisions/{s.decision}").json() for s in moved]
     resumed = [d for d in failovers if d["failovers"] >= 1]

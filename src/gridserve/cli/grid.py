@@ -67,19 +67,23 @@ class LocalGrid:
     """The CA nodes and this grid's own calls verify the gateway against (with tls_cert)."""
     node_module: str = "gridserve"
     """Nodes run as `python -m MODULE node ...`: tests run them as a light install would (tests/light_node.py)."""
+    outbound_only: bool = False
+    """Nodes open no port: each dials the gateway and is called over that connection (`--outbound-only`)."""
+    node_wrapper: list[str] = field(default_factory=list)
+    """A command nodes run under (e.g. `ip netns exec NS`: a test's network namespace)."""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return f"{'https' if self.tls_cert else 'http'}://127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, args: list[str], module: str = "gridserve") -> None:
+    def _spawn(self, name: str, args: list[str], module: str = "gridserve", wrapper: list[str] | None = None) -> None:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log = (logs / f"{name}.log").open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [*(wrapper or []), sys.executable, "-m", module, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -108,10 +112,11 @@ class LocalGrid:
     def start_node(self, index: int, engine: str, extra: list[str] | None = None) -> str:
         name = f"node-{index}"
         gateway = self.node_gateways or self.url
-        args = ["node", "--gateway", gateway, "--engine", engine, "--port", str(self.node_port(index))]
+        args = ["node", "--gateway", gateway, "--engine", engine]
+        args += ["--outbound-only"] if self.outbound_only else ["--port", str(self.node_port(index))]
         args += ["--key", str(self.data_dir / "keys" / f"{name}.key"), "--threads", str(self.threads)]
         args += ["--ca-file", str(self.ca_file)] if self.ca_file is not None else []
-        self._spawn(name, [*args, *self.extra_node_args, *(extra or [])], self.node_module)
+        self._spawn(name, [*args, *self.extra_node_args, *(extra or [])], self.node_module, self.node_wrapper)
         return name
 
     def start(self, timeout_s: float = 600.0) -> None:

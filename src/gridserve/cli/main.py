@@ -256,7 +256,13 @@ def node(
         typer.Option(help="gateway URL, e.g. http://127.0.0.1:8000; several, comma-separated: the next on failure"),
     ],
     engine: Annotated[str, typer.Option(help="tiny | gemma-270m | emulated:<hardware> | openai-upstream")],
-    port: Annotated[int, typer.Option(help="port for this node's API")],
+    port: Annotated[int | None, typer.Option(help="port for this node's API (not with --outbound-only)")] = None,
+    outbound_only: Annotated[
+        bool,
+        typer.Option(
+            help="open no port: dial the gateway and take its calls over that connection (behind NAT or a firewall)"
+        ),
+    ] = False,
     key: Annotated[Path, typer.Option(help="Ed25519 key file (created with mode 0600 if missing)")] = Path("node.key"),
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     advertise_url: Annotated[str | None, typer.Option(help="URL the gateway should call")] = None,
@@ -326,11 +332,16 @@ def node(
         tls.client_verify(ca_file)
     except tls.TlsConfigError as exc:
         raise fail(str(exc)) from None
+    if outbound_only and (port is not None or advertise_url is not None):
+        raise fail("--outbound-only opens no port: leave out --port and --advertise-url")
+    if not outbound_only and port is None:
+        raise fail("give --port for this node's API, or --outbound-only to open none (behind NAT)")
 
     config = NodeConfig(
         gateway_url=gateway,
         engine=engine,
-        port=port,
+        port=port or 0,
+        outbound_only=outbound_only,
         host=host,
         advertise_url=advertise_url,
         key_file=key,

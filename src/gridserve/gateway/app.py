@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -54,10 +54,14 @@ from gridserve.gateway.registry.cluster import ClusterSync
 from gridserve.gateway.registry.health import probe_forever
 from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.gateway.registry.tokens import JOIN_TOKEN_HEADER, JoinTokens
+from gridserve.gateway.transport import AiohttpTransport
+from gridserve.gateway.transport.routing import RoutingTransport
+from gridserve.gateway.transport.tunnel import TunnelHub, TunnelTransport
 from gridserve.scheduler import Scheduler, default_profile, load_profile
 from gridserve.store import Store, StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
 from gridserve.trust.errors import Malformed, RateLimited
+from gridserve.tunnel.wire import PATH as TUNNEL_PATH
 from gridserve.types.node import MAX_CAPABILITY_BYTES
 
 log = logging.getLogger("gridserve.gateway")
@@ -101,7 +105,11 @@ class Gateway:
             registration_burst=config.registration_burst,
             registration_rate_total=config.registration_rate_total,
         )
-        self.dispatcher = Dispatcher(config, self.membership, identity, self.metrics)
+        self.tunnels = TunnelHub(identity, self.verifier, self.membership)
+        """Outbound-only nodes' open tunnels (WS /nodes/tunnel)."""
+        direct = AiohttpTransport(identity, connect_timeout_s=config.connect_timeout_s)
+        transport = RoutingTransport(direct, TunnelTransport(identity, self.tunnels))
+        self.dispatcher = Dispatcher(config, self.membership, identity, self.metrics, transport)
         self.decisions = DecisionLog(self.writer, config.decision_cache)
         profile = load_profile(config.profile_path) if config.profile_path else default_profile()
         self.traces = Traces()
@@ -267,6 +275,11 @@ def _node_routes(app: FastAPI, gw: Gateway) -> None:
         except TrustError as exc:
             return refused(exc, request)
         return JSONResponse({"ok": True})
+
+    @app.websocket(TUNNEL_PATH)
+    async def tunnel(ws: WebSocket) -> None:
+        """An outbound-only node's tunnel (gateway/transport/tunnel.py)."""
+        await gw.tunnels.serve(ws)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -6,7 +6,7 @@ import logging
 import platform
 import random
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
 
@@ -16,9 +16,13 @@ from gridserve.node.config import NodeConfig
 from gridserve.node.faults import Faults
 from gridserve.node.hardware import Nvml, detect_hardware
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope, tls
+from gridserve.tunnel.wire import endpoint_for
 from gridserve.types import Capability, HeartbeatPayload, NodeId, RegisterReply, RuntimeInfo, Telemetry
 from gridserve.types.base import from_wire
 from gridserve.types.node import JOIN_TOKEN_HEADER
+
+if TYPE_CHECKING:
+    from gridserve.node.tunnel import NodeTunnel
 
 log = logging.getLogger("gridserve.node")
 
@@ -33,6 +37,10 @@ def runtime_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+TUNNEL_FIRST_S = 5.0
+"""How long an outbound-only node waits for its tunnel before registering anyway (it is probed on registration)."""
 
 
 class RegistrationLimited(RuntimeError):
@@ -104,6 +112,8 @@ class NodeAgent:
         """The grid's gateways (they share one database and one key); heartbeats go to one, the next on failure."""
         self._current = 0
         self._client = httpx.AsyncClient(timeout=10.0, verify=tls.client_verify(config.ca_file))
+        self.tunnels: dict[str, NodeTunnel] = {}
+        """An outbound-only node's tunnel to each gateway (node/tunnel.py); empty for a node with a port."""
 
     @property
     def gateway_url(self) -> str:
@@ -123,7 +133,7 @@ class NodeAgent:
         return Capability(
             node_id=NodeId(self.identity.node_id),
             public_key=self.identity.public_key,
-            endpoint=self.config.endpoint,
+            endpoint=endpoint_for(self.identity.node_id) if self.config.outbound_only else self.config.endpoint,
             engine=self.engine.kind,
             models=self.engine.offers(),
             loadable_models=self.engine.loadable(),
@@ -236,19 +246,27 @@ class NodeAgent:
     async def heartbeat(self) -> None:
         self._seq += 1
         payload = HeartbeatPayload(node_id=NodeId(self.identity.node_id), seq=self._seq, telemetry=self.telemetry())
-        resp = await self._client.post(
-            self.gateway_url + "/nodes/heartbeat",
-            content=self._signed(payload.model_dump(mode="json"), "heartbeat"),
-            headers={"content-type": "application/json"},
-        )
-        if resp.status_code == 404:
+        body = self._signed(payload.model_dump(mode="json"), "heartbeat")
+        status, text = await self._send_heartbeat(body)
+        if status == 404:
             log.warning("gateway does not know this node (restarted?); registering again")
             self.registered.clear()
             await self.register()
-        elif resp.status_code >= 500 and len(self.gateways) > 1:
-            raise GatewayUnavailable(f"heartbeat answered {resp.status_code}")
-        elif resp.status_code != 200:
-            log.warning("heartbeat refused (%s): %s", resp.status_code, resp.text[:200])
+        elif status >= 500 and len(self.gateways) > 1:
+            raise GatewayUnavailable(f"heartbeat answered {status}")
+        elif status != 200:
+            log.warning("heartbeat refused (%s): %s", status, text[:200])
+
+    async def _send_heartbeat(self, body: bytes) -> tuple[int, str]:
+        """Over the tunnel to the current gateway while it is open; over HTTP otherwise."""
+        tunnel = self.tunnels.get(self.gateway_url)
+        reply = await tunnel.heartbeat(body) if tunnel is not None else None
+        if reply is not None:
+            return reply[0], reply[1].decode(errors="replace")
+        resp = await self._client.post(
+            self.gateway_url + "/nodes/heartbeat", content=body, headers={"content-type": "application/json"}
+        )
+        return resp.status_code, resp.text
 
     def _cannot_join(self, why: CannotJoin) -> NoReturn:
         self.refused = why
@@ -262,6 +280,10 @@ class NodeAgent:
             await self._run()
 
     async def _run(self) -> None:
+        tunnel = self.tunnels.get(self.gateway_url)
+        if tunnel is not None:  # the gateway probes a node as soon as it registers: be reachable first
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tunnel.connected.wait(), TUNNEL_FIRST_S)
         await self._register_somewhere()
         while True:  # the first heartbeat right away: the gateway has telemetry from the start
             try:

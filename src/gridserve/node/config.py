@@ -10,6 +10,8 @@ class NodeConfig:
     engine: str
     port: int
     host: str = "127.0.0.1"
+    outbound_only: bool = False
+    """Open no listening socket: dial each gateway and take its calls over that connection (node/tunnel.py)."""
     advertise_url: str | None = None
     """URL the gateway uses to reach this node (default http://HOST:PORT)."""
     key_file: Path = Path("node.key")

@@ -1,8 +1,10 @@
 """Run a node agent: engine + HTTP server + registration/heartbeats."""
 
 import asyncio
+import signal
 
 import uvicorn
+from fastapi import FastAPI
 
 from gridserve.engines.registry import EngineOptions, create_engine
 from gridserve.node.agent import NodeAgent
@@ -10,8 +12,9 @@ from gridserve.node.app import build_node_app
 from gridserve.node.config import NodeConfig
 from gridserve.node.dishonest import Dishonesty
 from gridserve.node.faults import Faults
+from gridserve.node.tunnel import NodeTunnel
 from gridserve.observability import LogFormat, setup_logging
-from gridserve.trust import load_or_create_identity
+from gridserve.trust import load_or_create_identity, tls
 
 KEEP_ALIVE_S = 75
 """How long an idle connection from the gateway stays open (uvicorn's default: 5 s). The gateway's pool keeps idle
@@ -33,6 +36,11 @@ def run_node(
     engine = create_engine(config.engine, options)
     agent = NodeAgent(config, identity, engine)
     app = build_node_app(agent, engine, faults, lies)
+    if config.outbound_only:
+        asyncio.run(_serve_outbound(app, agent))
+        if agent.refused is not None:
+            raise agent.refused
+        return
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -49,6 +57,35 @@ def run_node(
     asyncio.run(_serve(server, agent))
     if agent.refused is not None:
         raise agent.refused
+
+
+async def _serve_outbound(app: FastAPI, agent: NodeAgent) -> None:
+    """An outbound-only node: no server, no listening socket; one tunnel to each gateway, and the app's lifespan
+    (engine, registration, heartbeats) around them. Stops on SIGINT or SIGTERM, or when this node cannot join."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    verify = tls.client_verify(agent.config.ca_file)
+
+    def learned(key: str) -> None:
+        agent.gateway_key = agent.gateway_key or key
+
+    for url in agent.gateways:
+        agent.tunnels[url] = NodeTunnel(
+            agent.identity, app, url, verify=verify, gateway_key=lambda: agent.gateway_key, learned_key=learned
+        )
+    runners = [asyncio.create_task(t.run(), name=f"tunnel {url}") for url, t in agent.tunnels.items()]
+    try:
+        async with app.router.lifespan_context(app):
+            ended = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(agent.stopped.wait())]
+            await asyncio.wait(ended, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in ended:
+                waiter.cancel()
+    finally:
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
 
 
 async def _serve(server: uvicorn.Server, agent: NodeAgent) -> None:

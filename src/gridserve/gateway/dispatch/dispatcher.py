@@ -36,6 +36,8 @@ from gridserve.gateway.transport import (
     Refused,
     TransportError,
 )
+from gridserve.gateway.transport.routing import RoutingTransport
+from gridserve.gateway.transport.tunnel import TunnelTransport
 from gridserve.reliability import EventKind
 from gridserve.reliability import NodeEvent as LedgerEvent
 from gridserve.trust import Identity
@@ -119,7 +121,14 @@ class Dispatcher:
     @property
     def session(self) -> aiohttp.ClientSession | None:
         """The HTTP pool under the aiohttp transport (the pipeline's stage links still borrow it)."""
-        return self.transport.session if isinstance(self.transport, AiohttpTransport) else None
+        if isinstance(self.transport, (AiohttpTransport, RoutingTransport)):
+            return self.transport.session
+        return None
+
+    @property
+    def tunnels(self) -> TunnelTransport | None:
+        """The transport to outbound-only nodes (the pipeline's stage links to them go through it)."""
+        return self.transport.tunnels if isinstance(self.transport, RoutingTransport) else None
 
     async def start(self) -> None:
         await self.transport.start()

@@ -180,7 +180,7 @@ class Pipelines:
             )
         if self.pool is None:
             assert self.dispatcher.session is not None
-            self.pool = LinkPool(self.dispatcher.identity, self.dispatcher.session)
+            self.pool = LinkPool(self.dispatcher.identity, self.dispatcher.session, self.dispatcher.tunnels)
         routes = self.routes(job.model)
         try:
             chain = plan_chain(routes, routes[0].n_layers if routes else 0)

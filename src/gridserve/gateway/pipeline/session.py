@@ -22,11 +22,14 @@ import aiohttp
 import numpy as np
 import numpy.typing as npt
 
+from gridserve.gateway.transport.errors import TransportError
+from gridserve.gateway.transport.tunnel import TunnelStageChannel, TunnelTransport
 from gridserve.planner.chain import NoChain, StageRoute, plan_chain
 from gridserve.trust import TrustError
 from gridserve.trust.frames import Frame, FrameReader, encode
 from gridserve.trust.identity import Identity
-from gridserve.types import SamplingParams
+from gridserve.tunnel.wire import is_tunnel
+from gridserve.types import NodeId, SamplingParams
 
 if TYPE_CHECKING:  # torch is imported on first use: the gateway starts without it
     from gridserve.engines.torch_engine import TextCodec
@@ -59,6 +62,7 @@ LINK_ERRORS: tuple[type[BaseException], ...] = (
     # or the handshake not in time; asyncio.TimeoutError is TimeoutError)
     RuntimeError,  # aiohttp: a closed client session, a write after the writer was closed
     TrustError,  # a reply that fails its signature, freshness or sequence checks
+    TransportError,  # a stage link inside an outbound-only node's tunnel: the tunnel ended, or never opened
 )
 """Everything a dead or dying stage connection raises, at any point of an exchange (connect, hello, send, receive).
 `StageLink.exchange` turns each into `StageFailed`: the one error the session re-plans around."""
@@ -81,9 +85,15 @@ class StageLink:
     learns at once that the node closed it or died. It is also the one place where the connection's errors become
     `StageFailed` (`LINK_ERRORS`)."""
 
-    def __init__(self, identity: Identity, route: StageRoute, http: aiohttp.ClientSession) -> None:
-        self.identity, self.route, self.http = identity, route, http
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
+    def __init__(
+        self,
+        identity: Identity,
+        route: StageRoute,
+        http: aiohttp.ClientSession,
+        tunnels: TunnelTransport | None = None,
+    ) -> None:
+        self.identity, self.route, self.http, self.tunnels = identity, route, http, tunnels
+        self.ws: aiohttp.ClientWebSocketResponse | TunnelStageChannel | None = None
         self.reader = FrameReader(me=identity.public_key, sender=route.public_key)
         self.seq = 0
         self.lock = asyncio.Lock()
@@ -131,24 +141,30 @@ class StageLink:
 
     async def _connect(self, timeout_s: float) -> None:
         await self.aclose()
-        url = self.route.endpoint.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/internal/stage"
-        self.ws = await asyncio.wait_for(
-            self.http.ws_connect(
-                url,
-                max_msg_size=MAX_FRAME,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S),
-                heartbeat=None,
-            ),
-            timeout_s,
-        )
+        ws = self.ws = await asyncio.wait_for(self._open(timeout_s), timeout_s)
+        receive = ws.receive_message if isinstance(ws, TunnelStageChannel) else ws.receive
         self.reader = FrameReader(me=self.identity.public_key, sender=self.route.public_key)
         self._replies = asyncio.Queue()
-        self._listener = asyncio.create_task(_listen(self.ws, self._replies), name=f"stage-link-{self.route.node_id}")
+        self._listener = asyncio.create_task(_listen(receive, self._replies), name=f"stage-link-{self.route.node_id}")
         hello, _, _ = await self._send_recv(Frame("hello"), None, timeout_s)
         if (hello.meta.get("start"), hello.meta.get("end")) != (self.route.start, self.route.end):
             raise StageFailed(
                 self.route.node_id, f"runs layers {hello.meta}, not [{self.route.start}, {self.route.end})"
             )
+
+    async def _open(self, timeout_s: float) -> "aiohttp.ClientWebSocketResponse | TunnelStageChannel":
+        """The WebSocket to the node's stage route: direct, or inside an outbound-only node's tunnel."""
+        if is_tunnel(self.route.endpoint):
+            if self.tunnels is None:
+                raise LinkBroken("no tunnel transport for an outbound-only stage node")
+            return await self.tunnels.stage_link(NodeId(self.route.node_id), self.route.endpoint, timeout_s)
+        url = self.route.endpoint.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/internal/stage"
+        return await self.http.ws_connect(
+            url,
+            max_msg_size=MAX_FRAME,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S),
+            heartbeat=None,
+        )
 
     async def _send_recv(self, frame: Frame, wire_dtype: str | None, timeout_s: float) -> tuple[Frame, int, int]:
         if self.ws is None:
@@ -176,11 +192,13 @@ class StageLink:
             await ws.close()
 
 
-async def _listen(ws: aiohttp.ClientWebSocketResponse, replies: "asyncio.Queue[bytes | BaseException]") -> None:
+async def _listen(
+    receive: Callable[[], Awaitable[aiohttp.WSMessage]], replies: "asyncio.Queue[bytes | BaseException]"
+) -> None:
     """The link's reader: replies go to the queue; the end of the connection goes there as an error."""
     try:
         while True:
-            msg = await ws.receive()  # answers the node's pings on the way (aiohttp's autoping)
+            msg = await receive()  # answers the node's pings on the way (aiohttp's autoping)
             if msg.type != aiohttp.WSMsgType.BINARY:
                 replies.put_nowait(LinkBroken(f"stage connection closed ({msg.type.name}: {msg.extra or ''})"))
                 return
@@ -192,8 +210,8 @@ async def _listen(ws: aiohttp.ClientWebSocketResponse, replies: "asyncio.Queue[b
 class LinkPool:
     """The gateway's long-lived links, one per stage node, opened on first use and reused by every session."""
 
-    def __init__(self, identity: Identity, http: aiohttp.ClientSession) -> None:
-        self.identity, self.http = identity, http
+    def __init__(self, identity: Identity, http: aiohttp.ClientSession, tunnels: TunnelTransport | None = None) -> None:
+        self.identity, self.http, self.tunnels = identity, http, tunnels
         self.links: dict[str, StageLink] = {}
 
     async def link(self, route: StageRoute) -> StageLink:
@@ -204,7 +222,7 @@ class LinkPool:
             return found
         if found is not None:
             await found.aclose()
-        found = StageLink(self.identity, route, self.http)
+        found = StageLink(self.identity, route, self.http, self.tunnels)
         self.links[route.node_id] = found
         return found
 

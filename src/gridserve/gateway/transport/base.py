@@ -38,8 +38,9 @@ class StageChannel(Protocol):
 
     async def send(self, data: bytes) -> None: ...
 
-    async def receive(self, timeout_s: float) -> bytes:
-        """The next frame; raises Timeout after `timeout_s`, BrokenStream when the node closed the channel."""
+    async def receive(self, timeout_s: float | None) -> bytes:
+        """The next frame; raises Timeout after `timeout_s` (None: no limit), BrokenStream when the node closed the
+        channel."""
         ...
 
     async def aclose(self) -> None: ...

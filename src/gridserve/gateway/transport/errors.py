@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Literal
 
 import aiohttp
+import orjson
 
 Phase = Literal["open", "read"]
 """`open`: before the node's reply began (a broken connection means it was never reached); `read`: while it
@@ -64,6 +65,22 @@ class Malformed(TransportError):
     """The node sent something that is not one JSON object per line."""
 
 
+REFUSAL_CHARS = 300
+"""How much of an error reply is kept for messages."""
+
+
+def refusal(status: int, text: str) -> Refused:
+    """A node's error reply as Refused: its own `error.message` when the body is the node's JSON error."""
+    body = text[:REFUSAL_CHARS]
+    try:
+        reply = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return Refused(status, body, body=body)
+    error = reply.get("error") if isinstance(reply, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return Refused(status, str(message) if message is not None else body, body=body)
+
+
 def translate(exc: BaseException, phase: Phase) -> TransportError | None:
     """The tree's error for a foreign exception raised in `phase`; None for what is not a transport failure
     (a bug, a cancellation), which the caller lets through unchanged."""
@@ -96,6 +113,7 @@ def map_errors(phase: Phase) -> Iterator[None]:
 
 
 __all__ = [
+    "REFUSAL_CHARS",
     "BrokenStream",
     "Malformed",
     "Phase",
@@ -104,5 +122,6 @@ __all__ = [
     "TransportError",
     "Unreachable",
     "map_errors",
+    "refusal",
     "translate",
 ]

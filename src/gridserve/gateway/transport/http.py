@@ -21,6 +21,7 @@ from gridserve.gateway.transport.errors import (
     TransportError,
     Unreachable,
     map_errors,
+    refusal,
     translate,
 )
 from gridserve.trust import Identity, sign_envelope
@@ -29,8 +30,6 @@ from gridserve.types import GenerateRequest, NodeId, StreamEvent
 JSON_HEADERS = {"content-type": "application/json"}
 MAX_STAGE_FRAME = 64 * 1024 * 1024
 """Largest frame a stage link carries (a long prompt's hidden states in float32)."""
-REFUSAL_CHARS = 300
-"""How much of an error reply is kept for messages."""
 
 
 class LineSource(Protocol):
@@ -92,7 +91,7 @@ class HttpStageChannel:
         with map_errors("read"):
             await self.ws.send_bytes(data)
 
-    async def receive(self, timeout_s: float) -> bytes:
+    async def receive(self, timeout_s: float | None) -> bytes:
         with map_errors("read"):
             msg = await asyncio.wait_for(self.ws.receive(), timeout_s)
         if msg.type != aiohttp.WSMsgType.BINARY:
@@ -178,17 +177,9 @@ MAX_PROBE_BYTES = 64 * 1024
 
 
 async def _refusal(response: aiohttp.ClientResponse) -> Refused:
-    """The node's error reply as Refused: its own `error.message` when the body is the node's JSON error."""
     with map_errors("read"):
         text = await response.text(errors="replace")
-    body = text[:REFUSAL_CHARS]
-    try:
-        reply = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return Refused(response.status, body, body=body)
-    error = reply.get("error") if isinstance(reply, dict) else None
-    message = error.get("message") if isinstance(error, dict) else None
-    return Refused(response.status, str(message) if message is not None else body, body=body)
+    return refusal(response.status, text)
 
 
 __all__ = ["AiohttpTransport", "HttpEventStream", "HttpStageChannel", "LineSource", "TransportError"]

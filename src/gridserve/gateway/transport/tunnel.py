@@ -1,0 +1,415 @@
+"""The node transport over tunnels: outbound-only nodes dial the gateway (`WS /nodes/tunnel`), and every call the
+gateway makes to such a node (generate, load, probe, stage link) is a stream multiplexed on that one WebSocket
+(tunnel/wire.py). A node's endpoint `tunnel://<node id>` says to reach it this way.
+
+`TunnelHub` owns the open tunnels (one per node: a node that dials again replaces its old tunnel); it accepts a
+tunnel after the signed handshake (tunnel/handshake.py), carries the node's heartbeats to membership, and when a
+tunnel ends every stream on it breaks at once (the dispatcher fails over as for a dropped HTTP connection) and
+the node's next probe finds no way to it. `TunnelTransport` is the NodeTransport over the hub; the same error tree
+as the HTTP transport leaves it.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+import aiohttp
+import orjson
+from opentelemetry import propagate
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from gridserve.gateway.registry.membership import Membership, UnknownNode
+from gridserve.gateway.transport.errors import (
+    REFUSAL_CHARS,
+    BrokenStream,
+    Malformed,
+    Refused,
+    Timeout,
+    TransportError,
+    Unreachable,
+    refusal,
+)
+from gridserve.trust import EnvelopeVerifier, Identity, TrustError, sign_envelope
+from gridserve.tunnel import handshake
+from gridserve.tunnel.wire import (
+    CONTROL,
+    BadFrame,
+    Frame,
+    Kind,
+    decode,
+    encode,
+    json_payload,
+    request_payload,
+)
+from gridserve.types import GenerateRequest, NodeId, StreamEvent
+
+log = logging.getLogger("gridserve.gateway")
+HANDSHAKE_TIMEOUT_S = 10.0
+MAX_PROBE_BYTES = 64 * 1024
+
+Inbound = Frame | TransportError
+"""What a stream's queue holds: the node's frames, or why the tunnel ended."""
+
+
+class TunnelConn:
+    """One node's open tunnel: the streams under way on it and the frames they wait for."""
+
+    def __init__(self, node_id: NodeId, ws: WebSocket, remote: str) -> None:
+        self.node_id, self.ws, self.remote = node_id, ws, remote
+        self.opened_at = time.time()
+        self.streams: dict[int, asyncio.Queue[Inbound]] = {}
+        self._next = 1
+        self.closed: TransportError | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def open_stream(self) -> tuple[int, "asyncio.Queue[Inbound]"]:
+        if self.closed is not None:
+            raise Unreachable(f"the tunnel of {self.node_id} is closed", cause="tunnel closed")
+        stream = self._next
+        self._next = stream + 1 if stream < 0xFFFFFFFF else 1
+        queue: asyncio.Queue[Inbound] = asyncio.Queue()
+        self.streams[stream] = queue
+        return stream, queue
+
+    def end_stream(self, stream: int, *, cancel: Kind | None = None) -> None:
+        """Forget the stream; with `cancel`, tell the node too (CANCEL for HTTP, WS_CLOSE for a stage link)."""
+        if self.streams.pop(stream, None) is not None and cancel is not None and self.closed is None:
+            task = asyncio.ensure_future(self._quietly(encode(cancel, stream)))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _quietly(self, data: bytes) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.send_bytes(data)
+
+    async def send(self, kind: Kind, stream: int, payload: bytes = b"", *, phase: str = "open") -> None:
+        if self.closed is not None:
+            raise self.closed
+        try:
+            await self.ws.send_bytes(encode(kind, stream, payload))
+        except Exception as exc:  # starlette/uvicorn: WebSocketDisconnect, ClientDisconnected, RuntimeError
+            error = (Unreachable if phase == "open" else BrokenStream)(
+                str(exc) or "tunnel closed", cause=type(exc).__name__
+            )
+            raise error from exc
+
+    def deliver(self, frame: Frame) -> None:
+        queue = self.streams.get(frame.stream)
+        if queue is not None:
+            queue.put_nowait(frame)
+
+    def fail(self, why: str) -> None:
+        """The tunnel ended: every stream on it learns at once."""
+        self.closed = BrokenStream(f"tunnel of {self.node_id} closed: {why}", cause="tunnel closed")
+        for queue in self.streams.values():
+            queue.put_nowait(self.closed)
+        self.streams.clear()
+
+
+class TunnelHub:
+    """The gateway's open tunnels, by node."""
+
+    def __init__(self, identity: Identity, verifier: EnvelopeVerifier, membership: Membership) -> None:
+        self.identity, self.verifier, self.membership = identity, verifier, membership
+        self.conns: dict[NodeId, TunnelConn] = {}
+        self.opened = 0
+        """Tunnels accepted since start (reconnections included)."""
+
+    def get(self, node_id: NodeId) -> TunnelConn:
+        conn = self.conns.get(node_id)
+        if conn is None or conn.closed is not None:
+            raise Unreachable(f"node {node_id} has no tunnel open to this gateway", cause="no tunnel")
+        return conn
+
+    async def serve(self, ws: WebSocket) -> None:
+        """One node's tunnel, from the handshake to its end."""
+        await ws.accept()
+        remote = ws.client.host if ws.client else "?"
+        try:
+            greeted = await asyncio.wait_for(self._greet(ws), HANDSHAKE_TIMEOUT_S)
+        except (TrustError, BadFrame, ValueError, TimeoutError, WebSocketDisconnect) as exc:
+            why = exc.detail if isinstance(exc, TrustError) else (str(exc) or type(exc).__name__)
+            log.warning("refused a tunnel from %s: %s", remote, why)
+            with contextlib.suppress(Exception):
+                await ws.send_bytes(encode(Kind.WS_CLOSE, CONTROL, why.encode()))
+                await ws.close(code=1008)
+            return
+        node_id = NodeId(greeted.node_id)
+        conn = TunnelConn(node_id, ws, remote)
+        old = self.conns.get(node_id)
+        if old is not None:
+            old.fail("replaced by a new tunnel from the node")
+        self.conns[node_id] = conn
+        self.opened += 1
+        log.info("tunnel open from %s (%s)", node_id, remote)
+        try:
+            await self._read(conn)
+        finally:
+            conn.fail("the connection ended")
+            if self.conns.get(node_id) is conn:
+                del self.conns[node_id]
+            log.info("tunnel from %s closed", node_id)
+
+    async def _greet(self, ws: WebSocket) -> handshake.Hello:
+        challenge = handshake.challenge()
+        await ws.send_bytes(encode(Kind.CHALLENGE, CONTROL, json_payload({"challenge": challenge})))
+        frame = decode(await ws.receive_bytes())
+        if frame.kind != Kind.HELLO:
+            raise BadFrame(f"expected the node's hello, got {frame.kind.name}")
+        greeted = handshake.check_hello(self.verifier, frame.payload, challenge)
+        interval = self.membership.config.heartbeat_interval_s
+        await ws.send_bytes(encode(Kind.WELCOME, CONTROL, handshake.welcome(self.identity, greeted, interval)))
+        return greeted
+
+    async def _read(self, conn: TunnelConn) -> None:
+        receive = conn.ws.receive
+        while True:
+            message = await receive()
+            if message["type"] != "websocket.receive":
+                return
+            data = message.get("bytes")
+            if data is None:
+                return  # a text frame: not this protocol
+            try:
+                frame = decode(data)
+            except BadFrame as exc:
+                log.warning("tunnel from %s sent a bad frame: %s", conn.node_id, exc)
+                return
+            if frame.kind == Kind.HEARTBEAT:
+                await self._heartbeat(conn, frame.payload)
+            else:
+                conn.deliver(frame)
+
+    async def _heartbeat(self, conn: TunnelConn, body: bytes) -> None:
+        """A heartbeat over the tunnel: the same checks and answers as `POST /nodes/heartbeat`."""
+        try:
+            self.membership.heartbeat(body)
+            status, answer = 200, '{"ok":true}'
+        except TrustError as exc:
+            self.membership.reject(exc, path="/nodes/tunnel", remote=conn.remote)
+            status = 404 if isinstance(exc, UnknownNode) else 401
+            answer = orjson.dumps({"error": {"type": exc.kind, "message": exc.detail}}).decode()
+        with contextlib.suppress(TransportError):
+            await conn.send(Kind.HEARTBEAT_REPLY, CONTROL, json_payload({"status": status, "body": answer}))
+
+
+class TunnelEventStream:
+    """A generation's NDJSON events as they arrive in BODY and END frames."""
+
+    __slots__ = ("_buffer", "_conn", "_done", "_queue", "_stream", "busy_at")
+
+    def __init__(
+        self, conn: TunnelConn, stream: int, queue: "asyncio.Queue[Inbound]", first: bytes, done: bool
+    ) -> None:
+        self._conn, self._stream, self._queue = conn, stream, queue
+        self._buffer = first
+        self._done = done
+        self.busy_at = 0.0
+
+    async def next(self) -> StreamEvent | None:
+        while True:
+            line = await self._line()
+            if line is None:
+                return None
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise Malformed(str(exc), cause="JSONDecodeError") from exc
+            if type(event) is not dict:
+                raise Malformed(f"not an event: {line[:80]!r}")
+            if "busy" in event:
+                self.busy_at = asyncio.get_running_loop().time()
+                continue
+            return cast(StreamEvent, event)  # (what matters in it is checked against the signed receipt)
+
+    async def _line(self) -> bytes | None:
+        while True:
+            cut = self._buffer.find(b"\n")
+            if cut >= 0:
+                line, self._buffer = self._buffer[:cut], self._buffer[cut + 1 :]
+                if line.strip():
+                    return line
+                continue
+            if self._done:
+                line, self._buffer = self._buffer, b""
+                return line if line.strip() else None
+            item = await self._queue.get()
+            if isinstance(item, TransportError):
+                raise item
+            if item.kind == Kind.END:
+                self._done = True
+                self._conn.end_stream(self._stream)
+            self._buffer += item.payload
+
+    def close(self) -> None:
+        if not self._done:
+            self._conn.end_stream(self._stream, cancel=Kind.CANCEL)
+            self._done = True
+
+
+class TunnelStageChannel:
+    """A pipeline stage link as a WebSocket stream inside the tunnel."""
+
+    def __init__(self, conn: TunnelConn, stream: int, queue: "asyncio.Queue[Inbound]") -> None:
+        self.conn, self.stream, self.queue = conn, stream, queue
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self.conn.closed is not None
+
+    async def send(self, data: bytes) -> None:
+        if self._closed:
+            raise BrokenStream("stage link closed")
+        await self.conn.send(Kind.WS_DATA, self.stream, data, phase="read")
+
+    async def receive(self, timeout_s: float | None) -> bytes:
+        try:
+            item = await asyncio.wait_for(self.queue.get(), timeout_s)
+        except TimeoutError as exc:
+            raise Timeout(f"no stage frame in {timeout_s} s", cause="TimeoutError") from exc
+        if isinstance(item, TransportError):
+            self._closed = True
+            raise item
+        if item.kind != Kind.WS_DATA:
+            self._closed = True
+            self.conn.end_stream(self.stream)
+            raise BrokenStream(f"stage connection closed ({item.payload.decode(errors='replace')})")
+        return item.payload
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.conn.end_stream(self.stream, cancel=Kind.WS_CLOSE)
+
+    # the face of aiohttp's ClientWebSocketResponse the pipeline's StageLink uses
+    async def send_bytes(self, data: bytes) -> None:
+        await self.send(data)
+
+    async def receive_message(self) -> aiohttp.WSMessage:
+        """The next frame as aiohttp would give it: BINARY, or CLOSED once the link ended (never raises)."""
+        try:
+            return aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, await self.receive(None), None)
+        except TransportError as exc:
+            return aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, exc.detail)
+
+    async def close(self) -> bool:
+        await self.aclose()
+        return True
+
+
+class TunnelTransport:
+    """NodeTransport to outbound-only nodes, over their tunnels."""
+
+    def __init__(self, identity: Identity, hub: TunnelHub) -> None:
+        self.identity, self.hub = identity, hub
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        for conn in list(self.hub.conns.values()):
+            conn.fail("the gateway is stopping")
+
+    async def _exchange(
+        self, node_id: NodeId, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[TunnelConn, int, "asyncio.Queue[Inbound]"]:
+        conn = self.hub.get(node_id)
+        stream, queue = conn.open_stream()
+        try:
+            await conn.send(Kind.REQUEST, stream, request_payload(method, path, headers, body))
+        except BaseException:
+            conn.end_stream(stream)
+            raise
+        return conn, stream, queue
+
+    async def _head(self, conn: TunnelConn, stream: int, queue: "asyncio.Queue[Inbound]") -> int:
+        item = await queue.get()
+        if isinstance(item, TransportError):
+            raise Unreachable(item.detail, cause=item.cause)
+        if item.kind != Kind.HEAD:
+            conn.end_stream(stream, cancel=Kind.CANCEL)
+            raise Malformed(f"expected a reply head, got {item.kind.name}")
+        return int(orjson.loads(item.payload)["status"])
+
+    async def _rest(self, conn: TunnelConn, stream: int, queue: "asyncio.Queue[Inbound]", limit: int) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            item = await queue.get()
+            if isinstance(item, TransportError):
+                raise item
+            parts.append(item.payload)
+            size += len(item.payload)
+            if item.kind == Kind.END or size >= limit:
+                conn.end_stream(stream, cancel=None if item.kind == Kind.END else Kind.CANCEL)
+                return b"".join(parts)[:limit]
+
+    async def generate(self, node_id: NodeId, endpoint: str, job: GenerateRequest) -> TunnelEventStream:
+        payload = {**job.model_dump(mode="json"), "node_id": node_id}
+        body = sign_envelope(self.identity, payload, purpose="generate", now=time.time())
+        headers = {"content-type": "application/json"}
+        propagate.inject(headers)
+        conn, stream, queue = await self._exchange(node_id, "POST", "/internal/generate", body, headers)
+        try:
+            status = await self._head(conn, stream, queue)
+            if status != 200:
+                raise refusal(
+                    status, (await self._rest(conn, stream, queue, REFUSAL_CHARS * 4)).decode(errors="replace")
+                )
+        except BaseException:
+            conn.end_stream(stream, cancel=Kind.CANCEL)
+            raise
+        return TunnelEventStream(conn, stream, queue, b"", False)
+
+    async def load(self, node_id: NodeId, endpoint: str, payload: Mapping[str, Any], timeout_s: float) -> None:
+        body = sign_envelope(self.identity, {"node_id": node_id, **payload}, purpose="load", now=time.time())
+        status = await self._call(node_id, "POST", "/internal/load", body, timeout_s, limit=REFUSAL_CHARS)
+        if status[0] not in (200, 202):
+            raise Refused(status[0], "declined")
+
+    async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float, challenge: str) -> bytes:
+        status, body = await self._call(node_id, "GET", f"/health?challenge={challenge}", b"", timeout_s)
+        if status != 200:
+            raise Refused(status, "unhealthy")
+        return body
+
+    async def _call(
+        self, node_id: NodeId, method: str, path: str, body: bytes, timeout_s: float, *, limit: int = MAX_PROBE_BYTES
+    ) -> tuple[int, bytes]:
+        headers = {"content-type": "application/json"} if body else {}
+        conn, stream, queue = await self._exchange(node_id, method, path, body, headers)
+        try:
+            async with asyncio.timeout(timeout_s):
+                status = await self._head(conn, stream, queue)
+                return status, await self._rest(conn, stream, queue, limit)
+        except TimeoutError as exc:
+            raise Timeout(f"no answer in {timeout_s:.1f} s", cause="TimeoutError") from exc
+        except BrokenStream as exc:
+            raise Unreachable(exc.detail, cause=exc.cause) from exc
+        finally:
+            conn.end_stream(stream, cancel=Kind.CANCEL)
+
+    async def stage_link(self, node_id: NodeId, endpoint: str, timeout_s: float) -> TunnelStageChannel:
+        conn = self.hub.get(node_id)
+        stream, queue = conn.open_stream()
+        try:
+            await conn.send(Kind.WS_OPEN, stream, json_payload({"path": "/internal/stage"}))
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout_s)
+            except TimeoutError as exc:
+                raise Timeout(f"the stage link did not open in {timeout_s:.1f} s", cause="TimeoutError") from exc
+            if isinstance(item, TransportError):
+                raise Unreachable(item.detail, cause=item.cause)
+            if item.kind != Kind.WS_ACCEPT:
+                raise Refused(403, f"stage link refused: {item.payload.decode(errors='replace')[:REFUSAL_CHARS]}")
+        except BaseException:
+            conn.end_stream(stream)
+            raise
+        return TunnelStageChannel(conn, stream, queue)
+
+
+__all__ = ["TunnelConn", "TunnelEventStream", "TunnelHub", "TunnelStageChannel", "TunnelTransport"]
