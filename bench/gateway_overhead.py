@@ -3,7 +3,9 @@
 The node is `emulated:rtx4090` with fixed timings (20 ms to first token, 10 ms between tokens, 32 tokens),
 so any difference is the gateway's. Direct requests are signed with the gateway's own key, exactly as the
 gateway signs them. Modes alternate round by round at each concurrency; figures are medians over rounds.
-Prints a JSON list of rows; run: `.venv/bin/python bench/gateway_overhead.py [--rounds N]`.
+With `--transport direct outbound`, a second gateway reaches its node (the same emulated card, `--outbound-only`)
+over the node's tunnel instead of HTTP, measured in the same rounds: `outbound_vs_direct_*` compare the two.
+Prints a JSON list of rows; run: `.venv/bin/python bench/gateway_overhead.py [--rounds N] [--transport ...]`.
 """
 
 import argparse
@@ -74,71 +76,109 @@ async def run_batch(make: object, concurrency: int, requests: int) -> tuple[list
     return ttfts, requests / (time.perf_counter() - start)
 
 
-async def measure(grid: LocalGrid, identity: object, levels: list[int], rounds: int) -> list[dict[str, float]]:
-    node = grid.nodes()[0]
+async def measure(
+    grids: dict[str, LocalGrid], identity: object, levels: list[int], rounds: int
+) -> list[dict[str, float]]:
+    """Per concurrency: the node called straight (the direct grid's node, as its gateway would call it) and each
+    gateway in `grids` (by transport), modes alternating in a rotating order round by round."""
+    node = grids["direct"].nodes()[0]
     connector = aiohttp.TCPConnector(limit=0)
     rows = []
     async with aiohttp.ClientSession(connector=connector) as session:
-        for _ in range(3):  # warm up both paths (connections, caches)
-            await direct_once(session, node, identity)
-            await gateway_once(session, grid.url)
+
+        def once_for(mode: str) -> object:
+            if mode == "node":
+                return lambda: direct_once(session, node, identity)
+            return lambda: gateway_once(session, grids[mode].url)
+
+        modes = ["node", *grids]
+        for _ in range(3):  # warm up every path (connections, caches)
+            for mode in modes:
+                await once_for(mode)()  # type: ignore[operator]
         for concurrency in levels:
             requests = max(32, concurrency * 4)
-            direct: dict[str, list[float]] = {"ttft": [], "rps": []}
-            via: dict[str, list[float]] = {"ttft": [], "rps": []}
+            seen: dict[str, dict[str, list[float]]] = {m: {"ttft": [], "rps": []} for m in modes}
             for r in range(rounds):
-                order = [("direct", direct), ("gateway", via)]
-                for name, sink in order if r % 2 == 0 else order[::-1]:
-                    if name == "direct":
-                        once = lambda: direct_once(session, node, identity)  # noqa: E731
-                    else:
-                        once = lambda: gateway_once(session, grid.url)  # noqa: E731
-                    ttfts, rps = await run_batch(once, concurrency, requests)
-                    sink["ttft"].extend(ttfts)
-                    sink["rps"].append(rps)
-            d50, d99 = percentile(direct["ttft"], 0.5) * 1e3, percentile(direct["ttft"], 0.99) * 1e3
-            g50, g99 = percentile(via["ttft"], 0.5) * 1e3, percentile(via["ttft"], 0.99) * 1e3
-            drps, grps = statistics.median(direct["rps"]), statistics.median(via["rps"])
-            rows.append(
-                {
-                    "concurrency": concurrency,
-                    "direct_ttft_p50_ms": round(d50, 3),
-                    "direct_ttft_p99_ms": round(d99, 3),
-                    "gateway_ttft_p50_ms": round(g50, 3),
-                    "gateway_ttft_p99_ms": round(g99, 3),
-                    "added_ttft_p50_ms": round(g50 - d50, 3),
-                    "added_ttft_p99_ms": round(g99 - d99, 3),
-                    "direct_rps": round(drps, 2),
-                    "gateway_rps": round(grps, 2),
-                    "gateway_rps_share": round(grps / drps, 3),
-                    "requests_per_mode": requests * rounds,
-                }
-            )
+                for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+                    ttfts, rps = await run_batch(once_for(mode), concurrency, requests)
+                    seen[mode]["ttft"].extend(ttfts)
+                    seen[mode]["rps"].append(rps)
+            rows.append(_row(concurrency, requests * rounds, seen))
     return rows
+
+
+def _row(concurrency: int, requests: int, seen: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    d50, d99 = percentile(seen["node"]["ttft"], 0.5) * 1e3, percentile(seen["node"]["ttft"], 0.99) * 1e3
+    drps = statistics.median(seen["node"]["rps"])
+    row: dict[str, float] = {
+        "concurrency": concurrency,
+        "direct_ttft_p50_ms": round(d50, 3),
+        "direct_ttft_p99_ms": round(d99, 3),
+        "direct_rps": round(drps, 2),
+        "requests_per_mode": requests,
+    }
+    for mode in seen:
+        if mode == "node":
+            continue
+        g50, g99 = percentile(seen[mode]["ttft"], 0.5) * 1e3, percentile(seen[mode]["ttft"], 0.99) * 1e3
+        grps = statistics.median(seen[mode]["rps"])
+        prefix = "gateway" if mode == "direct" else f"{mode}_gateway"
+        row |= {
+            f"{prefix}_ttft_p50_ms": round(g50, 3),
+            f"{prefix}_ttft_p99_ms": round(g99, 3),
+            f"{prefix}_added_ttft_p50_ms": round(g50 - d50, 3),
+            f"{prefix}_added_ttft_p99_ms": round(g99 - d99, 3),
+            f"{prefix}_rps": round(grps, 2),
+            f"{prefix}_rps_share": round(grps / drps, 3),
+        }
+    if "direct" in seen and "outbound" in seen:  # the tunnel against the direct transport, side by side
+        row["outbound_vs_direct_added_ttft_p50_ms"] = round(
+            row["outbound_gateway_ttft_p50_ms"] - row["gateway_ttft_p50_ms"], 3
+        )
+        row["outbound_vs_direct_share_points"] = round(
+            100 * (row["outbound_gateway_rps_share"] - row["gateway_rps_share"]), 1
+        )
+    return row
+
+
+def _grid(tmp: Path, transport: str) -> LocalGrid:
+    return LocalGrid(
+        data_dir=tmp,
+        port=free_port_block(4),
+        api_key=KEY,
+        admin_token="bench-admin",
+        engines=["emulated:rtx4090"],
+        threads=1,
+        extra_node_args=["--fixed-ttft-ms", "20", "--fixed-itl-ms", "10", "--log-level", "warning"],
+        extra_gateway_args=["--log-level", "warning"],
+        outbound_only=transport == "outbound",
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 16, 64])
+    parser.add_argument(
+        "--transport",
+        nargs="+",
+        choices=["direct", "outbound"],
+        default=["direct"],
+        help="gateway-to-node transports to measure side by side (each its own gateway and node; the node called "
+        "straight is the direct one's)",
+    )
     args = parser.parse_args()
+    transports = ["direct", *[t for t in args.transport if t != "direct"]]
     with tempfile.TemporaryDirectory() as tmp:
-        grid = LocalGrid(
-            data_dir=Path(tmp),
-            port=free_port_block(4),
-            api_key=KEY,
-            admin_token="bench-admin",
-            engines=["emulated:rtx4090"],
-            threads=1,
-            extra_node_args=["--fixed-ttft-ms", "20", "--fixed-itl-ms", "10", "--log-level", "warning"],
-            extra_gateway_args=["--log-level", "warning"],
-        )
+        grids = {t: _grid(Path(tmp) / t, t) for t in transports}
         try:
-            grid.start(timeout_s=120)
-            identity = load_or_create_identity(Path(tmp) / "gateway.key")
-            rows = asyncio.run(measure(grid, identity, args.concurrency, args.rounds))
+            for grid in grids.values():
+                grid.start(timeout_s=120)
+            identity = load_or_create_identity(Path(tmp) / "direct" / "gateway.key")
+            rows = asyncio.run(measure(grids, identity, args.concurrency, args.rounds))
         finally:
-            grid.stop()
+            for grid in grids.values():
+                grid.stop()
     print(json.dumps(rows, indent=2))
 
 

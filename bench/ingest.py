@@ -19,7 +19,11 @@ seconds are measured:
   built before the window.
 
 Prints JSON: {"runs": [{"nodes", "heartbeats_per_s", "ingest_p99_ms", "gateway_cpu_cores", ...}]}.
-Run: `.venv/bin/python bench/ingest.py [--nodes 1000,10000] [--duration 30] [--join-rate 50]`.
+With `--transport outbound`, every simulated node holds a tunnel (an outbound-only node's WebSocket) instead:
+heartbeats and the gateway's probes go over it; gateway_rss_per_node_kb (the gateway's resident memory grown per
+node joined) compared with the http run's is the memory a connection costs.
+Run: `.venv/bin/python bench/ingest.py [--nodes 1000,10000] [--duration 30] [--join-rate 50]
+[--transport http,outbound]`.
 """
 
 import argparse
@@ -49,6 +53,11 @@ from gridserve.cli.grid import LocalGrid, free_port_block
 from gridserve.gateway.main import GC_THRESHOLDS
 from gridserve.trust import Identity, sign_envelope
 from gridserve.trust.challenge import answer as challenge_answer
+from gridserve.tunnel import handshake
+from gridserve.tunnel.wire import CONTROL, Frame, Kind, decode, encode, endpoint_for, split_request
+from gridserve.tunnel.wire import PATH as TUNNEL_PATH
+from lean_ws import LeanWebSocket
+from lean_ws import connect as lean_connect  # (bench/: python puts the script's directory on the path)
 
 CARDS = ("rtx4090", "rtx3090", "a10g", "l40s", "a100-80g", "t4")
 
@@ -89,12 +98,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def capability(ident: Identity, i: int, health_port: int) -> dict[str, Any]:
+def capability(ident: Identity, i: int, health_port: int, outbound: bool = False) -> dict[str, Any]:
     card = CARDS[i % len(CARDS)]
     return {
         "node_id": ident.node_id,
         "public_key": ident.public_key,
-        "endpoint": f"http://127.0.0.1:{health_port}/n{i}",
+        "endpoint": endpoint_for(ident.node_id) if outbound else f"http://127.0.0.1:{health_port}/n{i}",
         "engine": f"emulated:{card}",
         "models": [
             {
@@ -276,6 +285,58 @@ class LeanClient:
         raise AssertionError("unreachable")
 
 
+class Tunnel:
+    """A simulated outbound-only node's tunnel (tunnel/wire.py): the signed handshake, heartbeats as frames
+    answered in order, and the gateway's /health probes answered inside it as a node's app would."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self.ws: LeanWebSocket | None = None
+        self.greeting: asyncio.Queue[Frame] = asyncio.Queue()
+        self.replies: collections.deque[asyncio.Future[tuple[int, bytes]]] = collections.deque()
+
+    async def open(self, port: int) -> None:
+        self.ws = await lean_connect(port, TUNNEL_PATH, self._on_message)
+        challenge = orjson.loads((await self.greeting.get()).payload)["challenge"]
+        body, _ = handshake.hello(self.identity, challenge)
+        self.ws.send(encode(Kind.HELLO, CONTROL, body))
+        welcome = await self.greeting.get()
+        if welcome.kind != Kind.WELCOME:
+            raise RuntimeError(f"tunnel refused: {welcome.payload[:200]!r}")
+
+    async def heartbeat(self, body: bytes) -> tuple[int, bytes]:
+        if self.ws is None or self.ws.closed.is_set():
+            raise ConnectionError("tunnel closed")
+        reply = asyncio.get_running_loop().create_future()
+        self.replies.append(reply)
+        self.ws.send(encode(Kind.HEARTBEAT, CONTROL, body))
+        return await reply
+
+    def _on_message(self, data: bytes) -> None:
+        frame = decode(data)
+        if frame.kind == Kind.HEARTBEAT_REPLY:
+            answer = orjson.loads(frame.payload)
+            self.replies.popleft().set_result((int(answer["status"]), str(answer.get("body", "")).encode()))
+        elif frame.kind == Kind.REQUEST:
+            self._probe(frame)
+        elif frame.kind in (Kind.CHALLENGE, Kind.WELCOME, Kind.WS_CLOSE):
+            self.greeting.put_nowait(frame)
+
+    def _probe(self, frame: Frame) -> None:
+        assert self.ws is not None
+        meta, _ = split_request(frame.payload)
+        challenge = str(meta["path"]).partition("challenge=")[2]
+        body = orjson.dumps(
+            {
+                "status": "ok",
+                "node_id": self.identity.node_id,
+                "challenge_signature": challenge_answer(self.identity, challenge) if challenge else "",
+            }
+        )
+        self.ws.send(encode(Kind.HEAD, frame.stream, b'{"status":200}'))
+        self.ws.send(encode(Kind.END, frame.stream, body))
+
+
 @dataclass
 class Window:
     """The measured part of a run: heartbeats due in [start, end), after every node registered and heartbeated
@@ -322,6 +383,7 @@ async def simulate(
     join_rate: float,
     meter: Callable[[], tuple[float, ...]],
     progress: Progress,
+    outbound: bool = False,
 ) -> None:
     """Nodes join at `join_rate` a second, then each heartbeats every `interval` s at its own phase until the
     window ends, as a node agent does from the moment it has joined. (Registering all nodes before any heartbeat
@@ -329,7 +391,8 @@ async def simulate(
     run measures a mass recovery, not ingestion. Joining faster than the gateway registers, a registration costs
     it several heartbeats' CPU, has the same effect.) Heartbeats are sent on schedule whatever the previous
     one's fate.
-    `meter()` (CPU seconds so far, per process) is read at the window's start and end."""
+    `meter()` (CPU seconds so far, per process) is read at the window's start and end. With `outbound`, each node
+    first opens its tunnel, registers as `tunnel://` and heartbeats over the tunnel."""
     n = len(idents)
     client, joining = LeanClient(port, limit=256), LeanClient(port, limit=32)  # joins do not queue behind beats
     registering = progress.add_task(f"registering {n:,} nodes", total=n)
@@ -338,6 +401,7 @@ async def simulate(
     pending: set[asyncio.Task[None]] = set()
     joined = 0
     all_joined = asyncio.Event()
+    tunnels = [Tunnel(ident) for ident in idents] if outbound else []
 
     async def beat(i: int, seq: int, due: float) -> None:
         payload = {"node_id": idents[i].node_id, "seq": seq, "telemetry": telemetry(i, seq)}
@@ -345,11 +409,15 @@ async def simulate(
         sent = time.monotonic()
         measured = window.holds(due)
         try:
-            status, answer = await client.post("/nodes/heartbeat", body)
+            if outbound:
+                async with asyncio.timeout(30.0):
+                    status, answer = await tunnels[i].heartbeat(body)
+            else:
+                status, answer = await client.post("/nodes/heartbeat", body)
             failure = "" if status == 200 else f"{status} {answer[:200].decode(errors='replace')}"
         except TimeoutError:
             failure = "timeout"
-        except OSError:
+        except (OSError, ConnectionError):
             failure = "connection"
         if measured:
             window.lags.append(sent - due)
@@ -363,8 +431,10 @@ async def simulate(
         nonlocal joined
         await asyncio.sleep(origin + i / join_rate - time.monotonic())
         async with gate:  # signed when sent, not when queued (a slow machine would let it expire meanwhile)
+            if outbound:
+                await tunnels[i].open(port)
             body = sign_envelope(
-                ident, {"capability": capability(ident, i, health_port)}, purpose="register", now=time.time()
+                ident, {"capability": capability(ident, i, health_port, outbound)}, purpose="register", now=time.time()
             )
             status, answer = await joining.post("/nodes/register", body)
             if status != 200:
@@ -410,7 +480,9 @@ UNLIMITED_JOINS += ["--registration-rate-total", "100000"]
 """Every simulated node joins from 127.0.0.1: the per-address limit would hold them to 1 a second."""
 
 
-async def one_run(nodes: int, interval: float, duration: float, join_rate: float, progress: Progress) -> dict[str, Any]:
+async def one_run(
+    nodes: int, interval: float, duration: float, join_rate: float, progress: Progress, transport: str = "http"
+) -> dict[str, Any]:
     port = free_port_block(2)
     with tempfile.TemporaryDirectory() as tmp:
         grid = LocalGrid(
@@ -427,6 +499,7 @@ async def one_run(nodes: int, interval: float, duration: float, join_rate: float
         server = await health_server(port + 1, idents)
         try:
             gateway, me = psutil.Process(grid.procs["gateway"].pid), psutil.Process()
+            rss_before = gateway.memory_info().rss
 
             def meter() -> tuple[float, float]:
                 return sum(gateway.cpu_times()[:2]), sum(me.cpu_times()[:2])
@@ -434,7 +507,19 @@ async def one_run(nodes: int, interval: float, duration: float, join_rate: float
             window = Window()
             unwatch = window.watch_own_gc()
             try:
-                await simulate(window, port, idents, port + 1, interval, duration, join_rate, meter, progress)
+                await simulate(
+                    window,
+                    port,
+                    idents,
+                    port + 1,
+                    interval,
+                    duration,
+                    join_rate,
+                    meter,
+                    progress,
+                    transport == "outbound",
+                )
+                rss_after = gateway.memory_info().rss
             finally:
                 unwatch()
                 gc.unfreeze()
@@ -445,6 +530,7 @@ async def one_run(nodes: int, interval: float, duration: float, join_rate: float
     cpu, own = window.cpu_s
     return {
         "nodes": nodes,
+        "transport": transport,
         "interval_s": interval,
         "join_rate_per_s": join_rate,
         "nominal_heartbeats_per_s": round(nodes / interval, 1),
@@ -459,6 +545,9 @@ async def one_run(nodes: int, interval: float, duration: float, join_rate: float
         "errors_by_kind": dict(window.errors),
         "first_error": window.first_error,
         "duration_s": round(wall, 1),
+        "gateway_rss_start_mb": round(rss_before / 2**20, 1),
+        "gateway_rss_mb": round(rss_after / 2**20, 1),
+        "gateway_rss_per_node_kb": round((rss_after - rss_before) / nodes / 1024, 1),
         **window.gc,
     }
 
@@ -469,13 +558,21 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between a node's heartbeats")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of heartbeats per grid size")
     parser.add_argument("--join-rate", type=float, default=50.0, help="nodes registering per second")
+    parser.add_argument(
+        "--transport",
+        default="http",
+        help="comma-separated: http (heartbeats POSTed, probes over HTTP) and/or outbound (each node holds a tunnel: "
+        "heartbeats and probes go over it)",
+    )
     args = parser.parse_args()
     gc.set_threshold(*GC_THRESHOLDS)
     runs = []
     with Progress(transient=True, console=Console(stderr=True)) as progress:
         for n in (int(x) for x in args.nodes.split(",")):
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the generator's CPU: see LeanClient
-                runs.append(runner.run(one_run(n, args.interval, args.duration, args.join_rate, progress)))
+            for transport in args.transport.split(","):
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the generator's CPU: LeanClient
+                    run = one_run(n, args.interval, args.duration, args.join_rate, progress, transport)
+                    runs.append(runner.run(run))
     json.dump({"bench": "ingest", "target": "10,000 nodes: p99 < 50 ms", "runs": runs}, sys.stdout, indent=2)
     print()
 

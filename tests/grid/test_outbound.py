@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 from openai import OpenAI
@@ -119,6 +120,60 @@ def test_outbound_nodes_listen_nowhere_and_serve_chat_and_streams(outbound: Loca
     assert decision["status"] == "ok" and decision["route"][0]["outcome"] == "ok", decision
     # heartbeats come over the tunnels: every node is up, with telemetry
     assert all(n["state"] == "up" for n in grid.nodes())
+
+
+def _fresh_telemetry(grid: LocalGrid, after: float) -> dict[str, int]:
+    """Each node's requests running on it, from heartbeats that arrived after `after` (time.monotonic())."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        asked = time.monotonic()
+        nodes = grid.nodes()
+        if all(n["heartbeat_age_s"] < asked - after and n["telemetry"] for n in nodes):
+            return {n["node_id"]: n["telemetry"]["active_requests"] for n in nodes}
+        time.sleep(0.1)
+    raise AssertionError("no fresh heartbeats")
+
+
+def test_a_client_leaving_cancels_the_work_on_an_outbound_node(outbound: LocalGrid) -> None:
+    """Seen through the nodes' own heartbeats (nothing can call an outbound node): one request running while the
+    client reads, none soon after it left, where without the cancel it would run 1000 x 40 ms = 40 s."""
+    grid = outbound
+    body = {"model": EMULATED, "prompt": "a long answer", "max_tokens": 1000, "stream": True, "temperature": 0}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with (
+        httpx.Client(timeout=30) as http,
+        http.stream("POST", grid.url + "/v1/completions", headers=headers, json=body) as resp,
+    ):
+        lines = resp.iter_lines()
+        for _ in range(4):
+            next(lines)
+        serving = resp.headers["x-gridserve-node"]
+        running = _fresh_telemetry(grid, time.monotonic())
+        assert running[serving] == 1 and sum(running.values()) == 1, running
+    closed = time.monotonic()
+    running = _fresh_telemetry(grid, closed + 0.5)
+    assert not any(running.values()), running
+
+
+def test_the_node_rejoins_a_restarted_gateway_over_a_new_tunnel(tmp_path: Path) -> None:
+    grid = _outbound_grid(tmp_path, ["emulated:rtx4090"], extra_node_args=FIXED)
+    try:
+        grid.start(timeout_s=120)
+        client = _client(grid)
+        assert client.completions.create(model=EMULATED, prompt="before", max_tokens=4).usage is not None
+        gateway = grid.procs["gateway"]
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(10)
+        grid.start_gateway()  # same port, same store and key
+        restarted = time.monotonic()
+        grid.wait_nodes(1, 30)
+        answer = client.completions.create(model=EMULATED, prompt="after", max_tokens=4)
+        assert answer.usage is not None and answer.usage.completion_tokens == 4
+        assert time.monotonic() - restarted < 15  # the node dialled again within its backoff (at most 5 s)
+        node_log = (grid.data_dir / "logs" / "node-0.log").read_text()
+        assert node_log.count("tunnel to ") >= 2 and node_log.count(" open") >= 2, node_log[-2000:]
+    finally:
+        grid.stop()
 
 
 def test_kill_9_mid_stream_fails_over_token_exact_over_tunnels(tmp_path: Path) -> None:

@@ -48,8 +48,10 @@ BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 HANDSHAKE_TIMEOUT_S = 10.0
 HEARTBEAT_TIMEOUT_S = 5.0
-PING_S = 1.0
-"""WebSocket pings: a connection that stops answering is closed and dialled again within ~2 pings."""
+PING_S = 10.0
+"""WebSocket pings from the node: a connection whose pong does not come within half of this is closed and dialled
+again (aiohttp's rule). Not shorter: a gateway busy for a moment (a collection, a burst) must not cost every node its
+tunnel and every stream on it a failover. The gateway finds a silent node sooner, by its probes."""
 
 
 class TunnelClosed(ConnectionError):
