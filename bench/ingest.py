@@ -51,9 +51,10 @@ from rich.progress import Progress
 
 from gridserve.cli.grid import LocalGrid, free_port_block
 from gridserve.gateway.main import GC_THRESHOLDS
-from gridserve.trust import Identity, sign_envelope
+from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, sign_envelope
 from gridserve.trust.challenge import answer as challenge_answer
 from gridserve.tunnel import handshake
+from gridserve.tunnel.channel import Opener, Sealer
 from gridserve.tunnel.wire import CONTROL, Frame, Kind, decode, encode, endpoint_for, split_request
 from gridserve.tunnel.wire import PATH as TUNNEL_PATH
 from lean_ws import LeanWebSocket
@@ -286,41 +287,50 @@ class LeanClient:
 
 
 class Tunnel:
-    """A simulated outbound-only node's tunnel (tunnel/wire.py): the signed handshake, heartbeats as frames
-    answered in order, and the gateway's /health probes answered inside it as a node's app would."""
+    """A simulated outbound-only node's tunnel (tunnel/wire.py): the signed handshake (the welcome checked, every
+    later frame tagged and checked, as a node does: that cost is this process's, not the gateway's), heartbeats as
+    frames answered in order, and the gateway's /health probes answered inside it as a node's app would."""
 
     def __init__(self, identity: Identity) -> None:
         self.identity = identity
         self.ws: LeanWebSocket | None = None
         self.greeting: asyncio.Queue[Frame] = asyncio.Queue()
         self.replies: collections.deque[asyncio.Future[tuple[int, bytes]]] = collections.deque()
+        self.verifier = EnvelopeVerifier(FreshnessPolicy(), time.time)
+        self.sealer: Sealer | None = None
+        self.opener: Opener | None = None
 
     async def open(self, port: int) -> None:
         self.ws = await lean_connect(port, TUNNEL_PATH, self._on_message)
         challenge = orjson.loads((await self.greeting.get()).payload)["challenge"]
-        body, _ = handshake.hello(self.identity, challenge)
-        self.ws.send(encode(Kind.HELLO, CONTROL, body))
+        greeting = handshake.hello(self.identity, challenge)
+        self.ws.send(encode(Kind.HELLO, CONTROL, greeting.body))
         welcome = await self.greeting.get()
         if welcome.kind != Kind.WELCOME:
             raise RuntimeError(f"tunnel refused: {welcome.payload[:200]!r}")
+        welcomed = handshake.check_welcome(
+            self.verifier, welcome.payload, greeting, node_id=self.identity.node_id, gateway_key=None
+        )
+        self.sealer, self.opener = welcomed.sealer, welcomed.opener
 
     async def heartbeat(self, body: bytes) -> tuple[int, bytes]:
-        if self.ws is None or self.ws.closed.is_set():
+        if self.ws is None or self.ws.closed.is_set() or self.sealer is None:
             raise ConnectionError("tunnel closed")
         reply = asyncio.get_running_loop().create_future()
         self.replies.append(reply)
-        self.ws.send(encode(Kind.HEARTBEAT, CONTROL, body))
+        self.ws.send(self.sealer.seal(Kind.HEARTBEAT, CONTROL, body))
         return await reply
 
     def _on_message(self, data: bytes) -> None:
-        frame = decode(data)
+        if self.opener is None:  # the greeting: not tagged
+            self.greeting.put_nowait(decode(data))
+            return
+        frame = self.opener.open(data)
         if frame.kind == Kind.HEARTBEAT_REPLY:
             answer = orjson.loads(frame.payload)
             self.replies.popleft().set_result((int(answer["status"]), str(answer.get("body", "")).encode()))
         elif frame.kind == Kind.REQUEST:
             self._probe(frame)
-        elif frame.kind in (Kind.CHALLENGE, Kind.WELCOME, Kind.WS_CLOSE):
-            self.greeting.put_nowait(frame)
 
     def _probe(self, frame: Frame) -> None:
         assert self.ws is not None
@@ -333,8 +343,9 @@ class Tunnel:
                 "challenge_signature": challenge_answer(self.identity, challenge) if challenge else "",
             }
         )
-        self.ws.send(encode(Kind.HEAD, frame.stream, b'{"status":200}'))
-        self.ws.send(encode(Kind.END, frame.stream, body))
+        assert self.sealer is not None
+        self.ws.send(self.sealer.seal(Kind.HEAD, frame.stream, b'{"status":200}'))
+        self.ws.send(self.sealer.seal(Kind.END, frame.stream, body))
 
 
 @dataclass

@@ -41,7 +41,7 @@ def admin(grid: LocalGrid, method: str, path: str, **kwargs: Any) -> httpx.Respo
     return httpx.request(method, grid.url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10, **kwargs)
 
 
-def gateway(tmp: Path, port: int, name: str, schema: str, key: Path, peers: str) -> LocalGrid:
+def gateway(tmp: Path, port: int, name: str, schema: str, key: Path, peers: str, outbound: bool) -> LocalGrid:
     return LocalGrid(
         data_dir=tmp / name,
         port=port,
@@ -51,23 +51,25 @@ def gateway(tmp: Path, port: int, name: str, schema: str, key: Path, peers: str)
         threads=1,
         extra_gateway_args=["--db", pg_url(schema), "--key", str(key), "--gateway-id", name, "--canary-interval", "0"],
         node_gateways=peers,
+        outbound_only=outbound,
     )
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    """Two gateways with two nodes each, shared by this module's tests (the last one kills gateway A)."""
+@pytest.fixture(scope="module", params=["direct", "outbound"])
+def pair(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Pair]:
+    """Two gateways with two nodes each, shared by this module's tests (the last one kills gateway A). Nodes
+    called directly, and (`outbound`) nodes that open no port and keep a tunnel to each gateway instead."""
     with fresh_pg_schema() as schema:
-        yield from _pair(tmp_path_factory.mktemp("pair"), schema)
+        yield from _pair(tmp_path_factory.mktemp("pair"), schema, request.param == "outbound")
 
 
-def _pair(tmp_path: Path, pg_schema: str) -> Iterator[Pair]:
+def _pair(tmp_path: Path, pg_schema: str, outbound: bool) -> Iterator[Pair]:
     base = free_port_block(2 * (NODES_PER_GATEWAY + 2))
     port_a, port_b = base, base + NODES_PER_GATEWAY + 2
     url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
     key = tmp_path / "grid.key"
-    a = gateway(tmp_path, port_a, "gw-a", pg_schema, key, f"{url_a},{url_b}")
-    b = gateway(tmp_path, port_b, "gw-b", pg_schema, key, f"{url_b},{url_a}")
+    a = gateway(tmp_path, port_a, "gw-a", pg_schema, key, f"{url_a},{url_b}", outbound)
+    b = gateway(tmp_path, port_b, "gw-b", pg_schema, key, f"{url_b},{url_a}", outbound)
     try:
         a.start_gateway()  # creates the shared key; B starts with the same one
         b.start_gateway()

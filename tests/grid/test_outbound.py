@@ -138,7 +138,14 @@ def test_a_client_leaving_cancels_the_work_on_an_outbound_node(outbound: LocalGr
     """Seen through the nodes' own heartbeats (nothing can call an outbound node): one request running while the
     client reads, none soon after it left, where without the cancel it would run 1000 x 40 ms = 40 s."""
     grid = outbound
-    body = {"model": EMULATED, "prompt": "a long answer", "max_tokens": 1000, "stream": True, "temperature": 0}
+    body = {
+        "model": EMULATED,
+        "prompt": "a long answer",
+        "max_tokens": 1000,
+        "stream": True,
+        "temperature": 0,
+        "gridserve": {"hedge": False},  # one node at work (a hedge's loser would be a second, until cancelled)
+    }
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with (
         httpx.Client(timeout=30) as http,
@@ -147,9 +154,8 @@ def test_a_client_leaving_cancels_the_work_on_an_outbound_node(outbound: LocalGr
         lines = resp.iter_lines()
         for _ in range(4):
             next(lines)
-        serving = resp.headers["x-gridserve-node"]
         running = _fresh_telemetry(grid, time.monotonic())
-        assert running[serving] == 1 and sum(running.values()) == 1, running
+        assert sum(running.values()) == 1, running  # (on the node picked, or the one it moved to if it stalled)
     closed = time.monotonic()
     running = _fresh_telemetry(grid, closed + 0.5)
     assert not any(running.values()), running

@@ -127,3 +127,36 @@ def test_the_cli_verifies_against_the_ca_it_is_given(grid: LocalGrid, tmp_path: 
         [*command, "--ca-file", str(tmp_path / "nope.pem"), *nodes], capture_output=True, text=True, timeout=30
     )
     assert missing.returncode == 2 and "no such file" in missing.stderr, missing.stderr
+
+
+def test_an_outbound_only_node_tunnels_over_tls_and_serves(grid: LocalGrid) -> None:
+    """The tunnel of a node that opens no port is a wss:// connection verified against the grid's CA: the node is
+    reached only through it (the node with a port quarantined, every request goes to it) and answers over TLS."""
+    direct = grid.nodes()[0]["node_id"]
+    grid.outbound_only = True
+    try:
+        name = grid.start_node(3, ENGINE)
+    finally:
+        grid.outbound_only = False
+    grid.wait_nodes(2, 60)
+    tunneled = next(n for n in grid.nodes() if n["node_id"] != direct)
+    assert tunneled["endpoint"] == f"tunnel://{tunneled['node_id']}"
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    reason = {"reason": "test: serve through the tunnel only"}
+    verify = trusting(grid.ca_file) if grid.ca_file else False
+    with httpx.Client(verify=verify, timeout=10) as http:
+        http.post(f"{grid.url}/admin/nodes/{direct}/quarantine", headers=admin, json=reason).raise_for_status()
+        try:
+            client = openai.OpenAI(
+                base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0, http_client=httpx.Client(verify=verify)
+            )
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": "over wss"}], max_tokens=6
+            )
+            assert raw.headers["x-gridserve-node"] == tunneled["node_id"]
+            usage = raw.parse().usage
+            assert usage is not None and usage.completion_tokens == 6
+        finally:
+            http.post(f"{grid.url}/admin/nodes/{direct}/release", headers=admin, json=reason).raise_for_status()
+    log = (grid.data_dir / "logs" / f"{name}.log").read_text(errors="replace")
+    assert f"tunnel to {grid.url} open" in log and grid.url.startswith("https://"), log[-1000:]

@@ -39,8 +39,9 @@ def runtime_versions() -> dict[str, str]:
     return found
 
 
-TUNNEL_FIRST_S = 5.0
-"""How long an outbound-only node waits for its tunnel before registering anyway (it is probed on registration)."""
+TUNNEL_WAIT_S = 6.0
+"""How long an outbound-only node waits for its tunnel to open before a registration or heartbeat counts as failed
+(the tunnel dials again within 5 s)."""
 
 
 class RegistrationLimited(RuntimeError):
@@ -83,6 +84,10 @@ def _refusal(resp: httpx.Response) -> tuple[str, str]:
 
 class GatewayUnavailable(RuntimeError):
     """The gateway answered with a server error: another gateway of the grid may do better."""
+
+
+class TunnelNotOpen(GatewayUnavailable):
+    """An outbound-only node has no tunnel open to this gateway: it cannot be reached, so it does not say it can."""
 
 
 def gateway_urls(value: str) -> list[str]:
@@ -190,6 +195,7 @@ class NodeAgent:
         )
 
     async def register(self) -> None:
+        await self._tunnel_open()
         body = self._signed({"capability": self.capability().model_dump(mode="json")}, "register")
         headers = {"content-type": "application/json"}
         if self.config.join_token:
@@ -257,11 +263,25 @@ class NodeAgent:
         elif status != 200:
             log.warning("heartbeat refused (%s): %s", status, text[:200])
 
-    async def _send_heartbeat(self, body: bytes) -> tuple[int, str]:
-        """Over the tunnel to the current gateway while it is open; over HTTP otherwise."""
+    async def _tunnel_open(self) -> None:
+        """An outbound-only node is reachable only through its tunnel: it registers and heartbeats only while the
+        tunnel to the gateway is open (a heartbeat says the node can be given work). Waits a moment for it."""
         tunnel = self.tunnels.get(self.gateway_url)
-        reply = await tunnel.heartbeat(body) if tunnel is not None else None
-        if reply is not None:
+        if tunnel is None or tunnel.connected.is_set():
+            return
+        try:
+            await asyncio.wait_for(tunnel.connected.wait(), TUNNEL_WAIT_S)
+        except TimeoutError:
+            raise TunnelNotOpen(f"no tunnel open to {self.gateway_url} yet") from None
+
+    async def _send_heartbeat(self, body: bytes) -> tuple[int, str]:
+        """Over the tunnel to the current gateway (an outbound-only node), else over HTTP."""
+        tunnel = self.tunnels.get(self.gateway_url)
+        if tunnel is not None:
+            await self._tunnel_open()
+            reply = await tunnel.heartbeat(body)
+            if reply is None:
+                raise TunnelNotOpen(f"the tunnel to {self.gateway_url} closed")
             return reply[0], reply[1].decode(errors="replace")
         resp = await self._client.post(
             self.gateway_url + "/nodes/heartbeat", content=body, headers={"content-type": "application/json"}
@@ -280,10 +300,6 @@ class NodeAgent:
             await self._run()
 
     async def _run(self) -> None:
-        tunnel = self.tunnels.get(self.gateway_url)
-        if tunnel is not None:  # the gateway probes a node as soon as it registers: be reachable first
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(tunnel.connected.wait(), TUNNEL_FIRST_S)
         await self._register_somewhere()
         while True:  # the first heartbeat right away: the gateway has telemetry from the start
             try:

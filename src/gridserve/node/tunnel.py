@@ -25,6 +25,7 @@ import orjson
 
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError
 from gridserve.tunnel import handshake
+from gridserve.tunnel.channel import Opener, Sealer
 from gridserve.tunnel.wire import (
     CONTROL,
     MAX_FRAME,
@@ -80,6 +81,10 @@ class NodeTunnel:
         self.connections = 0
         """How many times the tunnel was opened (1 + reconnections)."""
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
+        self._sending = asyncio.Lock()
+        """Frames go out in the order they were sealed (the gateway checks their counter)."""
         self._gone: dict[int, asyncio.Event] = {}
         self._sockets: dict[int, asyncio.Queue[Message]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,7 +117,7 @@ class NodeTunnel:
             return None
         self._heartbeat = asyncio.get_running_loop().create_future()
         try:
-            await ws.send_bytes(encode(Kind.HEARTBEAT, CONTROL, body))
+            await self._send(Kind.HEARTBEAT, CONTROL, body)
             return await asyncio.wait_for(self._heartbeat, HEARTBEAT_TIMEOUT_S)
         except (aiohttp.ClientError, OSError, TimeoutError, TunnelClosed):
             return None
@@ -138,20 +143,22 @@ class NodeTunnel:
         if first.kind != Kind.CHALLENGE:
             raise BadFrame(f"expected the gateway's challenge, got {first.kind.name}")
         challenge = orjson.loads(first.payload).get("challenge", "")
-        body, nonce = handshake.hello(self.identity, str(challenge))
-        await ws.send_bytes(encode(Kind.HELLO, CONTROL, body))
+        greeting = handshake.hello(self.identity, str(challenge))
+        await ws.send_bytes(encode(Kind.HELLO, CONTROL, greeting.body))
         reply = decode(await _binary(ws))
         if reply.kind == Kind.WS_CLOSE:
             raise TunnelClosed(f"refused: {reply.payload.decode(errors='replace')}")
         if reply.kind != Kind.WELCOME:
             raise BadFrame(f"expected the gateway's welcome, got {reply.kind.name}")
-        key = handshake.check_welcome(
-            self.verifier, reply.payload, node_id=self.identity.node_id, nonce=nonce, gateway_key=self.gateway_key()
+        welcomed = handshake.check_welcome(
+            self.verifier, reply.payload, greeting, node_id=self.identity.node_id, gateway_key=self.gateway_key()
         )
-        self.learned_key(key)
+        self._sealer, self._opener = welcomed.sealer, welcomed.opener
+        self.learned_key(welcomed.gateway_key)
 
     def _on_frame(self, data: bytes) -> None:
-        frame = decode(data)
+        assert self._opener is not None, "frames are read after the greeting"
+        frame = self._opener.open(data)
         kind, stream = frame.kind, frame.stream
         if kind == Kind.REQUEST:
             self._spawn(self._http(stream, frame.payload))
@@ -182,7 +189,7 @@ class NodeTunnel:
     def _lost(self) -> None:
         """The connection ended: every exchange on it sees its client go (the work stops, as when an HTTP
         connection drops)."""
-        self._ws = None
+        self._ws, self._sealer, self._opener = None, None, None
         self.connected.clear()
         for gone in self._gone.values():
             gone.set()
@@ -192,10 +199,11 @@ class NodeTunnel:
             self._heartbeat.set_exception(TunnelClosed("tunnel lost"))
 
     async def _send(self, kind: Kind, stream: int, payload: bytes = b"") -> None:
-        ws = self._ws
-        if ws is None or ws.closed:
+        ws, sealer = self._ws, self._sealer
+        if ws is None or ws.closed or sealer is None:
             raise OSError("tunnel closed")
-        await ws.send_bytes(encode(kind, stream, payload))
+        async with self._sending:
+            await ws.send_bytes(sealer.seal(kind, stream, payload))
 
     async def _http(self, stream: int, payload: bytes) -> None:
         """One HTTP exchange through the node's app."""

@@ -1,15 +1,16 @@
-"""The tunnel's greeting, which proves both ends' keys before any exchange:
+"""The tunnel's greeting, which proves both ends' keys before any exchange and binds every later frame to it:
 
 1. gateway -> node  CHALLENGE  `{"challenge": <fresh random>}`
 2. node -> gateway  HELLO      envelope signed by the node (purpose `tunnel-hello`):
-                               `{"node_id", "challenge": <the gateway's>, "nonce": <fresh random>}`
+                               `{"node_id", "challenge": <the gateway's>, "nonce": <fresh random>, "kx": <X25519>}`
 3. gateway -> node  WELCOME    envelope signed by the gateway (purpose `tunnel-welcome`):
-                               `{"node_id", "nonce": <the node's>, "heartbeat_interval_s"}`
+                               `{"node_id", "nonce": <the node's>, "kx": <X25519>, "heartbeat_interval_s"}`
 
 Each side signs the other's fresh random value, so neither message can be replayed into another connection (and
 the envelopes' own freshness and nonce checks apply as to every node message). The node checks the welcome against
 the gateway key it pinned or learned at registration; the gateway checks that the hello's key is the node's
-(`node_id` is derived from it) and, once the node has registered, the key it registered with.
+(`node_id` is derived from it). The two `kx` values are ephemeral X25519 keys: the secret they make keys the tag of
+every later frame (channel.py).
 """
 
 import secrets
@@ -17,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 from gridserve.trust import EnvelopeVerifier, Identity, Malformed, TrustError, WrongSigner, node_id_for, sign_envelope
+from gridserve.tunnel.channel import Ephemeral, Opener, Sealer, gateway_side, node_side
 
 HELLO = "tunnel-hello"
 WELCOME = "tunnel-welcome"
@@ -33,11 +35,26 @@ def challenge() -> str:
     return secrets.token_urlsafe(24)
 
 
-def hello(identity: Identity, gateway_challenge: str) -> tuple[bytes, str]:
-    """The node's signed hello and the nonce the gateway's welcome must sign back."""
-    nonce = secrets.token_urlsafe(24)
-    payload = {"node_id": identity.node_id, "challenge": gateway_challenge, "nonce": nonce}
-    return sign_envelope(identity, payload, purpose=HELLO, now=time.time(), lifetime_s=LIFETIME_S), nonce
+def _transcript(gateway_challenge: str, nonce: str) -> bytes:
+    return f"{gateway_challenge}|{nonce}".encode()
+
+
+@dataclass
+class NodeGreeting:
+    """What the node keeps between its hello and the gateway's welcome."""
+
+    body: bytes
+    challenge: str
+    nonce: str
+    exchange: Ephemeral
+
+
+def hello(identity: Identity, gateway_challenge: str) -> NodeGreeting:
+    """The node's signed hello (and what checking the welcome needs)."""
+    nonce, exchange = secrets.token_urlsafe(24), Ephemeral()
+    payload = {"node_id": identity.node_id, "challenge": gateway_challenge, "nonce": nonce, "kx": exchange.public}
+    body = sign_envelope(identity, payload, purpose=HELLO, now=time.time(), lifetime_s=LIFETIME_S)
+    return NodeGreeting(body, gateway_challenge, nonce, exchange)
 
 
 @dataclass(frozen=True)
@@ -45,6 +62,7 @@ class Hello:
     node_id: str
     public_key: str
     nonce: str
+    exchange_key: str
 
 
 def check_hello(verifier: EnvelopeVerifier, body: bytes, sent_challenge: str) -> Hello:
@@ -56,21 +74,47 @@ def check_hello(verifier: EnvelopeVerifier, body: bytes, sent_challenge: str) ->
     node_id = payload.get("node_id")
     if node_id != node_id_for(envelope.keyid):
         raise WrongSigner("the hello names a node other than the key that signed it")
-    nonce = payload.get("nonce")
-    if not isinstance(nonce, str) or not nonce:
-        raise Malformed("the hello carries no nonce")
-    return Hello(node_id, envelope.keyid, nonce)
+    nonce, exchange_key = payload.get("nonce"), payload.get("kx")
+    if not isinstance(nonce, str) or not nonce or not isinstance(exchange_key, str):
+        raise Malformed("the hello carries no nonce or no exchange key")
+    return Hello(node_id, envelope.keyid, nonce, exchange_key)
 
 
-def welcome(identity: Identity, greeted: Hello, heartbeat_interval_s: float) -> bytes:
-    payload = {"node_id": greeted.node_id, "nonce": greeted.nonce, "heartbeat_interval_s": heartbeat_interval_s}
-    return sign_envelope(identity, payload, purpose=WELCOME, now=time.time(), lifetime_s=LIFETIME_S)
+def welcome(
+    identity: Identity, greeted: Hello, sent_challenge: str, heartbeat_interval_s: float
+) -> tuple[bytes, Sealer, Opener]:
+    """The gateway's signed welcome, and its ends of the channel."""
+    exchange = Ephemeral()
+    payload = {
+        "node_id": greeted.node_id,
+        "nonce": greeted.nonce,
+        "kx": exchange.public,
+        "heartbeat_interval_s": heartbeat_interval_s,
+    }
+    body = sign_envelope(identity, payload, purpose=WELCOME, now=time.time(), lifetime_s=LIFETIME_S)
+    shared = exchange.shared(greeted.exchange_key)
+    return body, *gateway_side(shared, _transcript(sent_challenge, greeted.nonce))
 
 
-def check_welcome(verifier: EnvelopeVerifier, body: bytes, *, node_id: str, nonce: str, gateway_key: str | None) -> str:
-    """The gateway's key, once its welcome is checked (against `gateway_key` when the node knows it)."""
+@dataclass(frozen=True)
+class Welcomed:
+    gateway_key: str
+    sealer: Sealer
+    opener: Opener
+
+
+def check_welcome(
+    verifier: EnvelopeVerifier, body: bytes, greeting: NodeGreeting, *, node_id: str, gateway_key: str | None
+) -> Welcomed:
+    """The gateway's key and the node's ends of the channel, once the welcome is checked (against `gateway_key`
+    when the node knows it)."""
     envelope = verifier.verify(body, purpose=WELCOME, expected_keyid=gateway_key)
     payload = envelope.payload
-    if not isinstance(payload, dict) or payload.get("nonce") != nonce or payload.get("node_id") != node_id:
+    if not isinstance(payload, dict) or payload.get("nonce") != greeting.nonce or payload.get("node_id") != node_id:
         raise WrongChallenge("the welcome does not answer this node's hello")
-    return envelope.keyid
+    exchange_key = payload.get("kx")
+    if not isinstance(exchange_key, str):
+        raise Malformed("the welcome carries no exchange key")
+    shared = greeting.exchange.shared(exchange_key)
+    sealer, opener = node_side(shared, _transcript(greeting.challenge, greeting.nonce))
+    return Welcomed(envelope.keyid, sealer, opener)

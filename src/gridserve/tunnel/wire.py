@@ -1,4 +1,6 @@
-"""The tunnel's frames: one WebSocket binary message each, `kind (1 byte) | stream (4 bytes, big-endian) | payload`.
+"""The tunnel's frames: one WebSocket binary message each, `kind (1 byte) | stream (4 bytes, big-endian) | payload`
+for the greeting (`encode`, `decode`); every later frame also carries a tag after the stream number, which binds it
+to the greeting (channel.py).
 
 Many exchanges share one connection, each on its own stream number, chosen by the gateway (which opens them all).
 An HTTP exchange is one REQUEST (JSON head, a newline, the body), then the node's HEAD, BODY... and END (END
@@ -9,7 +11,8 @@ status the HTTP endpoint would have given).
 
 Every message inside is what the node and the gateway already sign when they speak HTTP: generate and load
 requests signed by the gateway, health answers signing the probe's challenge, stage frames, receipts and heartbeats
-signed by the node. The tunnel adds one thing: the handshake (handshake.py) proves both keys at the start.
+signed by the node. The tunnel adds the handshake (handshake.py), which proves both keys at the start, and the
+tags that bind every later frame to it (channel.py).
 """
 
 import enum

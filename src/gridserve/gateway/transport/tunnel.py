@@ -34,6 +34,7 @@ from gridserve.gateway.transport.errors import (
 )
 from gridserve.trust import EnvelopeVerifier, Identity, TrustError, sign_envelope
 from gridserve.tunnel import handshake
+from gridserve.tunnel.channel import Opener, Sealer
 from gridserve.tunnel.wire import (
     CONTROL,
     BadFrame,
@@ -57,8 +58,10 @@ Inbound = Frame | TransportError
 class TunnelConn:
     """One node's open tunnel: the streams under way on it and the frames they wait for."""
 
-    def __init__(self, node_id: NodeId, ws: WebSocket, remote: str) -> None:
-        self.node_id, self.ws, self.remote = node_id, ws, remote
+    def __init__(self, node_id: NodeId, ws: WebSocket, remote: str, sealer: Sealer) -> None:
+        self.node_id, self.ws, self.remote, self.sealer = node_id, ws, remote, sealer
+        self._sending = asyncio.Lock()
+        """Frames go out in the order they were sealed (the node checks their counter)."""
         self.opened_at = time.time()
         self.streams: dict[int, asyncio.Queue[Inbound]] = {}
         self._next = 1
@@ -77,19 +80,20 @@ class TunnelConn:
     def end_stream(self, stream: int, *, cancel: Kind | None = None) -> None:
         """Forget the stream; with `cancel`, tell the node too (CANCEL for HTTP, WS_CLOSE for a stage link)."""
         if self.streams.pop(stream, None) is not None and cancel is not None and self.closed is None:
-            task = asyncio.ensure_future(self._quietly(encode(cancel, stream)))
+            task = asyncio.ensure_future(self._quietly(cancel, stream))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _quietly(self, data: bytes) -> None:
+    async def _quietly(self, kind: Kind, stream: int) -> None:
         with contextlib.suppress(Exception):
-            await self.ws.send_bytes(data)
+            await self.send(kind, stream)
 
     async def send(self, kind: Kind, stream: int, payload: bytes = b"", *, phase: str = "open") -> None:
         if self.closed is not None:
             raise self.closed
         try:
-            await self.ws.send_bytes(encode(kind, stream, payload))
+            async with self._sending:
+                await self.ws.send_bytes(self.sealer.seal(kind, stream, payload))
         except Exception as exc:  # starlette/uvicorn: WebSocketDisconnect, ClientDisconnected, RuntimeError
             error = (Unreachable if phase == "open" else BrokenStream)(
                 str(exc) or "tunnel closed", cause=type(exc).__name__
@@ -129,7 +133,7 @@ class TunnelHub:
         await ws.accept()
         remote = ws.client.host if ws.client else "?"
         try:
-            greeted = await asyncio.wait_for(self._greet(ws), HANDSHAKE_TIMEOUT_S)
+            greeted, sealer, opener = await asyncio.wait_for(self._greet(ws), HANDSHAKE_TIMEOUT_S)
         except (TrustError, BadFrame, ValueError, TimeoutError, WebSocketDisconnect) as exc:
             why = exc.detail if isinstance(exc, TrustError) else (str(exc) or type(exc).__name__)
             log.warning("refused a tunnel from %s: %s", remote, why)
@@ -138,7 +142,7 @@ class TunnelHub:
                 await ws.close(code=1008)
             return
         node_id = NodeId(greeted.node_id)
-        conn = TunnelConn(node_id, ws, remote)
+        conn = TunnelConn(node_id, ws, remote, sealer)
         old = self.conns.get(node_id)
         if old is not None:
             old.fail("replaced by a new tunnel from the node")
@@ -146,14 +150,14 @@ class TunnelHub:
         self.opened += 1
         log.info("tunnel open from %s (%s)", node_id, remote)
         try:
-            await self._read(conn)
+            await self._read(conn, opener)
         finally:
             conn.fail("the connection ended")
             if self.conns.get(node_id) is conn:
                 del self.conns[node_id]
             log.info("tunnel from %s closed", node_id)
 
-    async def _greet(self, ws: WebSocket) -> handshake.Hello:
+    async def _greet(self, ws: WebSocket) -> tuple[handshake.Hello, Sealer, Opener]:
         challenge = handshake.challenge()
         await ws.send_bytes(encode(Kind.CHALLENGE, CONTROL, json_payload({"challenge": challenge})))
         frame = decode(await ws.receive_bytes())
@@ -161,10 +165,11 @@ class TunnelHub:
             raise BadFrame(f"expected the node's hello, got {frame.kind.name}")
         greeted = handshake.check_hello(self.verifier, frame.payload, challenge)
         interval = self.membership.config.heartbeat_interval_s
-        await ws.send_bytes(encode(Kind.WELCOME, CONTROL, handshake.welcome(self.identity, greeted, interval)))
-        return greeted
+        body, sealer, opener = handshake.welcome(self.identity, greeted, challenge, interval)
+        await ws.send_bytes(encode(Kind.WELCOME, CONTROL, body))
+        return greeted, sealer, opener
 
-    async def _read(self, conn: TunnelConn) -> None:
+    async def _read(self, conn: TunnelConn, opener: Opener) -> None:
         receive = conn.ws.receive
         while True:
             message = await receive()
@@ -174,7 +179,7 @@ class TunnelHub:
             if data is None:
                 return  # a text frame: not this protocol
             try:
-                frame = decode(data)
+                frame = opener.open(data)
             except BadFrame as exc:
                 log.warning("tunnel from %s sent a bad frame: %s", conn.node_id, exc)
                 return
