@@ -127,7 +127,8 @@ class NodeTunnel:
     async def _connect_and_serve(self, http: aiohttp.ClientSession) -> None:
         url = websocket_url(self.gateway_url)
         async with http.ws_connect(url, ssl=self.verify, max_msg_size=MAX_FRAME, heartbeat=PING_S) as ws:
-            await asyncio.wait_for(self._greet(ws), HANDSHAKE_TIMEOUT_S)
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):  # (not wait_for: on 3.11 it can swallow a cancel)
+                await self._greet(ws)
             self._ws = ws
             self.connections += 1
             self.connected.set()
@@ -160,7 +161,8 @@ class NodeTunnel:
         assert self._opener is not None, "frames are read after the greeting"
         frame = self._opener.open(data)
         kind, stream = frame.kind, frame.stream
-        if kind == Kind.REQUEST:
+        if kind == Kind.REQUEST:  # its disconnect event now: a CANCEL right behind it must find it
+            self._gone[stream] = asyncio.Event()
             self._spawn(self._http(stream, frame.payload))
         elif kind == Kind.CANCEL:
             gone = self._gone.get(stream)
@@ -207,16 +209,18 @@ class NodeTunnel:
 
     async def _http(self, stream: int, payload: bytes) -> None:
         """One HTTP exchange through the node's app."""
+        gone = self._gone.get(stream) or asyncio.Event()
         try:
             meta, body = split_request(payload)
         except (BadFrame, ValueError) as exc:
+            self._gone.pop(stream, None)
             await self._reply_error(stream, 400, f"bad tunnel request: {exc}")
             return
         path, _, query = str(meta["path"]).partition("?")
         if path not in ROUTES:
+            self._gone.pop(stream, None)
             await self._reply_error(stream, 404, f"{path} is not served through the tunnel")
             return
-        gone = self._gone[stream] = asyncio.Event()
         scope = _scope("http", path, query, meta.get("headers", {}), method=str(meta["method"]))
         try:
             await self.app(scope, _http_receive(body, gone), _HttpSend(self, stream, gone))

@@ -39,7 +39,10 @@ class Ephemeral:
             raise BadFrame("the greeting's exchange key is not base64") from None
         if len(peer) != 32:
             raise BadFrame("the greeting's exchange key is not 32 bytes")
-        return crypto_scalarmult(bytes(self._key), peer)
+        try:
+            return crypto_scalarmult(bytes(self._key), peer)
+        except RuntimeError:  # nacl's: a low-order point, which would make an all-zero secret anyone knows
+            raise BadFrame("the greeting's exchange key makes no shared secret") from None
 
 
 def _key(shared: bytes, transcript: bytes, direction: bytes) -> bytes:

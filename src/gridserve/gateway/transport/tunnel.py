@@ -133,7 +133,8 @@ class TunnelHub:
         await ws.accept()
         remote = ws.client.host if ws.client else "?"
         try:
-            greeted, sealer, opener = await asyncio.wait_for(self._greet(ws), HANDSHAKE_TIMEOUT_S)
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                greeted, sealer, opener = await self._greet(ws)
         except (TrustError, BadFrame, ValueError, TimeoutError, WebSocketDisconnect) as exc:
             why = exc.detail if isinstance(exc, TrustError) else (str(exc) or type(exc).__name__)
             log.warning("refused a tunnel from %s: %s", remote, why)
@@ -160,7 +161,11 @@ class TunnelHub:
     async def _greet(self, ws: WebSocket) -> tuple[handshake.Hello, Sealer, Opener]:
         challenge = handshake.challenge()
         await ws.send_bytes(encode(Kind.CHALLENGE, CONTROL, json_payload({"challenge": challenge})))
-        frame = decode(await ws.receive_bytes())
+        message = await ws.receive()
+        data = message.get("bytes") if message["type"] == "websocket.receive" else None
+        if data is None:
+            raise BadFrame(f"expected the node's hello, got {message['type']} without bytes")
+        frame = decode(data)
         if frame.kind != Kind.HELLO:
             raise BadFrame(f"expected the node's hello, got {frame.kind.name}")
         greeted = handshake.check_hello(self.verifier, frame.payload, challenge)
@@ -335,10 +340,12 @@ class TunnelTransport:
         item = await queue.get()
         if isinstance(item, TransportError):
             raise Unreachable(item.detail, cause=item.cause)
-        if item.kind != Kind.HEAD:
+        status = _status(item.payload) if item.kind == Kind.HEAD else None
+        if status is None:
             conn.end_stream(stream, cancel=Kind.CANCEL)
-            raise Malformed(f"expected a reply head, got {item.kind.name}")
-        return int(orjson.loads(item.payload)["status"])
+            what = f" without a status: {item.payload[:80]!r}" if item.kind == Kind.HEAD else ""
+            raise Malformed(f"expected a reply head, got {item.kind.name}{what}")
+        return status
 
     async def _rest(self, conn: TunnelConn, stream: int, queue: "asyncio.Queue[Inbound]", limit: int) -> bytes:
         parts: list[bytes] = []
@@ -415,6 +422,16 @@ class TunnelTransport:
             conn.end_stream(stream)
             raise
         return TunnelStageChannel(conn, stream, queue)
+
+
+def _status(payload: bytes) -> int | None:
+    """The status of a HEAD's `{"status": int, ...}`; None if it is not one."""
+    try:
+        head = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    status = head.get("status") if isinstance(head, dict) else None
+    return status if type(status) is int else None
 
 
 __all__ = ["TunnelConn", "TunnelEventStream", "TunnelHub", "TunnelStageChannel", "TunnelTransport"]
