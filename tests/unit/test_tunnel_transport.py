@@ -160,6 +160,8 @@ class FakeMembership:
         self.beats: list[bytes] = []
         self.rejected: list[tuple[TrustError, str, str]] = []
         self.error: TrustError | None = None
+        self.failed: list[tuple[str, str]] = []
+        """Nodes taken out of rotation (mark_failed), with why."""
 
     def heartbeat(self, body: bytes) -> None:
         self.beats.append(body)
@@ -168,6 +170,9 @@ class FakeMembership:
 
     def reject(self, exc: TrustError, *, path: str, remote: str, node_id: str | None = None) -> None:
         self.rejected.append((exc, path, remote))
+
+    def mark_failed(self, node_id: str, reason: str) -> None:
+        self.failed.append((node_id, reason))
 
 
 class Gateway:
@@ -347,6 +352,7 @@ def test_a_node_that_dials_again_replaces_its_tunnel_and_the_old_streams_break()
         assert old.serving is not None
         await asyncio.wait_for(old.serving, GUARD_S)
         assert gw.hub.get(NODE_ID).ws is new.ws
+        assert gw.membership.failed == []  # the node is reachable over its new tunnel: not taken out of rotation
 
     _run(go)
 
@@ -373,6 +379,7 @@ def test_when_a_tunnel_ends_every_stream_on_it_breaks_and_the_node_is_unreachabl
             gw.hub.get(NODE_ID)
         with pytest.raises(Unreachable, match="is closed"):
             conn.open_stream()
+        assert gw.membership.failed == [(NODE_ID, "its tunnel closed")]  # out of rotation at once
 
     _run(go)
 

@@ -154,8 +154,11 @@ class TunnelHub:
             await self._read(conn, opener)
         finally:
             conn.fail("the connection ended")
-            if self.conns.get(node_id) is conn:
+            if self.conns.get(node_id) is conn:  # (not when the node dialled again: its new tunnel stands)
                 del self.conns[node_id]
+                # nothing can reach the node now: out of rotation at once, not at its next failed probe; its
+                # next heartbeat (over a new tunnel) brings it back
+                self.membership.mark_failed(node_id, "its tunnel closed")
             log.info("tunnel from %s closed", node_id)
 
     async def _greet(self, ws: WebSocket) -> tuple[handshake.Hello, Sealer, Opener]:
