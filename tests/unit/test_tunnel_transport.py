@@ -439,7 +439,7 @@ def test_frames_for_a_stream_nobody_waits_on_are_dropped() -> None:
 
 
 def test_stream_numbers_skip_the_control_stream_when_they_wrap() -> None:
-    conn = TunnelConn(NODE_ID, cast(Any, None), REMOTE, cast(Any, None))
+    conn = TunnelConn(NODE_ID, cast(Any, SimpleNamespace(scope={})), REMOTE, cast(Any, None))
     assert [conn.open_stream()[0] for _ in range(3)] == [1, 2, 3]
     conn._next = 0xFFFFFFFF
     assert [conn.open_stream()[0] for _ in range(2)] == [0xFFFFFFFF, 1]

@@ -10,6 +10,7 @@ import uvicorn
 from gridserve.gateway.app import Gateway, build_gateway_app
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.registry.ledger_replay import replay
+from gridserve.gateway.transport.tunnel_socket import DirectSocket
 from gridserve.observability import LogFormat, setup_logging
 from gridserve.store import Store, default_sqlite_url
 from gridserve.trust import load_or_create_identity
@@ -71,6 +72,7 @@ def run_gateway(config: GatewayConfig, log_level: str = "warning", log_format: L
             proxy_headers=False,
             loop="auto",  # uvloop and httptools where installed (uvicorn[standard])
             http="auto",
+            ws=DirectSocket,  # uvicorn's wsproto protocol, tunnels read by callback (transport/tunnel_socket.py)
             ssl_certfile=config.tls_cert,
             ssl_keyfile=config.tls_key,
         )

@@ -32,6 +32,7 @@ from gridserve.gateway.transport.errors import (
     Unreachable,
     refusal,
 )
+from gridserve.gateway.transport.tunnel_socket import EXTENSION, DirectSocket
 from gridserve.trust import EnvelopeVerifier, Identity, TrustError, sign_envelope
 from gridserve.tunnel import handshake
 from gridserve.tunnel.channel import Opener, Sealer
@@ -60,6 +61,9 @@ class TunnelConn:
 
     def __init__(self, node_id: NodeId, ws: WebSocket, remote: str, sealer: Sealer) -> None:
         self.node_id, self.ws, self.remote, self.sealer = node_id, ws, remote, sealer
+        direct = ws.scope.get("extensions", {}).get(EXTENSION)
+        self.direct = direct if isinstance(direct, DirectSocket) else None
+        """The gateway's own WebSocket protocol (tunnel_socket.py), when this server is ours: messages by callback."""
         self._sending = asyncio.Lock()
         """Frames go out in the order they were sealed (the node checks their counter)."""
         self.opened_at = time.time()
@@ -79,18 +83,15 @@ class TunnelConn:
 
     def end_stream(self, stream: int, *, cancel: Kind | None = None) -> None:
         """Forget the stream; with `cancel`, tell the node too (CANCEL for HTTP, WS_CLOSE for a stage link)."""
-        if self.streams.pop(stream, None) is not None and cancel is not None and self.closed is None:
-            task = asyncio.ensure_future(self._quietly(cancel, stream))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-    async def _quietly(self, kind: Kind, stream: int) -> None:
-        with contextlib.suppress(Exception):
-            await self.send(kind, stream)
+        if self.streams.pop(stream, None) is not None and cancel is not None:
+            self.send_soon(cancel, stream, b"")
 
     async def send(self, kind: Kind, stream: int, payload: bytes = b"", *, phase: str = "open") -> None:
         if self.closed is not None:
             raise self.closed
+        if (writer := self._writer()) is not None:
+            writer.write(self.sealer.seal(kind, stream, payload))
+            return
         try:
             async with self._sending:
                 await self.ws.send_bytes(self.sealer.seal(kind, stream, payload))
@@ -99,6 +100,27 @@ class TunnelConn:
                 str(exc) or "tunnel closed", cause=type(exc).__name__
             )
             raise error from exc
+
+    def send_soon(self, kind: Kind, stream: int, payload: bytes) -> None:
+        """Send from synchronous code: at once when nothing is queued before it and the socket takes it, else in a
+        task (the frame order is the sealing order either way)."""
+        if self.closed is not None:
+            return
+        if (writer := self._writer()) is not None:
+            writer.write(self.sealer.seal(kind, stream, payload))
+            return
+        task = asyncio.ensure_future(self._quietly_send(kind, stream, payload))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _writer(self) -> DirectSocket | None:
+        """Our own socket, when a frame can go out on it without a wait: no sender before it, room in the transport."""
+        direct = self.direct
+        return direct if direct is not None and direct.can_write and not self._sending.locked() else None
+
+    async def _quietly_send(self, kind: Kind, stream: int, payload: bytes) -> None:
+        with contextlib.suppress(Exception):
+            await self.send(kind, stream, payload)
 
     def deliver(self, frame: Frame) -> None:
         queue = self.streams.get(frame.stream)
@@ -178,25 +200,35 @@ class TunnelHub:
         return greeted, sealer, opener
 
     async def _read(self, conn: TunnelConn, opener: Opener) -> None:
-        receive = conn.ws.receive
+        """Each message to `_take`, until the connection ends or a message breaks the protocol: by callback on the
+        gateway's own socket (an idle tunnel then holds nothing new), else through ASGI's `receive`."""
+        if conn.direct is not None:
+            await conn.direct.attach(lambda data: self._take(conn, opener, data))
+            return
         while True:
-            message = await receive()
+            message = await conn.ws.receive()
             if message["type"] != "websocket.receive":
                 return
             data = message.get("bytes")
             if data is None:
                 return  # a text frame: not this protocol
-            try:
-                frame = opener.open(data)
-            except BadFrame as exc:
-                log.warning("tunnel from %s sent a bad frame: %s", conn.node_id, exc)
+            if self._take(conn, opener, data) is not None:
                 return
-            if frame.kind == Kind.HEARTBEAT:
-                await self._heartbeat(conn, frame.payload)
-            else:
-                conn.deliver(frame)
 
-    async def _heartbeat(self, conn: TunnelConn, body: bytes) -> None:
+    def _take(self, conn: TunnelConn, opener: Opener, data: bytes) -> str | None:
+        """One message from the node; None, or why the tunnel must close."""
+        try:
+            frame = opener.open(data)
+        except BadFrame as exc:
+            log.warning("tunnel from %s sent a bad frame: %s", conn.node_id, exc)
+            return f"bad frame: {exc}"
+        if frame.kind == Kind.HEARTBEAT:
+            self._heartbeat(conn, frame.payload)
+        else:
+            conn.deliver(frame)
+        return None
+
+    def _heartbeat(self, conn: TunnelConn, body: bytes) -> None:
         """A heartbeat over the tunnel: the same checks and answers as `POST /nodes/heartbeat`."""
         try:
             self.membership.heartbeat(body)
@@ -205,8 +237,7 @@ class TunnelHub:
             self.membership.reject(exc, path="/nodes/tunnel", remote=conn.remote)
             status = 404 if isinstance(exc, UnknownNode) else 401
             answer = orjson.dumps({"error": {"type": exc.kind, "message": exc.detail}}).decode()
-        with contextlib.suppress(TransportError):
-            await conn.send(Kind.HEARTBEAT_REPLY, CONTROL, json_payload({"status": status, "body": answer}))
+        conn.send_soon(Kind.HEARTBEAT_REPLY, CONTROL, json_payload({"status": status, "body": answer}))
 
 
 class TunnelEventStream:
