@@ -165,14 +165,66 @@ def test_a_client_leaving_cancels_the_work_on_an_outbound_node(outbound: LocalGr
     assert not any(running.values()), running
 
 
-def test_the_node_rejoins_a_restarted_gateway_over_a_new_tunnel(tmp_path: Path) -> None:
+def test_a_late_first_token_is_hedged_to_the_runner_up_over_tunnels(outbound: LocalGrid) -> None:
+    """The node the scheduler picks is stopped (SIGSTOP: its tunnel stays open, it answers nothing) right before a
+    request: the hedge goes to the runner-up over its own tunnel and answers (faults cannot be set on an outbound
+    node from outside, so a stop stands in for tests/grid/test_failover.py's delay)."""
+    grid = outbound
+    client = _client(grid)
+    for i in range(12):  # calibrate every node's TTFT
+        client.completions.create(model=EMULATED, prompt=f"warm {i}", max_tokens=2)
+    hedged = None
+    seen: list[str] = []
+    for i in range(10):
+        probe = client.completions.with_raw_response.create(
+            model=EMULATED, prompt=f"which {i}", max_tokens=2, extra_body={"gridserve": {"hedge": False}}
+        )
+        stopped = _proc(grid, probe.headers["x-gridserve-node"])
+        pick = probe.headers["x-gridserve-node"]
+        stopped.suspend()
+        try:
+            started = time.monotonic()
+            raw = client.completions.with_raw_response.create(model=EMULATED, prompt=f"h{i}", max_tokens=2)
+            took = time.monotonic() - started
+        finally:
+            stopped.resume()
+        decision = admin_get(grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+        seen.append(f"{decision['chosen'][:8]} (stopped {pick[:8]}) hedged={decision['hedged']}")
+        if decision["chosen"] == pick:
+            hedged = (decision, raw.headers["x-gridserve-node"], pick, took)
+            break
+    assert hedged is not None, "the stopped node was never chosen: " + "; ".join(seen)
+    decision, served_by, pick, took = hedged
+    assert decision["hedged"] is True and served_by != pick, decision
+    assert decision["status"] == "ok" and took < 2.0, (took, decision)  # not waiting for the stopped node
+    metrics = httpx.get(grid.url + "/metrics", timeout=10).text
+    assert any(
+        line.startswith("gridserve_hedges_total ") and float(line.split()[1]) >= 1 for line in metrics.split("\n")
+    )
+    # the stopped node, resumed, is still in rotation (its tunnel held; it was stopped for well under a heartbeat
+    # timeout)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(n["state"] != "up" for n in grid.nodes()):
+        time.sleep(0.1)
+    assert all(n["state"] == "up" for n in grid.nodes()), grid.nodes()
+
+
+def test_a_stopping_gateway_finishes_its_streams_and_the_node_rejoins_it_restarted(tmp_path: Path) -> None:
     grid = _outbound_grid(tmp_path, ["emulated:rtx4090"], extra_node_args=FIXED)
     try:
         grid.start(timeout_s=120)
         client = _client(grid)
-        assert client.completions.create(model=EMULATED, prompt="before", max_tokens=4).usage is not None
+        reference = client.completions.create(model=EMULATED, prompt="in flight", max_tokens=24, temperature=0)
+        # a stream under way when the gateway is told to stop ends whole: its tunnel drains before it closes
+        stream = client.completions.create(
+            model=EMULATED, prompt="in flight", max_tokens=24, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        first = next(chunks)
         gateway = grid.procs["gateway"]
         gateway.send_signal(signal.SIGTERM)
+        text = "".join(c.choices[0].text for c in [first, *chunks] if c.choices)
+        assert text == reference.choices[0].text
         gateway.wait(10)
         grid.start_gateway()  # same port, same store and key
         restarted = time.monotonic()

@@ -13,7 +13,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
-import aiohttp
 import httpx
 import pytest
 import uvicorn
@@ -26,6 +25,7 @@ from gridserve.cli.grid import LocalGrid
 from gridserve.engines.stage_engine import StageEngine
 from gridserve.engines.tiny import tiny_engine
 from gridserve.gateway.pipeline.session import LinkPool
+from gridserve.gateway.transport import AiohttpTransport
 from gridserve.node.agent import NodeAgent
 from gridserve.node.stage_link import add_stage_routes
 from gridserve.planner.chain import StageRoute
@@ -279,8 +279,10 @@ def test_an_idle_stage_link_answers_the_nodes_keepalive_pings() -> None:
     route = StageRoute(node.node_id, f"http://127.0.0.1:{port}", node.public_key, 0, 1, 2)
 
     async def drive() -> None:
-        async with aiohttp.ClientSession() as http:
-            pool = LinkPool(gateway, http)
+        transport = AiohttpTransport(gateway)
+        await transport.start()
+        try:
+            pool = LinkPool(gateway, transport)
             link = await pool.link(route)
             await link.exchange(Frame("open", "first"), None, 5.0)
             connection = link.ws
@@ -288,6 +290,8 @@ def test_an_idle_stage_link_answers_the_nodes_keepalive_pings() -> None:
             reply, _ = await link.exchange(Frame("open", "second"), None, 5.0)
             assert reply.kind == "ack" and link.ws is connection  # the same connection: it was kept open
             await pool.aclose()
+        finally:
+            await transport.aclose()
 
     try:
         asyncio.run(drive())

@@ -6,7 +6,6 @@ import os
 import signal
 from collections.abc import Iterator
 
-import aiohttp
 import httpx
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from tests.conftest import API_KEY, admin_get, make_grid
 from gridserve.cli.grid import LocalGrid
 from gridserve.engines.gemma import GEMMA_MODEL, ensure_cache, gemma_engine, load_gemma
 from gridserve.gateway.pipeline.session import LinkPool, PipelineSession, generate_tokens
+from gridserve.gateway.transport import AiohttpTransport
 from gridserve.planner.chain import StageRoute
 from gridserve.trust import load_or_create_identity
 from gridserve.types import GenerateRequest, SamplingParams
@@ -81,14 +81,18 @@ def routes(grid: LocalGrid) -> dict[str, StageRoute]:
 async def pipeline_logits(grid: LocalGrid, chain: list[StageRoute], prompt: list[int], steps: int) -> list[np.ndarray]:
     """Drive the stage nodes as the gateway does (with the gateway's key: the nodes accept only it)."""
     identity = load_or_create_identity(grid.data_dir / "gateway.key")
-    async with aiohttp.ClientSession() as http:
-        pool = LinkPool(identity, http)
+    transport = AiohttpTransport(identity)
+    await transport.start()
+    try:
+        pool = LinkPool(identity, transport)
         session = PipelineSession(pool, list(chain), lambda: list(chain))
         await session.open()
         params = SamplingParams(max_tokens=steps + 1, temperature=0)
         out = [logits.copy() async for _, logits in generate_tokens(session, prompt, params, eos_ids=frozenset())]
         await session.close()
         await pool.aclose()
+    finally:
+        await transport.aclose()
     return out
 
 

@@ -1,4 +1,6 @@
-"""The stage link's failure boundary (gateway/pipeline/session.py) over a scripted fake WebSocket: no sockets.
+"""The stage link's failure boundary (gateway/pipeline/session.py) over a scripted fake node transport: its stage
+links are the HTTP transport's channel on a fake WebSocket (what aiohttp raises goes through the channel's own
+translation, as it does in the gateway), no sockets.
 
 Whatever a dead or dying stage connection raises, and wherever it raises it (connecting, the hello, sending a
 step, waiting for its answer, or a replacement failing while it is rebuilt), the session re-plans the stage onto
@@ -20,6 +22,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gridserve.gateway.pipeline.session import LinkPool, PipelineSession, StageFailed
+from gridserve.gateway.transport import BrokenStream, NodeTransport, Timeout, Unreachable
+from gridserve.gateway.transport.errors import map_errors
+from gridserve.gateway.transport.http import HttpStageChannel
 from gridserve.planner.chain import NoChain, StageRoute
 from gridserve.trust import Identity
 from gridserve.trust.frames import Frame, FrameReader, encode
@@ -49,6 +54,10 @@ ERRORS: dict[str, Callable[[], BaseException]] = {
     "WSServerHandshakeError": _handshake_error,
     "TimeoutError": lambda: TimeoutError(),
     "RuntimeError": lambda: RuntimeError("Session is closed"),
+    # what a stage link inside an outbound-only node's tunnel raises (transport/tunnel.py)
+    "BrokenStream": lambda: BrokenStream("tunnel of the node closed: the connection ended", cause="tunnel closed"),
+    "Unreachable": lambda: Unreachable("the tunnel of the node is closed", cause="tunnel closed"),
+    "Timeout": lambda: Timeout("the stage link did not open in 10.0 s", cause="TimeoutError"),
 }
 CLOSED_KINDS = [aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR]
 POINTS = ["connect", "hello", "send", "receive"]
@@ -114,7 +123,7 @@ class Fault:
 
 
 class FakeWS:
-    """What StageLink uses of aiohttp's ClientWebSocketResponse, over a FakeNode."""
+    """What the HTTP stage channel uses of aiohttp's ClientWebSocketResponse, over a FakeNode."""
 
     def __init__(self, node: FakeNode) -> None:
         self.node = node
@@ -182,25 +191,34 @@ class FakeWS:
         return True
 
 
-class FakeHTTP:
-    """What StageLink uses of aiohttp's ClientSession: ws_connect, to the fake nodes by endpoint."""
+class FakeTransport:
+    """What StageLink uses of the NodeTransport: stage_link, to the fake nodes by endpoint (a fault at connect is
+    raised as aiohttp's ws_connect would raise it, through the HTTP transport's error boundary)."""
 
     def __init__(self, nodes: list[FakeNode]) -> None:
         self.nodes = {n.route.endpoint: n for n in nodes}
         self.connects = 0
 
-    async def ws_connect(self, url: str, **_: Any) -> FakeWS:
+    async def stage_link(self, node_id: str, endpoint: str, timeout_s: float) -> HttpStageChannel:
         self.connects += 1
-        node = self.nodes[url.replace("ws://", "http://", 1).removesuffix("/internal/stage")]
+        node = self.nodes[endpoint]
+        assert node_id == node.identity.node_id
         node.connects += 1
         ws = FakeWS(node)
         fault = node.fault
         if fault is not None and fault.point == "connect" and node.exchanges >= fault.after:
             if isinstance(fault.error, aiohttp.WSMsgType):  # accepted, then ended before the hello's answer
                 ws.inbox.put_nowait(aiohttp.WSMessage(fault.error, None, "fault"))
-                return ws
-            raise fault.raised()
-        return ws
+            else:
+                with map_errors("open"):
+                    raise fault.raised()
+        return HttpStageChannel(cast(aiohttp.ClientWebSocketResponse, ws))
+
+
+def fake_ws(link_channel: object) -> FakeWS:
+    """The fake WebSocket under a link's channel."""
+    assert isinstance(link_channel, HttpStageChannel)
+    return cast(FakeWS, link_channel.ws)
 
 
 # -- driving a session -----------------------------------------------------------------------------------
@@ -209,7 +227,7 @@ class Grid:
     first: FakeNode
     victim: FakeNode
     spares: list[FakeNode]
-    http: FakeHTTP
+    transport: FakeTransport
     pool: LinkPool
 
     def session(self, timeout_s: float = 5.0) -> PipelineSession:
@@ -221,8 +239,8 @@ class Grid:
 def grid(spares: int = 1) -> Grid:
     first, victim = FakeNode(0, 1), FakeNode(1, 2)
     extra = [FakeNode(1, 2) for _ in range(spares)]
-    http = FakeHTTP([first, victim, *extra])
-    return Grid(first, victim, extra, http, LinkPool(GATEWAY, cast(aiohttp.ClientSession, http)))
+    transport = FakeTransport([first, victim, *extra])
+    return Grid(first, victim, extra, transport, LinkPool(GATEWAY, cast(NodeTransport, transport)))
 
 
 async def generate(session: PipelineSession, before_step: Callable[[int], None] = lambda _: None) -> list[bytes]:
@@ -257,7 +275,7 @@ def run_with_fault(fault: Fault, spares: int = 1, timeout_s: float = 5.0) -> tup
         if step == 1:  # the victim has answered open and the prompt's step; it fails a few frames later
             g.victim.fault = fault
             if fault.point in ("connect", "hello"):  # it drops the connection; reconnecting fails
-                cast(FakeWS, g.pool.links[g.victim.route.node_id].ws).end()
+                fake_ws(g.pool.links[g.victim.route.node_id].ws).end()
                 fault.after = 0
 
     async def go() -> tuple[PipelineSession, list[bytes]]:
@@ -350,7 +368,7 @@ def test_a_cancelled_exchange_leaves_no_answer_for_the_next_session() -> None:
         first = g.session()
         await first.open()
         await first.forward(PROMPT)
-        ws = cast(FakeWS, g.pool.links[g.victim.route.node_id].ws)
+        ws = fake_ws(g.pool.links[g.victim.route.node_id].ws)
         real_put = ws.inbox.put_nowait
         parked: list[aiohttp.WSMessage | BaseException] = []
         answered = asyncio.Event()
@@ -385,6 +403,6 @@ def test_a_stage_failed_exchange_closes_the_link_and_the_next_one_reconnects() -
         assert not link.open
         g.victim.fault = None
         reply, _ = await link.exchange(Frame("open", "s"), None, 1.0)
-        assert reply.kind == "ack" and link.open and g.http.connects == 2
+        assert reply.kind == "ack" and link.open and g.transport.connects == 2
 
     asyncio.run(go())

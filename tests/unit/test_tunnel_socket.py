@@ -5,7 +5,8 @@ import asyncio
 import functools
 import gc
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from uvicorn.config import Config
@@ -21,7 +22,10 @@ from wsproto.events import (
     TextMessage,
 )
 
+from gridserve.gateway.transport import Unreachable
+from gridserve.gateway.transport.tunnel import TunnelConn
 from gridserve.gateway.transport.tunnel_socket import EXTENSION, DirectSocket, OnMessage
+from gridserve.types import NodeId
 
 App = Callable[[Any, Any, Any], Awaitable[None]]
 
@@ -85,8 +89,10 @@ class Peer:
         self.server.connection_lost(None)
 
 
-def attaching(got: list[bytes], answer: Callable[[bytes], str | None] = lambda _: None) -> tuple[App, list[Any]]:
-    """An app that accepts, reads one message the ASGI way, then attaches `got.append` (and `answer`)."""
+def attaching(
+    got: list[bytes], answer: Callable[[bytes], str | None] = lambda _: None, drain: Callable[[], bool] | None = None
+) -> tuple[App, list[Any]]:
+    """An app that accepts, reads one message the ASGI way, then attaches `got.append` (and `answer`, `drain`)."""
     ended: list[Any] = []
 
     def take(data: bytes) -> str | None:
@@ -100,7 +106,7 @@ def attaching(got: list[bytes], answer: Callable[[bytes], str | None] = lambda _
         got.append(b"asgi:" + first["bytes"])
         direct: DirectSocket = scope["extensions"][EXTENSION]
         on_message: OnMessage = take
-        ended.append(direct.attach(on_message))
+        ended.append(direct.attach(on_message, drain))
         await ended[-1]
 
     return app, ended
@@ -117,10 +123,14 @@ def run(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
 
 
 async def attached(
-    got: list[bytes], answer: Callable[[bytes], str | None] = lambda _: None, *, max_size: int = 1 << 20
+    got: list[bytes],
+    answer: Callable[[bytes], str | None] = lambda _: None,
+    *,
+    max_size: int = 1 << 20,
+    drain: Callable[[], bool] | None = None,
 ) -> tuple[Peer, list[Any]]:
     """A peer whose app has taken its first message and attached (what the server wrote so far read)."""
-    app, ended = attaching(got, answer)
+    app, ended = attaching(got, answer, drain)
     peer = await Peer.opened(app, max_size=max_size)
     peer.send(Message(data=b"first"))
     await settle()
@@ -258,3 +268,36 @@ async def test_an_idle_attached_connection_holds_no_new_objects_for_the_collecto
     finally:
         gc.unfreeze()
     assert held < 50, f"{held} tracked objects live after one message on each of 200 idle connections"
+
+
+@run
+async def test_a_server_shutdown_leaves_a_busy_connection_open_for_the_app_to_close() -> None:
+    busy = [True]
+    peer, ended = await attached([], drain=lambda: busy[0])
+    peer.server.shutdown()  # uvicorn's graceful stop: work is under way, so the app closes it when done
+    assert not peer.transport.closing and closes(peer) == []
+    peer.server.close(1012, "the gateway is restarting")
+    assert [(c.code, c.reason) for c in closes(peer)] == [(1012, "the gateway is restarting")]
+    peer.lose()
+    assert ended[0].done()
+    idle, _ = await attached([], drain=lambda: False)
+    idle.server.shutdown()
+    assert idle.transport.closing and [c.code for c in closes(idle)] == [1012]
+
+
+@run
+async def test_a_draining_tunnel_takes_no_new_stream_and_closes_after_its_last() -> None:
+    peer, _ = await attached([])
+    conn = TunnelConn(NodeId("node-a"), cast(Any, SimpleNamespace(scope=peer.server.scope)), "127.0.0.1", None)
+    assert conn.direct is peer.server
+    first, _ = conn.open_stream()
+    second, _ = conn.open_stream()
+    assert conn.drain() is True
+    with pytest.raises(Unreachable, match="draining"):
+        conn.open_stream()
+    conn.end_stream(first)
+    assert closes(peer) == []
+    conn.end_stream(second)  # the last one: the tunnel closes
+    assert [c.code for c in closes(peer)] == [1012]
+    idle, _ = await attached([])
+    assert TunnelConn(NodeId("node-b"), cast(Any, SimpleNamespace(scope=idle.server.scope)), "", None).drain() is False

@@ -162,6 +162,8 @@ class FakeMembership:
         self.error: TrustError | None = None
         self.failed: list[tuple[str, str]] = []
         """Nodes taken out of rotation (mark_failed), with why."""
+        self.nodes: dict[str, object] = {NODE.node_id: object()}
+        """The registered nodes (only their ids are read)."""
 
     def heartbeat(self, body: bytes) -> None:
         self.beats.append(body)
@@ -330,6 +332,25 @@ def test_a_hello_whose_exchange_key_makes_no_secret_is_refused() -> None:
         end.send(Kind.HELLO, CONTROL, sign_envelope(NODE, payload, purpose=handshake.HELLO, now=time.time()))
         assert await _refusal(end) == "the greeting's exchange key makes no shared secret"
         assert gw.hub.conns == {}
+
+    _run(go)
+
+
+def test_a_tunnel_whose_node_never_registers_is_closed_after_the_grace() -> None:
+    async def go() -> None:
+        gw = Gateway()
+        gw.hub.register_grace_s = 0.05
+        member = await gw.dial()
+        stranger_key = Identity.generate()  # greets with a valid signature, never registers
+        stranger = await gw.dial(stranger_key)
+        closed = await stranger.message()
+        assert closed["type"] == "websocket.close" and closed["code"] == 1008, closed
+        assert "did not register within" in closed["reason"]
+        stranger.hang_up()
+        assert stranger.serving is not None
+        await asyncio.wait_for(stranger.serving, GUARD_S)
+        assert set(gw.hub.conns) == {NODE_ID}  # the registered node's tunnel stands
+        assert member.sent() == [] and gw.hub.get(NODE_ID).closed is None
 
     _run(go)
 
@@ -874,13 +895,12 @@ def test_a_stage_link_carries_frames_both_ways_until_the_node_closes_it() -> Non
         assert not channel.closed
         await channel.send(b"hidden states")
         assert await end.frame() == Frame(Kind.WS_DATA, number, b"hidden states")
-        await channel.send_bytes(b"more")
+        await channel.send(b"more")
         assert await end.frame() == Frame(Kind.WS_DATA, number, b"more")
         end.send(Kind.WS_DATA, number, b"logits")
         assert await channel.receive(1.0) == b"logits"
         end.send(Kind.WS_DATA, number, b"again")
-        message = await channel.receive_message()
-        assert (message.type, message.data) == (aiohttp.WSMsgType.BINARY, b"again")
+        assert await channel.receive(1.0) == b"again"
         end.send(Kind.WS_CLOSE, number, b'{"code":1000,"reason":"done"}')
         with pytest.raises(BrokenStream, match=re.escape('stage connection closed ({"code":1000,"reason":"done"})')):
             await channel.receive(1.0)
@@ -927,7 +947,7 @@ def test_closing_a_stage_link_tells_the_node_once() -> None:
         gw = Gateway()
         end = await gw.dial()
         channel, number = await _stage(gw, end)
-        assert await channel.close() is True
+        await channel.aclose()
         assert await end.frame() == Frame(Kind.WS_CLOSE, number, b"")
         await channel.aclose()
         await _turns()
@@ -948,9 +968,8 @@ def test_a_stage_link_whose_tunnel_ends_reads_as_closed() -> None:
         with pytest.raises(Timeout, match=re.escape("no stage frame in 0.05 s")):
             await quiet.receive(0.05)
         end.hang_up()
-        message = await channel.receive_message()
-        assert message.type == aiohttp.WSMsgType.CLOSED
-        assert "closed: the connection ended" in message.extra
+        with pytest.raises(BrokenStream, match="closed: the connection ended"):
+            await channel.receive(1.0)
         assert channel.closed and quiet.closed
 
     _run(go)

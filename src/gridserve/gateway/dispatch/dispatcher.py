@@ -21,8 +21,6 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from gridserve.gateway.api.errors import APIError, bad_request, no_capacity, upstream_failed
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.retry_budget import RetryBudget
@@ -36,8 +34,6 @@ from gridserve.gateway.transport import (
     Refused,
     TransportError,
 )
-from gridserve.gateway.transport.routing import RoutingTransport
-from gridserve.gateway.transport.tunnel import TunnelTransport
 from gridserve.reliability import EventKind
 from gridserve.reliability import NodeEvent as LedgerEvent
 from gridserve.trust import Identity
@@ -117,18 +113,6 @@ class Dispatcher:
             token_ratio=self.policy.retry_token_ratio,
             tokens=self.policy.retry_budget_tokens,
         )
-
-    @property
-    def session(self) -> aiohttp.ClientSession | None:
-        """The HTTP pool under the aiohttp transport (the pipeline's stage links still borrow it)."""
-        if isinstance(self.transport, (AiohttpTransport, RoutingTransport)):
-            return self.transport.session
-        return None
-
-    @property
-    def tunnels(self) -> TunnelTransport | None:
-        """The transport to outbound-only nodes (the pipeline's stage links to them go through it)."""
-        return self.transport.tunnels if isinstance(self.transport, RoutingTransport) else None
 
     async def start(self) -> None:
         await self.transport.start()

@@ -179,8 +179,7 @@ class Pipelines:
                 param="max_tokens",
             )
         if self.pool is None:
-            assert self.dispatcher.session is not None
-            self.pool = LinkPool(self.dispatcher.identity, self.dispatcher.session, self.dispatcher.tunnels)
+            self.pool = LinkPool(self.dispatcher.identity, self.dispatcher.transport)
         routes = self.routes(job.model)
         try:
             chain = plan_chain(routes, routes[0].n_layers if routes else 0)
@@ -196,7 +195,7 @@ class Pipelines:
         return run
 
     async def aclose(self) -> None:
-        """Close the links to stage nodes (at shutdown, before the connection pool they borrow is closed)."""
+        """Close the links to stage nodes (at shutdown, before the transport they were opened through is closed)."""
         if self.pool is not None:
             await self.pool.aclose()
 

@@ -18,17 +18,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 import numpy as np
 import numpy.typing as npt
 
-from gridserve.gateway.transport.errors import TransportError
-from gridserve.gateway.transport.tunnel import TunnelStageChannel, TunnelTransport
+from gridserve.gateway.transport import NodeTransport, StageChannel, TransportError
 from gridserve.planner.chain import NoChain, StageRoute, plan_chain
 from gridserve.trust import TrustError
 from gridserve.trust.frames import Frame, FrameReader, encode
 from gridserve.trust.identity import Identity
-from gridserve.tunnel.wire import is_tunnel
 from gridserve.types import NodeId, SamplingParams
 
 if TYPE_CHECKING:  # torch is imported on first use: the gateway starts without it
@@ -36,11 +33,7 @@ if TYPE_CHECKING:  # torch is imported on first use: the gateway starts without 
 
 _T = TypeVar("_T")
 
-MAX_FRAME = 64 * 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
-CLOSE_TIMEOUT_S = 1.0
-"""How long closing a link waits for the node's close reply: a link is closed when its stage failed, and a hung
-node must not hold up the re-plan."""
 
 
 class StageFailed(Exception):
@@ -56,13 +49,11 @@ class LinkBroken(ConnectionError):
 
 
 LINK_ERRORS: tuple[type[BaseException], ...] = (
-    aiohttp.ClientError,  # ClientConnectionResetError (a write on a closing transport), ServerDisconnectedError,
-    # WSServerHandshakeError, ClientConnectorError (refused), ClientOSError
-    OSError,  # ConnectionResetError, BrokenPipeError, ConnectionRefusedError, LinkBroken; TimeoutError (a reply
-    # or the handshake not in time; asyncio.TimeoutError is TimeoutError)
-    RuntimeError,  # aiohttp: a closed client session, a write after the writer was closed
+    TransportError,  # the channel's own tree (transport/errors.py): Unreachable or Refused (the link did not open),
+    # BrokenStream (reset, closed by the node, its tunnel ended), Timeout
+    OSError,  # LinkBroken; TimeoutError (a reply or the opening not in time; asyncio.TimeoutError is TimeoutError)
+    RuntimeError,  # what the HTTP channel leaves untranslated: aiohttp's "Session is closed", a second receive()
     TrustError,  # a reply that fails its signature, freshness or sequence checks
-    TransportError,  # a stage link inside an outbound-only node's tunnel: the tunnel ended, or never opened
 )
 """Everything a dead or dying stage connection raises, at any point of an exchange (connect, hello, send, receive).
 `StageLink.exchange` turns each into `StageFailed`: the one error the session re-plans around."""
@@ -77,23 +68,18 @@ class Exchange:
 
 
 class StageLink:
-    """One long-lived, signed WebSocket to a stage node; one exchange at a time.
+    """One long-lived, signed channel to a stage node (a WebSocket, direct or inside an outbound-only node's
+    tunnel: whichever the transport opens for the node's endpoint); one exchange at a time.
 
-    A reader task stays on the connection for its whole life, so the link answers the node's keep-alive pings
-    while it is idle (aiohttp answers a ping only inside `receive()`; uvicorn closes a connection whose pings go
-    unanswered for 20 s, and a link idle between two requests would then fail the next one on a healthy node) and
-    learns at once that the node closed it or died. It is also the one place where the connection's errors become
+    A reader task stays on the channel for its whole life, so the link answers the node's keep-alive pings while
+    it is idle (over HTTP, aiohttp answers a ping only inside `receive()`; uvicorn closes a connection whose pings
+    go unanswered for 20 s, and a link idle between two requests would then fail the next one on a healthy node)
+    and learns at once that the node closed it or died. It is also the one place where the channel's errors become
     `StageFailed` (`LINK_ERRORS`)."""
 
-    def __init__(
-        self,
-        identity: Identity,
-        route: StageRoute,
-        http: aiohttp.ClientSession,
-        tunnels: TunnelTransport | None = None,
-    ) -> None:
-        self.identity, self.route, self.http, self.tunnels = identity, route, http, tunnels
-        self.ws: aiohttp.ClientWebSocketResponse | TunnelStageChannel | None = None
+    def __init__(self, identity: Identity, route: StageRoute, transport: NodeTransport) -> None:
+        self.identity, self.route, self.transport = identity, route, transport
+        self.ws: StageChannel | None = None
         self.reader = FrameReader(me=identity.public_key, sender=route.public_key)
         self.seq = 0
         self.lock = asyncio.Lock()
@@ -133,7 +119,7 @@ class StageLink:
             return await step
         except LINK_ERRORS as exc:
             await self.aclose()
-            detail = f"{type(exc).__name__}: {exc}"
+            detail = _describe(exc)
             raise StageFailed(self.route.node_id, f"{what} ({detail})" if what else detail) from exc
         except BaseException:
             await self.aclose()
@@ -141,37 +127,23 @@ class StageLink:
 
     async def _connect(self, timeout_s: float) -> None:
         await self.aclose()
-        ws = self.ws = await asyncio.wait_for(self._open(timeout_s), timeout_s)
-        receive = ws.receive_message if isinstance(ws, TunnelStageChannel) else ws.receive
+        opening = self.transport.stage_link(NodeId(self.route.node_id), self.route.endpoint, timeout_s)
+        channel = self.ws = await asyncio.wait_for(opening, timeout_s)
         self.reader = FrameReader(me=self.identity.public_key, sender=self.route.public_key)
         self._replies = asyncio.Queue()
-        self._listener = asyncio.create_task(_listen(receive, self._replies), name=f"stage-link-{self.route.node_id}")
+        self._listener = asyncio.create_task(_listen(channel, self._replies), name=f"stage-link-{self.route.node_id}")
         hello, _, _ = await self._send_recv(Frame("hello"), None, timeout_s)
         if (hello.meta.get("start"), hello.meta.get("end")) != (self.route.start, self.route.end):
             raise StageFailed(
                 self.route.node_id, f"runs layers {hello.meta}, not [{self.route.start}, {self.route.end})"
             )
 
-    async def _open(self, timeout_s: float) -> "aiohttp.ClientWebSocketResponse | TunnelStageChannel":
-        """The WebSocket to the node's stage route: direct, or inside an outbound-only node's tunnel."""
-        if is_tunnel(self.route.endpoint):
-            if self.tunnels is None:
-                raise LinkBroken("no tunnel transport for an outbound-only stage node")
-            return await self.tunnels.stage_link(NodeId(self.route.node_id), self.route.endpoint, timeout_s)
-        url = self.route.endpoint.replace("http://", "ws://", 1).replace("https://", "wss://", 1) + "/internal/stage"
-        return await self.http.ws_connect(
-            url,
-            max_msg_size=MAX_FRAME,
-            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S),
-            heartbeat=None,
-        )
-
     async def _send_recv(self, frame: Frame, wire_dtype: str | None, timeout_s: float) -> tuple[Frame, int, int]:
         if self.ws is None:
             raise LinkBroken("stage connection closed")
         self.seq += 1
         data = encode(self.identity, frame, to=self.route.public_key, seq=self.seq, wire_dtype=wire_dtype)
-        await self.ws.send_bytes(data)
+        await self.ws.send(data)
         answer = await asyncio.wait_for(self._replies.get(), timeout_s)
         if isinstance(answer, BaseException):
             raise answer
@@ -182,36 +154,39 @@ class StageLink:
 
     async def aclose(self) -> None:
         """Close the connection (the link connects again on its next exchange)."""
-        ws, listener = self.ws, self._listener
+        channel, listener = self.ws, self._listener
         self.ws, self._listener = None, None  # first: a second cancellation leaves the link closed all the same
         if listener is not None:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
-        if ws is not None:
-            await ws.close()
+        if channel is not None:
+            with contextlib.suppress(TransportError):  # (a channel that broke: closed all the same)
+                await channel.aclose()
 
 
-async def _listen(
-    receive: Callable[[], Awaitable[aiohttp.WSMessage]], replies: "asyncio.Queue[bytes | BaseException]"
-) -> None:
-    """The link's reader: replies go to the queue; the end of the connection goes there as an error."""
+def _describe(exc: BaseException) -> str:
+    """An error for StageFailed's detail: a transport error by the foreign exception it replaced, when there was
+    one ("ClientConnectionResetError: Cannot write to closing transport"), else by its own class."""
+    name = exc.cause if isinstance(exc, TransportError) and exc.cause else type(exc).__name__
+    return f"{name}: {exc}"
+
+
+async def _listen(channel: StageChannel, replies: "asyncio.Queue[bytes | BaseException]") -> None:
+    """The link's reader: replies go to the queue; the end of the channel goes there as an error (BrokenStream
+    when the node closed it), for the exchange waiting on the queue to raise."""
     try:
         while True:
-            msg = await receive()  # answers the node's pings on the way (aiohttp's autoping)
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                replies.put_nowait(LinkBroken(f"stage connection closed ({msg.type.name}: {msg.extra or ''})"))
-                return
-            replies.put_nowait(msg.data)
-    except Exception as exc:  # e.g. the pong written on a transport the node has closed: the exchange raises it
+            replies.put_nowait(await channel.receive(None))  # over HTTP, answers the node's pings on the way
+    except Exception as exc:  # e.g. the pong written on a transport the node has closed
         replies.put_nowait(exc)
 
 
 class LinkPool:
     """The gateway's long-lived links, one per stage node, opened on first use and reused by every session."""
 
-    def __init__(self, identity: Identity, http: aiohttp.ClientSession, tunnels: TunnelTransport | None = None) -> None:
-        self.identity, self.http, self.tunnels = identity, http, tunnels
+    def __init__(self, identity: Identity, transport: NodeTransport) -> None:
+        self.identity, self.transport = identity, transport
         self.links: dict[str, StageLink] = {}
 
     async def link(self, route: StageRoute) -> StageLink:
@@ -222,7 +197,7 @@ class LinkPool:
             return found
         if found is not None:
             await found.aclose()
-        found = StageLink(self.identity, route, self.http, self.tunnels)
+        found = StageLink(self.identity, route, self.transport)
         self.links[route.node_id] = found
         return found
 

@@ -30,6 +30,9 @@ from gridserve.types import GenerateRequest, NodeId, StreamEvent
 JSON_HEADERS = {"content-type": "application/json"}
 MAX_STAGE_FRAME = 64 * 1024 * 1024
 """Largest frame a stage link carries (a long prompt's hidden states in float32)."""
+STAGE_CLOSE_TIMEOUT_S = 1.0
+"""How long closing a stage link waits for the node's close reply: a link is closed when its stage failed, and a
+hung node must not hold up the re-plan."""
 
 
 class LineSource(Protocol):
@@ -111,7 +114,7 @@ class AiohttpTransport:
         self.identity = identity
         self.connect_timeout_s = connect_timeout_s
         self.session: aiohttp.ClientSession | None = None
-        """The pool (None until started); the pipeline's stage links still borrow it."""
+        """The pool (None until started)."""
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
@@ -166,7 +169,7 @@ class AiohttpTransport:
             ws = await self._pool().ws_connect(
                 url,
                 max_msg_size=MAX_STAGE_FRAME,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=timeout_s),
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=STAGE_CLOSE_TIMEOUT_S),
                 heartbeat=None,
             )
         return HttpStageChannel(ws)

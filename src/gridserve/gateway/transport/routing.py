@@ -4,8 +4,6 @@ its tunnel, every other over HTTP)."""
 from collections.abc import Mapping
 from typing import Any
 
-import aiohttp
-
 from gridserve.gateway.transport.base import EventStream, NodeTransport, StageChannel
 from gridserve.gateway.transport.http import AiohttpTransport
 from gridserve.gateway.transport.tunnel import TunnelTransport
@@ -16,10 +14,6 @@ from gridserve.types import GenerateRequest, NodeId
 class RoutingTransport:
     def __init__(self, direct: AiohttpTransport, tunnels: TunnelTransport) -> None:
         self.direct, self.tunnels = direct, tunnels
-
-    @property
-    def session(self) -> aiohttp.ClientSession | None:
-        return self.direct.session
 
     def _to(self, endpoint: str) -> NodeTransport:
         return self.tunnels if is_tunnel(endpoint) else self.direct

@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
-import aiohttp
 import orjson
 from opentelemetry import propagate
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -50,6 +49,9 @@ from gridserve.types import GenerateRequest, NodeId, StreamEvent
 
 log = logging.getLogger("gridserve.gateway")
 HANDSHAKE_TIMEOUT_S = 10.0
+REGISTER_GRACE_S = 60.0
+"""A tunnel whose node has not registered this long after it opened is closed: a signed greeting proves a key,
+not a member, and keys cost nothing to make (the node dials again, and registers, if it can)."""
 MAX_PROBE_BYTES = 64 * 1024
 
 Inbound = Frame | TransportError
@@ -71,10 +73,14 @@ class TunnelConn:
         self._next = 1
         self.closed: TransportError | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self.draining = False
+        """The gateway is shutting down: no new streams; the tunnel closes once the last one ends."""
 
     def open_stream(self) -> tuple[int, "asyncio.Queue[Inbound]"]:
         if self.closed is not None:
             raise Unreachable(f"the tunnel of {self.node_id} is closed", cause="tunnel closed")
+        if self.draining:
+            raise Unreachable(f"the tunnel of {self.node_id} is draining: the gateway is stopping", cause="draining")
         stream = self._next
         self._next = stream + 1 if stream < 0xFFFFFFFF else 1
         queue: asyncio.Queue[Inbound] = asyncio.Queue()
@@ -85,6 +91,27 @@ class TunnelConn:
         """Forget the stream; with `cancel`, tell the node too (CANCEL for HTTP, WS_CLOSE for a stage link)."""
         if self.streams.pop(stream, None) is not None and cancel is not None:
             self.send_soon(cancel, stream, b"")
+        if self.draining and not self.streams and self.direct is not None:
+            self.direct.close(1012, "the gateway is restarting")
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection from the gateway's side (its end then fails every stream, as any end does)."""
+        if self.direct is not None:
+            self.direct.close(code, reason)
+            return
+        task = asyncio.ensure_future(self._quietly_close(code, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _quietly_close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, reason=reason)
+
+    def drain(self) -> bool:
+        """The server is shutting down (DirectSocket.shutdown): True if streams are under way (the tunnel stays
+        open for them, and closes after the last), False if it can close now."""
+        self.draining = True
+        return bool(self.streams)
 
     async def send(self, kind: Kind, stream: int, payload: bytes = b"", *, phase: str = "open") -> None:
         if self.closed is not None:
@@ -143,6 +170,7 @@ class TunnelHub:
         self.conns: dict[NodeId, TunnelConn] = {}
         self.opened = 0
         """Tunnels accepted since start (reconnections included)."""
+        self.register_grace_s = REGISTER_GRACE_S
 
     def get(self, node_id: NodeId) -> TunnelConn:
         conn = self.conns.get(node_id)
@@ -172,9 +200,11 @@ class TunnelHub:
         self.conns[node_id] = conn
         self.opened += 1
         log.info("tunnel open from %s (%s)", node_id, remote)
+        check = asyncio.get_running_loop().call_later(self.register_grace_s, self._require_member, conn)
         try:
             await self._read(conn, opener)
         finally:
+            check.cancel()
             conn.fail("the connection ended")
             if self.conns.get(node_id) is conn:  # (not when the node dialled again: its new tunnel stands)
                 del self.conns[node_id]
@@ -182,6 +212,12 @@ class TunnelHub:
                 # next heartbeat (over a new tunnel) brings it back
                 self.membership.mark_failed(node_id, "its tunnel closed")
             log.info("tunnel from %s closed", node_id)
+
+    def _require_member(self, conn: TunnelConn) -> None:
+        if conn.closed is None and conn.node_id not in self.membership.nodes:
+            why = f"node {conn.node_id} did not register within {self.register_grace_s:.0f} s of opening its tunnel"
+            log.warning("closing the tunnel from %s (%s): %s", conn.node_id, conn.remote, why)
+            conn.close(1008, why)
 
     async def _greet(self, ws: WebSocket) -> tuple[handshake.Hello, Sealer, Opener]:
         challenge = handshake.challenge()
@@ -203,7 +239,7 @@ class TunnelHub:
         """Each message to `_take`, until the connection ends or a message breaks the protocol: by callback on the
         gateway's own socket (an idle tunnel then holds nothing new), else through ASGI's `receive`."""
         if conn.direct is not None:
-            await conn.direct.attach(lambda data: self._take(conn, opener, data))
+            await conn.direct.attach(lambda data: self._take(conn, opener, data), drain=conn.drain)
             return
         while True:
             message = await conn.ws.receive()
@@ -328,21 +364,6 @@ class TunnelStageChannel:
         if not self._closed:
             self._closed = True
             self.conn.end_stream(self.stream, cancel=Kind.WS_CLOSE)
-
-    # the face of aiohttp's ClientWebSocketResponse the pipeline's StageLink uses
-    async def send_bytes(self, data: bytes) -> None:
-        await self.send(data)
-
-    async def receive_message(self) -> aiohttp.WSMessage:
-        """The next frame as aiohttp would give it: BINARY, or CLOSED once the link ended (never raises)."""
-        try:
-            return aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, await self.receive(None), None)
-        except TransportError as exc:
-            return aiohttp.WSMessage(aiohttp.WSMsgType.CLOSED, None, exc.detail)
-
-    async def close(self) -> bool:
-        await self.aclose()
-        return True
 
 
 class TunnelTransport:

@@ -37,19 +37,25 @@ class DirectSocket(WSProtocol):
         super().__init__(*args, **kwargs)
         self._deliver: OnMessage | None = None
         self._ended: asyncio.Future[None] | None = None
+        self._drain: Callable[[], bool] | None = None
 
     def handle_connect(self, event: events.Request) -> None:
         super().handle_connect(event)
         extensions: dict[str, object] = self.scope["extensions"]  # type: ignore[assignment]  # (ASGI types it narrowly)
         extensions[EXTENSION] = self
 
-    def attach(self, on_message: OnMessage) -> "asyncio.Future[None]":
+    def attach(self, on_message: OnMessage, drain: Callable[[], bool] | None = None) -> "asyncio.Future[None]":
         """From now on, each binary message goes to `on_message` as it arrives (those already queued first); a text
-        message closes the connection (1003). The future is done when the connection ends."""
+        message closes the connection (1003). The future is done when the connection ends.
+
+        `drain` is asked when the server shuts down: True means work is under way on this connection and the app
+        will `close` it once that is done (uvicorn waits for it, up to its graceful-shutdown timeout); False, close
+        it now."""
         if self._deliver is not None:
             raise RuntimeError("a callback is attached already")
         self._ended = self.loop.create_future()
         self._deliver = on_message
+        self._drain = drain
         while not self.queue.empty():  # (what came before the attach, in order)
             message = self.queue.get_nowait()
             if message["type"] != "websocket.receive":
@@ -102,6 +108,16 @@ class DirectSocket(WSProtocol):
     def write(self, data: bytes) -> None:
         """Send one binary message now (only when `can_write`)."""
         self.transport.write(self.conn.send(events.Message(data=data)))
+
+    def shutdown(self) -> None:
+        if self._drain is not None and not self.close_sent and not self.disconnected and self._drain():
+            self.stop_keepalive()
+            return
+        super().shutdown()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close from the app's side (the close frame, then the transport)."""
+        self._close(code, reason)
 
     def _close(self, code: int, reason: str) -> None:
         if self.close_sent or self.transport.is_closing():
