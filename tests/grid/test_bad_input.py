@@ -87,6 +87,43 @@ def test_invalid_fields_are_400_naming_the_param(tiny_grid: LocalGrid, body: dic
     assert error["param"] == param
 
 
+WEATHER = {
+    "type": "function",
+    "function": {"name": "weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+def test_what_gridserve_cannot_do_is_refused_naming_the_parameter_not_dropped(tiny_grid: LocalGrid) -> None:
+    """With the official SDK, as an agent would send it: a request with tools is refused with a 400 naming `tools`,
+    where it used to come back as plain text (as if the tools had not been sent)."""
+    client = OpenAI(base_url=tiny_grid.url + "/v1", api_key=API_KEY, max_retries=0)
+    messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=TINY_MODEL, messages=messages, tools=[WEATHER], max_tokens=8)
+    assert refused.value.param == "tools" and refused.value.code == "unsupported_parameter"
+    assert "tool calling" in refused.value.message
+    schema: Any = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=TINY_MODEL, messages=messages, response_format=schema, max_tokens=8)
+    assert refused.value.param == "response_format"
+    with pytest.raises(openai.BadRequestError) as refused:  # vLLM's extension, sent by aiperf, guidellm and others
+        client.completions.create(model=TINY_MODEL, prompt="x", max_tokens=8, extra_body={"ignore_eos": True})
+    assert refused.value.param == "ignore_eos"
+    # the same parameters at their defaults ask for nothing gridserve lacks: served
+    reply = client.chat.completions.create(
+        model=TINY_MODEL,
+        messages=messages,
+        max_tokens=3,
+        temperature=0,
+        tool_choice="none",
+        logprobs=False,
+        response_format={"type": "text"},
+        presence_penalty=0,
+        extra_body={"ignore_eos": False, "top_k": -1},
+    )
+    assert reply.choices[0].message.content is not None
+
+
 def test_invalid_completion_prompt_is_400(tiny_grid: LocalGrid) -> None:
     body = {"model": TINY_MODEL, "prompt": ["a", "b"], "max_tokens": 2}
     assert_openai_error(post(tiny_grid, "/v1/completions", body), 400)

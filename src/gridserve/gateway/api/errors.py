@@ -44,6 +44,16 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_request")
 
 
+def unsupported_parameter(param: str, what: str) -> APIError:
+    return APIError(
+        400,
+        f"Unsupported parameter: '{param}' asks for {what}, which gridserve does not offer yet. Send the request "
+        f"without it (or with its default).",
+        param=param,
+        code="unsupported_parameter",
+    )
+
+
 def no_capacity(message: str) -> APIError:
     return APIError(503, message, type_="service_unavailable", code="no_eligible_node")
 

@@ -15,8 +15,14 @@ from pydantic import ValidationError
 
 from gridserve.catalog.models import MODELS
 from gridserve.catalog.tiers import DEFAULT_TIER
-from gridserve.gateway.api.errors import APIError, bad_request, model_not_found, no_capacity
-from gridserve.gateway.api.schemas import ChatCompletionRequest, CompletionRequest, GridOptions, SamplingFields
+from gridserve.gateway.api.errors import APIError, bad_request, model_not_found, no_capacity, unsupported_parameter
+from gridserve.gateway.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GridOptions,
+    SamplingFields,
+    unsupported,
+)
 from gridserve.gateway.api.sse import DONE, ChunkFormatter
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
 from gridserve.gateway.dispatch.generation import Generation, GenerationFailed
@@ -71,6 +77,9 @@ def parse(body: bytes, model: type[SamplingFields]) -> Any:
         raise bad_request(f"Request body is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise bad_request("Request body must be a JSON object.")
+    refused = unsupported(raw)
+    if refused is not None:
+        raise unsupported_parameter(*refused)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -1,5 +1,6 @@
 """OpenAI-facing request schemas: lenient (unknown fields allowed), as OpenAI-compatible servers are."""
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
@@ -16,6 +17,48 @@ def _string_or_list(max_items: int, *, min_items: int = 0, nullable: bool = Fals
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+def _off(*defaults: Any) -> Callable[[Any], bool]:
+    """A parameter is off when absent, null, empty, or one of `defaults` (what asks for the default behaviour)."""
+    return lambda value: value is None or value in ({}, [], "", *defaults)
+
+
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (_off(), "tool calling"),
+    "functions": (_off(), "tool calling"),
+    "tool_choice": (_off("none"), "tool calling"),
+    "function_call": (_off("none"), "tool calling"),
+    "response_format": (_off({"type": "text"}), "structured output"),
+    "logprobs": (_off(False), "log probabilities"),
+    "top_logprobs": (_off(0), "log probabilities"),
+    "echo": (_off(False), "echoing the prompt"),
+    "suffix": (_off(), "a suffix"),
+    "best_of": (_off(1), "best-of sampling"),
+    "logit_bias": (_off(), "logit bias"),
+    "presence_penalty": (_off(0), "penalties"),
+    "frequency_penalty": (_off(0), "penalties"),
+    "repetition_penalty": (_off(1), "penalties"),
+    "top_k": (_off(-1, 0), "top-k sampling"),
+    "min_p": (_off(0), "min-p sampling"),
+    "ignore_eos": (_off(False), "generating past the end-of-sequence token"),
+    "min_tokens": (_off(0), "a minimum length"),
+    "audio": (_off(), "audio output"),
+    "modalities": (_off(["text"]), "modalities other than text"),
+    "prediction": (_off(), "predicted outputs"),
+}
+"""Parameters of OpenAI's API (and vLLM's sampling extensions that benchmark clients send) that gridserve's nodes
+cannot honour yet: a request that turns one on is refused with a 400 naming it, never served as if it were absent
+(a client that sends `tools` must not get plain text back as though it had not). Each maps to (is it off?, what it
+asks for)."""
+
+
+def unsupported(body: dict[str, Any]) -> tuple[str, str] | None:
+    """The first parameter in the body that asks for what gridserve cannot do, with what it asks for; None if none."""
+    for name, (off, what) in UNSUPPORTED.items():
+        if name in body and not off(body[name]):
+            return name, what
+    return None
 
 
 class StreamOptions(OpenAIModel):
@@ -48,7 +91,18 @@ class GridOptions(BaseModel):
     """Send the request to the runner-up too if the first token is late (the gateway's hedging must be on)."""
 
 
+def _document_refusals(schema: dict[str, Any]) -> None:
+    """The OpenAPI description of a completion request says which parameters are refused (UNSUPPORTED)."""
+    names = ", ".join(f"`{name}`" for name in UNSUPPORTED)
+    schema["description"] = (
+        "OpenAI's fields; others are accepted and have no effect, except these, refused with a 400 "
+        f"(code `unsupported_parameter`, `param` naming it) unless absent, null, empty or at their default: {names}."
+    )
+    schema["x-gridserve-unsupported"] = list(UNSUPPORTED)
+
+
 class SamplingFields(OpenAIModel):
+    model_config = ConfigDict(extra="allow", json_schema_extra=_document_refusals)
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

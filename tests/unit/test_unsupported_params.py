@@ -1,0 +1,89 @@
+"""Parameters gridserve cannot honour are refused with a 400 naming them (gateway/api/schemas.py UNSUPPORTED), in
+either endpoint's body; at their defaults they are accepted."""
+
+from typing import Any
+
+import orjson
+import pytest
+
+from gridserve.gateway.api.errors import APIError
+from gridserve.gateway.api.openai_api import parse
+from gridserve.gateway.api.schemas import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, SamplingFields
+
+CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION: dict[str, Any] = {"model": "m", "prompt": "hi"}
+ON: dict[str, Any] = {
+    "tools": [{"type": "function", "function": {"name": "f"}}],
+    "functions": [{"name": "f"}],
+    "tool_choice": "required",
+    "function_call": "auto",
+    "response_format": {"type": "json_object"},
+    "logprobs": True,
+    "top_logprobs": 5,
+    "echo": True,
+    "suffix": "end",
+    "best_of": 3,
+    "logit_bias": {"50256": -100},
+    "presence_penalty": 0.5,
+    "frequency_penalty": -0.5,
+    "repetition_penalty": 1.2,
+    "top_k": 40,
+    "min_p": 0.05,
+    "ignore_eos": True,
+    "min_tokens": 16,
+    "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"],
+    "prediction": {"type": "content", "content": "x"},
+}
+OFF: dict[str, list[Any]] = {
+    "tools": [None, []],
+    "functions": [None, []],
+    "tool_choice": [None, "none"],
+    "function_call": [None, "none"],
+    "response_format": [None, {"type": "text"}],
+    "logprobs": [None, False],
+    "top_logprobs": [None, 0],
+    "echo": [None, False],
+    "suffix": [None, ""],
+    "best_of": [None, 1],
+    "logit_bias": [None, {}],
+    "presence_penalty": [None, 0, 0.0],
+    "frequency_penalty": [None, 0],
+    "repetition_penalty": [None, 1, 1.0],
+    "top_k": [None, -1, 0],
+    "min_p": [None, 0],
+    "ignore_eos": [None, False],
+    "min_tokens": [None, 0],
+    "audio": [None],
+    "modalities": [None, ["text"]],
+    "prediction": [None],
+}
+
+
+def test_every_refused_parameter_is_listed_here_on_and_off() -> None:
+    assert set(ON) == set(UNSUPPORTED) == set(OFF)
+
+
+@pytest.mark.parametrize("name", sorted(ON))
+@pytest.mark.parametrize(("base", "model"), [(CHAT, ChatCompletionRequest), (COMPLETION, CompletionRequest)])
+def test_a_parameter_turned_on_is_a_400_naming_it(name: str, base: dict[str, Any], model: type[SamplingFields]) -> None:
+    with pytest.raises(APIError) as refused:
+        parse(orjson.dumps({**base, name: ON[name]}), model)
+    error = refused.value
+    assert (error.status, error.param, error.code) == (400, name, "unsupported_parameter")
+    assert f"'{name}'" in error.message and UNSUPPORTED[name][1] in error.message
+
+
+@pytest.mark.parametrize(("name", "value"), [(n, v) for n, values in sorted(OFF.items()) for v in values])
+def test_a_parameter_at_its_default_is_accepted(name: str, value: Any) -> None:
+    request = parse(orjson.dumps({**CHAT, name: value}), ChatCompletionRequest)
+    assert isinstance(request, ChatCompletionRequest)
+
+
+def test_the_first_refused_parameter_is_named_and_the_rest_of_the_body_still_validates() -> None:
+    with pytest.raises(APIError) as refused:
+        parse(orjson.dumps({**CHAT, "tools": ON["tools"], "temperature": 9}), ChatCompletionRequest)
+    assert refused.value.param == "tools"
+    with pytest.raises(APIError) as invalid:
+        parse(orjson.dumps({**CHAT, "tools": [], "temperature": 9}), ChatCompletionRequest)
+    assert invalid.value.param == "temperature"
