@@ -69,7 +69,7 @@ def test_migrate_twice_is_fine(store: Store) -> None:
     store.upsert_node("n1", public_key="k", capability={}, state="up", at=1.0)
     store.migrate()
     store.migrate()
-    assert _scalar(store, "SELECT version_num FROM alembic_version") == "0004"
+    assert _scalar(store, "SELECT version_num FROM alembic_version") == "0005"
     tables = set(sa.inspect(store.engine).get_table_names())
     assert {"nodes", "node_events", "decisions", "settlements", "join_tokens", "alembic_version"} <= tables
     assert [n["node_id"] for n in store.list_nodes()] == ["n1"]
@@ -132,8 +132,13 @@ def test_unsupported_backend_rejected() -> None:
 def test_node_round_trip(store: Store) -> None:
     cap = {"gpus": [{"name": "H100", "vram_gb": 80}], "engines": ["llama.cpp"], "cuda": True}
     store.upsert_node("n2", public_key="pk2", capability={"gpus": []}, state="joining", at=10.0)
-    store.upsert_node("n1", public_key="pk1", capability=cap, state="joining", at=11.0)
+    store.upsert_node("n1", public_key="pk1", capability=cap, state="joining", at=11.0, address="198.51.100.7")
     assert store.get_node("missing") is None
+    assert store.node_origins(limit=5) == [  # newest registration first
+        {"node_id": "n1", "capability": cap, "address": "198.51.100.7"},
+        {"node_id": "n2", "capability": {"gpus": []}, "address": None},
+    ]
+    assert [n["node_id"] for n in store.node_origins(limit=1)] == ["n1"]
 
     store.set_node_state("n1", "ready", at=12.0)
     store.touch_node("n1", telemetry={"util": 3, "temps": [40, 41]}, at=13.5)
@@ -148,6 +153,7 @@ def test_node_round_trip(store: Store) -> None:
         "telemetry": {"util": 3, "temps": [40, 41]},
         "capability_at": 11.0,
         "gateway": None,
+        "address": "198.51.100.7",
     }
     listed = store.list_nodes()
     assert [n["node_id"] for n in listed] == ["n1", "n2"]

@@ -11,6 +11,7 @@ from tests.unit.test_scheduler import NOW, Spec, build, request
 
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.ops.metrics import GatewayMetrics
+from gridserve.gateway.registry.ledger_replay import replay, restore_marks
 from gridserve.gateway.registry.membership import Membership
 from gridserve.gateway.registry.whitewash import Marks, Signals, signals_of
 from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, ReliabilityConfig, Severity
@@ -138,6 +139,44 @@ def test_a_fresh_key_from_a_quarantined_identitys_address_starts_further_back(tm
     membership.register(_registration(fresh, "http://10.0.0.9:8001"), "203.0.113.7")  # a restart: no new match
     assert len(membership.book.events(fresh.node_id, kinds={EventKind.SIGNALS_MATCHED})) == 1
     membership.writer.close()
+
+
+def test_the_marks_survive_a_gateway_restart(tmp_path: Path) -> None:
+    """A restart used to forget them: the quarantined identity stayed quarantined (its ledger is replayed), but a
+    fresh key from its address started from zero again."""
+    store = Store(f"sqlite:///{tmp_path / 'gs.db'}")
+    store.migrate()
+    config = GatewayConfig(allow_emulated=True, vetting_checks=3, whitewash_checks=6)
+
+    def gateway() -> Membership:
+        return Membership(config, EnvelopeVerifier(FreshnessPolicy(), time.time), StoreWriter(store), GatewayMetrics())
+
+    before = gateway()
+    caught, bystander = Identity.generate(), Identity.generate()
+    before.register(_registration(caught, "http://10.0.0.9:8000"), "203.0.113.7")
+    before.register(_registration(bystander, "http://10.0.0.50:8000", accelerator="a100-40g"), "198.51.100.2")
+    fell_at = time.time()
+    before.note(
+        NodeEvent(node_id=caught.node_id, kind=EventKind.INCIDENT, at=fell_at, severity=Severity.SEVERE, detail="x")
+    )
+    before.flush_events()  # (as the gateway does at exit)
+    before.writer.close()
+
+    after = gateway()
+    replay(store, after.book)
+    assert restore_marks(store, after.book, after.marks, time.time()) == 1  # the bystander left no mark
+    fresh = Identity.generate()
+    after.register(_registration(fresh, "http://10.0.0.77:9000", accelerator="a100-40g"), "203.0.113.7")
+    matched = after.book.events(fresh.node_id, kinds={EventKind.SIGNALS_MATCHED})
+    assert len(matched) == 1 and f"address 203.0.113.7 of quarantined identity {caught.node_id}" in matched[0].detail
+    other = Identity.generate()  # the bystander's address and endpoint mark nothing
+    after.register(_registration(other, "http://10.0.0.50:8000", accelerator="h100-sxm"), "198.51.100.2")
+    assert after.book.events(other.node_id, kinds={EventKind.SIGNALS_MATCHED}) == []
+    marks = Marks(ttl_s=1.0)  # a mark restored with the time its identity fell: lapsed after its ttl as before
+    restore_marks(store, after.book, marks, time.time())
+    assert marks.matches(fresh.node_id, after.marks.signals(fresh.node_id) or Signals("", "", ""), fell_at + 0.5)
+    assert not marks.matches(fresh.node_id, after.marks.signals(fresh.node_id) or Signals("", "", ""), fell_at + 2)
+    after.writer.close()
 
 
 def test_signals_name_the_endpoint_and_fingerprint_the_description() -> None:

@@ -3,13 +3,14 @@
 import gc
 import logging
 import secrets
+import time
 from pathlib import Path
 
 import uvicorn
 
 from gridserve.gateway.app import Gateway, build_gateway_app
 from gridserve.gateway.config import GatewayConfig
-from gridserve.gateway.registry.ledger_replay import replay
+from gridserve.gateway.registry.ledger_replay import replay, restore_marks
 from gridserve.gateway.transport.tunnel_socket import DirectSocket
 from gridserve.observability import LogFormat, setup_logging
 from gridserve.store import Store, default_sqlite_url
@@ -34,7 +35,12 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     cursor = store.last_event_id()  # before the replay: an event committed meanwhile is applied by the sync
     gateway = Gateway(config, store, identity, event_cursor=cursor)
     applied = replay(store, gateway.membership.book)
-    logging.getLogger("gridserve.gateway").info("reliability ledger: %d stored events replayed", applied)
+    marked = restore_marks(store, gateway.membership.book, gateway.membership.marks, time.time())
+    logging.getLogger("gridserve.gateway").info(
+        "reliability ledger: %d stored events replayed, %d quarantined identities' whitewash marks restored",
+        applied,
+        marked,
+    )
     return gateway
 
 

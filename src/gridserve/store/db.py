@@ -39,6 +39,8 @@ nodes = sa.Table(
     sa.Column("capability_at", sa.Float(), nullable=True),
     # the gateway the node registered with (the one taking its heartbeats)
     sa.Column("gateway", sa.String(), nullable=True),
+    # the source address of its latest registration (a whitewashing signal: gateway/registry/whitewash.py)
+    sa.Column("address", sa.String(), nullable=True),
     sa.Index("ix_nodes_last_seen", "last_seen"),
 )
 
@@ -240,9 +242,19 @@ class Store:
 
     # -- nodes -----------------------------------------------------------------------------------------
 
-    def upsert_node(self, node_id: str, *, public_key: str, capability: dict[str, Any], state: str, at: float) -> None:
+    def upsert_node(
+        self,
+        node_id: str,
+        *,
+        public_key: str,
+        capability: dict[str, Any],
+        state: str,
+        at: float,
+        address: str | None = None,
+    ) -> None:
         """Register a node (or re-register it: registered_at is kept, everything else is replaced)."""
         values = {
+            "address": address,
             "node_id": node_id,
             "public_key": public_key,
             "capability": capability,
@@ -252,7 +264,7 @@ class Store:
             "capability_at": at,
             "gateway": self.origin,
         }
-        update = ["public_key", "capability", "state", "last_seen", "capability_at", "gateway"]
+        update = ["public_key", "capability", "state", "last_seen", "capability_at", "gateway", "address"]
         stmt = _upsert(self._dialect, nodes, values, update)
         with self._write() as conn:
             conn.execute(stmt)
@@ -313,6 +325,13 @@ class Store:
         with self._engine.connect() as conn:
             rows = conn.execute(sa.select(nodes).order_by(nodes.c.node_id))
             return [dict(r._mapping) for r in rows]
+
+    def node_origins(self, limit: int) -> list[dict[str, Any]]:
+        """node_id, capability and address of the `limit` nodes registered last (where each came from)."""
+        n = nodes.c
+        stmt = sa.select(n.node_id, n.capability, n.address).order_by(n.capability_at.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
 
     def get_node(self, node_id: str) -> dict[str, Any] | None:
         with self._engine.connect() as conn:

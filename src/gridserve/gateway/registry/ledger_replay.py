@@ -7,12 +7,16 @@ marked `stored`: not written again), applied by the same `apply`."""
 import logging
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.registry.events import AdminAction, Event, Noted
 from gridserve.gateway.registry.registry import Effects, NodeRegistry
-from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook, ReliabilityError, Severity
+from gridserve.gateway.registry.whitewash import Marks, signals_of
+from gridserve.reliability import EXCLUDED, EventKind, NodeEvent, ReliabilityBook, ReliabilityError, Severity
 from gridserve.store import Store
-from gridserve.types import NodeId
+from gridserve.types import Capability, NodeId
+from gridserve.types.base import from_wire
 
 log = logging.getLogger("gridserve.gateway")
 STATE = "reliability_state"
@@ -76,3 +80,24 @@ def replay(store: Store, target: Applies | ReliabilityBook) -> int:
         except (ReliabilityError, ValueError) as exc:
             log.warning("ledger replay skipped an event: %s", exc)
     return applied
+
+
+def restore_marks(store: Store, book: ReliabilityBook, marks: Marks, now: float) -> int:
+    """After the replay, the whitewashing marks (gateway/registry/whitewash.py) as they were: where each stored node
+    last registered from (its capability document and source address) is remembered again, and every identity the
+    book holds quarantined or banned marks it from the time it fell, so a fresh key from the same place still
+    starts further back after a restart. Returns how many identities' marks were restored."""
+    restored = 0
+    for row in reversed(store.node_origins(marks.keep)):  # oldest first: the newest are kept if `keep` is passed
+        try:
+            capability = from_wire(Capability, row["capability"])
+        except ValidationError as exc:
+            log.warning("whitewash marks: the stored capability of %s does not load: %s", row["node_id"], exc)
+            continue
+        node_id = str(row["node_id"])
+        marks.registered(node_id, signals_of(capability, row["address"] or "?"))
+        if book.knows(node_id) and book.state(node_id, now) in EXCLUDED:
+            fell = next((t.at for t in book.transitions(node_id) if t.new in EXCLUDED), now)
+            marks.fell(node_id, fell)
+            restored += 1
+    return restored

@@ -160,6 +160,7 @@ class Membership:
             capability=capability.model_dump(mode="json"),
             state=NodeState.UP.value,
             at=now,
+            address=None if remote == "?" else remote,
         )
         log.info(
             "node %s registered (%s, %s)",

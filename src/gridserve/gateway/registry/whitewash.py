@@ -9,8 +9,9 @@ naming the match. It is not refused: addresses are shared behind NAT, and many o
 engine, so a match is a reason to look harder (it is audited at the new-node rate until vetted), not a verdict.
 
 Bounded: at most `keep` marks and `keep` registrations remembered (oldest forgotten first); a mark lapses after
-`ttl_s`. In memory only: a gateway restart forgets the marks (the quarantined identities themselves stay
-quarantined: their ledger is replayed).
+`ttl_s`. Kept in memory and rebuilt when a gateway starts (ledger_replay.py `restore_marks`): the store keeps each
+node's capability document and the address of its latest registration, and the replayed ledger says which
+identities fell and when.
 """
 
 import hashlib
