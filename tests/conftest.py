@@ -4,8 +4,9 @@ __all__ = ["free_port_block"]
 
 import contextlib
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -78,6 +79,17 @@ def tiny_grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
         yield grid
     finally:
         grid.stop()
+
+
+def until_one_at_work(read: Callable[[], dict[str, int]], within_s: float) -> dict[str, int]:
+    """Each node's requests at work (`read`), read again until exactly one is at work or `within_s` passed: a stream
+    that stalled and moved on a busy machine leaves its first node at work until that node takes its cancel (and a
+    hedge's loser until it is cancelled at the first token). The last reading."""
+    running, deadline = read(), time.monotonic() + within_s
+    while sum(running.values()) != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        running = read()
+    return running
 
 
 def admin_get(grid: LocalGrid, path: str) -> httpx.Response:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
-from tests.conftest import API_KEY, admin_get, make_grid
+from tests.conftest import API_KEY, admin_get, make_grid, until_one_at_work
 
 from gridserve.cli.grid import LocalGrid
 
@@ -237,10 +237,7 @@ def test_client_disconnect_cancels_the_work_on_the_node(emulated_grid: LocalGrid
         # The node that serves the stream now: the one named in the header, or, where the stream has moved since
         # (a node stalled past its stall timeout on a busy machine), the one it moved to.
         # (a hedge's loser, if one was sent, is cancelled at the first token: give its cancel a moment to land)
-        running, settle = active(), time.monotonic() + 2
-        while sum(running.values()) != 1 and time.monotonic() < settle:
-            time.sleep(0.05)
-            running = active()
+        running = until_one_at_work(active, 2)
         assert sum(running.values()) == 1, running
         serving = next(e for e, n in running.items() if n == 1)
     closed = time.monotonic()

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from openai import OpenAI
 from tests import netns
-from tests.conftest import API_KEY, admin_get, make_grid
+from tests.conftest import API_KEY, admin_get, make_grid, until_one_at_work
 from tests.grid.test_failover import all_completed_unchanged, greedy_streams_under_way
 from tests.grid.test_pipeline import direct_text
 
@@ -156,9 +156,7 @@ def test_a_client_leaving_cancels_the_work_on_an_outbound_node(outbound: LocalGr
             next(lines)
         # one request at work: on the node picked, or on the one it moved to if it stalled on a busy machine (then
         # the first one's cancel may land a moment later)
-        running, settle = _fresh_telemetry(grid, time.monotonic()), time.monotonic() + 5
-        while sum(running.values()) != 1 and time.monotonic() < settle:
-            running = _fresh_telemetry(grid, time.monotonic())
+        running = until_one_at_work(lambda: _fresh_telemetry(grid, time.monotonic()), 5)
         assert sum(running.values()) == 1, running
     closed = time.monotonic()
     running = _fresh_telemetry(grid, closed + 0.5)

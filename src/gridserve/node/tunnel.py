@@ -117,7 +117,7 @@ class NodeTunnel:
             return None
         self._heartbeat = asyncio.get_running_loop().create_future()
         try:
-            await self._send(Kind.HEARTBEAT, CONTROL, body)
+            await self.send_frame(Kind.HEARTBEAT, CONTROL, body)
             return await asyncio.wait_for(self._heartbeat, HEARTBEAT_TIMEOUT_S)
         except (aiohttp.ClientError, OSError, TimeoutError, TunnelClosed):
             return None
@@ -200,7 +200,8 @@ class NodeTunnel:
         if self._heartbeat is not None and not self._heartbeat.done():
             self._heartbeat.set_exception(TunnelClosed("tunnel lost"))
 
-    async def _send(self, kind: Kind, stream: int, payload: bytes = b"") -> None:
+    async def send_frame(self, kind: Kind, stream: int, payload: bytes = b"") -> None:
+        """Seal and send one frame (frames go out in the order they were sealed: the gateway checks the counter)."""
         ws, sealer = self._ws, self._sealer
         if ws is None or ws.closed or sealer is None:
             raise OSError("tunnel closed")
@@ -234,8 +235,8 @@ class NodeTunnel:
     async def _reply_error(self, stream: int, status: int, message: str) -> None:
         body = orjson.dumps({"error": {"type": "tunnel", "message": message}})
         with contextlib.suppress(OSError, aiohttp.ClientError):
-            await self._send(Kind.HEAD, stream, json_payload({"status": status}))
-            await self._send(Kind.END, stream, body)
+            await self.send_frame(Kind.HEAD, stream, json_payload({"status": status}))
+            await self.send_frame(Kind.END, stream, body)
 
     async def _websocket(self, stream: int, payload: bytes) -> None:
         """A WebSocket route (the pipeline stage link) through the node's app."""
@@ -244,7 +245,7 @@ class NodeTunnel:
             meta = orjson.loads(payload)
             path = str(meta.get("path", ""))
             if path not in ROUTES:
-                await self._send(Kind.WS_CLOSE, stream, json_payload({"code": 1008, "reason": "no such route"}))
+                await self.send_frame(Kind.WS_CLOSE, stream, json_payload({"code": 1008, "reason": "no such route"}))
                 return
             queue.put_nowait({"type": "websocket.connect"})
             await self.app(_scope("websocket", path, "", {}), queue.get, _WsSend(self, stream))
@@ -306,16 +307,16 @@ class _HttpSend:
         kind = message["type"]
         if kind == "http.response.start":
             headers = {k.decode(): v.decode() for k, v in message.get("headers", ()) if k == b"content-type"}
-            await self.tunnel._send(
+            await self.tunnel.send_frame(
                 Kind.HEAD, self.stream, json_payload({"status": message["status"], "headers": headers})
             )
         elif kind == "http.response.body":
             body = message.get("body", b"")
             if message.get("more_body", False):
                 if body:
-                    await self.tunnel._send(Kind.BODY, self.stream, body)
+                    await self.tunnel.send_frame(Kind.BODY, self.stream, body)
             else:
-                await self.tunnel._send(Kind.END, self.stream, body)
+                await self.tunnel.send_frame(Kind.END, self.stream, body)
 
 
 class _WsSend:
@@ -327,15 +328,15 @@ class _WsSend:
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
         if kind == "websocket.accept":
-            await self.tunnel._send(Kind.WS_ACCEPT, self.stream)
+            await self.tunnel.send_frame(Kind.WS_ACCEPT, self.stream)
         elif kind == "websocket.send":
             data = message.get("bytes")
             if data is None:
                 data = str(message.get("text", "")).encode()
-            await self.tunnel._send(Kind.WS_DATA, self.stream, data)
+            await self.tunnel.send_frame(Kind.WS_DATA, self.stream, data)
         elif kind == "websocket.close":
             reason = {"code": message.get("code", 1000), "reason": message.get("reason") or ""}
-            await self.tunnel._send(Kind.WS_CLOSE, self.stream, json_payload(reason))
+            await self.tunnel.send_frame(Kind.WS_CLOSE, self.stream, json_payload(reason))
 
 
 async def _binary(ws: aiohttp.ClientWebSocketResponse) -> bytes:
