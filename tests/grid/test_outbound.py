@@ -208,14 +208,15 @@ def test_a_late_first_token_is_hedged_to_the_runner_up_over_tunnels(outbound: Lo
 
 
 def test_a_stopping_gateway_finishes_its_streams_and_the_node_rejoins_it_restarted(tmp_path: Path) -> None:
-    grid = _outbound_grid(tmp_path, ["emulated:rtx4090"], extra_node_args=FIXED)
+    # --drain 15: the stream below runs ~5 s, past the default 3 s the gateway gives requests under way
+    grid = _outbound_grid(tmp_path, ["emulated:rtx4090"], extra_node_args=FIXED, extra_gateway_args=["--drain", "15"])
     try:
         grid.start(timeout_s=120)
         client = _client(grid)
-        reference = client.completions.create(model=EMULATED, prompt="in flight", max_tokens=24, temperature=0)
+        reference = client.completions.create(model=EMULATED, prompt="in flight", max_tokens=120, temperature=0)
         # a stream under way when the gateway is told to stop ends whole: its tunnel drains before it closes
         stream = client.completions.create(
-            model=EMULATED, prompt="in flight", max_tokens=24, temperature=0, stream=True
+            model=EMULATED, prompt="in flight", max_tokens=120, temperature=0, stream=True
         )
         chunks = iter(stream)
         first = next(chunks)
@@ -223,7 +224,7 @@ def test_a_stopping_gateway_finishes_its_streams_and_the_node_rejoins_it_restart
         gateway.send_signal(signal.SIGTERM)
         text = "".join(c.choices[0].text for c in [first, *chunks] if c.choices)
         assert text == reference.choices[0].text
-        gateway.wait(10)
+        gateway.wait(20)
         grid.start_gateway()  # same port, same store and key
         restarted = time.monotonic()
         grid.wait_nodes(1, 30)

@@ -170,6 +170,9 @@ def gateway(
         Path | None, typer.Option(help="serve HTTPS with this certificate (PEM; its chain after it)")
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="the private key of --tls-cert (PEM)")] = None,
+    drain: Annotated[
+        int, typer.Option(min=0, max=3600, help="seconds a stopping gateway lets requests under way finish (SIGTERM)")
+    ] = 3,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     log_format: LogFormatOption = "text",
 ) -> None:
@@ -232,6 +235,7 @@ def gateway(
         otlp_endpoint=otlp_endpoint,
         tls_cert=tls_cert,
         tls_key=tls_key,
+        drain_s=drain,
     )
     console.print(f"gateway on {config.scheme}://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
     try:

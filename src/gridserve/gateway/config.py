@@ -137,6 +137,10 @@ class GatewayConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     """Serve HTTPS with this certificate (PEM, the chain after it) and its private key; None: plain HTTP."""
+    drain_s: int = 3
+    """How long a stopping gateway (SIGTERM) lets the requests under way finish, streams over tunnels included,
+    before it closes what is left. It takes no new connection meanwhile: in a cluster, clients go to the other
+    gateways; alone, the gateway is unavailable that long."""
 
     @property
     def scheme(self) -> str:
