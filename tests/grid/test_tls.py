@@ -6,6 +6,7 @@ refused with one line that says what to do; a client that trusts only the system
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,16 +27,23 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-@pytest.fixture(scope="module")
-def grid(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[LocalGrid]:
-    """A gateway serving HTTPS with a certificate for 127.0.0.1 from the grid's CA, and one node that trusts it."""
-    tmp = Path(tmp_path_factory.mktemp("tls"))
-    cert, key, ca_file = tmp / "tls-cert.pem", tmp / "tls-key.pem", tmp / "ca.pem"
+def _issue(ca: trustme.CA, directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 from `ca` and its key, as PEM files in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "cert.pem", directory / "key.pem"
     issued = ca.issue_cert("127.0.0.1", "localhost")
     issued.private_key_pem.write_to_path(str(key))
     with cert.open("wb") as out:
         for blob in issued.cert_chain_pems:
             out.write(blob.bytes())
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[LocalGrid]:
+    """A gateway serving HTTPS with a certificate for 127.0.0.1 from the grid's CA, and one node that trusts it."""
+    tmp = Path(tmp_path_factory.mktemp("tls"))
+    (cert, key), ca_file = _issue(ca, tmp / "gateway"), tmp / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     found = make_grid(
         tmp,
@@ -160,3 +168,71 @@ def test_an_outbound_only_node_tunnels_over_tls_and_serves(grid: LocalGrid) -> N
             http.post(f"{grid.url}/admin/nodes/{direct}/release", headers=admin, json=reason).raise_for_status()
     log = (grid.data_dir / "logs" / f"{name}.log").read_text(errors="replace")
     assert f"tunnel to {grid.url} open" in log and grid.url.startswith("https://"), log[-1000:]
+
+
+def test_every_hop_is_tls_with_a_node_that_serves_https(ca: trustme.CA, tmp_path: Path) -> None:
+    """Client → gateway and gateway → node both over TLS: the node serves its port with --tls-cert, the gateway
+    verifies it against the grid's CA (--node-ca-file). A node whose certificate the gateway cannot verify is never
+    given work: it is down, and the other node serves."""
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    gateway_cert, gateway_key = _issue(ca, tmp_path / "gateway")
+    node_cert, node_key = _issue(ca, tmp_path / "node")
+    stranger_cert, stranger_key = _issue(trustme.CA(), tmp_path / "stranger")  # another CA
+    grid = make_grid(
+        tmp_path,
+        [ENGINE, ENGINE],
+        threads=1,
+        extra_node_args=["--fixed-ttft-ms", "20", "--fixed-itl-ms", "5"],
+        extra_gateway_args=["--node-ca-file", str(ca_file)],
+        tls_cert=gateway_cert,
+        tls_key=gateway_key,
+        ca_file=ca_file,
+    )
+    try:
+        grid.start_gateway()
+        grid.start_node(0, ENGINE, ["--tls-cert", str(node_cert), "--tls-key", str(node_key)])
+        grid.start_node(1, ENGINE, ["--tls-cert", str(stranger_cert), "--tls-key", str(stranger_key)])
+        grid.wait_nodes(1, 60)
+        deadline = time.monotonic() + 60  # both registered (the stranger is up until the gateway's first call)
+        while len(grid.nodes()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        endpoints = {n["endpoint"]: n for n in grid.nodes()}
+        trusted_url = f"https://127.0.0.1:{grid.node_port(0)}"
+        assert trusted_url in endpoints and f"https://127.0.0.1:{grid.node_port(1)}" in endpoints, endpoints
+        with pytest.raises(httpx.HTTPError):  # the node's port speaks TLS only
+            httpx.get(f"http://127.0.0.1:{grid.node_port(0)}/health", timeout=5)
+        client = openai.OpenAI(
+            base_url=grid.url + "/v1",
+            api_key=API_KEY,
+            max_retries=0,
+            http_client=httpx.Client(verify=trusting(ca_file)),
+        )
+        stranger = endpoints[f"https://127.0.0.1:{grid.node_port(1)}"]["node_id"]
+        trusted = endpoints[trusted_url]["node_id"]
+        for i in range(4):
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": f"tls all the way {i}"}], max_tokens=4
+            )
+            assert raw.headers["x-gridserve-node"] == trusted
+            decision = httpx.get(
+                f"{grid.url}/v1/decisions/{raw.headers['x-gridserve-decision']}",
+                headers={"Authorization": f"Bearer {ADMIN}"},
+                verify=trusting(ca_file),
+            ).json()
+            tried = [(r["node_id"], r["outcome"]) for r in decision["route"]]
+            assert tried[-1] == (trusted, "ok") and all(o == "failed" for n, o in tried if n == stranger), tried
+        deadline = time.monotonic() + 15  # its probes fail the certificate check: no longer up
+        while time.monotonic() < deadline and _state(grid, stranger) == "up":
+            time.sleep(0.2)
+        # suspect while its heartbeats (it reaches the gateway) are fresh; down if they stop
+        assert _state(grid, stranger) in ("suspect", "down") and _state(grid, trusted) == "up", grid.nodes()
+        log = (grid.data_dir / "logs" / "gateway.log").read_text(errors="replace")
+        said = [line for line in log.splitlines() if f"{stranger}: up -> " in line]
+        assert said and "health probe failed (TLS certificate does not verify)" in said[0], log[-2000:]
+    finally:
+        grid.stop()
+
+
+def _state(grid: LocalGrid, node_id: str) -> str:
+    return str(next(n["state"] for n in grid.nodes() if n["node_id"] == node_id))

@@ -4,6 +4,7 @@ during it, Timeout, Refused, Malformed), naming the foreign exception it replace
 through untouched. The NDJSON reader and the health probe over the same tree, without sockets."""
 
 import asyncio
+import ssl
 from collections.abc import Iterator
 
 import aiohttp
@@ -75,6 +76,16 @@ def test_every_foreign_exception_becomes_one_of_the_tree(
     assert type(caught.value) is expected and caught.value.__cause__ is foreign
     if not isinstance(caught.value, Refused):
         assert caught.value.cause == type(foreign).__name__ == caught.value.why
+
+
+def test_a_certificate_that_does_not_verify_says_what_to_do() -> None:
+    key = ConnectionKey("n1.test", 9443, True, True, None, None, None)
+    error = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    error.verify_message = "unable to get local issuer certificate"
+    with pytest.raises(Unreachable) as caught, map_errors("open"):
+        raise aiohttp.ClientConnectorCertificateError(key, error)
+    assert caught.value.why == "TLS certificate does not verify"
+    assert "unable to get local issuer certificate" in caught.value.detail and "--node-ca-file" in caught.value.detail
 
 
 @pytest.mark.parametrize("phase", ["open", "read"])

@@ -173,6 +173,9 @@ def gateway(
     drain: Annotated[
         int, typer.Option(min=0, max=3600, help="seconds a stopping gateway lets requests under way finish (SIGTERM)")
     ] = 3,
+    node_ca_file: Annotated[
+        Path | None, typer.Option(help="verify nodes that serve HTTPS against this CA certificate (private grids)")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     log_format: LogFormatOption = "text",
 ) -> None:
@@ -183,6 +186,8 @@ def gateway(
 
     try:
         tls.server_files(tls_cert, tls_key)
+        if node_ca_file is not None:
+            tls.client_verify(node_ca_file)
     except tls.TlsConfigError as exc:
         raise fail(str(exc)) from None
 
@@ -236,6 +241,7 @@ def gateway(
         tls_cert=tls_cert,
         tls_key=tls_key,
         drain_s=drain,
+        node_ca_file=node_ca_file,
     )
     console.print(f"gateway on {config.scheme}://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
     try:
@@ -295,6 +301,10 @@ def node(
             envvar="GRIDSERVE_CA_FILE", help="verify an https:// gateway against this CA certificate (private grids)"
         ),
     ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="serve this node's port over HTTPS with this certificate (PEM; chain after it)")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="the private key of --tls-cert (PEM)")] = None,
     slowdown: Annotated[float, typer.Option(help="emulated: run N times slower than spec, silently")] = 1.0,
     lazy: Annotated[bool, typer.Option(help="tiny/gemma: load the weights only when asked (pre-warming)")] = False,
     loadable: Annotated[list[str] | None, typer.Option(help="emulated: a model on disk, loaded when asked")] = None,
@@ -336,8 +346,14 @@ def node(
         tls.client_verify(ca_file)
     except tls.TlsConfigError as exc:
         raise fail(str(exc)) from None
-    if outbound_only and (port is not None or advertise_url is not None):
-        raise fail("--outbound-only opens no port: leave out --port and --advertise-url")
+    if outbound_only and (port is not None or advertise_url is not None or tls_cert is not None):
+        raise fail("--outbound-only opens no port: leave out --port, --advertise-url and --tls-cert")
+    try:
+        tls.server_files(tls_cert, tls_key)
+    except tls.TlsConfigError as exc:
+        raise fail(str(exc)) from None
+    if tls_cert is not None and advertise_url is not None and not advertise_url.startswith("https://"):
+        raise fail("--tls-cert serves HTTPS: --advertise-url must be an https:// URL")
     if not outbound_only and port is None:
         raise fail("give --port for this node's API, or --outbound-only to open none (behind NAT)")
 
@@ -352,6 +368,8 @@ def node(
         gateway_key=gateway_key,
         join_token=join_token,
         ca_file=ca_file,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         price_per_mtok=price,
         memory_bytes=int(memory_gib * 2**30) if memory_gib is not None else None,
     )

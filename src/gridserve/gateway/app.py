@@ -59,7 +59,7 @@ from gridserve.gateway.transport.routing import RoutingTransport
 from gridserve.gateway.transport.tunnel import TunnelHub, TunnelTransport
 from gridserve.scheduler import Scheduler, default_profile, load_profile
 from gridserve.store import Store, StoreWriter
-from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope
+from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope, tls
 from gridserve.trust.errors import Malformed, RateLimited
 from gridserve.tunnel.wire import PATH as TUNNEL_PATH
 from gridserve.types.node import MAX_CAPABILITY_BYTES
@@ -107,7 +107,11 @@ class Gateway:
         )
         self.tunnels = TunnelHub(identity, self.verifier, self.membership)
         """Outbound-only nodes' open tunnels (WS /nodes/tunnel)."""
-        direct = AiohttpTransport(identity, connect_timeout_s=config.connect_timeout_s)
+        direct = AiohttpTransport(
+            identity,
+            connect_timeout_s=config.connect_timeout_s,
+            verify=tls.client_verify(config.node_ca_file) if config.node_ca_file is not None else True,
+        )
         transport = RoutingTransport(direct, TunnelTransport(identity, self.tunnels))
         self.dispatcher = Dispatcher(config, self.membership, identity, self.metrics, transport)
         self.decisions = DecisionLog(self.writer, config.decision_cache)

@@ -137,6 +137,9 @@ class GatewayConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     """Serve HTTPS with this certificate (PEM, the chain after it) and its private key; None: plain HTTP."""
+    node_ca_file: Path | None = None
+    """Verify nodes that serve HTTPS (an https:// endpoint) against this CA certificate (a private grid's CA)
+    instead of the system's trust store."""
     drain_s: int = 3
     """How long a stopping gateway (SIGTERM) lets the requests under way finish, streams over tunnels included,
     before it closes what is left. It takes no new connection meanwhile: in a cluster, clients go to the other

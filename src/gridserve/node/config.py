@@ -13,7 +13,7 @@ class NodeConfig:
     outbound_only: bool = False
     """Open no listening socket: dial each gateway and take its calls over that connection (node/tunnel.py)."""
     advertise_url: str | None = None
-    """URL the gateway uses to reach this node (default http://HOST:PORT)."""
+    """URL the gateway uses to reach this node (default http://HOST:PORT, https:// with a certificate)."""
     key_file: Path = Path("node.key")
     gateway_key: str | None = None
     """Pin the gateway's public key (base64). Without it the key from the first registration is trusted."""
@@ -23,6 +23,10 @@ class NodeConfig:
     ca_file: Path | None = None
     """Verify an https:// gateway against this CA certificate (a private grid's CA) instead of the system's trust
     store (trust/tls.py)."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    """Serve this node's port over HTTPS with this certificate (PEM, the chain after it) and its key; the gateway
+    verifies it (its --node-ca-file for a private CA). None: plain HTTP."""
     price_per_mtok: float = 0.0
     """USD per million generated tokens."""
     memory_bytes: int | None = None
@@ -34,4 +38,5 @@ class NodeConfig:
 
     @property
     def endpoint(self) -> str:
-        return self.advertise_url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert is not None else "http"
+        return self.advertise_url or f"{scheme}://{self.host}:{self.port}"

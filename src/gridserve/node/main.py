@@ -52,6 +52,8 @@ def run_node(
             timeout_graceful_shutdown=3,
             timeout_keep_alive=KEEP_ALIVE_S,  # longer than the gateway keeps idle connections to nodes (30 s)
             ws_max_size=64 * 1024 * 1024,  # pipeline frames: a long prompt's hidden states in one step
+            ssl_certfile=config.tls_cert,
+            ssl_keyfile=config.tls_key,
         )
     )
     asyncio.run(_serve(server, agent))

@@ -91,6 +91,14 @@ def translate(exc: BaseException, phase: Phase) -> TransportError | None:
         return Timeout(str(exc) or "timed out", cause=name)
     if isinstance(exc, aiohttp.ClientResponseError):
         return Refused(exc.status, exc.message)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):  # a configuration error: say what to do
+        error = exc.certificate_error
+        reason = getattr(error, "verify_message", "") or str(error)
+        return Unreachable(
+            f"the node's TLS certificate does not verify ({reason}); a private CA's certificate goes to the "
+            "gateway's --node-ca-file",
+            cause="TLS certificate does not verify",
+        )
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         kind = Unreachable if phase == "open" else BrokenStream
         return kind(str(exc) or name, cause=name)

@@ -6,6 +6,7 @@ the transport's own error tree leaves this module.
 """
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
@@ -110,14 +111,19 @@ class HttpStageChannel:
 class AiohttpTransport:
     """The gateway's connection pool to its nodes (no per-host limit: one node may stream hundreds of answers)."""
 
-    def __init__(self, identity: Identity, *, connect_timeout_s: float = 3.0) -> None:
+    def __init__(
+        self, identity: Identity, *, connect_timeout_s: float = 3.0, verify: ssl.SSLContext | bool = True
+    ) -> None:
         self.identity = identity
         self.connect_timeout_s = connect_timeout_s
+        self.verify = verify
+        """How https:// nodes are verified: a context trusting a private CA, or True (the system's trust store);
+        never off."""
         self.session: aiohttp.ClientSession | None = None
         """The pool (None until started)."""
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ssl=self.verify)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout)
 
