@@ -11,8 +11,9 @@ import base64
 import re
 import time
 from collections.abc import Callable, Coroutine, MutableMapping
+from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import aiohttp
 import orjson
@@ -32,6 +33,7 @@ from gridserve.gateway.transport.tunnel import (
     TunnelConn,
     TunnelEventStream,
     TunnelHub,
+    TunnelStageChannel,
     TunnelTransport,
 )
 from gridserve.node import tunnel as node_tunnel
@@ -58,6 +60,7 @@ INTERVAL_S = 2.0
 GUARD_S = 5.0
 """How long a helper waits for a frame before calling the test stuck (a guard against hangs, not a measurement)."""
 Message = MutableMapping[str, Any]
+T = TypeVar("T")
 
 
 def _run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -141,6 +144,10 @@ class NodeEnd:
         assert message["type"] == "websocket.send", message
         return self._open(message["bytes"])
 
+    async def challenge(self) -> str:
+        """The challenge in the gateway's first frame (read as it comes: the type is the tests' to check)."""
+        return cast(str, orjson.loads((await self.frame()).payload)["challenge"])
+
     def _open(self, data: bytes) -> Frame:
         return decode(data) if self.opener is None else self.opener.open(data)
 
@@ -152,6 +159,16 @@ class NodeEnd:
             if message["type"] == "websocket.send":
                 frames.append(self._open(message["bytes"]))
         return frames
+
+    async def quiet(self) -> list[Frame]:
+        """The frames the gateway sent that nobody read yet, once the loop has had its turns (`== []`: none came)."""
+        await _turns()
+        return self.sent()
+
+    async def ended(self) -> None:
+        """Wait for the gateway to be done serving this connection."""
+        assert self.serving is not None
+        await asyncio.wait_for(self.serving, GUARD_S)
 
 
 class FakeMembership:
@@ -193,7 +210,7 @@ class Gateway:
     async def dial(self, node: Identity = NODE) -> NodeEnd:
         """A node that dials in and greets as it should; its tunnel is open when this returns."""
         end = self.accept()
-        challenge = orjson.loads((await end.frame()).payload)["challenge"]
+        challenge = await end.challenge()
         greeting = handshake.hello(node, challenge)
         end.send(Kind.HELLO, CONTROL, greeting.body)
         end.welcome = await end.frame()
@@ -210,6 +227,19 @@ class Gateway:
         return self.hub.conns[node_id]
 
 
+async def _accepted() -> tuple[Gateway, NodeEnd, str]:
+    """A gateway that took a connection and sent its challenge (returned too); the node has not greeted yet."""
+    gw = Gateway()
+    end = gw.accept()
+    return gw, end, await end.challenge()
+
+
+async def _dialled() -> tuple[Gateway, NodeEnd]:
+    """A gateway and a node whose tunnel to it is open."""
+    gw = Gateway()
+    return gw, await gw.dial()
+
+
 async def _refusal(end: NodeEnd) -> str:
     """What the gateway said when it refused the tunnel (WS_CLOSE on the control stream, then a 1008 close)."""
     frame = await end.frame()
@@ -217,16 +247,82 @@ async def _refusal(end: NodeEnd) -> str:
     close = await end.message()
     assert close["type"] == "websocket.close"
     assert close["code"] == 1008
-    assert end.serving is not None
-    await asyncio.wait_for(end.serving, GUARD_S)
+    await end.ended()
     return frame.payload.decode()
+
+
+# -- calls from the gateway's transport, answered by hand -------------------------------------------------------------
+Make = Callable[[TunnelTransport], Coroutine[Any, Any, T]]
+"""One of the transport's calls to NODE, to start on a gateway's transport."""
+
+
+def _generate(prompt: str = "abc") -> Make[TunnelEventStream]:
+    return lambda transport: transport.generate(NODE_ID, ENDPOINT, _job(prompt))
+
+
+def _probe(timeout_s: float = 1.0, challenge: str = "c1") -> Make[bytes]:
+    return lambda transport: transport.probe(NODE_ID, ENDPOINT, timeout_s, challenge)
+
+
+def _load() -> Make[None]:
+    return lambda transport: transport.load(NODE_ID, ENDPOINT, {"model": "m"}, 1.0)
+
+
+def _stage_link() -> Make[TunnelStageChannel]:
+    return lambda transport: transport.stage_link(NODE_ID, ENDPOINT, 1.0)
+
+
+@dataclass
+class Call(Generic[T]):
+    """A call under way: the gateway sent its first frame (`request`) to the node, whose answer the test sends."""
+
+    gw: Gateway
+    end: NodeEnd
+    task: "asyncio.Task[T]"
+    request: Frame
+
+    @property
+    def number(self) -> int:
+        """The call's stream."""
+        return self.request.stream
+
+    def send(self, kind: Kind, payload: bytes = b"") -> None:
+        """A frame from the node on the call's stream."""
+        self.end.send(kind, self.number, payload)
+
+    def answer(self, head: int | bytes, *body: bytes, ended: bool = True) -> None:
+        """The node's reply: a HEAD (`head` a status, or the head's bytes as sent), then each piece of `body` in a
+        BODY frame, the last in the END unless `ended` is false."""
+        self.send(Kind.HEAD, b'{"status":%d}' % head if isinstance(head, int) else head)
+        for i, piece in enumerate(body):
+            self.send(Kind.END if ended and i == len(body) - 1 else Kind.BODY, piece)
+
+
+async def _call(make: Make[T], tunnel: tuple[Gateway, NodeEnd] | None = None) -> Call[T]:
+    """Start `make` on the tunnel (a newly dialled one unless given) and read its first frame off the node's end."""
+    gw, end = tunnel if tunnel is not None else await _dialled()
+    task = asyncio.ensure_future(make(gw.transport))
+    return Call(gw, end, task, await end.frame())
+
+
+async def _generating(gw: Gateway, end: NodeEnd) -> tuple[TunnelEventStream, int]:
+    """A generate stream under way, and its number: the node answered the request with a 200 head, no body yet."""
+    call = await _call(_generate(), (gw, end))
+    call.answer(200)
+    return await call.task, call.number
+
+
+async def _drain(stream: TunnelEventStream) -> list[dict[str, Any]]:
+    events = []
+    while (event := await stream.next()) is not None:
+        events.append(dict(event))
+    return events
 
 
 # -- the handshake, gateway side ----------------------------------------------------------------------------------
 def test_a_node_that_greets_properly_gets_a_welcome_signed_by_the_gateway() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()  # (the welcome is checked against the gateway's key there)
+        gw, end = await _dialled()  # (the welcome is checked against the gateway's key there)
         assert end.welcome is not None
         assert orjson.loads(end.welcome.payload)["payload"]["heartbeat_interval_s"] == INTERVAL_S
         assert gw.hub.opened == 1
@@ -240,8 +336,8 @@ def test_the_challenge_is_fresh_for_each_connection() -> None:
     async def go() -> None:
         gw = Gateway()
         first, second = gw.accept(), gw.accept()
-        one = orjson.loads((await first.frame()).payload)["challenge"]
-        two = orjson.loads((await second.frame()).payload)["challenge"]
+        one = await first.challenge()
+        two = await second.challenge()
         assert isinstance(one, str) and len(one) >= 32
         assert one != two
 
@@ -250,9 +346,7 @@ def test_the_challenge_is_fresh_for_each_connection() -> None:
 
 def test_a_hello_answering_another_challenge_is_refused_and_the_tunnel_closed() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = gw.accept()
-        await end.frame()
+        gw, end, _ = await _accepted()
         end.send(Kind.HELLO, CONTROL, handshake.hello(NODE, handshake.challenge()).body)
         assert await _refusal(end) == "the hello does not answer this connection's challenge"
         assert gw.hub.conns == {}
@@ -263,9 +357,7 @@ def test_a_hello_answering_another_challenge_is_refused_and_the_tunnel_closed() 
 
 def test_a_hello_replayed_into_a_new_connection_is_refused() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = gw.accept()
-        challenge = orjson.loads((await end.frame()).payload)["challenge"]
+        gw, end, challenge = await _accepted()
         body = handshake.hello(NODE, challenge).body
         gw.verifier.verify(body, purpose=handshake.HELLO)  # the same bytes were seen once already
         end.send(Kind.HELLO, CONTROL, body)
@@ -286,9 +378,7 @@ def test_a_hello_replayed_into_a_new_connection_is_refused() -> None:
 )
 def test_a_first_frame_that_is_not_a_good_hello_is_refused(first: bytes, why: str) -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = gw.accept()
-        await end.frame()
+        gw, end, _ = await _accepted()
         end.send_raw({"type": "websocket.receive", "bytes": first})
         assert (await _refusal(end)).startswith(why)
         assert gw.hub.conns == {}
@@ -298,12 +388,9 @@ def test_a_first_frame_that_is_not_a_good_hello_is_refused(first: bytes, why: st
 
 def test_a_node_that_hangs_up_during_the_handshake_leaves_no_tunnel() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = gw.accept()
-        await end.frame()
+        gw, end, _ = await _accepted()
         end.hang_up()
-        assert end.serving is not None
-        await asyncio.wait_for(end.serving, GUARD_S)
+        await end.ended()
         assert gw.hub.conns == {}
         assert gw.hub.opened == 0
 
@@ -312,9 +399,7 @@ def test_a_node_that_hangs_up_during_the_handshake_leaves_no_tunnel() -> None:
 
 def test_a_text_frame_instead_of_the_hello_is_refused() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = gw.accept()
-        await end.frame()
+        gw, end, _ = await _accepted()
         end.send_raw({"type": "websocket.receive", "text": "hello?"})
         assert (await _refusal(end)).startswith("expected the node's hello")
         assert gw.hub.conns == {}
@@ -324,9 +409,7 @@ def test_a_text_frame_instead_of_the_hello_is_refused() -> None:
 
 def test_a_hello_whose_exchange_key_makes_no_secret_is_refused() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = gw.accept()
-        challenge = orjson.loads((await end.frame()).payload)["challenge"]
+        gw, end, challenge = await _accepted()
         zero = base64.b64encode(bytes(32)).decode()  # a low-order point: X25519 with it gives all zeros
         payload = {"node_id": NODE_ID, "challenge": challenge, "nonce": "n" * 32, "kx": zero}
         end.send(Kind.HELLO, CONTROL, sign_envelope(NODE, payload, purpose=handshake.HELLO, now=time.time()))
@@ -347,8 +430,7 @@ def test_a_tunnel_whose_node_never_registers_is_closed_after_the_grace() -> None
         assert closed["type"] == "websocket.close" and closed["code"] == 1008, closed
         assert "did not register within" in closed["reason"]
         stranger.hang_up()
-        assert stranger.serving is not None
-        await asyncio.wait_for(stranger.serving, GUARD_S)
+        await stranger.ended()
         assert set(gw.hub.conns) == {NODE_ID}  # the registered node's tunnel stands
         assert member.sent() == [] and gw.hub.get(NODE_ID).closed is None
 
@@ -360,18 +442,14 @@ def test_a_node_that_dials_again_replaces_its_tunnel_and_the_old_streams_break()
     async def go() -> None:
         gw = Gateway()
         old = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.generate(NODE_ID, ENDPOINT, _job()))
-        request = await old.frame()
-        old.send(Kind.HEAD, request.stream, b'{"status":200}')
-        stream = await task
+        stream, _ = await _generating(gw, old)
         new = await gw.dial()
         assert gw.hub.opened == 2
         assert gw.hub.get(NODE_ID).ws is new.ws
         with pytest.raises(BrokenStream, match="replaced by a new tunnel from the node"):
             await stream.next()
         old.hang_up()  # the old connection's end must not take the new tunnel with it
-        assert old.serving is not None
-        await asyncio.wait_for(old.serving, GUARD_S)
+        await old.ended()
         assert gw.hub.get(NODE_ID).ws is new.ws
         assert gw.membership.failed == []  # the node is reachable over its new tunnel: not taken out of rotation
 
@@ -380,14 +458,8 @@ def test_a_node_that_dials_again_replaces_its_tunnel_and_the_old_streams_break()
 
 def test_when_a_tunnel_ends_every_stream_on_it_breaks_and_the_node_is_unreachable() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        streams: list[TunnelEventStream] = []
-        for _ in range(2):
-            task = asyncio.ensure_future(gw.transport.generate(NODE_ID, ENDPOINT, _job()))
-            request = await end.frame()
-            end.send(Kind.HEAD, request.stream, b'{"status":200}')
-            streams.append(await task)
+        gw, end = await _dialled()
+        streams = [(await _generating(gw, end))[0] for _ in range(2)]
         conn = gw.conn()
         end.hang_up()
         for stream in streams:
@@ -430,14 +502,12 @@ def test_a_frame_that_breaks_the_protocol_ends_the_tunnel(case: str) -> None:
     make, good = BREAKS[case]
 
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         assert end.sealer is not None
         for data in make(end.sealer):
             key = "text" if isinstance(data, str) else "bytes"
             end.send_raw({"type": "websocket.receive", key: data})
-        assert end.serving is not None
-        await asyncio.wait_for(end.serving, GUARD_S)
+        await end.ended()
         assert gw.hub.conns == {}
         assert gw.membership.beats == [b"beat 1"] * good
 
@@ -446,8 +516,7 @@ def test_a_frame_that_breaks_the_protocol_ends_the_tunnel(case: str) -> None:
 
 def test_frames_for_a_stream_nobody_waits_on_are_dropped() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         end.send(Kind.BODY, 99, b"stray")
         end.send(Kind.END, 7, b"stray")
         end.send(Kind.HEARTBEAT, CONTROL, b"beat")
@@ -468,11 +537,8 @@ def test_stream_numbers_skip_the_control_stream_when_they_wrap() -> None:
 
 def test_stopping_the_transport_ends_every_tunnel() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.generate(NODE_ID, ENDPOINT, _job()))
-        end.send(Kind.HEAD, (await end.frame()).stream, b'{"status":200}')
-        stream = await task
+        gw, end = await _dialled()
+        stream, _ = await _generating(gw, end)
         await gw.transport.aclose()
         with pytest.raises(BrokenStream, match="the gateway is stopping"):
             await stream.next()
@@ -485,8 +551,7 @@ def test_stopping_the_transport_ends_every_tunnel() -> None:
 # -- heartbeats over the tunnel -----------------------------------------------------------------------------------
 def test_a_heartbeat_reaches_membership_and_is_answered_200() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         end.send(Kind.HEARTBEAT, CONTROL, b'{"signed":"beat"}')
         reply = await end.frame()
         assert (reply.kind, reply.stream) == (Kind.HEARTBEAT_REPLY, CONTROL)
@@ -503,8 +568,7 @@ def test_a_heartbeat_reaches_membership_and_is_answered_200() -> None:
 )
 def test_a_refused_heartbeat_is_answered_as_the_http_endpoint_would(error: TrustError, status: int) -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         gw.membership.error = error
         end.send(Kind.HEARTBEAT, CONTROL, b"beat")
         reply = orjson.loads((await end.frame()).payload)
@@ -517,26 +581,10 @@ def test_a_refused_heartbeat_is_answered_as_the_http_endpoint_would(error: Trust
 
 
 # -- generate -----------------------------------------------------------------------------------------------------
-async def _generating(gw: Gateway, end: NodeEnd, head: bytes = b'{"status":200}') -> tuple[TunnelEventStream, int]:
-    task = asyncio.ensure_future(gw.transport.generate(NODE_ID, ENDPOINT, _job()))
-    request = await end.frame()
-    end.send(Kind.HEAD, request.stream, head)
-    return await task, request.stream
-
-
-async def _drain(stream: TunnelEventStream) -> list[dict[str, Any]]:
-    events = []
-    while (event := await stream.next()) is not None:
-        events.append(dict(event))
-    return events
-
-
 def test_generate_sends_a_request_signed_by_the_gateway_for_this_node() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.generate(NODE_ID, ENDPOINT, _job("hi")))
-        request = await end.frame()
+        call = await _call(_generate("hi"))
+        request = call.request
         assert request.kind == Kind.REQUEST
         assert request.stream == 1
         head, _, body = request.payload.partition(b"\n")
@@ -544,10 +592,10 @@ def test_generate_sends_a_request_signed_by_the_gateway_for_this_node() -> None:
         assert (meta["method"], meta["path"]) == ("POST", "/internal/generate")
         assert meta["headers"]["content-type"] == "application/json"
         verifier = EnvelopeVerifier(FreshnessPolicy(), time.time)
-        envelope = verifier.verify(body, purpose="generate", expected_keyid=gw.identity.public_key)
+        envelope = verifier.verify(body, purpose="generate", expected_keyid=call.gw.identity.public_key)
         assert envelope.payload["node_id"] == NODE_ID
         assert (envelope.payload["request_id"], envelope.payload["prompt"]) == ("r1", "hi")
-        task.cancel()
+        call.task.cancel()
 
     _run(go)
 
@@ -572,8 +620,7 @@ def test_generate_yields_the_events_however_the_body_is_cut_into_frames(cuts: li
     pieces = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
 
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         stream, number = await _generating(gw, end)
         for piece in pieces[:-1]:
             end.send(Kind.BODY, number, piece)
@@ -583,16 +630,14 @@ def test_generate_yields_the_events_however_the_body_is_cut_into_frames(cuts: li
         assert await stream.next() is None
         assert number not in gw.conn().streams
         stream.close()  # after END: nothing to cancel
-        await _turns()
-        assert end.sent() == []
+        assert await end.quiet() == []
 
     _run(go)
 
 
 def test_busy_lines_only_move_busy_at() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         stream, number = await _generating(gw, end)
         assert stream.busy_at == 0.0
         end.send(Kind.BODY, number, _ndjson({"busy": 1}, {"busy": 2}))
@@ -610,48 +655,39 @@ def test_busy_lines_only_move_busy_at() -> None:
 
 def test_a_non_200_head_is_refused_with_the_nodes_own_message() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.generate(NODE_ID, ENDPOINT, _job()))
-        number = (await end.frame()).stream
-        end.send(Kind.HEAD, number, b'{"status":503,"headers":{"content-type":"application/json"}}')
-        end.send(Kind.END, number, b'{"error":{"type":"overloaded","message":"queue full (12 waiting)"}}')
+        call = await _call(_generate())
+        call.answer(
+            b'{"status":503,"headers":{"content-type":"application/json"}}',
+            b'{"error":{"type":"overloaded","message":"queue full (12 waiting)"}}',
+        )
         with pytest.raises(Refused) as caught:
-            await task
+            await call.task
         assert (caught.value.status, caught.value.message) == (503, "queue full (12 waiting)")
-        assert gw.conn().streams == {}
-        await _turns()
-        assert end.sent() == []  # the node ended the stream itself: no CANCEL
+        assert call.gw.conn().streams == {}
+        assert await call.end.quiet() == []  # the node ended the stream itself: no CANCEL
 
     _run(go)
 
 
 def test_a_refusal_whose_body_does_not_end_is_cut_and_cancelled() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.generate(NODE_ID, ENDPOINT, _job()))
-        number = (await end.frame()).stream
-        end.send(Kind.HEAD, number, b'{"status":500}')
-        end.send(Kind.BODY, number, b"x" * 5000)
+        call = await _call(_generate())
+        call.answer(500, b"x" * 5000, ended=False)
         with pytest.raises(Refused) as caught:
-            await task
+            await call.task
         assert caught.value.status == 500
         assert caught.value.message == "x" * 300
-        assert await end.frame() == Frame(Kind.CANCEL, number, b"")
+        assert await call.end.frame() == Frame(Kind.CANCEL, call.number, b"")
 
     _run(go)
 
 
 def test_a_tunnel_that_ends_before_the_head_makes_the_node_unreachable() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.generate(NODE_ID, ENDPOINT, _job()))
-        await end.frame()
-        end.hang_up()
+        call = await _call(_generate())
+        call.end.hang_up()
         with pytest.raises(Unreachable, match="closed: the connection ended") as caught:
-            await task
+            await call.task
         assert caught.value.cause == "tunnel closed"
 
     _run(go)
@@ -659,15 +695,12 @@ def test_a_tunnel_that_ends_before_the_head_makes_the_node_unreachable() -> None
 
 def test_a_reply_that_does_not_start_with_a_head_is_malformed_and_cancelled() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.generate(NODE_ID, ENDPOINT, _job()))
-        number = (await end.frame()).stream
-        end.send(Kind.BODY, number, _ndjson({"text": "a"}))
+        call = await _call(_generate())
+        call.send(Kind.BODY, _ndjson({"text": "a"}))
         with pytest.raises(Malformed, match="expected a reply head, got BODY"):
-            await task
-        assert await end.frame() == Frame(Kind.CANCEL, number, b"")
-        assert gw.conn().streams == {}
+            await call.task
+        assert await call.end.frame() == Frame(Kind.CANCEL, call.number, b"")
+        assert call.gw.conn().streams == {}
 
     _run(go)
 
@@ -675,23 +708,19 @@ def test_a_reply_that_does_not_start_with_a_head_is_malformed_and_cancelled() ->
 @pytest.mark.parametrize("head", [b"not json", b"{}", b'{"status":"ok"}', b"[200]"])
 def test_a_head_without_a_status_is_malformed(head: bytes) -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.generate(NODE_ID, ENDPOINT, _job()))
-        number = (await end.frame()).stream
-        end.send(Kind.HEAD, number, head)
+        call = await _call(_generate())
+        call.answer(head)
         with pytest.raises(Malformed, match="expected a reply head, got HEAD without a status"):
-            await task
-        assert await end.frame() == Frame(Kind.CANCEL, number, b"")
-        assert gw.conn().streams == {}
+            await call.task
+        assert await call.end.frame() == Frame(Kind.CANCEL, call.number, b"")
+        assert call.gw.conn().streams == {}
 
     _run(go)
 
 
 def test_the_tunnel_closing_mid_stream_breaks_the_stream() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         stream, number = await _generating(gw, end)
         end.send(Kind.BODY, number, _ndjson({"text": "a", "token_ids": [1]}) + b'{"text": "b", "tok')
         assert await stream.next() == {"text": "a", "token_ids": [1]}
@@ -704,8 +733,7 @@ def test_the_tunnel_closing_mid_stream_breaks_the_stream() -> None:
 
 def test_closing_a_stream_early_cancels_it_on_the_node() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         stream, number = await _generating(gw, end)
         other, other_number = await _generating(gw, end)
         end.send(Kind.BODY, number, _ndjson({"text": "a", "token_ids": [1]}))
@@ -717,8 +745,7 @@ def test_closing_a_stream_early_cancels_it_on_the_node() -> None:
         end.send(Kind.END, number, _ndjson({"text": "late"}))  # what was under way is dropped
         end.send(Kind.END, other_number, _ndjson({"text": "b", "token_ids": [2]}))
         assert await _drain(other) == [{"text": "b", "token_ids": [2]}]
-        await _turns()
-        assert end.sent() == []  # closed once, cancelled once
+        assert await end.quiet() == []  # closed once, cancelled once
 
     _run(go)
 
@@ -726,8 +753,7 @@ def test_closing_a_stream_early_cancels_it_on_the_node() -> None:
 @pytest.mark.parametrize(("line", "why"), [(b'{"text": "a", "tok\n', "unexpected"), (b"[1, 2]\n", "not an event")])
 def test_a_line_that_is_not_an_event_is_malformed(line: bytes, why: str) -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         stream, number = await _generating(gw, end)
         end.send(Kind.BODY, number, line)
         with pytest.raises(Malformed, match=why):
@@ -749,33 +775,23 @@ def test_a_probe_of_a_node_without_a_tunnel_is_unreachable() -> None:
 
 def test_a_probe_asks_for_health_with_the_challenge_and_returns_the_body() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.probe(NODE_ID, ENDPOINT, 1.0, "c-42"))
-        request = await end.frame()
-        assert request.kind == Kind.REQUEST
-        assert request.payload == request_payload("GET", "/health?challenge=c-42", {}, b"")
-        end.send(Kind.HEAD, request.stream, b'{"status":200}')
-        end.send(Kind.BODY, request.stream, b'{"signed":')
-        end.send(Kind.END, request.stream, b'"health"}')
-        assert await task == b'{"signed":"health"}'
-        assert gw.conn().streams == {}
-        await _turns()
-        assert end.sent() == []
+        call = await _call(_probe(challenge="c-42"))
+        assert call.request.kind == Kind.REQUEST
+        assert call.request.payload == request_payload("GET", "/health?challenge=c-42", {}, b"")
+        call.answer(200, b'{"signed":', b'"health"}')
+        assert await call.task == b'{"signed":"health"}'
+        assert call.gw.conn().streams == {}
+        assert await call.end.quiet() == []
 
     _run(go)
 
 
 def test_an_unhealthy_answer_is_refused() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.probe(NODE_ID, ENDPOINT, 1.0, "c1"))
-        number = (await end.frame()).stream
-        end.send(Kind.HEAD, number, b'{"status":503}')
-        end.send(Kind.END, number, b"draining")
+        call = await _call(_probe())
+        call.answer(503, b"draining")
         with pytest.raises(Refused) as caught:
-            await task
+            await call.task
         assert (caught.value.status, caught.value.message) == (503, "unhealthy")
 
     _run(go)
@@ -783,53 +799,40 @@ def test_an_unhealthy_answer_is_refused() -> None:
 
 def test_a_probe_the_node_never_answers_times_out_and_is_cancelled() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.probe(NODE_ID, ENDPOINT, 0.05, "c1"))
-        number = (await end.frame()).stream
+        call = await _call(_probe(timeout_s=0.05))
         with pytest.raises(Timeout, match="no answer in") as caught:
-            await task
+            await call.task
         assert caught.value.cause == "TimeoutError"
-        assert await end.frame() == Frame(Kind.CANCEL, number, b"")
-        assert gw.conn().streams == {}
+        assert await call.end.frame() == Frame(Kind.CANCEL, call.number, b"")
+        assert call.gw.conn().streams == {}
 
     _run(go)
 
 
 def test_a_probe_answer_is_cut_at_its_limit_and_the_rest_cancelled() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.probe(NODE_ID, ENDPOINT, 1.0, "c1"))
-        number = (await end.frame()).stream
-        end.send(Kind.HEAD, number, b'{"status":200}')
-        end.send(Kind.BODY, number, b"a" * (MAX_PROBE_BYTES - 10))
-        end.send(Kind.BODY, number, b"b" * 100)
-        assert await task == b"a" * (MAX_PROBE_BYTES - 10) + b"b" * 10
-        assert await end.frame() == Frame(Kind.CANCEL, number, b"")
+        call = await _call(_probe())
+        call.answer(200, b"a" * (MAX_PROBE_BYTES - 10), b"b" * 100, ended=False)
+        assert await call.task == b"a" * (MAX_PROBE_BYTES - 10) + b"b" * 10
+        assert await call.end.frame() == Frame(Kind.CANCEL, call.number, b"")
 
     _run(go)
 
 
 def test_a_tunnel_that_ends_mid_answer_makes_the_probe_unreachable() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.probe(NODE_ID, ENDPOINT, 1.0, "c1"))
-        number = (await end.frame()).stream
-        end.send(Kind.HEAD, number, b'{"status":200}')
-        end.send(Kind.BODY, number, b"{")
-        end.hang_up()
+        call = await _call(_probe())
+        call.answer(200, b"{", ended=False)
+        call.end.hang_up()
         with pytest.raises(Unreachable, match="closed: the connection ended"):
-            await task
+            await call.task
 
     _run(go)
 
 
 def test_a_request_the_tunnel_cannot_send_is_unreachable() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         end.broken = True
         with pytest.raises(Unreachable) as caught:
             await gw.transport.probe(NODE_ID, ENDPOINT, 1.0, "c1")
@@ -841,56 +844,47 @@ def test_a_request_the_tunnel_cannot_send_is_unreachable() -> None:
 
 def test_load_sends_a_signed_load_and_accepts_202() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.load(NODE_ID, ENDPOINT, {"model": "m"}, 1.0))
-        request = await end.frame()
-        head, _, body = request.payload.partition(b"\n")
+        call = await _call(_load())
+        head, _, body = call.request.payload.partition(b"\n")
         assert orjson.loads(head) == {
             "method": "POST",
             "path": "/internal/load",
             "headers": {"content-type": "application/json"},
         }
         verifier = EnvelopeVerifier(FreshnessPolicy(), time.time)
-        envelope = verifier.verify(body, purpose="load", expected_keyid=gw.identity.public_key)
+        envelope = verifier.verify(body, purpose="load", expected_keyid=call.gw.identity.public_key)
         assert envelope.payload == {"node_id": NODE_ID, "model": "m"}
-        end.send(Kind.HEAD, request.stream, b'{"status":202}')
-        end.send(Kind.END, request.stream, b'{"loading":true}')
-        await task  # 202: accepted (anything else raises)
-        assert gw.conn().streams == {}
+        call.answer(202, b'{"loading":true}')
+        await call.task  # 202: accepted (anything else raises)
+        assert call.gw.conn().streams == {}
 
     _run(go)
 
 
 def test_a_declined_load_is_refused() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.load(NODE_ID, ENDPOINT, {"model": "m"}, 1.0))
-        number = (await end.frame()).stream
-        end.send(Kind.HEAD, number, b'{"status":409}')
-        end.send(Kind.END, number, b'{"error":{"message":"busy"}}')
+        call = await _call(_load())
+        call.answer(409, b'{"error":{"message":"busy"}}')
         with pytest.raises(Refused) as caught:
-            await task
+            await call.task
         assert (caught.value.status, caught.value.message) == (409, "declined")
 
     _run(go)
 
 
 # -- stage links ----------------------------------------------------------------------------------------------------
-async def _stage(gw: Gateway, end: NodeEnd) -> tuple[Any, int]:
-    task = asyncio.ensure_future(gw.transport.stage_link(NODE_ID, ENDPOINT, 1.0))
-    opening = await end.frame()
-    assert opening.kind == Kind.WS_OPEN
-    assert orjson.loads(opening.payload) == {"path": "/internal/stage"}
-    end.send(Kind.WS_ACCEPT, opening.stream)
-    return await task, opening.stream
+async def _stage(gw: Gateway, end: NodeEnd) -> tuple[TunnelStageChannel, int]:
+    """A stage link the node accepted, and its stream number."""
+    call = await _call(_stage_link(), (gw, end))
+    assert call.request.kind == Kind.WS_OPEN
+    assert orjson.loads(call.request.payload) == {"path": "/internal/stage"}
+    call.send(Kind.WS_ACCEPT)
+    return await call.task, call.number
 
 
 def test_a_stage_link_carries_frames_both_ways_until_the_node_closes_it() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         channel, number = await _stage(gw, end)
         assert not channel.closed
         await channel.send(b"hidden states")
@@ -909,31 +903,26 @@ def test_a_stage_link_carries_frames_both_ways_until_the_node_closes_it() -> Non
         with pytest.raises(BrokenStream, match="stage link closed"):
             await channel.send(b"x")
         await channel.aclose()
-        await _turns()
-        assert end.sent() == []  # the node closed it: nothing to tell it
+        assert await end.quiet() == []  # the node closed it: nothing to tell it
 
     _run(go)
 
 
 def test_a_stage_link_the_node_refuses_is_refused() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
-        task = asyncio.ensure_future(gw.transport.stage_link(NODE_ID, ENDPOINT, 1.0))
-        number = (await end.frame()).stream
-        end.send(Kind.WS_CLOSE, number, b'{"code":1008,"reason":"no such route"}')
+        call = await _call(_stage_link())
+        call.send(Kind.WS_CLOSE, b'{"code":1008,"reason":"no such route"}')
         with pytest.raises(Refused, match="no such route") as caught:
-            await task
+            await call.task
         assert caught.value.status == 403
-        assert gw.conn().streams == {}
+        assert call.gw.conn().streams == {}
 
     _run(go)
 
 
 def test_a_stage_link_that_does_not_open_in_time_times_out() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         with pytest.raises(Timeout, match="did not open"):
             await gw.transport.stage_link(NODE_ID, ENDPOINT, 0.05)
         assert gw.conn().streams == {}
@@ -944,14 +933,12 @@ def test_a_stage_link_that_does_not_open_in_time_times_out() -> None:
 
 def test_closing_a_stage_link_tells_the_node_once() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         channel, number = await _stage(gw, end)
         await channel.aclose()
         assert await end.frame() == Frame(Kind.WS_CLOSE, number, b"")
         await channel.aclose()
-        await _turns()
-        assert end.sent() == []
+        assert await end.quiet() == []
         assert channel.closed
         with pytest.raises(BrokenStream):
             await channel.send(b"x")
@@ -961,8 +948,7 @@ def test_closing_a_stage_link_tells_the_node_once() -> None:
 
 def test_a_stage_link_whose_tunnel_ends_reads_as_closed() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         channel, _ = await _stage(gw, end)
         quiet, _ = await _stage(gw, end)
         with pytest.raises(Timeout, match=re.escape("no stage frame in 0.05 s")):
@@ -977,8 +963,7 @@ def test_a_stage_link_whose_tunnel_ends_reads_as_closed() -> None:
 
 def test_a_stage_frame_the_tunnel_cannot_send_breaks_the_link() -> None:
     async def go() -> None:
-        gw = Gateway()
-        end = await gw.dial()
+        gw, end = await _dialled()
         channel, _ = await _stage(gw, end)
         end.broken = True
         with pytest.raises(BrokenStream) as caught:
@@ -1396,8 +1381,7 @@ def test_a_node_tunnel_serves_generate_probe_load_stage_and_heartbeats_for_the_g
         node.cancel()
         await asyncio.gather(node, return_exceptions=True)
         tunnel._lost()
-        assert end.serving is not None
-        await asyncio.wait_for(end.serving, GUARD_S)
+        await end.ended()
         assert gw.hub.conns == {}
 
     _run(go)
@@ -1418,8 +1402,7 @@ def test_a_node_that_pinned_another_gateway_key_refuses_the_welcome() -> None:
         assert dialer.urls == ["wss://gw.test/nodes/tunnel"]
         assert learned == []
         assert not tunnel.connected.is_set()
-        assert end.serving is not None
-        await asyncio.wait_for(end.serving, GUARD_S)
+        await end.ended()
         assert gw.hub.conns == {}
 
     _run(go)
