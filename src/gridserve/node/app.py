@@ -5,7 +5,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -93,7 +93,7 @@ BUSY_EVERY_S = 0.25
 """A stream that has had no event for this long, while the engine ran other streams' steps, gets a busy line."""
 
 
-async def _busy_between(events: AsyncIterator[TokenEvent], stats: EngineStats) -> AsyncIterator[TokenEvent | int]:
+async def _busy_between(events: AsyncIterator[TokenEvent], stats: EngineStats) -> AsyncGenerator[TokenEvent | int]:
     """The events, with the engine's step count in between each BUSY_EVERY_S without one while the engine made
     progress on other work (a long prefill of another prompt on a CPU node): the gateway then knows the node is
     busy, not hung (docs/protocol.md). An engine that counts no steps gets the events as they are."""
@@ -126,23 +126,51 @@ async def _busy_between(events: AsyncIterator[TokenEvent], stats: EngineStats) -
 
 
 async def _stream(
-    first: TokenEvent | None, rest: AsyncIterator[TokenEvent], seen: _Observed, engine: Engine, receipts: Receipter
+    first: TokenEvent | None,
+    rest: AsyncIterator[TokenEvent],
+    seen: _Observed,
+    engine: Engine,
+    receipts: Receipter,
+    generation: AsyncIterator[TokenEvent],
 ) -> AsyncIterator[bytes]:
+    """The NDJSON lines of a generation. However it ends (finished, failed, or closed when the caller went away),
+    the engine's own generator (`generation`, under the wrappers `rest` is made of) is closed before this one is:
+    its cleanup gives back the batch slot and the KV cache, and its request stops counting as active."""
     try:
         if first is not None:
             seen.token(first)
             yield receipts.line(first)
-        async for event in _busy_between(rest, engine.stats):
-            if isinstance(event, int):
-                yield b'{"busy":%d}\n' % event
-                continue
-            seen.token(event)
-            yield receipts.line(event)
+        async with contextlib.aclosing(_busy_between(rest, engine.stats)) as paced:
+            async for event in paced:
+                if isinstance(event, int):
+                    yield b'{"busy":%d}\n' % event
+                    continue
+                seen.token(event)
+                yield receipts.line(event)
     except EngineError as exc:
         seen.status = "failed"
         yield _engine_error(engine, str(exc))
     finally:
         seen.done()
+        aclose = getattr(generation, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that closes its body when the response ends, however it ends. Starlette's leaves the body
+    generator suspended when the caller goes away while a chunk is being sent (the tunnel's sends wait on the
+    gateway's connection, so a cancel often comes then), and the generation would hold its engine slot and count as
+    active until the garbage collector found it: seconds on an idle node (measured: a hedge's cancelled loser still
+    "active" 8 s later)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def _engine_error(engine: Engine, message: str) -> bytes:
@@ -242,7 +270,8 @@ def build_node_app(
             task.add_done_callback(loading.discard)
         seen = _Observed(metrics, job.model)
         metrics.active.inc()
-        events = _dishonest(faults.apply(engine.generate(job), engine.stats), lies, job.sampling.max_tokens)
+        generation = engine.generate(job)
+        events = _dishonest(faults.apply(generation, engine.stats), lies, job.sampling.max_tokens)
         try:
             first = await _first_unless_gone(events, request)
         except CallerGone:
@@ -259,7 +288,8 @@ def build_node_app(
             seen.done()
             return _error(500, "engine_error", str(exc))
         receipts = Receipter(agent, payload, _digest(engine, job.model), lies)
-        return StreamingResponse(_stream(first, events, seen, engine, receipts), media_type="application/x-ndjson")
+        lines = _stream(first, events, seen, engine, receipts, generation)
+        return _ClosingStream(lines, media_type="application/x-ndjson")
 
     @app.post("/internal/load")
     async def load(request: Request) -> Response:
