@@ -242,7 +242,7 @@ def test_kill_9_mid_stream_fails_over_token_exact_over_tunnels(tmp_path: Path) -
     try:
         grid.start(timeout_s=120)
         reference, streams, victim = greedy_streams_under_way(grid, 12, streaming_on_victim=3)
-        killed_at = time.monotonic()
+        killed_at = time.time()
         os.kill(_proc(grid, victim).pid, signal.SIGKILL)
         all_completed_unchanged(streams, reference, victim)
         moved = [admin_get(grid, f"/v1/decisions/{s.decision}").json() for s in streams if s.node == victim]
@@ -252,12 +252,15 @@ def test_kill_9_mid_stream_fails_over_token_exact_over_tunnels(tmp_path: Path) -
         for d in resumed:
             assert d["route"][0]["node_id"] == victim and d["route"][0]["outcome"] == "failed", summary
             assert d["route"][-1]["resumed_from"] > 0 and d["status"] == "ok", summary
-        while time.monotonic() - killed_at < 10:  # the node's tunnel is gone: it is down within the bound
-            state = next(n["state"] for n in grid.nodes() if n["node_id"] == victim)
-            if state == "down":
-                break
+        # the node's tunnel is gone: it is down within the bound, by the gateway's own record of the change (the
+        # streams' completion above may take longer than that on a loaded machine)
+        downs: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 10
+        while not downs and time.monotonic() < deadline:
+            events = admin_get(grid, f"/admin/events?kind=state&node_id={victim}&limit=50").json()["events"]
+            downs = [e for e in events if e["detail"].get("to") == "down" and e["at"] >= killed_at]
             time.sleep(0.1)
-        assert state == "down" and time.monotonic() - killed_at < 3.0, (state, time.monotonic() - killed_at)
+        assert downs and min(e["at"] for e in downs) - killed_at < 3.0, (downs, killed_at)
     finally:
         grid.stop()
 
