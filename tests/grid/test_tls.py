@@ -71,15 +71,13 @@ def test_the_openai_sdk_chats_and_streams_over_https(grid: LocalGrid) -> None:
     assert grid.url.startswith("https://") and grid.ca_file is not None
     with httpx.Client(verify=trusting(grid.ca_file)) as http:
         client = openai.OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, http_client=http, max_retries=0)
-        reply = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=6
-        )
+        # greedy: at the default temperature the base model may sample its end token first and say nothing
+        asked = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0}
+        reply = client.chat.completions.create(**asked)  # type: ignore[call-overload]
         assert reply.choices[0].message.content and reply.usage is not None and reply.usage.completion_tokens > 0
-        stream = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=6, stream=True
-        )
+        stream = client.chat.completions.create(**asked, stream=True)  # type: ignore[call-overload]
         text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-        assert text
+        assert text == reply.choices[0].message.content
     # the node registered over HTTPS, and the gateway sent it the work
     (node,) = grid.nodes()
     assert node["state"] == "up"
@@ -229,7 +227,12 @@ def test_every_hop_is_tls_with_a_node_that_serves_https(ca: trustme.CA, tmp_path
         assert _state(grid, stranger) in ("suspect", "down") and _state(grid, trusted) == "up", grid.nodes()
         log = (grid.data_dir / "logs" / "gateway.log").read_text(errors="replace")
         said = [line for line in log.splitlines() if f"{stranger}: up -> " in line]
-        assert said and "health probe failed (TLS certificate does not verify)" in said[0], log[-2000:]
+        # whichever call reached it first, a probe or a request's dispatch, the line says why it fell
+        why = (
+            "health probe failed (TLS certificate does not verify)",
+            "dispatch failed: TLS certificate does not verify",
+        )
+        assert said and any(reason in said[0] for reason in why), log[-2000:]
     finally:
         grid.stop()
 
