@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -16,6 +17,9 @@ import sqlalchemy as sa
 from gridserve.cli.grid import PORT_SHARE_ENV, LocalGrid, free_port_block
 from gridserve.gateway.registry.membership import NodeRecord
 from gridserve.types import Capability, HardwareInfo, NodeId, NodeState, RuntimeInfo
+
+if TYPE_CHECKING:
+    from gridserve.engines.torch_engine import TorchEngine
 
 if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):  # `make test` runs two workers: split the ports
     os.environ[PORT_SHARE_ENV] = f"{os.environ['PYTEST_XDIST_WORKER'][2:]}/{os.environ['PYTEST_XDIST_WORKER_COUNT']}"
@@ -60,6 +64,19 @@ def make_grid(tmp: Path, engines: list[str], **kwargs: object) -> LocalGrid:
         engines=engines,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Iterator["TorchEngine"]:
+    """The tiny engine in this process, loaded, on one thread (one per test module)."""
+    import asyncio
+
+    from gridserve.engines.tiny import tiny_engine
+
+    engine = tiny_engine(threads=1)
+    engine.load_sync()
+    yield engine
+    asyncio.run(engine.aclose())
 
 
 @pytest.fixture(scope="session")

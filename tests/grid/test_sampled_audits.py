@@ -90,6 +90,18 @@ def test_a_node_altering_sampled_answers_is_caught_by_the_audit_of_client_traffi
     assert _node(grid, ALTERING)["reliability"]["state"] == "quarantined"
 
 
+def _all_pass_their_audits(grid: LocalGrid, ids: list[str], honest: set[str], within_s: float) -> None:
+    """Every answer in `ids` is audited (the audits run off the request path) and passes; no incident at the
+    honest nodes."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and not all(_audited(grid, r) for r in ids):
+        time.sleep(0.2)
+    recent = {r["request_id"]: r for r in admin_get(grid, "/admin/audits").json()["recent"]}
+    results = [recent[r] for r in ids if r in recent]
+    assert len(results) == len(ids) and all(not r["problems"] for r in results), results
+    assert all(_incidents(grid, node_id) == [] for node_id in honest)
+
+
 def _audited(grid: LocalGrid, request_id: str) -> bool:
     return any(r["request_id"] == request_id for r in admin_get(grid, "/admin/audits").json()["recent"])
 
@@ -112,13 +124,40 @@ def test_honest_sampled_answers_pass_their_audits(honest_nodes: LocalGrid) -> No
             ids.append(raw.parse().id)
     assert len(set(texts)) > 1  # still sampled: a fresh seed per request
     assert len(ids) >= 3
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not all(_audited(grid, r) for r in ids):
-        time.sleep(0.2)
-    recent = {r["request_id"]: r for r in admin_get(grid, "/admin/audits").json()["recent"]}
-    results = [recent[r] for r in ids if r in recent]
-    assert len(results) == len(ids) and all(not r["problems"] for r in results), results
-    assert all(_incidents(grid, node_id) == [] for node_id in honest)
+    _all_pass_their_audits(grid, ids, honest, within_s=30)
+
+
+def test_answers_under_vllms_sampling_extensions_pass_their_audits(honest_nodes: LocalGrid) -> None:
+    """top_k, repetition_penalty, min_tokens and ignore_eos reach the node and the verifier alike: every audited
+    answer passes, and an ignore_eos answer runs to max_tokens (as benchmark clients expect)."""
+    grid = honest_nodes
+    honest = {_node(grid, HONEST)["node_id"], _node(grid, STALLING)["node_id"]}
+    client = _client(grid)
+    asks: list[dict[str, Any]] = [
+        {"ignore_eos": True},
+        {"min_tokens": 10, "top_k": 20},
+        {"repetition_penalty": 1.3, "ignore_eos": True},
+        {"top_k": 5, "min_tokens": 16},
+    ]
+    ids = []
+    for i, extensions in enumerate(asks * 2):
+        raw = client.completions.with_raw_response.create(
+            model=TINY_MODEL,
+            prompt=f"Extensions {i}",
+            max_tokens=16,
+            temperature=0.0 if i % 2 else 1.0,
+            extra_body={**extensions, "gridserve": {"hedge": False}},
+        )
+        answer = raw.parse()
+        assert answer.usage is not None
+        if extensions.get("ignore_eos") or extensions.get("min_tokens") == 16:
+            assert (answer.usage.completion_tokens, answer.choices[0].finish_reason) == (16, "length"), extensions
+        else:
+            assert answer.usage.completion_tokens >= extensions["min_tokens"], extensions
+        if raw.headers["x-gridserve-node"] in honest:
+            ids.append(answer.id)
+    assert len(ids) >= len(asks), "most answers came from the honest nodes"
+    _all_pass_their_audits(grid, ids, honest, within_s=60)
 
 
 def test_a_canary_to_a_node_that_goes_silent_fails_within_its_bound(honest_nodes: LocalGrid) -> None:

@@ -151,3 +151,22 @@ def test_an_honest_upstream_node_is_never_accused(upstream_grid: LocalGrid) -> N
     assert admin_get(upstream_grid, f"/admin/incidents?node_id={node['node_id']}").json()["incidents"] == []
     totals = admin_get(upstream_grid, "/admin/settlement").json()["totals"]
     assert totals and all(t["disputed"] == 0 and t["tokens"] > 0 for t in totals)
+
+
+def test_an_extension_the_upstream_server_does_not_honour_is_a_400_naming_it(upstream_grid: LocalGrid) -> None:
+    """llama-cpp-python's server is not among those known to honour vLLM's extensions (its /v1/models says
+    owned_by "me"): the node offers none, and the gateway refuses such a request rather than serve it without."""
+    import openai
+
+    client = OpenAI(base_url=upstream_grid.url + "/v1", api_key=API_KEY, max_retries=0)
+    (node,) = upstream_grid.nodes()
+    assert all(not offer.get("features") for offer in node["models"]), node["models"]
+    for extension in ({"ignore_eos": True}, {"min_tokens": 4}, {"top_k": 5}, {"repetition_penalty": 1.2}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=SERVED, prompt="Hi", max_tokens=8, extra_body=extension)
+        body = refused.value.body
+        assert isinstance(body, dict) and (body["param"], body["code"]) == (
+            next(iter(extension)),
+            "unsupported_parameter",
+        )
+        assert "no live node serving it honours" in body["message"]

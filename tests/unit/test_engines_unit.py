@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import string
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,14 +23,6 @@ from gridserve.types import ChatMessage, GenerateRequest, SamplingParams, TokenE
 
 PROMPTS = ("The quick brown fox", "Hello, grid!", "1+1=")
 PRINTABLE = set(string.printable) - set("\t\r\x0b\x0c") | {"\n"}
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Iterator[TorchEngine]:
-    engine = tiny_engine(threads=1)
-    engine.load_sync()
-    yield engine
-    asyncio.run(engine.aclose())
 
 
 def make_request(

@@ -176,6 +176,8 @@ class Spec:
     advertise_memory: bool = True
     latency_ewma_s: float | None = None
     interleaved: bool = False
+    features: tuple[str, ...] = ()
+    """Request features every offer honours (ModelOffer.features)."""
 
 
 def offer(model: str, dtype: str = "float16", quantization: str = "none", max_context: int | None = None) -> Offer:
@@ -192,6 +194,7 @@ def build(spec: Spec, node_id: str) -> NodeSnapshot:
             quantization=quant,
             max_context=ctx if ctx is not None else MODELS[model].max_context,
             weights_digest=f"emulated:{model}",
+            features=spec.features,
         )
         for model, dtype, quant, ctx in spec.offers
     )
@@ -831,6 +834,23 @@ def test_runtime_engines() -> None:
     for allowed in (("emulated",), ("emulated:rtx4090",), ("openai-upstream", "emulated"), None):
         _, v = only(node, request(engines=allowed))
         assert v.eligible, allowed
+
+
+def test_runtime_features() -> None:
+    """A request that turns on a sampling extension goes only to nodes whose offer honours it, and says which is
+    missing."""
+    needs = request(features=("min_tokens", "ignore_eos"))
+    _, v = only(Spec(features=("ignore_eos",)), needs)
+    assert v.filter == "runtime" and v.reason == "engine emulated:rtx4090 does not honour min_tokens for this model"
+    _, v = only(Spec(features=("ignore_eos", "min_tokens", "top_k")), needs)
+    assert v.eligible
+    _, v = only(Spec(), request())
+    assert v.eligible, "a plain request needs no feature"
+    _, v = only(Spec(features=("min_tokens", "ignore_eos")), request(features=("min_tokens",), engines=("tiny",)))
+    assert v.filter == "runtime" and "not among the allowed tiny" in v.reason, "the engine restriction is said first"
+    honest, lacking = build(Spec(features=("min_tokens", "ignore_eos")), "a"), build(Spec(), "b")
+    decision = schedule(needs, [lacking, honest])
+    assert decision.chosen == "a" and decision.rejected_by_filter == {"runtime": 1}
 
 
 def test_node_state_model_served_and_context_fit() -> None:

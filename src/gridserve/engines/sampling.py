@@ -1,4 +1,5 @@
-"""Token selection. Greedy when temperature is 0; otherwise temperature + top-p sampling by inverse CDF.
+"""Token selection. Greedy when temperature is 0; otherwise temperature + top-k + top-p sampling by inverse CDF,
+over the scores `TokenRule` makes of a position's logits (the sampling extensions: repetition penalty, min_tokens).
 
 Seeded sampling draws the token at completion position `step` with a uniform number `u = draw(seed, step)`
 (a hash of the two, not a generator advanced step by step): the token is the one whose interval of the
@@ -11,6 +12,7 @@ picked otherwise misses by the mass of the tokens in between.
 
 import hashlib
 import secrets
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -36,10 +38,15 @@ def fresh_seed() -> int:
     return secrets.randbits(63)
 
 
-def nucleus_weights(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """float64 probabilities over the vocabulary (in index order) with the tokens outside the top-p nucleus
-    zeroed: a token is kept when the mass of the tokens sorted before it is at most `top_p`."""
+def nucleus_weights(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
+    """float64 probabilities over the vocabulary (in index order) with the tokens outside the nucleus zeroed:
+    first all but the `top_k` likeliest (0: none; ties with the k-th are kept), then, of the rest renormalised,
+    each token but those whose likelier tokens' mass is at most `top_p` (vLLM's order)."""
     probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if 0 < top_k < probs.shape[0]:
+        kth = torch.topk(probs, top_k).values[-1]
+        probs = probs.masked_fill(probs < kth, 0.0)
+        probs = probs / probs.sum()
     if top_p >= 1.0:
         return probs
     sorted_probs, order = torch.sort(probs, descending=True)
@@ -47,11 +54,68 @@ def nucleus_weights(logits: torch.Tensor, temperature: float, top_p: float) -> t
     return probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
 
 
+class TokenRule:
+    """The scores a position's token is picked from, and whether a picked token ends the answer: one rule for the
+    node's engine, the gateway's pipeline sampler and the verifier, so an audit re-executes what an honest node did.
+
+    The scores are the logits plus the model's mask, with vLLM's repetition penalty over every token of the prompt
+    and of the answer so far (`note` each token as it is picked), and the end-of-sequence tokens at -inf before
+    `min_tokens`. An end-of-sequence token ends the answer unless `ignore_eos`."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        eos_ids: Iterable[int],
+        mask: torch.Tensor | None = None,
+        history: Sequence[int] = (),
+    ) -> None:
+        self.params = params
+        self.eos_ids = frozenset(eos_ids)
+        self._eos = sorted(self.eos_ids)
+        self.mask = mask
+        self._penalised = params.repetition_penalty != 1.0
+        self._pending: list[int] = list(history) if self._penalised else []
+        self._seen: torch.Tensor | None = None
+        """Which tokens the prompt and answer hold so far (made at the first position: its size is the vocabulary's)."""
+
+    def note(self, token: int) -> None:
+        if not self._penalised:
+            return
+        if self._seen is None:
+            self._pending.append(token)
+        elif 0 <= token < self._seen.shape[0]:
+            self._seen[token] = True
+
+    def scores(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """`logits`: 1-D float32 over the vocabulary at completion position `step`."""
+        out = logits if self.mask is None else logits + self.mask
+        if self._penalised:
+            seen = self._seen_over(out.shape[0])
+            penalty = self.params.repetition_penalty
+            out = torch.where(seen, torch.where(out > 0, out / penalty, out * penalty), out)
+        if step < self.params.min_tokens and self._eos:
+            out = out.clone() if out is logits else out
+            out[[t for t in self._eos if t < out.shape[0]]] = float("-inf")
+        return out
+
+    def ends(self, token: int) -> bool:
+        return token in self.eos_ids and not self.params.ignore_eos
+
+    def _seen_over(self, vocab: int) -> torch.Tensor:
+        if self._seen is None:
+            self._seen = torch.zeros(vocab, dtype=torch.bool)
+            known = [t for t in self._pending if 0 <= t < vocab]
+            if known:
+                self._seen[known] = True
+            self._pending = []
+        return self._seen
+
+
 def pick_token(logits: torch.Tensor, params: SamplingParams, seed: int, step: int) -> int:
     """`logits`: 1-D over the vocabulary (float32)."""
     if params.greedy:
         return int(torch.argmax(logits).item())
-    cdf = torch.cumsum(nucleus_weights(logits, params.temperature, params.top_p), dim=-1)
+    cdf = torch.cumsum(nucleus_weights(logits, params.temperature, params.top_p, params.top_k), dim=-1)
     target = torch.tensor([draw(seed, step) * float(cdf[-1])], dtype=torch.float64)
     index = int(torch.searchsorted(cdf, target, right=True).item())  # the first token whose cdf passes the target
     return min(index, cdf.shape[0] - 1)
@@ -59,16 +123,18 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, seed: int, step: in
 
 def draw_miss(logits: torch.Tensor, params: SamplingParams, seed: int, step: int, token: int) -> float:
     """How far, as a share of the nucleus's mass, the draw for `step` falls outside `token`'s interval (0 when it
-    falls inside). The nucleus is tried at `top_p` and `SAMPLE_TOLERANCE` either side of it: a token on the
-    nucleus's edge may be in or out on an honest node."""
+    falls inside). The nucleus is tried at `top_p` and `SAMPLE_TOLERANCE` either side of it, and at `top_k` and one
+    either side of it: a token on the nucleus's edge may be in or out on an honest node."""
     edge = (params.top_p - SAMPLE_TOLERANCE, params.top_p + SAMPLE_TOLERANCE) if params.top_p < 1.0 else ()
-    cutoffs = (params.top_p, *edge)
+    ks = (params.top_k, params.top_k - 1, params.top_k + 1) if params.top_k > 1 else (params.top_k,)
     u = draw(seed, step)
     best = 1.0
-    for top_p in cutoffs:
-        cdf = torch.cumsum(nucleus_weights(logits, params.temperature, max(top_p, 1e-9)), dim=-1)
-        total = float(cdf[-1])
-        high = float(cdf[token]) / total
-        low = float(cdf[token - 1]) / total if token > 0 else 0.0
-        best = min(best, max(low - u, u - high, 0.0))
+    for top_k in ks:
+        for top_p in (params.top_p, *edge):
+            weights = nucleus_weights(logits, params.temperature, max(top_p, 1e-9), top_k)
+            cdf = torch.cumsum(weights, dim=-1)
+            total = float(cdf[-1])
+            high = float(cdf[token]) / total
+            low = float(cdf[token - 1]) / total if token > 0 else 0.0
+            best = min(best, max(low - u, u - high, 0.0))
     return best

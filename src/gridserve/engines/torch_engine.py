@@ -16,11 +16,12 @@ import torch
 
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest, LocalEngine
 from gridserve.engines.prefix_cache import BLOCK_TOKENS, DEFAULT_PREFIX_CACHE_MB, PrefixCache, block_keys
-from gridserve.engines.sampling import fresh_seed, pick_token
+from gridserve.engines.sampling import TokenRule, fresh_seed, pick_token
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
 from gridserve.trust import proofs
 from gridserve.trust.commitments import token_commitment
 from gridserve.types import ChatMessage, GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
+from gridserve.types.wire import SAMPLING_FEATURES
 
 
 class TextCodec(Protocol):
@@ -69,7 +70,7 @@ class TorchEngine(LocalEngine):
         self._lazy = lazy
         self._load_lock = asyncio.Lock()
         self._kind = kind
-        self._offer = offer
+        self._offer = offer.model_copy(update={"features": SAMPLING_FEATURES})  # _Generation's TokenRule
         self._loader = loader
         self._threads = threads
         self._loaded: LoadedModel | None = None
@@ -234,6 +235,7 @@ class _Generation:
         self.seed = self.params.seed if self.params.seed is not None else fresh_seed()
         self.decoder = IncrementalDecoder(loaded.codec.decode)
         self.stops = StopMatcher(self.params.stop)
+        self.rule = TokenRule(self.params, loaded.codec.eos_ids, loaded.logit_mask, [*prompt, *request.resume])
         self.cancel = threading.Event()
         self.submitted = time.monotonic()
         self.began: float | None = None
@@ -268,8 +270,8 @@ class _Generation:
         if self.out is None:
             if self._chunks is None:
                 self.began = time.monotonic()
-                for token in self.request.resume:
-                    self.stops.feed(self.decoder.push(token))
+                for count, token in enumerate(self.request.resume, 1):
+                    self._text(token, count)
                 self._chunks = self._prefill([*self.prompt, *self.request.resume])
             self.out = next(self._chunks)
             if self.out is None:  # one chunk of the prompt done: the worker runs the other streams' steps now
@@ -320,20 +322,24 @@ class _Generation:
 
     def _pick(self) -> str | None:
         self.activations.append(self.out.hidden_states[-1][0, -1].clone())
-        logits = self.out.logits[0, -1].float()
-        if self.loaded.logit_mask is not None:
-            logits = logits + self.loaded.logit_mask
-        token = pick_token(logits, self.params, self.seed, self.step)
+        scores = self.rule.scores(self.out.logits[0, -1].float(), self.step)
+        token = pick_token(scores, self.params, self.seed, self.step)
+        self.rule.note(token)
         self.step += 1
         self.last = token
         self.first_at = self.first_at or time.monotonic()
         self.stats.note_tokens(time.monotonic(), 1)
-        if token in self.loaded.codec.eos_ids:
+        if self.rule.ends(token):
             return "stop"
-        self.emit(TokenEvent(text=self.stops.feed(self.decoder.push(token)), token_ids=(token,)))
+        self.emit(TokenEvent(text=self._text(token, self.step), token_ids=(token,)))
         if self.stops.stopped:
             return "stop"
         return "length" if self.step >= self.params.max_tokens else None
+
+    def _text(self, token: int, count: int) -> str:
+        """The text the answer's `count`-th token adds; stop strings are looked for from `min_tokens` tokens on."""
+        text = self.decoder.push(token)
+        return self.stops.feed(text) if count >= self.params.min_tokens else text
 
     def _final(self, finish: str) -> None:
         tail = "" if self.stops.stopped else self.stops.feed(self.decoder.finish()) + self.stops.flush()

@@ -6,8 +6,13 @@ Prefix caching is the upstream's own: requests ask for it (`cache_prompt: true`:
 reuses the prompt's KV cache; servers that do not know the field ignore it), and the cached prompt tokens the server
 reports are passed on in `cached_tokens`: OpenAI's `usage.prompt_tokens_details.cached_tokens` (vLLM with
 `--enable-prompt-tokens-details`) or llama.cpp's `timings.cache_n`. llama-cpp-python's
-server (0.3.x) reuses the longest common prefix with the previous prompt by itself but reports no count: 0 then."""
+server (0.3.x) reuses the longest common prefix with the previous prompt by itself but reports no count: 0 then.
 
+The sampling extensions (`top_k`, `repetition_penalty`, `min_tokens`, `ignore_eos`) are passed through to servers
+known to honour them under those names with vLLM's meaning, told by the `owned_by` of their `/v1/models` (`FEATURES`);
+the node offers only those, so the gateway sends such requests only where they are honoured."""
+
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +22,16 @@ import orjson
 
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
 from gridserve.types import GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
+
+FEATURES = {
+    "vllm": ("top_k", "repetition_penalty", "min_tokens", "ignore_eos"),
+    "sglang": ("top_k", "repetition_penalty", "ignore_eos"),
+    "llamacpp": ("top_k", "ignore_eos"),
+}
+"""Sampling extensions each server honours, by the `owned_by` its /v1/models gives (llama.cpp's repeat_penalty
+looks back 64 tokens, not over the prompt and answer as vLLM's does; SGLang names min_tokens min_new_tokens)."""
+
+MODELS_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 class UpstreamEngine:
@@ -36,6 +51,7 @@ class UpstreamEngine:
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
         self._stats = EngineStats()
+        self._features: tuple[str, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -54,6 +70,7 @@ class UpstreamEngine:
                 quantization="unknown",
                 max_context=self._max_context,
                 weights_digest=f"upstream:{self._upstream_model}",
+                features=self._features,
             ),
         )
 
@@ -71,15 +88,26 @@ class UpstreamEngine:
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        listed: list[dict[str, Any]] = []
         if self._upstream_model is None:
-            async with self._session.get(f"{self.url}/v1/models", headers=self._headers()) as resp:
-                if resp.status != 200:
-                    raise EngineError(f"upstream {self.url}/v1/models answered {resp.status}")
-                data = await resp.json()
-            models = [m["id"] for m in data.get("data", [])]
-            if not models:
+            listed = await self._models()
+            if not listed:
                 raise EngineError(f"upstream {self.url} lists no models")
-            self._upstream_model = models[0]
+            self._upstream_model = str(listed[0]["id"])
+        else:  # the server's kind only tells which extensions it honours: none if it will not say
+            with contextlib.suppress(EngineError, aiohttp.ClientError, ValueError, TimeoutError):
+                listed = await self._models()
+        chosen = next((m for m in listed if m.get("id") == self._upstream_model), {})
+        self._features = FEATURES.get(str(chosen.get("owned_by", "")), ())
+
+    async def _models(self) -> list[dict[str, Any]]:
+        assert self._session is not None
+        listing = f"{self.url}/v1/models"
+        async with self._session.get(listing, headers=self._headers(), timeout=MODELS_TIMEOUT) as resp:
+            if resp.status != 200:
+                raise EngineError(f"upstream {listing} answered {resp.status}")
+            data = await resp.json()
+        return [m for m in data.get("data", []) if isinstance(m, dict) and "id" in m]
 
     async def aclose(self) -> None:
         if self._session is not None:
@@ -100,6 +128,8 @@ class UpstreamEngine:
             body["seed"] = sp.seed
         if sp.stop:
             body["stop"] = list(sp.stop)
+        for name in sp.features():  # the gateway sends them only if offered (FEATURES)
+            body[name] = getattr(sp, name)
         if request.messages is not None:
             body["messages"] = [m.model_dump() for m in request.messages]
             return "/v1/chat/completions", body

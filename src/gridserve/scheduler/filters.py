@@ -22,6 +22,7 @@ from gridserve.scheduler.snapshot import (
     M_KV_PER_TOKEN,
     M_LISTED,
     M_MEM_WEIGHTS,
+    NodeSnapshot,
 )
 from gridserve.scheduler.vector import Array, Columns, Mask
 
@@ -151,20 +152,38 @@ class MemoryFitFilter(OneRow):
 @register(FILTERS, "runtime")
 @dataclass
 class RuntimeFilter(OneRow):
-    """The request may restrict engines (e.g. only nodes fronting vLLM via openai-upstream)."""
+    """The request may restrict engines (e.g. only nodes fronting vLLM via openai-upstream), and may need features
+    the node's engine must honour for the model (e.g. `min_tokens`: ModelOffer.features)."""
 
     name: str = "runtime"
 
     def mask(self, ctx: Context, cols: Columns) -> Mask:
-        allowed = ctx.request.engines
-        if not allowed:
+        allowed, needed = ctx.request.engines, ctx.request.features
+        if not allowed and not needed:
             return _none(cols)
-        engines = [node.capability.engine for node in cols.nodes]  # strings: no column holds them
-        return np.array([e not in allowed and e.split(":")[0] not in allowed for e in engines], dtype=bool)
+        # strings: no column holds them
+        return np.array([self._engine_refused(ctx, n) or bool(self._lacks(ctx, n)) for n in cols.nodes], dtype=bool)
 
     def reason(self, ctx: Context, cols: Columns, j: int) -> str:
-        allowed = ctx.request.engines or ()
-        return f"engine {cols.nodes[j].capability.engine} not among the allowed {', '.join(allowed)}"
+        node = cols.nodes[j]
+        if self._engine_refused(ctx, node):
+            allowed = ctx.request.engines or ()
+            return f"engine {node.capability.engine} not among the allowed {', '.join(allowed)}"
+        return f"engine {node.capability.engine} does not honour {', '.join(self._lacks(ctx, node))} for this model"
+
+    @staticmethod
+    def _engine_refused(ctx: Context, node: NodeSnapshot) -> bool:
+        allowed, engine = ctx.request.engines or (), node.capability.engine
+        return bool(allowed) and engine not in allowed and engine.split(":")[0] not in allowed
+
+    @staticmethod
+    def _lacks(ctx: Context, node: NodeSnapshot) -> list[str]:
+        needed = ctx.request.features
+        if not needed:
+            return []
+        offer = ctx.offer(node)
+        offered = offer.features if offer is not None else ()
+        return [f for f in needed if f not in offered]
 
 
 @register(FILTERS, "tier-hardware")

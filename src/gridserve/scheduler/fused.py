@@ -99,7 +99,9 @@ def plan_of(profile: Profile) -> Plan | None:
 def applies(ctx: Context) -> bool:
     """The kernel decides this request: a catalogue model (it predicts), no engine restriction (strings) and no
     prefix-cache hit (the kernel predicts one prefill for every node; the columns take each node's own)."""
-    return ctx.model is not None and not ctx.request.engines and not ctx.request.cached_tokens
+    return (
+        ctx.model is not None and not ctx.request.engines and not ctx.request.features and not ctx.request.cached_tokens
+    )
 
 
 @dataclass

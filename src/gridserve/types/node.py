@@ -87,6 +87,9 @@ class ModelOffer(Strict):
     weights_digest: Name = ""
     layers: LayerRange | None = None
     """The layers this node runs; None means the whole model (pipeline stages are not served yet)."""
+    features: tuple[Name, ...] = Field((), max_length=MAX_ITEMS)
+    """Request features beyond plain sampling it honours for this model, named as the request parameters
+    (SamplingParams.features): the gateway gives a request that turns one on only to nodes that offer it."""
 
 
 class RuntimeInfo(Strict):

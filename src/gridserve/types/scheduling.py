@@ -26,6 +26,8 @@ class ScheduleRequest:
     tpot_slo_s: float | None = None
     engines: tuple[str, ...] | None = None
     """Allowed engine kinds (runtime constraint), e.g. ('openai-upstream',); None = any."""
+    features: tuple[str, ...] = ()
+    """Request features the node must offer for the model (runtime constraint: ModelOffer.features)."""
     cached_tokens: tuple[tuple[str, int], ...] = ()
     """(node id, prompt tokens it probably holds in its prefix cache), from the caller's prefix index; a node not
     named holds none of this prompt. Prefill is predicted on the rest, and a sampled decision always includes

@@ -10,6 +10,9 @@ from gridserve.types.node import Capability, NodeId, Telemetry
 GREEDY_BELOW = 1e-6
 """Temperatures under this pick the argmax, the limit of sampling as the temperature goes to 0 (dividing the
 logits by a temperature near 0 overflows float32, and the probabilities become NaN)."""
+MAX_REPETITION_PENALTY = 10.0
+SAMPLING_FEATURES = ("top_k", "repetition_penalty", "min_tokens", "ignore_eos")
+"""The sampling extensions (vLLM's, which benchmark clients send) gridserve's own engines honour."""
 
 
 class SamplingParams(Strict):
@@ -21,10 +24,38 @@ class SamplingParams(Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_k: int = Field(0, ge=0)
+    """Sample among the k likeliest tokens only (0: all), before top-p."""
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
+    """vLLM's: the logit of every token already in the prompt or the answer is divided by it when positive,
+    multiplied by it when negative (1: off)."""
+    min_tokens: int = Field(0, ge=0)
+    """No end (end-of-sequence token or stop string) before this many completion tokens: the end-of-sequence
+    tokens' logits are -inf until then, as in vLLM."""
+    ignore_eos: bool = False
+    """An end-of-sequence token does not end the answer (it is a completion token like any other, with no text):
+    the answer runs to max_tokens or a stop string, as in vLLM."""
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> "SamplingParams":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
+        return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    def features(self) -> tuple[str, ...]:
+        """The sampling extensions this request turns on (named as the request parameters): a node must offer
+        each (ModelOffer.features) to be given it."""
+        on = (
+            ("top_k", self.top_k > 0),
+            ("repetition_penalty", self.repetition_penalty != 1.0),
+            ("min_tokens", self.min_tokens > 0),
+            ("ignore_eos", self.ignore_eos),
+        )
+        return tuple(name for name, used in on if used)
 
 
 class ChatMessage(Strict):

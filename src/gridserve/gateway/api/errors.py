@@ -44,11 +44,13 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param, code="invalid_request")
 
 
-def unsupported_parameter(param: str, what: str) -> APIError:
+def unsupported_parameter(param: str, what: str, *, by_no_node: bool = False) -> APIError:
+    """`by_no_node`: gridserve offers it, but no live node serving the model honours it."""
+    who = "no live node serving it honours" if by_no_node else "gridserve does not offer yet"
     return APIError(
         400,
-        f"Unsupported parameter: '{param}' asks for {what}, which gridserve does not offer yet. Send the request "
-        f"without it (or with its default).",
+        f"Unsupported parameter: '{param}' asks for {what}, which {who}. Send the request without it (or with "
+        f"its default).",
         param=param,
         code="unsupported_parameter",
     )

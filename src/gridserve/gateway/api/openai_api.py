@@ -38,6 +38,7 @@ from gridserve.gateway.pipeline.serving import Pipelines, Run
 from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.prefix.blocks import CHARS_PER_TOKEN
 from gridserve.scheduler import KERNEL_POOL, Scheduler, UnknownTier
+from gridserve.scheduler.snapshot import NodeSnapshot
 from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams, StreamEvent
 from gridserve.types.scheduling import Decision, ScheduleRequest
 
@@ -47,6 +48,12 @@ OPTION_FILTERS = {"price-ceiling": "gridserve.max_price_per_mtok", "runtime": "g
 """Filters that apply a request's own options (rejected by these alone: a 400 naming the option, not a 503)."""
 TIER_FILTERS = {"tier-hardware": "gridserve.tier", "throughput-floor": "gridserve.tier"}
 """The same, when the request names its tier."""
+FEATURE_NAMES = {
+    "top_k": "top-k sampling",
+    "repetition_penalty": "a repetition penalty",
+    "min_tokens": "a minimum length",
+    "ignore_eos": "generating past the end-of-sequence token",
+}
 
 
 @dataclass
@@ -90,8 +97,20 @@ def parse(body: bytes, model: type[SamplingFields]) -> Any:
 
 def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateRequest, int]:
     max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS[kind]
+    if req.min_tokens is not None and req.min_tokens > max_tokens:
+        raise bad_request(
+            f"Invalid request: min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens}).", param="min_tokens"
+        )
     sampling = SamplingParams(
-        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop_list()
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=req.stop_list(),
+        top_k=max(0, req.top_k or 0),
+        repetition_penalty=req.repetition_penalty or 1.0,
+        min_tokens=req.min_tokens or 0,
+        ignore_eos=bool(req.ignore_eos),
     )
     if sampling.seed is None and not sampling.greedy:
         # the gateway's own draw: the answer is as random to the client as without one, and a verifier can
@@ -123,6 +142,8 @@ def decide(
     pipeline = ctx.pipelines.candidate(job.model, now) if ctx.pipelines is not None else None
     if not serving and pipeline is None:
         raise model_not_found(job.model)
+    if job.sampling.features():
+        _require_features(job, serving, pipeline)
     ctx.on_request(job.model)
     contexts = [_context(r, job.model) for r in serving]
     context = max(contexts + ([pipeline.capability.models[0].max_context] if pipeline is not None else []))
@@ -141,6 +162,7 @@ def decide(
         ttft_slo_s=options.ttft_slo_s,
         tpot_slo_s=options.tpot_slo_s,
         engines=tuple(options.engines) if options.engines else None,
+        features=job.sampling.features(),
         cached_tokens=cached,
     )
     try:
@@ -169,6 +191,18 @@ def decide(
             )
         raise no_capacity(decision.explanation)
     return decision
+
+
+def _require_features(job: GenerateRequest, serving: list[NodeRecord], pipeline: NodeSnapshot | None) -> None:
+    """A 400 naming the first feature the request turns on that no live node (nor the model's pipeline) honours for
+    the model: never served as though the parameter were absent. A node that holds the model but has not loaded it
+    has not said yet (its offer comes with the weights): it does not count."""
+    offers = [o for r in serving for o in r.capability.models if o.name == job.model and o.layers is None]
+    if pipeline is not None:
+        offers += [o for o in pipeline.capability.models if o.name == job.model]
+    for name in job.sampling.features():
+        if not any(name in o.features for o in offers):
+            raise unsupported_parameter(name, f"{FEATURE_NAMES[name]} from {job.model}", by_no_node=True)
 
 
 def _context(record: NodeRecord, model: str) -> int:

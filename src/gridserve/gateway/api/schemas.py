@@ -5,6 +5,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
+from gridserve.types.wire import MAX_REPETITION_PENALTY
+
 MAX_STOPS = 4
 
 
@@ -38,11 +40,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logit_bias": (_off(), "logit bias"),
     "presence_penalty": (_off(0), "penalties"),
     "frequency_penalty": (_off(0), "penalties"),
-    "repetition_penalty": (_off(1), "penalties"),
-    "top_k": (_off(-1, 0), "top-k sampling"),
     "min_p": (_off(0), "min-p sampling"),
-    "ignore_eos": (_off(False), "generating past the end-of-sequence token"),
-    "min_tokens": (_off(0), "a minimum length"),
     "audio": (_off(), "audio output"),
     "modalities": (_off(["text"]), "modalities other than text"),
     "prediction": (_off(), "predicted outputs"),
@@ -101,6 +99,12 @@ def _document_refusals(schema: dict[str, Any]) -> None:
     schema["x-gridserve-unsupported"] = list(UNSUPPORTED)
 
 
+_VLLM = (
+    "vLLM's sampling extension, honoured by nodes that offer it (a 400 naming it when no live node serving the "
+    "model does): "
+)
+
+
 class SamplingFields(OpenAIModel):
     model_config = ConfigDict(extra="allow", json_schema_extra=_document_refusals)
     model: str = Field(min_length=1)
@@ -111,6 +115,20 @@ class SamplingFields(OpenAIModel):
     seed: int | None = None
     stop: Annotated[str | list[str] | None, _string_or_list(MAX_STOPS, nullable=True)] = None
     n: int = Field(1, ge=1, le=1)
+    top_k: int | None = Field(None, ge=-1, description=_VLLM + "sample among the k likeliest tokens (-1, 0: all).")
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0.0,
+        le=MAX_REPETITION_PENALTY,
+        description=_VLLM + "a token already in the prompt or the answer has its logit divided by it when positive, "
+        "multiplied when negative (1: off).",
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, description=_VLLM + "no end (end-of-sequence or stop string) before this many tokens."
+    )
+    ignore_eos: bool | None = Field(
+        None, description=_VLLM + "end-of-sequence does not end the answer: it runs to max_tokens or a stop string."
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     gridserve: GridOptions = Field(default_factory=GridOptions)

@@ -42,6 +42,7 @@ from gridserve.types import ChatMessage, GenerateRequest, Receipt, SamplingParam
 if TYPE_CHECKING:  # torch is imported by the first audit (Verifier), not at gateway start
     import torch
 
+    from gridserve.engines.sampling import TokenRule
     from gridserve.engines.torch_engine import LoadedModel
     from gridserve.gateway.integrity.redundancy import RedundancyChecker
 
@@ -106,6 +107,7 @@ class Verifier:
         """Runs on the verifier thread."""
         import torch
 
+        from gridserve.engines.sampling import TokenRule
         from gridserve.trust import proofs
 
         loaded = self._model(job.model)
@@ -127,10 +129,13 @@ class Verifier:
         elif proofs.AVAILABLE and picks:
             problems.append("audit: no activation proof (the engine gives one with every answer)")
         largest = 0.0
-        if job.sampling.greedy:
-            problems += self._greedy(loaded, out.logits[0], start, ids, picks)
+        rule = TokenRule(job.sampling, loaded.codec.eos_ids, loaded.logit_mask, [*prompt, *job.resume])
+        if job.sampling.ignore_eos and picks > len(ids):
+            problems.append("audit: the answer ended on end-of-sequence, which the request's ignore_eos does not end")
+        elif job.sampling.greedy:
+            problems += self._greedy(rule, out.logits[0], start, ids, picks, len(job.resume))
         elif job.sampling.seed is not None:
-            found, largest = self._sampled(loaded, out.logits[0], start, ids, picks, job)
+            found, largest = self._sampled(rule, out.logits[0], start, ids, picks, job)
             problems += found
         else:
             problems.append("audit: a sampled answer without a seed cannot be checked (the gateway fixes one)")
@@ -138,44 +143,46 @@ class Verifier:
 
     def _sampled(
         self,
-        loaded: "LoadedModel",
+        rule: "TokenRule",
         logits: "torch.Tensor",
         start: int,
         ids: list[int],
         picks: int,
         job: GenerateRequest,
     ) -> tuple[list[str], float]:
-        """Each token must be the one the request's seed draws from the verifier's own distribution, within
-        SAMPLE_TOLERANCE of the mass; the position after an answer that ended on end-of-sequence must draw one.
-        Also returns the largest miss among the tokens checked (bench/verification.py calibrates on it)."""
+        """Each token must be the one the request's seed draws from the verifier's own distribution (the scores of
+        the request's TokenRule), within SAMPLE_TOLERANCE of the mass; the position after an answer that ended on
+        end-of-sequence must draw one. Also returns the largest miss among the tokens checked
+        (bench/verification.py calibrates on it)."""
         from gridserve.engines.sampling import SAMPLE_TOLERANCE, draw_miss
 
         seed = job.sampling.seed
         assert seed is not None
         largest = 0.0
         for i in range(picks):
-            row = logits[start + i].float()
-            if loaded.logit_mask is not None:
-                row = row + loaded.logit_mask
-            tokens = [ids[i]] if i < len(ids) else sorted(loaded.codec.eos_ids)
-            miss = min((draw_miss(row, job.sampling, seed, len(job.resume) + i, t) for t in tokens), default=0.0)
+            step = len(job.resume) + i
+            row = rule.scores(logits[start + i].float(), step)
+            tokens = [ids[i]] if i < len(ids) else sorted(rule.eos_ids)
+            miss = min((draw_miss(row, job.sampling, seed, step, t) for t in tokens), default=0.0)
             largest = max(largest, miss)
             if miss > SAMPLE_TOLERANCE:
                 return [f"audit: sampled token {i} is {tokens[0]}, not the seed's draw (misses it by {miss:.4f})"], miss
+            if i < len(ids):
+                rule.note(ids[i])
         return [], largest
 
     def _greedy(
-        self, loaded: "LoadedModel", logits: "torch.Tensor", start: int, ids: list[int], picks: int
+        self, rule: "TokenRule", logits: "torch.Tensor", start: int, ids: list[int], picks: int, resumed: int
     ) -> list[str]:
         import torch
 
-        eos = sorted(loaded.codec.eos_ids)
+        eos = sorted(rule.eos_ids)
         for i in range(picks):
-            row = logits[start + i].float()
-            if loaded.logit_mask is not None:
-                row = row + loaded.logit_mask
+            row = rule.scores(logits[start + i].float(), resumed + i)
             token = ids[i] if i < len(ids) else (eos[0] if eos else -1)
             best = int(torch.argmax(row).item())
+            if i < len(ids):
+                rule.note(ids[i])
             if best == token or token < 0:
                 continue
             gap = float(row[best] - row[token])

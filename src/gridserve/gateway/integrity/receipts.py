@@ -74,6 +74,7 @@ class ReceiptChecker:
         if receipt is not None:
             result.receipt = receipt
             self._compare(receipt, job, sent_ids, final, result)
+            self._end(receipt, job, final, result)
             if unnamed is not None and not sent_ids:
                 self._bound(receipt, final, unnamed, result)
             else:
@@ -124,6 +125,20 @@ class ReceiptChecker:
             if got != want:
                 result.problems.append(("integrity", f"{name} mismatch: receipt says {got!r}, expected {want!r}"))
         self._cached(r, final, result)
+
+    @staticmethod
+    def _end(r: Receipt, job: GenerateRequest, final: StreamEvent, result: ReceiptCheck) -> None:
+        """An answer may not end before the request's min_tokens, nor on end-of-sequence under ignore_eos (then
+        only a stop string or max_tokens ends it)."""
+        if final.get("finish_reason") != "stop":
+            return
+        sampling = job.sampling
+        if r.completion_tokens < sampling.min_tokens:
+            result.problems.append(
+                ("integrity", f"ended after {r.completion_tokens} tokens, before min_tokens ({sampling.min_tokens})")
+            )
+        elif sampling.ignore_eos and not sampling.stop:
+            result.problems.append(("integrity", "ended on end-of-sequence though the request says ignore_eos"))
 
     @staticmethod
     def _cached(r: Receipt, final: StreamEvent, result: ReceiptCheck) -> None:

@@ -25,6 +25,7 @@ from gridserve.reliability import ReliabilityBook, ReliabilitySummary
 from gridserve.scheduler import NodeSnapshot
 from gridserve.scheduler.snapshot import CLASS_CODES, NodeStatic
 from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, NodeState, RuntimeInfo
+from gridserve.types.wire import SAMPLING_FEATURES
 
 PREFIX = "pipeline:"
 UNKNOWN_CARD = HARDWARE["cpu"]
@@ -88,6 +89,7 @@ def pipeline_snapshot(
         dtype=first.dtype,
         quantization=first.quantization,
         max_context=min(o.max_context for o in offers),
+        features=SAMPLING_FEATURES,  # the gateway samples a chain's tokens itself (session.generate_tokens)
     )
     hw = _hardware(spec, offer, chain, cards)
     node_id = pipeline_id(spec.name)

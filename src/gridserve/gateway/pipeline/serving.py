@@ -231,10 +231,11 @@ class Pipelines:
                 count += 1
                 result.completion_tokens = count
                 seen = self._replanned(run, seen)
-                if token in head.codec.eos_ids:
+                if token in head.codec.eos_ids and not job.sampling.ignore_eos:
                     reason = "stop"
                     break
-                text = stops.feed(decoder.push(token))
+                text = decoder.push(token)
+                text = stops.feed(text) if count >= job.sampling.min_tokens else text  # as the engines do
                 yield {"text": text, "token_ids": [token]}
                 if stops.stopped:
                     reason = "stop"

@@ -384,22 +384,21 @@ async def generate_tokens(
     eos_ids: frozenset[int],
     logit_mask: Any = None,
 ) -> AsyncIterator[tuple[int, npt.NDArray[np.float32]]]:
-    """Greedy or seeded generation over the chain: yields (token, the logits it was picked from).
-    `logit_mask`: an additive torch tensor over the vocabulary, or None."""
+    """Greedy or seeded generation over the chain, under the request's TokenRule (the engines' own): yields
+    (token, the logits it was picked from). `logit_mask`: an additive torch tensor over the vocabulary, or None."""
     import torch
 
-    from gridserve.engines.sampling import fresh_seed, pick_token
+    from gridserve.engines.sampling import TokenRule, fresh_seed, pick_token
 
     seed = params.seed if params.seed is not None else fresh_seed()
+    rule = TokenRule(params, eos_ids, logit_mask, prompt)
     ids = prompt
     for step in itertools.count():
         logits = await session.forward(ids)
-        scores = torch.from_numpy(np.array(logits))
-        if logit_mask is not None:
-            scores = scores + logit_mask
-        token = pick_token(scores, params, seed, step)
+        token = pick_token(rule.scores(torch.from_numpy(np.array(logits)), step), params, seed, step)
+        rule.note(token)
         yield token, logits
-        if token in eos_ids or step + 1 >= params.max_tokens:
+        if rule.ends(token) or step + 1 >= params.max_tokens:
             return
         ids = [token]
 
