@@ -157,7 +157,10 @@ def test_an_outbound_only_node_tunnels_over_tls_and_serves(grid: LocalGrid) -> N
                 base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0, http_client=httpx.Client(verify=verify)
             )
             raw = client.chat.completions.with_raw_response.create(
-                model=MODEL, messages=[{"role": "user", "content": "over wss"}], max_tokens=6
+                model=MODEL,
+                messages=[{"role": "user", "content": "over wss"}],
+                max_tokens=6,
+                extra_body={"ignore_eos": True},  # all 6, however the sampled answer would have ended
             )
             assert raw.headers["x-gridserve-node"] == tunneled["node_id"]
             usage = raw.parse().usage

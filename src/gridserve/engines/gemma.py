@@ -5,6 +5,7 @@ safetensors cache in the user's cache dir; later runs load the cache in seconds.
 chat template, so the cache's tokenizer gets Gemma 3's published turn format (below) at conversion.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -130,6 +131,16 @@ class HFCodec:
 
     def encode_prompt(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
+
+    @functools.cached_property
+    def _grammar_tokenizer(self) -> Any:
+        from llguidance.hf import from_tokenizer
+
+        return from_tokenizer(self.tokenizer, eos_token=sorted(self.eos_ids))
+
+    def grammar_tokenizer(self) -> Any:
+        """The vocabulary as llguidance reads it (about a second to build, once per codec)."""
+        return self._grammar_tokenizer
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         rendered = self.tokenizer.apply_chat_template(

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from gridserve.engines.grammar import Constraint, GrammarCodec, GrammarError
 from gridserve.types import SamplingParams
 
 SAMPLE_TOLERANCE = 1e-3
@@ -59,8 +60,9 @@ class TokenRule:
     node's engine, the gateway's pipeline sampler and the verifier, so an audit re-executes what an honest node did.
 
     The scores are the logits plus the model's mask, with vLLM's repetition penalty over every token of the prompt
-    and of the answer so far (`note` each token as it is picked), and the end-of-sequence tokens at -inf before
-    `min_tokens`. An end-of-sequence token ends the answer unless `ignore_eos`."""
+    and of the answer so far (`note` each token as it is picked), the end-of-sequence tokens at -inf before
+    `min_tokens`, and every token the response format's grammar does not allow next at -inf (`codec`: the model's
+    tokenizer, needed only then). An end-of-sequence token ends the answer unless `ignore_eos`."""
 
     def __init__(
         self,
@@ -68,8 +70,19 @@ class TokenRule:
         eos_ids: Iterable[int],
         mask: torch.Tensor | None = None,
         history: Sequence[int] = (),
+        codec: "GrammarCodec | None" = None,
+        answered: Sequence[int] = (),
     ) -> None:
+        """`history`: the prompt and any answer already given (repetition penalty); `answered`: the answer already
+        given (failover: the response format's grammar is past it)."""
         self.params = params
+        self.constraint: Constraint | None = None
+        if params.response_format is not None:
+            if codec is None:
+                raise GrammarError("this model's tokenizer cannot drive a grammar (no structured output)")
+            self.constraint = Constraint(params.response_format, codec)
+            for token in answered:
+                self.constraint.accept(token)
         self.eos_ids = frozenset(eos_ids)
         self._eos = sorted(self.eos_ids)
         self.mask = mask
@@ -78,13 +91,16 @@ class TokenRule:
         self._seen: torch.Tensor | None = None
         """Which tokens the prompt and answer hold so far (made at the first position: its size is the vocabulary's)."""
 
-    def note(self, token: int) -> None:
+    def note(self, token: int) -> bool:
+        """Take `token` as the answer's next; False if the response format's grammar did not allow it."""
+        allowed = self.constraint.accept(token) if self.constraint is not None else True
         if not self._penalised:
-            return
+            return allowed
         if self._seen is None:
             self._pending.append(token)
         elif 0 <= token < self._seen.shape[0]:
             self._seen[token] = True
+        return allowed
 
     def scores(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """`logits`: 1-D float32 over the vocabulary at completion position `step`."""
@@ -96,6 +112,8 @@ class TokenRule:
         if step < self.params.min_tokens and self._eos:
             out = out.clone() if out is logits else out
             out[[t for t in self._eos if t < out.shape[0]]] = float("-inf")
+        if self.constraint is not None:
+            out = self.constraint.restrict(out.clone() if out is logits else out)
         return out
 
     def ends(self, token: int) -> bool:

@@ -4,6 +4,7 @@ Token ids: 0 pad, 1 bos, 2 eos, 3 + b for byte b. The model never emits bytes ou
 newline and eos (a fixed logit mask), so its output is always readable text.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,31 @@ class ByteCodec:
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", errors="replace")
+
+    def grammar_tokenizer(self) -> Any:
+        """The vocabulary as llguidance reads it (structured output: engines/grammar.py)."""
+        return _byte_tokenizer()
+
+
+class _ByteVocabulary:
+    """The tiny model's tokens for llguidance's TokenizerWrapper: three specials, then one token per byte."""
+
+    def __init__(self) -> None:
+        self.eos_token_id = EOS
+        self.bos_token_id = BOS
+        self.tokens = [b"<pad>", b"<bos>", b"<eos>", *(bytes([b]) for b in range(256))]
+        self.special_token_ids = [PAD, BOS, EOS]
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        data = text.encode("utf-8") if isinstance(text, str) else text
+        return [OFFSET + b for b in data]
+
+
+@functools.cache
+def _byte_tokenizer() -> Any:
+    import llguidance
+
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocabulary()))
 
 
 def build_tiny_model(seed: int = TINY_SEED) -> LoadedModel:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest, LocalEngine
+from gridserve.engines.grammar import GrammarError
 from gridserve.engines.prefix_cache import BLOCK_TOKENS, DEFAULT_PREFIX_CACHE_MB, PrefixCache, block_keys
 from gridserve.engines.sampling import TokenRule, fresh_seed, pick_token
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
@@ -32,6 +33,10 @@ class TextCodec(Protocol):
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+    def grammar_tokenizer(self) -> Any:
+        """The vocabulary as llguidance reads it (structured output: engines/grammar.py)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -167,7 +172,10 @@ class TorchEngine(LocalEngine):
             loop.call_soon_threadsafe(events.put_nowait, item)
 
         assert self._prefix is not None  # set with the model
-        gen = _Generation(loaded, self._prefix, prompt, request, emit, self._stats)
+        try:
+            gen = _Generation(loaded, self._prefix, prompt, request, emit, self._stats)
+        except GrammarError as exc:
+            raise InvalidRequest(f"response_format: {exc}") from exc
         self._stats.queued += 1
         self._ensure_worker()
         self._incoming.put(gen)
@@ -235,7 +243,10 @@ class _Generation:
         self.seed = self.params.seed if self.params.seed is not None else fresh_seed()
         self.decoder = IncrementalDecoder(loaded.codec.decode)
         self.stops = StopMatcher(self.params.stop)
-        self.rule = TokenRule(self.params, loaded.codec.eos_ids, loaded.logit_mask, [*prompt, *request.resume])
+        resumed = request.resume
+        self.rule = TokenRule(
+            self.params, loaded.codec.eos_ids, loaded.logit_mask, [*prompt, *resumed], loaded.codec, resumed
+        )
         self.cancel = threading.Event()
         self.submitted = time.monotonic()
         self.began: float | None = None

@@ -24,8 +24,8 @@ from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
 from gridserve.types import GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
 
 FEATURES = {
-    "vllm": ("top_k", "repetition_penalty", "min_tokens", "ignore_eos"),
-    "sglang": ("top_k", "repetition_penalty", "ignore_eos"),
+    "vllm": ("top_k", "repetition_penalty", "min_tokens", "ignore_eos", "response_format"),
+    "sglang": ("top_k", "repetition_penalty", "ignore_eos", "response_format"),
     "llamacpp": ("top_k", "ignore_eos"),
 }
 """Sampling extensions each server honours, by the `owned_by` its /v1/models gives (llama.cpp's repeat_penalty
@@ -130,6 +130,8 @@ class UpstreamEngine:
             body["stop"] = list(sp.stop)
         for name in sp.features():  # the gateway sends them only if offered (FEATURES)
             body[name] = getattr(sp, name)
+        if sp.response_format is not None:
+            body["response_format"] = sp.response_format.openai()
         if request.messages is not None:
             body["messages"] = [m.model_dump() for m in request.messages]
             return "/v1/chat/completions", body

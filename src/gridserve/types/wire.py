@@ -2,6 +2,7 @@
 
 from typing import Literal, TypedDict
 
+import orjson
 from pydantic import Field, model_validator
 
 from gridserve.types.base import Strict
@@ -11,8 +12,35 @@ GREEDY_BELOW = 1e-6
 """Temperatures under this pick the argmax, the limit of sampling as the temperature goes to 0 (dividing the
 logits by a temperature near 0 overflows float32, and the probabilities become NaN)."""
 MAX_REPETITION_PENALTY = 10.0
-SAMPLING_FEATURES = ("top_k", "repetition_penalty", "min_tokens", "ignore_eos")
-"""The sampling extensions (vLLM's, which benchmark clients send) gridserve's own engines honour."""
+MAX_SCHEMA_CHARS = 65_536
+SAMPLING_FEATURES = ("top_k", "repetition_penalty", "min_tokens", "ignore_eos", "response_format")
+"""The request features gridserve's own engines honour: vLLM's sampling extensions (which benchmark clients send)
+and structured output (a response_format decoded under its grammar: engines/grammar.py)."""
+
+
+class ResponseFormat(Strict):
+    """Structured output: the answer is a JSON object (`json_object`), or one that validates against `schema`
+    (`json_schema`), generated under the grammar of it (engines/grammar.py)."""
+
+    type: Literal["json_object", "json_schema"]
+    schema_text: str = Field("", max_length=MAX_SCHEMA_CHARS)
+    """The JSON schema as the client sent it, serialised (empty for json_object)."""
+    name: str = Field("", max_length=64)
+    strict: bool = False
+
+    def answer_schema(self) -> dict[str, object]:
+        """The schema the answer must validate against (any object for json_object)."""
+        if self.type == "json_object" or not self.schema_text:
+            return {"type": "object"}
+        found = orjson.loads(self.schema_text)
+        return found if isinstance(found, dict) else {}
+
+    def openai(self) -> dict[str, object]:
+        """OpenAI's `response_format` for it (what an upstream server is sent)."""
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        body: dict[str, object] = {"name": self.name or "answer", "schema": self.answer_schema(), "strict": self.strict}
+        return {"type": "json_schema", "json_schema": body}
 
 
 class SamplingParams(Strict):
@@ -35,6 +63,8 @@ class SamplingParams(Strict):
     ignore_eos: bool = False
     """An end-of-sequence token does not end the answer (it is a completion token like any other, with no text):
     the answer runs to max_tokens or a stop string, as in vLLM."""
+    response_format: ResponseFormat | None = None
+    """Structured output: every token is drawn from those the format's grammar allows next."""
 
     @model_validator(mode="after")
     def _min_within_max(self) -> "SamplingParams":
@@ -54,6 +84,7 @@ class SamplingParams(Strict):
             ("repetition_penalty", self.repetition_penalty != 1.0),
             ("min_tokens", self.min_tokens > 0),
             ("ignore_eos", self.ignore_eos),
+            ("response_format", self.response_format is not None),
         )
         return tuple(name for name, used in on if used)
 

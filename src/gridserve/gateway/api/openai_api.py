@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from gridserve.catalog.models import MODELS
 from gridserve.catalog.tiers import DEFAULT_TIER
+from gridserve.engines import grammar
 from gridserve.gateway.api.errors import APIError, bad_request, model_not_found, no_capacity, unsupported_parameter
 from gridserve.gateway.api.schemas import (
     ChatCompletionRequest,
@@ -41,6 +42,7 @@ from gridserve.scheduler import KERNEL_POOL, Scheduler, UnknownTier
 from gridserve.scheduler.snapshot import NodeSnapshot
 from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams, StreamEvent
 from gridserve.types.scheduling import Decision, ScheduleRequest
+from gridserve.types.wire import ResponseFormat
 
 log = logging.getLogger("gridserve.gateway")
 DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
@@ -53,6 +55,7 @@ FEATURE_NAMES = {
     "repetition_penalty": "a repetition penalty",
     "min_tokens": "a minimum length",
     "ignore_eos": "generating past the end-of-sequence token",
+    "response_format": "structured output",
 }
 
 
@@ -101,6 +104,13 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
         raise bad_request(
             f"Invalid request: min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens}).", param="min_tokens"
         )
+    fmt = _response_format(req.response_format)
+    if fmt is not None and (req.ignore_eos or req.min_tokens):
+        raise bad_request(
+            "Invalid request: response_format ends the answer where its format does; it cannot be combined with "
+            "ignore_eos or min_tokens.",
+            param="response_format",
+        )
     sampling = SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -111,6 +121,7 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
         repetition_penalty=req.repetition_penalty or 1.0,
         min_tokens=req.min_tokens or 0,
         ignore_eos=bool(req.ignore_eos),
+        response_format=fmt,
     )
     if sampling.seed is None and not sampling.greedy:
         # the gateway's own draw: the answer is as random to the client as without one, and a verifier can
@@ -126,6 +137,50 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
         chars = len(prompt)
         job = GenerateRequest(request_id=request_id, model=req.model, prompt=prompt, sampling=sampling)
     return job, chars // CHARS_PER_TOKEN
+
+
+def _response_format(raw: dict[str, Any] | None) -> ResponseFormat | None:
+    """OpenAI's `response_format` as the node's, checked to compile to a grammar (a 400 naming what is wrong)."""
+    kind = (raw or {}).get("type", "text")
+    if raw is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat(type="json_object")
+    if kind != "json_schema":
+        raise bad_request(
+            f"Invalid request: response_format.type must be text, json_object or json_schema, not {kind!r}.",
+            param="response_format.type",
+        )
+    spec = raw.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or not isinstance(schema, dict):
+        raise bad_request(
+            "Invalid request: response_format.json_schema.schema must be a JSON schema (an object).",
+            param="response_format.json_schema.schema",
+        )
+    name, strict = spec.get("name", ""), spec.get("strict", False)
+    if not isinstance(name, str) or len(name) > 64 or not isinstance(strict, bool | None):
+        raise bad_request(
+            "Invalid request: response_format.json_schema.name must be a string of at most 64 characters and "
+            "strict a boolean.",
+            param="response_format.json_schema",
+        )
+    try:
+        fmt = ResponseFormat(
+            type="json_schema", schema_text=orjson.dumps(schema).decode(), name=name, strict=bool(strict)
+        )
+    except ValidationError as exc:
+        raise bad_request(
+            f"Invalid request: response_format.json_schema: {exc.errors()[0]['msg']}.",
+            param="response_format.json_schema",
+        ) from exc
+    problem = grammar.check(fmt)
+    if problem:
+        raise bad_request(
+            f"Invalid request: response_format.json_schema.schema cannot be generated: {problem}",
+            param="response_format.json_schema.schema",
+        )
+    return fmt
 
 
 def decide(

@@ -31,7 +31,6 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "functions": (_off(), "tool calling"),
     "tool_choice": (_off("none"), "tool calling"),
     "function_call": (_off("none"), "tool calling"),
-    "response_format": (_off({"type": "text"}), "structured output"),
     "logprobs": (_off(False), "log probabilities"),
     "top_logprobs": (_off(0), "log probabilities"),
     "echo": (_off(False), "echoing the prompt"),
@@ -125,6 +124,12 @@ class SamplingFields(OpenAIModel):
     )
     min_tokens: int | None = Field(
         None, ge=0, description=_VLLM + "no end (end-of-sequence or stop string) before this many tokens."
+    )
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description='OpenAI\'s structured output: `{"type": "json_object"}` or `{"type": "json_schema", '
+        '"json_schema": {"name", "schema", "strict"}}`; the answer is generated under the schema\'s grammar '
+        'on nodes that offer it (`{"type": "text"}`: plain text).',
     )
     ignore_eos: bool | None = Field(
         None, description=_VLLM + "end-of-sequence does not end the answer: it runs to max_tokens or a stop string."

@@ -129,7 +129,9 @@ class Verifier:
         elif proofs.AVAILABLE and picks:
             problems.append("audit: no activation proof (the engine gives one with every answer)")
         largest = 0.0
-        rule = TokenRule(job.sampling, loaded.codec.eos_ids, loaded.logit_mask, [*prompt, *job.resume])
+        rule = TokenRule(
+            job.sampling, loaded.codec.eos_ids, loaded.logit_mask, [*prompt, *job.resume], loaded.codec, job.resume
+        )
         if job.sampling.ignore_eos and picks > len(ids):
             problems.append("audit: the answer ended on end-of-sequence, which the request's ignore_eos does not end")
         elif job.sampling.greedy:

@@ -223,7 +223,12 @@ class Pipelines:
         result.status = "ok"
         try:
             tokens = generate_tokens(
-                session, prompt, job.sampling, eos_ids=head.codec.eos_ids, logit_mask=head.logit_mask
+                session,
+                prompt,
+                job.sampling,
+                eos_ids=head.codec.eos_ids,
+                logit_mask=head.logit_mask,
+                codec=head.codec,
             )
             async for token, _ in tokens:
                 result.first_at = result.first_at or time.monotonic()

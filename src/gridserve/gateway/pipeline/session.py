@@ -383,6 +383,7 @@ async def generate_tokens(
     *,
     eos_ids: frozenset[int],
     logit_mask: Any = None,
+    codec: Any = None,
 ) -> AsyncIterator[tuple[int, npt.NDArray[np.float32]]]:
     """Greedy or seeded generation over the chain, under the request's TokenRule (the engines' own): yields
     (token, the logits it was picked from). `logit_mask`: an additive torch tensor over the vocabulary, or None."""
@@ -391,7 +392,7 @@ async def generate_tokens(
     from gridserve.engines.sampling import TokenRule, fresh_seed, pick_token
 
     seed = params.seed if params.seed is not None else fresh_seed()
-    rule = TokenRule(params, eos_ids, logit_mask, prompt)
+    rule = TokenRule(params, eos_ids, logit_mask, prompt, codec)
     ids = prompt
     for step in itertools.count():
         logits = await session.forward(ids)

@@ -1,0 +1,81 @@
+"""Structured output: a request's `response_format` as a grammar over the model's own tokens (llguidance), applied
+to every position's scores by the TokenRule (engines/sampling.py), so the engine, the gateway's pipeline sampler
+and the verifier all draw from the tokens the grammar allows next. A `json_schema` answer that ends by itself
+(finish_reason stop) therefore parses and validates; one cut by max_tokens is a prefix of such an answer.
+
+JSON is generated compact (no optional whitespace): a small model given the choice loops on newlines."""
+
+import functools
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gridserve.types.wire import ResponseFormat
+
+if TYPE_CHECKING:  # the gateway checks formats (`check`) without torch
+    import torch
+
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarCodec(Protocol):
+    """A model's tokenizer as llguidance reads it (engines/tiny.py ByteCodec, engines/gemma.py HFCodec)."""
+
+    def grammar_tokenizer(self) -> Any: ...
+
+
+class GrammarError(ValueError):
+    """The format cannot be made a grammar (a schema llguidance does not accept)."""
+
+
+@functools.lru_cache(maxsize=256)
+def grammar_of(fmt: ResponseFormat) -> str:
+    """The llguidance grammar of `fmt` (cached: one compile per distinct schema)."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(fmt.answer_schema(), overrides=JSON_OPTIONS)  # type: ignore[arg-type]
+        problem = LLMatcher.validate_grammar(grammar)
+    except Exception as exc:  # the library's own errors on a schema it cannot compile (ValueError, RuntimeError)
+        raise GrammarError(str(exc)) from exc
+    if problem:
+        raise GrammarError(problem)
+    return str(grammar)
+
+
+def check(fmt: ResponseFormat) -> str:
+    """Why `fmt` cannot be generated ("" when it can): the gateway refuses such a request with a 400."""
+    try:
+        grammar_of(fmt)
+    except GrammarError as exc:
+        return str(exc).strip() or "the schema is not one gridserve can generate"
+    return ""
+
+
+class Constraint:
+    """One answer's place in its grammar: which tokens may come next (`restrict`), advanced by each token picked
+    (`accept`). Deterministic: the same tokens give the same masks on every node and on the verifier."""
+
+    def __init__(self, fmt: ResponseFormat, codec: GrammarCodec) -> None:
+        from llguidance import LLMatcher
+        from llguidance.torch import allocate_token_bitmask
+
+        tokenizer = codec.grammar_tokenizer()
+        self._matcher = LLMatcher(tokenizer, grammar_of(fmt))
+        if self._matcher.is_error():
+            raise GrammarError(self._matcher.get_error())
+        self._bits = allocate_token_bitmask(1, tokenizer.vocab_size)
+
+    def restrict(self, scores: "torch.Tensor") -> "torch.Tensor":
+        """`scores` (1-D, written in place) with every token the grammar does not allow next at -inf."""
+        from llguidance.torch import apply_token_bitmask_inplace, fill_next_token_bitmask
+
+        fill_next_token_bitmask(self._matcher, self._bits)
+        apply_token_bitmask_inplace(scores, self._bits)
+        return scores
+
+    def accept(self, token: int) -> bool:
+        """Advance past `token`; False if the grammar does not allow it (the answer left its format)."""
+        return bool(self._matcher.consume_token(token))
+
+    @property
+    def error(self) -> str:
+        return str(self._matcher.get_error()) if self._matcher.is_error() else ""
