@@ -14,7 +14,7 @@ from starlette.responses import StreamingResponse
 
 from gridserve.engines import EngineStats
 from gridserve.node import app as node_app
-from gridserve.types import TokenEvent
+from gridserve.types import GenerateRequest, SamplingParams, TokenEvent
 
 
 class Generation:
@@ -106,7 +106,8 @@ def test_closing_the_nodes_stream_closes_the_engines_generator_under_its_wrapper
         stats = EngineStats()
         stats.steps = steps
         generation = Generation(stats).run()
-        wrapped = node_app._dishonest(generation, node_app.Dishonesty(), 1000)
+        job = GenerateRequest(request_id="r", model="m", prompt="p", sampling=SamplingParams(max_tokens=1000))
+        wrapped = node_app._dishonest(generation, node_app.Dishonesty(), job)
         seen = node_app._Observed(node_app.NodeMetrics(), "m")
         receipts: Any = type("R", (), {"line": staticmethod(lambda e: e.text.encode())})()
         engine: Any = type("E", (), {"stats": stats})()

@@ -13,9 +13,7 @@ from gridserve.gateway.api.schemas import UNSUPPORTED, ChatCompletionRequest, Co
 CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 COMPLETION: dict[str, Any] = {"model": "m", "prompt": "hi"}
 ON: dict[str, Any] = {
-    "tools": [{"type": "function", "function": {"name": "f"}}],
     "functions": [{"name": "f"}],
-    "tool_choice": "required",
     "function_call": "auto",
     "logprobs": True,
     "top_logprobs": 5,
@@ -31,9 +29,7 @@ ON: dict[str, Any] = {
     "prediction": {"type": "content", "content": "x"},
 }
 OFF: dict[str, list[Any]] = {
-    "tools": [None, []],
     "functions": [None, []],
-    "tool_choice": [None, "none"],
     "function_call": [None, "none"],
     "logprobs": [None, False],
     "top_logprobs": [None, 0],
@@ -72,8 +68,19 @@ def test_a_parameter_at_its_default_is_accepted(name: str, value: Any) -> None:
 
 def test_the_first_refused_parameter_is_named_and_the_rest_of_the_body_still_validates() -> None:
     with pytest.raises(APIError) as refused:
-        parse(orjson.dumps({**CHAT, "tools": ON["tools"], "temperature": 9}), ChatCompletionRequest)
-    assert refused.value.param == "tools"
+        parse(orjson.dumps({**CHAT, "logprobs": ON["logprobs"], "temperature": 9}), ChatCompletionRequest)
+    assert refused.value.param == "logprobs"
     with pytest.raises(APIError) as invalid:
-        parse(orjson.dumps({**CHAT, "tools": [], "temperature": 9}), ChatCompletionRequest)
+        parse(orjson.dumps({**CHAT, "logprobs": False, "temperature": 9}), ChatCompletionRequest)
     assert invalid.value.param == "temperature"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required")]
+)
+def test_chat_only_parameters_are_refused_on_text_completions(name: str, value: Any) -> None:
+    with pytest.raises(APIError) as refused:
+        parse(orjson.dumps({**COMPLETION, name: value}), CompletionRequest)
+    assert (refused.value.param, refused.value.code) == (name, "unsupported_parameter")
+    assert "/v1/chat/completions" in refused.value.message
+    assert isinstance(parse(orjson.dumps({**COMPLETION, name: None}), CompletionRequest), CompletionRequest)

@@ -6,9 +6,10 @@ and the verifier all draw from the tokens the grammar allows next. A `json_schem
 JSON is generated compact (no optional whitespace): a small model given the choice loops on newlines."""
 
 import functools
+import json
 from typing import TYPE_CHECKING, Any, Protocol
 
-from gridserve.types.wire import ResponseFormat
+from gridserve.types.wire import TOOL_CALL_TAG, ResponseFormat
 
 if TYPE_CHECKING:  # the gateway checks formats (`check`) without torch
     import torch
@@ -32,13 +33,25 @@ def grammar_of(fmt: ResponseFormat) -> str:
     from llguidance import LLMatcher
 
     try:
-        grammar = LLMatcher.grammar_from_json_schema(fmt.answer_schema(), overrides=JSON_OPTIONS)  # type: ignore[arg-type]
+        if fmt.type == "tool_calls":
+            grammar = LLMatcher.grammar_from_lark(_tool_calls_lark(fmt))
+        else:
+            grammar = LLMatcher.grammar_from_json_schema(fmt.answer_schema(), overrides=JSON_OPTIONS)  # type: ignore[arg-type]
         problem = LLMatcher.validate_grammar(grammar)
     except Exception as exc:  # the library's own errors on a schema it cannot compile (ValueError, RuntimeError)
         raise GrammarError(str(exc)) from exc
     if problem:
         raise GrammarError(problem)
     return str(grammar)
+
+
+def _tool_calls_lark(fmt: ResponseFormat) -> str:
+    """TOOL_CALL_TAG then the calls (compact JSON); with `optional`, or text that does not start with "<"."""
+    schema = {**fmt.answer_schema(), "x-guidance": JSON_OPTIONS}
+    calls = f"calls: {json.dumps(TOOL_CALL_TAG)} %json {json.dumps(schema)}\n"
+    if not fmt.optional:
+        return "start: calls\n" + calls
+    return "start: calls | free\n" + calls + 'free: /[^<](.|\\n)*/ | ""\n'
 
 
 def check(fmt: ResponseFormat) -> str:
@@ -56,21 +69,26 @@ class Constraint:
 
     def __init__(self, fmt: ResponseFormat, codec: GrammarCodec) -> None:
         from llguidance import LLMatcher
-        from llguidance.torch import allocate_token_bitmask
 
         tokenizer = codec.grammar_tokenizer()
         self._matcher = LLMatcher(tokenizer, grammar_of(fmt))
         if self._matcher.is_error():
             raise GrammarError(self._matcher.get_error())
-        self._bits = allocate_token_bitmask(1, tokenizer.vocab_size)
+        self._vocab = int(tokenizer.vocab_size)
 
     def restrict(self, scores: "torch.Tensor") -> "torch.Tensor":
-        """`scores` (1-D, written in place) with every token the grammar does not allow next at -inf."""
-        from llguidance.torch import apply_token_bitmask_inplace, fill_next_token_bitmask
+        """`scores` (1-D, written in place) with every token the grammar does not allow next at -inf (and every id
+        past the grammar's vocabulary). The mask is llguidance's bitmask unpacked with numpy (its torch helper
+        compiles a TorchScript kernel on import: seconds on a busy machine, on the first structured request)."""
+        import numpy as np
+        import torch
 
-        fill_next_token_bitmask(self._matcher, self._bits)
-        apply_token_bitmask_inplace(scores, self._bits)
-        return scores
+        packed = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(packed, bitorder="little")[: self._vocab].astype(bool)
+        size = scores.shape[0]
+        keep = torch.zeros(size, dtype=torch.bool)
+        keep[: min(size, self._vocab)] = torch.from_numpy(allowed[:size])
+        return scores.masked_fill_(~keep, float("-inf"))
 
     def accept(self, token: int) -> bool:
         """Advance past `token`; False if the grammar does not allow it (the answer left its format)."""

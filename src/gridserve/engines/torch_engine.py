@@ -15,7 +15,6 @@ from typing import Any, Protocol
 import torch
 
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest, LocalEngine
-from gridserve.engines.grammar import GrammarError
 from gridserve.engines.prefix_cache import BLOCK_TOKENS, DEFAULT_PREFIX_CACHE_MB, PrefixCache, block_keys
 from gridserve.engines.sampling import TokenRule, fresh_seed, pick_token
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
@@ -129,6 +128,7 @@ class TorchEngine(LocalEngine):
         torch.set_num_threads(self._threads)
         loaded = self._loader()
         loaded.model.eval()
+        loaded.codec.grammar_tokenizer()  # built once (about a second for a real vocabulary), not on a first request
         return PrefixCache.for_model(loaded.model, self._prefix_budget, self._prefix_block), loaded
 
     def load_sync(self) -> None:
@@ -172,10 +172,7 @@ class TorchEngine(LocalEngine):
             loop.call_soon_threadsafe(events.put_nowait, item)
 
         assert self._prefix is not None  # set with the model
-        try:
-            gen = _Generation(loaded, self._prefix, prompt, request, emit, self._stats)
-        except GrammarError as exc:
-            raise InvalidRequest(f"response_format: {exc}") from exc
+        gen = _Generation(loaded, self._prefix, prompt, request, emit, self._stats)
         self._stats.queued += 1
         self._ensure_worker()
         self._incoming.put(gen)
@@ -243,10 +240,8 @@ class _Generation:
         self.seed = self.params.seed if self.params.seed is not None else fresh_seed()
         self.decoder = IncrementalDecoder(loaded.codec.decode)
         self.stops = StopMatcher(self.params.stop)
-        resumed = request.resume
-        self.rule = TokenRule(
-            self.params, loaded.codec.eos_ids, loaded.logit_mask, [*prompt, *resumed], loaded.codec, resumed
-        )
+        self._rule: TokenRule | None = None
+        """Made by the first step, on the worker thread (a response format's grammar is built then)."""
         self.cancel = threading.Event()
         self.submitted = time.monotonic()
         self.began: float | None = None
@@ -277,10 +272,19 @@ class _Generation:
         self.emit(_DONE)
         return True
 
+    @property
+    def rule(self) -> TokenRule:
+        if self._rule is None:
+            resumed, loaded = self.request.resume, self.loaded
+            history = [*self.prompt, *resumed]
+            self._rule = TokenRule(self.params, loaded.codec.eos_ids, loaded.logit_mask, history, loaded.codec, resumed)
+        return self._rule
+
     def _step(self) -> str | None:
         if self.out is None:
             if self._chunks is None:
                 self.began = time.monotonic()
+                _ = self.rule  # its grammar, if any, before the prefill
                 for count, token in enumerate(self.request.resume, 1):
                     self._text(token, count)
                 self._chunks = self._prefill([*self.prompt, *self.request.resume])

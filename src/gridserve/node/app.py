@@ -178,16 +178,20 @@ def _engine_error(engine: Engine, message: str) -> bytes:
     return orjson.dumps(line) + b"\n"
 
 
-async def _dishonest(events: AsyncIterator[TokenEvent], lies: Dishonesty, max_tokens: int) -> AsyncIterator[TokenEvent]:
+async def _dishonest(
+    events: AsyncIterator[TokenEvent], lies: Dishonesty, job: GenerateRequest
+) -> AsyncIterator[TokenEvent]:
     """Dishonest modes that change the stream: `truncate` stops after half the tokens and claims the length
-    limit; `alter_output` replaces every 4th token."""
-    after = lies.truncate_after(max_tokens)
+    limit; `alter_output` replaces every 4th token; `corrupt_tool_args` the digits of tool calls."""
+    after = lies.truncate_after(job.sampling.max_tokens)
+    fmt = job.sampling.response_format
+    calling = fmt is not None and fmt.type == "tool_calls"
     sent = 0
     async for event in events:
         if after is not None and sent >= after and event.finish_reason is None:
             yield TokenEvent(finish_reason="length", completion_tokens=sent)
             return
-        altered = lies.alter(event, sent)
+        altered = lies.alter(event, sent, calling)
         sent += len(event.token_ids)
         yield altered
 
@@ -271,7 +275,7 @@ def build_node_app(
         seen = _Observed(metrics, job.model)
         metrics.active.inc()
         generation = engine.generate(job)
-        events = _dishonest(faults.apply(generation, engine.stats), lies, job.sampling.max_tokens)
+        events = _dishonest(faults.apply(generation, engine.stats), lies, job)
         try:
             first = await _first_unless_gone(events, request)
         except CallerGone:

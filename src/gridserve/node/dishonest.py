@@ -7,6 +7,9 @@ node is started with `--allow-dishonest`.
 - `truncate`: the answer stops after half its tokens but still reports `finish_reason: "length"`;
 - `alter_output`: every 4th token is replaced by another (text "?") and the receipt commits to that;
 - `wrong_model` / `lazy_compute` (tiny engine): other weights / the last layer skipped, the real digest claimed;
+- `corrupt_tool_args`: in answers that call tools, every digit of the calls becomes "x" (the arguments no longer
+  match their tool; the kind of tool-call quality providers of one model are found to differ in), other answers
+  honest;
 - `refuse`: every generate call is answered 400 with the node's own text (an advertisement, a link), as if the
   request were invalid.
 """
@@ -26,6 +29,7 @@ MODES = (
     "lazy_compute",
     "refuse",
     "omit_proof",
+    "corrupt_tool_args",
 )
 REFUSAL_TEXT = "this request cannot run here; see http://evil.example/upgrade"
 """What a `refuse` node answers: text no client may see."""
@@ -69,11 +73,14 @@ class Dishonesty:
             self._first_receipt = fresh
         return self._first_receipt
 
-    def alter(self, event: TokenEvent, index: int) -> TokenEvent:
+    def alter(self, event: TokenEvent, index: int, calling: bool = False) -> TokenEvent:
         """`alter_output`: token number `index` (0-based) of the answer, replaced if index % 4 == 3;
-        `omit_proof`: the last event without its activation proof."""
+        `omit_proof`: the last event without its activation proof; `corrupt_tool_args`: in an answer that calls
+        tools (`calling`), a digit's token replaced by another, shown as "x"."""
         if "omit_proof" in self.modes and event.proof:
             event = event.model_copy(update={"proof": ""})
+        if "corrupt_tool_args" in self.modes and calling and event.token_ids and event.text.isdigit():
+            return event.model_copy(update={"token_ids": (event.token_ids[0] ^ 1,), "text": "x" * len(event.text)})
         if "alter_output" not in self.modes or not event.token_ids or index % 4 != 3:
             return event
         return event.model_copy(update={"token_ids": (event.token_ids[0] ^ 1,), "text": "?"})

@@ -13,20 +13,29 @@ GREEDY_BELOW = 1e-6
 logits by a temperature near 0 overflows float32, and the probabilities become NaN)."""
 MAX_REPETITION_PENALTY = 10.0
 MAX_SCHEMA_CHARS = 65_536
-SAMPLING_FEATURES = ("top_k", "repetition_penalty", "min_tokens", "ignore_eos", "response_format")
+SAMPLING_FEATURES = ("top_k", "repetition_penalty", "min_tokens", "ignore_eos", "response_format", "tools")
 """The request features gridserve's own engines honour: vLLM's sampling extensions (which benchmark clients send)
 and structured output (a response_format decoded under its grammar: engines/grammar.py)."""
 
 
+TOOL_CALL_TAG = "<tool_call>"
+"""What a tool-calling answer starts with, before its calls as a JSON array of {"name", "arguments"}."""
+
+
 class ResponseFormat(Strict):
     """Structured output: the answer is a JSON object (`json_object`), or one that validates against `schema`
-    (`json_schema`), generated under the grammar of it (engines/grammar.py)."""
+    (`json_schema`), or tool calls (`tool_calls`: TOOL_CALL_TAG then a JSON array that validates against `schema`,
+    the calls the request's tools allow; with `optional`, plain text not starting with "<" instead), generated
+    under the grammar of it (engines/grammar.py)."""
 
-    type: Literal["json_object", "json_schema"]
+    type: Literal["json_object", "json_schema", "tool_calls"]
     schema_text: str = Field("", max_length=MAX_SCHEMA_CHARS)
-    """The JSON schema as the client sent it, serialised (empty for json_object)."""
+    """The JSON schema as the client sent it, serialised (empty for json_object); for tool_calls the gateway's
+    schema of the calls array."""
     name: str = Field("", max_length=64)
     strict: bool = False
+    optional: bool = False
+    """tool_calls only: the answer may be text instead (tool_choice auto)."""
 
     def answer_schema(self) -> dict[str, object]:
         """The schema the answer must validate against (any object for json_object)."""
@@ -84,7 +93,8 @@ class SamplingParams(Strict):
             ("repetition_penalty", self.repetition_penalty != 1.0),
             ("min_tokens", self.min_tokens > 0),
             ("ignore_eos", self.ignore_eos),
-            ("response_format", self.response_format is not None),
+            ("response_format", self.response_format is not None and self.response_format.type != "tool_calls"),
+            ("tools", self.response_format is not None and self.response_format.type == "tool_calls"),
         )
         return tuple(name for name, used in on if used)
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from gridserve.catalog.models import MODELS
 from gridserve.catalog.tiers import DEFAULT_TIER
 from gridserve.engines import grammar
+from gridserve.gateway.api import tools
 from gridserve.gateway.api.errors import APIError, bad_request, model_not_found, no_capacity, unsupported_parameter
 from gridserve.gateway.api.schemas import (
     ChatCompletionRequest,
@@ -38,6 +39,7 @@ from gridserve.gateway.pipeline.candidate import is_pipeline
 from gridserve.gateway.pipeline.serving import Pipelines, Run
 from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.prefix.blocks import CHARS_PER_TOKEN
+from gridserve.reliability import EventKind, NodeEvent, Severity
 from gridserve.scheduler import KERNEL_POOL, Scheduler, UnknownTier
 from gridserve.scheduler.snapshot import NodeSnapshot
 from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams, StreamEvent
@@ -56,6 +58,7 @@ FEATURE_NAMES = {
     "min_tokens": "a minimum length",
     "ignore_eos": "generating past the end-of-sequence token",
     "response_format": "structured output",
+    "tools": "tool calling",
 }
 
 
@@ -87,7 +90,7 @@ def parse(body: bytes, model: type[SamplingFields]) -> Any:
         raise bad_request(f"Request body is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise bad_request("Request body must be a JSON object.")
-    refused = unsupported(raw)
+    refused = unsupported(raw, chat=model is ChatCompletionRequest)
     if refused is not None:
         raise unsupported_parameter(*refused)
     try:
@@ -105,6 +108,14 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
             f"Invalid request: min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens}).", param="min_tokens"
         )
     fmt = _response_format(req.response_format)
+    described = ""
+    if isinstance(req, ChatCompletionRequest):
+        calls, described = tools.tool_format(req.tools, req.tool_choice, req.parallel_tool_calls)
+        if calls is not None and fmt is not None:
+            raise bad_request(
+                "Invalid request: an answer is either tool calls or a response_format, not both.", param="tool_choice"
+            )
+        fmt = calls or fmt
     if fmt is not None and (req.ignore_eos or req.min_tokens):
         raise bad_request(
             "Invalid request: response_format ends the answer where its format does; it cannot be combined with "
@@ -128,7 +139,10 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
         # re-execute it token by token (gateway/integrity/audit.py); nodes cannot tell it from a client's seed
         sampling = sampling.model_copy(update={"seed": secrets.randbits(63)})
     if isinstance(req, ChatCompletionRequest):
-        messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
+        if described or tools.uses_tools(req.messages):
+            messages = tools.render(req.messages, described)
+        else:
+            messages = tuple(ChatMessage(role=m.role, content=m.text()) for m in req.messages)
         chars = sum(len(m.content) for m in messages)
         job = GenerateRequest(request_id=request_id, model=req.model, messages=messages, sampling=sampling)
     else:
@@ -315,7 +329,7 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
         ttft_s=round(stream.first_at - stream.started, 6),
     )
     source = _WholeModel(ctx, scope, gen, kind)
-    return await _reply(ctx, req, decision, headers, source, kind)
+    return await _reply(ctx, req, decision, headers, source, kind, job)
 
 
 async def _pipelined(
@@ -336,7 +350,7 @@ async def _pipelined(
         (b"x-gridserve-pipeline", run.session.session.encode()),
         (b"x-gridserve-node", nodes.encode()),
     ]
-    return await _reply(ctx, req, decision, headers, _Pipeline(ctx, scope, run, decision, kind), kind)
+    return await _reply(ctx, req, decision, headers, _Pipeline(ctx, scope, run, decision, kind), kind, job)
 
 
 class _Source:
@@ -401,15 +415,20 @@ async def _reply(
     headers: list[tuple[bytes, bytes]],
     source: _Source,
     kind: str,
+    job: GenerateRequest,
 ) -> Reply:
     if req.gridserve.explain:
         headers.append((b"x-gridserve-explain", decision.explanation.encode("ascii", "replace")))
     fmt = ChunkFormatter(chat=kind == "chat", response_id=decision.request_id, model=decision.model)
+    answer_format = job.sampling.response_format
+    calls = (
+        _Calls(ctx, source, answer_format) if answer_format is not None and answer_format.type == "tool_calls" else None
+    )
     if req.stream:
         headers.append((b"content-type", b"text/event-stream"))
         headers.append((b"cache-control", b"no-cache"))
-        return Reply(headers=headers, stream=_sse(ctx, source, fmt, req.include_usage()))
-    whole = await _collect(ctx, source, fmt)
+        return Reply(headers=headers, stream=_sse(ctx, source, fmt, req.include_usage(), calls))
+    whole = await _collect(ctx, source, fmt, calls)
     if req.gridserve.explain:
         whole["gridserve"] = summary(decision, source.served_by())
     headers.append((b"content-type", b"application/json"))
@@ -452,17 +471,74 @@ async def _quietly(awaitable: Awaitable[None]) -> None:
         await awaitable
 
 
-async def _sse(ctx: ApiContext, source: _Source, fmt: ChunkFormatter, include_usage: bool) -> AsyncIterator[bytes]:
+class _Calls:
+    """An answer that may be tool calls: held back from the stream once it starts as calls, then turned into
+    OpenAI's `tool_calls` (finish_reason `tool_calls`) when it ends by itself. A call that its grammar does not
+    allow (only a node not decoding under it can send one) is an integrity incident at the node that served it,
+    and the client gets the answer as text."""
+
+    def __init__(self, ctx: ApiContext, source: _Source, answer_format: ResponseFormat) -> None:
+        self.ctx, self.source, self.format = ctx, source, answer_format
+        self.held: list[str] | None = None
+        """The answer so far once it is known to be calls (None: not known yet, or text)."""
+        self.decided = False
+
+    def hold(self, text: str) -> bool:
+        """Whether `text` (the next non-empty piece) is held back as part of calls."""
+        if not self.decided:
+            self.decided = True
+            if not self.format.optional or text.startswith("<"):
+                self.held = []
+        if self.held is None:
+            return False
+        self.held.append(text)
+        return True
+
+    def finish(self, reason: str) -> tuple[list[dict[str, Any]] | None, str, str]:
+        """(the calls, the finish reason, the held text to send as text when the answer is not whole calls)."""
+        text = "".join(self.held or [])
+        if self.held is None or reason != "stop":
+            return None, reason, text
+        problem = tools.validate(text, self.format)
+        made = tools.parse_calls(text) if not problem else None
+        if made is None:
+            self._incident(problem or "the answer is not tool calls")
+            return None, reason, text
+        return [c.openai(index=i) for i, c in enumerate(made)], "tool_calls", ""
+
+    def _incident(self, problem: str) -> None:
+        node = self.source.served_by()
+        log.warning("invalid tool call from %s: %s", node, problem)
+        self.ctx.membership.note(
+            NodeEvent(
+                node_id=node,
+                kind=EventKind.INCIDENT,
+                at=time.time(),
+                severity=Severity.SEVERE,
+                detail=f"integrity: tool call outside its grammar: {problem}",
+            )
+        )
+
+
+async def _sse(
+    ctx: ApiContext, source: _Source, fmt: ChunkFormatter, include_usage: bool, calls: _Calls | None = None
+) -> AsyncIterator[bytes]:
     yield fmt.role()
     async for event in _drain(ctx, source):
         if "error" in event:
             yield fmt.error(str(event["error"].get("message", "node failed")), "node_failed")
             return
         text = event.get("text")
-        if text:
+        if text and not (calls is not None and calls.hold(text)):
             yield fmt.text(text)
         reason = event.get("finish_reason")
         if reason:
+            if calls is not None:
+                made, reason, held = calls.finish(reason)
+                if made:
+                    yield fmt.tool_calls(made)
+                elif held:
+                    yield fmt.text(held)
             yield fmt.finish(reason)
             if include_usage:
                 yield fmt.usage(
@@ -473,7 +549,9 @@ async def _sse(ctx: ApiContext, source: _Source, fmt: ChunkFormatter, include_us
     yield DONE
 
 
-async def _collect(ctx: ApiContext, source: _Source, fmt: ChunkFormatter) -> dict[str, Any]:
+async def _collect(
+    ctx: ApiContext, source: _Source, fmt: ChunkFormatter, calls: _Calls | None = None
+) -> dict[str, Any]:
     parts: list[str] = []
     final: StreamEvent = {}
     async for event in _drain(ctx, source):
@@ -486,12 +564,17 @@ async def _collect(ctx: ApiContext, source: _Source, fmt: ChunkFormatter) -> dic
             )
         parts.append(event.get("text", ""))
         final = event
+    text, reason, made = "".join(parts), str(final.get("finish_reason") or "stop"), None
+    if calls is not None and text:
+        calls.hold(text)
+        made, reason, _ = calls.finish(reason)
     return fmt.whole(
-        "".join(parts),
-        str(final.get("finish_reason") or "stop"),
+        text,
+        reason,
         int(final.get("prompt_tokens", 0)),
         int(final.get("completion_tokens", 0)),
         int(final.get("cached_tokens", 0)),
+        tool_calls=made,
     )
 
 

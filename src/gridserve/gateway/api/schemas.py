@@ -27,10 +27,8 @@ def _off(*defaults: Any) -> Callable[[Any], bool]:
 
 
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_off(), "tool calling"),
-    "functions": (_off(), "tool calling"),
-    "tool_choice": (_off("none"), "tool calling"),
-    "function_call": (_off("none"), "tool calling"),
+    "functions": (_off(), "tool calling by the legacy functions field (send tools)"),
+    "function_call": (_off("none"), "tool calling by the legacy functions field (send tools)"),
     "logprobs": (_off(False), "log probabilities"),
     "top_logprobs": (_off(0), "log probabilities"),
     "echo": (_off(False), "echoing the prompt"),
@@ -50,9 +48,18 @@ cannot honour yet: a request that turns one on is refused with a 400 naming it, 
 asks for)."""
 
 
-def unsupported(body: dict[str, Any]) -> tuple[str, str] | None:
-    """The first parameter in the body that asks for what gridserve cannot do, with what it asks for; None if none."""
-    for name, (off, what) in UNSUPPORTED.items():
+CHAT_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (_off(), "tool calling, which /v1/completions does not do (use /v1/chat/completions)"),
+    "tool_choice": (_off("none"), "tool calling, which /v1/completions does not do (use /v1/chat/completions)"),
+}
+"""Chat-only parameters, refused on the text completions endpoint rather than ignored."""
+
+
+def unsupported(body: dict[str, Any], chat: bool = True) -> tuple[str, str] | None:
+    """The first parameter in the body that asks for what gridserve cannot do, with what it asks for; None if none.
+    `chat`: the chat endpoint (else CHAT_ONLY parameters are refused too)."""
+    table = UNSUPPORTED if chat else {**UNSUPPORTED, **CHAT_ONLY}
+    for name, (off, what) in table.items():
         if name in body and not off(body[name]):
             return name, what
     return None
@@ -156,6 +163,13 @@ class SamplingFields(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Any] | None = Field(
+        None,
+        description="OpenAI's function tools; the answer's calls are generated under a grammar of their parameters "
+        "on nodes that offer `tools`.",
+    )
+    tool_choice: Any = Field(None, description="none, auto (the default with tools), required, or a named function.")
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields):

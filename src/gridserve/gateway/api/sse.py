@@ -51,6 +51,12 @@ class ChunkFormatter:
     def text(self, text: str) -> bytes:
         return self._pre + orjson.dumps(text) + self._post
 
+    def tool_calls(self, calls: list[dict[str, Any]]) -> bytes:
+        """One chunk with the answer's tool calls, whole (each with its `index`), as OpenAI streams them."""
+        delta = {"tool_calls": calls}
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+        return b"data: " + self._head + b',"choices":' + orjson.dumps([choice]) + b"}\n\n"
+
     def finish(self, reason: str) -> bytes:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
         if self.chat:
@@ -68,11 +74,22 @@ class ChunkFormatter:
         body = {"error": {"message": message, "type": "api_error", "param": None, "code": code}}
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
-    def whole(self, text: str, reason: str, prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    def whole(
+        self,
+        text: str,
+        reason: str,
+        prompt: int,
+        completion: int,
+        cached: int = 0,
+        tool_calls: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:
+                message = {"role": "assistant", "content": None, "tool_calls": tool_calls}
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": reason,
             }

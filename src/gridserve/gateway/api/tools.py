@@ -1,0 +1,194 @@
+"""Tool calling for the chat API: OpenAI's `tools` and `tool_choice` as a grammar the node decodes under, the
+conversation's tool calls and results as text the model reads, and the answer back as OpenAI's `tool_calls`.
+
+The node sees only messages and a ResponseFormat of type `tool_calls`: a calling answer is TOOL_CALL_TAG then a
+JSON array of {"name", "arguments"}, each an object of one declared tool with arguments valid under its
+parameters schema (`tool_choice` required or a named function: the answer must call; auto: it may be plain text
+not starting with "<" instead). So receipts, commitments and audits cover tool calls as they cover text, and an
+answer that ends by itself always parses into valid calls; the gateway checks each anyway (`validate`), and an
+invalid one from a node is an integrity incident."""
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import jsonschema
+import orjson
+
+from gridserve.gateway.api.errors import bad_request
+from gridserve.types import ChatMessage
+from gridserve.types.wire import TOOL_CALL_TAG, ResponseFormat
+
+MAX_TOOLS = 64
+MAX_PARALLEL_CALLS = 8
+TOOLS_PREAMBLE = (
+    "You can call these tools. To call, answer with "
+    + TOOL_CALL_TAG
+    + ' then a JSON array of calls, each {"name": a tool\'s name, "arguments": an object of its parameters}.\nTools: '
+)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+    id: str
+
+    def openai(self, index: int | None = None) -> dict[str, Any]:
+        call: dict[str, Any] = {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": orjson.dumps(self.arguments).decode()},
+        }
+        return call if index is None else {"index": index, **call}
+
+
+def _tool(raw: Any, i: int) -> tuple[str, dict[str, Any], str]:
+    """(name, parameters schema, description) of tools[i], or a 400 naming what is wrong."""
+    function = raw.get("function") if isinstance(raw, dict) and raw.get("type", "function") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name or len(name) > 64:
+        raise bad_request(
+            f'Invalid request: tools[{i}] must be {{"type": "function", "function": {{"name": ...}}}} with a name '
+            "of 1 to 64 characters.",
+            param=f"tools[{i}]",
+        )
+    assert isinstance(function, dict)
+    parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(parameters, dict):
+        raise bad_request(
+            f"Invalid request: tools[{i}].function.parameters must be a JSON schema.", param=f"tools[{i}]"
+        )
+    return name, parameters, str(function.get("description") or "")
+
+
+def tool_format(tools: Any, tool_choice: Any, parallel: Any) -> tuple[ResponseFormat | None, str]:
+    """The calls' grammar for the node (None: the answer is plain text) and the tools described for the model ("":
+    no tools)."""
+    if not tools:
+        if tool_choice not in (None, "none", "auto"):
+            raise bad_request("Invalid request: tool_choice needs tools.", param="tool_choice")
+        return None, ""
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise bad_request(f"Invalid request: tools must be a list of at most {MAX_TOOLS}.", param="tools")
+    declared = [_tool(raw, i) for i, raw in enumerate(tools)]
+    names = [name for name, _, _ in declared]
+    if len(set(names)) != len(names):
+        raise bad_request("Invalid request: two tools have the same name.", param="tools")
+    described = (
+        TOOLS_PREAMBLE + orjson.dumps([{"name": n, "description": d, "parameters": p} for n, p, d in declared]).decode()
+    )
+    choice = tool_choice if tool_choice is not None else "auto"
+    if choice == "none":
+        return None, described
+    forced = _forced(choice, names)
+    if forced is None and choice not in ("auto", "required"):
+        raise bad_request(
+            'Invalid request: tool_choice must be none, auto, required or {"type": "function", "function": '
+            '{"name": ...}}.',
+            param="tool_choice",
+        )
+    allowed = [(n, p) for n, p, _ in declared if forced is None or n == forced]
+    most = 1 if parallel is False or forced is not None else MAX_PARALLEL_CALLS
+    calls = {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": most,
+        "items": {"anyOf": [_call_schema(n, p) for n, p in allowed]},
+    }
+    fmt = ResponseFormat(type="tool_calls", schema_text=orjson.dumps(calls).decode(), optional=choice == "auto")
+    return fmt, described
+
+
+def _forced(choice: Any, names: list[str]) -> str | None:
+    if not isinstance(choice, dict):
+        return None
+    name = (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None
+    if choice.get("type") != "function" or name not in names:
+        raise bad_request(f"Invalid request: tool_choice names no declared tool ({name!r}).", param="tool_choice")
+    return str(name)
+
+
+def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": parameters},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def render(messages: list[Any], described: str) -> tuple[ChatMessage, ...]:
+    """The conversation as role/text turns the model reads: the tools described in the system turn, an assistant's
+    calls as TOOL_CALL_TAG + JSON, a tool's result as a user turn; consecutive turns of one role joined (chat
+    templates such as Gemma's require user and model turns to alternate)."""
+    names: dict[str, str] = {}
+    turns: list[tuple[str, str]] = [("system", described)] if described else []
+    for message in messages:
+        role, text = message.role, message.text()
+        calls = (message.model_extra or {}).get("tool_calls")
+        if role == "assistant" and calls:
+            listed = []
+            for call in calls if isinstance(calls, list) else []:
+                function = call.get("function") or {} if isinstance(call, dict) else {}
+                names[str(call.get("id", ""))] = str(function.get("name", ""))
+                listed.append({"name": function.get("name", ""), "arguments": _arguments(function.get("arguments"))})
+            text = text + TOOL_CALL_TAG + orjson.dumps(listed).decode()
+        elif role == "tool":
+            call_id = str((message.model_extra or {}).get("tool_call_id", ""))
+            role, text = "user", f"<tool_response name={names.get(call_id, call_id)!r}>{text}</tool_response>"
+        if turns and turns[-1][0] == role:
+            turns[-1] = (role, turns[-1][1] + "\n" + text)
+        else:
+            turns.append((role, text))
+    return tuple(ChatMessage(role=role, content=text) for role, text in turns)
+
+
+def _arguments(raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return raw
+    return raw if raw is not None else {}
+
+
+def uses_tools(messages: list[Any]) -> bool:
+    return any(m.role == "tool" or (m.model_extra or {}).get("tool_calls") for m in messages)
+
+
+def parse_calls(text: str) -> list[ToolCall] | None:
+    """The calls an answer makes (None: it is plain text, or not whole calls)."""
+    if not text.startswith(TOOL_CALL_TAG):
+        return None
+    try:
+        listed = orjson.loads(text[len(TOOL_CALL_TAG) :])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(listed, list):
+        return None
+    calls = []
+    for item in listed:
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("name"), str)
+            or not isinstance(item.get("arguments"), dict)
+        ):
+            return None
+        calls.append(ToolCall(item["name"], item["arguments"], "call_" + secrets.token_hex(12)))
+    return calls
+
+
+def validate(text: str, fmt: ResponseFormat) -> str:
+    """Why an answer that ended by itself is not what its tool grammar allows ("" when it is): parses, names a
+    declared tool, and its arguments match that tool's parameters."""
+    if fmt.optional and not text.startswith("<"):
+        return ""
+    calls = parse_calls(text)
+    if calls is None:
+        return "the answer is not tool calls"
+    try:
+        jsonschema.validate([{"name": c.name, "arguments": c.arguments} for c in calls], fmt.answer_schema())
+    except jsonschema.ValidationError as exc:
+        return f"a tool call does not match its tool: {exc.message}"
+    return ""
