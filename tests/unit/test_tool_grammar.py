@@ -80,6 +80,7 @@ def test_tool_choice_sets_how_many_calls_of_which_tools_and_whether_text_may_ans
         (TOOLS, "maybe", "tool_choice"),
         (None, "required", "tool_choice"),
         ([{"type": "function", "function": {"name": "x", "parameters": "none"}}], None, "tools[0]"),
+        ([{"type": "function", "function": {"name": "x", "parameters": {"type": "frobnicate"}}}], None, "tools"),
     ],
 )
 def test_bad_tools_are_a_400_naming_the_field(tools: Any, choice: Any, param: str) -> None:

@@ -8,6 +8,7 @@ not starting with "<" instead). So receipts, commitments and audits cover tool c
 answer that ends by itself always parses into valid calls; the gateway checks each anyway (`validate`), and an
 invalid one from a node is an integrity incident."""
 
+import functools
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import jsonschema
 import orjson
 
+from gridserve.engines import grammar
 from gridserve.gateway.api.errors import bad_request
 from gridserve.types import ChatMessage
 from gridserve.types.wire import TOOL_CALL_TAG, ResponseFormat
@@ -97,6 +99,9 @@ def tool_format(tools: Any, tool_choice: Any, parallel: Any) -> tuple[ResponseFo
         "items": {"anyOf": [_call_schema(n, p) for n, p in allowed]},
     }
     fmt = ResponseFormat(type="tool_calls", schema_text=orjson.dumps(calls).decode(), optional=choice == "auto")
+    problem = grammar.check(fmt)
+    if problem:
+        raise bad_request(f"Invalid request: a tool's parameters cannot be generated: {problem}", param="tools")
     return fmt, described
 
 
@@ -187,8 +192,12 @@ def validate(text: str, fmt: ResponseFormat) -> str:
     calls = parse_calls(text)
     if calls is None:
         return "the answer is not tool calls"
-    try:
-        jsonschema.validate([{"name": c.name, "arguments": c.arguments} for c in calls], fmt.answer_schema())
-    except jsonschema.ValidationError as exc:
-        return f"a tool call does not match its tool: {exc.message}"
-    return ""
+    problem = next(_validator(fmt).iter_errors([{"name": c.name, "arguments": c.arguments} for c in calls]), None)
+    return f"a tool call does not match its tool: {problem.message}" if problem is not None else ""
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(fmt: ResponseFormat) -> Any:
+    """The calls' schema as a validator, made once (jsonschema.validate checks the schema itself every time)."""
+    schema = fmt.answer_schema()
+    return jsonschema.validators.validator_for(schema)(schema)
