@@ -95,9 +95,12 @@ def _proc_of(grid: LocalGrid, node_id: str) -> str:
 
 
 def _wait_streaming(streams: list[Stream], victim: str, count: int, timeout_s: float = 30) -> None:
+    """Until `count` streams on `victim` are under way: two chunks in and not finished (on a busy machine the 32
+    threads start seconds apart, and a stream started early may have ended: fresh clone B counted one such, and
+    saw 3 streams resume where the test wanted 4)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if sum(1 for s in streams if s.node == victim and len(s.chunks) >= 2) >= count:
+        if sum(1 for s in streams if s.node == victim and len(s.chunks) >= 2 and s.finish is None) >= count:
             return
         time.sleep(0.01)
     raise AssertionError("streams did not start on the victim")
