@@ -1,11 +1,14 @@
 """The real model through the grid: a greedy answer equals the engine run directly."""
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import jsonschema
 import pytest
 from openai import OpenAI
+from pydantic import BaseModel, Field
 from tests.conftest import API_KEY, admin_get, make_grid
 
 from gridserve.cli.grid import LocalGrid
@@ -79,6 +82,47 @@ def test_gemma_completion_stream_equals_direct_engine(gemma_grid: LocalGrid, dir
         ),
     )
     assert text == expected and len(text) > 10
+
+
+class City(BaseModel):
+    name: str = Field(max_length=20)
+    country: str = Field(max_length=20)
+    population: int = Field(ge=0, le=100_000_000)
+
+
+def test_gemma_structured_output_and_a_tool_call_validate(gemma_grid: LocalGrid) -> None:
+    """The real model under a grammar, through the SDK: `parse` returns the pydantic object, greedy and sampled,
+    and a required tool call names the tool with valid arguments."""
+    client = OpenAI(base_url=gemma_grid.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    for temperature in (0.0, 1.0):
+        completion = client.chat.completions.parse(
+            model=GEMMA_MODEL,
+            messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+            response_format=City,
+            max_tokens=60,
+            temperature=temperature,
+            seed=3,
+        )
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, City), choice
+    params = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    reply = client.chat.completions.create(
+        model=GEMMA_MODEL,
+        messages=[{"role": "user", "content": "What is the weather in Rome?"}],
+        tools=[{"type": "function", "function": {"name": "weather", "parameters": params}}],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=40,
+        temperature=0,
+    )
+    (call,) = reply.choices[0].message.tool_calls or []
+    assert call.function.name == "weather" and reply.choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(call.function.arguments), params)
 
 
 def test_cache_is_reused(tmp_path: Path) -> None:
