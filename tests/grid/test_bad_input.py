@@ -94,14 +94,16 @@ WEATHER = {
 
 
 def test_what_gridserve_cannot_do_is_refused_naming_the_parameter_not_dropped(tiny_grid: LocalGrid) -> None:
-    """With the official SDK, as an agent would send it: a request with tools is refused with a 400 naming `tools`,
-    where it used to come back as plain text (as if the tools had not been sent)."""
+    """With the official SDK, as an agent would send it: a request asking for what gridserve does not do (legacy
+    `functions`, `logprobs`) is refused with a 400 naming it, never answered as if it had not been sent."""
     client = OpenAI(base_url=tiny_grid.url + "/v1", api_key=API_KEY, max_retries=0)
     messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=TINY_MODEL, messages=messages, tools=[WEATHER], max_tokens=8)
-    assert refused.value.param == "tools" and refused.value.code == "unsupported_parameter"
-    assert "tool calling" in refused.value.message
+        client.chat.completions.create(
+            model=TINY_MODEL, messages=messages, functions=[WEATHER["function"]], max_tokens=8
+        )
+    assert refused.value.param == "functions" and refused.value.code == "unsupported_parameter"
+    assert "send tools" in refused.value.message
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model=TINY_MODEL, messages=messages, logprobs=True, max_tokens=8)
     assert refused.value.param == "logprobs" and "log probabilities" in refused.value.message

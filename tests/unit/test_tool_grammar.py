@@ -179,3 +179,15 @@ def test_the_format_survives_the_wire() -> None:
     assert fmt is not None
     again = ResponseFormat.model_validate_json(orjson.dumps(fmt.model_dump(mode="json")))
     assert again == fmt and SamplingParams(response_format=fmt).features() == ("tools",)
+
+
+def test_a_malformed_call_in_the_conversation_is_a_400_not_a_crash() -> None:
+    with pytest.raises(APIError) as refused:
+        render([Message.model_validate({"role": "assistant", "content": None, "tool_calls": ["add(1, 2)"]})], "")
+    assert (refused.value.status, refused.value.param) == (400, "messages")
+    odd = render(
+        [Message.model_validate({"role": "assistant", "content": None, "tool_calls": [{"id": 1, "function": "f"}]})], ""
+    )
+    assert odd[0].content == TOOL_CALL_TAG + '[{"name":"","arguments":{}}]', (
+        "a call without a function object names nothing"
+    )

@@ -135,7 +135,12 @@ def render(messages: list[Any], described: str) -> tuple[ChatMessage, ...]:
         if role == "assistant" and calls:
             listed = []
             for call in calls if isinstance(calls, list) else []:
-                function = call.get("function") or {} if isinstance(call, dict) else {}
+                if not isinstance(call, dict):
+                    raise bad_request(
+                        "Invalid request: an assistant message's tool_calls must be objects.", param="messages"
+                    )
+                found = call.get("function")
+                function: dict[str, Any] = found if isinstance(found, dict) else {}
                 names[str(call.get("id", ""))] = str(function.get("name", ""))
                 listed.append({"name": function.get("name", ""), "arguments": _arguments(function.get("arguments"))})
             text = text + TOOL_CALL_TAG + orjson.dumps(listed).decode()
