@@ -128,8 +128,10 @@ class UpstreamEngine:
             body["seed"] = sp.seed
         if sp.stop:
             body["stop"] = list(sp.stop)
-        for name in sp.features():  # the gateway sends them only if offered (FEATURES)
-            body[name] = getattr(sp, name)
+        extensions = {"top_k": sp.top_k, "repetition_penalty": sp.repetition_penalty, "min_tokens": sp.min_tokens}
+        body |= {name: value for name, value in extensions.items() if name in sp.features()}
+        if sp.ignore_eos:  # the gateway sends these only where offered (FEATURES)
+            body["ignore_eos"] = True
         if sp.response_format is not None:
             body["response_format"] = sp.response_format.openai()
         if request.messages is not None:
