@@ -76,7 +76,7 @@ def test_malformed_json_is_400(tiny_grid: LocalGrid, content: bytes, needle: str
         ({**CHAT, "temperature": 5}, "temperature"),
         ({**CHAT, "max_tokens": 0}, "max_tokens"),
         ({**CHAT, "max_tokens": "many"}, "max_tokens"),
-        ({**CHAT, "n": 3}, "n"),
+        ({**CHAT, "n": 17}, "n"),
         ({**CHAT, "messages": []}, "messages"),
         ({**CHAT, "messages": [{"content": "no role"}]}, "messages.0.role"),
         ({**CHAT, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
@@ -95,7 +95,7 @@ WEATHER = {
 
 def test_what_gridserve_cannot_do_is_refused_naming_the_parameter_not_dropped(tiny_grid: LocalGrid) -> None:
     """With the official SDK, as an agent would send it: a request asking for what gridserve does not do (legacy
-    `functions`, `logprobs`) is refused with a 400 naming it, never answered as if it had not been sent."""
+    `functions`, `logit_bias`) is refused with a 400 naming it, never answered as if it had not been sent."""
     client = OpenAI(base_url=tiny_grid.url + "/v1", api_key=API_KEY, max_retries=0)
     messages: Any = [{"role": "user", "content": "Weather in Paris?"}]
     with pytest.raises(openai.BadRequestError) as refused:
@@ -105,8 +105,8 @@ def test_what_gridserve_cannot_do_is_refused_naming_the_parameter_not_dropped(ti
     assert refused.value.param == "functions" and refused.value.code == "unsupported_parameter"
     assert "send tools" in refused.value.message
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=TINY_MODEL, messages=messages, logprobs=True, max_tokens=8)
-    assert refused.value.param == "logprobs" and "log probabilities" in refused.value.message
+        client.chat.completions.create(model=TINY_MODEL, messages=messages, logit_bias={"5": 10}, max_tokens=8)
+    assert refused.value.param == "logit_bias" and "logit bias" in refused.value.message
     # the same parameters at their defaults ask for nothing gridserve lacks: served
     reply = client.chat.completions.create(
         model=TINY_MODEL,
@@ -115,6 +115,7 @@ def test_what_gridserve_cannot_do_is_refused_naming_the_parameter_not_dropped(ti
         temperature=0,
         tool_choice="none",
         logprobs=False,
+        logit_bias={},
         response_format={"type": "text"},
         presence_penalty=0,
         extra_body={"ignore_eos": False, "top_k": -1},

@@ -4,17 +4,22 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openai import OpenAI
 from pydantic import BaseModel, Field
 from tests.conftest import API_KEY, admin_get, make_grid
+from tests.json_schemas import bounded_schemas
 
 from gridserve.cli.grid import LocalGrid
 from gridserve.engines.gemma import GEMMA_MODEL, ensure_cache, gemma_engine
 from gridserve.engines.torch_engine import TorchEngine
-from gridserve.types import ChatMessage, GenerateRequest, SamplingParams
+from gridserve.types import ChatMessage, GenerateRequest, SamplingParams, TokenEvent
+from gridserve.types.wire import ResponseFormat
 
 THREADS = 2  # the node and the direct run use the same thread count: fp32 results are then bitwise equal
 
@@ -123,6 +128,25 @@ def test_gemma_structured_output_and_a_tool_call_validate(gemma_grid: LocalGrid)
     (call,) = reply.choices[0].message.tool_calls or []
     assert call.function.name == "weather" and reply.choices[0].finish_reason == "tool_calls"
     jsonschema.validate(json.loads(call.function.arguments), params)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+@given(schema=bounded_schemas, seed=st.integers(0, 2**32), greedy=st.booleans())
+def test_every_gemma_answer_under_a_json_schema_validates(
+    direct: TorchEngine, schema: dict[str, Any], seed: int, greedy: bool
+) -> None:
+    """The property the tiny model's unit test checks, on the real model (ten schemas: ~10 tokens/s here)."""
+    fmt = ResponseFormat(type="json_schema", schema_text=json.dumps(schema))
+    sampling = SamplingParams(max_tokens=200, temperature=0.0 if greedy else 1.0, seed=seed, response_format=fmt)
+    messages = (ChatMessage(role="user", content="Answer in JSON."),)
+    request = GenerateRequest(request_id=f"json-{seed}", model=GEMMA_MODEL, messages=messages, sampling=sampling)
+
+    async def go() -> list[TokenEvent]:
+        return [e async for e in direct.generate(request)]
+
+    events = asyncio.run(go())
+    assert events[-1].finish_reason == "stop", "a bounded schema's answer ends by itself"
+    jsonschema.validate(json.loads("".join(e.text for e in events)), schema)
 
 
 def test_cache_is_reused(tmp_path: Path) -> None:

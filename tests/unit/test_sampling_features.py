@@ -291,7 +291,7 @@ def test_a_feature_no_live_node_honours_is_a_400_naming_it() -> None:
 
 def test_own_engines_offer_every_extension_and_an_upstream_what_its_server_honours(tiny: TorchEngine) -> None:
     (offer,) = tiny.offers()
-    assert offer.features == SAMPLING_FEATURES
+    assert offer.features == (*SAMPLING_FEATURES, "logprobs")
 
     def upstream(owned_by: str) -> UpstreamEngine:
         engine = UpstreamEngine(url="http://127.0.0.1:1", served_name="m", upstream_model="m", max_context=64)
@@ -308,11 +308,11 @@ def test_own_engines_offer_every_extension_and_an_upstream_what_its_server_honou
         return engine
 
     everything_but_tools = tuple(f for f in SAMPLING_FEATURES if f != "tools")  # calls are rendered by the gateway
-    assert upstream("vllm").offers()[0].features == everything_but_tools
+    assert upstream("vllm").offers()[0].features == (*everything_but_tools, "logprobs")
     assert upstream("llamacpp").offers()[0].features == ("top_k", "ignore_eos")
     assert upstream("me").offers()[0].features == (), "llama-cpp-python's server: none it is known to honour"
-    path, body = upstream("vllm")._body(job(0, max_tokens=8, top_k=3, ignore_eos=True))
-    assert path == "/v1/completions" and (body["top_k"], body["ignore_eos"]) == (3, True)
+    path, body = upstream("vllm")._body(job(0, max_tokens=8, top_k=3, ignore_eos=True, logprobs=2))
+    assert path == "/v1/completions" and (body["top_k"], body["ignore_eos"], body["logprobs"]) == (3, True, 2)
     assert "min_tokens" not in body and "repetition_penalty" not in body, "only what the request turns on"
 
 

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.json_schemas import bounded_schemas, instances
 
 from gridserve.engines.grammar import Constraint, check
 from gridserve.engines.tiny import EOS, TINY_MODEL, ByteCodec
@@ -45,48 +46,6 @@ def fmt_of(schema: dict[str, Any] | None) -> ResponseFormat:
     return ResponseFormat(type="json_schema", schema_text=json.dumps(schema))
 
 
-# --- bounded schemas: every answer that obeys one is finite --------------------------------------------------------
-
-leaves = st.one_of(
-    st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 6)),
-    st.builds(
-        lambda a, b: {"type": "integer", "minimum": min(a, b), "maximum": max(a, b)},
-        st.integers(-99, 99),
-        st.integers(-99, 99),
-    ),
-    st.just({"type": "boolean"}),
-    st.just({"type": "null"}),
-    st.lists(st.text("abcxyz", min_size=1, max_size=4), min_size=1, max_size=3, unique=True).map(lambda e: {"enum": e}),
-)
-
-
-def objects(children: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
-    def build(props: dict[str, dict[str, Any]], required: list[bool]) -> dict[str, Any]:
-        names = sorted(props)
-        return {
-            "type": "object",
-            "properties": props,
-            "required": [n for n, r in zip(names, required, strict=False) if r],
-            "additionalProperties": False,
-        }
-
-    return st.builds(
-        build,
-        st.dictionaries(st.text("abcdefgh", min_size=1, max_size=5), children, min_size=1, max_size=3),
-        st.lists(st.booleans(), min_size=3, max_size=3),
-    )
-
-
-bounded_schemas = st.recursive(
-    leaves,
-    lambda inner: st.one_of(
-        objects(inner),
-        st.builds(lambda item, n: {"type": "array", "items": item, "maxItems": n}, inner, st.integers(0, 3)),
-    ),
-    max_leaves=6,
-).filter(lambda s: s.get("type") == "object")
-
-
 def run(engine: TorchEngine, request: GenerateRequest) -> tuple[list[int], list[TokenEvent]]:
     async def go() -> list[TokenEvent]:
         return [e async for e in engine.generate(request)]
@@ -112,29 +71,6 @@ def test_every_answer_under_a_json_schema_parses_and_validates(
     final = events[-1]
     assert final.finish_reason == "stop", "a bounded schema's answer ends by itself"
     jsonschema.validate(json.loads("".join(e.text for e in events)), schema)
-
-
-def instances(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
-    """Values valid under one of `bounded_schemas` (hypothesis-jsonschema 0.23 does not run on this hypothesis)."""
-    if "enum" in schema:
-        return st.sampled_from(schema["enum"])
-    kind = schema["type"]
-    if kind == "string":
-        return st.text(st.characters(codec="ascii", exclude_categories=("Cc",)), max_size=schema["maxLength"])
-    if kind == "integer":
-        return st.integers(schema["minimum"], schema["maximum"])
-    if kind == "boolean":
-        return st.booleans()
-    if kind == "null":
-        return st.none()
-    if kind == "array":
-        return st.lists(instances(schema["items"]), max_size=schema["maxItems"])
-    required = set(schema["required"])
-    chosen = st.fixed_dictionaries(
-        {k: instances(v) for k, v in schema["properties"].items() if k in required},
-        optional={k: instances(v) for k, v in schema["properties"].items() if k not in required},
-    )
-    return chosen.map(lambda d: {k: d[k] for k in schema["properties"] if k in d})  # the schema's order
 
 
 @settings(max_examples=60, deadline=None)

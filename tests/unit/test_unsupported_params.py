@@ -15,8 +15,6 @@ COMPLETION: dict[str, Any] = {"model": "m", "prompt": "hi"}
 ON: dict[str, Any] = {
     "functions": [{"name": "f"}],
     "function_call": "auto",
-    "logprobs": True,
-    "top_logprobs": 5,
     "echo": True,
     "suffix": "end",
     "best_of": 3,
@@ -31,8 +29,6 @@ ON: dict[str, Any] = {
 OFF: dict[str, list[Any]] = {
     "functions": [None, []],
     "function_call": [None, "none"],
-    "logprobs": [None, False],
-    "top_logprobs": [None, 0],
     "echo": [None, False],
     "suffix": [None, ""],
     "best_of": [None, 1],
@@ -68,15 +64,16 @@ def test_a_parameter_at_its_default_is_accepted(name: str, value: Any) -> None:
 
 def test_the_first_refused_parameter_is_named_and_the_rest_of_the_body_still_validates() -> None:
     with pytest.raises(APIError) as refused:
-        parse(orjson.dumps({**CHAT, "logprobs": ON["logprobs"], "temperature": 9}), ChatCompletionRequest)
-    assert refused.value.param == "logprobs"
+        parse(orjson.dumps({**CHAT, "echo": ON["echo"], "temperature": 9}), ChatCompletionRequest)
+    assert refused.value.param == "echo"
     with pytest.raises(APIError) as invalid:
-        parse(orjson.dumps({**CHAT, "logprobs": False, "temperature": 9}), ChatCompletionRequest)
+        parse(orjson.dumps({**CHAT, "echo": False, "temperature": 9}), ChatCompletionRequest)
     assert invalid.value.param == "temperature"
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required")]
+    ("name", "value"),
+    [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "required"), ("top_logprobs", 2)],
 )
 def test_chat_only_parameters_are_refused_on_text_completions(name: str, value: Any) -> None:
     with pytest.raises(APIError) as refused:

@@ -280,6 +280,13 @@ def node(
     upstream_url: Annotated[str | None, typer.Option(help="openai-upstream: base URL of the server")] = None,
     upstream_model: Annotated[str | None, typer.Option(help="openai-upstream: model id upstream")] = None,
     max_context: Annotated[int, typer.Option(help="openai-upstream: context of the upstream model")] = 4096,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="what to offer the model for, comma-separated: generate (chat, completions), embed (/v1/embeddings); "
+            "default: tiny/gemma both, the others generate (an upstream server started to embed: embed)"
+        ),
+    ] = None,
     threads: Annotated[int, typer.Option(help="torch threads for local engines")] = 2,
     prefix_cache_mb: Annotated[
         int, typer.Option(help="tiny/gemma: MiB for the KV cache of recent prompts, reused by prompts that start alike")
@@ -393,6 +400,7 @@ def node(
         layers=_layers(layers),
         stage_auto=layers == "auto",
         prefix_cache_mb=prefix_cache_mb,
+        tasks=tuple(tasks.split(",")) if tasks is not None else (),
     )
     faults = _faults(allow_faults, fault or [])
     from gridserve.node.dishonest import ENGINE_MODES, Dishonesty, DishonestyRefused

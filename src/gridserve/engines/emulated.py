@@ -24,7 +24,7 @@ from gridserve.engines.torch_engine import TorchEngine
 from gridserve.perfmodel import Load, predict
 from gridserve.prefix import PrefixIndex
 from gridserve.types import GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
-from gridserve.types.wire import SAMPLING_FEATURES
+from gridserve.types.wire import LOGPROBS_FEATURE, SAMPLING_FEATURES
 
 log = logging.getLogger("gridserve.node")
 _PLACEMENTS = (("float16", "none"), ("float16", "q8_0"), ("float16", "q4_k_m"))
@@ -177,7 +177,7 @@ class EmulatedEngine:
                 quantization=quant,
                 max_context=spec.max_context,
                 weights_digest=f"emulated:{name}",
-                features=SAMPLING_FEATURES,  # the text source is a TorchEngine
+                features=(*SAMPLING_FEATURES, LOGPROBS_FEATURE),  # the text source is a TorchEngine
             )
             for name, (spec, dtype, quant) in self._models.items()
         )

@@ -52,13 +52,16 @@ class EngineOptions:
     cheat: tuple[str, ...] = ()
     """tiny: dishonest modes that change the model while it claims the real weights (`wrong_model`: other
     weights, `lazy_compute`: skips its last layer); node/dishonest.py checks they are allowed."""
+    tasks: tuple[str, ...] = ()
+    """What to offer the model for: `generate`, `embed` (engines/embedding.py); empty: the engine's own (tiny and
+    gemma-270m both, openai-upstream generate, the others generate only)."""
 
 
 def create_engine(name: str, options: EngineOptions) -> Engine:
     """The engine `name` with `options`. The built-in engines need torch and transformers (the `gemma` extra): a
     light install (`pip install 'gridserve[node]'`, for a node in front of an upstream server) is told so."""
     try:
-        return _create(name, options)
+        return _with_tasks(_create(name, options), options.tasks)
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] not in TORCH_STACK:
             raise
@@ -107,6 +110,26 @@ def _create(name: str, options: EngineOptions) -> Engine:
             prefix_cache=options.prefix_cache_mb > 0,
         )
     raise EngineError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
+
+
+def _with_tasks(engine: Engine, names: tuple[str, ...]) -> Engine:
+    """The engine offering its model for the tasks named (none named: as it is); EngineError for one it cannot
+    serve (only gridserve's whole-model engines and an upstream server embed)."""
+    if not names:
+        return engine
+    from gridserve.engines.embedding import parse_tasks
+
+    try:
+        tasks = parse_tasks(names)
+    except EngineError as exc:
+        raise EngineError(f"--tasks: {exc}") from None
+    offer_tasks = getattr(engine, "offer_tasks", None)  # TorchEngine, UpstreamEngine
+    if offer_tasks is None:
+        if tasks != ("generate",):
+            raise EngineError(f"--tasks: engine {engine.kind} serves generation only")
+        return engine
+    offer_tasks(tasks)
+    return engine
 
 
 def _upstream(options: EngineOptions) -> Engine:

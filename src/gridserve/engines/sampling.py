@@ -13,11 +13,13 @@ picked otherwise misses by the mass of the tokens in between.
 import hashlib
 import secrets
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import torch
 
 from gridserve.engines.grammar import Constraint, GrammarCodec, GrammarError
 from gridserve.types import SamplingParams
+from gridserve.types.wire import TokenLogprob, TopLogprob
 
 SAMPLE_TOLERANCE = 1e-3
 """How far (a share of the nucleus's mass) the draw may fall outside a sampled token's interval as the verifier
@@ -156,3 +158,32 @@ def draw_miss(logits: torch.Tensor, params: SamplingParams, seed: int, step: int
             low = float(cdf[token - 1]) / total if token > 0 else 0.0
             best = min(best, max(low - u, u - high, 0.0))
     return best
+
+
+class Decodes(Protocol):
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def log_probs(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's own log-probabilities at a position: its logits and mask, before temperature, penalties and
+    grammar (what SamplingParams.logprobs reports, and what a verifier recomputes)."""
+    out = logits.double() if mask is None else logits.double() + mask
+    return torch.log_softmax(out, dim=-1)
+
+
+def token_logprob(
+    logits: torch.Tensor, mask: torch.Tensor | None, token: int, top: int, codec: Decodes
+) -> TokenLogprob:
+    """`token`'s entry with the `top` likeliest tokens at the position, in OpenAI's shape."""
+    lp = log_probs(logits, mask)
+    alternatives: tuple[TopLogprob, ...] = ()
+    if top:
+        values, ids = torch.topk(lp, min(top, lp.shape[0]))
+        alternatives = tuple(_entry(codec, int(i), float(v)) for v, i in zip(values, ids, strict=True))
+    picked = _entry(codec, token, float(lp[token]))
+    return TokenLogprob(token=picked.token, logprob=picked.logprob, bytes=picked.bytes, top_logprobs=alternatives)
+
+
+def _entry(codec: Decodes, token: int, logprob: float) -> TopLogprob:
+    text = codec.decode([token])
+    return TopLogprob(token=text, logprob=max(logprob, -9999.0), bytes=tuple(text.encode()))

@@ -12,16 +12,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest, LocalEngine
+from gridserve.engines.embedding import Embeddings
+from gridserve.engines.pooling import mean_pooled
 from gridserve.engines.prefix_cache import BLOCK_TOKENS, DEFAULT_PREFIX_CACHE_MB, PrefixCache, block_keys
-from gridserve.engines.sampling import TokenRule, fresh_seed, pick_token
+from gridserve.engines.sampling import TokenRule, fresh_seed, pick_token, token_logprob
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
 from gridserve.trust import proofs
 from gridserve.trust.commitments import token_commitment
 from gridserve.types import ChatMessage, GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
-from gridserve.types.wire import SAMPLING_FEATURES
+from gridserve.types.embedding import Floats
+from gridserve.types.node import EMBED, GENERATE, Task
+from gridserve.types.wire import LOGPROBS_FEATURE, SAMPLING_FEATURES, TokenLogprob
 
 
 class TextCodec(Protocol):
@@ -47,6 +52,16 @@ class LoadedModel:
 
 
 _DONE = object()
+
+
+class _Job(Protocol):
+    """A request on the worker thread, run one step at a time among the others."""
+
+    def advance(self) -> bool:
+        """Run one step; True when the job is over (finished, cancelled or failed)."""
+        ...
+
+
 WORKER_JOIN_S = 30.0
 """How long `aclose` waits for the worker to finish its step (a long prompt's prefill) and stop."""
 
@@ -55,7 +70,10 @@ class TorchEngine(LocalEngine):
     """Serves one causal LM on a dedicated worker thread. Concurrent requests are interleaved token by token
     (each with its own KV cache): a new request's prefill runs after at most one decode step of each running
     one, so TTFT does not wait for other answers to finish. Each request's computation is the same as if it
-    ran alone, so outputs stay bitwise-reproducible for a fixed thread count."""
+    ran alone, so outputs stay bitwise-reproducible for a fixed thread count.
+
+    It offers its model for generation and for embedding (`embed`: engines/pooling.py, one input a step on the same
+    worker) unless told otherwise (`offer_tasks`)."""
 
     def __init__(
         self,
@@ -74,7 +92,9 @@ class TorchEngine(LocalEngine):
         self._lazy = lazy
         self._load_lock = asyncio.Lock()
         self._kind = kind
-        self._offer = offer.model_copy(update={"features": SAMPLING_FEATURES})  # _Generation's TokenRule
+        self._offer = offer.model_copy(
+            update={"features": (*SAMPLING_FEATURES, LOGPROBS_FEATURE), "tasks": (GENERATE, EMBED)}
+        )  # _Generation's TokenRule
         self._loader = loader
         self._threads = threads
         self._loaded: LoadedModel | None = None
@@ -83,12 +103,18 @@ class TorchEngine(LocalEngine):
         self._prefix: PrefixCache | None = None
         """Created with the model; used on the worker thread only."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{kind}-load")
-        self._incoming: queue.SimpleQueue[_Generation | None] = queue.SimpleQueue()
+        self._incoming: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._stats = EngineStats(steps=0)
 
     def offers(self) -> tuple[ModelOffer, ...]:
         return (self._offer,) if self._loaded is not None else ()
+
+    def offer_tasks(self, tasks: tuple[Task, ...]) -> None:
+        """Offer the model for these tasks only (`gridserve node --tasks`, once, before serving); an offer not for
+        generation names no request features (they are generation's)."""
+        features = self._offer.features if GENERATE in tasks else ()
+        self._offer = self._offer.model_copy(update={"tasks": tasks, "features": features})
 
     def loadable(self) -> tuple[str, ...]:
         return () if self._loaded is not None else (self._offer.name,)
@@ -188,6 +214,31 @@ class TorchEngine(LocalEngine):
         finally:
             gen.cancel.set()
 
+    async def embed(self, model: str, inputs: Sequence[str]) -> Embeddings:
+        """The inputs' vectors, computed on the worker thread one input a step (engines/pooling.py)."""
+        if model != self._offer.name or not self._offer.serves(EMBED):
+            raise InvalidRequest(f"this node does not embed with {model}")
+        if self._lazy and self._loaded is None:
+            await self.load(model)
+        loaded = self._require()
+        prompts = [loaded.codec.encode_prompt(text) for text in inputs]
+        limit = self._offer.max_context
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]), default=0)
+        if prompts and len(prompts[longest]) > limit:
+            raise InvalidRequest(
+                f"input {longest} ({len(prompts[longest])} tokens) exceeds the model's context of {limit} tokens"
+            )
+        done: asyncio.Future[Floats] = asyncio.get_running_loop().create_future()
+        job = _Embedding(loaded.model, prompts, _settler(done), self._stats)
+        self._stats.queued += 1
+        self._ensure_worker()
+        self._incoming.put(job)
+        try:
+            vectors = await done
+        finally:
+            job.cancel.set()
+        return Embeddings(vectors=vectors, prompt_tokens=sum(len(p) for p in prompts))
+
     def _ensure_worker(self) -> None:
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name=f"engine-{self._kind}", daemon=True)
@@ -196,7 +247,7 @@ class TorchEngine(LocalEngine):
     def _work(self) -> None:
         """Admit new requests, then advance every running one by one step; repeat."""
         torch.set_num_threads(self._threads)
-        running: list[_Generation] = []
+        running: list[_Job] = []
         with torch.inference_mode():
             while True:
                 try:
@@ -337,7 +388,8 @@ class _Generation:
 
     def _pick(self) -> str | None:
         self.activations.append(self.out.hidden_states[-1][0, -1].clone())
-        scores = self.rule.scores(self.out.logits[0, -1].float(), self.step)
+        logits = self.out.logits[0, -1].float()
+        scores = self.rule.scores(logits, self.step)
         token = pick_token(scores, self.params, self.seed, self.step)
         self.rule.note(token)
         self.step += 1
@@ -346,7 +398,10 @@ class _Generation:
         self.stats.note_tokens(time.monotonic(), 1)
         if self.rule.ends(token):
             return "stop"
-        self.emit(TokenEvent(text=self._text(token, self.step), token_ids=(token,)))
+        scored: tuple[TokenLogprob, ...] = ()
+        if self.params.logprobs is not None:
+            scored = (token_logprob(logits, self.loaded.logit_mask, token, self.params.logprobs, self.loaded.codec),)
+        self.emit(TokenEvent(text=self._text(token, self.step), token_ids=(token,), logprobs=scored))
         if self.stops.stopped:
             return "stop"
         return "length" if self.step >= self.params.max_tokens else None
@@ -375,3 +430,47 @@ class _Generation:
                 decode_s=round(end - first_at, 6),
             )
         )
+
+
+def _settler(done: "asyncio.Future[Floats]") -> Callable[[Floats | BaseException], None]:
+    """Settle `done` from the worker thread (a result, or the error the job raised), unless its waiter went."""
+    loop = done.get_loop()
+
+    def settle(outcome: Floats | BaseException) -> None:
+        if done.done():
+            return
+        if isinstance(outcome, BaseException):
+            done.set_exception(outcome if isinstance(outcome, EngineError) else EngineError(str(outcome)))
+        else:
+            done.set_result(outcome)
+
+    def from_worker(outcome: Floats | BaseException) -> None:
+        loop.call_soon_threadsafe(settle, outcome)
+
+    return from_worker
+
+
+class _Embedding:
+    """One embeddings request: one input a step, so a batch holds back the tokens of the node's streams for one
+    input's forward pass at a time, not for the whole batch."""
+
+    def __init__(
+        self, model: Any, prompts: list[list[int]], settle: Callable[[Floats | BaseException], None], stats: EngineStats
+    ) -> None:
+        self.model, self.prompts, self.settle, self.stats = model, prompts, settle, stats
+        self.vectors: list[Floats] = []
+        self.cancel = threading.Event()
+
+    def advance(self) -> bool:
+        if self.cancel.is_set():
+            return True
+        try:
+            self.vectors.append(mean_pooled(self.model, self.prompts[len(self.vectors)]))
+        except Exception as exc:
+            self.stats.note_error(f"{type(exc).__name__}: {exc}")
+            self.settle(exc)
+            return True
+        if len(self.vectors) < len(self.prompts):
+            return False
+        self.settle(np.stack(self.vectors))
+        return True

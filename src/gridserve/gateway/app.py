@@ -21,11 +21,13 @@ from starlette.types import ASGIApp
 from gridserve.gateway.api.admin import add_reliability_routes
 from gridserve.gateway.api.dashboard import add_dashboard_routes
 from gridserve.gateway.api.doctor_api import add_doctor_routes
+from gridserve.gateway.api.embeddings_api import EmbeddingService, embed
 from gridserve.gateway.api.errors import APIError, bad_request, unauthorized
 from gridserve.gateway.api.hotpath import HotPath
 from gridserve.gateway.api.middleware import BodyLimit
 from gridserve.gateway.api.openai_api import ApiContext, list_models
 from gridserve.gateway.api.openapi_doc import install_openapi
+from gridserve.gateway.api.responses_api import ResponseStore, delete_response, retrieve_response
 from gridserve.gateway.api.tokens_api import add_token_routes
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
@@ -141,7 +143,10 @@ class Gateway:
             on_request=self.standby.note_request,
             pipelines=Pipelines(self.membership, self.dispatcher),
             prefixes=self.prefixes,
+            responses=ResponseStore(store),
         )
+        self.embeddings = EmbeddingService.of(self.api)
+        """`POST /v1/embeddings` (gateway/api/embeddings_api.py)."""
         self.cluster = (
             ClusterSync(
                 self.membership,
@@ -301,6 +306,24 @@ def _openai_routes(app: FastAPI, gw: Gateway) -> None:
     async def models(request: Request) -> dict[str, Any]:
         gw.require_api_key(request)
         return list_models(gw.api)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        """Embeddings (OpenAI-compatible), from nodes that offer the model for embedding."""
+        gw.require_api_key(request)
+        answer = await embed(gw.embeddings, await request.body())
+        return Response(answer.body, media_type="application/json", headers=answer.headers)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, request: Request) -> dict[str, Any]:
+        """A stored response (OpenAI's Responses API; gateway/api/responses_api.py)."""
+        gw.require_api_key(request)
+        return await retrieve_response(gw.api.responses, response_id, request.query_params)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_stored_response(response_id: str, request: Request) -> dict[str, Any]:
+        gw.require_api_key(request)
+        return await delete_response(gw.api.responses, response_id, request.query_params)
 
 
 def _admin_routes(app: FastAPI, gw: Gateway) -> None:

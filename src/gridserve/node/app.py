@@ -1,12 +1,13 @@
-"""The node's HTTP surface: `GET /health` and the internal `POST /internal/generate` (gateway-signed)."""
+"""The node's HTTP surface: `GET /health` and the internal `POST /internal/generate` and `POST /internal/embed`
+(gateway-signed)."""
 
 import asyncio
 import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import orjson
 from fastapi import FastAPI, Request
@@ -15,16 +16,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from gridserve.engines import Engine, EngineError, EngineStats, InvalidRequest
+from gridserve.engines.embedding import Embeddings, embedder_for
 from gridserve.node.agent import NodeAgent
 from gridserve.node.dishonest import REFUSAL_TEXT, Dishonesty
 from gridserve.node.faults import Faults, FaultsDisabled, FaultSpec
 from gridserve.node.metrics import NodeMetrics
-from gridserve.node.receipts import Receipter
+from gridserve.node.receipts import RECEIPT_LIFETIME_S, Receipter
 from gridserve.node.stage_link import add_stage_routes
-from gridserve.trust import TrustError
+from gridserve.trust import TrustError, sign_envelope
 from gridserve.trust.challenge import answer as challenge_answer
 from gridserve.types import GenerateRequest, StreamError, StreamEvent, TokenEvent
 from gridserve.types.base import from_wire
+from gridserve.types.embedding import EMBED_PURPOSE, EMBED_REPLY_PURPOSE, EmbedReply, EmbedRequest, encode_vector
 
 if TYPE_CHECKING:
     from gridserve.engines.stage_engine import StageEngine
@@ -41,22 +44,57 @@ class CallerGone(Exception):
     """The gateway closed the request before the first event."""
 
 
+T = TypeVar("T")
+
+
+async def _unless_gone(work: Awaitable[T], request: Request, poll_s: float = 0.25) -> T:
+    """`work`'s result, or `CallerGone` (and the work cancelled) if the caller disconnects meanwhile."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise CallerGone
+    except BaseException:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+
+
+def _signed_payload(agent: NodeAgent, body: bytes, purpose: str) -> dict[str, Any]:
+    """The payload of a gateway-signed call to this node: signed by the gateway's key for `purpose`, fresh, never
+    seen before, and addressed to this node (TrustError otherwise)."""
+    envelope = agent.verifier.verify(body, purpose=purpose, expected_keyid=agent.gateway_key)
+    payload = dict(envelope.payload)
+    if payload.pop("node_id", None) != agent.identity.node_id:
+        raise TrustError("request was signed for another node")
+    return payload
+
+
+def _embed_reply(agent: NodeAgent, lies: Dishonesty, job: EmbedRequest, made: Embeddings) -> bytes:
+    """The answer, signed by this node (what it said is evidence against it if it is wrong)."""
+    reply = EmbedReply(
+        request_id=job.request_id,
+        model=job.model,
+        dimensions=int(made.vectors.shape[1]),
+        vectors=tuple(encode_vector(v) for v in made.vectors),
+        prompt_tokens=made.prompt_tokens,
+    )
+    signer = lies.signer(agent.identity)
+    payload = reply.model_dump(mode="json")
+    return sign_envelope(signer, payload, purpose=EMBED_REPLY_PURPOSE, now=time.time(), lifetime_s=RECEIPT_LIFETIME_S)
+
+
 async def _first_unless_gone(events: AsyncIterator[Any], request: Request, poll_s: float = 0.25) -> Any:
     """The first event, or `CallerGone` (and the generator closed) if the caller disconnects meanwhile: a gateway
     that gave up on a slow first token (or whose client left) must not leave the work running here, taking the
     batch slots of the requests that still wait."""
-    first = asyncio.ensure_future(anext(events))
     try:
-        while True:
-            done, _ = await asyncio.wait({first}, timeout=poll_s)
-            if done:
-                return first.result()
-            if await request.is_disconnected():
-                raise CallerGone
+        return await _unless_gone(anext(events), request, poll_s)
     except BaseException:
-        first.cancel()
-        with contextlib.suppress(BaseException):
-            await first
         aclose = getattr(events, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):
@@ -245,10 +283,7 @@ def build_node_app(
         if agent.gateway_key is None:
             return _error(503, "not_registered", "this node has not registered with a gateway yet")
         try:
-            envelope = agent.verifier.verify(body, purpose="generate", expected_keyid=agent.gateway_key)
-            payload = dict(envelope.payload)
-            if payload.pop("node_id", None) != agent.identity.node_id:
-                raise TrustError("request was signed for another node")
+            payload = _signed_payload(agent, body, "generate")
             job = from_wire(GenerateRequest, payload)
         except TrustError as exc:
             log.warning("refused generate call: %s (%s)", exc.kind, exc.detail)
@@ -294,6 +329,45 @@ def build_node_app(
         receipts = Receipter(agent, payload, _digest(engine, job.model), lies)
         lines = _stream(first, events, seen, engine, receipts, generation)
         return _ClosingStream(lines, media_type="application/x-ndjson")
+
+    @app.post("/internal/embed")
+    async def embed(request: Request) -> Response:
+        """Embeddings of the inputs, checked and refused as a generation is; the answer is signed by this node."""
+        body = await request.body()
+        if agent.gateway_key is None:
+            return _error(503, "not_registered", "this node has not registered with a gateway yet")
+        try:
+            job = from_wire(EmbedRequest, _signed_payload(agent, body, EMBED_PURPOSE))
+        except TrustError as exc:
+            log.warning("refused embed call: %s (%s)", exc.kind, exc.detail)
+            engine.stats.note_error(f"refused embed: {exc.kind}")
+            return _error(401, exc.kind, exc.detail)
+        except ValidationError as exc:
+            return _error(400, "invalid_request", str(exc))
+        await faults.network_delay()
+        if lies.refuses:
+            return _error(400, "invalid_request", REFUSAL_TEXT)
+        injected = faults.take_error()
+        if injected is not None:
+            engine.stats.note_error(injected)
+            metrics.requests.labels(model=job.model, status="failed").inc()
+            return _error(500, "engine_error", injected)
+        embedder = embedder_for(engine, engine.offers(), job.model)
+        if embedder is None:
+            return _error(404, "not_served", f"this node does not embed with {job.model}")
+        try:
+            made = await _unless_gone(embedder.embed(job.model, job.inputs), request)
+        except CallerGone:
+            metrics.requests.labels(model=job.model, status="cancelled").inc()
+            return _error(499, "client_closed_request", "the gateway closed the request before its answer")
+        except InvalidRequest as exc:
+            metrics.requests.labels(model=job.model, status="invalid").inc()
+            return _error(400, "invalid_request", str(exc))
+        except EngineError as exc:
+            metrics.requests.labels(model=job.model, status="failed").inc()
+            return _error(500, "engine_error", str(exc))
+        metrics.requests.labels(model=job.model, status="ok").inc()
+        return Response(_embed_reply(agent, lies, job, made), media_type="application/json")
 
     @app.post("/internal/load")
     async def load(request: Request) -> Response:

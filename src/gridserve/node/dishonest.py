@@ -10,6 +10,8 @@ node is started with `--allow-dishonest`.
 - `corrupt_tool_args`: in answers that call tools, every digit of the calls becomes "x" (the arguments no longer
   match their tool; the kind of tool-call quality providers of one model are found to differ in), other answers
   honest;
+- `flatter_logprobs`: every token's log-probability claimed 0 (the model "certain" of it, as a node that invents
+  the numbers instead of computing them might), tokens honest;
 - `refuse`: every generate call is answered 400 with the node's own text (an advertisement, a link), as if the
   request were invalid.
 """
@@ -30,6 +32,7 @@ MODES = (
     "refuse",
     "omit_proof",
     "corrupt_tool_args",
+    "flatter_logprobs",
 )
 REFUSAL_TEXT = "this request cannot run here; see http://evil.example/upgrade"
 """What a `refuse` node answers: text no client may see."""
@@ -76,9 +79,14 @@ class Dishonesty:
     def alter(self, event: TokenEvent, index: int, calling: bool = False) -> TokenEvent:
         """`alter_output`: token number `index` (0-based) of the answer, replaced if index % 4 == 3;
         `omit_proof`: the last event without its activation proof; `corrupt_tool_args`: in an answer that calls
-        tools (`calling`), a digit's token replaced by another, shown as "x"."""
+        tools (`calling`), a digit's token replaced by another, shown as "x"; `flatter_logprobs`: each
+        log-probability 0."""
         if "omit_proof" in self.modes and event.proof:
             event = event.model_copy(update={"proof": ""})
+        if "flatter_logprobs" in self.modes and event.logprobs:
+            event = event.model_copy(
+                update={"logprobs": tuple(lp.model_copy(update={"logprob": 0.0}) for lp in event.logprobs)}
+            )
         if "corrupt_tool_args" in self.modes and calling and event.token_ids and event.text.isdigit():
             return event.model_copy(update={"token_ids": (event.token_ids[0] ^ 1,), "text": "x" * len(event.text)})
         if "alter_output" not in self.modes or not event.token_ids or index % 4 != 3:

@@ -43,7 +43,9 @@ Message = MutableMapping[str, Any]
 ASGIApp = Callable[
     [MutableMapping[str, Any], Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
 ]
-ROUTES = frozenset({"/health", "/internal/generate", "/internal/load", "/internal/stage", "/metrics"})
+ROUTES = frozenset(
+    {"/health", "/internal/generate", "/internal/embed", "/internal/load", "/internal/stage", "/metrics"}
+)
 """What the gateway may call through a tunnel (fault injection is for this machine only)."""
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0

@@ -1,6 +1,7 @@
 """What can happen to a node: the ledger's entries."""
 
 import math
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -62,6 +63,12 @@ class NodeEvent:
             raise InvalidEvent(f"only an incident can be severe, not {self.kind.value}")
         if self.within_slo is not None and self.kind is not EventKind.JOB_COMPLETED:
             raise InvalidEvent(f"within_slo applies to job_completed only, not {self.kind.value}")
+
+    @classmethod
+    def severe(cls, node_id: str, detail: str, at: float | None = None) -> "NodeEvent":
+        """A severe incident now (or at `at`): evidence of wrong work, which quarantines the node."""
+        when = time.time() if at is None else at
+        return cls(node_id=node_id, kind=EventKind.INCIDENT, at=when, severity=Severity.SEVERE, detail=detail)
 
     @property
     def is_severe(self) -> bool:

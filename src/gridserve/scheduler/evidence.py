@@ -36,6 +36,8 @@ def requirements(ctx: Context) -> dict[str, Any]:
         "max_price_per_mtok": req.max_price_per_mtok,
         "engines": list(req.engines) if req.engines else None,
     }
+    if req.task != "generate":  # (a generation's requirements stay as they were)
+        needs["task"] = req.task
     if ctx.model is not None:
         needs["model_params"] = ctx.model.params
         needs["kv_bytes_per_token_fp16"] = ctx.model.kv_bytes_per_token()

@@ -68,14 +68,29 @@ class TelemetryFreshnessFilter(OneRow):
 @register(FILTERS, "model-served")
 @dataclass
 class ModelServedFilter(OneRow):
+    """The node serves the model for the request's task (ModelOffer.tasks): a generation needs an offer for
+    generation (or the model on disk: the column M_LISTED), an embedding request an offer for embedding."""
+
     name: str = "model-served"
 
     def mask(self, ctx: Context, cols: Columns) -> Mask:
-        return np.asarray(cols.mcol(M_LISTED) == 0)
+        if ctx.request.task == "generate":
+            return np.asarray(cols.mcol(M_LISTED) == 0)
+        # strings: no column holds them (embedding pools are small)
+        return np.array([not _offers_task(ctx, node) for node in cols.nodes], dtype=bool)
 
     def reason(self, ctx: Context, cols: Columns, j: int) -> str:
-        serves = ", ".join(sorted(cols.nodes[j].static.offers)) or "nothing"
-        return f"does not serve {ctx.request.model} (serves {serves})"
+        node, model, task = cols.nodes[j], ctx.request.model, ctx.request.task
+        offer = ctx.offer(node)
+        if offer is not None and not offer.serves(task):
+            return f"serves {model} for {', '.join(offer.tasks)} only, not {task}"
+        serves = ", ".join(sorted(node.static.offers)) or "nothing"
+        return f"does not serve {model} (serves {serves})"
+
+
+def _offers_task(ctx: Context, node: NodeSnapshot) -> bool:
+    offer = ctx.offer(node)
+    return offer is not None and offer.serves(ctx.request.task)
 
 
 @register(FILTERS, "context-fit")

@@ -97,10 +97,16 @@ def plan_of(profile: Profile) -> Plan | None:
 
 
 def applies(ctx: Context) -> bool:
-    """The kernel decides this request: a catalogue model (it predicts), no engine restriction (strings) and no
-    prefix-cache hit (the kernel predicts one prefill for every node; the columns take each node's own)."""
+    """The kernel decides this request: a generation (its model column lists offers for generation only) of a
+    catalogue model (it predicts), no engine restriction (strings) and no prefix-cache hit (the kernel predicts
+    one prefill for every node; the columns take each node's own)."""
+    req = ctx.request
     return (
-        ctx.model is not None and not ctx.request.engines and not ctx.request.features and not ctx.request.cached_tokens
+        req.task == "generate"
+        and ctx.model is not None
+        and not req.engines
+        and not req.features
+        and not req.cached_tokens
     )
 
 

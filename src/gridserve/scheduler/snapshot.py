@@ -114,7 +114,9 @@ class NodeStatic:
     def _model_row(self, model: str) -> tuple[float, ...]:
         offer = self.offers.get(model)
         spec = MODELS.get(model)
-        listed = offer is not None or model in self.loadable
+        # listed for generation: an embedding-only offer serves no completion (an embedding request's own
+        # listing is read from the offer by the model-served filter: filters.py)
+        listed = (offer is not None and offer.serves("generate")) or model in self.loadable
         limit = offer.max_context if offer else (spec.max_context if spec else math.inf)
         dtype = offer.dtype if offer and offer.dtype in DTYPE_BYTES else "float16"
         pred_quant = offer.quantization if offer and offer.quantization in QUANT_BYTES_PER_PARAM else "none"

@@ -105,6 +105,20 @@ join_tokens = sa.Table(
     sa.Column("revoked_at", sa.Float(), nullable=True),
 )
 
+responses = sa.Table(
+    "responses",
+    metadata,
+    # OpenAI's Responses API (gateway/api/responses_api.py): a stored response, read back by id
+    # (`GET /v1/responses/{id}`, `previous_response_id`) through any gateway on the database
+    sa.Column("response_id", sa.String(), primary_key=True),
+    sa.Column("created_at", sa.Float(), nullable=False),
+    # the Response object as the client got it
+    sa.Column("response", sa.JSON(), nullable=False),
+    # the whole conversation up to and including this answer, as chat messages (what a continuation starts from)
+    sa.Column("conversation", sa.JSON(), nullable=False),
+    sa.Index("ix_responses_created_at", "created_at"),
+)
+
 NOTIFY_CHANNEL = "gridserve_events"
 """PostgreSQL channel on which a commit of node events is announced (payload: the writing gateway's id)."""
 
@@ -508,6 +522,26 @@ class Store:
             if values:
                 conn.execute(join_tokens.update().where(join_tokens.c.token_id == token_id).values(values))
             return {**row, **values}
+
+    # -- responses (gateway/api/responses_api.py) -------------------------------------------------------------
+
+    def put_responses(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Store new responses in one transaction (rows: the columns of `responses`)."""
+        if not rows:
+            return
+        with self._write() as conn:
+            conn.execute(responses.insert(), list(rows))
+
+    def get_response(self, response_id: str) -> dict[str, Any] | None:
+        """A stored response's row (`response`, `conversation`, `created_at`), or None."""
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(responses).where(responses.c.response_id == response_id)).first()
+            return None if row is None else dict(row._mapping)
+
+    def delete_response(self, response_id: str) -> bool:
+        """Delete a stored response; False if there was none."""
+        with self._write() as conn:
+            return conn.execute(responses.delete().where(responses.c.response_id == response_id)).rowcount > 0
 
     def close(self) -> None:
         self._engine.dispose()

@@ -77,6 +77,12 @@ class LayerRange(Strict):
         return self.end - self.start
 
 
+Task = Literal["generate", "embed"]
+"""What a node serves a model for: `generate` (chat and text completions), `embed` (`/v1/embeddings`)."""
+GENERATE: Task = "generate"
+EMBED: Task = "embed"
+
+
 class ModelOffer(Strict):
     """One model a node serves."""
 
@@ -90,6 +96,12 @@ class ModelOffer(Strict):
     features: tuple[Name, ...] = Field((), max_length=MAX_ITEMS)
     """Request features beyond plain sampling it honours for this model, named as the request parameters
     (SamplingParams.features): the gateway gives a request that turns one on only to nodes that offer it."""
+    tasks: tuple[Task, ...] = Field((GENERATE,), min_length=1, max_length=2)
+    """What it serves the model for: each task is its own capability, and the scheduler gives a request only to
+    offers of its task (an embedding-only offer never gets a chat request). Default: generation (older nodes)."""
+
+    def serves(self, task: Task) -> bool:
+        return task in self.tasks
 
 
 class RuntimeInfo(Strict):

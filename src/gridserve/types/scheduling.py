@@ -9,7 +9,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from gridserve.types.node import NodeId
+from gridserve.types.node import NodeId, Task
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,6 +32,9 @@ class ScheduleRequest:
     """(node id, prompt tokens it probably holds in its prefix cache), from the caller's prefix index; a node not
     named holds none of this prompt. Prefill is predicted on the rest, and a sampled decision always includes
     these nodes."""
+    task: Task = "generate"
+    """What the request asks of the model (a capability of its own: ModelOffer.tasks); an `embed` request has
+    max_tokens 0 and prompt_tokens of its longest input."""
 
     def reused_by(self, node_id: str) -> int:
         """Prompt tokens `node_id` probably holds (0 when not named)."""

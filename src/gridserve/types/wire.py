@@ -1,6 +1,6 @@
 """Messages between gateway and node."""
 
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 import orjson
 from pydantic import Field, model_validator
@@ -16,6 +16,12 @@ MAX_SCHEMA_CHARS = 65_536
 SAMPLING_FEATURES = ("top_k", "repetition_penalty", "min_tokens", "ignore_eos", "response_format", "tools")
 """The request features gridserve's own engines honour: vLLM's sampling extensions (which benchmark clients send)
 and structured output (a response_format decoded under its grammar: engines/grammar.py)."""
+
+
+MAX_TOP_LOGPROBS = 20
+LOGPROBS_FEATURE = "logprobs"
+"""A request feature apart from SAMPLING_FEATURES: a node that offers it sends each token's log-probability and the
+likeliest alternatives (gridserve's own whole-model engines do; the pipeline sampler does not yet)."""
 
 
 TOOL_CALL_TAG = "<tool_call>"
@@ -74,6 +80,10 @@ class SamplingParams(Strict):
     the answer runs to max_tokens or a stop string, as in vLLM."""
     response_format: ResponseFormat | None = None
     """Structured output: every token is drawn from those the format's grammar allows next."""
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """Send each token's log-probability with this many likeliest alternatives (None: none). The model's own
+    distribution at the position (its logits and mask), before temperature, penalties and grammar, as vLLM reports
+    them by default."""
 
     @model_validator(mode="after")
     def _min_within_max(self) -> "SamplingParams":
@@ -95,6 +105,7 @@ class SamplingParams(Strict):
             ("ignore_eos", self.ignore_eos),
             ("response_format", self.response_format is not None and self.response_format.type != "tool_calls"),
             ("tools", self.response_format is not None and self.response_format.type == "tool_calls"),
+            (LOGPROBS_FEATURE, self.logprobs is not None),
         )
         return tuple(name for name, used in on if used)
 
@@ -125,6 +136,21 @@ class GenerateRequest(Strict):
         return self
 
 
+class TopLogprob(Strict):
+    """A token's log-probability in OpenAI's shape: its text, and the text's UTF-8 bytes (a token that is part of a
+    character has the replacement character as text; the bytes say which part)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] = ()
+
+
+class TokenLogprob(TopLogprob):
+    """The picked token's, with the likeliest tokens at its position (most likely first)."""
+
+    top_logprobs: tuple[TopLogprob, ...] = Field((), max_length=MAX_TOP_LOGPROBS)
+
+
 class TokenEvent(Strict):
     """One streamed piece of output. Every generated token is sent in its own event (its text may be empty
     while a stop string or a multi-byte character is pending), so the gateway knows exactly which tokens the
@@ -148,6 +174,8 @@ class TokenEvent(Strict):
     """Last event: sha256 of the prompt's token ids as the node tokenised them (committed to in the receipt)."""
     proof: str = ""
     """Last event: the activation proof over the tokens this node generated (trust/proofs.py)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One per token of `token_ids` when the request asked for log-probabilities (SamplingParams.logprobs)."""
 
     def wire(self) -> "StreamEvent":
         """This event as a stream line carries it: text and token ids when there are any, and on the last event
@@ -158,6 +186,8 @@ class TokenEvent(Strict):
             line["text"] = self.text
         if self.token_ids:
             line["token_ids"] = list(self.token_ids)
+        if self.logprobs:
+            line["logprobs"] = [lp.model_dump() for lp in self.logprobs]
         if self.finish_reason is not None:
             line["finish_reason"] = self.finish_reason
             line["prompt_tokens"] = self.prompt_tokens
@@ -198,6 +228,8 @@ class StreamEvent(TypedDict, total=False):
     prefill_s: float
     decode_s: float
     prompt_digest: str
+    logprobs: list[dict[str, Any]]
+    """Token events of a request that asked for them: OpenAI's chat logprob entries, one per token id."""
     receipt: str
     """Last event: the node's receipt, a signed envelope (JSON text)."""
     error: StreamError

@@ -62,3 +62,14 @@ def no_capacity(message: str) -> APIError:
 
 def upstream_failed(message: str) -> APIError:
     return APIError(502, message, type_="api_error", code="node_failed")
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body as the JSON object every API route takes, or a 400 saying what it is instead."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"Request body is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise bad_request("Request body must be a JSON object.")
+    return raw

@@ -1,5 +1,6 @@
-"""The per-token path as raw ASGI: `POST /v1/chat/completions` and `POST /v1/completions`; and the per-node
-path: `POST /nodes/heartbeat` (thousands per second on a large grid).
+"""The per-token path as raw ASGI: `POST /v1/chat/completions`, `/v1/completions`, `/v1/responses` and
+`/v1/messages` (each a Surface over the one chat core: gateway/api/surface.py); and the per-node path:
+`POST /nodes/heartbeat` (thousands per second on a large grid).
 
 Everything else goes to the FastAPI app. Skipping the middleware stack and StreamingResponse saves
 several wrapped `send` calls per token (DESIGN.md: raw ASGI + aiohttp keeps ~100% of direct throughput).
@@ -13,13 +14,21 @@ from collections.abc import AsyncIterator
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gridserve.gateway.api.anthropic_api import MESSAGES
 from gridserve.gateway.api.errors import APIError, unauthorized
-from gridserve.gateway.api.openai_api import ApiContext, Reply, complete
+from gridserve.gateway.api.openai_api import CHAT, TEXT, ApiContext, Reply, complete
+from gridserve.gateway.api.responses_api import RESPONSES
+from gridserve.gateway.api.surface import Surface, openai_error
 from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.trust import TrustError
 
 log = logging.getLogger("gridserve.gateway")
-ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
+ROUTES: dict[str, Surface] = {
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": TEXT,
+    "/v1/responses": RESPONSES,
+    "/v1/messages": MESSAGES,
+}
 HEARTBEAT = "/nodes/heartbeat"
 
 
@@ -47,15 +56,15 @@ class HotPath:
         if path == HEARTBEAT and scope["method"] == "POST" and self.membership is not None:
             await self._heartbeat(self.membership, scope, receive, send)
             return
-        kind = ROUTES.get(path)
-        if kind is None or scope["method"] != "POST":
+        surface = ROUTES.get(path)
+        if surface is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         try:
             self._authorize(scope)
             body = await self._read_body(scope, receive)
         except APIError as exc:
-            await _send_error(send, exc)
+            await _send_error(send, exc, surface)
             return
         except TooLarge:
             await _send_error(
@@ -63,18 +72,19 @@ class HotPath:
                 APIError(
                     413, f"Request body exceeds the limit of {self.max_body_bytes} bytes.", code="request_too_large"
                 ),
+                surface,
             )
             return
         with _DisconnectWatch(receive) as client:
-            await self._answer(body, kind, send, client)
+            await self._answer(body, surface, send, client)
 
-    async def _answer(self, body: bytes, kind: str, send: Send, client: "_DisconnectWatch") -> None:
+    async def _answer(self, body: bytes, surface: Surface, send: Send, client: "_DisconnectWatch") -> None:
         """Schedule, dispatch and stream in this task; a client that disconnects cancels it, which cancels the
         request on the node, retries and hedges included."""
         try:
             client.arm()
             try:
-                reply = await complete(self.api, body, kind)
+                reply = await complete(self.api, body, surface)
             finally:
                 client.disarm()  # the error answers below are sent disarmed: a disconnect then cancels nothing
         except asyncio.CancelledError:
@@ -83,12 +93,14 @@ class HotPath:
             log.info("client disconnected before the first token; request cancelled")
             return
         except APIError as exc:
-            await _send_error(send, exc)
+            await _send_error(send, exc, surface)
             return
         except Exception as exc:
             log.exception("internal error")
             await _send_error(
-                send, APIError(500, f"Internal error: {type(exc).__name__}", type_="api_error", code="internal")
+                send,
+                APIError(500, f"Internal error: {type(exc).__name__}", type_="api_error", code="internal"),
+                surface,
             )
             return
         await send({"type": "http.response.start", "status": 200, "headers": reply.headers})
@@ -120,11 +132,13 @@ class HotPath:
         await _send_json(send, 200, b'{"ok":true}')
 
     def _authorize(self, scope: Scope) -> None:
+        """An API key as OpenAI's clients send it (`Authorization: Bearer`) or Anthropic's (`x-api-key`)."""
         for name, value in scope["headers"]:
-            if name == b"authorization" and value[:7].lower() == b"bearer ":
-                token = value[7:].strip()
-                if any(hmac.compare_digest(token, key) for key in self.keys):
-                    return
+            token = value[7:].strip() if name == b"authorization" and value[:7].lower() == b"bearer " else None
+            if name == b"x-api-key":
+                token = value.strip()
+            if token is not None and any(hmac.compare_digest(token, key) for key in self.keys):
+                return
         raise unauthorized()
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
@@ -199,8 +213,8 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_error(send: Send, exc: APIError) -> None:
-    body = exc.response().body
+async def _send_error(send: Send, exc: APIError, surface: Surface | None = None) -> None:
+    body = surface.error(exc) if surface is not None else openai_error(exc)
     await send(
         {
             "type": "http.response.start",

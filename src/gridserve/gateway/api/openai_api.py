@@ -1,14 +1,13 @@
 """`/v1/models`, `/v1/chat/completions`, `/v1/completions`."""
 
 import asyncio
-import contextlib
 import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import ValidationError
@@ -17,7 +16,25 @@ from gridserve.catalog.models import MODELS
 from gridserve.catalog.tiers import DEFAULT_TIER
 from gridserve.engines import grammar
 from gridserve.gateway.api import tools
-from gridserve.gateway.api.errors import APIError, bad_request, model_not_found, no_capacity, unsupported_parameter
+from gridserve.gateway.api.answers import (
+    Calls,
+    PipelineRun,
+    Source,
+    WholeModel,
+    abandon,
+    collect,
+    collect_many,
+    sse,
+    sse_many,
+)
+from gridserve.gateway.api.errors import (
+    APIError,
+    bad_request,
+    json_object,
+    model_not_found,
+    no_capacity,
+    unsupported_parameter,
+)
 from gridserve.gateway.api.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -25,26 +42,30 @@ from gridserve.gateway.api.schemas import (
     SamplingFields,
     unsupported,
 )
-from gridserve.gateway.api.sse import DONE, ChunkFormatter
+from gridserve.gateway.api.sse import ChunkFormatter
+from gridserve.gateway.api.surface import Renderer, Surface, openai_error
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
-from gridserve.gateway.dispatch.generation import Generation, GenerationFailed
+from gridserve.gateway.dispatch.generation import Generation
 from gridserve.gateway.dispatch.prefixes import PrefixAffinity
 from gridserve.gateway.integrity.audit import Auditor
 from gridserve.gateway.integrity.receipts import ReceiptChecker
-from gridserve.gateway.lifecycle import Finished, Lifecycle, Scope, from_generation, from_pipeline
+from gridserve.gateway.lifecycle import Lifecycle, Scope
 from gridserve.gateway.ops.decisions import DecisionLog
 from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.ops.outcomes import Traces
 from gridserve.gateway.pipeline.candidate import is_pipeline
-from gridserve.gateway.pipeline.serving import Pipelines, Run
+from gridserve.gateway.pipeline.serving import Pipelines
 from gridserve.gateway.registry.membership import Membership, NodeRecord
 from gridserve.prefix.blocks import CHARS_PER_TOKEN
-from gridserve.reliability import EventKind, NodeEvent, Severity
 from gridserve.scheduler import KERNEL_POOL, Scheduler, UnknownTier
 from gridserve.scheduler.snapshot import NodeSnapshot
-from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams, StreamEvent
+from gridserve.types import ChatMessage, GenerateRequest, NodeId, SamplingParams
+from gridserve.types.node import GENERATE
 from gridserve.types.scheduling import Decision, ScheduleRequest
 from gridserve.types.wire import ResponseFormat
+
+if TYPE_CHECKING:
+    from gridserve.gateway.api.responses_api import ResponseStore
 
 log = logging.getLogger("gridserve.gateway")
 DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
@@ -59,6 +80,7 @@ FEATURE_NAMES = {
     "ignore_eos": "generating past the end-of-sequence token",
     "response_format": "structured output",
     "tools": "tool calling",
+    "logprobs": "log probabilities",
 }
 
 
@@ -81,15 +103,12 @@ class ApiContext:
     """Models no live node holds whole, served over chains of stage nodes."""
     prefixes: PrefixAffinity | None = None
     """Which nodes probably hold a prompt's prefix in their KV cache (None: prefix-blind routing)."""
+    responses: "ResponseStore | None" = None
+    """Stored responses of the Responses API (gateway/api/responses_api.py; None: none are kept)."""
 
 
 def parse(body: bytes, model: type[SamplingFields]) -> Any:
-    try:
-        raw = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"Request body is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise bad_request("Request body must be a JSON object.")
+    raw = json_object(body)
     refused = unsupported(raw, chat=model is ChatCompletionRequest)
     if refused is not None:
         raise unsupported_parameter(*refused)
@@ -133,6 +152,7 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
         min_tokens=req.min_tokens or 0,
         ignore_eos=bool(req.ignore_eos),
         response_format=fmt,
+        logprobs=_logprobs(req),
     )
     if sampling.seed is None and not sampling.greedy:
         # the gateway's own draw: the answer is as random to the client as without one, and a verifier can
@@ -151,6 +171,17 @@ def to_job(req: SamplingFields, kind: str, request_id: str) -> tuple[GenerateReq
         chars = len(prompt)
         job = GenerateRequest(request_id=request_id, model=req.model, prompt=prompt, sampling=sampling)
     return job, chars // CHARS_PER_TOKEN
+
+
+def _logprobs(req: SamplingFields) -> int | None:
+    """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs
+    if not isinstance(req, ChatCompletionRequest):
+        return None
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("Invalid request: top_logprobs needs logprobs set to true.", param="top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 def _response_format(raw: dict[str, Any] | None) -> ResponseFormat | None:
@@ -211,6 +242,11 @@ def decide(
     pipeline = ctx.pipelines.candidate(job.model, now) if ctx.pipelines is not None else None
     if not serving and pipeline is None:
         raise model_not_found(job.model)
+    if pipeline is None and not any(GENERATE in _tasks(r, job.model) for r in serving):
+        raise bad_request(
+            f"The model '{job.model}' is served for embeddings only (POST /v1/embeddings), not for generation.",
+            param="model",
+        )
     if job.sampling.features():
         _require_features(job, serving, pipeline)
     ctx.on_request(job.model)
@@ -274,6 +310,12 @@ def _require_features(job: GenerateRequest, serving: list[NodeRecord], pipeline:
             raise unsupported_parameter(name, f"{FEATURE_NAMES[name]} from {job.model}", by_no_node=True)
 
 
+def _tasks(record: NodeRecord, model: str) -> tuple[str, ...]:
+    """What the node serves `model` for (a model it can load but has not: generation)."""
+    offer = next((o for o in record.capability.models if o.name == model and o.layers is None), None)
+    return offer.tasks if offer is not None else (GENERATE,)
+
+
 def _context(record: NodeRecord, model: str) -> int:
     offer = next((o for o in record.capability.models if o.name == model), None)
     if offer is not None:
@@ -291,19 +333,57 @@ class Reply:
     stream: AsyncIterator[bytes] | None = None
 
 
-async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
-    model_type = ChatCompletionRequest if kind == "chat" else CompletionRequest
-    req = parse(body, model_type)
-    request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
-    job, prompt_tokens = to_job(req, kind, request_id)
+async def _read_chat(ctx: ApiContext, body: bytes) -> SamplingFields:
+    return parse(body, ChatCompletionRequest)  # type: ignore[no-any-return]
+
+
+async def _read_text(ctx: ApiContext, body: bytes) -> SamplingFields:
+    return parse(body, CompletionRequest)  # type: ignore[no-any-return]
+
+
+def _chunks(ctx: ApiContext, req: SamplingFields, response_id: str, model: str) -> Renderer:
+    chat = isinstance(req, ChatCompletionRequest)
+    return ChunkFormatter(chat=chat, response_id=response_id, model=model, include_usage=req.include_usage())
+
+
+CHAT = Surface("chat", "chat", "chatcmpl-", _read_chat, _chunks, openai_error)
+TEXT = Surface("text", "text", "cmpl-", _read_text, _chunks, openai_error)
+
+
+async def complete(ctx: ApiContext, body: bytes, surface: Surface) -> Reply:
+    req = await surface.read(ctx, body)
+    request_id = surface.id_prefix + secrets.token_hex(12)
+    job, prompt_tokens = to_job(req, surface.kind, request_id)
     if ctx.pipelines is not None and ctx.pipelines.placement.needed(job.model):  # `--layers auto` nodes only
         await ctx.pipelines.placement.place(job.model)
+    if req.n > 1:
+        return await _choices(ctx, req, job, prompt_tokens, surface)
+    opened = await _open(ctx, req, job, prompt_tokens, surface.kind)
+    return await _reply(ctx, req, opened, surface)
+
+
+@dataclass
+class _Opened:
+    """A request placed and under way: its decision, the headers that say where, and its events' source."""
+
+    decision: Decision
+    headers: list[tuple[bytes, bytes]]
+    source: Source
+    job: GenerateRequest
+
+    def calls(self, ctx: ApiContext) -> Calls | None:
+        fmt = self.job.sampling.response_format
+        return Calls(ctx, self.source, fmt) if fmt is not None and fmt.type == "tool_calls" else None
+
+
+async def _open(ctx: ApiContext, req: SamplingFields, job: GenerateRequest, prompt_tokens: int, kind: str) -> _Opened:
+    """Schedule `job` and open its stream on the chosen node (or the chosen pipeline's chain)."""
     scope = ctx.lifecycle.begin(kind)
     cached = ctx.prefixes.lookup(scope, job, prompt_tokens) if ctx.prefixes is not None else ()
     decision = decide(ctx, job, prompt_tokens, req.gridserve, cached)
     ctx.lifecycle.decided(scope, decision)
     if is_pipeline(decision.chosen):
-        return await _pipelined(ctx, scope, decision, req, job, kind)
+        return await _pipelined(ctx, scope, decision, job, kind)
     gen = Generation(ctx.dispatcher, decision, job, hedge=req.gridserve.hedge)
     try:
         await gen.open()
@@ -313,10 +393,10 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
     stream = gen.stream
     log.info(
         "dispatched %s (decision %s) to %s",
-        request_id,
+        job.request_id,
         decision.decision_id,
         stream.node_id,
-        extra={"request_id": request_id, "decision_id": decision.decision_id, "node_id": stream.node_id},
+        extra={"request_id": job.request_id, "decision_id": decision.decision_id, "node_id": stream.node_id},
     )
     headers = [(b"x-gridserve-decision", decision.decision_id.encode()), (b"x-gridserve-node", stream.node_id.encode())]
     ctx.lifecycle.opened(
@@ -328,13 +408,10 @@ async def complete(ctx: ApiContext, body: bytes, kind: str) -> Reply:
         hedge_delay_s=None if stream.hedge_delay_s is None else round(stream.hedge_delay_s, 6),
         ttft_s=round(stream.first_at - stream.started, 6),
     )
-    source = _WholeModel(ctx, scope, gen, kind)
-    return await _reply(ctx, req, decision, headers, source, kind, job)
+    return _Opened(decision, headers, WholeModel(ctx, scope, gen, kind), job)
 
 
-async def _pipelined(
-    ctx: ApiContext, scope: Scope, decision: Decision, req: SamplingFields, job: GenerateRequest, kind: str
-) -> Reply:
+async def _pipelined(ctx: ApiContext, scope: Scope, decision: Decision, job: GenerateRequest, kind: str) -> _Opened:
     """The scheduler chose the pipeline candidate: run the request over its chain of stage nodes."""
     assert ctx.pipelines is not None
     try:
@@ -350,232 +427,71 @@ async def _pipelined(
         (b"x-gridserve-pipeline", run.session.session.encode()),
         (b"x-gridserve-node", nodes.encode()),
     ]
-    return await _reply(ctx, req, decision, headers, _Pipeline(ctx, scope, run, decision, kind), kind, job)
+    return _Opened(decision, headers, PipelineRun(ctx, scope, run, decision, kind), job)
 
 
-class _Source:
-    """One serving path's events, and how the request ended as the lifecycle records it."""
-
-    scope: Scope
-
-    def events(self) -> AsyncIterator[StreamEvent]:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        """Release the work (the client left, or the answer ended)."""
-
-    def finished(self, status: str, error: str, last: StreamEvent) -> Finished:
-        raise NotImplementedError
-
-    def served_by(self) -> str:
-        raise NotImplementedError
-
-
-class _WholeModel(_Source):
-    def __init__(self, ctx: ApiContext, scope: Scope, gen: Generation, kind: str) -> None:
-        self.ctx, self.scope, self.gen, self.kind = ctx, scope, gen, kind
-        gen.on_failover = lambda failed: ctx.lifecycle.failover(scope, failed.node_id, failed.detail)
-
-    def events(self) -> AsyncIterator[StreamEvent]:
-        return self.gen.events()
-
-    async def close(self) -> None:
-        self.gen.close()
-
-    def finished(self, status: str, error: str, last: StreamEvent) -> Finished:
-        return from_generation(self.gen, self.kind, status=status, error=error, last=last)
-
-    def served_by(self) -> str:
-        return self.gen.segment.node_id
-
-
-class _Pipeline(_Source):
-    def __init__(self, ctx: ApiContext, scope: Scope, run: Run, decision: Decision, kind: str) -> None:
-        self.ctx, self.scope, self.run, self.decision, self.kind = ctx, scope, run, decision, kind
-
-    def events(self) -> AsyncIterator[StreamEvent]:
-        return self.run.events
-
-    async def close(self) -> None:
-        aclose = getattr(self.run.events, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-    def finished(self, status: str, error: str, last: StreamEvent) -> Finished:
-        return from_pipeline(self.run, self.decision, self.kind, status=status, error=error)
-
-    def served_by(self) -> str:
-        return self.decision.chosen or ""
-
-
-async def _reply(
-    ctx: ApiContext,
-    req: SamplingFields,
-    decision: Decision,
-    headers: list[tuple[bytes, bytes]],
-    source: _Source,
-    kind: str,
-    job: GenerateRequest,
-) -> Reply:
+async def _reply(ctx: ApiContext, req: SamplingFields, opened: _Opened, surface: Surface) -> Reply:
+    decision, headers, source = opened.decision, opened.headers, opened.source
     if req.gridserve.explain:
         headers.append((b"x-gridserve-explain", decision.explanation.encode("ascii", "replace")))
-    fmt = ChunkFormatter(chat=kind == "chat", response_id=decision.request_id, model=decision.model)
-    answer_format = job.sampling.response_format
-    calls = (
-        _Calls(ctx, source, answer_format) if answer_format is not None and answer_format.type == "tool_calls" else None
-    )
+    fmt = surface.renderer(ctx, req, decision.request_id, decision.model)
     if req.stream:
-        headers.append((b"content-type", b"text/event-stream"))
-        headers.append((b"cache-control", b"no-cache"))
-        return Reply(headers=headers, stream=_sse(ctx, source, fmt, req.include_usage(), calls))
-    whole = await _collect(ctx, source, fmt, calls)
+        headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        return Reply(headers=headers, stream=sse(ctx, source, fmt, opened.calls(ctx)))
+    whole = await collect(ctx, source, fmt, opened.calls(ctx))
     if req.gridserve.explain:
         whole["gridserve"] = summary(decision, source.served_by())
     headers.append((b"content-type", b"application/json"))
     return Reply(headers=headers, body=orjson.dumps(whole))
 
 
-async def _drain(ctx: ApiContext, source: _Source) -> AsyncIterator[StreamEvent]:
-    """The path's events, with the request's end recorded by the lifecycle whatever happens; a generation that
-    cannot go on ends with an `error` event."""
-    status, error = "ok", ""
-    last: StreamEvent = {}
-    try:
-        async for event in source.events():
-            if "error" in event:
-                status, error = "failed", str(event["error"].get("message", "node failed"))
-            last = event
-            yield event
-    except GenerationFailed as exc:
-        status, error = "failed", str(exc)
-        yield {"error": {"message": error}}
-    except (asyncio.CancelledError, GeneratorExit):
-        status, error = "cancelled", "client disconnected"
-        raise
-    except BaseException as exc:
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        if status != "ok":
-            await _quietly(source.close())
-        end = source.finished(status, error, last)
-        settled = ctx.lifecycle.finished(source.scope, end)
-        if status != "ok":  # no answer to hold back: stored in the background
-            await ctx.lifecycle.commit(end, settled)
-    await source.close()
-    await ctx.lifecycle.commit(end, settled)  # the answer ends only once its tokens are settled
+def _choice(job: GenerateRequest, i: int) -> GenerateRequest:
+    """Choice `i` of `n`: its own request id and, when sampled, the seed plus `i` (choice 0 is the request itself,
+    so `n` = 1 and the first of `n` give the same answer)."""
+    if i == 0:
+        return job
+    sampling = job.sampling
+    if sampling.seed is not None and not sampling.greedy:
+        sampling = sampling.model_copy(update={"seed": (sampling.seed + i) % 2**63})
+    return job.model_copy(update={"request_id": f"{job.request_id}-{i}", "sampling": sampling})
 
 
-async def _quietly(awaitable: Awaitable[None]) -> None:
-    with contextlib.suppress(Exception):
-        await awaitable
-
-
-class _Calls:
-    """An answer that may be tool calls: held back from the stream once it starts as calls, then turned into
-    OpenAI's `tool_calls` (finish_reason `tool_calls`) when it ends by itself. A call that its grammar does not
-    allow (only a node not decoding under it can send one) is an integrity incident at the node that served it,
-    and the client gets the answer as text."""
-
-    def __init__(self, ctx: ApiContext, source: _Source, answer_format: ResponseFormat) -> None:
-        self.ctx, self.source, self.format = ctx, source, answer_format
-        self.held: list[str] | None = None
-        """The answer so far once it is known to be calls (None: not known yet, or text)."""
-        self.decided = False
-
-    def hold(self, text: str) -> bool:
-        """Whether `text` (the next non-empty piece) is held back as part of calls."""
-        if not self.decided:
-            self.decided = True
-            if not self.format.optional or text.startswith("<"):
-                self.held = []
-        if self.held is None:
-            return False
-        self.held.append(text)
-        return True
-
-    def finish(self, reason: str) -> tuple[list[dict[str, Any]] | None, str, str]:
-        """(the calls, the finish reason, the held text to send as text when the answer is not whole calls)."""
-        text = "".join(self.held or [])
-        if self.held is None or reason != "stop":
-            return None, reason, text
-        problem = tools.validate(text, self.format)
-        made = tools.parse_calls(text) if not problem else None
-        if made is None:
-            self._incident(problem or "the answer is not tool calls")
-            return None, reason, text
-        return [c.openai(index=i) for i, c in enumerate(made)], "tool_calls", ""
-
-    def _incident(self, problem: str) -> None:
-        node = self.source.served_by()
-        log.warning("invalid tool call from %s: %s", node, problem)
-        self.ctx.membership.note(
-            NodeEvent(
-                node_id=node,
-                kind=EventKind.INCIDENT,
-                at=time.time(),
-                severity=Severity.SEVERE,
-                detail=f"integrity: tool call outside its grammar: {problem}",
-            )
-        )
-
-
-async def _sse(
-    ctx: ApiContext, source: _Source, fmt: ChunkFormatter, include_usage: bool, calls: _Calls | None = None
-) -> AsyncIterator[bytes]:
-    yield fmt.role()
-    async for event in _drain(ctx, source):
-        if "error" in event:
-            yield fmt.error(str(event["error"].get("message", "node failed")), "node_failed")
-            return
-        text = event.get("text")
-        if text and not (calls is not None and calls.hold(text)):
-            yield fmt.text(text)
-        reason = event.get("finish_reason")
-        if reason:
-            if calls is not None:
-                made, reason, held = calls.finish(reason)
-                if made:
-                    yield fmt.tool_calls(made)
-                elif held:
-                    yield fmt.text(held)
-            yield fmt.finish(reason)
-            if include_usage:
-                yield fmt.usage(
-                    int(event.get("prompt_tokens", 0)),
-                    int(event.get("completion_tokens", 0)),
-                    int(event.get("cached_tokens", 0)),
-                )
-    yield DONE
-
-
-async def _collect(
-    ctx: ApiContext, source: _Source, fmt: ChunkFormatter, calls: _Calls | None = None
-) -> dict[str, Any]:
-    parts: list[str] = []
-    final: StreamEvent = {}
-    async for event in _drain(ctx, source):
-        if "error" in event:
-            raise APIError(
-                502,
-                f"node failed mid-generation: {event['error'].get('message', '')}",
-                type_="api_error",
-                code="node_failed",
-            )
-        parts.append(event.get("text", ""))
-        final = event
-    text, reason, made = "".join(parts), str(final.get("finish_reason") or "stop"), None
-    if calls is not None and text:
-        calls.hold(text)
-        made, reason, _ = calls.finish(reason)
-    return fmt.whole(
-        text,
-        reason,
-        int(final.get("prompt_tokens", 0)),
-        int(final.get("completion_tokens", 0)),
-        int(final.get("cached_tokens", 0)),
-        tool_calls=made,
+async def _choices(
+    ctx: ApiContext, req: SamplingFields, job: GenerateRequest, prompt_tokens: int, surface: Surface
+) -> Reply:
+    """`n` > 1: each choice scheduled and dispatched as its own request, all at once (on one node or several),
+    merged into one answer."""
+    if surface.renderer is not CHAT.renderer:
+        raise bad_request("Invalid request: n > 1 is for the chat and text completions APIs.", param="n")
+    tried = await asyncio.gather(
+        *(_open(ctx, req, _choice(job, i), prompt_tokens, surface.kind) for i in range(req.n)), return_exceptions=True
     )
+    opened = [o for o in tried if isinstance(o, _Opened)]
+    failed = next((o for o in tried if not isinstance(o, _Opened)), None)
+    if failed is not None:
+        await asyncio.gather(*(abandon(ctx, o.source) for o in opened))
+        raise failed
+    created = int(time.time())
+    fmts = [
+        ChunkFormatter(
+            chat=surface.kind == "chat", response_id=job.request_id, model=job.model, created=created, index=i
+        )
+        for i in range(req.n)
+    ]
+    headers = [
+        (name, b",".join(value for o in opened for key, value in o.headers if key == name))
+        for name in (b"x-gridserve-decision", b"x-gridserve-node")
+    ]
+    sources, calls = [o.source for o in opened], [o.calls(ctx) for o in opened]
+    if req.stream:
+        headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        return Reply(headers=headers, stream=sse_many(ctx, sources, fmts, calls, req.include_usage()))
+    whole = await collect_many(ctx, sources, fmts, calls)
+    if req.gridserve.explain:
+        each = [summary(o.decision, o.source.served_by()) for o in opened]
+        whole["gridserve"] = {**each[0], "choices": each}
+    headers.append((b"content-type", b"application/json"))
+    return Reply(headers=headers, body=orjson.dumps(whole))
 
 
 def summary(decision: Decision, served_by: str) -> dict[str, Any]:
@@ -610,6 +526,7 @@ def list_models(ctx: ApiContext) -> dict[str, Any]:
                 "owned_by": "gridserve",
                 "nodes": len(records),
                 "emulated": emulated,
+                "tasks": sorted({t for r in records for t in _tasks(r, name)}),
             }
         )
     pipelines = ctx.pipelines
@@ -626,10 +543,11 @@ def list_models(ctx: ApiContext) -> dict[str, Any]:
                 "owned_by": "gridserve",
                 "nodes": len(stages),
                 "emulated": False,
+                "tasks": [GENERATE],
                 "pipeline": True,
             }
         )
     return {"object": "list", "data": data}
 
 
-__all__ = ["ApiContext", "complete", "list_models"]
+__all__ = ["CHAT", "TEXT", "ApiContext", "complete", "list_models"]

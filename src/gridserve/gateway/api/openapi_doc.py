@@ -29,6 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 import gridserve
+from gridserve.gateway.api.anthropic_api import MessagesRequest
+from gridserve.gateway.api.embeddings_api import EmbeddingRequest
+from gridserve.gateway.api.responses_api import ResponsesRequest
 from gridserve.gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gridserve.gateway.api.tokens_api import TokenRequest
 from gridserve.reliability import ReliabilityState
@@ -130,6 +133,9 @@ class ModelCard(Doc):
     owned_by: str
     nodes: int
     emulated: bool
+    tasks: list[Literal["embed", "generate"]]
+    """What live nodes serve the model for: `generate` (chat and text completions, Responses, Messages), `embed`
+    (`POST /v1/embeddings`)."""
     pipeline: bool = False
 
 
@@ -151,22 +157,63 @@ class Usage(Doc):
 
 
 class Explanation(Doc):
-    """Request option `gridserve.explain`: why this node."""
+    """Request option `gridserve.explain`: why this node (`n` > 1: the first choice's, and each choice's in
+    `choices`)."""
 
     decision_id: str
     served_by: str
     explanation: str
+    choices: list[dict[str, Any]] | None = None
+
+
+class FunctionCall(Doc):
+    name: str
+    arguments: str
+    """The arguments as a JSON object's text, valid under the tool's parameters."""
+
+
+class ToolCallDoc(Doc):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class AssistantMessage(Doc):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    """None when the answer is tool calls."""
+    tool_calls: list[ToolCallDoc] | None = None
+
+
+class TopLogprob(Doc):
+    token: str
+    logprob: float
+    """The model's own log-probability (-9999 for a token it cannot produce)."""
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Doc):
+    content: list[TokenLogprob] | None
+
+
+class TextLogprobs(Doc):
+    """The text completions' shape (request `logprobs`: how many alternatives)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
 
 
 class ChatChoice(Doc):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
+    """With request `logprobs`: each token's."""
     finish_reason: str
 
 
@@ -183,7 +230,7 @@ class ChatCompletion(Doc):
 class TextChoice(Doc):
     index: int
     text: str
-    logprobs: None
+    logprobs: TextLogprobs | None
     finish_reason: str
 
 
@@ -195,6 +242,96 @@ class TextCompletion(Doc):
     choices: list[TextChoice]
     usage: Usage
     gridserve: Explanation | None = None
+
+
+class ResponseUsage(Doc):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class ResponseObject(Doc):
+    """OpenAI's Response (the Responses API): `output` holds a `message` item (its `output_text` parts) or
+    `function_call` items."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "failed", "in_progress"]
+    error: dict[str, Any] | None
+    incomplete_details: dict[str, Any] | None
+    model: str
+    output: list[dict[str, Any]]
+    previous_response_id: str | None
+    store: bool
+    metadata: dict[str, str]
+    usage: ResponseUsage | None
+    gridserve: Explanation | None = None
+
+
+class ResponseDeleted(Doc):
+    id: str
+    object: Literal["response"]
+    deleted: Literal[True]
+
+
+class AnthropicUsage(Doc):
+    input_tokens: int = Field(description="prompt tokens not read from the node's prefix cache")
+    output_tokens: int
+    cache_read_input_tokens: int = Field(description="prompt tokens the node reused from its prefix cache")
+    cache_creation_input_tokens: int
+
+
+class AnthropicMessage(Doc):
+    """Anthropic's Message (`POST /v1/messages`): `content` holds a `text` block and/or `tool_use` blocks
+    (`{type, id, name, input}`). `stop_sequence` is always null: a node does not say whether a stop sequence or its
+    end-of-sequence token ended the answer (both are `end_turn`)."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: Literal["end_turn", "max_tokens", "tool_use"]
+    stop_sequence: None
+    usage: AnthropicUsage
+    gridserve: Explanation | None = None
+
+
+class AnthropicErrorDetail(Doc):
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, api_error, ...")
+    message: str
+
+
+class AnthropicError(Doc):
+    """Anthropic's error format (`/v1/messages`)."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+class EmbeddingItem(Doc):
+    object: Literal["embedding"]
+    index: int = Field(description="the input's position")
+    embedding: list[float] | str = Field(
+        description="the vector; `encoding_format: base64`: its float32, little-endian"
+    )
+
+
+class EmbeddingUsage(Doc):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Doc):
+    """OpenAI's embeddings answer: one vector per input, in the inputs' order."""
+
+    object: Literal["list"]
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingUsage
 
 
 class NodeView(Doc):
@@ -347,6 +484,11 @@ NODE_ACTION_ERRORS = (400, 401, 404, 413)
 OPS: dict[tuple[str, str], Op] = {
     ("post", "/v1/chat/completions"): Op(Auth.API_KEY, COMPLETION_ERRORS, ChatCompletion, ChatCompletionRequest),
     ("post", "/v1/completions"): Op(Auth.API_KEY, COMPLETION_ERRORS, TextCompletion, CompletionRequest),
+    ("post", "/v1/responses"): Op(Auth.API_KEY, COMPLETION_ERRORS, ResponseObject, ResponsesRequest),
+    ("get", "/v1/responses/{response_id}"): Op(Auth.API_KEY, (400, 401, 404), ResponseObject),
+    ("delete", "/v1/responses/{response_id}"): Op(Auth.API_KEY, (400, 401, 404), ResponseDeleted),
+    ("post", "/v1/messages"): Op(Auth.API_KEY, COMPLETION_ERRORS, AnthropicMessage, MessagesRequest),
+    ("post", "/v1/embeddings"): Op(Auth.API_KEY, COMPLETION_ERRORS, EmbeddingList, EmbeddingRequest),
     ("get", "/v1/models"): Op(Auth.API_KEY, (401,), ModelList),
     ("get", "/health"): Op(Auth.NONE, (), Health),
     ("get", "/metrics"): Op(Auth.NONE, ()),
@@ -376,8 +518,14 @@ OPS: dict[tuple[str, str], Op] = {
 HOT_PATH = {
     ("post", "/v1/chat/completions"): "Chat completion (OpenAI-compatible); `stream: true` answers server-sent events.",
     ("post", "/v1/completions"): "Text completion (OpenAI-compatible); `stream: true` answers server-sent events.",
+    ("post", "/v1/responses"): "A model response (OpenAI's Responses API), stored unless `store: false`; "
+    "`stream: true` answers its `response.*` server-sent events.",
+    ("post", "/v1/messages"): "A message (Anthropic's Messages API; the key as `x-api-key` or a bearer token, "
+    "`anthropic-version` accepted); `stream: true` answers Anthropic's server-sent events.",
 }
 """Served by gateway/api/hotpath.py, never by a FastAPI route: documented from here."""
+ERROR_MODELS: dict[str, type[BaseModel]] = {"/v1/messages": AnthropicError}
+"""Routes whose errors are in another API's format than OpenAI's."""
 PAGES: dict[str, dict[str, Any]] = {
     "/dashboard": {
         "operationId": "dashboard_page",
@@ -410,7 +558,8 @@ ERROR_WORDS = {
     400: "Invalid request (body, parameter or JSON).",
     401: "Missing or invalid credentials, or (node routes) a message that fails a trust check, or a registration"
     " without a valid join token (`X-Gridserve-Join-Token`) on a gateway that requires one (`join_token`).",
-    404: "Not found (model, node, decision, join token), or (heartbeat) a node that has not registered.",
+    404: "Not found (model, node, decision, join token, stored response), or (heartbeat) a node that has not"
+    " registered.",
     409: "Conflict (no canary could be sent: no eligible node; a banned node cannot be released).",
     413: "Request body over the gateway's limit (--max-body-bytes; a registration: 64 KiB).",
     429: "Too many registrations from this address or in all right now; retry after `Retry-After` seconds.",
@@ -429,11 +578,23 @@ SSE_EVENT = {
         "data": {
             "type": "string",
             "description": 'A JSON chunk (`chat.completion.chunk` or `text_completion`), an `{"error": ...}` object '
-            "if the generation fails mid-stream, or `[DONE]` last.",
+            "if the generation fails mid-stream, or `[DONE]` last; on /v1/responses one `response.*` event (named "
+            "by `event`), `response.completed`, `response.incomplete` or `response.failed` last.",
         },
         "event": {"type": "string"},
     },
 }
+SSE_EVENTS: dict[str, dict[str, Any]] = {
+    "/v1/messages": {
+        "type": "object",
+        "description": "One of Anthropic's server-sent events: message_start, content_block_start, "
+        "content_block_delta (text_delta or input_json_delta), content_block_stop, message_delta, message_stop last; "
+        "error if the generation fails mid-stream.",
+        "required": ["event", "data"],
+        "properties": {"event": {"type": "string"}, "data": {"type": "string", "description": "its JSON"}},
+    },
+}
+"""Hot-path routes whose events are not OpenAI's chunks (SSE_EVENT)."""
 DECISION_HEADERS = {
     "x-gridserve-decision": {"required": True, "schema": {"type": "string"}, "description": "GET /v1/decisions/{id}"},
     "x-gridserve-node": {"required": True, "schema": {"type": "string"}, "description": "the node(s) that served"},
@@ -442,7 +603,8 @@ DECISION_HEADERS = {
 
 def _component_schemas() -> dict[str, Any]:
     requests = {op.body for op in OPS.values() if op.body is not None}
-    answers = {ErrorResponse, Refusal} | {op.answer for op in OPS.values() if op.answer is not None}
+    errors: set[type[BaseModel]] = {ErrorResponse, Refusal, *ERROR_MODELS.values()}
+    answers = errors | {op.answer for op in OPS.values() if op.answer is not None}
     pairs: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = []
     pairs += [(model, "validation") for model in sorted(requests, key=lambda m: m.__name__)]
     pairs += [(model, "serialization") for model in sorted(answers, key=lambda m: m.__name__)]
@@ -478,7 +640,7 @@ def _errors_of(method: str, path: str, operation: dict[str, Any]) -> tuple[int, 
 
 
 def _error_response(status: int, path: str) -> dict[str, Any]:
-    model = Refusal if path.startswith("/nodes/") and status != 413 else ErrorResponse
+    model = Refusal if path.startswith("/nodes/") and status != 413 else ERROR_MODELS.get(path, ErrorResponse)
     return {"description": ERROR_WORDS.get(status, "Error."), "content": _json(_ref(model))}
 
 
@@ -500,7 +662,9 @@ def _complete(method: str, path: str, operation: dict[str, Any]) -> None:
 
 
 def _hot_path_operation(method: str, path: str, summary: str) -> dict[str, Any]:
-    answer = {"text/event-stream": {"schema": SSE_EVENT}}  # the JSON answer: from OPS, as for any route
+    answer = {
+        "text/event-stream": {"schema": SSE_EVENTS.get(path, SSE_EVENT)}
+    }  # the JSON answer: from OPS, as for any route
     return {
         "summary": summary,
         "description": "Served by the gateway's raw-ASGI hot path (gateway/api/hotpath.py); documented here.",

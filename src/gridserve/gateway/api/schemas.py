@@ -5,9 +5,12 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from gridserve.types.wire import MAX_REPETITION_PENALTY
+from gridserve.types.wire import MAX_REPETITION_PENALTY, MAX_TOP_LOGPROBS
 
 MAX_STOPS = 4
+MAX_CHOICES = 16
+MAX_LEGACY_LOGPROBS = 5
+"""OpenAI's bound on the text completions' `logprobs`."""
 
 
 def _string_or_list(max_items: int, *, min_items: int = 0, nullable: bool = False) -> WithJsonSchema:
@@ -29,8 +32,6 @@ def _off(*defaults: Any) -> Callable[[Any], bool]:
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "functions": (_off(), "tool calling by the legacy functions field (send tools)"),
     "function_call": (_off("none"), "tool calling by the legacy functions field (send tools)"),
-    "logprobs": (_off(False), "log probabilities"),
-    "top_logprobs": (_off(0), "log probabilities"),
     "echo": (_off(False), "echoing the prompt"),
     "suffix": (_off(), "a suffix"),
     "best_of": (_off(1), "best-of sampling"),
@@ -51,6 +52,7 @@ asks for)."""
 CHAT_ONLY: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tools": (_off(), "tool calling, which /v1/completions does not do (use /v1/chat/completions)"),
     "tool_choice": (_off("none"), "tool calling, which /v1/completions does not do (use /v1/chat/completions)"),
+    "top_logprobs": (_off(0), "alternatives by /v1/chat/completions' field (here their number is logprobs)"),
 }
 """Chat-only parameters, refused on the text completions endpoint rather than ignored."""
 
@@ -120,7 +122,13 @@ class SamplingFields(OpenAIModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: Annotated[str | list[str] | None, _string_or_list(MAX_STOPS, nullable=True)] = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(
+        1,
+        ge=1,
+        le=MAX_CHOICES,
+        description="Choices: each scheduled and generated as its own request (sampled ones with the seed plus its "
+        "index); the usage counts the prompt once.",
+    )
     top_k: int | None = Field(None, ge=-1, description=_VLLM + "sample among the k likeliest tokens (-1, 0: all).")
     repetition_penalty: float | None = Field(
         None,
@@ -163,6 +171,12 @@ class SamplingFields(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = Field(
+        None, description="Each answer token's log-probability (the model's own distribution, before temperature)."
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: this many likeliest tokens at each position."
+    )
     tools: list[Any] | None = Field(
         None,
         description="OpenAI's function tools; the answer's calls are generated under a grammar of their parameters "
@@ -174,6 +188,12 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Annotated[str | list[str], _string_or_list(1, min_items=1)]
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LEGACY_LOGPROBS,
+        description="Each answer token's log-probability with this many likeliest tokens at each position.",
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -46,6 +46,8 @@ class Segment:
     """Text this node sent without naming its tokens (an upstream server): chunks and characters."""
     unnamed_text: list[str] = field(default_factory=list)
     """That text (compared by redundancy checks: gateway/integrity/redundancy.py)."""
+    logprobs: list[float] = field(default_factory=list)
+    """The log-probability the node claimed for each of `ids`, when the request asked for them (audited)."""
     tokens: int = 0
     outcome: str = "streaming"
     detail: str = ""
@@ -170,6 +172,8 @@ class Generation:
             if not event.get("finish_reason"):
                 self.resumable = False  # an engine that does not name its tokens cannot be continued elsewhere
         self.emitted.extend(ids)
+        if ids and "logprobs" in event:
+            segment.logprobs.extend(float(e.get("logprob", 0.0)) for e in event["logprobs"])
         segment.ids.extend(ids)
         segment.tokens += len(ids)
         segment.last_at = time.monotonic()

@@ -50,6 +50,9 @@ log = logging.getLogger("gridserve.gateway")
 TIE_TOLERANCE = 1e-3
 """Relative logit gap below which a different greedy token is an honest near tie, not a wrong answer."""
 VERIFIABLE = ("gridserve-tiny", "gemma-3-270m")
+LOGPROB_TOLERANCE = 1e-2
+"""How far (in nats) a claimed log-probability may be from the verifier's: honest differences between a node's
+batched, cached decode and the verifier's single prefill are ~1e-5 (the logits' own)."""
 
 
 def _load(model: str) -> "LoadedModel":
@@ -103,8 +106,10 @@ class Verifier:
             return loaded.codec.encode_chat(job.messages)
         return loaded.codec.encode_prompt(job.prompt or "")
 
-    def check(self, job: GenerateRequest, ids: list[int], receipt: Receipt) -> AuditResult:
-        """Runs on the verifier thread."""
+    def check(
+        self, job: GenerateRequest, ids: list[int], receipt: Receipt, logprobs: tuple[float, ...] = ()
+    ) -> AuditResult:
+        """Runs on the verifier thread. `logprobs`: what the node claimed for each of `ids` (when asked)."""
         import torch
 
         from gridserve.engines.sampling import TokenRule
@@ -141,6 +146,8 @@ class Verifier:
             problems += found
         else:
             problems.append("audit: a sampled answer without a seed cannot be checked (the gateway fixes one)")
+        if logprobs:
+            problems += self._logprobs(out.logits[0], loaded.logit_mask, start, ids, logprobs)
         return AuditResult(str(receipt.node_id), job.request_id, tuple(problems), proof_checked, largest)
 
     def _sampled(
@@ -172,6 +179,22 @@ class Verifier:
             if i < len(ids):
                 rule.note(ids[i])
         return [], largest
+
+    @staticmethod
+    def _logprobs(
+        logits: "torch.Tensor", mask: "torch.Tensor | None", start: int, ids: list[int], claimed: tuple[float, ...]
+    ) -> list[str]:
+        """Each token's claimed log-probability must be the model's own (engines/sampling.py `log_probs`) within
+        LOGPROB_TOLERANCE."""
+        from gridserve.engines.sampling import log_probs
+
+        if len(claimed) != len(ids):
+            return [f"audit: {len(claimed)} log-probabilities for {len(ids)} tokens"]
+        for i, (token, value) in enumerate(zip(ids, claimed, strict=True)):
+            own = float(log_probs(logits[start + i].float(), mask)[token])
+            if abs(max(own, -9999.0) - value) > LOGPROB_TOLERANCE:
+                return [f"audit: token {i}'s log-probability is claimed {value:.4f}, the model gives {own:.4f}"]
+        return []
 
     def _greedy(
         self, rule: "TokenRule", logits: "torch.Tensor", start: int, ids: list[int], picks: int, resumed: int
@@ -238,14 +261,23 @@ class Auditor:
             summary, rate=config.audit_rate, new_rate=config.audit_new_rate, floor=config.audit_floor
         )
 
-    def maybe_audit(self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt, text: str = "") -> bool:
-        """`text`: the answer's text (compared by redundancy where the engine does not name its tokens)."""
+    def maybe_audit(
+        self,
+        node_id: str,
+        job: GenerateRequest,
+        ids: list[int],
+        receipt: Receipt,
+        text: str = "",
+        logprobs: tuple[float, ...] = (),
+    ) -> bool:
+        """`text`: the answer's text (compared by redundancy where the engine does not name its tokens);
+        `logprobs`: each token's, as the node claimed them (when the request asked for them)."""
         self.mix.note(job)
         if not self.verifier.supports(job.model):
             return self._redundant(node_id, job, ids, text)
         if self.rng.random() >= self.rate(node_id):
             return False
-        task = asyncio.create_task(self._audit(node_id, job, list(ids), receipt))
+        task = asyncio.create_task(self._audit(node_id, job, list(ids), receipt, logprobs))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
         return True
@@ -258,10 +290,12 @@ class Auditor:
 
         return self.redundancy.check(node_id, job, Answer(tuple(ids), text))
 
-    async def _audit(self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt) -> None:
+    async def _audit(
+        self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt, logprobs: tuple[float, ...] = ()
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self.verifier.pool, self.verifier.check, job, ids, receipt)
+            result = await loop.run_in_executor(self.verifier.pool, self.verifier.check, job, ids, receipt, logprobs)
         except Exception:  # a verifier bug must not accuse a node: logged, counted, no incident
             log.exception("audit of %s on %s could not run", job.request_id, node_id)
             self.metrics.audits.labels(result="error").inc()

@@ -29,14 +29,15 @@ class CanaryRunner:
         self.sent = 0
 
     def targets(self) -> list[tuple[str, str]]:
-        """(node, model) pairs a canary can go to: live nodes serving a model the verifier can run."""
+        """(node, model) pairs a canary can go to: live nodes serving a model the verifier can run, for generation
+        (a canary is a chat request)."""
         membership = self.dispatcher.membership
         return [
             (r.capability.node_id, o.name)
             for r in membership.nodes.values()
             if r.state in LIVE
             for o in r.capability.models
-            if o.layers is None and self.auditor.verifier.supports(o.name)  # (stages: no whole-request canary)
+            if o.layers is None and o.serves("generate") and self.auditor.verifier.supports(o.name)  # (not stages)
         ]
 
     async def once(self, node_id: str | None = None) -> AuditResult | None:

@@ -292,7 +292,10 @@ class RedundancyChecker:
 
 
 def _offer(record: NodeRecord, model: str) -> ModelOffer | None:
-    return next((o for o in record.capability.models if o.name == model and o.layers is None), None)
+    """The node's offer of the whole model for generation (what a redundant answer is asked of)."""
+    return next(
+        (o for o in record.capability.models if o.name == model and o.layers is None and o.serves("generate")), None
+    )
 
 
 def _fresh_id(request_id: str) -> str:

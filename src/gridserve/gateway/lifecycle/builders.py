@@ -19,7 +19,9 @@ def from_generation(gen: Generation, endpoint: str, *, status: str, error: str, 
         if segment.outcome == "ok":
             unnamed = (segment.unnamed_chunks, segment.unnamed_chars) if segment.unnamed_chunks else None
             text = "".join(segment.unnamed_text)
-            receipt = ReceiptInput(segment.job, tuple(segment.ids), segment.final, unnamed, text)
+            receipt = ReceiptInput(
+                segment.job, tuple(segment.ids), segment.final, unnamed, text, tuple(segment.logprobs)
+            )
         work.append(
             NodeWork(
                 node_id=segment.node_id,

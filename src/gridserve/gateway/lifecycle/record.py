@@ -23,6 +23,8 @@ class ReceiptInput:
     """(chunks, characters) of text the node sent without naming its tokens (an upstream server)."""
     text: str = ""
     """That text (an answer without token ids is compared by its text: gateway/integrity/redundancy.py)."""
+    logprobs: tuple[float, ...] = ()
+    """The log-probability the node claimed for each of `ids`, when the request asked for them (audited)."""
 
 
 @dataclass(frozen=True)

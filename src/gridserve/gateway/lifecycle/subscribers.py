@@ -252,7 +252,9 @@ class Settlement:
             check = self.receipts.check(work.node_id, receipt.job, list(receipt.ids), receipt.final, receipt.unnamed)
             problems += [f"{work.node_id[:12]}: {k}: {e}" for k, e in check.problems]
             if check.receipt is not None and check.ok:
-                self.auditor.maybe_audit(work.node_id, receipt.job, list(receipt.ids), check.receipt, receipt.text)
+                self.auditor.maybe_audit(
+                    work.node_id, receipt.job, list(receipt.ids), check.receipt, receipt.text, receipt.logprobs
+                )
             return check
         if not work.tokens:
             return None

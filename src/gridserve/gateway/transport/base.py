@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from gridserve.types import GenerateRequest, NodeId, StreamEvent
+from gridserve.types.embedding import EmbedRequest
 
 
 class EventStream(Protocol):
@@ -59,6 +60,12 @@ class NodeTransport(Protocol):
     async def generate(self, node_id: NodeId, endpoint: str, job: GenerateRequest) -> EventStream:
         """Open a gateway-signed generation on the node; returns once the node's reply began. Raises Refused
         (the node answered an error status), Unreachable or Timeout."""
+        ...
+
+    async def embed(self, node_id: NodeId, endpoint: str, job: EmbedRequest, timeout_s: float) -> bytes:
+        """Ask the node (gateway-signed) for embeddings; returns its answer's body (an envelope the node signed:
+        the caller checks it) once whole, within `timeout_s`. Raises Refused (an error status), Unreachable,
+        Timeout or BrokenStream."""
         ...
 
     async def load(self, node_id: NodeId, endpoint: str, payload: Mapping[str, Any], timeout_s: float) -> None:

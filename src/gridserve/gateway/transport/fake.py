@@ -29,6 +29,7 @@ from gridserve.gateway.transport.errors import Refused, TransportError, Unreacha
 from gridserve.trust import Identity
 from gridserve.trust.challenge import answer as challenge_answer
 from gridserve.types import GenerateRequest, NodeId, StreamEvent
+from gridserve.types.embedding import EmbedRequest
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,10 @@ class FakeTransport:
         self.loads: list[tuple[NodeId, dict[str, Any]]] = []
         self.load_answers: dict[str, TransportError] = {}
         """Nodes whose load requests fail, and how (Refused: the node declined)."""
+        self.embeds: list[tuple[NodeId, EmbedRequest]] = []
+        self.embed_answers: dict[str, bytes | TransportError] = {}
+        """What each node answers an embeddings request: its body (a signed envelope), or how the call fails; a node
+        not named is unreachable."""
 
     def script(self, node_id: str, *steps: Step) -> None:
         """The node's next generation plays `steps` (scripts queue up, one per call)."""
@@ -222,6 +227,13 @@ class FakeTransport:
         error = self.load_answers.get(node_id)
         if error is not None:
             raise error
+
+    async def embed(self, node_id: NodeId, endpoint: str, job: EmbedRequest, timeout_s: float) -> bytes:
+        self.embeds.append((node_id, job))
+        answer = self.embed_answers.get(node_id, Unreachable(f"no node at {endpoint}", cause="ClientConnectorError"))
+        if isinstance(answer, TransportError):
+            raise answer
+        return answer
 
     async def probe(self, node_id: NodeId, endpoint: str, timeout_s: float, challenge: str) -> bytes:
         self.probes.append(node_id)

@@ -27,6 +27,7 @@ from gridserve.gateway.transport.errors import (
 )
 from gridserve.trust import Identity, sign_envelope
 from gridserve.types import GenerateRequest, NodeId, StreamEvent
+from gridserve.types.embedding import EMBED_PURPOSE, MAX_EMBED_REPLY_BYTES, EmbedRequest
 
 JSON_HEADERS = {"content-type": "application/json"}
 MAX_STAGE_FRAME = 64 * 1024 * 1024
@@ -150,6 +151,23 @@ class AiohttpTransport:
                 response.close()
         return HttpEventStream(response.content, response.close)
 
+    async def embed(self, node_id: NodeId, endpoint: str, job: EmbedRequest, timeout_s: float) -> bytes:
+        payload = {**job.model_dump(mode="json"), "node_id": node_id}
+        body = sign_envelope(self.identity, payload, purpose=EMBED_PURPOSE, now=time.time())
+        headers = dict(JSON_HEADERS)
+        propagate.inject(headers)
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        with map_errors("open"):
+            response = await self._pool().post(
+                endpoint + "/internal/embed", data=body, headers=headers, timeout=timeout
+            )
+        try:
+            if response.status != 200:
+                raise await _refusal(response)
+            return await _whole(response.content, MAX_EMBED_REPLY_BYTES)
+        finally:
+            response.close()
+
     async def load(self, node_id: NodeId, endpoint: str, payload: Mapping[str, Any], timeout_s: float) -> None:
         body = sign_envelope(self.identity, {"node_id": node_id, **payload}, purpose="load", now=time.time())
         timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -183,6 +201,19 @@ class AiohttpTransport:
 
 MAX_PROBE_BYTES = 64 * 1024
 """The most of a /health answer read (a node's is a few hundred bytes)."""
+
+
+async def _whole(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole body; Malformed past `limit` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    with map_errors("read"):
+        async for chunk in content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise Malformed(f"an answer over {limit} bytes")
+            parts.append(chunk)
+    return b"".join(parts)
 
 
 async def _refusal(response: aiohttp.ClientResponse) -> Refused:

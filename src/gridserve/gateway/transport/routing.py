@@ -9,6 +9,7 @@ from gridserve.gateway.transport.http import AiohttpTransport
 from gridserve.gateway.transport.tunnel import TunnelTransport
 from gridserve.tunnel.wire import is_tunnel
 from gridserve.types import GenerateRequest, NodeId
+from gridserve.types.embedding import EmbedRequest
 
 
 class RoutingTransport:
@@ -28,6 +29,9 @@ class RoutingTransport:
 
     async def generate(self, node_id: NodeId, endpoint: str, job: GenerateRequest) -> EventStream:
         return await self._to(endpoint).generate(node_id, endpoint, job)
+
+    async def embed(self, node_id: NodeId, endpoint: str, job: EmbedRequest, timeout_s: float) -> bytes:
+        return await self._to(endpoint).embed(node_id, endpoint, job, timeout_s)
 
     async def load(self, node_id: NodeId, endpoint: str, payload: Mapping[str, Any], timeout_s: float) -> None:
         await self._to(endpoint).load(node_id, endpoint, payload, timeout_s)

@@ -46,6 +46,7 @@ from gridserve.tunnel.wire import (
     request_payload,
 )
 from gridserve.types import GenerateRequest, NodeId, StreamEvent
+from gridserve.types.embedding import EMBED_PURPOSE, MAX_EMBED_REPLY_BYTES, EmbedRequest
 
 log = logging.getLogger("gridserve.gateway")
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -431,6 +432,18 @@ class TunnelTransport:
             conn.end_stream(stream, cancel=Kind.CANCEL)
             raise
         return TunnelEventStream(conn, stream, queue, b"", False)
+
+    async def embed(self, node_id: NodeId, endpoint: str, job: EmbedRequest, timeout_s: float) -> bytes:
+        payload = {**job.model_dump(mode="json"), "node_id": node_id}
+        body = sign_envelope(self.identity, payload, purpose=EMBED_PURPOSE, now=time.time())
+        status, answer = await self._call(
+            node_id, "POST", "/internal/embed", body, timeout_s, limit=MAX_EMBED_REPLY_BYTES + 1
+        )
+        if status != 200:
+            raise refusal(status, answer[: REFUSAL_CHARS * 4].decode(errors="replace"))
+        if len(answer) > MAX_EMBED_REPLY_BYTES:
+            raise Malformed(f"an embeddings answer over {MAX_EMBED_REPLY_BYTES} bytes")
+        return answer
 
     async def load(self, node_id: NodeId, endpoint: str, payload: Mapping[str, Any], timeout_s: float) -> None:
         body = sign_envelope(self.identity, {"node_id": node_id, **payload}, purpose="load", now=time.time())

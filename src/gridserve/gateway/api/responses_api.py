@@ -1,0 +1,695 @@
+"""OpenAI's Responses API: `POST /v1/responses` (a Surface over the chat core: gateway/api/surface.py), and
+`GET` / `DELETE /v1/responses/{id}`.
+
+A Responses request becomes a chat completion request: `instructions` a system message first, then the stored
+conversation of `previous_response_id` (its input and its answer, as chat messages; never its instructions, as
+OpenAI documents), then `input`'s items (messages, function calls and their outputs); function tools become chat
+tools and `text.format` a `response_format`. So routing, receipts, audits, failover and tool grammars are the chat
+completions' own. The answer is written as a Response object, whole or as OpenAI's `response.*` events, and
+unless `store` is false it is stored, with the conversation including it, before it goes out: a client can chain
+at once, through any gateway on the same database (the `responses` table, store/db.py)."""
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError
+
+from gridserve.engines import grammar
+from gridserve.gateway.api.errors import APIError, bad_request, json_object, unsupported_parameter
+from gridserve.gateway.api.openai_api import ApiContext
+from gridserve.gateway.api.schemas import ChatCompletionRequest, GridOptions, SamplingFields
+from gridserve.gateway.api.surface import Answer, Renderer, Surface, openai_error
+from gridserve.gateway.api.tools import MAX_TOOLS
+from gridserve.store import Store
+from gridserve.store.group_commit import GroupCommit
+from gridserve.types.wire import ResponseFormat
+
+log = logging.getLogger("gridserve.gateway")
+
+MAX_METADATA = 16
+ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+"""An input message's role as the chat role the model reads (OpenAI's `developer` is the system's)."""
+TEXT_PARTS = ("input_text", "output_text")
+MEDIA_PARTS = ("input_image", "input_file", "input_audio")
+
+
+def _off(value: Any) -> bool:
+    """A parameter is off when absent, null, false, zero or empty (what asks for the default behaviour)."""
+    return value is None or value is False or value in (0, "", [], {})
+
+
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "background": (_off, "running the response in the background"),
+    "include": (_off, "additional output data"),
+    "reasoning": (lambda v: _off(v) or (isinstance(v, dict) and all(_off(x) for x in v.values())), "reasoning"),
+    "conversation": (_off, "server-side conversations (use previous_response_id)"),
+    "prompt": (_off, "stored prompt templates"),
+    "max_tool_calls": (_off, "a limit on built-in tool calls"),
+    "top_logprobs": (_off, "log probabilities"),
+    "prompt_cache_retention": (_off, "a prompt cache retention policy"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "a service tier other than auto or default"),
+}
+"""Responses parameters gridserve cannot honour: refused with a 400 naming them unless off (what asks for the
+default behaviour), never served as if they were absent."""
+
+
+# -- the request ------------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ResponsesTextConfig(_Strict):
+    format: dict[str, Any] | None = Field(
+        None,
+        description='`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "name", "schema", '
+        '"strict"}`: the answer is generated under the schema\'s grammar.',
+    )
+    verbosity: Any = Field(None, description="medium (the default) only.")
+
+
+class ResponsesStreamOptions(_Strict):
+    include_obfuscation: bool | None = Field(None, description="Accepted; gridserve pads no events.")
+
+
+Metadata = dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]]
+
+
+class ResponsesRequest(_Strict):
+    """OpenAI's Responses request as gridserve reads it: a field it does not know is a 400 naming it
+    (`unknown_parameter`), one it cannot honour a 400 `unsupported_parameter` unless off."""
+
+    model: str = Field(min_length=1)
+    input: str | list[dict[str, Any]] = Field(
+        description="A user message, or a list of items: messages (`role`, `content`: a string or input_text / "
+        "output_text parts), `function_call` and `function_call_output` items."
+    )
+    instructions: str | None = Field(None, description="A system message first (not carried to a continuation).")
+    previous_response_id: str | None = Field(
+        None, max_length=200, description="Continue a stored response: its conversation comes before `input`."
+    )
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    tools: list[dict[str, Any]] | None = Field(
+        None, max_length=MAX_TOOLS, description="Function tools (`type` function, `name`, `parameters`)."
+    )
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: ResponsesTextConfig | None = None
+    store: bool | None = Field(None, description="Keep the response for retrieval and continuation (default true).")
+    stream: bool | None = None
+    stream_options: ResponsesStreamOptions | None = None
+    metadata: Metadata | None = Field(None, max_length=MAX_METADATA)
+    truncation: Literal["auto", "disabled"] | None = Field(
+        None, description="Accepted; gridserve never drops input: a prompt over the context is a 400."
+    )
+    user: str | None = Field(None, description="Accepted, no effect.")
+    safety_identifier: str | None = Field(None, description="Accepted, no effect.")
+    prompt_cache_key: str | None = Field(None, description="Accepted, no effect (prefix routing needs no key).")
+    seed: int | None = Field(None, description="gridserve: sample reproducibly.")
+    gridserve: GridOptions = Field(default_factory=GridOptions)
+    background: Any = None
+    include: Any = None
+    reasoning: Any = None
+    conversation: Any = None
+    prompt: Any = None
+    max_tool_calls: Any = None
+    top_logprobs: Any = None
+    prompt_cache_retention: Any = None
+    service_tier: Any = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the Response object echoes and keeps, besides the answer."""
+
+    request: ResponsesRequest
+    conversation: list[dict[str, Any]]
+    """The chat messages before this answer, without the instructions (what a continuation starts from)."""
+    tools: list[dict[str, Any]]
+    tool_choice: Any
+    text_format: dict[str, Any]
+
+
+class ResponsesChat(ChatCompletionRequest):
+    """The chat completion request a Responses request becomes, with what its Response object needs."""
+
+    _spec: Spec | None = PrivateAttr(None)
+
+    def spec(self) -> Spec:
+        assert self._spec is not None, "made by read()"
+        return self._spec
+
+
+_NESTED = {"text", "stream_options", "gridserve"}
+CHAT_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+"""The Responses parameter each chat completion field comes from."""
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """The parameter a validation error is about (the nested field of an object parameter)."""
+    if not loc:
+        return None
+    name = str(loc[0])
+    if name in _NESTED and len(loc) > 1 and isinstance(loc[1], str) and loc[1].isidentifier():
+        return f"{name}.{loc[1]}"
+    return name
+
+
+def _parse(body: bytes) -> ResponsesRequest:
+    raw = json_object(body)
+    try:
+        req = ResponsesRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = _param(first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise APIError(400, f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter") from exc
+        raise bad_request(f"Invalid request: {param}: {first['msg']}", param=param) from exc
+    for name, (off, what) in UNSUPPORTED.items():
+        if not off(getattr(req, name)):
+            raise unsupported_parameter(name, what)
+    if req.text is not None and req.text.verbosity not in (None, "medium"):
+        raise unsupported_parameter("text.verbosity", "a verbosity other than medium")
+    return req
+
+
+# -- tools and formats ------------------------------------------------------------------------------------------
+
+
+def _tool(raw: dict[str, Any], i: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """tools[i] as (the chat tool, the Response's echo of it)."""
+    kind = raw.get("type")
+    if kind != "function":
+        if isinstance(kind, str) and kind:
+            raise unsupported_parameter(f"tools[{i}]", f"the built-in tool {kind!r} (only function tools)")
+        raise bad_request(f"Invalid request: tools[{i}].type must be function.", param=f"tools[{i}].type")
+    name, parameters = raw.get("name"), raw.get("parameters")
+    description, strict = raw.get("description"), raw.get("strict")
+    if not isinstance(name, str) or not 1 <= len(name) <= 64:
+        raise bad_request(f"Invalid request: tools[{i}].name must be 1 to 64 characters.", param=f"tools[{i}].name")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise bad_request(
+            f"Invalid request: tools[{i}].parameters must be a JSON schema.", param=f"tools[{i}].parameters"
+        )
+    if not isinstance(description, str | None) or not isinstance(strict, bool | None):
+        raise bad_request(
+            f"Invalid request: tools[{i}].description must be a string and strict a boolean.", param=f"tools[{i}]"
+        )
+    function = {"name": name, "description": description or "", "parameters": parameters}
+    echo = {"type": "function", **function, "description": description, "strict": strict is not False}
+    return {"type": "function", "function": function}, echo
+
+
+def _tool_choice(choice: str | dict[str, Any] | None) -> tuple[Any, Any]:
+    """(the chat tool_choice, the Response's echo of it)."""
+    if choice is None or isinstance(choice, str):
+        return choice, choice or "auto"
+    kind, name = choice.get("type"), choice.get("name")
+    if kind == "function" and isinstance(name, str):
+        return {"type": "function", "function": {"name": name}}, {"type": "function", "name": name}
+    if kind == "function":
+        raise bad_request("Invalid request: tool_choice.name must name a function tool.", param="tool_choice.name")
+    if isinstance(kind, str) and kind:
+        raise unsupported_parameter("tool_choice", f"a tool choice of type {kind!r} (only function tools)")
+    raise bad_request(
+        'Invalid request: tool_choice must be none, auto, required or {"type": "function", "name": ...}.',
+        param="tool_choice",
+    )
+
+
+def _text_format(raw: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """text.format as (the chat response_format, the Response's echo of it), checked to compile to a grammar."""
+    kind = (raw or {}).get("type", "text")
+    if raw is None or kind == "text":
+        return None, {"type": "text"}
+    if kind == "json_object":
+        return {"type": "json_object"}, {"type": "json_object"}
+    if kind != "json_schema":
+        raise bad_request(
+            f"Invalid request: text.format.type must be text, json_object or json_schema, not {kind!r}.",
+            param="text.format.type",
+        )
+    name, schema, strict = raw.get("name"), raw.get("schema"), raw.get("strict")
+    if not isinstance(name, str) or not 1 <= len(name) <= 64:
+        raise bad_request("Invalid request: text.format.name must be 1 to 64 characters.", param="text.format.name")
+    if not isinstance(schema, dict):
+        raise bad_request("Invalid request: text.format.schema must be a JSON schema.", param="text.format.schema")
+    if not isinstance(strict, bool | None):
+        raise bad_request("Invalid request: text.format.strict must be a boolean.", param="text.format.strict")
+    _check_schema(name, schema, bool(strict))
+    echo = {"type": "json_schema", "name": name, "schema": schema, "strict": bool(strict)}
+    if "description" in raw:
+        echo["description"] = raw["description"]
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": bool(strict)}}, echo
+
+
+def _check_schema(name: str, schema: dict[str, Any], strict: bool) -> None:
+    try:
+        fmt = ResponseFormat(type="json_schema", schema_text=orjson.dumps(schema).decode(), name=name, strict=strict)
+    except ValidationError as exc:
+        raise bad_request(
+            f"Invalid request: text.format: {exc.errors()[0]['msg']}.", param="text.format.schema"
+        ) from exc
+    problem = grammar.check(fmt)
+    if problem:
+        raise bad_request(
+            f"Invalid request: text.format.schema cannot be generated: {problem}", param="text.format.schema"
+        )
+
+
+# -- input items as chat messages -------------------------------------------------------------------------------
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content (a string, or text parts) as its text."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"Invalid request: {where} must be a string or a list of parts.", param=where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in MEDIA_PARTS:
+            raise unsupported_parameter(f"{where}[{j}]", f"{kind} content (gridserve's models read text only)")
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise bad_request(
+                f"Invalid request: {where}[{j}] must be an input_text or output_text part with a text.",
+                param=f"{where}[{j}]",
+            )
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _message(item: dict[str, Any], where: str) -> dict[str, Any]:
+    role = item.get("role")
+    if role not in ROLES:
+        raise bad_request(
+            f"Invalid request: {where}.role must be user, assistant, system or developer.", param=f"{where}.role"
+        )
+    return {"role": ROLES[role], "content": _text(item.get("content"), f"{where}.content")}
+
+
+def _string(item: dict[str, Any], key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"Invalid request: {where}.{key} must be a non-empty string.", param=f"{where}.{key}")
+    return value
+
+
+def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A function_call item as a chat tool call."""
+    call_id, name = _string(item, "call_id", where), _string(item, "name", where)
+    arguments = item.get("arguments")
+    if not isinstance(arguments, str):
+        raise bad_request(f"Invalid request: {where}.arguments must be a JSON string.", param=f"{where}.arguments")
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _call_output(item: dict[str, Any], where: str, calls: set[str]) -> dict[str, Any]:
+    """A function_call_output item as a chat tool message (its call must come before it)."""
+    call_id = _string(item, "call_id", where)
+    if call_id not in calls:
+        raise bad_request(
+            f"Invalid request: no function call with call_id {call_id!r} comes before {where}.",
+            param=f"{where}.call_id",
+        )
+    return {"role": "tool", "tool_call_id": call_id, "content": _text(item.get("output"), f"{where}.output")}
+
+
+def _calls_in(messages: list[dict[str, Any]]) -> set[str]:
+    return {str(c.get("id")) for m in messages for c in m.get("tool_calls") or []}
+
+
+def _items(given: str | list[dict[str, Any]], before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`input` as chat messages (`before`: the conversation it continues); consecutive function calls are one
+    assistant message's tool calls."""
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    if not given:
+        raise bad_request("Invalid request: input must have at least one item.", param="input")
+    messages: list[dict[str, Any]] = []
+    calls = _calls_in(before)
+    for i, item in enumerate(given):
+        where = f"input[{i}]"
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            messages.append(_message(item, where))
+        elif kind == "function_call":
+            call = _function_call(item, where)
+            calls.add(call["id"])
+            last = messages[-1] if messages else None
+            if last is not None and last.get("tool_calls"):
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append(_call_output(item, where, calls))
+        elif isinstance(kind, str) and kind:
+            raise unsupported_parameter(f"{where}.type", f"{kind!r} input items")
+        else:
+            raise bad_request(
+                f"Invalid request: {where} must be a message, function_call or function_call_output item.",
+                param=f"{where}.type",
+            )
+    return messages
+
+
+# -- read -------------------------------------------------------------------------------------------------------
+
+
+async def _previous(ctx: ApiContext, response_id: str | None) -> list[dict[str, Any]]:
+    """The stored conversation a continuation starts from ([] without one; a 404 when there is no such response)."""
+    if response_id is None:
+        return []
+    found = await ctx.responses.get(response_id) if ctx.responses is not None else None
+    if found is None:
+        raise APIError(
+            404,
+            f"Previous response with id '{response_id}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    return found.conversation
+
+
+async def read(ctx: ApiContext, body: bytes) -> SamplingFields:
+    """A Responses request as the chat completion request it becomes (a 4xx APIError when it cannot be)."""
+    req = _parse(body)
+    converted = [_tool(raw, i) for i, raw in enumerate(req.tools or [])]
+    choice, choice_echo = _tool_choice(req.tool_choice)
+    response_format, format_echo = _text_format(req.text.format if req.text is not None else None)
+    before = await _previous(ctx, req.previous_response_id)
+    conversation = [*before, *_items(req.input, before)]
+    system = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
+    fields = {
+        "model": req.model,
+        "messages": system + conversation,
+        "max_completion_tokens": req.max_output_tokens,
+        "tools": [chat for chat, _ in converted] or None,
+        "tool_choice": choice,
+        "parallel_tool_calls": req.parallel_tool_calls,
+        "response_format": response_format,
+        "stream": bool(req.stream),
+        "seed": req.seed,
+        "gridserve": req.gridserve,
+    }
+    fields |= {k: v for k, v in (("temperature", req.temperature), ("top_p", req.top_p)) if v is not None}
+    try:
+        chat = ResponsesChat.model_validate(fields)
+    except ValidationError as exc:  # what the checks above let through and chat's own bounds refuse
+        first = exc.errors()[0]
+        param = CHAT_NAMES.get(str(first["loc"][0]), str(first["loc"][0])) if first["loc"] else None
+        raise bad_request(f"Invalid request: {param}: {first['msg']}", param=param) from exc
+    chat._spec = Spec(req, conversation, [echo for _, echo in converted], choice_echo, format_echo)
+    return chat
+
+
+# -- the Response object ----------------------------------------------------------------------------------------
+
+
+def _usage(answer: Answer) -> dict[str, Any]:
+    cached = max(0, min(answer.cached_tokens, answer.prompt_tokens))
+    return {
+        "input_tokens": answer.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        "output_tokens": answer.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+    }
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(item_id: str, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def _status(answer: Answer) -> str:
+    return "incomplete" if answer.reason == "length" else "completed"
+
+
+def _assistant(answer: Answer) -> dict[str, Any]:
+    """The answer as the conversation's next chat message."""
+    if answer.calls:
+        return {"role": "assistant", "content": answer.text or None, "tool_calls": [c.openai() for c in answer.calls]}
+    return {"role": "assistant", "content": answer.text}
+
+
+class ResponseWriter:
+    """One answer as a Response object, whole or as OpenAI's `response.*` server-sent events (a Renderer), kept
+    in the store unless the request said `store: false`."""
+
+    def __init__(self, ctx: ApiContext, spec: Spec, response_id: str, model: str) -> None:
+        self.spec, self.id, self.model = spec, response_id, model
+        self.store = ctx.responses if spec.request.store is not False else None
+        self.created_at = int(time.time())
+        self.message_id = "msg_" + secrets.token_hex(24)
+        self.sequence = 0
+        self.opened = False
+        """Whether the message item has been announced (its first text streamed)."""
+        self.said: list[str] = []
+        self.output: list[dict[str, Any]] | None = None
+        self.final: dict[str, Any] | None = None
+        self.store_error = ""
+        head = {"type": "response.output_text.delta", "item_id": self.message_id, "output_index": 0}
+        self._delta = (
+            b"event: response.output_text.delta\ndata: "
+            + orjson.dumps({**head, "content_index": 0, "logprobs": []})[:-1]
+        )
+
+    # -- the object
+
+    def body(self, status: str, output: list[dict[str, Any]], answer: Answer | None = None) -> dict[str, Any]:
+        req = self.spec.request
+        length = answer is not None and answer.reason == "length"
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "background": False,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if length else None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "max_tool_calls": None,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": req.parallel_tool_calls is not False,
+            "previous_response_id": req.previous_response_id,
+            "prompt_cache_key": req.prompt_cache_key,
+            "reasoning": {"effort": None, "summary": None},
+            "safety_identifier": req.safety_identifier,
+            "service_tier": "default",
+            "store": self.store is not None,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "text": {"format": self.spec.text_format, "verbosity": "medium"},
+            "tool_choice": self.spec.tool_choice,
+            "tools": self.spec.tools,
+            "top_logprobs": 0,
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "truncation": req.truncation or "disabled",
+            "usage": _usage(answer) if answer is not None else None,
+            "user": req.user,
+            "metadata": req.metadata or {},
+        }
+
+    def items(self, answer: Answer) -> list[dict[str, Any]]:
+        """The answer's output items (made once: the stream's and the stored object's ids are the same)."""
+        if self.output is None:
+            output = []
+            if self.opened or not answer.calls:
+                output.append(_message_item(self.message_id, _status(answer), [_output_text(answer.text)]))
+            for call in answer.calls:
+                arguments = orjson.dumps(call.arguments).decode()
+                output.append(_call_item("fc_" + secrets.token_hex(24), call.id, call.name, arguments, "completed"))
+            self.output = output
+        return self.output
+
+    def settle(self, answer: Answer) -> dict[str, Any]:
+        if self.final is None:
+            self.final = self.body(_status(answer), self.items(answer), answer)
+            if _status(answer) == "completed":
+                self.final["completed_at"] = int(time.time())
+        return self.final
+
+    # -- the Renderer
+
+    def event(self, kind: str, **fields: Any) -> bytes:
+        data = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+    def start(self) -> bytes:
+        snapshot = self.body("in_progress", [])
+        return self.event("response.created", response=snapshot) + self.event("response.in_progress", response=snapshot)
+
+    def _open(self) -> bytes:
+        self.opened = True
+        item = _message_item(self.message_id, "in_progress", [])
+        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        return self.event("response.output_item.added", output_index=0, item=item) + self.event(
+            "response.content_part.added", **where, part=_output_text("")
+        )
+
+    def text(self, text: str) -> bytes:
+        opening = b"" if self.opened else self._open()
+        self.said.append(text)
+        number = self.sequence
+        self.sequence += 1
+        return opening + self._delta + b',"delta":' + orjson.dumps(text) + b',"sequence_number":%d}\n\n' % number
+
+    def end(self, answer: Answer) -> bytes:
+        out = []
+        for index, item in enumerate(self.items(answer)):
+            out.append(self._message_done(item) if item["type"] == "message" else self._call(index, item))
+        return b"".join(out)
+
+    def _message_done(self, item: dict[str, Any]) -> bytes:
+        opening = b"" if self.opened else self._open()
+        text = item["content"][0]["text"]
+        where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
+        return (
+            opening
+            + self.event("response.output_text.done", **where, text=text, logprobs=[])
+            + self.event("response.content_part.done", **where, part=_output_text(text))
+            + self.event("response.output_item.done", output_index=0, item=item)
+        )
+
+    def _call(self, index: int, item: dict[str, Any]) -> bytes:
+        where = {"item_id": item["id"], "output_index": index}
+        return (
+            self.event(
+                "response.output_item.added",
+                output_index=index,
+                item={**item, "arguments": "", "status": "in_progress"},
+            )
+            + self.event("response.function_call_arguments.delta", **where, delta=item["arguments"])
+            + self.event("response.function_call_arguments.done", **where, arguments=item["arguments"])
+            + self.event("response.output_item.done", output_index=index, item=item)
+        )
+
+    async def keep(self, answer: Answer) -> None:
+        final = self.settle(answer)
+        if self.store is None:
+            return
+        try:
+            await self.store.put(final, [*self.spec.conversation, _assistant(answer)])
+        except Exception as exc:  # the client is told (close, whole): never an answer it believes stored
+            log.exception("could not store response %s", self.id)
+            self.store_error = f"the response could not be stored ({type(exc).__name__}); send it again"
+
+    def close(self) -> bytes:
+        if self.final is None:
+            return self.error("the answer ended without a finish reason", "no_finish")
+        if self.store_error:
+            return self.error(self.store_error, "store_unavailable")
+        kind = "response.completed" if self.final["status"] == "completed" else "response.incomplete"
+        return self.event(kind, response=self.final)
+
+    def error(self, message: str, code: str) -> bytes:
+        partial = [_message_item(self.message_id, "incomplete", [_output_text("".join(self.said))])]
+        failed = self.body("failed", partial if self.opened else [])
+        failed["error"] = {"code": "server_error", "message": f"{message} ({code})"}
+        return self.event("response.failed", response=failed)
+
+    def whole(self, answer: Answer) -> dict[str, Any]:
+        if self.store_error:
+            raise APIError(503, self.store_error, type_="service_unavailable", code="store_unavailable")
+        return self.settle(answer)
+
+
+def renderer(ctx: ApiContext, req: SamplingFields, response_id: str, model: str) -> Renderer:
+    assert isinstance(req, ResponsesChat), "read() makes the request"
+    return ResponseWriter(ctx, req.spec(), response_id, model)
+
+
+RESPONSES = Surface("responses", "chat", "resp_", read, renderer, openai_error)
+
+
+# -- the store --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stored:
+    response: dict[str, Any]
+    conversation: list[dict[str, Any]]
+
+
+class ResponseStore:
+    """Stored responses (store/db.py `responses`), read and written off the event loop; writes that come
+    together are committed in one transaction, each caller returning once its own is committed."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._commit: GroupCommit[dict[str, Any]] = GroupCommit(store.put_responses)
+
+    async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        row = {
+            "response_id": response["id"],
+            "created_at": float(response["created_at"]),
+            "response": response,
+            "conversation": conversation,
+        }
+        await self._commit.commit([row])
+
+    async def get(self, response_id: str) -> Stored | None:
+        row = await asyncio.to_thread(self._store.get_response, response_id)
+        return None if row is None else Stored(row["response"], row["conversation"])
+
+    async def delete(self, response_id: str) -> bool:
+        return await asyncio.to_thread(self._store.delete_response, response_id)
+
+
+def not_found(response_id: str) -> APIError:
+    return APIError(404, f"Response with id '{response_id}' not found.", param="response_id", code="not_found")
+
+
+def _no_query(query: Mapping[str, str]) -> None:
+    """GET and DELETE take no query parameters gridserve would not honour (`stream=true` replays events)."""
+    for name, value in query.items():
+        if name == "include_obfuscation" or (name == "stream" and value.lower() == "false"):
+            continue
+        raise unsupported_parameter(name, "replaying or extending a stored response")
+
+
+async def retrieve_response(store: ResponseStore | None, response_id: str, query: Mapping[str, str]) -> dict[str, Any]:
+    """`GET /v1/responses/{id}`: the stored Response object (404 when there is none)."""
+    _no_query(query)
+    found = await store.get(response_id) if store is not None else None
+    if found is None:
+        raise not_found(response_id)
+    return found.response
+
+
+async def delete_response(store: ResponseStore | None, response_id: str, query: Mapping[str, str]) -> dict[str, Any]:
+    """`DELETE /v1/responses/{id}` (404 when there is none). Responses continued from it keep their conversation."""
+    _no_query(query)
+    if store is None or not await store.delete(response_id):
+        raise not_found(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+__all__ = ["RESPONSES", "ResponseStore", "ResponsesRequest", "delete_response", "read", "retrieve_response"]

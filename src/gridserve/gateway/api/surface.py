@@ -1,0 +1,81 @@
+"""One client-facing API over the chat core.
+
+OpenAI's chat and text completions, Anthropic's Messages and OpenAI's Responses all run the same way: the request
+becomes a chat (or text) completion request, which becomes the node's job (so routing, receipts, audits, failover and
+tool grammars are the same for all of them), and the node's events come back through a `Renderer` in the API's own
+shapes. A `Surface` names the three things that differ: how a body is read, how the answer is written, how an
+error is written."""
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gridserve.gateway.api.errors import APIError
+from gridserve.gateway.api.tools import ToolCall
+
+if TYPE_CHECKING:
+    from gridserve.gateway.api.openai_api import ApiContext
+    from gridserve.gateway.api.schemas import SamplingFields
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How an answer ended, with what it said (`text`: the whole answer's text; "" when it is calls)."""
+
+    reason: str
+    """OpenAI's finish reason: stop, length or tool_calls."""
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    text: str = ""
+    calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[dict[str, Any], ...] = ()
+    """One OpenAI chat logprob entry per token of the text, when the request asked for them."""
+
+
+class Renderer(Protocol):
+    """One answer in an API's shapes: streamed (`start`, `text`..., `end`, `close`) or whole."""
+
+    def start(self) -> bytes:
+        """What opens the stream (before the first token)."""
+        ...
+
+    def text(self, text: str) -> bytes: ...
+
+    def end(self, answer: Answer) -> bytes:
+        """What follows the last text once the answer has ended (its calls, finish reason, usage)."""
+        ...
+
+    async def keep(self, answer: Answer) -> None:
+        """What the API keeps of the answer (whole text), once its tokens are settled and before the stream's last
+        bytes or the whole answer go out (the Responses API stores it for `previous_response_id`)."""
+        ...
+
+    def close(self) -> bytes:
+        """The stream's last bytes, sent once the answer's tokens are settled and kept."""
+        ...
+
+    def error(self, message: str, code: str) -> bytes:
+        """The stream cannot go on (its node failed and no other could continue it)."""
+        ...
+
+    def whole(self, answer: Answer) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Surface:
+    name: str
+    """The route's label (logs)."""
+    kind: str
+    """The core request it becomes: `chat` or `text`."""
+    id_prefix: str
+    read: "Callable[[ApiContext, bytes], Awaitable[SamplingFields]]"
+    """The body as the core request (a 4xx APIError when it cannot be)."""
+    renderer: "Callable[[ApiContext, SamplingFields, str, str], Renderer]"
+    """(context, request, response id, model) -> how its answer is written."""
+    error: Callable[[APIError], bytes]
+    """An error's body in the API's own format."""
+
+
+def openai_error(exc: APIError) -> bytes:
+    return bytes(exc.response().body)
