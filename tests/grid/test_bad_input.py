@@ -36,6 +36,21 @@ def assert_openai_error(resp: httpx.Response, status: int, code: str | None = No
 CHAT = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
+def test_an_anthropic_style_key_opens_every_public_route(tiny_grid: LocalGrid) -> None:
+    """`x-api-key` (as the Anthropic SDK sends the key) is taken wherever `Authorization: Bearer` is."""
+    for key, status in ((API_KEY, 200), ("wrong", 401)):
+        headers = {"x-api-key": key}
+        assert httpx.get(tiny_grid.url + "/v1/models", headers=headers, timeout=30).status_code == status
+        body = {"model": TINY_MODEL, "input": "hi"}
+        assert (
+            httpx.post(tiny_grid.url + "/v1/embeddings", json=body, headers=headers, timeout=30).status_code == status
+        )
+        assert (
+            httpx.post(tiny_grid.url + "/v1/chat/completions", json=CHAT, headers=headers, timeout=30).status_code
+            == status
+        )
+
+
 def test_missing_and_wrong_api_key_are_401(tiny_grid: LocalGrid) -> None:
     assert_openai_error(post(tiny_grid, "/v1/chat/completions", CHAT, key=None), 401, "invalid_api_key")
     assert_openai_error(post(tiny_grid, "/v1/chat/completions", CHAT, key="nope"), 401, "invalid_api_key")

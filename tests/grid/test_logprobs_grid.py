@@ -35,7 +35,7 @@ def test_chat_logprobs_cover_every_token_streamed_and_whole(tiny_grid: LocalGrid
         assert entry.logprob == entry.top_logprobs[0].logprob, "greedy: the likeliest token is the one picked"
         tops = [t.logprob for t in entry.top_logprobs]
         assert tops == sorted(tops, reverse=True) and math.fsum(math.exp(v) for v in tops) <= 1.0 + 1e-9
-        assert bytes(entry.bytes or []) == entry.token.encode()
+    assert b"".join(bytes(e.bytes or []) for e in entries).decode() == whole.message.content, "bytes spell it"
     plain = client.chat.completions.create(**asked).choices[0]
     assert plain.logprobs is None and plain.message.content == whole.message.content, "asking changes no token"
     streamed: list[Any] = []
@@ -101,27 +101,36 @@ def _ask(client: OpenAI, i: int) -> str:
     return str(raw.headers["x-gridserve-node"])
 
 
+def _audited_at_least(grid: LocalGrid, count: int) -> dict[str, Any]:
+    """The audit summary once `count` answers in all have been audited (every answer is: audit rate 1)."""
+    deadline = time.monotonic() + 120
+    summary = admin_get(grid, "/admin/audits").json()
+    while time.monotonic() < deadline and summary["audited"] < count:
+        time.sleep(0.2)
+        summary = admin_get(grid, "/admin/audits").json()
+    assert summary["audited"] >= count, summary
+    return dict(summary)
+
+
 def test_a_node_inventing_logprobs_is_caught_and_an_honest_one_is_not(audited: tuple[LocalGrid, str]) -> None:
     grid, flatterer = audited
     client = _client(grid)
-    served = [_ask(client, i) for i in range(4)]
-    assert flatterer in served, "the first node up is the likelier pick; four tries"
-    deadline = time.monotonic() + 60
+    served: list[str] = []
+    while flatterer not in served and len(served) < 12:
+        served.append(_ask(client, len(served)))
+    assert flatterer in served, f"twelve answers, none from the first node up: {served}"
     out = {"quarantined", "banned"}  # each of its audited answers is a severe incident: a second one bans it
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and _reliability(grid, flatterer) not in out:
         time.sleep(0.3)
     incidents = admin_get(grid, f"/admin/incidents?node_id={flatterer}").json()["incidents"]
     assert incidents and incidents[0]["severity"] == "severe", incidents
     assert "log-probability is claimed 0.0000" in incidents[0]["detail"], incidents
     assert _reliability(grid, flatterer) in out
-    before = admin_get(grid, "/admin/audits").json()
-    after_quarantine = [_ask(client, i) for i in range(4, 10)]
+    before = _audited_at_least(grid, len(served))  # the first round's audits all counted
+    after_quarantine = [_ask(client, i) for i in range(len(served), len(served) + 6)]
     assert flatterer not in after_quarantine
-    deadline = time.monotonic() + 120
-    summary = admin_get(grid, "/admin/audits").json()
-    while time.monotonic() < deadline and summary["audited"] - before["audited"] < len(after_quarantine):
-        time.sleep(0.2)
-        summary = admin_get(grid, "/admin/audits").json()
+    summary = _audited_at_least(grid, before["audited"] + len(after_quarantine))
     assert (summary["audited"] - before["audited"], summary["failed"] - before["failed"]) == (6, 0), summary
     for honest in set(after_quarantine):
         assert admin_get(grid, f"/admin/incidents?node_id={honest}").json()["incidents"] == []

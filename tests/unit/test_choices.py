@@ -3,6 +3,7 @@ streamed or whole: every choice's chunks under its index, one usage over all (th
 a choice that fails ends the stream, and leaving early releases every choice's node."""
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -10,7 +11,7 @@ import pytest
 from tests.unit.answer_support import Scripted, context
 
 from gridserve.engines.tiny import TINY_MODEL
-from gridserve.gateway.api import answers
+from gridserve.gateway.api import answers, openai_api
 from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.api.openai_api import _choice, parse, to_job
 from gridserve.gateway.api.schemas import ChatCompletionRequest
@@ -67,8 +68,14 @@ def test_choices_stream_under_their_index_with_one_usage_and_one_done(chat: bool
         if choice["finish_reason"]:
             ends[choice["index"]] = choice["finish_reason"]
     assert texts == {0: "abc", 1: "de"} and ends == {0: "stop", 1: "stop"}
-    indexes = [f["choices"][0]["index"] for f in got[:-2]]
-    assert indexes != sorted(indexes), "interleaved as they come, not one choice after the other"
+    texts_in_order = [f["choices"][0]["index"] for f in got[:-2] if _said(f["choices"][0])]
+    first_end = min(i for i, f in enumerate(got[:-2]) if f["choices"][0]["finish_reason"])
+    before_an_end = [f["choices"][0]["index"] for f in got[:first_end] if _said(f["choices"][0])]
+    assert set(before_an_end) == {0, 1}, f"both choices stream before either ends: {texts_in_order}"
+
+
+def _said(choice: dict[str, Any]) -> str:
+    return str((choice.get("delta") or {}).get("content") or choice.get("text") or "")
 
 
 def test_a_failing_choice_ends_the_stream_and_releases_the_others() -> None:
@@ -82,6 +89,7 @@ def test_a_failing_choice_ends_the_stream_and_releases_the_others() -> None:
     got = frames(asyncio.run(go()))
     assert got[-1]["error"]["message"] == "node died" and DONE.strip() not in got
     assert slow.closed and slow.status == "cancelled", "the other choice's node is released"
+    assert failing.status == "failed", "recorded as the node's failure, not as the client leaving"
 
 
 def test_choices_collected_whole() -> None:
@@ -97,3 +105,53 @@ def test_a_failing_choice_fails_the_whole_answer_and_releases_the_others() -> No
     with pytest.raises(APIError) as failed:
         asyncio.run(answers.collect_many(context(), [slow, failing], formatters(2), [None, None]))
     assert failed.value.status == 502 and slow.status == "cancelled"
+
+
+class _Placing:
+    """`_open` faked at the scheduler's edge: choice 0 is placed at once, choice 1 after `delay_s` or never."""
+
+    def __init__(self, delay_s: float | None) -> None:
+        self.delay_s = delay_s
+        self.sources: list[Scripted] = []
+        self.placed = asyncio.Event()
+
+    async def __call__(self, ctx: Any, req: Any, job: Any, prompt_tokens: int, kind: str) -> Any:
+        if job.request_id.endswith("-1"):
+            await asyncio.sleep(self.delay_s if self.delay_s is not None else 3600)
+            raise APIError(503, "no eligible node", code="no_eligible_node")
+        source = Scripted(node("abc", 3))
+        self.sources.append(source)
+        self.placed.set()
+        return openai_api._Opened(SimpleNamespace(), [], source, job)
+
+
+def _jobs() -> list[Any]:
+    raw = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2, "seed": 1}
+    job, _ = to_job(parse(orjson.dumps(raw), ChatCompletionRequest), "chat", "chatcmpl-x")
+    return [_choice(job, i) for i in range(2)]
+
+
+def test_a_choice_that_cannot_be_placed_releases_those_that_were(monkeypatch: pytest.MonkeyPatch) -> None:
+    placing = _Placing(0.01)
+    monkeypatch.setattr(openai_api, "_open", placing)
+    with pytest.raises(APIError) as failed:
+        asyncio.run(openai_api._open_all(context(), None, _jobs(), 3, "chat"))  # type: ignore[arg-type]
+    assert failed.value.status == 503
+    (placed,) = placing.sources
+    assert placed.closed and placed.status == "cancelled"
+
+
+def test_a_client_leaving_while_choices_are_placed_releases_those_that_were(monkeypatch: pytest.MonkeyPatch) -> None:
+    placing = _Placing(None)
+    monkeypatch.setattr(openai_api, "_open", placing)
+
+    async def leave() -> None:
+        task = asyncio.ensure_future(openai_api._open_all(context(), None, _jobs(), 3, "chat"))  # type: ignore[arg-type]
+        await placing.placed.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(leave())
+    (placed,) = placing.sources
+    assert placed.closed and placed.status == "cancelled"

@@ -38,6 +38,7 @@ from gridserve.gateway.integrity.embeddings import (
     EmbeddingAudit,
     Integrity,
     read_reply,
+    verifiable,
 )
 from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.registry.events import Registered
@@ -478,3 +479,12 @@ def test_the_audit_passes_an_honest_answer_and_fails_another_models(tiny: TorchE
     assert float(np.linalg.norm(wrong[1] - honest[1])) > AUDIT_TOLERANCE  # the premise
     result = audit.check("n", job, [1], wrong[[1]])
     assert not result.ok and "embedding of input 1" in result.problems[0]
+
+
+def test_what_a_node_says_of_its_precision_does_not_exempt_it_from_audit() -> None:
+    auditor = cast(Auditor, SimpleNamespace(verifier=Verifier()))
+    for dtype, quantization in (("float32", "none"), ("float16", "none"), ("int8", "q8_0")):
+        offer = ModelOffer(name=TINY_MODEL, dtype=dtype, quantization=quantization, tasks=("embed",))
+        assert verifiable(auditor, offer), (dtype, quantization)
+    assert not verifiable(auditor, ModelOffer(name="llama-3-8b", tasks=("embed",))), "a model it cannot run"
+    assert not verifiable(auditor, None)

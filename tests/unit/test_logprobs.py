@@ -21,6 +21,8 @@ from gridserve.gateway.api.openai_api import parse, to_job
 from gridserve.gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gridserve.gateway.api.sse import ChunkFormatter
 from gridserve.gateway.api.surface import Answer
+from gridserve.gateway.dispatch.dispatcher import NodeFailed
+from gridserve.gateway.dispatch.generation import checked_logprobs
 from gridserve.gateway.integrity.audit import Verifier
 from gridserve.node.dishonest import Dishonesty
 from gridserve.trust import proofs
@@ -44,6 +46,9 @@ class _Bytes:
     def decode(self, ids: Any) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token])
+
 
 def test_a_tokens_entry_is_the_models_log_softmax_with_the_likeliest_first() -> None:
     logits = torch.tensor([2.0, 0.5, 3.0, -1.0, 2.5])
@@ -54,6 +59,8 @@ def test_a_tokens_entry_is_the_models_log_softmax_with_the_likeliest_first() -> 
     assert [t.token for t in entry.top_logprobs] == ["\x02", "\x04", "\x00"], "token 2, then 4, then 0"
     assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
     assert math.fsum(math.exp(v) for v in log_probs(logits, mask).tolist() if v > -math.inf) == pytest.approx(1.0)
+    part = token_logprob(torch.zeros(256), None, 0xE2, 0, _Bytes())
+    assert (part.token, part.bytes) == ("\ufffd", (0xE2,)), "part of a character: its byte, not U+FFFD's"
     masked = token_logprob(logits, mask, 3, 0, _Bytes())
     assert masked.logprob == -9999.0 and masked.top_logprobs == (), "-inf is written as OpenAI does, -9999"
 
@@ -68,7 +75,8 @@ def test_the_engine_sends_one_entry_per_token_only_when_asked(tiny: TorchEngine)
         (entry,) = event.logprobs
         assert entry.logprob <= 0.0 and len(entry.top_logprobs) == 4
         assert entry.top_logprobs[0].logprob >= entry.logprob, "nothing likelier than the likeliest"
-        assert bytes(entry.bytes) == entry.token.encode()
+    said = b"".join(bytes(e.logprobs[0].bytes) for e in tokens).decode("utf-8", errors="replace")
+    assert said == "".join(e.text for e in asked), "the bytes spell the answer"
     greedy = [e for e in run(tiny, job(2, temperature=0.0, logprobs=1)) if e.token_ids]
     assert all(e.logprobs[0].logprob == e.logprobs[0].top_logprobs[0].logprob for e in greedy), "argmax picked"
 
@@ -152,6 +160,12 @@ def test_an_upstream_is_asked_for_them_in_its_endpoints_terms() -> None:
 needs_proofs = pytest.mark.skipif(not proofs.AVAILABLE, reason="toploc is not built here (make installs it)")
 
 
+def _claims(events: list[TokenEvent]) -> tuple[tuple[float, tuple[float, ...]], ...]:
+    return tuple(
+        (e.logprobs[0].logprob, tuple(t.logprob for t in e.logprobs[0].top_logprobs)) for e in events if e.token_ids
+    )
+
+
 @needs_proofs
 def test_the_verifier_recomputes_them_and_catches_invented_ones(tiny: TorchEngine) -> None:
     verifier = Verifier(threads=1)
@@ -160,12 +174,33 @@ def test_the_verifier_recomputes_them_and_catches_invented_ones(tiny: TorchEngin
         request = job(i, logprobs=2, **({"temperature": 0.0} if i % 2 else {}))
         events = run(tiny, request)
         ids = [t for e in events for t in e.token_ids]
-        honest = tuple(e.logprobs[0].logprob for e in events if e.token_ids)
+        honest = _claims(events)
         receipt = unsigned_receipt(events[-1], TINY_MODEL)
         assert verifier.check(request, ids, receipt, honest).ok, i
-        told = tuple(lies.alter(e, n).logprobs[0].logprob for n, e in enumerate(events) if e.token_ids)
-        assert set(told) == {0.0}
+        told = _claims([lies.alter(e, n) for n, e in enumerate(events)])
+        assert {value for value, _ in told} == {0.0}
         result = verifier.check(request, ids, receipt, told)
         assert not result.ok and any("log-probability is claimed 0.0000" in p for p in result.problems), result
-        short = verifier.check(request, ids, receipt, honest[:-1])
-        assert not short.ok, "one number per token"
+        assert not verifier.check(request, ids, receipt, honest[:-1]).ok, "one claim per token"
+        assert not verifier.check(request, ids, receipt, ()).ok, "asked for and not sent"
+        shifted = tuple((value, tuple(t - 0.5 for t in tops)) for value, tops in honest)
+        result = verifier.check(request, ids, receipt, shifted)
+        assert not result.ok and any("alternatives are claimed" in p for p in result.problems), result
+
+
+def test_the_gateway_takes_only_well_formed_numbers_and_only_when_asked() -> None:
+    (kept,) = checked_logprobs([ENTRIES[0]], 2, 1)
+    assert list(kept["top_logprobs"]) == [{"token": "He", "logprob": -0.5, "bytes": ()}] and kept["bytes"] == (72, 101)
+    assert checked_logprobs([ENTRIES[0]], None, 1) == [], "not asked for: dropped"
+    bad: list[object] = [
+        "junk",
+        [{**ENTRIES[0], "extra": "injected"}],
+        [ENTRIES[0], ENTRIES[1]],  # two entries for one token
+        [{**ENTRIES[0], "logprob": float("nan")}],
+        [{**ENTRIES[0], "logprob": 0.5}],
+        [{**ENTRIES[0], "logprob": "x"}],
+        [{**ENTRIES[0], "top_logprobs": [{"token": "a", "logprob": -1.0}] * 3}],  # more than asked
+    ]
+    for raw in bad:
+        with pytest.raises(NodeFailed, match="malformed log-probabilities"):
+            checked_logprobs(raw, 2, 1)

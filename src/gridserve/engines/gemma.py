@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,9 @@ def _load_gguf(gguf: Path) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 class HFCodec:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -150,6 +154,13 @@ class HFCodec:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for: a byte-fallback piece (`<0xE2>`) its one byte, which decoding alone turns
+        into the replacement character; any other its text's."""
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        found = BYTE_PIECE.fullmatch(piece) if isinstance(piece, str) else None
+        return bytes([int(found.group(1), 16)]) if found else self.decode([token]).encode()
 
 
 def weights_digest(cache: Path | None = None) -> str:

@@ -163,6 +163,8 @@ def draw_miss(logits: torch.Tensor, params: SamplingParams, seed: int, step: int
 class Decodes(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def token_bytes(self, token: int) -> bytes: ...
+
 
 def log_probs(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The model's own log-probabilities at a position: its logits and mask, before temperature, penalties and
@@ -185,5 +187,4 @@ def token_logprob(
 
 
 def _entry(codec: Decodes, token: int, logprob: float) -> TopLogprob:
-    text = codec.decode([token])
-    return TopLogprob(token=text, logprob=max(logprob, -9999.0), bytes=tuple(text.encode()))
+    return TopLogprob(token=codec.decode([token]), logprob=max(logprob, -9999.0), bytes=tuple(codec.token_bytes(token)))

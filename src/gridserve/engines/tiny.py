@@ -35,6 +35,10 @@ class ByteCodec:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i - OFFSET for i in ids if i >= OFFSET).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (none for the specials)."""
+        return bytes([token - OFFSET]) if token >= OFFSET else b""
+
     def grammar_tokenizer(self) -> Any:
         """The vocabulary as llguidance reads it (structured output: engines/grammar.py)."""
         return _byte_tokenizer()

@@ -38,6 +38,10 @@ class TextCodec(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (its text may be part of a character: logprobs' `bytes`)."""
+        ...
+
     def grammar_tokenizer(self) -> Any:
         """The vocabulary as llguidance reads it (structured output: engines/grammar.py)."""
         ...

@@ -161,7 +161,10 @@ class Gateway:
         """Several gateways on one PostgreSQL database keep each other's nodes and ledger (None on SQLite)."""
 
     def require_api_key(self, request: Request) -> None:
-        if not _check_key(_bearer(request), self.config.api_keys):
+        """An API key as OpenAI's clients send it (`Authorization: Bearer`) or Anthropic's (`x-api-key`), as the
+        hot path takes it."""
+        keys = self.config.api_keys
+        if not (_check_key(_bearer(request), keys) or _check_key(request.headers.get("x-api-key", "").strip(), keys)):
             raise unauthorized()
 
     def require_admin(self, request: Request) -> None:

@@ -5,7 +5,7 @@ renderer's bytes, streamed (`sse`) or whole (`collect`); `n` > 1 choices merged 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any
 
 from gridserve.gateway.api import tools
@@ -82,7 +82,7 @@ class PipelineRun(Source):
         return self.decision.chosen or ""
 
 
-async def drain(ctx: "ApiContext", source: Source) -> AsyncIterator[StreamEvent]:
+async def drain(ctx: "ApiContext", source: Source) -> AsyncGenerator[StreamEvent]:
     """The path's events, with the request's end recorded by the lifecycle whatever happens; a generation that
     cannot go on ends with an `error` event."""
     status, error = "ok", ""
@@ -97,7 +97,8 @@ async def drain(ctx: "ApiContext", source: Source) -> AsyncIterator[StreamEvent]
         status, error = "failed", str(exc)
         yield {"error": {"message": error}}
     except (asyncio.CancelledError, GeneratorExit):
-        status, error = "cancelled", "client disconnected"
+        if status == "ok":  # closed after an error event: still the node's failure, not the client's leaving
+            status, error = "cancelled", "client disconnected"
         raise
     except BaseException as exc:
         status, error = "failed", f"{type(exc).__name__}: {exc}"
@@ -163,8 +164,10 @@ async def sse(ctx: "ApiContext", source: Source, fmt: Renderer, calls: Calls | N
     yield fmt.start()
     said: list[str] = []
     answer: Answer | None = None
-    async for event in drain(ctx, source):
+    events = drain(ctx, source)
+    async for event in events:
         if "error" in event:
+            await events.aclose()  # the request's end recorded now, not when the generator is collected
             yield fmt.error(str(event["error"].get("message", "node failed")), "node_failed")
             return
         text = event.get("text", "")
@@ -293,9 +296,8 @@ def _counts(answers: list[Answer]) -> tuple[int, int, int]:
 
 
 async def abandon(ctx: "ApiContext", source: Source) -> None:
-    """Give up a request opened but not wanted (another choice of its `n` could not be placed): cancelled as a
-    client's leaving cancels it, its end recorded by the lifecycle."""
-    task = asyncio.ensure_future(collect(ctx, source, ChunkFormatter(chat=True, response_id="", model="")))
-    await asyncio.sleep(0)  # into its first wait for an event
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    """Give up a request opened but not wanted (another choice of its `n` could not be placed, or the client left):
+    its work released, its end recorded by the lifecycle as cancelled, as a client's leaving records it."""
+    await _quietly(source.close())
+    end = source.finished("cancelled", "released: another choice of the request could not be placed", {})
+    await ctx.lifecycle.commit(end, ctx.lifecycle.finished(source.scope, end))

@@ -463,14 +463,7 @@ async def _choices(
     merged into one answer."""
     if surface.renderer is not CHAT.renderer:
         raise bad_request("Invalid request: n > 1 is for the chat and text completions APIs.", param="n")
-    tried = await asyncio.gather(
-        *(_open(ctx, req, _choice(job, i), prompt_tokens, surface.kind) for i in range(req.n)), return_exceptions=True
-    )
-    opened = [o for o in tried if isinstance(o, _Opened)]
-    failed = next((o for o in tried if not isinstance(o, _Opened)), None)
-    if failed is not None:
-        await asyncio.gather(*(abandon(ctx, o.source) for o in opened))
-        raise failed
+    opened = await _open_all(ctx, req, [_choice(job, i) for i in range(req.n)], prompt_tokens, surface.kind)
     created = int(time.time())
     fmts = [
         ChunkFormatter(
@@ -478,10 +471,12 @@ async def _choices(
         )
         for i in range(req.n)
     ]
-    headers = [
-        (name, b",".join(value for o in opened for key, value in o.headers if key == name))
-        for name in (b"x-gridserve-decision", b"x-gridserve-node")
-    ]
+    names = (b"x-gridserve-decision", b"x-gridserve-node", b"x-gridserve-pipeline")
+    headers = [(name, b",".join(v for o in opened for k, v in o.headers if k == name)) for name in names]
+    headers = [(name, value) for name, value in headers if value]
+    if req.gridserve.explain:
+        said = " | ".join(o.decision.explanation for o in opened)
+        headers.append((b"x-gridserve-explain", said.encode("ascii", "replace")))
     sources, calls = [o.source for o in opened], [o.calls(ctx) for o in opened]
     if req.stream:
         headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -492,6 +487,24 @@ async def _choices(
         whole["gridserve"] = {**each[0], "choices": each}
     headers.append((b"content-type", b"application/json"))
     return Reply(headers=headers, body=orjson.dumps(whole))
+
+
+async def _open_all(
+    ctx: ApiContext, req: SamplingFields, jobs: list[GenerateRequest], prompt_tokens: int, kind: str
+) -> list[_Opened]:
+    """Place and open every job at once; if one cannot be (or the client leaves meanwhile), the others are not left
+    running: those still opening are cancelled, those open are abandoned (their end recorded as cancelled)."""
+    tasks = [asyncio.ensure_future(_open(ctx, req, job, prompt_tokens, kind)) for job in jobs]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        placed = [t.result() for t in tasks if not t.cancelled() and t.exception() is None]
+        await asyncio.shield(asyncio.gather(*(abandon(ctx, o.source) for o in placed)))
+        raise
+    return [t.result() for t in tasks]
 
 
 def summary(decision: Decision, served_by: str) -> dict[str, Any]:

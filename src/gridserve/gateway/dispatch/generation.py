@@ -10,10 +10,13 @@ decoding the text equals an uninterrupted run, and seeded sampling continues det
 draw at each position depends only on (seed, position) (engines/sampling.py).
 """
 
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import ValidationError
 
 from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed, NodeStream, error_message
@@ -22,6 +25,10 @@ from gridserve.gateway.transport import Malformed, TransportError
 from gridserve.reliability import EventKind
 from gridserve.types import GenerateRequest, NodeId, StreamEvent
 from gridserve.types.scheduling import Decision
+from gridserve.types.wire import TokenLogprob
+
+LOGPROB_SLACK = 1e-6
+"""A log-probability may exceed 0 by float rounding, by no more."""
 
 
 class GenerationFailed(Exception):
@@ -46,8 +53,9 @@ class Segment:
     """Text this node sent without naming its tokens (an upstream server): chunks and characters."""
     unnamed_text: list[str] = field(default_factory=list)
     """That text (compared by redundancy checks: gateway/integrity/redundancy.py)."""
-    logprobs: list[float] = field(default_factory=list)
-    """The log-probability the node claimed for each of `ids`, when the request asked for them (audited)."""
+    logprobs: list[tuple[float, tuple[float, ...]]] = field(default_factory=list)
+    """What the node claimed for each of `ids` when the request asked for log-probabilities: the token's and its
+    alternatives' (audited)."""
     tokens: int = 0
     outcome: str = "streaming"
     detail: str = ""
@@ -172,8 +180,11 @@ class Generation:
             if not event.get("finish_reason"):
                 self.resumable = False  # an engine that does not name its tokens cannot be continued elsewhere
         self.emitted.extend(ids)
-        if ids and "logprobs" in event:
-            segment.logprobs.extend(float(e.get("logprob", 0.0)) for e in event["logprobs"])
+        if "logprobs" in event:
+            scored = checked_logprobs(event.pop("logprobs"), segment.job.sampling.logprobs, len(ids))
+            if scored:
+                event["logprobs"] = scored
+                segment.logprobs.extend((e["logprob"], tuple(t["logprob"] for t in e["top_logprobs"])) for e in scored)
         segment.ids.extend(ids)
         segment.tokens += len(ids)
         segment.last_at = time.monotonic()
@@ -218,6 +229,26 @@ class Generation:
         """The client went away (or an error ended the generation): release the node's work."""
         if self.segments:
             self._close_segment("cancelled")
+
+
+def checked_logprobs(raw: object, asked: int | None, tokens: int) -> list[dict[str, Any]]:
+    """A node's log-probabilities for one event, as the client gets them: dropped when the request did not ask for
+    them; otherwise each entry re-made from its fields (nothing else passes through), finite and at most 0, with at
+    most `asked` alternatives, one per token when the node names its tokens (NodeFailed otherwise: the stream fails
+    over like any other malformed one)."""
+    if asked is None:
+        return []
+    try:
+        entries = [TokenLogprob.model_validate(e, strict=False) for e in raw] if isinstance(raw, list) else None
+    except ValidationError as exc:
+        raise NodeFailed(f"malformed log-probabilities: {exc.errors()[0]['msg']}") from exc
+    if entries is None or (tokens and len(entries) != tokens):
+        raise NodeFailed(f"malformed log-probabilities: not one entry per token ({tokens} tokens)")
+    for entry in entries:
+        values = [entry.logprob, *(t.logprob for t in entry.top_logprobs)]
+        if not all(math.isfinite(v) and v <= LOGPROB_SLACK for v in values) or len(entry.top_logprobs) > asked:
+            raise NodeFailed("malformed log-probabilities: a value that is not a log-probability, or too many")
+    return [e.model_dump() for e in entries]
 
 
 def _failure(exc: NodeFailed | TransportError) -> tuple[str, bool]:

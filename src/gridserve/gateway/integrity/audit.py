@@ -50,6 +50,8 @@ log = logging.getLogger("gridserve.gateway")
 TIE_TOLERANCE = 1e-3
 """Relative logit gap below which a different greedy token is an honest near tie, not a wrong answer."""
 VERIFIABLE = ("gridserve-tiny", "gemma-3-270m")
+Claimed = tuple[tuple[float, tuple[float, ...]], ...]
+"""Each token's claimed log-probability with its alternatives'."""
 LOGPROB_TOLERANCE = 1e-2
 """How far (in nats) a claimed log-probability may be from the verifier's: honest differences between a node's
 batched, cached decode and the verifier's single prefill are ~1e-5 (the logits' own)."""
@@ -106,9 +108,7 @@ class Verifier:
             return loaded.codec.encode_chat(job.messages)
         return loaded.codec.encode_prompt(job.prompt or "")
 
-    def check(
-        self, job: GenerateRequest, ids: list[int], receipt: Receipt, logprobs: tuple[float, ...] = ()
-    ) -> AuditResult:
+    def check(self, job: GenerateRequest, ids: list[int], receipt: Receipt, logprobs: "Claimed" = ()) -> AuditResult:
         """Runs on the verifier thread. `logprobs`: what the node claimed for each of `ids` (when asked)."""
         import torch
 
@@ -146,7 +146,7 @@ class Verifier:
             problems += found
         else:
             problems.append("audit: a sampled answer without a seed cannot be checked (the gateway fixes one)")
-        if logprobs:
+        if job.sampling.logprobs is not None:
             problems += self._logprobs(out.logits[0], loaded.logit_mask, start, ids, logprobs)
         return AuditResult(str(receipt.node_id), job.request_id, tuple(problems), proof_checked, largest)
 
@@ -182,18 +182,27 @@ class Verifier:
 
     @staticmethod
     def _logprobs(
-        logits: "torch.Tensor", mask: "torch.Tensor | None", start: int, ids: list[int], claimed: tuple[float, ...]
+        logits: "torch.Tensor", mask: "torch.Tensor | None", start: int, ids: list[int], claimed: "Claimed"
     ) -> list[str]:
-        """Each token's claimed log-probability must be the model's own (engines/sampling.py `log_probs`) within
-        LOGPROB_TOLERANCE."""
+        """Each token's claimed log-probability, and its alternatives' (the likeliest first), must be the model's
+        own (engines/sampling.py `log_probs`) within LOGPROB_TOLERANCE; one claim per token."""
+        import torch
+
         from gridserve.engines.sampling import log_probs
 
         if len(claimed) != len(ids):
             return [f"audit: {len(claimed)} log-probabilities for {len(ids)} tokens"]
-        for i, (token, value) in enumerate(zip(ids, claimed, strict=True)):
-            own = float(log_probs(logits[start + i].float(), mask)[token])
-            if abs(max(own, -9999.0) - value) > LOGPROB_TOLERANCE:
-                return [f"audit: token {i}'s log-probability is claimed {value:.4f}, the model gives {own:.4f}"]
+        for i, (token, (value, tops)) in enumerate(zip(ids, claimed, strict=True)):
+            own = log_probs(logits[start + i].float(), mask)
+            mine = max(float(own[token]), -9999.0)
+            if abs(mine - value) > LOGPROB_TOLERANCE:
+                return [f"audit: token {i}'s log-probability is claimed {value:.4f}, the model gives {mine:.4f}"]
+            best = torch.topk(own, len(tops)).values.clamp(min=-9999.0).tolist() if tops else []
+            told = sorted(tops, reverse=True)
+            if any(abs(a - b) > LOGPROB_TOLERANCE for a, b in zip(best, told, strict=True)):
+                return [
+                    f"audit: token {i}'s alternatives are claimed {told[:3]}..., the model's likeliest {best[:3]}..."
+                ]
         return []
 
     def _greedy(
@@ -268,7 +277,7 @@ class Auditor:
         ids: list[int],
         receipt: Receipt,
         text: str = "",
-        logprobs: tuple[float, ...] = (),
+        logprobs: "Claimed" = (),
     ) -> bool:
         """`text`: the answer's text (compared by redundancy where the engine does not name its tokens);
         `logprobs`: each token's, as the node claimed them (when the request asked for them)."""
@@ -291,7 +300,7 @@ class Auditor:
         return self.redundancy.check(node_id, job, Answer(tuple(ids), text))
 
     async def _audit(
-        self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt, logprobs: tuple[float, ...] = ()
+        self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt, logprobs: "Claimed" = ()
     ) -> None:
         loop = asyncio.get_running_loop()
         try:

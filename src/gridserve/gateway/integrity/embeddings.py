@@ -89,13 +89,10 @@ class Integrity:
 
 
 def verifiable(auditor: Auditor, offer: ModelOffer | None) -> bool:
-    """Whether the verifier computes this offer's vectors as the node should: a model it runs, at float32."""
-    return (
-        offer is not None
-        and auditor.verifier.supports(offer.name)
-        and offer.dtype == "float32"
-        and offer.quantization == "none"
-    )
+    """Whether the verifier computes this offer's vectors: a model it runs, whatever precision the node says it
+    runs it at (the node's own say-so must not exempt it; half precision moves a unit vector by ~1e-3, far inside
+    the audit's distance)."""
+    return offer is not None and auditor.verifier.supports(offer.name)
 
 
 class EmbeddingAudit:

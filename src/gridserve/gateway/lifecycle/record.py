@@ -23,8 +23,9 @@ class ReceiptInput:
     """(chunks, characters) of text the node sent without naming its tokens (an upstream server)."""
     text: str = ""
     """That text (an answer without token ids is compared by its text: gateway/integrity/redundancy.py)."""
-    logprobs: tuple[float, ...] = ()
-    """The log-probability the node claimed for each of `ids`, when the request asked for them (audited)."""
+    logprobs: tuple[tuple[float, tuple[float, ...]], ...] = ()
+    """What the node claimed for each of `ids` when the request asked for log-probabilities: the token's and its
+    alternatives' (audited)."""
 
 
 @dataclass(frozen=True)
