@@ -1,0 +1,95 @@
+"""A benchmark client against a local grid, as a user would run one: NVIDIA's aiperf, with and without
+`ignore_eos` (which benchmark clients send so that every answer has the length they ask for).
+
+aiperf conflicts with gridserve's pins: install it in its own venv (Python 3.12) and pass its executable, e.g.
+`python3.12 -m venv /tmp/aiperf && /tmp/aiperf/bin/pip install aiperf==0.13.0`, then
+`.venv/bin/python bench/load_tools.py --aiperf /tmp/aiperf/bin/aiperf --tokenizer DIR` (DIR: a local Hugging Face
+tokenizer, e.g. the Gemma cache `~/.cache/gridserve/models/gemma-3-270m`; aiperf counts prompt tokens with it, and
+output tokens by the server's usage). Prints a JSON list, one row per run: requests, errors, and the output
+lengths (tokens) the server reported."""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gridserve.cli.grid import LocalGrid, free_port_block
+
+KEY = "bench-key"
+
+
+def aiperf(tool: str, tokenizer: str, url: str, out: Path, args: argparse.Namespace, ignore_eos: bool) -> Any:
+    command = [
+        tool,
+        "profile",
+        *("--model", args.model, "--url", url, "--endpoint-type", "chat", "--streaming", "--api-key", KEY),
+        *("--tokenizer", tokenizer, "--use-server-token-count", "--ui", "none", "--artifact-dir", str(out)),
+        *("--synthetic-input-tokens-mean", "64", "--output-tokens-mean", str(args.tokens)),
+        *("--concurrency", str(args.concurrency), "--request-count", str(args.requests)),
+        *(("--extra-inputs", "ignore_eos:true") if ignore_eos else ()),
+    ]
+    print(f"aiperf, ignore_eos={ignore_eos} ...", file=sys.stderr, flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads((out / "profile_export_aiperf.json").read_text())
+
+
+def short_share(out: Path, asked: int) -> float:
+    """The share of requests whose answer the server ended before `asked` tokens (aiperf's per-request records)."""
+    lines = (out / "profile_export.jsonl").read_text().splitlines()
+    lengths = [json.loads(line)["metrics"].get("output_sequence_length", {}).get("value", 0) for line in lines if line]
+    return round(sum(n < asked for n in lengths) / max(1, len(lengths)), 4)
+
+
+def row(found: Any, ignore_eos: bool, asked: int, out: Path) -> dict[str, Any]:
+    lengths = found["output_sequence_length"]
+    errors = found.get("error_request_count") or {}
+    return {
+        "tool": "aiperf",
+        "ignore_eos": ignore_eos,
+        "requests": found["request_count"]["avg"],
+        "errors": errors.get("avg", 0) if isinstance(errors, dict) else errors,
+        "asked_tokens": asked,
+        "output_tokens_min": lengths["min"],
+        "output_tokens_p50": lengths["p50"],
+        "output_tokens_max": lengths["max"],
+        "output_tokens_mean": lengths["avg"],
+        "ended_early_share": short_share(out, asked),
+        "ttft_p50_ms": found["time_to_first_token"]["p50"],
+        "request_latency_p50_ms": found["request_latency"]["p50"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--aiperf", required=True, help="the aiperf executable (its own venv)")
+    parser.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
+    parser.add_argument("--model", default="gridserve-tiny")
+    parser.add_argument("--engines", nargs="*", default=["tiny", "tiny"])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = LocalGrid(
+            data_dir=Path(tmp) / "grid",
+            port=free_port_block(len(args.engines) + 4),
+            api_key=KEY,
+            admin_token="bench-admin",
+            engines=args.engines,
+            threads=1,
+            extra_gateway_args=["--vetting-checks", "0"],
+        )
+        with grid:
+            grid.start(timeout_s=120)
+            rows = []
+            for eos in (False, True):
+                out = Path(tmp) / f"aiperf-{int(eos)}"
+                rows.append(row(aiperf(args.aiperf, args.tokenizer, grid.url, out, args, eos), eos, args.tokens, out))
+    print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
