@@ -1,12 +1,13 @@
-"""A benchmark client against a local grid, as a user would run one: NVIDIA's aiperf, with and without
-`ignore_eos` (which benchmark clients send so that every answer has the length they ask for).
+"""Benchmark clients against a local grid, as a user would run them: NVIDIA's aiperf, with and without
+`ignore_eos` (which benchmark clients send so that every answer has the length they ask for), and guidellm (which
+sends `ignore_eos` itself).
 
-aiperf conflicts with gridserve's pins: install it in its own venv (Python 3.12) and pass its executable, e.g.
-`python3.12 -m venv /tmp/aiperf && /tmp/aiperf/bin/pip install aiperf==0.13.0`, then
-`.venv/bin/python bench/load_tools.py --aiperf /tmp/aiperf/bin/aiperf --tokenizer DIR` (DIR: a local Hugging Face
-tokenizer, e.g. the Gemma cache `~/.cache/gridserve/models/gemma-3-270m`; aiperf counts prompt tokens with it, and
-output tokens by the server's usage). Prints a JSON list, one row per run: requests, errors, and the output
-lengths (tokens) the server reported."""
+Both conflict with gridserve's pins: install each in its own venv (Python 3.12) and pass its executable, e.g.
+`python3.12 -m venv /tmp/aiperf && /tmp/aiperf/bin/pip install aiperf==0.13.0` (and `guidellm==0.8.1`), then
+`.venv/bin/python bench/load_tools.py --aiperf /tmp/aiperf/bin/aiperf --guidellm /tmp/guidellm/bin/guidellm
+--tokenizer DIR` (DIR: a local Hugging Face tokenizer, e.g. the Gemma cache `~/.cache/gridserve/models/gemma-3-270m`;
+the tools make prompts with it; output tokens are the server's usage). Prints a JSON list, one row per run:
+requests, errors, and the output lengths (tokens) the server reported."""
 
 import argparse
 import json
@@ -62,9 +63,41 @@ def row(found: Any, ignore_eos: bool, asked: int, out: Path) -> dict[str, Any]:
     }
 
 
+def guidellm(tool: str, tokenizer: str, url: str, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    command = [
+        tool,
+        "run",
+        *("--backend", f"kind=openai_http,target={url},model={args.model},api_key={KEY}"),
+        *("--profile", f"kind=concurrent,streams={args.concurrency}"),
+        *("--constraint", f"kind=max_requests,count={args.requests}"),
+        *("--tokenizer", f"kind=hf_auto,model={tokenizer}"),
+        *("--data", f"kind=synthetic_text,prompt_tokens=64,output_tokens={args.tokens}"),
+        *("--output", f"kind=json,path={out}", "--disable-console"),
+    ]
+    print("guidellm ...", file=sys.stderr, flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    requests = json.loads(out.read_text())["benchmarks"][0]["requests"]
+    done = requests["successful"]
+    lengths = sorted(int(r["output_tokens"] or 0) for r in done)
+    sent = [json.loads(r["request_args"]).get("body", {}) for r in done]
+    return {
+        "tool": "guidellm",
+        "ignore_eos": all(b.get("ignore_eos") is True for b in sent),
+        "requests": len(done),
+        "errors": len(requests["errored"]) + len(requests["incomplete"]),
+        "asked_tokens": args.tokens,
+        "output_tokens_min": lengths[0] if lengths else 0,
+        "output_tokens_p50": lengths[len(lengths) // 2] if lengths else 0,
+        "output_tokens_max": lengths[-1] if lengths else 0,
+        "output_tokens_mean": sum(lengths) / max(1, len(lengths)),
+        "ended_early_share": round(sum(n < args.tokens for n in lengths) / max(1, len(lengths)), 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--aiperf", required=True, help="the aiperf executable (its own venv)")
+    parser.add_argument("--aiperf", help="the aiperf executable (its own venv)")
+    parser.add_argument("--guidellm", help="the guidellm executable (its own venv)")
     parser.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
     parser.add_argument("--model", default="gridserve-tiny")
     parser.add_argument("--engines", nargs="*", default=["tiny", "tiny"])
@@ -85,9 +118,11 @@ def main() -> None:
         with grid:
             grid.start(timeout_s=120)
             rows = []
-            for eos in (False, True):
+            for eos in (False, True) if args.aiperf else ():
                 out = Path(tmp) / f"aiperf-{int(eos)}"
                 rows.append(row(aiperf(args.aiperf, args.tokenizer, grid.url, out, args, eos), eos, args.tokens, out))
+            if args.guidellm:
+                rows.append(guidellm(args.guidellm, args.tokenizer, grid.url, Path(tmp) / "guidellm.json", args))
     print(json.dumps(rows, indent=2))
 
 
