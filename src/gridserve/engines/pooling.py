@@ -3,7 +3,7 @@ of the input as the model's codec encodes it (the BOS token included), in float3
 
 One input per forward pass, without padding and without a KV cache: the vector of an input does not depend on the
 other inputs of its batch nor on what the engine ran before, so it is the same wherever it is computed at the same
-precision and thread count (the gateway's verifier re-executes it: gateway/integrity/embedding_audit.py)."""
+precision and thread count (the gateway's verifier re-executes it: gateway/integrity/embeddings.py)."""
 
 from typing import Any
 
