@@ -3,6 +3,7 @@
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,16 @@ from gridserve.engines.tiny import TINY_MODEL
 INTERVAL = 1.0
 
 
-def _kill(grid: LocalGrid, index: int) -> dict[str, Any]:
+def _kill(grid: LocalGrid, index: int, after_heartbeat: bool = False) -> dict[str, Any]:
+    """SIGKILL node `index` (`after_heartbeat`: as soon as the gateway has its next heartbeat)."""
     endpoint = f"http://127.0.0.1:{grid.node_port(index)}"
     node = next(n for n in grid.nodes() if n["endpoint"] == endpoint)
     assert node["state"] == "up"
+    deadline = time.time() + 5 * INTERVAL
+    seen = node["last_heartbeat"]
+    while after_heartbeat and node["last_heartbeat"] == seen and time.time() < deadline:
+        time.sleep(0.02)
+        node = next(n for n in grid.nodes() if n["endpoint"] == endpoint)
     os.kill(grid.procs[f"node-{index}"].pid, signal.SIGKILL)
     grid.procs[f"node-{index}"].wait()
     return node
@@ -54,11 +61,19 @@ def test_kill_9_node_is_marked_down_and_traffic_moves(tmp_path: Path) -> None:
         #    default profile the first answer's timing can rank it below the other node, and nothing tries it).
         #    The requests go out right after the kill, nothing in between (the detector notices a dead node within
         #    about one heartbeat interval; a request sent later finds it down already and never tries it).
+        #    The kill comes right after one of the node's heartbeats, and the requests go out together: the detector
+        #    needs a heartbeat late by 1.3 intervals, which a starved test process once let pass between two requests
+        #    sent one after the other (the next went to the survivor, and nothing tried the dead node).
         survivor = next(n["node_id"] for n in grid.nodes() if n["endpoint"].endswith(f":{grid.node_port(2)}"))
-        second = _kill(grid, 1)
+        second = _kill(grid, 1, after_heartbeat=True)
+
+        def ask(i: int) -> Any:
+            return client.completions.with_raw_response.create(model=TINY_MODEL, prompt=f"after {i}", max_tokens=2)
+
+        with ThreadPoolExecutor(4) as pool:
+            raws = list(pool.map(ask, range(4)))
         decisions = []
-        for i in range(4):
-            raw = client.completions.with_raw_response.create(model=TINY_MODEL, prompt=f"after {i}", max_tokens=2)
+        for raw in raws:
             assert raw.parse().choices[0].finish_reason in ("length", "stop")
             assert raw.headers["x-gridserve-node"] == survivor
             decisions.append(raw.headers["x-gridserve-decision"])
