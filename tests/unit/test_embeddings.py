@@ -35,8 +35,8 @@ from gridserve.gateway.integrity.audit import Auditor, Verifier
 from gridserve.gateway.integrity.embeddings import (
     AUDIT_TOLERANCE,
     BadReply,
-    EmbeddingAudit,
     Integrity,
+    check_embeddings,
     read_reply,
     verifiable,
 )
@@ -469,15 +469,15 @@ def test_nodes_that_all_fail_are_a_502(writer: StoreWriter) -> None:
 
 
 def test_the_audit_passes_an_honest_answer_and_fails_another_models(tiny: TorchEngine) -> None:
-    audit = EmbeddingAudit(cast(Auditor, SimpleNamespace(verifier=Verifier())))
+    verifier = Verifier()
     job = EmbedRequest(request_id="emb-9", model=TINY_MODEL, inputs=("one", "two", "three"))
     honest = embed(tiny, *job.inputs)
-    assert audit.check("n", job, [0, 2], honest[[0, 2]]).ok
+    assert check_embeddings(verifier, "n", job, [0, 2], honest[[0, 2]]).ok
     other = build_tiny_model(seed=1)
     with torch.inference_mode():
         wrong = np.stack([mean_pooled(other.model, other.codec.encode_prompt(t)) for t in job.inputs])
     assert float(np.linalg.norm(wrong[1] - honest[1])) > AUDIT_TOLERANCE  # the premise
-    result = audit.check("n", job, [1], wrong[[1]])
+    result = check_embeddings(verifier, "n", job, [1], wrong[[1]])
     assert not result.ok and "embedding of input 1" in result.problems[0]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from gridserve.processes import die_with_parent
 from gridserve.trust import tls
 
 DEFAULT_MIX = (
@@ -26,18 +27,6 @@ DEFAULT_MIX = (
     "emulated:rtx3090",
     "emulated:l40s",
 )
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the process that started it dies (even by SIGKILL), so a killed
-    `gridserve up` leaves no orphaned nodes behind."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class GridError(RuntimeError):
@@ -88,7 +77,7 @@ class LocalGrid:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # a killed `gridserve up` leaves no orphaned nodes
         )
 
     def start_gateway(self) -> None:

@@ -123,7 +123,7 @@ class Gateway:
         """Request traces to an OTLP collector (None: off)."""
         self.receipts = ReceiptChecker(self.membership, self.writer)
         redundancy = RedundancyChecker(config, self.dispatcher, self.metrics) if config.redundancy else None
-        self.auditor = Auditor(config, self.membership, self.metrics, Verifier(), redundancy)
+        self.auditor = Auditor(config, self.membership, self.metrics, Verifier(isolated=True), redundancy)
         self.canaries = CanaryRunner(self.dispatcher, self.auditor, self.receipts)
         self.standby = StandbyKeeper(config, self.membership, self.dispatcher, profile)
         self.prefixes = PrefixAffinity(enabled=config.prefix_routing)
@@ -233,6 +233,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
 
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(APIError)
+            gw.auditor.verifier.close()
     async def api_error(_: Request, exc: APIError) -> Response:
         return exc.response()
 

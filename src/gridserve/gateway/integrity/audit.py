@@ -21,19 +21,24 @@ from recent traffic), checked the same way; a wrong answer is an integrity incid
 """
 
 import asyncio
+import functools
 import logging
+import multiprocessing
 import random
 import secrets
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.integrity.canary_prompts import canary_prompt
 from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.registry.membership import Membership
+from gridserve.processes import die_with_parent
 from gridserve.reliability import EventKind, NodeEvent, Severity
 from gridserve.trust.audit_policy import audit_probability
 from gridserve.trust.commitments import token_commitment
@@ -50,6 +55,8 @@ log = logging.getLogger("gridserve.gateway")
 TIE_TOLERANCE = 1e-3
 """Relative logit gap below which a different greedy token is an honest near tie, not a wrong answer."""
 VERIFIABLE = ("gridserve-tiny", "gemma-3-270m")
+P = ParamSpec("P")
+T = TypeVar("T")
 Claimed = tuple[tuple[float, tuple[float, ...]], ...]
 """Each token's claimed log-probability with its alternatives'."""
 LOGPROB_TOLERANCE = 1e-2
@@ -70,6 +77,21 @@ def _load(model: str) -> "LoadedModel":
     return loaded
 
 
+_CHILD: "Verifier | None" = None
+"""The verifier of an isolated Verifier's child process."""
+
+
+def _start_child(threads: int) -> None:
+    global _CHILD
+    die_with_parent()
+    _CHILD = Verifier(threads)
+
+
+def _in_child(fn: "Callable[Concatenate[Verifier, P], T]", *args: "P.args", **kwargs: "P.kwargs") -> T:
+    assert _CHILD is not None, "started by the pool's initializer"
+    return fn(_CHILD, *args, **kwargs)
+
+
 @dataclass(frozen=True)
 class AuditResult:
     node_id: str
@@ -85,12 +107,36 @@ class AuditResult:
 
 
 class Verifier:
-    """Re-executes requests in this process (one worker thread; torch and the models load on first use)."""
+    """Re-executes requests (torch and the models load on first use): on one worker thread of this process, or,
+    `isolated`, in a child process of its own (the gateway's: loading a tokenizer holds the GIL for seconds, which
+    would stop the gateway's event loop, its heartbeat intake and probes with it)."""
 
-    def __init__(self, threads: int = 1) -> None:
+    def __init__(self, threads: int = 1, *, isolated: bool = False) -> None:
         self.threads = threads
+        self.isolated = isolated
         self.models: dict[str, LoadedModel] = {}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
+        self.pool = self._pool()
+
+    def _pool(self) -> Executor:
+        if not self.isolated:
+            return ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
+        spawn = multiprocessing.get_context("spawn")  # not fork: the gateway has threads
+        return ProcessPoolExecutor(max_workers=1, mp_context=spawn, initializer=_start_child, initargs=(self.threads,))
+
+    async def run(self, fn: "Callable[Concatenate[Verifier, P], T]", *args: "P.args", **kwargs: "P.kwargs") -> T:
+        """`fn(verifier, *args)` where the models live: on the verifier's thread, or in its process (`fn` then is a
+        module-level function or a method of this class, and its arguments are pickled)."""
+        loop = asyncio.get_running_loop()
+        if not self.isolated:
+            return await loop.run_in_executor(self.pool, functools.partial(fn, self, *args, **kwargs))
+        try:
+            return await loop.run_in_executor(self.pool, functools.partial(_in_child, fn, *args, **kwargs))
+        except BrokenProcessPool:  # the child died (out of memory, killed): the next audit starts another
+            self.pool = self._pool()
+            raise
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def supports(self, model: str) -> bool:
         return model in VERIFIABLE
@@ -302,9 +348,8 @@ class Auditor:
     async def _audit(
         self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt, logprobs: "Claimed" = ()
     ) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self.verifier.pool, self.verifier.check, job, ids, receipt, logprobs)
+            result = await self.verifier.run(Verifier.check, job, ids, receipt, logprobs)
         except Exception:  # a verifier bug must not accuse a node: logged, counted, no incident
             log.exception("audit of %s on %s could not run", job.request_id, node_id)
             self.metrics.audits.labels(result="error").inc()

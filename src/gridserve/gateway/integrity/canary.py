@@ -10,7 +10,7 @@ import random
 import time
 
 from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed, Refusal
-from gridserve.gateway.integrity.audit import Auditor, AuditResult, canary_job
+from gridserve.gateway.integrity.audit import Auditor, AuditResult, Verifier, canary_job
 from gridserve.gateway.integrity.receipts import ReceiptChecker
 from gridserve.gateway.registry.membership import LIVE
 from gridserve.gateway.transport import TransportError
@@ -95,9 +95,7 @@ class CanaryRunner:
         receipt = self.receipts.check(node, job, ids, final).receipt
         if receipt is None:
             return None
-        loop = asyncio.get_running_loop()
-        verifier = self.auditor.verifier
-        result = await loop.run_in_executor(verifier.pool, verifier.check, job, ids, receipt)
+        result = await self.auditor.verifier.run(Verifier.check, job, ids, receipt)
         result = AuditResult(
             result.node_id,
             result.request_id,

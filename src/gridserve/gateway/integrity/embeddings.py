@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from gridserve.catalog.models import MODELS
-from gridserve.gateway.integrity.audit import Auditor, AuditResult
+from gridserve.gateway.integrity.audit import Auditor, AuditResult, Verifier
 from gridserve.gateway.registry.membership import Membership
 from gridserve.reliability import NodeEvent
 from gridserve.trust import EnvelopeVerifier, TrustError
@@ -114,35 +114,36 @@ class EmbeddingAudit:
         return True
 
     async def _audit(self, node_id: str, job: EmbedRequest, picks: list[int], vectors: Floats) -> None:
-        loop = asyncio.get_running_loop()
-        verifier = self.auditor.verifier
         try:
-            result = await loop.run_in_executor(verifier.pool, self.check, node_id, job, picks, vectors)
+            result = await self.auditor.verifier.run(check_embeddings, node_id, job, picks, vectors)
         except Exception:  # a verifier bug must not accuse a node: logged, counted, no incident
             log.exception("embeddings audit of %s on %s could not run", job.request_id, node_id)
             self.auditor.metrics.audits.labels(result="error").inc()
             return
         self.auditor.record(result)
 
-    def check(self, node_id: str, job: EmbedRequest, picks: list[int], vectors: Floats) -> AuditResult:
-        """Runs on the verifier thread: the picked inputs' vectors against the verifier's own."""
-        import torch
 
-        from gridserve.engines.pooling import mean_pooled
+def check_embeddings(
+    verifier: Verifier, node_id: str, job: EmbedRequest, picks: list[int], vectors: Floats
+) -> AuditResult:
+    """Where the verifier's models live (Verifier.run): the picked inputs' vectors against the verifier's own."""
+    import torch
 
-        loaded: LoadedModel = self.auditor.verifier._model(job.model)
-        problems: list[str] = []
-        with torch.inference_mode():
-            for index, vector in zip(picks, vectors, strict=True):
-                own = mean_pooled(loaded.model, loaded.codec.encode_prompt(job.inputs[index]))
-                distance = float(np.linalg.norm(vector.astype(np.float64) - own.astype(np.float64)))
-                if distance > AUDIT_TOLERANCE:
-                    problems.append(
-                        f"audit: embedding of input {index} is {distance:.4f} from the model's (tolerance "
-                        f"{AUDIT_TOLERANCE})"
-                    )
-                    break
-        return AuditResult(node_id, job.request_id, tuple(problems), proof_checked=False)
+    from gridserve.engines.pooling import mean_pooled
+
+    loaded: LoadedModel = verifier._model(job.model)
+    problems: list[str] = []
+    with torch.inference_mode():
+        for index, vector in zip(picks, vectors, strict=True):
+            own = mean_pooled(loaded.model, loaded.codec.encode_prompt(job.inputs[index]))
+            distance = float(np.linalg.norm(vector.astype(np.float64) - own.astype(np.float64)))
+            if distance > AUDIT_TOLERANCE:
+                problems.append(
+                    f"audit: embedding of input {index} is {distance:.4f} from the model's (tolerance "
+                    f"{AUDIT_TOLERANCE})"
+                )
+                break
+    return AuditResult(node_id, job.request_id, tuple(problems), proof_checked=False)
 
 
 __all__ = [
@@ -151,6 +152,7 @@ __all__ = [
     "BadReply",
     "EmbeddingAudit",
     "Integrity",
+    "check_embeddings",
     "expected_dimensions",
     "read_reply",
     "verifiable",
