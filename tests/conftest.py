@@ -55,6 +55,38 @@ def pg_url(schema: str) -> str:
     return f"{PG}?options=-csearch_path%3D{schema}"
 
 
+@contextlib.contextmanager
+def two_gateways_on_pg(tmp: Path, extra_args: tuple[str, ...] = ()) -> Iterator[tuple[LocalGrid, LocalGrid]]:
+    """Gateways A and B on one fresh PostgreSQL schema, with one tiny node that registered with A (B adopts it)."""
+    base = free_port_block(5)
+    urls = f"http://127.0.0.1:{base},http://127.0.0.1:{base + 2}"
+    with fresh_pg_schema() as schema:
+        args = ["--db", pg_url(schema), "--key", str(tmp / "grid.key"), "--canary-interval", "0", *extra_args]
+        a, b = (
+            LocalGrid(
+                data_dir=tmp / name,
+                port=port,
+                api_key=API_KEY,
+                admin_token=ADMIN,
+                engines=engines,
+                threads=1,
+                extra_gateway_args=[*args, "--gateway-id", name],
+                node_gateways=urls,
+            )
+            for name, port, engines in (("gw-a", base, ["tiny"]), ("gw-b", base + 2, []))
+        )
+        try:
+            a.start_gateway()  # creates the shared key; B starts with the same one
+            b.start_gateway()
+            a.start_node(0, "tiny")
+            a.wait_nodes(1, 120)
+            b.wait_nodes(1, 60)
+            yield a, b
+        finally:
+            a.stop()
+            b.stop()
+
+
 def make_grid(tmp: Path, engines: list[str], **kwargs: object) -> LocalGrid:
     return LocalGrid(
         data_dir=tmp,

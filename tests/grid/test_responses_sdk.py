@@ -13,9 +13,9 @@ import jsonschema
 import openai
 import pytest
 from openai import OpenAI
-from tests.conftest import ADMIN, API_KEY, fresh_pg_schema, pg_url
+from tests.conftest import API_KEY, two_gateways_on_pg
 
-from gridserve.cli.grid import LocalGrid, free_port_block
+from gridserve.cli.grid import LocalGrid
 from gridserve.engines.tiny import TINY_MODEL
 
 WEATHER = {
@@ -207,35 +207,8 @@ def test_bad_input_is_a_400_naming_it(client: OpenAI, patch: dict[str, Any], par
 @pytest.fixture(scope="module")
 def two_gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalGrid, LocalGrid]]:
     """Gateways A and B on one PostgreSQL schema, with one tiny node that registered with A (B adopts it)."""
-    tmp = Path(tmp_path_factory.mktemp("responses-pair"))
-    base = free_port_block(5)
-    urls = f"http://127.0.0.1:{base},http://127.0.0.1:{base + 2}"
-    with fresh_pg_schema() as schema:
-        args = ["--db", pg_url(schema), "--key", str(tmp / "grid.key"), "--canary-interval", "0"]
-        grids = [
-            LocalGrid(
-                data_dir=tmp / name,
-                port=port,
-                api_key=API_KEY,
-                admin_token=ADMIN,
-                engines=engines,
-                threads=1,
-                extra_gateway_args=[*args, "--gateway-id", name],
-                node_gateways=urls,
-            )
-            for name, port, engines in (("gw-a", base, ["tiny"]), ("gw-b", base + 2, []))
-        ]
-        a, b = grids
-        try:
-            a.start_gateway()  # creates the shared key; B starts with the same one
-            b.start_gateway()
-            a.start_node(0, "tiny")
-            a.wait_nodes(1, 120)
-            b.wait_nodes(1, 60)
-            yield a, b
-        finally:
-            a.stop()
-            b.stop()
+    with two_gateways_on_pg(Path(tmp_path_factory.mktemp("responses-pair"))) as pair:
+        yield pair
 
 
 def test_a_response_made_on_one_gateway_continues_on_the_other(two_gateways: tuple[LocalGrid, LocalGrid]) -> None:

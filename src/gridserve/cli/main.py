@@ -536,10 +536,11 @@ def demo(
 
 
 def _register_admin() -> None:
-    from gridserve.cli import admin, doctor, plan, settle, simulate, tokens
+    from gridserve.cli import admin, doctor, keys, plan, settle, simulate, tokens
 
     admin.register(app, console, fail)
     doctor.register(app, console, fail)
+    keys.register(app, console, fail)
     plan.register(app, console, fail)
     settle.register(app, console, fail)
     simulate.register(app, console, fail)

@@ -24,6 +24,7 @@ from gridserve.gateway.api.doctor_api import add_doctor_routes
 from gridserve.gateway.api.embeddings_api import EmbeddingService, embed
 from gridserve.gateway.api.errors import APIError, bad_request, unauthorized
 from gridserve.gateway.api.hotpath import HotPath
+from gridserve.gateway.api.keys_api import add_key_routes
 from gridserve.gateway.api.middleware import BodyLimit
 from gridserve.gateway.api.openai_api import ApiContext, list_models
 from gridserve.gateway.api.openapi_doc import install_openapi
@@ -56,6 +57,9 @@ from gridserve.gateway.registry.cluster import ClusterSync
 from gridserve.gateway.registry.health import probe_forever
 from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.gateway.registry.tokens import JOIN_TOKEN_HEADER, JoinTokens
+from gridserve.gateway.tenancy import ApiKey, Tenancy
+from gridserve.gateway.tenancy.queue import SlotCount
+from gridserve.gateway.tenancy.usage import UsageCollector, UsageSubscriber
 from gridserve.gateway.transport import AiohttpTransport
 from gridserve.gateway.transport.routing import RoutingTransport
 from gridserve.gateway.transport.tunnel import TunnelHub, TunnelTransport
@@ -87,6 +91,7 @@ class Gateway:
             MetricsSubscriber(self.metrics),
             LedgerSubscriber(self.membership, self.traces),
         ]
+        subscribers.append(UsageSubscriber(self.tenancy.usage))
         if self.tracing is not None:
             subscribers.append(TracingSubscriber(self.tracing.get_tracer("gridserve.gateway")))
         return Lifecycle(Settlement(self.receipts, self.auditor), self.receipts, subscribers)
@@ -100,6 +105,16 @@ class Gateway:
         policy = FreshnessPolicy(max_skew_s=config.max_skew_s, max_lifetime_s=config.max_message_lifetime_s)
         self.verifier = EnvelopeVerifier(policy, time.time)
         self.membership = Membership(config, self.verifier, self.writer, self.metrics)
+        self.tenancy = Tenancy(
+            store,
+            config.api_keys,
+            gateway_id=config.name,
+            sync_interval_s=config.key_sync_interval_s,
+            capacity=SlotCount(lambda: self.membership.nodes.values()),
+        )
+        """API keys, their limits and usage (gateway/tenancy/)."""
+        self.tenancy.sync.load()
+        self.metrics.registry.register(UsageCollector(self.tenancy.usage))
         self.join_tokens = JoinTokens(store, EnvelopeVerifier(policy, time.time))
         """Checked at registration with `--join-tokens` (config.join_tokens_required); managed by the admin API."""
         self.admission = Admission(
@@ -144,6 +159,7 @@ class Gateway:
             pipelines=Pipelines(self.membership, self.dispatcher),
             prefixes=self.prefixes,
             responses=ResponseStore(store),
+            tenancy=self.tenancy,
         )
         self.embeddings = EmbeddingService.of(self.api)
         """`POST /v1/embeddings` (gateway/api/embeddings_api.py)."""
@@ -160,12 +176,15 @@ class Gateway:
         )
         """Several gateways on one PostgreSQL database keep each other's nodes and ledger (None on SQLite)."""
 
-    def require_api_key(self, request: Request) -> None:
+    def require_api_key(self, request: Request) -> ApiKey:
         """An API key as OpenAI's clients send it (`Authorization: Bearer`) or Anthropic's (`x-api-key`), as the
         hot path takes it."""
-        keys = self.config.api_keys
-        if not (_check_key(_bearer(request), keys) or _check_key(request.headers.get("x-api-key", "").strip(), keys)):
+        key = self.tenancy.authenticate(_bearer(request)) or self.tenancy.authenticate(
+            request.headers.get("x-api-key", "").strip()
+        )
+        if key is None:
             raise unauthorized()
+        return key
 
     def require_admin(self, request: Request) -> None:
         if not _check_key(_bearer(request), (self.config.admin_token,)):
@@ -176,6 +195,7 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             self.membership.sweep()
+            self.tenancy.queue.poke()
             self.decisions.flush()
             self.membership.flush_events()
 
@@ -199,10 +219,11 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
         )
         prober = asyncio.create_task(probe_forever(gw.membership, gw.dispatcher, gw.config))
         sync = asyncio.create_task(gw.cluster.run_forever() if gw.cluster else asyncio.sleep(0))
+        keys = asyncio.create_task(gw.tenancy.sync.run_forever())
         try:
             yield
         finally:
-            for task in (sweeper, prober, keeper, canary, sync):
+            for task in (sweeper, prober, keeper, canary, sync, keys):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -212,6 +233,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
             gw.decisions.flush()
             gw.membership.flush_events()
             gw.writer.close()
+            gw.auditor.verifier.close()
             gc_watch.remove()
             if gw.tracing is not None:  # spans still batched go out before the gateway stops
                 await asyncio.to_thread(gw.tracing.shutdown)
@@ -223,17 +245,17 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     _admin_routes(app, gw)
     add_reliability_routes(app, gw.membership, gw.require_admin)
     add_token_routes(app, gw.join_tokens, gw.require_admin)
+    add_key_routes(app, gw.tenancy, gw.require_admin)
     pipelines = gw.api.pipelines
     add_doctor_routes(app, gw.membership, gw.traces, gw.require_admin, lambda: pipelines.recent if pipelines else [])
     add_dashboard_routes(app, gw)
     install_openapi(app)
     app.add_middleware(BodyLimit, max_bytes=gw.config.max_body_bytes)
-    return HotPath(app, gw.api, gw.config.api_keys, gw.config.max_body_bytes, gw.membership)
+    return HotPath(app, gw.api, gw.tenancy, gw.config.max_body_bytes, gw.membership)
 
 
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-            gw.auditor.verifier.close()
     async def api_error(_: Request, exc: APIError) -> Response:
         return exc.response()
 

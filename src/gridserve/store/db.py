@@ -194,7 +194,8 @@ def _upsert(
 _DECISION_UPDATE = ["request_id", "model", "node_id", "status", "data", "updated_at"]
 
 
-def _upsert_template(dialect: str, table: sa.Table, update: list[str]) -> sa.Insert:
+def upsert_template(dialect: str, table: sa.Table, update: list[str]) -> sa.Insert:
+    """INSERT ... ON CONFLICT (the primary key) DO UPDATE SET `update` to the new row's values."""
     keys = [c.name for c in table.primary_key.columns]
     if dialect == "postgresql":
         pg = pg_insert(table)
@@ -224,7 +225,7 @@ class Store:
             raise ValueError(f"unsupported database backend: {backend!r}")
         self._dialect = backend
         # One statement, executed with many parameter sets (compiled once, cached by SQLAlchemy).
-        self._decision_upsert = _upsert_template(backend, decisions, _DECISION_UPDATE)
+        self._decision_upsert = upsert_template(backend, decisions, _DECISION_UPDATE)
 
     @property
     def engine(self) -> Engine:
@@ -238,6 +239,10 @@ class Store:
         """PostgreSQL: tell the other gateways (LISTEN) that events were committed; sent at commit."""
         if self._dialect == "postgresql":
             conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, self.origin or "")))
+
+    def transaction(self) -> Any:
+        """A connection in a write transaction (a context manager), committed when the block ends."""
+        return self._write()
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:

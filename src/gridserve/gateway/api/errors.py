@@ -22,12 +22,15 @@ class APIError(Exception):
         self.type = type_
         self.code = code
         self.param = param
+        self.headers: list[tuple[bytes, bytes]] = []
+        """Sent with the error (a rate limit's Retry-After and x-ratelimit-*)."""
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> Response:
-        return Response(orjson.dumps(self.body()), status_code=self.status, media_type="application/json")
+        headers = {k.decode(): v.decode() for k, v in self.headers}
+        return Response(orjson.dumps(self.body()), self.status, headers, media_type="application/json")
 
 
 def unauthorized(message: str = "Missing or invalid API key. Send 'Authorization: Bearer <key>'.") -> APIError:

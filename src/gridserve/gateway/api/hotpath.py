@@ -7,7 +7,6 @@ several wrapped `send` calls per token (DESIGN.md: raw ASGI + aiohttp keeps ~100
 """
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
 
@@ -20,6 +19,8 @@ from gridserve.gateway.api.openai_api import CHAT, TEXT, ApiContext, Reply, comp
 from gridserve.gateway.api.responses_api import RESPONSES
 from gridserve.gateway.api.surface import Surface, openai_error
 from gridserve.gateway.registry.membership import Membership, UnknownNode
+from gridserve.gateway.tenancy import ApiKey, Tenancy
+from gridserve.gateway.tenancy.limits import CURRENT
 from gridserve.trust import TrustError
 
 log = logging.getLogger("gridserve.gateway")
@@ -41,14 +42,14 @@ class HotPath:
         self,
         app: ASGIApp,
         api: ApiContext,
-        api_keys: tuple[str, ...],
+        tenancy: Tenancy,
         max_body_bytes: int,
         membership: Membership | None = None,
     ) -> None:
         self.app = app
         self.api = api
         self.membership = membership
-        self.keys = tuple(k.encode() for k in api_keys if k)
+        self.tenancy = tenancy
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -61,7 +62,7 @@ class HotPath:
             await self.app(scope, receive, send)
             return
         try:
-            self._authorize(scope)
+            key = self._authorize(scope)
             body = await self._read_body(scope, receive)
         except APIError as exc:
             await _send_error(send, exc, surface)
@@ -75,16 +76,23 @@ class HotPath:
                 surface,
             )
             return
-        with _DisconnectWatch(receive) as client:
-            await self._answer(body, surface, send, client)
+        admitted = CURRENT.set(None)
+        try:
+            with _DisconnectWatch(receive) as client:
+                await self._answer(body, surface, send, client, key)
+        finally:
+            admission = CURRENT.get()
+            if admission is not None:  # the request is over: its key's place in flight frees
+                admission.close()
+            CURRENT.reset(admitted)
 
-    async def _answer(self, body: bytes, surface: Surface, send: Send, client: "_DisconnectWatch") -> None:
+    async def _answer(self, body: bytes, surface: Surface, send: Send, client: "_DisconnectWatch", key: ApiKey) -> None:
         """Schedule, dispatch and stream in this task; a client that disconnects cancels it, which cancels the
         request on the node, retries and hedges included."""
         try:
             client.arm()
             try:
-                reply = await complete(self.api, body, surface)
+                reply = await complete(self.api, body, surface, key)
             finally:
                 client.disarm()  # the error answers below are sent disarmed: a disconnect then cancels nothing
         except asyncio.CancelledError:
@@ -131,14 +139,15 @@ class HotPath:
             return
         await _send_json(send, 200, b'{"ok":true}')
 
-    def _authorize(self, scope: Scope) -> None:
+    def _authorize(self, scope: Scope) -> ApiKey:
         """An API key as OpenAI's clients send it (`Authorization: Bearer`) or Anthropic's (`x-api-key`)."""
         for name, value in scope["headers"]:
             token = value[7:].strip() if name == b"authorization" and value[:7].lower() == b"bearer " else None
             if name == b"x-api-key":
                 token = value.strip()
-            if token is not None and any(hmac.compare_digest(token, key) for key in self.keys):
-                return
+            key = self.tenancy.authenticate(token.decode(errors="replace")) if token is not None else None
+            if key is not None:
+                return key
         raise unauthorized()
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
@@ -219,7 +228,11 @@ async def _send_error(send: Send, exc: APIError, surface: Surface | None = None)
         {
             "type": "http.response.start",
             "status": exc.status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *exc.headers,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})

@@ -56,6 +56,7 @@ from gridserve.gateway.ops.outcomes import Traces
 from gridserve.gateway.pipeline.candidate import is_pipeline
 from gridserve.gateway.pipeline.serving import Pipelines
 from gridserve.gateway.registry.membership import Membership, NodeRecord
+from gridserve.gateway.tenancy.limits import CURRENT
 from gridserve.prefix.blocks import CHARS_PER_TOKEN
 from gridserve.scheduler import KERNEL_POOL, Scheduler, UnknownTier
 from gridserve.scheduler.snapshot import NodeSnapshot
@@ -66,6 +67,7 @@ from gridserve.types.wire import ResponseFormat
 
 if TYPE_CHECKING:
     from gridserve.gateway.api.responses_api import ResponseStore
+    from gridserve.gateway.tenancy import ApiKey, Tenancy
 
 log = logging.getLogger("gridserve.gateway")
 DEFAULT_MAX_TOKENS = {"chat": 256, "text": 16}
@@ -105,6 +107,8 @@ class ApiContext:
     """Which nodes probably hold a prompt's prefix in their KV cache (None: prefix-blind routing)."""
     responses: "ResponseStore | None" = None
     """Stored responses of the Responses API (gateway/api/responses_api.py; None: none are kept)."""
+    tenancy: "Tenancy | None" = None
+    """API keys' limits and usage (gateway/tenancy/; None: keys are not limited)."""
 
 
 def parse(body: bytes, model: type[SamplingFields]) -> Any:
@@ -350,10 +354,26 @@ CHAT = Surface("chat", "chat", "chatcmpl-", _read_chat, _chunks, openai_error)
 TEXT = Surface("text", "text", "cmpl-", _read_text, _chunks, openai_error)
 
 
-async def complete(ctx: ApiContext, body: bytes, surface: Surface) -> Reply:
+async def complete(ctx: ApiContext, body: bytes, surface: Surface, key: "ApiKey | None" = None) -> Reply:
+    """Answer `body` on `surface`; with `key`, within its limits (its admission is `CURRENT` from here on)."""
     req = await surface.read(ctx, body)
     request_id = surface.id_prefix + secrets.token_hex(12)
     job, prompt_tokens = to_job(req, surface.kind, request_id)
+    admitted: list[tuple[bytes, bytes]] = []
+    if key is not None and ctx.tenancy is not None:
+        reserve = prompt_tokens + job.sampling.max_tokens * req.n
+        admission = ctx.tenancy.admit(key, model=job.model, tier=req.gridserve.tier, tokens=reserve)
+        CURRENT.set(admission)
+        admitted = admission.headers
+        await ctx.tenancy.wait_for_room(admission, job.model)
+    reply = await _complete(ctx, req, job, prompt_tokens, surface)
+    reply.headers.extend(admitted)
+    return reply
+
+
+async def _complete(
+    ctx: ApiContext, req: SamplingFields, job: GenerateRequest, prompt_tokens: int, surface: Surface
+) -> Reply:
     if ctx.pipelines is not None and ctx.pipelines.placement.needed(job.model):  # `--layers auto` nodes only
         await ctx.pipelines.placement.place(job.model)
     if req.n > 1:
@@ -399,10 +419,12 @@ async def _open(ctx: ApiContext, req: SamplingFields, job: GenerateRequest, prom
         extra={"request_id": job.request_id, "decision_id": decision.decision_id, "node_id": stream.node_id},
     )
     headers = [(b"x-gridserve-decision", decision.decision_id.encode()), (b"x-gridserve-node", stream.node_id.encode())]
+    admission = CURRENT.get()
     ctx.lifecycle.opened(
         scope,
         decision,
         stream.node_id,
+        queue_wait_s=round(admission.queue_wait_s, 6) if admission is not None else 0.0,
         attempts=[a.__dict__ for a in stream.attempts],
         hedged=stream.hedged,
         hedge_delay_s=None if stream.hedge_delay_s is None else round(stream.hedge_delay_s, 6),

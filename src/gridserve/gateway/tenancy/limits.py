@@ -1,0 +1,236 @@
+"""Per-key limits that hold across the gateways of one database, decided in memory.
+
+Each gateway counts what it admitted for each key (requests and tokens in the current minute, spend and errors for
+ever, requests in flight now) and learns the other gateways' counts from the store every `sync_interval_s`
+(gateway/tenancy/sync.py). A request is admitted when its key's total, its own counts plus the others' last known
+ones, leaves room: no database round trip on a request's path. What two gateways admit in the same sync interval
+can overshoot a limit by that much; the requests-per-minute figure over three gateways is measured by
+bench/tenants.py.
+
+- **Requests and tokens per minute** count in fixed windows of the wall clock's minutes. A request reserves its
+  prompt and `max_tokens` when admitted (so a burst of long answers cannot pass a tokens limit), and the reservation
+  becomes what it used when it ends.
+- **Concurrency** counts requests in flight (a stopped gateway's count ages out of the others' sums).
+- **Budget** counts settled spend (the settlement ledger's amounts); a key is refused once its spend reaches its
+  budget, so it overspends by at most what its requests in flight when it ran out cost.
+
+Refusals are OpenAI's: 429 with `Retry-After` and the `x-ratelimit-*` headers, which admitted answers carry too.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gridserve.gateway.api.errors import APIError
+from gridserve.gateway.tenancy.keys import ApiKey
+
+WINDOW_S = 60.0
+CONCURRENCY_RETRY_S = 1
+
+
+@dataclass
+class Counts:
+    """One key's counters as one gateway holds them: its own, or the sum of the others'."""
+
+    window: float = 0.0
+    requests: int = 0
+    tokens: int = 0
+    spent_usd: float = 0.0
+    errors: int = 0
+    inflight: int = 0
+
+    def roll(self, window: float) -> None:
+        """Start a new minute: the per-minute counts restart (spend, errors and what is in flight carry on)."""
+        if window != self.window:
+            self.window, self.requests, self.tokens = window, 0, 0
+
+
+@dataclass
+class KeyCounts:
+    own: Counts = field(default_factory=Counts)
+    others: Counts = field(default_factory=Counts)
+    dirty: bool = False
+    """Own counts moved since the store last had them."""
+
+
+class OverLimit(APIError):
+    """A request over one of its key's limits: 429 in OpenAI's shape."""
+
+    def __init__(self, message: str, *, code: str, retry_after_s: int | None, headers: list[tuple[bytes, bytes]]):
+        super().__init__(
+            429, message, type_="rate_limit_exceeded" if retry_after_s is not None else "insufficient_quota", code=code
+        )
+        extra = [(b"retry-after", str(retry_after_s).encode())] if retry_after_s is not None else []
+        self.headers = [*extra, *headers]
+
+
+class Admission:
+    """One admitted request of a key: what it reserved, and what it used once it ends (`close`)."""
+
+    __slots__ = (
+        "closed",
+        "counts",
+        "failed",
+        "headers",
+        "key",
+        "queue_wait_s",
+        "releases",
+        "reserved",
+        "spent_usd",
+        "tokens",
+        "window",
+    )
+
+    def __init__(self, key: ApiKey, counts: KeyCounts | None, window: float, reserved: int) -> None:
+        self.key, self.counts, self.window, self.reserved = key, counts, window, reserved
+        self.tokens = 0
+        self.spent_usd = 0.0
+        self.failed = False
+        self.closed = False
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.queue_wait_s = 0.0
+        """How long the request waited at the gateway for room on a node (gateway/tenancy/queue.py)."""
+        self.releases: list[Callable[[], None]] = []
+        """Run when the request is over (its place in the gateway's queue accounting)."""
+
+    def charge(self, tokens: int, spent_usd: float, *, failed: bool) -> None:
+        """What one of the request's answers used (a request with n choices has several); an answer that ends
+        after the request (a client that left, its answer abandoned) counts at once."""
+        if self.closed:
+            self._count(tokens, spent_usd, failed)
+            return
+        self.tokens += tokens
+        self.spent_usd += spent_usd
+        self.failed = self.failed or failed
+
+    def close(self) -> None:
+        """The request is over: its reservation becomes what it used; its place in flight frees."""
+        if self.closed:
+            return
+        self.closed = True
+        for release in self.releases:
+            release()
+        if self.counts is not None:
+            self.counts.own.inflight -= 1
+            self._count(self.tokens - self.reserved, self.spent_usd, self.failed)
+
+    def _count(self, tokens: int, spent_usd: float, failed: bool) -> None:
+        if self.counts is None:
+            return
+        own = self.counts.own
+        if own.window == self.window:
+            own.tokens += tokens
+        own.spent_usd += spent_usd
+        own.errors += int(failed)
+        self.counts.dirty = True
+
+
+CURRENT: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("gridserve_admission", default=None)
+"""The admission of the request this task serves (its lifecycle charges what it used to it)."""
+
+
+class Limiter:
+    """Admits requests against their keys' limits; the one owner of the per-key counters."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.keys: dict[str, KeyCounts] = {}
+
+    def window(self, now: float) -> float:
+        return math.floor(now / WINDOW_S) * WINDOW_S
+
+    def counts(self, key_id: str) -> KeyCounts:
+        found = self.keys.get(key_id)
+        if found is None:
+            found = self.keys[key_id] = KeyCounts()
+        return found
+
+    def admit(self, key: ApiKey, tokens: int) -> Admission:
+        """Count a request reserving `tokens` against `key`, or raise OverLimit (nothing counted)."""
+        p = key.policy
+        if key.static:  # --api-key keys: no limits, and no counts in the store
+            return Admission(key, None, 0.0, 0)
+        now = self.clock()
+        window = self.window(now)
+        counts = self.counts(key.key_id)
+        own, others = counts.own, counts.others
+        own.roll(window)
+        others.roll(window)
+        headers = _headers(key, own, others, window + WINDOW_S - now)
+        reset_s = max(1, math.ceil(window + WINDOW_S - now))
+        if p.budget_usd is not None and own.spent_usd + others.spent_usd >= p.budget_usd:
+            spent = own.spent_usd + others.spent_usd
+            raise OverLimit(
+                f"Key {key.name!r} has spent its budget ({spent:.6f} of {p.budget_usd} USD).",
+                code="insufficient_quota",
+                retry_after_s=None,
+                headers=headers,
+            )
+        if p.rpm is not None and own.requests + others.requests + 1 > p.rpm:
+            raise OverLimit(
+                f"Rate limit reached for key {key.name!r}: {p.rpm} requests per minute. Try again in {reset_s} s.",
+                code="rate_limit_exceeded",
+                retry_after_s=reset_s,
+                headers=headers,
+            )
+        if p.tpm is not None and own.tokens + others.tokens + tokens > p.tpm:
+            too_big = tokens > p.tpm
+            why = (
+                f"this request alone needs {tokens} tokens (prompt and max_tokens)"
+                if too_big
+                else f"Try again in {reset_s} s"
+            )
+            raise OverLimit(
+                f"Rate limit reached for key {key.name!r}: {p.tpm} tokens per minute; {why}.",
+                code="rate_limit_exceeded",
+                retry_after_s=reset_s,
+                headers=headers,
+            )
+        if p.max_concurrency is not None and own.inflight + others.inflight + 1 > p.max_concurrency:
+            raise OverLimit(
+                f"Key {key.name!r} has {p.max_concurrency} requests in flight, its limit.",
+                code="concurrency_limit_exceeded",
+                retry_after_s=CONCURRENCY_RETRY_S,
+                headers=headers,
+            )
+        own.requests += 1
+        own.tokens += tokens
+        own.inflight += 1
+        counts.dirty = True
+        admission = Admission(key, counts, window, tokens)
+        admission.headers = _headers(key, own, others, window + WINDOW_S - now)
+        return admission
+
+
+def _headers(key: ApiKey, own: Counts, others: Counts, reset_s: float) -> list[tuple[bytes, bytes]]:
+    """OpenAI's rate-limit headers for the limits `key` has."""
+    out: list[tuple[bytes, bytes]] = []
+    p = key.policy
+    if p.rpm is not None:
+        left = max(0, p.rpm - own.requests - others.requests)
+        out += [
+            (b"x-ratelimit-limit-requests", str(p.rpm).encode()),
+            (b"x-ratelimit-remaining-requests", str(left).encode()),
+            (b"x-ratelimit-reset-requests", _duration(reset_s).encode()),
+        ]
+    if p.tpm is not None:
+        left = max(0, p.tpm - own.tokens - others.tokens)
+        out += [
+            (b"x-ratelimit-limit-tokens", str(p.tpm).encode()),
+            (b"x-ratelimit-remaining-tokens", str(left).encode()),
+            (b"x-ratelimit-reset-tokens", _duration(reset_s).encode()),
+        ]
+    return out
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: `20ms`, `1s`, `6m0s`."""
+    if round(seconds * 1000) < 1000:
+        return f"{max(0, round(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"

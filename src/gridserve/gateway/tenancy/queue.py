@@ -1,0 +1,213 @@
+"""Priorities and fair queueing at the gateway, for when every node serving a model is saturated.
+
+A model's capacity is the batch slots of the live nodes serving it whole (`capacity(model)`); this gateway's
+requests in flight for it are counted here. A node whose engine interleaves any number of streams token by token
+(`Capability.interleaved`: gridserve's CPU torch engine) has no slot limit, and a model it serves never waits here.
+A priority class may fill only its share of the slots (batch 75%, the others all of them), so a batch flood leaves
+room for interactive requests to start at once.
+A request that finds no room waits in a bounded queue: the highest class first and, within a class, the keys in turn
+(deficit round robin with a quantum of one request, each request costing one: every key with requests waiting gets
+the next free slot in turn, however many it sent). Past its class's deadline a waiting request gets 503 with
+`Retry-After`; a full queue answers 503 at once. The wait is recorded in the request's decision (`queue_wait_s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from gridserve.gateway.api.errors import APIError
+from gridserve.gateway.registry.record import LIVE, NodeRecord
+from gridserve.gateway.tenancy.keys import PRIORITIES, Priority
+
+SHARES: dict[str, float] = {"interactive": 1.0, "standard": 1.0, "batch": 0.75}
+"""The share of a model's slots each class may fill (interactive and standard requests then find room in a batch
+flood)."""
+UNLIMITED = 0
+"""A model's capacity when no node serving it has a slot limit (or none serves it): requests never wait here."""
+DEADLINES_S: dict[str, float] = {"interactive": 10.0, "standard": 30.0, "batch": 120.0}
+"""How long a request of each class waits for room before a 503."""
+MAX_WAITING = 2000
+"""Requests waiting at once, all models and classes; more get 503 at once."""
+RETRY_AFTER_S = 2
+
+
+@dataclass
+class _Waiter:
+    future: asyncio.Future[None]
+    key_id: str
+
+
+@dataclass
+class _Lane:
+    """One model's waiting requests: per class, per key, in arrival order; the keys in turn."""
+
+    classes: dict[str, OrderedDict[str, deque[_Waiter]]] = field(
+        default_factory=lambda: {p: OrderedDict() for p in PRIORITIES}
+    )
+
+    def push(self, priority: str, waiter: _Waiter) -> None:
+        self.classes[priority].setdefault(waiter.key_id, deque()).append(waiter)
+
+    def head(self) -> tuple[str, str] | None:
+        """(class, key) of the next request to go: the highest class with a request waiting, its next key."""
+        for priority in PRIORITIES:
+            keys = self.classes[priority]
+            if keys:
+                return priority, next(iter(keys))
+        return None
+
+    def pop(self, priority: str, key_id: str) -> _Waiter:
+        """The key's oldest request; the key moves to the back of its class's turn."""
+        keys = self.classes[priority]
+        waiters = keys.pop(key_id)
+        waiter = waiters.popleft()
+        if waiters:
+            keys[key_id] = waiters  # re-inserted: to the back of the turn
+        return waiter
+
+    def remove(self, priority: str, waiter: _Waiter) -> None:
+        waiters = self.classes[priority].get(waiter.key_id)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self.classes[priority][waiter.key_id]
+
+    def waiting(self, at_or_above: str | None = None) -> int:
+        ranks = PRIORITIES if at_or_above is None else PRIORITIES[: PRIORITIES.index(at_or_above) + 1]
+        return sum(len(w) for p in ranks for w in self.classes[p].values())
+
+
+class FairQueue:
+    """The one owner of this gateway's requests in flight per model and of those waiting for room."""
+
+    def __init__(
+        self,
+        capacity: Callable[[str], int],
+        *,
+        shares: dict[str, float] | None = None,
+        deadlines_s: dict[str, float] | None = None,
+        max_waiting: int = MAX_WAITING,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.capacity = capacity
+        self.shares = shares or SHARES
+        self.deadlines_s = deadlines_s or DEADLINES_S
+        self.max_waiting = max_waiting
+        self.clock = clock
+        self.inflight: dict[str, int] = {}
+        self.lanes: dict[str, _Lane] = {}
+        self.waiting = 0
+        self.timed_out = 0
+
+    def _room(self, model: str, priority: str) -> bool:
+        slots = self.capacity(model)
+        if slots == UNLIMITED:
+            return True  # nothing limits it (or nothing serves it: the scheduler says so, 404 or a node loads it)
+        allowed = max(1, math.floor(slots * self.shares[priority]))
+        return self.inflight.get(model, 0) < allowed
+
+    async def enter(self, model: str, priority: Priority, key_id: str) -> float:
+        """Wait for room for a request of `key_id` in `priority` (none waiting ahead of it and a slot within its
+        class's share); returns the seconds waited. Raises APIError 503 past the deadline or when the queue is
+        full. Every `enter` that returns must be followed by one `leave(model)`."""
+        lane = self.lanes.get(model)
+        if (lane is None or lane.waiting(priority) == 0) and self._room(model, priority):
+            self.inflight[model] = self.inflight.get(model, 0) + 1
+            return 0.0
+        if self.waiting >= self.max_waiting:
+            raise _busy(f"The gateway's queue is full ({self.max_waiting} requests waiting).")
+        lane = self.lanes.setdefault(model, _Lane())
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), key_id)
+        lane.push(priority, waiter)
+        self.waiting += 1
+        started = self.clock()
+        deadline = self.deadlines_s[priority]
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), deadline)
+        except TimeoutError:
+            if not self._abandon(model, lane, priority, waiter):
+                self.timed_out += 1
+                raise _busy(
+                    f"No room for a {priority} request for {model} within {deadline:.0f} s: every node serving it"
+                    " is busy."
+                ) from None
+        except BaseException:  # the client left: out of the queue, and a slot given meanwhile is freed
+            if self._abandon(model, lane, priority, waiter):
+                self.leave(model)
+            raise
+        return self.clock() - started
+
+    def _abandon(self, model: str, lane: _Lane, priority: str, waiter: _Waiter) -> bool:
+        """A waiter stops waiting: out of the queue. True if it was given a slot just as it gave up."""
+        if waiter.future.done() and not waiter.future.cancelled():
+            return True
+        waiter.future.cancel()
+        lane.remove(priority, waiter)
+        self.waiting -= 1
+        return False
+
+    def leave(self, model: str) -> None:
+        self.inflight[model] = max(0, self.inflight.get(model, 0) - 1)
+        self._dispatch(model)
+
+    def poke(self) -> None:
+        """Give waiting requests the room that appeared without a request leaving (a node joined)."""
+        for model in list(self.lanes):
+            self._dispatch(model)
+
+    def _dispatch(self, model: str) -> None:
+        lane = self.lanes.get(model)
+        while lane is not None:
+            head = lane.head()
+            if head is None or not self._room(model, head[0]):
+                return
+            waiter = lane.pop(*head)
+            self.waiting -= 1
+            if waiter.future.done():  # its wait ended meanwhile
+                continue
+            self.inflight[model] = self.inflight.get(model, 0) + 1
+            waiter.future.set_result(None)
+
+
+def _busy(message: str) -> APIError:
+    error = APIError(503, f"{message} Retry later.", type_="service_unavailable", code="queue_timeout")
+    error.headers = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+    return error
+
+
+class SlotCount:
+    """The batch slots of the live nodes serving each model whole, recounted at most every `ttl_s` (a decision
+    must not walk every node twice)."""
+
+    def __init__(
+        self,
+        records: Callable[[], Iterable[NodeRecord]],
+        ttl_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.records, self.ttl_s, self.clock = records, ttl_s, clock
+        self._counted_at = -math.inf
+        self._slots: dict[str, int] = {}
+
+    def __call__(self, model: str) -> int:
+        now = self.clock()
+        if now - self._counted_at > self.ttl_s:
+            self._counted_at = now
+            slots: dict[str, int] = {}
+            unlimited: set[str] = set()
+            for record in self.records():
+                if record.state not in LIVE:
+                    continue
+                if record.static.interleaved:
+                    unlimited.update(record.static.offers)
+                    continue
+                per_node = max(1, record.static.hw.batch_slots) if record.static.hw is not None else 1
+                for name in record.static.offers:
+                    slots[name] = slots.get(name, 0) + per_node
+            self._slots = {name: (UNLIMITED if name in unlimited else n) for name, n in slots.items()}
+        return self._slots.get(model, UNLIMITED)

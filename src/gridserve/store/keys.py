@@ -1,0 +1,118 @@
+"""API keys and their usage counters in the store (gateway/tenancy/).
+
+- `api_keys`: one row a key: its digest (never the key), limits, allowed models and tiers, priority class, and
+  `updated_at`, which moves on every change (creation, revocation) so each gateway reads only the rows that moved.
+- `key_usage`: what each gateway counted for each key. A row per (key, gateway, window): `window_start` is the
+  minute's start (unix seconds) for requests and tokens, and 0 for the running totals (spend, errors, requests in
+  flight). Every gateway writes only its own rows, with absolute values (a retried write counts nothing twice), and
+  reads the others' sums: limits hold across gateways with no database round trip on a request's path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from gridserve.store.db import Store, metadata, upsert_template
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("key_id", sa.String(), primary_key=True),
+    sa.Column("name", sa.String(), nullable=False),
+    sa.Column("digest", sa.String(), nullable=False),
+    sa.Column("created_at", sa.Float(), nullable=False),
+    sa.Column("updated_at", sa.Float(), nullable=False),
+    sa.Column("revoked_at", sa.Float(), nullable=True),
+    # limits, allowed models and tiers, priority class: gateway/tenancy/keys.py KeyPolicy
+    sa.Column("policy", sa.JSON(), nullable=False),
+    sa.Index("ix_api_keys_updated_at", "updated_at"),
+)
+
+key_usage = sa.Table(
+    "key_usage",
+    metadata,
+    sa.Column("key_id", sa.String(), primary_key=True),
+    sa.Column("gateway_id", sa.String(), primary_key=True),
+    sa.Column("window_start", sa.Float(), primary_key=True),
+    sa.Column("requests", sa.Integer(), nullable=False),
+    sa.Column("tokens", sa.Integer(), nullable=False),
+    sa.Column("spent_usd", sa.Float(), nullable=False),
+    sa.Column("errors", sa.Integer(), nullable=False),
+    sa.Column("inflight", sa.Integer(), nullable=False),
+    sa.Column("updated_at", sa.Float(), nullable=False),
+)
+USAGE_COUNTS = ["requests", "tokens", "spent_usd", "errors", "inflight", "updated_at"]
+
+
+class KeyStore:
+    """The store's side of API keys: rows in, rows out; every decision is the caller's."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._upsert = upsert_template(store.dialect, key_usage, USAGE_COUNTS)
+
+    def insert_key(self, row: dict[str, Any]) -> None:
+        with self.store.transaction() as conn:
+            conn.execute(api_keys.insert().values(row))
+
+    def keys_changed_since(self, since: float) -> list[dict[str, Any]]:
+        """Every key whose row moved at or after `since` (all of them from 0), oldest change first."""
+        stmt = sa.select(api_keys).where(api_keys.c.updated_at >= since).order_by(api_keys.c.updated_at)
+        with self.store.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def revoke_key(self, key_id: str, at: float) -> dict[str, Any] | None:
+        """Mark a key revoked (the first revocation's time stays); the row after, or None if there is no such key."""
+        with self.store.transaction() as conn:
+            found = conn.execute(sa.select(api_keys).where(api_keys.c.key_id == key_id).with_for_update()).first()
+            if found is None:
+                return None
+            row = dict(found._mapping)
+            if row["revoked_at"] is None:
+                row.update(revoked_at=at, updated_at=at)
+                values = {"revoked_at": at, "updated_at": at}
+                conn.execute(api_keys.update().where(api_keys.c.key_id == key_id).values(values))
+            return row
+
+    def put_usage(self, rows: Sequence[dict[str, Any]]) -> None:
+        """This gateway's counters (absolute values), one transaction."""
+        if rows:
+            with self.store.transaction() as conn:
+                conn.execute(self._upsert, list(rows))
+
+    def usage_sums(self, windows: Sequence[float], *, exclude_gateway: str, live_since: float) -> list[dict[str, Any]]:
+        """The other gateways' counters summed per (key, window) over `windows`; `inflight` only from rows written
+        at or after `live_since` (a gateway that stopped holds nothing in flight)."""
+        u = key_usage.c
+        live = sa.case((u.updated_at >= live_since, u.inflight), else_=0)
+        stmt = (
+            sa.select(
+                u.key_id,
+                u.window_start,
+                sa.func.sum(u.requests).label("requests"),
+                sa.func.sum(u.tokens).label("tokens"),
+                sa.func.sum(u.spent_usd).label("spent_usd"),
+                sa.func.sum(u.errors).label("errors"),
+                sa.func.sum(live).label("inflight"),
+            )
+            .where(u.window_start.in_(list(windows)), u.gateway_id != exclude_gateway)
+            .group_by(u.key_id, u.window_start)
+        )
+        with self.store.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def own_usage(self, gateway_id: str, windows: Sequence[float]) -> list[dict[str, Any]]:
+        """This gateway's own rows (read back at start: a restarted gateway continues its counts)."""
+        u = key_usage.c
+        stmt = sa.select(key_usage).where(u.gateway_id == gateway_id, u.window_start.in_(list(windows)))
+        with self.store.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def prune_usage(self, before: float) -> int:
+        """Drop minute rows older than `before` (the running totals, window 0, stay)."""
+        u = key_usage.c
+        with self.store.transaction() as conn:
+            return int(conn.execute(key_usage.delete().where(u.window_start > 0, u.window_start < before)).rowcount)

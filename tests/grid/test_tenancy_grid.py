@@ -1,0 +1,257 @@
+"""API keys with limits on a running grid (the tiny model, priced at 1 USD per million tokens), through the official
+openai SDK and httpx: keys are made, listed and revoked through the admin API and the CLI; a key over its requests,
+tokens or concurrency limit gets OpenAI's 429 with Retry-After and x-ratelimit-* headers; a budget stops a key
+within one request in flight; a key refused a model or a tier gets a 403; a revoked key is refused by another
+gateway on the same PostgreSQL database within a second, and a requests limit holds across the two."""
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+from tests.conftest import ADMIN, API_KEY, make_grid, two_gateways_on_pg
+
+from gridserve.cli.grid import LocalGrid
+from gridserve.engines.tiny import TINY_MODEL
+
+PRICE_PER_MTOK = 1.0
+HELLO: Any = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
+    g = make_grid(
+        tmp_path_factory.mktemp("tenancy"),
+        ["tiny"],
+        threads=1,
+        extra_node_args=["--price", str(PRICE_PER_MTOK)],
+        extra_gateway_args=["--vetting-checks", "0", "--canary-interval", "0"],
+    )
+    try:
+        g.start(timeout_s=120)
+        yield g
+    finally:
+        g.stop()
+
+
+def admin(grid: LocalGrid, method: str, path: str, body: Any = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    return httpx.request(method, grid.url + path, json=body, headers=headers, timeout=10)
+
+
+def new_key(grid: LocalGrid, **policy: Any) -> dict[str, Any]:
+    made = admin(grid, "POST", "/admin/keys", {"name": f"test-{time.monotonic_ns()}", **policy})
+    assert made.status_code == 200, made.text
+    return made.json()  # type: ignore[no-any-return]
+
+
+def fresh_minute(needed_s: float = 15.0) -> None:
+    """Wait, if need be, for a minute window (the limits') with `needed_s` left in it: a test's requests then count
+    in one window."""
+    left = 60.0 - time.time() % 60.0
+    if left < needed_s:
+        time.sleep(left + 0.05)
+
+
+def client(grid: LocalGrid, key: str) -> OpenAI:
+    return OpenAI(base_url=grid.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def ask(grid: LocalGrid, key: str, max_tokens: int = 4, **extra: Any) -> httpx.Response:
+    body = {"model": TINY_MODEL, "messages": HELLO, "max_tokens": max_tokens, "temperature": 0, **extra}
+    return httpx.post(
+        grid.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60
+    )
+
+
+def test_a_key_is_shown_once_listed_without_secrets_and_works(grid: LocalGrid) -> None:
+    made = new_key(grid, rpm=100, models=[TINY_MODEL], priority="interactive")
+    assert made["key"].startswith("gsk_") and made["rpm"] == 100 and made["priority"] == "interactive"
+    listed = {k["id"]: k for k in admin(grid, "GET", "/admin/keys").json()["keys"]}
+    assert made["id"] in listed and "key" not in listed[made["id"]] and "digest" not in listed[made["id"]]
+    reply = client(grid, made["key"]).chat.completions.with_raw_response.create(
+        model=TINY_MODEL, messages=HELLO, max_tokens=4
+    )
+    assert reply.headers["x-ratelimit-limit-requests"] == "100"
+    assert reply.headers["x-ratelimit-remaining-requests"] == "99"
+    assert reply.parse().choices[0].message.content is not None
+
+
+def test_the_static_key_still_works_and_a_wrong_key_is_refused(grid: LocalGrid) -> None:
+    assert ask(grid, API_KEY).status_code == 200
+    refused = ask(grid, "gsk_000000000000.not-a-key")
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_over_the_requests_limit_is_a_429_with_retry_after(grid: LocalGrid) -> None:
+    made = new_key(grid, rpm=3)
+    fresh_minute()
+    codes = [ask(grid, made["key"]).status_code for _ in range(3)]
+    assert codes == [200, 200, 200]
+    with pytest.raises(openai.RateLimitError) as caught:
+        client(grid, made["key"]).chat.completions.create(model=TINY_MODEL, messages=HELLO, max_tokens=4)
+    response = caught.value.response
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert response.headers["x-ratelimit-limit-requests"] == "3"
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_over_the_tokens_limit_is_a_429(grid: LocalGrid) -> None:
+    made = new_key(grid, tpm=1000)
+    fresh_minute()
+    first = ask(grid, made["key"], max_tokens=10, ignore_eos=True)
+    assert first.status_code == 200, first.text
+    used = first.json()["usage"]["total_tokens"]
+    second = ask(grid, made["key"], max_tokens=1000 - used)  # its prompt and max_tokens do not fit what is left
+    assert second.status_code == 429 and "tokens per minute" in second.json()["error"]["message"]
+    assert int(second.headers["retry-after"]) >= 1 and second.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert int(second.headers["x-ratelimit-remaining-tokens"]) == 1000 - used  # the reservation became the use
+    too_big = ask(grid, made["key"], max_tokens=2000)
+    assert too_big.status_code == 429 and "this request alone needs" in too_big.json()["error"]["message"]
+    assert ask(grid, made["key"], max_tokens=10).status_code == 200
+
+
+def test_over_the_concurrency_limit_is_a_429_until_the_first_ends(grid: LocalGrid) -> None:
+    made = new_key(grid, max_concurrency=1)
+    sdk = client(grid, made["key"])
+    stream = sdk.chat.completions.create(  # thousands of tokens: under way until the client closes it
+        model=TINY_MODEL, messages=HELLO, max_tokens=3000, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(stream))
+    second = ask(grid, made["key"])
+    assert second.status_code == 429 and second.json()["error"]["code"] == "concurrency_limit_exceeded"
+    assert second.headers["retry-after"] == "1"
+    stream.close()  # the client leaves: the request ends, and its place in flight frees
+    deadline = time.monotonic() + 10.0
+    while (third := ask(grid, made["key"])).status_code == 429:
+        assert time.monotonic() < deadline, "the closed stream still held the key's place after 10 s"
+        time.sleep(0.05)
+    assert third.status_code == 200
+
+
+def spent(grid: LocalGrid, key_id: str) -> dict[str, Any]:
+    return {k["id"]: k for k in admin(grid, "GET", "/admin/usage").json()["keys"]}[key_id]  # type: ignore[no-any-return]
+
+
+def test_a_budget_stops_a_key_within_one_request_of_its_limit(grid: LocalGrid) -> None:
+    probe = new_key(grid)
+    assert ask(grid, probe["key"], max_tokens=10, ignore_eos=True).status_code == 200
+    cost_of_one = spent(grid, probe["id"])["cluster"]["spent_usd"]  # the node's settled price of one answer
+    assert cost_of_one > 0
+    budget = 3.5 * cost_of_one
+    made = new_key(grid, budget_usd=budget)
+    codes = [ask(grid, made["key"], max_tokens=10, ignore_eos=True).status_code for _ in range(6)]
+    assert codes == [200] * 4 + [429] * 2  # the fourth starts with 3 answers spent, under the budget
+    refused = ask(grid, made["key"])
+    assert refused.json()["error"]["code"] == "insufficient_quota" and "retry-after" not in refused.headers
+    usage = spent(grid, made["id"])
+    assert budget <= usage["cluster"]["spent_usd"] <= budget + cost_of_one * 1.001
+    assert usage["served_here"]["requests"] == 4 and usage["served_here"]["refused"] == {"insufficient_quota": 3}
+
+
+def test_a_key_may_be_limited_to_models_and_tiers(grid: LocalGrid) -> None:
+    made = new_key(grid, models=["llama-3-8b"], tiers=["batch"])
+    wrong_model = ask(grid, made["key"])
+    assert wrong_model.status_code == 403 and wrong_model.json()["error"]["param"] == "model"
+    other = new_key(grid, tiers=["batch"])
+    wrong_tier = ask(grid, other["key"])
+    assert wrong_tier.status_code == 403 and wrong_tier.json()["error"]["param"] == "gridserve.tier"
+    assert ask(grid, other["key"], gridserve={"tier": "batch"}).status_code == 200
+
+
+def test_a_revoked_key_is_refused(grid: LocalGrid) -> None:
+    made = new_key(grid)
+    assert ask(grid, made["key"]).status_code == 200
+    gone = admin(grid, "DELETE", f"/admin/keys/{made['id']}")
+    assert gone.status_code == 200 and gone.json()["status"] == "revoked"
+    deadline = time.monotonic() + 2.0
+    while ask(grid, made["key"]).status_code != 401:
+        assert time.monotonic() < deadline, "the revoked key was still accepted after 2 s"
+        time.sleep(0.05)
+    assert admin(grid, "DELETE", "/admin/keys/nosuchkey").status_code == 404
+
+
+def test_bad_key_requests_are_400s_naming_the_field(grid: LocalGrid) -> None:
+    for body, param in (({}, "name"), ({"name": "x", "rpm": 0}, "rpm"), ({"name": "x", "priority": "vip"}, "priority")):
+        refused = admin(grid, "POST", "/admin/keys", body)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+    assert admin(grid, "POST", "/admin/keys", {"name": "x", "colour": "red"}).json()["error"]["param"] == "colour"
+
+
+def test_usage_is_in_metrics_per_key(grid: LocalGrid) -> None:
+    made = new_key(grid)
+    assert ask(grid, made["key"]).status_code == 200
+    text = httpx.get(grid.url + "/metrics", timeout=10).text
+    assert f'gridserve_key_requests_total{{key="{made["id"]}",name="{made["name"]}"}} 1.0' in text
+
+
+def test_the_cli_makes_lists_and_revokes_keys(grid: LocalGrid) -> None:
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "gridserve", "keys", *args, "--gateway", grid.url, "--admin-token", ADMIN],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    made = cli("create", "cli-key", "--rpm", "7", "--model", TINY_MODEL, "--json")
+    import json
+
+    key = json.loads(made)
+    assert key["rpm"] == 7 and key["models"] == [TINY_MODEL]
+    assert ask(grid, key["key"]).status_code == 200
+    assert key["id"] in cli("list")
+    assert "revoked" in cli("revoke", key["id"])
+
+
+# -- two gateways on one database ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalGrid, LocalGrid]]:
+    """Gateways A and B on one PostgreSQL schema, with one tiny node that registered with A (B adopts it)."""
+    with two_gateways_on_pg(Path(tmp_path_factory.mktemp("tenancy-pair")), ("--vetting-checks", "0")) as pair:
+        yield pair
+
+
+def test_a_key_revoked_on_one_gateway_is_refused_by_the_other_within_a_second(
+    pair: tuple[LocalGrid, LocalGrid],
+) -> None:
+    a, b = pair
+    made = new_key(a)
+    deadline = time.monotonic() + 5.0
+    while ask(b, made["key"]).status_code != 200:  # B learns of the new key
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert admin(a, "DELETE", f"/admin/keys/{made['id']}").status_code == 200
+    revoked_at = time.monotonic()
+    while ask(b, made["key"]).status_code != 401:
+        assert time.monotonic() - revoked_at < 1.0, "B still accepted the key a second after its revocation"
+        time.sleep(0.02)
+
+
+def test_a_requests_limit_holds_across_gateways(pair: tuple[LocalGrid, LocalGrid]) -> None:
+    a, b = pair
+    made = new_key(a, rpm=4, models=[TINY_MODEL])
+    deadline = time.monotonic() + 10.0
+    while (probe := ask(b, made["key"], model="no-such-model")).status_code == 401:  # B learns of the key
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert probe.status_code == 403  # refused before any limit counts it
+    fresh_minute()
+    assert [ask(g, made["key"]).status_code for g in (a, b, a, b)] == [200] * 4
+    for g in (a, b):  # each gateway learns the other's counts
+        while spent(g, made["id"])["cluster"]["requests_this_minute"] < 4:
+            assert time.monotonic() < deadline + 20.0
+            time.sleep(0.05)
+    refused = [ask(g, made["key"]) for g in (a, b)]
+    assert [r.status_code for r in refused] == [429, 429], [r.text for r in refused]
