@@ -12,11 +12,19 @@ FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 
 
 def _options() -> dict[str, set[str]]:
+    """Flags of each command: `node`, and `keys create` for a group's subcommands."""
     group = typer.main.get_command(app)
-    commands = getattr(group, "commands", {})
-    return {
-        name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} | {"--help"}
-        for name, cmd in commands.items()
+    out: dict[str, set[str]] = {}
+    for name, cmd in getattr(group, "commands", {}).items():
+        for sub, leaf in getattr(cmd, "commands", {}).items():
+            out[f"{name} {sub}"] = _flags(leaf)
+        out[name] = _flags(cmd)
+    return out
+
+
+def _flags(cmd: object) -> set[str]:
+    return {o for p in getattr(cmd, "params", []) for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} | {
+        "--help"
     }
 
 
@@ -33,7 +41,11 @@ def _example_commands() -> list[tuple[str, str]]:
             shell.append(line)
     for line in "\n".join(shell).replace("\\\n", " ").splitlines():
         code = re.split(r"\s#\s", line)[0]  # drop trailing comments
-        out += re.findall(r"\bgridserve ([a-z][a-z-]*)([^|;&]*)", code)
+        for sub, rest in re.findall(r"\bgridserve ([a-z][a-z-]*)([^|;&]*)", code):
+            leaf = re.match(r"\s+([a-z][a-z-]*)", rest)  # a group's subcommand: `keys create`
+            if leaf and f"{sub} {leaf.group(1)}" in _options():
+                sub, rest = f"{sub} {leaf.group(1)}", rest[leaf.end() :]
+            out.append((sub, rest))
     return out
 
 
