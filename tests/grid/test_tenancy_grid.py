@@ -255,3 +255,18 @@ def test_a_requests_limit_holds_across_gateways(pair: tuple[LocalGrid, LocalGrid
             time.sleep(0.05)
     refused = [ask(g, made["key"]) for g in (a, b)]
     assert [r.status_code for r in refused] == [429, 429], [r.text for r in refused]
+
+
+def test_a_stored_response_is_its_keys_only(grid: LocalGrid) -> None:
+    mine, theirs = (client(grid, new_key(grid)["key"]) for _ in range(2))
+    made = mine.responses.create(model=TINY_MODEL, input="The sea is", max_output_tokens=4, temperature=0)
+    assert mine.responses.retrieve(made.id).id == made.id
+    with pytest.raises(openai.NotFoundError):
+        theirs.responses.retrieve(made.id)
+    with pytest.raises(openai.NotFoundError):  # nor continued by another key
+        theirs.responses.create(model=TINY_MODEL, input="And?", previous_response_id=made.id, max_output_tokens=4)
+    with pytest.raises(openai.NotFoundError):
+        theirs.responses.delete(made.id)
+    mine.responses.delete(made.id)
+    with pytest.raises(openai.NotFoundError):
+        mine.responses.retrieve(made.id)

@@ -27,6 +27,7 @@ from gridserve.gateway.api.responses_api import (
 )
 from gridserve.gateway.api.surface import Answer
 from gridserve.gateway.api.tools import ToolCall
+from gridserve.gateway.tenancy.limits import CALLER
 from gridserve.store import Store
 
 PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -41,17 +42,17 @@ class FakeStore:
         self.kept: dict[str, Stored] = {}
         self.fail = fail
 
-    async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+    async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]], owner: str | None) -> None:
         if self.fail:
             raise OSError("disk full")
         self.kept[response["id"]] = Stored(
             orjson.loads(orjson.dumps(response)), orjson.loads(orjson.dumps(conversation))
         )
 
-    async def get(self, response_id: str) -> Stored | None:
+    async def get(self, response_id: str, owner: str | None) -> Stored | None:
         return self.kept.get(response_id)
 
-    async def delete(self, response_id: str) -> bool:
+    async def delete(self, response_id: str, owner: str | None) -> bool:
         return self.kept.pop(response_id, None) is not None
 
 
@@ -574,24 +575,45 @@ def test_the_store_keeps_gets_and_deletes_responses() -> None:
 
         async def scenario() -> None:
             out = ResponseWriter(context(responses), spec, "resp_db", "m")
+            CALLER.set("key-a")  # the API key whose request this is
             await out.keep(answer("Stored."))
-            found = await retrieve_response(responses, "resp_db", {})
+            found = await retrieve_response(responses, "resp_db", {}, "key-a")
             assert found == out.whole(answer("Stored.")) and found["output"][0]["content"][0]["text"] == "Stored."
-            previous = await responses.get("resp_db")
+            previous = await responses.get("resp_db", "key-a")
             assert previous is not None and previous.conversation[-1] == {"role": "assistant", "content": "Stored."}
-            assert await delete_response(responses, "resp_db", {}) == {
+            assert await responses.get("resp_db", "key-b") is None, "another key's response is not found"
+            for call in (retrieve_response, delete_response):
+                with pytest.raises(APIError) as theirs:
+                    await call(responses, "resp_db", {}, "key-b")
+                assert theirs.value.status == 404
+            assert await delete_response(responses, "resp_db", {}, "key-a") == {
                 "id": "resp_db",
                 "object": "response",
                 "deleted": True,
             }
             for call in (retrieve_response, delete_response):
                 with pytest.raises(APIError) as gone:
-                    await call(responses, "resp_db", {})
+                    await call(responses, "resp_db", {}, "key-a")
                 assert (gone.value.status, gone.value.param) == (404, "response_id")
             with pytest.raises(APIError) as replay:
-                await retrieve_response(responses, "resp_db", {"stream": "true"})
+                await retrieve_response(responses, "resp_db", {"stream": "true"}, "key-a")
             assert (replay.value.status, replay.value.param) == (400, "stream")
 
         asyncio.run(scenario())
+    finally:
+        store.close()
+
+
+def test_old_responses_are_pruned() -> None:
+    store = Store("sqlite://")
+    store.migrate()
+    try:
+        rows = [
+            {"response_id": f"resp_{at}", "created_at": float(at), "response": {}, "conversation": [], "owner": None}
+            for at in (100, 200, 300)
+        ]
+        store.put_responses(rows)
+        assert store.prune_responses(250.0) == 2
+        assert store.get_response("resp_300") is not None and store.get_response("resp_200") is None
     finally:
         store.close()

@@ -131,6 +131,9 @@ def gateway(
         int, typer.Option(min=1, help="consecutive 2-1 splits against a node that quarantine it (redundancy)")
     ] = 8,
     canary_interval: Annotated[float, typer.Option(help="mean seconds between canary requests (0: none)")] = 60.0,
+    responses_ttl_days: Annotated[
+        float, typer.Option(min=0, help="stored responses (/v1/responses) are deleted after this many days (0: never)")
+    ] = 30.0,
     canary_timeout: Annotated[
         float, typer.Option(min=0.5, help="seconds a canary may take before it is a failed canary")
     ] = 20.0,
@@ -226,6 +229,7 @@ def gateway(
         redundancy=redundancy,
         redundancy_strikes=redundancy_strikes,
         canary_interval_s=canary_interval,
+        responses_ttl_s=responses_ttl_days * 86_400.0,
         canary_timeout_s=canary_timeout,
         allow_emulated=allow_emulated,
         allow_unlisted_models=allow_unlisted_models,

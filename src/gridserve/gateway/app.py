@@ -220,10 +220,13 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
         prober = asyncio.create_task(probe_forever(gw.membership, gw.dispatcher, gw.config))
         sync = asyncio.create_task(gw.cluster.run_forever() if gw.cluster else asyncio.sleep(0))
         keys = asyncio.create_task(gw.tenancy.sync.run_forever())
+        ttl = gw.config.responses_ttl_s
+        responses = gw.api.responses
+        prune = asyncio.create_task(responses.prune_forever(ttl) if responses and ttl > 0 else asyncio.sleep(0))
         try:
             yield
         finally:
-            for task in (sweeper, prober, keeper, canary, sync, keys):
+            for task in (sweeper, prober, keeper, canary, sync, keys, prune):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -343,13 +346,13 @@ def _openai_routes(app: FastAPI, gw: Gateway) -> None:
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request) -> dict[str, Any]:
         """A stored response (OpenAI's Responses API; gateway/api/responses_api.py)."""
-        gw.require_api_key(request)
-        return await retrieve_response(gw.api.responses, response_id, request.query_params)
+        key = gw.require_api_key(request)
+        return await retrieve_response(gw.api.responses, response_id, request.query_params, key.key_id)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_stored_response(response_id: str, request: Request) -> dict[str, Any]:
-        gw.require_api_key(request)
-        return await delete_response(gw.api.responses, response_id, request.query_params)
+        key = gw.require_api_key(request)
+        return await delete_response(gw.api.responses, response_id, request.query_params, key.key_id)
 
 
 def _admin_routes(app: FastAPI, gw: Gateway) -> None:

@@ -32,6 +32,8 @@ class GatewayConfig:
     cluster_sync_interval_s: float = 0.5
     """Gateways on a shared PostgreSQL database read each other's writes at least this often (and at once when
     notified)."""
+    responses_ttl_s: float = 30 * 86_400.0
+    """Stored responses (the Responses API's) are deleted this long after they were made (0: kept for ever)."""
     key_sync_interval_s: float = 0.1
     """How often API keys and their counters are exchanged with the store (gateway/tenancy/sync.py)."""
     api_keys: tuple[str, ...] = field(default_factory=tuple)

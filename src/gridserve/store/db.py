@@ -116,6 +116,9 @@ responses = sa.Table(
     sa.Column("response", sa.JSON(), nullable=False),
     # the whole conversation up to and including this answer, as chat messages (what a continuation starts from)
     sa.Column("conversation", sa.JSON(), nullable=False),
+    # the id of the API key that made it: only that key reads, continues or deletes it (NULL: made before keys had
+    # ids, readable by any key)
+    sa.Column("owner", sa.String(), nullable=True),
     sa.Index("ix_responses_created_at", "created_at"),
 )
 
@@ -543,10 +546,17 @@ class Store:
             row = conn.execute(sa.select(responses).where(responses.c.response_id == response_id)).first()
             return None if row is None else dict(row._mapping)
 
-    def delete_response(self, response_id: str) -> bool:
-        """Delete a stored response; False if there was none."""
+    def delete_response(self, response_id: str, owner: str | None) -> bool:
+        """Delete a stored response of `owner` (or of no one); False if there was none."""
+        r = responses.c
+        mine = sa.or_(r.owner.is_(None), r.owner == owner)
         with self._write() as conn:
-            return conn.execute(responses.delete().where(responses.c.response_id == response_id)).rowcount > 0
+            return conn.execute(responses.delete().where(r.response_id == response_id, mine)).rowcount > 0
+
+    def prune_responses(self, before: float) -> int:
+        """Delete responses stored before `before` (unix seconds); how many went."""
+        with self._write() as conn:
+            return int(conn.execute(responses.delete().where(responses.c.created_at < before)).rowcount)
 
     def close(self) -> None:
         self._engine.dispose()

@@ -20,7 +20,7 @@ from gridserve.gateway.api.responses_api import RESPONSES
 from gridserve.gateway.api.surface import Surface, openai_error
 from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.gateway.tenancy import ApiKey, Tenancy
-from gridserve.gateway.tenancy.limits import CURRENT
+from gridserve.gateway.tenancy.limits import CALLER, CURRENT
 from gridserve.trust import TrustError
 
 log = logging.getLogger("gridserve.gateway")
@@ -76,7 +76,7 @@ class HotPath:
                 surface,
             )
             return
-        admitted = CURRENT.set(None)
+        admitted, caller = CURRENT.set(None), CALLER.set(key.key_id)
         try:
             with _DisconnectWatch(receive) as client:
                 await self._answer(body, surface, send, client, key)
@@ -85,6 +85,7 @@ class HotPath:
             if admission is not None:  # the request is over: its key's place in flight frees
                 admission.close()
             CURRENT.reset(admitted)
+            CALLER.reset(caller)
 
     async def _answer(self, body: bytes, surface: Surface, send: Send, client: "_DisconnectWatch", key: ApiKey) -> None:
         """Schedule, dispatch and stream in this task; a client that disconnects cancels it, which cancels the

@@ -26,6 +26,7 @@ from gridserve.gateway.api.openai_api import ApiContext
 from gridserve.gateway.api.schemas import ChatCompletionRequest, GridOptions, SamplingFields
 from gridserve.gateway.api.surface import Answer, Renderer, Surface, openai_error
 from gridserve.gateway.api.tools import MAX_TOOLS
+from gridserve.gateway.tenancy.limits import CALLER
 from gridserve.store import Store
 from gridserve.store.group_commit import GroupCommit
 from gridserve.types.wire import ResponseFormat
@@ -370,7 +371,7 @@ async def _previous(ctx: ApiContext, response_id: str | None) -> list[dict[str, 
     """The stored conversation a continuation starts from ([] without one; a 404 when there is no such response)."""
     if response_id is None:
         return []
-    found = await ctx.responses.get(response_id) if ctx.responses is not None else None
+    found = await ctx.responses.get(response_id, CALLER.get()) if ctx.responses is not None else None
     if found is None:
         raise APIError(
             404,
@@ -596,7 +597,7 @@ class ResponseWriter:
         if self.store is None:
             return
         try:
-            await self.store.put(final, [*self.spec.conversation, _assistant(answer)])
+            await self.store.put(final, [*self.spec.conversation, _assistant(answer)], CALLER.get())
         except Exception as exc:  # the client is told (close, whole): never an answer it believes stored
             log.exception("could not store response %s", self.id)
             self.store_error = f"the response could not be stored ({type(exc).__name__}); send it again"
@@ -646,21 +647,36 @@ class ResponseStore:
         self._store = store
         self._commit: GroupCommit[dict[str, Any]] = GroupCommit(store.put_responses)
 
-    async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+    async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]], owner: str | None) -> None:
         row = {
             "response_id": response["id"],
             "created_at": float(response["created_at"]),
             "response": response,
             "conversation": conversation,
+            "owner": owner,
         }
         await self._commit.commit([row])
 
-    async def get(self, response_id: str) -> Stored | None:
+    async def get(self, response_id: str, owner: str | None) -> Stored | None:
+        """The response, if `owner` (an API key's id) made it: another key's is not found."""
         row = await asyncio.to_thread(self._store.get_response, response_id)
-        return None if row is None else Stored(row["response"], row["conversation"])
+        if row is None or row["owner"] not in (None, owner):
+            return None
+        return Stored(row["response"], row["conversation"])
 
-    async def delete(self, response_id: str) -> bool:
-        return await asyncio.to_thread(self._store.delete_response, response_id)
+    async def delete(self, response_id: str, owner: str | None) -> bool:
+        return await asyncio.to_thread(self._store.delete_response, response_id, owner)
+
+    async def prune_forever(self, keep_s: float, every_s: float = 600.0) -> None:
+        """Delete responses older than `keep_s`, now and every `every_s`."""
+        while True:
+            try:
+                gone = await asyncio.to_thread(self._store.prune_responses, time.time() - keep_s)
+                if gone:
+                    log.info("deleted %d stored responses older than %.0f days", gone, keep_s / 86_400)
+            except Exception as exc:  # the database may be restarting: the next round tries again
+                log.warning("pruning stored responses failed: %s", exc)
+            await asyncio.sleep(every_s)
 
 
 def not_found(response_id: str) -> APIError:
@@ -675,19 +691,24 @@ def _no_query(query: Mapping[str, str]) -> None:
         raise unsupported_parameter(name, "replaying or extending a stored response")
 
 
-async def retrieve_response(store: ResponseStore | None, response_id: str, query: Mapping[str, str]) -> dict[str, Any]:
-    """`GET /v1/responses/{id}`: the stored Response object (404 when there is none)."""
+async def retrieve_response(
+    store: ResponseStore | None, response_id: str, query: Mapping[str, str], owner: str
+) -> dict[str, Any]:
+    """`GET /v1/responses/{id}`: the stored Response object of `owner`'s (404 when there is none)."""
     _no_query(query)
-    found = await store.get(response_id) if store is not None else None
+    found = await store.get(response_id, owner) if store is not None else None
     if found is None:
         raise not_found(response_id)
     return found.response
 
 
-async def delete_response(store: ResponseStore | None, response_id: str, query: Mapping[str, str]) -> dict[str, Any]:
-    """`DELETE /v1/responses/{id}` (404 when there is none). Responses continued from it keep their conversation."""
+async def delete_response(
+    store: ResponseStore | None, response_id: str, query: Mapping[str, str], owner: str
+) -> dict[str, Any]:
+    """`DELETE /v1/responses/{id}` of `owner`'s (404 when there is none). Responses continued from it keep their
+    conversation."""
     _no_query(query)
-    if store is None or not await store.delete(response_id):
+    if store is None or not await store.delete(response_id, owner):
         raise not_found(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 

@@ -14,7 +14,13 @@ class KeyBook:
         self._static = [
             (
                 key.encode(),
-                ApiKey(key_id=f"static-{n}", name=f"--api-key {n}", digest=digest(key), policy=NO_LIMITS, static=True),
+                ApiKey(
+                    key_id=f"static-{digest(key)[:12]}",
+                    name=f"--api-key {n}",
+                    digest=digest(key),
+                    policy=NO_LIMITS,
+                    static=True,
+                ),
             )
             for n, key in enumerate((k for k in static_keys if k), 1)
         ]

@@ -129,6 +129,8 @@ class Admission:
         self.counts.dirty = True
 
 
+CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("gridserve_caller", default=None)
+"""The id of the API key of the request this task serves (what it stores, such as a response, is that key's)."""
 CURRENT: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("gridserve_admission", default=None)
 """The admission of the request this task serves (its lifecycle charges what it used to it)."""
 

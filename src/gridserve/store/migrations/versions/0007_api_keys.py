@@ -1,4 +1,4 @@
-"""api_keys and key_usage: issued API keys (digests only) and each gateway's counters per key
+"""api_keys and key_usage: issued API keys (digests only) and each gateway's counters per key; responses.owner
 
 Revision ID: 0007
 Revises: 0006
@@ -19,6 +19,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    op.add_column("responses", sa.Column("owner", sa.String(), nullable=True))
     op.create_table(
         "api_keys",
         sa.Column("key_id", sa.String(), primary_key=True),
@@ -48,3 +49,4 @@ def downgrade() -> None:
     op.drop_table("key_usage")
     op.drop_index("ix_api_keys_updated_at", table_name="api_keys")
     op.drop_table("api_keys")
+    op.drop_column("responses", "owner")
