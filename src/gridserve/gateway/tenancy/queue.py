@@ -70,12 +70,15 @@ class _Lane:
             keys[key_id] = waiters  # re-inserted: to the back of the turn
         return waiter
 
-    def remove(self, priority: str, waiter: _Waiter) -> None:
+    def remove(self, priority: str, waiter: _Waiter) -> bool:
+        """Take `waiter` out of the lane; False if it was not in it (dispatch had taken it)."""
         waiters = self.classes[priority].get(waiter.key_id)
-        if waiters is not None and waiter in waiters:
-            waiters.remove(waiter)
-            if not waiters:
-                del self.classes[priority][waiter.key_id]
+        if waiters is None or waiter not in waiters:
+            return False
+        waiters.remove(waiter)
+        if not waiters:
+            del self.classes[priority][waiter.key_id]
+        return True
 
     def waiting(self, at_or_above: str | None = None) -> int:
         ranks = PRIORITIES if at_or_above is None else PRIORITIES[: PRIORITIES.index(at_or_above) + 1]
@@ -127,8 +130,9 @@ class FairQueue:
         self.waiting += 1
         started = self.clock()
         deadline = self.deadlines_s[priority]
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), deadline)
+        try:  # (not wait_for: on 3.11 it swallows a cancellation that comes as the slot is given)
+            async with asyncio.timeout(deadline):
+                await waiter.future
         except TimeoutError:
             if not self._abandon(model, lane, priority, waiter):
                 self.timed_out += 1
@@ -147,8 +151,8 @@ class FairQueue:
         if waiter.future.done() and not waiter.future.cancelled():
             return True
         waiter.future.cancel()
-        lane.remove(priority, waiter)
-        self.waiting -= 1
+        if lane.remove(priority, waiter):  # (dispatch counts out a cancelled waiter it comes upon itself)
+            self.waiting -= 1
         return False
 
     def leave(self, model: str) -> None:
