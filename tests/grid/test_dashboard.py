@@ -200,6 +200,15 @@ def check_doctor(page: Page, scene: Scene) -> None:
     assert {r.get_attribute("data-node-id") for r in rows.all()} == set(scene.node_ids)
 
 
+def check_keys(page: Page, scene: Scene) -> None:
+    """The key the scene's requests were sent with, and the answers it got (the static --api-key key)."""
+    row = page.get_by_test_id("key-row")
+    expect(row).to_have_count(1, timeout=WAIT_MS)
+    expect(row.get_by_test_id("key-requests")).to_have_text(str(len(scene.served)))
+    expect(row.get_by_test_id("key-refused")).to_have_text("0")
+    assert "--api-key 1" in row.inner_text()
+
+
 def check_decision(page: Page, served: Served) -> None:
     page.get_by_test_id("decision-input").fill(served.decision_id)
     page.get_by_test_id("decision-submit").click()
@@ -235,6 +244,7 @@ def test_dashboard_in_chromium(scene: Scene) -> None:
             check_traffic(page, scene)
             check_incidents(page, scene)
             check_doctor(page, scene)
+            check_keys(page, scene)
             assert page.evaluate("sessionStorage.getItem('gridserve-admin-token')") == ADMIN
             shots.append(shoot(page, "02-overview.png"))
 

@@ -270,3 +270,17 @@ def test_a_stored_response_is_its_keys_only(grid: LocalGrid) -> None:
     mine.responses.delete(made.id)
     with pytest.raises(openai.NotFoundError):
         mine.responses.retrieve(made.id)
+
+
+def test_embeddings_count_against_a_keys_limits(grid: LocalGrid) -> None:
+    made = new_key(grid, rpm=2)
+    sdk = client(grid, made["key"])
+    fresh_minute()
+    first = sdk.embeddings.with_raw_response.create(model=TINY_MODEL, input=["one", "two"])
+    assert first.headers["x-ratelimit-remaining-requests"] == "1" and len(first.parse().data) == 2
+    sdk.embeddings.create(model=TINY_MODEL, input="three")
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk.embeddings.create(model=TINY_MODEL, input="four")
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    served = spent(grid, made["id"])["served_here"]
+    assert served["requests"] == 2 and served["prompt_tokens"] > 0 and served["refused"] == {"rate_limit_exceeded": 1}

@@ -339,8 +339,8 @@ def _openai_routes(app: FastAPI, gw: Gateway) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         """Embeddings (OpenAI-compatible), from nodes that offer the model for embedding."""
-        gw.require_api_key(request)
-        answer = await embed(gw.embeddings, await request.body())
+        key = gw.require_api_key(request)
+        answer = await embed(gw.embeddings, await request.body(), key)
         return Response(answer.body, media_type="application/json", headers=answer.headers)
 
     @app.get("/v1/responses/{response_id}")

@@ -27,6 +27,8 @@ from gridserve.gateway.integrity.embeddings import EmbeddingAudit, Integrity, ex
 from gridserve.gateway.lifecycle import Finished, Scope
 from gridserve.gateway.lifecycle.record import NodeWork, Timing
 from gridserve.gateway.registry.membership import NodeRecord
+from gridserve.gateway.tenancy import ApiKey
+from gridserve.gateway.tenancy.limits import CURRENT
 from gridserve.prefix.blocks import CHARS_PER_TOKEN
 from gridserve.reliability import EventKind, NodeEvent
 from gridserve.types import ModelOffer
@@ -170,11 +172,28 @@ class Answer:
     headers: dict[str, str]
 
 
-async def embed(service: EmbeddingService, body: bytes) -> Answer:
+async def embed(service: EmbeddingService, body: bytes, key: ApiKey | None = None) -> Answer:
+    """Answer an embeddings request; with `key`, within its limits (requests, tokens, concurrency, budget)."""
     req = parse(body)
     _check_dimensions(req)
     ctx = service.ctx
     job = EmbedRequest(request_id="emb-" + secrets.token_hex(12), model=req.model, inputs=req.inputs())
+    if key is None or ctx.tenancy is None:
+        return await _embed(service, req, job)
+    tokens = sum(len(text) for text in job.inputs) // CHARS_PER_TOKEN + 1
+    admission = ctx.tenancy.admit(key, model=job.model, tier=None, tokens=tokens)
+    admitted = CURRENT.set(admission)  # the lifecycle charges the tokens used to it
+    try:
+        answer = await _embed(service, req, job)
+    finally:
+        admission.close()
+        CURRENT.reset(admitted)
+    answer.headers.update((k.decode(), v.decode()) for k, v in admission.headers)
+    return answer
+
+
+async def _embed(service: EmbeddingService, req: EmbeddingRequest, job: EmbedRequest) -> Answer:
+    ctx = service.ctx
     scope = ctx.lifecycle.begin(ENDPOINT)
     decision = decide(ctx, job)
     ctx.on_request(job.model)

@@ -249,6 +249,40 @@ async function refreshDoctor() {
   );
 }
 
+// ---- API keys -------------------------------------------------------------------------------------------
+
+function limitText(used, limit) {
+  return limit == null ? `${used}` : `${used} / ${limit}`;
+}
+
+function keyRow(k) {
+  const here = k.served_here || { requests: 0, prompt_tokens: 0, completion_tokens: 0, spent_usd: 0, errors: 0, refused: {} };
+  const grid = k.cluster || { requests_this_minute: 0, tokens_this_minute: 0, spent_usd: 0, inflight: 0 };
+  const refused = Object.entries(here.refused).map(([code, n]) => `${code}: ${n}`).join(", ") || "0";
+  const spend = `$${here.spent_usd.toFixed(6)}` + (k.budget_usd == null ? "" : ` (grid $${grid.spent_usd.toFixed(6)} of $${k.budget_usd})`);
+  return el(
+    "tr",
+    { "data-testid": "key-row", "data-key-id": k.id },
+    el("td", {}, `${k.name || k.id} (${k.id})`),
+    el("td", {}, k.priority || "standard"),
+    el("td", { "data-testid": "key-requests" }, `${here.requests}`),
+    el("td", {}, `${here.prompt_tokens + here.completion_tokens}`),
+    el("td", {}, spend),
+    el("td", {}, `${here.errors}`),
+    el("td", { "data-testid": "key-refused" }, refused),
+    el("td", {}, ms(here.ttft_p50_s)),
+    el("td", {}, ms(here.ttft_p99_s)),
+    el("td", {}, `${limitText(grid.requests_this_minute, k.rpm)} req, ${limitText(grid.tokens_this_minute, k.tpm)} tok`),
+    el("td", {}, limitText(grid.inflight, k.max_concurrency)),
+  );
+}
+
+async function refreshKeys() {
+  const found = await api("/admin/usage");
+  const rows = found.keys.map(keyRow);
+  byTestId("keys-body").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 11, class: "empty" }, "no key has been used yet"))]));
+}
+
 // ---- decision explorer ----------------------------------------------------------------------------------
 
 function table(testid, headers, rows) {
@@ -352,6 +386,7 @@ const SECTIONS = [
   ["traffic-error", refreshTraffic],
   ["incidents-error", refreshIncidents],
   ["doctor-error", refreshDoctor],
+  ["keys-error", refreshKeys],
 ];
 
 async function refreshAll() {
