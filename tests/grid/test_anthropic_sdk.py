@@ -89,7 +89,15 @@ def test_a_stop_sequence_ends_the_answer_before_it(client: Anthropic) -> None:
         model=TINY_MODEL, max_tokens=GREEDY_TOKENS, **GREEDY, messages=ASK, stop_sequences=[stop]
     )
     assert text_of(cut) == full[: full.index(stop)]
-    assert cut.stop_reason == "end_turn" and cut.stop_sequence is None  # a node does not say which end it was
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    with client.messages.stream(
+        model=TINY_MODEL, max_tokens=GREEDY_TOKENS, **GREEDY, messages=ASK, stop_sequences=["~never~", stop]
+    ) as stream:
+        assert "".join(stream.text_stream) == text_of(cut)
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
+    ended = client.messages.create(model=TINY_MODEL, max_tokens=3, **GREEDY, messages=ASK, stop_sequences=["~never~"])
+    assert (ended.stop_reason, ended.stop_sequence) == ("max_tokens", None)
 
 
 def test_a_streamed_answer_is_the_whole_answer(client: Anthropic) -> None:

@@ -448,6 +448,18 @@ def test_stop_reasons_map_to_anthropics() -> None:
         assert (whole["stop_reason"], whole["stop_sequence"]) == (anthropics, None)
 
 
+def test_a_stop_sequence_is_reported_only_when_the_request_had_it() -> None:
+    fmt = MessageFormatter("msg_1", "m", ("END", "\n\n"))
+    said = fmt.whole(Answer("stop", 5, 2, text="hi", stop_sequence="END"))
+    assert (said["stop_reason"], said["stop_sequence"]) == ("stop_sequence", "END")
+    for claimed in ("OTHER", None):  # a node naming a string the request did not have, or none: end_turn
+        said = fmt.whole(Answer("stop", 5, 2, text="hi", stop_sequence=claimed))
+        assert (said["stop_reason"], said["stop_sequence"]) == ("end_turn", None)
+    assert fmt.whole(Answer("length", 5, 2, text="hi", stop_sequence="END"))["stop_reason"] == "max_tokens"
+    streamed = fmt.end(Answer("stop", 5, 2, text="hi", stop_sequence="\n\n"))
+    assert b'"stop_reason":"stop_sequence","stop_sequence":"\\n\\n"' in streamed
+
+
 def test_a_whole_text_answer_is_anthropics_message() -> None:
     whole = MessageFormatter("msg_1", "m").whole(Answer("stop", 70, 5, 64, "Hello there"))
     assert whole == {

@@ -54,6 +54,8 @@ def test_output_is_text_cut_at_earliest_stop(case: tuple[str, list[str]], stops:
     expected, hit = cut_at_earliest(text, stops)
     assert out == expected
     assert matcher.stopped == hit
+    ends = sorted((i + len(s), i, s) for s in stops if s for i in range(len(text)) if text.startswith(s, i))
+    assert matcher.matched == (ends[0][2] if ends else None), "the stop string that ended it, named"
 
 
 @given(case=chunked_text(), stops=stop_lists)

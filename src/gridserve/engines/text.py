@@ -10,6 +10,8 @@ class StopMatcher:
         self.stops = tuple(s for s in stops if s)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that ended the stream (None: none did)."""
 
     def feed(self, delta: str) -> str:
         """Returns the text safe to emit now. After a stop string is seen, `stopped` is True."""
@@ -18,7 +20,7 @@ class StopMatcher:
         text = self._held + delta
         if not self.stops:
             return text
-        cut = self._first_complete(text)
+        cut, self.matched = self._first_complete(text)
         if cut >= 0:
             self.stopped = True
             self._held = ""
@@ -27,17 +29,17 @@ class StopMatcher:
         self._held = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold]
 
-    def _first_complete(self, text: str) -> int:
-        """Start of the stop string that completes first in the stream (earliest end), or -1.
+    def _first_complete(self, text: str) -> tuple[int, str | None]:
+        """Start of the stop string that completes first in the stream (earliest end), and that string; or -1.
 
         Cutting at the earliest *end* rather than the earliest start makes the result independent of how
         the text was split into chunks, also when one stop string contains another."""
-        best_end, cut = -1, -1
+        best_end, cut, found = -1, -1, None
         for stop in self.stops:
             i = text.find(stop)
             if i >= 0 and (best_end < 0 or (i + len(stop), i) < (best_end, cut)):
-                best_end, cut = i + len(stop), i
-        return cut
+                best_end, cut, found = i + len(stop), i, stop
+        return cut, found
 
     def flush(self) -> str:
         held, self._held = self._held, ""

@@ -424,6 +424,7 @@ class _Generation:
             TokenEvent(
                 text=tail,
                 finish_reason="stop" if finish == "stop" else "length",
+                stop_sequence=self.stops.matched,
                 prompt_tokens=len(self.prompt),
                 cached_tokens=self.cached,
                 prompt_digest=token_commitment(self.prompt),

@@ -232,6 +232,8 @@ class UpstreamEngine:
 
     async def _events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[TokenEvent]:
         finish: str | None = None
+        matched: str | None = None
+        """The stop string that ended the answer where the server says (vLLM's `stop_reason`; not a token id)."""
         usage: dict[str, Any] = {}
         cached: int | None = None
         produced = 0
@@ -248,6 +250,8 @@ class UpstreamEngine:
             for choice in chunk.get("choices") or ():
                 text = choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                 finish = choice.get("finish_reason") or finish
+                said = choice.get("stop_reason")
+                matched = said if isinstance(said, str) and said else matched
                 scored = _logprobs(choice.get("logprobs"))
                 if text or scored:
                     produced += 1
@@ -256,6 +260,7 @@ class UpstreamEngine:
         prompt = int(usage.get("prompt_tokens", 0))
         yield TokenEvent(
             finish_reason="length" if finish == "length" else "stop",
+            stop_sequence=matched if finish == "stop" else None,
             prompt_tokens=prompt,
             completion_tokens=int(usage.get("completion_tokens", produced)),
             cached_tokens=min(cached or 0, prompt),  # without a prompt count, none (a receipt bounds one by the other)

@@ -176,6 +176,8 @@ class TokenEvent(Strict):
     """Last event: the activation proof over the tokens this node generated (trust/proofs.py)."""
     logprobs: tuple[TokenLogprob, ...] = ()
     """One per token of `token_ids` when the request asked for log-probabilities (SamplingParams.logprobs)."""
+    stop_sequence: str | None = None
+    """Last event: the request's stop string that ended the answer (None: end-of-sequence, or not a stop)."""
 
     def wire(self) -> "StreamEvent":
         """This event as a stream line carries it: text and token ids when there are any, and on the last event
@@ -199,6 +201,8 @@ class TokenEvent(Strict):
             line["decode_s"] = self.decode_s
             if self.prompt_digest:
                 line["prompt_digest"] = self.prompt_digest
+            if self.stop_sequence is not None:
+                line["stop_sequence"] = self.stop_sequence
         return line
 
 
@@ -228,6 +232,8 @@ class StreamEvent(TypedDict, total=False):
     prefill_s: float
     decode_s: float
     prompt_digest: str
+    stop_sequence: str
+    """Last event, when a stop string ended the answer: which (the gateway keeps it only if the request had it)."""
     logprobs: list[dict[str, Any]]
     """Token events of a request that asked for them: OpenAI's chat logprob entries, one per token id."""
     receipt: str

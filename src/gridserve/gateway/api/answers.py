@@ -208,6 +208,7 @@ def _answer(
         text=text,
         calls=made,
         logprobs=scored,
+        stop_sequence=final.get("stop_sequence") if reason == "stop" else None,
     )
 
 

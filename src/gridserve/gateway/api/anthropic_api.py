@@ -26,10 +26,9 @@ from gridserve.gateway.api.tools import MAX_TOOLS
 from gridserve.types.wire import MAX_SCHEMA_CHARS, ResponseFormat
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
-"""OpenAI's finish reason -> Anthropic's stop_reason. A node reports `stop` both for its end-of-sequence token and
-for a stop string (engines/torch_engine.py), and the text it sends leaves the stop string out: which one ended
-the answer cannot be told, so an answer a stop sequence ended is reported as `end_turn` with `stop_sequence`
-null, never as `stop_sequence` with a guess."""
+"""OpenAI's finish reason -> Anthropic's stop_reason; `stop` ended by one of the request's stop sequences (the node
+names it on its last event: `stop_sequence`) is `stop_sequence`. An upstream node that does not say which string
+matched reports `end_turn`: never a guess."""
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -543,10 +542,18 @@ class MessageFormatter:
         b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":'
     )
 
-    def __init__(self, response_id: str, model: str) -> None:
+    def __init__(self, response_id: str, model: str, stops: tuple[str, ...] = ()) -> None:
         self.id, self.model = response_id, model
+        self.stops = stops
+        """The request's stop sequences: a node's word that one of them ended the answer is taken, no other."""
         self.blocks = 0
         """Content blocks opened so far (streamed)."""
+
+    def stopped(self, answer: Answer) -> dict[str, Any]:
+        """`stop_reason` and `stop_sequence` of an answer that has ended."""
+        if answer.reason == "stop" and answer.stop_sequence is not None and answer.stop_sequence in self.stops:
+            return {"stop_reason": "stop_sequence", "stop_sequence": answer.stop_sequence}
+        return {"stop_reason": STOP_REASONS.get(answer.reason, "end_turn"), "stop_sequence": None}
 
     def message(self, content: list[dict[str, Any]], answer: Answer | None) -> dict[str, Any]:
         return {
@@ -555,8 +562,7 @@ class MessageFormatter:
             "role": "assistant",
             "model": self.model,
             "content": content,
-            "stop_reason": STOP_REASONS.get(answer.reason, "end_turn") if answer is not None else None,
-            "stop_sequence": None,  # never known: see STOP_REASONS
+            **(self.stopped(answer) if answer is not None else {"stop_reason": None, "stop_sequence": None}),
             "usage": usage(answer or Answer("", 0, 0)),
         }
 
@@ -583,8 +589,8 @@ class MessageFormatter:
             )
             out.append(_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
             out.append(self._stop(index))
-        stop = {"stop_reason": STOP_REASONS.get(answer.reason, "end_turn"), "stop_sequence": None}
-        out.append(_event("message_delta", {"type": "message_delta", "delta": stop, "usage": usage(answer)}))
+        delta = self.stopped(answer)
+        out.append(_event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage(answer)}))
         return b"".join(out)
 
     @staticmethod
@@ -608,7 +614,8 @@ class MessageFormatter:
 
 
 def renderer(ctx: ApiContext, req: SamplingFields, response_id: str, model: str) -> Renderer:
-    return MessageFormatter(response_id, model)
+    stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    return MessageFormatter(response_id, model, stops)
 
 
 def error(exc: APIError) -> bytes:

@@ -294,7 +294,7 @@ class AnthropicMessage(Doc):
     role: Literal["assistant"]
     model: str
     content: list[dict[str, Any]]
-    stop_reason: Literal["end_turn", "max_tokens", "tool_use"]
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
     stop_sequence: None
     usage: AnthropicUsage
     gridserve: Explanation | None = None

@@ -31,6 +31,8 @@ class Answer:
     calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[dict[str, Any], ...] = ()
     """One OpenAI chat logprob entry per token of the text, when the request asked for them."""
+    stop_sequence: str | None = None
+    """The request's stop string that ended the answer (reason `stop`), as the node reported it."""
 
 
 class Renderer(Protocol):

@@ -246,7 +246,15 @@ class Pipelines:
                     reason = "stop"
                     break
             tail = "" if stops.stopped else stops.feed(decoder.finish()) + stops.flush()
-            yield {"text": tail, "finish_reason": reason, "prompt_tokens": len(prompt), "completion_tokens": count}
+            final: StreamEvent = {
+                "text": tail,
+                "finish_reason": reason,
+                "prompt_tokens": len(prompt),
+                "completion_tokens": count,
+            }
+            if stops.matched is not None:
+                final["stop_sequence"] = stops.matched
+            yield final
         except (StageFailed, NoChain) as exc:
             result.status, result.error = "failed", str(exc)
             self._replanned(run, seen)
