@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -284,3 +285,45 @@ def test_embeddings_count_against_a_keys_limits(grid: LocalGrid) -> None:
     assert int(caught.value.response.headers["retry-after"]) >= 1
     served = spent(grid, made["id"])["served_here"]
     assert served["requests"] == 2 and served["prompt_tokens"] > 0 and served["refused"] == {"rate_limit_exceeded": 1}
+
+
+# -- the fair queue on a node with batch slots ---------------------------------------------------------------------
+
+EMULATED = "llama-3-8b"
+
+
+@pytest.fixture(scope="module")
+def slotted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGrid]:
+    """One emulated RTX 4090 (8 batch slots, later requests wait on the node in order), 1 s to a first token."""
+    g = make_grid(
+        tmp_path_factory.mktemp("tenancy-slots"),
+        ["emulated:rtx4090"],
+        threads=1,
+        extra_node_args=["--fifo-slots", "--fixed-ttft-ms", "1000", "--fixed-itl-ms", "5"],
+        extra_gateway_args=["--vetting-checks", "0", "--canary-interval", "0"],
+    )
+    try:
+        g.start(timeout_s=120)
+        yield g
+    finally:
+        g.stop()
+
+
+def decision_of(grid: LocalGrid, reply: httpx.Response) -> dict[str, Any]:
+    found = admin(grid, "GET", f"/v1/decisions/{reply.headers['x-gridserve-decision']}")
+    assert found.status_code == 200, found.text
+    return found.json()  # type: ignore[no-any-return]
+
+
+def test_a_batch_flood_waits_at_the_gateway_and_an_interactive_request_does_not(slotted: LocalGrid) -> None:
+    batch, interactive = new_key(slotted, priority="batch"), new_key(slotted, priority="interactive")
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        flood = [pool.submit(ask, slotted, batch["key"], 4, model=EMULATED) for _ in range(12)]
+        time.sleep(0.5)  # the flood has arrived: six in flight (75% of 8 slots) for a second, six waiting
+        urgent = ask(slotted, interactive["key"], 4, model=EMULATED)
+        replies = [f.result() for f in flood]
+    assert urgent.status_code == 200 and all(r.status_code == 200 for r in replies)
+    waits = sorted(decision_of(slotted, r)["queue_wait_s"] for r in replies)
+    assert waits[:6] == [0.0] * 6 and min(waits[6:]) > 0.3, waits  # the second six waited for the first
+    assert decision_of(slotted, urgent)["queue_wait_s"] == 0.0  # room kept for it
+    assert urgent.elapsed.total_seconds() < 0.75 * max(r.elapsed.total_seconds() for r in replies)
