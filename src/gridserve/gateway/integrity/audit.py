@@ -24,6 +24,7 @@ import asyncio
 import functools
 import logging
 import multiprocessing
+import os
 import random
 import secrets
 import time
@@ -38,7 +39,7 @@ from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.integrity.canary_prompts import canary_prompt
 from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.registry.membership import Membership
-from gridserve.processes import die_with_parent
+from gridserve.processes import watch_parent
 from gridserve.reliability import EventKind, NodeEvent, Severity
 from gridserve.trust.audit_policy import audit_probability
 from gridserve.trust.commitments import token_commitment
@@ -81,9 +82,9 @@ _CHILD: "Verifier | None" = None
 """The verifier of an isolated Verifier's child process."""
 
 
-def _start_child(threads: int) -> None:
+def _start_child(threads: int, parent: int) -> None:
     global _CHILD
-    die_with_parent()
+    watch_parent(parent)
     _CHILD = Verifier(threads)
 
 
@@ -121,7 +122,9 @@ class Verifier:
         if not self.isolated:
             return ThreadPoolExecutor(max_workers=1, thread_name_prefix="verifier")
         spawn = multiprocessing.get_context("spawn")  # not fork: the gateway has threads
-        return ProcessPoolExecutor(max_workers=1, mp_context=spawn, initializer=_start_child, initargs=(self.threads,))
+        return ProcessPoolExecutor(
+            max_workers=1, mp_context=spawn, initializer=_start_child, initargs=(self.threads, os.getpid())
+        )
 
     async def run(self, fn: "Callable[Concatenate[Verifier, P], T]", *args: "P.args", **kwargs: "P.kwargs") -> T:
         """`fn(verifier, *args)` where the models live: on the verifier's thread, or in its process (`fn` then is a
