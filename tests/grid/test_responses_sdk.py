@@ -202,6 +202,14 @@ def test_bad_input_is_a_400_naming_it(client: OpenAI, patch: dict[str, Any], par
     assert isinstance(refused.value.body, dict) and str(refused.value.body["param"]).startswith(param)
 
 
+def test_an_error_from_the_core_names_the_responses_parameter(client: OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=TINY_MODEL, input="The sea is", max_output_tokens=100_000)
+    error = caught.value.body
+    assert isinstance(error, dict) and error["param"] == "max_output_tokens", error
+    assert "max_output_tokens" in error["message"] and "max_tokens" not in error["message"], error
+
+
 # -- two gateways on one database ---------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from pydantic import TypeAdapter
 
-from gridserve.gateway.api.errors import APIError
+from gridserve.gateway.api.errors import APIError, bad_request
 from gridserve.gateway.api.openai_api import ApiContext, to_job
 from gridserve.gateway.api.responses_api import (
     RESPONSES,
@@ -617,3 +617,21 @@ def test_old_responses_are_pruned() -> None:
         assert store.get_response("resp_300") is not None and store.get_response("resp_200") is None
     finally:
         store.close()
+
+
+def test_errors_from_the_core_name_the_responses_parameters() -> None:
+    core = APIError(400, "Invalid request: max_tokens (9000) exceeds the context of m.", param="max_tokens")
+    core.headers = [(b"retry-after", b"1")]
+    said = RESPONSES.renamed(core)
+    assert (said.param, said.message) == (
+        "max_output_tokens",
+        "Invalid request: max_output_tokens (9000) exceeds the context of m.",
+    )
+    assert said.headers == core.headers and (said.status, said.code, said.type) == (400, None, core.type)
+    schema = RESPONSES.renamed(
+        bad_request("response_format.json_schema.schema: bad", "response_format.json_schema.schema")
+    )
+    assert (schema.param, schema.message) == ("text.format.schema", "text.format.schema: bad")
+    untouched = bad_request("temperature: too hot", "temperature")
+    assert RESPONSES.renamed(untouched) is untouched
+    assert RESPONSES.renamed(bad_request("the max_tokens_x field", "max_tokens_x")).param == "max_tokens_x"

@@ -627,6 +627,14 @@ def error(exc: APIError) -> bytes:
     return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
 
 
-MESSAGES = Surface("messages", "chat", "msg_", read, renderer, error)
+MESSAGES = Surface(
+    "messages",
+    "chat",
+    "msg_",
+    read,
+    renderer,
+    error,
+    params=(("response_format", "output_config"), ("stop", "stop_sequences")),
+)
 
 __all__ = ["MESSAGES", "MessageFormatter", "MessagesRequest", "translate"]

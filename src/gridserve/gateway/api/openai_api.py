@@ -357,6 +357,13 @@ TEXT = Surface("text", "text", "cmpl-", _read_text, _chunks, openai_error)
 async def complete(ctx: ApiContext, body: bytes, surface: Surface, key: "ApiKey | None" = None) -> Reply:
     """Answer `body` on `surface`; with `key`, within its limits (its admission is `CURRENT` from here on)."""
     req = await surface.read(ctx, body)
+    try:
+        return await _admitted(ctx, req, surface, key)
+    except APIError as exc:  # raised by the core: named as the client's API names it
+        raise surface.renamed(exc) from None
+
+
+async def _admitted(ctx: ApiContext, req: SamplingFields, surface: Surface, key: "ApiKey | None") -> Reply:
     request_id = surface.id_prefix + secrets.token_hex(12)
     job, prompt_tokens = to_job(req, surface.kind, request_id)
     admitted: list[tuple[bytes, bytes]] = []

@@ -627,7 +627,21 @@ def renderer(ctx: ApiContext, req: SamplingFields, response_id: str, model: str)
     return ResponseWriter(ctx, req.spec(), response_id, model)
 
 
-RESPONSES = Surface("responses", "chat", "resp_", read, renderer, openai_error)
+RESPONSES = Surface(
+    "responses",
+    "chat",
+    "resp_",
+    read,
+    renderer,
+    openai_error,
+    params=(
+        ("response_format.json_schema", "text.format"),
+        ("response_format", "text.format"),
+        ("max_completion_tokens", "max_output_tokens"),
+        ("max_tokens", "max_output_tokens"),
+        ("messages", "input"),
+    ),
+)
 
 
 # -- the store --------------------------------------------------------------------------------------------------

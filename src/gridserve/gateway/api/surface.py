@@ -6,6 +6,7 @@ tool grammars are the same for all of them), and the node's events come back thr
 shapes. A `Surface` names the three things that differ: how a body is read, how the answer is written, how an
 error is written."""
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -77,6 +78,20 @@ class Surface:
     """(context, request, response id, model) -> how its answer is written."""
     error: Callable[[APIError], bytes]
     """An error's body in the API's own format."""
+    params: tuple[tuple[str, str], ...] = ()
+    """(chat completions' name, this API's name) of the parameters it names otherwise, longest first: an error the
+    core raises after the translation names the parameter the client sent."""
+
+    def renamed(self, exc: APIError) -> APIError:
+        """`exc` naming this API's parameter where it names a chat completions one (the same error otherwise)."""
+        param = exc.param or ""
+        for chat, own in self.params:
+            if param == chat or param.startswith(chat + ".") or param.startswith(chat + "["):
+                message = re.sub(rf"(?<![\w.]){re.escape(chat)}(?![\w])", own, exc.message)
+                out = APIError(exc.status, message, type_=exc.type, code=exc.code, param=own + param[len(chat) :])
+                out.headers = exc.headers
+                return out
+        return exc
 
 
 def openai_error(exc: APIError) -> bytes:
