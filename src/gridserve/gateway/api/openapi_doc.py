@@ -31,6 +31,7 @@ from pydantic.json_schema import models_json_schema
 import gridserve
 from gridserve.gateway.api.anthropic_api import MessagesRequest
 from gridserve.gateway.api.embeddings_api import EmbeddingRequest
+from gridserve.gateway.api.keys_api import KeyRequest
 from gridserve.gateway.api.responses_api import ResponsesRequest
 from gridserve.gateway.api.schemas import ChatCompletionRequest, CompletionRequest
 from gridserve.gateway.api.tokens_api import TokenRequest
@@ -453,6 +454,38 @@ class JoinTokenList(Doc):
     tokens: list[JoinToken]
 
 
+class ApiKeyView(Doc):
+    """An API key as listed: its limits and status, never the key itself (the gateway keeps its SHA-256 digest)."""
+
+    id: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+    status: Literal["active", "revoked"]
+    rpm: int | None
+    tpm: int | None
+    max_concurrency: int | None
+    budget_usd: float | None
+    models: list[str] | None
+    tiers: list[str] | None
+    priority: Literal["interactive", "standard", "batch"]
+
+
+class NewApiKey(ApiKeyView):
+    key: str = Field(description="the key (`gsk_<id>.<secret>`), shown this once")
+
+
+class ApiKeyList(Doc):
+    keys: list[ApiKeyView]
+
+
+class UsageReport(Doc):
+    """Per key: `served_here` (requests, tokens, spend, errors, refusals by code, TTFT p50/p99 on this gateway) and
+    `cluster` (this minute's requests and tokens, spend and requests in flight across the gateways)."""
+
+    keys: list[dict[str, Any]]
+
+
 class AdminReason(BaseModel):
     """Why (recorded with the action)."""
 
@@ -479,7 +512,8 @@ class Op:
     """The request body, for routes that read it themselves."""
 
 
-COMPLETION_ERRORS = (400, 401, 404, 413, 502, 503)
+COMPLETION_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503)
+"""403: a model or tier the key may not use; 429: over one of the key's limits (gateway/tenancy/)."""
 NODE_ACTION_ERRORS = (400, 401, 404, 413)
 OPS: dict[tuple[str, str], Op] = {
     ("post", "/v1/chat/completions"): Op(Auth.API_KEY, COMPLETION_ERRORS, ChatCompletion, ChatCompletionRequest),
@@ -509,6 +543,10 @@ OPS: dict[tuple[str, str], Op] = {
     ("post", "/admin/tokens"): Op(Auth.ADMIN, (400, 401, 413), NewJoinToken, TokenRequest),
     ("get", "/admin/tokens"): Op(Auth.ADMIN, (401,), JoinTokenList),
     ("delete", "/admin/tokens/{token_id}"): Op(Auth.ADMIN, (401, 404), JoinToken),
+    ("post", "/admin/keys"): Op(Auth.ADMIN, (400, 401, 413), NewApiKey, KeyRequest),
+    ("get", "/admin/keys"): Op(Auth.ADMIN, (401,), ApiKeyList),
+    ("delete", "/admin/keys/{key_id}"): Op(Auth.ADMIN, (401, 404), ApiKeyView),
+    ("get", "/admin/usage"): Op(Auth.ADMIN, (401,), UsageReport),
     ("get", "/dashboard"): Op(Auth.NONE, ()),
     ("get", "/dashboard/{name}"): Op(Auth.NONE, (404,)),
     ("post", "/admin/nodes/{node_id}/incident"): Op(Auth.ADMIN, NODE_ACTION_ERRORS, NodeAction, AdminIncident),
