@@ -162,6 +162,74 @@ def test_plan_errors_are_one_readable_line() -> None:
         assert "Traceback" not in done.stderr
 
 
+def _model_config(folder: Path, change: dict[str, object] | None = None) -> Path:
+    """A Hugging Face checkout's config.json (Qwen/Qwen3-30B-A3B's, as shipped), with `change` applied."""
+    import json
+
+    from gridserve.catalog.hf_config import shipped_config
+
+    folder.mkdir(parents=True)
+    path = folder / "config.json"
+    path.write_text(json.dumps({**shipped_config("qwen3-30b-a3b"), **(change or {})}))
+    return path
+
+
+def test_plan_and_simulate_serve_a_model_read_from_its_config(tmp_path: Path) -> None:
+    import json
+
+    config = _model_config(tmp_path / "Qwen3-30B-A3B")
+    done = _plan("--model-config", str(config), "--cards", "rtx4090,t4,rtx4090", "--quantization", "q4_k_m", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["model"] == "Qwen3-30B-A3B"  # named after its directory
+    assert report["stages"][0]["layers"].startswith("0:") and report["stages"][-1]["layers"].endswith(":48")
+    named = _plan("mine", "--model-config", str(config), "--cards", "h100-sxm", "--json")
+    assert named.returncode == 0 and json.loads(named.stdout)["model"] == "mine"
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(
+        "".join(json.dumps({"timestamp": i * 50.0, "input_length": 500, "output_length": 50}) + "\n" for i in range(60))
+    )
+    out = tmp_path / "out"
+    run = ("--nodes", "12", "--loads", "0.5", "--load", "0.5", "--policies", "default", "--refine", "0")
+    sim = subprocess.run(
+        [*GRIDSERVE, "simulate", "--trace", str(trace), "--out", str(out), *run, "--model-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
+    assert sim.returncode == 0, sim.stderr
+    assert "does not fit on t4 even at q4_k_m: simulated without them" in sim.stdout
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["model"] == "Qwen3-30B-A3B"
+    assert summary["policies"][0]["share_by_hardware"] and "t4" not in summary["policies"][0]["share_by_hardware"]
+
+
+def test_a_bad_model_config_is_one_readable_line(tmp_path: Path) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    no_layers = _model_config(tmp_path / "nolayers", {"num_hidden_layers": None})
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": 10, "output_length": 5}\n')
+    for path, expected in (
+        (tmp_path / "missing" / "config.json", "cannot read model config"),
+        (tmp_path / "broken" / "config.json", "is not valid JSON"),
+        (no_layers, "nolayers: config.json has no num_hidden_layers"),
+    ):
+        planned = _plan("--model-config", str(path), "--cards", "t4")
+        simulated = subprocess.run(
+            [*GRIDSERVE, "simulate", "--trace", str(trace), "--out", str(tmp_path / "o"), "--model-config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        for done in (planned, simulated):
+            assert done.returncode == 2 and expected in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    neither = _plan("--cards", "t4")
+    assert neither.returncode == 2 and "give a catalogue MODEL or --model-config FILE" in neither.stderr
+
+
 def test_port_blocks_of_parallel_workers_never_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
     spans = []
     for worker in range(3):

@@ -51,8 +51,9 @@ def test_decode_is_bandwidth_bound(
     effective_a = a.bandwidth_gbs * a.decode_efficiency
     effective_b = b.bandwidth_gbs * b.decode_efficiency
     assert on_a.itl_s / on_b.itl_s == pytest.approx(effective_b / effective_a, rel=1e-9)
-    # ITL is the weight bytes streamed once per token, and does not depend on the prompt.
-    assert on_a.itl_s == pytest.approx(model.weight_bytes(dtype, quant) / (effective_a * 1e9), rel=1e-9)
+    # ITL is the weight bytes a token reads (a dense model's every weight, a mixture of experts' active ones)
+    # streamed once per token, and does not depend on the prompt.
+    assert on_a.itl_s == pytest.approx(model.decode_bytes(1, dtype, quant) / (effective_a * 1e9), rel=1e-9)
     assert predict(model, a, prompt_tokens=1, dtype=dtype, quantization=quant).itl_s == on_a.itl_s
 
 
@@ -74,8 +75,8 @@ def test_prefill_is_compute_bound(model: ModelSpec, a: HardwareSpec, b: Hardware
 
     flops_a = a.fp16_tflops * 1e12 * a.prefill_efficiency
     flops_b = b.fp16_tflops * 1e12 * b.prefill_efficiency
-    # 2 FLOPs per parameter per prompt token, at the hardware's effective FLOPS.
-    assert prefill(a, p1) == pytest.approx(2 * model.params * p1 / flops_a, rel=1e-6)
+    # 2 FLOPs per (active) parameter per prompt token, at the hardware's effective FLOPS.
+    assert prefill(a, p1) == pytest.approx(2 * model.token_params * p1 / flops_a, rel=1e-6)
     assert prefill(a, p1) / prefill(b, p1) == pytest.approx(flops_b / flops_a, rel=1e-6)
     assert prefill(a, p2) / prefill(a, p1) == pytest.approx(p2 / p1, rel=1e-6)
 
@@ -150,10 +151,12 @@ def test_batching_grows_itl(model: ModelSpec, hw: HardwareSpec, actives: list[in
     actives.sort()
     itls = [predict(model, hw, prompt_tokens=64, load=Load(active=a)).itl_s for a in actives]
     assert all(later > earlier for earlier, later in itertools.pairwise(itls))
-    # Within the batch slots an extra sequence costs 2%; beyond them ITL grows in proportion to the batch.
+    # Within the batch slots an extra sequence costs 2% (and a mixture of experts reads the experts its route
+    # adds); beyond them ITL grows in proportion to the batch.
     alone = predict(model, hw, prompt_tokens=64).itl_s
     if hw.batch_slots > 1:
-        assert predict(model, hw, prompt_tokens=64, load=Load(active=1)).itl_s == pytest.approx(alone * 1.02)
+        second = alone * 1.02 * roofline.moe_factor(2.0, *roofline.moe_terms(model))
+        assert predict(model, hw, prompt_tokens=64, load=Load(active=1)).itl_s == pytest.approx(second)
     full = predict(model, hw, prompt_tokens=64, load=Load(active=hw.batch_slots - 1)).itl_s
     double = predict(model, hw, prompt_tokens=64, load=Load(active=2 * hw.batch_slots - 1)).itl_s
     assert double == pytest.approx(2 * full)
@@ -196,6 +199,7 @@ def test_a_single_prediction_is_the_one_row_case_of_the_columns(
         return np.array(values, dtype=np.float64)
 
     nan = float("nan")
+    experts, per_token, share = roofline.moe_terms(model)
     speed = roofline.throttle(
         column([ld.clock_ratio if ld.clock_ratio is not None else nan for _, _, ld, _, _ in rows]),
         column([ld.temperature_c if ld.temperature_c is not None else nan for _, _, ld, _, _ in rows]),
@@ -215,6 +219,9 @@ def test_a_single_prediction_is_the_one_row_case_of_the_columns(
         column([cal.ttft_factor for _, _, _, cal, _ in rows]),
         column([cal.itl_factor for _, _, _, cal, _ in rows]),
         column([0.0 if resident else roofline.load_weights_s(model, *p) for _, p, _, _, resident in rows]),
+        experts=experts,
+        per_token=per_token,
+        routed_share=share,
     )
     for j, (hw, (dtype, quant), load, cal, resident) in enumerate(rows):
         one = predict(
@@ -308,7 +315,9 @@ def test_derived_price_is_positive(model: ModelSpec, hw: HardwareSpec, placement
 
 
 def tokens_per_dollar(model: ModelSpec, hw: HardwareSpec) -> float:
-    itl = predict(model, hw, prompt_tokens=1).itl_s
+    """A full batch's tokens per dollar (a mixture of experts' full batch reads more experts: `moe_factor`)."""
+    full = float(roofline.moe_factor(float(max(1, hw.batch_slots)), *roofline.moe_terms(model)))
+    itl = predict(model, hw, prompt_tokens=1).itl_s * full
     return hw.batch_slots / itl * 3600 / hw.cost_per_hour
 
 

@@ -1,47 +1,25 @@
-"""Model specs. Architecture figures come from each model's published config.json on its model card."""
+"""Model specs. Architecture figures come from each model's published config.json on its model card: typed in
+for the older dense entries, read from the config itself (catalog/configs/, hf_config.py) for the newer ones."""
 
-from dataclasses import dataclass
+from pathlib import Path
 
-DTYPE_BYTES: dict[str, float] = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
-QUANT_BYTES_PER_PARAM: dict[str, float | None] = {
-    # None: use the dtype's width. GGUF figures are bits-per-weight / 8 (llama.cpp quantize README).
-    "none": None,
-    "q8_0": 8.5 / 8,
-    "q6_k": 6.56 / 8,
-    "q5_k_m": 5.69 / 8,
-    "q4_k_m": 4.89 / 8,
-    "awq": 4.25 / 8,
-    "gptq": 4.25 / 8,
-    "int8": 1.0,
-    "fp8": 1.0,
-}
+from gridserve.catalog.hf_config import shipped_config, spec_from_config, spec_from_file
+from gridserve.catalog.spec import DTYPE_BYTES, QUANT_BYTES_PER_PARAM, ModelSpec, bytes_per_param
 
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    name: str
-    params: float
-    layers: int
-    hidden: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    max_context: int
-    real_engine: bool = False
-    """Served by a real engine in gridserve; emulated nodes never claim such a model."""
-
-    def kv_bytes_per_token(self, dtype: str = "float16") -> float:
-        return 2 * self.layers * self.kv_heads * self.head_dim * DTYPE_BYTES[dtype]
-
-    def weight_bytes(self, dtype: str = "float16", quantization: str = "none") -> float:
-        per_param = QUANT_BYTES_PER_PARAM.get(quantization)
-        return self.params * (per_param if per_param is not None else DTYPE_BYTES[dtype])
-
-    def kv_room_tokens(self, memory_bytes: float, dtype: str = "float16", quantization: str = "none") -> int:
-        """Tokens of KV cache a device of `memory_bytes` holds beside the weights at this precision (0: none)."""
-        free = memory_bytes - self.weight_bytes(dtype, quantization)
-        return max(0, int(free / self.kv_bytes_per_token()))
-
+__all__ = [
+    "DTYPE_BYTES",
+    "FROM_CONFIGS",
+    "MODELS",
+    "QUANT_BYTES_PER_PARAM",
+    "TINY_MODEL",
+    "TINY_SEED",
+    "ModelSpec",
+    "UnknownModel",
+    "bytes_per_param",
+    "model_spec",
+    "register_config",
+    "register_model",
+]
 
 TINY_MODEL = "gridserve-tiny"
 TINY_SEED = 20261123
@@ -182,6 +160,37 @@ MODELS: dict[str, ModelSpec] = {
         ),
     )
 }
+
+FROM_CONFIGS = (
+    # Qwen/Qwen3-30B-A3B: 48 layers, 128 experts (8 per token, width 768), every layer MoE; 30.5B total, 3.3B active.
+    "qwen3-30b-a3b",
+    # openai/gpt-oss-20b: 24 layers, 32 experts (4 per token), attention alternating sliding (128) and full. Ships
+    # its experts in MXFP4 (~4.25 bits a weight: ~13 GB); the catalogue sizes it at the node's dtype/quantization.
+    "gpt-oss-20b",
+    # openai/gpt-oss-120b: 36 layers, 128 experts (4 per token); MXFP4 experts as gpt-oss-20b (~63 GB shipped).
+    "gpt-oss-120b",
+    # deepseek-ai/DeepSeek-V3: 61 layers (3 dense, 58 MoE: 256 routed experts, 8 per token, 1 shared), multi-head
+    # latent attention (KV cache: kv_lora_rank 512 + rope key 64 per layer). Ships in FP8 (block-scaled e4m3).
+    "deepseek-v3",
+    # meta-llama/Llama-3.3-70B-Instruct: dense, 80 layers, 8 KV heads, 131072 tokens.
+    "llama-3.3-70b",
+)
+"""Catalogue models built from the config.json shipped for them (catalog/configs/NAME.json, whose
+`_name_or_path` names the Hugging Face repository it is copied from)."""
+
+MODELS.update({name: spec_from_config(name, shipped_config(name)) for name in FROM_CONFIGS})
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add a model to the catalogue for this process (`--model-config`); an existing name is replaced."""
+    MODELS[spec.name] = spec
+    return spec
+
+
+def register_config(path: Path, name: str | None = None) -> ModelSpec:
+    """Read a Hugging Face config.json and add its model to the catalogue for this process, named `name` or
+    after the file's directory; `hf_config.ConfigError` (one line) if it cannot be read as a model."""
+    return register_model(spec_from_file(path, name))
 
 
 class UnknownModel(KeyError):

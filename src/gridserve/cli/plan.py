@@ -7,6 +7,7 @@ with.
 """
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,7 +20,14 @@ from gridserve.planner.plan import Plan
 def register(app: typer.Typer, console: Console, fail: Any) -> None:
     @app.command()
     def plan(
-        model: Annotated[str, typer.Argument(help="catalogue model, e.g. llama-3-70b")],
+        model: Annotated[
+            str | None,
+            typer.Argument(help="catalogue model, e.g. llama-3-70b (with --model-config: that model's name)"),
+        ] = None,
+        model_config: Annotated[
+            Path | None,
+            typer.Option(help="a Hugging Face config.json: plan that model (named after its directory or MODEL)"),
+        ] = None,
         cards: Annotated[str | None, typer.Option(help="comma-separated catalogue cards, e.g. rtx4090,t4")] = None,
         gateway: Annotated[str | None, typer.Option(help="plan over this grid's registered nodes")] = None,
         admin_token: Annotated[str | None, typer.Option(envvar="GRIDSERVE_ADMIN_TOKEN")] = None,
@@ -35,17 +43,19 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         """Plan a layer-wise split of MODEL over nodes; compare it with the fixed, exo and Petals splits."""
         from gridserve.catalog import model_spec
         from gridserve.catalog.hardware import UnknownHardware
-        from gridserve.catalog.models import UnknownModel
+        from gridserve.catalog.models import UnknownModel, register_config
         from gridserve.planner import LayerCosts, Network, PlanError, Workload
         from gridserve.planner import plan as make_plan
         from gridserve.planner.plan import OBJECTIVES
 
         if (cards is None) == (gateway is None):
             raise fail("give either --cards or --gateway")
+        if model is None and model_config is None:
+            raise fail("give a catalogue MODEL or --model-config FILE")
         if objective not in OBJECTIVES:
             raise fail(f"--objective must be one of {', '.join(OBJECTIVES)}")
         try:
-            spec = model_spec(model)
+            spec = register_config(model_config, model) if model_config is not None else model_spec(model or "")
             costs = LayerCosts.of(spec, dtype, quantization)
             nodes, names, gateway_rtt = (
                 _catalogue_nodes(cards or "") if cards is not None else _grid_nodes(gateway or "", admin_token, fail)

@@ -28,7 +28,14 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         seed: Annotated[int, typer.Option(help="randomness (same seed, same result)")] = 0,
         model: Annotated[
             str | None,
-            typer.Option(help="catalogue model every node serves (default: one whose context holds the trace)"),
+            typer.Option(
+                help="catalogue model every node serves (default: one whose context holds the trace); with "
+                "--model-config, the name of that model"
+            ),
+        ] = None,
+        model_config: Annotated[
+            Path | None,
+            typer.Option(help="a Hugging Face config.json: serve that model (named after its directory or --model)"),
         ] = None,
         churn: Annotated[bool, typer.Option(help="nodes leave and come back (Weibull sessions)")] = True,
         uptime_mean_s: Annotated[float, typer.Option(help="mean session length")] = 1800.0,
@@ -41,7 +48,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         refine: Annotated[int, typer.Option(help="bisection runs per policy to narrow goodput")] = 3,
     ) -> None:
         """Simulate the grid on a trace with each policy: SLO attainment, goodput, latency, cost; plots."""
-        from gridserve.catalog.models import UnknownModel
+        from gridserve.catalog.models import UnknownModel, register_config
         from gridserve.scheduler import ProfileError, named_profile
         from gridserve.sim import report as rep
         from gridserve.sim.engine import SimConfig
@@ -49,6 +56,8 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         from gridserve.sim.trace import TraceError, load_trace, prefix_ceiling
 
         try:
+            if model_config is not None:
+                model = register_config(model_config, model).name
             requests = load_trace(trace, limit)
             if model is None:
                 model, unservable = model_for_trace(requests, DECENTRALIZED_MIX)
@@ -70,10 +79,12 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
             shares = (dishonest, stragglers)
             if any(not 0 <= x <= 1 for x in shares) or min(uptime_mean_s, downtime_mean_s, ttft_slo, tpot_slo) <= 0:
                 raise ValueError("shares must be in [0, 1]; times and SLOs must be positive")
+            mix = _mix_holding(model, console)
             config = SimConfig(
                 nodes=nodes,
                 seed=seed,
                 model=model,
+                mix=mix,
                 churn=churn,
                 uptime_mean_s=uptime_mean_s,
                 downtime_mean_s=downtime_mean_s,
@@ -142,3 +153,26 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
             )
         console.print(table)
         console.print(f"report: {out / 'report.json'}, {out / 'summary.md'}, plots in {out}")
+
+
+def _mix_holding(model: str, console: Console) -> dict[str, float]:
+    """The default card mix less the cards that cannot hold `model` even at q4_k_m (said on the console);
+    ValueError if none can."""
+    from gridserve.catalog import hardware_spec, model_spec
+    from gridserve.engines.emulated import EmulationError, placement_for
+    from gridserve.sim.grid import DECENTRALIZED_MIX
+
+    spec, mix, left_out = model_spec(model), {}, []
+    for card, share in DECENTRALIZED_MIX.items():
+        try:
+            placement_for(spec, hardware_spec(card))
+            mix[card] = share
+        except EmulationError:
+            left_out.append(card)
+    if not mix:
+        raise ValueError(
+            f"{model} fits on none of the simulated cards ({', '.join(DECENTRALIZED_MIX)}), even at q4_k_m"
+        )
+    if left_out:
+        console.print(f"{model} does not fit on {', '.join(left_out)} even at q4_k_m: simulated without them")
+    return mix

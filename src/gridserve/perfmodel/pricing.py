@@ -6,7 +6,7 @@ price within [MIN_OVERRIDE, MAX_OVERRIDE] x derived; outside that band it is cla
 
 from gridserve.catalog.hardware import HardwareSpec
 from gridserve.catalog.models import ModelSpec
-from gridserve.perfmodel.roofline import base_itl_s
+from gridserve.perfmodel.roofline import base_itl_s, moe_factor, moe_terms
 
 MARGIN = 1.3
 """Operator margin over running cost (power, wear, idle time)."""
@@ -14,7 +14,11 @@ MIN_OVERRIDE, MAX_OVERRIDE = 0.5, 2.0
 
 
 def derived_price_per_mtok(model: ModelSpec, hw: HardwareSpec, dtype: str, quantization: str) -> float:
-    tokens_per_s = max(1, hw.batch_slots) / base_itl_s(model, hw, dtype, quantization)
+    """A full batch's tokens: a mixture of experts' full batch reads more of its experts than one sequence does
+    (`roofline.moe_factor`; 1 for a dense model)."""
+    slots = max(1, hw.batch_slots)
+    itl = base_itl_s(model, hw, dtype, quantization) * float(moe_factor(float(slots), *moe_terms(model)))
+    tokens_per_s = slots / itl
     return hw.cost_per_hour / (tokens_per_s * 3600.0) * 1e6 * MARGIN
 
 

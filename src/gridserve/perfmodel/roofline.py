@@ -1,12 +1,14 @@
 """The roofline prediction for (model, hardware) under a given load, written once over columns.
 
-- decode: ITL = weight bytes / (bandwidth x decode efficiency), efficiency from published llama.cpp
-  measurements (catalog/hardware.py: 0.75-0.87 on consumer GPUs, 0.42-0.54 data-centre);
-- prefill: 2 x params x prompt tokens / (FLOPS x prefill efficiency);
+- decode: ITL = weight bytes read per token / (bandwidth x decode efficiency), efficiency from published llama.cpp
+  measurements (catalog/hardware.py: 0.75-0.87 on consumer GPUs, 0.42-0.54 data-centre); a dense model reads
+  every weight, a mixture of experts its active ones (`ModelSpec.decode_bytes`);
+- prefill: 2 x params x prompt tokens / (FLOPS x prefill efficiency), active params for a mixture of experts;
 - throttling: a reported SM clock ratio below 1 slows both by that ratio; at or above THROTTLE_TEMP_C with no
   clock figure, THROTTLE_FACTOR is assumed;
 - batching: ITL grows by BATCH_ITL_GROWTH per extra sequence up to the hardware's batch slots, and linearly
-  beyond them; requests beyond the slots queue for a share of a job's service time;
+  beyond them; requests beyond the slots queue for a share of a job's service time. A mixture of experts' step
+  also reads the further experts the batch's sequences are routed to (`moe_factor`: 1 for a dense model);
 - calibration: the node's observed/predicted ratios scale the result (perfmodel/calibration.py).
 
 The formula (`throttle`, `unloaded`, `under_load`) takes numpy columns (one row per node: the scheduler predicts
@@ -75,10 +77,19 @@ def throttle(clock_ratio: Num, temperature_c: Num) -> Num:
     )
 
 
+def moe_factor(batch: Num, experts: Num, per_token: Num, routed_share: Num) -> Num:
+    """Weight bytes a decode step over `batch` sequences reads, over those one sequence reads: the routed experts'
+    share of the latter grows with the expected distinct experts the batch touches per layer,
+    E x (1 - (1 - k/E)^b), over the k one sequence touches (`ModelSpec.decode_params`, as a ratio). Exactly 1 for
+    a dense model (experts = per_token = routed_share = 0)."""
+    touched = experts * (1.0 - (1.0 - per_token / maximum(experts, 1.0)) ** maximum(batch, 1.0))
+    return (1.0 - routed_share) + routed_share * touched / maximum(per_token, 1.0)
+
+
 def unloaded(work: Num, base_itl: Num, flops: Num, speed: Num) -> tuple[Num, Num]:
     """(ITL, prefill seconds) of one sequence alone on the node, throttled.
 
-    `work`: 2 x params x prompt tokens; `base_itl`: `base_itl_s`; `flops`: FP16 FLOPS x prefill efficiency."""
+    `work`: 2 x (active) params x prompt tokens; `base_itl`: `base_itl_s`; `flops`: FP16 FLOPS x prefill efficiency."""
     return base_itl / speed, work / (flops * speed)
 
 
@@ -93,21 +104,26 @@ def under_load(
     load_s: Num,
     output_tokens: Num = TYPICAL_OUTPUT_TOKENS,
     interleaved: Num = 0.0,
+    experts: Num = 0.0,
+    per_token: Num = 0.0,
+    routed_share: Num = 0.0,
 ) -> tuple[Num, Num, Num]:
     """(TTFT, ITL, queue seconds) of a new request joining `active` requests in flight and `queued` waiting, on a
     node with `slots` batch slots (>= 1), calibrated; TTFT includes the queue and `load_s` (loading weights that
     are not resident). `itl` and `prefill` come from `unloaded`; active = queued = 0 is the node at rest. Each job
     ahead holds its slot for a TTFT and `output_tokens` (the node's typical answer, `Calibration.output_tokens`).
     An `interleaved` node (> 0: an engine that runs every request at once, token by token in turn) has no slots
-    to wait for: a new request starts at once and every request's tokens come `running` times slower."""
+    to wait for: a new request starts at once and every request's tokens come `running` times slower (one
+    sequence a step). `experts`, `per_token`, `routed_share`: a mixture of experts' `moe_terms` (0: dense)."""
     running = active + 1
+    batch = moe_factor(minimum(running, slots), experts, per_token, routed_share)
     itl = where(
         interleaved > 0.0,
         itl * running,
         where(
             running <= slots,
-            itl * (1.0 + BATCH_ITL_GROWTH * active),
-            itl * ((1.0 + BATCH_ITL_GROWTH * (slots - 1)) * running / slots),
+            itl * (1.0 + BATCH_ITL_GROWTH * active) * batch,
+            itl * ((1.0 + BATCH_ITL_GROWTH * (slots - 1)) * batch * running / slots),
         ),
     )
     ttft = (PREFILL_FIXED_S + prefill + itl) * ttft_factor
@@ -159,14 +175,20 @@ def prefill_flops(hw: HardwareSpec) -> float:
 
 
 def base_itl_s(model: ModelSpec, hw: HardwareSpec, dtype: str, quantization: str) -> float:
-    """Decode time per token of one sequence at full clocks: the weights streamed once."""
-    return model.weight_bytes(dtype, quantization) / decode_bytes_per_s(hw)
+    """Decode time per token of one sequence at full clocks: the weights it reads streamed once (all of a dense
+    model's, a mixture of experts' active ones)."""
+    return model.decode_bytes(1, dtype, quantization) / decode_bytes_per_s(hw)
+
+
+def moe_terms(model: ModelSpec) -> tuple[float, float, float]:
+    """`under_load`'s (experts, per_token, routed_share) for `model`: zeros for a dense model."""
+    return float(model.experts), float(model.experts_per_token), model.routed_share
 
 
 def prefill_work(model: ModelSpec, prompt_tokens: Num) -> Num:
-    """FLOPs to prefill a prompt (or the part of it not in the node's prefix cache): 2 per parameter per token
-    (at least one token: the last is always computed)."""
-    return 2.0 * model.params * maximum(1, prompt_tokens)
+    """FLOPs to prefill a prompt (or the part of it not in the node's prefix cache): 2 per parameter per token,
+    the active parameters of a mixture of experts (at least one token: the last is always computed)."""
+    return 2.0 * model.token_params * maximum(1, prompt_tokens)
 
 
 def load_weights_s(model: ModelSpec, dtype: str, quantization: str) -> float:
@@ -209,5 +231,6 @@ def predict(
         loading,
         cal.output_tokens,
         1.0 if load.interleaved else 0.0,
+        *moe_terms(model),
     )
     return Prediction(ttft_s=float(ttft), itl_s=float(itl), queue_s=float(queue), load_s=loading, throttle=speed)

@@ -2,8 +2,9 @@
 and the network between them. All pure data; `stage_time` and `hop_time` are the cost model the planner and
 its baselines share.
 
-Decode of one token through a stage holding layers [start, end): the stage streams its weights and the KV
-cache of those layers for the context once (memory-bound), or computes 2 x params FLOPs per token
+Decode of one token through a stage holding layers [start, end): the stage streams the weights a token reads
+(all of them for a dense model; a mixture of experts' active ones, while the stage holds every expert) and the
+KV cache of those layers for the context once (memory-bound), or computes 2 x (active) params FLOPs per token
 (compute-bound), whichever is slower, times the node's calibrated slowness: perfmodel's roofline per layer
 range, at the bandwidth and FLOPS it uses (`decode_bytes_per_s`, `prefill_flops`). A hop between stages carries one
 hidden-state vector per token: half a round trip plus its bytes over the link.
@@ -24,41 +25,60 @@ LOGIT_BYTES = 4
 @dataclass(frozen=True)
 class LayerCosts:
     """A model split into layers. The input embedding is charged to the first layer, the output head (logits)
-    to the last."""
+    to the last. A mixture of experts' parameters are spread evenly over its layers (DeepSeek-V3's 3 dense layers
+    of 61 are not told apart)."""
 
     name: str
     weight_bytes: tuple[float, ...]
+    """Held: what a stage's memory must fit."""
     flops_per_token: tuple[float, ...]
     kv_bytes_per_token: tuple[float, ...]
     activation_bytes: float
     """One hidden-state vector, as sent between stages."""
     logits_bytes: float
+    streamed_bytes: tuple[float, ...] = ()
+    """Weight bytes one token's decode reads per layer, where fewer than held (a mixture of experts); empty: all."""
 
     @property
     def layers(self) -> int:
         return len(self.weight_bytes)
+
+    @property
+    def streamed(self) -> tuple[float, ...]:
+        """Weight bytes one token's decode reads per layer."""
+        return self.streamed_bytes or self.weight_bytes
 
     @classmethod
     def of(cls, spec: ModelSpec, dtype: str = "float16", quantization: str = "none") -> "LayerCosts":
         per_param = QUANT_BYTES_PER_PARAM.get(quantization)
         bpp = per_param if per_param is not None else DTYPE_BYTES[dtype]
         embed = float(spec.vocab * spec.hidden)
-        body = max(0.0, spec.params - embed) / spec.layers
-        weights = [body * bpp] * spec.layers
+        weights = _per_layer(spec.params, embed, spec.layers, bpp, first=embed * bpp)
+        body = max(0.0, spec.token_params - embed) / spec.layers
         flops = [2.0 * body] * spec.layers
-        weights[0] += embed * bpp
-        weights[-1] += embed * bpp  # the output head (tied or not, its weights are read every token)
         flops[-1] += 2.0 * embed
         kv = spec.kv_bytes_per_token(dtype if dtype in DTYPE_BYTES else "float16") / spec.layers
         act_dtype = dtype if dtype in ("float16", "bfloat16", "float32") else "float16"
         return cls(
             name=spec.name,
-            weight_bytes=tuple(weights),
+            weight_bytes=weights,
             flops_per_token=tuple(flops),
             kv_bytes_per_token=(kv,) * spec.layers,
             activation_bytes=spec.hidden * DTYPE_BYTES[act_dtype],
             logits_bytes=float(spec.vocab * LOGIT_BYTES),
+            # a token reads one row of the input embedding: only the output head is streamed whole
+            streamed_bytes=_per_layer(spec.decode_params(1), embed, spec.layers, bpp) if spec.moe else (),
         )
+
+
+def _per_layer(params: float, embed: float, layers: int, bpp: float, first: float = 0.0) -> tuple[float, ...]:
+    """Bytes per layer: the parameters beside the embedding spread evenly, `first` added to the first layer and
+    the output head (tied or not, its weights are read every token) to the last."""
+    body = max(0.0, params - embed) / layers
+    weights = [body * bpp] * layers
+    weights[0] += first
+    weights[-1] += embed * bpp
+    return tuple(weights)
 
 
 @dataclass(frozen=True)
@@ -110,7 +130,7 @@ class Workload:
 
 
 def stage_time(model: LayerCosts, node: PlanNode, start: int, end: int, work: Workload) -> float:
-    weights = sum(model.weight_bytes[start:end])
+    weights = sum(model.streamed[start:end])
     kv = sum(model.kv_bytes_per_token[start:end]) * work.context_tokens
     flops = sum(model.flops_per_token[start:end])
     return max((weights + kv) / node.bytes_per_s, flops / node.flops_per_s) * node.slowness

@@ -121,6 +121,7 @@ def best_cuts(
     combine = _combine(objective)
     inf = math.inf
     weights = list(itertools.accumulate(model.weight_bytes, initial=0.0))
+    read = list(itertools.accumulate(model.streamed, initial=0.0)) if model.streamed_bytes else weights
     kv = list(itertools.accumulate(model.kv_bytes_per_token, initial=0.0))
     flops = list(itertools.accumulate(model.flops_per_token, initial=0.0))
     ctx, sessions = work.context_tokens, work.sessions
@@ -129,7 +130,7 @@ def best_cuts(
         return weights[j] - weights[s] + (kv[j] - kv[s]) * ctx * sessions
 
     def time(node: PlanNode, s: int, j: int) -> float:  # stage_time over prefix sums
-        streamed = weights[j] - weights[s] + (kv[j] - kv[s]) * ctx
+        streamed = read[j] - read[s] + (kv[j] - kv[s]) * ctx
         return max(streamed / node.bytes_per_s, (flops[j] - flops[s]) / node.flops_per_s) * node.slowness
 
     # best[i][j]: best cost with chain[:i+1] holding layers [0, j), chain[i] ending at j (hops to i+1 not yet)

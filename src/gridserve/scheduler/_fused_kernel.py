@@ -69,12 +69,13 @@ def _maximum(a, b):
     return lambda a, b: max(a, b)
 
 
-for _formula in (roofline.throttle, roofline.unloaded, roofline.under_load):
+for _formula in (roofline.throttle, roofline.unloaded, roofline.moe_factor, roofline.under_load):
     register_jitable(_formula)  # compiled from the roofline's own source (LLVM inlines them)
 
-# scalars: now, tokens (prompt + max), prefill work (2 x params x prompt), ttft slo, tpot slo, decode tokens after
-# the first, tier floor tokens/s, price ceiling (NaN: none), tier reference price
-NOW, TOKENS, WORK, TTFT_SLO, TPOT_SLO, AFTER_FIRST, FLOOR, CEILING, REF_PRICE = range(9)
+# scalars: now, tokens (prompt + max), prefill work (2 x active params x prompt), ttft slo, tpot slo, decode tokens
+# after the first, tier floor tokens/s, price ceiling (NaN: none), tier reference price, and the model's
+# mixture-of-experts terms (roofline.moe_terms: zeros for a dense model)
+NOW, TOKENS, WORK, TTFT_SLO, TPOT_SLO, AFTER_FIRST, FLOOR, CEILING, REF_PRICE, EXPERTS, PER_TOKEN, ROUTED = range(12)
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
@@ -124,6 +125,9 @@ def decide(
             m[M_LOAD_S],
             row[C_CAL_OUT],
             row[C_INTERLEAVED],
+            scalars[EXPERTS],
+            scalars[PER_TOKEN],
+            scalars[ROUTED],
         )
         if not ok:
             ttft, itl = math.nan, math.nan
@@ -164,6 +168,9 @@ def decide(
                         m[M_LOAD_S],
                         row[C_CAL_OUT],
                         row[C_INTERLEAVED],
+                        scalars[EXPERTS],
+                        scalars[PER_TOKEN],
+                        scalars[ROUTED],
                     )
                     hit = rest[1] * floor > 1.0
                 else:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from gridserve.perfmodel import roofline
 from gridserve.scheduler import filters as F
 from gridserve.scheduler import scorers as S
 from gridserve.scheduler.context import Context
@@ -131,13 +132,14 @@ def run(kernel: Kernel, the_plan: Plan, ctx: Context, rows: Array, model_rows: A
         [
             ctx.now,
             float(req.prompt_tokens + req.max_tokens),
-            2.0 * ctx.model.params * max(1, req.prompt_tokens),
+            2.0 * ctx.model.token_params * max(1, req.prompt_tokens),
             ctx.ttft_slo_s,
             ctx.tpot_slo_s,
             float(max(0, req.max_tokens - 1)),
             ctx.tier.min_tokens_per_s,
             math.nan if ceiling is None else float(ceiling),
             ctx.tier.reference_price_per_mtok,
+            *roofline.moe_terms(ctx.model),
         ]
     )
     n, k = len(rows), len(the_plan.scorer_codes)

@@ -136,6 +136,7 @@ def _predict(c: Columns, ctx: Context, loaded: bool) -> tuple[Array, Array, Arra
     ok = c.predictable(ctx)
     if not ok.any():
         return np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
+    assert ctx.model is not None  # predictable
     alone, prefill = c.unloaded(ctx)
     slots = np.maximum(1.0, c.col(C_SLOTS))
     active, queued = (c.col(C_ACTIVE), c.col(C_QUEUED)) if loaded else (0.0, 0.0)
@@ -150,5 +151,6 @@ def _predict(c: Columns, ctx: Context, loaded: bool) -> tuple[Array, Array, Arra
         c.mcol(M_LOAD_S),
         c.col(C_CAL_OUT),
         c.col(C_INTERLEAVED),
+        *roofline.moe_terms(ctx.model),
     )
     return np.where(ok, ttft, np.nan), np.where(ok, itl, np.nan), np.where(ok, queue, np.nan)
