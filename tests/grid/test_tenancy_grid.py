@@ -179,6 +179,21 @@ def test_a_revoked_key_is_refused(grid: LocalGrid) -> None:
     assert admin(grid, "DELETE", "/admin/keys/nosuchkey").status_code == 404
 
 
+def test_a_rotated_key_keeps_its_id_and_limits_and_its_old_secret_stops_working(grid: LocalGrid) -> None:
+    made = new_key(grid, rpm=5)
+    fresh_minute()
+    assert ask(grid, made["key"]).status_code == 200
+    rotated = admin(grid, "POST", f"/admin/keys/{made['id']}/rotate")
+    assert rotated.status_code == 200, rotated.text
+    new = rotated.json()
+    assert (new["id"], new["rpm"]) == (made["id"], 5) and new["key"] != made["key"]
+    assert ask(grid, made["key"]).status_code == 401
+    answered = ask(grid, new["key"])
+    assert answered.status_code == 200 and answered.headers["x-ratelimit-remaining-requests"] == "3"  # counts stay
+    assert admin(grid, "DELETE", f"/admin/keys/{made['id']}").status_code == 200
+    assert admin(grid, "POST", f"/admin/keys/{made['id']}/rotate").status_code == 404  # a revoked key stays so
+
+
 def test_bad_key_requests_are_400s_naming_the_field(grid: LocalGrid) -> None:
     for body, param in (({}, "name"), ({"name": "x", "rpm": 0}, "rpm"), ({"name": "x", "priority": "vip"}, "priority")):
         refused = admin(grid, "POST", "/admin/keys", body)
@@ -211,6 +226,9 @@ def test_the_cli_makes_lists_and_revokes_keys(grid: LocalGrid) -> None:
     assert key["rpm"] == 7 and key["models"] == [TINY_MODEL]
     assert ask(grid, key["key"]).status_code == 200
     assert key["id"] in cli("list")
+    new_secret = cli("rotate", key["id"]).strip().splitlines()[-1]
+    assert new_secret.startswith("gsk_") and new_secret != key["key"]
+    assert ask(grid, new_secret).status_code == 200 and ask(grid, key["key"]).status_code == 401
     assert "revoked" in cli("revoke", key["id"])
 
 
@@ -224,7 +242,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalGrid, 
         yield pair
 
 
-def test_a_key_revoked_on_one_gateway_is_refused_by_the_other_within_a_second(
+def test_a_key_rotated_or_revoked_on_one_gateway_is_refused_by_the_other_within_a_second(
     pair: tuple[LocalGrid, LocalGrid],
 ) -> None:
     a, b = pair
@@ -233,9 +251,15 @@ def test_a_key_revoked_on_one_gateway_is_refused_by_the_other_within_a_second(
     while ask(b, made["key"]).status_code != 200:  # B learns of the new key
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    rotated = admin(a, "POST", f"/admin/keys/{made['id']}/rotate").json()["key"]
+    rotated_at = time.monotonic()
+    while ask(b, made["key"]).status_code != 401:
+        assert time.monotonic() - rotated_at < 1.0, "B still accepted the old secret a second after the rotation"
+        time.sleep(0.02)
+    assert ask(b, rotated).status_code == 200
     assert admin(a, "DELETE", f"/admin/keys/{made['id']}").status_code == 200
     revoked_at = time.monotonic()
-    while ask(b, made["key"]).status_code != 401:
+    while ask(b, rotated).status_code != 401:
         assert time.monotonic() - revoked_at < 1.0, "B still accepted the key a second after its revocation"
         time.sleep(0.02)
 

@@ -274,3 +274,16 @@ def test_static_keys_pass_every_restriction(tenancy: Tenancy) -> None:
         tenancy.admit(key, model="whatever", tier="premium", tokens=10**9).close()
     assert tenancy.limiter.keys == {}
     assert tenancy.usage.keys == {}
+
+
+def test_a_key_is_rotated_in_the_store_but_a_revoked_one_is_not(tenancy: Tenancy) -> None:
+    made = asyncio.run(tenancy.create("rotating", KeyPolicy(rpm=9)))
+    rotated = asyncio.run(tenancy.rotate(made["id"]))
+    assert (rotated["id"], rotated["rpm"]) == (made["id"], 9) and rotated["key"] != made["key"]
+    assert tenancy.authenticate(made["key"]) is None
+    assert getattr(tenancy.authenticate(rotated["key"]), "key_id", None) == made["id"]
+    asyncio.run(tenancy.revoke(made["id"]))
+    with pytest.raises(UnknownKey):
+        asyncio.run(tenancy.rotate(made["id"]))
+    with pytest.raises(UnknownKey):
+        asyncio.run(tenancy.rotate("no-such-key"))

@@ -115,6 +115,19 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         console.print(f"API key {gone['id']} ({escape(gone['name'])}) revoked", highlight=False)
 
     @keys.command()
+    def rotate(
+        key_id: Annotated[str, typer.Argument(help="the key's id (from `keys list`)")],
+        gateway: GatewayOpt = "http://127.0.0.1:8000",
+        admin_token: TokenOpt = None,
+        data_dir: DataDirOpt = Path(".gridserve"),
+    ) -> None:
+        """A new secret for a key (same id, limits and usage); the old secret stops working within a second."""
+        path = f"/admin/keys/{urllib.parse.quote(key_id, safe='')}/rotate"
+        made = call(gateway, admin_token, data_dir, "POST", path)
+        console.print(f"API key {made['id']} ({escape(made['name'])}) rotated; the new key, shown this once:")
+        print(made["key"])
+
+    @keys.command()
     def usage(
         gateway: GatewayOpt = "http://127.0.0.1:8000",
         admin_token: TokenOpt = None,

@@ -77,6 +77,17 @@ class KeyStore:
                 conn.execute(api_keys.update().where(api_keys.c.key_id == key_id).values(values))
             return row
 
+    def rotate_key(self, key_id: str, new_digest: str, at: float) -> dict[str, Any] | None:
+        """Give an active key a new digest (its id, policy and counts stay); the row after, or None if there is no
+        such key or it was revoked."""
+        with self.store.transaction() as conn:
+            found = conn.execute(sa.select(api_keys).where(api_keys.c.key_id == key_id).with_for_update()).first()
+            if found is None or found.revoked_at is not None:
+                return None
+            values = {"digest": new_digest, "updated_at": at}
+            conn.execute(api_keys.update().where(api_keys.c.key_id == key_id).values(values))
+            return {**dict(found._mapping), **values}
+
     def put_usage(self, rows: Sequence[dict[str, Any]]) -> None:
         """This gateway's counters (absolute values), one transaction."""
         if rows:

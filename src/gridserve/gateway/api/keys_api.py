@@ -62,6 +62,16 @@ def add_key_routes(app: FastAPI, tenancy: Tenancy, require_admin: Any) -> None:
         except UnknownKey:
             raise APIError(404, f"No API key {key_id[:64]}.", code="not_found") from None
 
+    @app.post("/admin/keys/{key_id}/rotate")
+    async def rotate_key(key_id: str, request: Request) -> dict[str, Any]:
+        """A new secret for an active key (`key`, shown this once); the old one is refused within a second on every
+        gateway. The key's id, limits, usage and stored responses stay."""
+        require_admin(request)
+        try:
+            return await tenancy.rotate(key_id)
+        except UnknownKey:
+            raise APIError(404, f"No active API key {key_id[:64]}.", code="not_found") from None
+
     @app.get("/admin/usage")
     async def usage(request: Request) -> dict[str, Any]:
         """Per key: what this gateway served (requests, tokens, spend, errors, refusals, TTFT percentiles), and

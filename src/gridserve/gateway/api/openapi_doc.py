@@ -547,6 +547,7 @@ OPS: dict[tuple[str, str], Op] = {
     ("get", "/admin/keys"): Op(Auth.ADMIN, (401,), ApiKeyList),
     ("delete", "/admin/keys/{key_id}"): Op(Auth.ADMIN, (401, 404), ApiKeyView),
     ("get", "/admin/usage"): Op(Auth.ADMIN, (401,), UsageReport),
+    ("post", "/admin/keys/{key_id}/rotate"): Op(Auth.ADMIN, (401, 404), NewApiKey),
     ("get", "/dashboard"): Op(Auth.NONE, ()),
     ("get", "/dashboard/{name}"): Op(Auth.NONE, (404,)),
     ("post", "/admin/nodes/{node_id}/incident"): Op(Auth.ADMIN, NODE_ACTION_ERRORS, NodeAction, AdminIncident),

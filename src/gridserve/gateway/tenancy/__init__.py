@@ -106,6 +106,16 @@ class Tenancy:
         self.book.apply([row])
         return view(from_row(row))
 
+    async def rotate(self, key_id: str) -> dict[str, Any]:
+        """A new secret for an active key: the old one is refused here at once (on the other gateways within a key
+        sync); its id, limits, counts and stored responses stay. Raises UnknownKey (no such key, or revoked)."""
+        _, key = new_key(key_id)
+        row = await asyncio.to_thread(self.keystore.rotate_key, key_id, key_digest(key), self.clock())
+        if row is None:
+            raise UnknownKey(key_id)
+        self.book.apply([row])
+        return {**view(from_row(row)), "key": key}
+
     def _insert(self, name: str, policy: KeyPolicy) -> tuple[dict[str, Any], str]:
         if not name.strip() or len(name) > MAX_NAME_CHARS:
             raise ValueError(f"name must be 1 to {MAX_NAME_CHARS} characters")

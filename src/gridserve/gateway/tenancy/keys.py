@@ -67,9 +67,9 @@ def key_id_of(key: str) -> str | None:
     return key_id if dot and key_id and secret else None
 
 
-def new_key() -> tuple[str, str]:
-    """(id, key) of a fresh key: 256 random bits behind a 48-bit id."""
-    key_id = secrets.token_hex(6)
+def new_key(key_id: str | None = None) -> tuple[str, str]:
+    """(id, key) of a fresh key: 256 random bits behind a 48-bit id (`key_id`: a new secret for that id)."""
+    key_id = key_id or secrets.token_hex(6)
     return key_id, f"{PREFIX}{key_id}.{secrets.token_urlsafe(32)}"
 
 
