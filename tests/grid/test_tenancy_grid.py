@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import ADMIN, API_KEY, make_grid, two_gateways_on_pg
 
 from gridserve.cli.grid import LocalGrid
@@ -202,10 +203,24 @@ def test_bad_key_requests_are_400s_naming_the_field(grid: LocalGrid) -> None:
 
 
 def test_usage_is_in_metrics_per_key(grid: LocalGrid) -> None:
+    """/metrics names the ten keys with the most requests and sums the rest as `other` (the keys of this module's
+    earlier tests are there too), and agrees with /admin/usage."""
     made = new_key(grid)
-    assert ask(grid, made["key"]).status_code == 200
+    assert all(ask(grid, made["key"]).status_code == 200 for _ in range(3))
+    served = {k["id"]: k["served_here"]["requests"] for k in admin(grid, "GET", "/admin/usage").json()["keys"]}
+    served = {key: n for key, n in served.items() if n}
     text = httpx.get(grid.url + "/metrics", timeout=10).text
-    assert f'gridserve_key_requests_total{{key="{made["id"]}",name="{made["name"]}"}} 1.0' in text
+    shown = {
+        s.labels["key"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "gridserve_key_requests_total"
+    }
+    named = {key: n for key, n in shown.items() if key != "other"}
+    assert len(named) == min(10, len(served)) and all(served[key] == n for key, n in named.items()), (named, served)
+    assert sum(shown.values()) == sum(served.values())
+    assert served[made["id"]] == 3
+    assert made["id"] in named or min(named.values()) >= 3, "a key outside the top ten has no more requests than they"
 
 
 def test_the_cli_makes_lists_and_revokes_keys(grid: LocalGrid) -> None:
