@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,7 @@ from gridserve.planner.chain import StageRoute
 from gridserve.reliability import EventKind, NodeEvent, ReliabilityBook
 from gridserve.scheduler import named_profile, schedule
 from gridserve.scheduler.context import Context
+from gridserve.scheduler.snapshot import C_TIER_BW, C_TIER_TFLOPS
 from gridserve.types import Capability, HardwareInfo, LayerRange, ModelOffer, NodeId, NodeState, RuntimeInfo
 from gridserve.types.scheduling import ScheduleRequest
 
@@ -85,8 +87,10 @@ def test_the_candidate_is_predicted_priced_and_trusted_from_its_stages(
     price = derived_price_per_mtok(MODEL, snap.static.hw, "float16", "none")
     assert Context.build(request(), NOW).price(snap) == pytest.approx(price)
     assert snap.static.hw.cost_per_hour == pytest.approx(sum(h.cost_per_hour for h in hw))
-    strict = TIERS["interactive"].hw_classes  # a tier admits the pipeline only if it admits every stage
-    assert (snap.static.hw_class in strict) == all(h.hw_class in strict for h in hw)
+    strict = TIERS["interactive"]  # a tier admits the pipeline only if it admits every stage
+    row = np.frombuffer(snap.row)
+    admitted = strict.admits(row[C_TIER_BW], row[C_TIER_TFLOPS])
+    assert admitted == all(strict.admits(h.bandwidth_gbs, h.fp16_tflops) for h in hw)
 
 
 def test_a_stage_on_probation_puts_the_pipeline_on_probation() -> None:

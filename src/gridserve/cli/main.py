@@ -28,6 +28,7 @@ err = Console(stderr=True)
 if TYPE_CHECKING:
     from gridserve.node.faults import Faults
     from gridserve.observability import LogFormat
+    from gridserve.types import DeviceFigures
 
 DataDir = Annotated[Path, typer.Option(help="where keys, secrets, logs and the SQLite store live")]
 
@@ -254,6 +255,24 @@ def gateway(
         raise fail(f"gateway failed: {exc}") from None
 
 
+def _device_figures(path: Path | None) -> "DeviceFigures | None":
+    """A card as its driver would describe it, read from a JSON file (one readable line if it is not one)."""
+    if path is None:
+        return None
+    from pydantic import ValidationError
+
+    from gridserve.types import DeviceFigures
+
+    try:
+        return DeviceFigures.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise fail(f"--device-figures {path}: {exc.strerror or exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the file"
+        raise fail(f"--device-figures {path}: {where}: {first['msg']}") from None
+
+
 def _layers(text: str | None) -> tuple[int, int] | None:
     if text is None or text == "auto":
         return None
@@ -317,6 +336,10 @@ def node(
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="the private key of --tls-cert (PEM)")] = None,
     slowdown: Annotated[float, typer.Option(help="emulated: run N times slower than spec, silently")] = 1.0,
+    device_figures: Annotated[
+        Path | None,
+        typer.Option(help="emulated: a card in no table, as its driver describes it (JSON; see examples/cards/)"),
+    ] = None,
     lazy: Annotated[bool, typer.Option(help="tiny/gemma: load the weights only when asked (pre-warming)")] = False,
     loadable: Annotated[list[str] | None, typer.Option(help="emulated: a model on disk, loaded when asked")] = None,
     load_gbps: Annotated[float, typer.Option(help="emulated: disk-to-device GB/s when loading")] = 2.0,
@@ -405,6 +428,7 @@ def node(
         stage_auto=layers == "auto",
         prefix_cache_mb=prefix_cache_mb,
         tasks=tuple(tasks.split(",")) if tasks is not None else (),
+        device_figures=_device_figures(device_figures),
     )
     faults = _faults(allow_faults, fault or [])
     from gridserve.node.dishonest import ENGINE_MODES, Dishonesty, DishonestyRefused

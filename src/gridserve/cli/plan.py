@@ -89,8 +89,17 @@ def _catalogue_nodes(cards: str) -> tuple[list[Any], dict[str, str], dict[str, f
 def _grid_nodes(url: str, token: str | None, fail: Any) -> tuple[list[Any], dict[str, str], dict[str, float]]:
     import httpx
 
-    from gridserve.catalog.hardware import HARDWARE
+    from gridserve.catalog.claims import card_view
     from gridserve.planner import PlanNode
+    from gridserve.types import HardwareInfo
+
+    def _card(hardware: dict[str, Any]) -> Any:
+        """The node's card as the gateway predicts it (catalogue, driver figures, micro-benchmark)."""
+        try:
+            view = card_view(HardwareInfo.model_validate_json(json.dumps(hardware)))
+        except ValueError:
+            return None
+        return view.hw if view is not None else None
 
     try:
         resp = httpx.get(
@@ -102,7 +111,7 @@ def _grid_nodes(url: str, token: str | None, fail: Any) -> tuple[list[Any], dict
         raise fail(f"{url}/admin/nodes answered {resp.status_code} (an admin token is needed: --admin-token)")
     nodes, names, rtts = [], {}, {}
     for node in resp.json()["nodes"]:
-        hw = HARDWARE.get(node["hardware"]["accelerator"])
+        hw = _card(node["hardware"])
         if hw is None or node["state"] == "down":
             continue
         memory = node["hardware"].get("memory_bytes") or None

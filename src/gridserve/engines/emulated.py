@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from gridserve.catalog import HardwareSpec, ModelSpec, hardware_spec, model_spec
+from gridserve.catalog.derive import COPY_REACH, MATMUL_DTYPES, MATMUL_REACH, derive_card
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
 from gridserve.engines.torch_engine import TorchEngine
 from gridserve.perfmodel import Load, predict
 from gridserve.prefix import PrefixIndex
-from gridserve.types import GenerateRequest, HardwareInfo, ModelOffer, TokenEvent
+from gridserve.types import DeviceFigures, GenerateRequest, HardwareInfo, MeasuredFigures, ModelOffer, TokenEvent
 from gridserve.types.wire import LOGPROBS_FEATURE, SAMPLING_FEATURES
 
 log = logging.getLogger("gridserve.node")
@@ -96,6 +97,7 @@ class EmulatedEngine:
         self,
         *,
         hardware: str,
+        device: DeviceFigures | None = None,
         models: Sequence[str],
         text_engine: TorchEngine,
         fixed: FixedTimings | None = None,
@@ -110,8 +112,10 @@ class EmulatedEngine:
         its weight bytes / `load_gbps`. `fifo_slots`: at most the card's batch slots run at once and later
         requests wait in arrival order (as a serving engine's batch limit); otherwise every request runs at once
         and the performance model's queue estimate slows it instead. `prefix_cache`: emulate one in the card's KV
-        room (see the module's docstring)."""
-        self.hw = hardware_spec(hardware)
+        room (see the module's docstring). `device`: the card as a driver would describe it, for a card in no table
+        (`hardware` is then its name): its figures derive the spec (catalog/derive.py), and the node sends them."""
+        self.hw = derive_card(device, key=hardware) if device is not None else hardware_spec(hardware)
+        self._device = device
         self._models: dict[str, tuple[ModelSpec, str, str]] = {name: self._placed(name) for name in models}
         self._loadable = {name: self._placed(name) for name in loadable if name not in self._models}
         if not self._models and not self._loadable:
@@ -183,10 +187,19 @@ class EmulatedEngine:
         )
 
     def advertised_hardware(self) -> HardwareInfo:
+        """The emulated card, with the figures its micro-benchmark would measure at full speed: `slowdown` stays
+        silent (as a host that slows only under serving load, or that fakes its benchmark), so only observed
+        timings reveal it."""
         return HardwareInfo(
             accelerator=self.hw.key,
             emulated=True,
             memory_bytes=int(self.hw.memory_gib * 2**30),
+            device=self._device,
+            measured=MeasuredFigures(
+                bandwidth_gbs=self.hw.bandwidth_gbs * COPY_REACH,
+                tflops={d: self.hw.fp16_tflops * MATMUL_REACH for d in MATMUL_DTYPES if d in self.hw.dtypes},
+                device="emulated",
+            ),
         )
 
     async def start(self) -> None:

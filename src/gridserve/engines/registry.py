@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gridserve.engines.base import DEFAULT_PREFIX_CACHE_MB, Engine, EngineError
+from gridserve.types import DeviceFigures
 
 if TYPE_CHECKING:
     from gridserve.engines.stage import StageSpan
@@ -52,6 +53,8 @@ class EngineOptions:
     cheat: tuple[str, ...] = ()
     """tiny: dishonest modes that change the model while it claims the real weights (`wrong_model`: other
     weights, `lazy_compute`: skips its last layer); node/dishonest.py checks they are allowed."""
+    device_figures: DeviceFigures | None = None
+    """emulated: the card as its driver would describe it (a card in no table: `emulated:<any name>`)."""
     tasks: tuple[str, ...] = ()
     """What to offer the model for: `generate`, `embed` (engines/embedding.py); empty: the engine's own (tiny and
     gemma-270m both, openai-upstream generate, the others generate only)."""
@@ -100,6 +103,7 @@ def _create(name: str, options: EngineOptions) -> Engine:
             fixed = FixedTimings(ttft_s=(options.fixed_ttft_ms or 0.0) / 1e3, itl_s=(options.fixed_itl_ms or 0.0) / 1e3)
         return EmulatedEngine(
             hardware=name.split(":", 1)[1],
+            device=options.device_figures,
             models=options.models or (() if options.loadable else ("llama-3-8b",)),
             text_engine=tiny_engine(threads=1, prefix_cache_mb=0, prefix_block=EMULATED_TEXT_CHUNK),
             fixed=fixed,

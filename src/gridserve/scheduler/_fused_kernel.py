@@ -21,7 +21,6 @@ from gridserve.scheduler.snapshot import (
     C_CAL_ITL,
     C_CAL_OUT,
     C_CAL_TTFT,
-    C_CLASS,
     C_CLOCK,
     C_HAS_HW,
     C_HEARTBEAT,
@@ -35,6 +34,8 @@ from gridserve.scheduler.snapshot import (
     C_SLOTS,
     C_TEMP,
     C_TFLOPS,
+    C_TIER_BW,
+    C_TIER_TFLOPS,
     M_BASE_ITL,
     M_CONTEXT,
     M_DTYPE_OK,
@@ -75,7 +76,22 @@ for _formula in (roofline.throttle, roofline.unloaded, roofline.moe_factor, roof
 # scalars: now, tokens (prompt + max), prefill work (2 x active params x prompt), ttft slo, tpot slo, decode tokens
 # after the first, tier floor tokens/s, price ceiling (NaN: none), tier reference price, and the model's
 # mixture-of-experts terms (roofline.moe_terms: zeros for a dense model)
-NOW, TOKENS, WORK, TTFT_SLO, TPOT_SLO, AFTER_FIRST, FLOOR, CEILING, REF_PRICE, EXPERTS, PER_TOKEN, ROUTED = range(12)
+(
+    NOW,
+    TOKENS,
+    WORK,
+    TTFT_SLO,
+    TPOT_SLO,
+    AFTER_FIRST,
+    FLOOR,
+    CEILING,
+    REF_PRICE,
+    EXPERTS,
+    PER_TOKEN,
+    ROUTED,
+    MIN_BW,
+    MIN_TFLOPS,
+) = range(14)
 
 
 @numba.njit(cache=True, inline="always", error_model="numpy")
@@ -90,7 +106,6 @@ def decide(
     rows,
     mrows,
     scalars,
-    allowed,
     filter_codes,
     filter_params,
     scorer_codes,
@@ -150,7 +165,7 @@ def decide(
             elif code == 5:
                 hit = m[M_DTYPE_OK] == 0
             elif code == 6:
-                hit = not allowed[int(row[C_CLASS])]
+                hit = not (row[C_TIER_BW] >= scalars[MIN_BW] and row[C_TIER_TFLOPS] >= scalars[MIN_TFLOPS])
             elif code == 7:
                 need = (m[M_MEM_WEIGHTS] + m[M_KV_PER_TOKEN] * scalars[TOKENS]) * (1 + filter_params[f])
                 hit = row[C_MEMORY] > 0 and need > row[C_MEMORY]

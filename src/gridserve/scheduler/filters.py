@@ -12,11 +12,11 @@ from gridserve.scheduler.context import Context
 from gridserve.scheduler.plugins import FILTERS, OneRow, register
 from gridserve.scheduler.snapshot import (
     C_BLOCKING,
-    C_CLASS,
     C_HEARTBEAT,
     C_MEMORY,
     C_SERVING,
-    CLASS_CODES,
+    C_TIER_BW,
+    C_TIER_TFLOPS,
     M_CONTEXT,
     M_DTYPE_OK,
     M_KV_PER_TOKEN,
@@ -207,12 +207,17 @@ class TierHardwareFilter(OneRow):
     name: str = "tier-hardware"
 
     def mask(self, ctx: Context, cols: Columns) -> Mask:
-        allowed = np.array([name in ctx.tier.hw_classes for name in CLASS_CODES], dtype=bool)
-        return np.asarray(~allowed[cols.col(C_CLASS).astype(np.int64)])
+        bandwidth, tflops = cols.col(C_TIER_BW), cols.col(C_TIER_TFLOPS)
+        return np.asarray(~((bandwidth >= ctx.tier.min_bandwidth_gbs) & (tflops >= ctx.tier.min_fp16_tflops)))
 
     def reason(self, ctx: Context, cols: Columns, j: int) -> str:
-        allows = ", ".join(sorted(ctx.tier.hw_classes))
-        return f"tier {ctx.tier.name} allows {allows}; node is {cols.nodes[j].static.hw_class}"
+        static = cols.nodes[j].static
+        card = static.priced
+        if card is None:
+            return f"{ctx.tier.describe()}; the node's card is unknown"
+        shown = f"{card.bandwidth_gbs:.0f} GB/s and {card.fp16_tflops:.1f} TFLOPS"
+        why = " (re-classed: " + static.card.evidence + ")" if static.card and static.card.misrepresented else ""
+        return f"{ctx.tier.describe()}; node's {card.name} ({static.hw_class}) has {shown}{why}"
 
 
 @register(FILTERS, "throughput-floor")

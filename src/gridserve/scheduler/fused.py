@@ -28,7 +28,7 @@ from gridserve.scheduler import filters as F
 from gridserve.scheduler import scorers as S
 from gridserve.scheduler.context import Context
 from gridserve.scheduler.profile import Profile
-from gridserve.scheduler.snapshot import CLASS_CODES, N_COLUMNS, N_MODEL_COLUMNS
+from gridserve.scheduler.snapshot import N_COLUMNS, N_MODEL_COLUMNS
 
 Array = npt.NDArray[np.float64]
 Kernel = Callable[..., None]
@@ -126,7 +126,6 @@ class Result:
 def run(kernel: Kernel, the_plan: Plan, ctx: Context, rows: Array, model_rows: Array) -> Result:
     assert ctx.model is not None
     req = ctx.request
-    allowed = np.array([name in ctx.tier.hw_classes for name in CLASS_CODES], dtype=np.bool_)
     ceiling = req.max_price_per_mtok
     scalars = np.array(
         [
@@ -140,6 +139,8 @@ def run(kernel: Kernel, the_plan: Plan, ctx: Context, rows: Array, model_rows: A
             math.nan if ceiling is None else float(ceiling),
             ctx.tier.reference_price_per_mtok,
             *roofline.moe_terms(ctx.model),
+            ctx.tier.min_bandwidth_gbs,
+            ctx.tier.min_fp16_tflops,
         ]
     )
     n, k = len(rows), len(the_plan.scorer_codes)
@@ -150,7 +151,6 @@ def run(kernel: Kernel, the_plan: Plan, ctx: Context, rows: Array, model_rows: A
         np.ascontiguousarray(rows),
         np.ascontiguousarray(model_rows),
         scalars,
-        allowed,
         the_plan.filter_codes,
         the_plan.filter_params,
         the_plan.scorer_codes,
@@ -174,8 +174,7 @@ def compile_kernel() -> Kernel:
     decide(
         np.zeros((1, N_COLUMNS)),
         np.zeros((1, N_MODEL_COLUMNS)),
-        np.zeros(9),
-        np.zeros(len(CLASS_CODES), dtype=np.bool_),
+        np.zeros(14),
         np.zeros(1, dtype=np.int64),
         np.zeros(1),
         np.zeros(1, dtype=np.int64),

@@ -7,7 +7,8 @@ import math
 from array import array
 from dataclasses import InitVar, dataclass, field
 
-from gridserve.catalog.hardware import HARDWARE, HardwareSpec
+from gridserve.catalog.claims import CardView, card_view
+from gridserve.catalog.hardware import HardwareSpec
 from gridserve.catalog.models import DTYPE_BYTES, MODELS, QUANT_BYTES_PER_PARAM
 from gridserve.perfmodel import Calibration, derived_price_per_mtok, effective_price_per_mtok
 from gridserve.perfmodel.calibration import TYPICAL_OUTPUT_TOKENS
@@ -51,8 +52,10 @@ PRICE_DTYPES = frozenset({"float16", "bfloat16", "float32", "fp8"})
     C_REL_VETTED,
     C_CAL_OUT,
     C_INTERLEAVED,
-) = range(27)
-N_COLUMNS = 27
+    C_TIER_BW,
+    C_TIER_TFLOPS,
+) = range(29)
+N_COLUMNS = 29
 # Column indexes of NodeStatic.model_row
 (
     M_LISTED,
@@ -79,6 +82,7 @@ class NodeStatic:
     """Facts derived once per capability document (not per decision)."""
 
     hw: HardwareSpec | None
+    """The card predictions use (catalog/claims.py: the claimed card at its measured figures)."""
     hw_class: str
     offers: dict[str, ModelOffer]
     loadable: frozenset[str]
@@ -87,19 +91,31 @@ class NodeStatic:
     """Its engine runs requests token by token in turn (`Capability.interleaved`): no queue behind batch slots."""
     source: Capability | None = None
     model_rows: dict[str, bytes] = field(default_factory=dict)
+    card: CardView | None = None
+    """The card as claimed, measured and observed; its `priced` card sets the class, tier figures and price."""
+    tier_card: HardwareSpec | None = None
+    """Whose figures the tier floors read, when not the priced card's (a pipeline: its weakest stage's)."""
+
+    @property
+    def priced(self) -> HardwareSpec | None:
+        return self.card.priced if self.card is not None else self.hw
 
     @classmethod
-    def of(cls, capability: Capability) -> "NodeStatic":
-        hw = HARDWARE.get(capability.hardware.accelerator)
+    def of(cls, capability: Capability, observed_gap: float = 1.0, observed_evidence: str = "") -> "NodeStatic":
+        """`observed_gap`: how much slower than its measured card its answers showed it (the registry's claims
+        check, gateway/registry/claims.py); 1.0 until judged."""
+        card = card_view(capability.hardware, observed_gap, observed_evidence)
+        hw = card.hw if card is not None else None
         memory = capability.hardware.memory_bytes or (int(hw.memory_gib * 2**30) if hw else 0)
         return cls(
             hw=hw,
-            hw_class=hw.hw_class if hw else "unknown",
+            hw_class=card.priced.hw_class if card is not None else "unknown",
             offers={offer.name: offer for offer in capability.models if offer.layers is None},  # not stages
             loadable=frozenset(capability.loadable_models),
             memory_bytes=memory,
             interleaved=capability.interleaved,
             source=capability,
+            card=card,
         )
 
     def model_row(self, model: str) -> bytes:
@@ -153,7 +169,7 @@ class NodeStatic:
         throughput, the operator's price clamped to a band around it (NaN: unknown)."""
         spec, offer = MODELS.get(model), self.offers.get(model)
         operator = self.source.price_per_mtok if self.source is not None else 0.0
-        hw = self.hw
+        hw = self.priced
         if spec is None or hw is None:
             return operator or math.nan
         dtype = offer.dtype if offer else "float16"
@@ -199,7 +215,7 @@ def row_values(
     """A node's C_* columns from plain values: what a snapshot of it would carry as its `row`, for a keeper of
     rows (the gateway's registry) that does not build a snapshot per change. `reliability`: (state value, score,
     is_new, vetted) of its summary, None without one (a node without a summary is not vetted: no record yet)."""
-    hw = static.hw
+    hw, tier = static.hw, static.tier_card or static.priced
     nan = math.nan
     rel_state = reliability[0] if reliability is not None else None
     return (
@@ -230,6 +246,8 @@ def row_values(
         float(reliability is not None and reliability[3]),
         calibration.output_tokens if calibration else TYPICAL_OUTPUT_TOKENS,
         float(static.interleaved),
+        tier.bandwidth_gbs if tier else nan,
+        tier.fp16_tflops if tier else nan,
     )
 
 

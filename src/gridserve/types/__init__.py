@@ -3,9 +3,11 @@
 from gridserve.types.base import Strict
 from gridserve.types.node import (
     Capability,
+    DeviceFigures,
     GpuInfo,
     HardwareInfo,
     LayerRange,
+    MeasuredFigures,
     ModelOffer,
     NodeError,
     NodeId,
@@ -29,11 +31,13 @@ from gridserve.types.wire import (
 __all__ = [
     "Capability",
     "ChatMessage",
+    "DeviceFigures",
     "GenerateRequest",
     "GpuInfo",
     "HardwareInfo",
     "HeartbeatPayload",
     "LayerRange",
+    "MeasuredFigures",
     "ModelOffer",
     "NodeError",
     "NodeId",

@@ -51,6 +51,41 @@ class GpuInfo(Strict):
     driver: Name = ""
 
 
+Vendor = Literal["nvidia", "amd", "apple", "other"]
+
+
+class DeviceFigures(Strict):
+    """A card as its driver describes it (NVML, amdsmi): enough to derive its bandwidth, FLOPs and dtypes when its
+    name is in no table (catalog/derive.py)."""
+
+    name: Name
+    vendor: Vendor = "nvidia"
+    memory_bytes: Count
+    memory_bus_width_bits: int = Field(ge=1, le=65536)
+    memory_clock_mhz: float = Field(gt=0.0, le=100_000.0, allow_inf_nan=False)
+    """The maximum memory clock as the driver reports it (NVML's NVML_CLOCK_MEM): bandwidth is bus width / 8 x this
+    clock x 2 (two transfers a reported clock, for GDDR and HBM alike as NVML reports them)."""
+    sm_count: int = Field(ge=1, le=100_000)
+    """Streaming multiprocessors (NVIDIA) or compute units (AMD)."""
+    sm_clock_mhz: float = Field(gt=0.0, le=100_000.0, allow_inf_nan=False)
+    """The maximum (boost) shader clock."""
+    compute_capability: Name = ""
+    """NVIDIA's major.minor (e.g. "8.9"), or AMD's gfx target (e.g. "gfx942")."""
+
+
+class MeasuredFigures(Strict):
+    """What the node's micro-benchmark measured when it started (node/microbench.py), signed with its capability."""
+
+    bandwidth_gbs: Rate
+    """Device memory copy: bytes read plus bytes written per second, GB/s."""
+    tflops: dict[Name, Rate] = Field(default_factory=dict, max_length=MAX_ITEMS)
+    """Dense matmul throughput per dtype measured (float16, bfloat16, float32, fp8...), TFLOPS."""
+    seconds: Rate = 0.0
+    """How long the benchmark ran."""
+    device: Name = ""
+    """What it ran on ("cuda:0", "cpu")."""
+
+
 class HardwareInfo(Strict):
     """Detected (or, for emulated nodes, advertised) hardware."""
 
@@ -61,6 +96,12 @@ class HardwareInfo(Strict):
     ram_bytes: Count = 0
     gpus: tuple[GpuInfo, ...] = Field((), max_length=MAX_ITEMS)
     memory_bytes: Count = Field(0, description="memory available to the engine for weights + KV cache")
+    device: DeviceFigures | None = None
+    """The card as its driver describes it; the gateway derives its figures from it when `accelerator` names no card
+    it knows (catalog/derive.py)."""
+    measured: MeasuredFigures | None = None
+    """The micro-benchmark's figures: the performance model starts from them, and the gateway checks the claimed
+    card against them (gateway/registry/claims.py)."""
 
 
 class LayerRange(Strict):

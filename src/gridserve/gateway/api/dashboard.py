@@ -136,7 +136,9 @@ def _static(name: str) -> bytes:
 def add_dashboard_routes(app: FastAPI, gw: "Gateway") -> None:
     def node_hardware(node_id: str) -> Hardware:
         record = gw.membership.nodes.get(NodeId(node_id))
-        return hardware_of(record.capability.hardware.accelerator if record else None)
+        if record is None:
+            return hardware_of(None)
+        return Hardware(record.capability.hardware.accelerator, record.static.hw_class)
 
     @app.get("/dashboard", include_in_schema=False)
     async def dashboard() -> Response:

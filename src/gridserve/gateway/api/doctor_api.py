@@ -6,8 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from gridserve.catalog import hardware_spec, model_spec
-from gridserve.catalog.hardware import UnknownHardware
+from gridserve.catalog import model_spec
 from gridserve.catalog.models import UnknownModel
 from gridserve.diagnostics.doctor import NodeView, RequestTiming, diagnose
 from gridserve.gateway.api.errors import APIError, bad_request
@@ -24,10 +23,10 @@ def _roofline(record: NodeRecord, model: str) -> tuple[float | None, float | Non
     """Uncalibrated (TTFT, ITL) of a 128-token prompt on the node's hardware, when the catalogue knows both."""
     offer = next((o for o in record.capability.models if o.name == model), None)
     try:
-        spec, hw = model_spec(model), hardware_spec(record.capability.hardware.accelerator)
-    except (UnknownModel, UnknownHardware):
+        spec, hw = model_spec(model), record.static.hw
+    except UnknownModel:
         return None, None
-    if offer is None:
+    if offer is None or hw is None:
         return None, None
     pred = predict(spec, hw, prompt_tokens=128, dtype=offer.dtype, quantization=offer.quantization)
     return pred.ttft_s, pred.itl_s

@@ -16,6 +16,7 @@ derived from its stages, so the scheduler's performance model predicts the chain
 """
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from gridserve.catalog.hardware import HARDWARE, HardwareSpec
 from gridserve.catalog.models import DTYPE_BYTES, ModelSpec
@@ -82,7 +83,8 @@ def pipeline_snapshot(
 ) -> NodeSnapshot:
     """The chain (its stage nodes' `records`, in order) as one virtual node for the scheduler."""
     offers = [next(o for o in rec.capability.models if o.name == spec.name and o.layers is not None) for rec in records]
-    cards = [HARDWARE.get(rec.capability.hardware.accelerator, UNKNOWN_CARD) for rec in records]
+    cards = [rec.static.hw or UNKNOWN_CARD for rec in records]
+    priced = [rec.static.priced or UNKNOWN_CARD for rec in records]
     first = offers[0]
     offer = ModelOffer(
         name=spec.name,
@@ -109,6 +111,11 @@ def pipeline_snapshot(
         loadable=frozenset(),
         memory_bytes=capability.hardware.memory_bytes or 0,
         source=capability,
+        tier_card=replace(
+            hw,
+            bandwidth_gbs=min(card.bandwidth_gbs for card in priced),
+            fp16_tflops=min(card.fp16_tflops for card in priced),
+        ),
     )
     summaries = [book.summary(rec.capability.node_id, now) for rec in records]
     probation = any(rec.state == NodeState.PROBATION for rec in records)

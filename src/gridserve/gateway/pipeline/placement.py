@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from gridserve.catalog.hardware import HARDWARE
 from gridserve.catalog.models import MODELS
 from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
@@ -98,7 +97,7 @@ class Placement:
         rtt: dict[str, float] = {str(r.capability.node_id): (r.rtt_ms or 1.0) / 1e3 for r in nodes}
         plan_nodes = []
         for r in nodes:
-            hw = HARDWARE.get(r.capability.hardware.accelerator, UNKNOWN_CARD)
+            hw = r.static.hw or UNKNOWN_CARD
             memory = r.capability.hardware.memory_bytes
             plan_nodes.append(
                 PlanNode.of(r.capability.node_id, hw, memory_bytes=memory * USABLE_MEMORY if memory else None)

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gridserve.catalog.hardware import HARDWARE
 from gridserve.catalog.models import DTYPE_BYTES, MODELS
 from gridserve.diagnostics.pipeline_doctor import diagnose_run
 from gridserve.engines.text import IncrementalDecoder, StopMatcher
@@ -109,7 +108,7 @@ class Pipelines:
         measured = self.layer_s.get(record.capability.node_id)
         if measured is not None:
             return rtt + measured * layers
-        spec, hw = MODELS.get(offer.name), HARDWARE.get(record.capability.hardware.accelerator)
+        spec, hw = MODELS.get(offer.name), record.static.hw
         if spec is None or hw is None:
             return rtt + 0.01 * layers
         dtype = offer.dtype if offer.dtype in DTYPE_BYTES else "float16"

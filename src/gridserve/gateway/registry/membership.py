@@ -277,9 +277,17 @@ class Membership:
         `fresh_ttft_s` is the TTFT of a segment that did not resume another node's work (None otherwise);
         `service`, (uncalibrated predicted, observed) TTFT without the queue wait, calibrates where given."""
         observed = JobObserved(
-            node_id, ttft_s, raw_predicted_ttft_s, fresh_ttft_s, raw_predicted_itl_s, itl_s, service, completion_tokens
+            node_id,
+            ttft_s,
+            raw_predicted_ttft_s,
+            fresh_ttft_s,
+            raw_predicted_itl_s,
+            itl_s,
+            service,
+            completion_tokens,
+            at=self.clock(),
         )
-        self.registry.apply(observed)
+        self.apply(observed)  # its calibration may settle the node's claim (an incident to write)
 
     def answered_for_another(self, node_id: NodeId, why: str) -> None:
         """The node's endpoint answered a probe's challenge as another identity (or as none): the identity claims
@@ -420,7 +428,33 @@ class Membership:
                 "itl_factor": round(record.calibration.itl_factor, 4),
                 "samples": record.calibration.samples,
             },
+            "card": _card_dict(record),
         }
+
+
+def _card_dict(record: NodeRecord) -> dict[str, Any] | None:
+    """The card as claimed and as the gateway serves, classes and prices it (catalog/claims.py)."""
+    card = record.static.card
+    if card is None:
+        return None
+
+    def figures(hw: Any) -> dict[str, Any]:
+        return {
+            "name": hw.name,
+            "class": hw.hw_class,
+            "bandwidth_gbs": round(hw.bandwidth_gbs, 1),
+            "fp16_tflops": round(hw.fp16_tflops, 2),
+            "memory_gib": round(hw.memory_gib, 2),
+        }
+
+    return {
+        "claimed": figures(card.claimed),
+        "predicted": figures(card.hw),
+        "priced": figures(card.priced),
+        "claim": record.claim,
+        "gap": round(card.gap, 3),
+        "evidence": card.evidence,
+    }
 
 
 def _summary_dict(summary: Any) -> dict[str, Any]:

@@ -107,6 +107,12 @@ class NodeRecord:
     """When this capability was registered (by this gateway or, on a shared database, another)."""
     via: str | None = None
     """The other gateway this node registered with (None: this one)."""
+    claim: str = "judging"
+    """Whether its card is what it claims: "judging" (too few answers yet), "held" or "misrepresented"
+    (gateway/registry/claims.py)."""
+    claim_gap: float = 1.0
+    """How much slower than its measured card its first answers showed it (its static card is re-classed by it)."""
+    claim_evidence: str = ""
 
     def __post_init__(self) -> None:
         if self.static is None or self.static.source is not self.capability:

@@ -14,11 +14,14 @@ kept: what the registry holds per node between events is plain values the cyclic
 """
 
 import contextlib
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
+from gridserve.gateway.registry import claims
+from gridserve.gateway.registry.claims import MISREPRESENTED
 from gridserve.gateway.registry.events import (
     AdminAction,
     Event,
@@ -54,7 +57,7 @@ from gridserve.reliability import (
     Transition,
 )
 from gridserve.reliability.book import ReliabilitySummary, SummaryRow
-from gridserve.scheduler import NodeSnapshot
+from gridserve.scheduler import NodeSnapshot, NodeStatic
 from gridserve.scheduler.baselines import ewma
 from gridserve.scheduler.snapshot import C_ACTIVE, C_OUTSTANDING, row_values
 from gridserve.scheduler.table import SnapshotTable
@@ -116,6 +119,8 @@ class NodeRegistry:
         self._nodes: dict[NodeId, NodeRecord] = {}
         self._counts = dict.fromkeys(NodeState, 0)
         """Nodes per membership state (kept by every change of state)."""
+        self._offences: dict[str, int] = {}
+        """Capability misrepresentations found per node (a second follows the severe-incident path)."""
         self._summaries: dict[str, SummaryRow] = {}
         """Each node's reliability summary as of its latest event, packed (what its row and snapshot carry)."""
         self.table = SnapshotTable(build=self._snapshot)
@@ -184,17 +189,53 @@ class NodeRegistry:
                 rtt_ms=previous.rtt_ms,
             )
         self.book.add_node(node_id, e.registered_at)
+        effects = Effects()
+        self._claim_at_registration(effects, record, previous, e)
         self._nodes[node_id] = record
         self._counts[record.state] += 1
         if previous is not None:
             self._counts[previous.state] -= 1
-        effects = Effects()
         if e.via is None:
             self._transition(effects, record, NodeState.UP, "registered", e.at)
         elif e.at - e.last_seen <= self.timing.suspect_after_s:
             self._transition(effects, record, NodeState.UP, f"registered through gateway {e.via}", e.at)
         self._refresh(record, e.at)
         return effects
+
+    def _claim_at_registration(
+        self, effects: Effects, record: NodeRecord, previous: NodeRecord | None, e: Registered
+    ) -> None:
+        """The same card registered again keeps its verdict; a card its micro-benchmark shows far slower than
+        claimed is a misrepresentation (recorded by the gateway it registered with)."""
+        if previous is not None and previous.capability.hardware == record.capability.hardware:
+            assign(record, claim=previous.claim, claim_gap=previous.claim_gap, claim_evidence=previous.claim_evidence)
+            if previous.claim_gap != 1.0:
+                assign(record, static=NodeStatic.of(record.capability, previous.claim_gap, previous.claim_evidence))
+            return
+        card = record.static.card
+        if card is None or not card.misrepresented:
+            return
+        assign(record, claim=MISREPRESENTED)
+        if e.via is None:
+            self._misrepresented(effects, record.capability.node_id, card.evidence, e.at)
+
+    def _misrepresented(self, effects: Effects, node_id: NodeId, evidence: str, at: float) -> None:
+        repeat = self._offences.get(node_id, 0) > 0
+        self._offences[node_id] = self._offences.get(node_id, 0) + 1
+        self._note(effects, claims.incident(node_id, evidence, at, repeat=repeat))
+
+    def _judge_claim(self, effects: Effects, record: NodeRecord, at: float) -> None:
+        """Once enough answers are in: the claim holds, or the node is re-classed at the speed it showed."""
+        tele = record.telemetry_row
+        verdict = claims.judge(record.static.card, record.calibration, tele[_CLOCK] if tele is not None else None)
+        if verdict.claim == claims.JUDGING:
+            return
+        if verdict.claim == claims.HELD:
+            assign(record, claim=claims.HELD)
+            return
+        static = NodeStatic.of(record.capability, verdict.gap, verdict.evidence)
+        assign(record, claim=MISREPRESENTED, claim_gap=verdict.gap, claim_evidence=verdict.evidence, static=static)
+        self._misrepresented(effects, record.capability.node_id, verdict.evidence, at)
 
     # -- liveness --------------------------------------------------------------------------------------------------
     def _heartbeat(self, e: HeartbeatSeen) -> Effects:
@@ -354,8 +395,11 @@ class NodeRegistry:
                 output_tokens=e.completion_tokens,
             )
             assign(record, calibration=calibration)
+        effects = Effects()
+        if record.claim == claims.JUDGING:
+            self._judge_claim(effects, record, e.at or time.time())
         self._refresh(record, None)
-        return Effects()
+        return effects
 
     # -- reliability -------------------------------------------------------------------------------------------------
     def _noted(self, e: Noted) -> Effects:
