@@ -203,6 +203,9 @@ def test_plan_and_simulate_serve_a_model_read_from_its_config(tmp_path: Path) ->
     summary = json.loads((out / "report.json").read_text())
     assert summary["model"] == "Qwen3-30B-A3B"
     assert summary["policies"][0]["share_by_hardware"] and "t4" not in summary["policies"][0]["share_by_hardware"]
+    t4 = next(c for c in summary["cards"] if c["card"] == "t4")
+    assert not t4["serves"] and t4["reason"].startswith("does not fit even at q4_k_m: needs 17.4 GiB, has 16 GiB")
+    assert "## Cards" in (out / "summary.md").read_text()
 
 
 def test_a_bad_model_config_is_one_readable_line(tmp_path: Path) -> None:

@@ -121,6 +121,8 @@ def test_simulate_cli_writes_report_summary_and_plots(tmp_path: Path) -> None:
     assert [p["policy"] for p in report["policies"]] == ["default", "round-robin", "least-loaded"]
     assert all(keys <= p.keys() for p in report["policies"])
     assert (out / "summary.md").read_text().startswith("# Simulation")
+    assert "## Cards" in (out / "summary.md").read_text()
+    assert {c["card"] for c in report["cards"] if c["serves"]} >= set(report["policies"][0]["share_by_hardware"])
     for png in ("attainment_vs_load.png", "ttft_cdf.png", "traffic_by_hardware.png"):
         assert (out / png).stat().st_size > 1000
     bad = subprocess.run(

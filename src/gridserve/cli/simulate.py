@@ -51,6 +51,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         from gridserve.catalog.models import UnknownModel, register_config
         from gridserve.scheduler import ProfileError, named_profile
         from gridserve.sim import report as rep
+        from gridserve.sim.cards import cards_section
         from gridserve.sim.engine import SimConfig
         from gridserve.sim.grid import DECENTRALIZED_MIX, model_for_trace
         from gridserve.sim.trace import TraceError, load_trace, prefix_ceiling
@@ -123,7 +124,9 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
             "straggler_share": config.straggler_share,
             "thermal_per_hour": config.thermal_per_hour,
         }
-        rep.write(entries, runs, out, header)
+        served = {policy: run.outcomes for policy, run in rep.runs_at(runs, load).items()}
+        cards = cards_section(config, served)
+        rep.write(entries, runs, out, header, cards)
         table = Table(title=f"{nodes} nodes, load {load} ({capacity * load:.1f} req/s)")
         columns = (
             "policy",
@@ -152,6 +155,8 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
                 str(e["dishonest_tokens"]),
             )
         console.print(table)
+        for card_table in _cards_tables(cards, config.model, load):
+            console.print(card_table)
         console.print(f"report: {out / 'report.json'}, {out / 'summary.md'}, plots in {out}")
 
 
@@ -176,3 +181,40 @@ def _mix_holding(model: str, console: Console) -> dict[str, float]:
     if left_out:
         console.print(f"{model} does not fit on {', '.join(left_out)} even at q4_k_m: simulated without them")
     return mix
+
+
+def _cards_tables(cards: list[dict[str, Any]], model: str, load: float) -> list[Table]:
+    """The report's cards section, compact: each card of the default mix, whether it serves `model` and why, its
+    predicted speed and price and its share of the nodes; then per policy the share of the served requests each
+    serving card finished at `load`."""
+    from rich.markup import escape
+
+    fit = Table(
+        title=f"cards for {model}",
+        caption="why: the widest precision whose weights (every parameter) fit in memory less the KV reserve; "
+        "read/token: weight bytes a decoded token streams; ITL full: every batch slot busy",
+    )
+    for column in ("card", "serves", "why", "read/token GB", "tok/s batch 1", "ITL full ms", "$/Mtok", "nodes"):
+        fit.add_column(column)
+    for c in cards:
+        ok = c["serves"]
+        fit.add_row(
+            c["card"],
+            "yes" if ok else "[red]no[/]",
+            escape(c["reason"]),
+            f"{c['bytes_per_token'] / 1e9:.2f}" if ok else "-",
+            f"{c['decode_tokens_per_s']:.0f}" if ok else "-",
+            f"{c['itl_full_batch_s'] * 1e3:.1f}" if ok else "-",
+            f"{c['price_per_mtok']:.3f}" if ok else "-",
+            f"{c['node_share']:.0%}",
+        )
+    serving = [c for c in cards if c["serves"]]
+    policies = list(dict.fromkeys(p for c in serving for p in c["served"]))
+    if not policies:
+        return [fit]
+    traffic = Table(title=f"requests served per card at load {load}")
+    for column in ("policy", *(c["card"] for c in serving)):
+        traffic.add_column(column)
+    for policy in policies:
+        traffic.add_row(policy, *(f"{c['served'][policy]['requests']:.0%}" for c in serving))
+    return [fit, traffic]

@@ -28,7 +28,8 @@ from gridserve.types import DeviceFigures, GenerateRequest, HardwareInfo, Measur
 from gridserve.types.wire import LOGPROBS_FEATURE, SAMPLING_FEATURES
 
 log = logging.getLogger("gridserve.node")
-_PLACEMENTS = (("float16", "none"), ("float16", "q8_0"), ("float16", "q4_k_m"))
+PLACEMENTS = (("float16", "none"), ("float16", "q8_0"), ("float16", "q4_k_m"))
+"""The (dtype, quantization) an emulated card places a model at, widest first (sim/cards.py explains with them)."""
 TEXT_PROMPT_CHARS = 1024
 TEXT_MAX_TOKENS = 2048
 """The tiny text source sees at most the last 1,024 characters of each message and writes at most
@@ -74,10 +75,10 @@ class FixedTimings:
 def placement_for(model: ModelSpec, hw: HardwareSpec) -> tuple[str, str]:
     """The widest (dtype, quantization) whose weights fit in the device with a KV reserve."""
     budget = hw.memory_gib * 2**30 * (1 - KV_RESERVE)
-    for dtype, quant in _PLACEMENTS:
+    for dtype, quant in PLACEMENTS:
         if model.weight_bytes(dtype, quant) <= budget:
             return dtype, quant
-    need = model.weight_bytes(*_PLACEMENTS[-1]) / 2**30
+    need = model.weight_bytes(*PLACEMENTS[-1]) / 2**30
     raise EmulationError(
         f"{model.name} does not fit on {hw.name}: needs {need:.1f} GiB even at q4_k_m, has {hw.memory_gib:.0f} GiB"
     )
@@ -89,7 +90,7 @@ def _placement_or_smallest(model: ModelSpec, hw: HardwareSpec) -> tuple[str, str
         return placement_for(model, hw)
     except EmulationError as exc:
         log.warning("%s; advertising it anyway at the smallest quantization", exc)
-        return _PLACEMENTS[-1]
+        return PLACEMENTS[-1]
 
 
 class EmulatedEngine:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gridserve.catalog import model_spec
 from gridserve.scheduler import named_profile
+from gridserve.sim.cards import markdown as card_lines
 from gridserve.sim.engine import Outcome, SimConfig, Simulation
 from gridserve.sim.grid import grid_capacity_rps
 from gridserve.sim.trace import TraceRequest, scaled
@@ -115,11 +117,18 @@ def _bracket(runs: Sequence[Run], config: SimConfig) -> tuple[float, float] | No
     return None if last == len(curve) - 1 else (curve[last][0], curve[last + 1][0])
 
 
+def runs_at(runs: Sequence[Run], load: float) -> dict[str, Run]:
+    """Each policy's run at the load tried nearest `load` (the one the report's figures are for), in policy order."""
+    return {
+        policy: min((r for r in runs if r.policy == policy), key=lambda r: (abs(r.load - load), r.load))
+        for policy in dict.fromkeys(r.policy for r in runs)
+    }
+
+
 def report(runs: Sequence[Run], config: SimConfig, load: float, capacity: float) -> list[dict[str, Any]]:
     entries = []
-    for policy in dict.fromkeys(r.policy for r in runs):
+    for policy, at in runs_at(runs, load).items():
         mine = sorted((r for r in runs if r.policy == policy), key=lambda r: r.load)
-        at = min(mine, key=lambda r: abs(r.load - load))
         measured = [metrics(r.outcomes, config) for r in mine]
         curve = [(r.load, r.rate_rps, m["slo_attainment"]) for r, m in zip(mine, measured, strict=True)]
         good = _goodput(curve)
@@ -148,9 +157,18 @@ def _goodput(curve: Sequence[tuple[float, float, float]], threshold: float = GOO
     return max((rate for _, rate, attained in curve if attained >= threshold), default=0.0)
 
 
-def write(entries: list[dict[str, Any]], runs: Sequence[Run], out: Path, header: dict[str, Any]) -> None:
+def write(
+    entries: list[dict[str, Any]],
+    runs: Sequence[Run],
+    out: Path,
+    header: dict[str, Any],
+    cards: Sequence[dict[str, Any]] = (),
+) -> None:
+    """report.json (the header, a "policies" list and, when given, the "cards" list of `sim.cards.cards_section`),
+    summary.md (the policy table, then the cards table) and the plots."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({**header, "policies": entries}, indent=2))
+    body = {**header, "policies": entries} | ({"cards": list(cards)} if cards else {})
+    (out / "report.json").write_text(json.dumps(body, indent=2))
     lines = [
         f"# Simulation: {header['nodes']} nodes, {header['requests']} requests, load {header['load']}",
         "",
@@ -176,6 +194,8 @@ def write(entries: list[dict[str, Any]], runs: Sequence[Run], out: Path, header:
             f"{e['failed']} | {e['retried']} | "
             f"{e['dishonest_tokens']} | {e['cost_per_mtok']} |"
         )
+    if cards:
+        lines += ["", *card_lines(cards, model_spec(header["model"]), header["load"])]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     _plots(entries, runs, out, header)
 
