@@ -5,10 +5,13 @@ perfect sync (never over) and with none (at most (G-1) x rpm over)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gridserve.gateway.tenancy import limits
 from gridserve.gateway.tenancy.keys import ApiKey, KeyPolicy, digest
 from gridserve.gateway.tenancy.limits import WINDOW_S, Counts, Limiter, OverLimit, _duration
 
@@ -339,6 +342,78 @@ def test_others_per_minute_counts_end_with_their_window_but_totals_carry_on() ->
     with pytest.raises(OverLimit) as refused:  # one in flight here, one there
         limiter.admit(key, 0)
     assert refused.value.code == "concurrency_limit_exceeded"
+
+
+# -- every refusal's message and headers --------------------------------------------------------------------------
+
+
+def refusal(limiter: Limiter, key: ApiKey, tokens: int = 0) -> OverLimit:
+    with pytest.raises(OverLimit) as refused:
+        limiter.admit(key, tokens)
+    return refused.value
+
+
+def test_each_refusal_says_exactly_why_with_the_headers_as_they_stood() -> None:
+    """Each limit's 429, message and headers to the byte, the budget's first; refusing counts nothing."""
+    limiter = Limiter(Clock(W0 + 20.0))
+    key = a_key(rpm=2, tpm=100, max_concurrency=1, budget_usd=1.0)
+    stood = {
+        "x-ratelimit-limit-requests": "2",
+        "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "40s",
+        "x-ratelimit-limit-tokens": "100",
+        "x-ratelimit-remaining-tokens": "70",
+        "x-ratelimit-reset-tokens": "40s",
+    }
+    held = limiter.admit(key, 30)
+    assert headers(held.headers) == stood
+
+    busy = refusal(limiter, key)
+    assert busy.message == "Key 'key k1' has 1 requests in flight, its limit."
+    assert (busy.code, headers(busy.headers)) == ("concurrency_limit_exceeded", {"retry-after": "1", **stood})
+
+    held.charge(30, 0.0, failed=False)  # it used what it reserved
+    held.close()
+    too_big = refusal(limiter, key, 101)
+    assert too_big.message == (
+        "Rate limit reached for key 'key k1': 100 tokens per minute; this request alone needs 101 tokens (prompt and"
+        " max_tokens)."
+    )
+    assert (too_big.code, headers(too_big.headers)) == ("rate_limit_exceeded", {"retry-after": "40", **stood})
+    no_room = refusal(limiter, key, 71)
+    assert no_room.message == "Rate limit reached for key 'key k1': 100 tokens per minute; Try again in 40 s."
+    assert headers(no_room.headers) == {"retry-after": "40", **stood}
+
+    limiter.admit(key, 0).close()
+    rpm = refusal(limiter, key)
+    assert rpm.message == "Rate limit reached for key 'key k1': 2 requests per minute. Try again in 40 s."
+    assert rpm.code == "rate_limit_exceeded"
+    assert headers(rpm.headers) == {"retry-after": "40", **stood, "x-ratelimit-remaining-requests": "0"}
+
+    limiter.counts("k1").others.spent_usd = 1.0
+    spent = refusal(limiter, key)
+    assert spent.message == "Key 'key k1' has spent its budget (1.000000 of 1.0 USD)."
+    assert (spent.code, spent.type) == ("insufficient_quota", "insufficient_quota")
+    assert headers(spent.headers) == {**stood, "x-ratelimit-remaining-requests": "0"}, "no retry-after"
+    own = limiter.counts("k1").own
+    assert (own.requests, own.tokens, own.inflight) == (2, 30, 0), "refusals counted nothing"
+
+
+def test_headers_are_built_once_per_request_admitted_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[int] = []
+    real = limits._headers
+
+    def counting(*args: Any) -> list[tuple[bytes, bytes]]:
+        built.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(limits, "_headers", counting)
+    limiter = Limiter(Clock())
+    key = a_key(rpm=1)
+    limiter.admit(key, 0)
+    assert len(built) == 1, "an admission builds its answer's headers only"
+    refusal(limiter, key)
+    assert len(built) == 2, "a refusal builds its own"
 
 
 # -- static keys -------------------------------------------------------------------------------------------------

@@ -153,7 +153,6 @@ class Limiter:
 
     def admit(self, key: ApiKey, tokens: int) -> Admission:
         """Count a request reserving `tokens` against `key`, or raise OverLimit (nothing counted)."""
-        p = key.policy
         if key.static:  # --api-key keys: no limits, and no counts in the store
             return Admission(key, None, 0.0, 0)
         now = self.clock()
@@ -162,50 +161,45 @@ class Limiter:
         own, others = counts.own, counts.others
         own.roll(window)
         others.roll(window)
-        headers = _headers(key, own, others, window + WINDOW_S - now)
-        reset_s = max(1, math.ceil(window + WINDOW_S - now))
-        if p.budget_usd is not None and own.spent_usd + others.spent_usd >= p.budget_usd:
-            spent = own.spent_usd + others.spent_usd
-            raise OverLimit(
-                f"Key {key.name!r} has spent its budget ({spent:.6f} of {p.budget_usd} USD).",
-                code="insufficient_quota",
-                retry_after_s=None,
-                headers=headers,
-            )
-        if p.rpm is not None and own.requests + others.requests + 1 > p.rpm:
-            raise OverLimit(
-                f"Rate limit reached for key {key.name!r}: {p.rpm} requests per minute. Try again in {reset_s} s.",
-                code="rate_limit_exceeded",
-                retry_after_s=reset_s,
-                headers=headers,
-            )
-        if p.tpm is not None and own.tokens + others.tokens + tokens > p.tpm:
-            too_big = tokens > p.tpm
-            why = (
-                f"this request alone needs {tokens} tokens (prompt and max_tokens)"
-                if too_big
-                else f"Try again in {reset_s} s"
-            )
-            raise OverLimit(
-                f"Rate limit reached for key {key.name!r}: {p.tpm} tokens per minute; {why}.",
-                code="rate_limit_exceeded",
-                retry_after_s=reset_s,
-                headers=headers,
-            )
-        if p.max_concurrency is not None and own.inflight + others.inflight + 1 > p.max_concurrency:
-            raise OverLimit(
-                f"Key {key.name!r} has {p.max_concurrency} requests in flight, its limit.",
-                code="concurrency_limit_exceeded",
-                retry_after_s=CONCURRENCY_RETRY_S,
-                headers=headers,
-            )
+        reset_in_s = window + WINDOW_S - now
+        refused = _refusal(key, own, others, tokens, max(1, math.ceil(reset_in_s)))
+        if refused is not None:  # the headers as they stand, nothing counted
+            message, code, retry_after_s = refused
+            headers = _headers(key, own, others, reset_in_s)
+            raise OverLimit(message, code=code, retry_after_s=retry_after_s, headers=headers)
         own.requests += 1
         own.tokens += tokens
         own.inflight += 1
         counts.dirty = True
         admission = Admission(key, counts, window, tokens)
-        admission.headers = _headers(key, own, others, window + WINDOW_S - now)
+        admission.headers = _headers(key, own, others, reset_in_s)
         return admission
+
+
+def _refusal(key: ApiKey, own: Counts, others: Counts, tokens: int, reset_s: int) -> tuple[str, str, int | None] | None:
+    """(message, code, Retry-After seconds or None) for the first of `key`'s limits that a request reserving `tokens`
+    is over (the budget checked first); None when it is within them all."""
+    p = key.policy
+    spent = own.spent_usd + others.spent_usd
+    if p.budget_usd is not None and spent >= p.budget_usd:
+        message = f"Key {key.name!r} has spent its budget ({spent:.6f} of {p.budget_usd} USD)."
+        return message, "insufficient_quota", None
+    if p.rpm is not None and own.requests + others.requests + 1 > p.rpm:
+        message = f"Rate limit reached for key {key.name!r}: {p.rpm} requests per minute. Try again in {reset_s} s."
+        return message, "rate_limit_exceeded", reset_s
+    if p.tpm is not None and own.tokens + others.tokens + tokens > p.tpm:
+        too_big = tokens > p.tpm
+        why = (
+            f"this request alone needs {tokens} tokens (prompt and max_tokens)"
+            if too_big
+            else f"Try again in {reset_s} s"
+        )
+        message = f"Rate limit reached for key {key.name!r}: {p.tpm} tokens per minute; {why}."
+        return message, "rate_limit_exceeded", reset_s
+    if p.max_concurrency is not None and own.inflight + others.inflight + 1 > p.max_concurrency:
+        message = f"Key {key.name!r} has {p.max_concurrency} requests in flight, its limit."
+        return message, "concurrency_limit_exceeded", CONCURRENCY_RETRY_S
+    return None
 
 
 def _headers(key: ApiKey, own: Counts, others: Counts, reset_s: float) -> list[tuple[bytes, bytes]]:
