@@ -21,12 +21,7 @@ class KeyRequest(KeyPolicy):
 
 async def _key_request(request: Request) -> KeyRequest:
     try:
-        raw = orjson.loads(await request.body())
-        if isinstance(raw, dict) and isinstance(raw.get("models"), list):  # JSON has arrays, not tuples
-            raw["models"] = tuple(raw["models"])
-        if isinstance(raw, dict) and isinstance(raw.get("tiers"), list):
-            raw["tiers"] = tuple(raw["tiers"])
-        return KeyRequest.model_validate(raw)
+        return KeyRequest.model_validate(orjson.loads(await request.body()))
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"invalid body: a JSON object with at least `name` ({exc})") from exc
     except ValidationError as exc:

@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PREFIX = "gsk_"
 MAX_KEY_CHARS = 200
@@ -34,6 +34,12 @@ class KeyPolicy(BaseModel):
     models: tuple[str, ...] | None = Field(default=None, max_length=1000, description="models it may call")
     tiers: tuple[str, ...] | None = Field(default=None, max_length=10, description="tiers it may ask for")
     priority: Priority = Field(default="standard", description="class when requests queue")
+
+    @field_validator("models", "tiers", mode="before")
+    @classmethod
+    def _arrays(cls, value: Any) -> Any:
+        """JSON has arrays, not tuples: a list is taken as a tuple (its members still strictly strings)."""
+        return tuple(value) if isinstance(value, list) else value
 
 
 NO_LIMITS = KeyPolicy()
