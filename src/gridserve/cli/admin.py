@@ -1,6 +1,10 @@
-"""Admin commands: explain a decision, list incidents, quarantine and release nodes."""
+"""Admin commands: explain a decision, list incidents, quarantine and release nodes; and what the admin command
+groups (`keys`, `tokens`) share: `AdminCommands`."""
 
+import json
 import os
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +45,47 @@ def admin_call(
     return resp.json()
 
 
+def item_path(collection: str, item_id: str) -> str:
+    """`collection/item_id`, the id quoted as one path segment (`/admin/keys/<id>`)."""
+    return f"{collection}/{urllib.parse.quote(item_id, safe='')}"
+
+
+class AdminCommands:
+    """Admin API calls as commands make them: an error is the CLI's one-line error (`fail`: exit 2); and the shape
+    of the list and revoke commands of a group (`keys`, `tokens`)."""
+
+    def __init__(self, console: Console, fail: Callable[[str], Exception]) -> None:
+        self.console, self.fail = console, fail
+
+    def call(self, gateway: str, token: str | None, data_dir: Path, method: str, path: str, body: Any = None) -> Any:
+        try:
+            return admin_call(gateway, token, data_dir, method, path, body)
+        except AdminError as exc:
+            raise self.fail(str(exc)) from None
+
+    def show_list(
+        self,
+        gateway: str,
+        token: str | None,
+        data_dir: Path,
+        collection: str,
+        member: str,
+        table: Callable[[list[dict[str, Any]]], Table],
+        *,
+        as_json: bool,
+    ) -> None:
+        """GET `collection` and print its answer's `member` list: as JSON, or as `table` renders it."""
+        found = self.call(gateway, token, data_dir, "GET", collection)[member]
+        if as_json:
+            print(json.dumps(found, indent=2))
+            return
+        self.console.print(table(found))
+
+    def revoke(self, gateway: str, token: str | None, data_dir: Path, collection: str, item_id: str) -> Any:
+        """DELETE `collection/item_id`; the answer (what was revoked)."""
+        return self.call(gateway, token, data_dir, "DELETE", item_path(collection, item_id))
+
+
 def explain_tables(decision: dict[str, Any]) -> list[Table]:
     needs = Table(title=f"decision {decision['decision_id']}: requirements", show_header=False)
     for key, value in decision.get("requirements", {}).items():
@@ -73,6 +118,8 @@ def explain_tables(decision: dict[str, Any]) -> list[Table]:
 
 
 def register(app: typer.Typer, console: Console, fail: Any) -> None:
+    admin = AdminCommands(console, fail)
+
     @app.command()
     def explain(
         decision_id: str,
@@ -81,10 +128,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         data_dir: DataDirOpt = Path(".gridserve"),
     ) -> None:
         """Why that node? Render a decision: requirements, every node's verdict, the scores, the winner."""
-        try:
-            decision = admin_call(gateway, admin_token, data_dir, "GET", f"/v1/decisions/{decision_id}")
-        except AdminError as exc:
-            raise fail(str(exc)) from None
+        decision = admin.call(gateway, admin_token, data_dir, "GET", f"/v1/decisions/{decision_id}")
         for table in explain_tables(decision):
             console.print(table)
 
@@ -97,10 +141,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
     ) -> None:
         """List incidents and reliability state changes."""
         query = f"?node_id={node}" if node else ""
-        try:
-            found = admin_call(gateway, admin_token, data_dir, "GET", f"/admin/incidents{query}")
-        except AdminError as exc:
-            raise fail(str(exc)) from None
+        found = admin.call(gateway, admin_token, data_dir, "GET", f"/admin/incidents{query}")
         table = Table(title="incidents and state changes")
         for column in ("at", "node", "what", "detail"):
             table.add_column(column)
@@ -111,10 +152,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         console.print(table)
 
     def _action(verb: str, node: str, reason: str, gateway: str, token: str | None, data_dir: Path) -> None:
-        try:
-            result = admin_call(gateway, token, data_dir, "POST", f"/admin/nodes/{node}/{verb}", {"reason": reason})
-        except AdminError as exc:
-            raise fail(str(exc)) from None
+        result = admin.call(gateway, token, data_dir, "POST", f"/admin/nodes/{node}/{verb}", {"reason": reason})
         console.print(f"{node[:12]}: {result['state']}")
 
     @app.command()

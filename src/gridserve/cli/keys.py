@@ -2,7 +2,6 @@
 
 import json
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gridserve.cli.admin import AdminError, DataDirOpt, GatewayOpt, TokenOpt, admin_call
+from gridserve.cli.admin import AdminCommands, DataDirOpt, GatewayOpt, TokenOpt, item_path
 
 PRIORITY_HELP = "class when requests queue: interactive, standard or batch"
 
@@ -48,11 +47,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
     keys = typer.Typer(help="API keys: who may call the grid, with which limits, budget and priority.")
     app.add_typer(keys, name="keys")
 
-    def call(gateway: str, token: str | None, data_dir: Path, method: str, path: str, body: Any = None) -> Any:
-        try:
-            return admin_call(gateway, token, data_dir, method, path, body)
-        except AdminError as exc:
-            raise fail(str(exc)) from None
+    admin = AdminCommands(console, fail)
 
     @keys.command()
     def create(
@@ -80,7 +75,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
             "tiers": tier,
         }
         body.update({k: v for k, v in optional.items() if v is not None})
-        made = call(gateway, admin_token, data_dir, "POST", "/admin/keys", body)
+        made = admin.call(gateway, admin_token, data_dir, "POST", "/admin/keys", body)
         if as_json:
             print(json.dumps(made, indent=2))
             return
@@ -97,11 +92,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     ) -> None:
         """List API keys: limits, budget, models, priority and status (never the keys)."""
-        found = call(gateway, admin_token, data_dir, "GET", "/admin/keys")["keys"]
-        if as_json:
-            print(json.dumps(found, indent=2))
-            return
-        console.print(key_table(found))
+        admin.show_list(gateway, admin_token, data_dir, "/admin/keys", "keys", key_table, as_json=as_json)
 
     @keys.command()
     def revoke(
@@ -111,7 +102,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         data_dir: DataDirOpt = Path(".gridserve"),
     ) -> None:
         """Revoke an API key: every gateway of the grid refuses it within a second."""
-        gone = call(gateway, admin_token, data_dir, "DELETE", f"/admin/keys/{urllib.parse.quote(key_id, safe='')}")
+        gone = admin.revoke(gateway, admin_token, data_dir, "/admin/keys", key_id)
         console.print(f"API key {gone['id']} ({escape(gone['name'])}) revoked", highlight=False)
 
     @keys.command()
@@ -122,8 +113,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         data_dir: DataDirOpt = Path(".gridserve"),
     ) -> None:
         """A new secret for a key (same id, limits and usage); the old secret stops working within a second."""
-        path = f"/admin/keys/{urllib.parse.quote(key_id, safe='')}/rotate"
-        made = call(gateway, admin_token, data_dir, "POST", path)
+        made = admin.call(gateway, admin_token, data_dir, "POST", item_path("/admin/keys", key_id) + "/rotate")
         console.print(f"API key {made['id']} ({escape(made['name'])}) rotated; the new key, shown this once:")
         print(made["key"])
 
@@ -134,4 +124,4 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         data_dir: DataDirOpt = Path(".gridserve"),
     ) -> None:
         """Usage per key (JSON): what this gateway served, and each key's counts across the grid."""
-        print(json.dumps(call(gateway, admin_token, data_dir, "GET", "/admin/usage"), indent=2))
+        print(json.dumps(admin.call(gateway, admin_token, data_dir, "GET", "/admin/usage"), indent=2))

@@ -3,7 +3,6 @@
 import json
 import re
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from gridserve.cli.admin import AdminError, DataDirOpt, GatewayOpt, TokenOpt, admin_call
+from gridserve.cli.admin import AdminCommands, DataDirOpt, GatewayOpt, TokenOpt
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
@@ -46,11 +45,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
     tokens = typer.Typer(help="Join tokens: who may register a node with a gateway started with --join-tokens.")
     app.add_typer(tokens, name="tokens")
 
-    def call(gateway: str, token: str | None, data_dir: Path, method: str, path: str, body: Any = None) -> Any:
-        try:
-            return admin_call(gateway, token, data_dir, method, path, body)
-        except AdminError as exc:
-            raise fail(str(exc)) from None
+    admin = AdminCommands(console, fail)
 
     @tokens.command()
     def create(
@@ -71,7 +66,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
                 body["expires_in_s"] = parse_duration(expires_in)
             except ValueError as exc:
                 raise fail(str(exc)) from None
-        made = call(gateway, admin_token, data_dir, "POST", "/admin/tokens", body)
+        made = admin.call(gateway, admin_token, data_dir, "POST", "/admin/tokens", body)
         if as_json:
             print(json.dumps(made, indent=2))
             return
@@ -93,11 +88,7 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     ) -> None:
         """List join tokens: status, expiry, uses left and the nodes each admitted (never the tokens)."""
-        found = call(gateway, admin_token, data_dir, "GET", "/admin/tokens")["tokens"]
-        if as_json:
-            print(json.dumps(found, indent=2))
-            return
-        console.print(token_table(found))
+        admin.show_list(gateway, admin_token, data_dir, "/admin/tokens", "tokens", token_table, as_json=as_json)
 
     @tokens.command()
     def revoke(
@@ -107,5 +98,5 @@ def register(app: typer.Typer, console: Console, fail: Any) -> None:
         data_dir: DataDirOpt = Path(".gridserve"),
     ) -> None:
         """Revoke a join token: no node registers with it again (nodes on the grid stay until they re-register)."""
-        gone = call(gateway, admin_token, data_dir, "DELETE", f"/admin/tokens/{urllib.parse.quote(token_id, safe='')}")
+        gone = admin.revoke(gateway, admin_token, data_dir, "/admin/tokens", token_id)
         console.print(f"join token {gone['id']} revoked", highlight=False)
