@@ -1,11 +1,13 @@
 """The gateway's fair queue (gateway/tenancy/queue.py) driven by asyncio.run and a capacity we set: room up to the
 model's slots, classes in priority order, the batch share, deficit round robin among the keys of a class (and, as a
 property, its fairness bound), deadlines, cancellation, a full queue, `poke`; `SlotCount` over fake node records;
-and the queue through `Tenancy` over a real SQLite store."""
+the queue through `Tenancy` over a real SQLite store; and the shares and deadlines as the gateway's settings
+(`--queue-share`, `--queue-deadline`)."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,7 +19,15 @@ from hypothesis import strategies as st
 
 from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.tenancy import Tenancy
-from gridserve.gateway.tenancy.queue import RETRY_AFTER_S, UNLIMITED, FairQueue, SlotCount
+from gridserve.gateway.tenancy.queue import (
+    DEADLINES_S,
+    RETRY_AFTER_S,
+    SHARES,
+    UNLIMITED,
+    FairQueue,
+    SlotCount,
+    parse_class_values,
+)
 from gridserve.store import Store
 from gridserve.types import NodeState
 
@@ -520,3 +530,135 @@ def test_tenancy_a_queue_timeout_is_counted_as_a_refusal(tmp_path: Path) -> None
         assert t.queue.inflight[M] == 0
 
     run(main)
+
+
+# -- the shares and deadlines are the gateway's settings -------------------------------------------------------------
+
+
+def test_parse_class_values_takes_class_equals_number_the_last_of_a_class_winning() -> None:
+    assert parse_class_values("--queue-deadline", []) == {}
+    found = parse_class_values("--queue-deadline", ["interactive=5", " batch = 600 ", "batch=300", "standard=0.5"])
+    assert found == {"interactive": 5.0, "batch": 300.0, "standard": 0.5}
+    assert parse_class_values("--queue-share", ["batch=1", "standard=0.25"], at_most=1.0) == {
+        "batch": 1.0,
+        "standard": 0.25,
+    }
+
+
+@pytest.mark.parametrize(
+    ("flag", "item", "at_most", "says"),
+    [
+        ("--queue-share", "gold=0.5", 1.0, "--queue-share 'gold=0.5': unknown class 'gold' (expected one of "),
+        ("--queue-deadline", "Batch=10", math.inf, "unknown class 'Batch'"),
+        ("--queue-share", "batch", 1.0, "--queue-share 'batch': expected CLASS=VALUE, CLASS one of interactive,"),
+        ("--queue-share", "=0.5", 1.0, "unknown class ''"),
+        ("--queue-share", "batch=0", 1.0, "--queue-share 'batch=0': expected a number above 0 and at most 1"),
+        ("--queue-share", "batch=1.5", 1.0, "expected a number above 0 and at most 1"),
+        ("--queue-deadline", "batch=-3", math.inf, "--queue-deadline 'batch=-3': expected a number above 0"),
+        ("--queue-deadline", "batch=", math.inf, "expected a number above 0"),
+        ("--queue-deadline", "batch=soon", math.inf, "expected a number above 0"),
+        ("--queue-deadline", "batch=nan", math.inf, "expected a number above 0"),
+        ("--queue-deadline", "batch=inf", math.inf, "expected a number above 0"),
+    ],
+)
+def test_parse_class_values_refuses_unknown_classes_and_values_out_of_range(
+    flag: str, item: str, at_most: float, says: str
+) -> None:
+    with pytest.raises(ValueError) as refused:
+        parse_class_values(flag, ["standard=1", item], at_most=at_most)
+    message = str(refused.value)
+    assert says in message and "\n" not in message
+    assert message.startswith(f"{flag} {item!r}: ")
+
+
+def test_the_queue_takes_the_classes_it_is_given_and_the_defaults_for_the_others() -> None:
+    q = FairQueue(Cap(4), shares={"batch": 0.5}, deadlines_s={"interactive": 2.0})
+    assert q.shares == {**SHARES, "batch": 0.5}
+    assert q.deadlines_s == {**DEADLINES_S, "interactive": 2.0}
+    assert FairQueue(Cap(4)).shares == SHARES and FairQueue(Cap(4)).deadlines_s == DEADLINES_S
+    assert SHARES["batch"] == 0.75 and DEADLINES_S["interactive"] == 10.0, "the defaults are left as they were"
+
+
+def test_a_batch_share_of_a_half_fills_two_of_four_slots() -> None:
+    async def main() -> None:
+        q = FairQueue(Cap(4), shares={"batch": 0.5}, deadlines_s=LONG)
+        assert [await q.enter(M, "batch", "kb") for _ in range(2)] == [0.0] * 2
+        w = Waiters(q)
+        await w.add("b3", "kb", "batch")
+        await settle()
+        assert w.woken == [] and q.inflight[M] == 2 and q.waiting == 1
+        assert [await q.enter(M, "standard", "ks") for _ in range(2)] == [0.0] * 2, "standard has the rest"
+        assert q.inflight[M] == 4
+        q.leave(M)
+        q.leave(M)
+        await settle()
+        assert w.woken == [] and q.inflight[M] == 2, "batch stays at its share"
+        assert await w.free_one() == "b3"
+        assert q.inflight[M] == 2
+
+    run(main)
+
+
+def test_a_class_waits_its_own_deadline() -> None:
+    async def main() -> None:
+        q = FairQueue(Cap(1), deadlines_s={"batch": 0.05})  # interactive keeps its 10 s
+        await q.enter(M, "standard", "filler")
+        w = Waiters(q)
+        await w.add("interactive", "ki", "interactive")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(APIError) as refused:
+            await q.enter(M, "batch", "kb")
+        assert 0.04 <= loop.time() - started < 2.0
+        assert "No room for a batch request for m within 0.05 s" in refused.value.message
+        assert w.woken == [] and q.timed_out == 1, "the interactive request still waits"
+        assert await w.free_one() == "interactive"
+
+    run(main)
+
+
+def test_the_gateway_gives_its_settings_to_the_queue(tmp_path: Path) -> None:
+    from gridserve.gateway.app import Gateway
+    from gridserve.gateway.config import GatewayConfig
+    from gridserve.trust import Identity
+
+    store = Store(f"sqlite:///{tmp_path}/db.sqlite")
+    store.migrate()
+    config = GatewayConfig(queue_shares={"batch": 0.5}, queue_deadlines_s={"interactive": 3.0, "batch": 600.0})
+    gw = Gateway(config, store, Identity.generate())
+    try:
+        assert gw.tenancy.queue.shares == {"interactive": 1.0, "standard": 1.0, "batch": 0.5}
+        assert gw.tenancy.queue.deadlines_s == {"interactive": 3.0, "standard": 30.0, "batch": 600.0}
+    finally:
+        gw.writer.close()
+        store.close()
+    assert GatewayConfig().queue_shares == {} and GatewayConfig().queue_deadlines_s == {}
+
+
+def test_the_gateway_command_takes_queue_flags_and_refuses_bad_ones_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import gridserve.gateway.main as gateway_main
+    from gridserve.cli.main import app
+
+    started: list[Any] = []
+    monkeypatch.setattr(gateway_main, "run_gateway", lambda config, **kw: started.append(config))
+    runner = CliRunner()
+    base = ["gateway", "--data-dir", str(tmp_path / "d"), "--api-key", "k", "--admin-token", "a"]
+    flags = ["--queue-share", "batch=0.5", "--queue-deadline", "interactive=5", "--queue-deadline", "batch=600"]
+    done = runner.invoke(app, [*base, *flags])
+    assert done.exit_code == 0, done.output
+    (config,) = started
+    assert config.queue_shares == {"batch": 0.5}
+    assert config.queue_deadlines_s == {"interactive": 5.0, "batch": 600.0}
+    for bad, says in (
+        (["--queue-share", "gold=0.5"], "error: --queue-share 'gold=0.5': unknown class 'gold'"),
+        (["--queue-share", "batch=2"], "error: --queue-share 'batch=2': expected a number above 0 and at most 1"),
+        (["--queue-deadline", "batch=0"], "error: --queue-deadline 'batch=0': expected a number above 0"),
+    ):
+        refused = runner.invoke(app, [*base, *bad])
+        assert refused.exit_code == 2, refused.output
+        assert refused.output.startswith(says) and refused.output.count("\n") == 1, refused.output
+    assert len(started) == 1, "no gateway started on a bad flag"

@@ -180,14 +180,36 @@ def gateway(
     node_ca_file: Annotated[
         Path | None, typer.Option(help="verify nodes that serve HTTPS against this CA certificate (private grids)")
     ] = None,
+    queue_share: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="CLASS=SHARE",
+            help="the share of a model's batch slots a priority class (interactive, standard, batch) may fill when "
+            "requests wait at the gateway (repeatable; default batch=0.75, the others 1)",
+        ),
+    ] = None,
+    queue_deadline: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="CLASS=SECONDS",
+            help="how long a waiting request of a priority class waits for room before a 503 (repeatable; default "
+            "interactive=10, standard=30, batch=120)",
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     log_format: LogFormatOption = "text",
 ) -> None:
     """Run the gateway: the OpenAI API, node membership, scheduling and the admin API."""
     from gridserve.gateway.config import GatewayConfig
     from gridserve.gateway.main import run_gateway
+    from gridserve.gateway.tenancy.queue import parse_class_values
     from gridserve.trust import tls
 
+    try:
+        queue_shares = parse_class_values("--queue-share", queue_share or [], at_most=1.0)
+        queue_deadlines_s = parse_class_values("--queue-deadline", queue_deadline or [])
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     try:
         tls.server_files(tls_cert, tls_key)
         if node_ca_file is not None:
@@ -247,6 +269,8 @@ def gateway(
         tls_key=tls_key,
         drain_s=drain,
         node_ca_file=node_ca_file,
+        queue_shares=queue_shares,
+        queue_deadlines_s=queue_deadlines_s,
     )
     console.print(f"gateway on {config.scheme}://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
     try:

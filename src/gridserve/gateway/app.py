@@ -111,6 +111,8 @@ class Gateway:
             gateway_id=config.name,
             sync_interval_s=config.key_sync_interval_s,
             capacity=SlotCount(lambda: self.membership.nodes.values()),
+            queue_shares=config.queue_shares,
+            queue_deadlines_s=config.queue_deadlines_s,
         )
         """API keys, their limits and usage (gateway/tenancy/)."""
         self.tenancy.sync.load()

@@ -4,6 +4,7 @@ The dispatch, failure-detection and audit numbers are flat fields here (the CLI 
 defaults come from `gridserve.policy`, the neutral home the simulator reads too; `dispatch`, `health` and
 `audit` hand them back as policy values."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +37,12 @@ class GatewayConfig:
     """Stored responses (the Responses API's) are deleted this long after they were made (0: kept for ever)."""
     key_sync_interval_s: float = 0.1
     """How often API keys and their counters are exchanged with the store (gateway/tenancy/sync.py)."""
+    queue_shares: Mapping[str, float] = field(default_factory=dict)
+    """The share of a model's batch slots each priority class named here may fill when requests wait at the gateway
+    (gateway/tenancy/queue.py); the classes not named keep the defaults (SHARES: batch 0.75, the others 1)."""
+    queue_deadlines_s: Mapping[str, float] = field(default_factory=dict)
+    """How long a waiting request of each priority class named here waits for room before a 503; the classes not
+    named keep the defaults (DEADLINES_S: interactive 10 s, standard 30 s, batch 120 s)."""
     api_keys: tuple[str, ...] = field(default_factory=tuple)
     admin_token: str = ""
     max_body_bytes: int = 1_000_000

@@ -3,12 +3,13 @@
 A model's capacity is the batch slots of the live nodes serving it whole (`capacity(model)`); this gateway's
 requests in flight for it are counted here. A node whose engine interleaves any number of streams token by token
 (`Capability.interleaved`: gridserve's CPU torch engine) has no slot limit, and a model it serves never waits here.
-A priority class may fill only its share of the slots (batch 75%, the others all of them), so a batch flood leaves
-room for interactive requests to start at once.
+A priority class may fill only its share of the slots (by default batch 75%, the others all of them), so a batch
+flood leaves room for interactive requests to start at once.
 A request that finds no room waits in a bounded queue: the highest class first and, within a class, the keys in turn
 (deficit round robin with a quantum of one request, each request costing one: every key with requests waiting gets
 the next free slot in turn, however many it sent). Past its class's deadline a waiting request gets 503 with
 `Retry-After`; a full queue answers 503 at once. The wait is recorded in the request's decision (`queue_wait_s`).
+The shares and deadlines are the gateway's settings (`--queue-share`, `--queue-deadline`: `parse_class_values`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gridserve.gateway.api.errors import APIError
@@ -92,14 +93,16 @@ class FairQueue:
         self,
         capacity: Callable[[str], int],
         *,
-        shares: dict[str, float] | None = None,
-        deadlines_s: dict[str, float] | None = None,
+        shares: Mapping[str, float] | None = None,
+        deadlines_s: Mapping[str, float] | None = None,
         max_waiting: int = MAX_WAITING,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.capacity = capacity
-        self.shares = shares or SHARES
-        self.deadlines_s = deadlines_s or DEADLINES_S
+        self.shares = {**SHARES, **(shares or {})}
+        """Each class's share of a model's slots: `shares` over the defaults (SHARES) for the classes it names."""
+        self.deadlines_s = {**DEADLINES_S, **(deadlines_s or {})}
+        """Each class's deadline: `deadlines_s` over the defaults (DEADLINES_S) for the classes it names."""
         self.max_waiting = max_waiting
         self.clock = clock
         self.inflight: dict[str, int] = {}
@@ -137,7 +140,7 @@ class FairQueue:
             if not self._abandon(model, lane, priority, waiter):
                 self.timed_out += 1
                 raise _busy(
-                    f"No room for a {priority} request for {model} within {deadline:.0f} s: every node serving it"
+                    f"No room for a {priority} request for {model} within {deadline:g} s: every node serving it"
                     " is busy."
                 ) from None
         except BaseException:  # the client left: out of the queue, and a slot given meanwhile is freed
@@ -176,6 +179,29 @@ class FairQueue:
                 continue
             self.inflight[model] = self.inflight.get(model, 0) + 1
             waiter.future.set_result(None)
+
+
+def parse_class_values(flag: str, items: Iterable[str], *, at_most: float = math.inf) -> dict[str, float]:
+    """{class: value} from `CLASS=VALUE` texts, as `--queue-deadline batch=300` gives them (a class given twice: the
+    last). Raises ValueError, one line naming `flag`, for an unknown class or a value not above 0 and at most
+    `at_most` (nor infinite)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, eq, text = item.partition("=")
+        name = name.strip()
+        if not eq:
+            raise ValueError(f"{flag} {item!r}: expected CLASS=VALUE, CLASS one of {', '.join(PRIORITIES)}")
+        if name not in PRIORITIES:
+            raise ValueError(f"{flag} {item!r}: unknown class {name!r} (expected one of {', '.join(PRIORITIES)})")
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (0 < value <= at_most and math.isfinite(value)):
+            limit = "" if math.isinf(at_most) else f" and at most {at_most:g}"
+            raise ValueError(f"{flag} {item!r}: expected a number above 0{limit}")
+        out[name] = value
+    return out
 
 
 def _busy(message: str) -> APIError:
