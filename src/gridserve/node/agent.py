@@ -12,14 +12,15 @@ import httpx
 
 import gridserve
 from gridserve.engines import Engine, EngineError
+from gridserve.node import microbench
 from gridserve.node.config import NodeConfig
 from gridserve.node.faults import Faults
-from gridserve.node.hardware import Nvml, detect_hardware
+from gridserve.node.hardware import Amdsmi, Nvml, detect_hardware
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope, tls
 from gridserve.tunnel.wire import endpoint_for
 from gridserve.types import Capability, HeartbeatPayload, NodeId, RegisterReply, RuntimeInfo, Telemetry
 from gridserve.types.base import from_wire
-from gridserve.types.node import JOIN_TOKEN_HEADER
+from gridserve.types.node import JOIN_TOKEN_HEADER, MeasuredFigures
 
 if TYPE_CHECKING:
     from gridserve.node.tunnel import NodeTunnel
@@ -104,6 +105,10 @@ class NodeAgent:
         self.identity = identity
         self.engine = engine
         self.nvml = Nvml.open()
+        self.amd = Amdsmi() if self.nvml.handles else Amdsmi.open()
+        self.measured: MeasuredFigures | None = None
+        """The join micro-benchmark's figures (node/microbench.py), sent with every registration."""
+        self._benchmarked = False
         self.gateway_key: str | None = config.gateway_key
         self.heartbeat_interval_s = config.heartbeat_interval_s or 2.0
         self.registered = asyncio.Event()
@@ -132,7 +137,7 @@ class NodeAgent:
             log.warning("gateway %s unusable (%s); moving to %s", old, why, self.gateway_url)
 
     def capability(self) -> Capability:
-        hardware = self.engine.advertised_hardware() or detect_hardware(self.nvml)
+        hardware = self.engine.advertised_hardware() or detect_hardware(self.nvml, self.amd, self.measured)
         if self.config.memory_bytes is not None:  # the operator's share of the card for this node
             hardware = hardware.model_copy(update={"memory_bytes": self.config.memory_bytes})
         return Capability(
@@ -194,7 +199,18 @@ class NodeAgent:
             self.identity, payload, purpose=purpose, now=time.time(), lifetime_s=self.config.message_lifetime_s
         )
 
+    async def _benchmark_once(self) -> None:
+        """Measure the card before the first registration (node/microbench.py), once: a GPU node's engine that is
+        not emulated (an emulated engine advertises hardware it does not have)."""
+        if self._benchmarked:
+            return
+        self._benchmarked = True
+        if self.engine.advertised_hardware() is None:
+            has_gpu = bool(self.nvml.handles or self.amd.handles)
+            self.measured = await microbench.at_join(has_gpu)
+
     async def register(self) -> None:
+        await self._benchmark_once()
         await self._tunnel_open()
         body = self._signed({"capability": self.capability().model_dump(mode="json")}, "register")
         headers = {"content-type": "application/json"}
