@@ -3,6 +3,7 @@ by driver figures, is classed, served and predicted; a node claiming an H100 at 
 and recorded within 20 requests, and a genuinely throttled H100 is not accused."""
 
 import itertools
+import json
 import statistics
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from openai import OpenAI
 from tests.conftest import API_KEY, admin_get, make_grid
 
 from gridserve.catalog.derive import derive_card
+from gridserve.catalog.hf_config import shipped_config
 from gridserve.catalog.models import MODELS
 from gridserve.cli.grid import LocalGrid
 from gridserve.engines.emulated import placement_for
@@ -121,5 +123,29 @@ def test_an_h100_claim_at_a_twelfth_of_its_speed_is_re_classed_and_a_throttled_h
         assert hot["card"]["claim"] == "held" and hot["card"]["gap"] == 1.0, hot["card"]
         hot_incidents = admin_get(grid, f"/admin/incidents?node_id={hot['node_id']}").json()["incidents"]
         assert not any("misrepresentation" in str(i) for i in hot_incidents), hot_incidents
+    finally:
+        grid.stop()
+
+
+def test_a_model_from_its_config_is_served_by_the_nodes_and_gateway_given_it(tmp_path: Path) -> None:
+    """`--model-config` on the gateway and on an emulated node: a model no catalogue lists is served, placed and
+    predicted from its config (a mixture of experts: the weights of its active experts per token)."""
+    config = tmp_path / "My-MoE" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(shipped_config("qwen3-30b-a3b")))  # as Hugging Face ships it
+    grid = make_grid(tmp_path, ["emulated:h100-sxm"], threads=1, extra_gateway_args=["--model-config", str(config)])
+    grid.start_gateway()
+    grid.start_node(0, "emulated:h100-sxm", ["--model-config", str(config), "--model", "My-MoE"])
+    try:
+        grid.wait_nodes(1, 120)
+        client = OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0)
+        itl, decision = streamed_itl(client, "My-MoE", 1, 8)
+        node = node_serving(grid, "My-MoE")
+        offer = next(m for m in node["models"] if m["name"] == "My-MoE")
+        assert offer["dtype"] == "float16" and offer["quantization"] == "none"  # 30.5B at fp16 fits 80 GB
+        predicted = candidate(grid, decision, node["node_id"])["predicted_itl_s"]
+        # an H100 reading ~3.3B active parameters (6.6 GB) a token, not all 30.5B (61 GB)
+        assert predicted < 0.01, predicted
+        assert itl < 0.1, itl
     finally:
         grid.stop()

@@ -100,6 +100,16 @@ def _everywhere(
     os.environ[tls.CA_FILE_ENV] = str(ca_file)
 
 
+ModelConfigOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--model-config",
+        help="a model from its Hugging Face config.json, named after its directory (repeatable); the gateway and "
+        "the nodes serving it each need it",
+    ),
+]
+
+
 @app.command()
 def gateway(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
@@ -144,6 +154,7 @@ def gateway(
     allow_unlisted_models: Annotated[
         bool, typer.Option(help="accept models not in the allowed digests (a private grid of trusted nodes)")
     ] = False,
+    model_config: ModelConfigOption = None,
     retire_silent: Annotated[
         float, typer.Option(min=1.0, help="seconds a down node may stay silent before it is no longer probed")
     ] = 120.0,
@@ -217,6 +228,8 @@ def gateway(
     except tls.TlsConfigError as exc:
         raise fail(str(exc)) from None
 
+    for name in _register_model_configs(model_config):
+        console.print(f"model {name} from its config")
     key, admin = _secrets(data_dir, api_key[0] if api_key else None, admin_token)
     if profile is not None:
         from gridserve.scheduler import ProfileError, load_profile
@@ -277,6 +290,19 @@ def gateway(
         run_gateway(config, log_level=log_level, log_format=_log_format(log_format))
     except Exception as exc:  # one readable line, not a traceback
         raise fail(f"gateway failed: {exc}") from None
+
+
+def _register_model_configs(paths: list[Path] | None) -> list[str]:
+    """Add the models of these config.json files to this process's catalogue (one readable line if one is bad)."""
+    from gridserve.catalog.models import register_config
+
+    names = []
+    for path in paths or ():
+        try:
+            names.append(register_config(path).name)
+        except (OSError, ValueError) as exc:
+            raise fail(f"--model-config {path}: {exc}") from None
+    return names
 
 
 def _device_figures(path: Path | None) -> "DeviceFigures | None":
@@ -360,6 +386,7 @@ def node(
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="the private key of --tls-cert (PEM)")] = None,
     slowdown: Annotated[float, typer.Option(help="emulated: run N times slower than spec, silently")] = 1.0,
+    model_config: ModelConfigOption = None,
     device_figures: Annotated[
         Path | None,
         typer.Option(help="emulated: a card in no table, as its driver describes it (JSON; see examples/cards/)"),
@@ -454,6 +481,7 @@ def node(
         tasks=tuple(tasks.split(",")) if tasks is not None else (),
         device_figures=_device_figures(device_figures),
     )
+    _register_model_configs(model_config)
     faults = _faults(allow_faults, fault or [])
     from gridserve.node.dishonest import ENGINE_MODES, Dishonesty, DishonestyRefused
 
