@@ -13,7 +13,7 @@ from gridserve.catalog.hardware import HARDWARE
 from gridserve.catalog.models import MODELS
 from gridserve.catalog.tiers import TIERS
 from gridserve.gateway.config import GatewayConfig
-from gridserve.gateway.registry.claims import CLAIM_SAMPLES, HELD, JUDGING, MISREPRESENTED, judge
+from gridserve.gateway.registry.claims import CLAIM_SAMPLES, HELD, JUDGING, MIN_JUDGED_ITL_S, MISREPRESENTED, judge
 from gridserve.gateway.registry.events import JobObserved, Registered
 from gridserve.gateway.registry.registry import NodeRegistry
 from gridserve.perfmodel import Calibration, derived_price_per_mtok
@@ -89,11 +89,12 @@ def test_a_benchmark_far_below_the_claim_re_classes_and_pays_for_the_speed_shown
 def test_the_observed_judgement_waits_for_enough_answers_and_spares_the_throttled() -> None:
     view = card_view(hardware())
     early = Calibration(itl_factor=40.0, itl_samples=CLAIM_SAMPLES - 1)
-    assert judge(view, early, None).claim == JUDGING
+    assert judge(view, early, None, 0.01).claim == JUDGING
     throttled = Calibration(itl_factor=1.15, itl_samples=CLAIM_SAMPLES)  # its clock was in the prediction
-    assert judge(view, throttled, 0.55).claim == HELD
+    assert judge(view, throttled, 0.55, 0.01).claim == HELD
     slow = Calibration(itl_factor=MISREPRESENTATION_GAP * 1.2, itl_samples=CLAIM_SAMPLES)
-    verdict = judge(view, slow, 1.0)
+    assert judge(view, slow, 1.0, MIN_JUDGED_ITL_S / 2).claim == JUDGING  # too short a step to tell cards apart
+    verdict = judge(view, slow, 1.0, 0.01)
     assert verdict.claim == MISREPRESENTED and verdict.gap == pytest.approx(3.0)
     assert "first 8 answers decoded 3.0x slower" in verdict.evidence
 
@@ -158,3 +159,13 @@ def test_the_tier_columns_carry_the_priced_card() -> None:
     cols = np.frombuffer(live.row)
     assert cols[C_TIER_BW] == pytest.approx(50, rel=1e-6) and cols[C_TIER_TFLOPS] < 50
     assert registry.nodes[NodeId("cpu-speed")].claim == MISREPRESENTED
+
+
+def test_a_cpu_claim_is_never_judged() -> None:
+    """A CPU is the floor (and its catalogue figures are planning figures): a CPU node slower than them, by its
+    benchmark or its answers (gridserve's own Python engines are), is predicted slower, never accused."""
+    view = card_view(HardwareInfo(accelerator="cpu", measured=MeasuredFigures(bandwidth_gbs=4.0, device="cpu")))
+    assert view is not None and not view.misrepresented and view.priced == view.hw
+    assert view.hw.bandwidth_gbs == pytest.approx(4.0 / COPY_REACH)
+    slow = Calibration(itl_factor=50.0, itl_samples=CLAIM_SAMPLES * 4)
+    assert judge(view, slow, None, 0.05).claim == HELD

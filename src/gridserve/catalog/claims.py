@@ -13,7 +13,9 @@ what its observed timings showed.
   H100 that decodes at a sixth of one earns a sixth of an H100's price per token).
 
 Throttling and load are not misrepresentation: the gap compares the node's timings with predictions that already
-account for its reported clock and its load.
+account for its reported clock and its load. A node claiming a CPU claims the floor: there is nothing slower to
+re-class it to, and the catalogue's CPU figures are planning figures that calibration replaces, so a CPU claim is
+never judged.
 """
 
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ class CardView:
 
     @property
     def misrepresented(self) -> bool:
-        return self.gap >= MISREPRESENTATION_GAP
+        return self.gap >= MISREPRESENTATION_GAP and self.claimed.hw_class != "cpu"
 
 
 def claimed_card(hardware: HardwareInfo) -> HardwareSpec | None:
@@ -65,7 +67,7 @@ def card_view(hardware: HardwareInfo, observed_gap: float = 1.0, observed_eviden
         speed, compute = speed_share(claimed, hardware.measured), compute_share(claimed, hardware.measured)
     hw = scaled(claimed, speed=speed, compute=compute, cost=speed)
     gap = observed_gap / speed
-    if gap < MISREPRESENTATION_GAP:
+    if gap < MISREPRESENTATION_GAP or claimed.hw_class == "cpu":
         return CardView(claimed=claimed, hw=hw, priced=hw, gap=gap)
     shown = 1.0 / gap
     priced = scaled(claimed, speed=shown, compute=min(compute, shown), cost=shown * shown, reclass=True)

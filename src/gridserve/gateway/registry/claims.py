@@ -17,6 +17,10 @@ from gridserve.catalog.claims import MISREPRESENTATION_GAP, CardView
 from gridserve.perfmodel import Calibration
 from gridserve.reliability import EventKind, NodeEvent, Severity
 
+MIN_JUDGED_ITL_S = 0.004
+"""Answers predicted to decode faster than this do not judge a claim: a step that short is set by fixed per-token
+costs (kernel launches, the engine's own loop), not by the card's bandwidth, so a fast card serving a small model
+would look slower than its roofline whatever it is (an H100 decoding a 270M model)."""
 CLAIM_SAMPLES = 8
 """Answers with a decode time observed before the claim is judged (the calibration averages its first ten exactly, so
 eight give a mean, not one sample's noise)."""
@@ -32,11 +36,14 @@ class Verdict:
     evidence: str = ""
 
 
-def judge(card: CardView | None, calibration: Calibration, clock_ratio: float | None) -> Verdict:
-    """The claim of a node not judged yet, from its calibration so far."""
-    if card is None:
+def judge(
+    card: CardView | None, calibration: Calibration, clock_ratio: float | None, predicted_itl_s: float
+) -> Verdict:
+    """The claim of a node not judged yet, from its calibration so far (`predicted_itl_s`: the latest answer's
+    uncalibrated prediction; too short a one does not judge). A CPU claim is never judged (catalog/claims.py)."""
+    if card is None or card.claimed.hw_class == "cpu":
         return Verdict(HELD)
-    if calibration.itl_samples < CLAIM_SAMPLES:
+    if calibration.itl_samples < CLAIM_SAMPLES or predicted_itl_s < MIN_JUDGED_ITL_S:
         return Verdict(JUDGING)
     gap = calibration.itl_factor
     if gap * card.gap < MISREPRESENTATION_GAP:

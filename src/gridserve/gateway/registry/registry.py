@@ -224,10 +224,11 @@ class NodeRegistry:
         self._offences[node_id] = self._offences.get(node_id, 0) + 1
         self._note(effects, claims.incident(node_id, evidence, at, repeat=repeat))
 
-    def _judge_claim(self, effects: Effects, record: NodeRecord, at: float) -> None:
+    def _judge_claim(self, effects: Effects, record: NodeRecord, e: JobObserved) -> None:
         """Once enough answers are in: the claim holds, or the node is re-classed at the speed it showed."""
         tele = record.telemetry_row
-        verdict = claims.judge(record.static.card, record.calibration, tele[_CLOCK] if tele is not None else None)
+        clock = tele[_CLOCK] if tele is not None else None
+        verdict = claims.judge(record.static.card, record.calibration, clock, e.raw_predicted_itl_s)
         if verdict.claim == claims.JUDGING:
             return
         if verdict.claim == claims.HELD:
@@ -235,7 +236,7 @@ class NodeRegistry:
             return
         static = NodeStatic.of(record.capability, verdict.gap, verdict.evidence)
         assign(record, claim=MISREPRESENTED, claim_gap=verdict.gap, claim_evidence=verdict.evidence, static=static)
-        self._misrepresented(effects, record.capability.node_id, verdict.evidence, at)
+        self._misrepresented(effects, record.capability.node_id, verdict.evidence, e.at or time.time())
 
     # -- liveness --------------------------------------------------------------------------------------------------
     def _heartbeat(self, e: HeartbeatSeen) -> Effects:
@@ -397,7 +398,7 @@ class NodeRegistry:
             assign(record, calibration=calibration)
         effects = Effects()
         if record.claim == claims.JUDGING:
-            self._judge_claim(effects, record, e.at or time.time())
+            self._judge_claim(effects, record, e)
         self._refresh(record, None)
         return effects
 
