@@ -114,7 +114,7 @@ def test_an_h100_claim_at_a_twelfth_of_its_speed_is_re_classed_and_a_throttled_h
             client.completions.create(
                 model=liar_model, prompt="x", max_tokens=2, extra_body={"gridserve": {"tier": "interactive"}}
             )
-        assert "tier interactive needs a card of at least 300 GB/s" in str(refused.value), refused.value
+        assert "1 by tier-hardware" in str(refused.value), refused.value  # the other node serves another model
 
         for i in range(20):  # the throttled H100: as many answers, and it reports its clock
             streamed_itl(client, hot_model, i, 8)

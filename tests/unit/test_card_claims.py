@@ -4,6 +4,8 @@ a throttled or slightly slow card is not accused."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
@@ -18,8 +20,10 @@ from gridserve.gateway.registry.events import JobObserved, Registered
 from gridserve.gateway.registry.registry import NodeRegistry
 from gridserve.perfmodel import Calibration, derived_price_per_mtok
 from gridserve.reliability import EventKind, ReliabilityState, Severity
+from gridserve.scheduler import named_profile, schedule
 from gridserve.scheduler.snapshot import C_TIER_BW, C_TIER_TFLOPS
 from gridserve.types import Capability, HardwareInfo, MeasuredFigures, ModelOffer, NodeId, RuntimeInfo
+from gridserve.types.scheduling import ScheduleRequest
 
 T0 = 1_700_000_000.0
 H100 = HARDWARE["h100-sxm"]
@@ -169,3 +173,16 @@ def test_a_cpu_claim_is_never_judged() -> None:
     assert view.hw.bandwidth_gbs == pytest.approx(4.0 / COPY_REACH)
     slow = Calibration(itl_factor=50.0, itl_samples=CLAIM_SAMPLES * 4)
     assert judge(view, slow, None, 0.05).claim == HELD
+
+
+def test_the_tier_filter_says_what_the_re_classed_node_showed() -> None:
+    registry = NodeRegistry(GatewayConfig(heartbeat_interval_s=2.0, allow_emulated=True))
+    register(registry, "cpu-speed", hardware(share=50 / H100.bandwidth_gbs), T0)
+    register(registry, "honest", hardware(share=1.0), T0)
+    request = ScheduleRequest(request_id="r", model="llama-3-8b", prompt_tokens=64, max_tokens=16, tier="interactive")
+    decision = schedule(request, registry.table.view(), named_profile("default"), random.Random(0), T0 + 1)
+    assert decision.chosen == "honest"
+    verdict = next(v for v in decision.verdicts if v.node_id == "cpu-speed")
+    assert verdict.filter == "tier-hardware" and not verdict.eligible
+    assert verdict.reason.startswith("tier interactive needs a card of at least 300 GB/s and 50 FP16 TFLOPS; ")
+    assert "has 50 GB/s" in verdict.reason and "re-classed: claims NVIDIA H100 SXM" in verdict.reason
