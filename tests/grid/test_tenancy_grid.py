@@ -366,3 +366,27 @@ def test_a_batch_flood_waits_at_the_gateway_and_an_interactive_request_does_not(
     assert waits[:6] == [0.0] * 6 and min(waits[6:]) > 0.3, waits  # the second six waited for the first
     assert decision_of(slotted, urgent)["queue_wait_s"] == 0.0  # room kept for it
     assert urgent.elapsed.total_seconds() < 0.75 * max(r.elapsed.total_seconds() for r in replies)
+
+
+def test_a_budget_holds_across_gateways(pair: tuple[LocalGrid, LocalGrid]) -> None:
+    """Requests on a budgeted key alternate between the two gateways as fast as they answer (each learns the other's
+    spend a sync later): they spend from leases the store grants, so together they stop within one request each
+    (what each had in flight when the budget ran out) of the budget, and spend at least all but the last request's
+    worth of it."""
+    a, b = pair
+    probe = new_key(a)
+    assert ask(a, probe["key"], max_tokens=10, ignore_eos=True).status_code == 200
+    cost_of_one = spent(a, probe["id"])["cluster"]["spent_usd"]
+    assert cost_of_one > 0
+    budget = 5.5 * cost_of_one
+    made = new_key(a, budget_usd=budget)
+    deadline = time.monotonic() + 10.0
+    while ask(b, made["key"], model="no-such-model").status_code == 401:  # B learns of the key
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    codes = [ask(g, made["key"], max_tokens=10, ignore_eos=True).status_code for _ in range(6) for g in (a, b)]
+    assert codes.count(200) >= 5 and set(codes) <= {200, 429}, codes
+    assert codes[-2:] == [429, 429], codes  # both gateways stopped
+    time.sleep(0.5)  # both have written what they spent
+    total = spent(a, made["id"])["cluster"]["spent_usd"]
+    assert budget - cost_of_one <= total <= budget + 2 * cost_of_one * 1.001, (total, budget, cost_of_one)

@@ -232,6 +232,8 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            with contextlib.suppress(Exception):  # budget this gateway leased and did not spend goes back
+                await gw.tenancy.leases.give_back()
             if gw.api.pipelines is not None:
                 await gw.api.pipelines.aclose()
             await gw.dispatcher.aclose()

@@ -6,6 +6,9 @@
   minute's start (unix seconds) for requests and tokens, and 0 for the running totals (spend, errors, requests in
   flight). Every gateway writes only its own rows, with absolute values (a retried write counts nothing twice), and
   reads the others' sums: limits hold across gateways with no database round trip on a request's path.
+- `key_leases`: each gateway's lease on a key's budget (gateway/tenancy/leases.py): the spend it may reach, and its
+  own spend when it last wrote. Leases are granted in a transaction that locks the key's row, so the live gateways'
+  leases never add up to more than the budget.
 """
 
 from __future__ import annotations
@@ -46,6 +49,17 @@ key_usage = sa.Table(
 )
 USAGE_COUNTS = ["requests", "tokens", "spent_usd", "errors", "inflight", "updated_at"]
 
+key_leases = sa.Table(
+    "key_leases",
+    metadata,
+    sa.Column("key_id", sa.String(), primary_key=True),
+    sa.Column("gateway_id", sa.String(), primary_key=True),
+    sa.Column("leased_usd", sa.Float(), nullable=False),
+    sa.Column("spent_usd", sa.Float(), nullable=False),
+    sa.Column("updated_at", sa.Float(), nullable=False),
+)
+LEASE_VALUES = ["leased_usd", "spent_usd", "updated_at"]
+
 
 class KeyStore:
     """The store's side of API keys: rows in, rows out; every decision is the caller's."""
@@ -53,6 +67,7 @@ class KeyStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._upsert = upsert_template(store.dialect, key_usage, USAGE_COUNTS)
+        self._upsert_lease = upsert_template(store.dialect, key_leases, LEASE_VALUES)
 
     def insert_key(self, row: dict[str, Any]) -> None:
         with self.store.transaction() as conn:
@@ -127,3 +142,48 @@ class KeyStore:
         u = key_usage.c
         with self.store.transaction() as conn:
             return int(conn.execute(key_usage.delete().where(u.window_start > 0, u.window_start < before)).rowcount)
+
+    def lease(
+        self,
+        key_id: str,
+        gateway_id: str,
+        *,
+        spent_usd: float,
+        want_usd: float,
+        budget_usd: float,
+        now: float,
+    ) -> float:
+        """Raise `gateway_id`'s lease on the key's budget toward `want_usd` (the spend it may reach), within what the
+        other gateways have committed: each the larger of its lease and its spend. Returns the lease granted (never
+        below `spent_usd`)."""
+        with self.store.transaction() as conn:
+            conn.execute(sa.select(api_keys.c.key_id).where(api_keys.c.key_id == key_id).with_for_update())
+            committed = self._committed(conn, key_id, gateway_id)
+            granted = max(spent_usd, min(want_usd, budget_usd - committed))
+            row = {"key_id": key_id, "gateway_id": gateway_id, "leased_usd": granted, "spent_usd": spent_usd}
+            conn.execute(self._upsert_lease, [{**row, "updated_at": now}])
+            return granted
+
+    @staticmethod
+    def _committed(conn: sa.Connection, key_id: str, gateway_id: str) -> float:
+        """The budget the other gateways hold: each one's lease, or its spend (its lease row's or its counters') where
+        that is larger. A gateway that stopped without giving its lease back holds it until it runs again under its
+        id: what it spent after it last wrote is not known, and a budget is never overspent."""
+        held: dict[str, float] = {}
+        u = key_usage.c
+        totals = sa.select(u.gateway_id, u.spent_usd).where(
+            u.key_id == key_id, u.window_start == 0.0, u.gateway_id != gateway_id
+        )
+        for gateway, spent in conn.execute(totals):
+            held[gateway] = float(spent)
+        lease = key_leases.c
+        leases = sa.select(key_leases).where(lease.key_id == key_id, lease.gateway_id != gateway_id)
+        for row in conn.execute(leases):
+            held[row.gateway_id] = max(held.get(row.gateway_id, 0.0), float(row.spent_usd), float(row.leased_usd))
+        return sum(held.values())
+
+    def put_leases(self, rows: Sequence[dict[str, Any]]) -> None:
+        """This gateway's leases as they stand (keeps them live; a lease lowered to the spend gives the rest back)."""
+        if rows:
+            with self.store.transaction() as conn:
+                conn.execute(self._upsert_lease, list(rows))

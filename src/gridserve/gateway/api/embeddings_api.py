@@ -181,6 +181,7 @@ async def embed(service: EmbeddingService, body: bytes, key: ApiKey | None = Non
     if key is None or ctx.tenancy is None:
         return await _embed(service, req, job)
     tokens = sum(len(text) for text in job.inputs) // CHARS_PER_TOKEN + 1
+    await ctx.tenancy.reserve(key)
     admission = ctx.tenancy.admit(key, model=job.model, tier=None, tokens=tokens)
     admitted = CURRENT.set(admission)  # the lifecycle charges the tokens used to it
     try:

@@ -369,6 +369,7 @@ async def _admitted(ctx: ApiContext, req: SamplingFields, surface: Surface, key:
     admitted: list[tuple[bytes, bytes]] = []
     if key is not None and ctx.tenancy is not None:
         reserve = prompt_tokens + job.sampling.max_tokens * req.n
+        await ctx.tenancy.reserve(key)
         admission = ctx.tenancy.admit(key, model=job.model, tier=req.gridserve.tier, tokens=reserve)
         CURRENT.set(admission)
         admitted = admission.headers

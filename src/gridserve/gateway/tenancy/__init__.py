@@ -16,6 +16,7 @@ from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.tenancy.book import KeyBook
 from gridserve.gateway.tenancy.keys import ApiKey, KeyPolicy, from_row, new_key, view
 from gridserve.gateway.tenancy.keys import digest as key_digest
+from gridserve.gateway.tenancy.leases import BudgetLeases
 from gridserve.gateway.tenancy.limits import Admission, Limiter, OverLimit
 from gridserve.gateway.tenancy.queue import FairQueue
 from gridserve.gateway.tenancy.sync import TenancySync
@@ -49,19 +50,27 @@ class Tenancy:
         """Requests waiting for room when every node serving their model is saturated (each class's share of the
         slots and deadline: the queue's defaults for the classes `queue_shares`, `queue_deadlines_s` do not name)."""
         self.book = KeyBook(static_keys)
-        self.limiter = Limiter(clock)
+        self.limiter = Limiter(clock, leases=True)
         self.usage = Usage()
         self.keystore = KeyStore(store)
         self.sync = TenancySync(
             self.keystore, self.book, self.limiter, gateway_id=gateway_id, interval_s=sync_interval_s, clock=clock
         )
+        self.leases = BudgetLeases(self.keystore, self.limiter, gateway_id=gateway_id, clock=clock)
+        """Budgets spent from leases, so they hold across gateways (gateway/tenancy/leases.py)."""
+        self.sync.leases = self.leases
 
     def authenticate(self, token: str) -> ApiKey | None:
         return self.book.authenticate(token) if token else None
 
+    async def reserve(self, key: ApiKey) -> None:
+        """Room on `key`'s budget for one more request, taken from the store when this gateway's lease runs low
+        (no store call otherwise): await it before `admit`."""
+        await self.leases.reserve(key)
+
     def admit(self, key: ApiKey, *, model: str, tier: str | None, tokens: int) -> Admission:
         """Admit a request of `key` for `model` at `tier` reserving `tokens`, or raise APIError (403 for what the
-        key may not ask for, 429 over a limit)."""
+        key may not ask for, 429 over a limit; a budget is spent from the lease `reserve` took)."""
         policy = key.policy
         self._permit(key, "model", model, policy.models, "call model", "model")
         self._permit(key, "tier", tier or DEFAULT_TIER, policy.tiers, "ask for tier", "gridserve.tier")

@@ -30,6 +30,8 @@ from gridserve.gateway.tenancy.keys import ApiKey
 
 WINDOW_S = 60.0
 CONCURRENCY_RETRY_S = 1
+LEASE_RETRY_S = 1
+"""A budget with room left held elsewhere: an idle gateway gives its unspent lease back within seconds."""
 
 
 @dataclass
@@ -55,6 +57,16 @@ class KeyCounts:
     others: Counts = field(default_factory=Counts)
     dirty: bool = False
     """Own counts moved since the store last had them."""
+    lease_usd: float | None = None
+    """The spend this gateway may reach on the key's budget (gateway/tenancy/leases.py); None: no lease yet."""
+    lease_until: float = 0.0
+    """Wall-clock time the lease holds until unless the store renews it (the other gateways reclaim it later)."""
+    last_admit: float = 0.0
+    """When this gateway last admitted a request of the key (an idle key's unspent lease is given back)."""
+
+    def lease_holds(self, now: float) -> bool:
+        """Whether this gateway may admit another request on the key's budget: spend below a live lease."""
+        return self.lease_usd is not None and self.own.spent_usd < self.lease_usd and now < self.lease_until
 
 
 class OverLimit(APIError):
@@ -138,9 +150,12 @@ CURRENT: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("grid
 class Limiter:
     """Admits requests against their keys' limits; the one owner of the per-key counters."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *, leases: bool = False) -> None:
         self.clock = clock
         self.keys: dict[str, KeyCounts] = {}
+        self.leases = leases
+        """Budgets are spent from leases (gateway/tenancy/leases.py): a request on a budget is admitted only within
+        this gateway's live lease. Off: only the spend known here and from the others counts."""
 
     def window(self, now: float) -> float:
         return math.floor(now / WINDOW_S) * WINDOW_S
@@ -162,7 +177,8 @@ class Limiter:
         own.roll(window)
         others.roll(window)
         reset_in_s = window + WINDOW_S - now
-        refused = _refusal(key, own, others, tokens, max(1, math.ceil(reset_in_s)))
+        leased = not self.leases or counts.lease_holds(now)
+        refused = _refusal(key, own, others, tokens, max(1, math.ceil(reset_in_s)), leased=leased)
         if refused is not None:  # the headers as they stand, nothing counted
             message, code, retry_after_s = refused
             headers = _headers(key, own, others, reset_in_s)
@@ -171,19 +187,29 @@ class Limiter:
         own.tokens += tokens
         own.inflight += 1
         counts.dirty = True
+        counts.last_admit = now
         admission = Admission(key, counts, window, tokens)
         admission.headers = _headers(key, own, others, reset_in_s)
         return admission
 
 
-def _refusal(key: ApiKey, own: Counts, others: Counts, tokens: int, reset_s: int) -> tuple[str, str, int | None] | None:
+def _refusal(
+    key: ApiKey, own: Counts, others: Counts, tokens: int, reset_s: int, *, leased: bool = True
+) -> tuple[str, str, int | None] | None:
     """(message, code, Retry-After seconds or None) for the first of `key`'s limits that a request reserving `tokens`
-    is over (the budget checked first); None when it is within them all."""
+    is over (the budget checked first); None when it is within them all. `leased`: this gateway holds a live lease
+    on the budget with room left."""
     p = key.policy
     spent = own.spent_usd + others.spent_usd
     if p.budget_usd is not None and spent >= p.budget_usd:
         message = f"Key {key.name!r} has spent its budget ({spent:.6f} of {p.budget_usd} USD)."
         return message, "insufficient_quota", None
+    if p.budget_usd is not None and not leased:
+        message = (
+            f"Key {key.name!r} has committed its budget: {spent:.6f} of {p.budget_usd} USD spent, the rest held by "
+            f"requests in flight or by other gateways. Try again in {LEASE_RETRY_S} s."
+        )
+        return message, "insufficient_quota", LEASE_RETRY_S
     if p.rpm is not None and own.requests + others.requests + 1 > p.rpm:
         message = f"Rate limit reached for key {key.name!r}: {p.rpm} requests per minute. Try again in {reset_s} s."
         return message, "rate_limit_exceeded", reset_s

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gridserve.gateway.tenancy.book import KeyBook
+from gridserve.gateway.tenancy.leases import BudgetLeases
 from gridserve.gateway.tenancy.limits import WINDOW_S, Counts, Limiter
 from gridserve.store import KeyStore
 
@@ -44,6 +45,8 @@ class TenancySync:
         self.gateway_id = gateway_id
         self.interval_s = interval_s
         self.clock = clock
+        self.leases: BudgetLeases | None = None
+        """Renewed with each sync where budgets are spent from leases (gateway/tenancy/leases.py)."""
         self.last_error = ""
         self.last_sync_at = 0.0
         self._pruned_at = 0.0
@@ -82,6 +85,8 @@ class TenancySync:
             raise
         self.book.apply(keys)
         self._take_sums(sums, window)
+        if self.leases is not None:
+            await self.leases.renew()
         self.last_sync_at = now
         if now - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = now
