@@ -49,6 +49,13 @@ def instances(draw: st.DrawFn) -> tuple[LayerCosts, list[PlanNode], Network]:
         kv_bytes_per_token=tuple(draw(st.lists(st.floats(0, 1e4), min_size=layers, max_size=layers))),
         activation_bytes=draw(st.floats(1e2, 1e5)),
         logits_bytes=draw(st.floats(1e3, 1e6)),
+        # sliding layers keep a window of the context (512 tokens in the tests): shorter, longer or none
+        kv_window=draw(
+            st.one_of(
+                st.just(()),
+                st.lists(st.sampled_from((0, 0, 64, 300, 1024)), min_size=layers, max_size=layers).map(tuple),
+            )
+        ),
     )
     count = draw(st.integers(1, 4))
     nodes = [

@@ -172,6 +172,6 @@ def test_the_simulated_caches_stay_within_capacity_and_hits_within_the_prompt(
     for node in sim.nodes:
         assert len(node.cache) <= node.cache.capacity
         assert sim.index.holds(node.node_id) <= node.cache.capacity
-        assert node.kv_tokens == 0 and node.active == 0  # every request's KV released
+        assert node.kv_tokens == node.kv_window_tokens == 0 and node.active == 0  # every request's KV released
     for req, o in zip(trace, outcomes, strict=True):
         assert 0 <= o.cached_tokens < req.prompt_tokens

@@ -250,17 +250,18 @@ def count_params(config: Mapping[str, Any], name: str = "model") -> ParamCount:
     return _count(f, _Shape.read(f))
 
 
-def _sliding(f: _Fields, layers: int) -> tuple[int | None, int]:
-    """(window, layers using it): `layer_types` where given (gpt-oss alternates), else every layer from
+def _sliding(f: _Fields, layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """(window, the layers using it): `layer_types` where given (gpt-oss alternates), else every layer from
     `max_window_layers` on (Qwen) or all of them (Mistral); none where `use_sliding_window` is false."""
     window = f.integer("sliding_window", default=0)
     if not window or not f.flag("use_sliding_window", default=True):
-        return None, 0
+        return None, ()
     types = f.config.get("layer_types")
     if isinstance(types, list):
-        count = sum(1 for t in types if t == "sliding_attention")
-        return (window, count) if count else (None, 0)
-    return window, layers - min(layers, f.integer("max_window_layers", default=0))
+        at = tuple(i for i, t in enumerate(types[:layers]) if t == "sliding_attention")
+    else:
+        at = tuple(range(min(layers, f.integer("max_window_layers", default=0)), layers))
+    return (window, at) if at else (None, ())
 
 
 def spec_from_config(name: str, config: Mapping[str, Any], *, max_context: int | None = None) -> ModelSpec:
@@ -289,7 +290,8 @@ def spec_from_config(name: str, config: Mapping[str, Any], *, max_context: int |
         expert_params=counted.expert,
         kv_latent=_kv_latent(f),
         sliding_window=window,
-        sliding_layers=sliding,
+        sliding_layers=len(sliding),
+        sliding_at=sliding,
     )
 
 

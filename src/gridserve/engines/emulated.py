@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from gridserve.catalog import HardwareSpec, ModelSpec, hardware_spec, model_spec
 from gridserve.catalog.derive import COPY_REACH, MATMUL_DTYPES, MATMUL_REACH, derive_card
+from gridserve.catalog.spec import TYPICAL_SEQUENCE_TOKENS
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
 from gridserve.engines.torch_engine import TorchEngine
 from gridserve.perfmodel import Load, predict
@@ -132,10 +133,11 @@ class EmulatedEngine:
         self._prefix = EmulatedPrefixCache(self._kv_room_tokens()) if prefix_cache else None
 
     def _kv_room_tokens(self) -> int:
-        """Tokens of KV the card holds beyond its resident weights (the largest model's KV bytes a token)."""
+        """Tokens of KV the card holds beyond its resident weights (the largest model's KV bytes a token, of
+        prompts of a typical length: a model's sliding layers keep at most their window of each)."""
         placed = list(self._models.values()) + list(self._loadable.values())
         weights = sum(spec.weight_bytes(dtype, quant) for spec, dtype, quant in self._models.values())
-        per_token = max(spec.kv_bytes_per_token() for spec, _, _ in placed)
+        per_token = max(spec.kv_bytes_per_held_token() for spec, _, _ in placed)
         return max(0, int((self.hw.memory_gib * 2**30 - weights) / per_token))
 
     def prefix_cache_tokens(self) -> int:
@@ -207,13 +209,11 @@ class EmulatedEngine:
         await self._text.start()
 
     def telemetry_override(self) -> dict[str, float | int]:
-        """Telemetry of the emulated device: its memory (resident weights + KV of active requests), busy share."""
+        """Telemetry of the emulated device: its memory (resident weights + KV of active requests, each taken as a
+        sequence of TYPICAL_SEQUENCE_TOKENS of the largest model), busy share."""
         weights = sum(spec.weight_bytes(dtype, quant) for spec, dtype, quant in self._models.values())
-        kv = (
-            self._stats.active
-            * 2048
-            * max((spec.kv_bytes_per_token() for spec, _, _ in self._models.values()), default=0)
-        )
+        per_request = max((spec.kv_bytes(TYPICAL_SEQUENCE_TOKENS) for spec, _, _ in self._models.values()), default=0)
+        kv = self._stats.active * per_request
         total = int(self.hw.memory_gib * 2**30)
         return {
             "memory_total_bytes": total,

@@ -4,10 +4,10 @@ its baselines share.
 
 Decode of one token through a stage holding layers [start, end): the stage streams the weights a token reads
 (all of them for a dense model; a mixture of experts' active ones, while the stage holds every expert) and the
-KV cache of those layers for the context once (memory-bound), or computes 2 x (active) params FLOPs per token
-(compute-bound), whichever is slower, times the node's calibrated slowness: perfmodel's roofline per layer
-range, at the bandwidth and FLOPS it uses (`decode_bytes_per_s`, `prefill_flops`). A hop between stages carries one
-hidden-state vector per token: half a round trip plus its bytes over the link.
+KV cache of those layers for the context once (a sliding layer's: its window; memory-bound), or computes
+2 x (active) params FLOPs per token (compute-bound), whichever is slower, times the node's calibrated slowness:
+perfmodel's roofline per layer range, at the bandwidth and FLOPS it uses (`decode_bytes_per_s`, `prefill_flops`).
+A hop between stages carries one hidden-state vector per token: half a round trip plus its bytes over the link.
 """
 
 from dataclasses import dataclass, field
@@ -33,11 +33,19 @@ class LayerCosts:
     """Held: what a stage's memory must fit."""
     flops_per_token: tuple[float, ...]
     kv_bytes_per_token: tuple[float, ...]
+    """KV bytes a token takes in each layer (what a sliding layer keeps of it: `kv_window`)."""
     activation_bytes: float
     """One hidden-state vector, as sent between stages."""
     logits_bytes: float
     streamed_bytes: tuple[float, ...] = ()
     """Weight bytes one token's decode reads per layer, where fewer than held (a mixture of experts); empty: all."""
+    kv_window: tuple[int, ...] = ()
+    """Tokens of a sequence each layer's KV cache keeps (0: every token; ModelSpec.layer_windows); empty: every
+    layer keeps every token."""
+
+    def __post_init__(self) -> None:
+        if self.kv_window and len(self.kv_window) != len(self.weight_bytes):
+            raise ValueError(f"{self.name}: kv_window needs one window per layer ({len(self.weight_bytes)})")
 
     @property
     def layers(self) -> int:
@@ -47,6 +55,16 @@ class LayerCosts:
     def streamed(self) -> tuple[float, ...]:
         """Weight bytes one token's decode reads per layer."""
         return self.streamed_bytes or self.weight_bytes
+
+    def kv_bytes(self, start: int, end: int, context: int) -> float:
+        """KV bytes one sequence of `context` tokens holds in layers [start, end) (and a decode step reads): every
+        token in the full-attention layers, at most the window in the sliding ones."""
+        per_token = self.kv_bytes_per_token[start:end]
+        if not self.kv_window:
+            return sum(per_token) * context
+        windows = self.kv_window[start:end]
+        full = sum(kv for kv, w in zip(per_token, windows, strict=True) if not w)
+        return full * context + sum(kv * min(context, w) for kv, w in zip(per_token, windows, strict=True) if w)
 
     @classmethod
     def of(cls, spec: ModelSpec, dtype: str = "float16", quantization: str = "none") -> "LayerCosts":
@@ -68,6 +86,7 @@ class LayerCosts:
             logits_bytes=float(spec.vocab * LOGIT_BYTES),
             # a token reads one row of the input embedding: only the output head is streamed whole
             streamed_bytes=_per_layer(spec.decode_params(1), embed, spec.layers, bpp) if spec.moe else (),
+            kv_window=spec.layer_windows() if spec.sliding_layers else (),
         )
 
 
@@ -131,13 +150,13 @@ class Workload:
 
 def stage_time(model: LayerCosts, node: PlanNode, start: int, end: int, work: Workload) -> float:
     weights = sum(model.streamed[start:end])
-    kv = sum(model.kv_bytes_per_token[start:end]) * work.context_tokens
+    kv = model.kv_bytes(start, end, work.context_tokens)
     flops = sum(model.flops_per_token[start:end])
     return max((weights + kv) / node.bytes_per_s, flops / node.flops_per_s) * node.slowness
 
 
 def stage_memory(model: LayerCosts, start: int, end: int, work: Workload) -> float:
-    kv = sum(model.kv_bytes_per_token[start:end]) * work.context_tokens * work.sessions
+    kv = model.kv_bytes(start, end, work.context_tokens) * work.sessions
     return sum(model.weight_bytes[start:end]) + kv
 
 

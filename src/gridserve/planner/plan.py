@@ -122,15 +122,23 @@ def best_cuts(
     inf = math.inf
     weights = list(itertools.accumulate(model.weight_bytes, initial=0.0))
     read = list(itertools.accumulate(model.streamed, initial=0.0)) if model.streamed_bytes else weights
-    kv = list(itertools.accumulate(model.kv_bytes_per_token, initial=0.0))
     flops = list(itertools.accumulate(model.flops_per_token, initial=0.0))
     ctx, sessions = work.context_tokens, work.sessions
+    # prefix sums of a sequence's KV (LayerCosts.kv_bytes): the full-attention layers' bytes a token (x ctx), and
+    # what the sliding layers keep of it (their window)
+    kv, kept = [0.0], [0.0]
+    for per_token, window in zip(model.kv_bytes_per_token, model.kv_window or (0,) * n, strict=True):
+        kv.append(kv[-1] + (0.0 if window else per_token))
+        kept.append(kept[-1] + (per_token * min(ctx, window) if window else 0.0))
+
+    def sequence_kv(s: int, j: int) -> float:
+        return (kv[j] - kv[s]) * ctx + (kept[j] - kept[s])
 
     def memory(s: int, j: int) -> float:  # stage_memory over prefix sums
-        return weights[j] - weights[s] + (kv[j] - kv[s]) * ctx * sessions
+        return weights[j] - weights[s] + sequence_kv(s, j) * sessions
 
     def time(node: PlanNode, s: int, j: int) -> float:  # stage_time over prefix sums
-        streamed = read[j] - read[s] + (kv[j] - kv[s]) * ctx
+        streamed = read[j] - read[s] + sequence_kv(s, j)
         return max(streamed / node.bytes_per_s, (flops[j] - flops[s]) / node.flops_per_s) * node.slowness
 
     # best[i][j]: best cost with chain[:i+1] holding layers [0, j), chain[i] ending at j (hops to i+1 not yet)

@@ -39,7 +39,9 @@ from gridserve.scheduler.snapshot import (
     M_BASE_ITL,
     M_CONTEXT,
     M_DTYPE_OK,
-    M_KV_PER_TOKEN,
+    M_KV_FULL_LAYERS,
+    M_KV_SLIDING_LAYERS,
+    M_KV_WINDOW,
     M_LISTED,
     M_LOAD_S,
     M_MEM_WEIGHTS,
@@ -166,8 +168,11 @@ def decide(
                 hit = m[M_DTYPE_OK] == 0
             elif code == 6:
                 hit = not (row[C_TIER_BW] >= scalars[MIN_BW] and row[C_TIER_TFLOPS] >= scalars[MIN_TFLOPS])
-            elif code == 7:
-                need = (m[M_MEM_WEIGHTS] + m[M_KV_PER_TOKEN] * scalars[TOKENS]) * (1 + filter_params[f])
+            elif code == 7:  # filters.MemoryFitFilter._need: one sequence's KV, sliding layers within their window
+                tokens = scalars[TOKENS]
+                windowed = min(tokens, m[M_KV_WINDOW])
+                kv = m[M_KV_FULL_LAYERS] * tokens + m[M_KV_SLIDING_LAYERS] * windowed
+                need = (m[M_MEM_WEIGHTS] + kv) * (1 + filter_params[f])
                 hit = row[C_MEMORY] > 0 and need > row[C_MEMORY]
             elif code == 8:
                 floor = scalars[FLOOR]

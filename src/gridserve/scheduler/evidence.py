@@ -41,7 +41,8 @@ def requirements(ctx: Context) -> dict[str, Any]:
         needs["task"] = req.task
     if ctx.model is not None:
         needs["model_params"] = ctx.model.params
-        needs["kv_bytes_per_token_fp16"] = ctx.model.kv_bytes_per_token()
+        needs["kv_bytes_per_token_fp16"] = ctx.model.kv_bytes_per_token()  # every layer, as if none slid
+        needs["kv_bytes_fp16"] = ctx.model.kv_bytes(req.prompt_tokens + req.max_tokens)  # the sequence's, windowed
     return needs
 
 

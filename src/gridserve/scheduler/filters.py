@@ -19,7 +19,9 @@ from gridserve.scheduler.snapshot import (
     C_TIER_TFLOPS,
     M_CONTEXT,
     M_DTYPE_OK,
-    M_KV_PER_TOKEN,
+    M_KV_FULL_LAYERS,
+    M_KV_SLIDING_LAYERS,
+    M_KV_WINDOW,
     M_LISTED,
     M_MEM_WEIGHTS,
     NodeSnapshot,
@@ -132,6 +134,7 @@ class DtypeFilter(OneRow):
 @dataclass
 class MemoryFitFilter(OneRow):
     """Weights at the node's precision + KV cache for prompt and max_tokens + a margin must fit in memory.
+    The KV cache is one sequence's (ModelSpec.kv_bytes): a model's sliding layers keep at most their window.
     Momentary memory pressure (KV caches of requests in flight) is load, not capability: such a node queues
     the request, and the load scorer and the queueing prediction account for it."""
 
@@ -139,8 +142,10 @@ class MemoryFitFilter(OneRow):
     name: str = "memory-fit"
 
     def _need(self, ctx: Context, cols: Columns) -> tuple[Array, Array]:
-        """(KV bytes, total bytes needed) per node."""
-        kv = cols.mcol(M_KV_PER_TOKEN) * _context_needed(ctx)
+        """(KV bytes, total bytes needed) per node (the fused kernel's filter 7: the same arithmetic, in order)."""
+        tokens = _context_needed(ctx)
+        windowed = np.minimum(tokens, cols.mcol(M_KV_WINDOW))
+        kv = cols.mcol(M_KV_FULL_LAYERS) * tokens + cols.mcol(M_KV_SLIDING_LAYERS) * windowed
         return kv, (cols.mcol(M_MEM_WEIGHTS) + kv) * (1 + self.margin)
 
     def mask(self, ctx: Context, cols: Columns) -> Mask:
@@ -159,9 +164,15 @@ class MemoryFitFilter(OneRow):
         weights, have = cols.mcol(M_MEM_WEIGHTS)[j], cols.col(C_MEMORY)[j]
         return (
             f"needs {need[j] / GIB:.1f} GiB ({ctx.model.name} {quant if quant != 'none' else dtype} weights "
-            f"{weights / GIB:.1f} GiB + KV for {_context_needed(ctx)} tokens {kv[j] / GIB:.2f} GiB + "
-            f"{self.margin:.0%}), has {have / GIB:.1f} GiB"
+            f"{weights / GIB:.1f} GiB + KV for {_context_needed(ctx)} tokens{_windows(cols, j)} {kv[j] / GIB:.2f} "
+            f"GiB + {self.margin:.0%}), has {have / GIB:.1f} GiB"
         )
+
+
+def _windows(cols: Columns, j: int) -> str:
+    """What the sliding layers keep, for a model with any ("" without)."""
+    window = int(cols.mcol(M_KV_WINDOW)[j])
+    return f" (sliding layers keep the last {window})" if window else ""
 
 
 @register(FILTERS, "runtime")

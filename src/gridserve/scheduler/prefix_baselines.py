@@ -15,7 +15,9 @@ the default profile reads (the caller's prefix index), so that a comparison is o
   active (the node's KV in use, the new request's included), lowest cost wins (router temperature 0).
 
 KV in use is what a node's telemetry reports: memory used less the model's weights (a serving engine's KV
-usage; the simulator reports the KV of each node's batch), over the KV bytes a token takes.
+usage; the simulator reports the KV of each node's batch), over the KV bytes a token takes in every layer
+(M_KV_PER_TOKEN: for a model with sliding windows, tokens as full attention would hold them; the utilisation,
+a ratio of bytes, is the same either way).
 """
 
 import random

@@ -68,8 +68,14 @@ N_COLUMNS = 29
     M_BASE_ITL,
     M_LOAD_S,
     M_PRICE,
-) = range(10)
-N_MODEL_COLUMNS = 10
+    M_KV_FULL_LAYERS,
+    M_KV_SLIDING_LAYERS,
+    M_KV_WINDOW,
+) = range(13)
+N_MODEL_COLUMNS = 13
+"""M_KV_PER_TOKEN: KV bytes a token takes in every layer (as if none slid); a sequence of T tokens holds
+M_KV_FULL_LAYERS x T + M_KV_SLIDING_LAYERS x min(T, M_KV_WINDOW) (ModelSpec.kv_split and kv_bytes: 0.0 and 0
+for a model without windows)."""
 
 
 def _bytes_per_param(dtype: str, quantization: str) -> float:
@@ -120,7 +126,8 @@ class NodeStatic:
 
     def model_row(self, model: str) -> bytes:
         """Per-model numbers (cached, packed float64): listed, resident, context limit, bytes/param for the
-        prediction and for the price, weight bytes and KV bytes/token for the memory filter, dtype supported."""
+        prediction and for the price, weight bytes and KV bytes/token (full and sliding layers, the window) for
+        the memory filter, dtype supported."""
         row = self.model_rows.get(model)
         if row is None:
             row = array("d", self._model_row(model)).tobytes()
@@ -138,7 +145,9 @@ class NodeStatic:
         pred_quant = offer.quantization if offer and offer.quantization in QUANT_BYTES_PER_PARAM else "none"
         mem_quant = offer.quantization if offer and offer.quantization != "unknown" else "none"
         weights = spec.weight_bytes(dtype, mem_quant) if spec else 0.0
-        kv = spec.kv_bytes_per_token(dtype if dtype != "fp8" else "float16") if spec else 0.0
+        kv_dtype = dtype if dtype != "fp8" else "float16"
+        kv = spec.kv_bytes_per_token(kv_dtype) if spec else 0.0
+        kv_full, kv_sliding, window = spec.kv_split(kv_dtype) if spec else (0.0, 0.0, 0)
         dtype_ok = True
         hw = self.hw
         if offer is not None and hw is not None:
@@ -162,6 +171,9 @@ class NodeStatic:
             base_itl,
             load_s,
             self.price_per_mtok(model),
+            kv_full,
+            kv_sliding,
+            float(window),
         )
 
     def price_per_mtok(self, model: str) -> float:

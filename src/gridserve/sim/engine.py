@@ -303,7 +303,7 @@ class Simulation:
             self._lost(attempt)
         node.queue.clear()
         node.cache.clear()  # its KV memory goes with it
-        node.kv_tokens = 0
+        node.clear_kv()
         # the gateway marks it down when a stream to it breaks (stall guard), else when probes and heartbeats fail
         detect = self.config.dispatch.stall_min_s if streams else self.config.detect_s
         self._at(self.now + detect, self._detect, node, node.session)
@@ -421,7 +421,7 @@ class Simulation:
         attempt.running = True
         attempt.slot_at = at
         attempt.kv = prompt + attempt.tokens
-        node.kv_tokens += attempt.kv
+        node.hold_kv(attempt.kv)
         attempt.first_at = at + node.rtt_s / 2 + pred.ttft_s * speed * self.rng.lognormvariate(0.0, noise)
         attempt.itl = pred.itl_s * speed * self.rng.lognormvariate(0.0, noise)
         if blocks:
@@ -438,7 +438,7 @@ class Simulation:
 
     def _release(self, attempt: _Attempt) -> None:
         """A running attempt leaves its batch slot: its KV is no longer in use (its prompt stays cached)."""
-        attempt.node.kv_tokens -= attempt.kv
+        attempt.node.release_kv(attempt.kv)
         attempt.kv = 0
 
     def _free(self, node: SimNode) -> None:

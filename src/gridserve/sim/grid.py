@@ -138,9 +138,24 @@ class SimNode:
     """Its prefix cache: the prompt blocks its KV memory holds (emptied when it leaves)."""
     weight_bytes: float = 0.0
     """The model's weights at the node's precision."""
-    kv_bytes_per_token: float = 0.0
+    kv_split: tuple[float, float, int] = (0.0, 0.0, 0)
+    """The model's KV bytes a token in its full-attention and its sliding layers, and the window (ModelSpec)."""
     kv_tokens: int = 0
     """KV cache held by the requests in its batch (prompt and answer): what its telemetry reports in use."""
+    kv_window_tokens: int = 0
+    """Of those, what the sliding layers keep: each sequence's tokens up to the window (0 without windows)."""
+
+    def hold_kv(self, tokens: int) -> None:
+        """A sequence of `tokens` tokens takes a batch slot: its KV is in use (`release_kv` with the same)."""
+        self.kv_tokens += tokens
+        self.kv_window_tokens += min(tokens, self.kv_split[2])
+
+    def release_kv(self, tokens: int) -> None:
+        self.kv_tokens -= tokens
+        self.kv_window_tokens -= min(tokens, self.kv_split[2])
+
+    def clear_kv(self) -> None:
+        self.kv_tokens = self.kv_window_tokens = 0
 
     def snapshot(self) -> NodeSnapshot:
         return NodeSnapshot(
@@ -159,9 +174,12 @@ class SimNode:
         )
 
     def _memory_used(self) -> int:
-        """Weights plus the KV of the sequences in its batch, in whole blocks (telemetry is shared per value)."""
+        """Weights plus the KV of the sequences in its batch (ModelSpec.kv_bytes of each: the sliding layers keep
+        at most their window), in whole blocks (telemetry is shared per value)."""
+        full, sliding, _ = self.kv_split
         blocks = -(-self.kv_tokens // TOKENS_PER_BLOCK)
-        return int(self.weight_bytes + blocks * TOKENS_PER_BLOCK * self.kv_bytes_per_token)
+        window_blocks = -(-self.kv_window_tokens // TOKENS_PER_BLOCK)
+        return int(self.weight_bytes + blocks * TOKENS_PER_BLOCK * full + window_blocks * TOKENS_PER_BLOCK * sliding)
 
     def speed(self) -> float:
         """Service time multiplier: hidden slowness x thermal throttling."""
@@ -211,7 +229,7 @@ def build_nodes(config: SimConfig, model: ModelSpec, rng: random.Random) -> list
         node = SimNode(node_id, hw, dtype, quant, capability, rtt, slow, dishonest, static)
         node.cache = BlockCache(cache_blocks(model, hw, dtype, quant))
         node.weight_bytes = model.weight_bytes(dtype, quant)
-        node.kv_bytes_per_token = model.kv_bytes_per_token()
+        node.kv_split = model.kv_split()
         price = static.price_per_mtok(model.name)
         node.price_per_mtok = 0.0 if math.isnan(price) else price
         nodes.append(node)
@@ -245,7 +263,8 @@ def model_for_trace(trace: Sequence[TraceRequest], mix: dict[str, float]) -> tup
 
 def cache_blocks(model: ModelSpec, hw: HardwareSpec, dtype: str, quant: str) -> int:
     """Prompt blocks a card's prefix cache holds: its memory less the model's weights at its precision, over the
-    KV bytes a token takes (as the gateway sizes its index of the node: gateway/dispatch/prefixes.py)."""
+    KV bytes a token of a typical prompt takes (ModelSpec.kv_room_tokens; as the gateway sizes its index of the
+    node: gateway/dispatch/prefixes.py)."""
     return model.kv_room_tokens(hw.memory_gib * 2**30, dtype, quant) // TOKENS_PER_BLOCK
 
 

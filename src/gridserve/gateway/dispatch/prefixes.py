@@ -94,7 +94,8 @@ class PrefixAffinity(Subscriber):
 
 def capacity_blocks(capability: Capability) -> int:
     """Blocks of prompt the node can keep: the smallest KV room among its models' (memory less weights, over
-    KV bytes per token), capped by what it advertises for its prefix cache."""
+    KV bytes a token of a typical prompt takes: ModelSpec.kv_room_tokens), capped by what it advertises for its
+    prefix cache."""
     static = NodeStatic.of(capability)
     room = math.inf
     for offer in capability.models:
