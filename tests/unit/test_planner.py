@@ -20,6 +20,7 @@ from gridserve.planner import (
     plan,
     throughput_balanced,
 )
+from gridserve.planner.plan import FIT_TOLERANCE
 
 
 def compositions(n: int, k: int) -> list[list[int]]:
@@ -92,7 +93,9 @@ def test_the_planner_finds_the_brute_force_optimum(
     for a, b in itertools.pairwise(found.stages):
         assert a.end == b.start and a.start < a.end
     by_id = {n.node_id: n for n in nodes}
-    assert all(s.memory_bytes <= by_id[s.node_id].memory_bytes for s in found.stages)
+    # fits within the planner's tolerance for sums in different orders (a KV of 1e-7 B a token on a layer that
+    # fills the node exactly is 6e-5 B over)
+    assert all(s.memory_bytes <= by_id[s.node_id].memory_bytes * FIT_TOLERANCE for s in found.stages)
     assert len({s.node_id for s in found.stages}) == len(found.stages)
 
 
