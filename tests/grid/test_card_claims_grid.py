@@ -59,6 +59,13 @@ def candidate(grid: LocalGrid, decision_id: str, node_id: str) -> dict[str, Any]
     return next(c for c in decision["candidates"] if c["node_id"] == node_id)
 
 
+def settled(grid: LocalGrid, node_id: str) -> tuple[float, int]:
+    """(USD, tokens) the settlement ledger holds for the node."""
+    totals = admin_get(grid, "/admin/settlement").json()["totals"]
+    rows = [t for t in totals if t["node_id"] == node_id]
+    return sum(float(t["amount_usd"]) for t in rows), sum(int(t["tokens"]) for t in rows)
+
+
 def test_a_card_in_no_table_is_classed_served_and_predicted_after_calibration(tmp_path: Path) -> None:
     model = "llama-3-8b"
     grid = start(tmp_path, [("emulated:rtx4070ti-super", ["--model", model, "--device-figures", str(FIGURES)])])
@@ -110,6 +117,13 @@ def test_an_h100_claim_at_a_twelfth_of_its_speed_is_re_classed_and_a_throttled_h
         assert any("capability misrepresentation" in str(i) for i in incidents), incidents
         _, after = streamed_itl(client, liar_model, 100, 8)
         assert candidate(grid, after, liar)["price_per_mtok"] <= claimed_price / 8  # paid for the speed it shows
+        before = settled(grid, liar)
+        for i in range(3):
+            streamed_itl(client, liar_model, 200 + i, 8)
+        time.sleep(0.5)
+        later = settled(grid, liar)
+        per_mtok = (later[0] - before[0]) / (later[1] - before[1]) * 1e6
+        assert per_mtok <= claimed_price / 8, (per_mtok, claimed_price)  # and settled at that price
         with pytest.raises(openai.APIStatusError) as refused:
             client.completions.create(
                 model=liar_model, prompt="x", max_tokens=2, extra_body={"gridserve": {"tier": "interactive"}}

@@ -69,7 +69,7 @@ def test_migrate_twice_is_fine(store: Store) -> None:
     store.upsert_node("n1", public_key="k", capability={}, state="up", at=1.0)
     store.migrate()
     store.migrate()
-    assert _scalar(store, "SELECT version_num FROM alembic_version") == "0007"
+    assert _scalar(store, "SELECT version_num FROM alembic_version") == "0008"
     tables = set(sa.inspect(store.engine).get_table_names())
     assert {"nodes", "node_events", "decisions", "settlements", "join_tokens", "responses", "alembic_version"} <= tables
     assert [n["node_id"] for n in store.list_nodes()] == ["n1"]
@@ -88,8 +88,9 @@ def test_postgres_schema_isolates_tables() -> None:
     try:
         s.migrate()
         sql = f"SELECT count(*) FROM information_schema.tables WHERE table_schema = '{schema}'"
-        # nodes, node_events, decisions, settlements, join_tokens, responses, api_keys, key_usage, alembic_version
-        assert _scalar(s, sql) == 9
+        # nodes, node_events, decisions, settlements, join_tokens, responses, api_keys, key_usage, key_leases,
+        # alembic_version
+        assert _scalar(s, sql) == 10
     finally:
         s.close()
         _drop_pg_schema(schema)
