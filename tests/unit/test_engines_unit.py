@@ -12,14 +12,27 @@ import time
 from typing import Any
 
 import pytest
+from tests.english import CHAT, LLAMA3, LLAMA3_CHAT, TEXTS
 
 from gridserve.catalog import HARDWARE, MODELS, hardware_spec, model_spec
 from gridserve.engines.base import EngineError, InvalidRequest
-from gridserve.engines.emulated import KV_RESERVE, EmulatedEngine, EmulationError, FixedTimings, placement_for
+from gridserve.engines.emulated import (
+    KV_RESERVE,
+    PREFIX_BLOCK_TOKENS,
+    WORDS,
+    EmulatedEngine,
+    EmulationError,
+    FixedTimings,
+    placement_for,
+    prompt_ids,
+    spell,
+)
 from gridserve.engines.tiny import TINY_CONTEXT, TINY_MODEL, tiny_engine
+from gridserve.engines.tokencount import count_tokens
 from gridserve.engines.torch_engine import TorchEngine
 from gridserve.perfmodel import Load, predict
 from gridserve.types import ChatMessage, GenerateRequest, SamplingParams, TokenEvent
+from gridserve.types.wire import ResponseFormat
 
 PROMPTS = ("The quick brown fox", "Hello, grid!", "1+1=")
 PRINTABLE = set(string.printable) - set("\t\r\x0b\x0c") | {"\n"}
@@ -326,15 +339,104 @@ def test_emulated_rejects_bad_requests(tiny: TorchEngine) -> None:
     assert engine.stats.active == 0
 
 
-def test_emulated_text_comes_from_the_tiny_model(tiny: TorchEngine) -> None:
-    engine = EmulatedEngine(
-        hardware="h100-sxm", models=["llama-3-8b"], text_engine=tiny, fixed=FixedTimings(ttft_s=0, itl_s=0)
+def _instant(tiny: TorchEngine, **options: Any) -> EmulatedEngine:
+    return EmulatedEngine(
+        hardware="h100-sxm", models=["llama-3-8b"], text_engine=tiny, fixed=FixedTimings(ttft_s=0, itl_s=0), **options
     )
-    emulated = collect(engine, make_request("Hello", model="llama-3-8b", temperature=0.0, max_tokens=16))
+
+
+def test_emulated_text_comes_from_the_tiny_model_spelled_in_words(tiny: TorchEngine) -> None:
+    """The tiny model's tokens, one event each, spelled as the emulated vocabulary's words: the answer is as many
+    tokens as `usage` says to a client's tokenizer too (about 4 characters each, not 1)."""
+    engine = _instant(tiny)
+    request = make_request("Hello", model="llama-3-8b", temperature=0.0, max_tokens=16)
+    emulated = collect(engine, request)
     direct = collect(tiny, make_request("Hello", temperature=0.0, max_tokens=16))
-    assert emulated == direct
+    assert [e.token_ids for e in emulated] == [e.token_ids for e in direct]
+    assert [e.text for e in emulated[:-1]] == [spell(e.token_ids[0]) for e in direct[:-1]]
+    assert emulated[-1].completion_tokens == direct[-1].completion_tokens == len(emulated) - 1
+    assert count_tokens(text_of(emulated)) == emulated[-1].completion_tokens
+    assert emulated[-1].prompt_tokens == 1 + count_tokens("Hello")  # not the tiny model's bytes
     # A repeat (served from the deterministic cache) is the same.
-    assert collect(engine, make_request("Hello", model="llama-3-8b", temperature=0.0, max_tokens=16)) == emulated
+    assert collect(engine, request) == emulated
+
+
+def test_emulated_counts_the_prompt_as_its_model_would(tiny: TorchEngine) -> None:
+    """An English prompt counts within 10% of Llama 3's count (plus its template), plain or chat, short or long;
+    the prefill is timed on that count."""
+    engine = _instant(tiny)
+    for name, text in TEXTS.items():
+        plain = collect(engine, make_request(text, model="llama-3-8b", temperature=0.0, max_tokens=2))[-1]
+        assert abs(plain.prompt_tokens - (1 + LLAMA3[name])) <= max(2, 0.1 * LLAMA3[name]), name
+    messages = tuple(ChatMessage(role=role, content=text) for role, text in CHAT)
+    chat = collect(engine, make_request(None, model="llama-3-8b", messages=messages, temperature=0.0, max_tokens=2))
+    assert abs(chat[-1].prompt_tokens / LLAMA3_CHAT - 1) <= 0.10
+    assert chat[-1].prompt_tokens == len(prompt_ids(make_request(None, model="llama-3-8b", messages=messages)))
+
+
+def test_emulated_stops_on_its_own_words_and_holds_back_a_partial_match(tiny: TorchEngine) -> None:
+    engine = _instant(tiny)
+    whole = collect(engine, make_request("Stops", model="llama-3-8b", temperature=0.9, seed=5, max_tokens=24))
+    words = [e.text for e in whole[:-1]]
+    stop = words[5] + words[6][:3]  # ends inside the 7th token
+    cut = collect(
+        engine, make_request("Stops", model="llama-3-8b", temperature=0.9, seed=5, max_tokens=24, stop=(stop,))
+    )
+    assert text_of(cut) == "".join(words[:5])
+    assert cut[-1].finish_reason == "stop" and cut[-1].stop_sequence == stop
+    assert cut[-1].completion_tokens == 7 and len(cut) == 8
+    # from min_tokens on: a stop string that ends in the 7th token is not looked for in the 6th's text
+    held = {"temperature": 0.9, "seed": 5, "max_tokens": 24, "min_tokens": 7}
+    unheld = [e.text for e in collect(engine, make_request("Stops", model="llama-3-8b", **held))[:-1]]
+    late_stop = unheld[5] + unheld[6][:3]
+    late = collect(engine, make_request("Stops", model="llama-3-8b", stop=(late_stop,), **held))
+    assert text_of(late).startswith("".join(unheld[:7]))
+
+
+def test_emulated_logprobs_name_the_words(tiny: TorchEngine) -> None:
+    engine = _instant(tiny)
+    events = collect(engine, make_request("Scores", model="llama-3-8b", temperature=0.0, max_tokens=6, logprobs=3))
+    direct = collect(tiny, make_request("Scores", temperature=0.0, max_tokens=6, logprobs=3))
+    for event, raw in zip(events[:-1], direct[:-1], strict=True):
+        (entry,), (byte,) = event.logprobs, raw.logprobs
+        assert entry.token == event.text and bytes(entry.bytes) == event.text.encode()
+        assert entry.logprob == byte.logprob
+        assert [t.logprob for t in entry.top_logprobs] == [t.logprob for t in byte.top_logprobs]
+        assert all(t.token in {f" {w}" for w in WORDS} | {""} for t in entry.top_logprobs)
+
+
+def test_emulated_resumes_after_the_tokens_another_node_sent(tiny: TorchEngine) -> None:
+    engine = _instant(tiny)
+    request = make_request("Resume me", model="llama-3-8b", temperature=0.9, seed=2, max_tokens=20, ignore_eos=True)
+    whole = collect(engine, request)
+    sent = tuple(i for e in whole[:8] for i in e.token_ids)
+    rest = collect(engine, request.model_copy(update={"resume": sent}))
+    assert text_of(whole[:8]) + text_of(rest) == text_of(whole)
+    assert rest[-1].completion_tokens == 20 and len(rest) == 20 - 8 + 1
+
+
+def test_emulated_structured_output_keeps_the_tiny_models_characters(tiny: TorchEngine) -> None:
+    fmt = ResponseFormat(type="json_object")
+    events = collect(_instant(tiny), make_request("{", model="llama-3-8b", temperature=0.0, max_tokens=30))
+    shaped = collect(
+        _instant(tiny),
+        make_request("{", model="llama-3-8b", temperature=0.0, max_tokens=30, response_format=fmt),
+    )
+    direct = collect(tiny, make_request("{", temperature=0.0, max_tokens=30, response_format=fmt))
+    assert [(e.text, e.token_ids) for e in shaped[:-1]] == [(e.text, e.token_ids) for e in direct[:-1]]
+    assert text_of(shaped) != text_of(events)
+
+
+def test_emulated_prefix_cache_reuses_whole_blocks_of_counted_tokens(tiny: TorchEngine) -> None:
+    engine = _instant(tiny)
+    document = TEXTS["long"]
+    first = asyncio.run(_collect(engine, make_request(document + " First?", model="llama-3-8b", max_tokens=2)))
+    second = asyncio.run(_collect(engine, make_request(document + " Second?", model="llama-3-8b", max_tokens=2)))
+    assert first[-1].cached_tokens == 0
+    held = second[-1].cached_tokens
+    assert held % PREFIX_BLOCK_TOKENS == 0
+    assert 1 + count_tokens(document) - PREFIX_BLOCK_TOKENS < held <= 1 + count_tokens(document)
+    assert engine.prefix_block_tokens() == PREFIX_BLOCK_TOKENS
 
 
 def test_emulated_fixed_timings_are_lower_bounds(tiny: TorchEngine) -> None:

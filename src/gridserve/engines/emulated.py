@@ -3,8 +3,16 @@
 TTFT and ITL come from `perfmodel` (bandwidth-bound decode, compute-bound prefill, from the catalogue's
 cited spec figures), or are fixed by the operator for benchmarks. The text comes from the tiny model.
 
+Tokens are counted as the emulated model's tokenizer would count them, not as the tiny model's byte tokenizer
+does (one per character, about 2.5x a client's count): the prompt with `tokencount` (Llama 3's pre-tokenizer and
+calibrated piece lengths, within a few percent of Llama 3's and Gemma 3's counts on English text), and the answer
+in the emulated model's vocabulary: each token the tiny model picks is spelled as a common English word, one token
+in Llama 3's, Gemma 3's and `tokencount`'s counts alike (`spell`), so a client that counts the answer's tokens
+itself counts what `usage` says, and each token is paced at the emulated ITL. An answer held to a response format
+(JSON, tool calls) must be the tiny model's own characters: there each token is still one character.
+
 A prefix cache is emulated as a serving engine's would be (vLLM's automatic prefix caching): the KV room the card
-has beyond the weights holds the blocks of recent prompts (`PREFIX_BLOCK_TOKENS` tokens of the prompt's token ids,
+has beyond the weights holds the blocks of recent prompts (`PREFIX_BLOCK_TOKENS` of the prompt's counted tokens,
 chain-hashed), least recently used out; a prompt's prefill is timed on the tokens not already held, and its last
 event reports the rest as `cached_tokens`.
 The node advertises the emulated hardware with `emulated: true`; models a real engine serves are refused.
@@ -14,33 +22,75 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from gridserve.catalog import HardwareSpec, ModelSpec, hardware_spec, model_spec
 from gridserve.catalog.derive import COPY_REACH, MATMUL_DTYPES, MATMUL_REACH, derive_card
 from gridserve.catalog.spec import TYPICAL_SEQUENCE_TOKENS
+from gridserve.engines import tokencount
 from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
+from gridserve.engines.text import StopMatcher
+from gridserve.engines.tiny import OFFSET
 from gridserve.engines.torch_engine import TorchEngine
 from gridserve.perfmodel import Load, predict
 from gridserve.prefix import PrefixIndex
-from gridserve.types import DeviceFigures, GenerateRequest, HardwareInfo, MeasuredFigures, ModelOffer, TokenEvent
-from gridserve.types.wire import LOGPROBS_FEATURE, SAMPLING_FEATURES
+from gridserve.types import (
+    ChatMessage,
+    DeviceFigures,
+    GenerateRequest,
+    HardwareInfo,
+    MeasuredFigures,
+    ModelOffer,
+    TokenEvent,
+)
+from gridserve.types.wire import LOGPROBS_FEATURE, SAMPLING_FEATURES, TokenLogprob, TopLogprob
 
 log = logging.getLogger("gridserve.node")
 PLACEMENTS = (("float16", "none"), ("float16", "q8_0"), ("float16", "q4_k_m"))
 """The (dtype, quantization) an emulated card places a model at, widest first (sim/cards.py explains with them)."""
 TEXT_PROMPT_CHARS = 1024
 TEXT_MAX_TOKENS = 2048
-"""The tiny text source sees at most the last 1,024 characters of each message and writes at most
-2,048 tokens; timings and context checks use the emulated model's own figures."""
+"""The tiny text source sees at most the last 1,024 characters of the prompt (of the last messages, together)
+and writes at most 2,048 tokens (its context is 4,096); timings and context checks use the emulated model's own
+figures."""
 KV_RESERVE = 0.1
 """Share of device memory kept free for KV cache and activations when choosing a quantization."""
 
 
 PREFIX_BLOCK_TOKENS = 32
 """Tokens per emulated prefix-cache block."""
+
+
+_WORD_LIST = (
+    "the of and to in is that for it as with was on be at by this have from or one had not but what all were "
+    "when we can an your said if do will each how up out them then she many some so into has more her two like "
+    "him see time no make than been its who now my made over did down only way find use may long very just most "
+    "know get back much go good new our me man too any day same look also came come work word"
+)
+WORDS = tuple(_WORD_LIST.split())
+"""The emulated vocabulary's words: each, with its leading space, one token in Llama 3's and Gemma 3's tokenizers
+and in `tokencount` (tests check all three), and never merged with the next (a space starts every one)."""
+_WRITTEN = (ord("\n"), *range(32, 127))
+"""The bytes the tiny model writes (tiny.py's logit mask): one word each."""
+_SPELLING = {OFFSET + byte: f" {word}" for byte, word in zip(_WRITTEN, WORDS, strict=True)}
+
+
+def spell(token: int) -> str:
+    """A tiny-model token as the emulated model's: a word (the end-of-sequence token has no text)."""
+    return _SPELLING.get(token, "")
+
+
+def prompt_ids(request: GenerateRequest) -> list[int]:
+    """The prompt's tokens as the emulated model counts them (`tokencount`), each named by a stable id: what its
+    prefill is timed on and what the prefix cache holds."""
+    if request.messages is not None:
+        pieces = tokencount.chat_tokens(request.messages)
+    else:
+        pieces = tokencount.prompt_tokens(request.prompt or "")
+    return [zlib.crc32(piece.encode("utf-8", "surrogatepass")) & 0x7FFFFFFF for piece in pieces]
 
 
 class EmulationError(EngineError):
@@ -242,7 +292,7 @@ class EmulatedEngine:
             while len(self._cache) > 512:
                 self._cache.popitem(last=False)
 
-    async def _prefetched(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+    async def _prefetched(self, request: GenerateRequest) -> AsyncGenerator[TokenEvent, None]:
         """The text source's events, made ahead of the emulated timings: the tiny model writes while the emulated
         prefill runs and between emulated tokens, so the text source (real CPU work) delays the emulated schedule
         only when it is slower in all than the schedule itself, not whenever one of its steps is (a busy host)."""
@@ -267,24 +317,41 @@ class EmulatedEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
 
-    def _text_request(self, request: GenerateRequest, clip: int | None = TEXT_PROMPT_CHARS) -> GenerateRequest:
-        """The tiny model's context is short: clip the prompt's head and cap the output it must write (`clip`
-        None: the whole prompt, to count its tokens)."""
-        update: dict[str, object] = {
-            "model": self._text.offers()[0].name,
-            "sampling": request.sampling.model_copy(
-                update={"max_tokens": min(request.sampling.max_tokens, TEXT_MAX_TOKENS)}
-            ),
-        }
-        if clip is None:
-            return request.model_copy(update=update)
+    def _text_request(self, request: GenerateRequest) -> GenerateRequest:
+        """What the tiny model is asked: the prompt's last `TEXT_PROMPT_CHARS` characters (its context is short),
+        at most `TEXT_MAX_TOKENS` tokens, and for plain text no stop strings (they are matched on the spelled
+        words: `_spelled`)."""
+        sampling = request.sampling.model_copy(update={"max_tokens": min(request.sampling.max_tokens, TEXT_MAX_TOKENS)})
+        if sampling.response_format is None:
+            sampling = sampling.model_copy(update={"stop": ()})
+        update: dict[str, object] = {"model": self._text.offers()[0].name, "sampling": sampling}
         if request.prompt is not None:
-            update["prompt"] = request.prompt[-clip:]
+            update["prompt"] = request.prompt[-TEXT_PROMPT_CHARS:]
         if request.messages is not None:
-            update["messages"] = tuple(
-                m.model_copy(update={"content": m.content[-clip:]}) for m in request.messages[-4:]
-            )
+            update["messages"] = _clipped(request.messages, TEXT_PROMPT_CHARS)
         return request.model_copy(update=update)
+
+    async def _spelled(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """A plain-text answer: the tiny model's tokens spelled as the emulated vocabulary's words, the request's
+        stop strings matched on them from `min_tokens` tokens on (as TorchEngine does on its own text)."""
+        params = request.sampling
+        stops = StopMatcher(params.stop)
+        step = len(request.resume)
+        for count, token in enumerate(request.resume, 1):  # the stop matcher's state, as the client's text has it
+            if count >= params.min_tokens:
+                stops.feed(spell(token))
+        async with contextlib.aclosing(self._prefetched(self._text_request(request))) as events:
+            async for event in events:
+                if event.finish_reason is not None:  # the source's last event: it ends by itself after it
+                    yield event.model_copy(update={"text": stops.flush(), "stop_sequence": None})
+                    continue
+                step += 1
+                words = "".join(spell(token) for token in event.token_ids)
+                text = stops.feed(words) if step >= params.min_tokens else words
+                yield event.model_copy(update={"text": text, "logprobs": tuple(map(_spelled_logprob, event.logprobs))})
+                if stops.stopped:
+                    yield TokenEvent(finish_reason="stop", stop_sequence=stops.matched, completion_tokens=step)
+                    return
 
     def _timings(self, model: str, prompt_tokens: int) -> tuple[float, float]:
         ttft, itl = self._base_timings(model, prompt_tokens)
@@ -320,15 +387,16 @@ class EmulatedEngine:
         start = time.monotonic()
         self._stats.active += 1
         try:
-            text_request = self._text_request(request)
-            # timings follow the whole prompt (the text source only sees its tail)
-            ids = self._text.prompt_ids(self._text_request(request, clip=None))
+            # timings follow the whole prompt as the emulated model counts it (the text source sees its tail)
+            ids = prompt_ids(request)
             prompt_tokens = len(ids)
             cached = self._prefix.reuse(request.model, ids) if self._prefix is not None else 0
             ttft, itl = self._timings(request.model, prompt_tokens - cached + len(request.resume))
             first: float | None = None
             i = 0
-            async for event in self._prefetched(text_request):
+            plain = request.sampling.response_format is None
+            source = self._spelled(request) if plain else self._prefetched(self._text_request(request))
+            async for event in source:
                 if first is None:  # the text source may be slower than the emulated TTFT
                     first = max(start + ttft, time.monotonic())
                 delay = first + i * itl - time.monotonic()
@@ -352,3 +420,30 @@ class EmulatedEngine:
             self._stats.active -= 1
             if self._slots is not None:
                 self._slots.release()
+
+
+def _clipped(messages: Sequence[ChatMessage], chars: int) -> tuple[ChatMessage, ...]:
+    """The last messages with at most `chars` characters of text together (the earliest kept one cut at its head),
+    so that the tiny model's prompt and answer fit its context however many messages there are."""
+    kept: list[ChatMessage] = []
+    for message in reversed(messages):
+        if chars <= 0:
+            break
+        kept.append(message.model_copy(update={"content": message.content[-chars:]}))
+        chars -= len(message.content)
+    return tuple(reversed(kept))
+
+
+def _spelled_logprob(entry: TokenLogprob) -> TokenLogprob:
+    """A log-probability entry with its token and alternatives spelled as the emulated vocabulary's words."""
+    alternatives = tuple(_spelled_alternative(top) for top in entry.top_logprobs)
+    picked = _spelled_alternative(entry)
+    return TokenLogprob(token=picked.token, logprob=entry.logprob, bytes=picked.bytes, top_logprobs=alternatives)
+
+
+def _spelled_alternative(entry: TopLogprob) -> TopLogprob:
+    """One byte's entry as its word's (the end-of-sequence token, with no bytes, stays as it is)."""
+    if len(entry.bytes) != 1:
+        return TopLogprob(token=entry.token, logprob=entry.logprob, bytes=entry.bytes)
+    word = spell(OFFSET + entry.bytes[0])
+    return TopLogprob(token=word, logprob=entry.logprob, bytes=tuple(word.encode()))

@@ -4,6 +4,7 @@ Prefill runs in chunks of the prefix cache's block size, reusing the longest cac
 blocks (engines/prefix_cache.py, which explains why a cache hit gives the same output, bit for bit)."""
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -199,7 +200,10 @@ class TorchEngine(LocalEngine):
         events: asyncio.Queue[object] = asyncio.Queue()
 
         def emit(item: object) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, item)
+            """From the worker thread. The caller's loop may have closed since (it stopped reading: its
+            `asyncio.run` ended): the item is then for no one, and the worker must go on with the others."""
+            with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+                loop.call_soon_threadsafe(events.put_nowait, item)
 
         assert self._prefix is not None  # set with the model
         gen = _Generation(loaded, self._prefix, prompt, request, emit, self._stats)

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 
+from gridserve.engines.tokencount import count_tokens
 from gridserve.scheduler import named_profile
 from gridserve.sim.engine import Outcome, Simulation
 from gridserve.sim.grid import SimConfig
@@ -62,8 +63,8 @@ class _Streamed:
 
 
 def synthetic(n: int, rate: float, seed: int = 0) -> list[TraceRequest]:
-    """Poisson arrivals; prompts of 500-4000 characters (an emulated node's byte tokenizer counts about one
-    token per character), outputs of 20-200 tokens asked for."""
+    """Poisson arrivals; prompts of 500-4000 tokens (as an emulated node counts them: `prompt_of`), outputs of
+    20-200 tokens asked for."""
     rng = random.Random(seed)
     t, out = 0.0, []
     for _ in range(n):
@@ -72,11 +73,15 @@ def synthetic(n: int, rate: float, seed: int = 0) -> list[TraceRequest]:
     return out
 
 
-def prompt_of(chars: int, rng: random.Random) -> str:
+def prompt_of(tokens: int, rng: random.Random) -> str:
+    """Words that make about `tokens` tokens as an emulated node counts them (engines/tokencount.py: each word
+    is a piece of its own, so the text's count is the sum of its words')."""
     words: list[str] = []
-    while sum(len(w) + 1 for w in words) < chars:
+    counted = 0
+    while counted < tokens:
         words.append(rng.choice(WORDS))
-    return " ".join(words)[:chars]
+        counted += count_tokens(" " + words[-1])
+    return " ".join(words)
 
 
 async def _one(client: httpx.AsyncClient, model: str, req: TraceRequest, start: float, seed: int) -> _Streamed | None:
