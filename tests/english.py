@@ -84,6 +84,3 @@ GEMMA3 = {
 }
 LLAMA3_CHAT = 165
 """`CHAT`'s prompt tokens as Llama 3's chat template makes them (with <|begin_of_text|> and the reply's header)."""
-GEMMA3_CHAT = 155
-"""`CHAT`'s prompt tokens on a real Gemma node (engines/gemma.py's codec: Gemma 3's template folds the system
-message into the first user turn, five tokens fewer than a turn of its own)."""
