@@ -15,6 +15,7 @@ import pytest
 from tests.english import CHAT, LLAMA3, LLAMA3_CHAT, TEXTS
 
 from gridserve.catalog import HARDWARE, MODELS, hardware_spec, model_spec
+from gridserve.engines import emulated
 from gridserve.engines.base import EngineError, InvalidRequest
 from gridserve.engines.emulated import (
     KV_RESERVE,
@@ -413,6 +414,29 @@ def test_emulated_resumes_after_the_tokens_another_node_sent(tiny: TorchEngine) 
     rest = collect(engine, request.model_copy(update={"resume": sent}))
     assert text_of(whole[:8]) + text_of(rest) == text_of(whole)
     assert rest[-1].completion_tokens == 20 and len(rest) == 20 - 8 + 1
+
+
+def test_emulated_answers_longer_than_the_tiny_model_writes_at_once(
+    tiny: TorchEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny model writes at most TEXT_MAX_TOKENS at once (16 here); the answer goes on in rounds to max_tokens,
+    also after a failover that resumed more than a round's tokens, and stop strings are matched across rounds."""
+    monkeypatch.setattr(emulated, "TEXT_MAX_TOKENS", 16)
+    engine = _instant(tiny)
+    request = make_request("Long", model="llama-3-8b", temperature=0.9, seed=4, max_tokens=40, ignore_eos=True)
+    whole = collect(engine, request)
+    assert whole[-1].finish_reason == "length" and whole[-1].completion_tokens == 40 and len(whole) == 41
+    assert count_tokens(text_of(whole)) == 40
+    sent = tuple(i for e in whole[:20] for i in e.token_ids)
+    rest = collect(engine, request.model_copy(update={"resume": sent}))
+    assert rest[-1].completion_tokens == 40 and len(rest) == 40 - 20 + 1
+    words = [e.text for e in whole[:-1]]
+    stop = words[17] + words[18]  # across the first round's end
+    cut = collect(
+        engine, request.model_copy(update={"sampling": request.sampling.model_copy(update={"stop": (stop,)})})
+    )
+    assert stop not in "".join(words[:18])  # (the seed's answer: the stop string's first occurrence)
+    assert text_of(cut) == "".join(words[:17]) and cut[-1].completion_tokens == 19
 
 
 def test_emulated_structured_output_keeps_the_tiny_models_characters(tiny: TorchEngine) -> None:

@@ -54,8 +54,9 @@ PLACEMENTS = (("float16", "none"), ("float16", "q8_0"), ("float16", "q4_k_m"))
 TEXT_PROMPT_CHARS = 1024
 TEXT_MAX_TOKENS = 2048
 """The tiny text source sees at most the last 1,024 characters of the prompt (of the last messages, together)
-and writes at most 2,048 tokens (its context is 4,096); timings and context checks use the emulated model's own
-figures."""
+and writes at most 2,048 tokens at once (its context is 4,096): a longer plain-text answer goes on in rounds
+(`EmulatedEngine._round`), one held to a response format ends there. Timings and context checks use the emulated
+model's own figures."""
 KV_RESERVE = 0.1
 """Share of device memory kept free for KV cache and activations when choosing a quantization."""
 
@@ -333,25 +334,57 @@ class EmulatedEngine:
 
     async def _spelled(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         """A plain-text answer: the tiny model's tokens spelled as the emulated vocabulary's words, the request's
-        stop strings matched on them from `min_tokens` tokens on (as TorchEngine does on its own text)."""
+        stop strings matched on them from `min_tokens` tokens on (as TorchEngine does on its own text). An answer
+        longer than the tiny model writes at once goes on in rounds (`_round`), up to the emulated model's own
+        limits, so that no answer ends early on the tiny model's."""
         params = request.sampling
         stops = StopMatcher(params.stop)
-        step = len(request.resume)
-        for count, token in enumerate(request.resume, 1):  # the stop matcher's state, as the client's text has it
+        answer = list(request.resume)
+        for count, token in enumerate(answer, 1):  # the stop matcher's state, as the client's text has it
             if count >= params.min_tokens:
                 stops.feed(spell(token))
-        async with contextlib.aclosing(self._prefetched(self._text_request(request))) as events:
-            async for event in events:
-                if event.finish_reason is not None:  # the source's last event: it ends by itself after it
-                    yield event.model_copy(update={"text": stops.flush(), "stop_sequence": None})
-                    continue
-                step += 1
-                words = "".join(spell(token) for token in event.token_ids)
-                text = stops.feed(words) if step >= params.min_tokens else words
-                yield event.model_copy(update={"text": text, "logprobs": tuple(map(_spelled_logprob, event.logprobs))})
-                if stops.stopped:
-                    yield TokenEvent(finish_reason="stop", stop_sequence=stops.matched, completion_tokens=step)
-                    return
+        while True:
+            last: TokenEvent | None = None
+            async with contextlib.aclosing(self._prefetched(self._round(request, answer))) as events:
+                async for event in events:
+                    if event.finish_reason is not None:  # the source's last event: it ends by itself after it
+                        last = event
+                        continue
+                    answer.extend(event.token_ids)
+                    words = "".join(spell(token) for token in event.token_ids)
+                    text = stops.feed(words) if len(answer) >= params.min_tokens else words
+                    yield event.model_copy(
+                        update={"text": text, "logprobs": tuple(map(_spelled_logprob, event.logprobs))}
+                    )
+                    if stops.stopped:
+                        yield TokenEvent(
+                            finish_reason="stop", stop_sequence=stops.matched, completion_tokens=len(answer)
+                        )
+                        return
+            assert last is not None, "a text source ends with a final event"
+            if last.finish_reason == "stop" or len(answer) >= params.max_tokens:
+                update = {"text": stops.flush(), "stop_sequence": None, "completion_tokens": len(answer)}
+                yield last.model_copy(update=update)
+                return
+
+    def _round(self, request: GenerateRequest, answer: Sequence[int]) -> GenerateRequest:
+        """What the tiny model is asked next: the client's request (clipped) continued after the tokens resumed,
+        when they fit its context; after that, or after a long resumed answer, the rest of the answer (at most
+        `TEXT_MAX_TOKENS` of it) written after a prompt of the answer's own last characters."""
+        if tuple(answer) == request.resume and len(answer) < TEXT_MAX_TOKENS:
+            return self._text_request(request)
+        params, left = request.sampling, request.sampling.max_tokens - len(answer)
+        written = min(left, TEXT_MAX_TOKENS)
+        sampling = params.model_copy(
+            update={
+                "max_tokens": written,
+                "min_tokens": min(written, max(0, params.min_tokens - len(answer))),
+                "stop": (),
+            }
+        )
+        tail = bytes(token - OFFSET for token in answer if token >= OFFSET).decode("utf-8", "replace")
+        update = {"prompt": tail[-TEXT_PROMPT_CHARS:], "messages": None, "resume": (), "sampling": sampling}
+        return request.model_copy(update={"model": self._text.offers()[0].name, **update})
 
     def _timings(self, model: str, prompt_tokens: int) -> tuple[float, float]:
         ttft, itl = self._base_timings(model, prompt_tokens)
