@@ -16,6 +16,10 @@ from gridserve.cli.grid import LocalGrid
 from gridserve.engines.tiny import TINY_MODEL
 
 CANARY_TIMEOUT_S = 3.0
+AUDIT_WAIT_S = 90.0
+"""How long an answer's audit may take to show: the verifier's child process imports torch and loads the model for
+the first one, which took over 20 s on a fresh clone's loaded machine (a second altered answer was then sent and
+audited, and two severe incidents banned the node where one quarantines it)."""
 ALTERING, HONEST, STALLING = 0, 1, 2
 """The nodes by index: the altering node serves alone first (client traffic reaches no other), then two honest
 nodes join, one of which is told to stall."""
@@ -76,7 +80,7 @@ def test_a_node_altering_sampled_answers_is_caught_by_the_audit_of_client_traffi
         assert raw.headers["x-gridserve-node"] == altering
         assert "seed" not in raw.text  # the gateway's seed stays between it and the node
         served += 1
-        deadline = time.monotonic() + 20  # the audit runs off the request path
+        deadline = time.monotonic() + AUDIT_WAIT_S  # the audit runs off the request path
         while time.monotonic() < deadline and not incidents:
             audited = _audited(grid, raw.parse().id)  # (first: an audit that ends between the two reads is seen)
             incidents = _incidents(grid, altering)
