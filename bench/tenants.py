@@ -283,6 +283,7 @@ def overhead_in_process(tmp: Path, count: int) -> dict[str, Any]:
             started = time.perf_counter()
             key = tenancy.authenticate(token)
             assert key is not None
+            await tenancy.reserve(key)  # a budget's lease: a store round trip on one request in several
             admission = tenancy.admit(key, model=MODEL, tier=None, tokens=100)
             await tenancy.wait_for_room(admission, MODEL)
             admission.charge(100, 1e-6, failed=False)
