@@ -132,8 +132,11 @@ def test_silently_throttled_node_loses_traffic_once_observed(tmp_path: Path) -> 
 
         def one(i: int) -> str:
             raw = client.completions.with_raw_response.create(
-                model="llama-3-8b", prompt=f"req {i}", max_tokens=16, extra_body={"gridserve": {"tier": "interactive"}}
-            )
+                model="llama-3-8b",
+                prompt=f"req {i}",
+                max_tokens=16,
+                extra_body={"ignore_eos": True, "gridserve": {"tier": "interactive"}},
+            )  # 16 tokens each, so every answer shows its node's inter-token latency (a sampled answer may end at 1)
             return raw.headers["x-gridserve-node"]
 
         # Phase 1: pairs of concurrent requests, so load spreads and both nodes are observed.

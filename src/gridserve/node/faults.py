@@ -112,10 +112,19 @@ class Faults:
             spec = self.spec
             if spec.crash_after_tokens is not None and tokens > spec.crash_after_tokens:
                 os._exit(137)
-            if spec.stall_after_tokens is not None and tokens > spec.stall_after_tokens:
+            if _stalls(spec.stall_after_tokens, tokens, event):
                 stats.note_error(f"generation stalled after {spec.stall_after_tokens} tokens (injected)", "timeout")
                 await asyncio.Event().wait()  # hang until the gateway gives up and closes the connection
             yield event
+
+
+def _stalls(after: int | None, tokens: int, event: TokenEvent) -> bool:
+    """Whether a node stalling after `after` tokens withholds `event`, which brings the answer to `tokens`: any
+    event past them, and the answer's end once they are sent (an answer of no tokens, as when the first token
+    picked is end-of-sequence, never arrives). An answer shorter than `after` tokens is sent whole."""
+    if after is None:
+        return False
+    return tokens > after or (event.finish_reason is not None and tokens >= after)
 
 
 __all__ = ["FaultSpec", "Faults", "FaultsDisabled", "parse_fault_options"]
