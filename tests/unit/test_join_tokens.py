@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -15,10 +15,12 @@ from typing import Any, cast
 import httpx
 import pytest
 from tests.hostile import HostileNode
+from tests.inprocess import Check
+from tests.inprocess import with_gateway as run_gateway
 
 from gridserve.engines import Engine
 from gridserve.engines.base import EngineStats
-from gridserve.gateway.app import Gateway, build_gateway_app
+from gridserve.gateway.app import Gateway
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.registry import tokens as tokens_module
 from gridserve.gateway.registry.tokens import JOIN_TOKEN_HEADER, JoinRefused, JoinTokens, UnknownToken, digest
@@ -194,26 +196,10 @@ def register_body(node: HostileNode) -> bytes:
     return node.envelope(node.capability("http://127.0.0.1:9", [MODEL]), "register")
 
 
-Check = Callable[[Gateway, httpx.AsyncClient], Awaitable[None]]
-
-
 def with_gateway(tmp: Path, check: Check, *, required: bool = True) -> None:
-    """Run `check` against an in-process gateway (SQLite in `tmp`; join tokens required unless told)."""
-    store = Store(f"sqlite:///{tmp / 'gateway.db'}")
-    store.migrate()
+    """Run `check` against an in-process gateway (join tokens required unless told)."""
     config = GatewayConfig(admin_token=ADMIN, allow_emulated=True, join_tokens_required=required)
-    gw = Gateway(config, store, Identity.generate())
-
-    async def go() -> None:
-        transport = httpx.ASGITransport(app=build_gateway_app(gw))
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            await check(gw, client)
-
-    try:
-        asyncio.run(go())
-    finally:
-        gw.writer.close()
-        store.close()
+    run_gateway(tmp, check, config)
 
 
 async def register(client: httpx.AsyncClient, node: HostileNode, token: str | None) -> httpx.Response:

@@ -4,41 +4,24 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import ValidationError
+from tests.inprocess import Check
+from tests.inprocess import with_gateway as run_gateway
 
-from gridserve.gateway.app import Gateway, build_gateway_app
+from gridserve.gateway.app import Gateway
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.tenancy import KeyPolicy
-from gridserve.store import Store
-from gridserve.trust import Identity
 
 ADMIN = "test-admin"
-Check = Callable[[Gateway, httpx.AsyncClient], Awaitable[None]]
 
 
 def with_gateway(tmp: Path, check: Check) -> None:
-    """Run `check` against an in-process gateway (SQLite in `tmp`)."""
-    store = Store(f"sqlite:///{tmp / 'gateway.db'}")
-    store.migrate()
-    gw = Gateway(GatewayConfig(admin_token=ADMIN), store, Identity.generate())
-
-    async def go() -> None:
-        transport = httpx.ASGITransport(app=build_gateway_app(gw))
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            await check(gw, client)
-
-    try:
-        asyncio.run(go())
-    finally:
-        gw.writer.close()
-        store.close()
+    run_gateway(tmp, check, GatewayConfig(admin_token=ADMIN))
 
 
 async def create(client: httpx.AsyncClient, body: Any = None, *, content: bytes | None = None) -> httpx.Response:

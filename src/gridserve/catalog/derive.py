@@ -171,11 +171,13 @@ def scaled(spec: HardwareSpec, *, speed: float, compute: float, cost: float, rec
     if all(abs(x - 1.0) < 1e-9 for x in (speed, compute, cost)):
         return spec
     bandwidth, tflops = spec.bandwidth_gbs * speed, spec.fp16_tflops * compute
-    kind = spec.hw_class if spec.hw_class in ("cpu", "apple") else "gpu"
-    figures = classify(bandwidth_gbs=bandwidth, memory_gib=spec.memory_gib, fp16_tflops=tflops, kind=kind)
+    hw_class = spec.hw_class
+    if reclass:
+        kind = spec.hw_class if spec.hw_class in ("cpu", "apple") else "gpu"
+        hw_class = classify(bandwidth_gbs=bandwidth, memory_gib=spec.memory_gib, fp16_tflops=tflops, kind=kind)
     return replace(
         spec,
-        hw_class=figures if reclass else spec.hw_class,
+        hw_class=hw_class,
         bandwidth_gbs=bandwidth,
         fp16_tflops=tflops,
         cost_per_hour=spec.cost_per_hour * cost,

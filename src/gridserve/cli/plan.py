@@ -96,7 +96,7 @@ def _grid_nodes(url: str, token: str | None, fail: Any) -> tuple[list[Any], dict
     def _card(hardware: dict[str, Any]) -> Any:
         """The node's card as the gateway predicts it (catalogue, driver figures, micro-benchmark)."""
         try:
-            view = card_view(HardwareInfo.model_validate_json(json.dumps(hardware)))
+            view = card_view(HardwareInfo.model_validate(hardware, strict=False))
         except ValueError:
             return None
         return view.hw if view is not None else None

@@ -7,8 +7,8 @@
   flight). Every gateway writes only its own rows, with absolute values (a retried write counts nothing twice), and
   reads the others' sums: limits hold across gateways with no database round trip on a request's path.
 - `key_leases`: each gateway's lease on a key's budget (gateway/tenancy/leases.py): the spend it may reach, and its
-  own spend when it last wrote. Leases are granted in a transaction that locks the key's row, so the live gateways'
-  leases never add up to more than the budget.
+  own spend when it last wrote; a row is written only when its lease changes (a grant, a give-back). Leases are
+  granted in a transaction that locks the key's row, so the gateways' leases never add up to more than the budget.
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class KeyStore:
         return sum(held.values())
 
     def put_leases(self, rows: Sequence[dict[str, Any]]) -> None:
-        """This gateway's leases as they stand (keeps them live; a lease lowered to the spend gives the rest back)."""
+        """Leases this gateway gave back (each lowered to its spend): the others may be granted the rest."""
         if rows:
             with self.store.transaction() as conn:
                 conn.execute(self._upsert_lease, list(rows))

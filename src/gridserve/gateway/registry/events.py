@@ -80,12 +80,12 @@ class JobObserved:
     raw_predicted_itl_s: float
     itl_s: float | None
     service: tuple[float, float] | None = None
+    """(uncalibrated predicted, observed) TTFT without the wait for a batch slot, where the node reports that wait:
+    the calibration's pair then (the queue prediction's error is not the node's speed)."""
     completion_tokens: int | None = None
     """The answer's length: the node's typical length prices the queue behind it (`Calibration.output_tokens`)."""
     at: float = 0.0
     """When it was observed (unix seconds): the time of an incident its claim check records."""
-    """(uncalibrated predicted, observed) TTFT without the wait for a batch slot, where the node reports that wait:
-    the calibration's pair then (the queue prediction's error is not the node's speed)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,11 @@ than the budget (store/keys.py `KeyStore.lease`). A gateway asks for a slice (`L
 room runs low, before the request that needs it is decided: a round trip to the store on one request in several,
 none on the others. A key idle here for `IDLE_S` gives its unspent lease back, and a gateway that stops gives back
 all it holds. One that crashed holds its lease (at most a slice) until it runs again under its id: what it spent
-after it last wrote is unknown, and the budget is never overspent. A gateway spends from its lease only while the
-store renews it (`LEASE_TTL_S`, with each key sync): one that cannot reach the store stops when its lease lapses.
+after it last wrote is unknown, and the budget is never overspent. A gateway that cannot reach the store spends on
+from the lease it holds (the store counts it as this gateway's) and is refused once it needs more.
+
+The store hears of a lease only when it changes: a grant (in its own transaction), and a give-back (idle or at a
+stop), written with the next key sync and again with each one after until the store has it.
 """
 
 from __future__ import annotations
@@ -25,27 +28,27 @@ LEASE_SHARE = 0.1
 """A lease grows by this share of the budget at a time: at most this much per gateway is held but unspent."""
 LOW_WATER = 0.5
 """A lease is topped up when less than this share of a slice is left of it."""
-LEASE_TTL_S = 2.5
-"""A lease lapses here this long after the store last renewed it (the others reclaim it after LIVE_S, later)."""
 IDLE_S = 10.0
 """A key with no request admitted here for this long gives its unspent lease back."""
 
 
 class BudgetLeases:
-    """This gateway's leases on keys' budgets: the one writer of `KeyCounts.lease_usd` and `lease_until`."""
+    """This gateway's leases on keys' budgets: the one writer of `KeyCounts.lease_usd`."""
 
     def __init__(
         self, keystore: KeyStore, limiter: Limiter, *, gateway_id: str, clock: Callable[[], float] = time.time
     ) -> None:
         self.keystore, self.limiter, self.gateway_id, self.clock = keystore, limiter, gateway_id, clock
         self.writing = asyncio.Lock()
-        """Held around every lease write (a grant, a sync's renewal): a renewal built before a grant must not land
+        """Held around every lease write (a grant, a give-back): a give-back built before a grant must not land
         after it and lower the lease the store holds."""
+        self.unwritten: set[str] = set()
+        """Keys whose lease was given back here and not yet written to the store."""
 
     async def reserve(self, key: ApiKey) -> None:
         """Make sure this gateway holds room on `key`'s budget for one more request, if the budget has any: a lease
-        topped up from the store when it runs low or lapses (no store call otherwise). A store that cannot be
-        reached leaves the lease as it is (the request is refused once it lapses)."""
+        topped up from the store when it runs low (no store call otherwise). A store that cannot be reached leaves
+        the lease as it is (the request is refused once it is spent)."""
         budget = key.policy.budget_usd
         if key.static or budget is None:
             return
@@ -56,7 +59,6 @@ class BudgetLeases:
             if self._roomy(counts, budget):
                 return
             spent = counts.own.spent_usd
-            now = self.clock()
             want = spent + LEASE_SHARE * budget
             try:
                 granted = await asyncio.to_thread(
@@ -66,59 +68,54 @@ class BudgetLeases:
                     spent_usd=spent,
                     want_usd=want,
                     budget_usd=budget,
-                    now=now,
+                    now=self.clock(),
                 )
-            except Exception:  # the store is down: spend on from what is held, until it lapses
+            except Exception:  # the store is down: spend on from what is held
                 return
-            counts.lease_usd, counts.lease_until = granted, now + LEASE_TTL_S
+            counts.lease_usd = granted
+            self.unwritten.discard(key.key_id)  # the grant wrote the row as it stands
 
-    def _roomy(self, counts: KeyCounts, budget: float) -> bool:
-        now = self.clock()
-        if counts.lease_usd is None or now >= counts.lease_until - LEASE_TTL_S / 2:
+    @staticmethod
+    def _roomy(counts: KeyCounts, budget: float) -> bool:
+        if counts.lease_usd is None:
             return False
         return counts.lease_usd - counts.own.spent_usd > LOW_WATER * LEASE_SHARE * budget
 
-    def renewals(self, now: float) -> list[dict[str, object]]:
-        """This gateway's leases as they stand, to write with a key sync (an idle key's lowered to its spend)."""
-        rows: list[dict[str, object]] = []
-        for key_id, counts in self.limiter.keys.items():
-            if counts.lease_usd is None:
-                continue
-            if now - counts.last_admit >= IDLE_S and counts.own.inflight <= 0:
-                counts.lease_usd = min(counts.lease_usd, counts.own.spent_usd)
-            rows.append(
-                {
-                    "key_id": key_id,
-                    "gateway_id": self.gateway_id,
-                    "leased_usd": counts.lease_usd,
-                    "spent_usd": counts.own.spent_usd,
-                    "updated_at": now,
-                }
-            )
-        return rows
-
-    async def renew(self) -> None:
-        """Write this gateway's leases as they stand (with each key sync): they hold for another LEASE_TTL_S."""
+    async def give_back_idle(self) -> None:
+        """Give back the unspent lease of each key with nothing admitted here for IDLE_S and nothing in flight (with
+        each key sync), and write what the store does not have yet."""
         async with self.writing:
             now = self.clock()
-            rows = self.renewals(now)
-            if rows:
-                await asyncio.to_thread(self.keystore.put_leases, rows)
-                self.renewed(rows, now)
+            for key_id, counts in self.limiter.keys.items():
+                if now - counts.last_admit >= IDLE_S and counts.own.inflight <= 0:
+                    self._lower(key_id, counts)
+            await self._write(now)
 
     async def give_back(self) -> None:
         """Lower every lease to what was spent (the gateway is stopping): the others may spend the rest."""
         async with self.writing:
-            for counts in self.limiter.keys.values():
-                if counts.lease_usd is not None:
-                    counts.lease_usd = min(counts.lease_usd, counts.own.spent_usd)
-            rows = self.renewals(self.clock())
-            if rows:
-                await asyncio.to_thread(self.keystore.put_leases, rows)
+            for key_id, counts in self.limiter.keys.items():
+                self._lower(key_id, counts)
+            await self._write(self.clock())
 
-    def renewed(self, rows: list[dict[str, object]], at: float) -> None:
-        """The store has these leases as of `at`: they hold for another LEASE_TTL_S."""
-        for row in rows:
-            counts = self.limiter.keys.get(str(row["key_id"]))
-            if counts is not None and counts.lease_usd is not None:
-                counts.lease_until = max(counts.lease_until, at + LEASE_TTL_S)
+    def _lower(self, key_id: str, counts: KeyCounts) -> None:
+        if counts.lease_usd is not None and counts.lease_usd > counts.own.spent_usd:
+            counts.lease_usd = counts.own.spent_usd
+            self.unwritten.add(key_id)
+
+    async def _write(self, now: float) -> None:
+        """The given-back leases, as they stand now (a failed write is tried again with the next sync)."""
+        rows = [
+            {
+                "key_id": key_id,
+                "gateway_id": self.gateway_id,
+                "leased_usd": counts.lease_usd,
+                "spent_usd": counts.own.spent_usd,
+                "updated_at": now,
+            }
+            for key_id in sorted(self.unwritten)
+            if (counts := self.limiter.keys.get(key_id)) is not None and counts.lease_usd is not None
+        ]
+        if rows:
+            await asyncio.to_thread(self.keystore.put_leases, rows)
+        self.unwritten.clear()

@@ -59,14 +59,12 @@ class KeyCounts:
     """Own counts moved since the store last had them."""
     lease_usd: float | None = None
     """The spend this gateway may reach on the key's budget (gateway/tenancy/leases.py); None: no lease yet."""
-    lease_until: float = 0.0
-    """Wall-clock time the lease holds until unless the store renews it (the other gateways reclaim it later)."""
     last_admit: float = 0.0
     """When this gateway last admitted a request of the key (an idle key's unspent lease is given back)."""
 
-    def lease_holds(self, now: float) -> bool:
-        """Whether this gateway may admit another request on the key's budget: spend below a live lease."""
-        return self.lease_usd is not None and self.own.spent_usd < self.lease_usd and now < self.lease_until
+    def lease_holds(self) -> bool:
+        """Whether this gateway may admit another request on the key's budget: spend below its lease."""
+        return self.lease_usd is not None and self.own.spent_usd < self.lease_usd
 
 
 class OverLimit(APIError):
@@ -177,7 +175,7 @@ class Limiter:
         own.roll(window)
         others.roll(window)
         reset_in_s = window + WINDOW_S - now
-        leased = not self.leases or counts.lease_holds(now)
+        leased = not self.leases or counts.lease_holds()
         refused = _refusal(key, own, others, tokens, max(1, math.ceil(reset_in_s)), leased=leased)
         if refused is not None:  # the headers as they stand, nothing counted
             message, code, retry_after_s = refused
@@ -197,8 +195,8 @@ def _refusal(
     key: ApiKey, own: Counts, others: Counts, tokens: int, reset_s: int, *, leased: bool = True
 ) -> tuple[str, str, int | None] | None:
     """(message, code, Retry-After seconds or None) for the first of `key`'s limits that a request reserving `tokens`
-    is over (the budget checked first); None when it is within them all. `leased`: this gateway holds a live lease
-    on the budget with room left."""
+    is over (the budget checked first); None when it is within them all. `leased`: this gateway holds a lease on the
+    budget with room left."""
     p = key.policy
     spent = own.spent_usd + others.spent_usd
     if p.budget_usd is not None and spent >= p.budget_usd:

@@ -86,7 +86,7 @@ class TenancySync:
         self.book.apply(keys)
         self._take_sums(sums, window)
         if self.leases is not None:
-            await self.leases.renew()
+            await self.leases.give_back_idle()
         self.last_sync_at = now
         if now - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = now
