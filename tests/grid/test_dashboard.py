@@ -1,6 +1,7 @@
 """The operator dashboard in headless Chromium (Debian's package, driven by playwright; no browser download)
-against a real grid: nodes, traffic charts, incidents, decision explorer and doctor, with screenshots kept as
-test artifacts (`test-artifacts/dashboard/`, or under $GRIDSERVE_TEST_ARTIFACTS)."""
+against a real grid: nodes, traffic charts, incidents, decision explorer, doctor and API keys (usage; create,
+rotate, revoke), with screenshots kept as test artifacts (`test-artifacts/dashboard/`, or under
+$GRIDSERVE_TEST_ARTIFACTS)."""
 
 import os
 import re
@@ -12,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Dialog, Page, expect, sync_playwright
 from tests.conftest import ADMIN, API_KEY, make_grid
 
 from gridserve.catalog.hardware import HARDWARE
@@ -35,6 +36,7 @@ REASON = "dashboard test: receipts <b>disputed</b> & audited"
 """Holds markup on purpose: the page must show it as text."""
 TINY_REQUESTS = 3
 WAIT_MS = 20_000
+NEW_KEY_NAME = "dashboard test key"
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (`make` installs it)")
 
@@ -209,6 +211,118 @@ def check_keys(page: Page, scene: Scene) -> None:
     assert "--api-key 1" in row.inner_text()
 
 
+def with_key(grid: LocalGrid, key: str, model: str | None = None) -> int:
+    """The status a request with `key` gets: `/v1/models`, or a one-token completion of `model` when given."""
+    headers = {"Authorization": f"Bearer {key}"}
+    if model is None:
+        return httpx.get(grid.url + "/v1/models", headers=headers, timeout=10).status_code
+    body = {"model": model, "prompt": "a key's models", "max_tokens": 1}
+    return httpx.post(grid.url + "/v1/completions", json=body, headers=headers, timeout=30).status_code
+
+
+def assert_secret_hidden(page: Page, secret: str, console: list[str], *, shown: bool) -> None:
+    """`secret` is in no attribute, URL, storage or console message; on the page only as text while `shown`."""
+    found = page.evaluate(
+        """(secret) => {
+            const has = (v) => v.includes(secret);
+            return {
+                attribute: [...document.querySelectorAll("*")].some((e) => [...e.attributes].some((a) => has(a.value))),
+                url: has(location.href),
+                storage: [localStorage, sessionStorage].some((s) => Object.values({ ...s }).some(has)),
+                text: has(document.documentElement.textContent),
+            };
+        }""",
+        secret,
+    )
+    assert found == {"attribute": False, "url": False, "storage": False, "text": shown}, found
+    assert not [m for m in console if secret in m]
+
+
+def check_key_management(page: Page, scene: Scene, console: list[str]) -> None:
+    """Through the page: create a key (rpm limit, models list), use it, rotate it, revoke it; a bad create is
+    refused with the API's message next to the form and adds no row."""
+    grid = scene.grid
+    accept = [True]
+
+    def on_dialog(dialog: Dialog) -> None:
+        assert NEW_KEY_NAME in dialog.message
+        dialog.accept() if accept[0] else dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.get_by_test_id("key-name").fill(NEW_KEY_NAME)
+    page.get_by_test_id("key-rpm").fill("30")
+    page.get_by_test_id("key-models").fill(f" {TINY_MODEL} , other-model ")
+    page.get_by_test_id("key-priority").select_option("batch")
+    page.get_by_test_id("key-create").click()
+    box = page.get_by_test_id("new-key")
+    expect(box).to_be_visible(timeout=WAIT_MS)
+    expect(box).to_contain_text("will not be shown again")
+    key = page.get_by_test_id("new-key-value").inner_text()
+    assert key.startswith("gsk_"), key
+    key_id = key.removeprefix("gsk_").split(".")[0]
+    expect(page.get_by_test_id("new-key-title")).to_have_text(f"New key created for {NEW_KEY_NAME} ({key_id}):")
+    expect(page.get_by_test_id("key-name")).to_have_value("")  # the form is ready for the next one
+    assert_secret_hidden(page, key, console, shown=True)
+
+    row = page.locator(f'[data-testid="issued-row"][data-key-id="{key_id}"]')
+    expect(row.get_by_test_id("issued-state")).to_have_text("active", timeout=WAIT_MS)
+    expect(row.get_by_test_id("issued-name")).to_have_text(f"{NEW_KEY_NAME} ({key_id})")
+    expect(row.get_by_test_id("issued-rpm")).to_have_text("30")
+    expect(row.get_by_test_id("issued-tpm")).to_have_text("no limit")  # left empty: not sent
+    expect(row.get_by_test_id("issued-budget")).to_have_text("no limit")
+    expect(row.get_by_test_id("issued-models")).to_have_text(f"{TINY_MODEL}, other-model")
+    expect(row.get_by_test_id("issued-tiers")).to_have_text("any")
+    expect(row.get_by_test_id("issued-priority")).to_have_text("batch")
+    assert with_key(grid, key) == 200
+    assert with_key(grid, key, EMULATED_MODEL) == 403  # not among the key's models
+
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=grid.url)
+    page.get_by_test_id("new-key-copy").click()
+    expect(page.get_by_test_id("new-key-copied")).to_have_text("Copied to the clipboard.")
+    assert page.evaluate("navigator.clipboard.readText()") == key
+    page.get_by_test_id("new-key-dismiss").click()
+    expect(box).to_be_hidden()
+    assert_secret_hidden(page, key, console, shown=False)
+
+    row.get_by_test_id("key-rotate").click()
+    expect(page.get_by_test_id("new-key-title")).to_have_text(f"New key rotated for {NEW_KEY_NAME} ({key_id}):")
+    rotated = page.get_by_test_id("new-key-value").inner_text()
+    assert rotated.startswith(f"gsk_{key_id}.") and rotated != key
+    assert (with_key(grid, key), with_key(grid, rotated)) == (401, 200)
+    page.get_by_test_id("signout").click()  # signing out takes the shown key off the page
+    expect(page.get_by_test_id("login")).to_be_visible()
+    assert_secret_hidden(page, rotated, console, shown=False)
+    sign_in(page, ADMIN)
+
+    accept[0] = False
+    row.get_by_test_id("key-revoke").click()  # ... and thought better of it
+    expect(row.get_by_test_id("issued-state")).to_have_text("active")
+    assert with_key(grid, rotated) == 200
+    accept[0] = True
+    row.get_by_test_id("key-revoke").click()
+    expect(row.get_by_test_id("issued-state")).to_have_text("revoked", timeout=WAIT_MS)
+    expect(row.locator("button")).to_have_count(0)
+    assert with_key(grid, rotated) == 401
+
+    rows = page.get_by_test_id("issued-row")
+    expect(rows).to_have_count(1)
+    form_error = page.get_by_test_id("key-form-error")
+    for name, rpm, sent in (("bad key", "-1", {"name": "bad key", "rpm": -1}), ("   ", "", {"name": ""})):
+        refused = httpx.post(
+            grid.url + "/admin/keys", json=sent, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10
+        )
+        assert refused.status_code == 400, refused.text
+        page.get_by_test_id("key-name").fill(name)
+        page.get_by_test_id("key-rpm").fill(rpm)
+        page.get_by_test_id("key-create").click()
+        expect(form_error).to_have_text(refused.json()["error"]["message"], timeout=WAIT_MS)
+        expect(box).to_be_hidden()
+    expect(page.get_by_test_id("key-name")).to_have_attribute("aria-invalid", "true")
+    expect(rows).to_have_count(1)
+    assert [k["id"] for k in admin(grid, "/admin/keys").json()["keys"]] == [key_id]
+    page.remove_listener("dialog", on_dialog)
+
+
 def check_decision(page: Page, served: Served) -> None:
     page.get_by_test_id("decision-input").fill(served.decision_id)
     page.get_by_test_id("decision-submit").click()
@@ -226,12 +340,14 @@ def check_decision(page: Page, served: Served) -> None:
 
 def test_dashboard_in_chromium(scene: Scene) -> None:
     errors: list[str] = []
+    console: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
             page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
+            page.on("console", lambda m: console.append(m.text))
             page.goto(scene.grid.url + "/dashboard")
 
             sign_in(page, "not-the-admin-token")
@@ -250,6 +366,9 @@ def test_dashboard_in_chromium(scene: Scene) -> None:
 
             check_decision(page, scene.served[-2])  # the last tiny request
             shots.append(shoot(page, "03-decision.png"))
+
+            check_key_management(page, scene, console)
+            shots.append(shoot(page, "04-keys.png"))  # the revoked key, the refused create's message
 
             page.reload()  # the token survives a reload of the tab
             expect(page.get_by_test_id("node-row")).to_have_count(len(scene.node_ids), timeout=WAIT_MS)

@@ -1,5 +1,8 @@
 // gridserve operator dashboard: vanilla JS, no dependencies. Every string from the gateway (node ids, reasons,
 // evidence: node-supplied, untrusted) reaches the page through textContent or setAttribute, never as HTML.
+// Secrets: the admin token lives in session storage and goes out only as an Authorization header; a new API key
+// (created or rotated) is shown once as the text of one element and removed from it on dismiss or sign-out. Neither
+// is ever put in a URL, an attribute, local storage or the console.
 "use strict";
 
 const TOKEN_KEY = "gridserve-admin-token";
@@ -12,6 +15,16 @@ let token = null;
 let timer = null;
 
 class AuthError extends Error {}
+
+/** A refusal from the API (not a 401): its status, and the OpenAI-shaped error's message and param. */
+class ApiError extends Error {
+  constructor(status, detail, param) {
+    super(`${status}: ${detail}`);
+    this.status = status;
+    this.detail = detail;
+    this.param = param || null;
+  }
+}
 
 // ---- DOM helpers -------------------------------------------------------------------------------------------
 
@@ -58,18 +71,26 @@ function nodeCell(id) {
 
 // ---- the admin API --------------------------------------------------------------------------------------
 
-async function api(path) {
-  const resp = await fetch(path, { headers: { Authorization: `Bearer ${token}` }, cache: "no-store" });
-  let body = null;
-  try {
-    body = await resp.json();
-  } catch (_) {
-    body = null;
+/** Call the admin API with the token: GET by default; `body` (any JSON value) is sent as JSON. */
+async function api(path, { method = "GET", body } = {}) {
+  const headers = { Authorization: `Bearer ${token}` };
+  const init = { method, headers, cache: "no-store" };
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
   }
-  const message = body && body.error ? body.error.message : `HTTP ${resp.status}`;
+  const resp = await fetch(path, init);
+  let answer = null;
+  try {
+    answer = await resp.json();
+  } catch (_) {
+    answer = null;
+  }
+  const error = answer && answer.error ? answer.error : null;
+  const message = error && error.message ? error.message : `HTTP ${resp.status}`;
   if (resp.status === 401) throw new AuthError(message);
-  if (!resp.ok) throw new Error(`${resp.status}: ${message}`);
-  return body;
+  if (!resp.ok) throw new ApiError(resp.status, message, error ? error.param : null);
+  return answer;
 }
 
 // ---- nodes ------------------------------------------------------------------------------------------------
@@ -283,6 +304,186 @@ async function refreshKeys() {
   byTestId("keys-body").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 11, class: "empty" }, "no key has been used yet"))]));
 }
 
+// ---- issued keys: create, list, rotate, revoke -------------------------------------------------------------
+
+const INTEGER_FIELDS = ["rpm", "tpm", "max_concurrency"];
+const LIST_FIELDS = ["models", "tiers"];
+const KEY_SECTIONS = [
+  ["issued-error", refreshIssued],
+  ["keys-error", refreshKeys],
+];
+
+let issuedAsked = 0; // /admin/keys calls made, and the number of the one drawn last: an older answer is not drawn
+let issuedDrawn = 0;
+let issuedSeen = null; // that answer, as JSON: the table is redrawn only when it changes (buttons keep their state)
+
+class FormError extends Error {
+  constructor(param, message) {
+    super(message);
+    this.param = param;
+  }
+}
+
+const when = (t) => (typeof t === "number" ? new Date(t * 1000).toLocaleString() : "–");
+const limit = (v) => (v === null || v === undefined ? "no limit" : String(v));
+const anyOf = (list) => (list === null || list === undefined ? "any" : list.length ? list.join(", ") : "none");
+
+function button(testid, label, onClick, cls) {
+  const node = el("button", { type: "button", "data-testid": testid, class: cls }, label);
+  node.addEventListener("click", () => onClick(node));
+  return node;
+}
+
+function issuedRow(k) {
+  const active = k.status === "active";
+  const actions = active
+    ? [button("key-rotate", "Rotate", (b) => rotateKey(k, b)), button("key-revoke", "Revoke", (b) => revokeKey(k, b), "danger")]
+    : [];
+  return el(
+    "tr",
+    { "data-testid": "issued-row", "data-key-id": k.id, class: active ? null : "revoked" },
+    el("td", { "data-testid": "issued-name" }, `${k.name} (${k.id})`),
+    el("td", { "data-testid": "issued-state", class: `state-${k.status}`, title: active ? null : `revoked ${when(k.revoked_at)}` }, k.status),
+    el("td", { "data-testid": "issued-priority" }, k.priority),
+    el("td", { "data-testid": "issued-rpm" }, limit(k.rpm)),
+    el("td", { "data-testid": "issued-tpm" }, limit(k.tpm)),
+    el("td", { "data-testid": "issued-max-concurrency" }, limit(k.max_concurrency)),
+    el("td", { "data-testid": "issued-budget" }, k.budget_usd == null ? "no limit" : `$${k.budget_usd}`),
+    el("td", { "data-testid": "issued-models" }, anyOf(k.models)),
+    el("td", { "data-testid": "issued-tiers" }, anyOf(k.tiers)),
+    el("td", {}, when(k.created_at)),
+    el("td", { class: "actions" }, ...actions),
+  );
+}
+
+async function refreshIssued() {
+  const asked = ++issuedAsked;
+  const found = await api("/admin/keys");
+  const seen = JSON.stringify(found.keys);
+  if (asked < issuedDrawn || seen === issuedSeen) return;
+  issuedDrawn = asked;
+  issuedSeen = seen;
+  const rows = [...found.keys].reverse().map(issuedRow); // newest first
+  byTestId("issued-body").replaceChildren(
+    ...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 11, class: "empty" }, "no key has been issued yet"))]),
+  );
+}
+
+/** Redraw the key tables now (after a change), as a poll would. */
+function refreshKeySections() {
+  return refreshSections(KEY_SECTIONS).catch((err) => signOut(`The admin token was refused: ${err.message}`));
+}
+
+function showNewKey(made, verb) {
+  byTestId("new-key-title").textContent = `New key ${verb} for ${made.name} (${made.id}):`;
+  byTestId("new-key-value").textContent = made.key;
+  byTestId("new-key-copied").textContent = "";
+  byTestId("new-key").hidden = false;
+}
+
+function clearNewKey() {
+  const selection = window.getSelection();
+  if (selection && selection.containsNode(byTestId("new-key"), true)) selection.removeAllRanges();
+  byTestId("new-key-value").textContent = "";
+  byTestId("new-key-title").textContent = "";
+  byTestId("new-key-copied").textContent = "";
+  byTestId("new-key").hidden = true;
+}
+
+async function copyNewKey() {
+  const value = byTestId("new-key-value");
+  const note = byTestId("new-key-copied");
+  if (!value.textContent) return;
+  try {
+    if (!navigator.clipboard || !window.isSecureContext) throw new Error("no clipboard here");
+    await navigator.clipboard.writeText(value.textContent);
+    note.textContent = "Copied to the clipboard.";
+  } catch (_) {
+    window.getSelection().selectAllChildren(value);
+    note.textContent = "The browser gives this page no clipboard: the key is selected, copy it with Ctrl+C (⌘C).";
+  }
+}
+
+/** The body of POST /admin/keys from the form: a field left empty is not sent. */
+function keyBody(form) {
+  const field = (name) => form.elements.namedItem(name);
+  const body = { name: field("name").value.trim(), priority: field("priority").value };
+  for (const name of [...INTEGER_FIELDS, "budget_usd"]) {
+    const input = field(name);
+    const text = input.value.trim();
+    if (input.validity.badInput) throw new FormError(name, `${name}: not a number`);
+    if (text === "") continue;
+    const value = Number(text);
+    if (!Number.isFinite(value)) throw new FormError(name, `${name}: not a finite number`);
+    body[name] = value;
+  }
+  for (const name of LIST_FIELDS) {
+    const items = field(name).value.split(",").map((s) => s.trim()).filter(Boolean);
+    if (items.length) body[name] = items;
+  }
+  return body;
+}
+
+function formError(form, param, message) {
+  const input = param ? form.elements.namedItem(String(param).split(".")[0]) : null;
+  if (input && input.setAttribute) input.setAttribute("aria-invalid", "true");
+  showError("key-form-error", message);
+}
+
+async function createKey(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  const submit = byTestId("key-create");
+  showError("key-form-error", "");
+  for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  let body;
+  try {
+    body = keyBody(form);
+  } catch (err) {
+    return formError(form, err.param, err.message);
+  }
+  submit.disabled = true;
+  try {
+    const made = await api("/admin/keys", { method: "POST", body });
+    form.reset();
+    showNewKey(made, "created");
+  } catch (err) {
+    if (err instanceof AuthError) return signOut(`The admin token was refused: ${err.message}`);
+    return formError(form, err.param, err instanceof ApiError ? err.detail : `could not create the key: ${err.message}`);
+  } finally {
+    submit.disabled = false;
+  }
+  await refreshKeySections();
+}
+
+async function keyAction(node, action) {
+  showError("issued-error", "");
+  node.disabled = true;
+  try {
+    await action();
+  } catch (err) {
+    if (err instanceof AuthError) return signOut(`The admin token was refused: ${err.message}`);
+    showError("issued-error", err.message);
+  } finally {
+    node.disabled = false;
+  }
+  await refreshKeySections();
+}
+
+function rotateKey(k, node) {
+  const ask = `Rotate the key ${k.name} (${k.id})?\n\nIt gets a new secret, shown once; the current one is refused at once (on every gateway within a second). Its limits and usage stay.`;
+  if (!window.confirm(ask)) return;
+  return keyAction(node, async () => {
+    showNewKey(await api(`/admin/keys/${encodeURIComponent(k.id)}/rotate`, { method: "POST" }), "rotated");
+  });
+}
+
+function revokeKey(k, node) {
+  const ask = `Revoke the key ${k.name} (${k.id})?\n\nRequests with it are refused at once (on every gateway within a second). This cannot be undone.`;
+  if (!window.confirm(ask)) return;
+  return keyAction(node, () => api(`/admin/keys/${encodeURIComponent(k.id)}`, { method: "DELETE" }));
+}
+
 // ---- decision explorer ----------------------------------------------------------------------------------
 
 function table(testid, headers, rows) {
@@ -386,18 +587,23 @@ const SECTIONS = [
   ["traffic-error", refreshTraffic],
   ["incidents-error", refreshIncidents],
   ["doctor-error", refreshDoctor],
-  ["keys-error", refreshKeys],
+  ...KEY_SECTIONS,
 ];
 
-async function refreshAll() {
-  const results = await Promise.allSettled(SECTIONS.map(([, fn]) => fn()));
+/** Refresh the `sections` ([error element's test id, refresh function]); throws the AuthError of a refused token. */
+async function refreshSections(sections) {
+  const results = await Promise.allSettled(sections.map(([, fn]) => fn()));
   let refused = null;
   results.forEach((r, i) => {
     const failed = r.status === "rejected" ? r.reason : null;
     if (failed instanceof AuthError) refused = failed;
-    showError(SECTIONS[i][0], failed ? `could not refresh: ${failed.message}` : "");
+    showError(sections[i][0], failed ? `could not refresh: ${failed.message}` : "");
   });
   if (refused) throw refused;
+}
+
+async function refreshAll() {
+  await refreshSections(SECTIONS);
   byTestId("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
 }
 
@@ -414,6 +620,13 @@ function signOut(message) {
   clearTimeout(timer);
   token = null;
   sessionStorage.removeItem(TOKEN_KEY);
+  clearNewKey();
+  const keyForm = document.getElementById("key-form");
+  keyForm.reset();
+  for (const input of keyForm.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  showError("key-form-error", "");
+  showError("issued-error", "");
+  issuedSeen = null;
   document.getElementById("main").hidden = true;
   document.getElementById("signout").hidden = true;
   document.getElementById("login").hidden = false;
@@ -442,6 +655,9 @@ document.addEventListener("DOMContentLoaded", () => {
     signIn(document.getElementById("token").value.trim());
   });
   document.getElementById("decision-form").addEventListener("submit", explain);
+  document.getElementById("key-form").addEventListener("submit", createKey);
+  byTestId("new-key-copy").addEventListener("click", copyNewKey);
+  byTestId("new-key-dismiss").addEventListener("click", clearNewKey);
   document.getElementById("signout").addEventListener("click", () => signOut(""));
   const saved = sessionStorage.getItem(TOKEN_KEY);
   if (saved) signIn(saved);
