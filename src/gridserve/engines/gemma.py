@@ -25,22 +25,24 @@ GEMMA_MODEL = "gemma-3-270m"
 GEMMA_CONTEXT = 32768
 CACHE_VERSION = "1"
 END_OF_TURN = "<end_of_turn>"
-# Gemma 3's chat format (Gemma docs, "Prompt formatting"): turns wrapped in <start_of_turn>ROLE ...
-# <end_of_turn>, the assistant role called "model", system text folded into the first user turn.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- set ns = namespace(system='') -%}"
     "{%- for m in messages -%}{%- if m['role'] == 'system' -%}"
-    "{%- set ns.system = ns.system + m['content'] + '\n\n' -%}{%- endif -%}{%- endfor -%}"
+    "{%- set ns.system = ns.system + m['content'] + '\\n\\n' -%}{%- endif -%}{%- endfor -%}"
     "{%- set first = namespace(done=false) -%}"
     "{%- for m in messages if m['role'] != 'system' -%}"
     "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] -%}"
-    "<start_of_turn>{{ role }}\n"
+    "{{ '<start_of_turn>' + role + '\\n' }}"
     "{%- if not first.done and role == 'user' -%}{{ ns.system }}{%- set first.done = true -%}{%- endif -%}"
-    "{{ m['content'] | trim }}<end_of_turn>\n"
+    "{{ m['content'] | trim }}{{ '<end_of_turn>\\n' }}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<start_of_turn>model\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
+"""Gemma 3's turn format ("Prompt formatting" in Gemma's docs): each turn `<start_of_turn>ROLE\\n...<end_of_turn>\\n`,
+the assistant role called "model", system messages put before the first user turn's text, and the reply opened with
+`<start_of_turn>model\\n`. The line breaks are written as expressions: the tags' whitespace control (`{%-`, `-%}`)
+strips literal ones."""
 
 
 def default_cache_dir() -> Path:
@@ -169,13 +171,22 @@ def weights_digest(cache: Path | None = None) -> str:
 
 
 def load_gemma(cache: Path | None = None) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = ensure_cache(cache)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     own_memory(model)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return LoadedModel(model=model, codec=HFCodec(tokenizer))
+    return LoadedModel(model=model, codec=gemma_codec(path))
+
+
+def gemma_codec(cache: Path | None = None) -> HFCodec:
+    """The converted model's tokenizer, with the chat template of this release (not the one a cache written by an
+    earlier release stored)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_cache(cache)))
+    tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    return HFCodec(tokenizer)
 
 
 def own_memory(model: torch.nn.Module) -> None:

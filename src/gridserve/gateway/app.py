@@ -49,6 +49,7 @@ from gridserve.gateway.lifecycle import (
 from gridserve.gateway.lifecycle.tracing import TracingSubscriber, otlp_provider
 from gridserve.gateway.ops.decisions import DecisionLog
 from gridserve.gateway.ops.gcwatch import GcWatch
+from gridserve.gateway.ops.looplag import watch_loop_lag
 from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.ops.outcomes import Traces
 from gridserve.gateway.pipeline.serving import Pipelines
@@ -220,6 +221,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
             else asyncio.create_task(asyncio.sleep(0))
         )
         prober = asyncio.create_task(probe_forever(gw.membership, gw.dispatcher, gw.config))
+        lag = asyncio.create_task(watch_loop_lag(gw.metrics.loop_lag))
         sync = asyncio.create_task(gw.cluster.run_forever() if gw.cluster else asyncio.sleep(0))
         keys = asyncio.create_task(gw.tenancy.sync.run_forever())
         ttl = gw.config.responses_ttl_s
@@ -228,7 +230,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
         try:
             yield
         finally:
-            for task in (sweeper, prober, keeper, canary, sync, keys, prune):
+            for task in (sweeper, prober, keeper, canary, sync, keys, prune, lag):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

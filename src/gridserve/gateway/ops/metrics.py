@@ -3,6 +3,7 @@
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gridserve.gateway.ops.gcwatch import GC_BUCKETS
+from gridserve.gateway.ops.looplag import LAG_BUCKETS
 from gridserve.observability import ITL_BUCKETS, LATENCY_BUCKETS
 
 
@@ -36,6 +37,12 @@ class GatewayMetrics:
             ["generation"],
             registry=r,
             buckets=GC_BUCKETS,
+        )
+        self.loop_lag = Histogram(
+            "gridserve_event_loop_lag_seconds",
+            "How much later than asked the gateway's event loop woke a sampler (the gateway's own share of latency)",
+            registry=r,
+            buckets=LAG_BUCKETS,
         )
         self.tokens = Counter("gridserve_completion_tokens_total", "Generated tokens by node", ["node"], registry=r)
         self.decisions = Counter(

@@ -422,10 +422,8 @@ def load_head(model: str) -> ModelHead:
 
         loaded = build_tiny_model()
         return ModelHead(loaded.codec, loaded.logit_mask)
-    from gridserve.engines.gemma import GEMMA_MODEL, HFCodec, ensure_cache
+    from gridserve.engines.gemma import GEMMA_MODEL, gemma_codec
 
     if model == GEMMA_MODEL:
-        from transformers import AutoTokenizer
-
-        return ModelHead(HFCodec(AutoTokenizer.from_pretrained(str(ensure_cache()))))
+        return ModelHead(gemma_codec())
     raise NoChain(f"the gateway has no tokenizer for {model!r}")
