@@ -31,16 +31,12 @@ from rich.console import Console
 from rich.progress import Progress
 
 from gridserve.cli.grid import LocalGrid, free_port_block
+from stats import percentile
 
 MODEL = "llama-3-8b"
 KEY = "bench-key"
 ADMIN = "bench-admin"
 FIXED = ["--fixed-ttft-ms", "40", "--fixed-itl-ms", "20", "--allow-faults"]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def grid_of(tmp: Path, nodes: int) -> LocalGrid:

@@ -26,6 +26,7 @@ from gridserve.cli.grid import LocalGrid, free_port_block
 from gridserve.gateway.api.schemas import Message
 from gridserve.gateway.api.tools import render, tool_format
 from gridserve.trust import load_or_create_identity, sign_envelope
+from stats import percentile
 
 MODEL = "llama-3-8b"
 TOKENS = 32
@@ -55,11 +56,6 @@ def _node_request() -> dict[str, object]:
     turns = render([Message.model_validate(m) for m in ASK], described)
     sampling |= {"max_tokens": 4 * TOKENS, "response_format": fmt.model_dump(mode="json")}
     return {"messages": [t.model_dump() for t in turns], "sampling": sampling}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def direct_once(session: aiohttp.ClientSession, node: dict[str, str], identity: object) -> tuple[float, float]:

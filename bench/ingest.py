@@ -59,6 +59,7 @@ from gridserve.tunnel.wire import CONTROL, Frame, Kind, decode, encode, endpoint
 from gridserve.tunnel.wire import PATH as TUNNEL_PATH
 from lean_ws import LeanWebSocket
 from lean_ws import connect as lean_connect  # (bench/: python puts the script's directory on the path)
+from stats import percentile
 
 CARDS = ("rtx4090", "rtx3090", "a10g", "l40s", "a100-80g", "t4")
 
@@ -92,11 +93,6 @@ def gc_report(before: dict[str, float], after: dict[str, float]) -> dict[str, An
     total = delta.get("gen2count", 0.0)
     report["gc_gen2_max_pause_le_s"] = next((le for le, n in bounds if n >= total), None) if total else None
     return report
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def capability(ident: Identity, i: int, health_port: int, outbound: bool = False) -> dict[str, Any]:

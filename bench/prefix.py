@@ -33,6 +33,7 @@ import httpx
 from openai import OpenAI
 
 from gridserve.cli.grid import LocalGrid, free_port_block
+from stats import percentile_or_none as percentile
 
 KEY, ADMIN = "bench-key", "bench-admin"
 TOPICS = ("rivers", "bridges", "markets", "gardens", "engines", "libraries", "harbours", "forests")
@@ -48,13 +49,6 @@ def system_prompt(topic: str, chars: int, rng: random.Random) -> str:
     while sum(len(w) + 1 for w in words) < chars:
         words.append(rng.choice(WORDS))
     return " ".join(words)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def one_turn(client: OpenAI, engine_model: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:

@@ -41,7 +41,6 @@ import dataclasses
 import gc
 import io
 import json
-import math
 import platform
 import pstats
 import random
@@ -72,6 +71,7 @@ from gridserve.types import (
     Telemetry,
 )
 from gridserve.types.scheduling import ScheduleRequest
+from stats import percentile
 
 NOW = 1_700_000_000.0
 GIB = 2**30
@@ -208,12 +208,6 @@ def build_grid(n: int, seed: int = 1) -> NodeRegistry:
 
 def default_reps(n: int) -> int:
     return 200 if n <= 100 else 50 if n <= 1000 else 15
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (with 15 samples, p99 is the slowest)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def timed(decide: Any, reps: int, profiler: cProfile.Profile | None = None) -> tuple[list[float], list[str | None]]:

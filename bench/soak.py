@@ -54,6 +54,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from gridserve.cli.grid import LocalGrid, free_port_block
+from stats import percentile_or_none as percentile
 
 MODEL = "llama-3-8b"
 KEY = "bench-key"
@@ -61,11 +62,6 @@ ADMIN = "bench-admin"
 CARDS = "rtx4090,h100-sxm,a100-80g,l40s,rtx3090"
 MIB = 2**20
 MINUTE = 60.0
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
 
 def ms(seconds: float | None) -> float | None:

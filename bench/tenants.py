@@ -40,6 +40,7 @@ from gridserve.cli.grid import LocalGrid, free_port_block
 from gridserve.gateway.tenancy import Tenancy
 from gridserve.gateway.tenancy.keys import KeyPolicy
 from gridserve.store import Store
+from stats import percentile as pct
 
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MODEL = "llama-3-8b"
@@ -49,16 +50,15 @@ SLOW_FIRST = ["--fixed-ttft-ms", "200", "--fixed-itl-ms", "10", "--fifo-slots", 
 """Fairness and priority: answers that hold a slot ~240 ms for 4 tokens, so the nodes' slots are what runs out, not
 this machine's two cores relaying tokens."""
 TOKENS = 4
+SETTINGS = {"temperature": 0.0}
+"""Requests ask for greedy answers: an emulated node writes the text of a greedy request once (its tiny model, real
+CPU work) and answers it from its cache after, so the nodes' processes, which on a grid run on other machines, do not
+take this machine's two cores from the gateway under a flood (with sampled requests they do: `--sampled`)."""
 ASK = [{"role": "user", "content": "benchmark prompt"}]
 
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 @contextmanager
@@ -90,18 +90,26 @@ async def chat(
     client: httpx.AsyncClient, url: str, key: str, max_tokens: int, stream: bool = False
 ) -> tuple[int, float]:
     """(status, seconds to the first token, or to the whole answer when not streamed)."""
-    body = {"model": MODEL, "messages": ASK, "max_tokens": max_tokens, "stream": stream}
+    status, first, _ = await chat_decided(client, url, key, max_tokens, stream)
+    return status, first
+
+
+async def chat_decided(
+    client: httpx.AsyncClient, url: str, key: str, max_tokens: int, stream: bool = False
+) -> tuple[int, float, str]:
+    """`chat`'s (status, seconds) and the request's decision id."""
+    body = {"model": MODEL, "messages": ASK, "max_tokens": max_tokens, "stream": stream, **SETTINGS}
     headers = {"Authorization": f"Bearer {key}"}
     started = time.perf_counter()
     if not stream:
         reply = await client.post(url + "/v1/chat/completions", json=body, headers=headers)
-        return reply.status_code, time.perf_counter() - started
+        return reply.status_code, time.perf_counter() - started, reply.headers.get("x-gridserve-decision", "")
     async with client.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as reply:
         first = math.nan
         async for line in reply.aiter_lines():
             if line.startswith("data: {") and '"content":"' in line and math.isnan(first):
                 first = time.perf_counter() - started
-        return reply.status_code, first
+        return reply.status_code, first, reply.headers.get("x-gridserve-decision", "")
 
 
 # -- rate: one key's requests-per-minute limit over three gateways ---------------------------------------------------
@@ -230,32 +238,95 @@ async def _fairness(url: str, seconds: float, clients: tuple[int, int]) -> dict[
     }
 
 
-async def ttfts(url: str, key: str, count: int) -> list[float]:
-    out: list[float] = []
+async def ttfts(url: str, key: str, count: int) -> list[tuple[float, str]]:
+    """(TTFT, decision id) of `count` streamed requests sent one at a time."""
+    out: list[tuple[float, str]] = []
     async with httpx.AsyncClient(timeout=60) as client:
         for _ in range(count):
-            status, first = await chat(client, url, key, 8, stream=True)
+            status, first, decision = await chat_decided(client, url, key, 8, stream=True)
             if status == 200 and not math.isnan(first):
-                out.append(first)
+                out.append((first, decision))
             await asyncio.sleep(0.05)
     return out
 
 
+def loop_lag(url: str) -> dict[float, float]:
+    """The gateway's event-loop lag histogram as it stands: {bucket's upper bound: samples at or under it}."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("gridserve_event_loop_lag_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            out[math.inf if bound == "+Inf" else float(bound)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def lag_between(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """The loop lag samples taken between two reads: how many, and the share of them over 5, 20 and 50 ms."""
+    seen = {b: after[b] - before.get(b, 0.0) for b in after}
+    total = seen.get(math.inf, 0.0)
+    over = {f"over_{int(b * 1e3)}ms": round(1 - seen[b] / total, 4) if total else 0.0 for b in (0.005, 0.02, 0.05)}
+    return {"samples": int(total), **over}
+
+
+async def breakdown(url: str, measured: list[tuple[float, str]], low: float, high: float) -> dict[str, Any]:
+    """Where the TTFT of the requests ranked between quantiles `low` and `high` went, from their decisions (medians,
+    ms): the wait in the gateway's queue, the node's own time to its first token (as it reports it), the dispatch's
+    time to the first event at the gateway, and the rest (the gateway before dispatch, relaying the first token, the
+    client)."""
+    ranked = sorted(measured)
+    slowest = ranked[int(low * len(ranked)) : max(int(low * len(ranked)) + 1, int(high * len(ranked)))]
+    extra: dict[str, Any] = {}
+    parts: dict[str, list[float]] = {"client_ttft": [], "queue_wait": [], "dispatch_ttft": [], "node_prefill": []}
+    parts |= {"node_queue": [], "network": [], "rest": []}
+    async with httpx.AsyncClient(timeout=10, headers={"Authorization": f"Bearer {ADMIN}"}) as client:
+        for ttft, decision_id in slowest:
+            found = (await client.get(f"{url}/v1/decisions/{decision_id}")).json()
+            wait, dispatch = float(found.get("queue_wait_s") or 0.0), float(found.get("ttft_s") or 0.0)
+            timing = found.get("timing") or {}
+            for name, value in (("client_ttft", ttft), ("queue_wait", wait), ("dispatch_ttft", dispatch)):
+                parts[name].append(value)
+            for name in ("prefill", "queue"):
+                parts[f"node_{name}"].append(float(timing.get(f"{name}_s") or 0.0))
+            parts["network"].append(float(timing.get("network_s") or 0.0))
+            if len(slowest) == 1:
+                candidates = [
+                    {"node": c["node_id"][:10], "queue_ms": round((c.get("predicted_queue_s") or 0.0) * 1e3, 1)}
+                    for c in found.get("candidates", [])
+                ]
+                extra = {"chosen": str(found.get("chosen"))[:10], "candidates": candidates}
+            parts["rest"].append(ttft - wait - dispatch)
+    medians = {f"{k}_ms": round(pct(v, 0.5) * 1e3, 2) for k, v in parts.items()}
+    return {"requests": len(slowest), **medians, **extra}
+
+
 async def _priority(url: str, count: int) -> dict[str, Any]:
     interactive, batch = new_key(url, priority="interactive"), new_key(url, priority="batch")
-    alone = await ttfts(url, interactive, count)
+    lag_start = loop_lag(url)
+    alone_measured = await ttfts(url, interactive, count)
+    lag_alone = loop_lag(url)
     # the flood's clients in a process of their own, as on other machines: their event loop is not the one that
     # times the interactive requests
     flood = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--flood", url, batch, "48", stdout=asyncio.subprocess.PIPE
+        sys.executable,
+        __file__,
+        "--flood",
+        url,
+        batch,
+        "48",
+        *(["--sampled"] if SETTINGS["temperature"] else []),
+        stdout=asyncio.subprocess.PIPE,
     )
     await asyncio.sleep(3.0)  # the flood fills the grid
-    loaded = await ttfts(url, interactive, count)
+    lag_flood_start = loop_lag(url)
+    loaded_measured = await ttfts(url, interactive, count)
+    lag_flood = loop_lag(url)
     flood.send_signal(signal.SIGINT)
     raw, _ = await asyncio.wait_for(flood.communicate(), 60)
     out = raw.decode()
     served = json.loads(out.strip().splitlines()[-1])
-    row = {
+    alone, loaded = [t for t, _ in alone_measured], [t for t, _ in loaded_measured]
+    row: dict[str, Any] = {
         "requests": count,
         "alone_p50_ms": pct(alone, 0.5) * 1e3,
         "alone_p99_ms": pct(alone, 0.99) * 1e3,
@@ -266,7 +337,14 @@ async def _priority(url: str, count: int) -> dict[str, Any]:
         "slots": 16,
     }
     row["p99_ratio"] = round(row["flood_p99_ms"] / row["alone_p99_ms"], 3)
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+    row = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+    row["slowest_5pct_alone"] = await breakdown(url, alone_measured, 0.95, 1.0)
+    row["slowest_5pct_flood"] = await breakdown(url, loaded_measured, 0.95, 1.0)
+    row["middle_10pct_flood"] = await breakdown(url, loaded_measured, 0.45, 0.55)
+    row["slowest_flood"] = [await breakdown(url, [m], 0.0, 1.0) for m in sorted(loaded_measured)[-3:]]
+    row["loop_lag_alone"] = lag_between(lag_start, lag_alone)
+    row["loop_lag_flood"] = lag_between(lag_flood_start, lag_flood)
+    return row
 
 
 # -- overhead -------------------------------------------------------------------------------------------------------
@@ -337,9 +415,13 @@ def main() -> None:
     )
     parser.add_argument("--rpm", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=20.0, help="fairness: how long both keys send")
-    parser.add_argument("--count", type=int, default=100, help="priority: interactive requests per phase")
+    parser.add_argument("--count", type=int, default=300, help="priority: interactive requests per phase")
+    parser.add_argument(
+        "--sampled", action="store_true", help="sampled requests (temperature 1): the nodes write every answer's text"
+    )
     parser.add_argument("--flood", nargs=3, metavar=("URL", "KEY", "CLIENTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    SETTINGS["temperature"] = 1.0 if args.sampled else 0.0
     if args.flood:
         url, key, clients = args.flood
         served = [0, 0]

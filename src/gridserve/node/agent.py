@@ -16,6 +16,7 @@ from gridserve.node import microbench
 from gridserve.node.config import NodeConfig
 from gridserve.node.faults import Faults
 from gridserve.node.hardware import Amdsmi, Nvml, detect_hardware
+from gridserve.node.heap import settle_heap
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope, tls
 from gridserve.tunnel.wire import endpoint_for
 from gridserve.types import Capability, HeartbeatPayload, NodeId, RegisterReply, RuntimeInfo, Telemetry
@@ -249,6 +250,7 @@ class NodeAgent:
             log.warning("could not load %s: %s", model, exc)
             return
         log.info("loaded %s; announcing it", model)
+        settle_heap(f"loading {model}")
         await self.register()
 
     async def assign_layers(self, start: int, end: int) -> None:
@@ -263,6 +265,7 @@ class NodeAgent:
             log.warning("could not load layers [%d, %d): %s", start, end, exc)
             return
         log.info("running layers [%d, %d) as assigned; announcing it", start, end)
+        settle_heap(f"loading layers [{start}, {end})")
         await self.register()
 
     async def heartbeat(self) -> None:

@@ -20,6 +20,7 @@ from gridserve.engines.embedding import Embeddings, embedder_for
 from gridserve.node.agent import NodeAgent
 from gridserve.node.dishonest import REFUSAL_TEXT, Dishonesty
 from gridserve.node.faults import Faults, FaultsDisabled, FaultSpec
+from gridserve.node.heap import settle_heap
 from gridserve.node.metrics import NodeMetrics
 from gridserve.node.receipts import RECEIPT_LIFETIME_S, Receipter
 from gridserve.node.stage_link import add_stage_routes
@@ -249,6 +250,7 @@ def build_node_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        settle_heap("the engine started")
         task = asyncio.create_task(agent.run())
         try:
             yield
