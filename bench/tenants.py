@@ -291,7 +291,11 @@ async def breakdown(url: str, measured: list[tuple[float, str]], low: float, hig
             parts["network"].append(float(timing.get("network_s") or 0.0))
             if len(slowest) == 1:
                 candidates = [
-                    {"node": c["node_id"][:10], "queue_ms": round((c.get("predicted_queue_s") or 0.0) * 1e3, 1)}
+                    {
+                        "node": c["node_id"][:10],
+                        "queue_ms": round((c.get("predicted_queue_s") or 0.0) * 1e3, 1),
+                        "load": next((d.get("raw") for d in c.get("scores", []) if d.get("scorer") == "load"), None),
+                    }
                     for c in found.get("candidates", [])
                 ]
                 extra = {"chosen": str(found.get("chosen"))[:10], "candidates": candidates}
