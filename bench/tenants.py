@@ -261,6 +261,16 @@ def loop_lag(url: str) -> dict[float, float]:
     return out
 
 
+def counter(url: str, name: str) -> float:
+    """A counter of the gateway's /metrics, summed over its labels (0 when it has none yet)."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
 def lag_between(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
     """The loop lag samples taken between two reads: how many, and the share of them over 5, 20 and 50 ms."""
     seen = {b: after[b] - before.get(b, 0.0) for b in after}
@@ -323,8 +333,10 @@ async def _priority(url: str, count: int) -> dict[str, Any]:
     )
     await asyncio.sleep(3.0)  # the flood fills the grid
     lag_flood_start = loop_lag(url)
+    hedges_before = counter(url, "gridserve_hedges_total")
     loaded_measured = await ttfts(url, interactive, count)
     lag_flood = loop_lag(url)
+    hedges = counter(url, "gridserve_hedges_total") - hedges_before
     flood.send_signal(signal.SIGINT)
     raw, _ = await asyncio.wait_for(flood.communicate(), 60)
     out = raw.decode()
@@ -348,6 +360,7 @@ async def _priority(url: str, count: int) -> dict[str, Any]:
     row["slowest_flood"] = [await breakdown(url, [m], 0.0, 1.0) for m in sorted(loaded_measured)[-3:]]
     row["loop_lag_alone"] = lag_between(lag_start, lag_alone)
     row["loop_lag_flood"] = lag_between(lag_flood_start, lag_flood)
+    row["hedges_during_flood"] = int(hedges)
     return row
 
 

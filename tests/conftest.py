@@ -56,8 +56,11 @@ def pg_url(schema: str) -> str:
 
 
 @contextlib.contextmanager
-def two_gateways_on_pg(tmp: Path, extra_args: tuple[str, ...] = ()) -> Iterator[tuple[LocalGrid, LocalGrid]]:
-    """Gateways A and B on one fresh PostgreSQL schema, with one tiny node that registered with A (B adopts it)."""
+def two_gateways_on_pg(
+    tmp: Path, extra_args: tuple[str, ...] = (), engine: str = "tiny", node_args: tuple[str, ...] = ()
+) -> Iterator[tuple[LocalGrid, LocalGrid]]:
+    """Gateways A and B on one fresh PostgreSQL schema, with one node (`engine`, `node_args`) that registered with
+    A (B adopts it) and heartbeats to both."""
     base = free_port_block(5)
     urls = f"http://127.0.0.1:{base},http://127.0.0.1:{base + 2}"
     with fresh_pg_schema() as schema:
@@ -73,12 +76,12 @@ def two_gateways_on_pg(tmp: Path, extra_args: tuple[str, ...] = ()) -> Iterator[
                 extra_gateway_args=[*args, "--gateway-id", name],
                 node_gateways=urls,
             )
-            for name, port, engines in (("gw-a", base, ["tiny"]), ("gw-b", base + 2, []))
+            for name, port, engines in (("gw-a", base, [engine]), ("gw-b", base + 2, []))
         )
         try:
             a.start_gateway()  # creates the shared key; B starts with the same one
             b.start_gateway()
-            a.start_node(0, "tiny")
+            a.start_node(0, engine, list(node_args))
             a.wait_nodes(1, 120)
             b.wait_nodes(1, 60)
             yield a, b

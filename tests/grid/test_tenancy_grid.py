@@ -390,3 +390,53 @@ def test_a_budget_holds_across_gateways(pair: tuple[LocalGrid, LocalGrid]) -> No
     time.sleep(0.5)  # both have written what they spent
     total = spent(a, made["id"])["cluster"]["spent_usd"]
     assert budget - cost_of_one <= total <= budget + 2 * cost_of_one * 1.001, (total, budget, cost_of_one)
+
+
+# -- the queue on a grid shared by two gateways ----------------------------------------------------------------------
+SHARED_TTFT_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def slotted_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalGrid, LocalGrid]]:
+    """Gateways A and B on one PostgreSQL schema and one emulated RTX 4090 (8 batch slots, later requests wait on the
+    node in order, 3 s to a first token) that heartbeats to both."""
+    node = ("--fifo-slots", "--fixed-ttft-ms", str(int(SHARED_TTFT_S * 1000)), "--fixed-itl-ms", "5")
+    tmp = Path(tmp_path_factory.mktemp("tenancy-shared-slots"))
+    with two_gateways_on_pg(tmp, ("--vetting-checks", "0"), "emulated:rtx4090", node) as pair:
+        yield pair
+
+
+def test_a_batch_flood_through_one_gateway_holds_back_batch_but_not_interactive_on_another(
+    slotted_pair: tuple[LocalGrid, LocalGrid],
+) -> None:
+    """A fills its batch share of the node (6 of 8 slots, two more waiting at A). B learns of them from the node's
+    heartbeats: its own batch requests wait at B for the slots, and its interactive request starts at once on one
+    of the two left free. Counting only its own requests, B would send its batch requests to the node too, and the
+    interactive one would wait there behind them for a slot (another 3 s)."""
+    a, b = slotted_pair
+    batch, interactive = new_key(a, priority="batch"), new_key(a, priority="interactive")
+    deadline = time.monotonic() + 10.0
+    while ask(b, interactive["key"], model="no-such-model").status_code == 401:  # B learns of the keys
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with ThreadPoolExecutor(max_workers=11) as pool:
+        flood = [pool.submit(ask, a, batch["key"], 4, model=EMULATED) for _ in range(8)]
+        node_id = a.nodes()[0]["node_id"]
+        seen = 0
+        while seen < 6:  # a heartbeat since the flood began has told B
+            assert time.monotonic() < deadline + SHARED_TTFT_S, "B never heard of A's requests"
+            found = [n for n in admin(b, "GET", "/admin/nodes").json()["nodes"] if n["node_id"] == node_id]
+            telemetry = found[0]["telemetry"] if found else None
+            seen = (telemetry["active_requests"] + telemetry["queue_depth"]) if telemetry else 0
+            time.sleep(0.05)
+        time.sleep(0.3)  # B's slot count is at most 0.25 s old
+        late = [pool.submit(ask, b, batch["key"], 4, model=EMULATED) for _ in range(2)]
+        time.sleep(0.2)
+        urgent = ask(b, interactive["key"], 4, model=EMULATED)
+        replies = [f.result() for f in flood + late]
+    assert urgent.status_code == 200 and all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    assert all(decision_of(b, r)["queue_wait_s"] > 0.5 for r in replies[-2:]), "B's batch requests waited at B"
+    decided = decision_of(b, urgent)
+    assert decided["queue_wait_s"] == 0.0
+    assert (decided.get("timing") or {}).get("queue_s", 0.0) < 0.5, decided.get("timing")  # no wait on the node
+    assert urgent.elapsed.total_seconds() < 1.5 * SHARED_TTFT_S, urgent.elapsed

@@ -413,13 +413,35 @@ def test_poke_gives_new_capacity_to_waiters_without_a_leave() -> None:
     run(main)
 
 
+def test_other_gateways_requests_take_their_share_of_the_slots() -> None:
+    """On a shared grid a batch flood through another gateway holds three of four slots: this gateway's batch
+    requests wait, its interactive one starts at once, and the batch ones go when the others' requests end (the
+    nodes report fewer: the sweep's poke)."""
+
+    async def main() -> None:
+        others = {M: 3}
+        q = FairQueue(Cap(4), elsewhere=lambda model: others.get(model, 0), deadlines_s=LONG)
+        w = Waiters(q)
+        await w.add("b1", "kb", "batch")
+        await settle()
+        assert w.woken == [] and q.waiting == 1, "the other gateway's batch requests fill the batch share"
+        assert await q.enter(M, "interactive", "ki") == 0.0, "interactive found the fourth slot"
+        others[M] = 1
+        q.poke()
+        await until(lambda: w.woken == ["b1"], "b1 woken once the others' requests ended")
+        assert q.inflight[M] == 2
+
+    run(main)
+
+
 # -- SlotCount ------------------------------------------------------------------------------------------------------
 
 
 def node(state: NodeState, slots: int | None, models: tuple[str, ...], interleaved: bool = False) -> Any:
     hw = None if slots is None else SimpleNamespace(batch_slots=slots)
     offers = {name: object() for name in models}
-    return SimpleNamespace(state=state, static=SimpleNamespace(hw=hw, offers=offers, interleaved=interleaved))
+    static = SimpleNamespace(hw=hw, offers=offers, interleaved=interleaved)
+    return SimpleNamespace(state=state, static=static, telemetry=None, outstanding=0)
 
 
 def test_slot_count_sums_live_nodes_per_model_and_ignores_down_ones() -> None:
@@ -465,6 +487,27 @@ def test_slot_count_recounts_only_after_its_ttl() -> None:
     clock.t = 1.01
     assert count("a") == 6
     assert calls == [0.0, 1.01]
+
+
+def busy(state: NodeState, slots: int, models: tuple[str, ...], *, active: int, queued: int, ours: int) -> Any:
+    """A node that last reported `active` and `queued` requests, `ours` of them this gateway's."""
+    made = node(state, slots, models)
+    made.telemetry = SimpleNamespace(active_requests=active, queue_depth=queued)
+    made.outstanding = ours
+    return made
+
+
+def test_slot_count_on_a_shared_grid_counts_the_other_gateways_requests() -> None:
+    nodes = [
+        busy(NodeState.UP, 8, ("a", "b"), active=6, queued=1, ours=2),  # 5 of another gateway's
+        busy(NodeState.UP, 8, ("a",), active=3, queued=0, ours=4),  # ours started since its heartbeat: none
+        busy(NodeState.DOWN, 8, ("a",), active=8, queued=0, ours=0),  # down: not counted
+    ]
+    nodes.append(node(NodeState.UP, 4, ("b",)))  # no telemetry yet: none
+    shared = SlotCount(lambda: nodes, shared=True)
+    assert (shared("a"), shared.elsewhere("a"), shared("b"), shared.elsewhere("b")) == (16, 5, 12, 5)
+    alone = SlotCount(lambda: nodes)
+    assert (alone("a"), alone.elsewhere("a")) == (16, 0), "a gateway alone on its grid counts only its own"
 
 
 def test_slot_count_with_real_records() -> None:

@@ -106,12 +106,15 @@ class Gateway:
         policy = FreshnessPolicy(max_skew_s=config.max_skew_s, max_lifetime_s=config.max_message_lifetime_s)
         self.verifier = EnvelopeVerifier(policy, time.time)
         self.membership = Membership(config, self.verifier, self.writer, self.metrics)
+        slots = SlotCount(lambda: self.membership.nodes.values(), shared=store.dialect == "postgresql")
+        """(On PostgreSQL, other gateways may send to the same nodes: ClusterSync below.)"""
         self.tenancy = Tenancy(
             store,
             config.api_keys,
             gateway_id=config.name,
             sync_interval_s=config.key_sync_interval_s,
-            capacity=SlotCount(lambda: self.membership.nodes.values()),
+            capacity=slots,
+            elsewhere=slots.elsewhere,
             queue_shares=config.queue_shares,
             queue_deadlines_s=config.queue_deadlines_s,
         )

@@ -56,7 +56,7 @@ from gridserve.gateway.ops.outcomes import Traces
 from gridserve.gateway.pipeline.candidate import is_pipeline
 from gridserve.gateway.pipeline.serving import Pipelines
 from gridserve.gateway.registry.membership import Membership, NodeRecord
-from gridserve.gateway.tenancy.limits import CURRENT
+from gridserve.gateway.tenancy.limits import CURRENT, Admission
 from gridserve.prefix.blocks import CHARS_PER_TOKEN
 from gridserve.scheduler import KERNEL_POOL, Scheduler, UnknownTier
 from gridserve.scheduler.snapshot import NodeSnapshot
@@ -412,7 +412,7 @@ async def _open(ctx: ApiContext, req: SamplingFields, job: GenerateRequest, prom
     ctx.lifecycle.decided(scope, decision)
     if is_pipeline(decision.chosen):
         return await _pipelined(ctx, scope, decision, job, kind)
-    gen = Generation(ctx.dispatcher, decision, job, hedge=req.gridserve.hedge)
+    gen = Generation(ctx.dispatcher, decision, job, hedge=_hedges(req.gridserve.hedge, CURRENT.get()))
     try:
         await gen.open()
     except APIError as exc:
@@ -591,6 +591,13 @@ def list_models(ctx: ApiContext) -> dict[str, Any]:
             }
         )
     return {"object": "list", "data": data}
+
+
+def _hedges(asked: bool | None, admission: Admission | None) -> bool:
+    """Whether the request may be hedged: as the client asked, else unless its key is of the batch class."""
+    if asked is not None:
+        return asked
+    return admission is None or admission.key.policy.priority != "batch"
 
 
 __all__ = ["CHAT", "TEXT", "ApiContext", "complete", "list_models"]

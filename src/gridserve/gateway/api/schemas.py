@@ -93,8 +93,10 @@ class GridOptions(BaseModel):
     tpot_slo_s: float | None = Field(None, gt=0)
     engines: list[str] | None = None
     explain: bool = False
-    hedge: bool = True
-    """Send the request to the runner-up too if the first token is late (the gateway's hedging must be on)."""
+    hedge: bool | None = None
+    """Send the request to the runner-up too if the first token is late (the gateway's hedging must be on). Unset:
+    yes, except for a key of the batch class (a hedge holds a second node's slot that the fair queue does not count,
+    and a batch flood's hedges take the slots kept for interactive requests)."""
 
 
 def _document_refusals(schema: dict[str, Any]) -> None:

@@ -41,12 +41,13 @@ class Tenancy:
         gateway_id: str,
         sync_interval_s: float,
         capacity: Callable[[str], int] = lambda model: 0,
+        elsewhere: Callable[[str], int] = lambda model: 0,
         queue_shares: Mapping[str, float] | None = None,
         queue_deadlines_s: Mapping[str, float] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.clock = clock
-        self.queue = FairQueue(capacity, shares=queue_shares, deadlines_s=queue_deadlines_s)
+        self.queue = FairQueue(capacity, elsewhere=elsewhere, shares=queue_shares, deadlines_s=queue_deadlines_s)
         """Requests waiting for room when every node serving their model is saturated (each class's share of the
         slots and deadline: the queue's defaults for the classes `queue_shares`, `queue_deadlines_s` do not name)."""
         self.book = KeyBook(static_keys)

@@ -1,7 +1,10 @@
 """Priorities and fair queueing at the gateway, for when every node serving a model is saturated.
 
 A model's capacity is the batch slots of the live nodes serving it whole (`capacity(model)`); this gateway's
-requests in flight for it are counted here. A node whose engine interleaves any number of streams token by token
+requests in flight for it are counted here, and on a grid shared with other gateways the requests they have on those
+nodes count too (`elsewhere(model)`: what the nodes last reported busy, less this gateway's own there), so that a
+batch flood through one gateway leaves the interactive share free for requests through another.
+A node whose engine interleaves any number of streams token by token
 (`Capability.interleaved`: gridserve's CPU torch engine) has no slot limit, and a model it serves never waits here.
 A priority class may fill only its share of the slots (by default batch 75%, the others all of them), so a batch
 flood leaves room for interactive requests to start at once.
@@ -93,12 +96,15 @@ class FairQueue:
         self,
         capacity: Callable[[str], int],
         *,
+        elsewhere: Callable[[str], int] = lambda model: 0,
         shares: Mapping[str, float] | None = None,
         deadlines_s: Mapping[str, float] | None = None,
         max_waiting: int = MAX_WAITING,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.capacity = capacity
+        self.elsewhere = elsewhere
+        """Requests for a model that other gateways have on its nodes (0 when this gateway is the grid's only one)."""
         self.shares = {**SHARES, **(shares or {})}
         """Each class's share of a model's slots: `shares` over the defaults (SHARES) for the classes it names."""
         self.deadlines_s = {**DEADLINES_S, **(deadlines_s or {})}
@@ -115,7 +121,7 @@ class FairQueue:
         if slots == UNLIMITED:
             return True  # nothing limits it (or nothing serves it: the scheduler says so, 404 or a node loads it)
         allowed = max(1, math.floor(slots * self.shares[priority]))
-        return self.inflight.get(model, 0) < allowed
+        return self.inflight.get(model, 0) + self.elsewhere(model) < allowed
 
     async def enter(self, model: str, priority: Priority, key_id: str) -> float:
         """Wait for room for a request of `key_id` in `priority` (none waiting ahead of it and a slot within its
@@ -211,33 +217,60 @@ def _busy(message: str) -> APIError:
 
 
 class SlotCount:
-    """The batch slots of the live nodes serving each model whole, recounted at most every `ttl_s` (a decision
-    must not walk every node twice)."""
+    """The batch slots of the live nodes serving each model whole and, on a grid shared with other gateways
+    (`shared`), the requests those gateways have on them; recounted at most every `ttl_s` (a decision must not walk
+    every node twice)."""
 
     def __init__(
         self,
         records: Callable[[], Iterable[NodeRecord]],
         ttl_s: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        shared: bool = False,
     ) -> None:
-        self.records, self.ttl_s, self.clock = records, ttl_s, clock
+        self.records, self.ttl_s, self.clock, self.shared = records, ttl_s, clock, shared
         self._counted_at = -math.inf
         self._slots: dict[str, int] = {}
+        self._elsewhere: dict[str, int] = {}
 
     def __call__(self, model: str) -> int:
-        now = self.clock()
-        if now - self._counted_at > self.ttl_s:
-            self._counted_at = now
-            slots: dict[str, int] = {}
-            unlimited: set[str] = set()
-            for record in self.records():
-                if record.state not in LIVE:
-                    continue
-                if record.static.interleaved:
-                    unlimited.update(record.static.offers)
-                    continue
-                per_node = max(1, record.static.hw.batch_slots) if record.static.hw is not None else 1
-                for name in record.static.offers:
-                    slots[name] = slots.get(name, 0) + per_node
-            self._slots = {name: (UNLIMITED if name in unlimited else n) for name, n in slots.items()}
+        self._recount()
         return self._slots.get(model, UNLIMITED)
+
+    def elsewhere(self, model: str) -> int:
+        """Requests for `model`'s nodes that this gateway did not send: each node's active and queued requests as
+        its last heartbeat reported them (less those seen ending here since), less this gateway's own on it. A node
+        serving several models counts its foreign requests against each. 0 unless `shared`."""
+        self._recount()
+        return self._elsewhere.get(model, 0)
+
+    def _recount(self) -> None:
+        now = self.clock()
+        if now - self._counted_at <= self.ttl_s:
+            return
+        self._counted_at = now
+        slots: dict[str, int] = {}
+        elsewhere: dict[str, int] = {}
+        unlimited: set[str] = set()
+        for record in self.records():
+            if record.state not in LIVE:
+                continue
+            if record.static.interleaved:
+                unlimited.update(record.static.offers)
+                continue
+            per_node = max(1, record.static.hw.batch_slots) if record.static.hw is not None else 1
+            foreign = _foreign(record) if self.shared else 0
+            for name in record.static.offers:
+                slots[name] = slots.get(name, 0) + per_node
+                elsewhere[name] = elsewhere.get(name, 0) + foreign
+        self._slots = {name: (UNLIMITED if name in unlimited else n) for name, n in slots.items()}
+        self._elsewhere = {name: n for name, n in elsewhere.items() if name not in unlimited}
+
+
+def _foreign(record: NodeRecord) -> int:
+    """The node's busy requests (active and queued, as it last reported) that are not this gateway's."""
+    telemetry = record.telemetry
+    if telemetry is None:
+        return 0
+    return max(0, int(telemetry.active_requests) + int(telemetry.queue_depth) - record.outstanding)
