@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gridserve.gateway.api.errors import APIError
+from gridserve.gateway.registry.record import TELEMETRY_FIELDS
 from gridserve.gateway.tenancy import Tenancy
 from gridserve.gateway.tenancy.queue import (
     DEADLINES_S,
@@ -441,7 +442,7 @@ def node(state: NodeState, slots: int | None, models: tuple[str, ...], interleav
     hw = None if slots is None else SimpleNamespace(batch_slots=slots)
     offers = {name: object() for name in models}
     static = SimpleNamespace(hw=hw, offers=offers, interleaved=interleaved)
-    return SimpleNamespace(state=state, static=static, telemetry=None, outstanding=0)
+    return SimpleNamespace(state=state, static=static, telemetry_row=None, outstanding=0)
 
 
 def test_slot_count_sums_live_nodes_per_model_and_ignores_down_ones() -> None:
@@ -492,7 +493,8 @@ def test_slot_count_recounts_only_after_its_ttl() -> None:
 def busy(state: NodeState, slots: int, models: tuple[str, ...], *, active: int, queued: int, ours: int) -> Any:
     """A node that last reported `active` and `queued` requests, `ours` of them this gateway's."""
     made = node(state, slots, models)
-    made.telemetry = SimpleNamespace(active_requests=active, queue_depth=queued)
+    reported = {"active_requests": active, "queue_depth": queued}
+    made.telemetry_row = tuple(reported.get(name, 0) for name in TELEMETRY_FIELDS)
     made.outstanding = ours
     return made
 

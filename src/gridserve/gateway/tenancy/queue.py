@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gridserve.gateway.api.errors import APIError
-from gridserve.gateway.registry.record import LIVE, NodeRecord
+from gridserve.gateway.registry.record import LIVE, TELEMETRY_FIELDS, NodeRecord
 from gridserve.gateway.tenancy.keys import PRIORITIES, Priority
 
 SHARES: dict[str, float] = {"interactive": 1.0, "standard": 1.0, "batch": 0.75}
@@ -268,9 +268,13 @@ class SlotCount:
         self._elsewhere = {name: n for name, n in elsewhere.items() if name not in unlimited}
 
 
+_ACTIVE, _QUEUED = (TELEMETRY_FIELDS.index(name) for name in ("active_requests", "queue_depth"))
+
+
 def _foreign(record: NodeRecord) -> int:
-    """The node's busy requests (active and queued, as it last reported) that are not this gateway's."""
-    telemetry = record.telemetry
-    if telemetry is None:
+    """The node's busy requests (active and queued, as it last reported) that are not this gateway's (read from the
+    packed telemetry: a recount walks every node)."""
+    row = record.telemetry_row
+    if row is None:
         return 0
-    return max(0, int(telemetry.active_requests) + int(telemetry.queue_depth) - record.outstanding)
+    return max(0, int(row[_ACTIVE]) + int(row[_QUEUED]) - record.outstanding)
