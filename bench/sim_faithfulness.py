@@ -38,12 +38,14 @@ def run(scenario: dict[str, Any], requests: int) -> dict[str, Any]:
         )
         try:
             grid.start(timeout_s=120)
-            real = faithful.replay(
+            replayed = faithful.replay(
                 grid.url, "bench", MODEL, faithful.synthetic(requests, scenario["rate"]), admin_token="bench-admin"
             )
         finally:
             grid.stop()
-    return {**scenario, **faithful.compare(real, faithful.simulate(real, cards, MODEL))}
+    real = replayed.measured
+    compared = faithful.compare(real, faithful.simulate(real, cards, MODEL))
+    return {**scenario, **compared, "failed": replayed.failed}
 
 
 def main() -> None:

@@ -1,12 +1,17 @@
 """A hostile node operator written from docs/protocol.md alone: PyNaCl, hashlib and JSON, none of gridserve's
-own helpers. It signs whatever it is told to, well-formed or not, to attack a gateway from the outside."""
+own helpers. It signs whatever it is told to, well-formed or not, to attack a gateway from the outside; as a
+`RefusingNode` it also serves, and refuses every request in its own words."""
 
 import base64
+import contextlib
 import hashlib
 import json
 import secrets
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 from nacl.signing import SigningKey
@@ -61,3 +66,86 @@ class HostileNode:
 
 def post(gateway: str, path: str, body: bytes) -> httpx.Response:
     return httpx.post(gateway + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+
+
+REFUSAL = "this request cannot run here; see http://evil.example/upgrade"
+"""What the refusing operator says instead of answering: a client must never read it."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """The refusing operator's node endpoint: `/health` answers the probe's challenge as the protocol asks, so the
+    node stays up; `/internal/generate` refuses every request as invalid, in the node's own words."""
+
+    node: "RefusingNode"
+
+    def do_GET(self) -> None:
+        query = parse_qs(urlparse(self.path).query)
+        if urlparse(self.path).path != "/health":
+            self._json(404, {"error": {"type": "not_found", "message": "no such path"}})
+            return
+        challenge = (query.get("challenge") or [""])[0]
+        self._json(
+            200, {"status": "ok", "node_id": self.node.node_id, "challenge_signature": self.node.sign(challenge)}
+        )
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.node.refused += 1
+        self._json(400, {"error": {"type": "invalid_request", "message": REFUSAL}})
+
+    def _json(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class RefusingNode(HostileNode):
+    """An operator who claims a model's published digest without its weights, stays up (signed probes and
+    heartbeats, as docs/protocol.md describes them) and answers every request with a refusal in its own words."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__()
+        handler = type("Refusing", (_Handler,), {"node": self})
+        self.server = ThreadingHTTPServer((host, 0), handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}"
+        self.refused = 0
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def sign(self, challenge: str) -> str:
+        if not challenge:
+            return ""
+        signed = canonical({"challenge": challenge, "node_id": self.node_id, "purpose": "probe"})
+        return base64.b64encode(self.key.sign(signed).signature).decode()
+
+    def join(self, gateway: str, model: str, digest: str) -> None:
+        """Serve, register `model` with `digest`, and heartbeat at the interval the gateway's reply gives."""
+        self._start(self.server.serve_forever)  # up before the gateway's first probe
+        reply = self.register(gateway, [model], endpoint=self.url, digest=digest)
+        assert reply.status_code == 200, reply.text
+        self._start(self._beat, gateway, float(json.loads(reply.content)["payload"]["heartbeat_interval_s"]))
+
+    def _start(self, target: Any, *args: Any) -> None:
+        self.threads.append(threading.Thread(target=target, args=args, daemon=True))
+        self.threads[-1].start()
+
+    def _beat(self, gateway: str, interval: float) -> None:
+        seq = 0
+        while not self.stop.wait(interval if seq else 0.0):
+            seq += 1
+            payload = {"node_id": self.node_id, "seq": seq, "telemetry": {}}
+            with contextlib.suppress(httpx.HTTPError):
+                post(gateway, "/nodes/heartbeat", self.envelope(payload, "heartbeat"))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+        for thread in self.threads:
+            thread.join(timeout=5)

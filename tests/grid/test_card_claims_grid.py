@@ -18,7 +18,7 @@ from gridserve.catalog.derive import derive_card
 from gridserve.catalog.hf_config import shipped_config
 from gridserve.catalog.models import MODELS
 from gridserve.cli.grid import LocalGrid
-from gridserve.engines.emulated import placement_for
+from gridserve.engines.placement import placement_for
 from gridserve.perfmodel import predict
 from gridserve.types import DeviceFigures
 

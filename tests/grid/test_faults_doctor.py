@@ -5,6 +5,7 @@ Each node emulates a different card, so requests can be aimed at one node with `
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -144,8 +145,12 @@ def test_stall_and_crash_are_node_failures(fault_grid: LocalGrid) -> None:
     long = _long_answers(client, "l40s", 3)  # prompts whose answers outlive 3 tokens (the text model may stop early)
     httpx.post(nodes["l40s"]["endpoint"] + "/faults", json={"stall_after_tokens": 3}, timeout=5).raise_for_status()
     httpx.post(nodes["rtx3090"]["endpoint"] + "/faults", json={"crash_after_tokens": 3}, timeout=5).raise_for_status()
-    stalled = [_aimed(client, "l40s", i) for i in long[:2]]
-    crashed = _aimed(client, "rtx3090", long[2])
+    # together: a stream no other node may take over waits 30 s for its stalled node (stall_unresumable_s)
+    with ThreadPoolExecutor(3) as pool:
+        aimed = [
+            pool.submit(_aimed, client, card, i) for card, i in zip(("l40s", "l40s", "rtx3090"), long, strict=True)
+        ]
+        *stalled, crashed = [f.result() for f in aimed]
     assert all(e is not None for e in stalled) and crashed is not None
     time.sleep(1.0)
     report = _doctor(grid)

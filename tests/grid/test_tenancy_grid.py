@@ -6,6 +6,7 @@ gateway on the same PostgreSQL database within a second, and a requests limit ho
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -355,15 +356,29 @@ def decision_of(grid: LocalGrid, reply: httpx.Response) -> dict[str, Any]:
 
 
 def test_a_batch_flood_waits_at_the_gateway_and_an_interactive_request_does_not(slotted: LocalGrid) -> None:
+    """Twelve batch requests at once: six start (75% of 8 slots), six wait at the gateway until one of the first
+    finishes (1 s to a first token); an interactive request sent meanwhile starts at once on the room kept for it."""
     batch, interactive = new_key(slotted, priority="batch"), new_key(slotted, priority="interactive")
-    with ThreadPoolExecutor(max_workers=12) as pool:
-        flood = [pool.submit(ask, slotted, batch["key"], 4, model=EMULATED) for _ in range(12)]
-        time.sleep(0.5)  # the flood has arrived: six in flight (75% of 8 slots) for a second, six waiting
+    go = threading.Barrier(12)
+    body = {"model": EMULATED, "messages": HELLO, "max_tokens": 4, "temperature": 0}
+
+    def one(http: httpx.Client) -> httpx.Response:
+        go.wait(timeout=30)  # the flood leaves together, from one client made beforehand
+        return http.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {batch['key']}"})
+
+    with httpx.Client(base_url=slotted.url, timeout=60) as http, ThreadPoolExecutor(max_workers=12) as pool:
+        assert http.get("/health").status_code == 200
+        flood = [pool.submit(one, http) for _ in range(12)]
+        time.sleep(0.5)  # the flood has arrived: six in flight for a second, six waiting
         urgent = ask(slotted, interactive["key"], 4, model=EMULATED)
         replies = [f.result() for f in flood]
     assert urgent.status_code == 200 and all(r.status_code == 200 for r in replies)
-    waits = sorted(decision_of(slotted, r)["queue_wait_s"] for r in replies)
-    assert waits[:6] == [0.0] * 6 and min(waits[6:]) > 0.3, waits  # the second six waited for the first
+    decisions = sorted((decision_of(slotted, r) for r in replies), key=lambda d: float(d["queue_wait_s"]))
+    waits = [d["queue_wait_s"] for d in decisions]
+    assert waits[:6] == [0.0] * 6 and min(waits[6:]) > 0, waits
+    # the second six started only once the first of the first six was done (1 s to its first token)
+    first_start = min(float(d["created"]) for d in decisions[:6])
+    assert min(float(d["created"]) for d in decisions[6:]) >= first_start + 0.9, [d["created"] for d in decisions]
     assert decision_of(slotted, urgent)["queue_wait_s"] == 0.0  # room kept for it
     assert urgent.elapsed.total_seconds() < 0.75 * max(r.elapsed.total_seconds() for r in replies)
 

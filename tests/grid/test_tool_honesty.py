@@ -78,6 +78,13 @@ def test_a_node_corrupting_tool_arguments_is_caught_explained_and_quarantined(gr
     while time.monotonic() < deadline and _reliability(grid, node["node_id"]) != "quarantined":
         time.sleep(0.2)
     assert _reliability(grid, node["node_id"]) == "quarantined"
+    # its re-execution fails too, and is counted before the next test takes its baseline
+    request_id = raw.parse().id
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not _audits_of(grid, request_id):
+        time.sleep(0.2)
+    audits = _audits_of(grid, request_id)
+    assert [bool(a["problems"]) for a in audits] == [True], audits
 
 
 def test_an_honest_nodes_calls_pass_every_audit(grid: LocalGrid) -> None:
@@ -104,6 +111,10 @@ def test_an_honest_nodes_calls_pass_every_audit(grid: LocalGrid) -> None:
     assert all(not r["problems"] for r in summary["recent"] if r["request_id"] in ids), summary["recent"]
     for node_id in honest:
         assert admin_get(grid, f"/admin/incidents?node_id={node_id}").json()["incidents"] == []
+
+
+def _audits_of(grid: LocalGrid, request_id: str) -> list[dict[str, Any]]:
+    return [r for r in admin_get(grid, "/admin/audits").json()["recent"] if r["request_id"] == request_id]
 
 
 def _reliability(grid: LocalGrid, node_id: str) -> str:

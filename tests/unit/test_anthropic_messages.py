@@ -6,7 +6,6 @@ Anthropic's errors and documents the route."""
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +15,7 @@ import httpx
 import orjson
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
+from tests.answer_support import CTX, Scripted
 from tests.conftest import API_KEY
 
 from gridserve.gateway.api import answers, openai_api
@@ -496,36 +496,6 @@ def test_an_empty_answer_has_no_content_blocks() -> None:
     assert MessageFormatter("msg_1", "m").whole(Answer("stop", 3, 1))["content"] == []
 
 
-class _Scripted(answers.Source):
-    """A serving path whose node sent `events`."""
-
-    def __init__(self, events: list[StreamEvent]) -> None:
-        self.scope = SimpleNamespace()  # type: ignore[assignment]
-        self._events = events
-
-    async def _gen(self) -> AsyncIterator[StreamEvent]:
-        for event in self._events:
-            yield event
-
-    def events(self) -> AsyncIterator[StreamEvent]:
-        return self._gen()
-
-    def finished(self, status: str, error: str, last: StreamEvent) -> Any:
-        return None
-
-    def served_by(self) -> str:
-        return "n1"
-
-
-class _Lifecycle:
-    def finished(self, scope: Any, end: Any) -> None:
-        return None
-
-    async def commit(self, end: Any, settled: Any) -> None:
-        return None
-
-
-CTX: Any = SimpleNamespace(lifecycle=_Lifecycle(), membership=SimpleNamespace(note=lambda event: None))
 FINAL: StreamEvent = {"finish_reason": "stop", "prompt_tokens": 12, "completion_tokens": 3, "cached_tokens": 4}
 
 
@@ -533,14 +503,14 @@ def served(node: list[StreamEvent], **fields: Any) -> tuple[list[tuple[str, dict
     """(the streamed events as (name, data), the whole message) of the node's events through the core's loops."""
     req = read(**fields)
     fmt = job(**fields).sampling.response_format
-    calls = (lambda: answers.Calls(CTX, _Scripted(node), fmt)) if fmt is not None else (lambda: None)
+    calls = (lambda: answers.Calls(CTX, Scripted(node), fmt)) if fmt is not None else (lambda: None)
 
     async def streamed() -> bytes:
         renderer = MESSAGES.renderer(CTX, req, "msg_1", "m")
-        return b"".join([c async for c in answers.sse(CTX, _Scripted(node), renderer, calls())])
+        return b"".join([c async for c in answers.sse(CTX, Scripted(node), renderer, calls())])
 
     raw = asyncio.run(streamed())
-    whole = asyncio.run(answers.collect(CTX, _Scripted(node), MESSAGES.renderer(CTX, req, "msg_1", "m"), calls()))
+    whole = asyncio.run(answers.collect(CTX, Scripted(node), MESSAGES.renderer(CTX, req, "msg_1", "m"), calls()))
     return sse(raw), whole
 
 
@@ -645,13 +615,13 @@ def test_a_node_failing_mid_stream_ends_it_with_an_error_event() -> None:
     req = read()
 
     async def streamed() -> bytes:
-        return b"".join([c async for c in answers.sse(CTX, _Scripted(node), MESSAGES.renderer(CTX, req, "i", "m"))])
+        return b"".join([c async for c in answers.sse(CTX, Scripted(node), MESSAGES.renderer(CTX, req, "i", "m"))])
 
     events = sse(asyncio.run(streamed()))
     assert [name for name, _ in events] == ["message_start", "content_block_start", "content_block_delta", "error"]
     assert events[-1][1] == {"type": "error", "error": {"type": "api_error", "message": "engine crashed"}}
     with pytest.raises(APIError) as whole:
-        asyncio.run(answers.collect(CTX, _Scripted(node), MESSAGES.renderer(CTX, req, "i", "m")))
+        asyncio.run(answers.collect(CTX, Scripted(node), MESSAGES.renderer(CTX, req, "i", "m")))
     assert whole.value.status == 502 and orjson.loads(error(whole.value))["error"]["type"] == "api_error"
 
 

@@ -4,6 +4,8 @@ minute)."""
 
 import random
 
+import pytest
+
 from gridserve.catalog import model_spec
 from gridserve.gateway.ops.decisions import BATCH, DecisionLog
 from gridserve.scheduler import default_profile, schedule
@@ -50,4 +52,35 @@ def test_in_flight_decisions_stay_and_finished_ones_are_bounded_then_read_from_t
     assert oldest not in log._recent
     from_store = log.get(oldest)
     assert from_store is not None and from_store["status"] == "ok" and from_store["usage"] == {"completion_tokens": 3}
+    writer.close()
+
+
+def test_a_request_in_flight_builds_its_record_only_when_it_ends_or_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The full record (every node's verdict and scores) is not made on the way to the first token."""
+
+    built: list[str] = []
+    as_dict = Decision.as_dict
+
+    def counted(self: Decision) -> dict[str, object]:
+        built.append(self.decision_id)
+        return as_dict(self)
+
+    monkeypatch.setattr(Decision, "as_dict", counted)
+    store = Store("sqlite://")
+    store.migrate()
+    writer = StoreWriter(store)
+    log = DecisionLog(writer, capacity=10)
+    first, second = decisions(2)
+    log.record(first, status="dispatching")
+    log.record(first, status="streaming", served_by="n1", ttft_s=0.25)
+    assert built == []
+    seen = log.get(first.decision_id)
+    assert seen is not None and (seen["status"], seen["served_by"], seen["ttft_s"]) == ("streaming", "n1", 0.25)
+    assert seen["decision_id"] == first.decision_id and built == [first.decision_id]
+    log.record(first, status="ok", duration_s=1.5)
+    ended = log.get(first.decision_id)
+    assert ended == {**seen, "status": "ok", "duration_s": 1.5}
+    log.record(second, status="failed", error="no node")  # failed before dispatch: never in flight
+    failed = log.get(second.decision_id)
+    assert failed is not None and (failed["status"], failed["error"]) == ("failed", "no node")
     writer.close()

@@ -281,3 +281,27 @@ def test_a_silent_node_is_still_declared_stalled_after_the_loop_was_starved(grid
     elapsed = time.monotonic() - started
     assert text(events) == whole(4) and gen.failovers == 1
     assert elapsed < 3 * STALL_S + 2 * STALL_S + 0.05  # the extension is bounded by one stall timeout
+
+
+def test_a_stream_read_token_by_token_sets_its_stall_timer_once_per_timeout_not_per_token(
+    grid: Grid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stall timer moves lazily: 40 tokens a millisecond apart (each read waits) arm it about once per stall
+    timeout of the stream's length, not once per token; the stream is not taken for stalled."""
+    grid.fake.script("n1", Tokens(40, every_s=0.001), Finish())
+    armed: list[float] = []
+    arm = stall.StallWatch._arm
+
+    def counted(watch: stall.StallWatch, deadline: float) -> None:
+        had = watch.handle
+        arm(watch, deadline)
+        if watch.handle is not had:
+            armed.append(deadline)
+
+    monkeypatch.setattr(stall.StallWatch, "_arm", counted)
+    started = time.monotonic()
+    gen, events = generate(grid, max_tokens=40)
+    elapsed = time.monotonic() - started
+    assert text(events) == whole(40) and gen.failovers == 0
+    assert 1 <= len(armed) <= 2 + elapsed / STALL_S, (len(armed), elapsed)
+    assert len(armed) < 20, len(armed)

@@ -17,17 +17,8 @@ from tests.english import CHAT, LLAMA3, LLAMA3_CHAT, TEXTS
 from gridserve.catalog import HARDWARE, MODELS, hardware_spec, model_spec
 from gridserve.engines import emulated
 from gridserve.engines.base import EngineError, InvalidRequest
-from gridserve.engines.emulated import (
-    KV_RESERVE,
-    PREFIX_BLOCK_TOKENS,
-    WORDS,
-    EmulatedEngine,
-    EmulationError,
-    FixedTimings,
-    placement_for,
-    prompt_ids,
-    spell,
-)
+from gridserve.engines.emulated import PREFIX_BLOCK_TOKENS, WORDS, EmulatedEngine, FixedTimings, prompt_ids, spell
+from gridserve.engines.placement import KV_RESERVE, EmulationError, placement_for
 from gridserve.engines.tiny import TINY_CONTEXT, TINY_MODEL, tiny_engine
 from gridserve.engines.tokencount import count_tokens
 from gridserve.engines.torch_engine import TorchEngine
@@ -612,7 +603,13 @@ def test_emulated_fifo_slots_run_at_most_the_batch_and_queue_the_rest_in_order(t
         return await asyncio.gather(*(one(r, 0.005 * i) for i, r in enumerate(requests)))
 
     waits = asyncio.run(all_of_them())
+    assert engine.max_running() == slots, "it says it runs its batch slots at once (the gateway queues beyond)"
     assert peak["active"] == slots and peak["queued"] >= 1
     assert all(w < 0.1 for w in waits[:slots])  # the first `slots` start at once
     assert all(w > 0.1 for w in waits[slots:])  # the rest wait for a slot (each holds it ~0.2 s)
     assert engine.stats.active == 0 and engine.stats.queued == 0
+
+
+def test_an_emulated_card_without_fifo_slots_says_it_runs_every_request_at_once(tiny: TorchEngine) -> None:
+    engine = EmulatedEngine(hardware="t4", models=["llama-3-8b"], text_engine=tiny)
+    assert engine.max_running() == 0

@@ -76,6 +76,13 @@ def test_the_first_token_timeout_grows_with_the_prediction() -> None:
     assert POLICY.first_token_timeout(3.0) == 30.0
 
 
+def test_a_node_that_must_load_the_model_first_gets_longer_for_its_first_token() -> None:
+    """The prediction counts the weights' move, not the engine's start (CI: a lazy CPU node's torch engine took
+    over 10 s to start, and the request failed though nothing else could serve it)."""
+    assert POLICY.first_token_timeout(None, cold=True) == POLICY.first_token_timeout_s + POLICY.cold_start_s
+    assert POLICY.first_token_timeout(3.0, cold=True) == 30.0 + POLICY.cold_start_s
+
+
 @given(st.one_of(st.none(), st.floats(0.0, 10.0, allow_nan=False)))
 def test_the_stall_timeout(itl: float | None) -> None:
     stall = POLICY.stall_timeout(itl)

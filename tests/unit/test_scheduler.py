@@ -298,14 +298,18 @@ histories = st.one_of(
 gaps = st.sampled_from((2.0, 5.0, 20.0, 45.0, 120.0, 900.0))
 
 
+_PLACEMENTS = st.sampled_from(EMULATED_PLACEMENTS)
+_DTYPES, _QUANTS = st.sampled_from(DTYPES), st.sampled_from(QUANTS)
+_CONTEXTS = st.one_of(st.none(), st.sampled_from((2048, 4096, 8192, 32768)))
+
+
 @st.composite
 def offers_for(draw: st.DrawFn, model: str) -> Offer:
     if draw(st.booleans()):
-        dtype, quant = draw(st.sampled_from(EMULATED_PLACEMENTS))
+        dtype, quant = draw(_PLACEMENTS)
     else:
-        dtype, quant = draw(st.sampled_from(DTYPES)), draw(st.sampled_from(QUANTS))
-    ctx = draw(st.one_of(st.none(), st.sampled_from((2048, 4096, 8192, 32768))))
-    return (model, dtype, quant, ctx)
+        dtype, quant = draw(_DTYPES), draw(_QUANTS)
+    return (model, dtype, quant, draw(_CONTEXTS))
 
 
 telemetries = st.one_of(
@@ -321,11 +325,24 @@ telemetries = st.one_of(
 )
 
 
+# strategies made once (made inside a draw, each is built and validated again for every node of every example)
+_ACCELERATORS = st.sampled_from(ACCELERATORS)
+_SERVES = st.sampled_from(("resident", "resident", "resident", "loadable", "other"))
+_OTHERS = st.lists(st.sampled_from(MODEL_NAMES), max_size=2, unique=True)
+_ENGINES = st.sampled_from((None, None, "tiny", "openai-upstream"))
+_STATES = st.sampled_from((NodeState.UP,) * 12 + tuple(NodeState))
+_AGES = st.one_of(st.floats(0.0, 9.9), st.floats(0.0, 30.0))
+_OUTSTANDING = st.one_of(st.just(0), st.integers(0, 30))
+_PRICES = st.one_of(st.just(0.0), st.floats(0.001, 10.0))
+_CALIBRATIONS = st.one_of(st.none(), st.tuples(st.floats(0.2, 5.0), st.floats(0.2, 5.0)))
+_EWMAS = st.one_of(st.none(), st.floats(0.001, 20.0))
+
+
 @st.composite
 def specs_for(draw: st.DrawFn, model: str) -> Spec:
-    accelerator = draw(st.sampled_from(ACCELERATORS))
-    serves = draw(st.sampled_from(("resident", "resident", "resident", "loadable", "other")))
-    others = [m for m in draw(st.lists(st.sampled_from(MODEL_NAMES), max_size=2, unique=True)) if m != model]
+    accelerator = draw(_ACCELERATORS)
+    serves = draw(_SERVES)
+    others = [m for m in draw(_OTHERS) if m != model]
     offers = [draw(offers_for(m)) for m in others]
     loadable: tuple[str, ...] = ()
     if serves == "resident":
@@ -336,17 +353,17 @@ def specs_for(draw: st.DrawFn, model: str) -> Spec:
         accelerator=accelerator,
         offers=tuple(offers),
         loadable=loadable,
-        engine=draw(st.sampled_from((None, None, "tiny", "openai-upstream"))),
-        state=draw(st.sampled_from((NodeState.UP,) * 12 + tuple(NodeState))),
-        heartbeat_age_s=draw(st.one_of(st.floats(0.0, 9.9), st.floats(0.0, 30.0))),
+        engine=draw(_ENGINES),
+        state=draw(_STATES),
+        heartbeat_age_s=draw(_AGES),
         telemetry=draw(telemetries),
-        outstanding=draw(st.one_of(st.just(0), st.integers(0, 30))),
-        price=draw(st.one_of(st.just(0.0), st.floats(0.001, 10.0))),
+        outstanding=draw(_OUTSTANDING),
+        price=draw(_PRICES),
         history=draw(histories),
         history_gap_s=draw(gaps),
-        calibration=draw(st.one_of(st.none(), st.tuples(st.floats(0.2, 5.0), st.floats(0.2, 5.0)))),
+        calibration=draw(_CALIBRATIONS),
         advertise_memory=draw(st.booleans()),
-        latency_ewma_s=draw(st.one_of(st.none(), st.floats(0.001, 20.0))),
+        latency_ewma_s=draw(_EWMAS),
         interleaved=draw(st.booleans()),
     )
 
@@ -359,10 +376,14 @@ def placement(model: str, accelerator: str) -> tuple[str, str]:
     return fits[0] if fits else EMULATED_PLACEMENTS[-1]
 
 
+_HEALTHY_HISTORIES = st.sampled_from((None, GOOD, ESTABLISHED, NEWCOMER, FLAKY, RELEASED))
+_HEALTHY_CALIBRATIONS = st.one_of(st.none(), st.tuples(st.floats(0.5, 2.0), st.floats(0.5, 2.0)))
+
+
 @st.composite
 def healthy_specs_for(draw: st.DrawFn, model: str) -> Spec:
     """A node that likely passes every filter: up, fresh, serving the model as an emulated node would."""
-    accelerator = draw(st.sampled_from(ACCELERATORS))
+    accelerator = draw(_ACCELERATORS)
     return Spec(
         accelerator=accelerator,
         offers=(offer(model, *placement(model, accelerator)),),
@@ -370,32 +391,37 @@ def healthy_specs_for(draw: st.DrawFn, model: str) -> Spec:
         telemetry=draw(telemetries),
         outstanding=draw(st.integers(0, 12)),
         price=draw(st.one_of(st.just(0.0), st.floats(0.001, 2.0))),
-        history=draw(st.sampled_from((None, GOOD, ESTABLISHED, NEWCOMER, FLAKY, RELEASED))),
+        history=draw(_HEALTHY_HISTORIES),
         history_gap_s=draw(gaps),
-        calibration=draw(st.one_of(st.none(), st.tuples(st.floats(0.5, 2.0), st.floats(0.5, 2.0)))),
+        calibration=draw(_HEALTHY_CALIBRATIONS),
     )
+
+
+_ENGINE_LISTS = st.one_of(
+    st.none(),
+    st.lists(
+        st.sampled_from(("emulated", "tiny", "openai-upstream", "emulated:rtx4090")),
+        min_size=1,
+        max_size=2,
+        unique=True,
+    ).map(tuple),
+)
+_PROMPTS = st.one_of(st.integers(1, 1024), st.integers(1, 8192))
+_MAX_TOKENS = st.one_of(st.integers(1, 512), st.integers(1, 4096))
+_TIERS = st.sampled_from(sorted(TIERS))
+_PRICE_CAPS = st.one_of(st.none(), st.floats(0.01, 20.0))
 
 
 @st.composite
 def requests(draw: st.DrawFn, models: Sequence[str] = MODEL_NAMES) -> ScheduleRequest:
-    engines = draw(
-        st.one_of(
-            st.none(),
-            st.lists(
-                st.sampled_from(("emulated", "tiny", "openai-upstream", "emulated:rtx4090")),
-                min_size=1,
-                max_size=2,
-                unique=True,
-            ).map(tuple),
-        )
-    )
+    engines = draw(_ENGINE_LISTS)
     return ScheduleRequest(
         request_id=f"req-{draw(st.integers(0, 999))}",
         model=draw(st.sampled_from(models)),
-        prompt_tokens=draw(st.one_of(st.integers(1, 1024), st.integers(1, 8192))),
-        max_tokens=draw(st.one_of(st.integers(1, 512), st.integers(1, 4096))),
-        tier=draw(st.sampled_from(sorted(TIERS))),
-        max_price_per_mtok=draw(st.one_of(st.none(), st.floats(0.01, 20.0))),
+        prompt_tokens=draw(_PROMPTS),
+        max_tokens=draw(_MAX_TOKENS),
+        tier=draw(_TIERS),
+        max_price_per_mtok=draw(_PRICE_CAPS),
         engines=engines if draw(st.integers(0, 3)) == 0 else None,
     )
 
@@ -871,6 +897,10 @@ def test_a_loadable_model_is_eligible_but_ranks_below_a_resident_one() -> None:
     assert cold_candidate is not None
     warm_detail = next(d for d in cold_candidate.details if d.scorer == "warm")
     assert warm_detail.normalized == pytest.approx(0.2)
+    # dispatch gives it longer for its first token (DispatchPolicy.cold_start_s); the record says why
+    assert cold_candidate.cold and cold_candidate.as_dict()["cold"] is True
+    warm_candidate = decision.candidate("warm")
+    assert warm_candidate is not None and not warm_candidate.cold and "cold" not in warm_candidate.as_dict()
 
 
 def test_a_model_outside_the_catalogue_is_served_by_the_node_that_offers_it() -> None:

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gridserve.catalog import MODELS, hardware_spec, model_spec
-from gridserve.engines.emulated import placement_for
+from gridserve.engines.placement import placement_for
 from gridserve.perfmodel import Load, derived_price_per_mtok, predict
 from gridserve.scheduler import named_profile
 from gridserve.sim.cards import card_fit, cards_section, markdown

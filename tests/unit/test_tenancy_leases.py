@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +21,7 @@ from gridserve.gateway.tenancy.leases import IDLE_S, LEASE_SHARE
 from gridserve.gateway.tenancy.limits import OverLimit
 from gridserve.store import Store
 
+T = TypeVar("T")
 T0 = 1_800_000_000.0
 BUDGET = 1.0
 
@@ -36,6 +38,7 @@ class Grid:
     """Gateways on one store, their clocks shared, none syncing unless told: the worst case for stale views."""
 
     def __init__(self, path: Path, gateways: int) -> None:
+        self.loop = asyncio.Runner()  # one loop for all (a loop per call starts fresh worker threads each time)
         self.store = Store(f"sqlite:///{path}/db.sqlite")
         self.store.migrate()
         self.clock = Clock()
@@ -43,10 +46,17 @@ class Grid:
             Tenancy(self.store, [], gateway_id=f"gw-{i}", sync_interval_s=0.1, clock=self.clock)
             for i in range(gateways)
         ]
-        made = asyncio.run(self.gateways[0].create("budgeted", KeyPolicy(budget_usd=BUDGET)))
+        made = self.run(self.gateways[0].create("budgeted", KeyPolicy(budget_usd=BUDGET)))
         self.token = made["key"]
         for g in self.gateways:
             g.sync.load()
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run(work)
+
+    def close(self) -> None:
+        self.loop.close()
+        self.store.engine.dispose()
 
     def key(self, g: Tenancy) -> object:
         found = g.authenticate(self.token)
@@ -58,7 +68,7 @@ class Grid:
         g = self.gateways[i]
         key = self.key(g)
         try:
-            asyncio.run(g.reserve(key))  # type: ignore[arg-type]
+            self.run(g.reserve(key))  # type: ignore[arg-type]
             admission = g.admit(key, model="m", tier=None, tokens=1)  # type: ignore[arg-type]
         except OverLimit:
             return False
@@ -67,7 +77,7 @@ class Grid:
         return True
 
     def sync(self, i: int) -> None:
-        asyncio.run(self.gateways[i].sync.sync_once())
+        self.run(self.gateways[i].sync.sync_once())
 
     def spent(self) -> float:
         return sum(c.own.spent_usd for g in self.gateways for c in g.limiter.keys.values())
@@ -79,7 +89,7 @@ def grid(tmp_path: Path) -> Iterator[Grid]:
     try:
         yield made
     finally:
-        made.store.engine.dispose()
+        made.close()
 
 
 def test_a_lease_is_a_slice_of_the_budget_and_grows_as_it_is_spent(grid: Grid) -> None:
@@ -113,7 +123,7 @@ def test_three_gateways_never_spend_beyond_the_budget_and_their_last_requests(tm
             grid.clock.t += wait
         assert grid.spent() <= BUDGET + 3 * largest + 1e-9
     finally:
-        grid.store.engine.dispose()
+        grid.close()
 
 
 def test_the_budget_is_all_usable_once_the_others_are_idle(grid: Grid) -> None:
@@ -143,7 +153,7 @@ def test_a_crashed_gateway_holds_its_lease_and_one_that_stops_gives_it_back(grid
         pass
     assert grid.spent() <= BUDGET + 0.05
     assert grid.spent() >= BUDGET - held - 0.05  # all but gateway 0's lease
-    asyncio.run(grid.gateways[0].leases.give_back())  # it ran again and stopped cleanly
+    grid.run(grid.gateways[0].leases.give_back())  # it ran again and stopped cleanly
     while grid.request(1, 0.05):
         pass
     assert BUDGET - 0.05 <= grid.spent() <= BUDGET + 0.05
@@ -174,7 +184,7 @@ def test_a_gateway_that_cannot_reach_the_store_spends_its_lease_and_no_more(
     assert served == 1 + math.ceil((held - 0.01) / cost)
     assert held <= counts.own.spent_usd < held + cost
     with pytest.raises(OverLimit) as refused:
-        asyncio.run(g.reserve(grid.key(g)))  # type: ignore[arg-type]
+        grid.run(g.reserve(grid.key(g)))  # type: ignore[arg-type]
         g.admit(grid.key(g), model="m", tier=None, tokens=1)  # type: ignore[arg-type]
     assert refused.value.status == 429 and "committed its budget" in str(refused.value)
     assert (b"retry-after", b"1") in refused.value.headers

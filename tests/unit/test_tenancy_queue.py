@@ -438,10 +438,16 @@ def test_other_gateways_requests_take_their_share_of_the_slots() -> None:
 # -- SlotCount ------------------------------------------------------------------------------------------------------
 
 
-def node(state: NodeState, slots: int | None, models: tuple[str, ...], interleaved: bool = False) -> Any:
+def node(
+    state: NodeState,
+    slots: int | None,
+    models: tuple[str, ...],
+    interleaved: bool = False,
+    max_running: int | None = None,
+) -> Any:
     hw = None if slots is None else SimpleNamespace(batch_slots=slots)
     offers = {name: object() for name in models}
-    static = SimpleNamespace(hw=hw, offers=offers, interleaved=interleaved)
+    static = SimpleNamespace(hw=hw, offers=offers, interleaved=interleaved, max_running=max_running)
     return SimpleNamespace(state=state, static=static, telemetry_row=None, outstanding=0)
 
 
@@ -467,6 +473,17 @@ def test_slot_count_a_model_on_any_live_interleaved_node_is_unlimited() -> None:
     ]
     count = SlotCount(lambda: nodes)
     assert (count("a"), count("b")) == (UNLIMITED, 4)
+
+
+def test_slot_count_takes_what_a_node_said_it_runs_at_once_over_its_cards_batch_slots() -> None:
+    nodes = [
+        node(NodeState.UP, 8, ("a",), max_running=64),  # an upstream server's --max-running
+        node(NodeState.UP, 8, ("a", "b"), max_running=3),
+        node(NodeState.UP, 8, ("c",), max_running=0),  # runs every request at once
+        node(NodeState.UP, 8, ("c", "d")),  # not said: the catalogue's 8
+    ]
+    count = SlotCount(lambda: nodes)
+    assert (count("a"), count("b"), count("c"), count("d")) == (67, 3, UNLIMITED, 8)
 
 
 def test_slot_count_recounts_only_after_its_ttl() -> None:

@@ -22,6 +22,7 @@ from gridserve.gateway.transport import (
     TransportError,
     Unreachable,
 )
+from gridserve.gateway.transport import http as http_transport
 from gridserve.gateway.transport.errors import Phase, map_errors
 from gridserve.gateway.transport.http import HttpEventStream
 from gridserve.store import StoreWriter
@@ -140,8 +141,61 @@ def test_a_line_that_is_not_a_json_object_is_malformed(line: bytes) -> None:
         _read_all(b'{"text": "a"}\n' + line)
 
 
+def test_the_stream_reader_joins_lines_cut_across_reads_and_takes_a_last_line_without_its_newline() -> None:
+    async def go() -> list[object]:
+        reader = asyncio.StreamReader()
+        stream = HttpEventStream(reader, lambda: None)
+        out: list[object] = []
+        for piece in (b'{"text": "a", "tok', b'en_ids": [1]}\n{"text"', b': "b"}\n\n{"finish_reason": "stop"}'):
+            reader.feed_data(piece)
+            await asyncio.sleep(0)
+        reader.feed_eof()
+        while (event := await stream.next()) is not None:
+            out.append(event)
+        return out
+
+    assert asyncio.run(go()) == [{"text": "a", "token_ids": [1]}, {"text": "b"}, {"finish_reason": "stop"}]
+
+
+def test_the_stream_reader_is_ready_only_when_a_token_is_already_here() -> None:
+    """`ready`: the next event is a token already read (the API then sends it with the one before in one write);
+    not the last event, an error or a busy line, and not a token whose line has not ended."""
+
+    async def go() -> list[tuple[bool, object]]:
+        reader = asyncio.StreamReader()
+        stream = HttpEventStream(reader, lambda: None)
+        reader.feed_data(b'{"text": "a"}\n{"text": "\\"finish_reason\\""}\n{"busy": 1}\n{"text": "c"}\n')
+        seen = [(stream.ready(), await stream.next())]  # nothing read yet: not ready
+        seen.append((stream.ready(), await stream.next()))  # a token whose text names a key is still a token
+        seen.append((stream.ready(), await stream.next()))  # a busy line next: not ready (it is skipped)
+        reader.feed_data(b'{"error": {"message": "x"}}\n{"text": "d"')
+        await asyncio.sleep(0)
+        seen.append((stream.ready(), await stream.next()))  # the error
+        seen.append((stream.ready(), None))  # half a line: not ready
+        reader.feed_data(b'}\n{"finish_reason": "stop"}\n')
+        seen.append((stream.ready(), await stream.next()))
+        seen.append((stream.ready(), await stream.next()))  # the last event next: not ready
+        return seen
+
+    assert asyncio.run(go()) == [
+        (False, {"text": "a"}),
+        (True, {"text": '"finish_reason"'}),
+        (False, {"text": "c"}),
+        (False, {"error": {"message": "x"}}),
+        (False, None),
+        (False, {"text": "d"}),
+        (False, {"finish_reason": "stop"}),
+    ]
+
+
+def test_a_line_past_the_longest_allowed_is_malformed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_transport, "MAX_LINE_BYTES", 64)
+    with pytest.raises(Malformed, match="longer than 64 bytes"):
+        _read_all(b'{"text": "' + b"x" * 100)
+
+
 class _BreakingSource:
-    async def readline(self) -> bytes:
+    async def read(self, n: int) -> bytes:
         raise aiohttp.ClientPayloadError("Response payload is not completed")
 
 

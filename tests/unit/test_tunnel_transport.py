@@ -653,6 +653,42 @@ def test_busy_lines_only_move_busy_at() -> None:
     _run(go)
 
 
+async def _ready_soon(stream: TunnelEventStream) -> bool:
+    """Whether the stream says a token is here within 1 s (its frames are on their way through the tunnel)."""
+    for _ in range(100):
+        if stream.ready():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+def test_ready_takes_in_frames_already_queued_and_looks_at_the_next_line_only() -> None:
+    """`ready` looks past the buffer at frames the tunnel has already queued for the stream: a token that came in
+    its own frame goes out with the one before; the last event, and the tunnel's end, are never `ready`."""
+
+    async def go() -> None:
+        gw, end = await _dialled()
+        stream, number = await _generating(gw, end)
+        end.send(Kind.BODY, number, _ndjson({"text": "a", "token_ids": [1]}))
+        end.send(Kind.BODY, number, _ndjson({"text": "b", "token_ids": [2]}))
+        end.send(Kind.BODY, number, _ndjson({"text": "", "finish_reason": "stop", "token_ids": []}))
+        assert await stream.next() == {"text": "a", "token_ids": [1]}
+        assert await _ready_soon(stream)  # b came in a frame of its own, queued
+        assert await stream.next() == {"text": "b", "token_ids": [2]}
+        assert not await _ready_soon(stream)  # the last event is not a token
+        assert await stream.next() == {"text": "", "finish_reason": "stop", "token_ids": []}
+        cut, number = await _generating(gw, end)
+        end.send(Kind.BODY, number, _ndjson({"text": "c", "token_ids": [3]}) + b'{"text": "d", "tok')
+        end.hang_up()
+        assert await _ready_soon(cut)
+        assert await cut.next() == {"text": "c", "token_ids": [3]}
+        assert not await _ready_soon(cut)  # half a line, then the tunnel's end: not a token
+        with pytest.raises(BrokenStream, match="closed: the connection ended"):
+            await cut.next()
+
+    _run(go)
+
+
 def test_a_non_200_head_is_refused_with_the_nodes_own_message() -> None:
     async def go() -> None:
         call = await _call(_generate())

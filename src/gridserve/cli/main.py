@@ -368,6 +368,13 @@ def node(
     memory_gib: Annotated[
         float | None, typer.Option(help="memory the engine may use for weights + KV cache (default: detected)")
     ] = None,
+    max_running: Annotated[
+        int | None,
+        typer.Option(
+            help="upstream: the most requests the server runs at once (vLLM --max-num-seqs, llama.cpp --parallel; "
+            "0: no limit); the gateway queues beyond it (default: the card's batch slots in the catalogue)"
+        ),
+    ] = None,
     fixed_ttft_ms: Annotated[float | None, typer.Option(help="emulated: fixed time to first token")] = None,
     fixed_itl_ms: Annotated[float | None, typer.Option(help="emulated: fixed inter-token latency")] = None,
     gateway_key: Annotated[str | None, typer.Option(help="pin the gateway's public key (base64)")] = None,
@@ -457,9 +464,12 @@ def node(
         tls_key=tls_key,
         price_per_mtok=price,
         memory_bytes=int(memory_gib * 2**30) if memory_gib is not None else None,
+        max_running=max_running,
     )
     if memory_gib is not None and memory_gib <= 0:
         raise fail(f"--memory-gib must be positive (got {memory_gib})")
+    if max_running is not None and max_running < 0:
+        raise fail(f"--max-running must be 0 (no limit) or more (got {max_running})")
     if prefix_cache_mb < 0:
         raise fail(f"--prefix-cache-mb must be 0 (no prefix cache) or more (got {prefix_cache_mb})")
     options = EngineOptions(

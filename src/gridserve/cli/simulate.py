@@ -164,7 +164,7 @@ def _mix_holding(model: str, console: Console) -> dict[str, float]:
     """The default card mix less the cards that cannot hold `model` even at q4_k_m (said on the console);
     ValueError if none can."""
     from gridserve.catalog import hardware_spec, model_spec
-    from gridserve.engines.emulated import EmulationError, placement_for
+    from gridserve.engines.placement import EmulationError, placement_for
     from gridserve.sim.grid import DECENTRALIZED_MIX
 
     spec, mix, left_out = model_spec(model), {}, []

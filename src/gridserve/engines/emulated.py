@@ -31,7 +31,8 @@ from gridserve.catalog import HardwareSpec, ModelSpec, hardware_spec, model_spec
 from gridserve.catalog.derive import COPY_REACH, MATMUL_DTYPES, MATMUL_REACH, derive_card
 from gridserve.catalog.spec import TYPICAL_SEQUENCE_TOKENS
 from gridserve.engines import tokencount
-from gridserve.engines.base import EngineError, EngineStats, InvalidRequest
+from gridserve.engines.base import EngineStats, InvalidRequest
+from gridserve.engines.placement import PLACEMENTS, EmulationError, placement_for
 from gridserve.engines.text import StopMatcher
 from gridserve.engines.tiny import OFFSET
 from gridserve.engines.torch_engine import TorchEngine
@@ -49,16 +50,12 @@ from gridserve.types import (
 from gridserve.types.wire import LOGPROBS_FEATURE, SAMPLING_FEATURES, TokenLogprob, TopLogprob
 
 log = logging.getLogger("gridserve.node")
-PLACEMENTS = (("float16", "none"), ("float16", "q8_0"), ("float16", "q4_k_m"))
-"""The (dtype, quantization) an emulated card places a model at, widest first (sim/cards.py explains with them)."""
 TEXT_PROMPT_CHARS = 1024
 TEXT_MAX_TOKENS = 2048
 """The tiny text source sees at most the last 1,024 characters of the prompt (of the last messages, together)
 and writes at most 2,048 tokens at once (its context is 4,096): a longer plain-text answer goes on in rounds
 (`EmulatedEngine._round`), one held to a response format ends there. Timings and context checks use the emulated
 model's own figures."""
-KV_RESERVE = 0.1
-"""Share of device memory kept free for KV cache and activations when choosing a quantization."""
 
 
 PREFIX_BLOCK_TOKENS = 32
@@ -94,10 +91,6 @@ def prompt_ids(request: GenerateRequest) -> list[int]:
     return [zlib.crc32(piece.encode("utf-8", "surrogatepass")) & 0x7FFFFFFF for piece in pieces]
 
 
-class EmulationError(EngineError):
-    pass
-
-
 class EmulatedPrefixCache:
     """Which prompt blocks the emulated card's KV cache holds: one node's share of a PrefixIndex."""
 
@@ -122,18 +115,6 @@ class EmulatedPrefixCache:
 class FixedTimings:
     ttft_s: float
     itl_s: float
-
-
-def placement_for(model: ModelSpec, hw: HardwareSpec) -> tuple[str, str]:
-    """The widest (dtype, quantization) whose weights fit in the device with a KV reserve."""
-    budget = hw.memory_gib * 2**30 * (1 - KV_RESERVE)
-    for dtype, quant in PLACEMENTS:
-        if model.weight_bytes(dtype, quant) <= budget:
-            return dtype, quant
-    need = model.weight_bytes(*PLACEMENTS[-1]) / 2**30
-    raise EmulationError(
-        f"{model.name} does not fit on {hw.name}: needs {need:.1f} GiB even at q4_k_m, has {hw.memory_gib:.0f} GiB"
-    )
 
 
 def _placement_or_smallest(model: ModelSpec, hw: HardwareSpec) -> tuple[str, str]:
@@ -190,6 +171,11 @@ class EmulatedEngine:
         weights = sum(spec.weight_bytes(dtype, quant) for spec, dtype, quant in self._models.values())
         per_token = max(spec.kv_bytes_per_held_token() for spec, _, _ in placed)
         return max(0, int((self.hw.memory_gib * 2**30 - weights) / per_token))
+
+    def max_running(self) -> int:
+        """The most requests it runs at once (advertised in the capability): the card's batch slots with
+        `fifo_slots`, else 0 (every request runs at once; the performance model slows them)."""
+        return max(1, self.hw.batch_slots) if self._slots is not None else 0
 
     def prefix_cache_tokens(self) -> int:
         """Prompt tokens the emulated prefix cache holds (advertised in the capability)."""

@@ -152,6 +152,7 @@ class NodeAgent:
             prefix_cache_tokens=getattr(self.engine, "prefix_cache_tokens", lambda: None)(),  # TorchEngine
             prefix_block_tokens=getattr(self.engine, "prefix_block_tokens", lambda: None)(),
             interleaved=bool(getattr(self.engine, "interleaved", False)),  # TorchEngine
+            max_running=self._max_running(),
             hardware=hardware,
             runtime=RuntimeInfo(
                 gridserve=gridserve.__version__,
@@ -161,6 +162,13 @@ class NodeAgent:
             ),
             price_per_mtok=self.config.price_per_mtok,
         )
+
+    def _max_running(self) -> int | None:
+        """The operator's `--max-running` (an upstream server's batch limit), else what the engine says."""
+        if self.config.max_running is not None:
+            return self.config.max_running
+        said: int | None = getattr(self.engine, "max_running", lambda: None)()  # EmulatedEngine
+        return said
 
     def telemetry(self) -> Telemetry:
         stats = self.engine.stats

@@ -30,6 +30,9 @@ class NodeConfig:
     price_per_mtok: float = 0.0
     """USD per million generated tokens."""
     memory_bytes: int | None = None
+    max_running: int | None = None
+    """The most requests the engine runs at once, as advertised (an upstream server's batch limit: vLLM's
+    `--max-num-seqs`, llama.cpp's `--parallel`; 0: no limit); None: what the engine says, else the catalogue's."""
     """Memory the engine may use for weights + KV cache, as advertised (None: what is detected)."""
     heartbeat_interval_s: float | None = None
     """Override the interval the gateway asks for (seconds)."""

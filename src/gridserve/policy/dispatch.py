@@ -25,6 +25,10 @@ class DispatchPolicy:
     first_token_timeout_s: float = 10.0
     first_token_ttft_multiple: float = 10.0
     """An attempt without a first token after max(first_token_timeout_s, this x predicted TTFT) is given up."""
+    cold_start_s: float = 60.0
+    """An attempt on a node that must load the model first waits this much longer for its first token. The
+    prediction counts the weights' move, not the engine's start: a lazy CPU node took over 10 s to start its
+    torch engine on a busy CI machine, and the gateway gave up on it, though nothing else could serve."""
     stall_min_s: float = 1.0
     stall_itl_multiple: float = 10.0
     """Mid-stream, no token for max(stall_min_s, stall_itl_multiple x predicted ITL) means the node stalled:
@@ -43,10 +47,12 @@ class DispatchPolicy:
     watch_s: float = 0.1
     """How often an attempt waiting for its first token checks whether its node has been marked down."""
 
-    def first_token_timeout(self, predicted_ttft_s: float | None) -> float:
+    def first_token_timeout(self, predicted_ttft_s: float | None, *, cold: bool = False) -> float:
         """How long an attempt may wait for its first token: never less than `first_token_timeout_s`, longer
-        for a request predicted to take long (a long prompt on a slow card)."""
-        return max(self.first_token_timeout_s, self.first_token_ttft_multiple * (predicted_ttft_s or 0.0))
+        for a request predicted to take long (a long prompt on a slow card), and `cold_start_s` longer on a node
+        that must load the model first (`cold`)."""
+        wait = max(self.first_token_timeout_s, self.first_token_ttft_multiple * (predicted_ttft_s or 0.0))
+        return wait + (self.cold_start_s if cold else 0.0)
 
     def hedge_delay(
         self, predicted_ttft_s: float | None, calibration_factor: float, ttft_ratio_p95: float | None

@@ -3,7 +3,7 @@ when someone reads them (`types.scheduling.Decision` caches what it reads). Most
 never explained; those that are read the same numbers the decision used."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,7 +12,7 @@ import numpy.typing as npt
 from gridserve.scheduler.context import Context
 from gridserve.scheduler.profile import Profile
 from gridserve.scheduler.ranking import Order
-from gridserve.scheduler.snapshot import C_CAL_TTFT, M_LOAD_S
+from gridserve.scheduler.snapshot import C_CAL_TTFT, M_LOAD_S, M_RESIDENT
 from gridserve.scheduler.vector import Array, Columns
 from gridserve.types.scheduling import Candidate, ScoreDetail, Verdict
 
@@ -97,8 +97,17 @@ class ColumnEvidence:
     picked: int
     """Rank of the chosen node (-1: none)."""
     picked_by: str
+    built: dict[int, Candidate] = field(default_factory=dict, compare=False, repr=False)
+    """Candidates made so far, by rank: the chosen one is asked for by dispatch, the explanation, the lifecycle and
+    the decision log."""
 
     def candidate(self, rank: int) -> Candidate:
+        made = self.built.get(rank)
+        if made is None:
+            made = self.built[rank] = self._candidate(rank)
+        return made
+
+    def _candidate(self, rank: int) -> Candidate:
         j = self.order[rank]
         node, ctx = self.cols.nodes[j], self.ctx
         ttft, itl = self.cols.prediction(ctx, loaded=True)
@@ -125,6 +134,7 @@ class ColumnEvidence:
             _rounded(self.cols.queue(ctx)[j], 9),
             float(self.cols.mcol(M_LOAD_S)[j]) if self.cols.predictable(ctx)[j] else 0.0,
             self._step_s(j, per_token, float(itl[j])),
+            not self.cols.mcol(M_RESIDENT)[j] > 0,
         )
 
     def _step_s(self, j: int, per_token: float, itl: float) -> float | None:

@@ -95,6 +95,8 @@ class NodeStatic:
     memory_bytes: int
     interleaved: bool = False
     """Its engine runs requests token by token in turn (`Capability.interleaved`): no queue behind batch slots."""
+    max_running: int | None = None
+    """The most requests its engine runs at once, as it said (`Capability.max_running`; 0: no limit)."""
     source: Capability | None = None
     model_rows: dict[str, bytes] = field(default_factory=dict)
     card: CardView | None = None
@@ -120,6 +122,7 @@ class NodeStatic:
             loadable=frozenset(capability.loadable_models),
             memory_bytes=memory,
             interleaved=capability.interleaved,
+            max_running=capability.max_running,
             source=capability,
             card=card,
         )

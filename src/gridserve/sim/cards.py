@@ -19,7 +19,7 @@ from typing import Any
 from gridserve.catalog import hardware_spec, model_spec
 from gridserve.catalog.hardware import HardwareSpec
 from gridserve.catalog.models import ModelSpec
-from gridserve.engines.emulated import KV_RESERVE, PLACEMENTS, EmulationError, placement_for
+from gridserve.engines.placement import KV_RESERVE, PLACEMENTS, EmulationError, placement_for
 from gridserve.perfmodel import Load, derived_price_per_mtok, predict
 from gridserve.scheduler import named_profile
 from gridserve.sim.engine import Outcome, SimConfig, Simulation

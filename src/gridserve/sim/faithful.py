@@ -84,7 +84,8 @@ def prompt_of(tokens: int, rng: random.Random) -> str:
     return " ".join(words)
 
 
-async def _one(client: httpx.AsyncClient, model: str, req: TraceRequest, start: float, seed: int) -> _Streamed | None:
+async def _one(client: httpx.AsyncClient, model: str, req: TraceRequest, start: float, seed: int) -> _Streamed | str:
+    """The request streamed as the client saw it, or why it did not complete (one line)."""
     await asyncio.sleep(max(0.0, start + req.at_s - time.monotonic()))
     body = {
         "model": model,
@@ -100,7 +101,7 @@ async def _one(client: httpx.AsyncClient, model: str, req: TraceRequest, start: 
     tokens = 0
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         if resp.status_code != 200:
-            return None
+            return f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:300]}"
         decision_id = resp.headers.get("x-gridserve-decision", "")
         async for line in resp.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -113,20 +114,21 @@ async def _one(client: httpx.AsyncClient, model: str, req: TraceRequest, start: 
             if chunk.get("usage"):
                 tokens = int(chunk["usage"]["completion_tokens"])
     if first is None or last is None or not tokens or not decision_id:
-        return None
+        return f"incomplete stream (first token read: {first is not None}, usage: {tokens}, decision: {decision_id!r})"
     tpot = (last - first) / (tokens - 1) if tokens > 1 else math.nan
     return _Streamed(sent - start, decision_id, first - sent, tpot)
 
 
-async def _measured(client: httpx.AsyncClient, streamed: _Streamed, headers: dict[str, str]) -> Measured | None:
-    """The gateway's record of a streamed request (None unless it ended ok with a measured TTFT)."""
+async def _measured(client: httpx.AsyncClient, streamed: _Streamed, headers: dict[str, str]) -> Measured | str:
+    """The gateway's record of a streamed request, or why it has none that ended ok with a measured TTFT."""
     resp = await client.get(f"/v1/decisions/{streamed.decision_id}", headers=headers)
     if resp.status_code != 200:
-        return None
+        return f"decision {streamed.decision_id}: HTTP {resp.status_code}"
     record = resp.json()
     timing, usage = record.get("timing") or {}, record.get("usage") or {}
     if record.get("status") != "ok" or timing.get("ttft_s") is None:
-        return None
+        route = [(r.get("node_id", "")[:10], r.get("outcome"), r.get("detail")) for r in record.get("route") or []]
+        return f"decision {streamed.decision_id}: status {record.get('status')}, ttft {timing.get('ttft_s')}, {route}"
     tokens = int(usage["completion_tokens"])
     itl = timing.get("itl_s")
     return Measured(
@@ -142,22 +144,33 @@ async def _measured(client: httpx.AsyncClient, streamed: _Streamed, headers: dic
 
 async def _replay(
     url: str, api_key: str, model: str, trace: Sequence[TraceRequest], admin_token: str | None
-) -> list[Measured | None]:
+) -> list[Measured | str]:
     headers = {"Authorization": f"Bearer {api_key}"}
     limits = httpx.Limits(max_connections=len(trace), max_keepalive_connections=32)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as client:
         start = time.monotonic() + 0.5
         streamed = await asyncio.gather(*(_one(client, model, r, start, i) for i, r in enumerate(trace)))
         admin = {"Authorization": f"Bearer {admin_token or api_key}"}
-        return [None if s is None else await _measured(client, s, admin) for s in streamed]
+        return [s if isinstance(s, str) else await _measured(client, s, admin) for s in streamed]
+
+
+@dataclass(frozen=True)
+class Replayed:
+    measured: list[Measured]
+    """The requests that completed, as the gateway recorded them."""
+    failed: list[str]
+    """Why each of the others did not (one line each, the trace's index first)."""
 
 
 def replay(
     url: str, api_key: str, model: str, trace: Sequence[TraceRequest], admin_token: str | None = None
-) -> list[Measured]:
-    """Send each request at its arrival time (streaming), then read the gateway's record of each; the ones that
-    did not complete are left out. The decision records are read with `admin_token` (the API key if None)."""
-    return [m for m in asyncio.run(_replay(url, api_key, model, trace, admin_token)) if m is not None]
+) -> Replayed:
+    """Send each request at its arrival time (streaming), then read the gateway's record of each. The decision
+    records are read with `admin_token` (the API key if None)."""
+    results = asyncio.run(_replay(url, api_key, model, trace, admin_token))
+    measured = [r for r in results if isinstance(r, Measured)]
+    failed = [f"#{i}: {r}" for i, r in enumerate(results) if isinstance(r, str)]
+    return Replayed(measured, failed)
 
 
 def simulate(measured: Sequence[Measured], cards: Sequence[str], model: str, seed: int = 0) -> list[Outcome]:

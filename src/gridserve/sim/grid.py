@@ -14,7 +14,7 @@ from typing import Any
 from gridserve.catalog import hardware_spec
 from gridserve.catalog.hardware import HardwareSpec
 from gridserve.catalog.models import MODELS, ModelSpec
-from gridserve.engines.emulated import EmulationError, placement_for
+from gridserve.engines.placement import EmulationError, placement_for
 from gridserve.perfmodel import Calibration, Load, predict
 from gridserve.policy import AuditRates, DispatchPolicy, HealthTiming
 from gridserve.reliability.book import ReliabilitySummary

@@ -178,6 +178,10 @@ class Capability(Strict):
     """The engine runs every request it is given at once, taking turns token by token (gridserve's own engines):
     a new request waits for no other to finish, and each runs slower the more run. False: batch slots, and
     requests beyond them wait in a queue (vLLM, llama.cpp server: what the hardware catalogue says)."""
+    max_running: Count | None = None
+    """The most requests the engine runs at once (a serving engine's batch limit: vLLM's `--max-num-seqs`, the
+    llama.cpp server's `--parallel`); later ones wait in its own queue, and the gateway holds its fair queue at this
+    many. 0: no limit (every request runs at once); None: not said (the hardware catalogue's batch slots)."""
 
 
 ErrorKind = Literal["oom", "cuda", "timeout", "refused", "engine"]

@@ -108,6 +108,9 @@ class Candidate:
     """On an interleaved node (`Capability.interleaved`): the longest a stream may wait between two of its tokens
     while the node works, one chunk of another prompt's prefill (its advertised prefix block) and its own decode
     step; the stall timeout allows for it (a token late behind a prefill is not a stalled node). None: batched."""
+    cold: bool = False
+    """The node does not hold the model and would load it first: its engine starts as well as the weights move,
+    which the first-token timeout allows for (DispatchPolicy.cold_start_s)."""
 
     @property
     def raw_service_ttft_s(self) -> float | None:
@@ -130,6 +133,8 @@ class Candidate:
         }
         if self.predicted_queue_s:
             out["predicted_queue_s"] = self.predicted_queue_s
+        if self.cold:
+            out["cold"] = True
         if self.cached_tokens:
             out["cached_tokens"] = self.cached_tokens
             out["prefill_saved_s"] = self.prefill_saved_s

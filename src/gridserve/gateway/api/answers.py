@@ -38,6 +38,10 @@ class Source:
     async def close(self) -> None:
         """Release the work (the client left, or the answer ended)."""
 
+    def ready(self) -> bool:
+        """The next event is a token already here (`events` yields it without waiting)."""
+        return False
+
     def finished(self, status: str, error: str, last: StreamEvent) -> Finished:
         raise NotImplementedError
 
@@ -55,6 +59,9 @@ class WholeModel(Source):
 
     async def close(self) -> None:
         self.gen.close()
+
+    def ready(self) -> bool:
+        return self.gen.ready()
 
     def finished(self, status: str, error: str, last: StreamEvent) -> Finished:
         return from_generation(self.gen, self.kind, status=status, error=error, last=last)
@@ -161,22 +168,26 @@ class Calls:
 
 
 async def sse(ctx: "ApiContext", source: Source, fmt: Renderer, calls: Calls | None = None) -> AsyncIterator[bytes]:
-    yield fmt.start()
+    """The answer's SSE bytes. What is made while the next token is already here goes out with it in one write
+    (`Source.ready`): a gateway behind on a stream catches up in fewer writes (each a system call), and a stream it
+    keeps up with goes out token by token as before."""
+    out = [fmt.start()]
     said: list[str] = []
     answer: Answer | None = None
     events = drain(ctx, source)
     async for event in events:
         if "error" in event:
             await events.aclose()  # the request's end recorded now, not when the generator is collected
-            yield fmt.error(str(event["error"].get("message", "node failed")), "node_failed")
+            out.append(fmt.error(str(event["error"].get("message", "node failed")), "node_failed"))
+            yield b"".join(out)
             return
         text = event.get("text", "")
         if not (text and calls is not None and calls.hold(text)):
             scored = event.get("logprobs")
             if scored and isinstance(fmt, ChunkFormatter):  # only OpenAI's completions ask for them
-                yield fmt.scored(text, scored)
+                out.append(fmt.scored(text, scored))
             elif text:
-                yield fmt.text(text)
+                out.append(fmt.text(text))
             said.append(text)
         reason = event.get("finish_reason")
         if reason:
@@ -185,12 +196,17 @@ async def sse(ctx: "ApiContext", source: Source, fmt: Renderer, calls: Calls | N
                 made, reason, held = calls.finish(reason)
                 if held:
                     said.append(held)
-                    yield fmt.text(held)
+                    out.append(fmt.text(held))
             answer = _answer(event, reason, made, "".join(said))
-            yield fmt.end(answer)
+            out.append(fmt.end(answer))
+        if not source.ready():  # the next event is not here yet (or is the last): send what is made
+            yield b"".join(out)
+            out = []
+    if out:
+        yield b"".join(out)
     if answer is not None:
         await fmt.keep(answer)
-    yield fmt.close()
+    yield fmt.close()  # on its own: `sse_many` drops each choice's own close
 
 
 def _answer(

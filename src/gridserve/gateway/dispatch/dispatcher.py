@@ -129,7 +129,7 @@ class Dispatcher:
         return self.policy.hedge_delay(candidate.predicted_ttft_s, candidate.calibration[0], p95)
 
     def first_token_timeout(self, candidate: Candidate) -> float:
-        return self.policy.first_token_timeout(candidate.predicted_ttft_s)
+        return self.policy.first_token_timeout(candidate.predicted_ttft_s, cold=candidate.cold)
 
     def stall_timeout(self, candidate: Candidate | None, *, resumable: bool = True, takeover: bool = True) -> float:
         """The policy's stall timeout for the node's predicted ITL (None: unpredicted); on an interleaved node, for

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed, NodeStream, error_message
-from gridserve.gateway.dispatch.stall import Stalled, next_within
+from gridserve.gateway.dispatch.stall import Stalled, StallWatch
 from gridserve.gateway.transport import Malformed, TransportError
 from gridserve.reliability import EventKind
 from gridserve.types import GenerateRequest, NodeId, StreamEvent
@@ -121,6 +121,10 @@ class Generation:
             )
         )
 
+    def ready(self) -> bool:
+        """A token from the node serving the request is already here (see `EventStream.ready`)."""
+        return self._stream is not None and self._stream.source.ready()
+
     async def events(self) -> AsyncIterator[StreamEvent]:
         """Node events with failover folded in: token events, then one final event (or GenerationFailed).
 
@@ -130,7 +134,7 @@ class Generation:
         while True:
             stream = self.stream
             short, long = self._stall_timeouts(stream.node_id)
-            patience = self._patience(stream.node_id)
+            watch = StallWatch(stream.source, self._patience(stream.node_id), self.d.policy.stall_busy_max_s)
             event: StreamEvent | None = stream.first
             try:
                 while event is not None:
@@ -141,9 +145,7 @@ class Generation:
                     if event.get("finish_reason"):
                         self._close_segment("ok")
                         return
-                    event = await next_within(
-                        stream.source, short if self.resumable else long, patience, self.d.policy.stall_busy_max_s
-                    )
+                    event = await watch.next(short if self.resumable else long)
                 raise NodeFailed("stream ended before its last event")
             except (NodeFailed, TransportError) as exc:
                 detail, lost = _failure(exc)
@@ -154,6 +156,8 @@ class Generation:
                     return
                 if self.on_failover is not None:
                     self.on_failover(self.segments[-2])
+            finally:
+                watch.close()
 
     def _stall_timeouts(self, node_id: NodeId) -> tuple[float, float]:
         """The node's stall timeouts while its stream is resumable, and once it is not."""

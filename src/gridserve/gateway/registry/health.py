@@ -6,9 +6,10 @@ On a grid larger than `probes_per_round`, busy and unsettled nodes are probed ev
 turn."""
 
 import asyncio
+import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
@@ -17,6 +18,8 @@ from gridserve.gateway.transport import NodeTransport, Refused, Timeout, Transpo
 from gridserve.trust.challenge import check as check_challenge
 from gridserve.trust.challenge import fresh_challenge
 from gridserve.types import NodeId, NodeState
+
+log = logging.getLogger("gridserve.gateway")
 
 
 async def probe(
@@ -82,27 +85,42 @@ stalls the gateway's event loop, and with it every heartbeat and token it handle
 
 
 async def probe_forever(membership: Membership, dispatcher: Dispatcher, config: GatewayConfig) -> None:
-    """Probe rounds until cancelled, through the dispatcher's transport (start the dispatcher first)."""
+    """Probe rounds until cancelled, through the dispatcher's transport (start the dispatcher first).
+
+    A round starts every `probe_interval_s` whatever the last one's probes are still doing: a hung node's probe
+    waits out its timeout (1 s) on its own, and the next round probes it again meanwhile, so its failures come in
+    every period from its first timeout on. (Rounds that waited for their slowest probe ran every timeout + interval,
+    1.5 s, with a hung node on the grid: its second failure, the one that finds its heartbeat late, came up to 3.0 s
+    after it hung, against the 3 s bound.) At most timeout / interval + 1 probes of one node are in flight."""
     transport = dispatcher.transport
     turn = 0
-    while True:
-        chosen, turn = probe_targets(
-            membership.nodes, config.probes_per_round, turn, time.time(), config.retire_silent_s
-        )
-        gap = config.probe_interval_s / len(chosen) if len(chosen) > PACE_ABOVE else 0.0
-        tasks: list[asyncio.Task[None]] = []
-        try:
+    in_flight: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            chosen, turn = probe_targets(
+                membership.nodes, config.probes_per_round, turn, time.time(), config.retire_silent_s
+            )
+            gap = config.probe_interval_s / len(chosen) if len(chosen) > PACE_ABOVE else 0.0
             for node_id in chosen:
                 record = membership.nodes.get(node_id)
                 if record is None:  # left meanwhile
                     continue
-                probe_one = _probe_node(membership, transport, record, config.probe_timeout_s)
-                tasks.append(asyncio.create_task(probe_one))
+                task = asyncio.create_task(_probe_node(membership, transport, record, config.probe_timeout_s))
+                in_flight.add(task)
+                task.add_done_callback(_finished(in_flight))
                 if gap:
                     await asyncio.sleep(gap)
-            await asyncio.gather(*tasks)
-        finally:  # stopped mid-round (the gateway shuts down): no probe may outlive the transport and the store
-            for task in tasks:
-                task.cancel()
-        if not gap:
-            await asyncio.sleep(config.probe_interval_s)
+            if not gap:
+                await asyncio.sleep(config.probe_interval_s)
+    finally:  # stopped (the gateway shuts down): no probe may outlive the transport and the store
+        for task in in_flight:
+            task.cancel()
+
+
+def _finished(in_flight: set["asyncio.Task[None]"]) -> "Callable[[asyncio.Task[None]], None]":
+    def done(task: "asyncio.Task[None]") -> None:
+        in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("health probe failed unexpectedly", exc_info=task.exception())
+
+    return done

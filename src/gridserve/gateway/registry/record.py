@@ -33,6 +33,10 @@ no tuple inside it (a tuple of tuples takes the collector one more pass to stop 
 _ITEMS: dict[str, type[BaseModel]] = {"errors": NodeError}
 TelemetryRow = tuple[Any, ...]
 """A Telemetry's field values in TELEMETRY_FIELDS order: numbers and None, the tuple fields as JSON bytes."""
+T_ACTIVE, T_QUEUED, T_CLOCK, T_TEMP = (
+    TELEMETRY_FIELDS.index(name) for name in ("active_requests", "queue_depth", "clock_ratio", "temperature_c")
+)
+"""Where a TelemetryRow holds the fields read on hot paths (the scheduler's row, the fair queue's recount)."""
 NO_CALIBRATION = Calibration()
 """Shared by every record with no observation yet (immutable)."""
 TTFT_RATIOS_KEPT = 256

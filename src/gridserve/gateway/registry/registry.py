@@ -38,7 +38,10 @@ from gridserve.gateway.registry.events import (
 )
 from gridserve.gateway.registry.record import (
     LIVE,
-    TELEMETRY_FIELDS,
+    T_ACTIVE,
+    T_CLOCK,
+    T_QUEUED,
+    T_TEMP,
     TTFT_RATIOS_KEPT,
     NodeRecord,
     assign,
@@ -64,9 +67,6 @@ from gridserve.scheduler.table import SnapshotTable
 from gridserve.types import NodeId, NodeState
 
 TRANSITIONS_KEPT = 20
-_ACTIVE, _QUEUED, _CLOCK, _TEMP = (
-    TELEMETRY_FIELDS.index(name) for name in ("active_requests", "queue_depth", "clock_ratio", "temperature_c")
-)
 
 
 class Timing(Protocol):
@@ -227,7 +227,7 @@ class NodeRegistry:
     def _judge_claim(self, effects: Effects, record: NodeRecord, e: JobObserved) -> None:
         """Once enough answers are in: the claim holds, or the node is re-classed at the speed it showed."""
         tele = record.telemetry_row
-        clock = tele[_CLOCK] if tele is not None else None
+        clock = tele[T_CLOCK] if tele is not None else None
         verdict = claims.judge(record.static.card, record.calibration, clock, e.raw_predicted_itl_s)
         if verdict.claim == claims.JUDGING:
             return
@@ -371,8 +371,8 @@ class NodeRegistry:
         # The node's last heartbeat counted this request as active, and says so until the next one (seconds): a node
         # that just answered would look busy. Its reported count drops with each request seen ending here.
         tele = record.telemetry_row
-        if tele is not None and tele[_ACTIVE] > 0:
-            tele = (*tele[:_ACTIVE], tele[_ACTIVE] - 1, *tele[_ACTIVE + 1 :])
+        if tele is not None and tele[T_ACTIVE] > 0:
+            tele = (*tele[:T_ACTIVE], tele[T_ACTIVE] - 1, *tele[T_ACTIVE + 1 :])
         assign(record, outstanding=max(0, record.outstanding - 1), telemetry_row=tele)
         self._load_changed(record)
         return Effects()
@@ -457,7 +457,7 @@ class NodeRegistry:
     def _load_changed(self, record: NodeRecord) -> None:
         """Only the load columns moved (a request started or ended: thousands a second on a busy grid)."""
         tele = record.telemetry_row
-        active = tele[_ACTIVE] if tele is not None else 0
+        active = tele[T_ACTIVE] if tele is not None else 0
         cells = {C_ACTIVE: float(max(record.outstanding, active)), C_OUTSTANDING: float(record.outstanding)}
         self.table.set_cells(record.capability.node_id, cells)
 
@@ -468,10 +468,10 @@ class NodeRegistry:
             state=record.state,
             last_heartbeat=record.last_heartbeat,
             outstanding=record.outstanding,
-            active=tele[_ACTIVE] if tele is not None else 0,
-            queued=tele[_QUEUED] if tele is not None else 0,
-            clock_ratio=tele[_CLOCK] if tele is not None else None,
-            temperature_c=tele[_TEMP] if tele is not None else None,
+            active=tele[T_ACTIVE] if tele is not None else 0,
+            queued=tele[T_QUEUED] if tele is not None else 0,
+            clock_ratio=tele[T_CLOCK] if tele is not None else None,
+            temperature_c=tele[T_TEMP] if tele is not None else None,
             reliability=(rel[0], rel[5], rel[7], rel[8]),
             calibration=record.calibration,
             price_per_mtok=record.capability.price_per_mtok,

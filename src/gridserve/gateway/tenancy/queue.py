@@ -4,8 +4,10 @@ A model's capacity is the batch slots of the live nodes serving it whole (`capac
 requests in flight for it are counted here, and on a grid shared with other gateways the requests they have on those
 nodes count too (`elsewhere(model)`: what the nodes last reported busy, less this gateway's own there), so that a
 batch flood through one gateway leaves the interactive share free for requests through another.
-A node whose engine interleaves any number of streams token by token
-(`Capability.interleaved`: gridserve's CPU torch engine) has no slot limit, and a model it serves never waits here.
+A node's slots are what its engine says it runs at once (`Capability.max_running`: an emulated card with
+`--fifo-slots`, an upstream server's `--max-running`), else its card's batch slots in the catalogue. A node whose
+engine runs every request at once (`Capability.interleaved`, gridserve's CPU torch engine, or `max_running` 0: an
+emulated card without `--fifo-slots`) has no slot limit, and a model it serves never waits here.
 A priority class may fill only its share of the slots (by default batch 75%, the others all of them), so a batch
 flood leaves room for interactive requests to start at once.
 A request that finds no room waits in a bounded queue: the highest class first and, within a class, the keys in turn
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from gridserve.gateway.api.errors import APIError
-from gridserve.gateway.registry.record import LIVE, TELEMETRY_FIELDS, NodeRecord
+from gridserve.gateway.registry.record import LIVE, T_ACTIVE, T_QUEUED, NodeRecord
 from gridserve.gateway.tenancy.keys import PRIORITIES, Priority
 
 SHARES: dict[str, float] = {"interactive": 1.0, "standard": 1.0, "batch": 0.75}
@@ -256,10 +258,10 @@ class SlotCount:
         for record in self.records():
             if record.state not in LIVE:
                 continue
-            if record.static.interleaved:
+            per_node = _slots(record)
+            if per_node == UNLIMITED:
                 unlimited.update(record.static.offers)
                 continue
-            per_node = max(1, record.static.hw.batch_slots) if record.static.hw is not None else 1
             foreign = _foreign(record) if self.shared else 0
             for name in record.static.offers:
                 slots[name] = slots.get(name, 0) + per_node
@@ -268,7 +270,15 @@ class SlotCount:
         self._elsewhere = {name: n for name, n in elsewhere.items() if name not in unlimited}
 
 
-_ACTIVE, _QUEUED = (TELEMETRY_FIELDS.index(name) for name in ("active_requests", "queue_depth"))
+def _slots(record: NodeRecord) -> int:
+    """The requests a node runs at once: what its engine said (`Capability.max_running`), else the catalogue's batch
+    slots for its card; UNLIMITED for an engine that runs every request at once (interleaved, or said 0)."""
+    static = record.static
+    if static.interleaved or static.max_running == 0:
+        return UNLIMITED
+    if static.max_running is not None:
+        return static.max_running
+    return max(1, static.hw.batch_slots) if static.hw is not None else 1
 
 
 def _foreign(record: NodeRecord) -> int:
@@ -277,4 +287,4 @@ def _foreign(record: NodeRecord) -> int:
     row = record.telemetry_row
     if row is None:
         return 0
-    return max(0, int(row[_ACTIVE]) + int(row[_QUEUED]) - record.outstanding)
+    return max(0, int(row[T_ACTIVE]) + int(row[T_QUEUED]) - record.outstanding)

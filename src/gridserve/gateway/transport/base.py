@@ -4,11 +4,27 @@ the error tree of `errors.py`; `http.AiohttpTransport` carries it over HTTP, `fa
 nodes for millisecond tests.
 """
 
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 from gridserve.types import GenerateRequest, NodeId, StreamEvent
 from gridserve.types.embedding import EmbedRequest
+
+NOT_TOKEN_KEYS = ("finish_reason", "error", "busy")
+"""Keys that make an event with text something else than a token: the last event, a failure, a busy line."""
+_NOT_TOKEN = re.compile("|".join(re.escape(f'"{key}"') for key in NOT_TOKEN_KEYS).encode())
+
+
+def is_token_event(event: Mapping[str, Any]) -> bool:
+    """Whether a node's event is a token: text, and none of `NOT_TOKEN_KEYS`."""
+    return "text" in event and not any(key in event for key in NOT_TOKEN_KEYS)
+
+
+def is_token_line(line: bytes) -> bool:
+    """`is_token_event` of a node's NDJSON line, without parsing it. (A key is found by its quoted name: inside a
+    JSON string a quote is escaped, so text cannot fake one.)"""
+    return b'"text"' in line and _NOT_TOKEN.search(line) is None
 
 
 class EventStream(Protocol):
@@ -23,6 +39,12 @@ class EventStream(Protocol):
     def busy_at(self) -> float:
         """When (the event loop's time) the node last said it is busy with other streams' work while this one
         waits (a `busy` line); 0.0 if never."""
+        ...
+
+    def ready(self) -> bool:
+        """A token event is already here (read, not yet taken): `next()` returns it without waiting. False for
+        anything else waiting (the last event, an error, a busy line) and when nothing is. The API sends every
+        token made while this holds in one write (gateway/api/answers.py: `sse`)."""
         ...
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from gridserve.gateway.transport.base import StageChannel
+from gridserve.gateway.transport.base import StageChannel, is_token_event
 from gridserve.gateway.transport.errors import Refused, TransportError, Unreachable
 from gridserve.trust import Identity
 from gridserve.trust.challenge import answer as challenge_answer
@@ -113,12 +113,22 @@ class FakeCall:
 _END = object()
 
 
+class _Buffer(asyncio.Queue[Any]):
+    """asyncio's queue, whose next item may be looked at (`head`: None when empty)."""
+
+    def _init(self, maxsize: int) -> None:
+        self._queue = self.items = deque[Any]()
+
+    def head(self) -> Any:
+        return self.items[0] if self.items else None
+
+
 class FakeStream:
     """The gateway's end of one scripted generation."""
 
     def __init__(self, call: FakeCall, steps: Sequence[Step], position: int) -> None:
         self.call = call
-        self.buffer: asyncio.Queue[Any] = asyncio.Queue()
+        self.buffer = _Buffer()
         self.busy_at = 0.0
         self.node = asyncio.get_running_loop().create_task(self._play(steps, position))
 
@@ -165,6 +175,10 @@ class FakeStream:
             raise item
         event: StreamEvent = item
         return event
+
+    def ready(self) -> bool:
+        head = self.buffer.head()
+        return isinstance(head, dict) and is_token_event(head)
 
     def close(self) -> None:
         self.call.closed = True

@@ -8,6 +8,7 @@ the transport's own error tree leaves this module.
 import asyncio
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
@@ -15,6 +16,7 @@ import aiohttp
 import orjson
 from opentelemetry import propagate
 
+from gridserve.gateway.transport.base import is_token_line
 from gridserve.gateway.transport.errors import (
     BrokenStream,
     Malformed,
@@ -40,19 +42,32 @@ hung node must not hold up the re-plan."""
 class LineSource(Protocol):
     """What a stream is read from: aiohttp's response body (or asyncio's StreamReader in tests)."""
 
-    async def readline(self) -> bytes: ...
+    async def read(self, n: int) -> bytes:
+        """Up to `n` bytes of what has arrived, waiting only while nothing has; b"" at the end."""
+        ...
+
+
+READ_BYTES = 1 << 16
+MAX_LINE_BYTES = 16 << 20
+"""Longest event line a node may send (a token's line is a few hundred bytes; the last one, with counts, a few KB)."""
 
 
 class HttpEventStream:
     """A node's NDJSON generation stream. Blank lines are skipped; a line that is not a JSON object is Malformed;
-    a connection that breaks mid-stream is a BrokenStream."""
+    a connection that breaks mid-stream is a BrokenStream. It reads whatever has arrived at once and keeps the
+    whole lines (`ready`: a token among them is next)."""
 
-    __slots__ = ("_close", "_content", "busy_at")
+    __slots__ = ("_close", "_content", "_lines", "_tail", "busy_at")
 
     def __init__(self, content: LineSource, close: Callable[[], None]) -> None:
         self._content = content
         self._close = close
+        self._lines: deque[bytes] = deque()
+        self._tail = b""
         self.busy_at = 0.0
+
+    def ready(self) -> bool:
+        return bool(self._lines) and is_token_line(self._lines[0])
 
     async def next(self) -> StreamEvent | None:
         while True:
@@ -63,11 +78,10 @@ class HttpEventStream:
 
     async def _line(self) -> StreamEvent | None:
         try:
-            line = await self._content.readline()
-            while line.isspace():
-                line = await self._content.readline()
-            if not line:
-                return None
+            while not self._lines:
+                if not await self._fill():
+                    return None
+            line = self._lines.popleft()
             event = orjson.loads(line)
         except Exception as exc:  # (the happy path pays nothing for this: zero-cost try)
             mapped = translate(exc, "read")
@@ -77,6 +91,21 @@ class HttpEventStream:
         if type(event) is not dict:
             raise Malformed(f"not an event: {line[:80]!r}")
         return cast(StreamEvent, event)  # (a JSON object; what matters in it is checked against the signed receipt)
+
+    async def _fill(self) -> bool:
+        """Read what has arrived into whole lines (blank ones dropped); False at the end with none left."""
+        data = await self._content.read(READ_BYTES)
+        if not data:
+            tail, self._tail = self._tail, b""
+            if tail.strip():
+                self._lines.append(tail)  # a last line without its newline
+                return True
+            return False
+        *whole, self._tail = (self._tail + data).split(b"\n")
+        if len(self._tail) > MAX_LINE_BYTES:
+            raise Malformed(f"a line longer than {MAX_LINE_BYTES} bytes")
+        self._lines.extend(line for line in whole if line and not line.isspace())
+        return True
 
     def close(self) -> None:
         self._close()

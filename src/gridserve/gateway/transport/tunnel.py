@@ -21,6 +21,7 @@ from opentelemetry import propagate
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gridserve.gateway.registry.membership import Membership, UnknownNode
+from gridserve.gateway.transport.base import is_token_line
 from gridserve.gateway.transport.errors import (
     REFUSAL_CHARS,
     BrokenStream,
@@ -280,7 +281,7 @@ class TunnelHub:
 class TunnelEventStream:
     """A generation's NDJSON events as they arrive in BODY and END frames."""
 
-    __slots__ = ("_buffer", "_conn", "_done", "_queue", "_stream", "busy_at")
+    __slots__ = ("_buffer", "_conn", "_done", "_failed", "_queue", "_stream", "busy_at")
 
     def __init__(
         self, conn: TunnelConn, stream: int, queue: "asyncio.Queue[Inbound]", first: bytes, done: bool
@@ -288,7 +289,18 @@ class TunnelEventStream:
         self._conn, self._stream, self._queue = conn, stream, queue
         self._buffer = first
         self._done = done
+        self._failed: TransportError | None = None
+        """The connection's failure, taken from the queue while looking ahead (`ready`): raised once the lines
+        before it are read."""
         self.busy_at = 0.0
+
+    def ready(self) -> bool:
+        """A token line is whole in the buffer, once the frames already queued are taken in."""
+        while (cut := self._buffer.find(b"\n")) < 0:
+            if self._done or self._failed is not None or self._queue.empty():
+                return False
+            self._take(self._queue.get_nowait())
+        return is_token_line(self._buffer[:cut])
 
     async def next(self) -> StreamEvent | None:
         while True:
@@ -314,16 +326,21 @@ class TunnelEventStream:
                 if line.strip():
                     return line
                 continue
+            if self._failed is not None:
+                raise self._failed
             if self._done:
                 line, self._buffer = self._buffer, b""
                 return line if line.strip() else None
-            item = await self._queue.get()
-            if isinstance(item, TransportError):
-                raise item
-            if item.kind == Kind.END:
-                self._done = True
-                self._conn.end_stream(self._stream)
-            self._buffer += item.payload
+            self._take(await self._queue.get())
+
+    def _take(self, item: "Inbound") -> None:
+        if isinstance(item, TransportError):
+            self._failed = item
+            return
+        if item.kind == Kind.END:
+            self._done = True
+            self._conn.end_stream(self._stream)
+        self._buffer += item.payload
 
     def close(self) -> None:
         if not self._done:
