@@ -115,7 +115,10 @@ def _wait_streaming(
         if len(under_way) >= count:
             return under_way
         time.sleep(0.01)
-    raise AssertionError("streams did not start on the victim")
+    seen = [
+        (s.node == victim, len(s.chunks), s.expected, s.finish, s.chunks[0][0] if s.chunks else None) for s in streams
+    ]
+    raise AssertionError(f"{count} streams were not under way at once on the victim: {seen}")
 
 
 def _start_all(grid: LocalGrid, prompts: list[str], max_tokens: int, **sampling: Any) -> list[Stream]:
@@ -135,14 +138,14 @@ token, far longer than the kill takes and the client lags behind the node."""
 
 
 def greedy_streams_under_way(
-    grid: LocalGrid, count: int, streaming_on_victim: int
+    grid: LocalGrid, count: int, streaming_on_victim: int, tokens: int = 40
 ) -> tuple[list[tuple[str, str, int]], list[Stream], str, list[Stream]]:
-    """`count` greedy streams started (and their uninterrupted reference run first), and the node serving the most
-    of them once at least `streaming_on_victim` of its streams are under way with `MARGIN` tokens to come:
+    """`count` greedy streams of `tokens` started (and their uninterrupted reference run first), and the node serving
+    the most of them once at least `streaming_on_victim` of its streams are under way with `MARGIN` tokens to come:
     (reference, streams, that node, its streams under way)."""
     prompts = [f"Stream {i}: the grid keeps serving when" for i in range(count)]
-    reference = _reference(grid, prompts, 40, temperature=0)
-    streams = _start_all(grid, prompts, 40, temperature=0)
+    reference = _reference(grid, prompts, tokens, temperature=0)
+    streams = _start_all(grid, prompts, tokens, temperature=0)
     for s, (_, _, tokens) in zip(streams, reference, strict=True):
         s.expected = tokens
     by_node: dict[str, int] = {}
