@@ -89,7 +89,7 @@ def test_node_slowed_5x_loses_its_traffic_within_bounded_requests(tmp_path: Path
         grid.start(timeout_s=120)
         client = OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
-        def one(i: int) -> str:
+        def one(i: int) -> tuple[str, str]:
             raw = client.completions.with_raw_response.create(
                 model=MODEL,
                 prompt=f"share {i}",
@@ -97,19 +97,24 @@ def test_node_slowed_5x_loses_its_traffic_within_bounded_requests(tmp_path: Path
                 temperature=0,
                 extra_body={"gridserve": {"tier": "interactive", "hedge": False}},
             )
-            return raw.headers["x-gridserve-node"]
+            return raw.headers["x-gridserve-node"], raw.headers["x-gridserve-decision"]
 
         with ThreadPoolExecutor(max_workers=3) as pool:
-            before = list(pool.map(one, range(30)))
+            before = [node for node, _ in pool.map(one, range(30))]
         counts = {n: before.count(n) for n in set(before)}
         victim = max(counts, key=lambda n: counts[n])
         endpoint = next(n["endpoint"] for n in grid.nodes() if n["node_id"] == victim)
         httpx.post(endpoint + "/faults", json={"slow_decode_factor": 5}, timeout=5).raise_for_status()
         with ThreadPoolExecutor(max_workers=3) as pool:
             after = list(pool.map(one, range(100, 160)))
-        served = [i for i, n in enumerate(after) if n == victim]
-        assert len(served) <= 10, served  # bounded: it is observed a few times, then it is ranked down
-        assert sum(1 for n in after[-30:] if n == victim) <= 2, after[-30:]  # at most exploration afterwards
+        picked_by = [admin_get(grid, f"/v1/decisions/{decision}").json()["picked_by"] for _, decision in after]
+        explored = [i for i, how in enumerate(picked_by) if how.startswith("exploration")]
+        # exploration (p=0.05) may pick the slowed node at any time, as it may any node with a short record: its
+        # picks are counted apart (CI once saw 3 of the last 30 requests explore the slowed node, all by exploration)
+        by_score = [i for i, (node, _) in enumerate(after) if node == victim and i not in explored]
+        assert len(by_score) <= 10, by_score  # bounded: it is observed a few times, then it is ranked down
+        assert sum(1 for i in by_score if i >= 30) <= 2, (by_score, picked_by)  # and it stays down
+        assert len(explored) <= 12, picked_by  # the exploration share holds (3 expected in 60 at p=0.05)
         assert counts[victim] >= 8  # it did have a fair share before
         node = next(n for n in grid.nodes() if n["node_id"] == victim)
         assert node["calibration"]["itl_factor"] > 2.5
