@@ -75,11 +75,23 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalGri
         grid.start_node(FLATTERER, "tiny", ["--allow-dishonest", "--dishonest", "flatter_logprobs"])
         grid.wait_nodes(1, 120)
         (flatterer,) = grid.nodes()
+        # the first node up takes the first request: it has kept heartbeats (a reliability score above a newcomer's)
+        # before the second registers (nodes forked in 0.05 s, not started in 4 s, registered together and tied)
+        first = flatterer["reliability"]["score"]
+        deadline = time.monotonic() + 30
+        while _score(grid, flatterer["node_id"]) <= first and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _score(grid, flatterer["node_id"]) > first
         grid.start_node(HONEST, "tiny")
         grid.wait_nodes(2, 120)
         yield grid, flatterer["node_id"]
     finally:
         grid.stop()
+
+
+def _score(grid: LocalGrid, node_id: str) -> float:
+    node = next(n for n in grid.nodes() if n["node_id"] == node_id)
+    return float(node["reliability"]["score"])
 
 
 def _reliability(grid: LocalGrid, node_id: str) -> str:
