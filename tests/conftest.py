@@ -75,6 +75,7 @@ def two_gateways_on_pg(
                 threads=1,
                 extra_gateway_args=[*args, "--gateway-id", name],
                 node_gateways=urls,
+                forked=True,
             )
             for name, port, engines in (("gw-a", base, [engine]), ("gw-b", base + 2, []))
         )
@@ -91,13 +92,14 @@ def two_gateways_on_pg(
 
 
 def make_grid(tmp: Path, engines: list[str], **kwargs: object) -> LocalGrid:
+    """A grid whose gateway and nodes fork from a preloaded server (cli/launch.py), unless `forked=False`."""
     return LocalGrid(
         data_dir=tmp,
         port=free_port_block(len(engines) + 4),
         api_key=API_KEY,
         admin_token=ADMIN,
         engines=engines,
-        **kwargs,  # type: ignore[arg-type]
+        **{"forked": True, **kwargs},  # type: ignore[arg-type]
     )
 
 

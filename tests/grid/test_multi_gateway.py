@@ -57,6 +57,7 @@ def gateway(tmp: Path, port: int, name: str, schema: str, key: Path, peers: str,
         extra_gateway_args=["--db", pg_url(schema), "--key", str(key), "--gateway-id", name, "--canary-interval", "0"],
         node_gateways=peers,
         outbound_only=outbound,
+        forked=True,
     )
 
 
