@@ -23,7 +23,7 @@ With `--transport outbound`, every simulated node holds a tunnel (an outbound-on
 heartbeats and the gateway's probes go over it; gateway_rss_per_node_kb (the gateway's resident memory grown per
 node joined) compared with the http run's is the memory a connection costs.
 Run: `.venv/bin/python bench/ingest.py [--nodes 1000,10000] [--duration 30] [--join-rate 50]
-[--transport http,outbound] [--verify thread,loop]`.
+[--transport http,outbound]`.
 """
 
 import argparse
@@ -488,13 +488,7 @@ UNLIMITED_JOINS += ["--registration-rate-total", "100000"]
 
 
 async def one_run(
-    nodes: int,
-    interval: float,
-    duration: float,
-    join_rate: float,
-    progress: Progress,
-    transport: str = "http",
-    verify: str = "thread",
+    nodes: int, interval: float, duration: float, join_rate: float, progress: Progress, transport: str = "http"
 ) -> dict[str, Any]:
     port = free_port_block(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -505,10 +499,7 @@ async def one_run(
             admin_token="a",
             engines=[],
             heartbeat_interval_s=interval,
-            extra_gateway_args=[
-                *UNLIMITED_JOINS,
-                "--verify-on-thread" if verify == "thread" else "--no-verify-on-thread",
-            ],
+            extra_gateway_args=UNLIMITED_JOINS,
         )
         grid.start_gateway()
         idents = [Identity.generate() for _ in range(nodes)]
@@ -580,22 +571,15 @@ def main() -> None:
         help="comma-separated: http (heartbeats POSTed, probes over HTTP) and/or outbound (each node holds a tunnel: "
         "heartbeats and probes go over it)",
     )
-    parser.add_argument(
-        "--verify",
-        default="thread",
-        help="comma-separated: thread (tunnel heartbeats' signatures checked on the gateway's worker thread) and/or "
-        "loop (on its event loop); HTTP heartbeats are checked on the loop either way",
-    )
     args = parser.parse_args()
     gc.set_threshold(*GC_THRESHOLDS)
     runs = []
     with Progress(transient=True, console=Console(stderr=True)) as progress:
         for n in (int(x) for x in args.nodes.split(",")):
             for transport in args.transport.split(","):
-                for verify in args.verify.split(","):
-                    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the generator's CPU
-                        run = one_run(n, args.interval, args.duration, args.join_rate, progress, transport, verify)
-                        runs.append({"verify": verify, **runner.run(run)})
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the generator's CPU: LeanClient
+                    run = one_run(n, args.interval, args.duration, args.join_rate, progress, transport)
+                    runs.append(runner.run(run))
     json.dump({"bench": "ingest", "target": "10,000 nodes: p99 < 50 ms", "runs": runs}, sys.stdout, indent=2)
     print()
 

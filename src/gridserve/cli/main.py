@@ -142,12 +142,6 @@ def gateway(
         int, typer.Option(min=1, help="consecutive 2-1 splits against a node that quarantine it (redundancy)")
     ] = 8,
     canary_interval: Annotated[float, typer.Option(help="mean seconds between canary requests (0: none)")] = 60.0,
-    verify_on_thread: Annotated[
-        bool,
-        typer.Option(
-            help="check tunnel heartbeats' signatures on a worker thread, in batches (else on the event loop)"
-        ),
-    ] = True,
     responses_ttl_days: Annotated[
         float, typer.Option(min=0, help="stored responses (/v1/responses) are deleted after this many days (0: never)")
     ] = 30.0,
@@ -271,7 +265,6 @@ def gateway(
         redundancy=redundancy,
         redundancy_strikes=redundancy_strikes,
         canary_interval_s=canary_interval,
-        verify_on_thread=verify_on_thread,
         responses_ttl_s=responses_ttl_days * 86_400.0,
         canary_timeout_s=canary_timeout,
         allow_emulated=allow_emulated,

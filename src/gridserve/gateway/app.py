@@ -128,7 +128,7 @@ class Gateway:
             registration_burst=config.registration_burst,
             registration_rate_total=config.registration_rate_total,
         )
-        self.tunnels = TunnelHub(identity, self.verifier, self.membership, threaded=config.verify_on_thread)
+        self.tunnels = TunnelHub(identity, self.verifier, self.membership)
         """Outbound-only nodes' open tunnels (WS /nodes/tunnel)."""
         direct = AiohttpTransport(
             identity,

@@ -118,9 +118,6 @@ class GatewayConfig:
     honest node is in the minority 8 times in a row with probability 0.133^8 = 1e-7 per check."""
     canary_interval_s: float = 60.0
     """Mean seconds between canary requests (0: none)."""
-    verify_on_thread: bool = True
-    """Check the signatures of heartbeats that come over tunnels on a worker thread, a loop turn's heartbeats at a
-    time (gateway/transport/heartbeats.py); False: on the event loop, one by one."""
     vetting_checks: int = 3
     """Audits or canaries a new identity passes before it is routed like any node (ReliabilityConfig)."""
     whitewash_checks: int = 6

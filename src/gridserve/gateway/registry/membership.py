@@ -38,7 +38,7 @@ from gridserve.gateway.registry.whitewash import Marks, Signals, signals_of
 from gridserve.reliability import EXCLUDED, EventKind, NodeEvent, ReliabilityBook, Severity, Transition
 from gridserve.scheduler.table import TableView
 from gridserve.store import StoreWriter
-from gridserve.trust import Envelope, EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
+from gridserve.trust import EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
 from gridserve.trust.attestation import attest, builtin_digests, check_names, load_digests, merged
 from gridserve.types import Capability, HeartbeatPayload, NodeId, NodeState, RegisterPayload, Telemetry
 from gridserve.types.base import from_wire
@@ -214,15 +214,7 @@ class Membership:
 
     def heartbeat(self, body: bytes) -> NodeRecord:
         """A node's signed heartbeat: signature, freshness and replay checked, its payload checked and applied."""
-        return self.take_heartbeat(self.verify_heartbeat(body))
-
-    def verify_heartbeat(self, body: bytes) -> Envelope:
-        """A heartbeat's signature, freshness and replay checked: touches no state but the verifier's (thread-safe),
-        so it may run off the event loop (gateway/transport/heartbeats.py)."""
-        return self.verifier.verify(body, purpose="heartbeat")
-
-    def take_heartbeat(self, envelope: Envelope) -> NodeRecord:
-        """A verified heartbeat's payload checked and applied (on the event loop)."""
+        envelope = self.verifier.verify(body, purpose="heartbeat")
         node_id = NodeId(node_id_for(envelope.keyid))
         record = self.nodes.get(node_id)
         if record is None:

@@ -20,7 +20,7 @@ import orjson
 from opentelemetry import propagate
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gridserve.gateway.registry.membership import Membership
+from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.gateway.transport.base import is_token_line
 from gridserve.gateway.transport.errors import (
     REFUSAL_CHARS,
@@ -32,7 +32,6 @@ from gridserve.gateway.transport.errors import (
     Unreachable,
     refusal,
 )
-from gridserve.gateway.transport.heartbeats import HeartbeatIntake
 from gridserve.gateway.transport.tunnel_socket import EXTENSION, DirectSocket
 from gridserve.trust import EnvelopeVerifier, Identity, TrustError, sign_envelope
 from gridserve.tunnel import handshake
@@ -168,12 +167,8 @@ class TunnelConn:
 class TunnelHub:
     """The gateway's open tunnels, by node."""
 
-    def __init__(
-        self, identity: Identity, verifier: EnvelopeVerifier, membership: Membership, *, threaded: bool = True
-    ) -> None:
+    def __init__(self, identity: Identity, verifier: EnvelopeVerifier, membership: Membership) -> None:
         self.identity, self.verifier, self.membership = identity, verifier, membership
-        self.heartbeats = HeartbeatIntake(membership, threaded=threaded)
-        """The nodes' heartbeats: checked on a worker thread (`threaded`), applied on the loop."""
         self.conns: dict[NodeId, TunnelConn] = {}
         self.opened = 0
         """Tunnels accepted since start (reconnections included)."""
@@ -266,12 +261,21 @@ class TunnelHub:
             log.warning("tunnel from %s sent a bad frame: %s", conn.node_id, exc)
             return f"bad frame: {exc}"
         if frame.kind == Kind.HEARTBEAT:
-            self.heartbeats.take(
-                frame.payload, conn.remote, lambda answer: conn.send_soon(Kind.HEARTBEAT_REPLY, CONTROL, answer)
-            )
+            self._heartbeat(conn, frame.payload)
         else:
             conn.deliver(frame)
         return None
+
+    def _heartbeat(self, conn: TunnelConn, body: bytes) -> None:
+        """A heartbeat over the tunnel: the same checks and answers as `POST /nodes/heartbeat`."""
+        try:
+            self.membership.heartbeat(body)
+            status, answer = 200, '{"ok":true}'
+        except TrustError as exc:
+            self.membership.reject(exc, path="/nodes/tunnel", remote=conn.remote)
+            status = 404 if isinstance(exc, UnknownNode) else 401
+            answer = orjson.dumps({"error": {"type": exc.kind, "message": exc.detail}}).decode()
+        conn.send_soon(Kind.HEARTBEAT_REPLY, CONTROL, json_payload({"status": status, "body": answer}))
 
 
 class TunnelEventStream:
@@ -392,7 +396,6 @@ class TunnelTransport:
     async def aclose(self) -> None:
         for conn in list(self.hub.conns.values()):
             conn.fail("the gateway is stopping")
-        self.hub.heartbeats.close()
 
     async def _exchange(
         self, node_id: NodeId, method: str, path: str, body: bytes, headers: dict[str, str]
