@@ -282,6 +282,10 @@ class LeanClient:
         raise AssertionError("unreachable")
 
 
+def signed_beat(identity: Identity, payload: dict[str, Any]) -> bytes:
+    return sign_envelope(identity, payload, purpose="heartbeat", now=time.time())
+
+
 class Tunnel:
     """A simulated outbound-only node's tunnel (tunnel/wire.py): the signed handshake (the welcome checked, every
     later frame tagged and checked, as a node does: that cost is this process's, not the gateway's), heartbeats as
@@ -295,6 +299,7 @@ class Tunnel:
         self.verifier = EnvelopeVerifier(FreshnessPolicy(), time.time)
         self.sealer: Sealer | None = None
         self.opener: Opener | None = None
+        self.channel_beats = False
 
     async def open(self, port: int) -> None:
         self.ws = await lean_connect(port, TUNNEL_PATH, self._on_message)
@@ -308,13 +313,20 @@ class Tunnel:
             self.verifier, welcome.payload, greeting, node_id=self.identity.node_id, gateway_key=None
         )
         self.sealer, self.opener = welcomed.sealer, welcomed.opener
+        self.channel_beats = welcomed.channel_beats
 
-    async def heartbeat(self, body: bytes) -> tuple[int, bytes]:
+    def beat(self, payload: dict[str, Any]) -> tuple[Kind, bytes]:
+        """What a node sends: the bare payload in a BEAT where the gateway takes them, else the signed one."""
+        if self.channel_beats:
+            return Kind.BEAT, orjson.dumps(payload)
+        return Kind.HEARTBEAT, signed_beat(self.identity, payload)
+
+    async def heartbeat(self, beat: tuple[Kind, bytes]) -> tuple[int, bytes]:
         if self.ws is None or self.ws.closed.is_set() or self.sealer is None:
             raise ConnectionError("tunnel closed")
         reply = asyncio.get_running_loop().create_future()
         self.replies.append(reply)
-        self.ws.send(self.sealer.seal(Kind.HEARTBEAT, CONTROL, body))
+        self.ws.send(self.sealer.seal(beat[0], CONTROL, beat[1]))
         return await reply
 
     def _on_message(self, data: bytes) -> None:
@@ -412,15 +424,15 @@ async def simulate(
 
     async def beat(i: int, seq: int, due: float) -> None:
         payload = {"node_id": idents[i].node_id, "seq": seq, "telemetry": telemetry(i, seq)}
-        body = sign_envelope(idents[i], payload, purpose="heartbeat", now=time.time())
+        framed = tunnels[i].beat(payload) if outbound else (Kind.HEARTBEAT, signed_beat(idents[i], payload))
         sent = time.monotonic()
         measured = window.holds(due)
         try:
             if outbound:
                 async with asyncio.timeout(30.0):
-                    status, answer = await tunnels[i].heartbeat(body)
+                    status, answer = await tunnels[i].heartbeat(framed)
             else:
-                status, answer = await client.post("/nodes/heartbeat", body)
+                status, answer = await client.post("/nodes/heartbeat", framed[1])
             failure = "" if status == 200 else f"{status} {answer[:200].decode(errors='replace')}"
         except TimeoutError:
             failure = "timeout"

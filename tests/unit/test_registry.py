@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -35,7 +36,7 @@ from gridserve.gateway.registry.events import (
     Swept,
 )
 from gridserve.gateway.registry.ledger_replay import replay
-from gridserve.gateway.registry.membership import Membership
+from gridserve.gateway.registry.membership import Membership, UnknownNode
 from gridserve.gateway.registry.record import (
     NodeRecord,
     can_serve,
@@ -55,7 +56,7 @@ from gridserve.scheduler.snapshot import (
     NodeSnapshot,
 )
 from gridserve.store import Store, StoreWriter
-from gridserve.trust import EnvelopeVerifier, FreshnessPolicy
+from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, Malformed, WrongSigner, sign_envelope
 from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, NodeState, RuntimeInfo, Telemetry
 from gridserve.types.node import NodeError
 from gridserve.types.scheduling import ScheduleRequest
@@ -552,6 +553,61 @@ def test_the_membership_heartbeat_path_leaves_nothing_per_node(tmp_path: Path) -
     assert len(gc.get_objects()) - before < 50  # 200 nodes: well under one object per node
     membership.writer.close()
     store.close()
+
+
+def _registered(tmp_path: Path) -> tuple[Membership, Identity, Clock]:
+    store = Store(f"sqlite:///{tmp_path / 'gs.db'}")
+    store.migrate()
+    clock = Clock()
+    membership = Membership(
+        CONFIG, EnvelopeVerifier(FreshnessPolicy(), clock), StoreWriter(store), GatewayMetrics(), clock
+    )
+    ident = Identity.generate()
+    cap = capability(ident.node_id).model_copy(update={"public_key": ident.public_key})
+    membership.register(
+        sign_envelope(ident, {"capability": cap.model_dump(mode="json")}, purpose="register", now=clock.t)
+    )
+    return membership, ident, clock
+
+
+def test_a_channel_heartbeat_is_applied_as_a_signed_one(tmp_path: Path) -> None:
+    """A bare heartbeat from a tunnel (no envelope) moves the node's liveness, sequence and telemetry as a signed one
+    does, and is queued for the store the same way."""
+    membership, ident, clock = _registered(tmp_path)
+    node_id = NodeId(ident.node_id)
+    clock.t = T0 + 7
+    payload = {"node_id": ident.node_id, "seq": 4, "telemetry": {"active_requests": 2}}
+    membership.channel_heartbeat(node_id, orjson.dumps(payload))
+    record = membership.nodes[node_id]
+    assert (record.last_heartbeat, record.last_seq) == (T0 + 7, 4)
+    assert record.telemetry_row is not None and unpack_telemetry(record.telemetry_row).active_requests == 2
+    assert membership._pending_beats[node_id][0] == T0 + 7
+    membership.writer.close()
+
+
+@pytest.mark.parametrize(
+    ("who", "body", "error", "message"),
+    [
+        ("stranger", b'{"node_id":"x","seq":1,"telemetry":{}}', UnknownNode, "unregistered node"),
+        ("node", b'{"node_id":"someone-else","seq":1,"telemetry":{}}', WrongSigner, "another node"),
+        ("node", b'{"node_id":"NODE","seq":"one","telemetry":{}}', Malformed, "heartbeat invalid"),
+        ("node", b"not json", Malformed, "heartbeat invalid"),
+    ],
+)
+def test_a_channel_heartbeat_that_is_not_the_tunnels_nodes_own_is_refused(
+    tmp_path: Path, who: str, body: bytes, error: type[Exception], message: str
+) -> None:
+    """The tunnel's node is who sent it (its channel proves that); the payload must name that node, be one of this
+    grid's nodes and be a heartbeat. Nothing is applied otherwise."""
+    membership, ident, _ = _registered(tmp_path)
+    node_id = NodeId(ident.node_id if who == "node" else "stranger")
+    before = membership.nodes[NodeId(ident.node_id)]
+    last = (before.last_heartbeat, before.last_seq)
+    with pytest.raises(error, match=message):
+        membership.channel_heartbeat(node_id, body.replace(b"NODE", ident.node_id.encode()))
+    after = membership.nodes[NodeId(ident.node_id)]
+    assert (after.last_heartbeat, after.last_seq) == last
+    membership.writer.close()
 
 
 # --- the freeze after registrations ---------------------------------------------------------------------------------

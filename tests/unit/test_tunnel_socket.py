@@ -18,6 +18,7 @@ from wsproto.events import (
     CloseConnection,
     Event,
     Message,
+    Ping,
     Request,
     TextMessage,
 )
@@ -59,8 +60,8 @@ class FakeTransport(asyncio.Transport):
 class Peer:
     """A node's end: a wsproto client talking to one DirectSocket through a FakeTransport."""
 
-    def __init__(self, app: App, *, max_size: int = 1 << 20) -> None:
-        config = Config(app, ws=DirectSocket, ws_max_size=max_size, ws_ping_interval=None, log_level="error")
+    def __init__(self, app: App, *, max_size: int = 1 << 20, ping_interval: float | None = None) -> None:
+        config = Config(app, ws=DirectSocket, ws_max_size=max_size, ws_ping_interval=ping_interval, log_level="error")
         config.load()
         self.transport = FakeTransport()
         self.server = DirectSocket(config=config, server_state=ServerState(), app_state={})
@@ -301,3 +302,32 @@ async def test_a_draining_tunnel_takes_no_new_stream_and_closes_after_its_last()
     assert [c.code for c in closes(peer)] == [1012]
     idle, _ = await attached([])
     assert TunnelConn(NodeId("node-b"), cast(Any, SimpleNamespace(scope=idle.server.scope)), "", None).drain() is False
+
+
+async def _first_ping(peer: Peer) -> Ping:
+    for _ in range(100):
+        await asyncio.sleep(0.005)
+        pings = [e for e in peer.events() if isinstance(e, Ping)]
+        if pings:
+            return pings[0]
+    raise AssertionError("no ping came before the app attached")
+
+
+@run
+async def test_attaching_stops_the_servers_keepalive_pings() -> None:
+    """uvicorn pings every WebSocket it serves; once an app attaches (a tunnel, which hears from its node by
+    heartbeats and closes a silent one itself), it stops: no timer left, no ping sent."""
+    got: list[bytes] = []
+    app, _ = attaching(got)
+    peer = Peer(app, ping_interval=0.1)
+    await settle()
+    peer.send((await _first_ping(peer)).response())  # answered at once: uvicorn schedules the next in ~0.1 s
+    assert peer.server.ping_timer is not None
+    peer.send(Message(data=b"first"))
+    await settle()
+    assert (peer.server.ping_timer, peer.server.pong_timer) == (None, None)  # (nor one awaiting its pong)
+    peer.events()  # (a ping sent before the attach, on a slow machine, is not the question)
+    await asyncio.sleep(0.3)
+    assert not any(isinstance(e, Ping) for e in peer.events())
+    peer.send(Message(data=b"second"))
+    assert got == [b"asgi:first", b"second"]

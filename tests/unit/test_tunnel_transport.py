@@ -175,6 +175,8 @@ class FakeMembership:
     def __init__(self) -> None:
         self.config = SimpleNamespace(heartbeat_interval_s=INTERVAL_S)
         self.beats: list[bytes] = []
+        self.channel_beats: list[tuple[str, bytes]] = []
+        """BEAT frames taken (membership.channel_heartbeat): the tunnel's node, the bare payload."""
         self.rejected: list[tuple[TrustError, str, str]] = []
         self.error: TrustError | None = None
         self.failed: list[tuple[str, str]] = []
@@ -184,6 +186,11 @@ class FakeMembership:
 
     def heartbeat(self, body: bytes) -> None:
         self.beats.append(body)
+        if self.error is not None:
+            raise self.error
+
+    def channel_heartbeat(self, node_id: str, payload: bytes) -> None:
+        self.channel_beats.append((node_id, payload))
         if self.error is not None:
             raise self.error
 
@@ -325,6 +332,7 @@ def test_a_node_that_greets_properly_gets_a_welcome_signed_by_the_gateway() -> N
         gw, end = await _dialled()  # (the welcome is checked against the gateway's key there)
         assert end.welcome is not None
         assert orjson.loads(end.welcome.payload)["payload"]["heartbeat_interval_s"] == INTERVAL_S
+        assert orjson.loads(end.welcome.payload)["payload"]["beats"] == "channel"
         assert gw.hub.opened == 1
         conn = gw.hub.get(NODE_ID)
         assert (conn.node_id, conn.remote, conn.closed) == (NODE_ID, REMOTE, None)
@@ -562,20 +570,81 @@ def test_a_heartbeat_reaches_membership_and_is_answered_200() -> None:
     _run(go)
 
 
+def test_a_channel_beat_reaches_membership_as_the_tunnels_node_and_is_answered_200() -> None:
+    """A BEAT carries the bare payload: membership is told which node's tunnel it came over (the channel is the
+    proof), and no signature check is asked for."""
+
+    async def go() -> None:
+        gw, end = await _dialled()
+        end.send(Kind.BEAT, CONTROL, b'{"node_id":"n","seq":3}')
+        end.send(Kind.BEAT, CONTROL, b'{"node_id":"n","seq":4}')
+        replies = [await end.frame(), await end.frame()]
+        assert [(r.kind, r.stream) for r in replies] == [(Kind.HEARTBEAT_REPLY, CONTROL)] * 2
+        assert [orjson.loads(r.payload) for r in replies] == [{"status": 200, "body": '{"ok":true}'}] * 2
+        assert gw.membership.channel_beats == [
+            (NODE_ID, b'{"node_id":"n","seq":3}'),
+            (NODE_ID, b'{"node_id":"n","seq":4}'),
+        ]
+        assert gw.membership.beats == []
+        assert gw.membership.rejected == []
+
+    _run(go)
+
+
+@pytest.mark.parametrize("kind", [Kind.HEARTBEAT, Kind.BEAT])
 @pytest.mark.parametrize(
     ("error", "status"),
     [(UnknownNode("heartbeat from unregistered node n1"), 404), (Replayed("nonce already used"), 401)],
 )
-def test_a_refused_heartbeat_is_answered_as_the_http_endpoint_would(error: TrustError, status: int) -> None:
+def test_a_refused_heartbeat_is_answered_as_the_http_endpoint_would(kind: Kind, error: TrustError, status: int) -> None:
     async def go() -> None:
         gw, end = await _dialled()
         gw.membership.error = error
-        end.send(Kind.HEARTBEAT, CONTROL, b"beat")
+        end.send(kind, CONTROL, b"beat")
         reply = orjson.loads((await end.frame()).payload)
         assert reply["status"] == status
         assert orjson.loads(reply["body"]) == {"error": {"type": error.kind, "message": error.detail}}
         assert gw.membership.rejected == [(error, "/nodes/tunnel", REMOTE)]
         assert gw.hub.get(NODE_ID).ws is end.ws  # a refused heartbeat does not end the tunnel
+
+    _run(go)
+
+
+def test_a_tunnel_silent_for_four_heartbeat_intervals_is_closed() -> None:
+    """The gateway does not ping tunnels; one whose node has sent nothing for `silent_after_s` (a half-open
+    connection) is closed by the sweep, which looks at most four times per `silent_after_s`. A tunnel whose node
+    has not registered yet is the registration grace's to close, and its silence counts from registration."""
+
+    async def go() -> None:
+        gw, end = await _dialled()
+        hub, conn = gw.hub, gw.conn()
+        assert hub.silent_after_s == max(4 * INTERVAL_S, 20.0)
+        heard = conn.heard_at
+        assert hub.close_silent(heard + hub.silent_after_s - 1) == 0  # not silent long enough
+        assert hub.close_silent(heard + hub.silent_after_s + 1) == 0  # not a quarter-period since the last look
+        gw.membership.nodes.pop(NODE.node_id)
+        later = heard + 3 * hub.silent_after_s
+        assert hub.close_silent(later) == 0  # not a member: not closed, and silence now counts from `later`
+        assert conn.heard_at == later
+        gw.membership.nodes[NODE.node_id] = object()
+        assert hub.close_silent(later + hub.silent_after_s) == 0
+        assert hub.close_silent(later + 2 * hub.silent_after_s) == 1
+        close = await end.message()
+        assert (close["type"], close["code"]) == ("websocket.close", 1001)
+        assert close["reason"].startswith(f"nothing from node {NODE_ID} in ")
+
+    _run(go)
+
+
+def test_a_frame_from_the_node_counts_as_hearing_from_it() -> None:
+    async def go() -> None:
+        gw, end = await _dialled()
+        conn = gw.conn()
+        conn.heard_at = 0.0
+        end.send(Kind.BEAT, CONTROL, b"{}")
+        await end.frame()
+        assert conn.heard_at > time.monotonic() - GUARD_S
+        assert gw.hub.close_silent(conn.heard_at + gw.hub.silent_after_s / 2) == 0
 
     _run(go)
 
@@ -1310,6 +1379,28 @@ def test_a_heartbeat_goes_over_the_tunnel_and_returns_the_gateways_answer() -> N
     _run(go)
 
 
+@pytest.mark.parametrize(("channel_beats", "sent"), [(True, Kind.BEAT), (False, Kind.HEARTBEAT)])
+def test_a_node_sends_the_bare_beat_where_the_gateway_takes_it_else_the_signed_one(
+    channel_beats: bool, sent: Kind
+) -> None:
+    async def go() -> None:
+        tunnel, wire, feed = _node(_node_app([]))
+        tunnel._channel_beats = channel_beats
+        task = asyncio.ensure_future(tunnel.heartbeat(b"signed beat", b"bare beat"))
+        await _until(lambda: len(wire.sent) == 1, "the heartbeat")
+        assert wire.sent == [Frame(sent, CONTROL, b"bare beat" if sent == Kind.BEAT else b"signed beat")]
+        feed(Kind.HEARTBEAT_REPLY, CONTROL, b'{"status":200,"body":"{\\"ok\\":true}"}')
+        assert await task == (200, b'{"ok":true}')
+        wire.sent.clear()
+        task = asyncio.ensure_future(tunnel.heartbeat(b"signed only"))  # no bare payload given: signed
+        await _until(lambda: len(wire.sent) == 1, "the second heartbeat")
+        assert wire.sent == [Frame(Kind.HEARTBEAT, CONTROL, b"signed only")]
+        feed(Kind.HEARTBEAT_REPLY, CONTROL, b'{"status":200,"body":""}')
+        assert await task == (200, b"")
+
+    _run(go)
+
+
 def test_a_heartbeat_under_way_when_the_tunnel_is_lost_falls_back() -> None:
     async def go() -> None:
         tunnel, wire, _ = _node(_node_app([]))
@@ -1411,6 +1502,9 @@ def test_a_node_tunnel_serves_generate_probe_load_stage_and_heartbeats_for_the_g
         with pytest.raises(BrokenStream, match="4000"):
             await channel.receive(GUARD_S)
 
+        assert tunnel._channel_beats  # the welcome said so
+        assert await tunnel.heartbeat(b"signed", b'{"bare":1}') == (200, b'{"ok":true}')
+        assert gw.membership.channel_beats == [(NODE_ID, b'{"bare":1}')]
         assert await tunnel.heartbeat(b"beat") == (200, b'{"ok":true}')
         assert gw.membership.beats == [b"beat"]
 

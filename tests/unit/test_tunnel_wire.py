@@ -26,6 +26,7 @@ from gridserve.trust import (
     sign_envelope,
 )
 from gridserve.tunnel import handshake
+from gridserve.tunnel.channel import Ephemeral
 from gridserve.tunnel.handshake import WrongChallenge
 from gridserve.tunnel.wire import (
     CONTROL,
@@ -84,7 +85,7 @@ def test_bytes_shorter_than_the_header_are_a_bad_frame(data: bytes) -> None:
         decode(data)
 
 
-@pytest.mark.parametrize("kind", [0, 7, 19, 26, 39, 42, 255])
+@pytest.mark.parametrize("kind", [0, 7, 19, 27, 39, 42, 255])
 def test_an_unknown_kind_is_a_bad_frame(kind: int) -> None:
     with pytest.raises(BadFrame, match=f"unknown frame kind {kind}$"):
         decode(bytes([kind]) + b"\x00\x00\x00\x01payload")
@@ -258,7 +259,9 @@ def test_a_welcome_from_the_pinned_gateway_key_checks_out_and_both_ends_share_th
         "node_id": NODE.node_id,
         "nonce": greeting.nonce,
         "heartbeat_interval_s": 2.5,
+        "beats": "channel",
     }
+    assert welcomed.channel_beats
     assert welcomed.opener.open(g_sealer.seal(Kind.REQUEST, 3, b"to the node")) == Frame(
         Kind.REQUEST, 3, b"to the node"
     )
@@ -270,6 +273,22 @@ def test_a_node_that_knows_no_gateway_key_learns_the_welcomes() -> None:
     body, _, _ = handshake.welcome(GATEWAY, greeted, greeting.challenge, 1.0)
     welcomed = handshake.check_welcome(_verifier(), body, greeting, node_id=NODE.node_id, gateway_key=None)
     assert welcomed.gateway_key == GATEWAY.public_key
+
+
+def test_a_welcome_that_does_not_say_it_takes_channel_beats_gets_signed_heartbeats() -> None:
+    """An older gateway's welcome (no `beats`), or one naming something else: the node signs its heartbeats."""
+    for extra in ({}, {"beats": "signed"}):
+        greeting, _ = _greeted()
+        ephemeral = Ephemeral()
+        payload = {
+            "node_id": NODE.node_id,
+            "nonce": greeting.nonce,
+            "kx": ephemeral.public,
+            "heartbeat_interval_s": 1.0,
+        }
+        body = sign_envelope(GATEWAY, payload | extra, purpose=handshake.WELCOME, now=time.time())
+        welcomed = handshake.check_welcome(_verifier(), body, greeting, node_id=NODE.node_id, gateway_key=None)
+        assert not welcomed.channel_beats
 
 
 def test_a_welcome_signed_by_another_key_than_the_pinned_one_is_refused() -> None:

@@ -201,6 +201,7 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             self.membership.sweep()
+            self.tunnels.close_silent()
             self.tenancy.queue.poke()
             self.decisions.flush()
             self.membership.flush_events()

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
+import orjson
 
 import gridserve
 from gridserve.engines import Engine, EngineError
@@ -279,8 +280,7 @@ class NodeAgent:
     async def heartbeat(self) -> None:
         self._seq += 1
         payload = HeartbeatPayload(node_id=NodeId(self.identity.node_id), seq=self._seq, telemetry=self.telemetry())
-        body = self._signed(payload.model_dump(mode="json"), "heartbeat")
-        status, text = await self._send_heartbeat(body)
+        status, text = await self._send_heartbeat(payload.model_dump(mode="json"))
         if status == 404:
             log.warning("gateway does not know this node (restarted?); registering again")
             self.registered.clear()
@@ -301,12 +301,14 @@ class NodeAgent:
         except TimeoutError:
             raise TunnelNotOpen(f"no tunnel open to {self.gateway_url} yet") from None
 
-    async def _send_heartbeat(self, body: bytes) -> tuple[int, str]:
-        """Over the tunnel to the current gateway (an outbound-only node), else over HTTP."""
+    async def _send_heartbeat(self, payload: dict[str, Any]) -> tuple[int, str]:
+        """Over the tunnel to the current gateway (an outbound-only node), else over HTTP (signed either way; over
+        the tunnel the bare payload goes too, which the channel authenticates where the gateway takes it)."""
+        body = self._signed(payload, "heartbeat")
         tunnel = self.tunnels.get(self.gateway_url)
         if tunnel is not None:
             await self._tunnel_open()
-            reply = await tunnel.heartbeat(body)
+            reply = await tunnel.heartbeat(body, orjson.dumps(payload))
             if reply is None:
                 raise TunnelNotOpen(f"the tunnel to {self.gateway_url} closed")
             return reply[0], reply[1].decode(errors="replace")

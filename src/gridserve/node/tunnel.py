@@ -85,6 +85,8 @@ class NodeTunnel:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._sealer: Sealer | None = None
         self._opener: Opener | None = None
+        self._channel_beats = False
+        """The gateway at the other end takes BEAT frames (its welcome said so)."""
         self._sending = asyncio.Lock()
         """Frames go out in the order they were sealed (the gateway checks their counter)."""
         self._gone: dict[int, asyncio.Event] = {}
@@ -111,15 +113,19 @@ class NodeTunnel:
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, BACKOFF_MAX_S)
 
-    async def heartbeat(self, body: bytes) -> tuple[int, bytes] | None:
-        """Send a signed heartbeat over the tunnel: (the status and body the HTTP endpoint would answer), or None
-        when the tunnel is down (the caller sends it over HTTP)."""
+    async def heartbeat(self, body: bytes, bare: bytes | None = None) -> tuple[int, bytes] | None:
+        """Send a heartbeat over the tunnel: `bare` (the payload's JSON) as a BEAT when the gateway takes them and it
+        is given, else `body` (the signed envelope) as a HEARTBEAT. Returns (the status and body the HTTP endpoint
+        would answer), or None when the tunnel is down (the caller sends it over HTTP)."""
         ws = self._ws
         if ws is None or not self.connected.is_set() or self._heartbeat is not None:
             return None
         self._heartbeat = asyncio.get_running_loop().create_future()
         try:
-            await self.send_frame(Kind.HEARTBEAT, CONTROL, body)
+            if bare is not None and self._channel_beats:
+                await self.send_frame(Kind.BEAT, CONTROL, bare)
+            else:
+                await self.send_frame(Kind.HEARTBEAT, CONTROL, body)
             return await asyncio.wait_for(self._heartbeat, HEARTBEAT_TIMEOUT_S)
         except (aiohttp.ClientError, OSError, TimeoutError, TunnelClosed):
             return None
@@ -157,6 +163,7 @@ class NodeTunnel:
             self.verifier, reply.payload, greeting, node_id=self.identity.node_id, gateway_key=self.gateway_key()
         )
         self._sealer, self._opener = welcomed.sealer, welcomed.opener
+        self._channel_beats = welcomed.channel_beats
         self.learned_key(welcomed.gateway_key)
 
     def _on_frame(self, data: bytes) -> None:

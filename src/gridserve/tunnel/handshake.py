@@ -4,13 +4,15 @@
 2. node -> gateway  HELLO      envelope signed by the node (purpose `tunnel-hello`):
                                `{"node_id", "challenge": <the gateway's>, "nonce": <fresh random>, "kx": <X25519>}`
 3. gateway -> node  WELCOME    envelope signed by the gateway (purpose `tunnel-welcome`):
-                               `{"node_id", "nonce": <the node's>, "kx": <X25519>, "heartbeat_interval_s"}`
+                               `{"node_id", "nonce": <the node's>, "kx": <X25519>, "heartbeat_interval_s",
+                                 "beats": "channel"}`
 
 Each side signs the other's fresh random value, so neither message can be replayed into another connection (and
 the envelopes' own freshness and nonce checks apply as to every node message). The node checks the welcome against
 the gateway key it pinned or learned at registration; the gateway checks that the hello's key is the node's
 (`node_id` is derived from it). The two `kx` values are ephemeral X25519 keys: the secret they make keys the tag of
-every later frame (channel.py).
+every later frame (channel.py). `"beats": "channel"` says the gateway takes heartbeats as bare BEAT frames, which
+the channel authenticates (wire.py); a welcome without it (an older gateway) gets signed HEARTBEAT frames.
 """
 
 import secrets
@@ -23,6 +25,8 @@ from gridserve.tunnel.channel import Ephemeral, Opener, Sealer, gateway_side, no
 HELLO = "tunnel-hello"
 WELCOME = "tunnel-welcome"
 LIFETIME_S = 30.0
+CHANNEL_BEATS = "channel"
+"""The welcome's `beats` value for a gateway that takes BEAT frames."""
 
 
 class WrongChallenge(TrustError):
@@ -90,6 +94,7 @@ def welcome(
         "nonce": greeted.nonce,
         "kx": exchange.public,
         "heartbeat_interval_s": heartbeat_interval_s,
+        "beats": CHANNEL_BEATS,
     }
     body = sign_envelope(identity, payload, purpose=WELCOME, now=time.time(), lifetime_s=LIFETIME_S)
     shared = exchange.shared(greeted.exchange_key)
@@ -101,6 +106,8 @@ class Welcomed:
     gateway_key: str
     sealer: Sealer
     opener: Opener
+    channel_beats: bool
+    """The gateway takes heartbeats as BEAT frames (its welcome says `"beats": "channel"`)."""
 
 
 def check_welcome(
@@ -117,4 +124,4 @@ def check_welcome(
         raise Malformed("the welcome carries no exchange key")
     shared = greeting.exchange.shared(exchange_key)
     sealer, opener = node_side(shared, _transcript(greeting.challenge, greeting.nonce))
-    return Welcomed(envelope.keyid, sealer, opener)
+    return Welcomed(envelope.keyid, sealer, opener, payload.get("beats") == CHANNEL_BEATS)

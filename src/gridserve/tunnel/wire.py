@@ -6,13 +6,16 @@ Many exchanges share one connection, each on its own stream number, chosen by th
 An HTTP exchange is one REQUEST (JSON head, a newline, the body), then the node's HEAD, BODY... and END (END
 carries the last chunk, often the whole body); the gateway's CANCEL is the HTTP client going away. A WebSocket
 exchange (a pipeline stage link) is WS_OPEN, then WS_ACCEPT or WS_CLOSE, then WS_DATA both ways until either side's
-WS_CLOSE. Stream 0 carries the handshake and the node's heartbeats (HEARTBEAT, answered by HEARTBEAT_REPLY with the
-status the HTTP endpoint would have given).
+WS_CLOSE. Stream 0 carries the handshake and the node's heartbeats (BEAT, or the signed HEARTBEAT of a node that
+predates it or a gateway that does not take BEAT; either is answered by HEARTBEAT_REPLY with the status the HTTP
+endpoint would have given).
 
 Every message inside is what the node and the gateway already sign when they speak HTTP: generate and load
-requests signed by the gateway, health answers signing the probe's challenge, stage frames, receipts and heartbeats
-signed by the node. The tunnel adds the handshake (handshake.py), which proves both keys at the start, and the
-tags that bind every later frame to it (channel.py).
+requests signed by the gateway, health answers signing the probe's challenge, stage frames and receipts signed by
+the node. Heartbeats are the exception: a BEAT is authenticated by the channel alone (its tag proves the node's
+handshake key, its counter its freshness), which saves the gateway an Ed25519 check per heartbeat, the largest part
+of its work at 10,000 tunnels. The tunnel adds the handshake (handshake.py), which proves both keys at the start,
+and the tags that bind every later frame to it (channel.py).
 """
 
 import enum
@@ -48,6 +51,9 @@ class Kind(enum.IntEnum):
     END = 23
     WS_ACCEPT = 24
     HEARTBEAT = 25
+    BEAT = 26
+    """A heartbeat bound to the channel: the bare `HeartbeatPayload` JSON, no envelope (sent once the welcome says
+    the gateway takes them: handshake.CHANNEL_BEATS)."""
     # both ways
     WS_DATA = 40
     WS_CLOSE = 41

@@ -55,6 +55,12 @@ REGISTER_GRACE_S = 60.0
 """A tunnel whose node has not registered this long after it opened is closed: a signed greeting proves a key,
 not a member, and keys cost nothing to make (the node dials again, and registers, if it can)."""
 MAX_PROBE_BYTES = 64 * 1024
+SILENT_BEATS = 4
+SILENT_MIN_S = 20.0
+"""A tunnel that has sent nothing for SILENT_BEATS heartbeat intervals (and at least SILENT_MIN_S) is closed: its node
+is down by then (registry), and the connection may be half-open (the node's machine gone without a FIN)."""
+BEAT_KEPT = json_payload({"status": 200, "body": '{"ok":true}'})
+"""The answer to a heartbeat taken (the same for every node: made once)."""
 
 Inbound = Frame | TransportError
 """What a stream's queue holds: the node's frames, or why the tunnel ended."""
@@ -71,6 +77,8 @@ class TunnelConn:
         self._sending = asyncio.Lock()
         """Frames go out in the order they were sealed (the node checks their counter)."""
         self.opened_at = time.time()
+        self.heard_at = time.monotonic()
+        """When the node's last frame came (TunnelHub.close_silent)."""
         self.streams: dict[int, asyncio.Queue[Inbound]] = {}
         self._next = 1
         self.closed: TransportError | None = None
@@ -173,6 +181,8 @@ class TunnelHub:
         self.opened = 0
         """Tunnels accepted since start (reconnections included)."""
         self.register_grace_s = REGISTER_GRACE_S
+        self.silent_after_s = max(SILENT_BEATS * membership.config.heartbeat_interval_s, SILENT_MIN_S)
+        self._scanned_at = time.monotonic()
 
     def get(self, node_id: NodeId) -> TunnelConn:
         conn = self.conns.get(node_id)
@@ -215,6 +225,27 @@ class TunnelHub:
                 self.membership.mark_failed(node_id, "its tunnel closed")
             log.info("tunnel from %s closed", node_id)
 
+    def close_silent(self, now: float | None = None) -> int:
+        """Close the tunnels that have sent nothing for `silent_after_s` (a node gone without closing its
+        connection: the gateway does not ping tunnels, tunnel_socket.py), at most once per `silent_after_s / 4`
+        (the gateway's sweeper calls this often). Returns how many were closed."""
+        now = time.monotonic() if now is None else now
+        if now - self._scanned_at < self.silent_after_s / 4:
+            return 0
+        self._scanned_at = now
+        members = self.membership.nodes
+        silent = []
+        for conn in self.conns.values():
+            if conn.node_id not in members:  # not registered yet (REGISTER_GRACE_S rules): silence counts from here
+                conn.heard_at = now
+            elif conn.closed is None and now - conn.heard_at > self.silent_after_s:
+                silent.append(conn)
+        for conn in silent:
+            why = f"nothing from node {conn.node_id} in {now - conn.heard_at:.0f} s"
+            log.warning("closing the tunnel from %s (%s): %s", conn.node_id, conn.remote, why)
+            conn.close(1001, why)
+        return len(silent)
+
     def _require_member(self, conn: TunnelConn) -> None:
         if conn.closed is None and conn.node_id not in self.membership.nodes:
             why = f"node {conn.node_id} did not register within {self.register_grace_s:.0f} s of opening its tunnel"
@@ -255,27 +286,35 @@ class TunnelHub:
 
     def _take(self, conn: TunnelConn, opener: Opener, data: bytes) -> str | None:
         """One message from the node; None, or why the tunnel must close."""
+        conn.heard_at = time.monotonic()
         try:
             frame = opener.open(data)
         except BadFrame as exc:
             log.warning("tunnel from %s sent a bad frame: %s", conn.node_id, exc)
             return f"bad frame: {exc}"
-        if frame.kind == Kind.HEARTBEAT:
-            self._heartbeat(conn, frame.payload)
+        if frame.kind == Kind.BEAT:
+            self._heartbeat(conn, frame.payload, bound=True)
+        elif frame.kind == Kind.HEARTBEAT:
+            self._heartbeat(conn, frame.payload, bound=False)
         else:
             conn.deliver(frame)
         return None
 
-    def _heartbeat(self, conn: TunnelConn, body: bytes) -> None:
-        """A heartbeat over the tunnel: the same checks and answers as `POST /nodes/heartbeat`."""
+    def _heartbeat(self, conn: TunnelConn, body: bytes, *, bound: bool) -> None:
+        """A heartbeat over the tunnel, bound to the channel (BEAT) or signed (HEARTBEAT): answered as
+        `POST /nodes/heartbeat` would answer it."""
         try:
-            self.membership.heartbeat(body)
-            status, answer = 200, '{"ok":true}'
+            if bound:
+                self.membership.channel_heartbeat(conn.node_id, body)
+            else:
+                self.membership.heartbeat(body)
+            reply = BEAT_KEPT
         except TrustError as exc:
             self.membership.reject(exc, path="/nodes/tunnel", remote=conn.remote)
             status = 404 if isinstance(exc, UnknownNode) else 401
             answer = orjson.dumps({"error": {"type": exc.kind, "message": exc.detail}}).decode()
-        conn.send_soon(Kind.HEARTBEAT_REPLY, CONTROL, json_payload({"status": status, "body": answer}))
+            reply = json_payload({"status": status, "body": answer})
+        conn.send_soon(Kind.HEARTBEAT_REPLY, CONTROL, reply)
 
 
 class TunnelEventStream:
