@@ -53,6 +53,11 @@ CLIENT_TIMEOUT_S = 600.0
 __all__ = ["EPOCH", "Outcome", "SimConfig", "SimNode", "Simulation", "build_nodes"]
 
 
+FEW_COLLECTIONS_FROM = 2_000
+"""A run of at least this many requests runs under `_few_collections`. A shorter one does not: the full collection
+that starts it takes 0.1-0.5 s in a process holding torch (a test worker), more than such a run itself."""
+
+
 @contextlib.contextmanager
 def _few_collections() -> Iterator[None]:
     """A run allocates millions of short-lived objects beside the grid's long-lived ones: the grid is moved out of
@@ -210,7 +215,7 @@ class Simulation:
 
     def run(self, trace: list[TraceRequest], progress: Callable[[int], None] | None = None) -> list[Outcome]:
         self.scheduler.warm()  # the compiled decision kernel, before the clock starts
-        with _few_collections():
+        with _few_collections() if len(trace) >= FEW_COLLECTIONS_FROM else contextlib.nullcontext():
             return self._run_trace(trace, progress)
 
     def _run_trace(self, trace: list[TraceRequest], progress: Callable[[int], None] | None) -> list[Outcome]:
