@@ -744,14 +744,16 @@ def test_ready_takes_in_frames_already_queued_and_looks_at_the_next_line_only() 
         assert await stream.next() == {"text": "a", "token_ids": [1]}
         assert await _ready_soon(stream)  # b came in a frame of its own, queued
         assert await stream.next() == {"text": "b", "token_ids": [2]}
-        assert not await _ready_soon(stream)  # the last event is not a token
+        await _turns()  # (every frame sent is taken in by now: all in memory)
+        assert not stream.ready()  # the last event is not a token
         assert await stream.next() == {"text": "", "finish_reason": "stop", "token_ids": []}
         cut, number = await _generating(gw, end)
         end.send(Kind.BODY, number, _ndjson({"text": "c", "token_ids": [3]}) + b'{"text": "d", "tok')
         end.hang_up()
         assert await _ready_soon(cut)
         assert await cut.next() == {"text": "c", "token_ids": [3]}
-        assert not await _ready_soon(cut)  # half a line, then the tunnel's end: not a token
+        await _turns()
+        assert not cut.ready()  # half a line, then the tunnel's end: not a token
         with pytest.raises(BrokenStream, match="closed: the connection ended"):
             await cut.next()
 
