@@ -68,6 +68,24 @@ def test_chat_stream_equals_engine_greedy_with_usage(client: OpenAI) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == engine_output(messages=messages, max_tokens=20, temperature=0.0)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+
+
+def test_chat_stream_with_continuous_usage_counts_up_in_every_chunk(client: OpenAI) -> None:
+    """vLLM's `continuous_usage_stats` (benchmark clients send it): every chunk carries the usage so far."""
+    stream = client.chat.completions.create(
+        model=TINY_MODEL,
+        messages=[{"role": "user", "content": "Count with me"}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+    )
+    chunks = list(stream)
+    counts = [c.usage.completion_tokens for c in chunks if c.usage is not None]
+    assert len(counts) == len(chunks) and counts[0] == 0 and counts[-1] == 12
+    assert counts == sorted(counts) and len(set(counts)) >= 12  # one more with (nearly) every token
+    last = chunks[-1].usage
+    assert last is not None and last.total_tokens == last.prompt_tokens + 12 and last.prompt_tokens > 0
     assert chunks[-1].choices == []
     assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
 

@@ -122,7 +122,7 @@ class _Placing:
         source = Scripted(node("abc", 3))
         self.sources.append(source)
         self.placed.set()
-        return openai_api._Opened(SimpleNamespace(), [], source, job)
+        return openai_api._Opened(SimpleNamespace(), [], source, job, 3)
 
 
 def _jobs() -> list[Any]:
@@ -155,3 +155,18 @@ def test_a_client_leaving_while_choices_are_placed_releases_those_that_were(monk
     asyncio.run(leave())
     (placed,) = placing.sources
     assert placed.closed and placed.status == "cancelled"
+
+
+def test_continuous_usage_with_several_choices_is_refused_before_anything_is_placed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    placing = _Placing(0.0)
+    monkeypatch.setattr(openai_api, "_open", placing)
+    raw = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}
+    raw["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    req = parse(orjson.dumps(raw), ChatCompletionRequest)
+    job, prompt_tokens = to_job(req, "chat", "chatcmpl-x")
+    with pytest.raises(APIError) as refused:
+        asyncio.run(openai_api._choices(context(), req, job, prompt_tokens, openai_api.CHAT))
+    assert (refused.value.status, refused.value.param) == (400, "stream_options")
+    assert "continuous_usage_stats" in refused.value.message and placing.sources == []

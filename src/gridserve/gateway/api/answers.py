@@ -174,6 +174,8 @@ async def sse(ctx: "ApiContext", source: Source, fmt: Renderer, calls: Calls | N
     out = [fmt.start()]
     said: list[str] = []
     answer: Answer | None = None
+    counting = fmt if isinstance(fmt, ChunkFormatter) and fmt.is_continuous else None
+    """Every chunk carries the usage so far: the tokens are counted as they come."""
     events = drain(ctx, source)
     async for event in events:
         if "error" in event:
@@ -182,6 +184,8 @@ async def sse(ctx: "ApiContext", source: Source, fmt: Renderer, calls: Calls | N
             yield b"".join(out)
             return
         text = event.get("text", "")
+        if counting is not None:
+            counting.counted(len(event.get("token_ids") or ()))
         if not (text and calls is not None and calls.hold(text)):
             scored = event.get("logprobs")
             if scored and isinstance(fmt, ChunkFormatter):  # only OpenAI's completions ask for them

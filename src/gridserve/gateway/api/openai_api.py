@@ -398,6 +398,8 @@ class _Opened:
     headers: list[tuple[bytes, bytes]]
     source: Source
     job: GenerateRequest
+    prompt_tokens: int
+    """The prompt's tokens as the gateway counted them."""
 
     def calls(self, ctx: ApiContext) -> Calls | None:
         fmt = self.job.sampling.response_format
@@ -411,7 +413,7 @@ async def _open(ctx: ApiContext, req: SamplingFields, job: GenerateRequest, prom
     decision = decide(ctx, job, prompt_tokens, req.gridserve, cached)
     ctx.lifecycle.decided(scope, decision)
     if is_pipeline(decision.chosen):
-        return await _pipelined(ctx, scope, decision, job, kind)
+        return await _pipelined(ctx, scope, decision, job, kind, prompt_tokens)
     gen = Generation(ctx.dispatcher, decision, job, hedge=_hedges(req.gridserve.hedge, CURRENT.get()))
     try:
         await gen.open()
@@ -438,10 +440,12 @@ async def _open(ctx: ApiContext, req: SamplingFields, job: GenerateRequest, prom
         hedge_delay_s=None if stream.hedge_delay_s is None else round(stream.hedge_delay_s, 6),
         ttft_s=round(stream.first_at - stream.started, 6),
     )
-    return _Opened(decision, headers, WholeModel(ctx, scope, gen, kind), job)
+    return _Opened(decision, headers, WholeModel(ctx, scope, gen, kind), job, prompt_tokens)
 
 
-async def _pipelined(ctx: ApiContext, scope: Scope, decision: Decision, job: GenerateRequest, kind: str) -> _Opened:
+async def _pipelined(
+    ctx: ApiContext, scope: Scope, decision: Decision, job: GenerateRequest, kind: str, prompt_tokens: int
+) -> _Opened:
     """The scheduler chose the pipeline candidate: run the request over its chain of stage nodes."""
     assert ctx.pipelines is not None
     try:
@@ -457,7 +461,7 @@ async def _pipelined(ctx: ApiContext, scope: Scope, decision: Decision, job: Gen
         (b"x-gridserve-pipeline", run.session.session.encode()),
         (b"x-gridserve-node", nodes.encode()),
     ]
-    return _Opened(decision, headers, PipelineRun(ctx, scope, run, decision, kind), job)
+    return _Opened(decision, headers, PipelineRun(ctx, scope, run, decision, kind), job, prompt_tokens)
 
 
 async def _reply(ctx: ApiContext, req: SamplingFields, opened: _Opened, surface: Surface) -> Reply:
@@ -466,6 +470,8 @@ async def _reply(ctx: ApiContext, req: SamplingFields, opened: _Opened, surface:
         headers.append((b"x-gridserve-explain", decision.explanation.encode("ascii", "replace")))
     fmt = surface.renderer(ctx, req, decision.request_id, decision.model)
     if req.stream:
+        if isinstance(fmt, ChunkFormatter) and req.continuous_usage():
+            fmt.continuous(opened.prompt_tokens)
         headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         return Reply(headers=headers, stream=sse(ctx, source, fmt, opened.calls(ctx)))
     whole = await collect(ctx, source, fmt, opened.calls(ctx))
@@ -493,6 +499,11 @@ async def _choices(
     merged into one answer."""
     if surface.renderer is not CHAT.renderer:
         raise bad_request("Invalid request: n > 1 is for the chat and text completions APIs.", param="n")
+    if req.stream and req.continuous_usage():
+        raise bad_request(
+            "Invalid request: stream_options.continuous_usage_stats is not supported with n > 1.",
+            param="stream_options",
+        )
     opened = await _open_all(ctx, req, [_choice(job, i) for i in range(req.n)], prompt_tokens, surface.kind)
     created = int(time.time())
     fmts = [

@@ -69,6 +69,9 @@ def unsupported(body: dict[str, Any], chat: bool = True) -> tuple[str, str] | No
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM's: with `include_usage`, every chunk carries the usage so far (benchmark clients such as guidellm send
+    it); without `include_usage` it has no effect, as in vLLM."""
 
 
 class Message(OpenAIModel):
@@ -169,6 +172,10 @@ class SamplingFields(OpenAIModel):
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def continuous_usage(self) -> bool:
+        """Every chunk carries the usage so far (`stream_options`: `include_usage` and `continuous_usage_stats`)."""
+        return self.include_usage() and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class ChatCompletionRequest(SamplingFields):

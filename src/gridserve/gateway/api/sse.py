@@ -61,11 +61,41 @@ class ChunkFormatter:
         else:
             self._pre = b"data: " + self._head + b',"choices":[{"index":%d,"text":' % index
             self._post = b',"logprobs":null,"finish_reason":null}]}\n\n'
+        self._prompt: int | None = None
+        """The prompt's tokens when every chunk carries the usage so far (`continuous`), else None."""
+        self._completion = 0
+        """Tokens streamed so far (`counted`)."""
+
+    def continuous(self, prompt_tokens: int) -> None:
+        """Every chunk from now on carries the usage so far (vLLM's `continuous_usage_stats`), counting the prompt as
+        `prompt_tokens` (the gateway's count; the last chunk's usage is the node's)."""
+        self._prompt = prompt_tokens
+
+    @property
+    def is_continuous(self) -> bool:
+        return self._prompt is not None
+
+    def counted(self, tokens: int) -> None:
+        """`tokens` more of the answer's tokens are in the chunks that follow."""
+        self._completion += tokens
+
+    def _chunk(self, body: bytes) -> bytes:
+        """A chunk's `data:` line from its JSON object's bytes, with the usage so far when continuous."""
+        if self._prompt is None:
+            return b"data: " + body + b"\n\n"
+        so_far = {
+            "prompt_tokens": self._prompt,
+            "completion_tokens": self._completion,
+            "total_tokens": self._prompt + self._completion,
+        }
+        return b"data: " + body[:-1] + b',"usage":' + orjson.dumps(so_far) + b"}\n\n"
 
     def start(self) -> bytes:
         return self.role()
 
     def end(self, answer: Answer) -> bytes:
+        if self._prompt is not None:  # the node's own counts from here on
+            self._prompt, self._completion = answer.prompt_tokens or self._prompt, answer.completion_tokens
         calls = self.tool_calls([c.openai(index=i) for i, c in enumerate(answer.calls)]) if answer.calls else b""
         counts = (answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens)
         return calls + self.finish(answer.reason) + (self.usage(*counts) if self.include_usage else b"")
@@ -79,15 +109,16 @@ class ChunkFormatter:
     def role(self) -> bytes:
         if not self.chat:
             return b""
-        return (
-            b"data: "
-            + self._head
+        return self._chunk(
+            self._head
             + b',"choices":[{"index":%d,"delta":{"role":"assistant","content":""},' % self.index
-            + b'"logprobs":null,"finish_reason":null}]}\n\n'
+            + b'"logprobs":null,"finish_reason":null}]}'
         )
 
     def text(self, text: str) -> bytes:
-        return self._pre + orjson.dumps(text) + self._post
+        if self._prompt is None:
+            return self._pre + orjson.dumps(text) + self._post
+        return self._chunk(self._pre[6:] + orjson.dumps(text) + self._post[:-2])
 
     def scored(self, text: str, entries: list[dict[str, Any]]) -> bytes:
         """A chunk of text with its tokens' log-probabilities (the node's chat entries, one per token)."""
@@ -96,7 +127,7 @@ class ChunkFormatter:
         else:
             choice = {"index": self.index, "text": text, "logprobs": self._legacy(entries)}
         choice["finish_reason"] = None
-        return b"data: " + self._head + b',"choices":' + orjson.dumps([choice]) + b"}\n\n"
+        return self._chunk(self._head + b',"choices":' + orjson.dumps([choice]) + b"}")
 
     def _legacy(self, entries: Iterable[dict[str, Any]]) -> dict[str, Any]:
         """The text completions' shape of log-probabilities (each token's offset counts from the answer's start)."""
@@ -116,7 +147,7 @@ class ChunkFormatter:
         """One chunk with the answer's tool calls, whole (each with its `index`), as OpenAI streams them."""
         delta = {"tool_calls": calls}
         choice = {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": None}
-        return b"data: " + self._head + b',"choices":' + orjson.dumps([choice]) + b"}\n\n"
+        return self._chunk(self._head + b',"choices":' + orjson.dumps([choice]) + b"}")
 
     def finish(self, reason: str) -> bytes:
         choice: dict[str, Any] = {"index": self.index, "logprobs": None, "finish_reason": reason}
@@ -124,7 +155,7 @@ class ChunkFormatter:
             choice["delta"] = {}
         else:
             choice["text"] = ""
-        return b"data: " + self._head + b',"choices":' + orjson.dumps([choice]) + b"}\n\n"
+        return self._chunk(self._head + b',"choices":' + orjson.dumps([choice]) + b"}")
 
     def usage(self, prompt: int, completion: int, cached: int = 0) -> bytes:
         body = orjson.dumps(usage(prompt, completion, cached))
