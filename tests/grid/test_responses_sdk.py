@@ -97,6 +97,14 @@ def test_previous_response_id_continues_the_conversation(client: OpenAI) -> None
     assert with_poet[2] > prompt_tokens, "the instructions would have counted"
     third = client.responses.create(input="And the land?", previous_response_id=second.id, **GREEDY)
     assert third.usage is not None and third.usage.input_tokens >= prompt_tokens + second.usage.output_tokens
+    items = list(client.responses.input_items.list(second.id, order="asc"))  # the conversation it answered
+    seen = [(i.type, i.role, "".join(p.text for p in i.content)) for i in items]  # type: ignore[union-attr]
+    assert seen == [("message", m["role"], m["content"]) for m in conversation]
+    newest = client.responses.input_items.list(third.id, limit=2)  # newest first by default, two a page
+    assert [i.content[0].text for i in newest.data] == ["And the land?", second.output_text]  # type: ignore[union-attr]
+    assert newest.has_more and newest.last_id == newest.data[-1].id
+    rest = client.responses.input_items.list(third.id, limit=2, after=newest.last_id)
+    assert [i.content[0].text for i in rest.data] == [second_ask, first.output_text]  # type: ignore[union-attr]
 
 
 def valid_calls(output: Any) -> list[Any]:
@@ -139,6 +147,14 @@ def test_function_tools_give_function_call_items_and_take_their_outputs(client: 
     assert follow.usage is not None and asked.usage is not None
     assert follow.usage.input_tokens > asked.usage.input_tokens + asked.usage.output_tokens
     assert all(item.type == "message" for item in follow.output)
+    items = list(client.responses.input_items.list(follow.id, order="asc"))
+    assert [i.type for i in items] == ["message"] + ["function_call"] * len(calls) + ["function_call_output"] * len(
+        calls
+    )
+    made = [(i.call_id, i.name, i.arguments) for i in items if i.type == "function_call"]  # type: ignore[union-attr]
+    assert made == [(c.call_id, c.name, c.arguments) for c in calls]
+    answered = [(i.call_id, i.output) for i in items if i.type == "function_call_output"]  # type: ignore[union-attr]
+    assert answered == [(c.call_id, "18 C, clear") for c in calls]
 
 
 def test_a_json_schema_format_answers_json_that_validates(client: OpenAI) -> None:

@@ -28,7 +28,7 @@ from gridserve.gateway.api.keys_api import add_key_routes
 from gridserve.gateway.api.middleware import BodyLimit
 from gridserve.gateway.api.openai_api import ApiContext, list_models
 from gridserve.gateway.api.openapi_doc import install_openapi
-from gridserve.gateway.api.responses_api import ResponseStore, delete_response, retrieve_response
+from gridserve.gateway.api.responses_api import ResponseStore, delete_response, list_input_items, retrieve_response
 from gridserve.gateway.api.tokens_api import add_token_routes
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
@@ -358,6 +358,12 @@ def _openai_routes(app: FastAPI, gw: Gateway) -> None:
         """A stored response (OpenAI's Responses API; gateway/api/responses_api.py)."""
         key = gw.require_api_key(request)
         return await retrieve_response(gw.api.responses, response_id, request.query_params, key.key_id)
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def get_input_items(response_id: str, request: Request) -> dict[str, Any]:
+        """A stored response's input items, newest first by default (`order`, `limit`, `after`)."""
+        key = gw.require_api_key(request)
+        return await list_input_items(gw.api.responses, response_id, request.query_params, key.key_id)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_stored_response(response_id: str, request: Request) -> dict[str, Any]:

@@ -272,6 +272,17 @@ class ResponseObject(Doc):
     gridserve: Explanation | None = None
 
 
+class InputItemList(Doc):
+    """A stored response's input items: `message` items (`input_text` parts; an assistant turn's `output_text`),
+    `function_call` and `function_call_output` items; newest first unless `order=asc`."""
+
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class ResponseDeleted(Doc):
     id: str
     object: Literal["response"]
@@ -520,6 +531,7 @@ OPS: dict[tuple[str, str], Op] = {
     ("post", "/v1/completions"): Op(Auth.API_KEY, COMPLETION_ERRORS, TextCompletion, CompletionRequest),
     ("post", "/v1/responses"): Op(Auth.API_KEY, COMPLETION_ERRORS, ResponseObject, ResponsesRequest),
     ("get", "/v1/responses/{response_id}"): Op(Auth.API_KEY, (400, 401, 404), ResponseObject),
+    ("get", "/v1/responses/{response_id}/input_items"): Op(Auth.API_KEY, (400, 401, 404), InputItemList),
     ("delete", "/v1/responses/{response_id}"): Op(Auth.API_KEY, (400, 401, 404), ResponseDeleted),
     ("post", "/v1/messages"): Op(Auth.API_KEY, COMPLETION_ERRORS, AnthropicMessage, MessagesRequest),
     ("post", "/v1/embeddings"): Op(Auth.API_KEY, COMPLETION_ERRORS, EmbeddingList, EmbeddingRequest),

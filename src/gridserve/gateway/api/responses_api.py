@@ -1,5 +1,5 @@
 """OpenAI's Responses API: `POST /v1/responses` (a Surface over the chat core: gateway/api/surface.py), and
-`GET` / `DELETE /v1/responses/{id}`.
+`GET` / `DELETE /v1/responses/{id}` and `GET /v1/responses/{id}/input_items` (gateway/api/input_items.py).
 
 A Responses request becomes a chat completion request: `instructions` a system message first, then the stored
 conversation of `previous_response_id` (its input and its answer, as chat messages; never its instructions, as
@@ -21,6 +21,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError
 
 from gridserve.engines import grammar
+from gridserve.gateway.api import input_items
 from gridserve.gateway.api.errors import APIError, bad_request, json_object, unsupported_parameter
 from gridserve.gateway.api.openai_api import ApiContext
 from gridserve.gateway.api.schemas import ChatCompletionRequest, GridOptions, SamplingFields
@@ -716,6 +717,17 @@ async def retrieve_response(
     return found.response
 
 
+async def list_input_items(
+    store: ResponseStore | None, response_id: str, query: Mapping[str, str], owner: str
+) -> dict[str, Any]:
+    """`GET /v1/responses/{id}/input_items` of `owner`'s stored response (404 when there is none): its input items,
+    as a page (gateway/api/input_items.py)."""
+    found = await store.get(response_id, owner) if store is not None else None
+    if found is None:
+        raise not_found(response_id)
+    return input_items.page(input_items.items_of(response_id, found.conversation), query)
+
+
 async def delete_response(
     store: ResponseStore | None, response_id: str, query: Mapping[str, str], owner: str
 ) -> dict[str, Any]:
@@ -727,4 +739,12 @@ async def delete_response(
     return {"id": response_id, "object": "response", "deleted": True}
 
 
-__all__ = ["RESPONSES", "ResponseStore", "ResponsesRequest", "delete_response", "read", "retrieve_response"]
+__all__ = [
+    "RESPONSES",
+    "ResponseStore",
+    "ResponsesRequest",
+    "delete_response",
+    "list_input_items",
+    "read",
+    "retrieve_response",
+]
