@@ -1,13 +1,16 @@
 """Benchmark clients against a local grid, as a user would run them: NVIDIA's aiperf, with and without
-`ignore_eos` (which benchmark clients send so that every answer has the length they ask for), and guidellm (which
-sends `ignore_eos` itself).
+`ignore_eos` (which benchmark clients send so that every answer has the length they ask for), guidellm (which
+sends `ignore_eos` itself), and the Kubernetes serving group's inference-perf (as a vLLM server: `ignore_eos`,
+streaming with `stream_options.include_usage`), on the text completions API with random prompts and on the chat
+API with shared-prefix prompts (groups of questions behind one system prompt).
 
-Both conflict with gridserve's pins: install each in its own venv (Python 3.12) and pass its executable, e.g.
-`python3.12 -m venv /tmp/aiperf && /tmp/aiperf/bin/pip install aiperf==0.13.0` (and `guidellm==0.8.1`), then
-`.venv/bin/python bench/load_tools.py --aiperf /tmp/aiperf/bin/aiperf --guidellm /tmp/guidellm/bin/guidellm
---tokenizer DIR` (DIR: a local Hugging Face tokenizer, e.g. the Gemma cache `~/.cache/gridserve/models/gemma-3-270m`;
-the tools make prompts with it; output tokens are the server's usage). Prints a JSON list, one row per run:
-requests, errors, and the output lengths (tokens) the server reported."""
+They conflict with gridserve's pins: install each in its own venv (Python 3.12) and pass its executable, e.g.
+`python3.12 -m venv /tmp/aiperf && /tmp/aiperf/bin/pip install aiperf==0.13.0` (and `guidellm==0.8.1`,
+`inference-perf==0.7.0`), then `.venv/bin/python bench/load_tools.py --aiperf /tmp/aiperf/bin/aiperf --guidellm
+/tmp/guidellm/bin/guidellm --inference-perf /tmp/iperf/bin/inference-perf --tokenizer DIR` (DIR: a local Hugging
+Face tokenizer, e.g. the Gemma cache `~/.cache/gridserve/models/gemma-3-270m`; the tools make prompts with it;
+output tokens are the server's usage). Prints a JSON list, one row per run: requests, errors, and the output
+lengths (tokens) the server reported."""
 
 import argparse
 import json
@@ -94,10 +97,70 @@ def guidellm(tool: str, tokenizer: str, url: str, out: Path, args: argparse.Name
     }
 
 
+def inference_perf(
+    tool: str, tokenizer: str, url: str, out: Path, args: argparse.Namespace, api: str
+) -> dict[str, Any]:
+    """One inference-perf run: `api` "completion" with random prompts, or "chat" with shared-prefix ones."""
+    n, asked = args.requests, args.tokens
+    if api == "completion":
+        fixed = {"min": 60, "max": 68, "mean": 64, "std_dev": 2, "total_count": n}
+        data: dict[str, Any] = {
+            "type": "random",
+            "input_distribution": fixed,
+            "output_distribution": {"min": asked, "max": asked, "mean": asked, "std_dev": 0, "total_count": n},
+        }
+    else:
+        groups = max(1, n // 10)
+        shared = {"num_groups": groups, "num_prompts_per_group": -(-n // groups), "output_len": asked}
+        data = {"type": "shared_prefix", "shared_prefix": shared | {"system_prompt_len": 48, "question_len": 16}}
+    config = {
+        "api": {"type": api, "streaming": True},
+        "server": {"type": "vllm", "model_name": args.model, "base_url": url, "ignore_eos": True, "api_key": KEY},
+        "tokenizer": {"pretrained_model_name_or_path": tokenizer},
+        "data": data,
+        "load": {"type": "concurrent", "stages": [{"num_requests": n, "concurrency_level": args.concurrency}]},
+        "report": {"request_lifecycle": {"summary": True, "per_request": True}},
+        "storage": {"local_storage": {"path": str(out)}},
+    }
+    (out.parent / f"{out.name}.json").write_text(json.dumps(config))
+    print(f"inference-perf, {api} ...", file=sys.stderr, flush=True)
+    command = [tool, "-c", str(out.parent / f"{out.name}.json")]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = json.loads((out / "summary_lifecycle_metrics.json").read_text())
+    done = summary["successes"]
+    records = json.loads((out / "per_request_lifecycle_metrics.json").read_text())
+    lengths = sorted(_usage_tokens(r["response"]) for r in records if not r.get("error"))
+    return {
+        "tool": "inference-perf",
+        "api": api,
+        "ignore_eos": all(json.loads(r["request"]).get("ignore_eos") is True for r in records),
+        "requests": done["count"],
+        "errors": summary["failures"]["count"],
+        "asked_tokens": asked,
+        "output_tokens_min": lengths[0] if lengths else 0,
+        "output_tokens_p50": lengths[len(lengths) // 2] if lengths else 0,
+        "output_tokens_max": lengths[-1] if lengths else 0,
+        "output_tokens_mean": sum(lengths) / max(1, len(lengths)),
+        "ended_early_share": round(sum(n < asked for n in lengths) / max(1, len(lengths)), 4),
+        "ttft_p50_ms": round(done["latency"]["time_to_first_token"]["median"] * 1e3, 1),
+        "request_latency_p50_ms": round(done["latency"]["request_latency"]["median"] * 1e3, 1),
+    }
+
+
+def _usage_tokens(stream: str) -> int:
+    """The completion tokens in an SSE answer's usage chunk (the server's count); 0 if it has none."""
+    for line in reversed(stream.splitlines()):
+        if line.startswith("data: {") and '"usage"' in line:
+            usage = json.loads(line[6:]).get("usage") or {}
+            return int(usage.get("completion_tokens", 0))
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--aiperf", help="the aiperf executable (its own venv)")
     parser.add_argument("--guidellm", help="the guidellm executable (its own venv)")
+    parser.add_argument("--inference-perf", help="the inference-perf executable (its own venv)")
     parser.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
     parser.add_argument("--model", default="gridserve-tiny")
     parser.add_argument("--engines", nargs="*", default=["tiny", "tiny"])
@@ -123,6 +186,9 @@ def main() -> None:
                 rows.append(row(aiperf(args.aiperf, args.tokenizer, grid.url, out, args, eos), eos, args.tokens, out))
             if args.guidellm:
                 rows.append(guidellm(args.guidellm, args.tokenizer, grid.url, Path(tmp) / "guidellm.json", args))
+            for api in ("completion", "chat") if args.inference_perf else ():
+                out = Path(tmp) / f"inference-perf-{api}"
+                rows.append(inference_perf(args.inference_perf, args.tokenizer, grid.url, out, args, api))
     print(json.dumps(rows, indent=2))
 
 
