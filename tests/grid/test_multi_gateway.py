@@ -28,6 +28,9 @@ class Pair:
     a: LocalGrid
     b: LocalGrid
     schema: str
+    outbound: bool = False
+    up_at: float = 0.0
+    """When every node had joined both gateways (time.monotonic)."""
 
     def nodes(self, grid: LocalGrid) -> dict[str, dict[str, Any]]:
         return {n["node_id"]: n for n in admin(grid, "GET", "/admin/nodes").json()["nodes"]}
@@ -85,7 +88,7 @@ def _pair(tmp_path: Path, pg_schema: str, outbound: bool) -> Iterator[Pair]:
         total = 2 * NODES_PER_GATEWAY
         a.wait_nodes(total, 120)  # each gateway sees the other's nodes too
         b.wait_nodes(total, 60)
-        yield Pair(a, b, pg_schema)
+        yield Pair(a, b, pg_schema, outbound, time.monotonic())
     finally:
         a.stop()
         b.stop()
@@ -166,6 +169,21 @@ def test_settlement_counts_every_served_token_once(pair: Pair) -> None:
     ledger = {d: t for d, t in settled(pair.schema).items() if d not in before}
     assert ledger == {decision: tokens for decision, _, tokens in answers}
     assert sum(ledger.values()) == sum(tokens for *_, tokens in answers)
+
+
+def test_the_tunnel_to_the_gateway_a_node_does_not_heartbeat_stays_open(pair: Pair) -> None:
+    """A node keeps a tunnel to each gateway but heartbeats to one; the other still hears from it (the answers to
+    its probes, and the node's pings when nothing else comes: the gateways send none) and does not close it as
+    silent (TunnelHub.close_silent: 20 s without a frame or a ping). Checked from the gateways' logs once the nodes
+    have been up past that and the scans' period (5 s). (On this small grid the probes alone keep the tunnels
+    heard; that pings count too is tests/unit's.)"""
+    if not pair.outbound:
+        pytest.skip("nodes called directly hold no tunnels")
+    time.sleep(max(0.0, pair.up_at + 27.0 - time.monotonic()))
+    for grid in (pair.a, pair.b):
+        log = (grid.data_dir / "logs" / "gateway.log").read_text(errors="replace")
+        assert "nothing from node" not in log
+        assert log.count("tunnel open from ") == 2 * NODES_PER_GATEWAY  # each node's one tunnel, never dialled again
 
 
 def test_a_client_with_both_gateways_keeps_working_when_one_is_killed(pair: Pair) -> None:

@@ -19,6 +19,7 @@ from wsproto.events import (
     Event,
     Message,
     Ping,
+    Pong,
     Request,
     TextMessage,
 )
@@ -331,3 +332,26 @@ async def test_attaching_stops_the_servers_keepalive_pings() -> None:
     assert not any(isinstance(e, Ping) for e in peer.events())
     peer.send(Message(data=b"second"))
     assert got == [b"asgi:first", b"second"]
+
+
+@run
+async def test_a_ping_from_the_peer_is_answered_and_told_to_the_app() -> None:
+    """A tunnel's node that heartbeats to another gateway pings this one's tunnel instead: the ping is answered as
+    uvicorn answers it, and the app hears of it (`pinged`), so it does not take the tunnel for a silent one."""
+    pings: list[None] = []
+    got: list[bytes] = []
+    ended: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        direct: DirectSocket = scope["extensions"][EXTENSION]
+        ended.append(direct.attach(lambda data: got.append(data) or None, pinged=lambda: pings.append(None)))
+        await ended[-1]
+
+    peer = await Peer.opened(app)
+    peer.send(Ping(payload=b"are you there"))
+    peer.send(Ping(payload=b"still?"))
+    await settle()
+    assert [e.payload for e in peer.events() if isinstance(e, Pong)] == [b"are you there", b"still?"]
+    assert len(pings) == 2 and got == []

@@ -610,16 +610,32 @@ def test_a_refused_heartbeat_is_answered_as_the_http_endpoint_would(kind: Kind, 
     _run(go)
 
 
+class Closing:
+    """Stands for the gateway's own WebSocket protocol under a tunnel (TunnelConn.direct): records its closes."""
+
+    def __init__(self) -> None:
+        self.closed: list[tuple[int, str]] = []
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed.append((code, reason))
+
+
 def test_a_tunnel_silent_for_four_heartbeat_intervals_is_closed() -> None:
-    """The gateway does not ping tunnels; one whose node has sent nothing for `silent_after_s` (a half-open
-    connection) is closed by the sweep, which looks at most four times per `silent_after_s`. A tunnel whose node
-    has not registered yet is the registration grace's to close, and its silence counts from registration."""
+    """The gateway does not ping tunnels on its own socket; one whose node has sent nothing (no frame, no ping) for
+    `silent_after_s` (a half-open connection) is closed by the sweep, which looks at most four times per
+    `silent_after_s`. A tunnel whose node has not registered yet is the registration grace's to close, and its
+    silence counts from registration; one read through ASGI keeps uvicorn's pings and is never closed here."""
 
     async def go() -> None:
-        gw, end = await _dialled()
+        gw, _ = await _dialled()
         hub, conn = gw.hub, gw.conn()
+        assert conn.direct is None
+        socket = Closing()
+        assert hub.close_silent(conn.heard_at + 10 * hub.silent_after_s) == 0  # (read through ASGI)
+        conn.direct = socket  # type: ignore[assignment]
         assert hub.silent_after_s == max(4 * INTERVAL_S, 20.0)
         heard = conn.heard_at
+        hub._scanned_at = heard
         assert hub.close_silent(heard + hub.silent_after_s - 1) == 0  # not silent long enough
         assert hub.close_silent(heard + hub.silent_after_s + 1) == 0  # not a quarter-period since the last look
         gw.membership.nodes.pop(NODE.node_id)
@@ -627,11 +643,11 @@ def test_a_tunnel_silent_for_four_heartbeat_intervals_is_closed() -> None:
         assert hub.close_silent(later) == 0  # not a member: not closed, and silence now counts from `later`
         assert conn.heard_at == later
         gw.membership.nodes[NODE.node_id] = object()
-        assert hub.close_silent(later + hub.silent_after_s) == 0
-        assert hub.close_silent(later + 2 * hub.silent_after_s) == 1
-        close = await end.message()
-        assert (close["type"], close["code"]) == ("websocket.close", 1001)
-        assert close["reason"].startswith(f"nothing from node {NODE_ID} in ")
+        pinged = conn.heard_at = later + 5  # the node pinged (or sent a frame): silence counts from here
+        assert hub.close_silent(pinged + hub.silent_after_s - 1) == 0 and socket.closed == []
+        assert hub.close_silent(pinged + 2 * hub.silent_after_s) == 1
+        ((code, reason),) = socket.closed
+        assert code == 1001 and reason.startswith(f"nothing from node {NODE_ID} in ")
 
     _run(go)
 
@@ -643,6 +659,9 @@ def test_a_frame_from_the_node_counts_as_hearing_from_it() -> None:
         conn.heard_at = 0.0
         end.send(Kind.BEAT, CONTROL, b"{}")
         await end.frame()
+        assert conn.heard_at > time.monotonic() - GUARD_S
+        conn.heard_at = 0.0
+        conn.heard()  # what the gateway's socket calls on a ping (tunnel_socket.py, DirectSocket.attach's `pinged`)
         assert conn.heard_at > time.monotonic() - GUARD_S
         assert gw.hub.close_silent(conn.heard_at + gw.hub.silent_after_s / 2) == 0
 

@@ -86,6 +86,11 @@ class TunnelConn:
         self.draining = False
         """The gateway is shutting down: no new streams; the tunnel closes once the last one ends."""
 
+    def heard(self) -> None:
+        """Something came from the node: a frame, or a WebSocket ping (a node whose heartbeats go to another gateway
+        of the cluster pings this one's tunnel every 10 s: aiohttp's heartbeat, node/tunnel.py PING_S)."""
+        self.heard_at = time.monotonic()
+
     def open_stream(self) -> tuple[int, "asyncio.Queue[Inbound]"]:
         if self.closed is not None:
             raise Unreachable(f"the tunnel of {self.node_id} is closed", cause="tunnel closed")
@@ -226,9 +231,10 @@ class TunnelHub:
             log.info("tunnel from %s closed", node_id)
 
     def close_silent(self, now: float | None = None) -> int:
-        """Close the tunnels that have sent nothing for `silent_after_s` (a node gone without closing its
-        connection: the gateway does not ping tunnels, tunnel_socket.py), at most once per `silent_after_s / 4`
-        (the gateway's sweeper calls this often). Returns how many were closed."""
+        """Close the tunnels on the gateway's own socket that have sent nothing, not even a ping, for
+        `silent_after_s` (a node gone without closing its connection: the gateway does not ping those,
+        tunnel_socket.py), at most once per `silent_after_s / 4` (the gateway's sweeper calls this often). Returns
+        how many were closed."""
         now = time.monotonic() if now is None else now
         if now - self._scanned_at < self.silent_after_s / 4:
             return 0
@@ -236,6 +242,8 @@ class TunnelHub:
         members = self.membership.nodes
         silent = []
         for conn in self.conns.values():
+            if conn.direct is None:  # read through ASGI: uvicorn's own keepalive pings stay on for it
+                continue
             if conn.node_id not in members:  # not registered yet (REGISTER_GRACE_S rules): silence counts from here
                 conn.heard_at = now
             elif conn.closed is None and now - conn.heard_at > self.silent_after_s:
@@ -272,7 +280,7 @@ class TunnelHub:
         """Each message to `_take`, until the connection ends or a message breaks the protocol: by callback on the
         gateway's own socket (an idle tunnel then holds nothing new), else through ASGI's `receive`."""
         if conn.direct is not None:
-            await conn.direct.attach(lambda data: self._take(conn, opener, data), drain=conn.drain)
+            await conn.direct.attach(lambda data: self._take(conn, opener, data), drain=conn.drain, pinged=conn.heard)
             return
         while True:
             message = await conn.ws.receive()
@@ -286,7 +294,7 @@ class TunnelHub:
 
     def _take(self, conn: TunnelConn, opener: Opener, data: bytes) -> str | None:
         """One message from the node; None, or why the tunnel must close."""
-        conn.heard_at = time.monotonic()
+        conn.heard()
         try:
             frame = opener.open(data)
         except BadFrame as exc:

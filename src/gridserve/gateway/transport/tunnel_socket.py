@@ -38,27 +38,35 @@ class DirectSocket(WSProtocol):
         self._deliver: OnMessage | None = None
         self._ended: asyncio.Future[None] | None = None
         self._drain: Callable[[], bool] | None = None
+        self._pinged: Callable[[], None] | None = None
 
     def handle_connect(self, event: events.Request) -> None:
         super().handle_connect(event)
         extensions: dict[str, object] = self.scope["extensions"]  # type: ignore[assignment]  # (ASGI types it narrowly)
         extensions[EXTENSION] = self
 
-    def attach(self, on_message: OnMessage, drain: Callable[[], bool] | None = None) -> "asyncio.Future[None]":
+    def attach(
+        self,
+        on_message: OnMessage,
+        drain: Callable[[], bool] | None = None,
+        pinged: Callable[[], None] | None = None,
+    ) -> "asyncio.Future[None]":
         """From now on, each binary message goes to `on_message` as it arrives (those already queued first); a text
         message closes the connection (1003). The future is done when the connection ends.
 
         `drain` is asked when the server shuts down: True means work is under way on this connection and the app
         will `close` it once that is done (uvicorn waits for it, up to its graceful-shutdown timeout); False, close
-        it now."""
+        it now. `pinged` is called when the peer sends a ping (it is answered as before): the peer is there."""
         if self._deliver is not None:
             raise RuntimeError("a callback is attached already")
         self._ended = self.loop.create_future()
         self._deliver = on_message
         self._drain = drain
+        self._pinged = pinged
         # No keepalive pings from here: the app that attaches hears from its peer on its own schedule (a tunnel: the
-        # node's heartbeats) and closes a connection gone silent itself. At 10,000 tunnels uvicorn's pings were 500
-        # timers, pings and pongs a second for nothing the heartbeats do not already show.
+        # node's heartbeats, or its own pings where it heartbeats elsewhere) and closes a connection gone silent.
+        # At 10,000 tunnels uvicorn's pings were 500 timers, pings and pongs a second for nothing the heartbeats do
+        # not already show.
         self.stop_keepalive()
         while not self.queue.empty():  # (what came before the attach, in order)
             message = self.queue.get_nowait()
@@ -86,6 +94,11 @@ class DirectSocket(WSProtocol):
             message = self.buffer.to_message()
             self.buffer.clear()
             self._hand(message.get("bytes"))
+
+    def handle_ping(self, event: events.Ping) -> None:
+        super().handle_ping(event)
+        if self._pinged is not None:
+            self._pinged()
 
     def _hand(self, data: bytes | None) -> None:
         deliver = self._deliver
