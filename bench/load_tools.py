@@ -81,19 +81,28 @@ def guidellm(tool: str, tokenizer: str, url: str, out: Path, args: argparse.Name
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     requests = json.loads(out.read_text())["benchmarks"][0]["requests"]
     done = requests["successful"]
-    lengths = sorted(int(r["output_tokens"] or 0) for r in done)
     sent = [json.loads(r["request_args"]).get("body", {}) for r in done]
     return {
         "tool": "guidellm",
         "ignore_eos": all(b.get("ignore_eos") is True for b in sent),
         "requests": len(done),
         "errors": len(requests["errored"]) + len(requests["incomplete"]),
-        "asked_tokens": args.tokens,
-        "output_tokens_min": lengths[0] if lengths else 0,
-        "output_tokens_p50": lengths[len(lengths) // 2] if lengths else 0,
-        "output_tokens_max": lengths[-1] if lengths else 0,
-        "output_tokens_mean": sum(lengths) / max(1, len(lengths)),
-        "ended_early_share": round(sum(n < args.tokens for n in lengths) / max(1, len(lengths)), 4),
+        **_lengths([int(r["output_tokens"] or 0) for r in done], args.tokens),
+    }
+
+
+def _lengths(lengths: list[int], asked: int) -> dict[str, Any]:
+    """The answers' lengths in tokens against the `asked` length: min, p50, max, mean, and the share that ended
+    early."""
+    ordered = sorted(lengths)
+    count = max(1, len(ordered))
+    return {
+        "asked_tokens": asked,
+        "output_tokens_min": ordered[0] if ordered else 0,
+        "output_tokens_p50": ordered[len(ordered) // 2] if ordered else 0,
+        "output_tokens_max": ordered[-1] if ordered else 0,
+        "output_tokens_mean": sum(ordered) / count,
+        "ended_early_share": round(sum(length < asked for length in ordered) / count, 4),
     }
 
 
@@ -122,26 +131,21 @@ def inference_perf(
         "report": {"request_lifecycle": {"summary": True, "per_request": True}},
         "storage": {"local_storage": {"path": str(out)}},
     }
-    (out.parent / f"{out.name}.json").write_text(json.dumps(config))
+    config_file = out.parent / f"{out.name}.json"
+    config_file.write_text(json.dumps(config))
     print(f"inference-perf, {api} ...", file=sys.stderr, flush=True)
-    command = [tool, "-c", str(out.parent / f"{out.name}.json")]
+    command = [tool, "-c", str(config_file)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     summary = json.loads((out / "summary_lifecycle_metrics.json").read_text())
     done = summary["successes"]
     records = json.loads((out / "per_request_lifecycle_metrics.json").read_text())
-    lengths = sorted(_usage_tokens(r["response"]) for r in records if not r.get("error"))
     return {
         "tool": "inference-perf",
         "api": api,
         "ignore_eos": all(json.loads(r["request"]).get("ignore_eos") is True for r in records),
         "requests": done["count"],
         "errors": summary["failures"]["count"],
-        "asked_tokens": asked,
-        "output_tokens_min": lengths[0] if lengths else 0,
-        "output_tokens_p50": lengths[len(lengths) // 2] if lengths else 0,
-        "output_tokens_max": lengths[-1] if lengths else 0,
-        "output_tokens_mean": sum(lengths) / max(1, len(lengths)),
-        "ended_early_share": round(sum(n < asked for n in lengths) / max(1, len(lengths)), 4),
+        **_lengths([_usage_tokens(r["response"]) for r in records if not r.get("error")], asked),
         "ttft_p50_ms": round(done["latency"]["time_to_first_token"]["median"] * 1e3, 1),
         "request_latency_p50_ms": round(done["latency"]["request_latency"]["median"] * 1e3, 1),
     }
