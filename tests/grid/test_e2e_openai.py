@@ -1,7 +1,10 @@
 """The official openai SDK against a grid started like `gridserve up` (tiny engine)."""
 
 import asyncio
+import json
+import socket
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -100,6 +103,23 @@ def test_completions_stream_and_non_stream_agree(client: OpenAI) -> None:
     )
     expected = engine_output(prompt=prompt, max_tokens=16, temperature=0.0)
     assert whole.choices[0].text == expected == streamed
+
+
+def test_a_streams_head_arrives_with_its_first_chunk(tiny_grid: LocalGrid) -> None:
+    """The gateway writes a stream's status line and headers together with its first chunk (one write on
+    127.0.0.1 arrives whole): the first read after the request holds both."""
+    url = urlparse(tiny_grid.url)
+    body = json.dumps({"model": TINY_MODEL, "prompt": "The grid", "max_tokens": 4, "stream": True}).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=30) as conn:
+        conn.sendall(head.encode() + body)
+        first = conn.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n"), first[:200]
+    assert b"transfer-encoding: chunked" in first.lower()
+    assert b'data: {"id":"cmpl-' in first, first  # the first chunk, in the same read as the head
 
 
 def test_seeded_sampling_is_reproducible_through_the_gateway(client: OpenAI) -> None:

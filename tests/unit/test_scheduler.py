@@ -49,6 +49,7 @@ from gridserve.scheduler import (
 from gridserve.scheduler import schedule as _schedule
 from gridserve.scheduler.baselines import BASELINES
 from gridserve.scheduler.context import Context
+from gridserve.scheduler.evidence import ColumnEvidence
 from gridserve.types import Capability, HardwareInfo, ModelOffer, NodeId, NodeState, RuntimeInfo, Telemetry
 from gridserve.types.scheduling import Candidate, Decision, ScheduleRequest
 
@@ -1218,3 +1219,35 @@ def test_an_interleaved_node_says_its_longest_step_between_two_tokens() -> None:
     assert own.prefill_s_per_token is not None and own.predicted_itl_s is not None and own.step_s is not None
     assert own.step_s == pytest.approx(128 * own.prefill_s_per_token * 3.0 + own.predicted_itl_s)
     assert own.step_s > 10 * own.predicted_itl_s / 2  # a prefill chunk, many decode steps long on a CPU
+
+
+def test_dispatch_reads_the_ranking_without_building_every_candidate() -> None:
+    """`ranked_for_dispatch` builds candidates as dispatch reads them: the chosen one, then down the ranking only as
+    far as asked (building all 180 of a 1,000-node grid's sample took longer than the decision itself)."""
+    nodes = grid([Spec(accelerator=acc) for acc in ("rtx4090", "l40s", "a100-80g", "h100-sxm") * 10])
+    decision = schedule(request(), nodes)
+    evidence = decision.evidence
+    assert isinstance(evidence, ColumnEvidence) and decision.eligible_count == 40
+    order = decision.ranked_for_dispatch()
+    first, second = next(order), next(order)
+    assert first.node_id == decision.chosen and second.node_id != first.node_id
+    assert len(evidence.built) <= 3  # the chosen one (its rank), and ranks 0 and 1 at most
+    assert decision.candidate(second.node_id) is second  # read back, not built again
+    ranked = [first, second, *order]
+    assert len(evidence.built) == 40
+    assert [c.node_id for c in ranked] == [first.node_id] + [
+        c.node_id for c in decision.candidates if c.node_id != first.node_id
+    ]
+
+
+def test_a_scheduler_without_the_kernel_never_compiles_it() -> None:
+    """`Scheduler(profile, kernel=False)` (the gateway's `--no-scheduler-kernel`): `warm()` does nothing and every
+    decision takes the column path; with the kernel allowed, the same decision."""
+    nodes = grid([Spec(accelerator=acc) for acc in ("rtx4090", "l40s", "h100-sxm")])
+    plain = Scheduler(PROFILE, kernel=False)
+    plain.warm()
+    assert not plain.compiled
+    compiled = Scheduler(PROFILE, compiled=True)
+    assert compiled.compiled
+    one, other = (s.schedule(request(), nodes, random.Random(3), NOW, decision_id="d") for s in (plain, compiled))
+    assert one.chosen == other.chosen and one.candidates == other.candidates

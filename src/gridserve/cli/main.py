@@ -133,6 +133,10 @@ def gateway(
     prefix_routing: Annotated[
         bool, typer.Option(help="prefer nodes that probably hold the prompt's prefix in their KV cache")
     ] = True,
+    scheduler_kernel: Annotated[
+        bool,
+        typer.Option(help="decide in the compiled kernel (numba: ~100 MB more memory, 0.1-0.3 ms less a decision)"),
+    ] = True,
     standby: Annotated[int, typer.Option(help="warm spare nodes kept per model in demand")] = 1,
     audit_rate: Annotated[float, typer.Option(help="share of trusted nodes' completions re-executed")] = 0.05,
     redundancy: Annotated[
@@ -260,6 +264,7 @@ def gateway(
         profile_path=profile,
         hedging=hedging,
         prefix_routing=prefix_routing,
+        scheduler_kernel=scheduler_kernel,
         standby_per_model=standby,
         audit_rate=audit_rate,
         redundancy=redundancy,

@@ -155,7 +155,7 @@ class Gateway:
             self.dispatcher,
             self.decisions,
             self.metrics,
-            Scheduler(profile),
+            Scheduler(profile, kernel=config.scheduler_kernel),
             random.Random(),
             self.traces,
             self.receipts,
@@ -215,6 +215,7 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await gw.dispatcher.start()
+        gw.api.scheduler.warm(background=True)  # the column path decides until the kernel is loaded
         gc_watch = GcWatch(gw.metrics.gc_pause)
         gc_watch.install()
         sweeper = asyncio.create_task(gw.sweep_forever())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import uvicorn
 
+from gridserve.gateway.api.head_with_body import HttpProtocol
 from gridserve.gateway.app import Gateway, build_gateway_app
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.registry.ledger_replay import replay, restore_marks
@@ -77,7 +78,7 @@ def run_gateway(config: GatewayConfig, log_level: str = "warning", log_format: L
             backlog=4096,
             proxy_headers=False,
             loop="auto",  # uvloop and httptools where installed (uvicorn[standard])
-            http="auto",
+            http=HttpProtocol,  # uvicorn's httptools protocol; a stream's head goes out with its first chunk
             ws=DirectSocket,  # uvicorn's wsproto protocol, tunnels read by callback (transport/tunnel_socket.py)
             ssl_certfile=config.tls_cert,
             ssl_keyfile=config.tls_key,

@@ -35,9 +35,10 @@ from gridserve.scheduler.vector import Array, Columns
 from gridserve.types.scheduling import Decision, ScheduleRequest
 
 KERNEL_POOL = 24
-"""A pool size from which a caller that has not warmed its Scheduler should: the old per-node path's crossover,
-kept as the gateway's trigger so that small grids never load numba (~100 MB, ~0.5 s of CPU). The kernel is
-faster at every size (bench/scheduler.py: ~0.05-0.1 ms a decision against ~0.15-0.3 ms on the column path)."""
+"""A pool size from which a caller that has not warmed its Scheduler should (the old per-node path's crossover).
+The kernel is faster at every size (bench/scheduler.py: ~0.07 ms a decision over one node against ~0.17 ms on the
+column path, ~0.13 against ~0.24 over ten), so the gateway warms it at start (gateway/app.py) unless told not to:
+numba costs the process ~100 MB and ~0.4 s of CPU once."""
 
 Scores = tuple["npt.NDArray[np.int64]", Array, list[Array], list[Array]]
 """Per node: index of the first filter that rejects it (-1: none), total score, and per scorer its normalised and
@@ -49,10 +50,11 @@ class Scheduler:
 
     Not thread-safe beyond `warm(background=True)`: one owner decides (a gateway's event loop, a simulator)."""
 
-    def __init__(self, profile: Profile, *, compiled: bool = False) -> None:
-        """`compiled`: compile the kernel now (`warm()`); otherwise decisions take the column path until then."""
+    def __init__(self, profile: Profile, *, compiled: bool = False, kernel: bool = True) -> None:
+        """`compiled`: compile the kernel now (`warm()`); otherwise decisions take the column path until then.
+        `kernel=False`: never (`warm()` does nothing; numba is never imported)."""
         self.profile = profile
-        self._plan = fused.plan_of(profile)
+        self._plan = fused.plan_of(profile) if kernel else None
         self._kernel: fused.Kernel | None = None
         self._warming = threading.Event()
         self._generators: weakref.WeakKeyDictionary[random.Random, np.random.Generator] = weakref.WeakKeyDictionary()

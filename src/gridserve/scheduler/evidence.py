@@ -2,7 +2,7 @@
 when someone reads them (`types.scheduling.Decision` caches what it reads). Most decisions on a large grid are
 never explained; those that are read the same numbers the decision used."""
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,7 +155,10 @@ class ColumnEvidence:
         return float(prefill[j]) / max(1, ctx.request.prompt_tokens - int(self.cols.reused(ctx)[j]))
 
     def candidates(self) -> tuple[Candidate, ...]:
-        return tuple(self.candidate(r) for r in range(len(self.order)))
+        return tuple(self.ranked())
+
+    def ranked(self) -> Iterator[Candidate]:
+        return (self.candidate(r) for r in range(len(self.order)))
 
     def chosen_candidate(self) -> Candidate | None:
         return self.candidate(self.picked) if self.picked >= 0 else None

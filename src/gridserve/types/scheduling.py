@@ -3,7 +3,7 @@
 These are plain frozen dataclasses rather than pydantic models: a decision over 10,000 nodes builds tens
 of thousands of them, and they reach the wire only through `as_dict()`."""
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import FrozenInstanceError, dataclass
 from functools import cached_property
 from types import MappingProxyType
@@ -149,6 +149,10 @@ class Evidence(Protocol):
         """Every eligible node, best first."""
         ...
 
+    def ranked(self) -> Iterator[Candidate]:
+        """The eligible nodes best first, each built as it is read (a reader that stops early builds no more)."""
+        ...
+
     def chosen_candidate(self) -> Candidate | None:
         """The winner's record alone (reading it must not build every candidate of a large grid)."""
         ...
@@ -177,6 +181,9 @@ class Settled:
 
     def candidates(self) -> tuple[Candidate, ...]:
         return self.candidates_
+
+    def ranked(self) -> Iterator[Candidate]:
+        return iter(self.candidates_)
 
     def chosen_candidate(self) -> Candidate | None:
         return next((c for c in self.candidates_ if c.node_id == self.chosen), None)
@@ -304,16 +311,21 @@ class Decision:
         return self.request.model
 
     def candidate(self, node_id: str) -> Candidate | None:
+        """The node's record (built down the ranking only as far as the node)."""
         chosen = self.chosen_candidate
         if chosen is not None and chosen.node_id == node_id:
             return chosen
-        return next((c for c in self.candidates if c.node_id == node_id), None)
+        return next((c for c in self.evidence.ranked() if c.node_id == node_id), None)
 
-    def ranked_for_dispatch(self) -> list[Candidate]:
-        """The chosen candidate first (the picker may explore below rank 0), then the rest by rank."""
-        chosen = self.candidate(self.chosen) if self.chosen is not None else None
-        rest = [c for c in self.candidates if chosen is None or c.node_id != chosen.node_id]
-        return [chosen, *rest] if chosen is not None else rest
+    def ranked_for_dispatch(self) -> Iterator[Candidate]:
+        """The chosen candidate first (the picker may explore below rank 0), then the rest by rank, each built as
+        it is read: dispatch reads a few (building all of a 256-node sample took longer than the decision)."""
+        chosen = self.chosen_candidate if self.chosen is not None else None
+        if chosen is not None:
+            yield chosen
+        for candidate in self.evidence.ranked():
+            if chosen is None or candidate.node_id != chosen.node_id:
+                yield candidate
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Decision) and self.as_dict() == other.as_dict()

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gridserve.gateway.api.anthropic_api import MESSAGES
 from gridserve.gateway.api.errors import APIError, unauthorized
+from gridserve.gateway.api.head_with_body import HEAD_WITH_BODY, hold_head
 from gridserve.gateway.api.openai_api import CHAT, TEXT, ApiContext, Reply, complete
 from gridserve.gateway.api.responses_api import RESPONSES
 from gridserve.gateway.api.surface import Surface, openai_error
@@ -79,7 +80,8 @@ class HotPath:
         admitted, caller = CURRENT.set(None), CALLER.set(key.key_id)
         try:
             with _DisconnectWatch(receive) as client:
-                await self._answer(body, surface, send, client, key)
+                held = HEAD_WITH_BODY in (scope.get("extensions") or ())
+                await self._answer(body, surface, send, client, key, held)
         finally:
             admission = CURRENT.get()
             if admission is not None:  # the request is over: its key's place in flight frees
@@ -87,9 +89,12 @@ class HotPath:
             CURRENT.reset(admitted)
             CALLER.reset(caller)
 
-    async def _answer(self, body: bytes, surface: Surface, send: Send, client: "_DisconnectWatch", key: ApiKey) -> None:
+    async def _answer(
+        self, body: bytes, surface: Surface, send: Send, client: "_DisconnectWatch", key: ApiKey, held: bool
+    ) -> None:
         """Schedule, dispatch and stream in this task; a client that disconnects cancels it, which cancels the
-        request on the node, retries and hedges included."""
+        request on the node, retries and hedges included. `held`: a stream's head goes out with its first chunk
+        (gateway/api/head_with_body.py)."""
         try:
             client.arm()
             try:
@@ -112,6 +117,8 @@ class HotPath:
                 surface,
             )
             return
+        if held and reply.stream is not None:
+            hold_head(send)
         await send({"type": "http.response.start", "status": 200, "headers": reply.headers})
         if reply.stream is None:
             await send({"type": "http.response.body", "body": reply.body})

@@ -279,7 +279,7 @@ def decide(
         if pipeline is not None:
             snapshots.append(pipeline)
         if len(snapshots) >= KERNEL_POOL:
-            ctx.scheduler.warm(background=True)  # once: the compiled kernel, for grids large enough to want it
+            ctx.scheduler.warm(background=True)  # (warmed at start already, unless the app was built without it)
         decision = ctx.scheduler.schedule(request, snapshots, ctx.rng, now)
     except UnknownTier as exc:
         raise bad_request(str(exc), param="gridserve.tier") from exc

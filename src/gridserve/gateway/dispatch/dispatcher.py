@@ -15,6 +15,7 @@ reached only through a NodeTransport (gateway/transport/), and only its error tr
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -150,10 +151,10 @@ class Dispatcher:
         throttled: bool = True,
     ) -> NodeStream:
         """Open the stream on the best node that answers; raises APIError when none does."""
-        candidates = [c for c in decision.ranked_for_dispatch() if c.node_id not in exclude and self.live(c.node_id)]
-        candidates = candidates[: self.policy.dispatch_attempts]
+        able = (c for c in decision.ranked_for_dispatch() if c.node_id not in exclude and self.live(c.node_id))
+        candidates = list(itertools.islice(able, self.policy.dispatch_attempts))
         if not candidates:
-            if not decision.candidates:
+            if not decision.eligible_count:
                 raise no_capacity(decision.explanation)
             raise upstream_failed("no other node can take this request")
         race = _Race(self, job, candidates, hedge=hedge and self.policy.hedging, throttled=throttled)

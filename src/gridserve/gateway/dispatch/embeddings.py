@@ -6,6 +6,7 @@ integrity checks of gateway/integrity/embeddings.py) moves the request to the ne
 generation that fails before its first token does (gateway/dispatch/dispatcher.py: the same attempt limit, retry
 budget, ledger events and treatment of nodes that refuse the request as invalid)."""
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,12 +65,13 @@ class EmbeddingDispatch:
     ) -> Embedded:
         """The first valid answer among the decision's candidates (at most the policy's attempts); APIError when
         none answers. `on_failover(node, why)`: told of each failed node another is then tried after."""
-        candidates = [c for c in decision.ranked_for_dispatch() if self.d.live(c.node_id)]
+        able = (c for c in decision.ranked_for_dispatch() if self.d.live(c.node_id))
+        candidates = list(itertools.islice(able, self.d.policy.dispatch_attempts))
         if not candidates:
-            raise no_capacity(decision.explanation) if not decision.candidates else upstream_failed("no live node")
+            raise no_capacity(decision.explanation) if not decision.eligible_count else upstream_failed("no live node")
         attempts: list[Attempt] = []
         refused: list[NodeId] = []
-        for n, candidate in enumerate(candidates[: self.d.policy.dispatch_attempts]):
+        for n, candidate in enumerate(candidates):
             if n and not self.d.budget.allow_retry():
                 attempts.append(Attempt(candidate.node_id, "skipped", "retry budget exhausted"))
                 break

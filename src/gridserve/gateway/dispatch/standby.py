@@ -14,6 +14,7 @@ registering again; a load that does not finish within `standby_load_timeout_s` i
 """
 
 import asyncio
+import itertools
 import logging
 import math
 import random
@@ -119,7 +120,7 @@ class StandbyKeeper:
         )
         snapshots = [s for s in self.membership.snapshots() if s.node_id in able]
         decision = schedule(request, snapshots, self.profile, random.Random(0), time.time())
-        return [str(c.node_id) for c in decision.candidates][:deficit]
+        return [str(c.node_id) for c in itertools.islice(decision.evidence.ranked(), deficit)]
 
     # -- acting ---------------------------------------------------------------------------------------
     async def tick(self) -> None:
