@@ -658,3 +658,20 @@ def test_calibration_judges_the_nodes_own_service_time_not_the_queue_it_was_pred
 
     assert calibrated((1.0, 1.0)) == (pytest.approx(1.0), pytest.approx(8.0))
     assert calibrated(None) == (pytest.approx(0.15), pytest.approx(8.0))
+
+
+def test_the_hedge_delays_ratio_p95_is_kept_with_the_ratios_and_survives_a_new_registration() -> None:
+    """The p95 of a node's observed/predicted TTFT ratios (its hedge delay) is worked out when a ratio comes in,
+    not on every dispatch: None below 8 ratios, then the 95th percentile of the last 256; a node registering again
+    keeps both."""
+    registry = NodeRegistry(CONFIG)
+    registry.apply(registered("n-a", T0))
+    node = NodeId("n-a")
+    for i in range(300):
+        registry.apply(JobObserved(node, 0.2, 0.1, 0.1 * (1 + (i * 37) % 100), 0.01, 0.01))
+        ratios = registry.nodes[node].ttft_ratios
+        expected = None if len(ratios) < 8 else sorted(ratios)[min(len(ratios) - 1, int(0.95 * len(ratios)))]
+        assert registry.nodes[node].ttft_ratio_p95() == expected
+    assert len(ratios) == 256 and expected is not None
+    registry.apply(registered("n-a", T0 + 1.0))
+    assert registry.nodes[node].ttft_ratios == ratios and registry.nodes[node].ttft_ratio_p95() == expected

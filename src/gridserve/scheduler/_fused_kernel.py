@@ -119,6 +119,9 @@ def decide(
     total,
     ttft_out,
     itl_out,
+    queue_out,
+    alone_out,
+    prefill_out,
 ):
     n = rows.shape[0]
     for j in range(n):
@@ -131,7 +134,7 @@ def decide(
             scalars[WORK], m[M_BASE_ITL], row[C_TFLOPS] * 1e12 * row[C_PREFILL_EFF], speed
         )
         slots = max(1.0, row[C_SLOTS])
-        ttft, itl, _ = roofline.under_load(
+        ttft, itl, queue = roofline.under_load(
             itl0,
             prefill,
             slots,
@@ -147,9 +150,12 @@ def decide(
             scalars[ROUTED],
         )
         if not ok:
-            ttft, itl = math.nan, math.nan
+            ttft, itl, queue = math.nan, math.nan, math.nan
         ttft_out[j] = ttft
         itl_out[j] = itl
+        queue_out[j] = queue
+        alone_out[j] = itl0
+        prefill_out[j] = prefill
         # filters: the first that rejects names the reason
         rejected_by[j] = -1
         for f in range(len(filter_codes)):

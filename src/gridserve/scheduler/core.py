@@ -111,7 +111,7 @@ class Scheduler:
         """Every filter and scorer over the columns: in the kernel when it can, else plugin by plugin."""
         if self._kernel is not None and self._plan is not None and fused.applies(ctx):
             out = fused.run(self._kernel, self._plan, ctx, cols.rows, cols.model)
-            cols.set_prediction(out.ttft, out.itl)
+            cols.set_prediction(out.ttft, out.itl, out.queue, out.alone, out.prefill)
             return out.rejected_by, out.total, list(out.norms), list(out.raws)
         profile = self.profile
         n = len(cols)

@@ -121,6 +121,11 @@ class Result:
     ttft: Array
     """Predicted under the node's load (NaN: no prediction)."""
     itl: Array
+    queue: Array
+    """Predicted seconds waiting for a batch slot (NaN: no prediction)."""
+    alone: Array
+    prefill: Array
+    """ITL and prefill seconds at rest, throttled, uncalibrated (`roofline.unloaded`, every node)."""
 
 
 def run(kernel: Kernel, the_plan: Plan, ctx: Context, rows: Array, model_rows: Array) -> Result:
@@ -146,7 +151,7 @@ def run(kernel: Kernel, the_plan: Plan, ctx: Context, rows: Array, model_rows: A
     n, k = len(rows), len(the_plan.scorer_codes)
     rejected_by = np.empty(n, dtype=np.int64)
     norms, raws = np.empty((k, n)), np.empty((k, n))
-    total, ttft, itl = np.empty(n), np.empty(n), np.empty(n)
+    total, ttft, itl, queue, alone, prefill = (np.empty(n) for _ in range(6))
     kernel(
         np.ascontiguousarray(rows),
         np.ascontiguousarray(model_rows),
@@ -162,8 +167,11 @@ def run(kernel: Kernel, the_plan: Plan, ctx: Context, rows: Array, model_rows: A
         total,
         ttft,
         itl,
+        queue,
+        alone,
+        prefill,
     )
-    return Result(rejected_by, norms, raws, total, ttft, itl)
+    return Result(rejected_by, norms, raws, total, ttft, itl, queue, alone, prefill)
 
 
 def compile_kernel() -> Kernel:
@@ -183,8 +191,6 @@ def compile_kernel() -> Kernel:
         np.empty(1, dtype=np.int64),
         np.empty((1, 1)),
         np.empty((1, 1)),
-        np.empty(1),
-        np.empty(1),
-        np.empty(1),
+        *(np.empty(1) for _ in range(6)),
     )
     return decide

@@ -96,9 +96,12 @@ class Columns:
         """(TTFT, ITL, queue) per node, computed once per decision for both `prediction` and `queue`."""
         return self.cached(f"roofline{loaded}", lambda: _predict(self, ctx, loaded))
 
-    def set_prediction(self, ttft: Array, itl: Array) -> None:
-        """Predictions under load computed elsewhere (the fused kernel, by the same formula)."""
+    def set_prediction(self, ttft: Array, itl: Array, queue: Array, alone: Array, prefill: Array) -> None:
+        """Predictions under load and at rest computed elsewhere (the fused kernel, by the same formulas): what a
+        candidate reads is not computed again."""
         self._cache["predTrue"] = (ttft, itl)
+        self._cache["rooflineTrue"] = (ttft, itl, queue)
+        self._cache["unloaded"] = (alone, prefill)
 
     def unloaded(self, ctx: Context) -> tuple[Array, Array]:
         """(ITL, prefill seconds) per node at rest, throttled, uncalibrated (the model must be predictable)."""

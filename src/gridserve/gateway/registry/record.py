@@ -107,6 +107,8 @@ class NodeRecord:
     """Moving average of observed TTFT (for the latency-ewma baseline policy)."""
     ttft_ratios: tuple[float, ...] = ()
     """Observed / predicted (uncalibrated) TTFT of recent requests (the last 256): their p95 sets the hedge delay."""
+    ttft_ratio_p95_: float | None = None
+    """Their p95 (`ratio_p95`), kept with them: read on every dispatch, changed once a request."""
     capability_at: float = 0.0
     """When this capability was registered (by this gateway or, on a shared database, another)."""
     via: str | None = None
@@ -136,10 +138,7 @@ class NodeRecord:
         return self.state in LIVE
 
     def ttft_ratio_p95(self) -> float | None:
-        if len(self.ttft_ratios) < 8:
-            return None
-        ordered = sorted(self.ttft_ratios)
-        return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        return self.ttft_ratio_p95_
 
     def snapshot(self, book: ReliabilityBook, now: float) -> NodeSnapshot:
         """The node as the scheduler sees it at `now` (built from scratch; the registry keeps a table of these)."""
@@ -155,6 +154,14 @@ class NodeRecord:
             static=self.static,
             latency_ewma_s=self.latency_ewma_s,
         )
+
+
+def ratio_p95(ratios: tuple[float, ...]) -> float | None:
+    """The p95 of TTFT ratios (None with fewer than 8)."""
+    if len(ratios) < 8:
+        return None
+    ordered = sorted(ratios)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
 
 
 def can_serve(state: NodeState, reliability: ReliabilityState) -> bool:

@@ -47,6 +47,7 @@ from gridserve.gateway.registry.record import (
     assign,
     can_serve,
     pack_telemetry,
+    ratio_p95,
     unpack_telemetry,
 )
 from gridserve.reliability import (
@@ -185,6 +186,7 @@ class NodeRegistry:
                 outstanding=previous.outstanding,
                 calibration=previous.calibration,
                 ttft_ratios=previous.ttft_ratios,
+                ttft_ratio_p95_=previous.ttft_ratio_p95_,
                 latency_ewma_s=previous.latency_ewma_s,
                 rtt_ms=previous.rtt_ms,
             )
@@ -386,7 +388,7 @@ class NodeRegistry:
         if e.raw_predicted_ttft_s is not None:
             if e.fresh_ttft_s is not None and e.raw_predicted_ttft_s > 0:
                 ratios = (*record.ttft_ratios, e.fresh_ttft_s / e.raw_predicted_ttft_s)[-TTFT_RATIOS_KEPT:]
-                assign(record, ttft_ratios=ratios)
+                assign(record, ttft_ratios=ratios, ttft_ratio_p95_=ratio_p95(ratios))
             predicted, observed = (e.raw_predicted_ttft_s, e.fresh_ttft_s) if e.service is None else e.service
             calibration = record.calibration.observe(
                 predicted_ttft_s=predicted if observed is not None else 0.0,
