@@ -5,6 +5,7 @@ function_call items and a json_schema format as JSON that validates; stored resp
 bad input is a 400 and an unknown response a 404."""
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 from openai import OpenAI
-from tests.conftest import API_KEY, two_gateways_on_pg
+from tests.conftest import API_KEY, admin_get, two_gateways_on_pg
 
 from gridserve.cli.grid import LocalGrid
 from gridserve.engines.tiny import TINY_MODEL
@@ -205,7 +206,8 @@ def test_an_unknown_previous_response_is_a_404_naming_it(client: OpenAI) -> None
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}, "input"),
         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
-        ({"background": True}, "background"),
+        ({"background": True, "stream": True}, "stream"),
+        ({"background": True, "store": False}, "store"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "frobnicate"}}}}, "text.format"),
         ({"temperature": 5}, "temperature"),
@@ -216,6 +218,58 @@ def test_bad_input_is_a_400_naming_it(client: OpenAI, patch: dict[str, Any], par
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(**body)
     assert isinstance(refused.value.body, dict) and str(refused.value.body["param"]).startswith(param)
+
+
+def until_done(client: OpenAI, response_id: str, within_s: float = 60.0) -> Any:
+    """The background response, read again until it has ended (or `within_s` passed)."""
+    deadline = time.monotonic() + within_s
+    found = client.responses.retrieve(response_id)
+    while found.status in ("queued", "in_progress") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = client.responses.retrieve(response_id)
+    return found
+
+
+def test_a_background_response_is_queued_then_polled_to_the_same_answer(client: OpenAI) -> None:
+    prompt = "Tell me about the sea."
+    queued = client.responses.create(input=prompt, background=True, metadata={"case": "background"}, **GREEDY)
+    assert queued.status in ("queued", "in_progress") and queued.background is True and queued.output == []
+    done = until_done(client, queued.id)
+    text, reason, prompt_tokens, completion_tokens = chat_answer(client, [{"role": "user", "content": prompt}])
+    assert done.status == ("incomplete" if reason == "length" else "completed"), done
+    assert (done.id, done.created_at, done.background, done.metadata) == (
+        queued.id,
+        queued.created_at,
+        True,
+        {"case": "background"},
+    )
+    assert done.output_text == text and text and done.usage is not None
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (prompt_tokens, completion_tokens)
+    items = client.responses.input_items.list(queued.id)
+    assert [i.type for i in items.data] == ["message"]
+    later = client.responses.create(input="And the sky?", previous_response_id=queued.id, **GREEDY)
+    assert later.output_text, "a background response is continued like any other"
+    assert client.responses.cancel(queued.id).status == done.status, "an ended response is returned as it is"
+
+
+def test_a_background_response_cancelled_under_way_stays_cancelled(client: OpenAI, tiny_grid: LocalGrid) -> None:
+    """On the emulated card, 400 tokens of llama-3-8b take seconds: the cancel lands while it runs."""
+    queued = client.responses.create(model="llama-3-8b", input="A long story", max_output_tokens=400, background=True)
+    until = time.monotonic() + 30
+    while client.responses.retrieve(queued.id).status == "queued" and time.monotonic() < until:
+        time.sleep(0.02)
+    cancelled = client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled" and cancelled.id == queued.id and cancelled.output == []
+    time.sleep(0.5)
+    assert client.responses.retrieve(queued.id).status == "cancelled"
+    nodes = admin_get(tiny_grid, "/admin/nodes").json()["nodes"]
+    assert sum(int(n["outstanding"]) for n in nodes) == 0, "the node's work was stopped too"
+    whole = client.responses.create(input="Hello", **GREEDY)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.cancel(whole.id)
+    assert isinstance(refused.value.body, dict) and refused.value.body["code"] == "not_background"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.cancel("resp_0123456789abcdef")
 
 
 def test_an_error_from_the_core_names_the_responses_parameter(client: OpenAI) -> None:

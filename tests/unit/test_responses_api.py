@@ -20,6 +20,7 @@ from gridserve.gateway.api.responses_api import (
     ResponseStore,
     ResponseWriter,
     Stored,
+    cancel_response,
     delete_response,
     read,
     renderer,
@@ -291,7 +292,9 @@ REFUSED: list[tuple[dict[str, Any], str, str]] = [
     ({"text": {"verbosity": "high"}}, "text.verbosity", "unsupported_parameter"),
     ({"text": {"formats": {}}}, "text.formats", "unknown_parameter"),
     ({"reasoning": {"effort": "high"}}, "reasoning", "unsupported_parameter"),
-    ({"background": True}, "background", "unsupported_parameter"),
+    ({"background": True, "stream": True}, "stream", "unsupported_parameter"),
+    ({"background": True, "store": False}, "store", "invalid_request"),
+    ({"background": "yes"}, "background", "invalid_request"),
     ({"include": ["message.output_text.logprobs"]}, "include", "unsupported_parameter"),
     ({"conversation": "conv_1"}, "conversation", "unsupported_parameter"),
     ({"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
@@ -635,3 +638,128 @@ def test_errors_from_the_core_name_the_responses_parameters() -> None:
     untouched = bad_request("temperature: too hot", "temperature")
     assert RESPONSES.renamed(untouched) is untouched
     assert RESPONSES.renamed(bad_request("the max_tokens_x field", "max_tokens_x")).param == "max_tokens_x"
+
+
+# -- background responses ---------------------------------------------------------------------------------------
+
+
+def background_store() -> ResponseStore:
+    store = Store("sqlite://")
+    store.migrate()
+    return ResponseStore(store)
+
+
+def test_a_background_response_is_in_progress_then_its_answer_or_its_error() -> None:
+    """`ResponseStore.run`: `in_progress` stored as it starts, then what the answer's writer keeps; work that fails
+    is stored `failed` with its error; the admission is closed either way."""
+
+    chat = request(None, input="Hi", background=True)
+
+    async def main() -> None:
+        responses = background_store()
+        closed: list[str] = []
+        admission = cast(Any, SimpleNamespace(close=lambda: closed.append("x")))
+        seen: list[str] = []
+
+        async def answering() -> None:
+            found = await responses.get("resp_ok", None)
+            assert found is not None
+            seen.append(found.response["status"])
+            await writer(chat, cast(Any, responses), "resp_ok").keep(answer())
+
+        responses.run(writer(chat, cast(Any, responses), "resp_ok"), None, admission, answering)
+        await asyncio.wait(list(responses.running.values()))
+        done = await responses.get("resp_ok", None)
+        assert seen == ["in_progress"] and done is not None and done.response["status"] == "completed"
+        assert done.response["background"] is True and done.response["output"][0]["content"][0]["text"] == answer().text
+
+        async def failing() -> None:
+            raise APIError(503, "no node serves m", code="no_capacity")
+
+        responses.run(writer(chat, cast(Any, responses), "resp_no"), None, admission, failing)
+        await asyncio.wait(list(responses.running.values()))
+        failed = await responses.get("resp_no", None)
+        assert failed is not None and failed.response["status"] == "failed"
+        assert failed.response["error"] == {"code": "no_capacity", "message": "no node serves m"}
+        assert closed == ["x", "x"] and not responses.running
+
+    asyncio.run(main())
+
+
+def test_cancelled_here_or_elsewhere_a_background_response_stays_cancelled() -> None:
+    """Cancelled on this gateway: its task stops and `cancelled` is stored. Cancelled through another gateway (no
+    task here): marked in the store, and the gateway running it keeps the mark when the answer comes."""
+
+    chat = request(None, input="Hi", background=True)
+
+    async def main() -> None:
+        responses = background_store()
+        release = asyncio.Event()
+
+        async def slow() -> None:
+            await release.wait()
+            await writer(chat, cast(Any, responses), "resp_c").keep(answer())
+
+        responses.run(writer(chat, cast(Any, responses), "resp_c"), None, None, slow)
+        await asyncio.sleep(0.05)
+        found = await responses.get("resp_c", None)
+        assert found is not None and found.response["status"] == "in_progress"
+        after = await cancel_response(responses, "resp_c", {}, "k")
+        assert after["status"] == "cancelled" and not responses.running
+
+        other = ResponseStore(responses._store)  # another gateway on the same database, running nothing
+        responses.run(writer(chat, cast(Any, responses), "resp_e"), None, None, slow)
+        await asyncio.sleep(0.05)
+        marked = await responses.get("resp_e", None)
+        assert marked is not None
+        assert (await other.cancel(marked, None))["status"] == "cancelled"
+        release.set()  # the answer comes on the gateway running it: the mark stays
+        await asyncio.wait(list(responses.running.values()))
+        kept_ = await responses.get("resp_e", None)
+        assert kept_ is not None and kept_.response["status"] == "cancelled"
+
+    asyncio.run(main())
+
+
+def test_a_gateway_that_stops_gives_background_responses_its_drain_then_stores_them_failed() -> None:
+    chat = request(None, input="Hi", background=True)
+
+    async def main() -> None:
+        responses = background_store()
+
+        async def quick() -> None:
+            await asyncio.sleep(0.01)
+            await writer(chat, cast(Any, responses), "resp_q").keep(answer())
+
+        async def never() -> None:
+            await asyncio.Event().wait()
+
+        responses.run(writer(chat, cast(Any, responses), "resp_q"), None, None, quick)
+        responses.run(writer(chat, cast(Any, responses), "resp_n"), None, None, never)
+        await responses.stop(drain_s=0.5)
+        quick_, never_ = await responses.get("resp_q", None), await responses.get("resp_n", None)
+        assert quick_ is not None and quick_.response["status"] == "completed"
+        assert never_ is not None and never_.response["status"] == "failed"
+        assert never_.response["error"]["code"] == "gateway_stopped" and not responses.running
+
+    asyncio.run(main())
+
+
+def test_only_a_background_response_is_cancelled_and_an_ended_one_is_returned_as_it_is() -> None:
+    plain, background = request(None, input="Hi"), request(None, input="Hi", background=True)
+
+    async def main() -> None:
+        responses = background_store()
+        whole = writer(plain, cast(Any, responses), "resp_w")
+        await whole.keep(answer())
+        with pytest.raises(APIError) as refused_:
+            await cancel_response(responses, "resp_w", {}, "k")
+        assert (refused_.value.status, refused_.value.code) == (400, "not_background")
+        ended = writer(background, cast(Any, responses), "resp_b")
+        await ended.keep(answer())
+        assert (await cancel_response(responses, "resp_b", {}, "k"))["status"] == "completed"
+        with pytest.raises(APIError) as missing:
+            await cancel_response(responses, "resp_none", {}, "k")
+        assert missing.value.status == 404
+
+    asyncio.run(main())

@@ -28,7 +28,13 @@ from gridserve.gateway.api.keys_api import add_key_routes
 from gridserve.gateway.api.middleware import BodyLimit
 from gridserve.gateway.api.openai_api import ApiContext, list_models
 from gridserve.gateway.api.openapi_doc import install_openapi
-from gridserve.gateway.api.responses_api import ResponseStore, delete_response, list_input_items, retrieve_response
+from gridserve.gateway.api.responses_api import (
+    ResponseStore,
+    cancel_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+)
 from gridserve.gateway.api.tokens_api import add_token_routes
 from gridserve.gateway.config import GatewayConfig
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
@@ -239,6 +245,8 @@ def build_gateway_app(gw: Gateway) -> ASGIApp:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if responses is not None:  # background responses under way get the drain time, then are stored failed
+                await responses.stop(gw.config.drain_s)
             with contextlib.suppress(Exception):  # budget this gateway leased and did not spend goes back
                 await gw.tenancy.leases.give_back()
             if gw.api.pipelines is not None:
@@ -365,6 +373,12 @@ def _openai_routes(app: FastAPI, gw: Gateway) -> None:
         """A stored response's input items, newest first by default (`order`, `limit`, `after`)."""
         key = gw.require_api_key(request)
         return await list_input_items(gw.api.responses, response_id, request.query_params, key.key_id)
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_background_response(response_id: str, request: Request) -> dict[str, Any]:
+        """Cancel a background response under way (OpenAI's Responses API; gateway/api/responses_api.py)."""
+        key = gw.require_api_key(request)
+        return await cancel_response(gw.api.responses, response_id, request.query_params, key.key_id)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_stored_response(response_id: str, request: Request) -> dict[str, Any]:

@@ -229,6 +229,7 @@ class Store:
         self._dialect = backend
         # One statement, executed with many parameter sets (compiled once, cached by SQLAlchemy).
         self._decision_upsert = upsert_template(backend, decisions, _DECISION_UPDATE)
+        self._response_upsert = upsert_template(backend, responses, ["response", "conversation"])
 
     @property
     def engine(self) -> Engine:
@@ -534,11 +535,13 @@ class Store:
     # -- responses (gateway/api/responses_api.py) -------------------------------------------------------------
 
     def put_responses(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Store new responses in one transaction (rows: the columns of `responses`)."""
+        """Store responses in one transaction (rows: the columns of `responses`); a response stored again (a
+        background one: queued, in progress, then done) takes its new object and conversation."""
         if not rows:
             return
+        latest = {row["response_id"]: row for row in rows}  # one statement may not touch a row twice
         with self._write() as conn:
-            conn.execute(responses.insert(), list(rows))
+            conn.execute(self._response_upsert, list(latest.values()))
 
     def get_response(self, response_id: str) -> dict[str, Any] | None:
         """A stored response's row (`response`, `conversation`, `created_at`), or None."""

@@ -358,25 +358,43 @@ async def complete(ctx: ApiContext, body: bytes, surface: Surface, key: "ApiKey 
     """Answer `body` on `surface`; with `key`, within its limits (its admission is `CURRENT` from here on)."""
     req = await surface.read(ctx, body)
     try:
-        return await _admitted(ctx, req, surface, key)
+        detached = await surface.detached(ctx, req, surface, key) if surface.detached is not None else None
+        return detached if detached is not None else await _admitted(ctx, req, surface, key)
     except APIError as exc:  # raised by the core: named as the client's API names it
         raise surface.renamed(exc) from None
 
 
 async def _admitted(ctx: ApiContext, req: SamplingFields, surface: Surface, key: "ApiKey | None") -> Reply:
-    request_id = surface.id_prefix + secrets.token_hex(12)
-    job, prompt_tokens = to_job(req, surface.kind, request_id)
-    admitted: list[tuple[bytes, bytes]] = []
-    if key is not None and ctx.tenancy is not None:
-        reserve = prompt_tokens + job.sampling.max_tokens * req.n
-        await ctx.tenancy.reserve(key)
-        admission = ctx.tenancy.admit(key, model=job.model, tier=req.gridserve.tier, tokens=reserve)
-        CURRENT.set(admission)
-        admitted = admission.headers
-        await ctx.tenancy.wait_for_room(admission, job.model)
-    reply = await _complete(ctx, req, job, prompt_tokens, surface)
+    job, prompt_tokens = to_job(req, surface.kind, surface.id_prefix + secrets.token_hex(12))
+    admitted = await admit(ctx, req, job, prompt_tokens, key)
+    reply = await run_admitted(ctx, req, job, prompt_tokens, surface)
     reply.headers.extend(admitted)
     return reply
+
+
+async def admit(
+    ctx: ApiContext, req: SamplingFields, job: GenerateRequest, prompt_tokens: int, key: "ApiKey | None"
+) -> list[tuple[bytes, bytes]]:
+    """Within `key`'s limits and budget (a 429 otherwise): its admission is `CURRENT` from here on. The headers
+    that say where the key stands."""
+    if key is None or ctx.tenancy is None:
+        return []
+    await ctx.tenancy.reserve(key)
+    reserve = prompt_tokens + job.sampling.max_tokens * req.n
+    admission = ctx.tenancy.admit(key, model=job.model, tier=req.gridserve.tier, tokens=reserve)
+    CURRENT.set(admission)
+    return admission.headers
+
+
+async def run_admitted(
+    ctx: ApiContext, req: SamplingFields, job: GenerateRequest, prompt_tokens: int, surface: Surface
+) -> Reply:
+    """An admitted request (its admission `CURRENT`) placed, generated and answered, once there is room: it waits
+    its turn in the fair queue while the model's nodes are full."""
+    admission = CURRENT.get()
+    if admission is not None and ctx.tenancy is not None:
+        await ctx.tenancy.wait_for_room(admission, job.model)
+    return await _complete(ctx, req, job, prompt_tokens, surface)
 
 
 async def _complete(
@@ -611,4 +629,4 @@ def _hedges(asked: bool | None, admission: Admission | None) -> bool:
     return admission is None or admission.key.policy.priority != "batch"
 
 
-__all__ = ["CHAT", "TEXT", "ApiContext", "complete", "list_models"]
+__all__ = ["CHAT", "TEXT", "ApiContext", "Reply", "admit", "complete", "list_models", "run_admitted", "to_job"]

@@ -532,6 +532,7 @@ OPS: dict[tuple[str, str], Op] = {
     ("post", "/v1/responses"): Op(Auth.API_KEY, COMPLETION_ERRORS, ResponseObject, ResponsesRequest),
     ("get", "/v1/responses/{response_id}"): Op(Auth.API_KEY, (400, 401, 404), ResponseObject),
     ("get", "/v1/responses/{response_id}/input_items"): Op(Auth.API_KEY, (400, 401, 404), InputItemList),
+    ("post", "/v1/responses/{response_id}/cancel"): Op(Auth.API_KEY, (400, 401, 404), ResponseObject),
     ("delete", "/v1/responses/{response_id}"): Op(Auth.API_KEY, (400, 401, 404), ResponseDeleted),
     ("post", "/v1/messages"): Op(Auth.API_KEY, COMPLETION_ERRORS, AnthropicMessage, MessagesRequest),
     ("post", "/v1/embeddings"): Op(Auth.API_KEY, COMPLETION_ERRORS, EmbeddingList, EmbeddingRequest),

@@ -7,9 +7,16 @@ OpenAI documents), then `input`'s items (messages, function calls and their outp
 tools and `text.format` a `response_format`. So routing, receipts, audits, failover and tool grammars are the chat
 completions' own. The answer is written as a Response object, whole or as OpenAI's `response.*` events, and
 unless `store` is false it is stored, with the conversation including it, before it goes out: a client can chain
-at once, through any gateway on the same database (the `responses` table, store/db.py)."""
+at once, through any gateway on the same database (the `responses` table, store/db.py).
+
+`background: true`: the request is admitted (its key's limits) and stored `queued`, the client answered at once,
+and a task of this gateway's `ResponseStore` runs it: `in_progress`, then what the answer's writer keeps, or `failed`
+with the error. `POST /v1/responses/{id}/cancel` stops it (`cancelled`); through another gateway on the same
+database, the mark is stored and the gateway running it keeps it when its answer comes. A stopping gateway gives
+those under way its drain time, then stores them failed (`gateway_stopped`)."""
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import time
@@ -23,11 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraint
 from gridserve.engines import grammar
 from gridserve.gateway.api import input_items
 from gridserve.gateway.api.errors import APIError, bad_request, json_object, unsupported_parameter
-from gridserve.gateway.api.openai_api import ApiContext
+from gridserve.gateway.api.openai_api import ApiContext, Reply, admit, run_admitted, to_job
 from gridserve.gateway.api.schemas import ChatCompletionRequest, GridOptions, SamplingFields
 from gridserve.gateway.api.surface import Answer, Renderer, Surface, openai_error
 from gridserve.gateway.api.tools import MAX_TOOLS
-from gridserve.gateway.tenancy.limits import CALLER
+from gridserve.gateway.tenancy import ApiKey
+from gridserve.gateway.tenancy.limits import CALLER, CURRENT, Admission
 from gridserve.store import Store
 from gridserve.store.group_commit import GroupCommit
 from gridserve.types.wire import ResponseFormat
@@ -47,7 +55,6 @@ def _off(value: Any) -> bool:
 
 
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "background": (_off, "running the response in the background"),
     "include": (_off, "additional output data"),
     "reasoning": (lambda v: _off(v) or (isinstance(v, dict) and all(_off(x) for x in v.values())), "reasoning"),
     "conversation": (_off, "server-side conversations (use previous_response_id)"),
@@ -118,7 +125,11 @@ class ResponsesRequest(_Strict):
     prompt_cache_key: str | None = Field(None, description="Accepted, no effect (prefix routing needs no key).")
     seed: int | None = Field(None, description="gridserve: sample reproducibly.")
     gridserve: GridOptions = Field(default_factory=GridOptions)
-    background: Any = None
+    background: bool | None = Field(
+        None,
+        description="Run in the background: answered at once (status `queued`), then polled with GET "
+        "/v1/responses/{id} and cancelled with POST /v1/responses/{id}/cancel. Needs `store`; not streamed.",
+    )
     include: Any = None
     reasoning: Any = None
     conversation: Any = None
@@ -139,6 +150,8 @@ class Spec:
     tools: list[dict[str, Any]]
     tool_choice: Any
     text_format: dict[str, Any]
+    created_at: int | None = None
+    """When the response was made, where it was answered before it ran (a background one)."""
 
 
 class ResponsesChat(ChatCompletionRequest):
@@ -181,6 +194,10 @@ def _parse(body: bytes) -> ResponsesRequest:
             raise unsupported_parameter(name, what)
     if req.text is not None and req.text.verbosity not in (None, "medium"):
         raise unsupported_parameter("text.verbosity", "a verbosity other than medium")
+    if req.background and req.stream:
+        raise unsupported_parameter("stream", "streaming a background response (poll GET /v1/responses/{id})")
+    if req.background and req.store is False:
+        raise bad_request("Invalid request: a background response is stored: store must not be false.", param="store")
     return req
 
 
@@ -466,7 +483,7 @@ class ResponseWriter:
     def __init__(self, ctx: ApiContext, spec: Spec, response_id: str, model: str) -> None:
         self.spec, self.id, self.model = spec, response_id, model
         self.store = ctx.responses if spec.request.store is not False else None
-        self.created_at = int(time.time())
+        self.created_at = spec.created_at or int(time.time())
         self.message_id = "msg_" + secrets.token_hex(24)
         self.sequence = 0
         self.opened = False
@@ -491,7 +508,7 @@ class ResponseWriter:
             "object": "response",
             "created_at": self.created_at,
             "status": status,
-            "background": False,
+            "background": req.background is True,
             "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if length else None,
             "instructions": req.instructions,
@@ -593,11 +610,21 @@ class ResponseWriter:
             + self.event("response.output_item.done", output_index=index, item=item)
         )
 
+    def stopped(self, status: str, message: str = "", code: str = "") -> dict[str, Any]:
+        """The object of a response that did not end by itself: `queued` or `in_progress` (nothing yet),
+        `cancelled`, or `failed` with an error (`message`, `code`)."""
+        out = self.body(status, [])
+        if message:
+            out["error"] = {"code": code or "server_error", "message": message}
+        return out
+
     async def keep(self, answer: Answer) -> None:
         final = self.settle(answer)
         if self.store is None:
             return
         try:
+            if self.spec.request.background and await self.store.cancelled(self.id):
+                return  # cancelled through another gateway meanwhile: it stays so
             await self.store.put(final, [*self.spec.conversation, _assistant(answer)], CALLER.get())
         except Exception as exc:  # the client is told (close, whole): never an answer it believes stored
             log.exception("could not store response %s", self.id)
@@ -635,6 +662,7 @@ RESPONSES = Surface(
     read,
     renderer,
     openai_error,
+    detached=lambda ctx, req, surface, key: _detached(ctx, req, surface, key),
     params=(
         ("response_format.json_schema", "text.format"),
         ("response_format", "text.format"),
@@ -654,13 +682,23 @@ class Stored:
     conversation: list[dict[str, Any]]
 
 
+TERMINAL = ("completed", "incomplete", "failed", "cancelled")
+"""A response in one of these states has ended (the others: queued, in_progress)."""
+
+
 class ResponseStore:
     """Stored responses (store/db.py `responses`), read and written off the event loop; writes that come
-    together are committed in one transaction, each caller returning once its own is committed."""
+    together are committed in one transaction, each caller returning once its own is committed. The owner of the
+    background responses this gateway runs (`run`, `cancel`, `stop`)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._commit: GroupCommit[dict[str, Any]] = GroupCommit(store.put_responses)
+        self.running: dict[str, asyncio.Task[None]] = {}
+        """Background responses this gateway is running, by id."""
+        self._forgotten: set[str] = set()
+        """Deleted while running: nothing is stored when they end."""
+        self._stopping = False
 
     async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]], owner: str | None) -> None:
         row = {
@@ -680,7 +718,88 @@ class ResponseStore:
         return Stored(row["response"], row["conversation"])
 
     async def delete(self, response_id: str, owner: str | None) -> bool:
+        task = self.running.get(response_id)
+        if task is not None and await self.get(response_id, owner) is not None:  # its own owner's: stopped first
+            self._forgotten.add(response_id)
+            task.cancel()
+            await asyncio.wait([task])
         return await asyncio.to_thread(self._store.delete_response, response_id, owner)
+
+    async def cancelled(self, response_id: str) -> bool:
+        """Whether the stored response was cancelled (through another gateway, while this one ran it)."""
+        row = await asyncio.to_thread(self._store.get_response, response_id)
+        return row is not None and row["response"].get("status") == "cancelled"
+
+    def run(
+        self, writer: "ResponseWriter", owner: str | None, admission: Admission | None, work: Callable[[], Any]
+    ) -> None:
+        """Run `work()` (the request, admitted: `admission`) in the background; the writer's renderer stores its
+        answer when it ends, and this stores `in_progress` when it starts, `failed` (with the error) or
+        `cancelled` when it does not end by itself."""
+        task = asyncio.create_task(self._background(writer, owner, admission, work))
+        self.running[writer.id] = task
+        task.add_done_callback(lambda _: self.running.pop(writer.id, None))
+
+    async def _background(
+        self, writer: "ResponseWriter", owner: str | None, admission: Admission | None, work: Callable[[], Any]
+    ) -> None:
+        CURRENT.set(admission)
+        conversation = writer.spec.conversation
+        try:
+            await self.put(writer.stopped("in_progress"), conversation, owner)
+            await work()
+        except asyncio.CancelledError:
+            if writer.id in self._forgotten:
+                self._forgotten.discard(writer.id)
+                return
+            if self._stopping:
+                why = "the gateway stopped before the response was done; create it again"
+                await self._put_quietly(writer.stopped("failed", why, "gateway_stopped"), conversation, owner)
+            else:
+                await self._put_quietly(writer.stopped("cancelled"), conversation, owner)
+        except APIError as exc:
+            await self._put_quietly(
+                writer.stopped("failed", exc.message, exc.code or "server_error"), conversation, owner
+            )
+        except Exception as exc:
+            log.exception("background response %s failed", writer.id)
+            why = f"internal error: {type(exc).__name__}"
+            await self._put_quietly(writer.stopped("failed", why, "server_error"), conversation, owner)
+        finally:
+            if admission is not None:  # the request is over: its key's place in flight frees
+                admission.close()
+
+    async def _put_quietly(
+        self, response: dict[str, Any], conversation: list[dict[str, Any]], owner: str | None
+    ) -> None:
+        try:
+            await self.put(response, conversation, owner)
+        except Exception:
+            log.exception("could not store background response %s as %s", response["id"], response["status"])
+
+    async def cancel(self, found: Stored, owner: str | None) -> dict[str, Any]:
+        """Cancel a background response under way: here, its task; one another gateway runs, marked cancelled in
+        the store (that gateway keeps the mark when it ends). The response after."""
+        response_id = found.response["id"]
+        task = self.running.get(response_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        else:
+            await self.put({**found.response, "status": "cancelled"}, found.conversation, owner)
+        after = await self.get(response_id, owner)
+        return after.response if after is not None else {**found.response, "status": "cancelled"}
+
+    async def stop(self, drain_s: float) -> None:
+        """The gateway stops: background responses get `drain_s` to end, then are stored as failed."""
+        if self.running:
+            await asyncio.wait(list(self.running.values()), timeout=drain_s)
+        self._stopping = True
+        left = list(self.running.values())
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left)
 
     async def prune_forever(self, keep_s: float, every_s: float = 600.0) -> None:
         """Delete responses older than `keep_s`, now and every `every_s`."""
@@ -728,6 +847,60 @@ async def list_input_items(
     return input_items.page(input_items.items_of(response_id, found.conversation), query)
 
 
+async def cancel_response(
+    store: ResponseStore | None, response_id: str, query: Mapping[str, str], owner: str
+) -> dict[str, Any]:
+    """`POST /v1/responses/{id}/cancel` of `owner`'s background response (404 when there is none; 400 for one
+    that was not made in the background): the response after, `cancelled` unless it had already ended."""
+    _no_query(query)
+    found = await store.get(response_id, owner) if store is not None else None
+    if store is None or found is None:
+        raise not_found(response_id)
+    if not found.response.get("background"):
+        raise APIError(
+            400,
+            "Only responses created with background=true can be cancelled.",
+            param="response_id",
+            code="not_background",
+        )
+    if found.response.get("status") in TERMINAL:
+        return found.response
+    return await store.cancel(found, owner)
+
+
+async def _detached(ctx: ApiContext, req: SamplingFields, surface: Surface, key: ApiKey | None) -> Reply | None:
+    """A `background` request: admitted now (a key over its limits hears so at once), stored as `queued` and
+    answered so; then placed, generated and stored by a task of its own (`ResponseStore.run`). None for the others."""
+    assert isinstance(req, ResponsesChat), "read() makes the request"
+    spec = req.spec()
+    if not spec.request.background:
+        return None
+    if ctx.responses is None:
+        raise unsupported_parameter("background", "background responses (this gateway stores no responses)")
+    req._spec = spec = dataclasses.replace(spec, created_at=int(time.time()))
+    job, prompt_tokens = to_job(req, surface.kind, surface.id_prefix + secrets.token_hex(12))
+    headers = await admit(ctx, req, job, prompt_tokens, key)
+    admission = CURRENT.get()
+    CURRENT.set(None)  # the background task closes the admission when it ends, not this request
+    writer = ResponseWriter(ctx, spec, job.request_id, job.model)
+    queued, owner = writer.stopped("queued"), CALLER.get()
+    try:
+        await ctx.responses.put(queued, spec.conversation, owner)
+    except Exception as exc:
+        if admission is not None:
+            admission.close()
+        log.exception("could not store background response %s", job.request_id)
+        raise APIError(
+            503,
+            "the response could not be stored; send it again",
+            type_="service_unavailable",
+            code="store_unavailable",
+        ) from exc
+    responses = ctx.responses
+    responses.run(writer, owner, admission, lambda: run_admitted(ctx, req, job, prompt_tokens, surface))
+    return Reply(headers=[*headers, (b"content-type", b"application/json")], body=orjson.dumps(queued))
+
+
 async def delete_response(
     store: ResponseStore | None, response_id: str, query: Mapping[str, str], owner: str
 ) -> dict[str, Any]:
@@ -741,8 +914,10 @@ async def delete_response(
 
 __all__ = [
     "RESPONSES",
+    "TERMINAL",
     "ResponseStore",
     "ResponsesRequest",
+    "cancel_response",
     "delete_response",
     "list_input_items",
     "read",

@@ -15,8 +15,9 @@ from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.api.tools import ToolCall
 
 if TYPE_CHECKING:
-    from gridserve.gateway.api.openai_api import ApiContext
+    from gridserve.gateway.api.openai_api import ApiContext, Reply
     from gridserve.gateway.api.schemas import SamplingFields
+    from gridserve.gateway.tenancy import ApiKey
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class Surface:
     params: tuple[tuple[str, str], ...] = ()
     """(chat completions' name, this API's name) of the parameters it names otherwise, longest first: an error the
     core raises after the translation names the parameter the client sent."""
+    detached: "Callable[[ApiContext, SamplingFields, Surface, ApiKey | None], Awaitable[Reply | None]] | None" = None
+    """Answers a request it runs in the background itself (the Responses API's `background`), else None: the
+    request is answered as it runs."""
 
     def renamed(self, exc: APIError) -> APIError:
         """`exc` naming this API's parameter where it names a chat completions one (the same error otherwise)."""
