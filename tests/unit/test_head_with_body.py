@@ -33,6 +33,9 @@ class Writes:
 
     def resume_reading(self) -> None: ...
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
 
 def cycle(transport: Writes, *, keep_alive: bool = True) -> RequestResponseCycle:
     log = logging.getLogger("test")
@@ -99,5 +102,26 @@ def test_a_send_that_is_not_uvicorns_or_a_started_response_is_left_alone() -> No
         hold_head(c.send)  # too late: the head is out
         await c.send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
         assert len(transport.writes) == 2 and c.transport is transport
+
+    asyncio.run(main())
+
+
+def test_the_gateways_protocol_marks_every_request_scope() -> None:
+    """`HttpProtocol` (what the gateway runs uvicorn with) puts `HEAD_WITH_BODY` in each request's scope: the hot
+    path holds a stream's head only where that mark says `hold_head` works."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from gridserve.gateway.api.head_with_body import HEAD_WITH_BODY, HttpProtocol
+
+    async def app(scope: Any, receive: Any, send: Any) -> None: ...
+
+    async def main() -> None:
+        config = uvicorn.Config(app, http=HttpProtocol, lifespan="off", log_config=None)
+        config.load()
+        protocol = HttpProtocol(config, ServerState(), {})
+        protocol.connection_made(Writes())  # type: ignore[arg-type]
+        protocol.on_message_begin()
+        assert HEAD_WITH_BODY in protocol.scope["extensions"]  # type: ignore[operator]
 
     asyncio.run(main())

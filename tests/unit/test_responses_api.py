@@ -667,20 +667,21 @@ def test_a_background_response_is_in_progress_then_its_answer_or_its_error() -> 
             seen.append(found.response["status"])
             await writer(chat, cast(Any, responses), "resp_ok").keep(answer())
 
-        responses.run(writer(chat, cast(Any, responses), "resp_ok"), None, admission, answering)
+        responses.run(writer(chat, cast(Any, responses), "resp_ok"), None, admission, answering, RESPONSES.renamed)
         await asyncio.wait(list(responses.running.values()))
         done = await responses.get("resp_ok", None)
         assert seen == ["in_progress"] and done is not None and done.response["status"] == "completed"
         assert done.response["background"] is True and done.response["output"][0]["content"][0]["text"] == answer().text
 
-        async def failing() -> None:
-            raise APIError(503, "no node serves m", code="no_capacity")
+        async def failing() -> None:  # an error the chat core raises, named as the chat API names it
+            raise APIError(400, "max_tokens exceeds the context", param="max_tokens", code="invalid_request")
 
-        responses.run(writer(chat, cast(Any, responses), "resp_no"), None, admission, failing)
+        responses.run(writer(chat, cast(Any, responses), "resp_no"), None, admission, failing, RESPONSES.renamed)
         await asyncio.wait(list(responses.running.values()))
         failed = await responses.get("resp_no", None)
         assert failed is not None and failed.response["status"] == "failed"
-        assert failed.response["error"] == {"code": "no_capacity", "message": "no node serves m"}
+        error = failed.response["error"]
+        assert error == {"code": "invalid_request", "message": "max_output_tokens exceeds the context"}
         assert closed == ["x", "x"] and not responses.running
 
     asyncio.run(main())
@@ -700,7 +701,7 @@ def test_cancelled_here_or_elsewhere_a_background_response_stays_cancelled() -> 
             await release.wait()
             await writer(chat, cast(Any, responses), "resp_c").keep(answer())
 
-        responses.run(writer(chat, cast(Any, responses), "resp_c"), None, None, slow)
+        responses.run(writer(chat, cast(Any, responses), "resp_c"), None, None, slow, RESPONSES.renamed)
         await asyncio.sleep(0.05)
         found = await responses.get("resp_c", None)
         assert found is not None and found.response["status"] == "in_progress"
@@ -708,7 +709,7 @@ def test_cancelled_here_or_elsewhere_a_background_response_stays_cancelled() -> 
         assert after["status"] == "cancelled" and not responses.running
 
         other = ResponseStore(responses._store)  # another gateway on the same database, running nothing
-        responses.run(writer(chat, cast(Any, responses), "resp_e"), None, None, slow)
+        responses.run(writer(chat, cast(Any, responses), "resp_e"), None, None, slow, RESPONSES.renamed)
         await asyncio.sleep(0.05)
         marked = await responses.get("resp_e", None)
         assert marked is not None
@@ -734,8 +735,8 @@ def test_a_gateway_that_stops_gives_background_responses_its_drain_then_stores_t
         async def never() -> None:
             await asyncio.Event().wait()
 
-        responses.run(writer(chat, cast(Any, responses), "resp_q"), None, None, quick)
-        responses.run(writer(chat, cast(Any, responses), "resp_n"), None, None, never)
+        responses.run(writer(chat, cast(Any, responses), "resp_q"), None, None, quick, RESPONSES.renamed)
+        responses.run(writer(chat, cast(Any, responses), "resp_n"), None, None, never, RESPONSES.renamed)
         await responses.stop(drain_s=0.5)
         quick_, never_ = await responses.get("resp_q", None), await responses.get("resp_n", None)
         assert quick_ is not None and quick_.response["status"] == "completed"
@@ -756,10 +757,51 @@ def test_only_a_background_response_is_cancelled_and_an_ended_one_is_returned_as
             await cancel_response(responses, "resp_w", {}, "k")
         assert (refused_.value.status, refused_.value.code) == (400, "not_background")
         ended = writer(background, cast(Any, responses), "resp_b")
+        await responses.put(ended.stopped("queued"), [], None)  # as a background response starts
         await ended.keep(answer())
         assert (await cancel_response(responses, "resp_b", {}, "k"))["status"] == "completed"
         with pytest.raises(APIError) as missing:
             await cancel_response(responses, "resp_none", {}, "k")
         assert missing.value.status == 404
+
+    asyncio.run(main())
+
+
+def test_a_background_response_deleted_while_it_runs_stays_deleted_and_an_unfinished_one_is_not_continued() -> None:
+    chat = request(None, input="Hi", background=True)
+
+    async def main() -> None:
+        responses = background_store()
+        release = asyncio.Event()
+
+        async def slow() -> None:
+            await release.wait()
+            await writer(chat, cast(Any, responses), "resp_d").keep(answer())
+
+        stored = responses.run(writer(chat, cast(Any, responses), "resp_d"), None, None, slow, RESPONSES.renamed)
+        await stored
+        await asyncio.sleep(0.05)
+        with pytest.raises(APIError) as unfinished:
+            await read(
+                context(responses), orjson.dumps({"model": "m", "input": "Go on", "previous_response_id": "resp_d"})
+            )
+        assert (unfinished.value.status, unfinished.value.param) == (400, "previous_response_id")
+        assert "in_progress" in unfinished.value.message
+        assert await responses.delete("resp_d", None)
+        release.set()
+        await asyncio.sleep(0.05)
+        assert await responses.get("resp_d", None) is None and not responses.running and not responses._forgotten
+        with pytest.raises(APIError) as gone:
+            await retrieve_response(responses, "resp_d", {}, "k")
+        assert gone.value.status == 404
+
+        other = ResponseStore(responses._store)  # a gateway that deletes it while this one runs it
+        stored = responses.run(writer(chat, cast(Any, responses), "resp_o"), None, None, slow, RESPONSES.renamed)
+        await stored
+        release.clear()
+        assert await other.delete("resp_o", None)
+        release.set()
+        await asyncio.wait(list(responses.running.values()))
+        assert await responses.get("resp_o", None) is None, "the answer that came after is not stored again"
 
     asyncio.run(main())

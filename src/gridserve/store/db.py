@@ -229,7 +229,6 @@ class Store:
         self._dialect = backend
         # One statement, executed with many parameter sets (compiled once, cached by SQLAlchemy).
         self._decision_upsert = upsert_template(backend, decisions, _DECISION_UPDATE)
-        self._response_upsert = upsert_template(backend, responses, ["response", "conversation"])
 
     @property
     def engine(self) -> Engine:
@@ -535,13 +534,28 @@ class Store:
     # -- responses (gateway/api/responses_api.py) -------------------------------------------------------------
 
     def put_responses(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Store responses in one transaction (rows: the columns of `responses`); a response stored again (a
-        background one: queued, in progress, then done) takes its new object and conversation."""
+        """Store new responses in one transaction (rows: the columns of `responses`)."""
         if not rows:
             return
-        latest = {row["response_id"]: row for row in rows}  # one statement may not touch a row twice
         with self._write() as conn:
-            conn.execute(self._response_upsert, list(latest.values()))
+            conn.execute(responses.insert(), list(rows))
+
+    def advance_response(
+        self, response: dict[str, Any], conversation: list[dict[str, Any]], *, from_status: Sequence[str]
+    ) -> bool:
+        """Replace a stored response (a background one moving on) if its stored status is one of `from_status`,
+        in one transaction: a response cancelled or deleted meanwhile stays so. Whether it was replaced."""
+        r = responses.c
+        with self._write() as conn:
+            query = sa.select(r.response).where(r.response_id == response["id"])
+            if self._dialect == "postgresql":
+                query = query.with_for_update()
+            stored = conn.execute(query).scalar_one_or_none()
+            if stored is None or stored.get("status") not in from_status:
+                return False
+            update = responses.update().where(r.response_id == response["id"])
+            conn.execute(update.values(response=response, conversation=conversation))
+            return True
 
     def get_response(self, response_id: str) -> dict[str, Any] | None:
         """A stored response's row (`response`, `conversation`, `created_at`), or None."""

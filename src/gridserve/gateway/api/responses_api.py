@@ -397,6 +397,12 @@ async def _previous(ctx: ApiContext, response_id: str | None) -> list[dict[str, 
             param="previous_response_id",
             code="previous_response_not_found",
         )
+    status = found.response.get("status")
+    if status not in ("completed", "incomplete"):  # a background one under way, failed or cancelled: no answer
+        raise bad_request(
+            f"Previous response with id '{response_id}' is {status}: only a finished response can be continued.",
+            param="previous_response_id",
+        )
     return found.conversation
 
 
@@ -623,9 +629,11 @@ class ResponseWriter:
         if self.store is None:
             return
         try:
-            if self.spec.request.background and await self.store.cancelled(self.id):
-                return  # cancelled through another gateway meanwhile: it stays so
-            await self.store.put(final, [*self.spec.conversation, _assistant(answer)], CALLER.get())
+            conversation = [*self.spec.conversation, _assistant(answer)]
+            if self.spec.request.background:  # stored as queued: moves on unless cancelled or deleted meanwhile
+                await self.store.advance(final, conversation)
+            else:
+                await self.store.put(final, conversation, CALLER.get())
         except Exception as exc:  # the client is told (close, whole): never an answer it believes stored
             log.exception("could not store response %s", self.id)
             self.store_error = f"the response could not be stored ({type(exc).__name__}); send it again"
@@ -683,7 +691,10 @@ class Stored:
 
 
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
-"""A response in one of these states has ended (the others: queued, in_progress)."""
+"""A response in one of these states has ended."""
+UNDER_WAY = ("queued", "in_progress")
+"""A background response in one of these states has not."""
+STOPPED = "the gateway stopped before the response was done; create it again"
 
 
 class ResponseStore:
@@ -725,55 +736,76 @@ class ResponseStore:
             await asyncio.wait([task])
         return await asyncio.to_thread(self._store.delete_response, response_id, owner)
 
-    async def cancelled(self, response_id: str) -> bool:
-        """Whether the stored response was cancelled (through another gateway, while this one ran it)."""
-        row = await asyncio.to_thread(self._store.get_response, response_id)
-        return row is not None and row["response"].get("status") == "cancelled"
+    async def advance(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> bool:
+        """A background response moves on (in progress, done, failed, cancelled) if it is still under way: one
+        cancelled or deleted meanwhile, here or through another gateway, stays so."""
+        advance = self._store.advance_response
+        return await asyncio.to_thread(advance, response, conversation, from_status=UNDER_WAY)
 
     def run(
-        self, writer: "ResponseWriter", owner: str | None, admission: Admission | None, work: Callable[[], Any]
-    ) -> None:
-        """Run `work()` (the request, admitted: `admission`) in the background; the writer's renderer stores its
-        answer when it ends, and this stores `in_progress` when it starts, `failed` (with the error) or
-        `cancelled` when it does not end by itself."""
-        task = asyncio.create_task(self._background(writer, owner, admission, work))
+        self,
+        writer: "ResponseWriter",
+        owner: str | None,
+        admission: Admission | None,
+        work: Callable[[], Any],
+        rename: Callable[[APIError], APIError],
+    ) -> "asyncio.Future[None]":
+        """Run `work()` (the request, admitted: `admission`, closed when it ends whatever happens) in the
+        background: stored `queued` (the future returned is done then, or holds the store's error), `in_progress`
+        as it starts, then what the writer's renderer keeps, or `failed` (the error as the client's API names it:
+        `rename`) or `cancelled` when it does not end by itself."""
+        queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._background(writer, owner, admission, work, rename, queued))
         self.running[writer.id] = task
-        task.add_done_callback(lambda _: self.running.pop(writer.id, None))
+
+        def ended(_: object) -> None:
+            self.running.pop(writer.id, None)
+            self._forgotten.discard(writer.id)
+
+        task.add_done_callback(ended)
+        return queued
 
     async def _background(
-        self, writer: "ResponseWriter", owner: str | None, admission: Admission | None, work: Callable[[], Any]
+        self,
+        writer: "ResponseWriter",
+        owner: str | None,
+        admission: Admission | None,
+        work: Callable[[], Any],
+        rename: Callable[[APIError], APIError],
+        queued: "asyncio.Future[None]",
     ) -> None:
         CURRENT.set(admission)
         conversation = writer.spec.conversation
         try:
-            await self.put(writer.stopped("in_progress"), conversation, owner)
+            try:
+                await self.put(writer.stopped("queued"), conversation, owner)
+            except Exception as exc:
+                queued.set_exception(exc)
+                return
+            queued.set_result(None)
+            await self.advance(writer.stopped("in_progress"), conversation)
             await work()
         except asyncio.CancelledError:
-            if writer.id in self._forgotten:
-                self._forgotten.discard(writer.id)
-                return
-            if self._stopping:
-                why = "the gateway stopped before the response was done; create it again"
-                await self._put_quietly(writer.stopped("failed", why, "gateway_stopped"), conversation, owner)
-            else:
-                await self._put_quietly(writer.stopped("cancelled"), conversation, owner)
+            if not queued.done():
+                queued.cancel()
+            elif writer.id not in self._forgotten:
+                stopped = ("failed", STOPPED, "gateway_stopped") if self._stopping else ("cancelled",)
+                await self._advance_quietly(writer.stopped(*stopped), conversation)
         except APIError as exc:
-            await self._put_quietly(
-                writer.stopped("failed", exc.message, exc.code or "server_error"), conversation, owner
-            )
+            named = rename(exc)
+            failed = writer.stopped("failed", named.message, named.code or "server_error")
+            await self._advance_quietly(failed, conversation)
         except Exception as exc:
             log.exception("background response %s failed", writer.id)
             why = f"internal error: {type(exc).__name__}"
-            await self._put_quietly(writer.stopped("failed", why, "server_error"), conversation, owner)
+            await self._advance_quietly(writer.stopped("failed", why, "server_error"), conversation)
         finally:
             if admission is not None:  # the request is over: its key's place in flight frees
                 admission.close()
 
-    async def _put_quietly(
-        self, response: dict[str, Any], conversation: list[dict[str, Any]], owner: str | None
-    ) -> None:
+    async def _advance_quietly(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
         try:
-            await self.put(response, conversation, owner)
+            await self.advance(response, conversation)
         except Exception:
             log.exception("could not store background response %s as %s", response["id"], response["status"])
 
@@ -786,7 +818,7 @@ class ResponseStore:
             task.cancel()
             await asyncio.wait([task])
         else:
-            await self.put({**found.response, "status": "cancelled"}, found.conversation, owner)
+            await self.advance({**found.response, "status": "cancelled"}, found.conversation)
         after = await self.get(response_id, owner)
         return after.response if after is not None else {**found.response, "status": "cancelled"}
 
@@ -881,24 +913,18 @@ async def _detached(ctx: ApiContext, req: SamplingFields, surface: Surface, key:
     job, prompt_tokens = to_job(req, surface.kind, surface.id_prefix + secrets.token_hex(12))
     headers = await admit(ctx, req, job, prompt_tokens, key)
     admission = CURRENT.get()
-    CURRENT.set(None)  # the background task closes the admission when it ends, not this request
+    CURRENT.set(None)  # the background task owns the admission from here, and closes it when it ends
     writer = ResponseWriter(ctx, spec, job.request_id, job.model)
-    queued, owner = writer.stopped("queued"), CALLER.get()
+    work = lambda: run_admitted(ctx, req, job, prompt_tokens, surface)  # noqa: E731
+    stored = ctx.responses.run(writer, CALLER.get(), admission, work, surface.renamed)
     try:
-        await ctx.responses.put(queued, spec.conversation, owner)
+        await asyncio.shield(stored)  # a client gone meanwhile leaves it running: stored, it can be polled
     except Exception as exc:
-        if admission is not None:
-            admission.close()
         log.exception("could not store background response %s", job.request_id)
-        raise APIError(
-            503,
-            "the response could not be stored; send it again",
-            type_="service_unavailable",
-            code="store_unavailable",
-        ) from exc
-    responses = ctx.responses
-    responses.run(writer, owner, admission, lambda: run_admitted(ctx, req, job, prompt_tokens, surface))
-    return Reply(headers=[*headers, (b"content-type", b"application/json")], body=orjson.dumps(queued))
+        why = "the response could not be stored; send it again"
+        raise APIError(503, why, type_="service_unavailable", code="store_unavailable") from exc
+    body = orjson.dumps(writer.stopped("queued"))
+    return Reply(headers=[*headers, (b"content-type", b"application/json")], body=body)
 
 
 async def delete_response(
