@@ -4,6 +4,7 @@ carried), every input gridserve cannot honour is a 4xx naming its parameter, and
 whole or streamed as `response.*` events, that the official SDK's types accept."""
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -643,20 +644,22 @@ def test_errors_from_the_core_name_the_responses_parameters() -> None:
 # -- background responses ---------------------------------------------------------------------------------------
 
 
-def background_store() -> ResponseStore:
-    store = Store("sqlite://")
+def background_store(tmp: Path) -> ResponseStore:
+    """A store on a SQLite file: background tasks write from threads at once (an in-memory database is one
+    connection shared by every thread, on which two writes at once collide)."""
+    store = Store(f"sqlite:///{tmp / 'gateway.db'}")
     store.migrate()
     return ResponseStore(store)
 
 
-def test_a_background_response_is_in_progress_then_its_answer_or_its_error() -> None:
+def test_a_background_response_is_in_progress_then_its_answer_or_its_error(tmp_path: Path) -> None:
     """`ResponseStore.run`: `in_progress` stored as it starts, then what the answer's writer keeps; work that fails
     is stored `failed` with its error; the admission is closed either way."""
 
     chat = request(None, input="Hi", background=True)
 
     async def main() -> None:
-        responses = background_store()
+        responses = background_store(tmp_path)
         closed: list[str] = []
         admission = cast(Any, SimpleNamespace(close=lambda: closed.append("x")))
         seen: list[str] = []
@@ -687,14 +690,14 @@ def test_a_background_response_is_in_progress_then_its_answer_or_its_error() -> 
     asyncio.run(main())
 
 
-def test_cancelled_here_or_elsewhere_a_background_response_stays_cancelled() -> None:
+def test_cancelled_here_or_elsewhere_a_background_response_stays_cancelled(tmp_path: Path) -> None:
     """Cancelled on this gateway: its task stops and `cancelled` is stored. Cancelled through another gateway (no
     task here): marked in the store, and the gateway running it keeps the mark when the answer comes."""
 
     chat = request(None, input="Hi", background=True)
 
     async def main() -> None:
-        responses = background_store()
+        responses = background_store(tmp_path)
         release = asyncio.Event()
 
         async def slow() -> None:
@@ -722,11 +725,11 @@ def test_cancelled_here_or_elsewhere_a_background_response_stays_cancelled() -> 
     asyncio.run(main())
 
 
-def test_a_gateway_that_stops_gives_background_responses_its_drain_then_stores_them_failed() -> None:
+def test_a_gateway_that_stops_gives_background_responses_its_drain_then_stores_them_failed(tmp_path: Path) -> None:
     chat = request(None, input="Hi", background=True)
 
     async def main() -> None:
-        responses = background_store()
+        responses = background_store(tmp_path)
 
         async def quick() -> None:
             await asyncio.sleep(0.01)
@@ -737,7 +740,7 @@ def test_a_gateway_that_stops_gives_background_responses_its_drain_then_stores_t
 
         responses.run(writer(chat, cast(Any, responses), "resp_q"), None, None, quick, RESPONSES.renamed)
         responses.run(writer(chat, cast(Any, responses), "resp_n"), None, None, never, RESPONSES.renamed)
-        await responses.stop(drain_s=0.5)
+        await responses.stop(drain_s=1.0)  # ample for one quick write, even on a loaded machine
         quick_, never_ = await responses.get("resp_q", None), await responses.get("resp_n", None)
         assert quick_ is not None and quick_.response["status"] == "completed"
         assert never_ is not None and never_.response["status"] == "failed"
@@ -746,11 +749,11 @@ def test_a_gateway_that_stops_gives_background_responses_its_drain_then_stores_t
     asyncio.run(main())
 
 
-def test_only_a_background_response_is_cancelled_and_an_ended_one_is_returned_as_it_is() -> None:
+def test_only_a_background_response_is_cancelled_and_an_ended_one_is_returned_as_it_is(tmp_path: Path) -> None:
     plain, background = request(None, input="Hi"), request(None, input="Hi", background=True)
 
     async def main() -> None:
-        responses = background_store()
+        responses = background_store(tmp_path)
         whole = writer(plain, cast(Any, responses), "resp_w")
         await whole.keep(answer())
         with pytest.raises(APIError) as refused_:
@@ -767,11 +770,13 @@ def test_only_a_background_response_is_cancelled_and_an_ended_one_is_returned_as
     asyncio.run(main())
 
 
-def test_a_background_response_deleted_while_it_runs_stays_deleted_and_an_unfinished_one_is_not_continued() -> None:
+def test_a_background_response_deleted_while_it_runs_stays_deleted_and_is_not_continued_unfinished(
+    tmp_path: Path,
+) -> None:
     chat = request(None, input="Hi", background=True)
 
     async def main() -> None:
-        responses = background_store()
+        responses = background_store(tmp_path)
         release = asyncio.Event()
 
         async def slow() -> None:
