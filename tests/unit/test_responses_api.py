@@ -17,6 +17,7 @@ from gridserve.gateway.api.errors import APIError, bad_request
 from gridserve.gateway.api.openai_api import ApiContext, to_job
 from gridserve.gateway.api.responses_api import (
     RESPONSES,
+    Background,
     ResponsesChat,
     ResponseStore,
     ResponseWriter,
@@ -652,6 +653,22 @@ def background_store(tmp: Path) -> ResponseStore:
     return ResponseStore(store)
 
 
+def start(responses: ResponseStore, chat: ResponsesChat, response_id: str, work: Any, admission: Any = None) -> Any:
+    """Run `work` as background response `response_id` (the future of its queued row)."""
+    made = writer(chat, cast(Any, responses), response_id)
+    return responses.run(Background(made, None, admission, work, RESPONSES.renamed))
+
+
+def held(responses: ResponseStore, chat: ResponsesChat, response_id: str, release: asyncio.Event) -> Any:
+    """Work that keeps its answer once `release` is set."""
+
+    async def work() -> None:
+        await release.wait()
+        await writer(chat, cast(Any, responses), response_id).keep(answer())
+
+    return work
+
+
 def test_a_background_response_is_in_progress_then_its_answer_or_its_error(tmp_path: Path) -> None:
     """`ResponseStore.run`: `in_progress` stored as it starts, then what the answer's writer keeps; work that fails
     is stored `failed` with its error; the admission is closed either way."""
@@ -670,7 +687,7 @@ def test_a_background_response_is_in_progress_then_its_answer_or_its_error(tmp_p
             seen.append(found.response["status"])
             await writer(chat, cast(Any, responses), "resp_ok").keep(answer())
 
-        responses.run(writer(chat, cast(Any, responses), "resp_ok"), None, admission, answering, RESPONSES.renamed)
+        start(responses, chat, "resp_ok", answering, admission)
         await asyncio.wait(list(responses.running.values()))
         done = await responses.get("resp_ok", None)
         assert seen == ["in_progress"] and done is not None and done.response["status"] == "completed"
@@ -679,7 +696,7 @@ def test_a_background_response_is_in_progress_then_its_answer_or_its_error(tmp_p
         async def failing() -> None:  # an error the chat core raises, named as the chat API names it
             raise APIError(400, "max_tokens exceeds the context", param="max_tokens", code="invalid_request")
 
-        responses.run(writer(chat, cast(Any, responses), "resp_no"), None, admission, failing, RESPONSES.renamed)
+        start(responses, chat, "resp_no", failing, admission)
         await asyncio.wait(list(responses.running.values()))
         failed = await responses.get("resp_no", None)
         assert failed is not None and failed.response["status"] == "failed"
@@ -699,12 +716,7 @@ def test_cancelled_here_or_elsewhere_a_background_response_stays_cancelled(tmp_p
     async def main() -> None:
         responses = background_store(tmp_path)
         release = asyncio.Event()
-
-        async def slow() -> None:
-            await release.wait()
-            await writer(chat, cast(Any, responses), "resp_c").keep(answer())
-
-        responses.run(writer(chat, cast(Any, responses), "resp_c"), None, None, slow, RESPONSES.renamed)
+        start(responses, chat, "resp_c", held(responses, chat, "resp_c", release))
         await asyncio.sleep(0.05)
         found = await responses.get("resp_c", None)
         assert found is not None and found.response["status"] == "in_progress"
@@ -712,7 +724,7 @@ def test_cancelled_here_or_elsewhere_a_background_response_stays_cancelled(tmp_p
         assert after["status"] == "cancelled" and not responses.running
 
         other = ResponseStore(responses._store)  # another gateway on the same database, running nothing
-        responses.run(writer(chat, cast(Any, responses), "resp_e"), None, None, slow, RESPONSES.renamed)
+        start(responses, chat, "resp_e", held(responses, chat, "resp_e", release))
         await asyncio.sleep(0.05)
         marked = await responses.get("resp_e", None)
         assert marked is not None
@@ -738,8 +750,8 @@ def test_a_gateway_that_stops_gives_background_responses_its_drain_then_stores_t
         async def never() -> None:
             await asyncio.Event().wait()
 
-        responses.run(writer(chat, cast(Any, responses), "resp_q"), None, None, quick, RESPONSES.renamed)
-        responses.run(writer(chat, cast(Any, responses), "resp_n"), None, None, never, RESPONSES.renamed)
+        start(responses, chat, "resp_q", quick)
+        start(responses, chat, "resp_n", never)
         await responses.stop(drain_s=1.0)  # ample for one quick write, even on a loaded machine
         quick_, never_ = await responses.get("resp_q", None), await responses.get("resp_n", None)
         assert quick_ is not None and quick_.response["status"] == "completed"
@@ -778,12 +790,7 @@ def test_a_background_response_deleted_while_it_runs_stays_deleted_and_is_not_co
     async def main() -> None:
         responses = background_store(tmp_path)
         release = asyncio.Event()
-
-        async def slow() -> None:
-            await release.wait()
-            await writer(chat, cast(Any, responses), "resp_d").keep(answer())
-
-        stored = responses.run(writer(chat, cast(Any, responses), "resp_d"), None, None, slow, RESPONSES.renamed)
+        stored = start(responses, chat, "resp_d", held(responses, chat, "resp_d", release))
         await stored
         await asyncio.sleep(0.05)
         with pytest.raises(APIError) as unfinished:
@@ -801,7 +808,7 @@ def test_a_background_response_deleted_while_it_runs_stays_deleted_and_is_not_co
         assert gone.value.status == 404
 
         other = ResponseStore(responses._store)  # a gateway that deletes it while this one runs it
-        stored = responses.run(writer(chat, cast(Any, responses), "resp_o"), None, None, slow, RESPONSES.renamed)
+        stored = start(responses, chat, "resp_o", held(responses, chat, "resp_o", release))
         await stored
         release.clear()
         assert await other.delete("resp_o", None)

@@ -690,6 +690,18 @@ class Stored:
     conversation: list[dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Background:
+    """A background response to run: its writer, its owner (an API key's id), the request's admission (closed
+    when it ends), the work (the request placed, generated and kept) and how its errors are named."""
+
+    writer: "ResponseWriter"
+    owner: str | None
+    admission: Admission | None
+    work: Callable[[], Any]
+    rename: Callable[[APIError], APIError]
+
+
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
 """A response in one of these states has ended."""
 UNDER_WAY = ("queued", "in_progress")
@@ -742,49 +754,35 @@ class ResponseStore:
         advance = self._store.advance_response
         return await asyncio.to_thread(advance, response, conversation, from_status=UNDER_WAY)
 
-    def run(
-        self,
-        writer: "ResponseWriter",
-        owner: str | None,
-        admission: Admission | None,
-        work: Callable[[], Any],
-        rename: Callable[[APIError], APIError],
-    ) -> "asyncio.Future[None]":
-        """Run `work()` (the request, admitted: `admission`, closed when it ends whatever happens) in the
-        background: stored `queued` (the future returned is done then, or holds the store's error), `in_progress`
-        as it starts, then what the writer's renderer keeps, or `failed` (the error as the client's API names it:
-        `rename`) or `cancelled` when it does not end by itself."""
+    def run(self, job: "Background") -> "asyncio.Future[None]":
+        """Run `job.work()` in the background: stored `queued` (the future returned is done then, or holds the
+        store's error), `in_progress` as it starts, then what the writer's renderer keeps, or `failed` or
+        `cancelled` when it does not end by itself; its admission is closed when it ends, whatever happens."""
         queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._background(writer, owner, admission, work, rename, queued))
-        self.running[writer.id] = task
+        response_id = job.writer.id
+        task = asyncio.create_task(self._background(job, queued))
+        self.running[response_id] = task
 
         def ended(_: object) -> None:
-            self.running.pop(writer.id, None)
-            self._forgotten.discard(writer.id)
+            self.running.pop(response_id, None)
+            self._forgotten.discard(response_id)
 
         task.add_done_callback(ended)
         return queued
 
-    async def _background(
-        self,
-        writer: "ResponseWriter",
-        owner: str | None,
-        admission: Admission | None,
-        work: Callable[[], Any],
-        rename: Callable[[APIError], APIError],
-        queued: "asyncio.Future[None]",
-    ) -> None:
+    async def _background(self, job: "Background", queued: "asyncio.Future[None]") -> None:
+        writer, admission = job.writer, job.admission
         CURRENT.set(admission)
         conversation = writer.spec.conversation
         try:
             try:
-                await self.put(writer.stopped("queued"), conversation, owner)
+                await self.put(writer.stopped("queued"), conversation, job.owner)
             except Exception as exc:
                 queued.set_exception(exc)
                 return
             queued.set_result(None)
             await self.advance(writer.stopped("in_progress"), conversation)
-            await work()
+            await job.work()
         except asyncio.CancelledError:
             if not queued.done():
                 queued.cancel()
@@ -792,7 +790,7 @@ class ResponseStore:
                 stopped = ("failed", STOPPED, "gateway_stopped") if self._stopping else ("cancelled",)
                 await self._advance_quietly(writer.stopped(*stopped), conversation)
         except APIError as exc:
-            named = rename(exc)
+            named = job.rename(exc)
             failed = writer.stopped("failed", named.message, named.code or "server_error")
             await self._advance_quietly(failed, conversation)
         except Exception as exc:
@@ -916,7 +914,7 @@ async def _detached(ctx: ApiContext, req: SamplingFields, surface: Surface, key:
     CURRENT.set(None)  # the background task owns the admission from here, and closes it when it ends
     writer = ResponseWriter(ctx, spec, job.request_id, job.model)
     work = lambda: run_admitted(ctx, req, job, prompt_tokens, surface)  # noqa: E731
-    stored = ctx.responses.run(writer, CALLER.get(), admission, work, surface.renamed)
+    stored = ctx.responses.run(Background(writer, CALLER.get(), admission, work, surface.renamed))
     try:
         await asyncio.shield(stored)  # a client gone meanwhile leaves it running: stored, it can be polled
     except Exception as exc:
