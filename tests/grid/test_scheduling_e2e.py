@@ -130,22 +130,28 @@ def test_silently_throttled_node_loses_traffic_once_observed(tmp_path: Path) -> 
         client = OpenAI(base_url=grid.url + "/v1", api_key=API_KEY, max_retries=0)
         slow = node_by_port(grid, 1)["node_id"]
 
-        def one(i: int) -> str:
+        def one(i: int) -> tuple[str, str]:
+            """The node the scheduler chose for request `i` (a late first token may hand it to a hedge), and why."""
             raw = client.completions.with_raw_response.create(
                 model="llama-3-8b",
                 prompt=f"req {i}",
                 max_tokens=16,
                 extra_body={"ignore_eos": True, "gridserve": {"tier": "interactive"}},
             )  # 16 tokens each, so every answer shows its node's inter-token latency (a sampled answer may end at 1)
-            return raw.headers["x-gridserve-node"]
+            decision = admin_get(grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
+            return decision["chosen"], decision["picked_by"]
 
         # Phase 1: pairs of concurrent requests, so load spreads and both nodes are observed.
         with ThreadPoolExecutor(max_workers=2) as pool:
-            early = [node for pair in range(8) for node in pool.map(one, (2 * pair, 2 * pair + 1))]
+            early = [node for pair in range(8) for node, _ in pool.map(one, (2 * pair, 2 * pair + 1))]
         assert slow in early
-        # Phase 2: one request at a time; the slow node, now calibrated, loses the traffic.
+        # Phase 2: one request at a time; the slow node, now calibrated, never wins on its score. It is still
+        # explored now and then (its record is short: p = 0.05 a request), which a bound on all its requests
+        # counted as losing (4 of 20 explorations happen in 1.6% of runs: a fresh clone's run failed so): more than
+        # 7 explorations of 20 has a probability of ~3e-6.
         late = [one(100 + i) for i in range(20)]
-        assert late.count(slow) <= 3, late
+        assert all(why.startswith("exploration") for node, why in late if node == slow), late
+        assert sum(node == slow for node, _ in late) <= 7, late
         calibration = node_by_port(grid, 1)["calibration"]
         assert calibration["samples"] >= 1 and calibration["itl_factor"] > 2.5
         assert node_by_port(grid, 0)["calibration"]["itl_factor"] < 1.5
