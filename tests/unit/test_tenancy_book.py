@@ -120,6 +120,23 @@ def test_a_revoked_row_stops_authentication_and_is_reported_once() -> None:
     assert book.get(key_id) is not None and book.get(key_id).revoked_at == T0 + 5  # type: ignore[union-attr]
 
 
+def test_a_row_read_before_a_change_the_book_holds_does_not_undo_it() -> None:
+    """A key sync reads the store in a thread; a rotation or revocation applied here meanwhile must not be undone by
+    the older row it then applies (seen in a fresh clone's dashboard test: the rotated-out key answered 200)."""
+    key_id, old = new_key()
+    _, rotated = new_key(key_id)
+    book = KeyBook()
+    book.apply([row(key_id, old, at=T0)])
+    book.apply([row(key_id, rotated, at=T0 + 5)])  # the rotation, applied here at once
+    assert book.apply([row(key_id, old, at=T0)]) == []  # the sync's read from before it
+    assert book.authenticate(old) is None and book.authenticate(rotated) is not None
+    book.apply([row(key_id, rotated, revoked_at=T0 + 9)])
+    book.apply([row(key_id, rotated, at=T0 + 5)])  # an older read again: the key stays revoked
+    assert book.authenticate(rotated) is None
+    book.apply([row(key_id, rotated, revoked_at=T0 + 9)])  # the same row again is fine
+    assert book.authenticate(rotated) is None and book.cursor == T0 + 9
+
+
 def test_a_row_first_seen_revoked_is_reported_and_refused() -> None:
     key_id, key = new_key()
     book = KeyBook()

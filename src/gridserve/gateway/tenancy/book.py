@@ -25,6 +25,8 @@ class KeyBook:
             for n, key in enumerate((k for k in static_keys if k), 1)
         ]
         self._issued: dict[str, ApiKey] = {}
+        self._changed_at: dict[str, float] = {}
+        """Each issued key's `updated_at` as this book holds it."""
         self.cursor = 0.0
         """The latest `updated_at` read from the store."""
 
@@ -48,10 +50,14 @@ class KeyBook:
         """Take the store's rows of keys that changed; returns the keys newly revoked here."""
         revoked: list[ApiKey] = []
         for row in rows:
+            at = float(row["updated_at"])
+            if at < self._changed_at.get(str(row["key_id"]), at):
+                continue  # read before a change this book holds (a key sync that began before a rotation here)
             key = from_row(row)
             before = self._issued.get(key.key_id)
             self._issued[key.key_id] = key
+            self._changed_at[key.key_id] = at
             if key.revoked_at is not None and (before is None or before.revoked_at is None):
                 revoked.append(key)
-            self.cursor = max(self.cursor, float(row["updated_at"]))
+            self.cursor = max(self.cursor, at)
         return revoked
