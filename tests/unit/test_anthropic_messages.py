@@ -8,13 +8,12 @@ import asyncio
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from types import ModuleType
 from typing import Any
 
-import anthropic
 import httpx
 import orjson
 import pytest
-from anthropic.lib.streaming._messages import accumulate_event
 from tests.answer_support import CTX, Scripted
 from tests.conftest import API_KEY
 
@@ -71,6 +70,14 @@ HISTORY: list[dict[str, Any]] = [
         ],
     },
 ]
+
+
+def sdk() -> ModuleType:
+    """The anthropic SDK, imported by the tests that use it: at module level it cost ~1 s of every test worker's
+    collection, in `make unit` and `make test` alike."""
+    import anthropic
+
+    return anthropic
 
 
 def read(**fields: Any) -> ChatCompletionRequest:
@@ -477,7 +484,7 @@ def test_a_whole_text_answer_is_anthropics_message() -> None:
             "cache_creation_input_tokens": 0,
         },
     }
-    message = anthropic.types.Message.model_validate(whole)
+    message = sdk().types.Message.model_validate(whole)
     assert message.content[0].type == "text" and message.content[0].text == "Hello there"
 
 
@@ -488,7 +495,7 @@ def test_a_whole_tool_answer_is_tool_use_blocks() -> None:
         {"type": "tool_use", "id": "toolu_abc", "name": "weather", "input": {"city": "Paris", "unit": "c"}},
         {"type": "tool_use", "id": "toolu_d", "name": "clock", "input": {"zone": "CET"}},
     ]
-    assert [b.type for b in anthropic.types.Message.model_validate(whole).content] == ["tool_use", "tool_use"]
+    assert [b.type for b in sdk().types.Message.model_validate(whole).content] == ["tool_use", "tool_use"]
     assert tool_use_id("toolu_x") == "toolu_x" and tool_use_id("call_x") == "toolu_x"
 
 
@@ -528,6 +535,8 @@ def sse(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
 
 def rebuilt(events: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """The message the anthropic SDK's stream accumulator makes of the events."""
+    from anthropic.lib.streaming._messages import accumulate_event
+
     snapshot = None
     for _, data in events:
         snapshot = accumulate_event(event=data, current_snapshot=snapshot, json_bufs={})  # type: ignore[arg-type]
@@ -563,7 +572,7 @@ def test_a_streamed_text_answer_is_anthropics_event_sequence() -> None:
         }
     )
     assert whole["content"] == [{"type": "text", "text": "Hello"}]
-    assert rebuilt(events) == anthropic.types.Message.model_validate(whole).to_dict(exclude_none=True)
+    assert rebuilt(events) == sdk().types.Message.model_validate(whole).to_dict(exclude_none=True)
 
 
 def test_a_streamed_answer_cut_by_max_tokens_says_so() -> None:
