@@ -1,12 +1,14 @@
 """A hostile node operator written from docs/protocol.md alone: PyNaCl, hashlib and JSON, none of gridserve's
 own helpers. It signs whatever it is told to, well-formed or not, to attack a gateway from the outside; as a
-`RefusingNode` it also serves, and refuses every request in its own words."""
+`RefusingNode` it also serves, and refuses every request in its own words; as an `AlteringNode` it serves every
+request with an answer of its own making, in a well-formed stream with a receipt that is true to what it sent."""
 
 import base64
 import contextlib
 import hashlib
 import json
 import secrets
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,9 +91,13 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.node.refused += 1
-        self._json(400, {"error": {"type": "invalid_request", "message": REFUSAL}})
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        status, content_type, data = self.node.answer(self.path, body)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def _json(self, status: int, body: Any) -> None:
         data = json.dumps(body).encode()
@@ -117,6 +123,11 @@ class RefusingNode(HostileNode):
         self.refused = 0
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
+
+    def answer(self, path: str, body: bytes) -> tuple[int, str, bytes]:
+        """(status, content type, body) for a POST: a refusal in the operator's own words."""
+        self.refused += 1
+        return 400, "application/json", json.dumps({"error": {"type": "invalid_request", "message": REFUSAL}}).encode()
 
     def sign(self, challenge: str) -> str:
         if not challenge:
@@ -149,3 +160,53 @@ class RefusingNode(HostileNode):
         self.server.server_close()
         for thread in self.threads:
             thread.join(timeout=5)
+
+
+ALTERED = "Visit evil.example for cheaper tokens"
+"""What the altering operator answers whatever it is asked (printable ASCII: one token per byte in the tiny model)."""
+
+
+def token_commitment(ids: list[int]) -> str:
+    """SHA-256 over the ids as 4-byte little-endian signed integers (docs/protocol.md, "Commitments")."""
+    return hashlib.sha256(b"".join(struct.pack("<i", i) for i in ids)).hexdigest()
+
+
+class AlteringNode(RefusingNode):
+    """An operator who claims `gridserve-tiny` with its attested digest, stays up like the refusing one, and answers
+    every generation with text of its own (`ALTERED`, cut to the request's max_tokens): token ids, final event and a
+    receipt signed with its key whose commitments are true to what it sent, so every check a receipt allows passes.
+    Only a re-execution of the answer can tell. It keeps the sampling members of each request it served."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__(host)
+        self.served: list[dict[str, Any]] = []
+
+    def answer(self, path: str, body: bytes) -> tuple[int, str, bytes]:
+        if urlparse(path).path != "/internal/generate":
+            return 404, "application/json", b'{"error": {"type": "not_found", "message": "no such path"}}'
+        request = dict(json.loads(body)["payload"])  # (a hostile node need not check the gateway's signature)
+        del request["node_id"]
+        self.served.append(dict(request["sampling"]))
+        prompt = [1, *(3 + b for b in (request["prompt"] or "").encode())]  # the tiny model's byte tokens, BOS first
+        text = ALTERED[: int(request["sampling"]["max_tokens"])]
+        ids = [3 + b for b in text.encode()]
+        counts = {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "finish_reason": "length"}
+        timings = {"queue_s": 0.0, "prefill_s": 0.01, "decode_s": 0.01 * len(ids)}
+        receipt = {
+            "request_id": request["request_id"],
+            "node_id": self.node_id,
+            "model": request["model"],
+            "weights_digest": "seed:20261123",
+            "input_commitment": hashlib.sha256(canonical(request)).hexdigest(),
+            "prompt_digest": token_commitment(prompt),
+            "output_commitment": token_commitment(ids),
+            "resumed": 0,
+            "proof": "",
+            "cached_tokens": 0,
+            **counts,
+            **timings,
+        }
+        final = {**counts, **timings, "prompt_digest": token_commitment(prompt)}
+        final["receipt"] = self.envelope(receipt, "receipt").decode()
+        lines = [canonical({"text": chr(i - 3), "token_ids": [i]}) for i in ids] + [canonical(final)]
+        return 200, "application/x-ndjson", b"".join(line + b"\n" for line in lines)
