@@ -12,14 +12,17 @@ re-executes, so audits and canaries can vet a node). Then:
    `--window` chats, and how many of the newcomers were vetted by the end.
 
 Modes: `vetting` (the gateway's default: 3 checks) and `open` (`--vetting-checks 0`: every identity is established
-at once, as before vetting); `open` warms up with as many chats as `vetting` needed. Prints JSON; run:
-`.venv/bin/python bench/newcomer_share.py` (a few minutes).
+at once, as before vetting); `open` warms up with as many chats as `vetting` needed. With `--minutes M` the traffic
+runs for M minutes after the flood joins (instead of `--chats`), and the report adds each minute's share: issue 17
+asks for the share the flood's identities get in their first 10 minutes (`--minutes 10 --modes vetting`).
+Prints JSON; run: `.venv/bin/python bench/newcomer_share.py` (a few minutes).
 """
 
 import argparse
 import json
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -65,26 +68,40 @@ def warm_up(grid: LocalGrid, client: httpx.Client, honest: set[str], limit: int,
     return limit
 
 
-def traffic(grid: LocalGrid, args: argparse.Namespace, tick: Callable[[], None]) -> tuple[list[str], list[float]]:
-    """`args.chats` chats, `args.concurrency` at a time (enough to keep the honest nodes busy: idle newcomers then
-    score higher than busy established nodes); who served each, in the order they were sent, and their latencies."""
-    out: list[tuple[str, float]] = [("", 0.0)] * args.chats
+def traffic(
+    grid: LocalGrid, args: argparse.Namespace, tick: Callable[[], None]
+) -> tuple[list[str], list[float], list[float]]:
+    """`args.chats` chats (or as many as `args.minutes` allow), `args.concurrency` at a time (enough to keep the
+    honest nodes busy: idle newcomers then score higher than busy established nodes); who served each, in the order
+    they were sent, their latencies and when each was sent (seconds from the start)."""
+    out: list[tuple[str, float, float]] = []
+    started = time.monotonic()
+    deadline = started + args.minutes * 60 if args.minutes else None
+    numbers = iter(range(10**9 if deadline else args.chats))
+    lock = threading.Lock()
 
-    def one(i: int, client: httpx.Client) -> None:
-        out[i] = chat(client, i)
-        tick()
+    def worker(client: httpx.Client) -> None:
+        while deadline is None or time.monotonic() < deadline:
+            with lock:
+                i = next(numbers, None)
+            if i is None:
+                return
+            sent = time.monotonic() - started
+            node, took = chat(client, i)
+            with lock:
+                out.append((node, took, sent))
+            tick()
 
-    clients = [httpx.Client(base_url=grid.url, timeout=120, headers={"Authorization": f"Bearer {KEY}"})]
-    clients += [
-        httpx.Client(base_url=grid.url, timeout=120, headers=clients[0].headers) for _ in range(1, args.concurrency)
-    ]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    clients = [httpx.Client(base_url=grid.url, timeout=120, headers=headers) for _ in range(args.concurrency)]
     try:
         with ThreadPoolExecutor(args.concurrency) as pool:
-            list(pool.map(lambda i: one(i, clients[i % args.concurrency]), range(args.chats)))
+            list(pool.map(worker, clients))
     finally:
         for client in clients:
             client.close()
-    return [node for node, _ in out], [took for _, took in out]
+    out.sort(key=lambda row: row[2])
+    return [node for node, _, _ in out], [took for _, took, _ in out], [sent for _, _, sent in out]
 
 
 def one_mode(mode: str, args: argparse.Namespace, progress: Progress, task: Any, warm: int | None) -> dict[str, Any]:
@@ -109,7 +126,8 @@ def one_mode(mode: str, args: argparse.Namespace, progress: Progress, task: Any,
                 grid.start_node(2 + i, "tiny", ["--price", "0.001"])
             grid.wait_nodes(2 + args.sybils, 180)
             progress.advance(task)
-            served, latencies = traffic(grid, args, lambda: progress.advance(task))
+            with _VettingClock(grid, honest) as clock:
+                served, latencies, sent = traffic(grid, args, lambda: progress.advance(task))
             final = nodes(grid)
         finally:
             client.close()
@@ -129,8 +147,66 @@ def one_mode(mode: str, args: argparse.Namespace, progress: Progress, task: Any,
         f"served_by_newcomers_per_{args.window}_chats": by_window,
         "failed": sum(1 for s in served if s.isdigit()),
         "newcomers_vetted_at_end": sum(1 for n in newcomers if final[n]["reliability"]["vetted"]),
+        **({"per_minute": _per_minute(served, sent, newcomers)} if args.minutes else {}),
+        **_before_vetting(served, sent, clock.vetted_at, newcomers),
         "chat_ms_median": round(statistics.median(latencies), 1),
     }
+
+
+class _VettingClock:
+    """While the traffic runs: when each newcomer (a node not in `honest`) was first seen vetted, in seconds from
+    the start (read from the gateway's node list once a second)."""
+
+    def __init__(self, grid: LocalGrid, honest: set[str]) -> None:
+        self.grid, self.honest = grid, honest
+        self.vetted_at: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.started = 0.0
+
+    def __enter__(self) -> "_VettingClock":
+        self.started = time.monotonic()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _watch(self) -> None:
+        while not self.stop.wait(1.0):
+            for node_id, node in nodes(self.grid).items():
+                if node_id not in self.honest and node["reliability"]["vetted"]:
+                    self.vetted_at.setdefault(node_id, round(time.monotonic() - self.started, 1))
+
+
+def _before_vetting(
+    served: list[str], sent: list[float], vetted_at: dict[str, float], newcomers: set[str]
+) -> dict[str, Any]:
+    """Chats sent while some newcomer was unvetted, and the share the unvetted ones served of them."""
+    until = max((vetted_at.get(n, float("inf")) for n in newcomers), default=0.0)
+    window = [s for s, at in zip(served, sent, strict=True) if at < until]
+    unvetted = sum(1 for s, at in zip(served, sent, strict=True) if s in newcomers and at < vetted_at.get(s, 1e18))
+    return {
+        "newcomers_vetted_after_s": sorted(vetted_at.get(n, -1.0) for n in newcomers),
+        "chats_while_some_newcomer_unvetted": len(window),
+        "served_by_unvetted_newcomers": unvetted,
+        "unvetted_share": _share(unvetted, window),
+    }
+
+
+def _per_minute(served: list[str], sent: list[float], newcomers: set[str]) -> list[dict[str, float]]:
+    """Per minute since the flood joined: chats sent, how many the newcomers served and their share."""
+    rows = []
+    for minute in range(int(max(sent, default=0.0) // 60) + 1):
+        mine = [s for s, at in zip(served, sent, strict=True) if minute * 60 <= at < (minute + 1) * 60]
+        theirs = sum(1 for s in mine if s in newcomers)
+        rows.append({"minute": minute + 1, "chats": len(mine), "to_newcomers": theirs, "share": _share(theirs, mine)})
+    return rows
+
+
+def _share(part: int, whole: list[str]) -> float:
+    return round(part / len(whole), 3) if whole else 0.0
 
 
 def main() -> None:
@@ -140,12 +216,18 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=8, help="chats in flight at once")
     parser.add_argument("--warmup", type=int, default=200, help="most chats to vet the honest nodes")
+    parser.add_argument(
+        "--minutes", type=float, default=0.0, help="send chats for this long after the flood joins instead of --chats"
+    )
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = parser.parse_args()
-    report: dict[str, Any] = {"model": MODEL, "sybils": args.sybils}
+    report: dict[str, Any] = {"model": MODEL, "sybils": args.sybils, "minutes": args.minutes or None}
     with Progress(console=Console(stderr=True)) as progress:
-        task = progress.add_task("newcomer share: vetting on, then off", total=len(MODES) * (args.chats + 1))
-        report["vetting"] = one_mode("vetting", args, progress, task, None)
-        report["open"] = one_mode("open", args, progress, task, report["vetting"]["warmup_chats"])
+        total = None if args.minutes else len(args.modes) * (args.chats + 1)
+        task = progress.add_task(f"newcomer share: {', then '.join(args.modes)}", total=total)
+        for mode in args.modes:
+            warm = report["vetting"]["warmup_chats"] if mode == "open" and "vetting" in report else None
+            report[mode] = one_mode(mode, args, progress, task, warm)
     print(json.dumps(report, indent=2))
 
 
