@@ -39,6 +39,7 @@ MODEL = "gridserve-tiny"
 KEY = "bench-key"
 ADMIN = "bench-admin"
 MODES = {"vetting": [], "open": ["--vetting-checks", "0"]}
+AUDIT_WAIT_S = 120.0
 
 
 def nodes(grid: LocalGrid) -> dict[str, dict[str, Any]]:
@@ -58,13 +59,22 @@ def chat(client: httpx.Client, i: int) -> tuple[str, float]:
 
 
 def warm_up(grid: LocalGrid, client: httpx.Client, honest: set[str], limit: int, until_vetted: bool) -> int:
-    """Chats until every honest node is vetted (`until_vetted`, at most `limit`), else `limit` chats; how many."""
+    """Chats until every honest node is vetted (`until_vetted`, at most `limit`), else `limit` chats; how many. The
+    audits that vet a node run after its answers (the verifier's first one loads the model): after `limit` chats,
+    up to AUDIT_WAIT_S more for them."""
+
+    def vetted() -> bool:
+        return all(nodes(grid)[n]["reliability"]["vetted"] for n in honest)
+
     for i in range(limit):
-        if until_vetted and all(nodes(grid)[n]["reliability"]["vetted"] for n in honest):
+        if until_vetted and vetted():
             return i
         chat(client, -1 - i)
-    if until_vetted:
-        raise RuntimeError(f"the honest nodes were not vetted after {limit} chats")
+    deadline = time.monotonic() + AUDIT_WAIT_S
+    while until_vetted and not vetted():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the honest nodes were not vetted after {limit} chats and {AUDIT_WAIT_S:.0f} s")
+        time.sleep(0.5)
     return limit
 
 
