@@ -59,6 +59,9 @@ def test_one_normalised_vector_per_input_in_order(client: OpenAI, tiny_grid: Loc
     decision = admin_get(tiny_grid, f"/v1/decisions/{raw.headers['x-gridserve-decision']}").json()
     assert decision["status"] == "ok" and decision["served_by"] == raw.headers["x-gridserve-node"]
     assert (decision["requirements"]["task"], decision["requirements"]["max_tokens"]) == ("embed", 0)
+    # settled like any answer: the input tokens its node embedded (its signed count, the client's usage)
+    served = raw.headers["x-gridserve-node"]
+    assert decision["settled"] == [{"node_id": served, "tokens": reply.usage.prompt_tokens, "status": "ok"}]
 
 
 def test_base64_decodes_to_the_same_floats(client: OpenAI, tiny_grid: LocalGrid) -> None:

@@ -7,8 +7,7 @@ Anthropic's errors and documents the route."""
 import asyncio
 import json
 from pathlib import Path
-from types import SimpleNamespace
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import httpx

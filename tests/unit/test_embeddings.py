@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,12 +35,17 @@ from gridserve.gateway.dispatch.embeddings import EmbeddingDispatch
 from gridserve.gateway.integrity.audit import Auditor, Verifier
 from gridserve.gateway.integrity.embeddings import (
     AUDIT_TOLERANCE,
+    SPECIAL_TOKENS_PER_INPUT,
     BadReply,
     Integrity,
     check_embeddings,
+    most_tokens,
     read_reply,
     verifiable,
 )
+from gridserve.gateway.integrity.receipts import ReceiptChecker
+from gridserve.gateway.lifecycle import Finished, NodeWork, Scope, Timing
+from gridserve.gateway.lifecycle.subscribers import MetricsSubscriber, Settlement
 from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.registry.events import Registered
 from gridserve.gateway.registry.membership import Membership
@@ -368,6 +374,16 @@ def test_a_valid_answer_is_read_exactly() -> None:
     assert np.array_equal(got, vectors) and tokens == 4
 
 
+def test_the_input_tokens_a_node_is_paid_for_are_bounded_by_its_inputs_bytes() -> None:
+    """One token per byte at most, plus each input's special tokens: the most an honest tokeniser counts."""
+    assert most_tokens(("a", "b")) == 2 * (1 + SPECIAL_TOKENS_PER_INPUT)
+    assert most_tokens(("\u00e9t\u00e9",)) == 5 + SPECIAL_TOKENS_PER_INPUT  # bytes, not characters
+    _, tokens = read_reply(
+        verifier(), signed(unit_vectors(), prompt_tokens=most_tokens(JOB.inputs)), NODE.public_key, JOB
+    )
+    assert tokens == most_tokens(JOB.inputs)
+
+
 @pytest.mark.parametrize(
     ("make", "words"),
     [
@@ -378,10 +394,11 @@ def test_a_valid_answer_is_read_exactly() -> None:
         (lambda: signed(unit_vectors(), signer=Identity.generate()), "signature does not hold"),
         (lambda: signed(unit_vectors(), vectors=["AAAAAA==", "AAAAAA=="]), "has 1 values, not 64"),
         (lambda: signed(unit_vectors(), dimensions=0), "not an embeddings answer"),
+        (lambda: signed(unit_vectors(), prompt_tokens=11), "claims 11 input tokens for 2 input(s) of 2 bytes"),
     ],
 )
 def test_a_wrong_answer_is_refused_saying_why(make: Any, words: str) -> None:
-    with pytest.raises(BadReply, match=words.replace("(", r"\(")):
+    with pytest.raises(BadReply, match=re.escape(words)):
         read_reply(verifier(), make(), NODE.public_key, JOB)
 
 
@@ -488,3 +505,35 @@ def test_what_a_node_says_of_its_precision_does_not_exempt_it_from_audit() -> No
         assert verifiable(auditor, offer), (dtype, quantization)
     assert not verifiable(auditor, ModelOffer(name="llama-3-8b", tasks=("embed",))), "a model it cannot run"
     assert not verifiable(auditor, None)
+
+
+# -- settlement -------------------------------------------------------------------------------------------------
+
+
+def test_an_embeddings_answer_is_settled_on_the_input_tokens_its_node_signed(writer: StoreWriter) -> None:
+    """The node embedded 10 input tokens (its signed count) at $2 per million: one entry, receipted, $0.00002; and
+    none of them counted as generated tokens."""
+    nodes = Nodes(writer, {"n": signed(unit_vectors())})
+    decision = nodes.decision()
+    work = NodeWork(node_id=NodeId("n"), outcome="ok", tokens=10, price_per_mtok=2.0, embedded=True)
+    end = Finished(
+        decision=decision,
+        endpoint="embeddings",
+        status="ok",
+        error="",
+        served_by="n",
+        work=(work,),
+        prompt_tokens=10,
+        completion_tokens=0,
+        duration_s=0.1,
+        timing=Timing(ttft_s=None, itl_s=None),
+    )
+    settled = Settlement(ReceiptChecker(nodes.membership, writer), auditor=None).settle(end)  # type: ignore[arg-type]
+    assert settled.problems == ()
+    (entry,) = settled.entries
+    assert (entry["node_id"], entry["tokens"], entry["status"]) == ("n", 10, "ok")
+    assert entry["amount_usd"] == pytest.approx(10 * 2.0 / 1e6)
+    metrics = GatewayMetrics()
+    MetricsSubscriber(metrics).finished(Scope("embeddings"), end, settled)
+    assert metrics.tokens.labels(node="n")._value.get() == 0.0
+    assert metrics.requests.labels(endpoint="embeddings", status="ok")._value.get() == 1.0

@@ -6,7 +6,9 @@ from gridserve.engines.gemma import GEMMA_CHAT_TEMPLATE
 
 
 def _render(messages: list[dict[str, str]]) -> str:
-    from transformers.utils.chat_template_utils import render_jinja_template  # here: ~0.3 s of every worker's collection
+    from transformers.utils.chat_template_utils import (
+        render_jinja_template,
+    )  # here: ~0.3 s of every worker's collection
 
     rendered, _ = render_jinja_template(
         conversations=[messages], chat_template=GEMMA_CHAT_TEMPLATE, add_generation_prompt=True, bos_token="<bos>"

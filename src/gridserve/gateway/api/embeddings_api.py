@@ -215,16 +215,24 @@ async def _embed(service: EmbeddingService, req: EmbeddingRequest, job: EmbedReq
 
 
 async def _finished(ctx: ApiContext, scope: Scope, decision: Decision, done: Embedded) -> None:
-    """The lifecycle's end of the request (decision log, metrics) and the node's completed job in the ledger (an
-    embedding has no first token: the lifecycle's timing-based records, calibration and traces, leave it out)."""
+    """The lifecycle's end of the request (decision log, metrics, settlement: the input tokens the node embedded, on
+    its signed count, at the price decided for it, charged to the key like generated ones) and the node's completed
+    job in the ledger (an embedding has no first token: the lifecycle's timing-based records, calibration and
+    traces, leave it out)."""
     took = done.answered - done.started
+    candidate = decision.candidate(done.node_id)
+    price = candidate.price_per_mtok if candidate is not None else None  # per input token: what the node embedded
     end = Finished(
         decision=decision,
         endpoint=ENDPOINT,
         status="ok",
         error="",
         served_by=done.node_id,
-        work=(NodeWork(node_id=done.node_id, outcome="ok", tokens=0, price_per_mtok=None),),
+        work=(
+            NodeWork(
+                node_id=done.node_id, outcome="ok", tokens=done.prompt_tokens, price_per_mtok=price, embedded=True
+            ),
+        ),
         prompt_tokens=done.prompt_tokens,
         completion_tokens=0,
         duration_s=time.monotonic() - scope.arrived,

@@ -3,7 +3,8 @@
 Every answer (`read_reply`): signed by the node's own key for this request and model, one vector per input, each
 of the model's width (the catalogue's hidden size where the model is known: a pooled hidden state has that width,
 gridserve's engines' and llama.cpp's alike; otherwise one width for every vector of the answer), every value
-finite. An answer that fails is an integrity incident at the node (`Integrity`): the request goes on to the next
+finite, and no more input tokens claimed than the inputs can hold (`most_tokens`: the count is what the node is
+paid for). An answer that fails is an integrity incident at the node (`Integrity`): the request goes on to the next
 node, and the client never sees it.
 
 A sample (`EmbeddingAudit`): where the gateway's verifier runs the model at the node's precision (the tiny model
@@ -40,6 +41,17 @@ AUDIT_INPUTS = 4
 """Inputs of an answer the verifier re-computes (at random: a node cannot tell which to compute honestly)."""
 
 
+SPECIAL_TOKENS_PER_INPUT = 4
+"""Tokens an input may add beyond its bytes (begin and end markers; gridserve's engines add one, llama.cpp's
+embedding at most two)."""
+
+
+def most_tokens(inputs: tuple[str, ...]) -> int:
+    """The most input tokens an honest node can count for `inputs`: a tokeniser gives at most one token per byte
+    (byte-level ones and byte fallback exactly that; merges fewer), plus its special tokens."""
+    return sum(len(text.encode("utf-8")) + SPECIAL_TOKENS_PER_INPUT for text in inputs)
+
+
 class BadReply(Exception):
     """The node's answer is not a valid one for the request (an integrity failure: the message says how)."""
 
@@ -64,6 +76,9 @@ def read_reply(verifier: EnvelopeVerifier, body: bytes, public_key: str, job: Em
         raise BadReply(f"the answer is for {reply.request_id} of {reply.model}, not {job.request_id} of {job.model}")
     if len(reply.vectors) != len(job.inputs):
         raise BadReply(f"{len(reply.vectors)} vectors for {len(job.inputs)} inputs")
+    if reply.prompt_tokens > most_tokens(job.inputs):
+        size = sum(len(text.encode("utf-8")) for text in job.inputs)
+        raise BadReply(f"claims {reply.prompt_tokens} input tokens for {len(job.inputs)} input(s) of {size} bytes")
     width = expected_dimensions(job.model)
     if width is not None and reply.dimensions != width:
         raise BadReply(f"vectors of {reply.dimensions} values; {job.model}'s have {width}")
@@ -154,6 +169,7 @@ __all__ = [
     "Integrity",
     "check_embeddings",
     "expected_dimensions",
+    "most_tokens",
     "read_reply",
     "verifiable",
 ]

@@ -44,6 +44,9 @@ class NodeWork:
     layers: tuple[int, int] | None = None
     """A pipeline stage's layer range."""
     detail: str = ""
+    embedded: bool = False
+    """An embeddings answer: `tokens` are the input tokens the node embedded, its own count in the answer it signed
+    (bounded by the inputs: gateway/integrity/embeddings.py), settled as receipted; none of them generated."""
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,8 @@ class MetricsSubscriber(Subscriber):
         m = self.metrics
         m.requests.labels(endpoint=end.endpoint, status=end.status).inc()
         for work in end.work:
-            m.tokens.labels(node=work.node_id).inc(work.tokens)
+            if not work.embedded:  # (generated tokens: an embedding's are its input's)
+                m.tokens.labels(node=work.node_id).inc(work.tokens)
         if end.timing.ttft_s is None:
             return
         first = end.served_by if end.pipeline or not end.work else end.work[0].node_id
@@ -260,9 +261,10 @@ class Settlement:
             return None
         # A node that failed after sending tokens, or a pipeline stage (the gateway drives every step and counts
         # each token itself): paid from the gateway's count. A stage in the final chain of a finished answer is
-        # settled as served; anything else has no receipt behind it.
+        # settled as served; an embeddings answer on the count its node signed; anything else has no receipt
+        # behind it.
         served = work.layers is not None and work.outcome == "ok" and end.status == "ok"
-        return ReceiptCheck(node_id=work.node_id, delivered=work.tokens, receipted=served)
+        return ReceiptCheck(node_id=work.node_id, delivered=work.tokens, receipted=served or work.embedded)
 
 
 __all__ = [
