@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -69,7 +70,7 @@ def test_migrate_twice_is_fine(store: Store) -> None:
     store.upsert_node("n1", public_key="k", capability={}, state="up", at=1.0)
     store.migrate()
     store.migrate()
-    assert _scalar(store, "SELECT version_num FROM alembic_version") == "0008"
+    assert _scalar(store, "SELECT version_num FROM alembic_version") == "0009"
     tables = set(sa.inspect(store.engine).get_table_names())
     assert {"nodes", "node_events", "decisions", "settlements", "join_tokens", "responses", "alembic_version"} <= tables
     assert [n["node_id"] for n in store.list_nodes()] == ["n1"]
@@ -378,3 +379,42 @@ def test_heartbeats_are_written_as_one_batch(store: Store) -> None:
     assert n1 is not None and n1["last_seen"] == 5.0 and n1["telemetry"] == {"util": 1}
     assert n2 is not None and n2["last_seen"] == 6.0 and n2["telemetry"] == {"util": 2}
     assert store.get_node("ghost") is None
+
+
+# -- responses (gateway/api/responses_api.py) -----------------------------------------------------------------
+
+
+def _say(text: str, role: str = "user") -> dict[str, Any]:
+    return {"role": role, "content": text}
+
+
+def test_a_response_chain_stores_each_turn_once_and_reads_back_whole_conversations(store: Store) -> None:
+    """Turn k of a chain stores its own two messages (O(turns), not O(turns^2)); each response reads back its whole
+    conversation; deleting or pruning responses that a later one continues leaves that one whole."""
+    rows: list[dict[str, Any]] = []
+    previous = None
+    for k in range(6):
+        turn = [_say(f"q{k}"), _say(f"a{k}", "assistant")]
+        row = {"response_id": f"r{k}", "created_at": float(k), "response": {"id": f"r{k}"}, "conversation": turn}
+        rows.append(row | {"owner": "key-a", "previous_id": previous})
+        previous = f"r{k}"
+    store.put_responses(rows)
+    whole = [m for k in range(6) for m in (_say(f"q{k}"), _say(f"a{k}", "assistant"))]
+    for k in range(6):
+        found = store.get_response(f"r{k}")
+        assert found is not None and found["conversation"] == whole[: 2 * k + 2]
+        assert found["turn"] == whole[2 * k : 2 * k + 2]
+    with store.engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT conversation FROM responses")).scalars().all()
+    assert sum(len(c if isinstance(c, list) else json.loads(c)) for c in stored) == len(whole), "each turn once"
+
+    assert store.delete_response("r2", "key-a")  # in the middle: r3 takes its turn over and continues r1
+    assert store.get_response("r2") is None
+    for k in (3, 4, 5):
+        found = store.get_response(f"r{k}")
+        assert found is not None and found["conversation"] == whole[: 2 * k + 2]
+    assert store.prune_responses(3.5) == 3  # r0, r1 and r3: r4 (now continuing nothing) and r5 stay whole
+    for k, previous_id in ((4, None), (5, "r4")):
+        found = store.get_response(f"r{k}")
+        assert found is not None and found["conversation"] == whole[: 2 * k + 2]
+        assert found["previous_id"] == previous_id

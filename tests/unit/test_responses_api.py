@@ -22,6 +22,7 @@ from gridserve.gateway.api.responses_api import (
     ResponseStore,
     ResponseWriter,
     Stored,
+    Turn,
     cancel_response,
     delete_response,
     read,
@@ -45,12 +46,12 @@ class FakeStore:
         self.kept: dict[str, Stored] = {}
         self.fail = fail
 
-    async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]], owner: str | None) -> None:
+    async def put(self, response: dict[str, Any], turn: Turn, owner: str | None) -> None:
         if self.fail:
             raise OSError("disk full")
-        self.kept[response["id"]] = Stored(
-            orjson.loads(orjson.dumps(response)), orjson.loads(orjson.dumps(conversation))
-        )
+        before = self.kept[turn.previous_id].conversation if turn.previous_id is not None else []
+        messages = orjson.loads(orjson.dumps(turn.messages))
+        self.kept[response["id"]] = Stored(orjson.loads(orjson.dumps(response)), [*before, *messages], messages)
 
     async def get(self, response_id: str, owner: str | None) -> Stored | None:
         return self.kept.get(response_id)
@@ -772,7 +773,7 @@ def test_only_a_background_response_is_cancelled_and_an_ended_one_is_returned_as
             await cancel_response(responses, "resp_w", {}, "k")
         assert (refused_.value.status, refused_.value.code) == (400, "not_background")
         ended = writer(background, cast(Any, responses), "resp_b")
-        await responses.put(ended.stopped("queued"), [], None)  # as a background response starts
+        await responses.put(ended.stopped("queued"), Turn(None, []), None)  # as a background response starts
         await ended.keep(answer())
         assert (await cancel_response(responses, "resp_b", {}, "k"))["status"] == "completed"
         with pytest.raises(APIError) as missing:

@@ -114,14 +114,20 @@ responses = sa.Table(
     sa.Column("created_at", sa.Float(), nullable=False),
     # the Response object as the client got it
     sa.Column("response", sa.JSON(), nullable=False),
-    # the whole conversation up to and including this answer, as chat messages (what a continuation starts from)
+    # chat messages: this response's turn (its input, then its answer) after the conversation of `previous_id`; with
+    # no previous_id, the whole conversation up to and including this answer (what a continuation starts from)
     sa.Column("conversation", sa.JSON(), nullable=False),
     # the id of the API key that made it: only that key reads, continues or deletes it (NULL: made before keys had
     # ids, readable by any key)
     sa.Column("owner", sa.String(), nullable=True),
+    # the stored response this one continues (its conversation comes first); NULL: none, or whole (see above)
+    sa.Column("previous_id", sa.String(), nullable=True),
     sa.Index("ix_responses_created_at", "created_at"),
+    sa.Index("ix_responses_previous_id", "previous_id"),
 )
 
+MAX_CHAIN = 1_000_000
+"""Most stored responses a conversation is read back through (a guard: a chain only ever points to older rows)."""
 NOTIFY_CHANNEL = "gridserve_events"
 """PostgreSQL channel on which a commit of node events is announced (payload: the writing gateway's id)."""
 
@@ -541,10 +547,11 @@ class Store:
             conn.execute(responses.insert(), list(rows))
 
     def advance_response(
-        self, response: dict[str, Any], conversation: list[dict[str, Any]], *, from_status: Sequence[str]
+        self, response: dict[str, Any], turn: list[dict[str, Any]], *, from_status: Sequence[str]
     ) -> bool:
-        """Replace a stored response (a background one moving on) if its stored status is one of `from_status`,
-        in one transaction: a response cancelled or deleted meanwhile stays so. Whether it was replaced."""
+        """Replace a stored response (a background one moving on) and its turn if its stored status is one of
+        `from_status`, in one transaction: a response cancelled or deleted meanwhile stays so. Whether it was
+        replaced."""
         r = responses.c
         with self._write() as conn:
             query = sa.select(r.response).where(r.response_id == response["id"])
@@ -554,26 +561,62 @@ class Store:
             if stored is None or stored.get("status") not in from_status:
                 return False
             update = responses.update().where(r.response_id == response["id"])
-            conn.execute(update.values(response=response, conversation=conversation))
+            conn.execute(update.values(response=response, conversation=turn))
             return True
 
     def get_response(self, response_id: str) -> dict[str, Any] | None:
-        """A stored response's row (`response`, `conversation`, `created_at`), or None."""
+        """A stored response's row (`response`, `owner`, `created_at`, `previous_id`, its own `turn`) and its
+        `conversation`: the turns of its chain of previous responses, oldest first, then its own; or None."""
+        r = responses.c
+        first = sa.select(r.response_id, r.previous_id, r.conversation, sa.literal(0).label("depth"))
+        chain = first.where(r.response_id == response_id).cte("chain", recursive=True)
+        earlier = sa.select(r.response_id, r.previous_id, r.conversation, (chain.c.depth + 1).label("depth"))
+        chain = chain.union_all(
+            earlier.join(chain, sa.and_(r.response_id == chain.c.previous_id, chain.c.depth < MAX_CHAIN))
+        )
         with self._engine.connect() as conn:
-            row = conn.execute(sa.select(responses).where(responses.c.response_id == response_id)).first()
-            return None if row is None else dict(row._mapping)
+            row = conn.execute(sa.select(responses).where(r.response_id == response_id)).first()
+            if row is None:
+                return None
+            turns = conn.execute(sa.select(chain.c.conversation).order_by(chain.c.depth.desc())).scalars().all()
+        found = dict(row._mapping)
+        found["turn"] = found["conversation"]
+        found["conversation"] = [message for turn in turns for message in turn]
+        return found
 
     def delete_response(self, response_id: str, owner: str | None) -> bool:
-        """Delete a stored response of `owner` (or of no one); False if there was none."""
+        """Delete a stored response of `owner` (or of no one); False if there was none. Responses that continue it
+        keep its turn (`_fold`)."""
         r = responses.c
         mine = sa.or_(r.owner.is_(None), r.owner == owner)
         with self._write() as conn:
-            return conn.execute(responses.delete().where(r.response_id == response_id, mine)).rowcount > 0
+            row = conn.execute(sa.select(r.response_id).where(r.response_id == response_id, mine)).first()
+            if row is None:
+                return False
+            self._fold(conn, response_id)
+            return conn.execute(responses.delete().where(r.response_id == response_id)).rowcount > 0
 
     def prune_responses(self, before: float) -> int:
-        """Delete responses stored before `before` (unix seconds); how many went."""
+        """Delete responses stored before `before` (unix seconds), oldest first, each one's turn kept by the
+        responses that continue it; how many went."""
+        r = responses.c
         with self._write() as conn:
-            return int(conn.execute(responses.delete().where(responses.c.created_at < before)).rowcount)
+            continued = sa.select(r.previous_id).where(r.previous_id.is_not(None))
+            folded = sa.select(r.response_id).where(r.created_at < before, r.response_id.in_(continued))
+            for response_id in conn.execute(folded.order_by(r.created_at)).scalars().all():
+                self._fold(conn, response_id)
+            return int(conn.execute(responses.delete().where(r.created_at < before)).rowcount)
+
+    @staticmethod
+    def _fold(conn: Connection, response_id: str) -> None:
+        """The responses that continue `response_id` take its turn before their own, and continue what it
+        continued: their conversations stay whole when it goes."""
+        r = responses.c
+        row = conn.execute(sa.select(r.conversation, r.previous_id).where(r.response_id == response_id)).one()
+        children = conn.execute(sa.select(r.response_id, r.conversation).where(r.previous_id == response_id)).all()
+        for child_id, turn in children:
+            update = responses.update().where(r.response_id == child_id)
+            conn.execute(update.values(conversation=[*row.conversation, *turn], previous_id=row.previous_id))
 
     def close(self) -> None:
         self._engine.dispose()

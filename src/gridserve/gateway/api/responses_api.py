@@ -152,6 +152,12 @@ class Spec:
     text_format: dict[str, Any]
     created_at: int | None = None
     """When the response was made, where it was answered before it ran (a background one)."""
+    before: int = 0
+    """How many of `conversation`'s messages are the stored conversation it continues (`previous_response_id`)."""
+
+    def turn(self, *answer: dict[str, Any]) -> "Turn":
+        """What this response adds to the conversation it continues: its input, then `answer`."""
+        return Turn(self.request.previous_response_id, [*self.conversation[self.before :], *answer])
 
 
 class ResponsesChat(ChatCompletionRequest):
@@ -434,7 +440,8 @@ async def read(ctx: ApiContext, body: bytes) -> SamplingFields:
         first = exc.errors()[0]
         param = CHAT_NAMES.get(str(first["loc"][0]), str(first["loc"][0])) if first["loc"] else None
         raise bad_request(f"Invalid request: {param}: {first['msg']}", param=param) from exc
-    chat._spec = Spec(req, conversation, [echo for _, echo in converted], choice_echo, format_echo)
+    tools_echo = [echo for _, echo in converted]
+    chat._spec = Spec(req, conversation, tools_echo, choice_echo, format_echo, before=len(before))
     return chat
 
 
@@ -629,11 +636,11 @@ class ResponseWriter:
         if self.store is None:
             return
         try:
-            conversation = [*self.spec.conversation, _assistant(answer)]
+            turn = self.spec.turn(_assistant(answer))
             if self.spec.request.background:  # stored as queued: moves on unless cancelled or deleted meanwhile
-                await self.store.advance(final, conversation)
+                await self.store.advance(final, turn.messages)
             else:
-                await self.store.put(final, conversation, CALLER.get())
+                await self.store.put(final, turn, CALLER.get())
         except Exception as exc:  # the client is told (close, whole): never an answer it believes stored
             log.exception("could not store response %s", self.id)
             self.store_error = f"the response could not be stored ({type(exc).__name__}); send it again"
@@ -685,9 +692,22 @@ RESPONSES = Surface(
 
 
 @dataclass(frozen=True)
+class Turn:
+    """What a stored response adds to a conversation: the stored response it continues (None: none) and its own
+    chat messages (its input, then its answer). A chain of responses stores each turn once: O(turns), where storing
+    each response's whole conversation took O(turns^2)."""
+
+    previous_id: str | None
+    messages: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
 class Stored:
     response: dict[str, Any]
     conversation: list[dict[str, Any]]
+    """The whole conversation up to and including its answer (its chain's turns, oldest first)."""
+    turn: list[dict[str, Any]]
+    """Its own turn's messages, as stored."""
 
 
 @dataclass(frozen=True)
@@ -723,13 +743,14 @@ class ResponseStore:
         """Deleted while running: nothing is stored when they end."""
         self._stopping = False
 
-    async def put(self, response: dict[str, Any], conversation: list[dict[str, Any]], owner: str | None) -> None:
+    async def put(self, response: dict[str, Any], turn: Turn, owner: str | None) -> None:
         row = {
             "response_id": response["id"],
             "created_at": float(response["created_at"]),
             "response": response,
-            "conversation": conversation,
+            "conversation": turn.messages,
             "owner": owner,
+            "previous_id": turn.previous_id,
         }
         await self._commit.commit([row])
 
@@ -738,7 +759,7 @@ class ResponseStore:
         row = await asyncio.to_thread(self._store.get_response, response_id)
         if row is None or row["owner"] not in (None, owner):
             return None
-        return Stored(row["response"], row["conversation"])
+        return Stored(row["response"], row["conversation"], row["turn"])
 
     async def delete(self, response_id: str, owner: str | None) -> bool:
         task = self.running.get(response_id)
@@ -748,11 +769,11 @@ class ResponseStore:
             await asyncio.wait([task])
         return await asyncio.to_thread(self._store.delete_response, response_id, owner)
 
-    async def advance(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> bool:
-        """A background response moves on (in progress, done, failed, cancelled) if it is still under way: one
-        cancelled or deleted meanwhile, here or through another gateway, stays so."""
+    async def advance(self, response: dict[str, Any], turn: list[dict[str, Any]]) -> bool:
+        """A background response moves on (in progress, done, failed, cancelled), with its turn's messages, if it is
+        still under way: one cancelled or deleted meanwhile, here or through another gateway, stays so."""
         advance = self._store.advance_response
-        return await asyncio.to_thread(advance, response, conversation, from_status=UNDER_WAY)
+        return await asyncio.to_thread(advance, response, turn, from_status=UNDER_WAY)
 
     def run(self, job: "Background") -> "asyncio.Future[None]":
         """Run `job.work()` in the background: stored `queued` (the future returned is done then, or holds the
@@ -773,10 +794,11 @@ class ResponseStore:
     async def _background(self, job: "Background", queued: "asyncio.Future[None]") -> None:
         writer, admission = job.writer, job.admission
         CURRENT.set(admission)
-        conversation = writer.spec.conversation
+        turn = writer.spec.turn()
+        conversation = turn.messages  # (the turn as it is before an answer)
         try:
             try:
-                await self.put(writer.stopped("queued"), conversation, job.owner)
+                await self.put(writer.stopped("queued"), turn, job.owner)
             except Exception as exc:
                 queued.set_exception(exc)
                 return
@@ -816,7 +838,7 @@ class ResponseStore:
             task.cancel()
             await asyncio.wait([task])
         else:
-            await self.advance({**found.response, "status": "cancelled"}, found.conversation)
+            await self.advance({**found.response, "status": "cancelled"}, found.turn)
         after = await self.get(response_id, owner)
         return after.response if after is not None else {**found.response, "status": "cancelled"}
 
