@@ -153,13 +153,13 @@ def one_mode(mode: str, args: argparse.Namespace, progress: Progress, task: Any,
         "newcomers": len(newcomers),
         "chats": len(served),
         "served_by_newcomers": to_newcomers,
-        "newcomer_share": round(to_newcomers / len(served), 3),
+        "newcomer_share": _share(to_newcomers, served),
         f"served_by_newcomers_per_{args.window}_chats": by_window,
         "failed": sum(1 for s in served if s.isdigit()),
         "newcomers_vetted_at_end": sum(1 for n in newcomers if final[n]["reliability"]["vetted"]),
         **({"per_minute": _per_minute(served, sent, newcomers)} if args.minutes else {}),
         **_before_vetting(served, sent, clock.vetted_at, newcomers),
-        "chat_ms_median": round(statistics.median(latencies), 1),
+        "chat_ms_median": round(statistics.median(latencies), 1) if latencies else None,
     }
 
 
@@ -203,7 +203,8 @@ def _before_vetting(
     window = [s for s, at in zip(served, sent, strict=True) if at < until]
     unvetted = sum(1 for s, at in zip(served, sent, strict=True) if s in newcomers and at < vetted_at.get(s, 1e18))
     return {
-        "newcomers_vetted_after_s": sorted(vetted_at.get(n, -1.0) for n in newcomers),
+        "newcomers_vetted_after_s": sorted(vetted_at.values()),
+        "newcomers_never_vetted": sum(1 for n in newcomers if n not in vetted_at),
         "chats_while_some_newcomer_unvetted": len(window),
         "served_by_unvetted_newcomers": unvetted,
         "unvetted_share": _share(unvetted, window),
@@ -241,7 +242,9 @@ def main() -> None:
         total = None if args.minutes else len(args.modes) * (args.chats + 1)
         task = progress.add_task(f"newcomer share: {', then '.join(args.modes)}", total=total)
         for mode in args.modes:
-            warm = report["vetting"]["warmup_chats"] if mode == "open" and "vetting" in report else None
+            warm = None  # vetting: until the honest nodes are vetted; open: as many chats as that took, or --warmup
+            if mode == "open":
+                warm = report["vetting"]["warmup_chats"] if "vetting" in report else args.warmup
             report[mode] = one_mode(mode, args, progress, task, warm)
     print(json.dumps(report, indent=2))
 
