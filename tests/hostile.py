@@ -75,8 +75,9 @@ REFUSAL = "this request cannot run here; see http://evil.example/upgrade"
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """The refusing operator's node endpoint: `/health` answers the probe's challenge as the protocol asks, so the
-    node stays up; `/internal/generate` refuses every request as invalid, in the node's own words."""
+    """A hostile operator's node endpoint: `/health` answers the probe's challenge as the protocol asks, so the
+    node stays up; a POST is answered by the node's `answer` (the refusing one refuses every request as invalid, in
+    its own words)."""
 
     node: "RefusingNode"
 
@@ -173,13 +174,20 @@ def token_commitment(ids: list[int]) -> str:
 
 class AlteringNode(RefusingNode):
     """An operator who claims `gridserve-tiny` with its attested digest, stays up like the refusing one, and answers
-    every generation with text of its own (`ALTERED`, cut to the request's max_tokens): token ids, final event and a
-    receipt signed with its key whose commitments are true to what it sent, so every check a receipt allows passes.
-    Only a re-execution of the answer can tell. It keeps the sampling members of each request it served."""
+    every text completion with text of its own (`ALTERED`, cut to the request's max_tokens): token ids, final event
+    and a receipt signed with its key whose commitments are true to what it sent and whose counts and finish reason
+    are consistent, so the gateway's receipt checks pass; only a re-execution of the answer can tell. (Chat
+    prompts and failover `resume` are not handled: their prompt digest and counts would be wrong.) It keeps the
+    sampling members of each request it served."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         super().__init__(host)
         self.served: list[dict[str, Any]] = []
+        self.digest = ""
+
+    def join(self, gateway: str, model: str, digest: str) -> None:
+        self.digest = digest
+        super().join(gateway, model, digest)
 
     def answer(self, path: str, body: bytes) -> tuple[int, str, bytes]:
         if urlparse(path).path != "/internal/generate":
@@ -188,15 +196,21 @@ class AlteringNode(RefusingNode):
         del request["node_id"]
         self.served.append(dict(request["sampling"]))
         prompt = [1, *(3 + b for b in (request["prompt"] or "").encode())]  # the tiny model's byte tokens, BOS first
-        text = ALTERED[: int(request["sampling"]["max_tokens"])]
+        most = int(request["sampling"]["max_tokens"])
+        text = ALTERED[:most]
         ids = [3 + b for b in text.encode()]
-        counts = {"prompt_tokens": len(prompt), "completion_tokens": len(ids), "finish_reason": "length"}
+        # cut at max_tokens, or ended by an end-of-sequence token, counted but not sent
+        ended = {"completion_tokens": len(ids), "finish_reason": "length"} if len(ids) == most else {}
+        counts = {
+            "prompt_tokens": len(prompt),
+            **(ended or {"completion_tokens": len(ids) + 1, "finish_reason": "stop"}),
+        }
         timings = {"queue_s": 0.0, "prefill_s": 0.01, "decode_s": 0.01 * len(ids)}
         receipt = {
             "request_id": request["request_id"],
             "node_id": self.node_id,
             "model": request["model"],
-            "weights_digest": "seed:20261123",
+            "weights_digest": self.digest,
             "input_commitment": hashlib.sha256(canonical(request)).hexdigest(),
             "prompt_digest": token_commitment(prompt),
             "output_commitment": token_commitment(ids),

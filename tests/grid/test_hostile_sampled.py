@@ -15,6 +15,7 @@ from tests.conftest import API_KEY, admin_get, make_grid
 from tests.hostile import ALTERED, AlteringNode
 
 from gridserve.cli.grid import LocalGrid
+from gridserve.trust import proofs
 
 TINY_MODEL, TINY_DIGEST = "gridserve-tiny", "seed:20261123"
 """The model and digest the altering operator claims (docs/protocol.md's built-in entries)."""
@@ -63,8 +64,9 @@ def test_an_outside_operator_altering_sampled_answers_is_quarantined_by_their_au
     assert incidents, "the altered sampled answer was not caught"
     (incident,) = incidents
     assert incident["severity"] == "severe", incident
-    assert "audit: sampled token 0 is" in incident["detail"] and "not the seed's draw" in incident["detail"], incident
-    assert "no activation proof" in incident["detail"], incident
+    # (which token first misses the seed's draw varies: the node's first one is the draw in ~1% of seeds)
+    assert "audit: sampled token " in incident["detail"] and "not the seed's draw" in incident["detail"], incident
+    assert ("no activation proof" in incident["detail"]) == proofs.AVAILABLE, incident
     assert _record(grid, node.node_id)["reliability"]["state"] == "quarantined"
     audits = [a for a in admin_get(grid, "/admin/audits").json()["recent"] if a["node_id"] == node.node_id]
     assert [a["request_id"] for a in audits] == [raw.parse().id] and audits[0]["problems"], audits

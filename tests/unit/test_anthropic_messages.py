@@ -72,8 +72,8 @@ HISTORY: list[dict[str, Any]] = [
 
 
 def sdk() -> ModuleType:
-    """The anthropic SDK, imported by the tests that use it: at module level it cost ~1 s of every test worker's
-    collection, in `make unit` and `make test` alike."""
+    """The anthropic SDK, imported by the tests that use it: at module level it cost ~1 s of every `make unit`
+    worker's collection (`make test` collects the grid tests too, which import it at module level)."""
     import anthropic
 
     return anthropic

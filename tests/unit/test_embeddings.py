@@ -374,14 +374,16 @@ def test_a_valid_answer_is_read_exactly() -> None:
     assert np.array_equal(got, vectors) and tokens == 4
 
 
-def test_the_input_tokens_a_node_is_paid_for_are_bounded_by_its_inputs_bytes() -> None:
-    """One token per byte at most, plus each input's special tokens: the most an honest tokeniser counts."""
+def test_the_input_tokens_a_node_is_paid_for_are_bounded_by_its_inputs_bytes(tiny: TorchEngine) -> None:
+    """One token per byte at most, of the input as given or as a tokeniser may normalise it, plus each input's
+    special tokens: the most an honest tokeniser counts, and the tiny engine's count stays within it."""
     assert most_tokens(("a", "b")) == 2 * (1 + SPECIAL_TOKENS_PER_INPUT)
-    assert most_tokens(("\u00e9t\u00e9",)) == 5 + SPECIAL_TOKENS_PER_INPUT  # bytes, not characters
-    _, tokens = read_reply(
-        verifier(), signed(unit_vectors(), prompt_tokens=most_tokens(JOB.inputs)), NODE.public_key, JOB
-    )
-    assert tokens == most_tokens(JOB.inputs)
+    assert most_tokens(("\u00e9t\u00e9",)) == 7 + SPECIAL_TOKENS_PER_INPUT  # bytes of NFKD's e + accent, twice
+    ligature = "\ufdfa"  # 3 bytes; NFKC makes it 18 characters, 33 bytes
+    assert most_tokens((ligature,)) == 33 + SPECIAL_TOKENS_PER_INPUT
+    texts = ["\u00e9t\u00e9", ligature, "\u00bd", "plain words", "\u3000\u337f"]
+    counted = asyncio.run(tiny.embed(TINY_MODEL, texts)).prompt_tokens
+    assert counted <= most_tokens(tuple(texts))
 
 
 @pytest.mark.parametrize(
@@ -394,7 +396,6 @@ def test_the_input_tokens_a_node_is_paid_for_are_bounded_by_its_inputs_bytes() -
         (lambda: signed(unit_vectors(), signer=Identity.generate()), "signature does not hold"),
         (lambda: signed(unit_vectors(), vectors=["AAAAAA==", "AAAAAA=="]), "has 1 values, not 64"),
         (lambda: signed(unit_vectors(), dimensions=0), "not an embeddings answer"),
-        (lambda: signed(unit_vectors(), prompt_tokens=11), "claims 11 input tokens for 2 input(s) of 2 bytes"),
     ],
 )
 def test_a_wrong_answer_is_refused_saying_why(make: Any, words: str) -> None:
@@ -510,25 +511,27 @@ def test_what_a_node_says_of_its_precision_does_not_exempt_it_from_audit() -> No
 # -- settlement -------------------------------------------------------------------------------------------------
 
 
-def test_an_embeddings_answer_is_settled_on_the_input_tokens_its_node_signed(writer: StoreWriter) -> None:
-    """The node embedded 10 input tokens (its signed count) at $2 per million: one entry, receipted, $0.00002; and
-    none of them counted as generated tokens."""
+def _settled(writer: StoreWriter, work: NodeWork) -> tuple[Any, Finished]:
     nodes = Nodes(writer, {"n": signed(unit_vectors())})
-    decision = nodes.decision()
-    work = NodeWork(node_id=NodeId("n"), outcome="ok", tokens=10, price_per_mtok=2.0, embedded=True)
     end = Finished(
-        decision=decision,
+        decision=nodes.decision(),
         endpoint="embeddings",
         status="ok",
         error="",
         served_by="n",
         work=(work,),
-        prompt_tokens=10,
+        prompt_tokens=work.tokens,
         completion_tokens=0,
         duration_s=0.1,
         timing=Timing(ttft_s=None, itl_s=None),
     )
-    settled = Settlement(ReceiptChecker(nodes.membership, writer), auditor=None).settle(end)  # type: ignore[arg-type]
+    return Settlement(ReceiptChecker(nodes.membership, writer), auditor=None).settle(end), end  # type: ignore[arg-type]
+
+
+def test_an_embeddings_answer_is_settled_on_the_input_tokens_its_node_signed(writer: StoreWriter) -> None:
+    """The node embedded 10 input tokens (its signed count) at $2 per million: one entry, receipted, $0.00002; and
+    none of them counted as generated tokens."""
+    settled, end = _settled(writer, NodeWork(NodeId("n"), outcome="ok", tokens=10, price_per_mtok=2.0, embedded=True))
     assert settled.problems == ()
     (entry,) = settled.entries
     assert (entry["node_id"], entry["tokens"], entry["status"]) == ("n", 10, "ok")
@@ -537,3 +540,14 @@ def test_an_embeddings_answer_is_settled_on_the_input_tokens_its_node_signed(wri
     MetricsSubscriber(metrics).finished(Scope("embeddings"), end, settled)
     assert metrics.tokens.labels(node="n")._value.get() == 0.0
     assert metrics.requests.labels(endpoint="embeddings", status="ok")._value.get() == 1.0
+
+
+def test_a_count_beyond_what_the_inputs_hold_is_paid_up_to_it_and_disputed(writer: StoreWriter) -> None:
+    """No incident (a tokeniser the bound does not foresee must not get an honest node quarantined): the entry pays
+    what the inputs can hold and says what the node claimed."""
+    work = NodeWork(NodeId("n"), outcome="ok", tokens=10, price_per_mtok=2.0, embedded=True, claimed=40)
+    settled, _ = _settled(writer, work)
+    (entry,) = settled.entries
+    assert (entry["tokens"], entry["claimed_tokens"], entry["status"]) == (10, 40, "disputed")
+    assert "claims 40 input tokens" in entry["detail"] and entry["amount_usd"] == pytest.approx(10 * 2.0 / 1e6)
+    assert len(settled.problems) == 1 and "claims 40 input tokens" in settled.problems[0]

@@ -23,7 +23,7 @@ from gridserve.catalog.tiers import DEFAULT_TIER
 from gridserve.gateway.api.errors import APIError, bad_request, json_object, model_not_found, no_capacity
 from gridserve.gateway.api.openai_api import ApiContext
 from gridserve.gateway.dispatch.embeddings import Embedded, EmbeddingDispatch
-from gridserve.gateway.integrity.embeddings import EmbeddingAudit, Integrity, expected_dimensions
+from gridserve.gateway.integrity.embeddings import EmbeddingAudit, Integrity, expected_dimensions, most_tokens
 from gridserve.gateway.lifecycle import Finished, Scope
 from gridserve.gateway.lifecycle.record import NodeWork, Timing
 from gridserve.gateway.registry.membership import NodeRecord
@@ -205,20 +205,19 @@ async def _embed(service: EmbeddingService, req: EmbeddingRequest, job: EmbedReq
         ctx.lifecycle.not_opened(scope, decision, exc.message)
         raise
     ctx.lifecycle.opened(scope, decision, done.node_id, attempts=[a.__dict__ for a in done.attempts])
-    await _finished(ctx, scope, decision, done)
+    paid = min(done.prompt_tokens, most_tokens(job.inputs))
+    await _finished(ctx, scope, decision, done, paid)
     record = ctx.membership.nodes.get(done.node_id)
     service.audit.maybe_audit(done.node_id, _embed_offer(record, job.model) if record else None, job, done.vectors)
     headers = {"x-gridserve-decision": decision.decision_id, "x-gridserve-node": done.node_id}
-    return Answer(
-        orjson.dumps(response(req, done.vectors, done.prompt_tokens), option=orjson.OPT_SERIALIZE_NUMPY), headers
-    )
+    return Answer(orjson.dumps(response(req, done.vectors, paid), option=orjson.OPT_SERIALIZE_NUMPY), headers)
 
 
-async def _finished(ctx: ApiContext, scope: Scope, decision: Decision, done: Embedded) -> None:
-    """The lifecycle's end of the request (decision log, metrics, settlement: the input tokens the node embedded, on
-    its signed count, at the price decided for it, charged to the key like generated ones) and the node's completed
-    job in the ledger (an embedding has no first token: the lifecycle's timing-based records, calibration and
-    traces, leave it out)."""
+async def _finished(ctx: ApiContext, scope: Scope, decision: Decision, done: Embedded, paid: int) -> None:
+    """The lifecycle's end of the request (decision log, metrics, settlement: `paid`, the input tokens the node
+    embedded on its signed count up to what the inputs can hold, at the price per token decided for it, charged to
+    the key) and the node's completed job in the ledger (an embedding has no first token: the lifecycle's
+    timing-based records, calibration and traces, leave it out)."""
     took = done.answered - done.started
     candidate = decision.candidate(done.node_id)
     price = candidate.price_per_mtok if candidate is not None else None  # per input token: what the node embedded
@@ -230,10 +229,15 @@ async def _finished(ctx: ApiContext, scope: Scope, decision: Decision, done: Emb
         served_by=done.node_id,
         work=(
             NodeWork(
-                node_id=done.node_id, outcome="ok", tokens=done.prompt_tokens, price_per_mtok=price, embedded=True
+                node_id=done.node_id,
+                outcome="ok",
+                tokens=paid,
+                price_per_mtok=price,
+                embedded=True,
+                claimed=done.prompt_tokens if done.prompt_tokens != paid else None,
             ),
         ),
-        prompt_tokens=done.prompt_tokens,
+        prompt_tokens=paid,
         completion_tokens=0,
         duration_s=time.monotonic() - scope.arrived,
         timing=Timing(ttft_s=None, itl_s=None),

@@ -3,8 +3,7 @@
 Every answer (`read_reply`): signed by the node's own key for this request and model, one vector per input, each
 of the model's width (the catalogue's hidden size where the model is known: a pooled hidden state has that width,
 gridserve's engines' and llama.cpp's alike; otherwise one width for every vector of the answer), every value
-finite, and no more input tokens claimed than the inputs can hold (`most_tokens`: the count is what the node is
-paid for). An answer that fails is an integrity incident at the node (`Integrity`): the request goes on to the next
+finite. An answer that fails is an integrity incident at the node (`Integrity`): the request goes on to the next
 node, and the client never sees it.
 
 A sample (`EmbeddingAudit`): where the gateway's verifier runs the model at the node's precision (the tiny model
@@ -15,6 +14,7 @@ per-answer checks only: the verifier's float32 vectors are not theirs."""
 
 import asyncio
 import logging
+import unicodedata
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -47,9 +47,17 @@ embedding at most two)."""
 
 
 def most_tokens(inputs: tuple[str, ...]) -> int:
-    """The most input tokens an honest node can count for `inputs`: a tokeniser gives at most one token per byte
-    (byte-level ones and byte fallback exactly that; merges fewer), plus its special tokens."""
-    return sum(len(text.encode("utf-8")) + SPECIAL_TOKENS_PER_INPUT for text in inputs)
+    """The most input tokens the gateway pays a node for `inputs` (the node counts them; the gateway has no
+    tokeniser): at most one token per byte of the input as the tokeniser may normalise it first (NFKC or NFKD can
+    lengthen it: "\ufdfa" is 3 bytes and 33 after NFKC), plus its special tokens. Byte-level tokenisers and byte
+    fallback give exactly one per byte; merges fewer."""
+    return sum(_longest_bytes(text) + SPECIAL_TOKENS_PER_INPUT for text in inputs)
+
+
+def _longest_bytes(text: str) -> int:
+    """UTF-8 bytes of `text` as given or in the longer of the compatibility normal forms tokenisers apply."""
+    forms = (unicodedata.normalize(form, text) for form in ("NFKC", "NFKD"))
+    return max(len(text.encode("utf-8")), *(len(form.encode("utf-8")) for form in forms))
 
 
 class BadReply(Exception):
@@ -76,9 +84,6 @@ def read_reply(verifier: EnvelopeVerifier, body: bytes, public_key: str, job: Em
         raise BadReply(f"the answer is for {reply.request_id} of {reply.model}, not {job.request_id} of {job.model}")
     if len(reply.vectors) != len(job.inputs):
         raise BadReply(f"{len(reply.vectors)} vectors for {len(job.inputs)} inputs")
-    if reply.prompt_tokens > most_tokens(job.inputs):
-        size = sum(len(text.encode("utf-8")) for text in job.inputs)
-        raise BadReply(f"claims {reply.prompt_tokens} input tokens for {len(job.inputs)} input(s) of {size} bytes")
     width = expected_dimensions(job.model)
     if width is not None and reply.dimensions != width:
         raise BadReply(f"vectors of {reply.dimensions} values; {job.model}'s have {width}")

@@ -36,7 +36,8 @@ class NodeWork:
     outcome: str
     """ok, failed, stalled or cancelled."""
     tokens: int
-    """Completion tokens this node produced (a stage: the tokens generated while it was in the chain)."""
+    """Completion tokens this node produced (a stage: the tokens generated while it was in the chain); of an
+    embeddings answer, the input tokens it is paid for."""
     price_per_mtok: float | None
     """The price decided for this node's share of the request (None: unpriced)."""
     receipt: ReceiptInput | None = None
@@ -46,7 +47,11 @@ class NodeWork:
     detail: str = ""
     embedded: bool = False
     """An embeddings answer: `tokens` are the input tokens the node embedded, its own count in the answer it signed
-    (bounded by the inputs: gateway/integrity/embeddings.py), settled as receipted; none of them generated."""
+    up to what its inputs can hold (gateway/integrity/embeddings.py `most_tokens`), settled as receipted; none of
+    them generated."""
+    claimed: int | None = None
+    """The tokens the node claimed where that differs from `tokens` (an embeddings count beyond what its inputs
+    can hold): its settlement entry is disputed."""
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,14 @@ class Settlement:
         # settled as served; an embeddings answer on the count its node signed; anything else has no receipt
         # behind it.
         served = work.layers is not None and work.outcome == "ok" and end.status == "ok"
-        return ReceiptCheck(node_id=work.node_id, delivered=work.tokens, receipted=served or work.embedded)
+        check = ReceiptCheck(node_id=work.node_id, delivered=work.tokens, receipted=served or work.embedded)
+        if work.claimed is not None:
+            check.claimed = work.claimed
+            check.problems.append(
+                ("settlement", f"claims {work.claimed} input tokens, more than its inputs hold ({work.tokens} paid)")
+            )
+            problems.append(f"{work.node_id[:12]}: settlement: {check.problems[-1][1]}")
+        return check
 
 
 __all__ = [
