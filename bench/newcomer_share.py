@@ -46,7 +46,8 @@ def nodes(grid: LocalGrid) -> dict[str, dict[str, Any]]:
     return {n["node_id"]: n for n in grid.nodes()}
 
 
-def chat(client: httpx.Client, i: int) -> tuple[str, float]:
+def chat(client: httpx.Client, i: int) -> tuple[str, float, str]:
+    """(who served it, or the error status; milliseconds; the decision's id)"""
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": f"{i} is a number; tell me about it"}],
@@ -55,7 +56,8 @@ def chat(client: httpx.Client, i: int) -> tuple[str, float]:
     started = time.perf_counter()
     resp = client.post("/v1/chat/completions", json=body)
     took = (time.perf_counter() - started) * 1e3
-    return (resp.headers.get("x-gridserve-node", "") if resp.status_code == 200 else str(resp.status_code)), took
+    node = resp.headers.get("x-gridserve-node", "") if resp.status_code == 200 else str(resp.status_code)
+    return node, took, resp.headers.get("x-gridserve-decision", "")
 
 
 def warm_up(grid: LocalGrid, client: httpx.Client, honest: set[str], limit: int, until_vetted: bool) -> int:
@@ -80,11 +82,11 @@ def warm_up(grid: LocalGrid, client: httpx.Client, honest: set[str], limit: int,
 
 def traffic(
     grid: LocalGrid, args: argparse.Namespace, tick: Callable[[], None]
-) -> tuple[list[str], list[float], list[float]]:
+) -> tuple[list[str], list[float], list[float], list[str]]:
     """`args.chats` chats (or as many as `args.minutes` allow), `args.concurrency` at a time (enough to keep the
     honest nodes busy: idle newcomers then score higher than busy established nodes); who served each, in the order
-    they were sent, their latencies and when each was sent (seconds from the start)."""
-    out: list[tuple[str, float, float]] = []
+    they were sent, their latencies, when each was sent (seconds from the start) and their decisions' ids."""
+    out: list[tuple[str, float, float, str]] = []
     started = time.monotonic()
     deadline = started + args.minutes * 60 if args.minutes else None
     numbers = iter(range(10**9 if deadline else args.chats))
@@ -97,9 +99,9 @@ def traffic(
             if i is None:
                 return
             sent = time.monotonic() - started
-            node, took = chat(client, i)
+            node, took, decision = chat(client, i)
             with lock:
-                out.append((node, took, sent))
+                out.append((node, took, sent, decision))
             tick()
 
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -111,7 +113,7 @@ def traffic(
         for client in clients:
             client.close()
     out.sort(key=lambda row: row[2])
-    return [node for node, _, _ in out], [took for _, took, _ in out], [sent for _, _, sent in out]
+    return [r[0] for r in out], [r[1] for r in out], [r[2] for r in out], [r[3] for r in out]
 
 
 def one_mode(mode: str, args: argparse.Namespace, progress: Progress, task: Any, warm: int | None) -> dict[str, Any]:
@@ -137,8 +139,9 @@ def one_mode(mode: str, args: argparse.Namespace, progress: Progress, task: Any,
             grid.wait_nodes(2 + args.sybils, 180)
             progress.advance(task)
             with _VettingClock(grid, honest) as clock:
-                served, latencies, sent = traffic(grid, args, lambda: progress.advance(task))
+                served, latencies, sent, decisions = traffic(grid, args, lambda: progress.advance(task))
             final = nodes(grid)
+            unvetted_picks = _picked_by(grid, served, sent, decisions, clock.vetted_at, set(final) - honest)
         finally:
             client.close()
             grid.stop()
@@ -159,6 +162,7 @@ def one_mode(mode: str, args: argparse.Namespace, progress: Progress, task: Any,
         "newcomers_vetted_at_end": sum(1 for n in newcomers if final[n]["reliability"]["vetted"]),
         **({"per_minute": _per_minute(served, sent, newcomers)} if args.minutes else {}),
         **_before_vetting(served, sent, clock.vetted_at, newcomers),
+        "unvetted_picked_by": unvetted_picks,
         "chat_ms_median": round(statistics.median(latencies), 1) if latencies else None,
     }
 
@@ -209,6 +213,25 @@ def _before_vetting(
         "served_by_unvetted_newcomers": unvetted,
         "unvetted_share": _share(unvetted, window),
     }
+
+
+def _picked_by(
+    grid: LocalGrid,
+    served: list[str],
+    sent: list[float],
+    decisions: list[str],
+    vetted_at: dict[str, float],
+    newcomers: set[str],
+) -> dict[str, int]:
+    """Why the scheduler gave each chat an unvetted newcomer served (its decision's `picked_by`, from the log)."""
+    why: dict[str, int] = {}
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for node, at, decision in zip(served, sent, decisions, strict=True):
+        if node in newcomers and at < vetted_at.get(node, 1e18) and decision:
+            found = httpx.get(f"{grid.url}/v1/decisions/{decision}", headers=admin, timeout=30).json()
+            reason = str(found.get("picked_by") or found.get("error") or "?")
+            why[reason] = why.get(reason, 0) + 1
+    return why
 
 
 def _per_minute(served: list[str], sent: list[float], newcomers: set[str]) -> list[dict[str, float]]:
