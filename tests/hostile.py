@@ -70,6 +70,9 @@ def post(gateway: str, path: str, body: bytes) -> httpx.Response:
     return httpx.post(gateway + path, content=body, headers={"content-type": "application/json"}, timeout=30)
 
 
+TINY_MODEL, TINY_DIGEST = "gridserve-tiny", "seed:20261123"
+"""A model and the digest the gateway allows for it (docs/protocol.md's built-in entries), as hostile operators
+claim them."""
 REFUSAL = "this request cannot run here; see http://evil.example/upgrade"
 """What the refusing operator says instead of answering: a client must never read it."""
 

@@ -12,13 +12,11 @@ from typing import Any
 import pytest
 from openai import OpenAI
 from tests.conftest import API_KEY, admin_get, make_grid
-from tests.hostile import ALTERED, AlteringNode
+from tests.hostile import ALTERED, TINY_DIGEST, TINY_MODEL, AlteringNode
 
 from gridserve.cli.grid import LocalGrid
 from gridserve.trust import proofs
 
-TINY_MODEL, TINY_DIGEST = "gridserve-tiny", "seed:20261123"
-"""The model and digest the altering operator claims (docs/protocol.md's built-in entries)."""
 AUDIT_WAIT_S = 90.0
 """How long an answer's audit may take to show: the verifier's child process imports torch and loads the model for
 the first one (tests/grid/test_sampled_audits.py)."""

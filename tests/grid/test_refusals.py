@@ -10,15 +10,11 @@ import httpx
 import pytest
 from openai import OpenAI
 from tests.conftest import ADMIN, API_KEY, admin_get, make_grid
-from tests.hostile import REFUSAL, RefusingNode
+from tests.hostile import REFUSAL, TINY_DIGEST, TINY_MODEL, RefusingNode
 
 from gridserve.cli.grid import LocalGrid
 
 REQUESTS = 6
-
-
-TINY_MODEL, TINY_DIGEST = "gridserve-tiny", "seed:20261123"
-"""The model and the digest the refusing operator claims (docs/protocol.md's built-in entries)."""
 
 
 @pytest.fixture(scope="module")
