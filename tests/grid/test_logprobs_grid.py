@@ -6,6 +6,7 @@ honest node's answers all pass."""
 import math
 import time
 from collections.abc import Iterator
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -68,30 +69,22 @@ FLATTERER, HONEST = 0, 1
 @pytest.fixture(scope="module")
 def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalGrid, str]]:
     """A grid auditing every answer, with the flattering node's id."""
-    gateway = ["--audit-rate", "1", "--canary-interval", "0", "--vetting-checks", "0"]
+    # round robin: of any two requests one goes to the flattering node. (Ranked by score, the test counted on the
+    # first node up, with heartbeats kept before the second registered, to serve first; a fresh clone's run had the
+    # honest node serve the first answer and, its record then the better, all twelve.)
+    round_robin = resources.files("gridserve.scheduler").joinpath("profiles/round-robin.yaml")
+    gateway = ["--audit-rate", "1", "--canary-interval", "0", "--vetting-checks", "0", "--profile", str(round_robin)]
     grid = make_grid(tmp_path_factory.mktemp("logprobs"), ["tiny"] * 2, threads=1, extra_gateway_args=gateway)
     try:
         grid.start_gateway()
         grid.start_node(FLATTERER, "tiny", ["--allow-dishonest", "--dishonest", "flatter_logprobs"])
         grid.wait_nodes(1, 120)
         (flatterer,) = grid.nodes()
-        # the first node up takes the first request: it has kept heartbeats (a reliability score above a newcomer's)
-        # before the second registers (nodes forked in 0.05 s, not started in 4 s, registered together and tied)
-        first = flatterer["reliability"]["score"]
-        deadline = time.monotonic() + 30
-        while _score(grid, flatterer["node_id"]) <= first and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _score(grid, flatterer["node_id"]) > first
         grid.start_node(HONEST, "tiny")
         grid.wait_nodes(2, 120)
         yield grid, flatterer["node_id"]
     finally:
         grid.stop()
-
-
-def _score(grid: LocalGrid, node_id: str) -> float:
-    node = next(n for n in grid.nodes() if n["node_id"] == node_id)
-    return float(node["reliability"]["score"])
 
 
 def _reliability(grid: LocalGrid, node_id: str) -> str:
@@ -128,9 +121,9 @@ def test_a_node_inventing_logprobs_is_caught_and_an_honest_one_is_not(audited: t
     grid, flatterer = audited
     client = _client(grid)
     served: list[str] = []
-    while flatterer not in served and len(served) < 12:
+    while flatterer not in served and len(served) < 2:
         served.append(_ask(client, len(served)))
-    assert flatterer in served, f"twelve answers, none from the first node up: {served}"
+    assert flatterer in served, f"round robin, and two answers, none from the flattering node: {served}"
     out = {"quarantined", "banned"}  # each of its audited answers is a severe incident: a second one bans it
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and _reliability(grid, flatterer) not in out:
