@@ -6,8 +6,9 @@ gateway signs them. Modes alternate round by round at each concurrency; figures 
 With `--transport direct outbound`, a second gateway reaches its node (the same emulated card, `--outbound-only`)
 over the node's tunnel instead of HTTP, measured in the same rounds: `outbound_vs_direct_*` compare the two.
 With `--tools`, every request carries two tools and tool_choice required (the node decodes the call under its
-grammar, straight or through the gateway alike): the gateway holds a call back until it is whole, so its first
-chunk is the answer's end, and the figures to compare are the whole answer's (`e2e`), with and without `--tools`.
+grammar, straight or through the gateway alike): the gateway streams a call from the chunk in which its name is
+whole (some tokens into the answer; straight from the node, the first token counts), so the figures to compare are
+the whole answer's (`e2e`), with and without `--tools`.
 Prints a JSON list of rows; run: `.venv/bin/python bench/gateway_overhead.py [--rounds N] [--transport ...]
 [--tools]`.
 """
@@ -73,7 +74,7 @@ async def direct_once(session: aiohttp.ClientSession, node: dict[str, str], iden
 
 
 async def gateway_once(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
-    """(TTFT, whole answer) in seconds through the gateway (with tools: the first chunk holding the call)."""
+    """(TTFT, whole answer) in seconds through the gateway (with tools: the first chunk of the call)."""
     if WITH_TOOLS:
         path, marker = "/v1/chat/completions", b'"tool_calls":'
         body: dict[str, object] = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": "required"}

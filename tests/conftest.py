@@ -8,7 +8,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -164,3 +165,24 @@ def bare_record(i: int, state: NodeState, *, last_heartbeat: float = 0.0, outsta
     return NodeRecord(
         capability=cap, state=state, registered_at=0.0, last_heartbeat=last_heartbeat, outstanding=outstanding
     )
+
+
+def streamed_calls(chunks: list[Any]) -> list[Any]:
+    """The tool calls an OpenAI chat stream's deltas add up to (by index), its shape checked on the way: a call's
+    first delta carries its id, type and name (arguments ""), the ones after only more of its arguments, and calls
+    start in index order."""
+    calls: list[Any] = []
+    for chunk in chunks:
+        for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            if delta.index == len(calls):
+                assert delta.id and delta.type == "function" and delta.function.name, delta
+                assert delta.function.arguments == "", delta
+                calls.append(
+                    SimpleNamespace(
+                        id=delta.id, type=delta.type, function=SimpleNamespace(name=delta.function.name, arguments="")
+                    )
+                )
+            else:
+                assert delta.index == len(calls) - 1 and delta.id is None and delta.function.name is None, delta
+                calls[-1].function.arguments += delta.function.arguments
+    return calls

@@ -141,6 +141,11 @@ def test_function_tools_give_function_call_items_and_take_their_outputs(client: 
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert len(done) == 1 and events[-1].type == "response.completed"
     assert valid_calls(events[-1].response.output)[0].arguments == done[0].arguments
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 1 and "".join(d.delta for d in deltas) == done[0].arguments, "arguments as they are made"
+    assert {d.item_id for d in deltas} == {added[0].id, done[0].item_id} == {events[-1].response.output[0].id}
+    assert events.index(next(e for e in events if e.type == "response.output_item.added")) < events.index(deltas[0])
     outputs: Any = [{"type": "function_call_output", "call_id": c.call_id, "output": "18 C, clear"} for c in calls]
     follow = client.responses.create(
         previous_response_id=asked.id, input=outputs, tools=TOOLS, tool_choice="none", **GREEDY

@@ -15,7 +15,7 @@ import httpx
 import jsonschema
 import pytest
 from openai import OpenAI
-from tests.conftest import ADMIN, API_KEY, make_grid
+from tests.conftest import ADMIN, API_KEY, make_grid, streamed_calls
 
 from gridserve.cli.grid import LocalGrid
 
@@ -92,7 +92,7 @@ def test_a_node_killed_mid_tool_call_the_client_gets_one_complete_valid_call(gri
     reader.join(60)
     assert "error" not in got, got.get("error")
     chunks = got["chunks"]
-    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    calls = streamed_calls(chunks)
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert reasons == ["tool_calls"] and len(calls) == 1, chunks
     (call,) = calls

@@ -12,7 +12,7 @@ from gridserve.gateway.api import tools
 from gridserve.gateway.api.errors import APIError
 from gridserve.gateway.api.sse import DONE, ChunkFormatter
 from gridserve.gateway.api.sse import usage as usage_of
-from gridserve.gateway.api.surface import Answer, Renderer
+from gridserve.gateway.api.surface import Answer, CallStreamer, Renderer
 from gridserve.gateway.dispatch.generation import Generation, GenerationFailed
 from gridserve.gateway.lifecycle import Finished, Scope, from_generation, from_pipeline
 from gridserve.gateway.pipeline.serving import Run
@@ -127,16 +127,24 @@ async def _quietly(awaitable: Awaitable[None]) -> None:
 
 
 class Calls:
-    """An answer that may be tool calls: held back from the stream once it starts as calls, then turned into
-    OpenAI's `tool_calls` (finish_reason `tool_calls`) when it ends by itself. A call that its grammar does not
-    allow (only a node not decoding under it can send one) is an integrity incident at the node that served it,
-    and the client gets the answer as text."""
+    """An answer that may be tool calls: once it starts as calls, not text; read as they are made (`deltas`: a
+    stream sends each call's start and its arguments as they come, where its API streams calls), then turned into
+    the API's calls (finish_reason `tool_calls`) when it ends by itself. A call that its grammar does not allow
+    (only a node not decoding under it can send one) is an integrity incident at the node that served it: the
+    client gets the answer as text, or, once calls went out in part, the stream's error (`failure`)."""
 
     def __init__(self, ctx: "ApiContext", source: Source, answer_format: ResponseFormat) -> None:
         self.ctx, self.source, self.format = ctx, source, answer_format
         self.held: list[str] | None = None
         """The answer so far once it is known to be calls (None: not known yet, or text)."""
         self.decided = False
+        self.reading = tools.CallStream()
+        self.fed = 0
+        """Pieces of `held` read so far."""
+        self.streamed = False
+        """Some of the calls went out (`deltas` taken)."""
+        self.failure = ""
+        """Why calls that went out in part cannot be completed ("" while they can)."""
 
     def hold(self, text: str) -> bool:
         """Whether `text` (the next non-empty piece) is held back as part of calls."""
@@ -149,16 +157,30 @@ class Calls:
         self.held.append(text)
         return True
 
+    def deltas(self) -> list[tools.CallDelta]:
+        """What the calls held so far say that was not taken yet: each call's start, then its arguments' text."""
+        if self.held is None or self.reading.broken:
+            return []
+        fresh, self.fed = self.held[self.fed :], len(self.held)
+        made = self.reading.feed("".join(fresh))
+        self.streamed = self.streamed or bool(made)
+        return made
+
     def finish(self, reason: str) -> tuple[tuple[tools.ToolCall, ...], str, str]:
         """(the calls, the finish reason, the held text to send as text when the answer is not whole calls)."""
         text = "".join(self.held or [])
         if self.held is None or reason != "stop":
-            return (), reason, text
+            return (), reason, "" if self.streamed else text
         problem = tools.validate(text, self.format)
-        made = tools.parse_calls(text) if not problem else None
-        if made is None:
+        made = (self.reading.made() if self.streamed else None) or (tools.parse_calls(text) if not problem else None)
+        if problem or made is None:
             self._incident(problem or "the answer is not tool calls")
-            return (), reason, text
+        elif self.streamed and not self.reading.done:
+            problem = "its calls are not in the form they were streamed in"
+        if self.streamed and problem:
+            self.failure = f"the node's tool call was not valid ({problem}); the call cannot be completed"
+        if made is None or problem:
+            return (), reason, "" if self.streamed else text
         return tuple(made), "tool_calls", ""
 
     def _incident(self, problem: str) -> None:
@@ -176,6 +198,8 @@ async def sse(ctx: "ApiContext", source: Source, fmt: Renderer, calls: Calls | N
     answer: Answer | None = None
     counting = fmt if isinstance(fmt, ChunkFormatter) and fmt.is_continuous else None
     """Every chunk carries the usage so far: the tokens are counted as they come."""
+    streams_calls = fmt if calls is not None and isinstance(fmt, CallStreamer) else None
+    """Calls go out as they are made."""
     events = drain(ctx, source)
     async for event in events:
         if "error" in event:
@@ -193,11 +217,17 @@ async def sse(ctx: "ApiContext", source: Source, fmt: Renderer, calls: Calls | N
             elif text:
                 out.append(fmt.text(text))
             said.append(text)
+        elif streams_calls is not None and calls is not None:
+            out.extend(streams_calls.call_delta(delta) for delta in calls.deltas())
         reason = event.get("finish_reason")
         if reason:
             made: tuple[tools.ToolCall, ...] = ()
             if calls is not None:
                 made, reason, held = calls.finish(reason)
+                if calls.failure:
+                    out.append(fmt.error(calls.failure, "node_failed"))
+                    yield b"".join(out)
+                    return
                 if held:
                     said.append(held)
                     out.append(fmt.text(held))

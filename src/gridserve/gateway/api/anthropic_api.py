@@ -22,7 +22,7 @@ from gridserve.gateway.api.errors import APIError, bad_request, json_object, uns
 from gridserve.gateway.api.openai_api import ApiContext
 from gridserve.gateway.api.schemas import MAX_STOPS, ChatCompletionRequest, GridOptions, SamplingFields
 from gridserve.gateway.api.surface import Answer, Renderer, Surface
-from gridserve.gateway.api.tools import MAX_TOOLS
+from gridserve.gateway.api.tools import MAX_TOOLS, CallDelta
 from gridserve.types.wire import MAX_SCHEMA_CHARS, ResponseFormat
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
@@ -534,8 +534,9 @@ def usage(answer: Answer) -> dict[str, int]:
 
 
 class MessageFormatter:
-    """One answer as Anthropic's `message` or its stream of events (a Renderer: gateway/api/surface.py). Text is
-    content block 0, opened by the first text; tool calls follow as `tool_use` blocks once the answer ends."""
+    """One answer as Anthropic's `message` or its stream of events (a Renderer and CallStreamer:
+    gateway/api/surface.py). Text is content block 0, opened by the first text; each tool call is a `tool_use`
+    block, streamed as it is made (its arguments as `input_json_delta`s)."""
 
     TEXT_DELTA = (
         b"event: content_block_delta\n"
@@ -548,6 +549,8 @@ class MessageFormatter:
         """The request's stop sequences: a node's word that one of them ended the answer is taken, no other."""
         self.blocks = 0
         """Content blocks opened so far (streamed)."""
+        self.calls_streamed = False
+        """Tool calls went out as they were made (`call_delta`): `end` closes the last, sends none whole."""
 
     def stopped(self, answer: Answer) -> dict[str, Any]:
         """`stop_reason` and `stop_sequence` of an answer that has ended."""
@@ -578,17 +581,29 @@ class MessageFormatter:
             head = _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
         return head + self.TEXT_DELTA + orjson.dumps(text) + b"}}\n\n"
 
+    def call_delta(self, delta: CallDelta) -> bytes:
+        """A call's `tool_use` block opened (the block before it closed), or more of its input's JSON."""
+        if delta.name is None:
+            return self._input(self.blocks - 1, delta.arguments)
+        out = self._stop(self.blocks - 1) if self.blocks else b""
+        self.calls_streamed = True
+        return out + self._tool_use(delta.id, delta.name)
+
+    def _tool_use(self, call_id: str, name: str) -> bytes:
+        index, self.blocks = self.blocks, self.blocks + 1
+        block = {"type": "tool_use", "id": tool_use_id(call_id), "name": name, "input": {}}
+        return _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
+
+    @staticmethod
+    def _input(index: int, partial: str) -> bytes:
+        delta = {"type": "input_json_delta", "partial_json": partial}
+        return _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+
     def end(self, answer: Answer) -> bytes:
-        out = [self._stop(0)] if self.blocks else []
-        for call in answer.calls:
-            index, self.blocks = self.blocks, self.blocks + 1
-            block = {"type": "tool_use", "id": tool_use_id(call.id), "name": call.name, "input": {}}
-            delta = {"type": "input_json_delta", "partial_json": orjson.dumps(call.arguments).decode()}
-            out.append(
-                _event("content_block_start", {"type": "content_block_start", "index": index, "content_block": block})
-            )
-            out.append(_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
-            out.append(self._stop(index))
+        out = [self._stop(self.blocks - 1)] if self.blocks else []
+        for call in answer.calls if not self.calls_streamed else ():
+            out += [self._tool_use(call.id, call.name), self._input(self.blocks - 1, call.arguments_text)]
+            out.append(self._stop(self.blocks - 1))
         delta = self.stopped(answer)
         out.append(_event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage(answer)}))
         return b"".join(out)

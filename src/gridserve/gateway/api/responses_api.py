@@ -33,7 +33,7 @@ from gridserve.gateway.api.errors import APIError, bad_request, json_object, uns
 from gridserve.gateway.api.openai_api import ApiContext, Reply, admit, run_admitted, to_job
 from gridserve.gateway.api.schemas import ChatCompletionRequest, GridOptions, SamplingFields
 from gridserve.gateway.api.surface import Answer, Renderer, Surface, openai_error
-from gridserve.gateway.api.tools import MAX_TOOLS
+from gridserve.gateway.api.tools import MAX_TOOLS, CallDelta
 from gridserve.gateway.tenancy import ApiKey
 from gridserve.gateway.tenancy.limits import CALLER, CURRENT, Admission
 from gridserve.store import Store
@@ -502,6 +502,8 @@ class ResponseWriter:
         self.opened = False
         """Whether the message item has been announced (its first text streamed)."""
         self.said: list[str] = []
+        self.streamed: list[list[str]] = []
+        """Per call streamed as it was made (`call_delta`): [its item's id, its arguments so far]."""
         self.output: list[dict[str, Any]] | None = None
         self.final: dict[str, Any] | None = None
         self.store_error = ""
@@ -554,9 +556,9 @@ class ResponseWriter:
             output = []
             if self.opened or not answer.calls:
                 output.append(_message_item(self.message_id, _status(answer), [_output_text(answer.text)]))
-            for call in answer.calls:
-                arguments = orjson.dumps(call.arguments).decode()
-                output.append(_call_item("fc_" + secrets.token_hex(24), call.id, call.name, arguments, "completed"))
+            for i, call in enumerate(answer.calls):
+                item_id = self.streamed[i][0] if i < len(self.streamed) else "fc_" + secrets.token_hex(24)
+                output.append(_call_item(item_id, call.id, call.name, call.arguments_text, "completed"))
             self.output = output
         return self.output
 
@@ -593,10 +595,28 @@ class ResponseWriter:
         self.sequence += 1
         return opening + self._delta + b',"delta":' + orjson.dumps(text) + b',"sequence_number":%d}\n\n' % number
 
+    def call_delta(self, delta: CallDelta) -> bytes:
+        """A call's `function_call` item added, or more of its arguments (a CallStreamer: gateway/api/surface.py)."""
+        index = delta.index + (1 if self.opened else 0)
+        if delta.name is not None:
+            self.streamed.append(["fc_" + secrets.token_hex(24), ""])
+            item = _call_item(self.streamed[-1][0], delta.id, delta.name, "", "in_progress")
+            return self.event("response.output_item.added", output_index=index, item=item)
+        item_id = self.streamed[delta.index][0]
+        self.streamed[delta.index][1] += delta.arguments
+        return self.event(
+            "response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=delta.arguments
+        )
+
     def end(self, answer: Answer) -> bytes:
         out = []
         for index, item in enumerate(self.items(answer)):
-            out.append(self._message_done(item) if item["type"] == "message" else self._call(index, item))
+            if item["type"] == "message":
+                out.append(self._message_done(item))
+            elif index - (1 if self.opened else 0) < len(self.streamed):
+                out.append(self._call_done(index, item))
+            else:
+                out.append(self._call_added(index, item) + self._call_done(index, item))
         return b"".join(out)
 
     def _message_done(self, item: dict[str, Any]) -> bytes:
@@ -610,17 +630,17 @@ class ResponseWriter:
             + self.event("response.output_item.done", output_index=0, item=item)
         )
 
-    def _call(self, index: int, item: dict[str, Any]) -> bytes:
+    def _call_added(self, index: int, item: dict[str, Any]) -> bytes:
+        """A call's item and its arguments at once (a call not streamed as it was made)."""
         where = {"item_id": item["id"], "output_index": index}
-        return (
-            self.event(
-                "response.output_item.added",
-                output_index=index,
-                item={**item, "arguments": "", "status": "in_progress"},
-            )
-            + self.event("response.function_call_arguments.delta", **where, delta=item["arguments"])
-            + self.event("response.function_call_arguments.done", **where, arguments=item["arguments"])
-            + self.event("response.output_item.done", output_index=index, item=item)
+        return self.event(
+            "response.output_item.added", output_index=index, item={**item, "arguments": "", "status": "in_progress"}
+        ) + self.event("response.function_call_arguments.delta", **where, delta=item["arguments"])
+
+    def _call_done(self, index: int, item: dict[str, Any]) -> bytes:
+        where = {"item_id": item["id"], "output_index": index}
+        return self.event("response.function_call_arguments.done", **where, arguments=item["arguments"]) + self.event(
+            "response.output_item.done", output_index=index, item=item
         )
 
     def stopped(self, status: str, message: str = "", code: str = "") -> dict[str, Any]:

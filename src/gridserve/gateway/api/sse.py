@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from gridserve.gateway.api.surface import Answer
+from gridserve.gateway.api.tools import CallDelta
 
 DONE = b"data: [DONE]\n\n"
 
@@ -43,6 +44,8 @@ class ChunkFormatter:
         self.kept: Answer | None = None
         """The answer once it has ended (what the merged usage of `n` choices adds up)."""
         self.failed = False
+        self.calls_streamed = False
+        """Tool calls went out as they were made (`call_delta`)."""
         self._offset = 0
         """Characters of log-probabilities' tokens so far (the text completions' `text_offset`)."""
         self.id = response_id
@@ -96,7 +99,8 @@ class ChunkFormatter:
     def end(self, answer: Answer) -> bytes:
         if self._prompt is not None:  # the node's own counts from here on
             self._prompt, self._completion = answer.prompt_tokens or self._prompt, answer.completion_tokens
-        calls = self.tool_calls([c.openai(index=i) for i, c in enumerate(answer.calls)]) if answer.calls else b""
+        whole = answer.calls if not self.calls_streamed else ()
+        calls = self.tool_calls([c.openai(index=i) for i, c in enumerate(whole)]) if whole else b""
         counts = (answer.prompt_tokens, answer.completion_tokens, answer.cached_tokens)
         return calls + self.finish(answer.reason) + (self.usage(*counts) if self.include_usage else b"")
 
@@ -142,6 +146,15 @@ class ChunkFormatter:
             "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", ())} for e in tokens],
             "text_offset": offsets,
         }
+
+    def call_delta(self, delta: CallDelta) -> bytes:
+        """A streamed call's start (its id and name) or more of its arguments, in OpenAI's chunk shape; the calls
+        are then not sent again whole at the end."""
+        self.calls_streamed = True
+        call: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
+        if delta.name is not None:
+            call |= {"id": delta.id, "type": "function", "function": {"name": delta.name, "arguments": ""}}
+        return self.tool_calls([call])
 
     def tool_calls(self, calls: list[dict[str, Any]]) -> bytes:
         """One chunk with the answer's tool calls, whole (each with its `index`), as OpenAI streams them."""

@@ -9,10 +9,10 @@ error is written."""
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gridserve.gateway.api.errors import APIError
-from gridserve.gateway.api.tools import ToolCall
+from gridserve.gateway.api.tools import CallDelta, ToolCall
 
 if TYPE_CHECKING:
     from gridserve.gateway.api.openai_api import ApiContext, Reply
@@ -64,6 +64,14 @@ class Renderer(Protocol):
         ...
 
     def whole(self, answer: Answer) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class CallStreamer(Protocol):
+    """A Renderer that sends tool calls as they are made: each call's start, then its arguments' text
+    (`tools.CallDelta`); its `end` then closes the calls streamed instead of sending them whole."""
+
+    def call_delta(self, delta: CallDelta) -> bytes: ...
 
 
 @dataclass(frozen=True)

@@ -35,14 +35,204 @@ class ToolCall:
     name: str
     arguments: dict[str, Any]
     id: str
+    made: str = ""
+    """The arguments' JSON as the model made it ("": made from `arguments`): a streamed call's arguments are this
+    text piece by piece, so the whole answer says the same."""
+
+    @property
+    def arguments_text(self) -> str:
+        return self.made or orjson.dumps(self.arguments).decode()
 
     def openai(self, index: int | None = None) -> dict[str, Any]:
         call: dict[str, Any] = {
             "id": self.id,
             "type": "function",
-            "function": {"name": self.name, "arguments": orjson.dumps(self.arguments).decode()},
+            "function": {"name": self.name, "arguments": self.arguments_text},
         }
         return call if index is None else {"index": index, **call}
+
+
+@dataclass(frozen=True)
+class CallDelta:
+    """A streamed call's next piece: its start (`name`, with `arguments` ""), or more of its arguments' text."""
+
+    index: int
+    id: str
+    name: str | None
+    arguments: str
+
+
+class CallStream:
+    """An answer's calls read as they are made, for streamed tool calls: TOOL_CALL_TAG, then a JSON array of
+    {"name": ..., "arguments": {...}} objects, name first (the form the calls' grammar makes; whitespace between
+    JSON tokens is allowed, as other engines' grammars make it). Each call starts once its name is whole, and its
+    arguments come as their text arrives, so the client reads them as the model writes them (OpenAI's streamed
+    `tool_calls`). Text in another form stops the reading (`broken`); what it read stays valid."""
+
+    _NAME = '{"name":'
+    _ARGUMENTS = ',"arguments":'
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.pos = 0
+        self.state = "tag"
+        self.calls: list[list[str]] = []
+        """Per call: [id, name, arguments' text so far]."""
+        self.depth = 0
+        self.in_string = self.escaped = False
+        self.broken = False
+
+    @property
+    def done(self) -> bool:
+        """The array closed: the calls are whole (what follows would break it)."""
+        return self.state == "done" and not self.broken
+
+    def feed(self, piece: str) -> list[CallDelta]:
+        """The answer's next piece of text; the deltas it completes."""
+        self.text += piece
+        out: list[CallDelta] = []
+        steps = {"tag": self._tag, "call": self._call, "args": self._args, "close": self._close, "next": self._next}
+        while not self.broken and self.pos < len(self.text):
+            if self.state == "done":
+                self.broken = not self.text[self.pos :].isspace()
+                self.pos = len(self.text)
+            elif not steps[self.state](out):
+                break
+        return out
+
+    def made(self) -> list[ToolCall] | None:
+        """The calls, when the whole answer was read as calls (None otherwise)."""
+        if not self.done:
+            return None
+        calls = []
+        for call_id, name, text in self.calls:
+            try:
+                arguments = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                return None
+            if not isinstance(arguments, dict):
+                return None
+            calls.append(ToolCall(name, arguments, call_id, made=text))
+        return calls
+
+    def _skip(self) -> bool:
+        """Past whitespace; whether text is left to read."""
+        while self.pos < len(self.text) and self.text[self.pos] in " \t\r\n":
+            self.pos += 1
+        return self.pos < len(self.text)
+
+    def _expect(self, literal: str) -> bool | None:
+        """Past `literal` (whitespace allowed between its characters outside strings): True; None: not yet here;
+        False: other text (broken)."""
+        at, inside = self.pos, False
+        for char in literal:
+            while not inside and at < len(self.text) and self.text[at] in " \t\r\n":
+                at += 1
+            if at == len(self.text):
+                return None
+            if self.text[at] != char:
+                self.broken = True
+                return False
+            at += 1
+            inside ^= char == '"'
+        self.pos = at
+        return True
+
+    def _tag(self, out: list[CallDelta]) -> bool:
+        tag = self.text[: len(TOOL_CALL_TAG)]
+        if tag != TOOL_CALL_TAG[: len(tag)]:
+            self.broken = True
+        if len(tag) < len(TOOL_CALL_TAG) or self.broken:
+            return False
+        self.pos = max(self.pos, len(TOOL_CALL_TAG))
+        if not self._expect("["):
+            return False
+        self.state = "call"
+        return True
+
+    def _call(self, out: list[CallDelta]) -> bool:
+        start = self.pos
+        if not self._expect(self._NAME) or not self._skip():
+            self.pos = start
+            return False
+        end = _string_end(self.text, self.pos)
+        if end is None:
+            self.pos, self.broken = start, self.text[self.pos] != '"'
+            return False
+        literal = self.text[self.pos : end]
+        self.pos = end
+        found = self._expect(self._ARGUMENTS)
+        if not found:
+            self.pos = start
+            return False
+        try:
+            name = orjson.loads(literal)
+        except orjson.JSONDecodeError:
+            self.broken = True
+            return False
+        call_id = "call_" + secrets.token_hex(12)
+        self.calls.append([call_id, name, ""])
+        out.append(CallDelta(len(self.calls) - 1, call_id, name, ""))
+        self.state, self.depth, self.in_string, self.escaped = "args", 0, False, False
+        return True
+
+    def _args(self, out: list[CallDelta]) -> bool:
+        if self.depth == 0 and (not self._skip() or self.text[self.pos] != "{"):
+            self.broken = self.pos < len(self.text)
+            return False
+        begin, closed = self.pos, False
+        while self.pos < len(self.text) and not closed:
+            char = self.text[self.pos]
+            self.pos += 1
+            if self.in_string:
+                self.escaped, self.in_string = (False, True) if self.escaped else (char == "\\", char != '"')
+            elif char == '"':
+                self.in_string = True
+            elif char in "{[":
+                self.depth += 1
+            elif char in "}]":
+                self.depth -= 1
+                closed = self.depth == 0
+        piece = self.text[begin : self.pos]
+        call = self.calls[-1]
+        call[2] += piece
+        out.append(CallDelta(len(self.calls) - 1, call[0], None, piece))
+        if closed:
+            self.state = "close"
+        return closed
+
+    def _close(self, out: list[CallDelta]) -> bool:
+        if not self._expect("}"):
+            return False
+        self.state = "next"
+        return True
+
+    def _next(self, out: list[CallDelta]) -> bool:
+        if not self._skip():
+            return False
+        char = self.text[self.pos]
+        self.pos += 1
+        if char not in ",]":
+            self.broken = True
+            return False
+        self.state = "call" if char == "," else "done"
+        return True
+
+
+def _string_end(text: str, at: int) -> int | None:
+    """Where the JSON string starting at `at` (its opening quote) ends (past its closing quote); None: not yet."""
+    if text[at] != '"':
+        return None
+    escaped = False
+    for i in range(at + 1, len(text)):
+        char = text[i]
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            return i + 1
+    return None
 
 
 def _tool(raw: Any, i: int) -> tuple[str, dict[str, Any], str]:
@@ -168,9 +358,15 @@ def uses_tools(messages: list[Any]) -> bool:
 
 
 def parse_calls(text: str) -> list[ToolCall] | None:
-    """The calls an answer makes (None: it is plain text, or not whole calls)."""
+    """The calls an answer makes (None: it is plain text, or not whole calls), their arguments as the model wrote
+    them where the answer is in the calls' form (CallStream), else as JSON of their parsed values."""
     if not text.startswith(TOOL_CALL_TAG):
         return None
+    stream = CallStream()
+    stream.feed(text)
+    read = stream.made()
+    if read is not None:
+        return read
     try:
         listed = orjson.loads(text[len(TOOL_CALL_TAG) :])
     except orjson.JSONDecodeError:
