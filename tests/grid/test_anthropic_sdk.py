@@ -2,7 +2,8 @@
 is the one the OpenAI chat endpoint gives for the same conversation, whole and streamed; stop sequences and the
 system prompt reach the node; forced tool use comes back as `tool_use` blocks whose input validates against the
 tool's input_schema, streamed and not; a conversation carrying tool_use and tool_result blocks continues as the
-chat endpoint's does; a wrong key and bad or unsupported input are Anthropic's errors naming what is wrong."""
+chat endpoint's does; count_tokens gives the input tokens a message with that input is given; a wrong key and bad or
+unsupported input are Anthropic's errors naming what is wrong."""
 
 import json
 from typing import Any
@@ -244,3 +245,29 @@ def test_an_unknown_model_is_not_found(client: Anthropic) -> None:
     with pytest.raises(anthropic.NotFoundError) as missing:
         client.messages.create(model="no-such-model", max_tokens=4, messages=ASK)
     assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+
+
+def test_count_tokens_is_the_input_a_message_with_it_is_given(client: Anthropic) -> None:
+    system = "You answer in one word."
+    counted = client.messages.count_tokens(model=TINY_MODEL, messages=ASK, system=system)
+    answered = client.messages.create(model=TINY_MODEL, max_tokens=4, messages=ASK, system=system, **GREEDY)
+    given = answered.usage.input_tokens + (answered.usage.cache_read_input_tokens or 0)
+    assert counted.input_tokens == given > 0
+    with_tools = client.messages.count_tokens(model=TINY_MODEL, messages=ASK, system=system, tools=TOOLS)
+    calling = client.messages.create(model=TINY_MODEL, max_tokens=4, messages=ASK, system=system, tools=TOOLS)
+    assert with_tools.input_tokens == calling.usage.input_tokens + (calling.usage.cache_read_input_tokens or 0)
+    assert with_tools.input_tokens > counted.input_tokens, "the tools are described to the model"
+    longer = client.messages.count_tokens(
+        model=TINY_MODEL, messages=[*ASK, {"role": "assistant", "content": "Sunny."}, *ASK], system=system
+    )
+    assert longer.input_tokens > counted.input_tokens
+
+
+@pytest.mark.parametrize(("extra", "param"), [({"max_tokens": 8}, "max_tokens"), ({"stream": True}, "stream")])
+def test_count_tokens_refuses_an_answers_parameters_by_name(client: Anthropic, extra: Any, param: str) -> None:
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.count_tokens(model=TINY_MODEL, messages=ASK, extra_body=extra)
+    assert refused.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    assert param in refused.value.body["error"]["message"]  # type: ignore[index]
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.count_tokens(model="no-such-model", messages=ASK)

@@ -691,6 +691,12 @@ def test_the_openapi_document_has_the_route(tmp_path: Path) -> None:
         assert request["additionalProperties"] is False and {"model", "max_tokens", "messages"} <= set(
             request["required"]
         )
+        count = doc["paths"]["/v1/messages/count_tokens"]["post"]
+        assert count["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/CountTokensRequest")
+        assert set(count["responses"]["200"]["content"]) == {"application/json"}, "never streamed"
+        assert count["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/AnthropicError")
+        counting = doc["components"]["schemas"]["CountTokensRequest"]
+        assert {"model", "messages"} <= set(counting["required"]) and "max_tokens" not in counting["properties"]
         chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["400"]["content"]["application/json"]
         assert chat["schema"]["$ref"].endswith("/ErrorResponse")  # the OpenAI routes keep OpenAI's errors
 

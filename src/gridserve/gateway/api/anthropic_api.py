@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.config import JsonDict
 from pydantic_core import ErrorDetails
 
@@ -194,6 +194,17 @@ class MessagesRequest(BaseModel):
     gridserve: GridOptions = Field(default_factory=GridOptions, description="gridserve's own request options.")
 
 
+_ANSWER_ONLY = ("max_tokens", "stop_sequences", "temperature", "top_p", "top_k", "stream", "metadata", "service_tier")
+CountTokensRequest: type[BaseModel] = create_model(
+    "CountTokensRequest",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="Anthropic's token count request (`POST /v1/messages/count_tokens`): a Messages request's input (model, "
+    "system, messages, tools, tool_choice, output_config), without the parameters of an answer; one of those is "
+    "refused with a 400 naming it.",
+    **{name: (f.annotation, f) for name, f in MessagesRequest.model_fields.items() if name not in _ANSWER_ONLY},  # type: ignore[call-overload]
+)
+
+
 def _where(loc: tuple[int | str, ...]) -> str:
     """A validation error's location as a parameter: `messages[0].role`."""
     out = ""
@@ -230,6 +241,19 @@ def _only(raw: dict[str, Any], keys: set[str], where: str) -> None:
 async def read(ctx: ApiContext, body: bytes) -> SamplingFields:
     """A Messages request as the chat completion request it becomes (a 400 naming what is wrong or refused)."""
     return translate(_load(body))
+
+
+async def read_count(ctx: ApiContext, body: bytes) -> SamplingFields:
+    """A token count as the one-token greedy answer to the same input: the node that serves it counts the prompt
+    as its model reads it (the chat template, the tools described, the grammar's preamble), on every engine and
+    transport alike; and its prefix cache then holds the conversation the count is usually for."""
+    raw = _load(body)
+    _refuse(raw, REFUSED)
+    try:
+        CountTokensRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise _invalid(exc.errors()[0]) from exc
+    return translate({**raw, "max_tokens": 1, "temperature": 0.0})
 
 
 def translate(raw: dict[str, Any]) -> ChatCompletionRequest:
@@ -628,6 +652,14 @@ class MessageFormatter:
         return self.message(content, answer)
 
 
+class CountFormatter(MessageFormatter):
+    """A token count's answer: the prompt's tokens as the node that served the one-token answer counted them
+    (cached or not). Never streamed: count_tokens takes no `stream`."""
+
+    def whole(self, answer: Answer) -> dict[str, Any]:
+        return {"input_tokens": answer.prompt_tokens}
+
+
 def renderer(ctx: ApiContext, req: SamplingFields, response_id: str, model: str) -> Renderer:
     stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     return MessageFormatter(response_id, model, stops)
@@ -652,4 +684,14 @@ MESSAGES = Surface(
     params=(("response_format", "output_config"), ("stop", "stop_sequences")),
 )
 
-__all__ = ["MESSAGES", "MessageFormatter", "MessagesRequest", "translate"]
+COUNT_TOKENS = Surface(
+    "count_tokens",
+    "chat",
+    "msg_",
+    read_count,
+    lambda ctx, req, response_id, model: CountFormatter(response_id, model),
+    error,
+    params=MESSAGES.params,
+)
+
+__all__ = ["COUNT_TOKENS", "MESSAGES", "CountTokensRequest", "MessageFormatter", "MessagesRequest", "translate"]

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gridserve.gateway.api.anthropic_api import MESSAGES
+from gridserve.gateway.api.anthropic_api import COUNT_TOKENS, MESSAGES
 from gridserve.gateway.api.errors import APIError, unauthorized
 from gridserve.gateway.api.head_with_body import HEAD_WITH_BODY, hold_head
 from gridserve.gateway.api.openai_api import CHAT, TEXT, ApiContext, Reply, complete
@@ -30,6 +30,7 @@ ROUTES: dict[str, Surface] = {
     "/v1/completions": TEXT,
     "/v1/responses": RESPONSES,
     "/v1/messages": MESSAGES,
+    "/v1/messages/count_tokens": COUNT_TOKENS,
 }
 HEARTBEAT = "/nodes/heartbeat"
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 import gridserve
-from gridserve.gateway.api.anthropic_api import MessagesRequest
+from gridserve.gateway.api.anthropic_api import CountTokensRequest, MessagesRequest
 from gridserve.gateway.api.embeddings_api import EmbeddingRequest
 from gridserve.gateway.api.keys_api import KeyRequest
 from gridserve.gateway.api.responses_api import ResponsesRequest
@@ -298,8 +298,8 @@ class AnthropicUsage(Doc):
 
 class AnthropicMessage(Doc):
     """Anthropic's Message (`POST /v1/messages`): `content` holds a `text` block and/or `tool_use` blocks
-    (`{type, id, name, input}`). `stop_sequence` is always null: a node does not say whether a stop sequence or its
-    end-of-sequence token ended the answer (both are `end_turn`)."""
+    (`{type, id, name, input}`). `stop_sequence` is the request's stop sequence that ended the answer where the node
+    named it (`stop_reason` `stop_sequence`), else null."""
 
     id: str
     type: Literal["message"]
@@ -307,9 +307,18 @@ class AnthropicMessage(Doc):
     model: str
     content: list[dict[str, Any]]
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
-    stop_sequence: None
+    stop_sequence: str | None
     usage: AnthropicUsage
     gridserve: Explanation | None = None
+
+
+class AnthropicTokenCount(Doc):
+    """Anthropic's token count (`POST /v1/messages/count_tokens`)."""
+
+    input_tokens: int = Field(
+        description="the prompt's tokens as a node serving the model counts them (its chat template, the tools "
+        "described): what a Messages request with this input would be given as input tokens, cached or not"
+    )
 
 
 class AnthropicErrorDetail(Doc):
@@ -535,6 +544,7 @@ OPS: dict[tuple[str, str], Op] = {
     ("post", "/v1/responses/{response_id}/cancel"): Op(Auth.API_KEY, (400, 401, 404), ResponseObject),
     ("delete", "/v1/responses/{response_id}"): Op(Auth.API_KEY, (400, 401, 404), ResponseDeleted),
     ("post", "/v1/messages"): Op(Auth.API_KEY, COMPLETION_ERRORS, AnthropicMessage, MessagesRequest),
+    ("post", "/v1/messages/count_tokens"): Op(Auth.API_KEY, COMPLETION_ERRORS, AnthropicTokenCount, CountTokensRequest),
     ("post", "/v1/embeddings"): Op(Auth.API_KEY, COMPLETION_ERRORS, EmbeddingList, EmbeddingRequest),
     ("get", "/v1/models"): Op(Auth.API_KEY, (401,), ModelList),
     ("get", "/health"): Op(Auth.NONE, (), Health),
@@ -574,9 +584,17 @@ HOT_PATH = {
     "`stream: true` answers its `response.*` server-sent events.",
     ("post", "/v1/messages"): "A message (Anthropic's Messages API; the key as `x-api-key` or a bearer token, "
     "`anthropic-version` accepted); `stream: true` answers Anthropic's server-sent events.",
+    ("post", "/v1/messages/count_tokens"): "The input tokens of a Messages request (Anthropic's token count): a node "
+    "serving the model counts them as it reads them, by answering the input with one greedy token (charged as "
+    "one generated token; its prefix cache then holds the conversation).",
 }
+UNSTREAMED = frozenset({"/v1/messages/count_tokens"})
+"""Hot-path routes that answer JSON only."""
 """Served by gateway/api/hotpath.py, never by a FastAPI route: documented from here."""
-ERROR_MODELS: dict[str, type[BaseModel]] = {"/v1/messages": AnthropicError}
+ERROR_MODELS: dict[str, type[BaseModel]] = {
+    "/v1/messages": AnthropicError,
+    "/v1/messages/count_tokens": AnthropicError,
+}
 """Routes whose errors are in another API's format than OpenAI's."""
 PAGES: dict[str, dict[str, Any]] = {
     "/dashboard": {
@@ -714,9 +732,9 @@ def _complete(method: str, path: str, operation: dict[str, Any]) -> None:
 
 
 def _hot_path_operation(method: str, path: str, summary: str) -> dict[str, Any]:
-    answer = {
-        "text/event-stream": {"schema": SSE_EVENTS.get(path, SSE_EVENT)}
-    }  # the JSON answer: from OPS, as for any route
+    answer = (
+        {"text/event-stream": {"schema": SSE_EVENTS.get(path, SSE_EVENT)}} if path not in UNSTREAMED else {}
+    )  # the JSON answer: from OPS, as for any route
     return {
         "summary": summary,
         "description": "Served by the gateway's raw-ASGI hot path (gateway/api/hotpath.py); documented here.",
