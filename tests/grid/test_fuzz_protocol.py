@@ -1,5 +1,6 @@
 """Hypothesis-generated node protocol messages (issue 8 item 5): every malformed registration or heartbeat is
-refused with a `TrustError` (never another exception) and changes nothing; valid ones are still accepted.
+refused with a `TrustError` (never another exception) and changes nothing; valid ones are still accepted, and so
+are ones with members this version does not know (a newer node's), read without them.
 
 Unit level: `Membership` with the real verifier over an in-memory store (only the clock is injected). HTTP level
 (fewer examples): a running gateway answers every malformed body with a 4xx and `{"error": {"type", "message"}}`
@@ -257,7 +258,6 @@ BAD_CAPABILITY: dict[tuple[str | int, ...], st.SearchStrategy[Any]] = {
     ("hardware", "gpus"): bad_count.map(lambda m: [{"name": "g", "memory_total_bytes": m}]),
     ("runtime", "versions"): over_long.map(lambda v: {"torch": v}),
     ("loadable_models",): too_many_names | over_long.map(lambda v: [v]),
-    ("surplus",): json_values,
 }
 BAD_HEARTBEAT: dict[tuple[str | int, ...], st.SearchStrategy[Any]] = {
     ("seq",): not_int,
@@ -272,8 +272,18 @@ BAD_HEARTBEAT: dict[tuple[str | int, ...], st.SearchStrategy[Any]] = {
     ("telemetry", "temperature_c"): st.floats(max_value=-273.16, allow_infinity=False) | present_not_number,
     ("telemetry", "errors"): bad_errors,
     ("telemetry", "faults"): too_many_names | over_long.map(lambda v: [v]) | st.just([1]),
-    ("telemetry", "surplus"): json_values,
 }
+SURPLUS_AT: dict[str, list[tuple[str | int, ...]]] = {
+    "register": [
+        ("capability",),
+        ("capability", "hardware"),
+        ("capability", "models", 0),
+        ("capability", "runtime"),
+        (),
+    ],
+    "heartbeat": [("telemetry",), ()],
+}
+"""Objects of a node's self-description where a newer node may add a member this version does not know."""
 BEYOND_U64 = "18446744073709551616"
 RAW_NUMBERS = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", BEYOND_U64, "-9223372036854775809"]
 """Numbers no wire field accepts: not JSON, beyond a double, or beyond 64-bit integers (parsed as doubles)."""
@@ -331,7 +341,7 @@ class Bench:
     """Registered too: the node a member's message may name instead of itself."""
     seq: Iterator[int]
 
-    def register(self, raw: bytes) -> Capability:
+    def register(self, raw: bytes) -> tuple[Capability, tuple[str, ...]]:
         return self.membership.register(raw)
 
     def heartbeat(self, raw: bytes) -> Any:
@@ -492,7 +502,7 @@ def test_payloads_with_invalid_values_are_refused(bench: Bench, purpose: str, da
 @given(purpose=PURPOSES, data=st.data())
 @UNIT
 def test_payloads_with_unrepresentable_numbers_are_refused(bench: Bench, purpose: str, data: st.DataObject) -> None:
-    fields = [p for p in (BAD_CAPABILITY if purpose == "register" else BAD_HEARTBEAT) if p[-1] != "surplus"]
+    fields = list(BAD_CAPABILITY if purpose == "register" else BAD_HEARTBEAT)
     path = data.draw(st.sampled_from(sorted(fields, key=str)), label="field")
     literals = [n for n in RAW_NUMBERS if path not in FLOATS or n != BEYOND_U64]
     literal = data.draw(st.sampled_from(literals), label="literal")
@@ -531,10 +541,33 @@ def test_valid_registrations_are_accepted_once(bench: Bench, seed: bytes, data: 
     identity = identity_from(seed)
     capability = data.draw(valid_capabilities(identity), label="capability")
     raw = body(envelope(identity, register_payload(identity, capability), purpose="register"))
-    assert bench.register(raw) == capability
+    assert bench.register(raw) == (capability, ())
     record = bench.membership.nodes[NodeId(identity.node_id)]
     assert record.capability == capability and record.state.value == "up"
     assert isinstance(refused(bench, bench.register, raw), Replayed)
+
+
+@given(purpose=PURPOSES, data=st.data())
+@UNIT
+def test_members_a_newer_node_adds_are_left_out_and_the_rest_taken(
+    bench: Bench, purpose: str, data: st.DataObject
+) -> None:
+    """A member this version does not know, anywhere in a node's description of itself (a node upgraded before its
+    gateway): the message is taken as it would be without it, and a registration names it back."""
+    where = data.draw(st.sampled_from(SURPLUS_AT[purpose]), label="where")
+    valid = valid_payload(bench, purpose)
+    target = valid
+    for step in where:
+        target = target[step]
+    member = data.draw(name.filter(lambda k: k not in target), label="member")
+    doc = envelope(bench.member, put(valid, (*where, member), data.draw(json_values, label="value")), purpose=purpose)
+    if purpose == "register":
+        capability, unread = bench.register(body(doc))
+        assert capability.model_dump(mode="json") == valid["capability"] and len(unread) == 1
+        assert unread[0].endswith(member[:64]) or unread[0].endswith("…"), unread
+    else:
+        record = bench.heartbeat(body(doc))
+        assert record.telemetry.model_dump(mode="json") == valid["telemetry"] and record.last_seq == valid["seq"]
 
 
 @given(telemetry=valid_telemetry)

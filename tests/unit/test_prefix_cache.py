@@ -41,6 +41,7 @@ from gridserve.types import (
     StreamEvent,
     TokenEvent,
 )
+from gridserve.types.base import wire_payload
 
 THREADS = 1
 BLOCK = TINY_PREFIX_BLOCK
@@ -274,7 +275,7 @@ def test_the_signed_receipt_carries_the_count_and_the_gateway_accepts_it(writer:
     membership = Membership(CONFIG, EnvelopeVerifier(FreshnessPolicy(), time.time), writer, GatewayMetrics())
     membership.apply(Registered(cap, at=now, registered_at=now, capability_at=now, last_seen=now))
     request = job(max_tokens=2)
-    receipts = Receipter(SimpleNamespace(identity=identity), request.model_dump(mode="json"), "seed:test", Dishonesty())  # type: ignore[arg-type]
+    receipts = Receipter(SimpleNamespace(identity=identity), wire_payload(request), "seed:test", Dishonesty())  # type: ignore[arg-type]
     lines = [
         receipts.line(TokenEvent(text="a", token_ids=(100,))),
         receipts.line(TokenEvent(text="b", token_ids=(101,))),

@@ -17,6 +17,7 @@ from gridserve.store import StoreWriter
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, sign_envelope
 from gridserve.trust.commitments import input_commitment, token_commitment
 from gridserve.types import Capability, GenerateRequest, ModelOffer, NodeId, SamplingParams, StreamEvent
+from gridserve.types.base import wire_payload
 
 NODE = Identity.generate()
 JOB = GenerateRequest(request_id="r1", model="m", prompt="hello", sampling=SamplingParams(max_tokens=4))
@@ -39,13 +40,13 @@ def _checker(writer: StoreWriter) -> ReceiptChecker:
     return ReceiptChecker(membership, writer)
 
 
-def _final(cached_said: int, cached_signed: int, prompt: int = 10) -> StreamEvent:
+def _final(cached_said: int, cached_signed: int, prompt: int = 10, **newer: Any) -> StreamEvent:
     payload: dict[str, Any] = {
         "request_id": JOB.request_id,
         "node_id": NODE.node_id,
         "model": JOB.model,
         "weights_digest": OFFER.weights_digest,
-        "input_commitment": input_commitment(JOB.model_dump(mode="json")),
+        "input_commitment": input_commitment(wire_payload(JOB)),
         "prompt_digest": "",
         "output_commitment": token_commitment(SENT),
         "resumed": 0,
@@ -56,6 +57,7 @@ def _final(cached_said: int, cached_signed: int, prompt: int = 10) -> StreamEven
         "prefill_s": 0.0,
         "decode_s": 0.0,
         "cached_tokens": cached_signed,
+        **newer,
     }
     receipt = sign_envelope(NODE, payload, purpose="receipt", now=time.time()).decode()
     final = StreamEvent(finish_reason="length", prompt_tokens=prompt, completion_tokens=len(SENT), receipt=receipt)
@@ -68,6 +70,13 @@ def _final(cached_said: int, cached_signed: int, prompt: int = 10) -> StreamEven
 def test_an_honest_receipt_with_its_cached_count_passes(writer: StoreWriter, cached: int) -> None:
     check = _checker(writer).check(NODE.node_id, JOB, SENT, _final(cached, cached))
     assert check.ok and check.receipt is not None and check.receipt.cached_tokens == cached
+
+
+def test_a_newer_nodes_receipt_is_read_without_the_fields_this_version_does_not_know(writer: StoreWriter) -> None:
+    check = _checker(writer).check(NODE.node_id, JOB, SENT, _final(0, 0, draft_tokens=3, energy={"joules": 1.5}))
+    assert check.ok and check.receipt is not None and check.receipt.completion_tokens == len(SENT), check.problems
+    wrong = _checker(writer).check(NODE.node_id, JOB, SENT, _final(0, 0, draft_tokens=3, completion_tokens="four"))
+    assert not wrong.ok and any("receipt malformed" in p for _, p in wrong.problems), "what it reads is checked"
 
 
 @pytest.mark.parametrize(

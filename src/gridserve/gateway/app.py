@@ -315,10 +315,15 @@ def _node_routes(app: FastAPI, gw: Gateway) -> None:
         try:
             if gw.config.join_tokens_required:  # refused before the node is accepted (gateway/registry/tokens.py)
                 await gw.join_tokens.admit(request.headers.get(JOIN_TOKEN_HEADER), body)
-            capability = gw.membership.register(body, _remote(request))
+            capability, unknown = gw.membership.register(body, _remote(request))
         except TrustError as exc:
             return refused(exc, request)
-        reply = {"gateway_public_key": gw.identity.public_key, "heartbeat_interval_s": gw.config.heartbeat_interval_s}
+        reply: dict[str, Any] = {
+            "gateway_public_key": gw.identity.public_key,
+            "heartbeat_interval_s": gw.config.heartbeat_interval_s,
+        }
+        if unknown:  # only a node that sent fields this version does not know: one newer than this gateway
+            reply["unread"] = list(unknown)
         body = sign_envelope(gw.identity, reply, purpose="register-reply", now=time.time())
         log.debug("registered %s", capability.node_id)
         return Response(body, media_type="application/json")

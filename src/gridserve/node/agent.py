@@ -21,7 +21,7 @@ from gridserve.node.heap import settle_heap
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, Identity, TrustError, sign_envelope, tls
 from gridserve.tunnel.wire import endpoint_for
 from gridserve.types import Capability, HeartbeatPayload, NodeId, RegisterReply, RuntimeInfo, Telemetry
-from gridserve.types.base import from_wire
+from gridserve.types.base import lenient
 from gridserve.types.node import JOIN_TOKEN_HEADER, MeasuredFigures
 
 if TYPE_CHECKING:
@@ -241,7 +241,15 @@ class NodeAgent:
         if resp.status_code != 200:
             raise RuntimeError(f"registration refused ({resp.status_code}): {resp.text[:300]}")
         envelope = self.verifier.verify(resp.content, purpose="register-reply", expected_keyid=self.gateway_key)
-        reply = from_wire(RegisterReply, envelope.payload)
+        reply, newer = lenient(RegisterReply, envelope.payload)
+        if newer:
+            log.info("the gateway (a newer version) also said %s; this node does not read them", ", ".join(newer))
+        if reply.unread:
+            log.warning(
+                "the gateway (an older version) does not read these fields of this node's capability: %s; it routes "
+                "to this node by the rest",
+                ", ".join(reply.unread),
+            )
         if reply.gateway_public_key != envelope.keyid:
             raise TrustError("registration reply names a gateway key other than the one that signed it")
         self.gateway_key = envelope.keyid

@@ -278,6 +278,9 @@ class RegisterPayload(Strict):
 class RegisterReply(Strict):
     gateway_public_key: str
     heartbeat_interval_s: float
+    unread: tuple[str, ...] = ()
+    """Fields of the node's capability document this gateway does not know (an older gateway: it reads the rest;
+    what these describe is not used to route to the node). Sent only when there are some."""
 
 
 class HeartbeatPayload(Strict):

@@ -26,7 +26,7 @@ from gridserve.gateway.registry.membership import Membership
 from gridserve.reliability import NodeEvent
 from gridserve.trust import EnvelopeVerifier, TrustError
 from gridserve.types import ModelOffer
-from gridserve.types.base import from_wire
+from gridserve.types.base import lenient
 from gridserve.types.embedding import EMBED_REPLY_PURPOSE, BadVector, EmbedReply, EmbedRequest, Floats, decode_vectors
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def read_reply(verifier: EnvelopeVerifier, body: bytes, public_key: str, job: Em
     naming the first thing wrong with it."""
     try:
         envelope = verifier.verify(body, purpose=EMBED_REPLY_PURPOSE, expected_keyid=public_key)
-        reply = from_wire(EmbedReply, envelope.payload)
+        reply = lenient(EmbedReply, envelope.payload)[0]
     except TrustError as exc:
         raise BadReply(f"the answer's signature does not hold ({exc.kind}: {exc.detail})") from exc
     except ValidationError as exc:

@@ -29,7 +29,7 @@ from gridserve.store.group_commit import GroupCommit
 from gridserve.trust import EnvelopeVerifier, FreshnessPolicy, TrustError
 from gridserve.trust.commitments import input_commitment, token_commitment
 from gridserve.types import GenerateRequest, NodeId, Receipt, StreamEvent
-from gridserve.types.base import from_wire
+from gridserve.types.base import lenient, wire_payload
 
 log = logging.getLogger("gridserve.gateway")
 
@@ -101,7 +101,7 @@ class ReceiptChecker:
             envelope = self.verifier.verify(
                 body.encode(), purpose="receipt", expected_keyid=record.capability.public_key
             )
-            return from_wire(Receipt, envelope.payload)
+            return lenient(Receipt, envelope.payload)[0]
         except TrustError as exc:
             result.problems.append(("identity", f"receipt refused: {exc.kind}: {exc.detail}"))
         except ValidationError as exc:
@@ -118,7 +118,7 @@ class ReceiptChecker:
             "node id": (r.node_id, result.node_id),
             "model": (r.model, job.model),
             "weights digest": (r.weights_digest, digest),
-            "input commitment": (r.input_commitment, input_commitment(job.model_dump(mode="json"))),
+            "input commitment": (r.input_commitment, input_commitment(wire_payload(job))),
             "output commitment": (r.output_commitment, token_commitment(sent_ids)),
         }
         for name, (got, want) in expected.items():

@@ -38,7 +38,7 @@ from gridserve.reliability import EventKind, ReliabilityError
 from gridserve.store import Store
 from gridserve.store.db import NOTIFY_CHANNEL
 from gridserve.types import Capability, Telemetry
-from gridserve.types.base import from_wire
+from gridserve.types.base import lenient
 
 log = logging.getLogger("gridserve.gateway")
 
@@ -246,7 +246,7 @@ class ClusterSync:
 
     def _adopt(self, stored: dict[str, Any], row: dict[str, Any]) -> None:
         try:
-            capability = from_wire(Capability, stored["capability"])
+            capability = lenient(Capability, stored["capability"])[0]  # a newer gateway's nodes too
         except ValidationError as exc:
             log.warning("cluster sync: stored capability of %s is invalid: %s", row["node_id"], exc.errors()[0])
             return
@@ -295,7 +295,7 @@ def _telemetry(value: Any) -> Telemetry | None:
     if value is None:
         return None
     try:
-        return from_wire(Telemetry, value)
+        return lenient(Telemetry, value)[0]
     except ValidationError:
         return None
 

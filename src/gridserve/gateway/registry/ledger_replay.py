@@ -16,7 +16,7 @@ from gridserve.gateway.registry.whitewash import Marks, signals_of
 from gridserve.reliability import EXCLUDED, EventKind, NodeEvent, ReliabilityBook, ReliabilityError, Severity
 from gridserve.store import Store
 from gridserve.types import Capability, NodeId
-from gridserve.types.base import from_wire
+from gridserve.types.base import lenient
 
 log = logging.getLogger("gridserve.gateway")
 STATE = "reliability_state"
@@ -90,7 +90,7 @@ def restore_marks(store: Store, book: ReliabilityBook, marks: Marks, now: float)
     restored = 0
     for row in reversed(store.node_origins(marks.keep)):  # oldest first: the newest are kept if `keep` is passed
         try:
-            capability = from_wire(Capability, row["capability"])
+            capability = lenient(Capability, row["capability"])[0]
         except ValidationError as exc:
             log.warning("whitewash marks: the stored capability of %s does not load: %s", row["node_id"], exc)
             continue

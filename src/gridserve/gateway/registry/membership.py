@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from gridserve.gateway.config import GatewayConfig
@@ -41,7 +42,7 @@ from gridserve.store import StoreWriter
 from gridserve.trust import EnvelopeVerifier, Malformed, TrustError, WrongSigner, node_id_for
 from gridserve.trust.attestation import attest, builtin_digests, check_names, load_digests, merged
 from gridserve.types import Capability, HeartbeatPayload, NodeId, NodeState, RegisterPayload, Telemetry
-from gridserve.types.base import from_wire
+from gridserve.types.base import lenient
 
 log = logging.getLogger("gridserve.gateway")
 
@@ -136,11 +137,13 @@ class Membership:
             at=self.clock(),
         )
 
-    def register(self, body: bytes, remote: str = "") -> Capability:
-        """A node's signed registration (`remote`: the address it came from)."""
+    def register(self, body: bytes, remote: str = "") -> tuple[Capability, tuple[str, ...]]:
+        """A node's signed registration (`remote`: the address it came from): its capability, and the fields of
+        its document this version does not know (a newer node's; left out, `types.base.lenient`)."""
         envelope = self.verifier.verify(body, purpose="register")
         try:
-            capability = from_wire(RegisterPayload, envelope.payload).capability
+            payload, unknown = lenient(RegisterPayload, envelope.payload)
+            capability = payload.capability
         except ValidationError as exc:
             raise Malformed(
                 f"capability document invalid: {exc.error_count()} error(s): {exc.errors()[0]['msg']}"
@@ -168,7 +171,13 @@ class Membership:
             capability.engine,
             ", ".join(m.name for m in capability.models),
         )
-        return capability
+        if unknown:
+            log.warning(
+                "node %s (a newer version?) sent fields this gateway does not read: %s",
+                capability.node_id,
+                ", ".join(unknown),
+            )
+        return capability, unknown
 
     def _whitewash(self, node_id: NodeId, signals: Signals, fresh: bool, now: float) -> None:
         """A new identity from where a quarantined one was owes more checks (SIGNALS_MATCHED)."""
@@ -220,7 +229,7 @@ class Membership:
         if record is None:
             raise UnknownNode(f"heartbeat from unregistered node {node_id}")
         try:
-            beat = from_wire(HeartbeatPayload, envelope.payload)
+            beat, _ = lenient(HeartbeatPayload, envelope.payload)
         except ValidationError as exc:
             raise Malformed(f"heartbeat invalid: {exc.errors()[0]['msg']}") from exc
         return self._beat(record, beat)
@@ -235,9 +244,19 @@ class Membership:
             raise UnknownNode(f"heartbeat from unregistered node {node_id}")
         try:
             beat = HeartbeatPayload.model_validate_json(payload)
+        except ValidationError:
+            beat = self._newer_beat(payload)
+        return self._beat(record, beat)
+
+    @staticmethod
+    def _newer_beat(payload: bytes) -> HeartbeatPayload:
+        """A heartbeat with fields this version does not read (a newer node's): read without them."""
+        try:
+            return lenient(HeartbeatPayload, orjson.loads(payload))[0]
         except ValidationError as exc:
             raise Malformed(f"heartbeat invalid: {exc.errors()[0]['msg']}") from exc
-        return self._beat(record, beat)
+        except orjson.JSONDecodeError as exc:
+            raise Malformed(f"heartbeat invalid: {exc}") from exc
 
     def _beat(self, record: NodeRecord, beat: HeartbeatPayload) -> NodeRecord:
         node_id = record.capability.node_id

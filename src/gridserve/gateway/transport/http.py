@@ -29,6 +29,7 @@ from gridserve.gateway.transport.errors import (
 )
 from gridserve.trust import Identity, sign_envelope
 from gridserve.types import GenerateRequest, NodeId, StreamEvent
+from gridserve.types.base import wire_payload
 from gridserve.types.embedding import EMBED_PURPOSE, MAX_EMBED_REPLY_BYTES, EmbedRequest
 
 JSON_HEADERS = {"content-type": "application/json"}
@@ -167,7 +168,7 @@ class AiohttpTransport:
         return self.session
 
     async def generate(self, node_id: NodeId, endpoint: str, job: GenerateRequest) -> HttpEventStream:
-        payload = {**job.model_dump(mode="json"), "node_id": node_id}
+        payload = {**wire_payload(job), "node_id": node_id}
         body = sign_envelope(self.identity, payload, purpose="generate", now=time.time())
         headers = dict(JSON_HEADERS)
         propagate.inject(headers)  # W3C traceparent of the request's dispatch span, when tracing is on
@@ -181,7 +182,7 @@ class AiohttpTransport:
         return HttpEventStream(response.content, response.close)
 
     async def embed(self, node_id: NodeId, endpoint: str, job: EmbedRequest, timeout_s: float) -> bytes:
-        payload = {**job.model_dump(mode="json"), "node_id": node_id}
+        payload = {**wire_payload(job), "node_id": node_id}
         body = sign_envelope(self.identity, payload, purpose=EMBED_PURPOSE, now=time.time())
         headers = dict(JSON_HEADERS)
         propagate.inject(headers)

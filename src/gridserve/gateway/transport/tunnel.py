@@ -47,6 +47,7 @@ from gridserve.tunnel.wire import (
     request_payload,
 )
 from gridserve.types import GenerateRequest, NodeId, StreamEvent
+from gridserve.types.base import wire_payload
 from gridserve.types.embedding import EMBED_PURPOSE, MAX_EMBED_REPLY_BYTES, EmbedRequest
 
 log = logging.getLogger("gridserve.gateway")
@@ -481,7 +482,7 @@ class TunnelTransport:
                 return b"".join(parts)[:limit]
 
     async def generate(self, node_id: NodeId, endpoint: str, job: GenerateRequest) -> TunnelEventStream:
-        payload = {**job.model_dump(mode="json"), "node_id": node_id}
+        payload = {**wire_payload(job), "node_id": node_id}
         body = sign_envelope(self.identity, payload, purpose="generate", now=time.time())
         headers = {"content-type": "application/json"}
         propagate.inject(headers)
@@ -498,7 +499,7 @@ class TunnelTransport:
         return TunnelEventStream(conn, stream, queue, b"", False)
 
     async def embed(self, node_id: NodeId, endpoint: str, job: EmbedRequest, timeout_s: float) -> bytes:
-        payload = {**job.model_dump(mode="json"), "node_id": node_id}
+        payload = {**wire_payload(job), "node_id": node_id}
         body = sign_envelope(self.identity, payload, purpose=EMBED_PURPOSE, now=time.time())
         status, answer = await self._call(
             node_id, "POST", "/internal/embed", body, timeout_s, limit=MAX_EMBED_REPLY_BYTES + 1
