@@ -13,7 +13,12 @@ one-split rule would punish. Also counted: identical answers, and agreements onl
 `strikes` bounds what the checker's rule (a severe incident after `redundancy_strikes` consecutive minority
 verdicts) would have done to these honest servers; `false_quarantines` is that bound at the gateway's default.
 
-Prints JSON; run: `.venv/bin/python bench/redundancy.py --jobs 300` (about 6 minutes on 2 busy cores).
+With `--logprobs`, every job is a text prompt asking for each token's log-probability (llama-cpp-python gives
+them on /v1/completions only): `logprobs` says how far the two servers' numbers for the same token after the same
+tokens lie apart (`abs_diff` percentiles over every such token; `pairs_over` the answers whose largest difference
+exceeds each tolerance, what `--redundancy-logprob-tolerance` would call a disagreement).
+
+Prints JSON; run: `.venv/bin/python bench/redundancy.py --jobs 300 [--logprobs]` (about 6 minutes on 2 busy cores).
 """
 
 import argparse
@@ -102,17 +107,18 @@ def _wait(proc: subprocess.Popen[bytes], url: str) -> None:
     raise RuntimeError("llama.cpp server did not start")
 
 
-def job(i: int, rng: random.Random) -> GenerateRequest:
-    """Even `i`: greedy; odd: sampled with a seed. A third are text prompts, the rest chat."""
+def job(i: int, rng: random.Random, logprobs: bool = False) -> GenerateRequest:
+    """Even `i`: greedy; odd: sampled with a seed. A third are text prompts (all, with `logprobs`), the rest chat."""
     greedy = i % 2 == 0
     sampling = SamplingParams(
         max_tokens=rng.choice((12, 16, 24, 32, 40)),
         temperature=0.0 if greedy else rng.choice((0.7, 1.0, 1.3)),
         top_p=1.0 if greedy else rng.choice((0.9, 1.0)),
         seed=None if greedy else rng.getrandbits(31),
+        logprobs=0 if logprobs else None,
     )
     prompt = rng.choice(PROMPTS)
-    if i % 3 == 0:
+    if i % 3 == 0 or logprobs:
         return GenerateRequest(request_id=f"cmpl-{i}", model=MODEL, prompt=prompt, sampling=sampling)
     messages = (ChatMessage(role="user", content=prompt),)
     return GenerateRequest(request_id=f"chatcmpl-{i}", model=MODEL, messages=messages, sampling=sampling)
@@ -120,8 +126,12 @@ def job(i: int, rng: random.Random) -> GenerateRequest:
 
 async def answer(engine: UpstreamEngine, j: GenerateRequest) -> tuple[Answer, float]:
     start = time.perf_counter()
-    text = [event.text async for event in engine.generate(j)]
-    return Answer(text="".join(text)), time.perf_counter() - start
+    text: list[str] = []
+    scored: list[tuple[int | str, float]] = []
+    async for event in engine.generate(j):
+        text.append(event.text)
+        scored.extend((entry.token, entry.logprob) for entry in event.logprobs or ())
+    return Answer(text="".join(text), scored=tuple(scored)), time.perf_counter() - start
 
 
 async def serve(url: str, jobs: list[GenerateRequest], order: list[int], done: Any) -> dict[int, tuple[Answer, float]]:
@@ -160,7 +170,7 @@ def compare(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
-    jobs = [job(i, rng) for i in range(args.jobs)]
+    jobs = [job(i, rng, args.logprobs) for i in range(args.jobs)]
     first = list(range(args.jobs))
     second = first[:]
     if args.order == "shuffled":
@@ -174,6 +184,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         wall = time.perf_counter() - started
     result = compare(jobs, a, b)
+    if args.logprobs:
+        result["logprobs"] = logprob_gaps([(a[i][0], b[i][0]) for i in range(args.jobs)])
     result["strikes"] = strikes([divergence(a[i][0], b[i][0]) is not None for i in second])
     disagreements = result["greedy"]["disagree"] + result["sampled"]["disagree"]
     seconds = [b[i][1] for i in range(args.jobs)]
@@ -193,6 +205,39 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "wall_s_per_comparison": round(wall / args.jobs, 3),
         "compare_us_per_pair": _compare_cost(a, b),
+    }
+
+
+TOLERANCES = (1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5)
+
+
+def logprob_gaps(pairs: list[tuple[Answer, Answer]]) -> dict[str, Any]:
+    """How far the two servers' log-probabilities of the same token, after the same tokens, lie apart."""
+    gaps: list[float] = []
+    largest: list[float] = []
+    unscored = 0
+    for left, right in pairs:
+        if not (left.scored and right.scored):
+            unscored += 1
+            continue
+        mine = []
+        for (x_token, x), (y_token, y) in zip(left.scored, right.scored, strict=False):
+            if x_token != y_token:
+                break
+            mine.append(abs(x - y))
+        gaps += mine
+        largest.append(max(mine, default=0.0))
+    ordered = sorted(gaps)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+    return {
+        "tokens_compared": len(gaps),
+        "answers_unscored": unscored,
+        "abs_diff": {"p50": pct(0.5), "p99": pct(0.99), "p999": pct(0.999), "max": max(gaps, default=0.0)},
+        "pairs_over": {f"{t:g}": sum(1 for m in largest if m > t) for t in TOLERANCES},
+        "pairs": len(largest),
     }
 
 
@@ -233,6 +278,7 @@ def main() -> None:
     parser.add_argument(
         "--order", choices=("shuffled", "same"), default="shuffled", help="the second server's order of the jobs"
     )
+    parser.add_argument("--logprobs", action="store_true", help="text prompts asking for log-probabilities")
     print(json.dumps(asyncio.run(run(parser.parse_args())), indent=2))
 
 

@@ -1,5 +1,6 @@
 """Redundancy checks (gateway/integrity/redundancy.py) over a real Membership and Dispatcher with a scripted
-transport: who is asked again, and the verdicts."""
+transport: who is asked again, and the verdicts; answers with log-probabilities agree only when the numbers the
+nodes claim for the same tokens lie within the tolerance."""
 
 import asyncio
 import dataclasses
@@ -10,7 +11,16 @@ import pytest
 from tests.unit.dispatch_support import CONFIG, IDENTITY, store_writer
 
 from gridserve.gateway.dispatch.dispatcher import Dispatcher
-from gridserve.gateway.integrity.redundancy import Answer, RedundancyChecker, agree, divergence
+from gridserve.gateway.integrity.redundancy import (
+    LOGPROB_TOLERANCE,
+    Answer,
+    RedundancyChecker,
+    agree,
+    difference,
+    divergence,
+    scored,
+    scored_divergence,
+)
 from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.registry.events import Registered
 from gridserve.gateway.registry.membership import Membership
@@ -63,9 +73,12 @@ class Grid:
         self.membership.apply(Registered(cap, at=now, registered_at=now, capability_at=now, last_seen=now))
         self.membership.marks.registered(node_id, signals_of(cap, address))
 
-    def answers(self, node_id: str, ids: list[int]) -> None:
-        """The node answers every job with these token ids."""
-        self.fake.always(node_id, Emit({"text": "x" * len(ids), "token_ids": ids}), Finish())
+    def answers(self, node_id: str, ids: list[int], logprobs: list[float] | None = None) -> None:
+        """The node answers every job with these token ids (each token with its log-probability, when given)."""
+        event: dict[str, object] = {"text": "x" * len(ids), "token_ids": ids}
+        if logprobs is not None:
+            event["logprobs"] = [{"token": "x", "logprob": v, "top_logprobs": []} for v in logprobs]
+        self.fake.always(node_id, Emit(event), Finish())  # type: ignore[arg-type]
 
     def events(self, node_id: str) -> list[tuple[EventKind, Severity, str]]:
         return [(e.kind, e.severity, e.detail) for e in self.membership.book.events(node_id)]
@@ -178,7 +191,7 @@ async def _the_second_node_in_the_minority(writer: StoreWriter) -> None:
     grid.answers("b", [1, 2, 9, 4])
     grid.answers("c", [1, 2, 3, 4])
     result = await grid.checker.verify("a", job(), ANSWER)
-    assert result.result == "disagree_resolved" and result.peers == ("b", "c")
+    assert result.result == "disagree_resolved" and set(result.peers) == {"b", "c"}
     [incident] = grid.severe("b")
     assert incident.startswith("integrity: redundancy: ")
     assert not grid.severe("a") and not grid.severe("c") and grid.passed("a") == 1
@@ -293,3 +306,40 @@ async def _emulated_answers_are_not_checked(writer: StoreWriter) -> None:
     grid.add("a", "10.0.0.1", emulated=True)
     grid.add("b", "10.0.0.2", emulated=True)
     assert not grid.checker.check("a", job(), ANSWER) and not grid.checker.pending
+
+
+def test_log_probabilities_agree_within_the_tolerance_while_the_tokens_are_the_same() -> None:
+    small, big = LOGPROB_TOLERANCE / 2, LOGPROB_TOLERANCE * 2
+    a = Answer((1, 2, 3), scored=scored((1, 2, 3), [-0.5, -1.0, -2.0], ()))
+    assert agree(a, Answer((1, 2, 3), scored=scored((1, 2, 3), [-0.5 + small, -1.0 - small, -2.0], ())))
+    off = Answer((1, 2, 3), scored=scored((1, 2, 3), [-0.5, -1.0 - big, -2.0], ()))
+    assert not agree(a, off) and divergence(a, off) is None and scored_divergence(a, off) == 1
+    assert "log-probability of token 1" in difference(a, off) and "-1.0000" in difference(a, off)
+    later = Answer((1, 2, 9), scored=scored((1, 2, 9), [-0.5, -1.0, -9.0], ()))
+    assert scored_divergence(a, later) is None, "numbers after the tokens part are not compared"
+    assert not agree(a, later) and "token 2" in difference(a, later)
+    assert agree(a, Answer((1, 2, 3))), "an answer without numbers is compared by its tokens"
+    by_text = Answer(text="ab", scored=scored((), [-0.1, -0.2], ["a", "b"]))
+    assert by_text.scored == (("a", -0.1), ("b", -0.2)) and scored((1,), [-0.1, -0.2], ["a"]) == ()
+
+
+def test_a_node_claiming_other_log_probabilities_is_the_minority(writer: StoreWriter) -> None:
+    asyncio.run(_a_node_claiming_other_log_probabilities_is_the_minority(writer))
+
+
+async def _a_node_claiming_other_log_probabilities_is_the_minority(writer: StoreWriter) -> None:
+    grid = Grid(writer)
+    for node, host in (("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")):
+        grid.add(node, host)
+    honest = [-0.25, -1.5, -0.75, -3.0]
+    grid.answers("b", [1, 2, 3, 4], [v + LOGPROB_TOLERANCE / 3 for v in honest])
+    grid.answers("c", [1, 2, 3, 4], honest)
+    flattering = Answer((1, 2, 3, 4), "abcd", scored((1, 2, 3, 4), [-0.25, -0.5, -0.75, -3.0], ()))
+    asked = job().model_copy(update={"sampling": job().sampling.model_copy(update={"logprobs": 0})})
+    result = await grid.checker.verify("a", asked, flattering)
+    assert result.result == "disagree_resolved" and set(result.peers) == {"b", "c"}
+    [incident] = grid.severe("a")
+    assert "log-probability of token 1" in incident and "-0.5000" in incident, incident
+    assert grid.fake.calls[0].job.sampling.logprobs == 0, "the second node is asked for them too"
+    honest_again = Answer((1, 2, 3, 4), "abcd", scored((1, 2, 3, 4), honest, ()))
+    assert (await grid.checker.verify("c", asked, honest_again)).result == "agree"

@@ -145,6 +145,14 @@ def gateway(
     redundancy_strikes: Annotated[
         int, typer.Option(min=1, help="consecutive 2-1 splits against a node that quarantine it (redundancy)")
     ] = 8,
+    redundancy_logprob_tolerance: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="nats two nodes' log-probabilities of the same token may differ by in a redundancy check "
+            "(default: gateway/config.py REDUNDANCY_LOGPROB_TOLERANCE, measured on llama.cpp)",
+        ),
+    ] = None,
     canary_interval: Annotated[float, typer.Option(help="mean seconds between canary requests (0: none)")] = 60.0,
     responses_ttl_days: Annotated[
         float, typer.Option(min=0, help="stored responses (/v1/responses) are deleted after this many days (0: never)")
@@ -290,6 +298,8 @@ def gateway(
         queue_shares=queue_shares,
         queue_deadlines_s=queue_deadlines_s,
     )
+    if redundancy_logprob_tolerance is not None:
+        config = dataclasses.replace(config, redundancy_logprob_tolerance=redundancy_logprob_tolerance)
     console.print(f"gateway on {config.scheme}://{host}:{port}  (api key in {data_dir / 'api.key'} unless given)")
     try:
         run_gateway(config, log_level=log_level, log_format=_log_format(log_format))

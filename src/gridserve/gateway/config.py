@@ -17,6 +17,14 @@ _HEALTH = HealthTiming()
 _AUDIT = AuditRates()
 
 
+REDUNDANCY_LOGPROB_TOLERANCE = 0.5
+"""Nats: how far two honest nodes' log-probabilities of the same token (after the same tokens) may lie apart in a
+redundancy check (integrity/redundancy.py). Two llama.cpp servers (llama-cpp-python, CPU, Gemma 3 270M Q4_K_M) that
+saw the jobs in different orders (other prompt-cache histories, so other batch shapes) claimed numbers up to 0.188
+nats apart (p99 0.089) over 3,038 tokens of 120 answers, 0.074 over 425 of 20 (bench/redundancy.py --logprobs):
+0.5 leaves room; a number invented further off than that is caught. GPU engines were not measured."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class GatewayConfig:
     port: int = 8000
@@ -114,6 +122,8 @@ class GatewayConfig:
     audit_floor: float = _AUDIT.floor
     redundancy: bool = True
     """Check audited answers of models the verifier cannot run by asking other nodes (integrity/redundancy.py)."""
+    redundancy_logprob_tolerance: float = REDUNDANCY_LOGPROB_TOLERANCE
+    """Log-probabilities two nodes claim for the same token may differ this much (nats) in a redundancy check."""
     redundancy_strikes: int = 8
     """Consecutive minority verdicts (2-1 splits against the node) that make a severe incident; each one before is
     a minor incident. Honest llama.cpp servers with other prompt-cache histories disagreed on 27 to 40 of 300

@@ -56,6 +56,8 @@ class Segment:
     logprobs: list[tuple[float, tuple[float, ...]]] = field(default_factory=list)
     """What the node claimed for each of `ids` when the request asked for log-probabilities: the token's and its
     alternatives' (audited)."""
+    scored_tokens: list[str] = field(default_factory=list)
+    """The tokens those are for, as the node wrote them (a redundancy check aligns an answer without ids by them)."""
     tokens: int = 0
     outcome: str = "streaming"
     detail: str = ""
@@ -189,6 +191,7 @@ class Generation:
             if scored:
                 event["logprobs"] = scored
                 segment.logprobs.extend((e["logprob"], tuple(t["logprob"] for t in e["top_logprobs"])) for e in scored)
+                segment.scored_tokens.extend(e["token"] for e in scored)
         segment.ids.extend(ids)
         segment.tokens += len(ids)
         segment.last_at = time.monotonic()

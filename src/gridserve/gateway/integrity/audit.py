@@ -29,7 +29,7 @@ import random
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -327,12 +327,14 @@ class Auditor:
         receipt: Receipt,
         text: str = "",
         logprobs: "Claimed" = (),
+        scored_tokens: Sequence[str] = (),
     ) -> bool:
         """`text`: the answer's text (compared by redundancy where the engine does not name its tokens);
-        `logprobs`: each token's, as the node claimed them (when the request asked for them)."""
+        `logprobs`: each token's, as the node claimed them (when the request asked for them), for `scored_tokens`
+        as the node wrote them."""
         self.mix.note(job)
         if not self.verifier.supports(job.model):
-            return self._redundant(node_id, job, ids, text)
+            return self._redundant(node_id, job, ids, text, ([lp for lp, _ in logprobs], scored_tokens))
         if self.rng.random() >= self.rate(node_id):
             return False
         task = asyncio.create_task(self._audit(node_id, job, list(ids), receipt, logprobs))
@@ -340,13 +342,21 @@ class Auditor:
         task.add_done_callback(self.pending.discard)
         return True
 
-    def _redundant(self, node_id: str, job: GenerateRequest, ids: list[int], text: str) -> bool:
-        """A model the verifier cannot run: audited (at the same rate) by asking other nodes (redundancy.py)."""
+    def _redundant(
+        self,
+        node_id: str,
+        job: GenerateRequest,
+        ids: list[int],
+        text: str,
+        claimed: tuple[list[float], Sequence[str]] = ([], ()),
+    ) -> bool:
+        """A model the verifier cannot run: audited (at the same rate) by asking other nodes (redundancy.py), with
+        its claimed log-probabilities (values, and the tokens as the node wrote them)."""
         if self.redundancy is None or self.rng.random() >= self.rate(node_id):
             return False
-        from gridserve.gateway.integrity.redundancy import Answer
+        from gridserve.gateway.integrity.redundancy import Answer, scored
 
-        return self.redundancy.check(node_id, job, Answer(tuple(ids), text))
+        return self.redundancy.check(node_id, job, Answer(tuple(ids), text, scored(ids, *claimed)))
 
     async def _audit(
         self, node_id: str, job: GenerateRequest, ids: list[int], receipt: Receipt, logprobs: "Claimed" = ()

@@ -17,6 +17,12 @@ different orders they parted on about one answer in nine (bench/redundancy.py): 
 the prefix shared with the previous prompt, computes the rest in other batch shapes, and a near tie flips. GPU
 engines (batch-dependent kernels) do the same. One disagreement is therefore no proof.
 
+Log-probabilities (an answer to a request that asked for them): the second node is asked for them too, and while
+the two answers name the same tokens, the numbers they claim for each token must lie within
+`redundancy_logprob_tolerance` nats (`scored_divergence`); a node that invents them (a flattering confidence) is
+in the minority like one that alters tokens. Tokens are matched by id, or by their text where the engine names
+no ids (an upstream server).
+
 Verdicts: agreement is an audit passed for the checked node (it counts toward vetting a new identity); the second
 node is credited too only when the checked node is vetted and the two differ in registration address and endpoint
 host (two fresh identities of one operator would otherwise vet each other). Disagreement asks a third node (same
@@ -38,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from gridserve.gateway.config import GatewayConfig
+from gridserve.gateway.config import REDUNDANCY_LOGPROB_TOLERANCE, GatewayConfig
 from gridserve.gateway.dispatch.dispatcher import Dispatcher, NodeFailed
 from gridserve.gateway.ops.metrics import GatewayMetrics
 from gridserve.gateway.registry.membership import Membership, NodeRecord
@@ -49,12 +55,28 @@ from gridserve.types import GenerateRequest, ModelOffer, NodeId
 log = logging.getLogger("gridserve.gateway")
 
 
+LOGPROB_TOLERANCE = REDUNDANCY_LOGPROB_TOLERANCE
+
+
+Scored = tuple[tuple[int | str, float], ...]
+"""Each token's claimed log-probability, keyed by the token: its id where the answer names every token's, else its
+text as the node wrote it."""
+
+
+def scored(ids: Sequence[int], values: Sequence[float], tokens: Sequence[str]) -> Scored:
+    """`values` keyed by their tokens (`Scored`); () when they cannot be matched to tokens."""
+    keys: Sequence[int | str] = ids if len(ids) == len(values) else tokens
+    return tuple(zip(keys, values, strict=True)) if values and len(keys) == len(values) else ()
+
+
 @dataclass(frozen=True)
 class Answer:
-    """What a node answered: token ids where its engine names them, and the text."""
+    """What a node answered: token ids where its engine names them, and the text; with `scored`, each token's
+    log-probability as the node claimed it, keyed by its id (or its text where the engine names no ids)."""
 
     ids: tuple[int, ...] = ()
     text: str = ""
+    scored: Scored = ()
 
 
 def first_difference(a: Sequence[Any], b: Sequence[Any]) -> int:
@@ -73,8 +95,34 @@ def divergence(a: Answer, b: Answer) -> int | None:
     return None if at >= min(len(left), len(right)) else at
 
 
-def agree(a: Answer, b: Answer) -> bool:
-    return divergence(a, b) is None
+def scored_divergence(a: Answer, b: Answer, tolerance: float = LOGPROB_TOLERANCE) -> int | None:
+    """The first token, while both answers name the same tokens, whose log-probabilities the two claim more than
+    `tolerance` apart (None: none, or not both claimed any)."""
+    for i, ((left, x), (right, y)) in enumerate(zip(a.scored, b.scored, strict=False)):
+        if left != right:
+            return None
+        if abs(x - y) > tolerance:
+            return i
+    return None
+
+
+def agree(a: Answer, b: Answer, tolerance: float = LOGPROB_TOLERANCE) -> bool:
+    """The same tokens (one may stop earlier) and, where both claimed them, their log-probabilities within
+    `tolerance`."""
+    return divergence(a, b) is None and scored_divergence(a, b, tolerance) is None
+
+
+def difference(a: Answer, b: Answer, tolerance: float = LOGPROB_TOLERANCE) -> str:
+    """Where and how two answers that do not agree differ, in words."""
+    at = divergence(a, b)
+    if at is None:
+        i = scored_divergence(a, b, tolerance) or 0
+        return (
+            f"the log-probability of token {i} ({a.scored[i][0]!r}) is {a.scored[i][1]:.4f}, the others' "
+            f"{b.scored[i][1]:.4f} (tolerance {tolerance:g})"
+        )
+    by_ids = bool(a.ids and b.ids)
+    return f"{'token' if by_ids else 'character'} {at}: {_excerpt(a, at, by_ids)!r} vs {_excerpt(b, at, by_ids)!r}"
 
 
 def endpoint_host(record: NodeRecord) -> str:
@@ -102,6 +150,7 @@ class RedundancyChecker:
         self.results: deque[RedundancyResult] = deque(maxlen=1000)
         self.strikes: dict[str, int] = {}
         """Consecutive minority verdicts per node (an agreement clears them)."""
+        self.tolerance = config.redundancy_logprob_tolerance
 
     # -- who may answer again ---------------------------------------------------------------------------------------
     def peers(self, node_id: str, model: str, exclude: Collection[str] = ()) -> list[NodeId]:
@@ -183,7 +232,7 @@ class RedundancyChecker:
         again = await self.ask(second, job)
         if again is None:
             return RedundancyResult(node_id, job.request_id, "error", (second,), f"{second} did not answer")
-        if agree(answer, again):
+        if agree(answer, again, self.tolerance):
             self.strikes.pop(second, None)
             self._passed(node_id, job, second)
             if self.membership.book.summary(node_id, time.time()).vetted and self._distinct(node_id, second):
@@ -194,15 +243,16 @@ class RedundancyChecker:
     async def _arbitrate(self, node_id: str, job: GenerateRequest, answers: dict[str, Answer]) -> RedundancyResult:
         """The two answers differ: a third node's answer decides, if one can be had and it sides with one."""
         second = next(n for n in answers if n != node_id)
-        at = divergence(answers[node_id], answers[second])
+        at = difference(answers[node_id], answers[second], self.tolerance)
         third = next(iter(self.peers(node_id, job.model, exclude=(second,))), None)
         third_answer = await self.ask(third, job) if third is not None else None
         if third is None or third_answer is None:
             why = "no third node to ask" if third is None else f"third node {third} did not answer"
-            return self._unresolved(node_id, job, (second,), f"answers differ at {at}; {why}")
-        with_first, with_second = agree(answers[node_id], third_answer), agree(answers[second], third_answer)
+            return self._unresolved(node_id, job, (second,), f"answers differ: {at}; {why}")
+        with_first = agree(answers[node_id], third_answer, self.tolerance)
+        with_second = agree(answers[second], third_answer, self.tolerance)
         if with_first == with_second:
-            return self._unresolved(node_id, job, (second, third), f"answers differ at {at}; no majority")
+            return self._unresolved(node_id, job, (second, third), f"answers differ: {at}; no majority")
         minority, majority = (second, node_id) if with_first else (node_id, second)
         self._accuse(minority, job, answers[minority], answers[majority], (majority, third))
         self.strikes.pop(majority, None)
@@ -230,14 +280,22 @@ class RedundancyChecker:
         stream = await self.dispatcher.attempt(node_id, job)
         ids: list[int] = []
         text: list[str] = []
+        values: list[float] = []
+        tokens: list[str] = []
         try:
             async for event in stream.events():
                 if event.get("error"):
                     raise NodeFailed(f"engine error: {event['error']}")
                 ids.extend(event.get("token_ids") or ())
                 text.append(event.get("text") or "")
+                for entry in event.get("logprobs") or ():
+                    try:
+                        values.append(float(entry["logprob"]))
+                        tokens.append(str(entry["token"]))
+                    except (KeyError, TypeError, ValueError) as exc:
+                        raise NodeFailed(f"malformed log-probabilities: {exc!r}") from exc
                 if event.get("finish_reason"):
-                    return Answer(tuple(ids), "".join(text))
+                    return Answer(tuple(ids), "".join(text), scored(ids, values, tokens))
         finally:
             stream.close()
             self.dispatcher.finished(stream.node_id)
@@ -251,14 +309,11 @@ class RedundancyChecker:
 
     def _accuse(self, node_id: str, job: GenerateRequest, wrong: Answer, right: Answer, others: Sequence[str]) -> None:
         """A minority verdict: a minor incident, or a severe one at the `redundancy_strikes`-th in a row."""
-        at = divergence(wrong, right) or 0
-        by_ids = bool(wrong.ids and right.ids)
         strikes = self.strikes[node_id] = self.strikes.get(node_id, 0) + 1
         limit = self.config.redundancy_strikes
         detail = (
             f"integrity: redundancy: answer differs from those of {' and '.join(others)} (which agree) from "
-            f"{'token' if by_ids else 'character'} {at}: {_excerpt(wrong, at, by_ids)!r} vs "
-            f"{_excerpt(right, at, by_ids)!r} (request {job.request_id}; {strikes} of {limit} in a row)"
+            f"{difference(wrong, right, self.tolerance)} (request {job.request_id}; {strikes} of {limit} in a row)"
         )
         severity = Severity.SEVERE if strikes >= limit else Severity.MINOR
         if severity is Severity.SEVERE:
@@ -309,4 +364,4 @@ def _excerpt(answer: Answer, at: int, by_ids: bool) -> str:
     return answer.text[at : at + 16]
 
 
-__all__ = ["Answer", "RedundancyChecker", "RedundancyResult", "agree", "divergence"]
+__all__ = ["Answer", "RedundancyChecker", "RedundancyResult", "agree", "difference", "divergence", "scored_divergence"]

@@ -20,7 +20,13 @@ def from_generation(gen: Generation, endpoint: str, *, status: str, error: str, 
             unnamed = (segment.unnamed_chunks, segment.unnamed_chars) if segment.unnamed_chunks else None
             text = "".join(segment.unnamed_text)
             receipt = ReceiptInput(
-                segment.job, tuple(segment.ids), segment.final, unnamed, text, tuple(segment.logprobs)
+                segment.job,
+                tuple(segment.ids),
+                segment.final,
+                unnamed,
+                text,
+                tuple(segment.logprobs),
+                tuple(segment.scored_tokens),
             )
         work.append(
             NodeWork(

@@ -26,6 +26,8 @@ class ReceiptInput:
     logprobs: tuple[tuple[float, tuple[float, ...]], ...] = ()
     """What the node claimed for each of `ids` when the request asked for log-probabilities: the token's and its
     alternatives' (audited)."""
+    scored_tokens: tuple[str, ...] = ()
+    """The tokens `logprobs` are for, as the node wrote them."""
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,13 @@ class Settlement:
             problems += [f"{work.node_id[:12]}: {k}: {e}" for k, e in check.problems]
             if check.receipt is not None and check.ok:
                 self.auditor.maybe_audit(
-                    work.node_id, receipt.job, list(receipt.ids), check.receipt, receipt.text, receipt.logprobs
+                    work.node_id,
+                    receipt.job,
+                    list(receipt.ids),
+                    check.receipt,
+                    receipt.text,
+                    receipt.logprobs,
+                    receipt.scored_tokens,
                 )
             return check
         if not work.tokens:
